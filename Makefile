@@ -1,0 +1,52 @@
+# The two commands of the README: `make demo` and `make test`. Both install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install build demo test test-fast lint format protos up down status clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# LND and btcd from the Go module proxy; cached, so only the first run takes minutes.
+build: install
+	$(BIN)/python -m regtest build
+
+demo: build
+	$(BIN)/python -m regtest.demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint build
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not regtest"
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+protos: install
+	$(BIN)/python protos/generate.py
+
+up: build
+	$(BIN)/python -m regtest up
+
+down: install
+	$(BIN)/python -m regtest down
+
+status: install
+	$(BIN)/python -m regtest status
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,1 @@
+"""L402 micropayment gateway: Lightning-priced HTTP resources backed by LND."""

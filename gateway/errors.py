@@ -1,0 +1,53 @@
+"""The gateway's one exception tree.
+
+Adapters translate every foreign error (gRPC, database, HTTP) into one of these at their
+boundary, so callers never see a vendor exception::
+
+    GatewayError
+    └── BackendError                  the Lightning node failed a request
+        ├── BackendUnavailable        not reachable, TLS failure, timed out: retry later
+        ├── BackendPermissionDenied   macaroon missing, wrong or lacking a permission
+        ├── BackendBadRequest         the node rejected the arguments
+        │   └── InvoiceAlreadyExists  an invoice with this payment hash exists
+        ├── InvoiceNotFound           no invoice with that payment hash
+        └── PaymentFailed             the payment ended FAILED (``reason`` says why)
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+class BackendError(GatewayError):
+    """The Lightning node failed a request."""
+
+
+class BackendUnavailable(BackendError):
+    """The node cannot be reached or did not answer in time; the request may be retried."""
+
+
+class BackendPermissionDenied(BackendError):
+    """The node refused the credentials (macaroon) for this request."""
+
+
+class BackendBadRequest(BackendError):
+    """The node rejected the request's arguments."""
+
+
+class InvoiceAlreadyExists(BackendBadRequest):
+    """An invoice with this payment hash already exists on the node."""
+
+
+class InvoiceNotFound(BackendError):
+    """The node has no invoice with the given payment hash."""
+
+
+class PaymentFailed(BackendError):
+    """An outgoing payment ended in the FAILED state."""
+
+    def __init__(self, reason: str, payment_hash: bytes) -> None:
+        super().__init__(f"payment {payment_hash.hex()} failed: {reason}")
+        self.reason = reason
+        self.payment_hash = payment_hash

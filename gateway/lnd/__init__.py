@@ -1,0 +1,1 @@
+"""LND integration: gRPC connection and client wrappers."""

@@ -1,0 +1,454 @@
+"""A local Lightning network: btcd on regtest and three LND nodes, funded and connected.
+
+``alice`` is the merchant's node (behind the gateway), ``bob`` a payer's wallet, ``carol`` a
+routing node, with public channels bob -> carol -> alice and bob -> alice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from gateway.lnd.connection import LndConnection, LndSettings
+from gateway.lnd.protos import (
+    lightning_pb2,
+    lightning_pb2_grpc,
+    stateservice_pb2,
+    stateservice_pb2_grpc,
+)
+from regtest.build import Binaries, bin_dir, ensure_binaries, log
+from regtest.chain import (
+    COINBASE_MATURITY,
+    MINER_ADDRESS,
+    SEGWIT_HEIGHT,
+    BtcdRpc,
+    mature_coinbases,
+    spend_to,
+)
+from regtest.processes import ManagedProcess, NodeStartError, free_ports, stop_pid
+
+NODE_NAMES = ("alice", "bob", "carol")
+# (opener, peer): the opener funds the channel, so it can pay through it.
+CHANNELS = (("bob", "carol"), ("carol", "alice"), ("bob", "alice"))
+CHANNEL_SAT = 10_000_000
+# Each node gets one confirmed output per channel it opens, plus one spare.
+FUNDING_OUTPUT_SAT = 100_000_000
+FUNDING_OUTPUTS = 3
+RPC_USER = "regtest"
+RPC_PASSWORD = "regtest"  # noqa: S105 - loopback-only regtest node
+STATE_FILE = "network.json"
+START_TIMEOUT = 90.0
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """How to reach one LND node of the network."""
+
+    name: str
+    rpc_host: str
+    p2p_host: str
+    lnddir: Path
+    pubkey: str
+    log: Path
+    pid: int
+
+    @property
+    def tls_cert(self) -> Path:
+        return self.lnddir / "tls.cert"
+
+    def macaroon(self, kind: str = "admin") -> Path:
+        """Path of ``admin``, ``invoice``, ``readonly`` (...) macaroon."""
+        return self.lnddir / "data" / "chain" / "bitcoin" / "regtest" / f"{kind}.macaroon"
+
+    def settings(self, macaroon: str = "admin", timeout: float = 30.0) -> LndSettings:
+        return LndSettings.from_files(
+            self.rpc_host, self.tls_cert, macaroon_path=self.macaroon(macaroon), timeout=timeout
+        )
+
+    def lncli(self) -> str:
+        lncli = bin_dir() / "lncli"
+        return f"{lncli} --network=regtest --lnddir={self.lnddir} --rpcserver={self.rpc_host}"
+
+
+class Network:
+    """A running network. Use :func:`running_network` to get one."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        btcd_rpc_host: str,
+        nodes: dict[str, Node],
+        btcd_pid: int,
+        processes: list[ManagedProcess] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        # Our own children when started here; None when loaded from another process's state.
+        self._processes = processes
+        self.btcd_rpc_host = btcd_rpc_host
+        self.btcd_pid = btcd_pid
+        self.nodes = nodes
+        self.rpc = BtcdRpc(
+            f"https://{btcd_rpc_host}", RPC_USER, RPC_PASSWORD, workdir / "btcd" / "rpc.cert"
+        )
+
+    @property
+    def alice(self) -> Node:
+        return self.nodes["alice"]
+
+    @property
+    def bob(self) -> Node:
+        return self.nodes["bob"]
+
+    @property
+    def carol(self) -> Node:
+        return self.nodes["carol"]
+
+    async def mine(self, blocks: int) -> list[str]:
+        """Mine ``blocks`` blocks to the miner's address; returns their hashes."""
+        hashes: list[str] = await self.rpc.call("generate", blocks)
+        return hashes
+
+    async def block_height(self) -> int:
+        height: int = await self.rpc.call("getblockcount")
+        return height
+
+    def describe(self) -> str:
+        lines = [
+            f"regtest network in {self.workdir}",
+            f"  btcd  rpc {self.btcd_rpc_host} (user {RPC_USER}, password {RPC_PASSWORD}, "
+            f"cert {self.workdir / 'btcd' / 'rpc.cert'})",
+        ]
+        for node in self.nodes.values():
+            lines += [
+                f"  {node.name:<5} {node.pubkey}@{node.p2p_host}",
+                f"        grpc {node.rpc_host}  log {node.log}",
+                f"        {node.lncli()} getinfo",
+            ]
+        return "\n".join(lines)
+
+    def save(self) -> Path:
+        path = self.workdir / STATE_FILE
+        state = {
+            "btcd_rpc_host": self.btcd_rpc_host,
+            "btcd_pid": self.btcd_pid,
+            "nodes": {
+                name: {**asdict(node), "lnddir": str(node.lnddir), "log": str(node.log)}
+                for name, node in self.nodes.items()
+            },
+        }
+        path.write_text(json.dumps(state, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, workdir: Path) -> Network:
+        state = json.loads((workdir / STATE_FILE).read_text())
+        nodes = {
+            name: Node(**{**fields, "lnddir": Path(fields["lnddir"]), "log": Path(fields["log"])})
+            for name, fields in state["nodes"].items()
+        }
+        return cls(workdir, state["btcd_rpc_host"], nodes, state["btcd_pid"])
+
+    async def stop(self) -> None:
+        """Stop every process (LND first, then btcd) and forget the state file."""
+        if self._processes is not None:
+            lnds, btcd = self._processes[1:], self._processes[0]
+            await asyncio.gather(*(process.stop() for process in lnds))
+            await btcd.stop()
+        else:
+            await asyncio.gather(*(stop_pid(node.pid, 30.0) for node in self.nodes.values()))
+            await stop_pid(self.btcd_pid, 15.0)
+        await self.rpc.close()
+        (self.workdir / STATE_FILE).unlink(missing_ok=True)
+
+
+async def _until(
+    what: str,
+    check: Callable[[], Awaitable[T | None]],
+    limit: float,
+    watched: list[ManagedProcess],
+    interval: float = 0.2,
+) -> T:
+    """Poll ``check`` until it returns a value; fail fast if a watched process died."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while True:
+        for process in watched:
+            if process.exited() is not None:
+                raise process.failure(f"stopped while waiting for {what}")
+        result = await check()
+        if result is not None:
+            return result
+        if loop.time() > deadline:
+            culprit = watched[0] if len(watched) == 1 else None
+            if culprit is not None:
+                raise culprit.failure(f"timed out after {limit:.0f}s waiting for {what}")
+            raise NodeStartError(f"timed out after {limit:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class _Admin:
+    """The wallet and channel RPCs the harness needs, over the node's admin macaroon."""
+
+    def __init__(self, node_name: str, settings: LndSettings) -> None:
+        self.name = node_name
+        self.connection = LndConnection(settings)
+        self.lightning = lightning_pb2_grpc.LightningStub(self.connection.channel)
+        self.state = stateservice_pb2_grpc.StateStub(self.connection.channel)
+
+    async def call(self, method: Callable[..., Any], request: object) -> Any:
+        return await method(request, metadata=self.connection.metadata, timeout=30)
+
+    async def server_active(self) -> bool | None:
+        try:
+            reply = await self.state.GetState(stateservice_pb2.GetStateRequest(), timeout=5)
+        except grpc.aio.AioRpcError:
+            return None
+        return True if reply.state == stateservice_pb2.SERVER_ACTIVE else None
+
+    async def synced_info(self) -> lightning_pb2.GetInfoResponse | None:
+        try:
+            info = await self.call(self.lightning.GetInfo, lightning_pb2.GetInfoRequest())
+        except grpc.aio.AioRpcError:
+            return None
+        return info if info.synced_to_chain else None
+
+
+def _lnd_args(
+    binaries: Binaries, name: str, lnddir: Path, rpc: int, p2p: int, btcd_host: str, cert: Path
+) -> list[str]:
+    return [
+        str(binaries.lnd),
+        f"--lnddir={lnddir}",
+        f"--alias={name}",
+        "--bitcoin.regtest",
+        "--bitcoin.node=btcd",
+        f"--btcd.rpchost={btcd_host}",
+        f"--btcd.rpcuser={RPC_USER}",
+        f"--btcd.rpcpass={RPC_PASSWORD}",
+        f"--btcd.rpccert={cert}",
+        "--noseedbackup",
+        "--nobootstrap",
+        "--norest",
+        f"--rpclisten=127.0.0.1:{rpc}",
+        f"--listen=127.0.0.1:{p2p}",
+        "--bitcoin.defaultchanconfs=1",
+        "--bitcoin.defaultremotedelay=4",
+        "--trickledelay=50",
+        "--accept-keysend",
+        "--maxpendingchannels=10",
+        "--debuglevel=info",
+    ]
+
+
+async def _start_btcd(
+    binaries: Binaries, workdir: Path, port: int, detached: bool
+) -> ManagedProcess:
+    home = workdir / "btcd"
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "btcd.conf"
+    config.touch()
+    args = [
+        str(binaries.btcd),
+        f"--configfile={config}",
+        "--regtest",
+        f"--datadir={home / 'data'}",
+        f"--logdir={home / 'logs'}",
+        f"--rpclisten=127.0.0.1:{port}",
+        f"--rpcuser={RPC_USER}",
+        f"--rpcpass={RPC_PASSWORD}",
+        f"--rpccert={home / 'rpc.cert'}",
+        f"--rpckey={home / 'rpc.key'}",
+        f"--miningaddr={MINER_ADDRESS}",
+        "--txindex",
+        "--nolisten",
+    ]
+    return ManagedProcess("btcd", args, workdir / "btcd.log", detached=detached)
+
+
+async def _fund(network: Network, admins: dict[str, _Admin]) -> None:
+    # Spendable coinbases: one per node, from heights that are mature by now.
+    coins = await mature_coinbases(network.rpc, range(1, 1 + len(admins)))
+    request = lightning_pb2.NewAddressRequest(type=lightning_pb2.WITNESS_PUBKEY_HASH)
+    for coin, admin in zip(coins, admins.values(), strict=True):
+        payouts = []
+        for _ in range(FUNDING_OUTPUTS):
+            reply = await admin.call(admin.lightning.NewAddress, request)
+            payouts.append((reply.address, FUNDING_OUTPUT_SAT))
+        await network.rpc.call("sendrawtransaction", spend_to(coin, payouts))
+    await network.mine(1)
+    expected = FUNDING_OUTPUT_SAT * FUNDING_OUTPUTS
+
+    for admin in admins.values():
+
+        async def funded(admin: _Admin = admin) -> bool | None:
+            reply = await admin.call(
+                admin.lightning.WalletBalance, lightning_pb2.WalletBalanceRequest()
+            )
+            return True if reply.confirmed_balance >= expected else None
+
+        await _until(f"{admin.name}'s wallet to see its funds", funded, 60, [])
+
+
+async def _open_channels(network: Network, admins: dict[str, _Admin]) -> None:
+    for opener, peer in CHANNELS:
+        target = network.nodes[peer]
+        address = lightning_pb2.LightningAddress(pubkey=target.pubkey, host=target.p2p_host)
+        try:
+            await admins[opener].call(
+                admins[opener].lightning.ConnectPeer,
+                lightning_pb2.ConnectPeerRequest(addr=address, timeout=20),
+            )
+        except grpc.aio.AioRpcError as error:
+            if "already connected" not in (error.details() or ""):
+                raise
+        await admins[opener].call(
+            admins[opener].lightning.OpenChannelSync,
+            lightning_pb2.OpenChannelRequest(
+                node_pubkey=bytes.fromhex(target.pubkey),
+                local_funding_amount=CHANNEL_SAT,
+                sat_per_vbyte=2,
+            ),
+        )
+    # Six confirmations make the channels announceable, so payers can route through them.
+    await network.mine(6)
+    expected = {name: sum(name in pair for pair in CHANNELS) for name in admins}
+    for name, admin in admins.items():
+
+        async def active(admin: _Admin = admin, count: int = expected[name]) -> bool | None:
+            reply = await admin.call(
+                admin.lightning.ListChannels, lightning_pb2.ListChannelsRequest(active_only=True)
+            )
+            return True if len(reply.channels) >= count else None
+
+        await _until(f"{name}'s channels to become active", active, 60, [])
+
+
+async def _wait_routable(network: Network, admins: dict[str, _Admin]) -> None:
+    """Wait until every node knows both directions' policies of every channel."""
+    carol = admins["carol"]
+    reply = await carol.call(carol.lightning.ListChannels, lightning_pb2.ListChannelsRequest())
+    alice_pubkey = network.alice.pubkey
+    hop_channel = next(c.chan_id for c in reply.channels if c.remote_pubkey == alice_pubkey)
+
+    for admin in admins.values():
+
+        async def known(admin: _Admin = admin) -> bool | None:
+            try:
+                edge = await admin.call(
+                    admin.lightning.GetChanInfo, lightning_pb2.ChanInfoRequest(chan_id=hop_channel)
+                )
+            except grpc.aio.AioRpcError:
+                return None
+            both = edge.HasField("node1_policy") and edge.HasField("node2_policy")
+            return True if both else None
+
+        await _until(f"{admin.name} to learn the carol -> alice channel", known, 90, [], 0.5)
+
+
+async def start_network(workdir: Path, *, detached: bool = False) -> Network:
+    """Build (if needed) and start the network in ``workdir``; returns when it is routable."""
+    binaries = await asyncio.to_thread(ensure_binaries)
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    ports = free_ports(1 + 2 * len(NODE_NAMES))
+    btcd_host = f"127.0.0.1:{ports[0]}"
+    btcd = await _start_btcd(binaries, workdir, ports[0], detached)
+    processes = [btcd]
+    admins: dict[str, _Admin] = {}
+    network = Network(workdir, btcd_host, {}, btcd.pid, processes)
+    try:
+
+        async def btcd_answers() -> int | None:
+            try:
+                return await network.block_height()
+            except (OSError, ValueError, RuntimeError):
+                return None
+
+        await _until("btcd's RPC", btcd_answers, 30, [btcd])
+        # Past segwit activation, with enough mature coinbases to fund every node.
+        height = await network.block_height()
+        await network.mine(max(0, SEGWIT_HEIGHT + COINBASE_MATURITY - height))
+        log(f"btcd up, chain at {await network.block_height()} ({time.monotonic() - started:.1f}s)")
+
+        nodes_ports = dict(zip(NODE_NAMES, zip(ports[1::2], ports[2::2], strict=True), strict=True))
+        lnds: dict[str, ManagedProcess] = {}
+        for name, (rpc, p2p) in nodes_ports.items():
+            lnddir = workdir / name
+            lnddir.mkdir(exist_ok=True)
+            args = _lnd_args(
+                binaries, name, lnddir, rpc, p2p, btcd_host, workdir / "btcd" / "rpc.cert"
+            )
+            lnds[name] = ManagedProcess(name, args, workdir / f"{name}.log", detached=detached)
+            processes.append(lnds[name])
+
+        async def lnd_ready(name: str) -> Node:
+            process = lnds[name]
+            rpc, p2p = nodes_ports[name]
+            node = Node(
+                name,
+                f"127.0.0.1:{rpc}",
+                f"127.0.0.1:{p2p}",
+                workdir / name,
+                "",
+                process.log,
+                process.pid,
+            )
+
+            async def files_written() -> bool | None:
+                return True if node.macaroon().exists() and node.tls_cert.exists() else None
+
+            await _until(f"{name}'s TLS cert and macaroon", files_written, START_TIMEOUT, [process])
+            admin = _Admin(name, node.settings())
+            admins[name] = admin
+            await _until(
+                f"{name} to become SERVER_ACTIVE", admin.server_active, START_TIMEOUT, [process]
+            )
+            info = await _until(
+                f"{name} to sync to the chain", admin.synced_info, START_TIMEOUT, [process]
+            )
+            return Node(
+                name,
+                node.rpc_host,
+                node.p2p_host,
+                node.lnddir,
+                info.identity_pubkey,
+                node.log,
+                node.pid,
+            )
+
+        ready = await asyncio.gather(*(lnd_ready(name) for name in NODE_NAMES))
+        network.nodes.update({node.name: node for node in ready})
+        log(f"LND nodes active ({time.monotonic() - started:.1f}s)")
+        await _fund(network, admins)
+        log(f"wallets funded ({time.monotonic() - started:.1f}s)")
+        await _open_channels(network, admins)
+        log(f"channels active ({time.monotonic() - started:.1f}s)")
+        await _wait_routable(network, admins)
+        log(f"network routable ({time.monotonic() - started:.1f}s)")
+        network.save()
+        return network
+    except BaseException:
+        await network.stop()
+        raise
+    finally:
+        await asyncio.gather(*(admin.connection.close() for admin in admins.values()))
+
+
+@contextlib.asynccontextmanager
+async def running_network(workdir: Path) -> AsyncIterator[Network]:
+    """Start the network, yield it, and stop every process on the way out (even on error)."""
+    network = await start_network(workdir)
+    try:
+        yield network
+    finally:
+        await network.stop()

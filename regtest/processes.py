@@ -1,0 +1,112 @@
+"""Child processes with a log file each, stopped cleanly and never left orphaned."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+
+class NodeStartError(RuntimeError):
+    """A node of the regtest network did not come up; the message names it and its log."""
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel reports free on loopback, all distinct (bound together, then released)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    if not path.exists():
+        return "(no log written)"
+    with path.open(errors="replace") as handle:
+        return "".join(deque(handle, maxlen=lines)).rstrip()
+
+
+class ManagedProcess:
+    """A started program whose stdout and stderr go to ``log``.
+
+    ``detached`` processes outlive this Python process (the ``up`` command); the others get
+    SIGKILL from the kernel if their parent dies, so a crashed test run leaves no orphans.
+    """
+
+    def __init__(self, name: str, args: list[str], log: Path, *, detached: bool) -> None:
+        self.name = name
+        self.log = log
+        command = list(args)
+        setpriv = shutil.which("setpriv")
+        if not detached and setpriv is not None:
+            command = [setpriv, "--pdeathsig", "KILL", "--", *command]
+        with log.open("ab") as output:
+            self._process = subprocess.Popen(  # noqa: S603 - our own binaries and flags
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=detached,
+            )
+        self.pid = self._process.pid
+
+    def exited(self) -> int | None:
+        """The exit code, or None while it runs."""
+        return self._process.poll()
+
+    def failure(self, what: str) -> NodeStartError:
+        code = self.exited()
+        state = f"exited with code {code}" if code is not None else "is still running"
+        return NodeStartError(
+            f"{self.name} {what}; the process {state}. Last lines of {self.log}:\n"
+            f"{log_tail(self.log)}"
+        )
+
+    async def stop(self, grace: float = 20.0) -> None:
+        await stop_pid(self.pid, grace, poll=self._process.poll)
+
+
+async def stop_pid(pid: int, grace: float, poll: Callable[[], int | None] | None = None) -> None:
+    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL.
+
+    ``poll`` reaps our own children (a zombie still answers signals); without it the pid is
+    taken to belong to another process tree, as after ``python -m regtest up``.
+    """
+
+    def alive() -> bool:
+        if poll is not None:
+            return poll() is None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    async def wait_exit(seconds: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while alive():
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
+
+    for sig, seconds in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        if await wait_exit(seconds):
+            return
