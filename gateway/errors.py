@@ -4,6 +4,10 @@ Adapters translate every foreign error (gRPC, database, HTTP) into one of these 
 boundary, so callers never see a vendor exception::
 
     GatewayError
+    ├── ConfigError                   the configuration file or environment is invalid
+    ├── StoreError                    the database failed (disk, lock, corruption)
+    │   ├── StoreClosed               the store was used after close()
+    │   └── SchemaVersionError        the database's schema is newer than this code
     └── BackendError                  the Lightning node failed a request
         ├── BackendUnavailable        not reachable, TLS failure, timed out: retry later
         ├── BackendPermissionDenied   macaroon missing, wrong or lacking a permission
@@ -18,6 +22,22 @@ from __future__ import annotations
 
 class GatewayError(Exception):
     """Base of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+class StoreError(GatewayError):
+    """The store's database failed a read or write."""
+
+
+class StoreClosed(StoreError):
+    """The store was used after ``close()``."""
+
+
+class SchemaVersionError(StoreError):
+    """The database was written by a newer version of the gateway than this one."""
 
 
 class BackendError(GatewayError):

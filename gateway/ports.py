@@ -127,3 +127,86 @@ class Payer(Protocol):
     async def send_payment(
         self, payment_request: str, *, max_fee_msat: Msat, payment_timeout: float
     ) -> Payment: ...
+
+
+class Clock(Protocol):
+    """Wall-clock time in seconds since the epoch (injected so tests can move it)."""
+
+    def now(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceRecord:
+    """An invoice the gateway issued for a challenge, as the store tracks it."""
+
+    payment_hash: PaymentHash
+    payment_request: str
+    amount_msat: Msat
+    token_id: bytes
+    service: str
+    method: str
+    path: str
+    state: InvoiceState
+    created_at: float
+    expires_at: float
+    add_index: int
+    settle_index: int = 0
+    amount_paid_msat: Msat = Msat(0)
+    settled_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceUpdate:
+    """A state change of a tracked invoice, as reported by the node."""
+
+    payment_hash: PaymentHash
+    state: InvoiceState
+    settle_index: int
+    amount_paid_msat: Msat
+    settled_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """The highest add and settle indices the watcher has processed."""
+
+    add_index: int = 0
+    settle_index: int = 0
+
+
+class Store(Protocol):
+    """Durable state: token root keys, issued invoices and the watcher's cursor.
+
+    Every write is idempotent, so a replayed event or a retried request is harmless.
+    """
+
+    async def put_root_key(self, key_id: bytes, token_id: bytes, root_key: bytes) -> None:
+        """Store a token's root key under ``key_id`` = sha256(macaroon identifier)."""
+
+    async def get_root_key(self, key_id: bytes) -> bytes | None: ...
+
+    async def revoke_token(self, token_id: bytes) -> bool:
+        """Delete the token's root key; True if there was one."""
+
+    async def add_invoice(self, record: InvoiceRecord) -> None:
+        """Record a newly issued invoice; a second call for the same hash changes nothing."""
+
+    async def apply_update(self, update: InvoiceUpdate) -> bool:
+        """Move a tracked invoice to a new state; False if the hash is not tracked.
+
+        A terminal state (SETTLED, CANCELED) is never overwritten by an older one.
+        """
+
+    async def get_invoice(self, payment_hash: PaymentHash) -> InvoiceRecord | None: ...
+
+    async def list_invoices(
+        self, state: InvoiceState | None = None, limit: int | None = None
+    ) -> list[InvoiceRecord]:
+        """Newest first, optionally only those in ``state``."""
+
+    async def get_cursor(self) -> Cursor: ...
+
+    async def save_cursor(self, cursor: Cursor) -> None:
+        """Advance the cursor; each index only ever grows."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,201 @@
+"""The gateway's one frozen configuration: a TOML file, overridden by GATEWAY_* variables.
+
+Every scalar key ``[section] key`` can be set from the environment as
+``GATEWAY_<SECTION>_<KEY>`` (upper case), e.g. ``GATEWAY_LND_HOST`` or
+``GATEWAY_RATE_LIMIT_BURST``. Routes are only read from the file. ``gateway.sample.toml`` in
+the repository documents every key; a test loads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:8402"  # host:port the reverse proxy listens on
+    upstream: str | None = None  # the backend URL the reverse proxy forwards paid requests to
+    # Header carrying the verified token's facts upstream.
+    token_header: str = "X-L402-Token"  # noqa: S105 - a header name, not a secret
+    trust_forwarded_for: bool = False  # take the client address from X-Forwarded-For
+    max_body_bytes: int = 10 * 1024 * 1024  # larger request bodies get 413
+
+
+@dataclass(frozen=True, slots=True)
+class LndConfig:
+    host: str = "127.0.0.1:10009"
+    tls_cert: Path | None = None
+    macaroon: Path | None = None  # file; or macaroon_hex
+    macaroon_hex: str | None = field(default=None, repr=False)
+    timeout: float = 30.0  # seconds per unary call
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: str = "sqlite:gateway.db"  # sqlite:relative.db, sqlite:///abs.db, memory:
+
+
+@dataclass(frozen=True, slots=True)
+class L402Config:
+    location: str = "l402-gateway"  # macaroon location field
+    invoice_expiry: int = 600  # seconds a challenge's invoice can be paid
+    strict_settlement: bool = False  # also require the invoice SETTLED (checked with LND)
+    root_key_cache_seconds: float = 5.0  # how stale a revocation may be in other processes
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    challenges_per_second: float = 2.0  # refill rate of each client's bucket
+    burst: int = 20  # bucket size: challenges a client may get at once
+    max_clients: int = 100_000  # buckets kept; the least recently seen are dropped
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    pattern: str
+    methods: tuple[str, ...] = ()
+    price_msat: int | None = None
+    price_function: str | None = None  # "package.module:function"
+    free: bool = False
+    lifetime: int = 3600
+    service: str = "api"
+    tier: int = 0
+    capabilities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    lnd: LndConfig = LndConfig()
+    store: StoreConfig = StoreConfig()
+    l402: L402Config = L402Config()
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    routes: tuple[RouteConfig, ...] = ()
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "lnd": LndConfig,
+    "store": StoreConfig,
+    "l402": L402Config,
+    "rate_limit": RateLimitConfig,
+}
+
+
+def _convert(where: str, hint: Any, value: Any) -> Any:
+    """Coerce a TOML or environment value to the field's declared type."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType):
+        if value is None or (isinstance(value, str) and value == ""):
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _convert(where, inner, value)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_convert(where, args[0], item) for item in items)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        }:
+            return value.lower() in {"1", "true", "yes", "on"}
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a path, got {value!r}")
+        return Path(value).expanduser()
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            converted = hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        return converted
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint!r}")
+
+
+def _build(cls: type[Any], where: str, values: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    kwargs = {key: _convert(f"{where}.{key}", hints[key], value) for key, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read ``path`` (if given), apply GATEWAY_* overrides, validate, return the Config."""
+    environ = os.environ if environ is None else environ
+    document: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as handle:
+                document = tomllib.load(handle)
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    unknown = sorted(set(document) - set(_SECTIONS) - {"routes"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
+
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        values = document.get(name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        values = dict(values)
+        for f in dataclasses.fields(cls):
+            variable = f"GATEWAY_{name.upper()}_{f.name.upper()}"
+            if variable in environ:
+                values[f.name] = environ[variable]
+        sections[name] = _build(cls, f"[{name}]", values)
+
+    raw_routes = document.get("routes", [])
+    if not isinstance(raw_routes, list):
+        raise ConfigError("routes must be an array of tables ([[routes]])")
+    routes = []
+    for index, raw in enumerate(raw_routes):
+        where = f"routes[{index}]"
+        if not isinstance(raw, dict) or "pattern" not in raw:
+            raise ConfigError(f"{where}: needs a pattern")
+        route = _build(RouteConfig, where, raw)
+        priced = (route.price_msat is not None) + (route.price_function is not None)
+        if priced + route.free != 1:
+            raise ConfigError(f"{where}: set exactly one of price_msat, price_function, free")
+        routes.append(route)
+    return Config(**sections, routes=tuple(routes))

@@ -1,0 +1,82 @@
+"""Route rules: which requests cost how much, for how long a token lasts, and what it grants.
+
+Pure: no I/O. Rules are tried in order and the first whose pattern and method match decides.
+A path no rule matches is not priced (add a catch-all ``/*`` rule to price everything).
+Patterns are shell-style globs on the URL path (``fnmatch``; ``*`` also crosses ``/``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from gateway.ports import Msat
+
+
+@dataclass(frozen=True, slots=True)
+class PriceRequest:
+    """What a dynamic price function may look at."""
+
+    method: str
+    path: str
+    query: str
+    headers: tuple[tuple[str, str], ...]
+
+
+# A dynamic price: called once per challenge, returns the amount in millisatoshis.
+PriceFunction = Callable[[PriceRequest], Awaitable[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A priced (or explicitly free) set of routes.
+
+    ``price_msat`` None with no ``price_function`` makes the route free.
+    """
+
+    pattern: str
+    methods: frozenset[str] = frozenset()  # empty: every method
+    price_msat: Msat | None = None
+    price_function: PriceFunction | None = field(default=None, compare=False)
+    lifetime: int = 3600  # seconds a token stays valid after it is minted
+    service: str = "api"
+    tier: int = 0
+    capabilities: frozenset[str] = frozenset()
+    _compiled: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.price_msat is not None and self.price_msat <= 0:
+            raise ValueError(f"route {self.pattern!r}: price_msat must be positive")
+        if self.price_msat is not None and self.price_function is not None:
+            raise ValueError(f"route {self.pattern!r}: give a fixed price or a function, not both")
+        if self.lifetime <= 0:
+            raise ValueError(f"route {self.pattern!r}: lifetime must be positive")
+        if not self.service or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.service):
+            raise ValueError(f"route {self.pattern!r}: service must be [A-Za-z0-9_.-]+")
+        if not self.pattern.startswith("/"):
+            raise ValueError(f"route {self.pattern!r}: pattern must start with '/'")
+        object.__setattr__(self, "_compiled", re.compile(fnmatch.translate(self.pattern)))
+
+    @property
+    def free(self) -> bool:
+        return self.price_msat is None and self.price_function is None
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.methods and method.upper() not in self.methods:
+            return False
+        return self._compiled.match(path) is not None
+
+
+class Pricing:
+    """An ordered list of rules."""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = tuple(rules)
+
+    def match(self, method: str, path: str) -> Rule | None:
+        for rule in self.rules:
+            if rule.matches(method, path):
+                return rule
+        return None

@@ -1,0 +1,370 @@
+"""The core: decide what to do with a request, and issue challenges.
+
+``authorize()`` returns one of three decisions:
+
+- ``Allow``: free route, or a valid paid token (the handler gets the token's facts);
+- ``Challenge``: 402 with a fresh invoice and macaroon (no credential, or one that is valid
+  but insufficient: expired, or for another service or capability);
+- ``Deny``: 401 for an invalid credential, 429 when a client asks for too many challenges,
+  503 when the Lightning node or the store cannot serve the challenge.
+
+Depends only on ``gateway.l402``, ``gateway.pricing`` and ``gateway.ports``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from gateway import errors, l402
+from gateway.ports import (
+    Clock,
+    InvoiceBackend,
+    InvoiceRecord,
+    InvoiceState,
+    InvoiceUpdate,
+    Msat,
+    PaymentHash,
+    Store,
+)
+from gateway.pricing import PriceRequest, Pricing, Rule
+
+log = logging.getLogger(__name__)
+
+MEMO_LIMIT = 120
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.time()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """The parts of an HTTP request the core looks at."""
+
+    method: str
+    path: str
+    client: str
+    authorization: tuple[str, ...] = ()
+    query: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PaidToken:
+    """A verified token, as the protected handler sees it."""
+
+    token_id: str
+    payment_hash: str
+    service: str
+    tier: int
+    capabilities: frozenset[str] | None  # None: the token is not limited to capabilities
+    valid_until: int | None
+    amount_msat: int
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    token: PaidToken | None  # None on a free route
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    reason: str
+    macaroon: str  # standard base64
+    invoice: str
+    payment_hash: str
+    amount_msat: int
+    expires_at: float
+
+    def www_authenticate(self) -> tuple[str, ...]:
+        """One header per scheme: L402, and LSAT for older clients."""
+        return tuple(
+            l402.format_challenge(self.macaroon, self.invoice, scheme)
+            for scheme in ("L402", "LSAT")
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    status: int
+    reason: str
+    retry_after: int | None = None
+
+
+Decision = Allow | Challenge | Deny
+
+
+class RateLimiter:
+    """A token bucket per client address, so unpaid traffic cannot flood the node."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int, clock: Clock) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        self._rate = rate
+        self._burst = float(burst)
+        self._max_clients = max_clients
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def acquire(self, client: str) -> float:
+        """Take one token: 0.0 if granted, else the seconds until one is available."""
+        now = self._clock.now()
+        tokens, last = self._buckets.pop(client, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / self._rate
+        self._buckets[client] = (tokens, now)
+        while len(self._buckets) > self._max_clients:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+@dataclass(frozen=True, slots=True)
+class _KnownToken:
+    root_key: bytes
+    amount_msat: int
+    settled: bool
+    fetched_at: float
+
+
+class _TokenCache:
+    """Root keys (and invoice facts) recently read from the store, with a maximum age.
+
+    The age bounds how long a revocation made by another process goes unseen here.
+    """
+
+    def __init__(self, max_age: float, capacity: int = 100_000) -> None:
+        self._max_age = max_age
+        self._capacity = capacity
+        self._entries: OrderedDict[bytes, _KnownToken] = OrderedDict()
+
+    def get(self, key_id: bytes, now: float) -> _KnownToken | None:
+        entry = self._entries.get(key_id)
+        if entry is None:
+            return None
+        if now - entry.fetched_at > self._max_age:
+            del self._entries[key_id]
+            return None
+        self._entries.move_to_end(key_id)
+        return entry
+
+    def put(self, key_id: bytes, entry: _KnownToken) -> None:
+        self._entries[key_id] = entry
+        self._entries.move_to_end(key_id)
+        if len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class L402Service:
+    """Issues L402 challenges and verifies L402 credentials for priced routes."""
+
+    def __init__(
+        self,
+        *,
+        pricing: Pricing,
+        backend: InvoiceBackend,
+        store: Store,
+        clock: Clock,
+        location: str = "l402-gateway",
+        invoice_expiry: int = 600,
+        strict_settlement: bool = False,
+        root_key_cache_seconds: float = 5.0,
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
+        self.pricing = pricing
+        self._backend = backend
+        self._store = store
+        self._clock = clock
+        self._location = location
+        self._invoice_expiry = invoice_expiry
+        self._strict = strict_settlement
+        self._cache = _TokenCache(root_key_cache_seconds)
+        self._limiter = rate_limiter
+
+    async def authorize(self, request: RequestInfo) -> Decision:
+        rule = self.pricing.match(request.method, request.path)
+        if rule is None or rule.free:
+            return Allow(None)
+        try:
+            credential = l402.parse_authorization(request.authorization)
+        except l402.MalformedToken as error:
+            return Deny(401, error.reason)
+        if credential is None:
+            return await self.challenge(request, rule, "payment required")
+        try:
+            return await self._verify(credential, request, rule)
+        except l402.TokenInsufficient as error:
+            return await self.challenge(request, rule, error.reason)
+        except l402.L402Error as error:
+            return Deny(401, error.reason)
+        except errors.StoreError:
+            log.exception("store failed while verifying a token")
+            return Deny(503, "token store unavailable", retry_after=5)
+
+    async def _verify(self, credential: l402.Credential, request: RequestInfo, rule: Rule) -> Allow:
+        identifier = l402.identifier_of(credential)
+        now = self._clock.now()
+        known = self._cache.get(identifier.key_id, now)
+        if known is None:
+            known = await self._load_token(identifier, now)
+        scope = l402.RequestScope(
+            service=rule.service,
+            method=request.method.upper(),
+            path=request.path,
+            required_capabilities=rule.capabilities,
+        )
+        verified = l402.verify_token(credential, known.root_key, scope, now)
+        if self._strict and not known.settled:
+            known = await self._confirm_settled(identifier, now)
+        return Allow(
+            PaidToken(
+                token_id=verified.token_id.hex(),
+                payment_hash=verified.payment_hash.hex(),
+                service=verified.service,
+                tier=verified.tier,
+                capabilities=verified.capabilities,
+                valid_until=verified.valid_until,
+                amount_msat=known.amount_msat,
+            )
+        )
+
+    async def _load_token(self, identifier: l402.Identifier, now: float) -> _KnownToken:
+        root_key = await self._store.get_root_key(identifier.key_id)
+        if root_key is None:
+            raise l402.TokenRejected("unknown or revoked token")
+        record = await self._store.get_invoice(PaymentHash(identifier.payment_hash))
+        known = _KnownToken(
+            root_key=root_key,
+            amount_msat=record.amount_msat if record is not None else 0,
+            settled=record is not None and record.state is InvoiceState.SETTLED,
+            fetched_at=now,
+        )
+        self._cache.put(identifier.key_id, known)
+        return known
+
+    async def _confirm_settled(self, identifier: l402.Identifier, now: float) -> _KnownToken:
+        """Strict mode: the watcher may lag the payer by milliseconds, so ask the node."""
+        payment_hash = PaymentHash(identifier.payment_hash)
+        try:
+            invoice = await self._backend.lookup_invoice(payment_hash)
+        except errors.BackendError as error:
+            log.warning("cannot confirm settlement of %s: %s", payment_hash.hex(), error)
+            raise l402.TokenRejected("settlement could not be confirmed") from None
+        if invoice.state is not InvoiceState.SETTLED:
+            raise l402.TokenRejected("invoice is not settled")
+        await self._store.apply_update(
+            InvoiceUpdate(
+                payment_hash=payment_hash,
+                state=InvoiceState.SETTLED,
+                settle_index=invoice.settle_index,
+                amount_paid_msat=invoice.amount_paid_msat,
+                settled_at=float(invoice.settled_at) if invoice.settled_at else None,
+            )
+        )
+        root_key = await self._store.get_root_key(identifier.key_id)
+        if root_key is None:
+            raise l402.TokenRejected("unknown or revoked token")
+        known = _KnownToken(root_key, invoice.amount_paid_msat, True, now)
+        self._cache.put(identifier.key_id, known)
+        return known
+
+    async def challenge(self, request: RequestInfo, rule: Rule, reason: str) -> Decision:
+        """Create an invoice for ``rule``'s price and mint a token bound to its payment hash.
+
+        A price function may return 0 to let a request through for free.
+        """
+        price = await self._price(request, rule)
+        if isinstance(price, Deny):
+            return price
+        if price == 0:
+            return Allow(None)
+        if self._limiter is not None:
+            wait = self._limiter.acquire(request.client)
+            if wait > 0:
+                return Deny(429, "too many payment challenges", retry_after=math.ceil(wait))
+        memo = f"{rule.service}: {request.method.upper()} {request.path}"[:MEMO_LIMIT]
+        try:
+            invoice = await self._backend.add_invoice(price, memo, self._invoice_expiry)
+        except errors.BackendUnavailable as error:
+            log.warning("cannot create invoice: %s", error)
+            return Deny(503, "Lightning node unavailable", retry_after=5)
+        except errors.BackendPermissionDenied as error:
+            log.error("the node refused to create an invoice (check the macaroon): %s", error)
+            return Deny(503, "Lightning node refused to create an invoice", retry_after=30)
+        except errors.BackendError as error:
+            log.error("cannot create invoice: %s", error)
+            return Deny(502, "Lightning node failed to create an invoice")
+
+        now = self._clock.now()
+        token_id = secrets.token_bytes(32)
+        root_key = secrets.token_bytes(32)
+        caveats = [l402.services_caveat(rule.service, rule.tier)]
+        if rule.capabilities:
+            caveats.append(l402.capabilities_caveat(rule.service, sorted(rule.capabilities)))
+        caveats.append(l402.valid_until_caveat(rule.service, int(now) + rule.lifetime))
+        macaroon = l402.mint_token(
+            root_key, invoice.payment_hash, token_id, caveats, location=self._location
+        )
+        record = InvoiceRecord(
+            payment_hash=invoice.payment_hash,
+            payment_request=invoice.payment_request,
+            amount_msat=price,
+            token_id=token_id,
+            service=rule.service,
+            method=request.method.upper(),
+            path=request.path,
+            state=InvoiceState.OPEN,
+            created_at=now,
+            expires_at=now + self._invoice_expiry,
+            add_index=invoice.add_index,
+        )
+        key_id = hashlib.sha256(macaroon.identifier).digest()
+        try:
+            # The invoice first: a root key is only ever stored for a tracked invoice.
+            await self._store.add_invoice(record)
+            await self._store.put_root_key(key_id, token_id, root_key)
+        except errors.StoreError:
+            log.exception("store failed while issuing a challenge")
+            return Deny(503, "token store unavailable", retry_after=5)
+        return Challenge(
+            reason=reason,
+            macaroon=l402.encode_b64(macaroon),
+            invoice=invoice.payment_request,
+            payment_hash=invoice.payment_hash.hex(),
+            amount_msat=price,
+            expires_at=record.expires_at,
+        )
+
+    async def _price(self, request: RequestInfo, rule: Rule) -> Msat | Deny:
+        if rule.price_msat is not None:
+            return rule.price_msat
+        assert rule.price_function is not None
+        price_request = PriceRequest(request.method, request.path, request.query, request.headers)
+        try:
+            price = await rule.price_function(price_request)
+        except Exception:
+            log.exception("price function for %s failed", rule.pattern)
+            return Deny(500, "price function failed")
+        if not isinstance(price, int) or price < 0:
+            log.error("price function for %s returned %r", rule.pattern, price)
+            return Deny(500, "price function returned an invalid price")
+        return Msat(price)
+
+    async def revoke(self, token_id: bytes) -> bool:
+        """Revoke a token everywhere its root key is stored; True if it existed."""
+        revoked = await self._store.revoke_token(token_id)
+        self._cache.clear()
+        return revoked

@@ -1,0 +1,131 @@
+"""Settlement tracking: follow the node's invoice stream and record every state change.
+
+The watcher subscribes from the cursor stored with the invoices, so after a disconnect or a
+restart LND replays exactly what was missed (indices strictly greater than the cursor). After
+each (re)connection it also reconciles the invoices still open in the store with
+LookupInvoice, which covers what a subscription cannot replay: invoices created before the
+very first subscription (cursor 0 means "no replay") and hold-invoice transitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from gateway import errors
+from gateway.ports import (
+    Cursor,
+    Invoice,
+    InvoiceBackend,
+    InvoiceState,
+    InvoiceUpdate,
+    Store,
+)
+
+log = logging.getLogger(__name__)
+
+_UNSETTLED = (InvoiceState.OPEN, InvoiceState.ACCEPTED)
+
+
+def _update(invoice: Invoice) -> InvoiceUpdate:
+    return InvoiceUpdate(
+        payment_hash=invoice.payment_hash,
+        state=invoice.state,
+        settle_index=invoice.settle_index,
+        amount_paid_msat=invoice.amount_paid_msat,
+        settled_at=float(invoice.settled_at) if invoice.settled_at else None,
+    )
+
+
+class InvoiceWatcher:
+    """Keeps the store's invoice states in step with the node. Run it as one task."""
+
+    def __init__(
+        self,
+        backend: InvoiceBackend,
+        store: Store,
+        *,
+        initial_backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        on_update: Callable[[InvoiceUpdate], None] | None = None,
+    ) -> None:
+        self._backend = backend
+        self._store = store
+        self._initial_backoff = initial_backoff
+        self._max_backoff = max_backoff
+        self._on_update = on_update
+        self._healthy = False
+        # Set once the store has been reconciled with the node after (re)connecting.
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        """Follow the node until cancelled, reconnecting with capped exponential backoff."""
+        backoff = self._initial_backoff
+        while True:
+            self._healthy = False
+            try:
+                await self._follow()
+                reason = "ended"
+            except (errors.BackendError, errors.StoreError) as error:
+                reason = f"failed: {error}"
+            self.connected.clear()
+            if self._healthy:
+                backoff = self._initial_backoff
+            log.warning("invoice subscription %s; retrying in %.1fs", reason, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff)
+
+    async def _follow(self) -> None:
+        cursor = await self._store.get_cursor()
+        stream = self._backend.subscribe_invoices(cursor.add_index, cursor.settle_index)
+        # The stream starts on first iteration; reconcile alongside it. Both paths write
+        # idempotently, so their order does not matter.
+        reconciling = asyncio.create_task(self.reconcile())
+        try:
+            async for invoice in stream:
+                await self.record(invoice)
+                self._healthy = True
+        finally:
+            await stream.aclose()
+            reconciling.cancel()
+            await asyncio.gather(reconciling, return_exceptions=True)
+
+    async def reconcile(self) -> int:
+        """Look up every unsettled tracked invoice on the node; returns how many changed.
+
+        A failure is logged, not raised: the stream's own failure drives the reconnect.
+        """
+        changed = 0
+        try:
+            for state in _UNSETTLED:
+                for record in await self._store.list_invoices(state=state):
+                    try:
+                        invoice = await self._backend.lookup_invoice(record.payment_hash)
+                    except errors.InvoiceNotFound:
+                        log.warning(
+                            "tracked invoice %s is unknown to the node", record.payment_hash.hex()
+                        )
+                        continue
+                    if invoice.state is not record.state:
+                        await self._apply(invoice)
+                        changed += 1
+        except (errors.BackendError, errors.StoreError) as error:
+            log.warning("reconciliation failed: %s", error)
+            return changed
+        self._healthy = True
+        self.connected.set()
+        if changed:
+            log.info("reconciliation updated %d invoice(s)", changed)
+        return changed
+
+    async def record(self, invoice: Invoice) -> None:
+        """Apply one invoice event and advance the cursor past it."""
+        await self._apply(invoice)
+        await self._store.save_cursor(Cursor(invoice.add_index, invoice.settle_index))
+
+    async def _apply(self, invoice: Invoice) -> None:
+        update = _update(invoice)
+        tracked = await self._store.apply_update(update)
+        if tracked and self._on_update is not None:
+            self._on_update(update)

@@ -1,0 +1,1 @@
+"""HTTP adapters: aiohttp middleware, ASGI middleware, reverse proxy."""

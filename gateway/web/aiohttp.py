@@ -1,0 +1,94 @@
+"""aiohttp integration: a middleware that puts a Lightning price on an application's routes.
+
+Usage::
+
+    from gateway import load_config, running_gateway
+    from gateway.web.aiohttp import TOKEN, setup_l402
+
+    app = web.Application()
+    setup_l402(app, lambda: running_gateway(load_config("gateway.toml")))
+
+    async def handler(request):
+        token = request.get(TOKEN)  # PaidToken on a priced route, None on a free one
+
+``setup_l402`` registers a ``cleanup_ctx`` entry, so the LND channel, the store and the
+settlement watcher start with the application and stop with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Middleware
+
+from gateway.service import Allow, L402Service, PaidToken, RequestInfo
+from gateway.web.responses import client_address, render
+
+TOKEN = web.RequestKey("l402_token", PaidToken)
+
+GatewayFactory = Callable[[], AbstractAsyncContextManager[L402Service]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True)
+class _ServiceSlot:
+    """Filled in when the application starts (the app itself is frozen by then)."""
+
+    service: L402Service | None = None
+
+
+_SLOT = web.AppKey("l402_service_slot", _ServiceSlot)
+
+
+def request_info(request: web.BaseRequest, trust_forwarded_for: bool) -> RequestInfo:
+    return RequestInfo(
+        method=request.method,
+        path=request.path,
+        client=client_address(
+            request.remote, request.headers.get(hdrs.X_FORWARDED_FOR), trust_forwarded_for
+        ),
+        authorization=tuple(request.headers.getall(hdrs.AUTHORIZATION, ())),
+        query=request.query_string,
+        headers=tuple(request.headers.items()),
+    )
+
+
+def l402_middleware(slot: _ServiceSlot, trust_forwarded_for: bool) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        service = slot.service
+        if service is None:
+            return web.json_response({"detail": "gateway is starting"}, status=503)
+        decision = await service.authorize(request_info(request, trust_forwarded_for))
+        if isinstance(decision, Allow):
+            if decision.token is not None:
+                request[TOKEN] = decision.token
+            return await handler(request)
+        response = render(decision)
+        return web.Response(
+            status=response.status, headers=list(response.headers), body=response.body
+        )
+
+    return middleware
+
+
+def setup_l402(
+    app: web.Application, gateway: GatewayFactory, *, trust_forwarded_for: bool = False
+) -> None:
+    """Price ``app``'s routes; ``gateway`` opens the service for the app's lifetime."""
+    slot = _ServiceSlot()
+    app[_SLOT] = slot
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        async with gateway() as service:
+            slot.service = service
+            try:
+                yield
+            finally:
+                slot.service = None
+
+    app.cleanup_ctx.append(lifecycle)
+    app.middlewares.append(l402_middleware(slot, trust_forwarded_for))

@@ -1,0 +1,65 @@
+"""Framework-neutral HTTP rendering of the core's decisions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from gateway.service import Challenge, Deny, PaidToken
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+def render(decision: Challenge | Deny) -> HttpResponse:
+    """A problem+json response (RFC 9457); a challenge also carries WWW-Authenticate headers."""
+    status = 402 if isinstance(decision, Challenge) else decision.status
+    problem: dict[str, object] = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": decision.reason,
+    }
+    headers = [("Content-Type", "application/problem+json"), ("Cache-Control", "no-store")]
+    if isinstance(decision, Challenge):
+        problem.update(
+            invoice=decision.invoice,
+            macaroon=decision.macaroon,
+            payment_hash=decision.payment_hash,
+            amount_msat=decision.amount_msat,
+            expires_at=int(decision.expires_at),
+        )
+        headers += [("WWW-Authenticate", value) for value in decision.www_authenticate()]
+    elif decision.retry_after is not None:
+        headers.append(("Retry-After", str(decision.retry_after)))
+    return HttpResponse(status, tuple(headers), json.dumps(problem).encode())
+
+
+def token_header_value(token: PaidToken) -> str:
+    """The verified token's facts as compact JSON, for the header passed upstream."""
+    return json.dumps(
+        {
+            "token_id": token.token_id,
+            "payment_hash": token.payment_hash,
+            "service": token.service,
+            "tier": token.tier,
+            "capabilities": sorted(token.capabilities) if token.capabilities is not None else None,
+            "valid_until": token.valid_until,
+            "amount_msat": token.amount_msat,
+        },
+        separators=(",", ":"),
+    )
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trust_forwarded_for: bool) -> str:
+    """The address rate limits apply to: the peer, or the first X-Forwarded-For hop if trusted."""
+    if trust_forwarded_for and forwarded_for:
+        first = forwarded_for.split(",", 1)[0].strip()
+        if first:
+            return first
+    return peer or "unknown"

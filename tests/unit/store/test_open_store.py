@@ -1,0 +1,61 @@
+"""``open_store``: the store URL forms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.store import MemoryStore, SqliteStore, open_store
+
+
+async def test_memory_url() -> None:
+    store = await open_store("memory:")
+    try:
+        assert isinstance(store, MemoryStore)
+    finally:
+        await store.close()
+
+
+async def test_absolute_sqlite_url(tmp_path: Path) -> None:
+    path = tmp_path / "abs" / "gateway.db"
+    store = await open_store(f"sqlite://{path}")  # path starts with "/": three slashes
+    try:
+        assert isinstance(store, SqliteStore)
+        assert store.path == path
+    finally:
+        await store.close()
+    assert path.is_file()
+
+
+async def test_relative_sqlite_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = await open_store("sqlite:data/gateway.db")
+    try:
+        assert isinstance(store, SqliteStore)
+    finally:
+        await store.close()
+    assert (tmp_path / "data" / "gateway.db").is_file()
+
+
+async def test_the_scheme_is_case_insensitive() -> None:
+    store = await open_store("MEMORY:")
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://user@host/db", "PostgreSQL is not supported yet"),
+        ("postgres://host/db", "PostgreSQL is not supported yet"),
+        ("redis://localhost", "unknown scheme"),
+        ("gateway.db", "no scheme"),
+        ("sqlite:", "names no file"),
+        ("sqlite:///", "use sqlite:///absolute"),
+        ("sqlite://host/gateway.db", "use sqlite:///absolute"),
+        ("memory:extra", "takes nothing"),
+    ],
+)
+async def test_bad_urls_name_the_supported_forms(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        await open_store(url)

@@ -1,0 +1,381 @@
+"""What only the SQLite store promises: durability, file safety, schema migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import sqlite3
+import stat
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from gateway.ports import Cursor, InvoiceRecord, InvoiceState, InvoiceUpdate, Msat, PaymentHash
+from gateway.store import SchemaVersionError, SqliteStore, StoreError
+from gateway.store import sqlite as sqlite_module
+
+
+def record(n: int) -> InvoiceRecord:
+    return InvoiceRecord(
+        payment_hash=PaymentHash(hashlib.sha256(b"%d" % n).digest()),
+        payment_request=f"lnbcrt{n}n1fake",
+        amount_msat=Msat(21_000),
+        token_id=b"t" * 32,
+        service="svc",
+        method="GET",
+        path="/",
+        state=InvoiceState.OPEN,
+        created_at=1000.5 + n,
+        expires_at=4600.5 + n,
+        add_index=n,
+    )
+
+
+@contextlib.contextmanager
+def raw(path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain sqlite3 connection in autocommit mode, closed on exit."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def user_version(path: Path) -> int:
+    with raw(path) as connection:
+        (version,) = connection.execute("PRAGMA user_version").fetchone()
+        return int(version)
+
+
+def columns(path: Path, table: str) -> list[str]:
+    with raw(path) as connection:
+        return [row[1] for row in connection.execute(f"PRAGMA table_info({table})")]
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "nested" / "gateway.db"
+
+
+@pytest_asyncio.fixture
+async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
+    opened = await SqliteStore.open(db_path)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+# --- durability ------------------------------------------------------------------------------
+
+
+async def test_everything_survives_close_and_reopen(db_path: Path) -> None:
+    first = await SqliteStore.open(db_path)
+    await first.put_root_key(b"k" * 32, b"t" * 32, b"r" * 32)
+    await first.put_root_key(b"gone" * 8, b"u" * 32, b"s" * 32)
+    await first.revoke_token(b"u" * 32)
+    await first.add_invoice(record(1))
+    await first.add_invoice(record(2))
+    await first.apply_update(
+        InvoiceUpdate(record(2).payment_hash, InvoiceState.SETTLED, 3, Msat(21_000), 2000.25)
+    )
+    await first.save_cursor(Cursor(2, 3))
+    before = await first.list_invoices()
+    await first.close()
+
+    second = await SqliteStore.open(db_path)
+    try:
+        assert await second.get_root_key(b"k" * 32) == b"r" * 32
+        assert await second.get_root_key(b"gone" * 8) is None
+        assert await second.list_invoices() == before
+        assert [r.state for r in before] == [InvoiceState.SETTLED, InvoiceState.OPEN]
+        assert await second.get_cursor() == Cursor(2, 3)
+    finally:
+        await second.close()
+
+
+CHILD = """
+import asyncio, hashlib, os, sys
+from gateway.ports import Cursor, InvoiceRecord, InvoiceState, Msat, PaymentHash
+from gateway.store import SqliteStore
+
+async def main() -> None:
+    store = await SqliteStore.open(sys.argv[1])
+    await store.put_root_key(b"k" * 32, b"t" * 32, b"r" * 32)
+    await store.add_invoice(InvoiceRecord(
+        payment_hash=PaymentHash(hashlib.sha256(b"7").digest()),
+        payment_request="lnbcrt7n1fake", amount_msat=Msat(21000), token_id=b"t" * 32,
+        service="svc", method="GET", path="/", state=InvoiceState.OPEN,
+        created_at=1007.5, expires_at=4607.5, add_index=7,
+    ))
+    await store.save_cursor(Cursor(7, 0))
+    print("ok", flush=True)
+    if sys.argv[2] == "exit":
+        os._exit(0)  # no close, no atexit, no flushing of anything
+    await asyncio.sleep(60)  # the parent SIGKILLs us while the connection is open
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("death", ["exit", "sigkill"])
+async def test_a_returned_write_survives_the_process_dying(db_path: Path, death: str) -> None:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CHILD,
+        str(db_path),
+        death,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    line = await asyncio.wait_for(child.stdout.readline(), timeout=60)
+    if death == "sigkill" and line == b"ok\n":
+        child.kill()
+    _, stderr = await child.communicate()
+    assert line == b"ok\n", stderr.decode()
+    assert child.returncode == (0 if death == "exit" else -9)
+
+    reopened = await SqliteStore.open(db_path)
+    try:
+        assert await reopened.get_invoice(record(7).payment_hash) == record(7)
+        assert await reopened.get_root_key(b"k" * 32) == b"r" * 32
+        assert await reopened.get_cursor() == Cursor(7, 0)
+    finally:
+        await reopened.close()
+
+
+# --- the file --------------------------------------------------------------------------------
+
+
+async def test_parent_directories_are_created_private(store: SqliteStore, db_path: Path) -> None:
+    assert db_path.is_file()
+    assert stat.S_IMODE(db_path.parent.stat().st_mode) == 0o700
+
+
+async def test_the_file_and_its_wal_are_mode_0600(store: SqliteStore, db_path: Path) -> None:
+    await store.add_invoice(record(1))  # makes sure the WAL and shared-memory files exist
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+    for suffix in ("-wal", "-shm"):
+        companion = db_path.with_name(db_path.name + suffix)
+        assert stat.S_IMODE(companion.stat().st_mode) == 0o600, suffix
+
+
+async def test_a_new_file_is_0600_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        opened = await SqliteStore.open(tmp_path / "gateway.db")
+    finally:
+        os.umask(old)
+    await opened.close()
+    assert stat.S_IMODE((tmp_path / "gateway.db").stat().st_mode) == 0o600
+
+
+async def test_an_existing_world_readable_file_is_tightened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "gateway.db"
+    path.touch()
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="gateway.store.sqlite"):
+        opened = await SqliteStore.open(path)
+    await opened.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "mode 644" in caplog.text
+
+
+async def test_wal_journal_mode_is_on(store: SqliteStore, db_path: Path) -> None:
+    with raw(db_path) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+async def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    path.write_bytes(b"this is not an sqlite database, not even close" * 100)
+    with pytest.raises(StoreError, match=r"gateway\.db") as caught:
+        await SqliteStore.open(path)
+    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+
+
+async def test_an_unknown_synchronous_setting_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="synchronous"):
+        await SqliteStore.open(tmp_path / "gateway.db", synchronous="OFF")  # type: ignore[arg-type]
+
+
+async def test_full_synchronous_is_accepted(tmp_path: Path) -> None:
+    opened = await SqliteStore.open(tmp_path / "gateway.db", synchronous="FULL")
+    try:
+        await opened.add_invoice(record(1))
+        assert await opened.get_invoice(record(1).payment_hash) == record(1)
+    finally:
+        await opened.close()
+
+
+async def test_close_stops_the_worker_thread(tmp_path: Path) -> None:
+    before = set(threading.enumerate())
+    opened = await SqliteStore.open(tmp_path / "gateway.db")
+    await opened.get_cursor()
+    started = [t for t in set(threading.enumerate()) - before if t.name.startswith("gateway-")]
+    assert len(started) == 1
+    await opened.close()
+    assert not started[0].is_alive()
+
+
+# --- errors and the event loop ---------------------------------------------------------------
+
+
+async def test_sqlite_errors_become_store_errors_with_context(
+    store: SqliteStore, db_path: Path
+) -> None:
+    with raw(db_path) as connection:
+        connection.execute("DROP TABLE invoices")
+    with pytest.raises(
+        StoreError, match=r"get_invoice failed on .*gateway\.db.*invoices"
+    ) as caught:
+        await store.get_invoice(record(1).payment_hash)
+    assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+
+
+async def test_waiting_for_a_lock_does_not_block_the_loop(
+    store: SqliteStore, db_path: Path
+) -> None:
+    with raw(db_path) as other_process:
+        other_process.execute("BEGIN IMMEDIATE")  # holds the write lock
+        writing = asyncio.ensure_future(store.add_invoice(record(1)))
+        # The loop keeps running while the store's thread waits on the lock...
+        await asyncio.sleep(0.2)
+        assert not writing.done()
+        # ...so it can release the lock, and the write goes through.
+        other_process.execute("COMMIT")
+        await asyncio.wait_for(writing, timeout=sqlite_module.BUSY_TIMEOUT)
+    assert await store.get_invoice(record(1).payment_hash) == record(1)
+
+
+async def test_a_lock_held_too_long_is_a_store_error(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT", 0.05)
+    opened = await SqliteStore.open(db_path)
+    try:
+        with raw(db_path) as other_process:
+            other_process.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StoreError, match=r"add_invoice failed.*locked"):
+                await opened.add_invoice(record(1))
+            other_process.execute("ROLLBACK")
+    finally:
+        await opened.close()
+
+
+# --- schema migrations -----------------------------------------------------------------------
+
+
+def make_v1_by_hand(path: Path) -> None:
+    """A database as the first schema left it, with a row in it, no store code involved."""
+    with raw(path) as connection:
+        connection.execute("BEGIN")
+        for statement in sqlite_module.MIGRATIONS[0]:
+            connection.execute(statement)
+        connection.execute(
+            "INSERT INTO invoices VALUES (?, 'lnbcrt1', 21000, ?, 'svc', 'GET', '/', 'OPEN',"
+            " 1001.5, 4601.5, 1, 0, 0, NULL)",
+            (record(1).payment_hash, b"t" * 32),
+        )
+        connection.execute("PRAGMA user_version = 1")
+        connection.execute("COMMIT")
+
+
+async def test_a_version_0_database_is_migrated_to_the_latest(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    with raw(path) as connection:  # an existing, empty SQLite file at user_version 0
+        connection.execute("CREATE TABLE unrelated (x)")
+    assert user_version(path) == 0
+
+    opened = await SqliteStore.open(path)
+    try:
+        await opened.add_invoice(record(1))
+        assert await opened.list_invoices() == [record(1)]
+    finally:
+        await opened.close()
+    assert user_version(path) == len(sqlite_module.MIGRATIONS)
+    assert "unrelated" in {t for (t,) in _tables(path)}
+
+
+def _tables(path: Path) -> list[tuple[str]]:
+    with raw(path) as connection:
+        return list(connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+
+
+async def test_an_older_database_is_migrated_in_order_keeping_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gateway.db"
+    make_v1_by_hand(path)
+    step_2 = ("ALTER TABLE invoices ADD COLUMN note TEXT", "UPDATE invoices SET note = 'v2'")
+    step_3 = ("UPDATE invoices SET note = note || '+v3'",)
+    monkeypatch.setattr(sqlite_module, "MIGRATIONS", (*sqlite_module.MIGRATIONS, step_2, step_3))
+
+    opened = await SqliteStore.open(path)
+    try:
+        got = await opened.get_invoice(record(1).payment_hash)
+        assert got is not None
+        assert (got.payment_request, got.created_at) == ("lnbcrt1", 1001.5)
+    finally:
+        await opened.close()
+
+    assert user_version(path) == 3
+    with raw(path) as connection:
+        assert connection.execute("SELECT note FROM invoices").fetchall() == [("v2+v3",)]
+
+
+async def test_a_failed_migration_leaves_the_database_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gateway.db"
+    make_v1_by_hand(path)
+    broken = ("ALTER TABLE invoices ADD COLUMN note TEXT", "THIS IS NOT SQL")
+    monkeypatch.setattr(sqlite_module, "MIGRATIONS", (*sqlite_module.MIGRATIONS, broken))
+
+    with pytest.raises(StoreError, match=r"cannot migrate .* to schema 2") as caught:
+        await SqliteStore.open(path)
+    assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+    assert user_version(path) == 1
+    assert "note" not in columns(path, "invoices")
+
+
+async def test_a_newer_database_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    newer = len(sqlite_module.MIGRATIONS) + 1
+    with raw(path) as connection:
+        connection.execute(f"PRAGMA user_version = {newer}")
+    before = path.read_bytes()
+
+    with pytest.raises(SchemaVersionError, match=f"schema version {newer}.*newer gateway"):
+        await SqliteStore.open(path)
+
+    assert path.read_bytes() == before  # not even switched to WAL
+    assert user_version(path) == newer
+
+
+async def test_a_current_database_is_opened_as_is(db_path: Path) -> None:
+    for _ in range(2):
+        opened = await SqliteStore.open(db_path)
+        await opened.close()
+    assert user_version(db_path) == len(sqlite_module.MIGRATIONS)
+
+
+async def test_two_stores_opening_one_new_file_at_once_both_work(db_path: Path) -> None:
+    first, second = await asyncio.gather(SqliteStore.open(db_path), SqliteStore.open(db_path))
+    try:
+        await first.add_invoice(record(1))
+        assert await second.get_invoice(record(1).payment_hash) == record(1)
+    finally:
+        await first.close()
+        await second.close()
