@@ -9,6 +9,7 @@ the repository documents every key; a test loads it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -21,6 +22,16 @@ from typing import Any
 from gateway.errors import ConfigError
 
 
+def _require(ok: bool, key: str, requirement: str, value: object) -> None:
+    """Range checks of the dataclasses below; ``_build`` turns the ValueError into ConfigError."""
+    if not ok:
+        raise ValueError(f"{key} must be {requirement}, got {value!r}")
+
+
+def _positive(number: float) -> bool:
+    return math.isfinite(number) and number > 0
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: str = "127.0.0.1:8402"  # host:port the reverse proxy listens on
@@ -30,6 +41,9 @@ class ServerConfig:
     trust_forwarded_for: bool = False  # take the client address from X-Forwarded-For
     max_body_bytes: int = 10 * 1024 * 1024  # larger request bodies get 413
 
+    def __post_init__(self) -> None:
+        _require(self.max_body_bytes >= 0, "max_body_bytes", ">= 0", self.max_body_bytes)
+
 
 @dataclass(frozen=True, slots=True)
 class LndConfig:
@@ -38,6 +52,9 @@ class LndConfig:
     macaroon: Path | None = None  # file; or macaroon_hex
     macaroon_hex: str | None = field(default=None, repr=False)
     timeout: float = 30.0  # seconds per unary call
+
+    def __post_init__(self) -> None:
+        _require(_positive(self.timeout), "timeout", "a positive number", self.timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +69,23 @@ class L402Config:
     strict_settlement: bool = False  # also require the invoice SETTLED (checked with LND)
     root_key_cache_seconds: float = 5.0  # how stale a revocation may be in other processes
 
+    def __post_init__(self) -> None:
+        _require(self.invoice_expiry >= 1, "invoice_expiry", ">= 1", self.invoice_expiry)
+        seconds = self.root_key_cache_seconds
+        _require(math.isfinite(seconds) and seconds >= 0, "root_key_cache_seconds", ">= 0", seconds)
+
 
 @dataclass(frozen=True, slots=True)
 class RateLimitConfig:
     challenges_per_second: float = 2.0  # refill rate of each client's bucket
     burst: int = 20  # bucket size: challenges a client may get at once
     max_clients: int = 100_000  # buckets kept; the least recently seen are dropped
+
+    def __post_init__(self) -> None:
+        rate = self.challenges_per_second
+        _require(_positive(rate), "challenges_per_second", "a positive number", rate)
+        _require(self.burst >= 1, "burst", ">= 1", self.burst)
+        _require(self.max_clients >= 1, "max_clients", ">= 1", self.max_clients)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +99,12 @@ class RouteConfig:
     service: str = "api"
     tier: int = 0
     capabilities: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.price_msat is not None:
+            _require(self.price_msat > 0, "price_msat", "positive", self.price_msat)
+        _require(self.lifetime > 0, "lifetime", "positive", self.lifetime)
+        _require(self.tier >= 0, "tier", ">= 0", self.tier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +136,9 @@ def _convert(where: str, hint: Any, value: Any) -> Any:
         return _convert(where, inner, value)
     origin = typing.get_origin(hint)
     if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(value, str):  # from the environment: comma-separated
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        items = value
         if not isinstance(items, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return tuple(_convert(where, args[0], item) for item in items)
@@ -124,13 +160,16 @@ def _convert(where: str, hint: Any, value: Any) -> Any:
     if hint is Path:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a path, got {value!r}")
-        return Path(value).expanduser()
+        try:
+            return Path(value).expanduser()
+        except RuntimeError:  # ~user that does not exist, or no home directory
+            raise ConfigError(f"{where}: cannot expand the home directory in {value!r}") from None
     if hint in (int, float):
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
             converted = hint(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if hint is int and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"{where}: expected a whole number, got {value!r}")
@@ -151,7 +190,7 @@ def _build(cls: type[Any], where: str, values: Mapping[str, Any]) -> Any:
     kwargs = {key: _convert(f"{where}.{key}", hints[key], value) for key, value in values.items()}
     try:
         return cls(**kwargs)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ConfigError(f"{where}: {error}") from None
 
 
@@ -167,7 +206,8 @@ def load_config(
                 document = tomllib.load(handle)
         except OSError as error:
             raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
-        except tomllib.TOMLDecodeError as error:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            # tomllib decodes the bytes itself: a file that is not UTF-8 is not TOML.
             raise ConfigError(f"{path}: invalid TOML: {error}") from None
     unknown = sorted(set(document) - set(_SECTIONS) - {"routes"})
     if unknown:
@@ -191,7 +231,9 @@ def load_config(
     routes = []
     for index, raw in enumerate(raw_routes):
         where = f"routes[{index}]"
-        if not isinstance(raw, dict) or "pattern" not in raw:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: must be a table ([[routes]])")
+        if "pattern" not in raw:
             raise ConfigError(f"{where}: needs a pattern")
         route = _build(RouteConfig, where, raw)
         priced = (route.price_msat is not None) + (route.price_function is not None)

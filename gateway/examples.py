@@ -1,6 +1,6 @@
 """A small API to put behind the gateway, used by the demo and the tests.
 
-``demo_api()`` is an ordinary aiohttp application that knows nothing about payments;
+``demo_api()`` is an ordinary aiohttp application; it only reads the paid token's facts;
 ``quote_price`` is an example of a dynamic price function (see ``gateway.sample.toml``).
 """
 
@@ -12,6 +12,8 @@ from urllib.parse import parse_qs
 from aiohttp import web
 
 from gateway.pricing import PriceRequest
+from gateway.web.aiohttp import TOKEN
+from gateway.web.responses import token_header_value
 
 FORTUNES = (
     "A satoshi saved is a satoshi earned.",
@@ -39,8 +41,10 @@ async def _health(_request: web.Request) -> web.Response:
 
 
 async def _fortune(request: web.Request) -> web.Response:
-    token = request.headers.get("X-L402-Token")
-    paid = json.loads(token) if token else None
+    # Mounted with the middleware the token is on the request; behind the proxy, in a header.
+    token = request.get(TOKEN)
+    facts = token_header_value(token) if token else request.headers.get("X-L402-Token")
+    paid = json.loads(facts) if facts else None
     index = int(paid["amount_msat"]) % len(FORTUNES) if paid else 0
     return web.json_response({"fortune": FORTUNES[index], "paid": paid})
 
@@ -57,8 +61,8 @@ async def _echo(request: web.Request) -> web.Response:
     )
 
 
-def demo_api() -> web.Application:
-    app = web.Application()
+def demo_api(client_max_size: int = 1024**2) -> web.Application:
+    app = web.Application(client_max_size=client_max_size)
     app.router.add_get("/health", _health)
     app.router.add_get("/api/premium/fortune", _fortune)
     app.router.add_get("/api/quote", _quote)

@@ -3,6 +3,8 @@
 Pure: no I/O. Rules are tried in order and the first whose pattern and method match decides.
 A path no rule matches is not priced (add a catch-all ``/*`` rule to price everything).
 Patterns are shell-style globs on the URL path (``fnmatch``; ``*`` also crosses ``/``).
+Methods compare case-insensitively; a rule for ``GET`` also covers ``HEAD``, which web
+frameworks answer with the GET handler.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.ports import Msat
+
+# What the caveats can carry: an HTTP token for methods, no blank or comma in a capability.
+_METHOD_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CAPABILITY_RE = re.compile(r"[^\s,]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,18 @@ class Rule:
             raise ValueError(f"route {self.pattern!r}: service must be [A-Za-z0-9_.-]+")
         if not self.pattern.startswith("/"):
             raise ValueError(f"route {self.pattern!r}: pattern must start with '/'")
+        if self.tier < 0:
+            raise ValueError(f"route {self.pattern!r}: tier must not be negative")
+        for capability in self.capabilities:
+            if not _CAPABILITY_RE.fullmatch(capability) or not capability.isprintable():
+                raise ValueError(
+                    f"route {self.pattern!r}: capability {capability!r} must be printable, "
+                    "without blanks or commas"
+                )
+        for method in self.methods:
+            if not _METHOD_RE.fullmatch(method):
+                raise ValueError(f"route {self.pattern!r}: invalid method {method!r}")
+        object.__setattr__(self, "methods", frozenset(m.upper() for m in self.methods))
         object.__setattr__(self, "_compiled", re.compile(fnmatch.translate(self.pattern)))
 
     @property
@@ -64,8 +82,10 @@ class Rule:
         return self.price_msat is None and self.price_function is None
 
     def matches(self, method: str, path: str) -> bool:
-        if self.methods and method.upper() not in self.methods:
-            return False
+        if self.methods:
+            method = method.upper()
+            if method not in self.methods and not (method == "HEAD" and "GET" in self.methods):
+                return False
         return self._compiled.match(path) is not None
 
 

@@ -6,7 +6,9 @@
 - ``Challenge``: 402 with a fresh invoice and macaroon (no credential, or one that is valid
   but insufficient: expired, or for another service or capability);
 - ``Deny``: 401 for an invalid credential, 429 when a client asks for too many challenges,
-  503 when the Lightning node or the store cannot serve the challenge.
+  503 when the Lightning node or the store cannot serve the challenge, 400 for a path with
+  ``.``, ``..`` or empty segments (a backend may resolve those to a priced route that the
+  rules, matched on the literal path, did not see), 500 when a price function fails.
 
 Depends only on ``gateway.l402``, ``gateway.pricing`` and ``gateway.ports``.
 """
@@ -37,6 +39,8 @@ from gateway.pricing import PriceRequest, Pricing, Rule
 log = logging.getLogger(__name__)
 
 MEMO_LIMIT = 120
+# Request headers a price function (user code, which may log what it gets) never sees.
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization"})
 
 
 class SystemClock:
@@ -105,7 +109,7 @@ class RateLimiter:
     """A token bucket per client address, so unpaid traffic cannot flood the node."""
 
     def __init__(self, rate: float, burst: int, max_clients: int, clock: Clock) -> None:
-        if rate <= 0 or burst < 1:
+        if not (math.isfinite(rate) and rate > 0) or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
         self._rate = rate
         self._burst = float(burst)
@@ -152,7 +156,8 @@ class _TokenCache:
         entry = self._entries.get(key_id)
         if entry is None:
             return None
-        if now - entry.fetched_at > self._max_age:
+        # A clock that stepped back also makes an entry stale.
+        if not 0 <= now - entry.fetched_at < self._max_age:
             del self._entries[key_id]
             return None
         self._entries.move_to_end(key_id)
@@ -195,6 +200,8 @@ class L402Service:
         self._limiter = rate_limiter
 
     async def authorize(self, request: RequestInfo) -> Decision:
+        if not _is_normalized(request.path):
+            return Deny(400, "path must not contain '.', '..' or empty segments")
         rule = self.pricing.match(request.method, request.path)
         if rule is None or rule.free:
             return Allow(None)
@@ -214,7 +221,9 @@ class L402Service:
             log.exception("store failed while verifying a token")
             return Deny(503, "token store unavailable", retry_after=5)
 
-    async def _verify(self, credential: l402.Credential, request: RequestInfo, rule: Rule) -> Allow:
+    async def _verify(
+        self, credential: l402.Credential, request: RequestInfo, rule: Rule
+    ) -> Allow | Deny:
         identifier = l402.identifier_of(credential)
         now = self._clock.now()
         known = self._cache.get(identifier.key_id, now)
@@ -227,8 +236,13 @@ class L402Service:
             required_capabilities=rule.capabilities,
         )
         verified = l402.verify_token(credential, known.root_key, scope, now)
+        if verified.tier < rule.tier:  # tiers are ordered privilege levels
+            raise l402.TokenInsufficient("token tier is too low")
         if self._strict and not known.settled:
-            known = await self._confirm_settled(identifier, now)
+            confirmed = await self._confirm_settled(identifier, now)
+            if isinstance(confirmed, Deny):
+                return confirmed
+            known = confirmed
         return Allow(
             PaidToken(
                 token_id=verified.token_id.hex(),
@@ -255,14 +269,17 @@ class L402Service:
         self._cache.put(identifier.key_id, known)
         return known
 
-    async def _confirm_settled(self, identifier: l402.Identifier, now: float) -> _KnownToken:
+    async def _confirm_settled(self, identifier: l402.Identifier, now: float) -> _KnownToken | Deny:
         """Strict mode: the watcher may lag the payer by milliseconds, so ask the node."""
         payment_hash = PaymentHash(identifier.payment_hash)
         try:
             invoice = await self._backend.lookup_invoice(payment_hash)
+        except errors.InvoiceNotFound:
+            raise l402.TokenRejected("invoice is unknown to the node") from None
         except errors.BackendError as error:
+            # The token may be good: a 401 would make the client throw it away.
             log.warning("cannot confirm settlement of %s: %s", payment_hash.hex(), error)
-            raise l402.TokenRejected("settlement could not be confirmed") from None
+            return Deny(503, "settlement could not be confirmed", retry_after=5)
         if invoice.state is not InvoiceState.SETTLED:
             raise l402.TokenRejected("invoice is not settled")
         await self._store.apply_update(
@@ -277,7 +294,7 @@ class L402Service:
         root_key = await self._store.get_root_key(identifier.key_id)
         if root_key is None:
             raise l402.TokenRejected("unknown or revoked token")
-        known = _KnownToken(root_key, invoice.amount_paid_msat, True, now)
+        known = _KnownToken(root_key, invoice.amount_msat, True, now)
         self._cache.put(identifier.key_id, known)
         return known
 
@@ -352,13 +369,16 @@ class L402Service:
         if rule.price_msat is not None:
             return rule.price_msat
         assert rule.price_function is not None
-        price_request = PriceRequest(request.method, request.path, request.query, request.headers)
+        headers = tuple(
+            (name, value) for name, value in request.headers if name.lower() not in _SECRET_HEADERS
+        )
+        price_request = PriceRequest(request.method, request.path, request.query, headers)
         try:
             price = await rule.price_function(price_request)
         except Exception:
             log.exception("price function for %s failed", rule.pattern)
             return Deny(500, "price function failed")
-        if not isinstance(price, int) or price < 0:
+        if not isinstance(price, int) or isinstance(price, bool) or price < 0:
             log.error("price function for %s returned %r", rule.pattern, price)
             return Deny(500, "price function returned an invalid price")
         return Msat(price)
@@ -368,3 +388,9 @@ class L402Service:
         revoked = await self._store.revoke_token(token_id)
         self._cache.clear()
         return revoked
+
+
+def _is_normalized(path: str) -> bool:
+    """No ``.`` or ``..`` segment, no empty segment except a trailing slash's."""
+    segments = path.split("/")
+    return "" not in segments[1:-1] and "." not in segments and ".." not in segments

@@ -69,7 +69,8 @@ class InvoiceWatcher:
                 reason = "ended"
             except (errors.BackendError, errors.StoreError) as error:
                 reason = f"failed: {error}"
-            self.connected.clear()
+            finally:
+                self.connected.clear()  # also when cancelled: a stopped watcher is not connected
             if self._healthy:
                 backoff = self._initial_backoff
             log.warning("invoice subscription %s; retrying in %.1fs", reason, backoff)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
-from gateway.service import Allow, L402Service, PaidToken, RequestInfo
+from gateway.service import Allow, Decision, Deny, L402Service, PaidToken, RequestInfo
 from gateway.web.responses import client_address, render
 
 TOKEN = web.RequestKey("l402_token", PaidToken)
@@ -48,7 +48,9 @@ def request_info(request: web.BaseRequest, trust_forwarded_for: bool) -> Request
         method=request.method,
         path=request.path,
         client=client_address(
-            request.remote, request.headers.get(hdrs.X_FORWARDED_FOR), trust_forwarded_for
+            request.remote,
+            ",".join(request.headers.getall(hdrs.X_FORWARDED_FOR, ())),
+            trust_forwarded_for,
         ),
         authorization=tuple(request.headers.getall(hdrs.AUTHORIZATION, ())),
         query=request.query_string,
@@ -61,8 +63,9 @@ def l402_middleware(slot: _ServiceSlot, trust_forwarded_for: bool) -> Middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         service = slot.service
         if service is None:
-            return web.json_response({"detail": "gateway is starting"}, status=503)
-        decision = await service.authorize(request_info(request, trust_forwarded_for))
+            decision: Decision = Deny(503, "gateway is starting", retry_after=1)
+        else:
+            decision = await service.authorize(request_info(request, trust_forwarded_for))
         if isinstance(decision, Allow):
             if decision.token is not None:
                 request[TOKEN] = decision.token

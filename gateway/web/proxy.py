@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from gateway.web.aiohttp import TOKEN, GatewayFactory, setup_l402
 from gateway.web.responses import token_header_value
@@ -58,13 +59,26 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _limited(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    seen = 0
-    async for chunk in stream.iter_chunked(CHUNK):
-        seen += len(chunk)
-        if seen > limit:
-            raise _BodyTooLarge
-        yield chunk
+class _LimitedBody:
+    """The request body, streamed, failing past ``limit`` bytes.
+
+    aiohttp's client reports an exception raised by the body it sends as a ClientError, so
+    the overflow is also remembered in ``exceeded``.
+    """
+
+    def __init__(self, stream: aiohttp.StreamReader, limit: int) -> None:
+        self._stream = stream
+        self._limit = limit
+        self.exceeded = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._stream.iter_chunked(CHUNK):
+            seen += len(chunk)
+            if seen > self._limit:
+                self.exceeded = True
+                raise _BodyTooLarge
+            yield chunk
 
 
 def build_proxy(
@@ -77,14 +91,26 @@ def build_proxy(
     upstream_timeout: float = 300.0,
 ) -> web.Application:
     """An aiohttp application that prices requests and forwards them to ``upstream``."""
-    base = upstream.rstrip("/")
+    base = str(URL(upstream.rstrip("/")))
     app = web.Application(client_max_size=max_body_bytes)
     setup_l402(app, gateway, trust_forwarded_for=trust_forwarded_for)
-    request_drop = frozenset({"host", "authorization", token_header.lower(), "content-length"})
+    # Content-Length is kept: the body is forwarded with the length the client declared.
+    request_drop = frozenset({"host", "authorization", token_header.lower()})
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         timeout = aiohttp.ClientTimeout(total=upstream_timeout, sock_connect=10)
-        async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
+        async with aiohttp.ClientSession(
+            timeout=timeout,
+            auto_decompress=False,
+            # Forward the client's headers, not aiohttp's defaults (an Accept-Encoding the
+            # client never sent would get it a compressed body it cannot read).
+            skip_auto_headers=(
+                hdrs.ACCEPT,
+                hdrs.ACCEPT_ENCODING,
+                hdrs.USER_AGENT,
+                hdrs.CONTENT_TYPE,
+            ),
+        ) as session:
             app[_SESSION] = session
             yield
 
@@ -95,21 +121,22 @@ def build_proxy(
             return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
         headers = _end_to_end(request.headers, request_drop)
         peer = request.remote or ""
-        prior = request.headers.get(hdrs.X_FORWARDED_FOR)
+        prior = ", ".join(request.headers.getall(hdrs.X_FORWARDED_FOR, ()))
         headers[hdrs.X_FORWARDED_FOR] = f"{prior}, {peer}" if prior else peer
         headers[hdrs.X_FORWARDED_PROTO] = request.scheme
         headers[hdrs.X_FORWARDED_HOST] = request.host
         token = request.get(TOKEN)
         if token is not None:
             headers[token_header] = token_header_value(token)
-        body = _limited(request.content, max_body_bytes) if request.body_exists else None
+        body = _LimitedBody(request.content, max_body_bytes) if request.body_exists else None
         response: web.StreamResponse | None = None
         try:
             async with request.app[_SESSION].request(
                 request.method,
-                base + request.rel_url.raw_path_qs,
+                # Verbatim: the path the rules were matched on, not a re-normalized one.
+                URL(base + request.rel_url.raw_path_qs, encoded=True),
                 headers=headers,
-                data=body,
+                data=body.chunks() if body is not None else None,
                 allow_redirects=False,
             ) as upstream_response:
                 response = web.StreamResponse(
@@ -125,10 +152,13 @@ def build_proxy(
         except _BodyTooLarge:
             return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
         except (aiohttp.ClientError, TimeoutError) as error:
-            log.warning("upstream %s failed: %s", base, error)
             if response is not None and response.prepared:
                 # Mid-body: abort the connection rather than end a truncated body cleanly.
+                log.warning("upstream %s failed mid-response: %s", base, error)
                 raise
+            if body is not None and body.exceeded:
+                return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
+            log.warning("upstream %s failed: %s", base, error)
             return _problem(502, "Bad Gateway", "upstream unavailable")
 
     app.router.add_route("*", "/{tail:.*}", forward)

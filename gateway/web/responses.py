@@ -57,9 +57,14 @@ def token_header_value(token: PaidToken) -> str:
 
 
 def client_address(peer: str | None, forwarded_for: str | None, trust_forwarded_for: bool) -> str:
-    """The address rate limits apply to: the peer, or the first X-Forwarded-For hop if trusted."""
+    """The address rate limits apply to: the peer, or the last X-Forwarded-For hop if trusted.
+
+    The trusted proxy in front appends the address it saw; everything before that came from
+    the client and could be anything, so a client could pick a fresh rate-limit bucket for
+    every request if the first hop were taken.
+    """
     if trust_forwarded_for and forwarded_for:
-        first = forwarded_for.split(",", 1)[0].strip()
-        if first:
-            return first
+        last = forwarded_for.rsplit(",", 1)[-1].strip()
+        if last:
+            return last
     return peer or "unknown"

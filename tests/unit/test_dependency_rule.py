@@ -9,11 +9,24 @@ import sys
 import pytest
 
 # module -> imports it must never pull in (directly or through another module)
+_NETWORK = ("grpc", "aiohttp", "sqlite3")
+_ADAPTERS = ("gateway.lnd", "gateway.store", "gateway.web", "gateway.cli", "regtest")
+
+# module -> imports it must never pull in (directly or through another module)
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "gateway.errors": ("asyncio", "grpc", "aiohttp", "sqlite3", "gateway.lnd", "gateway.ports"),
-    "gateway.ports": ("asyncio", "grpc", "aiohttp", "sqlite3", "gateway.lnd"),
-    "gateway.lnd.client": ("aiohttp", "sqlite3", "regtest"),
-    "gateway.lnd.connection": ("aiohttp", "sqlite3", "regtest", "gateway.ports"),
+    "gateway.errors": ("asyncio", *_NETWORK, *_ADAPTERS, "gateway.ports"),
+    "gateway.ports": ("asyncio", *_NETWORK, *_ADAPTERS),
+    "gateway.l402": ("asyncio", *_NETWORK, *_ADAPTERS, "gateway.ports", "gateway.service"),
+    "gateway.pricing": ("asyncio", *_NETWORK, *_ADAPTERS, "gateway.service"),
+    "gateway.config": ("asyncio", *_NETWORK, *_ADAPTERS, "gateway.service"),
+    "gateway.service": (*_NETWORK, *_ADAPTERS),
+    "gateway.watcher": (*_NETWORK, *_ADAPTERS),
+    "gateway.store": ("grpc", "aiohttp", "gateway.lnd", "gateway.web", "gateway.cli", "regtest"),
+    "gateway.lnd.client": ("aiohttp", "sqlite3", "gateway.store", "gateway.web", "regtest"),
+    "gateway.lnd.connection": ("aiohttp", "sqlite3", "gateway.ports", "regtest"),
+    "gateway.web.aiohttp": ("grpc", "sqlite3", "gateway.lnd", "gateway.store", "gateway.cli"),
+    "gateway.web.proxy": ("grpc", "sqlite3", "gateway.lnd", "gateway.store", "gateway.cli"),
+    "gateway.web.asgi": ("grpc", "aiohttp", "sqlite3", "gateway.lnd", "gateway.store"),
 }
 
 

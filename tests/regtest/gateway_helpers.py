@@ -1,0 +1,205 @@
+"""Shared pieces of the gateway's regtest tests: configs on the network, paying a 402."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from gateway import l402
+from gateway.config import (
+    Config,
+    L402Config,
+    LndConfig,
+    RateLimitConfig,
+    RouteConfig,
+    ServerConfig,
+    StoreConfig,
+)
+from gateway.lnd.client import LndClient
+from gateway.ports import InvoiceRecord, Msat, PaymentHash
+from gateway.store import SqliteStore
+from regtest.network import Network
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_FEE = Msat(10_000)
+PREMIUM_PRICE = 10_000
+ROUTES = (
+    RouteConfig(pattern="/health", free=True),
+    RouteConfig(
+        pattern="/api/premium/*",
+        price_msat=PREMIUM_PRICE,
+        service="premium",
+        capabilities=("read",),
+        lifetime=3600,
+    ),
+    RouteConfig(pattern="/api/quote", price_function="gateway.examples:quote_price"),
+    RouteConfig(pattern="/api/echo", price_msat=5_000, service="echo"),
+)
+
+
+class OffsetClock:
+    """Real time plus an offset the test can move forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+
+def bake_gateway_macaroon(network: Network, path: Path) -> Path:
+    """The least-privilege macaroon the README recommends, baked on alice with lncli."""
+    if not path.exists():
+        subprocess.run(  # noqa: S603 - the cached lncli binary and fixed arguments
+            [
+                *network.alice.lncli().split(),
+                "bakemacaroon",
+                "invoices:read",
+                "invoices:write",
+                f"--save_to={path}",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+    return path
+
+
+def gateway_config(
+    network: Network,
+    database: Path,
+    *,
+    listen: str = "127.0.0.1:0",
+    upstream: str | None = None,
+    rate_limit: RateLimitConfig | None = None,
+) -> Config:
+    return Config(
+        server=ServerConfig(listen=listen, upstream=upstream),
+        lnd=LndConfig(
+            host=network.alice.rpc_host,
+            tls_cert=network.alice.tls_cert,
+            macaroon=bake_gateway_macaroon(network, database.parent / "gateway.macaroon"),
+        ),
+        store=StoreConfig(url=f"sqlite:///{database}"),
+        # No caching: a revocation is seen by the very next request.
+        l402=L402Config(root_key_cache_seconds=0),
+        rate_limit=rate_limit or RateLimitConfig(),
+        routes=ROUTES,
+    )
+
+
+def config_toml(config: Config) -> str:
+    """The same configuration as a TOML file, for the ``l402-gateway`` command."""
+    rate = config.rate_limit
+    lines = [
+        "[server]",
+        f'listen = "{config.server.listen}"',
+        f'upstream = "{config.server.upstream}"',
+        "[lnd]",
+        f'host = "{config.lnd.host}"',
+        f'tls_cert = "{config.lnd.tls_cert}"',
+        f'macaroon = "{config.lnd.macaroon}"',
+        "[store]",
+        f'url = "{config.store.url}"',
+        "[l402]",
+        f"root_key_cache_seconds = {config.l402.root_key_cache_seconds}",
+        "[rate_limit]",
+        f"challenges_per_second = {rate.challenges_per_second}",
+        f"burst = {rate.burst}",
+    ]
+    for route in config.routes:
+        lines += ["[[routes]]", f'pattern = "{route.pattern}"', f'service = "{route.service}"']
+        if route.free:
+            lines.append("free = true")
+        if route.price_msat is not None:
+            lines.append(f"price_msat = {route.price_msat}")
+        if route.price_function is not None:
+            lines.append(f'price_function = "{route.price_function}"')
+        if route.capabilities:
+            caps = ", ".join(f'"{cap}"' for cap in route.capabilities)
+            lines.append(f"capabilities = [{caps}]")
+    return "\n".join(lines) + "\n"
+
+
+def l402_challenge(headers: CIMultiDictProxy[str]) -> l402.Challenge:
+    """The L402 one of a 402's WWW-Authenticate headers (the other is LSAT)."""
+    values = headers.getall("WWW-Authenticate")
+    assert sorted(value.split(" ", 1)[0] for value in values) == ["L402", "LSAT"]
+    (value,) = [v for v in values if v.startswith("L402 ")]
+    return l402.parse_challenge(value)
+
+
+async def pay(bob: LndClient, network: Network, challenge: l402.Challenge) -> str:
+    """Pay the challenge's invoice from bob via carol; return the Authorization value."""
+    payment = await bob.send_payment(
+        challenge.invoice,
+        max_fee_msat=MAX_FEE,
+        payment_timeout=30,
+        last_hop_pubkey=network.carol.pubkey,
+    )
+    assert payment.route == (network.carol.pubkey, network.alice.pubkey)
+    assert payment.preimage is not None
+    return f"L402 {challenge.macaroon_b64}:{payment.preimage.hex()}"
+
+
+async def wait_for_invoice(
+    database: Path, payment_hash: bytes, state: str, limit: float = 10.0
+) -> InvoiceRecord:
+    """Poll the store until the invoice reaches ``state``."""
+    store = await SqliteStore.open(database)
+    try:
+        deadline = time.monotonic() + limit
+        while True:
+            record = await store.get_invoice(PaymentHash(payment_hash))
+            if record is not None and record.state.value == state:
+                return record
+            if time.monotonic() > deadline:
+                raise AssertionError(f"invoice {payment_hash.hex()} not {state}: {record}")
+            await asyncio.sleep(0.05)
+    finally:
+        await store.close()
+
+
+def gateway_command(config_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "gateway.cli", "--config", str(config_file), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def start_serve(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as output:
+        return subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "gateway.cli", "--config", str(config_file), "serve"],
+            cwd=REPO,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+async def wait_until_serving(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"gateway exited {process.returncode}:\n{log.read_text()}")
+            try:
+                async with session.get(f"{url}/health") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"gateway did not start:\n{log.read_text()}")

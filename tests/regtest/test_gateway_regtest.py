@@ -1,0 +1,370 @@
+"""The gateway end to end on real LND: aiohttp middleware, reverse proxy, restarts, floods."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from gateway import l402
+from gateway.cli import running_gateway
+from gateway.config import Config, RateLimitConfig
+from gateway.examples import demo_api
+from gateway.lnd.client import LndClient
+from gateway.store import SqliteStore
+from gateway.web.aiohttp import setup_l402
+from regtest.network import Network
+from regtest.processes import free_ports
+from tests.regtest.gateway_helpers import (
+    PREMIUM_PRICE,
+    OffsetClock,
+    config_toml,
+    gateway_command,
+    gateway_config,
+    l402_challenge,
+    pay,
+    start_serve,
+    wait_for_invoice,
+    wait_until_serving,
+)
+
+pytestmark = pytest.mark.regtest
+
+
+@dataclass
+class MountedGateway:
+    url: str
+    database: Path
+    clock: OffsetClock
+    session: aiohttp.ClientSession
+
+
+async def _serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    (port,) = free_ports(1)
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@contextlib.asynccontextmanager
+async def _mounted(config: Config, clock: OffsetClock) -> AsyncIterator[MountedGateway]:
+    app = demo_api()
+    setup_l402(app, lambda: running_gateway(config, clock=clock))
+    runner, url = await _serve_app(app)
+    database = Path(config.store.url.removeprefix("sqlite://"))
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield MountedGateway(url, database, clock, session)
+    finally:
+        await runner.cleanup()
+
+
+@pytest_asyncio.fixture
+async def mounted(network: Network, tmp_path: Path) -> AsyncIterator[MountedGateway]:
+    config = gateway_config(network, tmp_path / "gateway.db")
+    async with _mounted(config, OffsetClock()) as gateway:
+        yield gateway
+
+
+async def _paid_authorization(
+    gateway: MountedGateway, bob: LndClient, network: Network, path: str
+) -> tuple[str, l402.Challenge]:
+    async with gateway.session.get(gateway.url + path) as response:
+        assert response.status == 402
+        problem = await response.json()
+        challenge = l402_challenge(response.headers)
+    assert problem["detail"] == "payment required"
+    assert problem["invoice"] == challenge.invoice
+    return await pay(bob, network, challenge), challenge
+
+
+async def _get(
+    gateway: MountedGateway, path: str, authorization: str
+) -> tuple[int, dict[str, object]]:
+    async with gateway.session.get(
+        gateway.url + path, headers={"Authorization": authorization}
+    ) as response:
+        return response.status, await response.json()
+
+
+async def test_middleware_402_pay_retry_200_and_settled_in_store(
+    mounted: MountedGateway, bob: LndClient, network: Network
+) -> None:
+    authorization, challenge = await _paid_authorization(
+        mounted, bob, network, "/api/premium/fortune"
+    )
+    status, body = await _get(mounted, "/api/premium/fortune", authorization)
+    assert status == 200
+    paid = body["paid"]
+    assert isinstance(paid, dict)
+    assert paid["service"] == "premium"
+    assert paid["capabilities"] == ["read"]
+    assert paid["amount_msat"] == PREMIUM_PRICE
+
+    macaroon = l402.decode_b64(challenge.macaroon_b64)
+    payment_hash = l402.Identifier.decode(macaroon.identifier).payment_hash
+    record = await wait_for_invoice(mounted.database, payment_hash, "SETTLED")
+    assert record.amount_paid_msat == PREMIUM_PRICE
+    assert record.path == "/api/premium/fortune"
+    assert record.token_id.hex() == paid["token_id"]
+
+    # The token keeps working, and the free route needs none.
+    assert (await _get(mounted, "/api/premium/fortune", authorization))[0] == 200
+    async with mounted.session.get(mounted.url + "/health") as response:
+        assert response.status == 200
+
+
+async def test_middleware_refusals(
+    mounted: MountedGateway, bob: LndClient, network: Network
+) -> None:
+    authorization, challenge = await _paid_authorization(
+        mounted, bob, network, "/api/premium/fortune"
+    )
+    macaroon = l402.decode_b64(challenge.macaroon_b64)
+    preimage_hex = authorization.rsplit(":", 1)[1]
+    identifier = l402.Identifier.decode(macaroon.identifier)
+
+    def credential(token: l402.Macaroon, preimage: str = preimage_hex) -> str:
+        return f"L402 {l402.encode_b64(token)}:{preimage}"
+
+    # Outside its scope: another service's route -> a fresh challenge, with the reason.
+    async with mounted.session.get(
+        mounted.url + "/api/echo", headers={"Authorization": authorization}
+    ) as response:
+        assert response.status == 402
+        assert (await response.json())["detail"] == "token is not valid for this service"
+        l402_challenge(response.headers)
+
+    # Wrong preimage: the preimage of another paid invoice.
+    other, _ = await _paid_authorization(mounted, bob, network, "/api/premium/fortune")
+    status, body = await _get(
+        mounted, "/api/premium/fortune", credential(macaroon, other.rsplit(":", 1)[1])
+    )
+    assert (status, body["detail"]) == (401, "preimage does not match the payment hash")
+
+    # A caveat tampered with (the service swapped), signature kept.
+    tampered = replace(
+        macaroon,
+        caveats=tuple(
+            c.replace(b"premium", b"echo") if c.startswith(b"services=") else c
+            for c in macaroon.caveats
+        ),
+    )
+    status, body = await _get(mounted, "/api/echo", credential(tampered))
+    assert (status, body["detail"]) == (401, "invalid macaroon signature")
+
+    # Re-signed by someone without the root key: same identifier and caveats, another key.
+    resigned = l402.mint(secrets.token_bytes(32), macaroon.identifier, macaroon.caveats)
+    status, body = await _get(mounted, "/api/premium/fortune", credential(resigned))
+    assert (status, body["detail"]) == (401, "invalid macaroon signature")
+
+    # A caveat appended by the holder can narrow but never widen.
+    widened = macaroon.add_caveat("services=echo:0")
+    async with mounted.session.get(
+        mounted.url + "/api/echo", headers={"Authorization": credential(widened)}
+    ) as response:
+        assert response.status == 402
+    narrowed = macaroon.add_caveat("premium_capabilities=read")
+    assert (await _get(mounted, "/api/premium/fortune", credential(narrowed)))[0] == 200
+
+    # Minted by another gateway (its own root key) for the same paid invoice.
+    foreign = l402.mint_token(
+        secrets.token_bytes(32),
+        identifier.payment_hash,
+        secrets.token_bytes(32),
+        ["services=premium:0"],
+    )
+    status, body = await _get(mounted, "/api/premium/fortune", credential(foreign))
+    assert (status, body["detail"]) == (401, "unknown or revoked token")
+
+    # After its expiry: a fresh challenge.
+    mounted.clock.offset = 3601
+    async with mounted.session.get(
+        mounted.url + "/api/premium/fortune", headers={"Authorization": authorization}
+    ) as response:
+        assert response.status == 402
+        assert (await response.json())["detail"] == "token expired"
+    mounted.clock.offset = 0
+    assert (await _get(mounted, "/api/premium/fortune", authorization))[0] == 200
+
+    # Revoked root key.
+    store = await SqliteStore.open(mounted.database)
+    try:
+        assert await store.revoke_token(identifier.token_id)
+    finally:
+        await store.close()
+    status, body = await _get(mounted, "/api/premium/fortune", authorization)
+    assert (status, body["detail"]) == (401, "unknown or revoked token")
+
+    # Garbage never gets past 401; a header over aiohttp's 8 KiB line limit is a 400.
+    for garbage in ("L402 !!!:zz", "LSAT a,b,c:", "L402 " + "A" * 4000 + ":" + "0" * 64):
+        status, body = await _get(mounted, "/api/premium/fortune", garbage)
+        assert status == 401, garbage
+    async with mounted.session.get(
+        mounted.url + "/api/premium/fortune", headers={"Authorization": "L402 " + "A" * 9000}
+    ) as response:
+        assert response.status == 400
+
+
+async def test_dynamic_price_from_the_request(
+    mounted: MountedGateway, bob: LndClient, network: Network
+) -> None:
+    async with mounted.session.get(mounted.url + "/api/quote?n=3") as response:
+        assert response.status == 402
+        assert (await response.json())["amount_msat"] == 6_000
+        challenge = l402_challenge(response.headers)
+    authorization = await pay(bob, network, challenge)
+    status, body = await _get(mounted, "/api/quote?n=3", authorization)
+    assert status == 200
+    assert body["quotes"] == ["quote #1", "quote #2", "quote #3"]
+
+
+async def test_flood_of_unpaid_requests_is_rate_limited_while_paid_ones_work(
+    network: Network, bob: LndClient, tmp_path: Path
+) -> None:
+    limits = RateLimitConfig(challenges_per_second=0.5, burst=5)
+    config = gateway_config(network, tmp_path / "gateway.db", rate_limit=limits)
+    async with _mounted(config, OffsetClock()) as gateway:
+        authorization, _ = await _paid_authorization(gateway, bob, network, "/api/premium/fortune")
+
+        async def unpaid() -> tuple[int, str | None]:
+            async with gateway.session.get(gateway.url + "/api/premium/fortune") as response:
+                return response.status, response.headers.get("Retry-After")
+
+        async def paid() -> int:
+            return (await _get(gateway, "/api/premium/fortune", authorization))[0]
+
+        flood = [asyncio.create_task(unpaid()) for _ in range(60)]
+        paying = [asyncio.create_task(paid()) for _ in range(20)]
+        unpaid_results = await asyncio.gather(*flood)
+        paid_results = await asyncio.gather(*paying)
+
+        assert paid_results == [200] * 20
+        statuses = [status for status, _ in unpaid_results]
+        assert set(statuses) <= {402, 429}
+        # One challenge went to the paid token; the burst allows 4 more (plus slow refill).
+        assert statuses.count(402) <= 6
+        assert statuses.count(429) >= 54
+        assert all(int(after) >= 1 for status, after in unpaid_results if status == 429 and after)
+        assert all(after for status, after in unpaid_results if status == 429)
+
+
+@pytest_asyncio.fixture
+async def upstream() -> AsyncIterator[str]:
+    runner, url = await _serve_app(demo_api())
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
+
+
+async def test_reverse_proxy_cli_invoices_and_revoke(
+    network: Network, bob: LndClient, tmp_path: Path, upstream: str
+) -> None:
+    (port,) = free_ports(1)
+    database = tmp_path / "gateway.db"
+    config = gateway_config(network, database, listen=f"127.0.0.1:{port}", upstream=upstream)
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text(config_toml(config))
+    log = tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    process = start_serve(config_file, log)
+    try:
+        await wait_until_serving(url, process, log)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/api/echo", data=b"x" * 1000) as response:
+                assert response.status == 402
+                challenge = l402_challenge(response.headers)
+            authorization = await pay(bob, network, challenge)
+            headers = {"Authorization": authorization, "X-L402-Token": "forged"}
+            async with session.post(
+                url + "/api/echo", data=b"x" * 1000, headers=headers
+            ) as response:
+                assert response.status == 200
+                echoed = await response.json()
+            assert echoed["bytes"] == 1000
+            forwarded = {k.lower(): v for k, v in echoed["headers"].items()}
+            assert "authorization" not in forwarded
+            token = json.loads(forwarded["x-l402-token"])
+            assert token["service"] == "echo"
+            assert token["amount_msat"] == 5_000
+
+            macaroon = l402.decode_b64(challenge.macaroon_b64)
+            payment_hash = l402.Identifier.decode(macaroon.identifier).payment_hash
+            await wait_for_invoice(database, payment_hash, "SETTLED")
+            listing = gateway_command(config_file, "invoices", "--json")
+            assert listing.returncode == 0, listing.stderr
+            (record,) = json.loads(listing.stdout)
+            assert (record["state"], record["payment_hash"]) == ("SETTLED", payment_hash.hex())
+            table = gateway_command(config_file, "invoices")
+            assert "SETTLED" in table.stdout
+            assert "1 invoices" in table.stdout
+            assert "5000 msat received" in table.stdout
+
+            revoke = gateway_command(config_file, "token", "revoke", token["token_id"])
+            assert revoke.returncode == 0, revoke.stderr
+            async with session.post(url + "/api/echo", headers=headers) as response:
+                assert response.status == 401
+                assert (await response.json())["detail"] == "unknown or revoked token"
+            again = gateway_command(config_file, "token", "revoke", token["token_id"])
+            assert again.returncode == 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()
+
+
+async def test_sigkill_while_invoices_are_paid_loses_no_settlement(
+    network: Network, bob: LndClient, tmp_path: Path, upstream: str
+) -> None:
+    (port,) = free_ports(1)
+    database = tmp_path / "gateway.db"
+    config = gateway_config(network, database, listen=f"127.0.0.1:{port}", upstream=upstream)
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text(config_toml(config))
+    log = tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+
+    process = start_serve(config_file, log)
+    challenges = []
+    try:
+        await wait_until_serving(url, process, log)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                async with session.get(url + "/api/premium/fortune") as response:
+                    assert response.status == 402
+                    challenges.append(l402_challenge(response.headers))
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+
+    hashes = [
+        l402.Identifier.decode(l402.decode_b64(c.macaroon_b64).identifier).payment_hash
+        for c in challenges
+    ]
+    # Paid while the gateway is down.
+    for challenge in challenges[:2]:
+        await pay(bob, network, challenge)
+
+    process = start_serve(config_file, log)
+    try:
+        await wait_until_serving(url, process, log)
+        for payment_hash in hashes[:2]:
+            await wait_for_invoice(database, payment_hash, "SETTLED")
+        assert (await wait_for_invoice(database, hashes[2], "OPEN")).settle_index == 0
+        # And the restarted watcher still follows live settlements.
+        await pay(bob, network, challenges[2])
+        await wait_for_invoice(database, hashes[2], "SETTLED")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()
