@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install build demo test test-fast lint format protos up down status clean
+.PHONY: install build demo test test-fast lint format protos up down status bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: lint build
 
 test-fast: install
 	$(BIN)/pytest -m "not regtest"
+
+# Benchmarks print ratios against a baseline measured in the same run; results in bench/results.md.
+bench: build
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python -m bench.verify_overhead
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -269,16 +269,35 @@ async def upstream() -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-async def test_reverse_proxy_cli_invoices_and_revoke(
-    network: Network, bob: LndClient, tmp_path: Path, upstream: str
-) -> None:
+@dataclass(frozen=True)
+class ProxySetup:
+    """A config file for ``l402-gateway serve`` in front of the upstream demo API."""
+
+    url: str
+    database: Path
+    config_file: Path
+    log: Path
+
+
+@pytest.fixture
+def proxy_setup(network: Network, tmp_path: Path, upstream: str) -> ProxySetup:
     (port,) = free_ports(1)
     database = tmp_path / "gateway.db"
     config = gateway_config(network, database, listen=f"127.0.0.1:{port}", upstream=upstream)
     config_file = tmp_path / "gateway.toml"
     config_file.write_text(config_toml(config))
-    log = tmp_path / "serve.log"
-    url = f"http://127.0.0.1:{port}"
+    return ProxySetup(f"http://127.0.0.1:{port}", database, config_file, tmp_path / "serve.log")
+
+
+async def test_reverse_proxy_cli_invoices_and_revoke(
+    network: Network, bob: LndClient, proxy_setup: ProxySetup
+) -> None:
+    url, database, config_file, log = (
+        proxy_setup.url,
+        proxy_setup.database,
+        proxy_setup.config_file,
+        proxy_setup.log,
+    )
     process = start_serve(config_file, log)
     try:
         await wait_until_serving(url, process, log)
@@ -325,15 +344,14 @@ async def test_reverse_proxy_cli_invoices_and_revoke(
 
 
 async def test_sigkill_while_invoices_are_paid_loses_no_settlement(
-    network: Network, bob: LndClient, tmp_path: Path, upstream: str
+    network: Network, bob: LndClient, proxy_setup: ProxySetup
 ) -> None:
-    (port,) = free_ports(1)
-    database = tmp_path / "gateway.db"
-    config = gateway_config(network, database, listen=f"127.0.0.1:{port}", upstream=upstream)
-    config_file = tmp_path / "gateway.toml"
-    config_file.write_text(config_toml(config))
-    log = tmp_path / "serve.log"
-    url = f"http://127.0.0.1:{port}"
+    url, database, config_file, log = (
+        proxy_setup.url,
+        proxy_setup.database,
+        proxy_setup.config_file,
+        proxy_setup.log,
+    )
 
     process = start_serve(config_file, log)
     challenges = []

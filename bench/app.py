@@ -1,0 +1,44 @@
+"""The server a benchmark loads: a trivial aiohttp handler, bare or behind the gateway.
+
+``python -m bench.app --port P bare`` or ``python -m bench.app --port P gateway CONFIG``.
+Run as its own process so the load generator and the server do not share an interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from aiohttp import web
+
+from gateway.cli import running_gateway
+from gateway.config import load_config
+from gateway.web.aiohttp import setup_l402
+
+
+async def hello(_request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+def build(mode: str, config_file: str | None) -> web.Application:
+    app = web.Application()
+    app.router.add_get("/api/premium/hello", hello)
+    app.router.add_get("/health", hello)
+    if mode == "gateway":
+        config = load_config(config_file)
+        setup_l402(app, lambda: running_gateway(config))
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.app")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("mode", choices=["bare", "gateway"])
+    parser.add_argument("config", nargs="?")
+    args = parser.parse_args()
+    web.run_app(
+        build(args.mode, args.config), host="127.0.0.1", port=args.port, print=None, access_log=None
+    )
+
+
+if __name__ == "__main__":
+    main()

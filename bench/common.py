@@ -1,0 +1,104 @@
+"""Shared benchmark plumbing: server processes, wrk runs, and result rows."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results.md"
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+
+
+def wrk_path() -> str:
+    path = shutil.which("wrk")
+    if path is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk (make bench does this)")
+    return path
+
+
+def _latency(text: str, percentile: str) -> float:
+    match = re.search(rf"^\s*{percentile}%\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE)
+    if match is None:
+        raise ValueError(f"no {percentile}% latency in wrk output:\n{text}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def run_wrk(url: str, *, seconds: int, connections: int, headers: dict[str, str]) -> LoadResult:
+    """One bounded wrk run on loopback (one thread: the server gets the other core)."""
+    args = [wrk_path(), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    for name, value in headers.items():
+        args += ["-H", f"{name}: {value}"]
+    output = subprocess.run(  # noqa: S603 - wrk with our own arguments
+        [*args, url], capture_output=True, text=True, check=True, timeout=seconds + 30
+    ).stdout
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.MULTILINE)
+    if rate is None:
+        raise ValueError(f"no Requests/sec in wrk output:\n{output}")
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    return LoadResult(
+        requests_per_second=float(rate.group(1)),
+        p50_ms=_latency(output, "50"),
+        p99_ms=_latency(output, "99"),
+        non_2xx=int(errors.group(1)) if errors else 0,
+    )
+
+
+def start_app(port: int, mode: str, config: Path | None, log: Path) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "bench.app", "--port", str(port), mode]
+    if config is not None:
+        args.append(str(config))
+    with log.open("ab") as output:
+        return subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            args, cwd=REPO, stdout=output, stderr=subprocess.STDOUT
+        )
+
+
+async def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited {process.returncode}: {log.read_text()}")
+            try:
+                async with session.get(url) as response:
+                    if response.status < 500:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"server did not start: {log.read_text()}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def record(section: str, lines: list[str]) -> None:
+    """Print a result table and store it as a section of bench/results.md."""
+    print("\n".join(lines), flush=True)
+    sections: dict[str, str] = {}
+    if RESULTS.exists():
+        for chunk in RESULTS.read_text().split("\n## ")[1:]:
+            title, _, body = chunk.partition("\n")
+            sections[title] = body.strip()
+    sections[section] = "\n".join(lines)
+    text = "\n\n".join(f"## {title}\n\n{body}" for title, body in sections.items())
+    RESULTS.write_text(f"# Benchmark results\n\n{text}\n")

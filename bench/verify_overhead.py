@@ -1,0 +1,139 @@
+"""Benchmark 1: token verification overhead.
+
+The same trivial aiohttp handler, bare and behind the gateway middleware, loaded by wrk with a
+valid paid token (minted by the gateway on the regtest network's alice, paid by bob). Runs
+alternate bare/gateway rounds and reports the medians; the target is that the gateway keeps
+at least 85% of the bare throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+import aiohttp
+
+from bench.common import LoadResult, record, run_wrk, start_app, stop, wait_ready
+from gateway import l402
+from gateway.lnd.client import LndClient
+from gateway.ports import Msat
+from regtest.network import Network, running_network
+from regtest.processes import free_ports
+
+TARGET_RATIO = 0.85
+PATH = "/api/premium/hello"
+
+
+def _config(network: Network, workdir: Path) -> Path:
+    config = workdir / "gateway.toml"
+    config.write_text(
+        f"""\
+[lnd]
+host = "{network.alice.rpc_host}"
+tls_cert = "{network.alice.tls_cert}"
+macaroon = "{network.alice.macaroon("invoice")}"
+
+[store]
+url = "sqlite:///{workdir / "gateway.db"}"
+
+[[routes]]
+pattern = "/api/premium/*"
+price_msat = 1000
+service = "premium"
+"""
+    )
+    return config
+
+
+async def _paid_authorization(url: str, network: Network) -> str:
+    async with aiohttp.ClientSession() as session, session.get(url + PATH) as response:
+        assert response.status == 402, response.status
+        value = next(
+            v for v in response.headers.getall("WWW-Authenticate") if v.startswith("L402 ")
+        )
+    challenge = l402.parse_challenge(value)
+    async with LndClient(network.bob.settings()) as bob:
+        payment = await bob.send_payment(
+            challenge.invoice, max_fee_msat=Msat(10_000), payment_timeout=30
+        )
+    assert payment.preimage is not None
+    return f"L402 {challenge.macaroon_b64}:{payment.preimage.hex()}"
+
+
+async def measure(seconds: int, rounds: int, connections: int) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="l402-bench-"))
+    async with running_network(workdir / "network") as network:
+        bare_port, gateway_port = free_ports(2)
+        bare_url = f"http://127.0.0.1:{bare_port}"
+        gateway_url = f"http://127.0.0.1:{gateway_port}"
+        config = _config(network, workdir)
+        bare = start_app(bare_port, "bare", None, workdir / "bare.log")
+        gateway = start_app(gateway_port, "gateway", config, workdir / "gateway.log")
+        try:
+            await wait_ready(bare_url + PATH, bare, workdir / "bare.log")
+            await wait_ready(gateway_url + "/health", gateway, workdir / "gateway.log")
+            authorization = await _paid_authorization(gateway_url, network)
+            headers = {"Authorization": authorization}
+            results: dict[str, list[LoadResult]] = {"bare": [], "gateway": []}
+            # Warm both servers up, then alternate so drift hits both sides alike.
+            for url in (bare_url, gateway_url):
+                await asyncio.to_thread(
+                    run_wrk, url + PATH, seconds=2, connections=connections, headers=headers
+                )
+            for _ in range(rounds):
+                for name, url in (("bare", bare_url), ("gateway", gateway_url)):
+                    result = await asyncio.to_thread(
+                        run_wrk,
+                        url + PATH,
+                        seconds=seconds,
+                        connections=connections,
+                        headers=headers,
+                    )
+                    if result.non_2xx:
+                        raise RuntimeError(f"{name}: {result.non_2xx} non-2xx responses")
+                    results[name].append(result)
+        finally:
+            stop(bare)
+            stop(gateway)
+
+    def median(name: str, field: str) -> float:
+        return float(statistics.median(getattr(r, field) for r in results[name]))
+
+    ratio = median("gateway", "requests_per_second") / median("bare", "requests_per_second")
+    verdict = "meets" if ratio >= TARGET_RATIO else "MISSES"
+    record(
+        "Token verification overhead",
+        [
+            f"Machine: {platform.machine()}, {platform.python_implementation()} "
+            f"{platform.python_version()}; wrk -t1 -c{connections}, {rounds} x {seconds}s "
+            "rounds per side, medians.",
+            "",
+            "| server | requests/s | p50 ms | p99 ms |",
+            "| --- | --- | --- | --- |",
+            *(
+                f"| {name} | {median(name, 'requests_per_second'):.0f} | "
+                f"{median(name, 'p50_ms'):.2f} | {median(name, 'p99_ms'):.2f} |"
+                for name in ("bare", "gateway")
+            ),
+            "",
+            f"Gateway / bare throughput: **{ratio:.1%}** ({verdict} the {TARGET_RATIO:.0%} "
+            "target).",
+        ],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.verify_overhead")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    asyncio.run(measure(args.seconds, args.rounds, args.connections))
+
+
+if __name__ == "__main__":
+    main()
