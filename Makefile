@@ -18,6 +18,20 @@ install: $(STAMP)
 build: install
 	$(BIN)/python -m regtest build
 
+# Debian's chromium for the paywall's browser test (Playwright drives it; its own browser
+# downloads are never used). Installed once, as root; anyone else is told what to run.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then \
+		echo "browser: $$($(CHROMIUM) --version 2>/dev/null || echo $(CHROMIUM))"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else \
+		echo "error: $(CHROMIUM) is missing and installing it needs root:" \
+			"sudo apt-get install chromium" >&2; \
+		exit 1; \
+	fi
+
 demo: build
 	$(BIN)/python -m regtest.demo
 
@@ -26,7 +40,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint build
+test: lint build browser
 	$(BIN)/pytest
 
 test-fast: install

@@ -15,9 +15,27 @@ boundary, so callers never see a vendor exception::
         │   └── InvoiceAlreadyExists  an invoice with this payment hash exists
         ├── InvoiceNotFound           no invoice with that payment hash
         └── PaymentFailed             the payment ended FAILED (``reason`` says why)
+
+The paying client's errors (``offer`` is the checked offer when there is one, so a caller can
+show the price). All but ``PaymentUnverified`` are raised before any money moves::
+
+    GatewayError
+    └── ClientError                   the client would not, or could not, complete a payment
+        ├── ChallengeError            the 402's L402 challenge is unusable
+        │   └── InvoiceRejected       the invoice failed a check: network, amount, expiry, hash
+        ├── BudgetExceeded            price or total over the budget (``limit`` says which)
+        ├── PaymentDeclined           the ``confirm`` hook said no
+        ├── PaymentInFlight           an earlier payment for this scope is still in flight
+        ├── PaymentUnverified         the payer's preimage does not hash to the payment hash
+        └── TokenCacheError           the token cache file cannot be read or written
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.client.offer import Offer
 
 
 class GatewayError(Exception):
@@ -71,3 +89,43 @@ class PaymentFailed(BackendError):
         super().__init__(f"payment {payment_hash.hex()} failed: {reason}")
         self.reason = reason
         self.payment_hash = payment_hash
+
+
+class ClientError(GatewayError):
+    """Base of the paying client's errors."""
+
+    def __init__(self, message: str, offer: Offer | None = None) -> None:
+        super().__init__(message)
+        self.offer = offer
+
+
+class ChallengeError(ClientError):
+    """The 402 carries an L402/LSAT challenge that cannot be used; nothing was paid."""
+
+
+class InvoiceRejected(ChallengeError):
+    """The challenge's invoice failed a check (network, amount, expiry, payment hash)."""
+
+
+class BudgetExceeded(ClientError):
+    """Paying would go over the budget; nothing was paid. ``limit`` names the limit."""
+
+    def __init__(self, message: str, offer: Offer | None, limit: str) -> None:
+        super().__init__(message, offer)
+        self.limit = limit
+
+
+class PaymentDeclined(ClientError):
+    """The ``confirm`` hook declined the offer; nothing was paid."""
+
+
+class PaymentInFlight(ClientError):
+    """A payment begun earlier for this scope has not finished; paying again could pay twice."""
+
+
+class PaymentUnverified(ClientError):
+    """The payer reported success but its preimage does not match the invoice."""
+
+
+class TokenCacheError(ClientError):
+    """The token cache file is unreadable, corrupt or cannot be written."""

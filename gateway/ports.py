@@ -128,6 +128,13 @@ class Payer(Protocol):
         self, payment_request: str, *, max_fee_msat: Msat, payment_timeout: float
     ) -> Payment: ...
 
+    async def lookup_payment(self, payment_hash: PaymentHash) -> Payment | None:
+        """The current state of an outgoing payment (any status, IN_FLIGHT included).
+
+        None when this payer never started a payment with that hash. A paying client uses it
+        to learn, after a crash, whether a payment it had begun went through.
+        """
+
 
 class Clock(Protocol):
     """Wall-clock time in seconds since the epoch (injected so tests can move it)."""

@@ -10,18 +10,30 @@
   ``.``, ``..`` or empty segments (a backend may resolve those to a priced route that the
   rules, matched on the literal path, did not see), 500 when a price function fails.
 
+Browsers send their credential in the ``L402`` cookie instead (``RequestInfo.cookies``); an
+``Authorization`` credential wins over it. A cookie that does not verify is ignored, not
+refused: a browser cannot drop a stale cookie by itself, so it gets a fresh challenge.
+``redeem()`` serves the paywall page: given the macaroon of a challenge it answers whether
+the invoice is paid and, once it is, the credential for that cookie.
+
 Depends only on ``gateway.l402``, ``gateway.pricing`` and ``gateway.ports``.
 """
 
 from __future__ import annotations
 
+import base64
+import enum
 import hashlib
+import hmac
 import logging
 import math
+import re
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from gateway import errors, l402
 from gateway.ports import (
@@ -32,15 +44,31 @@ from gateway.ports import (
     InvoiceUpdate,
     Msat,
     PaymentHash,
+    Preimage,
     Store,
 )
 from gateway.pricing import PriceRequest, Pricing, Rule
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 MEMO_LIMIT = 120
 # Request headers a price function (user code, which may log what it gets) never sees.
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization"})
+COOKIE_NAME = "L402"
+# At most this many L402 cookies are tried (a browser may hold one per priced path).
+MAX_COOKIE_CREDENTIALS = 4
+# redeem(): the macaroon of a challenge, as base64 text of a sane size.
+MAX_REDEEM_MACAROON_CHARS = 4096
+_B64_TEXT = re.compile(r"[A-Za-z0-9+/_\-]+=*")
+# redeem() asks the node about an invoice the store still has open at most this often (the
+# watcher normally reports the settlement first); settled preimages are remembered.
+REDEEM_LOOKUP_INTERVAL = 5.0
+_REDEEM_MEMORY = 10_000
+# A cookie Path must be ASCII without ';', ',', spaces, '%' (the path here is decoded; the
+# browser matches the encoded one) or control characters; other paths are cut at the last
+# '/' before such a character.
+_COOKIE_PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~/!$&'()*+=:@]*")
 
 
 class SystemClock:
@@ -58,6 +86,8 @@ class RequestInfo:
     authorization: tuple[str, ...] = ()
     query: str = ""
     headers: tuple[tuple[str, str], ...] = ()
+    # Values of the L402 cookies (``<macaroon>:<hex preimage>``), most specific path first.
+    cookies: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +116,12 @@ class Challenge:
     payment_hash: str
     amount_msat: int
     expires_at: float
+    # What the payment buys, for the paywall page.
+    service: str = ""
+    method: str = ""
+    path: str = ""
+    lifetime: int = 0  # seconds the token is valid once issued
+    issued_at: float | None = None  # the service clock when the challenge was made
 
     def www_authenticate(self) -> tuple[str, ...]:
         """One header per scheme: L402, and LSAT for older clients."""
@@ -103,6 +139,25 @@ class Deny:
 
 
 Decision = Allow | Challenge | Deny
+
+
+class RedeemState(enum.Enum):
+    PENDING = "pending"  # not paid yet, still payable
+    SETTLED = "settled"  # paid: the credential is in the result
+    EXPIRED = "expired"  # the invoice (or the token's lifetime) ran out unpaid
+    CANCELED = "canceled"
+
+
+@dataclass(frozen=True, slots=True)
+class RedeemResult:
+    """What ``L402Service.redeem`` found out about a challenge's invoice."""
+
+    state: RedeemState
+    expires_at: float  # when the invoice stops being payable
+    # Once SETTLED: ``<url-safe macaroon>:<hex preimage>``, for the L402 cookie.
+    credential: str | None = field(default=None, repr=False)
+    cookie_path: str = "/"
+    max_age: int | None = None  # seconds of token lifetime left (None: no valid_until)
 
 
 class RateLimiter:
@@ -198,6 +253,8 @@ class L402Service:
         self._strict = strict_settlement
         self._cache = _TokenCache(root_key_cache_seconds)
         self._limiter = rate_limiter
+        self._lookups: OrderedDict[bytes, float] = OrderedDict()  # hash -> last node lookup
+        self._preimages: OrderedDict[bytes, Preimage] = OrderedDict()
 
     async def authorize(self, request: RequestInfo) -> Decision:
         if not _is_normalized(request.path):
@@ -210,6 +267,8 @@ class L402Service:
         except l402.MalformedToken as error:
             return Deny(401, error.reason)
         if credential is None:
+            if request.cookies:
+                return await self._authorize_cookies(request, rule)
             return await self.challenge(request, rule, "payment required")
         try:
             return await self._verify(credential, request, rule)
@@ -220,6 +279,24 @@ class L402Service:
         except errors.StoreError:
             log.exception("store failed while verifying a token")
             return Deny(503, "token store unavailable", retry_after=5)
+
+    async def _authorize_cookies(self, request: RequestInfo, rule: Rule) -> Decision:
+        """The first L402 cookie that verifies; else a fresh challenge (never a 401)."""
+        reason = "payment required"
+        for value in request.cookies[:MAX_COOKIE_CREDENTIALS]:
+            try:
+                credential = l402.parse_authorization((f"L402 {value}",))
+                if credential is None:  # pragma: no cover - the scheme is ours
+                    continue
+                return await self._verify(credential, request, rule)
+            except l402.TokenInsufficient as error:
+                reason = error.reason
+            except l402.L402Error as error:
+                log.debug("ignoring an L402 cookie: %s", error.reason)
+            except errors.StoreError:
+                log.exception("store failed while verifying a token")
+                return Deny(503, "token store unavailable", retry_after=5)
+        return await self.challenge(request, rule, reason)
 
     async def _verify(
         self, credential: l402.Credential, request: RequestInfo, rule: Rule
@@ -363,6 +440,11 @@ class L402Service:
             payment_hash=invoice.payment_hash.hex(),
             amount_msat=price,
             expires_at=record.expires_at,
+            service=rule.service,
+            method=record.method,
+            path=request.path,
+            lifetime=rule.lifetime,
+            issued_at=now,
         )
 
     async def _price(self, request: RequestInfo, rule: Rule) -> Msat | Deny:
@@ -370,7 +452,9 @@ class L402Service:
             return rule.price_msat
         assert rule.price_function is not None
         headers = tuple(
-            (name, value) for name, value in request.headers if name.lower() not in _SECRET_HEADERS
+            (name, value if name.lower() != "cookie" else without_l402_cookie(value) or "")
+            for name, value in request.headers
+            if name.lower() not in _SECRET_HEADERS
         )
         price_request = PriceRequest(request.method, request.path, request.query, headers)
         try:
@@ -383,10 +467,127 @@ class L402Service:
             return Deny(500, "price function returned an invalid price")
         return Msat(price)
 
+    async def redeem(self, macaroon_b64: str) -> RedeemResult | Deny:
+        """The state of the invoice a challenge's macaroon is bound to, for the paywall page.
+
+        Only the holder of the macaroon can ask (its signature must check out with the stored
+        root key; a payment hash alone is not enough), and once the invoice is settled it
+        gets the full credential: the macaroon with the invoice's preimage. Cheap by design:
+        no invoice is created, the store answers, and the node is asked about a still-open
+        invoice at most every ``REDEEM_LOOKUP_INTERVAL`` seconds (the watcher normally
+        reports the settlement first) and about a settled one once, for its preimage.
+
+        Deny: 400 for text that is not a macaroon, 401 for a macaroon that is not one of
+        ours (unknown, revoked, forged), 503 when the store or the node cannot answer.
+        """
+        if not (
+            0 < len(macaroon_b64) <= MAX_REDEEM_MACAROON_CHARS and _B64_TEXT.fullmatch(macaroon_b64)
+        ):
+            return Deny(400, "macaroon must be base64 text")
+        try:
+            macaroon = l402.decode_b64(macaroon_b64)
+            identifier = l402.Identifier.decode(macaroon.identifier)
+        except l402.MalformedToken as error:
+            return Deny(400, error.reason)
+        try:
+            return await self._redeem(macaroon, identifier)
+        except l402.L402Error as error:
+            return Deny(401, error.reason)
+        except errors.StoreError:
+            log.exception("store failed while redeeming a token")
+            return Deny(503, "token store unavailable", retry_after=5)
+        except errors.BackendError as error:
+            log.warning("cannot look up an invoice to redeem: %s", error)
+            return Deny(503, "Lightning node unavailable", retry_after=5)
+
+    async def _redeem(self, macaroon: l402.Macaroon, identifier: l402.Identifier) -> RedeemResult:
+        root_key = await self._store.get_root_key(identifier.key_id)
+        if root_key is None:
+            raise l402.TokenRejected("unknown or revoked token")
+        if not macaroon.verify_signature(root_key):
+            raise l402.TokenRejected("invalid macaroon signature")
+        payment_hash = PaymentHash(identifier.payment_hash)
+        record = await self._store.get_invoice(payment_hash)
+        if record is None:
+            raise l402.TokenRejected("unknown invoice")
+        now = self._clock.now()
+        pending = RedeemResult(RedeemState.PENDING, record.expires_at)
+        preimage = self._preimages.get(payment_hash)
+        if preimage is None:
+            if record.state is InvoiceState.CANCELED:
+                return RedeemResult(RedeemState.CANCELED, record.expires_at)
+            if record.state is not InvoiceState.SETTLED:
+                last = self._lookups.get(payment_hash)
+                if last is not None and 0 <= now - last < REDEEM_LOOKUP_INTERVAL:
+                    return self._unpaid(record.expires_at, now)
+                self._remember(self._lookups, payment_hash, now)
+            invoice = await self._backend.lookup_invoice(payment_hash)
+            if invoice.state is InvoiceState.CANCELED:
+                return RedeemResult(RedeemState.CANCELED, record.expires_at)
+            if invoice.state is not InvoiceState.SETTLED:
+                return self._unpaid(record.expires_at, now)
+            if invoice.preimage is None or not hmac.compare_digest(
+                hashlib.sha256(invoice.preimage).digest(), payment_hash
+            ):
+                log.error("the node reported no valid preimage for %s", payment_hash.hex())
+                return pending
+            if record.state is not InvoiceState.SETTLED:
+                await self._store.apply_update(
+                    InvoiceUpdate(
+                        payment_hash=payment_hash,
+                        state=InvoiceState.SETTLED,
+                        settle_index=invoice.settle_index,
+                        amount_paid_msat=invoice.amount_paid_msat,
+                        settled_at=float(invoice.settled_at) if invoice.settled_at else None,
+                    )
+                )
+            preimage = invoice.preimage
+            self._lookups.pop(payment_hash, None)
+            self._remember(self._preimages, payment_hash, preimage)
+        # The token must still be good for the request it was issued for.
+        rule = self.pricing.match(record.method, record.path)
+        scope = l402.RequestScope(
+            service=record.service,
+            method=record.method,
+            path=record.path,
+            required_capabilities=rule.capabilities if rule is not None else frozenset(),
+        )
+        try:
+            caveats = [l402.Caveat.parse(raw) for raw in macaroon.caveats]
+        except l402.MalformedToken:
+            raise l402.TokenRejected("malformed caveat") from None
+        try:
+            granted = l402.check_caveats(caveats, scope, now)
+        except l402.TokenInsufficient as error:
+            if error.reason == "token expired":
+                return RedeemResult(RedeemState.EXPIRED, record.expires_at)
+            raise l402.TokenRejected(error.reason) from None
+        encoded = base64.urlsafe_b64encode(macaroon.serialize()).rstrip(b"=").decode("ascii")
+        return RedeemResult(
+            state=RedeemState.SETTLED,
+            expires_at=record.expires_at,
+            credential=f"{encoded}:{preimage.hex()}",
+            cookie_path=cookie_path(record.path),
+            max_age=None if granted.valid_until is None else max(1, int(granted.valid_until - now)),
+        )
+
+    @staticmethod
+    def _unpaid(expires_at: float, now: float) -> RedeemResult:
+        state = RedeemState.EXPIRED if now >= expires_at else RedeemState.PENDING
+        return RedeemResult(state, expires_at)
+
+    @staticmethod
+    def _remember(memory: OrderedDict[bytes, _T], key: bytes, value: _T) -> None:
+        memory[key] = value
+        memory.move_to_end(key)
+        while len(memory) > _REDEEM_MEMORY:
+            memory.popitem(last=False)
+
     async def revoke(self, token_id: bytes) -> bool:
         """Revoke a token everywhere its root key is stored; True if it existed."""
         revoked = await self._store.revoke_token(token_id)
         self._cache.clear()
+        self._preimages.clear()
         return revoked
 
 
@@ -394,3 +595,41 @@ def _is_normalized(path: str) -> bool:
     """No ``.`` or ``..`` segment, no empty segment except a trailing slash's."""
     segments = path.split("/")
     return "" not in segments[1:-1] and "." not in segments and ".." not in segments
+
+
+def cookie_path(path: str) -> str:
+    """A ``Path`` cookie attribute for ``path``: itself when it is safe to put in a
+    ``Set-Cookie`` header and matches the URL a browser sends, else its longest safe
+    directory (a wider cookie scope is harmless: the token's caveats decide what it opens).
+    """
+    safe = _COOKIE_PATH_CHARS.match(path)
+    end = safe.end() if safe is not None else 0
+    if end == len(path) and path.startswith("/"):
+        return path
+    cut = path.rfind("/", 0, end)
+    return path[:cut] if cut > 0 else "/"
+
+
+def l402_cookie_values(cookie_headers: Iterable[str]) -> tuple[str, ...]:
+    """The values of every ``L402`` cookie in a request's ``Cookie`` headers, in order."""
+    values: list[str] = []
+    for header in cookie_headers:
+        for pair in header.split(";"):
+            name, sep, value = pair.partition("=")
+            if sep and name.strip() == COOKIE_NAME:
+                value = value.strip()
+                if len(value) > 1 and value[0] == value[-1] == '"':
+                    value = value[1:-1]
+                if value:
+                    values.append(value)
+    return tuple(values)
+
+
+def without_l402_cookie(cookie_header: str) -> str | None:
+    """A ``Cookie`` header value without the L402 cookie (a bearer secret); None if empty."""
+    kept = [
+        pair.strip()
+        for pair in cookie_header.split(";")
+        if pair.strip() and pair.partition("=")[0].strip() != COOKIE_NAME
+    ]
+    return "; ".join(kept) or None

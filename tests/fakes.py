@@ -56,6 +56,7 @@ class FakeInvoiceBackend:
         self.fail_subscriptions = 0
         self.subscriptions: list[tuple[int, int]] = []  # (add_index, settle_index) per call
         self.connections = 0  # subscriptions that went live
+        self.lookups = 0  # lookup_invoice calls
         self._changed = asyncio.Condition()
         self._add_index = 0
         self._settle_index = 0
@@ -130,6 +131,7 @@ class FakeInvoiceBackend:
             await self._changed.wait_for(lambda: len(self.subscriptions) >= total)
 
     async def lookup_invoice(self, payment_hash: PaymentHash) -> Invoice:
+        self.lookups += 1
         self._check()
         try:
             return self.invoices[payment_hash]

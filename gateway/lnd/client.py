@@ -283,3 +283,24 @@ class LndClient:
                     reason = lightning_pb2.PaymentFailureReason.Name(message.failure_reason)
                     raise errors.PaymentFailed(reason, bytes.fromhex(message.payment_hash))
         raise errors.BackendUnavailable(f"LND at {self._host} ended the payment stream early")
+
+    async def lookup_payment(self, payment_hash: PaymentHash) -> Payment | None:
+        """The payment's current state via routerrpc.TrackPaymentV2; None if LND never saw it.
+
+        The first message of the stream is the state right now (IN_FLIGHT included); the
+        stream is cancelled after it, so this never waits for an in-flight payment to end.
+        """
+        request = router_pb2.TrackPaymentRequest(
+            payment_hash=payment_hash, no_inflight_updates=False
+        )
+        call = self._router.TrackPaymentV2(request, metadata=self._metadata, timeout=self._timeout)
+        try:
+            async for message in call:
+                return _payment(message)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return None  # "payment isn't initiated"
+            self._raise(error)
+        finally:
+            call.cancel()
+        raise errors.BackendUnavailable(f"LND at {self._host} ended the payment stream early")

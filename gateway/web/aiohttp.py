@@ -13,6 +13,10 @@ Usage::
 
 ``setup_l402`` registers a ``cleanup_ctx`` entry, so the LND channel, the store and the
 settlement watcher start with the application and stop with it.
+
+Browsers get the paywall page (:mod:`gateway.web.paywall`): the middleware answers
+``POST /.well-known/l402/redeem`` itself and accepts the ``L402`` cookie it sets as the
+credential when the request has no L402 ``Authorization``.
 """
 
 from __future__ import annotations
@@ -24,8 +28,17 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
-from gateway.service import Allow, Decision, Deny, L402Service, PaidToken, RequestInfo
-from gateway.web.responses import client_address, render
+from gateway.service import (
+    Allow,
+    Decision,
+    Deny,
+    L402Service,
+    PaidToken,
+    RequestInfo,
+    l402_cookie_values,
+)
+from gateway.web.paywall import MAX_REDEEM_BODY, REDEEM_PATH, handle_redeem, render_challenge
+from gateway.web.responses import HttpResponse, client_address
 
 TOKEN = web.RequestKey("l402_token", PaidToken)
 
@@ -55,6 +68,37 @@ def request_info(request: web.BaseRequest, trust_forwarded_for: bool) -> Request
         authorization=tuple(request.headers.getall(hdrs.AUTHORIZATION, ())),
         query=request.query_string,
         headers=tuple(request.headers.items()),
+        cookies=l402_cookie_values(request.headers.getall(hdrs.COOKIE, ())),
+    )
+
+
+def _response(response: HttpResponse) -> web.Response:
+    return web.Response(status=response.status, headers=list(response.headers), body=response.body)
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    """The body, or its first ``limit + 1`` bytes when it is longer."""
+    if request.content_length is not None and request.content_length > limit:
+        return b"x" * (limit + 1)  # too large: not worth reading
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = await request.content.read(limit + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
+
+
+async def _redeem(request: web.Request, service: L402Service | None) -> web.Response:
+    body = await _read_limited(request, MAX_REDEEM_BODY) if request.method == "POST" else b""
+    return _response(
+        await handle_redeem(
+            service,
+            method=request.method,
+            content_type=request.headers.get(hdrs.CONTENT_TYPE),
+            fetch_site=request.headers.get("Sec-Fetch-Site"),
+            body=body,
+        )
     )
 
 
@@ -62,6 +106,8 @@ def l402_middleware(slot: _ServiceSlot, trust_forwarded_for: bool) -> Middleware
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         service = slot.service
+        if request.path == REDEEM_PATH:
+            return await _redeem(request, service)
         if service is None:
             decision: Decision = Deny(503, "gateway is starting", retry_after=1)
         else:
@@ -70,10 +116,8 @@ def l402_middleware(slot: _ServiceSlot, trust_forwarded_for: bool) -> Middleware
             if decision.token is not None:
                 request[TOKEN] = decision.token
             return await handler(request)
-        response = render(decision)
-        return web.Response(
-            status=response.status, headers=list(response.headers), body=response.body
-        )
+        accept = ",".join(request.headers.getall(hdrs.ACCEPT, ())) or None
+        return _response(render_challenge(decision, method=request.method, accept=accept))
 
     return middleware
 

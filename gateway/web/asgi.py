@@ -33,6 +33,11 @@ is answered here with the rendered problem+json response: 402 with ``WWW-Authent
 challenges for ``L402`` and ``LSAT``, 401 for an invalid credential, 429 or 503 with
 ``Retry-After``.
 
+**Browsers.** A browser's challenge (``Accept`` prefers HTML, GET or HEAD) is answered with
+the paywall page (:mod:`gateway.web.paywall`); the middleware answers ``POST
+<root_path>/.well-known/l402/redeem`` itself, and accepts the ``L402`` cookie it sets as the
+credential when a request has no L402 ``Authorization``.
+
 **Lifespan.** The gateway (LND channel, store, settlement watcher) is opened on
 ``lifespan.startup``, *before* the application's own startup runs, and closed on
 ``lifespan.shutdown``, *after* the application's own shutdown; lifespan events still reach
@@ -70,7 +75,8 @@ from contextlib import AbstractAsyncContextManager
 from http import HTTPStatus
 from typing import Any, Final
 
-from gateway.service import Allow, Challenge, Deny, L402Service, RequestInfo
+from gateway.service import Allow, Challenge, Deny, L402Service, RequestInfo, l402_cookie_values
+from gateway.web.paywall import MAX_REDEEM_BODY, REDEEM_PATH, handle_redeem, render_challenge
 from gateway.web.responses import HttpResponse, client_address, render
 
 log = logging.getLogger(__name__)
@@ -105,7 +111,32 @@ def request_info(scope: Scope, trust_forwarded_for: bool = False) -> RequestInfo
         authorization=authorization,
         query=scope.get("query_string", b"").decode("latin-1"),
         headers=headers,
+        cookies=l402_cookie_values(value for name, value in headers if name.lower() == "cookie"),
     )
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """All values of one request header, comma-joined; None if absent."""
+    values = [
+        value.decode("latin-1") for key, value in scope.get("headers", ()) if key.lower() == name
+    ]
+    return ",".join(values) if values else None
+
+
+async def _read_limited(receive: Receive, limit: int) -> bytes | None:
+    """The request body, or its first ``limit + 1`` bytes; None if the client left."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        if message["type"] != "http.request":
+            continue
+        body += message.get("body", b"")
+        if len(body) > limit:
+            return bytes(body[: limit + 1])
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
 def _raw_headers(response: HttpResponse) -> list[tuple[bytes, bytes]]:
@@ -115,6 +146,17 @@ def _raw_headers(response: HttpResponse) -> list[tuple[bytes, bytes]]:
     ]
     headers.append((b"content-length", str(len(response.body)).encode("ascii")))
     return headers
+
+
+async def _send_response(send: Send, response: HttpResponse) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": _raw_headers(response),
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body, "more_body": False})
 
 
 class _StartupFailed(Exception):
@@ -163,20 +205,43 @@ class L402Middleware:
         return await service.authorize(request_info(scope, self._trust_forwarded_for))
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        redeem_path = scope.get("root_path", "") + REDEEM_PATH  # as the browser sees it
+        if scope["path"] in (redeem_path, REDEEM_PATH):
+            await self._redeem(scope, receive, send)
+            return
         decision = await self._decide(scope)
         if isinstance(decision, Allow):
             scope.setdefault("state", {})[STATE_KEY] = decision.token
             await self.app(scope, receive, send)
             return
-        response = render(decision)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": _raw_headers(response),
-            }
+        response = render_challenge(
+            decision,
+            method=scope.get("method", "GET"),
+            accept=_header(scope, b"accept"),
+            redeem_url=redeem_path,
         )
-        await send({"type": "http.response.body", "body": response.body, "more_body": False})
+        await _send_response(send, response)
+
+    async def _redeem(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope.get("method", "GET")
+        body = b""
+        if method == "POST":
+            length = _header(scope, b"content-length")
+            if length is not None and length.strip().isdigit() and int(length) > MAX_REDEEM_BODY:
+                body = b"x" * (MAX_REDEEM_BODY + 1)  # too large: not worth reading
+            else:
+                read = await _read_limited(receive, MAX_REDEEM_BODY)
+                if read is None:
+                    return
+                body = read
+        response = await handle_redeem(
+            self._service,
+            method=method,
+            content_type=_header(scope, b"content-type"),
+            fetch_site=_header(scope, b"sec-fetch-site"),
+            body=body,
+        )
+        await _send_response(send, response)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         decision = await self._decide(scope)

@@ -2,7 +2,8 @@
 
 Paid (or free) requests are streamed to the upstream and its response streamed back.
 Hop-by-hop headers are dropped both ways; the client's L402 credential is not forwarded
-(the preimage is a bearer secret), the verified token's facts are, in ``token_header``.
+(the preimage is a bearer secret): neither its ``Authorization`` nor the paywall's ``L402``
+cookie (other cookies are). The verified token's facts are, in ``token_header``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway.service import without_l402_cookie
 from gateway.web.aiohttp import TOKEN, GatewayFactory, setup_l402
 from gateway.web.responses import token_header_value
 
@@ -120,6 +122,10 @@ def build_proxy(
         if request.content_length is not None and request.content_length > max_body_bytes:
             return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
         headers = _end_to_end(request.headers, request_drop)
+        cookies = [without_l402_cookie(value) for value in headers.popall(hdrs.COOKIE, ())]
+        for value in cookies:
+            if value is not None:
+                headers.add(hdrs.COOKIE, value)
         peer = request.remote or ""
         prior = ", ".join(request.headers.getall(hdrs.X_FORWARDED_FOR, ()))
         headers[hdrs.X_FORWARDED_FOR] = f"{prior}, {peer}" if prior else peer

@@ -11,6 +11,8 @@ import pytest
 # module -> imports it must never pull in (directly or through another module)
 _NETWORK = ("grpc", "aiohttp", "sqlite3")
 _ADAPTERS = ("gateway.lnd", "gateway.store", "gateway.web", "gateway.cli", "regtest")
+# what the paying client must not need: the server side and its wiring
+_WIRING = ("gateway.lnd", "gateway.store", "gateway.web", "gateway.service", "gateway.cli")
 
 # module -> imports it must never pull in (directly or through another module)
 FORBIDDEN: dict[str, tuple[str, ...]] = {
@@ -26,6 +28,9 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "gateway.lnd.connection": ("aiohttp", "sqlite3", "gateway.ports", "regtest"),
     "gateway.web.aiohttp": ("grpc", "sqlite3", "gateway.lnd", "gateway.store", "gateway.cli"),
     "gateway.web.proxy": ("grpc", "sqlite3", "gateway.lnd", "gateway.store", "gateway.cli"),
+    "gateway.client": ("grpc", "aiohttp", "httpx", "sqlite3", "regtest", *_WIRING),
+    "gateway.client.aiohttp": ("grpc", "httpx", "sqlite3", "regtest", *_WIRING),
+    "gateway.client.httpx": ("grpc", "aiohttp", "sqlite3", "regtest", *_WIRING),
     "gateway.web.asgi": ("grpc", "aiohttp", "sqlite3", "gateway.lnd", "gateway.store"),
 }
 

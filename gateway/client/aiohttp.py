@@ -1,0 +1,65 @@
+"""The paying client as an aiohttp client middleware (aiohttp >= 3.12)::
+
+    from gateway.client import Budget, L402Client, TokenCache
+    from gateway.client.aiohttp import L402Middleware
+
+    client = L402Client(lnd, network="regtest", budget=Budget(max_price_msat=50_000),
+                        cache=TokenCache("~/.cache/l402-gateway/tokens.json"))
+    async with aiohttp.ClientSession(middlewares=[L402Middleware(client)]) as session:
+        async with session.get("https://api.example/premium/fortune") as response:
+            ...  # 200 after paying once; later requests reuse the token
+
+A request that already carries an ``Authorization`` header is passed through untouched. A
+retried request is sent with the same body, so bodies must be replayable (bytes, str, form
+data, JSON; not a one-shot stream). Errors of :mod:`gateway.errors` (and the payer's)
+propagate out of the ``session.get(...)`` call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, hdrs
+
+from gateway.client.core import L402Client
+
+__all__ = ["L402Middleware", "l402_session"]
+
+
+class L402Middleware:
+    """An aiohttp client middleware that pays L402 challenges through ``client``."""
+
+    def __init__(self, client: L402Client) -> None:
+        self.client = client
+
+    async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        if hdrs.AUTHORIZATION in request.headers:
+            return await handler(request)
+        exchange = self.client.exchange(str(request.url), request.method)
+        authorization = exchange.authorization
+        while True:
+            if authorization is None:
+                request.headers.popall(hdrs.AUTHORIZATION, None)
+            else:
+                request.headers[hdrs.AUTHORIZATION] = authorization
+            response = await handler(request)
+            try:
+                retry = await exchange.step(
+                    response.status,
+                    response.headers.getall(hdrs.WWW_AUTHENTICATE, []),
+                    response.read,
+                )
+            except BaseException:
+                response.release()
+                raise
+            if retry is None:
+                return response
+            response.release()
+            authorization = retry.authorization
+
+
+def l402_session(client: L402Client, **kwargs: Any) -> aiohttp.ClientSession:
+    """An ``aiohttp.ClientSession`` with :class:`L402Middleware` first among its middlewares."""
+    middlewares = (L402Middleware(client), *kwargs.pop("middlewares", ()))
+    return aiohttp.ClientSession(middlewares=middlewares, **kwargs)

@@ -1,0 +1,74 @@
+"""What a client may spend: a price cap per request, a routing fee cap, a total.
+
+Pure. The total counts price plus routing fee of every payment the client made (or
+recovered), and a payment must fit with its *worst-case* fee (the fee cap) before it starts,
+so the total can never be overshot, also not by payments running at the same time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.client.offer import Offer
+from gateway.errors import BudgetExceeded
+
+__all__ = ["DEFAULT_MIN_FEE_MSAT", "Budget"]
+
+# Without an explicit fee cap: 1% of the price, but at least this (a few hops' base fees).
+DEFAULT_MIN_FEE_MSAT = 5_000
+
+
+def _sat(msat: int) -> str:
+    return f"{msat / 1000:g} sat"
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Spending limits of one client, in millisatoshis.
+
+    ``max_price_msat``: the most one request may cost (the invoice amount, fee excluded).
+    ``max_fee_msat``: the routing fee cap per payment; None means 1% of the price but at
+    least ``DEFAULT_MIN_FEE_MSAT``. ``max_total_msat``: the most the client spends in all
+    (prices plus fees); None means no total limit.
+    """
+
+    max_price_msat: int
+    max_fee_msat: int | None = None
+    max_total_msat: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_price_msat", "max_fee_msat", "max_total_msat"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name} must be a non-negative number of millisatoshis")
+
+    def fee_limit(self, price_msat: int) -> int:
+        """The routing fee cap for a payment of ``price_msat``."""
+        if self.max_fee_msat is not None:
+            return self.max_fee_msat
+        return max(DEFAULT_MIN_FEE_MSAT, price_msat // 100)
+
+    def check(self, offer: Offer, committed_msat: int) -> int:
+        """The fee cap to pay ``offer`` with, or BudgetExceeded.
+
+        ``committed_msat``: spent so far plus the worst case of payments still running.
+        """
+        price = offer.amount_msat
+        if price > self.max_price_msat:
+            raise BudgetExceeded(
+                f"price {_sat(price)} is over the limit of {_sat(self.max_price_msat)} "
+                "per request; nothing was paid",
+                offer,
+                "max_price",
+            )
+        fee = self.fee_limit(price)
+        if self.max_total_msat is not None and committed_msat + price + fee > self.max_total_msat:
+            left = max(0, self.max_total_msat - committed_msat)
+            raise BudgetExceeded(
+                f"price {_sat(price)} plus up to {_sat(fee)} routing fee is over what is left "
+                f"of the total budget ({_sat(left)} of {_sat(self.max_total_msat)}); "
+                "nothing was paid",
+                offer,
+                "max_total",
+            )
+        return fee

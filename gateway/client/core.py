@@ -1,0 +1,360 @@
+"""The paying client, free of any HTTP library: :class:`L402Client` and :class:`Exchange`.
+
+An HTTP integration drives one :class:`Exchange` per request::
+
+    exchange = client.exchange(url, method)
+    authorization = exchange.authorization        # a cached token, or None
+    while True:
+        send the request (with ``Authorization: <authorization>`` when not None)
+        retry = await exchange.step(status, www_authenticate_values, read_body)
+        if retry is None:
+            return the response
+        authorization = retry.authorization       # None: send without Authorization
+
+``step`` records what the server said about a token it was sent, and on a 402 with an L402
+challenge pays or reuses a token that appeared meanwhile. One exchange pays at most once,
+consults the cache after a 402 at most twice and retries without a token (after a 401 for a
+cached one) at most once, so it ends after at most five requests; when it gives up, the
+caller gets the last response (e.g. a 402 for a freshly paid token) as it came.
+
+Paying (:meth:`L402Client.authorize`), under a lock per origin so that concurrent requests in
+one process never pay twice for the same scope:
+
+1. resolve the pending payments of the origin (a crash may have left some): each is looked up
+   at the payer; SUCCEEDED becomes a token (and a spending log entry, ``recovered``), FAILED
+   or unknown is dropped, IN_FLIGHT in this URL's scope is waited for (``in_flight_wait``
+   seconds, then ``PaymentInFlight``: nothing is paid);
+2. a cached token for the URL now (from step 1 or a concurrent request) is used unpaid;
+3. the offer is read and checked (:func:`~gateway.client.offer.read_offer`), the budget
+   checked, ``confirm`` asked; any "no" raises before a payment starts;
+4. a pending entry is written durably, the payer pays with the budget's fee cap, the token
+   replaces the pending entry in one write, and the spending log gets an entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+
+from gateway.client.budget import Budget
+from gateway.client.cache import (
+    CachedToken,
+    PendingPayment,
+    TokenCache,
+    new_token,
+    scope_of,
+    split_url,
+)
+from gateway.client.offer import Offer, has_l402_challenge, normalize_network, read_offer
+from gateway.errors import PaymentDeclined, PaymentFailed, PaymentInFlight, PaymentUnverified
+from gateway.ports import Clock, Msat, Payer, Payment, PaymentHash, PaymentStatus
+
+__all__ = ["Confirm", "Exchange", "L402Client", "Retry", "SpendEntry", "SystemClock"]
+
+log = logging.getLogger(__name__)
+
+Confirm = Callable[[Offer], Awaitable[bool]]
+_POLL_START = 0.2
+_POLL_MAX = 2.0
+
+
+class SystemClock:
+    """Wall-clock time."""
+
+    def now(self) -> float:
+        return time.time()
+
+
+@dataclass(frozen=True, slots=True)
+class SpendEntry:
+    """One payment the client made: what, to whom, for which URL, at what fee."""
+
+    time: float
+    url: str
+    method: str
+    payment_hash: str
+    amount_msat: int
+    fee_msat: int
+    destination: str
+    description: str
+    # True when the payment was found by crash recovery rather than made in this run.
+    recovered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Send the request again, with this ``Authorization`` value (None: without one)."""
+
+    authorization: str | None
+
+
+class _InFlight:
+    """Marker: the payer still reports the payment as in flight."""
+
+
+_IN_FLIGHT = _InFlight()
+
+
+class L402Client:
+    """Pays L402 challenges with ``payer`` within ``budget`` and keeps the tokens in ``cache``.
+
+    ``network``: the network the payer is on (``regtest``, ``mainnet``...); an invoice for
+    another one is refused. None skips that check (only sensible when nothing is paid).
+    ``payment_timeout``: seconds the payer may try. ``confirm``: asked with the checked offer
+    right before paying; False raises ``PaymentDeclined``.
+    """
+
+    def __init__(
+        self,
+        payer: Payer,
+        *,
+        network: str | None,
+        budget: Budget,
+        cache: TokenCache | None = None,
+        clock: Clock | None = None,
+        payment_timeout: float = 60.0,
+        in_flight_wait: float = 30.0,
+        confirm: Confirm | None = None,
+    ) -> None:
+        self.payer = payer
+        self.network = normalize_network(network) if network is not None else None
+        self.budget = budget
+        self.cache = cache if cache is not None else TokenCache()
+        self.clock: Clock = clock or SystemClock()
+        self.payment_timeout = payment_timeout
+        self.in_flight_wait = in_flight_wait
+        self.confirm = confirm
+        self._log: list[SpendEntry] = []
+        self._spent = 0
+        self._reserved = 0
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def spending_log(self) -> tuple[SpendEntry, ...]:
+        """Every payment of this client, oldest first (recovered ones included)."""
+        return tuple(self._log)
+
+    @property
+    def spent_msat(self) -> int:
+        """Prices plus fees of :attr:`spending_log`: what counts against the total budget."""
+        return self._spent
+
+    def exchange(self, url: str, method: str) -> Exchange:
+        return Exchange(self, url, method)
+
+    async def recover(self) -> list[SpendEntry]:
+        """Resolve every pending payment now; the spending log entries of those that succeeded.
+
+        Payments still in flight stay pending. Call it at start-up to finish what a crash
+        interrupted; :meth:`authorize` does it anyway for the origin it pays.
+        """
+        before = len(self._log)
+        for entry in self.cache.pending():
+            await self._resolve(entry)
+        return self._log[before:]
+
+    async def authorize(
+        self,
+        url: str,
+        method: str,
+        www_authenticate: Sequence[str],
+        body: bytes | None,
+        *,
+        exclude: Collection[bytes] = (),
+    ) -> tuple[CachedToken, SpendEntry | None]:
+        """A token for a request that got a 402, and the payment if it was paid just now.
+
+        ``exclude``: payment hashes of tokens already refused for this request.
+        """
+        origin, _ = split_url(url)
+        lock = self._locks.setdefault(origin, asyncio.Lock())
+        async with lock:
+            await self._resolve_origin(origin, url)
+            token = self.cache.find(url, method, self.clock.now())
+            if token is not None and token.payment_hash not in exclude:
+                return token, None
+            offer = read_offer(www_authenticate, body, network=self.network, now=self.clock.now())
+            return await self._pay(url, method, offer)
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _resolve_origin(self, origin: str, url: str) -> None:
+        deadline = time.monotonic() + self.in_flight_wait
+        delay = _POLL_START
+        while True:
+            waiting = [
+                entry
+                for entry in self.cache.pending(origin)
+                if await self._resolve(entry) is _IN_FLIGHT and entry.covers(url)
+            ]
+            if not waiting:
+                return
+            if time.monotonic() >= deadline:
+                raise PaymentInFlight(
+                    f"payment {waiting[0].payment_hash.hex()} for {waiting[0].url} is still in "
+                    "flight; not paying again until it ends"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX)
+
+    async def _resolve(
+        self, entry: PendingPayment
+    ) -> tuple[CachedToken, SpendEntry] | _InFlight | None:
+        payment = await self.payer.lookup_payment(PaymentHash(entry.payment_hash))
+        if payment is None or payment.status is PaymentStatus.FAILED:
+            log.info(
+                "pending payment %s did not go through; dropped", entry.payment_hash.hex()[:16]
+            )
+            self.cache.drop_pending(entry.payment_hash)
+            return None
+        if payment.status is PaymentStatus.SUCCEEDED:
+            log.info("pending payment %s had succeeded; token kept", entry.payment_hash.hex()[:16])
+            return self._finish(entry, payment, recovered=True)
+        return _IN_FLIGHT
+
+    async def _pay(self, url: str, method: str, offer: Offer) -> tuple[CachedToken, SpendEntry]:
+        fee_limit = self.budget.check(offer, self._spent + self._reserved)
+        worst_case = offer.amount_msat + fee_limit
+        self._reserved += worst_case  # held from the check on, so no other payment overtakes it
+        try:
+            if self.confirm is not None and not await self.confirm(offer):
+                raise PaymentDeclined("payment declined; nothing was paid", offer)
+            return await self._send(url, method, offer, fee_limit)
+        finally:
+            self._reserved -= worst_case
+
+    async def _send(
+        self, url: str, method: str, offer: Offer, fee_limit: int
+    ) -> tuple[CachedToken, SpendEntry]:
+        origin, path = split_url(url)
+        entry = PendingPayment(
+            origin=origin,
+            scope=scope_of(path),
+            url=url,
+            method=method.upper(),
+            scheme=offer.scheme,
+            macaroon_b64=offer.macaroon_b64,
+            invoice=offer.invoice,
+            payment_hash=offer.payment_hash,
+            amount_msat=offer.amount_msat,
+            destination=offer.destination,
+            description=offer.description,
+            created_at=self.clock.now(),
+        )
+        self.cache.add_pending(entry)  # durable before a single msat moves
+        log.info(
+            "paying %d msat (fee up to %d) to %s for %s%s",
+            offer.amount_msat,
+            fee_limit,
+            offer.destination[:16],
+            origin,
+            path,
+        )
+        try:
+            payment = await self.payer.send_payment(
+                offer.invoice, max_fee_msat=Msat(fee_limit), payment_timeout=self.payment_timeout
+            )
+        except PaymentFailed:
+            self.cache.drop_pending(offer.payment_hash)  # final: nothing was paid
+            raise
+        # Any other error leaves the outcome unknown: the entry stays for _resolve.
+        return self._finish(entry, payment, recovered=False)
+
+    def _finish(
+        self, entry: PendingPayment, payment: Payment, *, recovered: bool
+    ) -> tuple[CachedToken, SpendEntry]:
+        preimage = payment.preimage
+        if (
+            payment.status is not PaymentStatus.SUCCEEDED
+            or preimage is None
+            or hashlib.sha256(preimage).digest() != entry.payment_hash
+        ):
+            self.cache.drop_pending(entry.payment_hash)
+            raise PaymentUnverified(
+                f"payer reported payment {entry.payment_hash.hex()} as {payment.status.value} "
+                "without the matching preimage"
+            )
+        now = self.clock.now()
+        token = new_token(
+            entry.url, entry.scheme, entry.macaroon_b64, preimage, entry.amount_msat, now
+        )
+        self.cache.store(token, now)
+        amount = payment.amount_msat or entry.amount_msat
+        spend = SpendEntry(
+            time=now,
+            url=entry.url,
+            method=entry.method,
+            payment_hash=entry.payment_hash.hex(),
+            amount_msat=amount,
+            fee_msat=payment.fee_msat,
+            destination=entry.destination,
+            description=entry.description,
+            recovered=recovered,
+        )
+        self._log.append(spend)
+        self._spent += amount + payment.fee_msat
+        return token, spend
+
+
+class Exchange:
+    """The L402 side of one HTTP request (see the module docstring for the loop)."""
+
+    def __init__(self, client: L402Client, url: str, method: str) -> None:
+        self._client = client
+        self._url = url
+        self._method = method.upper()
+        self._sent = client.cache.find(url, self._method, client.clock.now())
+        self._tried: set[bytes] = set()
+        self._paid = False
+        self._authorizations = 0
+        self._bare_retry = False
+        # The token sent with the latest request, if any, and the payment made, if any.
+        self.token: CachedToken | None = self._sent
+        self.paid: SpendEntry | None = None
+
+    @property
+    def authorization(self) -> str | None:
+        """The ``Authorization`` value for the first request (a cached token), or None."""
+        return self._sent.authorization if self._sent else None
+
+    async def step(
+        self,
+        status: int,
+        www_authenticate: Sequence[str],
+        read_body: Callable[[], Awaitable[bytes]],
+    ) -> Retry | None:
+        """Digest a response: None to hand it to the caller, else how to send the request again.
+
+        ``read_body`` is only awaited for a 402 carrying an L402 challenge.
+        """
+        client = self._client
+        sent, self._sent = self._sent, None
+        if status not in (401, 402):
+            if sent is not None and status < 400:
+                client.cache.worked(sent.payment_hash, self._url)
+            return None
+        if sent is not None:
+            self._tried.add(sent.payment_hash)
+            client.cache.refused(sent.payment_hash, self._url, status)
+        if status == 402 and has_l402_challenge(www_authenticate):
+            if self._paid or self._authorizations >= 2:
+                return None
+            self._authorizations += 1
+            body = await read_body()
+            token, payment = await client.authorize(
+                self._url, self._method, www_authenticate, body, exclude=self._tried
+            )
+            if payment is not None:
+                self._paid = True
+                self.paid = payment
+            self._sent = self.token = token
+            return Retry(token.authorization)
+        if status == 401 and sent is not None and not self._bare_retry:
+            self._bare_retry = True
+            self.token = None
+            return Retry(None)
+        return None

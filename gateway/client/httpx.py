@@ -1,0 +1,63 @@
+"""The paying client as an ``httpx.Auth`` (needs the ``httpx`` extra)::
+
+    from gateway.client import Budget, L402Client
+    from gateway.client.httpx import L402Auth
+
+    client = L402Client(lnd, network="regtest", budget=Budget(max_price_msat=50_000))
+    async with httpx.AsyncClient(auth=L402Auth(client)) as http:
+        response = await http.get("https://api.example/premium/fortune")
+
+Only ``httpx.AsyncClient``: payers are asynchronous, so the synchronous flow raises
+``TypeError``. A request that already carries an ``Authorization`` header is sent untouched.
+The request body is read into memory first (``requires_request_body``) so a retry can resend
+it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Generator
+
+import httpx
+
+from gateway.client.core import L402Client
+
+__all__ = ["L402Auth"]
+
+
+class L402Auth(httpx.Auth):
+    """Pays L402 challenges through ``client`` and retries once with the token."""
+
+    requires_request_body = True
+
+    def __init__(self, client: L402Client) -> None:
+        self.client = client
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        raise TypeError(
+            "L402Auth pays through an asynchronous payer: use it with httpx.AsyncClient"
+        )
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        if "Authorization" in request.headers:
+            yield request
+            return
+        exchange = self.client.exchange(str(request.url), request.method)
+        authorization = exchange.authorization
+        while True:
+            if authorization is None:
+                request.headers.pop("Authorization", None)
+            else:
+                request.headers["Authorization"] = authorization
+            response = yield request
+            retry = await exchange.step(
+                response.status_code,
+                response.headers.get_list("WWW-Authenticate"),
+                response.aread,
+            )
+            if retry is None:
+                return
+            authorization = retry.authorization

@@ -1,0 +1,292 @@
+"""The browser paywall: a 402 that a person can pay, and the endpoint that unlocks it.
+
+**Who gets it.** A ``GET`` or ``HEAD`` whose ``Accept`` header prefers ``text/html`` (or
+``application/xhtml+xml``) over JSON, as a browser navigation does, gets the challenge as an
+HTML page instead of problem+json: still status 402 with both ``WWW-Authenticate`` headers,
+``Cache-Control: no-store`` and a strict Content-Security-Policy (nothing but the page's own
+nonce'd inline style and script, and ``fetch`` to its own origin). Everyone else (``*/*``,
+JSON, no ``Accept``) keeps getting problem+json.
+
+**The page** shows the price, what it buys (service, method and path, token lifetime), the
+invoice as a QR code of ``LIGHTNING:<BOLT11>`` (all upper case, so the QR code uses the
+compact alphanumeric mode; URI schemes are case-insensitive), the invoice text with a copy
+button, an "Open in wallet" ``lightning:`` link, a "Pay with WebLN" button when
+``window.webln`` exists, and a live status line. Everything is inline (QR code as SVG from
+segno): no external request, no CDN.
+
+**Unlocking** (``REDEEM_PATH``, answered by the middleware itself, never priced)::
+
+    POST /.well-known/l402/redeem
+    Content-Type: application/json
+
+    {"macaroon": "<the challenge's macaroon, base64>"}
+
+    200 {"state": "pending" | "expired" | "canceled", "expires_at": <unix>, "expires_in": <s>}
+    200 {"state": "settled", ...}
+        Set-Cookie: L402=<macaroon>:<hex preimage>; Path=<priced path>; Max-Age=<token
+                    lifetime left>; Secure; HttpOnly; SameSite=Strict
+    400 not a macaroon / not JSON     401 not one of our macaroons (forged, unknown, revoked)
+    403 cross-site request            405 not POST    413 body too large    415 not JSON
+    503 store or node unavailable (Retry-After)
+
+The page polls it about once a second. Once the invoice is settled the middleware accepts
+the cookie as the credential (an ``Authorization`` credential wins over it) and the page
+navigates once, with ``location.replace``, to its own URL, which now shows the resource. A
+page whose invoice expired offers a fresh one (a plain reload gets a new challenge).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+import secrets
+import time
+from functools import cache
+from importlib import resources
+
+import segno
+
+from gateway.service import Challenge, Deny, L402Service, RedeemResult, RedeemState
+from gateway.web.responses import HttpResponse, render
+
+__all__ = [
+    "MAX_REDEEM_BODY",
+    "REDEEM_PATH",
+    "content_security_policy",
+    "handle_redeem",
+    "prefers_html",
+    "redeem_cookie",
+    "render_challenge",
+    "render_paywall",
+]
+
+REDEEM_PATH = "/.well-known/l402/redeem"
+MAX_REDEEM_BODY = 8 * 1024
+_HTML_TYPES = ("text/html", "application/xhtml+xml")
+_JSON_TYPES = ("application/json", "application/problem+json")
+_PAGE_METHODS = frozenset({"GET", "HEAD"})
+_JSON_HEADERS = (("Content-Type", "application/json"), ("Cache-Control", "no-store"))
+_REDEEM_SHAPE = 'body must be {"macaroon": "<base64>"}'
+_PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
+
+
+def prefers_html(method: str, accept: str | None) -> bool:
+    """True for a GET/HEAD whose ``Accept`` ranks HTML strictly above JSON (a browser)."""
+    if method.upper() not in _PAGE_METHODS or not accept:
+        return False
+    html_q = max(_quality(accept, media) for media in _HTML_TYPES)
+    json_q = max(_quality(accept, media) for media in _JSON_TYPES)
+    return html_q > json_q
+
+
+def _quality(accept: str, media: str) -> float:
+    """The q value ``accept`` gives ``media``: the most specific matching range decides."""
+    kind = media.split("/", 1)[0]
+    specificity, quality = -1, 0.0
+    for item in accept.split(",")[:64]:
+        media_range, *params = item.split(";")
+        media_range = media_range.strip().lower()
+        if media_range == media:
+            rank = 2
+        elif media_range == f"{kind}/*":
+            rank = 1
+        elif media_range == "*/*":
+            rank = 0
+        else:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+                if not (math.isfinite(q) and 0.0 <= q <= 1.0):
+                    q = 0.0
+        if rank > specificity:
+            specificity, quality = rank, q
+    return quality
+
+
+def render_challenge(
+    decision: Challenge | Deny, *, method: str, accept: str | None, redeem_url: str = REDEEM_PATH
+) -> HttpResponse:
+    """The paywall page for a browser's challenge, problem+json for anything else."""
+    if isinstance(decision, Challenge) and prefers_html(method, accept):
+        return render_paywall(decision, redeem_url=redeem_url)
+    return render(decision)
+
+
+def content_security_policy(nonce: str) -> str:
+    """Nothing from anywhere but the page's own inline style and script; fetch to itself."""
+    return (
+        "default-src 'none'; "
+        f"style-src 'nonce-{nonce}'; "
+        f"script-src 'nonce-{nonce}'; "
+        "connect-src 'self'; "
+        "base-uri 'none'; "
+        "form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+
+
+def render_paywall(
+    challenge: Challenge,
+    *,
+    redeem_url: str = REDEEM_PATH,
+    nonce: str | None = None,
+    now: float | None = None,
+) -> HttpResponse:
+    """The 402 as an HTML page (see the module docstring)."""
+    nonce = nonce or secrets.token_urlsafe(18)
+    if now is None:
+        now = challenge.issued_at if challenge.issued_at is not None else time.time()
+    expires_in = max(0, int(challenge.expires_at - now))
+    sats, msat_line = _price(challenge.amount_msat)
+    invoice = challenge.invoice
+    what = f"{challenge.method} {challenge.path}".strip() or "this resource"
+    values = {
+        "nonce": nonce,
+        "css": _asset("page.css"),
+        "js": _asset("page.js"),
+        "price": _e(sats),
+        "msat_line": (f'<p class="msat">{_e(msat_line)}</p>' if msat_line else ""),
+        "what": _e(what),
+        "lifetime": _e(_duration(challenge.lifetime)) if challenge.lifetime > 0 else "",
+        "service": _e(challenge.service),
+        "reason_line": _reason_line(challenge.reason),
+        "invoice": _e(invoice),
+        "uri": _e(f"lightning:{invoice}"),
+        "qr_svg": _qr_svg(invoice),
+        "macaroon": _e(challenge.macaroon),
+        "redeem_url": _e(redeem_url),
+        "expires_in": str(expires_in),
+    }
+    page = _fill(_asset("page.html"), values)
+    headers = (
+        ("Content-Type", "text/html; charset=utf-8"),
+        ("Cache-Control", "no-store"),
+        ("Content-Security-Policy", content_security_policy(nonce)),
+        ("X-Content-Type-Options", "nosniff"),
+        ("X-Frame-Options", "DENY"),
+        ("Referrer-Policy", "no-referrer"),
+        *(("WWW-Authenticate", value) for value in challenge.www_authenticate()),
+    )
+    return HttpResponse(402, headers, page.encode("utf-8"))
+
+
+async def handle_redeem(
+    service: L402Service | None,
+    *,
+    method: str,
+    content_type: str | None,
+    fetch_site: str | None,
+    body: bytes,
+) -> HttpResponse:
+    """Answer ``POST REDEEM_PATH`` (framework-neutral; the caller reads at most
+    ``MAX_REDEEM_BODY + 1`` bytes of the body). Never raises on client input."""
+    if method.upper() != "POST":
+        response = render(Deny(405, "use POST"))
+        return HttpResponse(405, (*response.headers, ("Allow", "POST")), response.body)
+    # Browsers say where a request comes from; only the page itself may redeem.
+    if fetch_site is not None and fetch_site.strip().lower() not in ("same-origin", "none"):
+        return render(Deny(403, "cross-site redeem refused"))
+    if (content_type or "").split(";", 1)[0].strip().lower() != "application/json":
+        return render(Deny(415, "Content-Type must be application/json"))
+    if len(body) > MAX_REDEEM_BODY:
+        return render(Deny(413, f"body over {MAX_REDEEM_BODY} bytes"))
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return render(Deny(400, "body must be JSON"))
+    macaroon = payload.get("macaroon") if isinstance(payload, dict) else None
+    if not isinstance(macaroon, str):
+        return render(Deny(400, _REDEEM_SHAPE))
+    if service is None:
+        return render(Deny(503, "gateway is not started", retry_after=1))
+    result = await service.redeem(macaroon)
+    if isinstance(result, Deny):
+        return render(result)
+    headers = list(_JSON_HEADERS)
+    if result.state is RedeemState.SETTLED:
+        headers.append(("Set-Cookie", redeem_cookie(result)))
+    now = time.time()
+    document = {
+        "state": result.state.value,
+        "expires_at": int(result.expires_at),
+        "expires_in": max(0, int(result.expires_at - now)),
+    }
+    return HttpResponse(200, tuple(headers), json.dumps(document).encode())
+
+
+def redeem_cookie(result: RedeemResult) -> str:
+    """The ``Set-Cookie`` value carrying a settled challenge's credential."""
+    if result.credential is None:
+        raise ValueError("only a settled result carries a credential")
+    parts = [f"L402={result.credential}", f"Path={result.cookie_path}"]
+    if result.max_age is not None:
+        parts.append(f"Max-Age={result.max_age}")
+    parts += ["Secure", "HttpOnly", "SameSite=Strict"]
+    return "; ".join(parts)
+
+
+@cache
+def _asset(name: str) -> str:
+    return resources.files(__name__).joinpath(name).read_text(encoding="utf-8")
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    """One pass over ``{{name}}`` placeholders: inserted text is never rescanned."""
+    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _qr_svg(invoice: str) -> str:
+    """The ``LIGHTNING:`` URI as an inline SVG QR code (upper case: alphanumeric mode; error
+    correction L, raised by segno when that costs no extra size: a screen is not torn)."""
+    qr = segno.make(f"LIGHTNING:{invoice.upper()}", error="l", micro=False)
+    return str(
+        qr.svg_inline(
+            scale=1,
+            border=3,
+            omitsize=True,
+            dark="#000",
+            light="#fff",
+            title="Lightning invoice QR code",
+        )
+    )
+
+
+def _price(amount_msat: int) -> tuple[str, str | None]:
+    """``("21", None)`` for 21000 msat; ``("0.5", "500 msat")`` for 500 msat."""
+    sats, rest = divmod(amount_msat, 1000)
+    if rest == 0:
+        return f"{sats:,}", None
+    return f"{sats:,}.{rest:03d}".rstrip("0"), f"{amount_msat:,} msat"
+
+
+def _duration(seconds: int) -> str:
+    parts = []
+    for size, name in ((86400, "day"), (3600, "hour"), (60, "minute"), (1, "second")):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count} {name}{'' if count == 1 else 's'}")
+    return " ".join(parts[:2])
+
+
+_REASONS = {
+    "token expired": "Your access has expired. Pay again to continue.",
+}
+
+
+def _reason_line(reason: str) -> str:
+    if reason == "payment required":
+        return ""
+    text = _REASONS.get(reason, f"Your access does not cover this page ({reason}).")
+    return f'<p class="reason">{_e(text)}</p>'

@@ -1,0 +1,108 @@
+"""The httpx.Auth integration against the real gateway middleware on a loopback server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestServer
+
+from gateway.client import Budget, BudgetExceeded, L402Client, TokenCache
+from gateway.client.httpx import L402Auth
+from gateway.examples import demo_api
+from gateway.ports import InvoiceState, Msat, PaymentHash
+from gateway.pricing import Rule
+from gateway.web.aiohttp import setup_l402
+from tests.unit.client.client_helpers import BoltGateway, FakePayer
+
+RULES = (
+    Rule("/health"),
+    Rule("/api/premium/*", price_msat=Msat(10_000), service="premium"),
+    Rule("/api/echo", price_msat=Msat(5_000), service="echo"),
+)
+
+
+@dataclass
+class Setup:
+    url: str
+    gateway: BoltGateway
+    payer: FakePayer
+
+    def client(self, budget: Budget | None = None) -> L402Client:
+        return L402Client(
+            self.payer,
+            network="regtest",
+            budget=budget or Budget(max_price_msat=50_000),
+            cache=TokenCache(),
+            clock=self.gateway.clock,
+        )
+
+
+@pytest_asyncio.fixture
+async def setup() -> AsyncIterator[Setup]:
+    gateway = BoltGateway(RULES)
+    app = demo_api()
+    setup_l402(app, gateway)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        yield Setup(str(server.make_url("")).rstrip("/"), gateway, gateway.payer())
+    finally:
+        await server.close()
+
+
+async def test_pays_once_then_reuses_the_token(setup: Setup) -> None:
+    client = setup.client()
+    async with httpx.AsyncClient(auth=L402Auth(client)) as http:
+        response = await http.get(setup.url + "/api/premium/fortune")
+        assert response.status_code == 200
+        assert response.json()["paid"]["service"] == "premium"
+        assert [r.status_code for r in response.history] == [402]
+        again = await http.get(setup.url + "/api/premium/fortune")
+        assert again.status_code == 200
+        assert again.history == []
+    assert len(setup.payer.calls) == 1
+    assert len(client.spending_log) == 1
+
+
+async def test_post_body_is_sent_again_after_paying(setup: Setup) -> None:
+    client = setup.client()
+    async with httpx.AsyncClient(auth=L402Auth(client)) as http:
+        response = await http.post(setup.url + "/api/echo", content=b"z" * 321)
+        assert response.status_code == 200
+        assert response.json()["bytes"] == 321
+
+
+async def test_over_budget_raises_and_leaves_the_invoice_open(setup: Setup) -> None:
+    client = setup.client(Budget(max_price_msat=1_000))
+    async with httpx.AsyncClient(auth=L402Auth(client)) as http:
+        with pytest.raises(BudgetExceeded) as caught:
+            await http.get(setup.url + "/api/premium/fortune")
+    assert setup.payer.calls == []
+    offer = caught.value.offer
+    assert offer is not None
+    record = await setup.gateway.store.get_invoice(PaymentHash(offer.payment_hash))
+    assert record is not None
+    assert record.state is InvoiceState.OPEN
+
+
+async def test_a_callers_own_authorization_is_left_alone(setup: Setup) -> None:
+    async with httpx.AsyncClient(auth=L402Auth(setup.client())) as http:
+        response = await http.get(
+            setup.url + "/api/premium/fortune", headers={"Authorization": "Bearer mine"}
+        )
+    assert response.status_code == 402
+    assert setup.payer.calls == []
+
+
+def test_the_sync_client_is_refused_clearly() -> None:
+    auth = L402Auth(L402Client(FakePayer(), network="regtest", budget=Budget(max_price_msat=1)))
+    transport = httpx.MockTransport(lambda request: httpx.Response(200))
+    with (
+        httpx.Client(auth=auth, transport=transport) as http,
+        pytest.raises(TypeError, match=r"use it with httpx\.AsyncClient"),
+    ):
+        http.get("http://api.test/")

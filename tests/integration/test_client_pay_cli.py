@@ -1,0 +1,214 @@
+"""``l402-gateway pay`` as a subprocess against an in-process gateway, without any LND node
+(``--no-pay``, free routes, usage errors); paying is covered by tests/regtest/test_pay_command.py.
+Also the progress reporter, with a fake terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestServer
+
+from gateway.cli import ProgressPayer, _sat_to_msat
+from gateway.examples import demo_api
+from gateway.ports import Msat, PaymentHash
+from gateway.pricing import Rule
+from gateway.web.aiohttp import setup_l402
+from tests.unit.client.client_helpers import BoltGateway, FakePayer, make_challenge
+
+REPO = Path(__file__).resolve().parents[2]
+RULES = (Rule("/health"), Rule("/api/premium/*", price_msat=Msat(21_000), service="premium"))
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: bytes
+    stderr: str
+
+
+@dataclass
+class Server:
+    url: str
+    tmp: Path
+
+    async def pay(self, *args: str, stdin: bytes | None = None) -> Result:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env["XDG_CACHE_HOME"] = str(self.tmp / "cache")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "pay",
+            *args,
+            cwd=REPO,
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(process.communicate(stdin), 60)
+        assert process.returncode is not None
+        return Result(process.returncode, stdout, stderr.decode())
+
+
+@pytest_asyncio.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    gateway = BoltGateway(RULES)
+    app = demo_api()
+    setup_l402(app, gateway)
+    test_server = TestServer(app)
+    await test_server.start_server()
+    try:
+        yield Server(str(test_server.make_url("")).rstrip("/"), tmp_path)
+    finally:
+        await test_server.close()
+
+
+async def test_free_route_prints_the_body(server: Server) -> None:
+    result = await server.pay("--no-pay", server.url + "/health")
+    assert (result.code, json.loads(result.stdout)) == (0, {"status": "ok"}), result.stderr
+
+
+async def test_no_pay_prints_the_price_and_exits_6(server: Server) -> None:
+    result = await server.pay("--no-pay", "--max-cost", "20", server.url + "/api/premium/fortune")
+    assert result.code == 6, result.stderr
+    text = result.stdout.decode()
+    assert "payment required: 21 sat (21000 msat)" in text
+    assert "for:      premium: GET /api/premium/fortune" in text
+    assert "network:  regtest" in text
+    assert "invoice:  lnbcrt210n1" in text
+    assert "(over --max-cost 20 sat)" in text
+    assert not (server.tmp / "cache" / "l402-gateway" / "tokens.json").exists()
+
+    as_json = await server.pay("--no-pay", "--json", server.url + "/api/premium/fortune")
+    assert as_json.code == 6
+    summary = json.loads(as_json.stdout)
+    assert summary["status"] == 402
+    assert summary["paid"] is False
+    assert summary["offer"]["amount_msat"] == 21_000
+    assert summary["offer"]["over_max_cost"] is False
+    assert summary["offer"]["services"] == ["premium"]
+
+
+async def test_invoice_for_another_network_exits_5(server: Server) -> None:
+    result = await server.pay(
+        "--no-pay", "--network", "mainnet", server.url + "/api/premium/fortune"
+    )
+    assert result.code == 5
+    assert "invoice is for regtest" in result.stderr
+    assert "nothing was paid" in result.stderr
+
+
+async def test_http_errors_and_output_file(server: Server) -> None:
+    missing = await server.pay("--no-pay", server.url + "/nothing")
+    assert missing.code == 1
+    assert "HTTP 404" in missing.stderr
+    out = server.tmp / "body.json"
+    result = await server.pay("-o", str(out), "--no-pay", server.url + "/health")
+    assert (result.code, result.stdout) == (0, b"")
+    assert json.loads(out.read_text()) == {"status": "ok"}
+    summary = await server.pay("--json", "--no-pay", server.url + "/health")
+    assert json.loads(json.loads(summary.stdout)["body"]) == {"status": "ok"}
+
+
+async def test_method_headers_and_data(server: Server) -> None:
+    (server.tmp / "body.bin").write_bytes(b"12345")
+    # /api/echo is free in these rules: the request goes through as given.
+    for data, size in (("abc", 3), (f"@{server.tmp / 'body.bin'}", 5)):
+        result = await server.pay(
+            "--no-pay", "-H", "X-Test: yes", "-d", data, server.url + "/api/echo"
+        )
+        assert result.code == 0, result.stderr
+        echoed = json.loads(result.stdout)
+        assert (echoed["method"], echoed["bytes"], echoed["headers"]["X-Test"]) == (
+            "POST",
+            size,
+            "yes",
+        )
+    stdin = await server.pay(
+        "--no-pay", "-X", "put", "-d", "@-", server.url + "/api/echo", stdin=b"xy"
+    )
+    assert json.loads(stdin.stdout)["method"] == "PUT"
+    assert json.loads(stdin.stdout)["bytes"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-H", "no colon"], "-H wants 'Name: value'"),
+        (["-d", "@/nonexistent/file"], "-d: cannot read"),
+        (["-X", "GE T"], "not an HTTP method"),
+        (["--lnd-tls-cert", "/nonexistent/tls.cert", "--lnd-macaroon", "/x"], "cannot read"),
+        ([], "pay needs the paying LND node"),
+    ],
+)
+async def test_usage_errors_exit_2(server: Server, args: list[str], message: str) -> None:
+    result = await server.pay(*args, server.url + "/api/premium/fortune")
+    assert result.code == 2
+    assert message in result.stderr
+
+
+async def test_bad_url_and_amounts(server: Server) -> None:
+    assert (await server.pay("--no-pay", "ftp://x/")).code == 2
+    bad_amount = await server.pay("--max-cost", "0.0001", server.url)
+    assert bad_amount.code == 2
+    assert "msat precision" in bad_amount.stderr
+    assert _sat_to_msat("21") == 21_000
+    assert _sat_to_msat("0.5") == 500
+    unreachable = await server.pay("--no-pay", "--timeout", "2", "http://127.0.0.1:9/")
+    assert unreachable.code == 3
+    assert "request failed" in unreachable.stderr
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_progress_ticks_on_a_terminal() -> None:
+    payer = FakePayer(fee_msat=1_000)
+    challenge = payer.learn(make_challenge(21_000))
+
+    async def slow() -> None:
+        await asyncio.sleep(0.35)
+
+    payer.before_send = slow
+    terminal = FakeTerminal()
+    progress = ProgressPayer(payer, terminal, tick=0.05)
+    await progress.send_payment(challenge.invoice, max_fee_msat=Msat(5_000), payment_timeout=9)
+    output = terminal.getvalue()
+    ticks = output.count("\rpaying 21 sat (routing fee up to 5 sat)... ")
+    assert ticks >= 3
+    assert "0.3s" in output
+    assert re.search(r"\rpaid 21 sat \+ 1 sat fee in \d\.\d\ds\x1b\[K\n$", output)
+    assert await progress.lookup_payment(PaymentHash(challenge.payment_hash)) is not None
+
+
+async def test_progress_without_a_terminal_is_two_lines() -> None:
+    payer = FakePayer(fee_msat=0)
+    challenge = payer.learn(make_challenge(1_000))
+    stream = io.StringIO()
+    await ProgressPayer(payer, stream).send_payment(
+        challenge.invoice, max_fee_msat=Msat(5_000), payment_timeout=9
+    )
+    first, second, end = stream.getvalue().split("\n")
+    assert first == "paying 1 sat (routing fee up to 5 sat)..."
+    assert second.startswith("paid 1 sat + 0 sat fee in ")
+    assert end == ""
+    payer.fail = True
+    failing = payer.learn(make_challenge(1_000))
+    with pytest.raises(Exception, match="NO_ROUTE"):
+        await ProgressPayer(payer, stream).send_payment(
+            failing.invoice, max_fee_msat=Msat(5_000), payment_timeout=9
+        )
+    assert "payment failed after" in stream.getvalue()

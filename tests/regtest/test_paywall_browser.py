@@ -1,0 +1,358 @@
+"""The browser paywall in a real headless Chromium (Debian's, driven by Playwright) against a
+gateway on the regtest network: the page is paid by bob's node and unlocks by itself.
+
+Screenshots of the locked and the unlocked page (390x844, a phone) go to ``test-artifacts/``
+at the repository root. Without ``/usr/bin/chromium`` (``make browser`` installs it) the tests
+skip, and fail in CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from playwright.async_api import (
+    BrowserContext,
+    ConsoleMessage,
+    Page,
+    Request,
+    Response,
+    ViewportSize,
+    async_playwright,
+)
+
+from gateway.cli import running_gateway
+from gateway.config import Config
+from gateway.examples import demo_api
+from gateway.lnd.client import LndClient
+from gateway.ports import Msat
+from gateway.web.aiohttp import TOKEN, setup_l402
+from gateway.web.paywall import REDEEM_PATH
+from gateway.web.proxy import build_proxy
+from regtest.network import Network
+from regtest.processes import free_ports
+from tests.regtest.gateway_helpers import (
+    MAX_FEE,
+    PREMIUM_PRICE,
+    REPO,
+    OffsetClock,
+    gateway_config,
+    wait_for_invoice,
+)
+
+pytestmark = pytest.mark.regtest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PHONE = ViewportSize(width=390, height=844)
+ARTIFACTS = REPO / "test-artifacts"
+ARTICLE = "/api/premium/article"
+UNLOCK_LIMIT = 5.0  # seconds from the payment's success to the resource on screen
+
+
+async def _article(request: web.Request) -> web.Response:
+    """A priced HTML page, as a site would have one (the token facts are in a header behind
+    the proxy, on the request with the middleware)."""
+    token = request.get(TOKEN)
+    facts = request.headers.get("X-L402-Token")
+    service = token.service if token else json.loads(facts)["service"] if facts else "none"
+    body = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Premium article</title>
+<style>body{{font:17px/1.55 system-ui,sans-serif;margin:0;padding:24px 20px;color:#15171a}}
+h1{{font-size:1.7rem;line-height:1.2;margin:0 0 12px}}
+.badge{{display:inline-block;background:#e8f6ef;color:#0f7b55;border-radius:999px;
+padding:4px 12px;font-size:.85rem;font-weight:600;margin-bottom:16px}}</style></head>
+<body><main id="premium-article"><span class="badge">Paid with Lightning</span>
+<h1>The premium article</h1>
+<p>Thank you for paying. This content was unlocked by an L402 token bought with a
+Lightning payment, kept by your browser in an HttpOnly cookie.</p>
+<p id="paid-service">service: {service}</p></main></body></html>"""
+    return web.Response(text=body, content_type="text/html")
+
+
+def _app() -> web.Application:
+    app = demo_api()
+    app.router.add_get(ARTICLE, _article)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _serving(app: web.Application) -> AsyncIterator[str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    (port,) = free_ports(1)
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def _middleware_gateway(config: Config) -> AsyncIterator[str]:
+    app = _app()
+    setup_l402(app, lambda: running_gateway(config, clock=OffsetClock()))
+    async with _serving(app) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def _proxy_gateway(config: Config) -> AsyncIterator[str]:
+    async with _serving(_app()) as upstream:
+        proxy = build_proxy(upstream, lambda: running_gateway(config, clock=OffsetClock()))
+        async with _serving(proxy) as url:
+            yield url
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    if not CHROMIUM.exists():
+        reason = f"{CHROMIUM} is missing: `make browser` installs Debian's chromium"
+        if os.environ.get("CI"):
+            pytest.fail(f"browser test prerequisites missing in CI: {reason}")
+        pytest.skip(reason)
+    return CHROMIUM
+
+
+@dataclass
+class Browser:
+    context: BrowserContext
+    page: Page
+    console: list[str]
+    errors: list[str]
+    documents: list[str]  # URLs of every document the page loaded
+    redeems: list[str]
+    failed: list[str]  # responses >= 400 other than the paywall's 402 and /favicon.ico
+
+
+@pytest_asyncio.fixture
+async def browser(chromium: Path, tmp_path: Path) -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        context = await playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),  # a fresh profile: no cookies, no cache
+            executable_path=str(chromium),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport=PHONE,
+            device_scale_factor=2,
+            is_mobile=True,
+            has_touch=True,
+        )
+        try:
+            page = context.pages[0] if context.pages else await context.new_page()
+            seen = Browser(context, page, [], [], [], [], [])
+
+            def on_console(message: ConsoleMessage) -> None:
+                seen.console.append(f"{message.type}: {message.text}")
+
+            def on_request(request: Request) -> None:
+                if request.resource_type == "document":
+                    seen.documents.append(request.url)
+                elif request.url.endswith(REDEEM_PATH):
+                    seen.redeems.append(request.method)
+
+            page.on("console", on_console)
+            page.on("pageerror", lambda error: seen.errors.append(str(error)))
+
+            def on_response(response: Response) -> None:
+                expected = (
+                    response.status == 402 and response.request.resource_type == "document"
+                ) or (response.status == 404 and response.url.endswith("/favicon.ico"))
+                if response.status >= 400 and not expected:
+                    seen.failed.append(f"{response.status} {response.url}")
+
+            page.on("request", on_request)
+            page.on("response", on_response)
+            yield seen
+        finally:
+            await context.close()
+
+
+async def _screenshot(page: Page, name: str, capsys: pytest.CaptureFixture[str]) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    await page.screenshot(path=str(path), full_page=True)
+    with capsys.disabled():
+        print(f"\nscreenshot: {path}")
+    return path
+
+
+async def _open_locked(browser: Browser, url: str) -> str:
+    """Open the priced page; check that it is the paywall, working; return its invoice."""
+    page = browser.page
+    response = await page.goto(url)
+    assert response is not None
+    assert response.status == 402
+    headers = await response.all_headers()
+    assert headers["content-type"] == "text/html; charset=utf-8"
+    assert "script-src 'nonce-" in headers["content-security-policy"]
+    await page.wait_for_selector("#countdown:not(:empty)")  # the script runs (CSP allows it)
+    invoice = (await page.text_content("#invoice")) or ""
+    assert invoice.startswith("lnbcrt")
+    assert f'invoice="{invoice}"' in headers["www-authenticate"]
+    assert await page.get_attribute("#open-wallet", "href") == f"lightning:{invoice}"
+    assert await page.is_visible("#qr svg")
+    assert await page.evaluate("() => window.isSecureContext")  # 127.0.0.1 is trustworthy
+    return invoice
+
+
+def _no_page_errors(browser: Browser) -> None:
+    """No script error, no CSP violation, no failed request but the expected ones."""
+    problems = [
+        line
+        for line in browser.console
+        if not line.startswith(("log:", "info:", "debug:"))
+        and "Failed to load resource" not in line  # responses are checked one by one
+    ]
+    assert problems == []
+    assert browser.errors == []
+    assert browser.failed == []
+
+
+async def test_paywall_unlocks_after_bob_pays(
+    network: Network,
+    bob: LndClient,
+    browser: Browser,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = gateway_config(network, tmp_path / "gateway.db")
+    async with _middleware_gateway(config) as url:
+        page = browser.page
+        invoice = await _open_locked(browser, url + ARTICLE)
+        assert await page.is_hidden("#pay-webln")  # no window.webln here
+        assert (await page.text_content("#status") or "").startswith("Waiting for payment")
+        assert await page.text_content(".amount") == str(PREMIUM_PRICE // 1000)
+        locked = await _screenshot(page, "paywall-locked.png", capsys)
+
+        payment = await bob.send_payment(
+            invoice,
+            max_fee_msat=Msat(MAX_FEE),
+            payment_timeout=30,
+            last_hop_pubkey=network.carol.pubkey,
+        )
+        assert payment.preimage is not None
+        paid_at = time.monotonic()
+        await page.wait_for_selector("#premium-article", timeout=UNLOCK_LIMIT * 1000)
+        unlocked_in = time.monotonic() - paid_at
+        assert unlocked_in < UNLOCK_LIMIT
+        assert page.url == url + ARTICLE
+        assert await page.text_content("#paid-service") == "service: premium"
+        unlocked = await _screenshot(page, "paywall-unlocked.png", capsys)
+        with capsys.disabled():
+            print(f"unlocked {unlocked_in:.2f}s after the payment succeeded")
+
+        # One navigation to unlock, no reload loop; the page polled the redeem endpoint.
+        assert browser.documents == [url + ARTICLE, url + ARTICLE]
+        assert browser.redeems
+        assert set(browser.redeems) == {"POST"}
+        _no_page_errors(browser)
+
+        (cookie,) = await browser.context.cookies()
+        assert cookie["name"] == "L402"
+        assert cookie["value"].endswith(":" + payment.preimage.hex())
+        assert cookie["path"] == ARTICLE
+        assert cookie["httpOnly"] is True
+        assert cookie["secure"] is True
+        assert cookie["sameSite"] == "Strict"
+        assert "L402" not in await page.evaluate("() => document.cookie")
+
+        # The cookie keeps working: a plain reload shows the resource, not a new invoice.
+        response = await page.reload()
+        assert response is not None
+        assert response.status == 200
+        record = await wait_for_invoice(
+            Path(config.store.url.removeprefix("sqlite://")), payment.payment_hash, "SETTLED"
+        )
+        assert record.path == ARTICLE
+    assert locked.stat().st_size > 0
+    assert unlocked.stat().st_size > 0
+
+
+async def test_webln_button_pays_through_the_proxy(
+    network: Network,
+    bob: LndClient,
+    browser: Browser,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A WebLN wallet (a stand-in that pays with bob's node) behind the "Pay with WebLN"
+    button, and the reverse proxy instead of the middleware."""
+    paid: list[str] = []
+
+    async def pay_with_bob(invoice: str) -> str:
+        payment = await bob.send_payment(
+            invoice,
+            max_fee_msat=Msat(MAX_FEE),
+            payment_timeout=30,
+            last_hop_pubkey=network.carol.pubkey,
+        )
+        assert payment.preimage is not None
+        paid.append(invoice)
+        return payment.preimage.hex()
+
+    await browser.context.expose_function("payWithBob", pay_with_bob)
+    await browser.context.add_init_script(
+        """window.webln = {
+            enabled: false,
+            async enable() { this.enabled = true; },
+            async sendPayment(invoice) {
+                if (!this.enabled) throw new Error("not enabled");
+                return { preimage: await window.payWithBob(invoice) };
+            },
+        };"""
+    )
+    config = gateway_config(network, tmp_path / "gateway.db")
+    async with _proxy_gateway(config) as url:
+        page = browser.page
+        invoice = await _open_locked(browser, url + ARTICLE)
+        await page.wait_for_selector("#pay-webln", state="visible")
+        await _screenshot(page, "paywall-locked-webln.png", capsys)
+        await page.click("#pay-webln")
+        await page.wait_for_selector("#premium-article", timeout=30_000)
+        assert paid == [invoice]
+        assert await page.text_content("#paid-service") == "service: premium"
+        assert len(browser.documents) == 2
+        _no_page_errors(browser)
+
+
+async def test_expired_invoice_offers_a_fresh_one(
+    network: Network, browser: Browser, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = gateway_config(network, tmp_path / "gateway.db")
+    config = dataclasses.replace(base, l402=dataclasses.replace(base.l402, invoice_expiry=3))
+    async with _middleware_gateway(config) as url:
+        page = browser.page
+        first = await _open_locked(browser, url + ARTICLE)
+        await page.wait_for_selector("#fresh", state="visible", timeout=10_000)
+        assert await page.text_content("#status") == "This invoice has expired."
+        assert await page.is_hidden("#open-wallet")
+        await _screenshot(page, "paywall-expired.png", capsys)
+        async with page.expect_navigation():
+            await page.click("#fresh")
+        await page.wait_for_selector("#countdown:not(:empty)")
+        second = await page.text_content("#invoice")
+        assert second
+        assert second != first
+        assert await page.is_visible("#open-wallet")
+        _no_page_errors(browser)
