@@ -172,6 +172,17 @@ class InvoiceUpdate:
     amount_paid_msat: Msat
     settled_at: float | None
 
+    @classmethod
+    def of(cls, invoice: Invoice) -> InvoiceUpdate:
+        """The update an invoice reported by the node makes to its tracked record."""
+        return cls(
+            payment_hash=invoice.payment_hash,
+            state=invoice.state,
+            settle_index=invoice.settle_index,
+            amount_paid_msat=invoice.amount_paid_msat,
+            settled_at=float(invoice.settled_at) if invoice.settled_at else None,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Cursor:

@@ -359,15 +359,7 @@ class L402Service:
             return Deny(503, "settlement could not be confirmed", retry_after=5)
         if invoice.state is not InvoiceState.SETTLED:
             raise l402.TokenRejected("invoice is not settled")
-        await self._store.apply_update(
-            InvoiceUpdate(
-                payment_hash=payment_hash,
-                state=InvoiceState.SETTLED,
-                settle_index=invoice.settle_index,
-                amount_paid_msat=invoice.amount_paid_msat,
-                settled_at=float(invoice.settled_at) if invoice.settled_at else None,
-            )
-        )
+        await self._store.apply_update(InvoiceUpdate.of(invoice))
         root_key = await self._store.get_root_key(identifier.key_id)
         if root_key is None:
             raise l402.TokenRejected("unknown or revoked token")
@@ -532,15 +524,7 @@ class L402Service:
                 log.error("the node reported no valid preimage for %s", payment_hash.hex())
                 return pending
             if record.state is not InvoiceState.SETTLED:
-                await self._store.apply_update(
-                    InvoiceUpdate(
-                        payment_hash=payment_hash,
-                        state=InvoiceState.SETTLED,
-                        settle_index=invoice.settle_index,
-                        amount_paid_msat=invoice.amount_paid_msat,
-                        settled_at=float(invoice.settled_at) if invoice.settled_at else None,
-                    )
-                )
+                await self._store.apply_update(InvoiceUpdate.of(invoice))
             preimage = invoice.preimage
             self._lookups.pop(payment_hash, None)
             self._remember(self._preimages, payment_hash, preimage)

@@ -28,16 +28,6 @@ log = logging.getLogger(__name__)
 _UNSETTLED = (InvoiceState.OPEN, InvoiceState.ACCEPTED)
 
 
-def _update(invoice: Invoice) -> InvoiceUpdate:
-    return InvoiceUpdate(
-        payment_hash=invoice.payment_hash,
-        state=invoice.state,
-        settle_index=invoice.settle_index,
-        amount_paid_msat=invoice.amount_paid_msat,
-        settled_at=float(invoice.settled_at) if invoice.settled_at else None,
-    )
-
-
 class InvoiceWatcher:
     """Keeps the store's invoice states in step with the node. Run it as one task."""
 
@@ -126,7 +116,7 @@ class InvoiceWatcher:
         await self._store.save_cursor(Cursor(invoice.add_index, invoice.settle_index))
 
     async def _apply(self, invoice: Invoice) -> None:
-        update = _update(invoice)
+        update = InvoiceUpdate.of(invoice)
         tracked = await self._store.apply_update(update)
         if tracked and self._on_update is not None:
             self._on_update(update)

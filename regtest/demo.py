@@ -1,9 +1,9 @@
 """The demo: a priced API behind the gateway, paid over a real regtest Lightning network.
 
 Starts btcd and alice/bob/carol, a small demo API, and ``l402-gateway serve`` in front of it
-(alice is the gateway's node). A client gets 402, pays the invoice from bob's node through
-carol, retries with the L402 credential and gets 200; ``l402-gateway invoices`` then shows the
-invoice SETTLED. Run with ``make demo``; logs stay in the directory it prints.
+(alice is the gateway's node). A client sees the 402; ``l402-gateway pay`` pays it from bob's
+node and gets 200, then reuses the cached token; ``l402-gateway invoices`` shows the invoice
+SETTLED. Run with ``make demo``; logs stay in the directory it prints.
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ from aiohttp import web
 
 from gateway import l402
 from gateway.examples import demo_api
-from gateway.lnd.client import LndClient
-from gateway.ports import Msat
 from regtest.network import Network, running_network
 from regtest.processes import free_ports
 
-MAX_FEE = Msat(5_000)
 PRICED_PATH = "/api/premium/fortune"
 
 
@@ -98,8 +95,30 @@ async def wait_for_gateway(url: str, process: subprocess.Popen[bytes], log: Path
     raise RuntimeError(f"the gateway did not start in 30 s; see {log}")
 
 
-async def client_pays(url: str, network: Network) -> None:
-    async with aiohttp.ClientSession() as session, LndClient(network.bob.settings()) as bob:
+def pay_command(url: str, network: Network, workdir: Path) -> list[str]:
+    bob = network.bob
+    return gateway_command(
+        "pay",
+        url,
+        f"--lnd-host={bob.rpc_host}",
+        f"--lnd-tls-cert={bob.tls_cert}",
+        f"--lnd-macaroon={bob.macaroon()}",
+        "--max-cost=50",
+        f"--token-cache={workdir / 'bob-tokens.json'}",
+    )
+
+
+def run_pay(command: list[str]) -> None:
+    shown = [part for part in command if not part.startswith("--lnd-")]
+    say("$ l402-gateway " + " ".join(shown[shown.index("pay") :]) + " --lnd-...")
+    result = subprocess.run(command, capture_output=True, text=True, check=True)  # noqa: S603
+    for line in result.stderr.splitlines():
+        say(f"  {line}")
+    say(f"  {result.stdout.strip()}")
+
+
+async def client_pays(url: str, network: Network, workdir: Path) -> None:
+    async with aiohttp.ClientSession() as session:
         say(f"client: GET {PRICED_PATH}")
         async with session.get(url + PRICED_PATH) as response:
             problem = await response.json()
@@ -108,28 +127,11 @@ async def client_pays(url: str, network: Network) -> None:
         challenge = l402.parse_challenge(next(h for h in headers if h.startswith("L402 ")))
         say(f"     price {problem['amount_msat']} msat, invoice {challenge.invoice[:40]}...")
 
-        say("client: bob's node pays the invoice, routed through carol ...")
-        started = time.monotonic()
-        payment = await bob.send_payment(
-            challenge.invoice,
-            max_fee_msat=MAX_FEE,
-            payment_timeout=30,
-            last_hop_pubkey=network.carol.pubkey,
-        )
-        assert payment.preimage is not None
-        names = {node.pubkey: name for name, node in network.nodes.items()}
-        hops = " -> ".join(names.get(pubkey, pubkey[:12]) for pubkey in payment.route)
-        say(
-            f"  -> {payment.status.value} in {time.monotonic() - started:.2f}s: bob -> {hops}, "
-            f"fee {payment.fee_msat} msat"
-        )
-
-        authorization = f"L402 {challenge.macaroon_b64}:{payment.preimage.hex()}"
-        say(f"client: GET {PRICED_PATH} with Authorization: L402 <macaroon>:<preimage>")
-        async with session.get(url + PRICED_PATH, headers={"Authorization": authorization}) as r:
-            body = await r.json()
-        say(f"  -> {r.status} {r.reason}: {body['fortune']!r}")
-        say(f"     the API saw the paid token: {body['paid']}")
+    say("\nbob pays with the gateway's client, from his own LND node:")
+    command = pay_command(url + PRICED_PATH, network, workdir)
+    await asyncio.to_thread(run_pay, command)
+    say("\nagain: the cached token is reused, nothing is paid:")
+    await asyncio.to_thread(run_pay, command)
 
 
 async def demo(workdir: Path) -> None:
@@ -152,7 +154,7 @@ async def demo(workdir: Path) -> None:
         try:
             await wait_for_gateway(url, gateway, log)
             say(f"gateway on {url}, invoices from alice's node\n")
-            await client_pays(url, network)
+            await client_pays(url, network, workdir)
             say(f"\n$ l402-gateway --config {config} invoices")
             # The watcher records the settlement within milliseconds of the payment.
             for _ in range(100):
@@ -161,6 +163,7 @@ async def demo(workdir: Path) -> None:
                     break
                 await asyncio.sleep(0.1)
             say(listing)
+            say("(the OPEN one is the first, unpaid challenge: it expires unpaid)")
         finally:
             gateway.terminate()
             gateway.wait(timeout=30)
