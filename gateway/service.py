@@ -228,6 +228,10 @@ class _TokenCache:
         self._entries.clear()
 
 
+_AllowedKey = tuple[tuple[str, ...], str, str]
+ALLOWED_CACHE_SIZE = 50_000
+
+
 class L402Service:
     """Issues L402 challenges and verifies L402 credentials for priced routes."""
 
@@ -252,6 +256,10 @@ class L402Service:
         self._invoice_expiry = invoice_expiry
         self._strict = strict_settlement
         self._cache = _TokenCache(root_key_cache_seconds)
+        # Allowed (credential, method, path) -> the decision and the root-key entry it used.
+        # A hit re-checks what can change: the token's expiry, and that the root-key entry is
+        # still the fresh one (so revocations take effect exactly as without this cache).
+        self._allowed: OrderedDict[_AllowedKey, tuple[Allow, bytes, _KnownToken]] = OrderedDict()
         self._limiter = rate_limiter
         self._lookups: OrderedDict[bytes, float] = OrderedDict()  # hash -> last node lookup
         self._preimages: OrderedDict[bytes, Preimage] = OrderedDict()
@@ -262,6 +270,10 @@ class L402Service:
         rule = self.pricing.match(request.method, request.path)
         if rule is None or rule.free:
             return Allow(None)
+        cache_key = (request.authorization, request.method, request.path)
+        cached = self._allowed_again(cache_key)
+        if cached is not None:
+            return cached
         try:
             credential = l402.parse_authorization(request.authorization)
         except l402.MalformedToken as error:
@@ -271,7 +283,7 @@ class L402Service:
                 return await self._authorize_cookies(request, rule)
             return await self.challenge(request, rule, "payment required")
         try:
-            return await self._verify(credential, request, rule)
+            return await self._verify(credential, request, rule, cache_key)
         except l402.TokenInsufficient as error:
             return await self.challenge(request, rule, error.reason)
         except l402.L402Error as error:
@@ -279,6 +291,23 @@ class L402Service:
         except errors.StoreError:
             log.exception("store failed while verifying a token")
             return Deny(503, "token store unavailable", retry_after=5)
+
+    def _allowed_again(self, key: _AllowedKey) -> Allow | None:
+        """A decision already verified for this exact credential and request line."""
+        entry = self._allowed.get(key)
+        if entry is None:
+            return None
+        allow, key_id, known = entry
+        now = self._clock.now()
+        assert allow.token is not None
+        valid_until = allow.token.valid_until
+        if self._cache.get(key_id, now) is not known or (
+            valid_until is not None and now >= valid_until
+        ):
+            del self._allowed[key]
+            return None
+        self._allowed.move_to_end(key)
+        return allow
 
     async def _authorize_cookies(self, request: RequestInfo, rule: Rule) -> Decision:
         """The first L402 cookie that verifies; else a fresh challenge (never a 401)."""
@@ -299,7 +328,11 @@ class L402Service:
         return await self.challenge(request, rule, reason)
 
     async def _verify(
-        self, credential: l402.Credential, request: RequestInfo, rule: Rule
+        self,
+        credential: l402.Credential,
+        request: RequestInfo,
+        rule: Rule,
+        cache_key: _AllowedKey | None = None,
     ) -> Allow | Deny:
         identifier = l402.identifier_of(credential)
         now = self._clock.now()
@@ -320,7 +353,7 @@ class L402Service:
             if isinstance(confirmed, Deny):
                 return confirmed
             known = confirmed
-        return Allow(
+        allow = Allow(
             PaidToken(
                 token_id=verified.token_id.hex(),
                 payment_hash=verified.payment_hash.hex(),
@@ -331,6 +364,11 @@ class L402Service:
                 amount_msat=known.amount_msat,
             )
         )
+        if cache_key is not None:
+            self._allowed[cache_key] = (allow, identifier.key_id, known)
+            if len(self._allowed) > ALLOWED_CACHE_SIZE:
+                self._allowed.popitem(last=False)
+        return allow
 
     async def _load_token(self, identifier: l402.Identifier, now: float) -> _KnownToken:
         root_key = await self._store.get_root_key(identifier.key_id)
@@ -571,6 +609,7 @@ class L402Service:
         """Revoke a token everywhere its root key is stored; True if it existed."""
         revoked = await self._store.revoke_token(token_id)
         self._cache.clear()
+        self._allowed.clear()
         self._preimages.clear()
         return revoked
 

@@ -729,3 +729,67 @@ async def test_unnormalized_paths_are_400(path: str) -> None:
 async def test_dots_inside_segments_are_fine(path: str) -> None:
     env = Env([Rule("/*", price_msat=Msat(1))])
     await env.challenge(path)
+
+
+# --- the allowed-decision cache ----------------------------------------------------------
+
+
+async def test_repeated_credential_is_not_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = Env()
+    credential = await env.credential()
+    first = allowed(await env.ask(PREMIUM, [credential]))
+    calls = 0
+    original = l402.verify_token
+
+    def counting(*args: Any, **kwargs: Any) -> l402.VerifiedToken:
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(l402, "verify_token", counting)
+    assert allowed(await env.ask(PREMIUM, [credential])) == first
+    assert calls == 0
+    # Another path is another cache entry: verified afresh.
+    allowed(await env.ask("/api/premium/other", [credential]))
+    assert calls == 1
+
+
+async def test_cached_allow_still_expires() -> None:
+    env = Env()
+    credential = await env.credential()
+    allowed(await env.ask(PREMIUM, [credential]))
+    env.clock.advance(3600)
+    decision = await env.ask(PREMIUM, [credential])
+    assert isinstance(decision, Challenge)
+    assert decision.reason == "token expired"
+
+
+async def test_cached_allow_sees_revocation_like_the_root_key_cache() -> None:
+    env = Env(root_key_cache_seconds=5.0)
+    credential = await env.credential()
+    token = allowed(await env.ask(PREMIUM, [credential]))
+    # Revoked behind the service's back (another process): seen once the root key is stale.
+    assert await env.store.revoke_token(bytes.fromhex(token.token_id))
+    env.clock.advance(1)
+    allowed(await env.ask(PREMIUM, [credential]))
+    env.clock.advance(5)
+    assert denied(await env.ask(PREMIUM, [credential]), 401).reason == "unknown or revoked token"
+
+
+async def test_cached_allow_forgotten_on_revoke_through_the_service() -> None:
+    env = Env()
+    credential = await env.credential()
+    token = allowed(await env.ask(PREMIUM, [credential]))
+    assert await env.service.revoke(bytes.fromhex(token.token_id))
+    assert denied(await env.ask(PREMIUM, [credential]), 401).reason == "unknown or revoked token"
+
+
+async def test_cached_allow_respects_a_holder_added_paths_caveat() -> None:
+    env = Env()
+    credential = await env.credential()
+    macaroon, _ = split(credential)
+    narrowed = with_macaroon(credential, macaroon.add_caveat("premium_paths=/api/premium/one"))
+    allowed(await env.ask("/api/premium/one", [narrowed]))
+    decision = await env.ask("/api/premium/two", [narrowed])
+    assert isinstance(decision, Challenge)
+    assert decision.reason == "path not allowed by token"
