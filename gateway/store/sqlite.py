@@ -391,7 +391,7 @@ def _configure(connection: sqlite3.Connection, path: Path, synchronous: Synchron
     try:
         # Refuse a newer schema before changing anything in the file (journal mode included).
         _check_version(_user_version(connection), path)
-        (journal_mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+        journal_mode = _switch_to_wal(connection)
         if str(journal_mode).lower() != "wal":
             raise StoreError(
                 f"{path}: SQLite refused WAL journal mode (got {journal_mode!r}); "
@@ -402,6 +402,25 @@ def _configure(connection: sqlite3.Connection, path: Path, synchronous: Synchron
         connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
     except sqlite3.Error as error:
         raise StoreError(f"cannot configure {path}: {_describe(error)}") from error
+
+
+def _switch_to_wal(connection: sqlite3.Connection) -> object:
+    """Set WAL mode, retrying while another connection holds the lock.
+
+    Changing the journal mode answers SQLITE_BUSY at once, without the busy handler, when
+    another connection (say a second gateway opening the same new file) is using it.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            (journal_mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+            return journal_mode
+        except sqlite3.OperationalError as error:
+            if getattr(error, "sqlite_errorname", "") != "SQLITE_BUSY":
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _migrate(connection: sqlite3.Connection, path: Path) -> None:
