@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results.md"
@@ -68,22 +64,6 @@ def start_app(port: int, mode: str, config: Path | None, log: Path) -> subproces
         return subprocess.Popen(  # noqa: S603 - our own interpreter and module
             args, cwd=REPO, stdout=output, stderr=subprocess.STDOUT
         )
-
-
-async def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited {process.returncode}: {log.read_text()}")
-            try:
-                async with session.get(url) as response:
-                    if response.status < 500:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"server did not start: {log.read_text()}")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

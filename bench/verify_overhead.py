@@ -17,12 +17,12 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import LoadResult, record, run_wrk, start_app, stop, wait_ready
+from bench.common import LoadResult, record, run_wrk, start_app, stop
 from gateway import l402
 from gateway.lnd.client import LndClient
 from gateway.ports import Msat
 from regtest.network import Network, running_network
-from regtest.processes import free_ports
+from regtest.processes import free_ports, wait_for_http
 
 TARGET_RATIO = 0.85
 PATH = "/api/premium/hello"
@@ -74,8 +74,8 @@ async def measure(seconds: int, rounds: int, connections: int) -> None:
         bare = start_app(bare_port, "bare", None, workdir / "bare.log")
         gateway = start_app(gateway_port, "gateway", config, workdir / "gateway.log")
         try:
-            await wait_ready(bare_url + PATH, bare, workdir / "bare.log")
-            await wait_ready(gateway_url + "/health", gateway, workdir / "gateway.log")
+            await wait_for_http(bare_url + PATH, bare, workdir / "bare.log")
+            await wait_for_http(gateway_url + "/health", gateway, workdir / "gateway.log")
             authorization = await _paid_authorization(gateway_url, network)
             headers = {"Authorization": authorization}
             results: dict[str, list[LoadResult]] = {"bare": [], "gateway": []}

@@ -81,9 +81,10 @@ from gateway.ports import (
     Payment,
     PaymentHash,
     Store,
+    SystemClock,
 )
 from gateway.pricing import PriceFunction, Pricing, Rule
-from gateway.service import L402Service, RateLimiter, SystemClock
+from gateway.service import L402Service, RateLimiter
 from gateway.store import open_store
 from gateway.watcher import InvoiceWatcher
 from gateway.web.proxy import build_proxy

@@ -7,6 +7,7 @@ are separate Protocols so a backend can lack them honestly.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import NewType, Protocol
@@ -140,6 +141,13 @@ class Clock(Protocol):
     """Wall-clock time in seconds since the epoch (injected so tests can move it)."""
 
     def now(self) -> float: ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def now(self) -> float:
+        return time.time()
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,6 @@ import logging
 import math
 import re
 import secrets
-import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -69,11 +68,6 @@ _REDEEM_MEMORY = 10_000
 # browser matches the encoded one) or control characters; other paths are cut at the last
 # '/' before such a character.
 _COOKIE_PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~/!$&'()*+=:@]*")
-
-
-class SystemClock:
-    def now(self) -> float:
-        return time.time()
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from aiohttp import web
 from gateway import l402
 from gateway.examples import demo_api
 from regtest.network import Network, running_network
-from regtest.processes import free_ports
+from regtest.processes import free_ports, wait_for_http
 
 PRICED_PATH = "/api/premium/fortune"
 
@@ -78,21 +78,6 @@ def invoices(config: Path) -> str:
         check=True,
     )
     return listing.stdout.rstrip()
-
-
-async def wait_for_gateway(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(300):
-            if process.poll() is not None:
-                raise RuntimeError(f"the gateway exited; see {log}")
-            try:
-                async with session.get(f"{url}/health") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"the gateway did not start in 30 s; see {log}")
 
 
 def pay_command(url: str, network: Network, workdir: Path) -> list[str]:
@@ -152,7 +137,7 @@ async def demo(workdir: Path) -> None:
         say(f"l402-gateway serve --config {config}  (log {log})")
         gateway = start_gateway(config, log)
         try:
-            await wait_for_gateway(url, gateway, log)
+            await wait_for_http(f"{url}/health", gateway, log)
             say(f"gateway on {url}, invoices from alice's node\n")
             await client_pays(url, network, workdir)
             say(f"\n$ l402-gateway --config {config} invoices")

@@ -12,6 +12,8 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
+
 
 class NodeStartError(RuntimeError):
     """A node of the regtest network did not come up; the message names it and its log."""
@@ -110,3 +112,30 @@ async def stop_pid(pid: int, grace: float, poll: Callable[[], int | None] | None
             return
         if await wait_exit(seconds):
             return
+
+
+class ServerStartError(RuntimeError):
+    """An HTTP server process (the gateway, a benchmark server) did not come up."""
+
+
+async def wait_for_http(
+    url: str, process: subprocess.Popen[bytes], log: Path, limit: float = 30.0
+) -> None:
+    """Poll ``url`` until it answers 200; fail with the log's tail if the process exits first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    async with aiohttp.ClientSession() as session:
+        while loop.time() < deadline:
+            if process.poll() is not None:
+                raise ServerStartError(
+                    f"{url}: the server exited with code {process.returncode}; last lines of "
+                    f"{log}:\n{log_tail(log)}"
+                )
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    raise ServerStartError(f"{url} did not answer in {limit:.0f}s; see {log}:\n{log_tail(log)}")

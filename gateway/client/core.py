@@ -51,7 +51,7 @@ from gateway.client.cache import (
 )
 from gateway.client.offer import Offer, has_l402_challenge, normalize_network, read_offer
 from gateway.errors import PaymentDeclined, PaymentFailed, PaymentInFlight, PaymentUnverified
-from gateway.ports import Clock, Msat, Payer, Payment, PaymentHash, PaymentStatus
+from gateway.ports import Clock, Msat, Payer, Payment, PaymentHash, PaymentStatus, SystemClock
 
 __all__ = ["Confirm", "Exchange", "L402Client", "Retry", "SpendEntry", "SystemClock"]
 
@@ -60,13 +60,6 @@ log = logging.getLogger(__name__)
 Confirm = Callable[[Offer], Awaitable[bool]]
 _POLL_START = 0.2
 _POLL_MAX = 2.0
-
-
-class SystemClock:
-    """Wall-clock time."""
-
-    def now(self) -> float:
-        return time.time()
 
 
 @dataclass(frozen=True, slots=True)

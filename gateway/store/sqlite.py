@@ -36,6 +36,7 @@ from gateway.ports import (
     InvoiceUpdate,
     Msat,
     PaymentHash,
+    SystemClock,
 )
 
 log = logging.getLogger(__name__)
@@ -145,11 +146,6 @@ _SAVE_CURSOR = """
 """
 
 
-class _SystemClock:
-    def now(self) -> float:
-        return time.time()
-
-
 class SqliteStore:
     """A ``Store`` in one SQLite file. Create it with ``await SqliteStore.open(path)``."""
 
@@ -206,7 +202,7 @@ class SqliteStore:
             executor.submit(_close_if_opened, future)
             executor.shutdown(wait=False)
             raise
-        return cls(file, connection, executor, clock or _SystemClock())
+        return cls(file, connection, executor, clock or SystemClock())
 
     @property
     def path(self) -> Path:

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
 from multidict import CIMultiDictProxy
 
 from gateway import l402
@@ -187,19 +186,3 @@ def start_serve(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-
-
-async def wait_until_serving(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(f"gateway exited {process.returncode}:\n{log.read_text()}")
-            try:
-                async with session.get(f"{url}/health") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"gateway did not start:\n{log.read_text()}")

@@ -24,7 +24,7 @@ from gateway.lnd.client import LndClient
 from gateway.store import SqliteStore
 from gateway.web.aiohttp import setup_l402
 from regtest.network import Network
-from regtest.processes import free_ports
+from regtest.processes import free_ports, wait_for_http
 from tests.regtest.gateway_helpers import (
     PREMIUM_PRICE,
     OffsetClock,
@@ -35,7 +35,6 @@ from tests.regtest.gateway_helpers import (
     pay,
     start_serve,
     wait_for_invoice,
-    wait_until_serving,
 )
 
 pytestmark = pytest.mark.regtest
@@ -300,7 +299,7 @@ async def test_reverse_proxy_cli_invoices_and_revoke(
     )
     process = start_serve(config_file, log)
     try:
-        await wait_until_serving(url, process, log)
+        await wait_for_http(f"{url}/health", process, log)
         async with aiohttp.ClientSession() as session:
             async with session.post(url + "/api/echo", data=b"x" * 1000) as response:
                 assert response.status == 402
@@ -356,7 +355,7 @@ async def test_sigkill_while_invoices_are_paid_loses_no_settlement(
     process = start_serve(config_file, log)
     challenges = []
     try:
-        await wait_until_serving(url, process, log)
+        await wait_for_http(f"{url}/health", process, log)
         async with aiohttp.ClientSession() as session:
             for _ in range(3):
                 async with session.get(url + "/api/premium/fortune") as response:
@@ -376,7 +375,7 @@ async def test_sigkill_while_invoices_are_paid_loses_no_settlement(
 
     process = start_serve(config_file, log)
     try:
-        await wait_until_serving(url, process, log)
+        await wait_for_http(f"{url}/health", process, log)
         for payment_hash in hashes[:2]:
             await wait_for_invoice(database, payment_hash, "SETTLED")
         assert (await wait_for_invoice(database, hashes[2], "OPEN")).settle_index == 0
