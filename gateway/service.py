@@ -265,7 +265,7 @@ class L402Service:
         if rule is None or rule.free:
             return Allow(None)
         cache_key = (request.authorization, request.method, request.path)
-        cached = self._allowed_again(cache_key)
+        cached = self.allowed_again(*cache_key)
         if cached is not None:
             return cached
         try:
@@ -286,8 +286,13 @@ class L402Service:
             log.exception("store failed while verifying a token")
             return Deny(503, "token store unavailable", retry_after=5)
 
-    def _allowed_again(self, key: _AllowedKey) -> Allow | None:
-        """A decision already verified for this exact credential and request line."""
+    def allowed_again(self, authorization: tuple[str, ...], method: str, path: str) -> Allow | None:
+        """The Allow already verified for this exact credential and request line, if any.
+
+        Adapters call it first: on the hot path of a paying client it is the whole decision,
+        with no request description to build.
+        """
+        key = (authorization, method, path)
         entry = self._allowed.get(key)
         if entry is None:
             return None

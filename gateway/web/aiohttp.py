@@ -111,7 +111,9 @@ def l402_middleware(slot: _ServiceSlot, trust_forwarded_for: bool) -> Middleware
         if service is None:
             decision: Decision = Deny(503, "gateway is starting", retry_after=1)
         else:
-            decision = await service.authorize(request_info(request, trust_forwarded_for))
+            authorization = tuple(request.headers.getall(hdrs.AUTHORIZATION, ()))
+            cached = service.allowed_again(authorization, request.method, request.path)
+            decision = cached or await service.authorize(request_info(request, trust_forwarded_for))
         if isinstance(decision, Allow):
             if decision.token is not None:
                 request[TOKEN] = decision.token

@@ -202,7 +202,13 @@ class L402Middleware:
                     "lifespan turned off? the gateway opens on lifespan.startup)"
                 )
             return Deny(503, NOT_STARTED)
-        return await service.authorize(request_info(scope, self._trust_forwarded_for))
+        authorization = tuple(
+            value.decode("latin-1")
+            for name, value in scope.get("headers", ())
+            if name.lower() == b"authorization"
+        )
+        cached = service.allowed_again(authorization, scope.get("method", "GET"), scope["path"])
+        return cached or await service.authorize(request_info(scope, self._trust_forwarded_for))
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         redeem_path = scope.get("root_path", "") + REDEEM_PATH  # as the browser sees it

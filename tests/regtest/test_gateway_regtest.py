@@ -118,8 +118,9 @@ async def test_middleware_402_pay_retry_200_and_settled_in_store(
     assert record.path == "/api/premium/fortune"
     assert record.token_id.hex() == paid["token_id"]
 
-    # The token keeps working, and the free route needs none.
-    assert (await _get(mounted, "/api/premium/fortune", authorization))[0] == 200
+    # The token keeps working (now from the verified-decision cache, token facts included),
+    # and the free route needs none.
+    assert await _get(mounted, "/api/premium/fortune", authorization) == (200, body)
     async with mounted.session.get(mounted.url + "/health") as response:
         assert response.status == 200
 

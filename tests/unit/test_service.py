@@ -793,3 +793,15 @@ async def test_cached_allow_respects_a_holder_added_paths_caveat() -> None:
     decision = await env.ask("/api/premium/two", [narrowed])
     assert isinstance(decision, Challenge)
     assert decision.reason == "path not allowed by token"
+
+
+async def test_allowed_again_is_the_adapters_fast_path() -> None:
+    env = Env()
+    credential = await env.credential()
+    assert env.service.allowed_again((credential,), "GET", PREMIUM) is None  # not verified yet
+    decision = await env.ask(PREMIUM, [credential])
+    assert env.service.allowed_again((credential,), "GET", PREMIUM) == decision
+    assert env.service.allowed_again((credential,), "GET", "/api/premium/other") is None
+    assert env.service.allowed_again((credential,), "HEAD", PREMIUM) is None
+    env.clock.advance(3600)
+    assert env.service.allowed_again((credential,), "GET", PREMIUM) is None
