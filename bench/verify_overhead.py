@@ -38,7 +38,7 @@ tls_cert = "{network.alice.tls_cert}"
 macaroon = "{network.alice.macaroon("invoice")}"
 
 [store]
-url = "sqlite:///{workdir / "gateway.db"}"
+url = "sqlite://{workdir / "gateway.db"}"
 
 [[routes]]
 pattern = "/api/premium/*"

@@ -86,7 +86,7 @@ def gateway_config(
             tls_cert=network.alice.tls_cert,
             macaroon=bake_gateway_macaroon(network, database.parent / "gateway.macaroon"),
         ),
-        store=StoreConfig(url=f"sqlite:///{database}"),
+        store=StoreConfig(url=f"sqlite://{database}"),  # an absolute path: sqlite:///abs
         # No caching: a revocation is seen by the very next request.
         l402=L402Config(root_key_cache_seconds=0),
         rate_limit=rate_limit or RateLimitConfig(),
