@@ -50,6 +50,7 @@ test-fast: install
 bench: build
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python -m bench.verify_overhead
+	$(BIN)/python -m bench.challenge_issuance
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from regtest.network import Network
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results.md"
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
@@ -69,6 +71,28 @@ def start_app(port: int, mode: str, config: Path | None, log: Path) -> subproces
 def stop(process: subprocess.Popen[bytes]) -> None:
     process.terminate()
     process.wait(timeout=30)
+
+
+def gateway_config(network: Network, workdir: Path, extra: str = "") -> Path:
+    """A config for ``bench.app gateway``: alice's node, SQLite, one priced route."""
+    config = workdir / "gateway.toml"
+    config.write_text(
+        f"""\
+[lnd]
+host = "{network.alice.rpc_host}"
+tls_cert = "{network.alice.tls_cert}"
+macaroon = "{network.alice.macaroon("invoice")}"
+
+[store]
+url = "sqlite://{workdir / "gateway.db"}"
+{extra}
+[[routes]]
+pattern = "/api/premium/*"
+price_msat = 1000
+service = "premium"
+"""
+    )
+    return config
 
 
 def record(section: str, lines: list[str]) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import LoadResult, record, run_wrk, start_app, stop
+from bench.common import LoadResult, gateway_config, record, run_wrk, start_app, stop
 from gateway import l402
 from gateway.lnd.client import LndClient
 from gateway.ports import Msat
@@ -26,27 +26,6 @@ from regtest.processes import free_ports, wait_for_http
 
 TARGET_RATIO = 0.85
 PATH = "/api/premium/hello"
-
-
-def _config(network: Network, workdir: Path) -> Path:
-    config = workdir / "gateway.toml"
-    config.write_text(
-        f"""\
-[lnd]
-host = "{network.alice.rpc_host}"
-tls_cert = "{network.alice.tls_cert}"
-macaroon = "{network.alice.macaroon("invoice")}"
-
-[store]
-url = "sqlite://{workdir / "gateway.db"}"
-
-[[routes]]
-pattern = "/api/premium/*"
-price_msat = 1000
-service = "premium"
-"""
-    )
-    return config
 
 
 async def _paid_authorization(url: str, network: Network) -> str:
@@ -70,7 +49,7 @@ async def measure(seconds: int, rounds: int, connections: int) -> None:
         bare_port, gateway_port = free_ports(2)
         bare_url = f"http://127.0.0.1:{bare_port}"
         gateway_url = f"http://127.0.0.1:{gateway_port}"
-        config = _config(network, workdir)
+        config = gateway_config(network, workdir)
         bare = start_app(bare_port, "bare", None, workdir / "bare.log")
         gateway = start_app(gateway_port, "gateway", config, workdir / "gateway.log")
         try:
