@@ -17,17 +17,8 @@ The invoice must be for the node's network (``--network`` or ``GATEWAY_PAYER_NET
 asked from the node). Tokens are cached in ``--token-cache`` (default
 ``~/.cache/l402-gateway/tokens.json``) and reused for later requests in their scope. Progress
 goes to stderr: a start and an end line around the payment, and on a terminal an
-elapsed-seconds counter while it is in flight (``-s``: none). Exit codes of ``pay``:
-
-    0  the response came, with a status below 400 (paid, reused a token, or free)
-    1  the final response has an HTTP error status (>= 400), e.g. still 402 after paying
-    2  bad usage or configuration (options, LND files, unreadable token cache, -o file)
-    3  a backend failed: LND unreachable or the payment failed, the HTTP request failed,
-       or an earlier payment for this URL is still in flight
-    4  over budget: the price is over --max-cost; nothing was paid
-    5  the challenge or its invoice is unusable: wrong network, expired, amount or payment
-       hash mismatch, malformed; nothing was paid
-    6  --no-pay and payment is required: the price was printed, nothing was paid
+elapsed-seconds counter while it is in flight (``-s``: none). Its exit codes are
+``PAY_EXIT_CODES`` below (also printed by ``l402-gateway pay --help``).
 """
 
 from __future__ import annotations
@@ -80,7 +71,6 @@ from gateway.ports import (
     Payer,
     Payment,
     PaymentHash,
-    Store,
     SystemClock,
 )
 from gateway.pricing import PriceFunction, Pricing, Rule
@@ -258,13 +248,9 @@ def _table(records: Sequence[InvoiceRecord]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-async def _with_store(config: Config) -> Store:
-    return await open_store(config.store.url)
-
-
 async def _invoices(config: Config, state: str | None, limit: int | None, as_json: bool) -> int:
     wanted = InvoiceState(state.upper()) if state else None
-    store = await _with_store(config)
+    store = await open_store(config.store.url)
     try:
         records = await store.list_invoices(state=wanted, limit=limit)
     finally:
@@ -281,7 +267,7 @@ async def _revoke(config: Config, token_id: str) -> int:
         raw = bytes.fromhex(token_id)
     except ValueError:
         raise errors.ConfigError(f"token id must be hex, got {token_id!r}") from None
-    store = await _with_store(config)
+    store = await open_store(config.store.url)
     try:
         revoked = await store.revoke_token(raw)
     finally:

@@ -10,6 +10,7 @@ import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import aiohttp
 import pytest
@@ -269,8 +270,7 @@ async def upstream() -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-@dataclass(frozen=True)
-class ProxySetup:
+class ProxySetup(NamedTuple):
     """A config file for ``l402-gateway serve`` in front of the upstream demo API."""
 
     url: str
@@ -292,12 +292,7 @@ def proxy_setup(network: Network, tmp_path: Path, upstream: str) -> ProxySetup:
 async def test_reverse_proxy_cli_invoices_and_revoke(
     network: Network, bob: LndClient, proxy_setup: ProxySetup
 ) -> None:
-    url, database, config_file, log = (
-        proxy_setup.url,
-        proxy_setup.database,
-        proxy_setup.config_file,
-        proxy_setup.log,
-    )
+    url, database, config_file, log = proxy_setup
     process = start_serve(config_file, log)
     try:
         await wait_for_http(f"{url}/health", process, log)
@@ -346,12 +341,7 @@ async def test_reverse_proxy_cli_invoices_and_revoke(
 async def test_sigkill_while_invoices_are_paid_loses_no_settlement(
     network: Network, bob: LndClient, proxy_setup: ProxySetup
 ) -> None:
-    url, database, config_file, log = (
-        proxy_setup.url,
-        proxy_setup.database,
-        proxy_setup.config_file,
-        proxy_setup.log,
-    )
+    url, database, config_file, log = proxy_setup
 
     process = start_serve(config_file, log)
     challenges = []

@@ -128,11 +128,17 @@ async def test_total_budget_counts_prices_and_fees() -> None:
 async def test_concurrent_payments_cannot_overshoot_the_total() -> None:
     payer = FakePayer(fee_msat=0)
     gate = asyncio.Event()
-    payer.before_send = gate.wait
+    sending = asyncio.Event()
+
+    async def hold() -> None:
+        sending.set()  # the first payment has reserved its budget and reached the payer
+        await gate.wait()
+
+    payer.before_send = hold
     budget = Budget(max_price_msat=10_000, max_fee_msat=1_000, max_total_msat=15_000)
     client = client_for(payer, budget=budget)
     first = asyncio.create_task(authorize(client, payer.learn(make_challenge()), "http://a.test/"))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(sending.wait(), 5)
     with pytest.raises(BudgetExceeded):  # 11_000 reserved by the first: 22_000 > 15_000
         await authorize(client, payer.learn(make_challenge()), "http://b.test/")
     gate.set()
