@@ -206,11 +206,14 @@ class _TokenCache:
         if entry is None:
             return None
         # A clock that stepped back also makes an entry stale.
-        if not 0 <= now - entry.fetched_at < self._max_age:
+        if not entry.fetched_at <= now < self.stale_at(entry):
             del self._entries[key_id]
             return None
         self._entries.move_to_end(key_id)
         return entry
+
+    def stale_at(self, entry: _KnownToken) -> float:
+        return entry.fetched_at + self._max_age
 
     def put(self, key_id: bytes, entry: _KnownToken) -> None:
         self._entries[key_id] = entry
@@ -224,6 +227,15 @@ class _TokenCache:
 
 _AllowedKey = tuple[tuple[str, ...], str, str]
 ALLOWED_CACHE_SIZE = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class _AllowedEntry:
+    allow: Allow
+    # Valid in [since, until): from the root-key read it rests on until that read is too old
+    # to trust (a revocation elsewhere) or the token expires, whichever comes first.
+    since: float
+    until: float
 
 
 class L402Service:
@@ -250,10 +262,11 @@ class L402Service:
         self._invoice_expiry = invoice_expiry
         self._strict = strict_settlement
         self._cache = _TokenCache(root_key_cache_seconds)
-        # Allowed (credential, method, path) -> the decision and the root-key entry it used.
-        # A hit re-checks what can change: the token's expiry, and that the root-key entry is
-        # still the fresh one (so revocations take effect exactly as without this cache).
-        self._allowed: OrderedDict[_AllowedKey, tuple[Allow, bytes, _KnownToken]] = OrderedDict()
+        # Allowed (credential, method, path) -> the decision, valid as long as the root-key
+        # read it rests on and the token itself: revocations take effect exactly as without
+        # this cache (a local one clears it). Evicted oldest-first, never reordered: a hit
+        # stays a dict lookup and one clock read.
+        self._allowed: dict[_AllowedKey, _AllowedEntry] = {}
         self._limiter = rate_limiter
         self._lookups: OrderedDict[bytes, float] = OrderedDict()  # hash -> last node lookup
         self._preimages: OrderedDict[bytes, Preimage] = OrderedDict()
@@ -296,17 +309,10 @@ class L402Service:
         entry = self._allowed.get(key)
         if entry is None:
             return None
-        allow, key_id, known = entry
-        now = self._clock.now()
-        assert allow.token is not None
-        valid_until = allow.token.valid_until
-        if self._cache.get(key_id, now) is not known or (
-            valid_until is not None and now >= valid_until
-        ):
-            del self._allowed[key]
-            return None
-        self._allowed.move_to_end(key)
-        return allow
+        if entry.since <= self._clock.now() < entry.until:
+            return entry.allow
+        del self._allowed[key]
+        return None
 
     async def _authorize_cookies(self, request: RequestInfo, rule: Rule) -> Decision:
         """The first L402 cookie that verifies; else a fresh challenge (never a 401)."""
@@ -364,9 +370,12 @@ class L402Service:
             )
         )
         if cache_key is not None:
-            self._allowed[cache_key] = (allow, identifier.key_id, known)
+            until = self._cache.stale_at(known)
+            if verified.valid_until is not None:
+                until = min(until, verified.valid_until)
+            self._allowed[cache_key] = _AllowedEntry(allow, known.fetched_at, until)
             if len(self._allowed) > ALLOWED_CACHE_SIZE:
-                self._allowed.popitem(last=False)
+                del self._allowed[next(iter(self._allowed))]
         return allow
 
     async def _load_token(self, identifier: l402.Identifier, now: float) -> _KnownToken:
