@@ -46,11 +46,10 @@ test: lint build browser
 test-fast: install
 	$(BIN)/pytest -m "not regtest"
 
-# Benchmarks print ratios against a baseline measured in the same run; results in bench/results.md.
+# Every benchmark, each against a baseline measured in the same run: bench/results.md.
 bench: build
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(BIN)/python -m bench.verify_overhead
-	$(BIN)/python -m bench.challenge_issuance
+	$(BIN)/python -m bench
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 import shutil
 import subprocess
@@ -13,6 +15,7 @@ from regtest.network import Network
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results.md"
+SUMMARY = "Summary"
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
 
@@ -95,14 +98,63 @@ service = "premium"
     return config
 
 
-def record(section: str, lines: list[str]) -> None:
-    """Print a result table and store it as a section of bench/results.md."""
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A benchmark's row in the summary table at the top of bench/results.md."""
+
+    result: str  # the figure that decides, e.g. "80.5% of bare aiohttp's requests/s"
+    target: str  # e.g. ">= 85%"; "" when the issue sets none
+    met: bool | None  # None: no target
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    memory_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {memory_kib / 2**20:.0f} GiB RAM, "
+        f"{platform.system()} {platform.machine()}, "
+        f"{platform.python_implementation()} {platform.python_version()}"
+    )
+
+
+def _summary_rows(text: str) -> dict[str, str]:
+    rows: dict[str, str] = {}
+    for line in text.splitlines():
+        cells = line.split(" | ")
+        if line.startswith("| ") and len(cells) == 3 and not set(cells[1]) <= {"-", " "}:
+            rows[cells[0].removeprefix("| ")] = line
+    rows.pop("benchmark", None)
+    return rows
+
+
+def record(section: str, lines: list[str], verdict: Verdict | None = None) -> None:
+    """Print a result table and store it, with its verdict row, in bench/results.md."""
     print("\n".join(lines), flush=True)
     sections: dict[str, str] = {}
+    rows: dict[str, str] = {}
     if RESULTS.exists():
         for chunk in RESULTS.read_text().split("\n## ")[1:]:
             title, _, body = chunk.partition("\n")
-            sections[title] = body.strip()
+            if title == SUMMARY:
+                rows = _summary_rows(body)
+            else:
+                sections[title] = body.strip()
     sections[section] = "\n".join(lines)
+    if verdict is not None:
+        met = {True: "met", False: "**not met**", None: "no target"}[verdict.met]
+        rows[section] = f"| {section} | {verdict.result} | {verdict.target} {met} |"
+    summary = "\n".join(
+        [
+            f"Measured on {machine()}.",
+            "",
+            "| benchmark | result | target |",
+            "| --- | --- | --- |",
+            *(rows[title] for title in sections if title in rows),
+        ]
+    )
     text = "\n\n".join(f"## {title}\n\n{body}" for title, body in sections.items())
-    RESULTS.write_text(f"# Benchmark results\n\n{text}\n")
+    RESULTS.write_text(f"# Benchmark results\n\n## {SUMMARY}\n\n{summary}\n\n{text}\n")
