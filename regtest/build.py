@@ -70,20 +70,32 @@ def _run(args: list[str], cwd: Path | None = None) -> str:
     return result.stdout
 
 
-def lnd_module_dir(version: str = LND_VERSION) -> Path:
-    """Download (or find in the module cache) LND's source and return its directory."""
-    out = _run([_go(), "mod", "download", "-json", f"{LND_MODULE}@{version}"])
+def module_dir(module: str, version: str) -> Path:
+    """Download (or find in the module cache) a Go module's source and return its directory."""
+    out = _run([_go(), "mod", "download", "-json", f"{module}@{version}"])
     info = json.loads(out)
     if "Error" in info:
-        raise BuildError(f"cannot download {LND_MODULE}@{version}: {info['Error']}")
+        raise BuildError(f"cannot download {module}@{version}: {info['Error']}")
     return Path(info["Dir"])
+
+
+def lnd_module_dir(version: str = LND_VERSION) -> Path:
+    return module_dir(LND_MODULE, version)
+
+
+def writable_copy(source: Path, work: Path) -> None:
+    """Copy a module out of the read-only module cache so it can be built as the main module."""
+    shutil.copytree(source, work)
+    for path in work.rglob("*"):
+        path.chmod(path.stat().st_mode | 0o200)
+    work.chmod(work.stat().st_mode | 0o200)
 
 
 def log(message: str) -> None:
     print(f"[regtest] {message}", file=sys.stderr, flush=True)
 
 
-def _go_build(args: list[str], cwd: Path, what: str) -> None:
+def go_build(args: list[str], cwd: Path, what: str) -> None:
     """Run ``go build -v`` showing a heartbeat with the count of packages compiled so far."""
     started = time.monotonic()
     proc = subprocess.Popen(  # noqa: S603 - fixed go invocation
@@ -130,17 +142,13 @@ def ensure_binaries(version: str = LND_VERSION) -> Binaries:
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lnd-src-") as scratch:
         work = Path(scratch) / "lnd"
-        # The module cache is read-only; the build needs a writable main module.
-        shutil.copytree(source, work)
-        for path in work.rglob("*"):
-            path.chmod(path.stat().st_mode | 0o200)
-        work.chmod(work.stat().st_mode | 0o200)
-        _go_build(
+        writable_copy(source, work)
+        go_build(
             [f"-tags={LND_BUILD_TAGS}", "-o", f"{target}/", "./cmd/lnd", "./cmd/lncli"],
             work,
             "lnd + lncli",
         )
-        _go_build(
+        go_build(
             [
                 "-o",
                 f"{target}/",
