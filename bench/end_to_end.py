@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import math
-import platform
 import subprocess
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.challenge_issuance import NO_RATE_LIMIT
-from bench.common import gateway_config, record, start_app, stop
+from bench.common import Verdict, gateway_config, record, start_app, stop
 from gateway.client import Budget, L402Client, TokenCache
 from gateway.client.aiohttp import l402_session
 from gateway.lnd.client import LndClient
@@ -172,13 +171,12 @@ async def measure(samples: int) -> None:
     def ms(name: str, fraction: float) -> float:
         return percentile(times[name], fraction) * 1000
 
+    p50, p99 = (ms("gateway", fraction) - ms("bare", fraction) for fraction in (0.5, 0.99))
     record(
         "End to end",
         [
-            f"Machine: {platform.machine()}, {platform.python_implementation()} "
-            f"{platform.python_version()}; {samples} samples per kind, alternating, after one "
-            f"unrecorded round; {PRICE_MSAT} msat over two hops, bob -> carol -> alice, on "
-            "regtest LND.",
+            f"{samples} samples per kind, alternating, after one unrecorded round; "
+            f"{PRICE_MSAT} msat over two hops, bob -> carol -> alice, on regtest LND.",
             "",
             "| request | p50 ms | p99 ms |",
             "| --- | --- | --- |",
@@ -187,11 +185,15 @@ async def measure(samples: int) -> None:
             f"| paid GET with gateway.client (402, pay, retry, 200; fresh token) | "
             f"{ms('gateway', 0.5):.1f} | {ms('gateway', 0.99):.1f} |",
             "",
-            f"Gateway overhead: **{ms('gateway', 0.5) - ms('bare', 0.5):.1f} ms** at p50, "
-            f"**{ms('gateway', 0.99) - ms('bare', 0.99):.1f} ms** at p99 (the 402 with its "
-            "invoice and store writes, the client's checks and token cache, the retry and its "
-            "verification). Percentiles are nearest-rank.",
+            f"Gateway overhead: **{p50:.1f} ms** at p50, **{p99:.1f} ms** at p99 (the 402 with "
+            "its invoice and store writes, the client's checks and token cache, the retry and "
+            "its verification). Percentiles are nearest-rank.",
         ],
+        Verdict(
+            f"paid request {p50:+.1f} ms at p50, {p99:+.1f} ms at p99 vs the bare payment",
+            "",
+            None,
+        ),
     )
 
 

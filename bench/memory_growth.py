@@ -26,7 +26,6 @@ import asyncio
 import concurrent.futures
 import multiprocessing
 import os
-import platform
 import random
 import statistics
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import record
+from bench.common import Verdict, record
 from bench.end_to_end import (
     MAX_FEE,
     PATH,
@@ -253,8 +252,7 @@ async def measure(invoices: int, paid: int, tokens: int, sample: int) -> None:
     record(
         "Memory and growth",
         [
-            f"Machine: {platform.machine()}, {platform.python_implementation()} "
-            f"{platform.python_version()}. RSS is VmRSS of the process.",
+            "RSS is VmRSS of the process.",
             "",
             f"**Real LND.** The gateway process (`bench.app gateway`, SQLite store, settlement "
             f"watcher subscribed to regtest alice) issued {invoices} challenges over HTTP "
@@ -292,6 +290,14 @@ async def measure(invoices: int, paid: int, tokens: int, sample: int) -> None:
             f"100k entries; verified decisions, up to {ALLOWED_CACHE_SIZE}); the store is on "
             "disk.",
         ],
+        Verdict(
+            f"RSS {real.paid_rss_mib:.0f} MiB with {invoices} real invoices tracked, "
+            f"{fake.end_rss_mib:.0f} MiB after {tokens} tokens (fake node); uncached "
+            f"verification {flat:.2f}x from {fake.steps[0].stored} to {fake.steps[-1].stored} "
+            "stored",
+            "",
+            None,
+        ),
     )
 
 

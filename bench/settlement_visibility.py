@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import sqlite3
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import record
+from bench.common import Verdict, record
 from bench.end_to_end import (
     MAX_FEE,
     PATH,
@@ -126,12 +125,10 @@ async def measure(samples: int) -> None:
 
     p99 = percentile(delays, 0.99) * 1000
     early = sum(1 for delay in delays if delay <= 0)
-    verdict = "meets" if p99 < TARGET_P99_MS else "MISSES"
     record(
         "Settlement visibility",
         [
-            f"Machine: {platform.machine()}, {platform.python_implementation()} "
-            f"{platform.python_version()}; {samples} payments after one unrecorded one, each "
+            f"{samples} payments after one unrecorded one, each "
             "a gateway challenge paid by bob over bob -> carol -> alice on regtest LND; the "
             "gateway's SQLite store polled read-only every ~1 ms from the bench.",
             "",
@@ -145,8 +142,13 @@ async def measure(samples: int) -> None:
             "preimage travels back to bob). Payment time at the payer: p50 "
             f"{percentile(payments, 0.5) * 1000:.0f} ms. Percentiles are nearest-rank.",
             "",
-            f"p99 **{p99:.1f} ms** ({verdict} the {TARGET_P99_MS:.0f} ms target).",
+            f"p99 **{p99:.1f} ms** (target under {TARGET_P99_MS:.0f} ms).",
         ],
+        Verdict(
+            f"p99 {p99:.1f} ms from the payer's success to SETTLED in the store",
+            f"< {TARGET_P99_MS:.0f} ms",
+            p99 < TARGET_P99_MS,
+        ),
     )
 
 
