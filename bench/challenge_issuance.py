@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Verdict, gateway_config, record, run_wrk, start_app, stop
+from bench.common import NO_RATE_LIMIT, Verdict, gateway_config, record, run_wrk, start_app, stop
 from gateway.lnd.client import LndClient
 from gateway.ports import Msat
 from gateway.store import SqliteStore
@@ -23,12 +23,6 @@ from regtest.processes import free_ports, wait_for_http
 
 TARGET_RATIO = 0.90
 PATH = "/api/premium/hello"
-# One client (wrk) asks for every challenge here: no limit in the way.
-NO_RATE_LIMIT = """
-[rate_limit]
-challenges_per_second = 1000000.0
-burst = 1000000
-"""
 
 
 async def _issued(workdir: Path) -> int:

@@ -6,117 +6,36 @@ retry with the token, 200 from the gateway-fronted aiohttp app. Every request bu
 token. The baseline is the payment alone: bob's SendPaymentV2 of a same-size invoice created
 directly on alice with AddInvoice, over the same route. The two kinds alternate; the gateway
 overhead is the difference of their p50s and p99s.
-
-Also home of the helpers the other regtest benchmarks share (two-hop payments, challenges,
-percentiles).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import math
-import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
-from bench.challenge_issuance import NO_RATE_LIMIT
-from bench.common import Verdict, gateway_config, record, start_app, stop
+from bench.common import (
+    MAX_FEE,
+    PATH,
+    PAYMENT_TIMEOUT,
+    PRICE_MSAT,
+    Verdict,
+    ViaCarol,
+    gateway_on_regtest,
+    percentile,
+    record,
+)
 from gateway.client import Budget, L402Client, TokenCache
 from gateway.client.aiohttp import l402_session
 from gateway.lnd.client import LndClient
-from gateway.ports import Msat, Payment, PaymentHash
-from regtest.network import Network, running_network
-from regtest.processes import free_ports, wait_for_http
+from gateway.ports import Msat
 
-PATH = "/api/premium/hello"
-PRICE_MSAT = 1000  # the route's price in bench.common.gateway_config
 MEMO = "premium: GET /api/premium/hello"  # what the gateway writes for that route
 EXPIRY = 600
-MAX_FEE = Msat(10_000)
-PAYMENT_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class RunningGateway:
-    network: Network
-    url: str
-    process: subprocess.Popen[bytes]
-    database: Path
-
-
-@contextlib.asynccontextmanager
-async def gateway_on_regtest(workdir: Path) -> AsyncIterator[RunningGateway]:
-    """A regtest network and ``bench.app gateway`` on alice, in its own process."""
-    async with running_network(workdir / "network") as network:
-        (port,) = free_ports(1)
-        url = f"http://127.0.0.1:{port}"
-        # One client asks for every challenge: no rate limit in the way.
-        config = gateway_config(network, workdir, NO_RATE_LIMIT)
-        log = workdir / "gateway.log"
-        process = start_app(port, "gateway", config, log)
-        try:
-            await wait_for_http(url + "/health", process, log)
-            yield RunningGateway(network, url, process, workdir / "gateway.db")
-        finally:
-            stop(process)
-
-
-class ViaCarol:
-    """bob's node as a ``Payer`` that always routes bob -> carol -> alice."""
-
-    def __init__(self, bob: LndClient, network: Network) -> None:
-        self._bob = bob
-        self._network = network
-
-    async def send_payment(
-        self, payment_request: str, *, max_fee_msat: Msat, payment_timeout: float
-    ) -> Payment:
-        payment = await self._bob.send_payment(
-            payment_request,
-            max_fee_msat=max_fee_msat,
-            payment_timeout=payment_timeout,
-            last_hop_pubkey=self._network.carol.pubkey,
-        )
-        if payment.route != (self._network.carol.pubkey, self._network.alice.pubkey):
-            raise RuntimeError(f"payment took route {payment.route}, not bob -> carol -> alice")
-        return payment
-
-    async def lookup_payment(self, payment_hash: PaymentHash) -> Payment | None:
-        return await self._bob.lookup_payment(payment_hash)
-
-
-@dataclass(frozen=True, slots=True)
-class Quote:
-    """What a gateway's 402 body asks to be paid."""
-
-    invoice: str
-    macaroon: str
-    payment_hash: bytes
-
-    def authorization(self, preimage: bytes) -> str:
-        return f"L402 {self.macaroon}:{preimage.hex()}"
-
-
-async def fetch_quote(session: aiohttp.ClientSession, url: str) -> Quote:
-    """GET a priced URL without a credential; what its 402 (problem+json) asks for."""
-    async with session.get(url) as response:
-        if response.status != 402:
-            raise RuntimeError(f"{url}: expected 402, got {response.status}")
-        body = await response.json(content_type=None)
-    return Quote(body["invoice"], body["macaroon"], bytes.fromhex(body["payment_hash"]))
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile (with 40 samples, p99 is the largest)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 async def _paid_request(session: aiohttp.ClientSession, client: L402Client, url: str) -> float:

@@ -35,17 +35,18 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import Verdict, record
-from bench.end_to_end import (
+from bench.common import (
     MAX_FEE,
     PATH,
     PAYMENT_TIMEOUT,
     PRICE_MSAT,
     Quote,
+    Verdict,
     ViaCarol,
     fetch_quote,
     gateway_on_regtest,
     percentile,
+    record,
 )
 from bench.settlement_visibility import read_only
 from gateway.lnd.client import LndClient

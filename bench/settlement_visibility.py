@@ -25,15 +25,16 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import Verdict, record
-from bench.end_to_end import (
+from bench.common import (
     MAX_FEE,
     PATH,
     PAYMENT_TIMEOUT,
+    Verdict,
     ViaCarol,
     fetch_quote,
     gateway_on_regtest,
     percentile,
+    record,
 )
 from gateway.lnd.client import LndClient
 from gateway.ports import InvoiceState

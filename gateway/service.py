@@ -218,7 +218,12 @@ class _TokenCache:
     def put(self, key_id: bytes, entry: _KnownToken) -> None:
         self._entries[key_id] = entry
         self._entries.move_to_end(key_id)
-        if len(self._entries) > self._capacity:
+        # From the least recently used end, drop entries past their age as well as the
+        # surplus: memory follows the tokens used within max_age, not the capacity.
+        while self._entries:
+            oldest = next(iter(self._entries.values()))
+            if len(self._entries) <= self._capacity and entry.fetched_at < self.stale_at(oldest):
+                break
             self._entries.popitem(last=False)
 
     def clear(self) -> None:
@@ -374,8 +379,13 @@ class L402Service:
             if verified.valid_until is not None:
                 until = min(until, verified.valid_until)
             self._allowed[cache_key] = _AllowedEntry(allow, known.fetched_at, until)
-            if len(self._allowed) > ALLOWED_CACHE_SIZE:
-                del self._allowed[next(iter(self._allowed))]
+            # Oldest first, drop the expired entries (all expire within the root-key cache
+            # age) as well as the surplus, so memory follows the tokens in recent use.
+            while self._allowed:
+                oldest = next(iter(self._allowed))
+                if len(self._allowed) <= ALLOWED_CACHE_SIZE and now < self._allowed[oldest].until:
+                    break
+                del self._allowed[oldest]
         return allow
 
     async def _load_token(self, identifier: l402.Identifier, now: float) -> _KnownToken:

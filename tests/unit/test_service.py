@@ -805,3 +805,14 @@ async def test_allowed_again_is_the_adapters_fast_path() -> None:
     assert env.service.allowed_again((credential,), "HEAD", PREMIUM) is None
     env.clock.advance(3600)
     assert env.service.allowed_again((credential,), "GET", PREMIUM) is None
+
+
+async def test_caches_keep_only_tokens_used_within_the_cache_age() -> None:
+    env = Env(root_key_cache_seconds=5.0)
+    for _ in range(3):
+        allowed(await env.ask(authorization=[await env.credential()]))
+    env.clock.advance(5)
+    allowed(await env.ask(authorization=[await env.credential()]))
+    # The stale entries went when the new one came in: memory follows recent use.
+    assert len(env.service._allowed) == 1
+    assert len(env.service._cache._entries) == 1
