@@ -9,8 +9,10 @@ the repository documents every key; a test loads it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
+import stat
 import tomllib
 import types
 import typing
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _require(ok: bool, key: str, requirement: str, value: object) -> None:
@@ -160,6 +164,8 @@ def _convert(where: str, hint: Any, value: Any) -> Any:
     if hint is Path:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a path, got {value!r}")
+        if "\x00" in value:  # no file system takes it; expanduser() would raise ValueError
+            raise ConfigError(f"{where}: a path must not contain NUL")
         try:
             return Path(value).expanduser()
         except RuntimeError:  # ~user that does not exist, or no home directory
@@ -240,4 +246,24 @@ def load_config(
         if priced + route.free != 1:
             raise ConfigError(f"{where}: set exactly one of price_msat, price_function, free")
         routes.append(route)
-    return Config(**sections, routes=tuple(routes))
+    config = Config(**sections, routes=tuple(routes))
+    if path is not None and "macaroon_hex" in document.get("lnd", {}):
+        warn_if_readable_by_others(Path(path), "config file holding lnd.macaroon_hex")
+    if config.lnd.macaroon is not None:
+        warn_if_readable_by_others(config.lnd.macaroon, "LND macaroon")
+    return config
+
+
+def warn_if_readable_by_others(path: Path, what: str) -> None:
+    """Log a warning when a file holding a secret is open to its group or everyone.
+
+    A macaroon is a bearer credential for the node, so its file should be mode 0600 (LND
+    itself writes most of its macaroons 0644). A file that cannot be read is left to the
+    code that reads it to report.
+    """
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning("%s %s is readable by other users (mode %03o): chmod 600 it", what, path, mode)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,7 +21,6 @@ from gateway.cli import running_gateway
 from gateway.config import Config, RateLimitConfig
 from gateway.examples import demo_api
 from gateway.lnd.client import LndClient
-from gateway.store import SqliteStore
 from gateway.web.aiohttp import setup_l402
 from regtest.network import Network
 from regtest.processes import free_ports, wait_for_http
@@ -124,98 +122,6 @@ async def test_middleware_402_pay_retry_200_and_settled_in_store(
     assert await _get(mounted, "/api/premium/fortune", authorization) == (200, body)
     async with mounted.session.get(mounted.url + "/health") as response:
         assert response.status == 200
-
-
-async def test_middleware_refusals(
-    mounted: MountedGateway, bob: LndClient, network: Network
-) -> None:
-    authorization, challenge = await _paid_authorization(
-        mounted, bob, network, "/api/premium/fortune"
-    )
-    macaroon = l402.decode_b64(challenge.macaroon_b64)
-    preimage_hex = authorization.rsplit(":", 1)[1]
-    identifier = l402.Identifier.decode(macaroon.identifier)
-
-    def credential(token: l402.Macaroon, preimage: str = preimage_hex) -> str:
-        return f"L402 {l402.encode_b64(token)}:{preimage}"
-
-    # Outside its scope: another service's route -> a fresh challenge, with the reason.
-    async with mounted.session.get(
-        mounted.url + "/api/echo", headers={"Authorization": authorization}
-    ) as response:
-        assert response.status == 402
-        assert (await response.json())["detail"] == "token is not valid for this service"
-        l402_challenge(response.headers)
-
-    # Wrong preimage: the preimage of another paid invoice.
-    other, _ = await _paid_authorization(mounted, bob, network, "/api/premium/fortune")
-    status, body = await _get(
-        mounted, "/api/premium/fortune", credential(macaroon, other.rsplit(":", 1)[1])
-    )
-    assert (status, body["detail"]) == (401, "preimage does not match the payment hash")
-
-    # A caveat tampered with (the service swapped), signature kept.
-    tampered = replace(
-        macaroon,
-        caveats=tuple(
-            c.replace(b"premium", b"echo") if c.startswith(b"services=") else c
-            for c in macaroon.caveats
-        ),
-    )
-    status, body = await _get(mounted, "/api/echo", credential(tampered))
-    assert (status, body["detail"]) == (401, "invalid macaroon signature")
-
-    # Re-signed by someone without the root key: same identifier and caveats, another key.
-    resigned = l402.mint(secrets.token_bytes(32), macaroon.identifier, macaroon.caveats)
-    status, body = await _get(mounted, "/api/premium/fortune", credential(resigned))
-    assert (status, body["detail"]) == (401, "invalid macaroon signature")
-
-    # A caveat appended by the holder can narrow but never widen.
-    widened = macaroon.add_caveat("services=echo:0")
-    async with mounted.session.get(
-        mounted.url + "/api/echo", headers={"Authorization": credential(widened)}
-    ) as response:
-        assert response.status == 402
-    narrowed = macaroon.add_caveat("premium_capabilities=read")
-    assert (await _get(mounted, "/api/premium/fortune", credential(narrowed)))[0] == 200
-
-    # Minted by another gateway (its own root key) for the same paid invoice.
-    foreign = l402.mint_token(
-        secrets.token_bytes(32),
-        identifier.payment_hash,
-        secrets.token_bytes(32),
-        ["services=premium:0"],
-    )
-    status, body = await _get(mounted, "/api/premium/fortune", credential(foreign))
-    assert (status, body["detail"]) == (401, "unknown or revoked token")
-
-    # After its expiry: a fresh challenge.
-    mounted.clock.offset = 3601
-    async with mounted.session.get(
-        mounted.url + "/api/premium/fortune", headers={"Authorization": authorization}
-    ) as response:
-        assert response.status == 402
-        assert (await response.json())["detail"] == "token expired"
-    mounted.clock.offset = 0
-    assert (await _get(mounted, "/api/premium/fortune", authorization))[0] == 200
-
-    # Revoked root key.
-    store = await SqliteStore.open(mounted.database)
-    try:
-        assert await store.revoke_token(identifier.token_id)
-    finally:
-        await store.close()
-    status, body = await _get(mounted, "/api/premium/fortune", authorization)
-    assert (status, body["detail"]) == (401, "unknown or revoked token")
-
-    # Garbage never gets past 401; a header over aiohttp's 8 KiB line limit is a 400.
-    for garbage in ("L402 !!!:zz", "LSAT a,b,c:", "L402 " + "A" * 4000 + ":" + "0" * 64):
-        status, body = await _get(mounted, "/api/premium/fortune", garbage)
-        assert status == 401, garbage
-    async with mounted.session.get(
-        mounted.url + "/api/premium/fortune", headers={"Authorization": "L402 " + "A" * 9000}
-    ) as response:
-        assert response.status == 400
 
 
 async def test_dynamic_price_from_the_request(
