@@ -1,10 +1,12 @@
-"""Attacks on the gateway (aiohttp middleware, SQLite store) in front of real LND: every forged,
-tampered, replayed, foreign, expired, revoked or mismatched credential is refused with 401 or
-402 and a reason; never 200, never a 5xx.
+"""Attacks on the gateway in front of real LND: every forged, tampered, replayed, foreign,
+expired, revoked or mismatched credential is refused with 401 or 402 and a reason; never 200,
+never a 5xx. Each attack is tried on all three front ends of gateway A.
 
-One arena per module: gateway A (the target) and gateway B (another instance on the same
-node, with its own store), a few tokens really paid by bob, and an amountless invoice an
-attacker made on alice and paid 1 sat, so its preimage is genuine but bought nothing.
+One arena per module: gateway A (the target: the aiohttp middleware, the ASGI middleware
+under uvicorn and the reverse proxy, three services sharing one SQLite store) and gateway B
+(another instance on the same node, with its own store), a few tokens really paid by bob,
+and an amountless invoice an attacker made on alice and paid 1 sat, so its preimage is
+genuine but bought nothing.
 """
 
 from __future__ import annotations
@@ -20,17 +22,31 @@ from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from gateway import l402
+from gateway.cli import running_gateway
 from gateway.client.offer import token_valid_until as offer_valid_until
-from gateway.config import RateLimitConfig, RouteConfig
+from gateway.config import Config, RateLimitConfig, RouteConfig
+from gateway.examples import demo_api
 from gateway.lnd.client import LndClient
 from gateway.ports import Msat
 from gateway.store import SqliteStore
+from gateway.web.asgi import L402Middleware
 from gateway.web.paywall import REDEEM_PATH
+from gateway.web.proxy import build_proxy
 from regtest.network import Network
+from tests.integration.test_asgi import serving
 from tests.regtest.gateway_helpers import ROUTES, OffsetClock, gateway_config
-from tests.regtest.test_gateway_regtest import MountedGateway, _mounted, _paid_authorization
+from tests.regtest.test_gateway_regtest import (
+    MountedGateway,
+    _mounted,
+    _paid_authorization,
+    _serve_app,
+)
 
 pytestmark = pytest.mark.regtest
 
@@ -38,8 +54,8 @@ PREMIUM = "/api/premium/fortune"
 ECHO = "/api/echo"
 QUOTE = "/api/quote"
 BRIEF = "/api/brief"
-# Expiry is shown on real time, not by moving the gateway's clock: a clock stepping back
-# would also throttle every client's challenges (see the lead's report).
+# Expiry comes in real time rather than by moving the clock forward and back: the rate
+# limiter takes a clock that steps back as a client that must wait that long.
 BRIEF_ROUTE = RouteConfig(pattern=BRIEF, price_msat=1_000, service="brief", lifetime=1)
 # Every attack gets the real reason, not the 429 that many challenges would earn.
 UNLIMITED = RateLimitConfig(challenges_per_second=1000, burst=1000)
@@ -58,7 +74,8 @@ class Paid:
 
 @dataclass
 class Arena:
-    gateway: MountedGateway  # A, the gateway under attack
+    gateway: MountedGateway  # A's aiohttp middleware, where the tokens are bought
+    fronts: dict[str, str]  # A's front ends by name: their base URLs
     bob: LndClient
     network: Network
     premium: Paid  # for PREMIUM, on A
@@ -98,30 +115,51 @@ async def _attacker_invoice(network: Network) -> tuple[bytes, str]:
     return invoice.payment_hash, settled.preimage.hex()
 
 
+async def _any_path(request: Request) -> JSONResponse:
+    return JSONResponse({"path": request.url.path})
+
+
+@contextlib.asynccontextmanager
+async def _other_fronts(config: Config) -> AsyncIterator[dict[str, str]]:
+    """The ASGI middleware and the reverse proxy, each its own service on ``config``'s store."""
+    asgi = L402Middleware(
+        Starlette(routes=[Route("/{path:path}", _any_path, methods=["GET", "POST"])]),
+        lambda: running_gateway(config),
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        served = await stack.enter_async_context(serving(asgi))
+        upstream, upstream_url = await _serve_app(demo_api())
+        stack.push_async_callback(upstream.cleanup)
+        proxy, proxy_url = await _serve_app(
+            build_proxy(upstream_url, lambda: running_gateway(config))
+        )
+        stack.push_async_callback(proxy.cleanup)
+        yield {"ASGI middleware": served.url, "reverse proxy": proxy_url}
+
+
 @pytest_asyncio.fixture(scope="module")
 async def arena(network: Network, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Arena]:
     workdir = tmp_path_factory.mktemp("attacks")
+    configs = [
+        dataclasses.replace(
+            gateway_config(network, workdir / f"{name}.db", rate_limit=UNLIMITED),
+            routes=(*ROUTES, BRIEF_ROUTE),
+        )
+        for name in ("a", "b")
+    ]
     async with contextlib.AsyncExitStack() as stack:
         bob = await stack.enter_async_context(LndClient(network.bob.settings()))
-        gateways = [
-            await stack.enter_async_context(
-                _mounted(
-                    dataclasses.replace(
-                        gateway_config(network, workdir / f"{name}.db", rate_limit=UNLIMITED),
-                        routes=(*ROUTES, BRIEF_ROUTE),
-                    ),
-                    OffsetClock(),
-                )
-            )
-            for name in ("a", "b")
+        target, other = [
+            await stack.enter_async_context(_mounted(config, OffsetClock())) for config in configs
         ]
-        target, other = gateways
+        fronts = await stack.enter_async_context(_other_fronts(configs[0]))
         async with target.session.get(target.url + PREMIUM) as response:
             assert response.status == 402
             unpaid = l402.decode_b64((await response.json())["macaroon"])
         attacker_hash, attacker_preimage = await _attacker_invoice(network)
         yield Arena(
             gateway=target,
+            fronts={"aiohttp middleware": target.url, **fronts},
             bob=bob,
             network=network,
             premium=await _paid_on(target, bob, network, PREMIUM),
@@ -446,17 +484,22 @@ ATTACKS = [
 ]
 
 
+FRONTS = ["aiohttp middleware", "ASGI middleware", "reverse proxy"]
+
+
+@pytest.mark.parametrize("front", FRONTS)
 @pytest.mark.parametrize("attack", ATTACKS, ids=[attack.name for attack in ATTACKS])
-async def test_attack_is_refused(arena: Arena, attack: Attack) -> None:
+async def test_attack_is_refused(arena: Arena, attack: Attack, front: str) -> None:
     attempt = await attack.forge(arena)
-    gateway = arena.gateway
+    url = arena.fronts[front]
+    session = arena.gateway.session
     headers = [("Authorization", value) for value in attempt.authorization]
     if attempt.cookie is not None:
         headers.append(("Cookie", f"L402={attempt.cookie}"))
     if attempt.redeem is None:
-        request = gateway.session.get(gateway.url + attempt.path, headers=headers)
+        request = session.get(url + attempt.path, headers=headers)
     else:
-        request = gateway.session.post(gateway.url + REDEEM_PATH, json={"macaroon": attempt.redeem})
+        request = session.post(url + REDEEM_PATH, json={"macaroon": attempt.redeem})
     async with request as response:
         body = json.loads(await response.read())
         assert (response.status, body["detail"]) == (attack.status, attack.detail)
@@ -467,7 +510,7 @@ async def test_attack_is_refused(arena: Arena, attack: Attack) -> None:
     # caveat too (attenuation narrows, it never breaks a token).
     narrowed = arena.premium.macaroon.add_caveat("premium_capabilities=read")
     for macaroon in (arena.premium.macaroon, narrowed):
-        async with gateway.session.get(
-            gateway.url + PREMIUM, headers={"Authorization": arena.premium.authorization(macaroon)}
+        async with session.get(
+            url + PREMIUM, headers={"Authorization": arena.premium.authorization(macaroon)}
         ) as response:
             assert response.status == 200
