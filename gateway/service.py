@@ -170,7 +170,8 @@ class RateLimiter:
         """Take one token: 0.0 if granted, else the seconds until one is available."""
         now = self._clock.now()
         tokens, last = self._buckets.pop(client, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        # A wall clock stepping back (NTP) must not read as a wait of that many seconds.
+        tokens = min(self._burst, tokens + max(0.0, now - last) * self._rate)
         wait = 0.0
         if tokens >= 1:
             tokens -= 1

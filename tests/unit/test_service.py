@@ -508,6 +508,14 @@ def test_rate_limiter_buckets() -> None:
     assert limiter.acquire("a") == 0.0
 
 
+def test_rate_limiter_survives_the_clock_stepping_back() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=2.0, burst=20, max_clients=100, clock=clock)
+    assert limiter.acquire("a") == 0.0
+    clock.advance(-3600)  # an NTP step: not an hour of debt
+    assert limiter.acquire("a") == 0.0
+
+
 @pytest.mark.parametrize(("rate", "burst"), [(0, 1), (-1, 1), (1, 0), (float("nan"), 1)])
 def test_rate_limiter_validation(rate: float, burst: int) -> None:
     with pytest.raises(ValueError, match="rate"):
