@@ -37,6 +37,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 CHUNK = 64 * 1024
+# Statuses whose responses never have a body, whatever their Content-Length says.
+_NO_BODY = frozenset({204, 304})
 _SESSION = web.AppKey("l402_proxy_session", aiohttp.ClientSession)
 
 
@@ -145,10 +147,22 @@ def build_proxy(
                 data=body.chunks() if body is not None else None,
                 allow_redirects=False,
             ) as upstream_response:
+                status, reason = upstream_response.status, upstream_response.reason
+                response_headers = _end_to_end(upstream_response.headers, frozenset())
+                length = upstream_response.content_length
+                if (
+                    length is not None
+                    and length <= CHUNK
+                    and request.method != hdrs.METH_HEAD
+                    and status not in _NO_BODY
+                ):
+                    # Small and whole: headers and body leave in one write.
+                    body_bytes = await upstream_response.read()
+                    return web.Response(
+                        status=status, reason=reason, headers=response_headers, body=body_bytes
+                    )
                 response = web.StreamResponse(
-                    status=upstream_response.status,
-                    reason=upstream_response.reason,
-                    headers=_end_to_end(upstream_response.headers, frozenset()),
+                    status=status, reason=reason, headers=response_headers
                 )
                 await response.prepare(request)
                 async for chunk in upstream_response.content.iter_chunked(CHUNK):

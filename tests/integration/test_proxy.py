@@ -84,7 +84,7 @@ def upstream_app(hooks: Upstream) -> web.Application:
         return web.json_response({"bytes": len(first) + len(rest)})
 
     async def broken(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Length": "100"})
+        response = web.StreamResponse(headers={"Content-Length": request.match_info["length"]})
         await response.prepare(request)
         await response.write(b"x" * 10)
         assert request.transport is not None
@@ -92,7 +92,7 @@ def upstream_app(hooks: Upstream) -> web.Application:
         return response
 
     app.router.add_route("*", "/public/echo", echo)
-    app.router.add_get("/api/broken", broken)
+    app.router.add_get("/api/broken/{length}", broken)
     app.router.add_get("/api/status/{code}", status)
     app.router.add_get("/api/stream", stream)
     app.router.add_post("/api/upload", upload)
@@ -401,7 +401,23 @@ async def test_head_of_a_free_route(setup: Setup) -> None:
 
 
 async def test_upstream_dying_mid_body_is_not_a_clean_truncated_response(setup: Setup) -> None:
-    response = await setup.client.get("/api/broken")
+    # A large body is streamed: the client has its 200 when the upstream dies.
+    response = await setup.client.get(f"/api/broken/{1024 * 1024}")
     assert response.status == 200
     with pytest.raises(aiohttp.ClientPayloadError):
         await response.read()
+
+
+async def test_upstream_dying_within_a_small_body_is_a_502(setup: Setup) -> None:
+    # A small body is read whole before anything is sent, so the failure can still be told.
+    response = await setup.client.get("/api/broken/100")
+    assert response.status == 502
+    assert (await response.json())["detail"] == "upstream unavailable"
+
+
+@pytest.mark.parametrize("code", [204, 304])
+async def test_bodiless_statuses_pass_through(setup: Setup, code: int) -> None:
+    response = await setup.client.get(f"/api/status/{code}")
+    assert response.status == code
+    assert response.headers["X-Custom"] == "kept"
+    assert await response.read() == b""
