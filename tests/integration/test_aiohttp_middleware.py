@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import string
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from gateway import l402
 from gateway.examples import demo_api
@@ -200,53 +196,10 @@ async def test_expired_token_gets_402_with_the_reason(
     assert len(response.headers.getall("WWW-Authenticate")) == 2
 
 
-# Authorization values: L402-looking garbage, other schemes, and arbitrary text.
-_B64 = string.ascii_letters + string.digits + "+/=-_"
-AUTH_VALUES = st.one_of(
-    st.tuples(
-        st.sampled_from(["L402 ", "LSAT ", "l402 ", "L402\t", "Bearer ", "", "L402"]),
-        st.text(_B64 + ":, \t" + string.hexdigits, max_size=300),
-    ).map("".join),
-    st.tuples(
-        st.sampled_from(["L402 ", "LSAT "]),
-        st.text(_B64, min_size=1, max_size=200),
-        st.text(string.hexdigits, min_size=64, max_size=64),
-    ).map(lambda parts: f"{parts[0]}{parts[1]}:{parts[2]}"),
-    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=200),
-)
-
-
 @pytest_asyncio.fixture(scope="module")
 async def shared() -> AsyncIterator[TestClient[web.Request, web.Application]]:
     async with TestClient(TestServer(app_for(FakeGateway(RULES)))) as client:
         yield client
-
-
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(values=st.lists(AUTH_VALUES, min_size=1, max_size=3))
-async def test_garbage_authorization_never_500(
-    shared: TestClient[web.Request, web.Application], values: list[str]
-) -> None:
-    headers = [("Authorization", value) for value in values]
-    response = await shared.get(FORTUNE, headers=headers)
-    assert response.status in (400, 401, 402), (values, await response.text())
-    await response.read()
-
-
-@pytest.mark.parametrize("size", [8 * 1024, 9000, 100_000])
-async def test_huge_authorization_never_500(
-    shared: TestClient[web.Request, web.Application], size: int
-) -> None:
-    value = "L402 " + "A" * size + ":" + "00" * 32
-    try:
-        response = await shared.get(FORTUNE, headers={"Authorization": value})
-    except aiohttp.ClientError:
-        return  # the server may just drop the connection: still not a 500
-    assert response.status in (400, 401, 431), response.status
 
 
 async def test_429_with_retry_after_then_recovery() -> None:

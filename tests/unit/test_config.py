@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import importlib
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from gateway.cli import build_pricing
 from gateway.config import (
@@ -36,11 +32,6 @@ SECTIONS: dict[str, type[object]] = {
     "l402": L402Config,
     "rate_limit": RateLimitConfig,
 }
-ENV_NAMES = sorted(
-    f"GATEWAY_{section.upper()}_{f.name.upper()}"
-    for section, cls in SECTIONS.items()
-    for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-)
 
 
 @pytest.fixture
@@ -409,100 +400,3 @@ def test_config_is_frozen() -> None:
     config = load_config(None, {})
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.server = ServerConfig()  # type: ignore[misc]
-
-
-# --- hypothesis: nothing but ConfigError ------------------------------------------------
-
-ROUTE_KEYS = [f.name for f in dataclasses.fields(RouteConfig)]
-SECTION_KEYS: dict[str, list[str]] = {
-    **{
-        f"[{name}]": [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-        for name, cls in SECTIONS.items()
-    },
-    "[[routes]]": ROUTE_KEYS,
-    "[routes]": ROUTE_KEYS,
-    "[bogus]": ["x"],
-    "[lnd.sub]": ["x"],
-    "": ["x", "routes"],
-}
-LITERALS = [
-    "1",
-    "-1",
-    "0",
-    "1.5",
-    "inf",
-    "-inf",
-    "nan",
-    "1e400",
-    "99999999999999999999",
-    "true",
-    "false",
-    '""',
-    '"~"',
-    '"~nosuchuser-l402/x"',
-    '"/x"',
-    '"a,b"',
-    "[]",
-    '["GET"]',
-    '["a", 1]',
-    "[[1]]",
-    "{}",
-    "{ a = 1 }",
-    "1979-05-27",
-    "1979-05-27T07:32:00Z",
-    "07:32:00",
-    '"/*"',
-    '"gateway.examples:quote_price"',
-]
-QUOTED = st.text(st.characters(exclude_categories=("Cc", "Cs")), max_size=12).map(
-    lambda text: '"' + text.replace("\\", "").replace('"', "") + '"'
-)
-VALUES = st.one_of(st.sampled_from(LITERALS), QUOTED)
-
-REAL_HEADERS = [*(f"[{name}]" for name in SECTIONS), "[[routes]]"]
-
-
-def _table(header: str) -> st.SearchStrategy[str]:
-    keys = st.sampled_from(SECTION_KEYS[header])
-    body = st.dictionaries(keys, VALUES, max_size=5)
-    return body.map(lambda items: "\n".join([header, *(f"{k} = {v}" for k, v in items.items())]))
-
-
-# Mostly well-formed TOML (so the checks after parsing get exercised), sometimes not.
-DOCUMENTS = st.tuples(
-    st.lists(st.sampled_from([*REAL_HEADERS * 4, *SECTION_KEYS]), unique=True, max_size=6).flatmap(
-        lambda headers: st.tuples(*(_table(header) for header in sorted(headers)))
-    ),
-    st.tuples(st.booleans(), st.booleans(), st.text(max_size=20)),
-).map(lambda parts: "\n".join([*parts[0], parts[1][2] if parts[1][0] and parts[1][1] else ""]))
-
-
-@pytest.fixture(scope="module")
-def scratch() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory() as directory:
-        yield Path(directory)
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(document=DOCUMENTS)
-def test_arbitrary_toml_raises_only_config_error(scratch: Path, document: str) -> None:
-    path = scratch / "fuzz.toml"
-    path.write_text(document, encoding="utf-8", errors="surrogatepass")
-    with contextlib.suppress(ConfigError):
-        load_config(path, {})
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    environ=st.dictionaries(
-        st.sampled_from(ENV_NAMES),
-        st.one_of(
-            st.text(max_size=12),
-            st.sampled_from(["", "0", "-1", "1e999", "nan", "inf", "~", "~nobody-x/y", "١٢"]),
-        ),
-        max_size=6,
-    )
-)
-def test_arbitrary_env_values_raise_only_config_error(environ: dict[str, str]) -> None:
-    with contextlib.suppress(ConfigError):
-        load_config(None, environ)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import re
 
 import pytest
@@ -14,7 +13,6 @@ from gateway.l402 import (
     MAX_AUTHORIZATION_CHARS,
     Challenge,
     Credential,
-    L402Error,
     MalformedToken,
     encode_b64,
     format_authorization,
@@ -163,13 +161,6 @@ def test_parse_challenge_rejects(text: str, reason: str) -> None:
     assert info.value.reason == reason
 
 
-@given(st.text(max_size=300))
-def test_parse_challenge_fuzz_raises_only_l402_errors(text: str) -> None:
-    for candidate in (text, "L402 " + text, f'L402 token="QUJD", invoice="lnbc1", {text}'):
-        with contextlib.suppress(L402Error):
-            parse_challenge(candidate)
-
-
 # --- authorization -------------------------------------------------------------------------
 
 
@@ -287,12 +278,3 @@ def test_oversized_foreign_scheme_is_not_ours_to_judge() -> None:
 def test_a_single_string_is_a_type_error() -> None:
     with pytest.raises(TypeError):
         parse_authorization(f"L402 {MAC_B64}:{PRE.hex()}")
-
-
-@given(st.lists(st.text(max_size=200), max_size=3))
-def test_parse_authorization_fuzz_raises_only_l402_errors(values: list[str]) -> None:
-    prefixed = ["L402 " + v for v in values]
-    shaped = [f"L402 {v}:{PRE.hex()}" for v in values]
-    for candidate in (values, prefixed, shaped):
-        with contextlib.suppress(L402Error):
-            parse_authorization(candidate)
