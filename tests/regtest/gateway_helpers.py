@@ -68,6 +68,7 @@ def bake_gateway_macaroon(network: Network, path: Path) -> Path:
             capture_output=True,
             timeout=30,
         )
+        path.chmod(0o600)  # lncli writes it 0644; the README says to make it private
     return path
 
 
@@ -177,10 +178,11 @@ def gateway_command(config_file: Path, *args: str) -> subprocess.CompletedProces
     )
 
 
-def start_serve(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_serve(config_file: Path, log: Path, *options: str) -> subprocess.Popen[bytes]:
+    """``l402-gateway [options] --config FILE serve``, its output appended to ``log``."""
     with log.open("ab") as output:
         return subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "gateway.cli", "--config", str(config_file), "serve"],
+            [sys.executable, "-m", "gateway.cli", *options, "--config", str(config_file), "serve"],
             cwd=REPO,
             stdout=output,
             stderr=subprocess.STDOUT,

@@ -17,7 +17,6 @@ import os
 import signal
 import sqlite3
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from gateway.web.paywall import REDEEM_PATH
 from regtest.network import Network
 from regtest.processes import wait_for_http
 from tests.regtest import test_gateway_regtest
-from tests.regtest.gateway_helpers import REPO, gateway_command
+from tests.regtest.gateway_helpers import REPO, gateway_command, start_serve
 from tests.regtest.test_gateway_regtest import ProxySetup
 
 # The proxy in front of the demo API, as the reverse-proxy tests set it up.
@@ -121,17 +120,6 @@ async def _pay(network: Network, url: str, cache: Path) -> tuple[str, str]:
     return stdout.decode(), stderr.decode()
 
 
-def _start_verbose_serve(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as output:
-        return subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "gateway.cli", "-v", "--config", str(config_file), "serve"],
-            cwd=REPO,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-
 @pytest.mark.regtest
 async def test_no_secret_in_any_log_and_secret_files_are_private(
     network: Network, proxy_setup: ProxySetup, tmp_path: Path
@@ -145,7 +133,7 @@ async def test_no_secret_in_any_log_and_secret_files_are_private(
         "LND macaroon": _macaroon_spellings(config.lnd.macaroon.read_bytes())
         | _macaroon_spellings(network.bob.macaroon("admin").read_bytes()),
     }
-    process = _start_verbose_serve(config_file, log)
+    process = start_serve(config_file, log, "-v")
     try:
         await wait_for_http(f"{url}/health", process, log)
         for run in ("pay", "pay again from the cache"):
