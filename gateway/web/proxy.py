@@ -106,6 +106,9 @@ def build_proxy(
         async with aiohttp.ClientSession(
             timeout=timeout,
             auto_decompress=False,
+            # One session serves every client: a cookie jar would hand one client's upstream
+            # session cookie to all the others.
+            cookie_jar=aiohttp.DummyCookieJar(),
             # Forward the client's headers, not aiohttp's defaults (an Accept-Encoding the
             # client never sent would get it a compressed body it cannot read).
             skip_auto_headers=(

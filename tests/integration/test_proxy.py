@@ -91,7 +91,13 @@ def upstream_app(hooks: Upstream) -> web.Application:
         request.transport.close()  # the upstream dies mid-body
         return response
 
+    async def login(_request: web.Request) -> web.Response:
+        response = web.Response(text="welcome")
+        response.set_cookie("session", "alice-only")
+        return response
+
     app.router.add_route("*", "/public/echo", echo)
+    app.router.add_get("/public/login", login)
     app.router.add_get("/api/broken/{length}", broken)
     app.router.add_get("/api/status/{code}", status)
     app.router.add_get("/api/stream", stream)
@@ -421,3 +427,18 @@ async def test_bodiless_statuses_pass_through(setup: Setup, code: int) -> None:
     assert response.status == code
     assert response.headers["X-Custom"] == "kept"
     assert await response.read() == b""
+
+
+async def test_upstream_cookies_are_never_kept_by_the_proxy(
+    upstream: tuple[BaseTestServer, Upstream],
+) -> None:
+    # By host name: a client cookie jar would keep cookies set by it (not by an IP address)
+    # and send one client's session along with everybody's requests.
+    server, _ = upstream
+    url = str(server.make_url("")).replace("127.0.0.1", "localhost")
+    async with TestClient(TestServer(build_proxy(url, FakeGateway(RULES)))) as client:
+        login = await client.get("/public/login")
+        assert login.headers["Set-Cookie"].startswith("session=alice-only")  # for its client
+        client.session.cookie_jar.clear()  # now another client, without the cookie
+        echo = await client.get("/public/echo")
+        assert "cookie" not in headers_of(await echo.json())
