@@ -10,11 +10,12 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import grpc
 
 from gateway.lnd.connection import LndConnection, LndSettings
@@ -97,6 +98,7 @@ class Network:
         self.btcd_rpc_host = btcd_rpc_host
         self.btcd_pid = btcd_pid
         self.nodes = nodes
+        self._blocks: list[str] = []  # btcd's chain while it is stopped
         self.rpc = BtcdRpc(
             f"https://{btcd_rpc_host}", RPC_USER, RPC_PASSWORD, workdir / "btcd" / "rpc.cert"
         )
@@ -121,6 +123,57 @@ class Network:
     async def block_height(self) -> int:
         height: int = await self.rpc.call("getblockcount")
         return height
+
+    async def btcd_answers(self) -> int | None:
+        """The block height, or None while btcd's RPC does not answer."""
+        try:
+            return await self.block_height()
+        except (OSError, ValueError, RuntimeError, aiohttp.ClientError):
+            return None
+
+    def _managed(self, name: str) -> tuple[list[ManagedProcess], int]:
+        if self._processes is None:
+            raise RuntimeError("only the process that started the network can restart it")
+        names = [process.name for process in self._processes]
+        return self._processes, names.index(name)
+
+    async def stop_process(self, name: str, *, crash: bool = False) -> None:
+        """Stop ``btcd`` or an LND node: cleanly (SIGTERM), or as a crash (SIGKILL)."""
+        processes, index = self._managed(name)
+        if name == "btcd":
+            # btcd deletes its regtest chain at every start: keep the blocks to submit again.
+            heights = range(1, await self.block_height() + 1)
+            hashes = await asyncio.gather(*(self.rpc.call("getblockhash", h) for h in heights))
+            self._blocks = await asyncio.gather(*(self.rpc.call("getblock", h, 0) for h in hashes))
+        if crash:
+            await processes[index].kill()
+        else:
+            await processes[index].stop()
+
+    async def start_process(self, name: str) -> None:
+        """Start a stopped ``btcd`` or LND node again with the same arguments and wait for it:
+        btcd until its RPC answers and it has its chain back, a node until it is active,
+        synced and its channels are up. Updates the pids and the state file."""
+        processes, index = self._managed(name)
+        if processes[index].exited() is None:
+            raise RuntimeError(f"{name} is still running")
+        process = processes[index] = processes[index].respawn()
+        if name == "btcd":
+            self.btcd_pid = process.pid
+            await _until("btcd's RPC", self.btcd_answers, 30, [process])
+            for block in self._blocks:
+                await self.rpc.call("submitblock", block)
+        else:
+            self.nodes[name] = replace(self.nodes[name], pid=process.pid)
+            admin = _Admin(name, self.nodes[name].settings())
+            try:
+                peers = [
+                    self.nodes[n] for pair in CHANNELS if name in pair for n in pair if n != name
+                ]
+                await _until_active(admin, process, peers)
+            finally:
+                await admin.connection.close()
+        self.save()
 
     def describe(self) -> str:
         lines = [
@@ -222,6 +275,46 @@ class _Admin:
             return None
         return info if info.synced_to_chain else None
 
+    async def connect(self, peer: Node) -> None:
+        address = lightning_pb2.LightningAddress(pubkey=peer.pubkey, host=peer.p2p_host)
+        try:
+            await self.call(
+                self.lightning.ConnectPeer,
+                lightning_pb2.ConnectPeerRequest(addr=address, timeout=20),
+            )
+        except grpc.aio.AioRpcError as error:
+            if "already connected" not in (error.details() or ""):
+                raise
+
+    async def channels_active(self, count: int) -> bool | None:
+        request = lightning_pb2.ListChannelsRequest(active_only=True)
+        try:
+            reply = await self.call(self.lightning.ListChannels, request)
+        except grpc.aio.AioRpcError:
+            return None
+        return True if len(reply.channels) >= count else None
+
+
+async def _until_active(
+    admin: _Admin, process: ManagedProcess, channel_peers: Sequence[Node] = ()
+) -> lightning_pb2.GetInfoResponse:
+    """Wait until the node is SERVER_ACTIVE, synced to the chain and, reconnected to its
+    ``channel_peers``, has its channel with each of them active again."""
+    name = admin.name
+    await _until(f"{name} to become SERVER_ACTIVE", admin.server_active, START_TIMEOUT, [process])
+    info = await _until(f"{name} to sync to the chain", admin.synced_info, START_TIMEOUT, [process])
+    if channel_peers:
+        # Nodes announce no address here, and a peer's reconnection backoff grows with
+        # every restart: reconnect from this side.
+        for peer in channel_peers:
+            await admin.connect(peer)
+
+        async def active() -> bool | None:
+            return await admin.channels_active(len(channel_peers))
+
+        await _until(f"{name}'s channels to become active", active, START_TIMEOUT, [process])
+    return info
+
 
 def _lnd_args(
     binaries: Binaries, name: str, lnddir: Path, rpc: int, p2p: int, btcd_host: str, cert: Path
@@ -302,15 +395,7 @@ async def _fund(network: Network, admins: dict[str, _Admin]) -> None:
 async def _open_channels(network: Network, admins: dict[str, _Admin]) -> None:
     for opener, peer in CHANNELS:
         target = network.nodes[peer]
-        address = lightning_pb2.LightningAddress(pubkey=target.pubkey, host=target.p2p_host)
-        try:
-            await admins[opener].call(
-                admins[opener].lightning.ConnectPeer,
-                lightning_pb2.ConnectPeerRequest(addr=address, timeout=20),
-            )
-        except grpc.aio.AioRpcError as error:
-            if "already connected" not in (error.details() or ""):
-                raise
+        await admins[opener].connect(target)
         await admins[opener].call(
             admins[opener].lightning.OpenChannelSync,
             lightning_pb2.OpenChannelRequest(
@@ -325,10 +410,7 @@ async def _open_channels(network: Network, admins: dict[str, _Admin]) -> None:
     for name, admin in admins.items():
 
         async def active(admin: _Admin = admin, count: int = expected[name]) -> bool | None:
-            reply = await admin.call(
-                admin.lightning.ListChannels, lightning_pb2.ListChannelsRequest(active_only=True)
-            )
-            return True if len(reply.channels) >= count else None
+            return await admin.channels_active(count)
 
         await _until(f"{name}'s channels to become active", active, 60, [])
 
@@ -367,14 +449,7 @@ async def start_network(workdir: Path, *, detached: bool = False) -> Network:
     admins: dict[str, _Admin] = {}
     network = Network(workdir, btcd_host, {}, btcd.pid, processes)
     try:
-
-        async def btcd_answers() -> int | None:
-            try:
-                return await network.block_height()
-            except (OSError, ValueError, RuntimeError):
-                return None
-
-        await _until("btcd's RPC", btcd_answers, 30, [btcd])
+        await _until("btcd's RPC", network.btcd_answers, 30, [btcd])
         # Past segwit activation, with enough mature coinbases to fund every node.
         height = await network.block_height()
         await network.mine(max(0, SEGWIT_HEIGHT + COINBASE_MATURITY - height))
@@ -410,21 +485,8 @@ async def start_network(workdir: Path, *, detached: bool = False) -> Network:
             await _until(f"{name}'s TLS cert and macaroon", files_written, START_TIMEOUT, [process])
             admin = _Admin(name, node.settings())
             admins[name] = admin
-            await _until(
-                f"{name} to become SERVER_ACTIVE", admin.server_active, START_TIMEOUT, [process]
-            )
-            info = await _until(
-                f"{name} to sync to the chain", admin.synced_info, START_TIMEOUT, [process]
-            )
-            return Node(
-                name,
-                node.rpc_host,
-                node.p2p_host,
-                node.lnddir,
-                info.identity_pubkey,
-                node.log,
-                node.pid,
-            )
+            info = await _until_active(admin, process)
+            return replace(node, pubkey=info.identity_pubkey)
 
         ready = await asyncio.gather(*(lnd_ready(name) for name in NODE_NAMES))
         network.nodes.update({node.name: node for node in ready})

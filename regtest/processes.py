@@ -50,6 +50,8 @@ class ManagedProcess:
     def __init__(self, name: str, args: list[str], log: Path, *, detached: bool) -> None:
         self.name = name
         self.log = log
+        self._args = list(args)
+        self._detached = detached
         command = list(args)
         setpriv = shutil.which("setpriv")
         if not detached and setpriv is not None:
@@ -64,6 +66,10 @@ class ManagedProcess:
             )
         self.pid = self._process.pid
 
+    def respawn(self) -> ManagedProcess:
+        """The same program started again with the same arguments, appending to the same log."""
+        return ManagedProcess(self.name, self._args, self.log, detached=self._detached)
+
     def exited(self) -> int | None:
         """The exit code, or None while it runs."""
         return self._process.poll()
@@ -75,6 +81,11 @@ class ManagedProcess:
             f"{self.name} {what}; the process {state}. Last lines of {self.log}:\n"
             f"{log_tail(self.log)}"
         )
+
+    async def kill(self) -> None:
+        """SIGKILL, as a crash would (no clean shutdown), and reap the process."""
+        self._process.kill()
+        await asyncio.to_thread(self._process.wait)
 
     async def stop(self, grace: float = 20.0) -> None:
         await stop_pid(self.pid, grace, poll=self._process.poll)

@@ -15,6 +15,9 @@ _CHANNEL_OPTIONS = (
     # LND closes connections that ping more often than every 5 s.
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # gRPC's reconnect backoff grows to 120 s: after a long outage the gateway would go on
+    # answering 503 for up to two minutes after the node is back. Connecting is cheap.
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -50,3 +51,23 @@ async def test_stuck_process_times_out_and_is_stopped(tmp_path: Path) -> None:
         await _until("carol's RPC", never, 1, [process], interval=0.05)
     await process.stop(grace=5)
     assert process.exited() is not None
+
+
+async def test_killed_process_respawns_with_the_same_arguments_and_log(tmp_path: Path) -> None:
+    script = "import os, time; print('started', os.getpid(), flush=True); time.sleep(60)"
+    log = tmp_path / "btcd.log"
+    process = ManagedProcess("btcd", [sys.executable, "-c", script], log, detached=False)
+
+    async def started(count: int) -> bool | None:
+        return True if log.read_text().count("started") == count else None
+
+    await _until("the first start", lambda: started(1), 10, [process], interval=0.05)
+    await process.kill()
+    assert process.exited() == -signal.SIGKILL
+    again = process.respawn()
+    try:
+        await _until("the second start", lambda: started(2), 10, [again], interval=0.05)
+        assert again.pid != process.pid
+        assert f"started {again.pid}" in log.read_text()
+    finally:
+        await again.stop(grace=5)
