@@ -165,6 +165,7 @@ async def running_gateway(
                 rate_limiter=RateLimiter(
                     limits.challenges_per_second, limits.burst, limits.max_clients, clock
                 ),
+                max_pending_invoices=limits.max_pending_invoices,
             )
             watcher = InvoiceWatcher(lnd, store)
             task = asyncio.create_task(watcher.run(), name="l402-invoice-watcher")

@@ -84,12 +84,15 @@ class RateLimitConfig:
     challenges_per_second: float = 2.0  # refill rate of each client's bucket
     burst: int = 20  # bucket size: challenges a client may get at once
     max_clients: int = 100_000  # buckets kept; the least recently seen are dropped
+    max_pending_invoices: int = 16  # invoices being created at once, over all clients
 
     def __post_init__(self) -> None:
         rate = self.challenges_per_second
         _require(_positive(rate), "challenges_per_second", "a positive number", rate)
         _require(self.burst >= 1, "burst", ">= 1", self.burst)
         _require(self.max_clients >= 1, "max_clients", ">= 1", self.max_clients)
+        pending = self.max_pending_invoices
+        _require(pending >= 1, "max_pending_invoices", ">= 1", pending)
 
 
 @dataclass(frozen=True, slots=True)

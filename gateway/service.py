@@ -21,6 +21,7 @@ Depends only on ``gateway.l402``, ``gateway.pricing`` and ``gateway.ports``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import enum
 import hashlib
@@ -259,6 +260,7 @@ class L402Service:
         strict_settlement: bool = False,
         root_key_cache_seconds: float = 5.0,
         rate_limiter: RateLimiter | None = None,
+        max_pending_invoices: int = 16,
     ) -> None:
         self.pricing = pricing
         self._backend = backend
@@ -276,6 +278,11 @@ class L402Service:
         self._limiter = rate_limiter
         self._lookups: OrderedDict[bytes, float] = OrderedDict()  # hash -> last node lookup
         self._preimages: OrderedDict[bytes, Preimage] = OrderedDict()
+        # Many addresses, each within its budget, can still ask for more invoices than the
+        # node writes; queued on its database they delay settling the invoices being paid.
+        # Waiters are served in arrival order, so a buyer waits behind at most one request
+        # per open connection.
+        self._invoice_slots = asyncio.Semaphore(max_pending_invoices)
 
     async def authorize(self, request: RequestInfo) -> Decision:
         if not _is_normalized(request.path):
@@ -440,7 +447,8 @@ class L402Service:
                 return Deny(429, "too many payment challenges", retry_after=math.ceil(wait))
         memo = f"{rule.service}: {request.method.upper()} {request.path}"[:MEMO_LIMIT]
         try:
-            invoice = await self._backend.add_invoice(price, memo, self._invoice_expiry)
+            async with self._invoice_slots:
+                invoice = await self._backend.add_invoice(price, memo, self._invoice_expiry)
         except errors.BackendUnavailable as error:
             log.warning("cannot create invoice: %s", error)
             return Deny(503, "Lightning node unavailable", retry_after=5)

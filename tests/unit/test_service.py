@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from gateway import errors, l402
-from gateway.ports import InvoiceRecord, InvoiceState, Msat, PaymentHash
+from gateway.ports import InvoiceRecord, InvoiceState, Msat, NewInvoice, PaymentHash
 from gateway.pricing import PriceRequest, Pricing, Rule
 from gateway.service import (
     Allow,
@@ -824,3 +825,39 @@ async def test_caches_keep_only_tokens_used_within_the_cache_age() -> None:
     # The stale entries went when the new one came in: memory follows recent use.
     assert len(env.service._allowed) == 1
     assert len(env.service._cache._entries) == 1
+
+
+class _SlowBackend(FakeInvoiceBackend):
+    """Counts the invoices being created at once; each waits until the test releases it."""
+
+    def __init__(self, full_at: int) -> None:
+        super().__init__()
+        self.pending = 0
+        self.most_pending = 0
+        self.full_at = full_at
+        self.full = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def add_invoice(self, amount_msat: Msat, memo: str, expiry: int) -> NewInvoice:
+        self.pending += 1
+        self.most_pending = max(self.most_pending, self.pending)
+        if self.pending == self.full_at:
+            self.full.set()
+        try:
+            await self.release.wait()
+            return await super().add_invoice(amount_msat, memo, expiry)
+        finally:
+            self.pending -= 1
+
+
+async def test_invoices_created_at_once_are_bounded_over_all_clients() -> None:
+    backend = _SlowBackend(full_at=4)
+    env = Env(backend=backend, max_pending_invoices=4)
+    asks = [asyncio.create_task(env.ask(client=f"198.51.100.{i}")) for i in range(20)]
+    await backend.full.wait()
+    await asyncio.sleep(0)  # one more turn: every other ask has run as far as it can
+    assert backend.pending == 4  # the other 16 wait for a slot instead of reaching the node
+    backend.release.set()
+    decisions = await asyncio.gather(*asks)
+    assert all(isinstance(decision, Challenge) for decision in decisions)
+    assert backend.most_pending == 4
