@@ -4,7 +4,10 @@ The watcher subscribes from the cursor stored with the invoices, so after a disc
 restart LND replays exactly what was missed (indices strictly greater than the cursor). After
 each (re)connection it also reconciles the invoices still open in the store with
 LookupInvoice, which covers what a subscription cannot replay: invoices created before the
-very first subscription (cursor 0 means "no replay") and hold-invoice transitions.
+very first subscription (cursor 0 means "no replay") and hold-invoice transitions. Until a
+first settlement is recorded (settle index 0: LND replays no settlement), the add replay
+starts before the oldest unsettled tracked invoice, so a settlement that lands while the
+subscription is being set up is not lost either.
 """
 
 from __future__ import annotations
@@ -69,7 +72,9 @@ class InvoiceWatcher:
 
     async def _follow(self) -> None:
         cursor = await self._store.get_cursor()
-        stream = self._backend.subscribe_invoices(cursor.add_index, cursor.settle_index)
+        stream = self._backend.subscribe_invoices(
+            await self._replay_from(cursor), cursor.settle_index
+        )
         # The stream starts on first iteration; reconcile alongside it. Both paths write
         # idempotently, so their order does not matter.
         reconciling = asyncio.create_task(self.reconcile())
@@ -81,6 +86,27 @@ class InvoiceWatcher:
             await stream.aclose()
             reconciling.cancel()
             await asyncio.gather(reconciling, return_exceptions=True)
+
+    async def _replay_from(self, cursor: Cursor) -> int:
+        """The add index to subscribe from.
+
+        Settle index 0 makes the node replay no settlement at all, and reconciliation cannot
+        see one that lands between its lookup and the subscription starting on the node. So
+        until a settlement has been recorded, the replay starts before the oldest unsettled
+        tracked invoice: an add replay carries the invoice's current state, settled or not.
+        """
+        if cursor.settle_index:
+            return cursor.add_index
+        unsettled = [
+            record.add_index
+            for state in _UNSETTLED
+            for record in await self._store.list_invoices(state=state)
+        ]
+        # 0 means "no replay": the node's very first invoice cannot be replayed this way.
+        starts = [index - 1 for index in unsettled if index > 1]
+        if cursor.add_index:
+            starts.append(cursor.add_index)
+        return min(starts, default=0)
 
     async def reconcile(self) -> int:
         """Look up every unsettled tracked invoice on the node; returns how many changed.

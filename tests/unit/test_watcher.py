@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 
 from gateway import errors
 from gateway.ports import (
     Cursor,
+    Invoice,
     InvoiceRecord,
     InvoiceState,
     InvoiceUpdate,
@@ -251,6 +252,43 @@ async def test_run_resumes_from_the_stored_cursor(
         assert await state(store, third.payment_hash) is InvoiceState.SETTLED
         assert await state(store, second.payment_hash) is InvoiceState.OPEN
     assert backend.subscriptions[0] == (1, 1)
+
+
+class SubscribesLate(FakeInvoiceBackend):
+    """A node that registers a subscription a moment after it is asked for, as LND over gRPC
+    does, and in that moment settles ``paid`` (reconciliation has just seen it OPEN)."""
+
+    paid: PaymentHash
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looked_up = asyncio.Event()
+
+    async def lookup_invoice(self, payment_hash: PaymentHash) -> Invoice:
+        invoice = await super().lookup_invoice(payment_hash)
+        self.looked_up.set()
+        return invoice
+
+    async def subscribe_invoices(
+        self, add_index: int = 0, settle_index: int = 0
+    ) -> AsyncGenerator[Invoice, None]:
+        await self.looked_up.wait()
+        self.pay(self.paid)
+        async for invoice in super().subscribe_invoices(add_index, settle_index):
+            yield invoice
+
+
+async def test_a_settlement_while_subscribing_is_not_missed_before_any_settle_index() -> None:
+    backend, store = SubscribesLate(), WatchedStore()
+    await backend.add_invoice(Msat(1), "not the gateway's", 600)
+    tracked = await track(backend, store)
+    backend.paid = tracked.payment_hash
+    # Its add event was seen; no settlement ever was, and LND replays none after index 0.
+    await store.save_cursor(Cursor(tracked.add_index, 0))
+    async with Running(InvoiceWatcher(backend, store)):
+        await store.wait_cursor(Cursor(tracked.add_index, 1))
+    assert await state(store, tracked.payment_hash) is InvoiceState.SETTLED
+    assert backend.subscriptions == [(tracked.add_index - 1, 0)]
 
 
 def backoffs(caplog: pytest.LogCaptureFixture) -> list[float]:
