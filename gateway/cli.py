@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from gateway import errors
@@ -178,6 +179,22 @@ async def running_gateway(
         await store.close()
 
 
+class MalformedRequestLog(logging.Filter):
+    """aiohttp logs each request its parser rejects at ERROR, with a traceback quoting the
+    offending bytes: anyone could fill the log that way, and the bytes may be part of a
+    credential. Such a record becomes one INFO line naming only the client and the error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError) and error.code == 400:
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            record.msg = "rejected a malformed request from %s: %s"
+            client = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.args = (client, type(error).__name__)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def _serve(config: Config) -> int:
     if not config.server.upstream:
         raise errors.ConfigError("[server] upstream is required for serve (the backend URL)")
@@ -193,6 +210,7 @@ def _serve(config: Config) -> int:
         trust_forwarded_for=config.server.trust_forwarded_for,
         max_body_bytes=config.server.max_body_bytes,
     )
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequestLog())
     log.info("l402-gateway proxying %s on %s", config.server.upstream, config.server.listen)
     web.run_app(app, host=host, port=int(port), print=None, handle_signals=True)
     return 0

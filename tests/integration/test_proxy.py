@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 
+from gateway.cli import MalformedRequestLog
 from gateway.examples import demo_api
 from gateway.ports import Msat
 from gateway.pricing import Rule
@@ -442,3 +444,22 @@ async def test_upstream_cookies_are_never_kept_by_the_proxy(
         client.session.cookie_jar.clear()  # now another client, without the cookie
         echo = await client.get("/public/echo")
         assert "cookie" not in headers_of(await echo.json())
+
+
+async def test_a_malformed_request_is_one_info_line_without_its_bytes(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    log_filter = MalformedRequestLog()
+    server_log.addFilter(log_filter)
+    try:
+        secret = "L402 " + "s" * 20_000
+        response = await setup.client.get("/health", headers={"Authorization": secret})
+        assert response.status == 400
+    finally:
+        server_log.removeFilter(log_filter)
+    (record,) = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert record.levelno == logging.INFO
+    assert record.exc_info is None
+    assert record.getMessage() == "rejected a malformed request from 127.0.0.1: LineTooLong"
+    assert "sss" not in caplog.text
