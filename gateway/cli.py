@@ -27,12 +27,16 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import ctypes
 import decimal
 import importlib
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -81,6 +85,9 @@ from gateway.watcher import InvoiceWatcher
 from gateway.web.proxy import build_proxy
 
 log = logging.getLogger(__name__)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+WORKER_LOG_FORMAT = "%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s"
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 def _price_function(route: RouteConfig) -> PriceFunction:
@@ -144,9 +151,10 @@ def lnd_settings(config: Config) -> LndSettings:
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    config: Config, *, clock: Clock | None = None
+    config: Config, *, clock: Clock | None = None, watch: bool = True
 ) -> AsyncIterator[L402Service]:
-    """Open the store and the LND client, run the settlement watcher, yield the service."""
+    """Open the store and the LND client, run the settlement watcher (unless another process
+    sharing the store does: ``watch=False``), yield the service."""
     clock = clock or SystemClock()
     pricing = build_pricing(config)
     settings = lnd_settings(config)
@@ -168,13 +176,16 @@ async def running_gateway(
                 ),
                 max_pending_invoices=limits.max_pending_invoices,
             )
-            watcher = InvoiceWatcher(lnd, store)
-            task = asyncio.create_task(watcher.run(), name="l402-invoice-watcher")
+            tasks = []
+            if watch:
+                watcher = InvoiceWatcher(lnd, store)
+                tasks.append(asyncio.create_task(watcher.run(), name="l402-invoice-watcher"))
             try:
                 yield service
             finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         await store.close()
 
@@ -203,17 +214,91 @@ def _serve(config: Config) -> int:
     host, _, port = config.server.listen.rpartition(":")
     if not host or not port.isdigit():
         raise errors.ConfigError(f"[server] listen must be host:port, got {config.server.listen}")
-    app = build_proxy(
+    workers = config.server.workers
+    if workers > 1 and config.store.url.startswith("memory:"):
+        raise errors.ConfigError("[server] workers > 1 needs a store they share, not memory:")
+    log.info(
+        "l402-gateway proxying %s on %s (%d worker%s)",
         config.server.upstream,
-        lambda: running_gateway(config),
+        config.server.listen,
+        workers,
+        "" if workers == 1 else "s",
+    )
+    if workers == 1:
+        _serve_worker(config, host, int(port), watch=True, log_level=None)
+        return 0
+    return _serve_workers(config, host, int(port))
+
+
+def _serve_worker(
+    config: Config, host: str, port: int, *, watch: bool, log_level: int | None
+) -> None:
+    """One proxy process; ``log_level`` is set when it is a spawned worker."""
+    if log_level is not None:
+        _die_with_parent()
+        logging.basicConfig(level=log_level, format=WORKER_LOG_FORMAT)
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequestLog())
+    app = build_proxy(
+        config.server.upstream or "",
+        lambda: running_gateway(config, watch=watch),
         token_header=config.server.token_header,
         trust_forwarded_for=config.server.trust_forwarded_for,
         max_body_bytes=config.server.max_body_bytes,
     )
-    logging.getLogger("aiohttp.server").addFilter(MalformedRequestLog())
-    log.info("l402-gateway proxying %s on %s", config.server.upstream, config.server.listen)
-    web.run_app(app, host=host, port=int(port), print=None, handle_signals=True)
-    return 0
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        print=None,
+        handle_signals=True,
+        reuse_port=log_level is not None,
+    )
+
+
+def _die_with_parent() -> None:
+    """A worker whose supervisor is killed must not go on holding the port."""
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the line above
+        raise SystemExit(0)
+
+
+def _serve_workers(config: Config, host: str, port: int) -> int:
+    """Run ``workers`` proxy processes on one port (SO_REUSEPORT); the first one also runs
+    the settlement watcher. Any worker's exit stops them all."""
+    context = multiprocessing.get_context("spawn")  # no gRPC state crosses a fork
+    level = logging.getLogger().getEffectiveLevel()
+    workers = [
+        context.Process(
+            target=_serve_worker,
+            args=(config, host, port),
+            kwargs={"watch": index == 0, "log_level": level},
+            name=f"l402-gateway-worker-{index}",
+        )
+        for index in range(config.server.workers)
+    ]
+    stopping = False
+
+    def stop(_signal: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()  # SIGTERM: a graceful stop
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for worker in workers:
+        worker.start()
+    multiprocessing.connection.wait([worker.sentinel for worker in workers])
+    failed = [] if stopping else [w for w in workers if w.exitcode not in (None, 0)]
+    stop(signal.SIGTERM, None)
+    for worker in workers:
+        worker.join()
+    for worker in failed:
+        log.error("%s exited with %s; stopped the others", worker.name, worker.exitcode)
+    return 1 if failed else 0
 
 
 def _record_json(record: InvoiceRecord) -> dict[str, Any]:
@@ -681,7 +766,7 @@ async def _pay(
 def _pay_command(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
     )
     try:
         method, headers, data = _request_parts(args)
@@ -727,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _pay_command(args)  # a client: reads no gateway configuration
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
     )
     try:
         config = load_config(args.config)

@@ -44,9 +44,11 @@ class ServerConfig:
     token_header: str = "X-L402-Token"  # noqa: S105 - a header name, not a secret
     trust_forwarded_for: bool = False  # take the client address from X-Forwarded-For
     max_body_bytes: int = 10 * 1024 * 1024  # larger request bodies get 413
+    workers: int = 1  # processes sharing the listening port (and the store)
 
     def __post_init__(self) -> None:
         _require(self.max_body_bytes >= 0, "max_body_bytes", ">= 0", self.max_body_bytes)
+        _require(self.workers >= 1, "workers", ">= 1", self.workers)
 
 
 @dataclass(frozen=True, slots=True)

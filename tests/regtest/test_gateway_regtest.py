@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -242,6 +243,61 @@ async def test_reverse_proxy_cli_invoices_and_revoke(
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log.read_text()
+
+
+async def test_serve_with_two_workers_shares_one_port_and_one_store(
+    network: Network, bob: LndClient, proxy_setup: ProxySetup
+) -> None:
+    url, database, config_file, log = proxy_setup
+    fortune = url + "/api/premium/fortune"
+    config_file.write_text(config_file.read_text().replace("[server]\n", "[server]\nworkers = 2\n"))
+    process = start_serve(config_file, log)
+    try:
+        await wait_for_http(f"{url}/health", process, log)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        # Besides the workers, multiprocessing's resource tracker is a child too.
+        workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(workers) == 2, children
+        hashes, authorizations = [], []
+        for _ in range(3):
+            async with aiohttp.ClientSession() as session, session.get(fortune) as response:
+                assert response.status == 402
+                challenge = l402_challenge(response.headers)
+            authorizations.append(await pay(bob, network, challenge))
+            macaroon = l402.decode_b64(challenge.macaroon_b64)
+            hashes.append(l402.Identifier.decode(macaroon.identifier).payment_hash)
+        # A new connection each time: the kernel spreads them over the workers, and each
+        # worker accepts tokens any of them minted.
+        for authorization in authorizations * 20:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(fortune, headers={"Authorization": authorization}) as response,
+            ):
+                assert response.status == 200
+        for payment_hash in hashes:  # the first worker's watcher records every settlement
+            await wait_for_invoice(database, payment_hash, "SETTLED")
+        served = re.findall(
+            r"(l402-gateway-worker-\d) INFO aiohttp.access: .* 200 ", log.read_text()
+        )
+        assert set(served) == {"l402-gateway-worker-0", "l402-gateway-worker-1"}, served
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    for worker in workers:  # stopped, and reaped, by their supervisor
+        assert not Path(f"/proc/{worker}").exists()
+
+    # A killed supervisor takes its workers with it: none goes on holding the port.
+    process = start_serve(config_file, log)
+    await wait_for_http(f"{url}/health", process, log)
+    process.kill()
+    process.wait(timeout=30)
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                async with aiohttp.ClientSession() as session, session.get(f"{url}/health"):
+                    await asyncio.sleep(0.1)
+            except aiohttp.ClientConnectionError:
+                break
 
 
 async def test_sigkill_while_invoices_are_paid_loses_no_settlement(

@@ -61,6 +61,7 @@ def test_sample_config_loads_every_section_and_key(home: Path) -> None:
         token_header="X-L402-Token",
         trust_forwarded_for=False,
         max_body_bytes=10485760,
+        workers=1,
     )
     assert config.lnd == LndConfig(
         host="127.0.0.1:10009",
@@ -295,6 +296,7 @@ def test_wrong_types(tmp_path: Path, text: str, fragments: tuple[str, ...]) -> N
     ("text", "fragments"),
     [
         ("[server]\nmax_body_bytes = -1", ("[server]", "max_body_bytes")),
+        ("[server]\nworkers = 0", ("[server]", "workers")),
         ("[lnd]\ntimeout = 0", ("[lnd]", "timeout")),
         ("[lnd]\ntimeout = inf", ("[lnd]", "timeout")),
         ("[lnd]\ntimeout = nan", ("[lnd]", "timeout")),
