@@ -266,6 +266,7 @@ class L402Service:
         self._backend = backend
         self._store = store
         self._clock = clock
+        self._now = clock.now  # bound once: read on every cached hit
         self._location = location
         self._invoice_expiry = invoice_expiry
         self._strict = strict_settlement
@@ -322,7 +323,7 @@ class L402Service:
         entry = self._allowed.get(key)
         if entry is None:
             return None
-        if entry.since <= self._clock.now() < entry.until:
+        if entry.since <= self._now() < entry.until:
             return entry.allow
         del self._allowed[key]
         return None

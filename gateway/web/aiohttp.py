@@ -41,6 +41,7 @@ from gateway.web.paywall import MAX_REDEEM_BODY, REDEEM_PATH, handle_redeem, ren
 from gateway.web.responses import HttpResponse, client_address
 
 TOKEN = web.RequestKey("l402_token", PaidToken)
+_AUTHORIZATION = hdrs.AUTHORIZATION
 
 GatewayFactory = Callable[[], AbstractAsyncContextManager[L402Service]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -106,14 +107,16 @@ def l402_middleware(slot: _ServiceSlot, trust_forwarded_for: bool) -> Middleware
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         service = slot.service
-        if request.path == REDEEM_PATH:
+        path = request.path
+        if path == REDEEM_PATH:
             return await _redeem(request, service)
         if service is None:
             decision: Decision = Deny(503, "gateway is starting", retry_after=1)
         else:
-            authorization = tuple(request.headers.getall(hdrs.AUTHORIZATION, ()))
-            cached = service.allowed_again(authorization, request.method, request.path)
-            decision = cached or await service.authorize(request_info(request, trust_forwarded_for))
+            authorization = tuple(request.headers.getall(_AUTHORIZATION, ()))
+            decision = service.allowed_again(
+                authorization, request.method, path
+            ) or await service.authorize(request_info(request, trust_forwarded_for))
         if isinstance(decision, Allow):
             if decision.token is not None:
                 request[TOKEN] = decision.token
