@@ -239,7 +239,7 @@ def record(section: str, lines: list[str], verdict: Verdict | None = None) -> No
     sections[section] = "\n".join(lines)
     if verdict is not None:
         met = {True: "met", False: "**not met**", None: "no target"}[verdict.met]
-        rows[section] = f"| {section} | {verdict.result} | {verdict.target} {met} |"
+        rows[section] = f"| {section} | {verdict.result} | {f'{verdict.target} {met}'.strip()} |"
     summary = "\n".join(
         [
             f"Measured on {machine()}.",
