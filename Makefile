@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install build browser demo test test-fast lint format protos up down status bench clean
+.PHONY: install build browser demo test test-fast test-long lint format protos up down status bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ test: lint build browser
 
 test-fast: install
 	$(BIN)/pytest -m "not regtest"
+
+# The long variants only (minutes): the 60 s load test with 500 unpaid and 50 paying clients.
+test-long: build
+	$(BIN)/pytest --long -m long -s
 
 # Every benchmark, each against a baseline measured in the same run: bench/results.md.
 bench: build
