@@ -2,9 +2,9 @@
 
 Commands::
 
-    l402-gateway serve --config gateway.toml          reverse proxy in front of [server] upstream
-    l402-gateway invoices --config gateway.toml       tracked invoices (table, or --json)
-    l402-gateway token revoke TOKEN_ID --config ...   revoke one token
+    l402-gateway --config gateway.toml serve          reverse proxy in front of [server] upstream
+    l402-gateway --config gateway.toml invoices       tracked invoices (table, or --json)
+    l402-gateway --config ... token revoke TOKEN_ID   revoke one token
     l402-gateway pay URL [-X M] [-H 'N: v'] [-d D]   fetch URL, paying its L402 challenge
 
 Exit codes: 0 success, 1 nothing matched (e.g. unknown token), 2 bad usage or configuration,

@@ -134,7 +134,7 @@ async def demo(workdir: Path) -> None:
         config.write_text(gateway_toml(network, workdir, f"127.0.0.1:{gateway_port}", upstream))
         log = workdir / "gateway.log"
         say(f"demo API on {upstream} (it knows nothing about Lightning)")
-        say(f"l402-gateway serve --config {config}  (log {log})")
+        say(f"l402-gateway --config {config} serve  (log {log})")
         gateway = start_gateway(config, log)
         try:
             await wait_for_http(f"{url}/health", gateway, log)
