@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from gateway import l402
@@ -25,6 +28,7 @@ from gateway.lnd.client import LndClient
 from gateway.ports import InvoiceRecord, Msat, PaymentHash
 from gateway.store import SqliteStore
 from regtest.network import Network
+from regtest.processes import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_FEE = Msat(10_000)
@@ -188,3 +192,16 @@ def start_serve(config_file: Path, log: Path, *options: str) -> subprocess.Popen
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on a free loopback port for the block; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    (port,) = free_ports(1)
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

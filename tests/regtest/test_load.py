@@ -8,21 +8,18 @@ load generator's busy event loop is not counted as LND's or the gateway's time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import multiprocessing
 import resource
 import signal
 import statistics
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from gateway.config import RateLimitConfig
 from gateway.examples import demo_api
@@ -35,6 +32,7 @@ from tests.regtest.gateway_helpers import (
     gateway_config,
     l402_challenge,
     pay,
+    serving,
     start_serve,
 )
 
@@ -108,18 +106,6 @@ def _allow_open_files(needed: int) -> None:
     assert soft >= needed, f"RLIMIT_NOFILE {soft} < {needed}: raise the hard limit"
 
 
-@contextlib.asynccontextmanager
-async def _upstream() -> AsyncIterator[str]:
-    runner = web.AppRunner(demo_api())
-    await runner.setup()
-    (port,) = free_ports(1)
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
 @pytest.mark.parametrize(
     "scenario",
     [
@@ -150,7 +136,7 @@ async def test_unpaid_flood_while_clients_pay(
     latencies: list[float] = []
     payments = [0] * scenario.paying
 
-    async with _upstream() as upstream:
+    async with serving(demo_api()) as upstream:
         config = gateway_config(
             network,
             tmp_path / "gateway.db",

@@ -39,13 +39,13 @@ from gateway.web.aiohttp import TOKEN, setup_l402
 from gateway.web.paywall import REDEEM_PATH
 from gateway.web.proxy import build_proxy
 from regtest.network import Network
-from regtest.processes import free_ports
 from tests.regtest.gateway_helpers import (
     MAX_FEE,
     PREMIUM_PRICE,
     REPO,
     OffsetClock,
     gateway_config,
+    serving,
     wait_for_invoice,
 )
 
@@ -97,30 +97,18 @@ def _app() -> web.Application:
 
 
 @contextlib.asynccontextmanager
-async def _serving(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    (port,) = free_ports(1)
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
-@contextlib.asynccontextmanager
 async def _middleware_gateway(config: Config) -> AsyncIterator[str]:
     app = _app()
     setup_l402(app, lambda: running_gateway(config, clock=OffsetClock()))
-    async with _serving(app) as url:
+    async with serving(app) as url:
         yield url
 
 
 @contextlib.asynccontextmanager
 async def _proxy_gateway(config: Config) -> AsyncIterator[str]:
-    async with _serving(_app()) as upstream:
+    async with serving(_app()) as upstream:
         proxy = build_proxy(upstream, lambda: running_gateway(config, clock=OffsetClock()))
-        async with _serving(proxy) as url:
+        async with serving(proxy) as url:
             yield url
 
 
