@@ -287,10 +287,12 @@ def _serve_workers(config: Config, host: str, port: int) -> int:
             if worker.is_alive():
                 worker.terminate()  # SIGTERM: a graceful stop
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     for worker in workers:
         worker.start()
+    # Only now: a signal during the start-up above ends this process the default way, and
+    # the workers started so far follow it (they die with their parent).
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     multiprocessing.connection.wait([worker.sentinel for worker in workers])
     failed = [] if stopping else [w for w in workers if w.exitcode not in (None, 0)]
     stop(signal.SIGTERM, None)
