@@ -18,6 +18,7 @@ import aiohttp
 
 from gateway.lnd.client import LndClient
 from gateway.ports import Msat, Payment, PaymentHash
+from regtest.demo import alice_lnd_and_store_toml
 from regtest.network import Network, running_network
 from regtest.processes import free_ports, wait_for_http
 
@@ -99,14 +100,7 @@ def gateway_config(network: Network, workdir: Path, extra: str = "") -> Path:
     config = workdir / "gateway.toml"
     config.write_text(
         f"""\
-[lnd]
-host = "{network.alice.rpc_host}"
-tls_cert = "{network.alice.tls_cert}"
-macaroon = "{network.alice.macaroon("invoice")}"
-
-[store]
-url = "sqlite://{workdir / "gateway.db"}"
-{extra}
+{alice_lnd_and_store_toml(network, workdir)}{extra}
 [[routes]]
 pattern = "/api/premium/*"
 price_msat = {PRICE_MSAT}

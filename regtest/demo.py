@@ -30,12 +30,9 @@ def say(message: str = "") -> None:
     print(message, flush=True)
 
 
-def gateway_toml(network: Network, workdir: Path, listen: str, upstream: str) -> str:
+def alice_lnd_and_store_toml(network: Network, workdir: Path) -> str:
+    """``[lnd]`` on alice with her invoice macaroon, and a SQLite ``[store]`` in ``workdir``."""
     return f"""\
-[server]
-listen = "{listen}"
-upstream = "{upstream}"
-
 [lnd]
 host = "{network.alice.rpc_host}"
 tls_cert = "{network.alice.tls_cert}"
@@ -43,7 +40,16 @@ macaroon = "{network.alice.macaroon("invoice")}"
 
 [store]
 url = "sqlite://{workdir / "gateway.db"}"
+"""
 
+
+def gateway_toml(network: Network, workdir: Path, listen: str, upstream: str) -> str:
+    return f"""\
+[server]
+listen = "{listen}"
+upstream = "{upstream}"
+
+{alice_lnd_and_store_toml(network, workdir)}
 [[routes]]
 pattern = "/health"
 free = true

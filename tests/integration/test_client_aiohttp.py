@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -12,13 +11,11 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.client import Budget, BudgetExceeded, L402Client, TokenCache
+from gateway.client import Budget, BudgetExceeded, TokenCache
 from gateway.client.aiohttp import L402Middleware, l402_session
-from gateway.examples import demo_api
 from gateway.ports import InvoiceState, Msat, PaymentHash
 from gateway.pricing import Rule
-from gateway.web.aiohttp import setup_l402
-from tests.unit.client.client_helpers import BoltGateway, FakePayer
+from tests.unit.client.client_helpers import ServedGateway, served_gateway
 
 RULES = (
     Rule("/health"),
@@ -28,36 +25,13 @@ RULES = (
 )
 
 
-@dataclass
-class Setup:
-    url: str
-    gateway: BoltGateway
-    payer: FakePayer
-
-    def client(self, budget: Budget | None = None, cache: TokenCache | None = None) -> L402Client:
-        return L402Client(
-            self.payer,
-            network="regtest",
-            budget=budget or Budget(max_price_msat=50_000),
-            cache=cache,
-            clock=self.gateway.clock,
-        )
-
-
 @pytest_asyncio.fixture
-async def setup() -> AsyncIterator[Setup]:
-    gateway = BoltGateway(RULES)
-    app = demo_api()
-    setup_l402(app, gateway)
-    server = TestServer(app)
-    await server.start_server()
-    try:
-        yield Setup(str(server.make_url("")).rstrip("/"), gateway, gateway.payer())
-    finally:
-        await server.close()
+async def setup() -> AsyncIterator[ServedGateway]:
+    async with served_gateway(RULES) as served:
+        yield served
 
 
-async def test_pays_once_then_reuses_the_token(setup: Setup) -> None:
+async def test_pays_once_then_reuses_the_token(setup: ServedGateway) -> None:
     client = setup.client()
     async with l402_session(client) as session:
         async with session.get(setup.url + "/api/premium/fortune") as response:
@@ -78,7 +52,7 @@ async def test_pays_once_then_reuses_the_token(setup: Setup) -> None:
 
 
 async def test_a_token_of_another_service_costs_a_round_trip_not_a_payment(
-    setup: Setup,
+    setup: ServedGateway,
 ) -> None:
     client = setup.client()
     async with aiohttp.ClientSession(middlewares=[L402Middleware(client)]) as session:
@@ -96,7 +70,7 @@ async def test_a_token_of_another_service_costs_a_round_trip_not_a_payment(
     assert [e.amount_msat for e in client.spending_log] == [5_000, 2_000]
 
 
-async def test_over_budget_raises_and_leaves_the_invoice_open(setup: Setup) -> None:
+async def test_over_budget_raises_and_leaves_the_invoice_open(setup: ServedGateway) -> None:
     client = setup.client(Budget(max_price_msat=9_000))
     async with l402_session(client) as session:
         with pytest.raises(BudgetExceeded) as caught:
@@ -110,7 +84,9 @@ async def test_over_budget_raises_and_leaves_the_invoice_open(setup: Setup) -> N
     assert record.state is InvoiceState.OPEN
 
 
-async def test_persistent_cache_is_shared_by_a_new_client(setup: Setup, tmp_path: Path) -> None:
+async def test_persistent_cache_is_shared_by_a_new_client(
+    setup: ServedGateway, tmp_path: Path
+) -> None:
     path = tmp_path / "tokens.json"
     first = setup.client(cache=TokenCache(path))
     async with (
@@ -128,7 +104,7 @@ async def test_persistent_cache_is_shared_by_a_new_client(setup: Setup, tmp_path
     assert later.spending_log == ()
 
 
-async def test_a_callers_own_authorization_is_left_alone(setup: Setup) -> None:
+async def test_a_callers_own_authorization_is_left_alone(setup: ServedGateway) -> None:
     client = setup.client()
     async with (
         l402_session(client) as session,
@@ -140,7 +116,7 @@ async def test_a_callers_own_authorization_is_left_alone(setup: Setup) -> None:
     assert setup.payer.calls == []
 
 
-async def test_expired_token_is_paid_again(setup: Setup) -> None:
+async def test_expired_token_is_paid_again(setup: ServedGateway) -> None:
     client = setup.client()
     async with l402_session(client) as session:
         async with session.get(setup.url + "/api/premium/fortune") as response:
@@ -151,7 +127,7 @@ async def test_expired_token_is_paid_again(setup: Setup) -> None:
     assert len(setup.payer.calls) == 2
 
 
-async def test_free_server_is_untouched(setup: Setup) -> None:
+async def test_free_server_is_untouched(setup: ServedGateway) -> None:
     async with l402_session(setup.client()) as session:
         async with session.get(setup.url + "/health") as response:
             assert response.status == 200
@@ -169,7 +145,7 @@ def _app_with_plain_402() -> web.Application:
     return app
 
 
-async def test_402_without_l402_is_returned_as_is(setup: Setup) -> None:
+async def test_402_without_l402_is_returned_as_is(setup: ServedGateway) -> None:
     server = TestServer(_app_with_plain_402())
     await server.start_server()
     try:

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestServer
 
-from gateway.client import Budget, BudgetExceeded, L402Client, TokenCache
+from gateway.client import Budget, BudgetExceeded, L402Client
 from gateway.client.httpx import L402Auth
-from gateway.examples import demo_api
 from gateway.ports import InvoiceState, Msat, PaymentHash
 from gateway.pricing import Rule
-from gateway.web.aiohttp import setup_l402
-from tests.unit.client.client_helpers import BoltGateway, FakePayer
+from tests.unit.client.client_helpers import FakePayer, ServedGateway, served_gateway
 
 RULES = (
     Rule("/health"),
@@ -25,36 +21,13 @@ RULES = (
 )
 
 
-@dataclass
-class Setup:
-    url: str
-    gateway: BoltGateway
-    payer: FakePayer
-
-    def client(self, budget: Budget | None = None) -> L402Client:
-        return L402Client(
-            self.payer,
-            network="regtest",
-            budget=budget or Budget(max_price_msat=50_000),
-            cache=TokenCache(),
-            clock=self.gateway.clock,
-        )
-
-
 @pytest_asyncio.fixture
-async def setup() -> AsyncIterator[Setup]:
-    gateway = BoltGateway(RULES)
-    app = demo_api()
-    setup_l402(app, gateway)
-    server = TestServer(app)
-    await server.start_server()
-    try:
-        yield Setup(str(server.make_url("")).rstrip("/"), gateway, gateway.payer())
-    finally:
-        await server.close()
+async def setup() -> AsyncIterator[ServedGateway]:
+    async with served_gateway(RULES) as served:
+        yield served
 
 
-async def test_pays_once_then_reuses_the_token(setup: Setup) -> None:
+async def test_pays_once_then_reuses_the_token(setup: ServedGateway) -> None:
     client = setup.client()
     async with httpx.AsyncClient(auth=L402Auth(client)) as http:
         response = await http.get(setup.url + "/api/premium/fortune")
@@ -68,7 +41,7 @@ async def test_pays_once_then_reuses_the_token(setup: Setup) -> None:
     assert len(client.spending_log) == 1
 
 
-async def test_post_body_is_sent_again_after_paying(setup: Setup) -> None:
+async def test_post_body_is_sent_again_after_paying(setup: ServedGateway) -> None:
     client = setup.client()
     async with httpx.AsyncClient(auth=L402Auth(client)) as http:
         response = await http.post(setup.url + "/api/echo", content=b"z" * 321)
@@ -76,7 +49,7 @@ async def test_post_body_is_sent_again_after_paying(setup: Setup) -> None:
         assert response.json()["bytes"] == 321
 
 
-async def test_over_budget_raises_and_leaves_the_invoice_open(setup: Setup) -> None:
+async def test_over_budget_raises_and_leaves_the_invoice_open(setup: ServedGateway) -> None:
     client = setup.client(Budget(max_price_msat=1_000))
     async with httpx.AsyncClient(auth=L402Auth(client)) as http:
         with pytest.raises(BudgetExceeded) as caught:
@@ -89,7 +62,7 @@ async def test_over_budget_raises_and_leaves_the_invoice_open(setup: Setup) -> N
     assert record.state is InvoiceState.OPEN
 
 
-async def test_a_callers_own_authorization_is_left_alone(setup: Setup) -> None:
+async def test_a_callers_own_authorization_is_left_alone(setup: ServedGateway) -> None:
     async with httpx.AsyncClient(auth=L402Auth(setup.client())) as http:
         response = await http.get(
             setup.url + "/api/premium/fortune", headers={"Authorization": "Bearer mine"}

@@ -23,6 +23,7 @@ from gateway.ports import Msat
 from gateway.pricing import Rule
 from gateway.web.proxy import build_proxy
 from tests.fakes import FakeGateway
+from tests.integration.test_aiohttp_middleware import raw_get
 
 PROBLEM_JSON = "application/problem+json"
 TIMEOUT = 5.0
@@ -350,15 +351,6 @@ async def test_upstream_404_and_redirects_are_passed_back(setup: Setup) -> None:
 async def test_proxy_prices_head_like_get(setup: Setup) -> None:
     response = await setup.client.head("/api/premium/fortune")
     assert response.status == 402
-
-
-async def raw_get(client: Client, target: str) -> bytes:
-    reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    response = await reader.read()
-    writer.close()
-    await writer.wait_closed()
-    return response
 
 
 @pytest.mark.parametrize(

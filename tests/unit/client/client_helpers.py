@@ -5,20 +5,24 @@ invoices (the shared ``tests.fakes`` backend issues placeholder strings that do 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import bolt11
+from aiohttp.test_utils import TestServer
 from bolt11 import Bolt11, MilliSatoshi, TagChar, Tags
 
 from gateway import errors, l402
-from gateway.client import decode_invoice
+from gateway.client import Budget, L402Client, TokenCache, decode_invoice
+from gateway.examples import demo_api
 from gateway.ports import Msat, NewInvoice, Payment, PaymentHash, PaymentStatus, Preimage
 from gateway.pricing import Rule
+from gateway.web.aiohttp import setup_l402
 from tests.fakes import FakeClock, FakeGateway, FakeInvoiceBackend
 
 # A fixed secp256k1 key for the fake merchant node, and its public key.
@@ -251,3 +255,34 @@ class BoltGateway(FakeGateway):
 
 def fake_clock() -> FakeClock:
     return FakeClock(NOW)
+
+
+@dataclasses.dataclass
+class ServedGateway:
+    """The demo API behind the gateway middleware on a loopback server, and a payer for it."""
+
+    url: str
+    gateway: BoltGateway
+    payer: FakePayer
+
+    def client(self, budget: Budget | None = None, cache: TokenCache | None = None) -> L402Client:
+        return L402Client(
+            self.payer,
+            network="regtest",
+            budget=budget or Budget(max_price_msat=50_000),
+            cache=cache,
+            clock=self.gateway.clock,
+        )
+
+
+@contextlib.asynccontextmanager
+async def served_gateway(rules: Sequence[Rule]) -> AsyncIterator[ServedGateway]:
+    gateway = BoltGateway(rules)
+    app = demo_api()
+    setup_l402(app, gateway)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        yield ServedGateway(str(server.make_url("")).rstrip("/"), gateway, gateway.payer())
+    finally:
+        await server.close()
