@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install build browser demo test test-fast test-long lint format protos up down status bench clean
+.PHONY: install build browser interop demo test test-fast test-long lint format protos up down status bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,23 @@ browser:
 		exit 1; \
 	fi
 
+# The npm L402 client the interop tests run with node, pinned by the committed lockfile.
+JS_INTEROP := tests/interop/js
+JS_STAMP := $(JS_INTEROP)/node_modules/.installed
+$(JS_STAMP): $(JS_INTEROP)/package.json $(JS_INTEROP)/package-lock.json
+	@if ! command -v npm >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs npm; \
+		else \
+			echo "error: npm (Node.js 18 or newer) is missing: sudo apt-get install nodejs npm" >&2; \
+			exit 1; \
+		fi; \
+	fi
+	cd $(JS_INTEROP) && npm ci --no-audit --no-fund
+	touch $@
+
+interop: $(JS_STAMP)
+
 demo: build
 	$(BIN)/python -m regtest.demo
 
@@ -40,7 +57,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint build browser
+test: lint build browser interop
 	$(BIN)/pytest
 
 test-fast: install
@@ -72,4 +89,4 @@ status: install
 	$(BIN)/python -m regtest status
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info $(JS_INTEROP)/node_modules

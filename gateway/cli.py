@@ -45,7 +45,6 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
@@ -65,7 +64,8 @@ from gateway.client import (
     decode_invoice,
 )
 from gateway.client.aiohttp import l402_session
-from gateway.config import Config, RouteConfig, load_config
+from gateway.config import Config, RouteConfig, listen_address, load_config, store_location
+from gateway.expiry import InvoiceSweeper
 from gateway.lnd.client import LndClient
 from gateway.lnd.connection import LndSettings
 from gateway.ports import (
@@ -76,13 +76,16 @@ from gateway.ports import (
     Payer,
     Payment,
     PaymentHash,
+    Store,
     SystemClock,
 )
-from gateway.pricing import PriceFunction, Pricing, Rule
+from gateway.pricing import PathCase, PriceFunction, Pricing, Rule, TrailingSlash
 from gateway.service import L402Service, RateLimiter
-from gateway.store import open_store
+from gateway.store import SqliteStore, open_store
+from gateway.text import printable
 from gateway.watcher import InvoiceWatcher
 from gateway.web.proxy import build_proxy
+from gateway.web.server import ServerLimits, connection_limit, serve
 
 log = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -126,7 +129,11 @@ def build_pricing(config: Config) -> Pricing:
             )
         except ValueError as error:
             raise errors.ConfigError(str(error)) from None
-    return Pricing(rules)
+    return Pricing(
+        rules,
+        case=PathCase(config.paths.case),
+        trailing_slash=TrailingSlash(config.paths.trailing_slash),
+    )
 
 
 def lnd_settings(config: Config) -> LndSettings:
@@ -153,8 +160,8 @@ def lnd_settings(config: Config) -> LndSettings:
 async def running_gateway(
     config: Config, *, clock: Clock | None = None, watch: bool = True
 ) -> AsyncIterator[L402Service]:
-    """Open the store and the LND client, run the settlement watcher (unless another process
-    sharing the store does: ``watch=False``), yield the service."""
+    """Open the store and the LND client, run the settlement watcher and the invoice sweeper
+    (unless another process sharing the store does: ``watch=False``), yield the service."""
     clock = clock or SystemClock()
     pricing = build_pricing(config)
     settings = lnd_settings(config)
@@ -172,14 +179,34 @@ async def running_gateway(
                 strict_settlement=config.l402.strict_settlement,
                 root_key_cache_seconds=config.l402.root_key_cache_seconds,
                 rate_limiter=RateLimiter(
-                    limits.challenges_per_second, limits.burst, limits.max_clients, clock
+                    limits.challenges_per_second,
+                    limits.burst,
+                    limits.max_clients,
+                    clock,
+                    limits.ipv6_prefix,
                 ),
                 max_pending_invoices=limits.max_pending_invoices,
+                redeem_limiter=RateLimiter(
+                    limits.redeems_per_second,
+                    limits.redeem_burst,
+                    limits.max_clients,
+                    clock,
+                    limits.ipv6_prefix,
+                ),
+                redeem_lookups_per_second=limits.redeem_lookups_per_second,
             )
             tasks = []
             if watch:
                 watcher = InvoiceWatcher(lnd, store)
                 tasks.append(asyncio.create_task(watcher.run(), name="l402-invoice-watcher"))
+                sweeper = InvoiceSweeper(
+                    lnd,
+                    store,
+                    clock,
+                    retention=config.store.unpaid_retention,
+                    interval=config.store.sweep_interval,
+                )
+                tasks.append(asyncio.create_task(sweeper.run(), name="l402-invoice-sweeper"))
             try:
                 yield service
             finally:
@@ -211,11 +238,12 @@ def _serve(config: Config) -> int:
         raise errors.ConfigError("[server] upstream is required for serve (the backend URL)")
     build_pricing(config)
     lnd_settings(config)  # fail on a bad config before binding the port
-    host, _, port = config.server.listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise errors.ConfigError(f"[server] listen must be host:port, got {config.server.listen}")
+    try:
+        host, port = listen_address(config.server.listen)  # load_config checked it
+    except ValueError as error:
+        raise errors.ConfigError(f"[server] {error}") from None
     workers = config.server.workers
-    if workers > 1 and config.store.url.startswith("memory:"):
+    if workers > 1 and store_location(config.store.url)[0] == "memory":
         raise errors.ConfigError("[server] workers > 1 needs a store they share, not memory:")
     log.info(
         "l402-gateway proxying %s on %s (%d worker%s)",
@@ -225,9 +253,9 @@ def _serve(config: Config) -> int:
         "" if workers == 1 else "s",
     )
     if workers == 1:
-        _serve_worker(config, host, int(port), watch=True, log_level=None)
+        _serve_worker(config, host, port, watch=True, log_level=None)
         return 0
-    return _serve_workers(config, host, int(port))
+    return _serve_workers(config, host, port)
 
 
 def _serve_worker(
@@ -238,21 +266,41 @@ def _serve_worker(
         _die_with_parent()
         logging.basicConfig(level=log_level, format=WORKER_LOG_FORMAT)
     logging.getLogger("aiohttp.server").addFilter(MalformedRequestLog())
+    server = config.server
+    ipv6_prefix = config.rate_limit.ipv6_prefix
     app = build_proxy(
-        config.server.upstream or "",
+        server.upstream or "",
         lambda: running_gateway(config, watch=watch),
-        token_header=config.server.token_header,
-        trust_forwarded_for=config.server.trust_forwarded_for,
-        max_body_bytes=config.server.max_body_bytes,
+        token_header=server.token_header,
+        trust_forwarded_for=server.trust_forwarded_for,
+        max_body_bytes=server.max_body_bytes,
+        body_timeout=server.body_timeout,
+        min_body_rate=server.min_body_rate,
+        unpaid_requests_per_client=server.unpaid_requests_per_client,
+        upstream_connections=server.upstream_connections,
+        paid_upstream_connections=server.paid_upstream_connections,
+        ipv6_prefix=ipv6_prefix,
     )
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        print=None,
-        handle_signals=True,
-        reuse_port=log_level is not None,
+    upstream = server.upstream_connections + server.paid_upstream_connections
+    try:
+        max_connections = connection_limit(server.max_connections, upstream)
+    except ValueError as error:
+        raise errors.ConfigError(str(error)) from None
+    # Behind a trusted proxy every connection comes from it: no per-address cap.
+    per_client = 0 if server.trust_forwarded_for else server.max_connections_per_client
+    log.info(
+        "accepting up to %d connections, %s per client address",
+        max_connections,
+        per_client or "any number",
     )
+    limits = ServerLimits(
+        header_timeout=server.header_timeout,
+        idle_timeout=server.idle_timeout,
+        max_connections=max_connections,
+        max_connections_per_client=per_client,
+        ipv6_prefix=ipv6_prefix,
+    )
+    asyncio.run(serve(app, host, port, limits, reuse_port=log_level is not None))
 
 
 def _die_with_parent() -> None:
@@ -336,8 +384,9 @@ def _table(records: Sequence[InvoiceRecord]) -> str:
             r.state.value,
             str(r.amount_msat),
             str(r.amount_paid_msat),
-            r.service,
-            f"{r.method} {r.path}",
+            # Clients chose these: escaped, so that they cannot drive the terminal.
+            printable(r.service),
+            printable(f"{r.method} {r.path}"),
             r.payment_hash.hex()[:16],
         )
         for r in records
@@ -356,13 +405,22 @@ def _table(records: Sequence[InvoiceRecord]) -> str:
 
 async def _invoices(config: Config, state: str | None, limit: int | None, as_json: bool) -> int:
     wanted = InvoiceState(state.upper()) if state else None
-    store = await open_store(config.store.url)
+    if limit is not None and limit < 0:
+        raise errors.ConfigError(f"--limit must be >= 0, got {limit}")
+    kind, path = store_location(config.store.url)
+    # Only looks: a missing database is an error, not created, and nothing is chmodded.
+    store: Store = (
+        await SqliteStore.open(path, read_only=True)
+        if kind == "sqlite" and path is not None
+        else await open_store(config.store.url)
+    )
     try:
         records = await store.list_invoices(state=wanted, limit=limit)
     finally:
         await store.close()
     if as_json:
-        print(json.dumps([_record_json(r) for r in records], indent=2))
+        # ensure_ascii: control and bidi characters a client put in a path stay escaped.
+        print(json.dumps([_record_json(r) for r in records], indent=2, ensure_ascii=True))
     else:
         print(_table(records))
     return 0
@@ -657,7 +715,7 @@ def _offer_text(offer: Offer, max_cost_msat: int) -> str:
     left = offer.expires_at - time.time()
     lines = [
         f"payment required: {_sat(offer.amount_msat)} ({offer.amount_msat} msat)",
-        f"  for:      {offer.description}",
+        f"  for:      {printable(offer.description)}",
         f"  pay to:   {offer.destination}",
         f"  network:  {offer.network}",
         f"  expires:  {_when(offer.expires_at)} UTC (in {max(0, int(left))} s)",

@@ -22,6 +22,9 @@ class InvoiceState(enum.Enum):
     ACCEPTED = "ACCEPTED"  # hold invoice: HTLCs locked in, waiting for settle or cancel
     SETTLED = "SETTLED"
     CANCELED = "CANCELED"
+    # Ours, not the node's: past its expiry the node still reported it OPEN, or no longer knew
+    # it. Never goes back to OPEN; a SETTLED or CANCELED from the node still replaces it.
+    EXPIRED = "EXPIRED"
 
 
 class PaymentStatus(enum.Enum):
@@ -220,7 +223,8 @@ class Store(Protocol):
     async def apply_update(self, update: InvoiceUpdate) -> bool:
         """Move a tracked invoice to a new state; False if the hash is not tracked.
 
-        A terminal state (SETTLED, CANCELED) is never overwritten by an older one.
+        A terminal state (SETTLED, CANCELED) is never overwritten by an older one. EXPIRED
+        is only entered from OPEN and only left for SETTLED or CANCELED.
         """
 
     async def get_invoice(self, payment_hash: PaymentHash) -> InvoiceRecord | None: ...
@@ -229,6 +233,17 @@ class Store(Protocol):
         self, state: InvoiceState | None = None, limit: int | None = None
     ) -> list[InvoiceRecord]:
         """Newest first, optionally only those in ``state``."""
+
+    async def list_overdue(self, expired_before: float, limit: int) -> list[InvoiceRecord]:
+        """OPEN invoices whose ``expires_at`` is before ``expired_before``, the earliest
+        expiry first, at most ``limit`` of them."""
+
+    async def prune_unpaid(self, expired_before: float, limit: int) -> int:
+        """Delete at most ``limit`` CANCELED or EXPIRED invoices whose ``expires_at`` is before
+        ``expired_before``, with their tokens' root keys; returns how many invoices went.
+
+        A settled invoice and its root key are never deleted; running it again is harmless.
+        """
 
     async def get_cursor(self) -> Cursor: ...
 

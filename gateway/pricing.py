@@ -5,12 +5,21 @@ A path no rule matches is not priced (add a catch-all ``/*`` rule to price every
 Patterns are shell-style globs on the URL path (``fnmatch``; ``*`` also crosses ``/``).
 Methods compare case-insensitively; a rule for ``GET`` also covers ``HEAD``, which web
 frameworks answer with the GET handler.
+
+``Pricing.resolve`` prices a request as an unknown backend could read it: a path a backend
+may resolve differently from the rules (a backslash, ``;`` parameters, ``%`` left after
+decoding, control characters, a non-NFKC form, dot segments) is refused; of the readings a
+backend may take (the other letter case, with or without a trailing slash, a method
+override), the strictest decides: any priced reading prices the request, and two different
+priced readings are refused.
 """
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import re
+import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +28,33 @@ from gateway.ports import Msat
 # What the caveats can carry: an HTTP token for methods, no blank or comma in a capability.
 _METHOD_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CAPABILITY_RE = re.compile(r"[^\s,]+")
+# The most LND puts in an invoice: 100,000 BTC (lnrpc/invoicesrpc/addinvoice.go).
+MAX_PRICE_MSAT = 100_000 * 100_000_000 * 1000
+# Paths of these characters only need no more than the segment checks.
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class PathCase(enum.Enum):
+    """How the backend compares letter case in paths."""
+
+    ANY = "any"  # unknown: price the strictest of both readings
+    SENSITIVE = "sensitive"
+    INSENSITIVE = "insensitive"
+
+
+class TrailingSlash(enum.Enum):
+    """Whether the backend tells ``/a`` and ``/a/`` apart."""
+
+    ANY = "any"  # unknown: price the strictest of both readings
+    SIGNIFICANT = "significant"
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A request the rules cannot price unambiguously (HTTP 400)."""
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +87,11 @@ class Rule:
     tier: int = 0
     capabilities: frozenset[str] = frozenset()
     _compiled: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _folded: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.price_msat is not None and self.price_msat <= 0:
-            raise ValueError(f"route {self.pattern!r}: price_msat must be positive")
+        if self.price_msat is not None and not 0 < self.price_msat <= MAX_PRICE_MSAT:
+            raise ValueError(f"route {self.pattern!r}: price_msat must be 1 to {MAX_PRICE_MSAT}")
         if self.price_msat is not None and self.price_function is not None:
             raise ValueError(f"route {self.pattern!r}: give a fixed price or a function, not both")
         if self.lifetime <= 0:
@@ -75,28 +112,90 @@ class Rule:
             if not _METHOD_RE.fullmatch(method):
                 raise ValueError(f"route {self.pattern!r}: invalid method {method!r}")
         object.__setattr__(self, "methods", frozenset(m.upper() for m in self.methods))
-        object.__setattr__(self, "_compiled", re.compile(fnmatch.translate(self.pattern)))
+        translated = fnmatch.translate(self.pattern)
+        object.__setattr__(self, "_compiled", re.compile(translated))
+        object.__setattr__(self, "_folded", re.compile(translated, re.IGNORECASE))
 
     @property
     def free(self) -> bool:
         return self.price_msat is None and self.price_function is None
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, *, fold_case: bool = False) -> bool:
         if self.methods:
             method = method.upper()
             if method not in self.methods and not (method == "HEAD" and "GET" in self.methods):
                 return False
-        return self._compiled.match(path) is not None
+        return (self._folded if fold_case else self._compiled).match(path) is not None
 
 
 class Pricing:
-    """An ordered list of rules."""
+    """An ordered list of rules, and what the backend is known to read alike."""
 
-    def __init__(self, rules: Sequence[Rule]) -> None:
+    def __init__(
+        self,
+        rules: Sequence[Rule],
+        *,
+        case: PathCase = PathCase.ANY,
+        trailing_slash: TrailingSlash = TrailingSlash.ANY,
+    ) -> None:
         self.rules = tuple(rules)
+        self._case_readings = {
+            PathCase.ANY: (False, True),
+            PathCase.SENSITIVE: (False,),
+            PathCase.INSENSITIVE: (True,),
+        }[case]
+        self._slash_readings = trailing_slash is TrailingSlash.ANY
 
-    def match(self, method: str, path: str) -> Rule | None:
+    def match(self, method: str, path: str, *, fold_case: bool = False) -> Rule | None:
+        """The first rule for exactly this method and path."""
         for rule in self.rules:
-            if rule.matches(method, path):
+            if rule.matches(method, path, fold_case=fold_case):
                 return rule
         return None
+
+    def resolve(
+        self, method: str, path: str, method_overrides: Sequence[str] = ()
+    ) -> Rule | Refused | None:
+        """The priced rule for a request as any backend could read it (module docstring);
+        None when every reading is free."""
+        refusal = path_refusal(path)
+        if refusal is not None:
+            return Refused(refusal)
+        methods = (method, *(m for m in method_overrides if m.upper() != method.upper()))
+        paths = (path, _other_slash(path)) if self._slash_readings and path != "/" else (path,)
+        priced: Rule | None = None
+        for reading_method in methods:
+            for reading_path in paths:
+                for fold_case in self._case_readings:
+                    rule = self.match(reading_method, reading_path, fold_case=fold_case)
+                    if rule is None or rule.free or rule is priced:
+                        continue
+                    if priced is not None:
+                        return Refused("path and method read as several priced routes")
+                    priced = rule
+        return priced
+
+
+def _other_slash(path: str) -> str:
+    return path[:-1] if path.endswith("/") else path + "/"
+
+
+def path_refusal(path: str) -> str | None:
+    """Why a backend could resolve ``path`` (percent-decoded) differently from the rules."""
+    if not _PLAIN_PATH.fullmatch(path):
+        if "\\" in path:
+            return "path must not contain a backslash"
+        if "%" in path:
+            return "path must not contain '%' once decoded (double encoding)"
+        if ";" in path:
+            return "path must not contain ';' (path parameters)"
+        if _CONTROL.search(path):
+            return "path must not contain control characters"
+        if not path.isascii() and unicodedata.normalize("NFKC", path) != path:
+            return "path must be in Unicode normalization form NFKC"
+    segments = path.split("/")
+    if "" in segments[1:-1] or "." in segments or ".." in segments:
+        return "path must not contain '.', '..' or empty segments"
+    if any(segment.endswith((".", " ")) for segment in segments):
+        return "path segments must not end in '.' or a space"
+    return None

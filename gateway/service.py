@@ -6,9 +6,10 @@
 - ``Challenge``: 402 with a fresh invoice and macaroon (no credential, or one that is valid
   but insufficient: expired, or for another service or capability);
 - ``Deny``: 401 for an invalid credential, 429 when a client asks for too many challenges,
-  503 when the Lightning node or the store cannot serve the challenge, 400 for a path with
-  ``.``, ``..`` or empty segments (a backend may resolve those to a priced route that the
-  rules, matched on the literal path, did not see), 500 when a price function fails.
+  503 when the Lightning node or the store cannot serve the challenge, 400 for a request
+  the rules cannot price unambiguously (``Pricing.resolve``: a backend may read such a path
+  or method override as a priced route the literal request did not match), 500 when a
+  price function fails.
 
 Browsers send their credential in the ``L402`` cookie instead (``RequestInfo.cookies``); an
 ``Authorization`` credential wins over it. A cookie that does not verify is ignored, not
@@ -26,6 +27,7 @@ import base64
 import enum
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import re
@@ -47,7 +49,8 @@ from gateway.ports import (
     Preimage,
     Store,
 )
-from gateway.pricing import PriceRequest, Pricing, Rule
+from gateway.pricing import MAX_PRICE_MSAT, PriceRequest, Pricing, Refused, Rule
+from gateway.text import printable
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -65,6 +68,9 @@ _B64_TEXT = re.compile(r"[A-Za-z0-9+/_\-]+=*")
 # watcher normally reports the settlement first); settled preimages are remembered.
 REDEEM_LOOKUP_INTERVAL = 5.0
 _REDEEM_MEMORY = 10_000
+# Default budget of those lookups over all clients, per second (the bucket holds one second).
+REDEEM_LOOKUPS_PER_SECOND = 10.0
+_NODE = "node"  # the one key of that budget's bucket
 # A cookie Path must be ASCII without ';', ',', spaces, '%' (the path here is decoded; the
 # browser matches the encoded one) or control characters; other paths are cut at the last
 # '/' before such a character.
@@ -83,6 +89,8 @@ class RequestInfo:
     headers: tuple[tuple[str, str], ...] = ()
     # Values of the L402 cookies (``<macaroon>:<hex preimage>``), most specific path first.
     cookies: tuple[str, ...] = field(default=(), repr=False)
+    # Methods the request asks the backend to read it as instead (override headers, _method).
+    method_overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +139,7 @@ class Deny:
     status: int
     reason: str
     retry_after: int | None = None
+    realm: str | None = None  # a 401's challenge realm: the macaroon location
 
 
 Decision = Allow | Challenge | Deny
@@ -156,19 +165,44 @@ class RedeemResult:
 
 
 class RateLimiter:
-    """A token bucket per client address, so unpaid traffic cannot flood the node."""
+    """A token bucket per client address, so unpaid traffic cannot flood the node.
 
-    def __init__(self, rate: float, burst: int, max_clients: int, clock: Clock) -> None:
+    An IPv6 client commonly holds a whole /64 (or more), so IPv6 addresses share one bucket
+    per ``ipv6_prefix``; an IPv4-mapped IPv6 address counts as its IPv4 address, and a
+    client that is not an IP address (say ``"unknown"``) is its own key.
+    """
+
+    def __init__(
+        self, rate: float, burst: int, max_clients: int, clock: Clock, ipv6_prefix: int = 64
+    ) -> None:
         if not (math.isfinite(rate) and rate > 0) or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
+        if not 1 <= ipv6_prefix <= 128:
+            raise ValueError("ipv6_prefix must be between 1 and 128")
         self._rate = rate
         self._burst = float(burst)
         self._max_clients = max_clients
         self._clock = clock
+        self._ipv6_prefix = ipv6_prefix
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def bucket_of(self, client: str) -> str:
+        """The key of ``client``'s bucket."""
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            return client
+        if isinstance(address, ipaddress.IPv4Address):
+            return str(address)
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        # The zone (fe80::1%eth0) names an interface of ours, not a different client.
+        bits = int(address) >> (128 - self._ipv6_prefix) << (128 - self._ipv6_prefix)
+        return f"{ipaddress.IPv6Address(bits)}/{self._ipv6_prefix}"
 
     def acquire(self, client: str) -> float:
         """Take one token: 0.0 if granted, else the seconds until one is available."""
+        client = self.bucket_of(client)
         now = self._clock.now()
         tokens, last = self._buckets.pop(client, (self._burst, now))
         # A wall clock stepping back (NTP) must not read as a wait of that many seconds.
@@ -261,6 +295,8 @@ class L402Service:
         root_key_cache_seconds: float = 5.0,
         rate_limiter: RateLimiter | None = None,
         max_pending_invoices: int = 16,
+        redeem_limiter: RateLimiter | None = None,
+        redeem_lookups_per_second: float = REDEEM_LOOKUPS_PER_SECOND,
     ) -> None:
         self.pricing = pricing
         self._backend = backend
@@ -279,6 +315,14 @@ class L402Service:
         self._limiter = rate_limiter
         self._lookups: OrderedDict[bytes, float] = OrderedDict()  # hash -> last node lookup
         self._preimages: OrderedDict[bytes, Preimage] = OrderedDict()
+        self._redeem_limiter = redeem_limiter
+        # One budget over all clients for redeem's lookups of still-open invoices: the
+        # per-invoice interval alone is multiplied by every invoice a client cycles through.
+        if not (math.isfinite(redeem_lookups_per_second) and redeem_lookups_per_second > 0):
+            raise ValueError("redeem_lookups_per_second: the rate must be positive")
+        self._redeem_lookups = RateLimiter(
+            redeem_lookups_per_second, max(1, math.ceil(redeem_lookups_per_second)), 1, clock
+        )
         # Many addresses, each within its budget, can still ask for more invoices than the
         # node writes; queued on its database they delay settling the invoices being paid.
         # Waiters are served in arrival order, so a buyer waits behind at most one request
@@ -286,19 +330,25 @@ class L402Service:
         self._invoice_slots = asyncio.Semaphore(max_pending_invoices)
 
     async def authorize(self, request: RequestInfo) -> Decision:
-        if not _is_normalized(request.path):
-            return Deny(400, "path must not contain '.', '..' or empty segments")
-        rule = self.pricing.match(request.method, request.path)
-        if rule is None or rule.free:
+        rule = self.pricing.resolve(request.method, request.path, request.method_overrides)
+        if isinstance(rule, Refused):
+            return Deny(400, rule.reason)
+        if rule is None:
             return Allow(None)
-        cache_key = (request.authorization, request.method, request.path)
-        cached = self.allowed_again(*cache_key)
-        if cached is not None:
-            return cached
+        # A decision made without an override must not answer a request that has one.
+        cache_key = (
+            None
+            if request.method_overrides
+            else (request.authorization, request.method, request.path)
+        )
+        if cache_key is not None:
+            cached = self.allowed_again(*cache_key)
+            if cached is not None:
+                return cached
         try:
             credential = l402.parse_authorization(request.authorization)
         except l402.MalformedToken as error:
-            return Deny(401, error.reason)
+            return Deny(401, error.reason, realm=self._location)
         if credential is None:
             if request.cookies:
                 return await self._authorize_cookies(request, rule)
@@ -308,7 +358,7 @@ class L402Service:
         except l402.TokenInsufficient as error:
             return await self.challenge(request, rule, error.reason)
         except l402.L402Error as error:
-            return Deny(401, error.reason)
+            return Deny(401, error.reason, realm=self._location)
         except errors.StoreError:
             log.exception("store failed while verifying a token")
             return Deny(503, "token store unavailable", retry_after=5)
@@ -446,7 +496,7 @@ class L402Service:
             wait = self._limiter.acquire(request.client)
             if wait > 0:
                 return Deny(429, "too many payment challenges", retry_after=math.ceil(wait))
-        memo = f"{rule.service}: {request.method.upper()} {request.path}"[:MEMO_LIMIT]
+        memo = printable(f"{rule.service}: {request.method.upper()} {request.path}", MEMO_LIMIT)
         try:
             async with self._invoice_slots:
                 invoice = await self._backend.add_invoice(price, memo, self._invoice_expiry)
@@ -520,24 +570,35 @@ class L402Service:
         except Exception:
             log.exception("price function for %s failed", rule.pattern)
             return Deny(500, "price function failed")
-        if not isinstance(price, int) or isinstance(price, bool) or price < 0:
+        if (
+            not isinstance(price, int)
+            or isinstance(price, bool)
+            or not 0 <= price <= MAX_PRICE_MSAT
+        ):
             log.error("price function for %s returned %r", rule.pattern, price)
             return Deny(500, "price function returned an invalid price")
         return Msat(price)
 
-    async def redeem(self, macaroon_b64: str) -> RedeemResult | Deny:
+    async def redeem(self, macaroon_b64: str, *, client: str) -> RedeemResult | Deny:
         """The state of the invoice a challenge's macaroon is bound to, for the paywall page.
 
         Only the holder of the macaroon can ask (its signature must check out with the stored
         root key; a payment hash alone is not enough), and once the invoice is settled it
         gets the full credential: the macaroon with the invoice's preimage. Cheap by design:
         no invoice is created, the store answers, and the node is asked about a still-open
-        invoice at most every ``REDEEM_LOOKUP_INTERVAL`` seconds (the watcher normally
-        reports the settlement first) and about a settled one once, for its preimage.
+        invoice at most every ``REDEEM_LOOKUP_INTERVAL`` seconds and within one budget of
+        ``redeem_lookups_per_second`` over all clients (past it the store answers; the
+        watcher normally reports the settlement first), and about a settled one once, for
+        its preimage. ``client`` is the address the redeem rate limit applies to.
 
         Deny: 400 for text that is not a macaroon, 401 for a macaroon that is not one of
-        ours (unknown, revoked, forged), 503 when the store or the node cannot answer.
+        ours (unknown, revoked, forged), 429 when the client asks too often, 503 when the
+        store or the node cannot answer.
         """
+        if self._redeem_limiter is not None:
+            wait = self._redeem_limiter.acquire(client)
+            if wait > 0:
+                return Deny(429, "too many redeem requests", retry_after=math.ceil(wait))
         if not (
             0 < len(macaroon_b64) <= MAX_REDEEM_MACAROON_CHARS and _B64_TEXT.fullmatch(macaroon_b64)
         ):
@@ -550,7 +611,7 @@ class L402Service:
         try:
             return await self._redeem(macaroon, identifier)
         except l402.L402Error as error:
-            return Deny(401, error.reason)
+            return Deny(401, error.reason, realm=self._location)
         except errors.StoreError:
             log.exception("store failed while redeeming a token")
             return Deny(503, "token store unavailable", retry_after=5)
@@ -574,9 +635,13 @@ class L402Service:
         if preimage is None:
             if record.state is InvoiceState.CANCELED:
                 return RedeemResult(RedeemState.CANCELED, record.expires_at)
+            if record.state is InvoiceState.EXPIRED:
+                return RedeemResult(RedeemState.EXPIRED, record.expires_at)
             if record.state is not InvoiceState.SETTLED:
                 last = self._lookups.get(payment_hash)
                 if last is not None and 0 <= now - last < REDEEM_LOOKUP_INTERVAL:
+                    return self._unpaid(record.expires_at, now)
+                if self._redeem_lookups.acquire(_NODE) > 0:
                     return self._unpaid(record.expires_at, now)
                 self._remember(self._lookups, payment_hash, now)
             invoice = await self._backend.lookup_invoice(payment_hash)
@@ -640,12 +705,6 @@ class L402Service:
         self._allowed.clear()
         self._preimages.clear()
         return revoked
-
-
-def _is_normalized(path: str) -> bool:
-    """No ``.`` or ``..`` segment, no empty segment except a trailing slash's."""
-    segments = path.split("/")
-    return "" not in segments[1:-1] and "." not in segments and ".." not in segments
 
 
 def cookie_path(path: str) -> str:

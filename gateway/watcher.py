@@ -29,6 +29,8 @@ from gateway.ports import (
 log = logging.getLogger(__name__)
 
 _UNSETTLED = (InvoiceState.OPEN, InvoiceState.ACCEPTED)
+# EXPIRED is the gateway's guess, not the node's: a settlement of one must still be replayed.
+_MAY_SETTLE = (*_UNSETTLED, InvoiceState.EXPIRED)
 
 
 class InvoiceWatcher:
@@ -99,7 +101,7 @@ class InvoiceWatcher:
             return cursor.add_index
         unsettled = [
             record.add_index
-            for state in _UNSETTLED
+            for state in _MAY_SETTLE
             for record in await self._store.list_invoices(state=state)
         ]
         # 0 means "no replay": the node's very first invoice cannot be replayed this way.

@@ -62,6 +62,9 @@ class Node:
     pubkey: str
     log: Path
     pid: int
+    # LND's REST address (same TLS cert, macaroon hex in Grpc-Metadata-macaroon), for
+    # clients that speak only REST; "" in a state file saved before nodes served REST.
+    rest_host: str = ""
 
     @property
     def tls_cert(self) -> Path:
@@ -184,7 +187,7 @@ class Network:
         for node in self.nodes.values():
             lines += [
                 f"  {node.name:<5} {node.pubkey}@{node.p2p_host}",
-                f"        grpc {node.rpc_host}  log {node.log}",
+                f"        grpc {node.rpc_host}  rest {node.rest_host or '-'}  log {node.log}",
                 f"        {node.lncli()} getinfo",
             ]
         return "\n".join(lines)
@@ -317,8 +320,14 @@ async def _until_active(
 
 
 def _lnd_args(
-    binaries: Binaries, name: str, lnddir: Path, rpc: int, p2p: int, btcd_host: str, cert: Path
+    binaries: Binaries,
+    name: str,
+    lnddir: Path,
+    ports: tuple[int, int, int],
+    btcd_host: str,
+    cert: Path,
 ) -> list[str]:
+    rpc, p2p, rest = ports
     return [
         str(binaries.lnd),
         f"--lnddir={lnddir}",
@@ -331,8 +340,8 @@ def _lnd_args(
         f"--btcd.rpccert={cert}",
         "--noseedbackup",
         "--nobootstrap",
-        "--norest",
         f"--rpclisten=127.0.0.1:{rpc}",
+        f"--restlisten=127.0.0.1:{rest}",
         f"--listen=127.0.0.1:{p2p}",
         "--bitcoin.defaultchanconfs=1",
         "--bitcoin.defaultremotedelay=4",
@@ -442,7 +451,7 @@ async def start_network(workdir: Path, *, detached: bool = False) -> Network:
     binaries = await asyncio.to_thread(ensure_binaries)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    ports = free_ports(1 + 2 * len(NODE_NAMES))
+    ports = free_ports(1 + 3 * len(NODE_NAMES))
     btcd_host = f"127.0.0.1:{ports[0]}"
     btcd = await _start_btcd(binaries, workdir, ports[0], detached)
     processes = [btcd]
@@ -455,20 +464,21 @@ async def start_network(workdir: Path, *, detached: bool = False) -> Network:
         await network.mine(max(0, SEGWIT_HEIGHT + COINBASE_MATURITY - height))
         log(f"btcd up, chain at {await network.block_height()} ({time.monotonic() - started:.1f}s)")
 
-        nodes_ports = dict(zip(NODE_NAMES, zip(ports[1::2], ports[2::2], strict=True), strict=True))
+        triples = zip(ports[1::3], ports[2::3], ports[3::3], strict=True)
+        nodes_ports = dict(zip(NODE_NAMES, triples, strict=True))
         lnds: dict[str, ManagedProcess] = {}
-        for name, (rpc, p2p) in nodes_ports.items():
+        for name, node_ports in nodes_ports.items():
             lnddir = workdir / name
             lnddir.mkdir(exist_ok=True)
             args = _lnd_args(
-                binaries, name, lnddir, rpc, p2p, btcd_host, workdir / "btcd" / "rpc.cert"
+                binaries, name, lnddir, node_ports, btcd_host, workdir / "btcd" / "rpc.cert"
             )
             lnds[name] = ManagedProcess(name, args, workdir / f"{name}.log", detached=detached)
             processes.append(lnds[name])
 
         async def lnd_ready(name: str) -> Node:
             process = lnds[name]
-            rpc, p2p = nodes_ports[name]
+            rpc, p2p, rest = nodes_ports[name]
             node = Node(
                 name,
                 f"127.0.0.1:{rpc}",
@@ -477,6 +487,7 @@ async def start_network(workdir: Path, *, detached: bool = False) -> Network:
                 "",
                 process.log,
                 process.pid,
+                f"127.0.0.1:{rest}",
             )
 
             async def files_written() -> bool | None:

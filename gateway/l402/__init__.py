@@ -23,6 +23,7 @@ from .header import (
     Credential,
     format_authorization,
     format_challenge,
+    format_error_challenge,
     parse_authorization,
     parse_challenge,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "encode_b64",
     "format_authorization",
     "format_challenge",
+    "format_error_challenge",
     "identifier_of",
     "methods_caveat",
     "mint",

@@ -10,6 +10,7 @@ key                         value                                       from
 ``<svc>_valid_until``       unix seconds, decimal digits                Aperture
 ``<svc>_paths``             ``glob[,glob...]``, fnmatch-style           this gateway
 ``<svc>_methods``           ``METHOD[,METHOD...]``                      this gateway
+``preimage``                64 hex chars, either case                   Aperture's client
 ==========================  ==========================================  =====================
 
 Semantics of :func:`check_caveats` (a macaroon holder can append caveats but never remove
@@ -26,6 +27,10 @@ one, so every rule below only ever narrows what a token grants):
   must be in the intersection.
 * ``valid_until <= now`` rejects ("token expired").
 * Caveats for *other* services (``othersvc_valid_until`` ...) are ignored, values unread.
+* ``preimage``: Aperture's client library (lnget's too) appends the proof of payment to the
+  macaroon it sends back. It holds when it is the credential's own preimage (compared in
+  constant time); one that differs or is not 64 hex characters rejects the token, and so
+  does any ``preimage`` caveat when the caller has no preimage to compare with.
 * Fail closed: a key the verifier does not know, a malformed value of a known key, or a
   caveat that does not parse rejects the token. An unknown caveat never grants anything.
 * Globs use :func:`fnmatch.fnmatchcase`: case-sensitive, and ``*`` also matches ``/``
@@ -37,6 +42,7 @@ one, so every rule below only ever narrows what a token grants):
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -57,6 +63,7 @@ __all__ = [
 ]
 
 SERVICES = "services"
+PREIMAGE = "preimage"
 _CAPABILITIES = "_capabilities"
 _VALID_UNTIL = "_valid_until"
 _PATHS = "_paths"
@@ -69,6 +76,7 @@ _METHOD_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _ITEM_LIST_RE = re.compile(r"[^\s,]+(?:,[^\s,]+)*")
 _METHOD_LIST_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:,[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")
 _MAX_INT_DIGITS = 18
+_HEX64_RE = re.compile(r"[0-9A-Fa-f]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +135,17 @@ class GrantedScope:
     valid_until: int | None
 
 
-def check_caveats(caveats: Sequence[Caveat], request: RequestScope, now: float) -> GrantedScope:
-    """Check every caveat against ``request``; TokenRejected with a reason if one fails."""
+def check_caveats(
+    caveats: Sequence[Caveat],
+    request: RequestScope,
+    now: float,
+    *,
+    preimage: bytes | None = None,
+) -> GrantedScope:
+    """Check every caveat against ``request``; TokenRejected with a reason if one fails.
+
+    ``preimage`` is the credential's, for ``preimage`` caveats; without it they reject.
+    """
     service = request.service
     tier: int | None = None
     capabilities: frozenset[str] | None = None
@@ -141,6 +158,9 @@ def check_caveats(caveats: Sequence[Caveat], request: RequestScope, now: float) 
             if listed is None:
                 raise TokenInsufficient("token is not valid for this service")
             tier = listed if tier is None else min(tier, listed)
+            continue
+        if key == PREIMAGE:
+            _check_preimage(caveat.value, preimage)
             continue
         target, suffix = _split_key(key)
         if target != service:
@@ -228,6 +248,16 @@ def _split_key(key: str) -> tuple[str, str]:
         if key.endswith(suffix) and len(key) > len(suffix):
             return key[: -len(suffix)], suffix
     raise TokenRejected("unknown caveat")
+
+
+def _check_preimage(value: str, preimage: bytes | None) -> None:
+    if preimage is None:
+        raise TokenRejected("unknown caveat")
+    if not _HEX64_RE.fullmatch(value):
+        raise TokenRejected("malformed preimage caveat")
+    # compare_digest: timing must not tell how much of a guessed preimage matched.
+    if not hmac.compare_digest(bytes.fromhex(value), preimage):
+        raise TokenRejected("preimage caveat does not match")
 
 
 def _tier_for(value: str, service: str) -> int | None:

@@ -1,16 +1,21 @@
 """HTTP header grammar of L402: the ``WWW-Authenticate`` challenge and the ``Authorization``
 credential.
 
-Challenge (server -> client)::
+Challenge (server -> client), one header per scheme, in this order::
 
-    L402 version="0", token="<b64>", invoice="<bolt11>", macaroon="<b64>"
+    L402 macaroon="<b64>", invoice="<bolt11>", version="0", token="<b64>"
     LSAT macaroon="<b64>", invoice="<bolt11>", version="0", token="<b64>"
 
 The current spec names the macaroon ``token``; Aperture and most clients read ``macaroon``,
-so both are sent. The parameter order is chosen for clients that match a fixed regex rather
-than parse parameters: Aperture's Go client requires ``[version="..", ](token|macaroon)="..",
-invoice=".."`` right after the scheme, and legacy LSAT clients require
-``LSAT macaroon="..", invoice=".."``. Both orders above satisfy those and the spec.
+so both are sent. Many clients match a fixed pattern instead of parsing parameters, and only
+on the first ``WWW-Authenticate`` value: Aperture's Go client and lnget want
+``<scheme> macaroon="..", invoice=".."`` right after the scheme, and so does the
+``l402-requests`` client. Both values above satisfy that and the spec.
+
+A 401 (an invalid credential) carries a parameter-only challenge, RFC 6750 style, with no
+invoice (a bad credential must not mint invoices)::
+
+    L402 realm="<realm>", error="invalid_token", error_description="<reason>"
 
 Credential (client -> server)::
 
@@ -35,6 +40,7 @@ __all__ = [
     "Credential",
     "format_authorization",
     "format_challenge",
+    "format_error_challenge",
     "parse_authorization",
     "parse_challenge",
 ]
@@ -59,6 +65,10 @@ _INVOICE_RE = re.compile(r"[A-Za-z0-9]+")
 _HEX64_RE = re.compile(r"[0-9A-Fa-f]{64}")
 # Only one macaroon is ever accepted; a few more still parse so the verifier can say why.
 _MAX_MACAROONS = 8
+# RFC 6750 section 3: error and error_description are %x20-21 / %x23-5B / %x5D-7E.
+_UNSAFE_PARAM_RE = re.compile(r"[^\x20-\x21\x23-\x5b\x5d-\x7e]")
+_ERROR_CODE_RE = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]+")
+_MAX_PARAM_CHARS = 200
 _GRAMMAR = "credentials must be <macaroon>:<hex preimage>"
 
 
@@ -90,33 +100,56 @@ def format_challenge(macaroon_b64: str, invoice: str, scheme: str = "L402") -> s
         raise ValueError("macaroon_b64 is not base64 text")
     if not _INVOICE_RE.fullmatch(invoice):
         raise ValueError("invoice is not a bech32 string")
-    version = 'version="0"'
-    token = f'token="{macaroon_b64}"'
-    macaroon = f'macaroon="{macaroon_b64}"'
-    inv = f'invoice="{invoice}"'
-    if scheme == "L402":
-        return f"L402 {version}, {token}, {inv}, {macaroon}"
-    return f"LSAT {macaroon}, {inv}, {version}, {token}"
+    # macaroon then invoice first: see the module docstring for the clients that need it.
+    return (
+        f'{scheme} macaroon="{macaroon_b64}", invoice="{invoice}", '
+        f'version="0", token="{macaroon_b64}"'
+    )
+
+
+def format_error_challenge(realm: str, error: str, description: str = "") -> str:
+    """A parameter-only ``WWW-Authenticate`` value for a 401: no macaroon, no invoice.
+
+    Characters RFC 6750 does not allow in these values (quotes, backslashes, control
+    characters such as CR and LF, non-ASCII) are dropped, so any text is safe to pass.
+    """
+    params = [f'realm="{_param_text(realm) or "l402-gateway"}"']
+    if not _ERROR_CODE_RE.fullmatch(error):
+        raise ValueError("error must be an RFC 6750 error code")
+    params.append(f'error="{error}"')
+    text = _param_text(description)
+    if text:
+        params.append(f'error_description="{text}"')
+    return "L402 " + ", ".join(params)
+
+
+def _param_text(text: str) -> str:
+    return _UNSAFE_PARAM_RE.sub("", text)[:_MAX_PARAM_CHARS].strip(" ")
 
 
 def parse_challenge(header_value: str) -> Challenge:
     """The first L402 (else LSAT) challenge in a ``WWW-Authenticate`` value.
 
     The value may hold several comma-separated challenges (HTTP clients often join repeated
-    headers that way); other schemes are skipped. Parameters may come in any order, quoted
+    headers that way); other schemes are skipped, and so are parameter-only L402 challenges
+    (a 401's ``realm``/``error``: nothing to pay). Parameters may come in any order, quoted
     or not; ``token`` and ``macaroon`` are synonyms and must agree when both are present.
     """
     if len(header_value) > _MAX_CHALLENGE_CHARS:
         raise MalformedToken("challenge is too large")
     chosen: tuple[str, dict[str, str]] | None = None
+    error_only = False
     for scheme, params in _parse_challenges(header_value):
         canonical = _SCHEMES.get(scheme.lower())
         if canonical is None:
             continue
+        if not params.keys() & {"token", "macaroon", "invoice"}:
+            error_only = True
+            continue
         if chosen is None or (canonical == "L402" and chosen[0] == "LSAT"):
             chosen = (canonical, params)
     if chosen is None:
-        raise MalformedToken("no L402 challenge")
+        raise MalformedToken("challenge has no invoice" if error_only else "no L402 challenge")
     scheme, params = chosen
     token = params.get("token")
     macaroon = params.get("macaroon")

@@ -77,7 +77,7 @@ def verify_token(
     except MalformedToken:
         # Signed or not, a caveat we cannot read must not be skipped: fail closed.
         raise TokenRejected("malformed caveat") from None
-    scope = check_caveats(caveats, request, now)
+    scope = check_caveats(caveats, request, now, preimage=credential.preimage)
     return VerifiedToken(
         token_id=identifier.token_id,
         payment_hash=identifier.payment_hash,

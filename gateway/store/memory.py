@@ -13,6 +13,18 @@ from gateway.errors import StoreClosed, StoreError
 from gateway.ports import Cursor, InvoiceRecord, InvoiceState, InvoiceUpdate, PaymentHash
 
 TERMINAL_STATES = frozenset({InvoiceState.SETTLED, InvoiceState.CANCELED})
+UNPAID_ENDINGS = frozenset({InvoiceState.CANCELED, InvoiceState.EXPIRED})
+
+
+def _moves(current: InvoiceState, new: InvoiceState) -> bool:
+    """Whether a tracked invoice in ``current`` takes an update to ``new``."""
+    if current in TERMINAL_STATES:
+        return False
+    if current is InvoiceState.EXPIRED:
+        return new in TERMINAL_STATES  # only the node's final word replaces ours
+    if new is InvoiceState.EXPIRED:
+        return current is InvoiceState.OPEN  # never over an ACCEPTED (held) payment
+    return True
 
 
 class MemoryStore:
@@ -62,7 +74,7 @@ class MemoryStore:
         if entry is None:
             return False
         sequence, record = entry
-        if record.state not in TERMINAL_STATES:
+        if _moves(record.state, update.state):
             self._invoices[update.payment_hash] = (
                 sequence,
                 dataclasses.replace(
@@ -97,6 +109,32 @@ class MemoryStore:
         )
         records = [record for _, _, record in entries]
         return records if limit is None else records[:limit]
+
+    async def list_overdue(self, expired_before: float, limit: int) -> list[InvoiceRecord]:
+        self._check_open()
+        overdue = sorted(
+            (
+                (record.expires_at, sequence, record)
+                for sequence, record in self._invoices.values()
+                if record.state is InvoiceState.OPEN and record.expires_at < expired_before
+            ),
+            key=lambda entry: (entry[0], entry[1]),
+        )
+        return [record for _, _, record in overdue[: max(0, limit)]]
+
+    async def prune_unpaid(self, expired_before: float, limit: int) -> int:
+        self._check_open()
+        doomed = [
+            record
+            for _, record in self._invoices.values()
+            if record.state in UNPAID_ENDINGS and record.expires_at < expired_before
+        ][: max(0, limit)]
+        tokens = {record.token_id for record in doomed}
+        for key_id in [k for k, (token_id, _) in self._root_keys.items() if token_id in tokens]:
+            del self._root_keys[key_id]
+        for record in doomed:
+            del self._invoices[record.payment_hash]
+        return len(doomed)
 
     async def get_cursor(self) -> Cursor:
         self._check_open()

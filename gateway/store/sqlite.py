@@ -18,16 +18,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import os
 import sqlite3
 import stat
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from gateway.errors import SchemaVersionError, StoreClosed, StoreError
+from gateway.errors import ConfigError, SchemaVersionError, StoreClosed, StoreError
 from gateway.ports import (
     Clock,
     Cursor,
@@ -92,6 +94,46 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "INSERT INTO cursor (id, add_index, settle_index) VALUES (0, 0, 0)",
     ),
+    # 2: the EXPIRED state, and an index to find overdue and prunable invoices by expiry.
+    # A CHECK constraint cannot be altered, so the table is rebuilt, keeping its rowids
+    # (they order the invoices created in the same instant).
+    (
+        """
+        CREATE TABLE invoices_v2 (
+            payment_hash     BLOB PRIMARY KEY NOT NULL,
+            payment_request  TEXT NOT NULL,
+            amount_msat      INTEGER NOT NULL,
+            token_id         BLOB NOT NULL,
+            service          TEXT NOT NULL,
+            method           TEXT NOT NULL,
+            path             TEXT NOT NULL,
+            state            TEXT NOT NULL CHECK (
+                                 state IN ('OPEN', 'ACCEPTED', 'SETTLED', 'CANCELED', 'EXPIRED')
+                             ),
+            created_at       REAL NOT NULL,
+            expires_at       REAL NOT NULL,
+            add_index        INTEGER NOT NULL,
+            settle_index     INTEGER NOT NULL,
+            amount_paid_msat INTEGER NOT NULL,
+            settled_at       REAL
+        )
+        """,
+        """
+        INSERT INTO invoices_v2 (
+            rowid, payment_hash, payment_request, amount_msat, token_id, service, method, path,
+            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at
+        )
+        SELECT rowid, payment_hash, payment_request, amount_msat, token_id, service, method,
+               path, state, created_at, expires_at, add_index, settle_index, amount_paid_msat,
+               settled_at
+        FROM invoices
+        """,
+        "DROP TABLE invoices",
+        "ALTER TABLE invoices_v2 RENAME TO invoices",
+        "CREATE INDEX invoices_created_at ON invoices (created_at)",
+        "CREATE INDEX invoices_state_created_at ON invoices (state, created_at)",
+        "CREATE INDEX invoices_state_expires_at ON invoices (state, expires_at)",
+    ),
 )
 
 # ON CONFLICT (pk) DO NOTHING rather than INSERT OR IGNORE: OR IGNORE would also silently drop
@@ -109,20 +151,27 @@ _ADD_INVOICE = """
     ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (payment_hash) DO NOTHING
 """
-# A terminal row keeps every field; otherwise the update's fields win and settle_index only
-# grows. SET expressions see the row as it was, so the CASE tests the old state. The WHERE
-# matches any tracked hash, so rowcount tells "tracked" from "unknown" in one statement.
-_APPLY_UPDATE = """
-    UPDATE invoices SET
-        state = CASE WHEN state IN ('SETTLED', 'CANCELED') THEN state ELSE :state END,
-        amount_paid_msat = CASE WHEN state IN ('SETTLED', 'CANCELED')
-                           THEN amount_paid_msat ELSE :amount_paid_msat END,
-        settled_at = CASE WHEN state IN ('SETTLED', 'CANCELED')
-                     THEN settled_at ELSE :settled_at END,
-        settle_index = CASE WHEN state IN ('SETTLED', 'CANCELED')
-                       THEN settle_index ELSE max(settle_index, :settle_index) END
-    WHERE payment_hash = :payment_hash
+# Whether the row takes the update: a terminal row never does; EXPIRED (ours) yields only to
+# the node's SETTLED or CANCELED, and is entered only from OPEN (never over a held payment).
+_MOVES = """
+    (state NOT IN ('SETTLED', 'CANCELED') AND CASE
+        WHEN state = 'EXPIRED' THEN :state IN ('SETTLED', 'CANCELED')
+        WHEN :state = 'EXPIRED' THEN state = 'OPEN'
+        ELSE 1 END)
 """
+# A row that does not move keeps every field; otherwise the update's fields win and
+# settle_index only grows. SET expressions see the row as it was, so _MOVES tests the old
+# state. The WHERE matches any tracked hash, so rowcount tells "tracked" from "unknown" in
+# one statement.
+_APPLY_UPDATE = f"""
+    UPDATE invoices SET
+        state = CASE WHEN {_MOVES} THEN :state ELSE state END,
+        amount_paid_msat = CASE WHEN {_MOVES} THEN :amount_paid_msat ELSE amount_paid_msat END,
+        settled_at = CASE WHEN {_MOVES} THEN :settled_at ELSE settled_at END,
+        settle_index = CASE WHEN {_MOVES}
+                       THEN max(settle_index, :settle_index) ELSE settle_index END
+    WHERE payment_hash = :payment_hash
+"""  # noqa: S608 - _MOVES is a constant; every value is a bound parameter
 _GET_INVOICE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at
@@ -139,6 +188,18 @@ _LIST_INVOICES_IN_STATE = """
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at
     FROM invoices WHERE state = ? ORDER BY created_at DESC, rowid DESC LIMIT ?
 """
+_LIST_OVERDUE = """
+    SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
+           state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at
+    FROM invoices WHERE state = 'OPEN' AND expires_at < ? ORDER BY expires_at, rowid LIMIT ?
+"""
+_PRUNABLE = """
+    SELECT payment_hash, token_id FROM invoices
+    WHERE state IN ('CANCELED', 'EXPIRED') AND expires_at < ? LIMIT ?
+"""
+_PRUNE_ROOT_KEYS = "DELETE FROM root_keys WHERE token_id = ?"
+# The state is tested again, though the transaction already holds the write lock.
+_PRUNE_INVOICE = "DELETE FROM invoices WHERE payment_hash = ? AND state IN ('CANCELED', 'EXPIRED')"
 _GET_CURSOR = "SELECT add_index, settle_index FROM cursor WHERE id = 0"
 _SAVE_CURSOR = """
     UPDATE cursor SET add_index = max(add_index, ?), settle_index = max(settle_index, ?)
@@ -170,12 +231,18 @@ class SqliteStore:
         *,
         clock: Clock | None = None,
         synchronous: Synchronous = "NORMAL",
+        read_only: bool = False,
     ) -> SqliteStore:
         """Open (or create) the database at ``path`` and bring its schema up to date.
 
-        Missing parent directories are created (mode 0700) and a new file gets mode 0600,
-        since it holds token root keys; an existing file readable by others is tightened to
-        0600 with a warning.
+        A new file gets mode 0600, since it holds token root keys (SQLite gives its WAL and
+        shared-memory files the same mode); an existing one readable by others is tightened
+        to 0600 with a warning. The directory must exist. ``path`` must be the database
+        itself: a directory, a symbolic link, a device or a file that is not an SQLite
+        database is refused with ``ConfigError`` before anything is changed.
+
+        ``read_only`` opens an existing database as it is, for reading: nothing is created,
+        migrated or chmodded, and a missing file is a ``ConfigError``.
 
         ``synchronous`` is SQLite's durability setting. With WAL, ``NORMAL`` (the default)
         makes every returned write survive a crash or kill of this process: the commit is in
@@ -193,7 +260,7 @@ class SqliteStore:
         executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="gateway-sqlite"
         )
-        future = executor.submit(_connect, file, synchronous)
+        future = executor.submit(_connect, file, synchronous, read_only)
         try:
             connection = await asyncio.wrap_future(future)
         except BaseException:
@@ -316,6 +383,33 @@ class SqliteStore:
 
         return await self._run("list_invoices", list_)
 
+    async def list_overdue(self, expired_before: float, limit: int) -> list[InvoiceRecord]:
+        def list_(connection: sqlite3.Connection) -> list[InvoiceRecord]:
+            rows = connection.execute(_LIST_OVERDUE, (expired_before, max(0, limit)))
+            return [_record(row) for row in rows]
+
+        return await self._run("list_overdue", list_)
+
+    async def prune_unpaid(self, expired_before: float, limit: int) -> int:
+        """One transaction per batch: an invoice and its root key go together."""
+
+        def prune(connection: sqlite3.Connection) -> int:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                doomed = connection.execute(_PRUNABLE, (expired_before, max(0, limit))).fetchall()
+                connection.executemany(_PRUNE_ROOT_KEYS, ((token_id,) for _, token_id in doomed))
+                deleted = connection.executemany(
+                    _PRUNE_INVOICE, ((payment_hash,) for payment_hash, _ in doomed)
+                ).rowcount
+                connection.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    connection.execute("ROLLBACK")
+                raise
+            return max(0, deleted)
+
+        return await self._run("prune_unpaid", prune)
+
     async def get_cursor(self) -> Cursor:
         def get(connection: sqlite3.Connection) -> Cursor:
             add_index, settle_index = connection.execute(_GET_CURSOR).fetchone()
@@ -345,42 +439,136 @@ class SqliteStore:
         self._executor.shutdown(wait=True)  # joins the thread, which is exiting already
 
 
-def _connect(path: Path, synchronous: Synchronous) -> sqlite3.Connection:
+def _connect(path: Path, synchronous: Synchronous, read_only: bool) -> sqlite3.Connection:
     """Runs in the worker thread: create the file, connect, configure, migrate."""
     try:
-        _create_private_file(path)
+        if read_only:
+            _check_existing(path, tighten=False)
+        else:
+            _create_private_file(path)
     except OSError as error:
-        raise StoreError(f"cannot create the database file {path}: {error}") from error
+        raise StoreError(f"cannot open the database file {path}: {error}") from error
     try:
         # isolation_level=None: autocommit; transactions only where we say BEGIN.
-        connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        connection = sqlite3.connect(
+            f"file:{urllib.parse.quote(str(path))}?mode=ro" if read_only else path,
+            timeout=BUSY_TIMEOUT,
+            isolation_level=None,
+            uri=read_only,
+        )
     except sqlite3.Error as error:
         raise StoreError(f"cannot open {path}: {_describe(error)}") from error
     try:
-        _configure(connection, path, synchronous)
-        _migrate(connection, path)
+        if read_only:
+            _check_readable(connection, path)
+        else:
+            _configure(connection, path, synchronous)
+            _migrate(connection, path)
     except BaseException:
         connection.close()
         raise
     return connection
 
 
+# The first 16 bytes of every SQLite 3 database file.
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 def _create_private_file(path: Path) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create the database file with mode 0600, or check the existing one and tighten it."""
     try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        # O_EXCL: an existing name, a dangling symbolic link included, is never followed.
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            log.warning(
-                "database %s holds root keys but had mode %o; setting it to 600", path, mode
-            )
-            path.chmod(0o600)
+        _check_existing(path, tighten=True)
         return
+    except (FileNotFoundError, NotADirectoryError):
+        # Not made for the operator: a typo in the path would put the root keys elsewhere.
+        raise ConfigError(
+            f"store: cannot create the database {path}: {path.parent} is not an existing "
+            "directory (create it, mode 0700, or fix store.url)"
+        ) from None
     try:
         os.fchmod(descriptor, 0o600)  # exactly 0600, whatever the umask
     finally:
         os.close(descriptor)
+
+
+def _check_existing(path: Path, *, tighten: bool) -> None:
+    """Refuse an existing ``path`` that is not an SQLite database file (before any chmod);
+    with ``tighten``, make it and its WAL and shared-memory files 0600."""
+    _check_regular(path, missing_ok=False)
+    # O_NOFOLLOW and O_NONBLOCK: swapped for a link or a pipe since the check, the file is
+    # refused here instead of followed or waited on.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        descriptor = os.open(path, flags)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ConfigError(
+                f"store: {path} is a symbolic link; name the database itself"
+            ) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ConfigError(f"store: {path} is not a regular file")
+        # An empty file is a new database (another process may be creating it right now).
+        if not _SQLITE_HEADER.startswith(os.pread(descriptor, len(_SQLITE_HEADER), 0)):
+            raise ConfigError(
+                f"store: {path} is not an SQLite database; store.url must name the "
+                "gateway's database file"
+            )
+        if tighten:
+            _tighten(descriptor, path)
+    finally:
+        os.close(descriptor)
+    for suffix in ("-wal", "-shm", "-journal"):
+        companion = path.with_name(path.name + suffix)
+        if _check_regular(companion, missing_ok=True) and tighten:
+            descriptor = os.open(companion, flags)
+            try:
+                _tighten(descriptor, companion)
+            finally:
+                os.close(descriptor)
+
+
+def _check_regular(path: Path, *, missing_ok: bool) -> bool:
+    """True when ``path`` is a regular file (not a link); ConfigError when it is something
+    else, or missing (unless ``missing_ok``: then False)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        if missing_ok:
+            return False
+        raise ConfigError(f"store: no database at {path} (check store.url)") from None
+    if stat.S_ISLNK(mode):
+        raise ConfigError(f"store: {path} is a symbolic link; name the database itself")
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"store: {path} is a directory, not a database file")
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"store: {path} is not a regular file")
+    return True
+
+
+def _tighten(descriptor: int, path: Path) -> None:
+    mode = stat.S_IMODE(os.fstat(descriptor).st_mode)
+    if mode & 0o077:
+        log.warning(
+            "database file %s holds root keys but had mode %o; setting it to 600", path, mode
+        )
+        os.fchmod(descriptor, 0o600)
+
+
+def _check_readable(connection: sqlite3.Connection, path: Path) -> None:
+    """A database opened read-only: one a gateway has set up, and not a newer one."""
+    try:
+        version = _user_version(connection)
+    except sqlite3.Error as error:
+        raise StoreError(f"cannot read {path}: {_describe(error)}") from error
+    if version == 0:
+        raise ConfigError(f"store: {path} is not a gateway database (it has no gateway schema)")
+    # An older schema is read as it is (the gateway migrates it when it next starts).
+    _check_version(version, path)
 
 
 def _configure(connection: sqlite3.Connection, path: Path, synchronous: Synchronous) -> None:

@@ -30,6 +30,7 @@ from aiohttp.typedefs import Middleware
 
 from gateway.service import (
     Allow,
+    Challenge,
     Decision,
     Deny,
     L402Service,
@@ -37,6 +38,7 @@ from gateway.service import (
     RequestInfo,
     l402_cookie_values,
 )
+from gateway.web.method_override import OVERRIDE_HEADERS, method_overrides
 from gateway.web.paywall import MAX_REDEEM_BODY, REDEEM_PATH, handle_redeem, render_challenge
 from gateway.web.responses import HttpResponse, client_address
 
@@ -45,6 +47,7 @@ _AUTHORIZATION = hdrs.AUTHORIZATION
 
 GatewayFactory = Callable[[], AbstractAsyncContextManager[L402Service]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Expect = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 
 @dataclass(slots=True)
@@ -70,6 +73,27 @@ def request_info(request: web.BaseRequest, trust_forwarded_for: bool) -> Request
         query=request.query_string,
         headers=tuple(request.headers.items()),
         cookies=l402_cookie_values(request.headers.getall(hdrs.COOKIE, ())),
+        method_overrides=_method_overrides(request),
+    )
+
+
+_OVERRIDE, _HTTP_METHOD, _METHOD_OVERRIDE = OVERRIDE_HEADERS
+
+
+def _method_overrides(request: web.BaseRequest) -> tuple[str, ...]:
+    headers = request.headers
+    query = request.query_string
+    # Unrolled: this runs for every request, on the paying client's hot path too.
+    if (
+        not query
+        and _OVERRIDE not in headers
+        and _HTTP_METHOD not in headers
+        and _METHOD_OVERRIDE not in headers
+    ):
+        return ()
+    return method_overrides(
+        (value for name in OVERRIDE_HEADERS for value in headers.getall(name, ())),
+        request.query_string,
     )
 
 
@@ -90,7 +114,9 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def _redeem(request: web.Request, service: L402Service | None) -> web.Response:
+async def _redeem(
+    request: web.Request, service: L402Service | None, trust_forwarded_for: bool
+) -> web.Response:
     body = await _read_limited(request, MAX_REDEEM_BODY) if request.method == "POST" else b""
     return _response(
         await handle_redeem(
@@ -99,32 +125,104 @@ async def _redeem(request: web.Request, service: L402Service | None) -> web.Resp
             content_type=request.headers.get(hdrs.CONTENT_TYPE),
             fetch_site=request.headers.get("Sec-Fetch-Site"),
             body=body,
+            client=client_address(
+                request.remote,
+                ",".join(request.headers.getall(hdrs.X_FORWARDED_FOR, ())),
+                trust_forwarded_for,
+            ),
         )
     )
+
+
+async def _decide(
+    service: L402Service | None, request: web.Request, trust_forwarded_for: bool
+) -> Decision:
+    if service is None:
+        return Deny(503, "gateway is starting", retry_after=1)
+    authorization = tuple(request.headers.getall(_AUTHORIZATION, ()))
+    # authorize() keeps no decision for a request with a method override.
+    cached = (
+        None
+        if _method_overrides(request)
+        else service.allowed_again(authorization, request.method, request.path)
+    )
+    return cached or await service.authorize(request_info(request, trust_forwarded_for))
+
+
+def _refusal(request: web.Request, decision: Challenge | Deny) -> web.Response:
+    accept = ",".join(request.headers.getall(hdrs.ACCEPT, ())) or None
+    return _response(render_challenge(decision, method=request.method, accept=accept))
+
+
+@dataclass(frozen=True, slots=True)
+class _Decided:
+    decision: Decision
+
+
+# Made by the route's Expect handler, which aiohttp runs before the middlewares.
+_DECIDED = web.RequestKey("l402_decided", _Decided)
 
 
 def l402_middleware(slot: _ServiceSlot, trust_forwarded_for: bool) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         service = slot.service
-        path = request.path
-        if path == REDEEM_PATH:
-            return await _redeem(request, service)
-        if service is None:
-            decision: Decision = Deny(503, "gateway is starting", retry_after=1)
-        else:
-            authorization = tuple(request.headers.getall(_AUTHORIZATION, ()))
-            decision = service.allowed_again(
-                authorization, request.method, path
-            ) or await service.authorize(request_info(request, trust_forwarded_for))
+        if request.path == REDEEM_PATH:
+            return await _redeem(request, service, trust_forwarded_for)
+        decided = request.get(_DECIDED)
+        decision = (
+            decided.decision
+            if decided is not None
+            else await _decide(service, request, trust_forwarded_for)
+        )
         if isinstance(decision, Allow):
             if decision.token is not None:
                 request[TOKEN] = decision.token
             return await handler(request)
-        accept = ",".join(request.headers.getall(hdrs.ACCEPT, ())) or None
-        return _response(render_challenge(decision, method=request.method, accept=accept))
+        return _refusal(request, decision)
 
     return middleware
+
+
+class _DecideFirst:
+    """A route's Expect handler behind the L402 decision.
+
+    aiohttp answers ``Expect: 100-continue`` from the route's expect handler before any
+    middleware runs, so a client would upload its body, then get the 402. Here the decision
+    comes first: a refusal is the final answer (the connection then closes, as the client
+    holds its body back), an allowed request gets the route's own handling (100 Continue).
+    """
+
+    def __init__(self, slot: _ServiceSlot, trust_forwarded_for: bool, route_handler: Expect):
+        self._slot = slot
+        self._trust_forwarded_for = trust_forwarded_for
+        self._route_handler = route_handler
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse | None:
+        if request.path != REDEEM_PATH:
+            decision = await _decide(self._slot.service, request, self._trust_forwarded_for)
+            request[_DECIDED] = _Decided(decision)
+            if not isinstance(decision, Allow):
+                response = _refusal(request, decision)
+                response.force_close()
+                return response
+            if decision.token is not None:
+                request[TOKEN] = decision.token
+        return await self._route_handler(request)
+
+
+def _decide_before_continue(
+    router: web.UrlDispatcher, slot: _ServiceSlot, trust_forwarded_for: bool
+) -> None:
+    """Wrap the Expect handler of every route, those of sub-applications included.
+
+    aiohttp has no public setter for a route's expect handler, only the ``expect_handler``
+    argument when the route is added (by the application, before this runs).
+    """
+    for route in router.routes():
+        current = route._expect_handler
+        if not isinstance(current, _DecideFirst):
+            route._expect_handler = _DecideFirst(slot, trust_forwarded_for, current)
 
 
 def setup_l402(
@@ -134,7 +232,9 @@ def setup_l402(
     slot = _ServiceSlot()
     app[_SLOT] = slot
 
-    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        # At startup: the application has added its routes by then.
+        _decide_before_continue(app.router, slot, trust_forwarded_for)
         async with gateway() as service:
             slot.service = service
             try:

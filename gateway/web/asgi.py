@@ -76,6 +76,7 @@ from http import HTTPStatus
 from typing import Any, Final
 
 from gateway.service import Allow, Challenge, Deny, L402Service, RequestInfo, l402_cookie_values
+from gateway.web.method_override import OVERRIDE_HEADERS, method_overrides
 from gateway.web.paywall import MAX_REDEEM_BODY, REDEEM_PATH, handle_redeem, render_challenge
 from gateway.web.responses import HttpResponse, client_address, render
 
@@ -102,17 +103,37 @@ def request_info(scope: Scope, trust_forwarded_for: bool = False) -> RequestInfo
         for name, value in scope.get("headers", ())
     )
     authorization = tuple(value for name, value in headers if name.lower() == "authorization")
-    forwarded_for = ", ".join(value for name, value in headers if name.lower() == "x-forwarded-for")
-    peer = scope.get("client")
     return RequestInfo(
         method=scope.get("method", "GET"),
         path=scope["path"],
-        client=client_address(peer[0] if peer else None, forwarded_for, trust_forwarded_for),
+        client=_client(scope, trust_forwarded_for),
         authorization=authorization,
         query=scope.get("query_string", b"").decode("latin-1"),
         headers=headers,
         cookies=l402_cookie_values(value for name, value in headers if name.lower() == "cookie"),
+        method_overrides=_method_overrides(scope),
     )
+
+
+_OVERRIDE_HEADERS = frozenset(name.lower().encode("latin-1") for name in OVERRIDE_HEADERS)
+
+
+def _method_overrides(scope: Scope) -> tuple[str, ...]:
+    return method_overrides(
+        (
+            value.decode("latin-1")
+            for name, value in scope.get("headers", ())
+            if name.lower() in _OVERRIDE_HEADERS
+        ),
+        scope.get("query_string", b"").decode("latin-1"),
+    )
+
+
+def _client(scope: Scope, trust_forwarded_for: bool) -> str:
+    """The address rate limits apply to: the peer, or the trusted proxy's last hop."""
+    peer = scope.get("client")
+    forwarded_for = _header(scope, b"x-forwarded-for")
+    return client_address(peer[0] if peer else None, forwarded_for, trust_forwarded_for)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -207,8 +228,11 @@ class L402Middleware:
             for name, value in scope.get("headers", ())
             if name.lower() == b"authorization"
         )
-        cached = service.allowed_again(authorization, scope.get("method", "GET"), scope["path"])
-        return cached or await service.authorize(request_info(scope, self._trust_forwarded_for))
+        if not _method_overrides(scope):  # authorize() keeps no decision for those
+            cached = service.allowed_again(authorization, scope.get("method", "GET"), scope["path"])
+            if cached is not None:
+                return cached
+        return await service.authorize(request_info(scope, self._trust_forwarded_for))
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         redeem_path = scope.get("root_path", "") + REDEEM_PATH  # as the browser sees it
@@ -246,6 +270,7 @@ class L402Middleware:
             content_type=_header(scope, b"content-type"),
             fetch_site=_header(scope, b"sec-fetch-site"),
             body=body,
+            client=_client(scope, self._trust_forwarded_for),
         )
         await _send_response(send, response)
 

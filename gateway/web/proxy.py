@@ -8,9 +8,12 @@ cookie (other cookies are). The verified token's facts are, in ``token_header``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -19,7 +22,8 @@ from yarl import URL
 
 from gateway.service import without_l402_cookie
 from gateway.web.aiohttp import TOKEN, GatewayFactory, setup_l402
-from gateway.web.responses import token_header_value
+from gateway.web.responses import client_address, token_header_value
+from gateway.web.server import client_key
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +43,39 @@ HOP_BY_HOP = frozenset(
 CHUNK = 64 * 1024
 # Statuses whose responses never have a body, whatever their Content-Length says.
 _NO_BODY = frozenset({204, 304})
+# Requests with a verified paid token get a connection pool of their own: unpaid ones (say,
+# slow uploads to a free route) cannot take every upstream connection.
 _SESSION = web.AppKey("l402_proxy_session", aiohttp.ClientSession)
+_PAID_SESSION = web.AppKey("l402_proxy_paid_session", aiohttp.ClientSession)
 
 
-def _end_to_end(headers: CIMultiDictProxy[str], also_drop: frozenset[str]) -> CIMultiDict[str]:
+def _end_to_end(
+    headers: CIMultiDictProxy[str], also_drop: frozenset[str], *, keep_underscored: bool
+) -> CIMultiDict[str]:
     named = {
         name.strip().lower()
         for value in headers.getall(hdrs.CONNECTION, ())
         for name in value.split(",")
     }
     drop = HOP_BY_HOP | named | also_drop
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    return CIMultiDict(
+        (k, v)
+        for k, v in headers.items()
+        if k.lower() not in drop and (keep_underscored or "_" not in k)
+    )
+
+
+# A backend that decodes these would see other path segments than the rules did.
+_ENCODED_SEPARATOR = re.compile("%(?:2f|5c)", re.IGNORECASE)
+
+
+@web.middleware
+async def _refuse_encoded_separators(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if _ENCODED_SEPARATOR.search(request.rel_url.raw_path):
+        return _problem(400, "Bad Request", "path must not contain an encoded '/' or '\\'")
+    return await handler(request)
 
 
 def _problem(status: int, title: str, detail: str) -> web.Response:
@@ -59,30 +85,92 @@ def _problem(status: int, title: str, detail: str) -> web.Response:
     )
 
 
+def _closing(response: web.Response) -> web.Response:
+    """``response``, then the connection closes: the rest of the request body (unread, or
+    held back after ``Expect: 100-continue``) must not be read as the next request."""
+    response.force_close()
+    return response
+
+
 class _BodyTooLarge(Exception):
     pass
 
 
+class _BodyTooSlow(Exception):
+    pass
+
+
 class _LimitedBody:
-    """The request body, streamed, failing past ``limit`` bytes.
+    """The request body, streamed, failing past ``limit`` bytes or when it arrives slower
+    than ``timeout`` seconds plus one second per ``min_rate`` bytes (from the first read).
 
     aiohttp's client reports an exception raised by the body it sends as a ClientError, so
-    the overflow is also remembered in ``exceeded``.
+    the failure is also remembered in ``exceeded`` or ``too_slow``.
     """
 
-    def __init__(self, stream: aiohttp.StreamReader, limit: int) -> None:
+    def __init__(
+        self, stream: aiohttp.StreamReader, limit: int, timeout: float, min_rate: int
+    ) -> None:
         self._stream = stream
         self._limit = limit
+        self._timeout = timeout
+        self._min_rate = min_rate
         self.exceeded = False
+        self.too_slow = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         seen = 0
-        async for chunk in self._stream.iter_chunked(CHUNK):
+        while True:
+            try:
+                async with asyncio.timeout_at(started + self._timeout + seen / self._min_rate):
+                    chunk = await self._stream.read(CHUNK)
+            except TimeoutError:
+                self.too_slow = True
+                raise _BodyTooSlow from None
+            if not chunk:
+                return
             seen += len(chunk)
             if seen > self._limit:
                 self.exceeded = True
                 raise _BodyTooLarge
             yield chunk
+
+
+class _PerClient:
+    """Requests under way per client, at most ``cap`` each (0: no cap)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._counts: dict[str, int] = {}
+
+    def full(self, client: str) -> bool:
+        return bool(self.cap) and self._counts.get(client, 0) >= self.cap
+
+    @contextlib.contextmanager
+    def hold(self, client: str) -> Iterator[None]:
+        self._counts[client] = self._counts.get(client, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._counts[client] - 1
+            if left:
+                self._counts[client] = left
+            else:
+                del self._counts[client]
+
+
+async def _continue(request: web.Request) -> web.Response | None:
+    """What aiohttp answers ``Expect`` with: 100 Continue (HTTP/1.1), or 417 for another
+    expectation."""
+    if request.version != aiohttp.HttpVersion11:
+        return None
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        return _closing(_problem(417, "Expectation Failed", "only 100-continue is known"))
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the response proper has not started
+    return None
 
 
 def build_proxy(
@@ -93,18 +181,38 @@ def build_proxy(
     trust_forwarded_for: bool = False,
     max_body_bytes: int = 10 * 1024 * 1024,
     upstream_timeout: float = 300.0,
+    body_timeout: float = 30.0,
+    min_body_rate: int = 8192,
+    unpaid_requests_per_client: int = 16,
+    upstream_connections: int = 100,
+    paid_upstream_connections: int = 100,
+    ipv6_prefix: int = 64,
 ) -> web.Application:
-    """An aiohttp application that prices requests and forwards them to ``upstream``."""
+    """An aiohttp application that prices requests and forwards them to ``upstream``.
+
+    Requests with a verified paid token use ``paid_upstream_connections`` of their own;
+    the rest share ``upstream_connections``, at most ``unpaid_requests_per_client`` per
+    client (an IPv6 client per ``ipv6_prefix``) at once, more get 429. A body slower than
+    ``body_timeout`` seconds plus one second per ``min_body_rate`` bytes gets 408.
+    """
     base = str(URL(upstream.rstrip("/")))
     app = web.Application(client_max_size=max_body_bytes)
+    app.middlewares.append(_refuse_encoded_separators)
     setup_l402(app, gateway, trust_forwarded_for=trust_forwarded_for)
     # Content-Length is kept: the body is forwarded with the length the client declared.
     request_drop = frozenset({"host", "authorization", token_header.lower()})
 
-    async def client_session(app: web.Application) -> AsyncIterator[None]:
-        timeout = aiohttp.ClientTimeout(total=upstream_timeout, sock_connect=10)
-        async with aiohttp.ClientSession(
-            timeout=timeout,
+    unpaid = _PerClient(unpaid_requests_per_client)
+
+    def unpaid_client(request: web.Request) -> str:
+        forwarded_for = ",".join(request.headers.getall(hdrs.X_FORWARDED_FOR, ()))
+        address = client_address(request.remote, forwarded_for, trust_forwarded_for)
+        return client_key(address, ipv6_prefix)
+
+    def session(limit: int) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=limit),
+            timeout=aiohttp.ClientTimeout(total=upstream_timeout, sock_connect=10),
             auto_decompress=False,
             # One session serves every client: a cookie jar would hand one client's upstream
             # session cookie to all the others.
@@ -117,16 +225,26 @@ def build_proxy(
                 hdrs.USER_AGENT,
                 hdrs.CONTENT_TYPE,
             ),
-        ) as session:
-            app[_SESSION] = session
+        )
+
+    async def client_session(app: web.Application) -> AsyncIterator[None]:
+        async with (
+            session(upstream_connections) as free,
+            session(paid_upstream_connections) as paid,
+        ):
+            app[_SESSION], app[_PAID_SESSION] = free, paid
             yield
 
     app.cleanup_ctx.append(client_session)
 
-    async def forward(request: web.Request) -> web.StreamResponse:
+    async def send(
+        request: web.Request, upstream_session: aiohttp.ClientSession
+    ) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > max_body_bytes:
             return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
-        headers = _end_to_end(request.headers, request_drop)
+        # Dropped like nginx does: WSGI and CGI servers read X_L402_Token (or X_Forwarded_For)
+        # as the header the gateway sets.
+        headers = _end_to_end(request.headers, request_drop, keep_underscored=False)
         cookies = [without_l402_cookie(value) for value in headers.popall(hdrs.COOKIE, ())]
         for value in cookies:
             if value is not None:
@@ -139,10 +257,14 @@ def build_proxy(
         token = request.get(TOKEN)
         if token is not None:
             headers[token_header] = token_header_value(token)
-        body = _LimitedBody(request.content, max_body_bytes) if request.body_exists else None
+        body = (
+            _LimitedBody(request.content, max_body_bytes, body_timeout, min_body_rate)
+            if request.body_exists
+            else None
+        )
         response: web.StreamResponse | None = None
         try:
-            async with request.app[_SESSION].request(
+            async with upstream_session.request(
                 request.method,
                 # Verbatim: the path the rules were matched on, not a re-normalized one.
                 URL(base + request.rel_url.raw_path_qs, encoded=True),
@@ -151,7 +273,9 @@ def build_proxy(
                 allow_redirects=False,
             ) as upstream_response:
                 status, reason = upstream_response.status, upstream_response.reason
-                response_headers = _end_to_end(upstream_response.headers, frozenset())
+                response_headers = _end_to_end(
+                    upstream_response.headers, frozenset(), keep_underscored=True
+                )
                 length = upstream_response.content_length
                 if (
                     length is not None
@@ -174,6 +298,8 @@ def build_proxy(
                 return response
         except _BodyTooLarge:
             return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
+        except _BodyTooSlow:
+            return too_slow()
         except (aiohttp.ClientError, TimeoutError) as error:
             if response is not None and response.prepared:
                 # Mid-body: abort the connection rather than end a truncated body cleanly.
@@ -181,8 +307,38 @@ def build_proxy(
                 raise
             if body is not None and body.exceeded:
                 return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
+            if body is not None and body.too_slow:
+                return too_slow()
             log.warning("upstream %s failed: %s", base, error)
             return _problem(502, "Bad Gateway", "upstream unavailable")
 
-    app.router.add_route("*", "/{tail:.*}", forward)
+    def too_slow() -> web.Response:
+        detail = f"the body took over {body_timeout:g}s plus 1s per {min_body_rate} bytes"
+        return _closing(_problem(408, "Request Timeout", detail))
+
+    def too_many() -> web.Response:
+        detail = f"{unpaid.cap} requests without a paid token are under way"
+        response = _problem(429, "Too Many Requests", detail)
+        response.headers[hdrs.RETRY_AFTER] = "1"
+        return response
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        if request.get(TOKEN) is not None:
+            return await send(request, request.app[_PAID_SESSION])
+        client = unpaid_client(request)
+        if unpaid.full(client):
+            return too_many()
+        with unpaid.hold(client):
+            return await send(request, request.app[_SESSION])
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        # Runs after the L402 decision (setup_l402 wraps it): an answer the body cannot
+        # change comes before 100 Continue, or the client uploads the body for nothing.
+        if request.content_length is not None and request.content_length > max_body_bytes:
+            return _closing(_problem(413, "Content Too Large", f"body over {max_body_bytes} bytes"))
+        if request.get(TOKEN) is None and unpaid.full(unpaid_client(request)):
+            return _closing(too_many())
+        return await _continue(request)
+
+    app.router.add_route("*", "/{tail:.*}", forward, expect_handler=expect)
     return app

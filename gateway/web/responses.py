@@ -7,7 +7,11 @@ import json
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from gateway import l402
 from gateway.service import Challenge, Deny, PaidToken
+
+# The realm of a 401's challenge when the decision names none (the default location).
+DEFAULT_REALM = "l402-gateway"
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +22,11 @@ class HttpResponse:
 
 
 def render(decision: Challenge | Deny) -> HttpResponse:
-    """A problem+json response (RFC 9457); a challenge also carries WWW-Authenticate headers."""
+    """A problem+json response (RFC 9457) with the WWW-Authenticate headers the status needs.
+
+    A 402 carries the L402 and LSAT challenges. A 401 carries a parameter-only challenge
+    (RFC 9110 requires one), never an invoice: an invalid credential must not mint invoices.
+    """
     status = 402 if isinstance(decision, Challenge) else decision.status
     problem: dict[str, object] = {
         "type": "about:blank",
@@ -36,8 +44,13 @@ def render(decision: Challenge | Deny) -> HttpResponse:
             expires_at=int(decision.expires_at),
         )
         headers += [("WWW-Authenticate", value) for value in decision.www_authenticate()]
-    elif decision.retry_after is not None:
-        headers.append(("Retry-After", str(decision.retry_after)))
+    else:
+        if status == 401:
+            realm = decision.realm or DEFAULT_REALM
+            value = l402.format_error_challenge(realm, "invalid_token", decision.reason)
+            headers.append(("WWW-Authenticate", value))
+        if decision.retry_after is not None:
+            headers.append(("Retry-After", str(decision.retry_after)))
     return HttpResponse(status, tuple(headers), json.dumps(problem).encode())
 
 

@@ -166,7 +166,10 @@ async def test_401_reasons(
         response = await client.get(FORTUNE, headers={"Authorization": value})
         assert response.status == 401, value
         assert response.content_type == PROBLEM_JSON
-        assert "WWW-Authenticate" not in response.headers
+        # RFC 9110: a 401 names its scheme, and offers no invoice.
+        assert response.headers.getall("WWW-Authenticate") == [
+            f'L402 realm="l402-gateway", error="invalid_token", error_description="{reason}"'
+        ]
         body = await response.json(content_type=PROBLEM_JSON)
         assert body["status"] == 401
         assert body["title"] == "Unauthorized"

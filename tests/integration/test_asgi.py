@@ -313,7 +313,10 @@ async def test_invalid_credential_is_401_with_reason(
     async with http.get(f"{base_url}/paid/weather", headers=headers) as response:
         assert response.status == 401
         assert response.content_type == PROBLEM_JSON
-        assert "WWW-Authenticate" not in response.headers
+        # RFC 9110: a 401 names its scheme, and offers no invoice.
+        assert response.headers.getall("WWW-Authenticate") == [
+            f'L402 realm="l402-gateway", error="invalid_token", error_description="{reason}"'
+        ]
         problem = await response.json(content_type=PROBLEM_JSON)
     assert problem["status"] == 401
     assert problem["detail"] == reason
@@ -418,6 +421,11 @@ async def test_websocket_invalid_credential_gets_401_handshake(
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await http.ws_connect(f"{base_url}/ws/paid", headers=headers)
     assert refused.value.status == 401
+    assert refused.value.headers is not None
+    assert refused.value.headers.getall("WWW-Authenticate") == [
+        'L402 realm="l402-gateway", error="invalid_token", '
+        'error_description="credentials must be <macaroon>:<hex preimage>"'
+    ]
 
 
 async def test_websocket_without_denial_extension_is_refused_with_403(

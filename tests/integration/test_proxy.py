@@ -377,6 +377,23 @@ async def test_query_string_is_forwarded(setup: Setup) -> None:
     assert len((await response.json())["quotes"]) == 3
 
 
+async def test_401_through_the_proxy_carries_a_challenge_without_an_invoice(
+    setup: Setup,
+) -> None:
+    authorization = await setup.pay("/api/premium/fortune")
+    macaroon = authorization.split(" ")[1].rsplit(":", 1)[0]
+    invoices = len(setup.gateway.backend.invoices)
+    response = await setup.client.get(
+        "/api/premium/fortune", headers={"Authorization": f"L402 {macaroon}:{'00' * 32}"}
+    )
+    assert response.status == 401
+    assert response.headers.getall("WWW-Authenticate") == [
+        'L402 realm="l402-gateway", error="invalid_token", '
+        'error_description="preimage does not match the payment hash"'
+    ]
+    assert len(setup.gateway.backend.invoices) == invoices  # a 401 mints no invoice
+
+
 async def test_402_through_the_proxy_never_reaches_upstream(setup: Setup) -> None:
     response = await setup.client.post("/api/echo", data=b"x" * 1000)
     assert response.status == 402

@@ -26,6 +26,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from yarl import URL
 
 from gateway import l402
 from gateway.cli import running_gateway
@@ -514,3 +515,37 @@ async def test_attack_is_refused(arena: Arena, attack: Attack, front: str) -> No
             url + PREMIUM, headers={"Authorization": arena.premium.authorization(macaroon)}
         ) as response:
             assert response.status == 200
+
+
+# Spellings of PREMIUM that some backend routes to it (see README "Path policy").
+SPELLINGS = [
+    "/API/premium/fortune",
+    "/Api/Premium/fortune/",
+    "/api/premium",
+    "/api\\premium\\fortune",
+    "/x/..\\api\\premium\\fortune",
+    "/api%5Cpremium%5Cfortune",
+    "/api;x=1/premium/fortune",
+    "/api/premium;jsessionid=1/fortune",
+    "/api%252fpremium/fortune",
+    "/api%2Fpremium/fortune",
+    "/api/premium./fortune",
+    "/api/%EF%BD%90remium/fortune",
+]
+
+
+@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize("target", SPELLINGS)
+async def test_no_spelling_of_a_priced_path_is_served_unpaid(
+    arena: Arena, front: str, target: str
+) -> None:
+    url = URL(arena.fronts[front])
+    assert url.host is not None
+    assert url.port is not None
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    response = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    await writer.wait_closed()
+    status = int(response.split(b" ", 2)[1])
+    assert status in (400, 402), response[:300]

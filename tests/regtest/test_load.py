@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from gateway.config import RateLimitConfig
 from gateway.examples import demo_api
@@ -228,3 +229,141 @@ async def test_unpaid_flood_while_clients_pay(
     assert min(payments) > 0, payments
     assert getinfo_p99 < GETINFO_P99_LIMIT_MS, samples.getinfo_ms
     assert growth < RSS_GROWTH_LIMIT_KIB, samples.rss_kib
+
+
+# --- slow unpaid bodies on a free route --------------------------------------------------
+
+SLOW_PATH = "/slow/upload"  # no rule prices it; the upstream reads the whole body
+SLOW_CHUNK = 100  # bytes a slow client sends every SLOW_INTERVAL: 200 bytes a second
+SLOW_INTERVAL = 0.5
+# Paid requests took 9-40 ms (p99 up to 0.3 s) with 500 slow clients on 2 shared cores;
+# with one upstream pool for all they waited for a connection until the test ended.
+PAID_LATENCY_LIMIT = 2.0
+
+
+class Uploads:
+    """demo_api() with SLOW_PATH, counting the uploads it is reading at once."""
+
+    def __init__(self) -> None:
+        self.app = demo_api()
+        self.app.router.add_post(SLOW_PATH, self.upload)
+        self.reading = 0
+        self.most = 0
+
+    async def upload(self, request: web.Request) -> web.Response:
+        self.reading += 1
+        self.most = max(self.most, self.reading)
+        try:
+            return web.json_response({"bytes": len(await request.read())})
+        finally:
+            self.reading -= 1
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        pytest.param(Scenario(unpaid=500, paying=5, seconds=8), id="short"),
+        pytest.param(
+            Scenario(unpaid=500, paying=20, seconds=60), id="long", marks=pytest.mark.long
+        ),
+    ],
+)
+async def test_slow_unpaid_bodies_do_not_delay_paying_clients(
+    network: Network,
+    bob: LndClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    scenario: Scenario,
+) -> None:
+    """``scenario.unpaid`` clients upload to a free route at 200 bytes a second, more than
+    the upstream pool's 100 connections (aiohttp's default), while others pay."""
+    _allow_open_files(scenario.unpaid + scenario.paying + 1024)
+    monkeypatch.setenv("GATEWAY_SERVER_TRUST_FORWARDED_FOR", "true")  # a client per address
+    (port,) = free_ports(1)
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    config_file = tmp_path / "gateway.toml"
+    slow: Counter[str] = Counter()
+    paid_seconds: list[float] = []
+
+    uploads = Uploads()
+    async with serving(uploads.app) as upstream:
+        config = gateway_config(
+            network,
+            tmp_path / "gateway.db",
+            listen=f"127.0.0.1:{port}",
+            upstream=upstream,
+            rate_limit=RATE_LIMIT,
+        )
+        config_file.write_text(config_toml(config))
+        process = start_serve(config_file, log)
+        try:
+            await wait_for_http(f"{url}/health", process, log)
+            loop = asyncio.get_running_loop()
+            started = asyncio.Event()
+            end = loop.time() + scenario.seconds
+
+            async def slow_client(index: int) -> None:
+                head = (
+                    f"POST {SLOW_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n"
+                    f"X-Forwarded-For: 10.2.{index // 256}.{index % 256}\r\n\r\n"
+                ).encode()
+                while loop.time() < end:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    slow["connections"] += 1
+                    try:
+                        writer.write(head)
+                        while loop.time() < end:
+                            writer.write(b"x" * SLOW_CHUNK)
+                            try:
+                                async with asyncio.timeout(SLOW_INTERVAL):
+                                    line = await reader.readline()
+                            except TimeoutError:
+                                continue
+                            # Cut (408, in the long run) or closed: start over.
+                            slow[line.split(b" ")[1].decode() if line else "closed"] += 1
+                            break
+                    finally:
+                        writer.close()
+
+            async def paying(index: int) -> None:
+                address = {"X-Forwarded-For": f"10.1.{index // 256}.{index % 256}"}
+                await started.wait()
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+                    while (round_started := loop.time()) < end:
+                        async with http.get(url + PRICED, headers=address) as response:
+                            assert response.status == 402, await response.text()
+                            challenge = l402_challenge(response.headers)
+                        authorization = await pay(bob, network, challenge)
+                        headers = {**address, "Authorization": authorization}
+                        sent = loop.time()
+                        async with http.get(url + PRICED, headers=headers) as response:
+                            assert response.status == 200, await response.text()
+                            await response.read()
+                        paid_seconds.append(loop.time() - sent)
+                        await asyncio.sleep(round_started + PURCHASE_INTERVAL - loop.time())
+
+            async with asyncio.TaskGroup() as group:
+                for index in range(scenario.unpaid):
+                    group.create_task(slow_client(index))
+                # Once every slow client is connected and holding its upload.
+                await asyncio.sleep(2)
+                started.set()
+                for index in range(scenario.paying):
+                    group.create_task(paying(index))
+            assert process.poll() is None, log.read_text()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            # Waited for in a thread: requests still under way need the upstream, served here.
+            assert await asyncio.to_thread(process.wait, 30) == 0, log.read_text()
+
+    print(  # the figures, shown with -s
+        f"\n{scenario}: slow uploads {dict(slow)}, {uploads.most} at once upstream; paid "
+        f"requests {len(paid_seconds)}, latency p50 {_percentile(paid_seconds, 50) * 1000:.0f} "
+        "ms, p99 "
+        f"{_percentile(paid_seconds, 99) * 1000:.0f} ms, max {max(paid_seconds) * 1000:.0f} ms"
+    )
+    assert slow["connections"] >= scenario.unpaid, slow
+    assert uploads.most == 100, uploads.most  # the unpaid pool, all taken
+    assert len(paid_seconds) >= scenario.paying, paid_seconds
+    assert max(paid_seconds) < PAID_LATENCY_LIMIT, paid_seconds

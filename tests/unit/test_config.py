@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib
+import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,6 +14,8 @@ import pytest
 
 from gateway.cli import build_pricing
 from gateway.config import (
+    MAX_INVOICE_EXPIRY,
+    MIN_CHALLENGES_PER_SECOND,
     Config,
     L402Config,
     LndConfig,
@@ -19,10 +23,15 @@ from gateway.config import (
     RouteConfig,
     ServerConfig,
     StoreConfig,
+    listen_address,
     load_config,
+    route_warnings,
+    store_location,
 )
 from gateway.errors import ConfigError
-from gateway.pricing import PriceRequest
+from gateway.pricing import MAX_PRICE_MSAT, PriceRequest
+from gateway.service import RateLimiter
+from tests.fakes import FakeClock
 
 SAMPLE = Path(__file__).resolve().parents[2] / "gateway" / "gateway.sample.toml"
 SECTIONS: dict[str, type[object]] = {
@@ -402,3 +411,311 @@ def test_config_is_frozen() -> None:
     config = load_config(None, {})
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.server = ServerConfig()  # type: ignore[misc]
+
+
+# --- limits: refused at load, not when a request or LND trips over them -----------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        # LND's AddInvoice refuses more than 100,000 BTC and an expiry over a year.
+        ("[[routes]]\npattern = '/a'\nprice_msat = 10000000000000001", ("price_msat", "LND")),
+        ("[[routes]]\npattern = '/a'\nprice_msat = 9223372036854775808", ("price_msat",)),
+        ("[l402]\ninvoice_expiry = 31536001", ("invoice_expiry", "LND")),
+        ("[l402]\ninvoice_expiry = 9223372036854775808", ("invoice_expiry",)),
+        ("[[routes]]\npattern = '/a'\nprice_msat = 1\nlifetime = 315360001", ("lifetime",)),
+        ("[[routes]]\npattern = '/a'\nfree = true\nlifetime = 9223372036854775807", ("lifetime",)),
+        ("[l402]\nroot_key_cache_seconds = 3601", ("root_key_cache_seconds",)),
+        ("[l402]\nroot_key_cache_seconds = 1e308", ("root_key_cache_seconds",)),
+        ("[l402]\nroot_key_cache_seconds = inf", ("root_key_cache_seconds",)),
+        ("[rate_limit]\nchallenges_per_second = 5e-324", ("challenges_per_second", "one a day")),
+        ("[rate_limit]\nchallenges_per_second = 1e-6", ("challenges_per_second",)),
+        ("[rate_limit]\nchallenges_per_second = 1e7", ("challenges_per_second",)),
+        ("[rate_limit]\nburst = 1000001", ("burst",)),
+    ],
+)
+def test_values_past_the_limits_are_refused(
+    tmp_path: Path, text: str, fragments: tuple[str, ...]
+) -> None:
+    expect_error(tmp_path, text, *fragments)
+
+
+def test_values_at_the_limits_load(tmp_path: Path) -> None:
+    config = load_text(
+        tmp_path,
+        """
+        [l402]
+        invoice_expiry = 31536000
+        root_key_cache_seconds = 3600
+        [rate_limit]
+        challenges_per_second = 1.1574074074074073e-05
+        burst = 1000000
+        [[routes]]
+        pattern = "/a"
+        price_msat = 10000000000000000
+        lifetime = 315360000
+        """,
+    )
+    assert config.routes[0].price_msat == MAX_PRICE_MSAT == 10**16
+    assert config.l402.invoice_expiry == MAX_INVOICE_EXPIRY
+
+
+def test_a_huge_number_from_the_environment_is_refused_not_overflowed() -> None:
+    with pytest.raises(ConfigError, match="burst"):
+        load_config(None, {"GATEWAY_RATE_LIMIT_BURST": "1" + "0" * 400})
+
+
+def test_the_slowest_rate_allowed_gives_a_finite_wait() -> None:
+    """5e-324 challenges a second made the 429's wait infinite, and math.ceil() raise."""
+    clock = FakeClock()
+    limiter = RateLimiter(MIN_CHALLENGES_PER_SECOND, 1, 10, clock)
+    assert limiter.acquire("client") == 0
+    assert limiter.acquire("client") == pytest.approx(86400)
+
+
+# --- [server] ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "X L402",
+        "X-L402-Token:",
+        "X_L402_Token",  # CGI backends read it as X-L402-Token
+        "X-L402-Token\r\nX-Admin: 1",
+        "T\u00f8ken",
+        "Content-Length",
+        "content-type",
+        "Transfer-Encoding",
+        "Host",
+        "Connection",
+        "Keep-Alive",
+        "Upgrade",
+        "TE",
+        "Authorization",
+        "Proxy-Authorization",
+        "Cookie",
+        "X-Forwarded-For",
+        "X-Forwarded-Host",
+        "Forwarded",
+        "X-Real-IP",
+        "X-HTTP-Method-Override",
+        "Sec-Fetch-Site",
+        "Accept-Encoding",
+    ],
+)
+def test_token_header_must_be_a_header_of_its_own(tmp_path: Path, name: str) -> None:
+    expect_error(tmp_path, f"[server]\ntoken_header = {toml_string(name)}", "token_header")
+
+
+@pytest.mark.parametrize("name", ["X-L402-Token", "X-Paid-Token", "L402-Facts"])
+def test_ordinary_token_headers_load(tmp_path: Path, name: str) -> None:
+    assert load_text(tmp_path, f"[server]\ntoken_header = '{name}'").server.token_header == name
+
+
+@pytest.mark.parametrize(
+    ("upstream", "fragment"),
+    [
+        ("ftp://backend/", "http:// or https://"),
+        ("127.0.0.1:8080", "http:// or https://"),
+        ("backend", "http:// or https://"),
+        ("http://", "with a host"),
+        ("http:///path", "with a host"),
+        ("http://backend:99999", "invalid port"),
+        ("http://backend:port", "invalid port"),
+        ("http://backend/api?key=1", "query or fragment"),
+        ("http://backend/api#top", "query or fragment"),
+        ("http://back end/", "blanks"),
+        ("http://backend/\n", "blanks"),
+    ],
+)
+def test_upstream_must_be_an_http_url_with_a_host(
+    tmp_path: Path, upstream: str, fragment: str
+) -> None:
+    expect_error(tmp_path, f"[server]\nupstream = {toml_string(upstream)}", "upstream", fragment)
+
+
+def test_upstream_credentials_are_refused_without_repeating_them(tmp_path: Path) -> None:
+    message = expect_error(
+        tmp_path, "[server]\nupstream = 'https://admin:hunter2@backend/'", "credentials"
+    )
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    "upstream", ["http://127.0.0.1:8080", "HTTPS://backend.internal/api/", "http://[::1]:8080"]
+)
+def test_good_upstreams_load(tmp_path: Path, upstream: str) -> None:
+    assert load_text(tmp_path, f"[server]\nupstream = '{upstream}'").server.upstream == upstream
+
+
+@pytest.mark.parametrize(
+    ("listen", "fragment"),
+    [
+        ("8402", "host:port"),
+        ("localhost", "host:port"),
+        ("127.0.0.1:", "host:port"),
+        ("127.0.0.1:http", "host:port"),
+        ("127.0.0.1:\uff18\uff14\uff10\uff12", "host:port"),  # full-width digits
+        ("127.0.0.1:-1", "host:port"),
+        (":8402", "with a host"),
+        ("127.0.0.1:65536", "0 to 65535"),
+        ("127.0.0.1:99999999999999999999", "0 to 65535"),
+        ("::1:8402", "brackets"),
+        ("[]:8402", "brackets"),
+        ("[nothost]:8402", "brackets"),
+        ("local host:8402", "brackets"),
+    ],
+)
+def test_listen_is_checked_at_load(tmp_path: Path, listen: str, fragment: str) -> None:
+    expect_error(tmp_path, f"[server]\nlisten = '{listen}'", "[server]", "listen", fragment)
+
+
+@pytest.mark.parametrize(
+    ("listen", "address"),
+    [
+        ("127.0.0.1:8402", ("127.0.0.1", 8402)),
+        ("0.0.0.0:80", ("0.0.0.0", 80)),  # noqa: S104 - a test value
+        ("localhost:0", ("localhost", 0)),
+        ("[::1]:8402", ("::1", 8402)),
+        ("[::]:65535", ("::", 65535)),
+        ("[fe80::1%eth0]:8402", ("fe80::1%eth0", 8402)),
+    ],
+)
+def test_listen_address(tmp_path: Path, listen: str, address: tuple[str, int]) -> None:
+    assert load_text(tmp_path, f"[server]\nlisten = '{listen}'").server.listen == listen
+    assert listen_address(listen) == address
+
+
+# --- [store] -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("postgresql://gateway:hunter2@db/gateway", "PostgreSQL is not supported yet"),
+        ("postgres://db/gateway", "PostgreSQL is not supported yet"),
+        ("redis://:hunter2@localhost", "'redis' is not supported"),
+        ("", "must name a store"),
+        ("   ", "must name a store"),
+        ("gateway.db", "no scheme"),
+        ("sqlite:", "names no file"),
+        ("sqlite:///", "use sqlite:///absolute"),
+        ("sqlite://host/gateway.db", "use sqlite:///absolute"),
+        ("memory:extra", "takes nothing"),
+    ],
+)
+def test_unsupported_store_urls_are_refused_at_load(
+    tmp_path: Path, url: str, fragment: str
+) -> None:
+    message = expect_error(tmp_path, f"[store]\nurl = '{url}'", "[store]", fragment)
+    assert "sqlite:///absolute/path.db" in message or "memory:" in message
+    assert "hunter2" not in message
+
+
+def test_an_empty_store_url_from_the_environment_is_refused() -> None:
+    with pytest.raises(ConfigError, match="must name a store"):
+        load_config(None, {"GATEWAY_STORE_URL": ""})
+
+
+@pytest.mark.parametrize(
+    ("url", "location"),
+    [
+        ("memory:", ("memory", None)),
+        ("MEMORY:", ("memory", None)),
+        ("sqlite:gateway.db", ("sqlite", "gateway.db")),
+        ("sqlite:data/gateway.db", ("sqlite", "data/gateway.db")),
+        ("sqlite:///var/lib/l402/gateway.db", ("sqlite", "/var/lib/l402/gateway.db")),
+    ],
+)
+def test_store_location(url: str, location: tuple[str, str | None]) -> None:
+    assert store_location(url) == location
+    assert load_config(None, {"GATEWAY_STORE_URL": url}).store.url == url
+
+
+# --- route warnings: legal, but not what the operator meant ---------------------------------
+
+
+def priced(pattern: str, *methods: str) -> RouteConfig:
+    return RouteConfig(pattern=pattern, methods=methods, price_msat=1_000)
+
+
+def free(pattern: str, *methods: str) -> RouteConfig:
+    return RouteConfig(pattern=pattern, methods=methods, free=True)
+
+
+@pytest.mark.parametrize(
+    ("routes", "fragments"),
+    [
+        ([priced("/a", "GETT")], ("routes[0] '/a'", "'GETT' is not a standard HTTP method")),
+        ([priced("/a", "GET", "psot")], ("'PSOT' is not a standard",)),
+        ([priced("/file[1].txt")], ("routes[0]", "character class")),
+        ([priced("/a/ ")], ("blanks",)),
+        ([priced(" /a")], ("blanks",)),
+        ([free("/api/x"), priced("/api/x")], ("routes[1] '/api/x' can never match", "(free)")),
+        ([free("/api/*"), priced("/api/premium")], ("routes[1]", "routes[0] '/api/*' (free)")),
+        ([free("/api/*"), priced("/api/premium/*")], ("routes[1]", "never match")),
+        ([free("/*"), priced("/a?c")], ("routes[1]", "never match")),
+        ([free("/a/*.json"), priced("/a/b.json")], ("routes[1]", "never match")),
+        ([priced("/*"), priced("/a")], ("routes[1]", "(priced)")),
+        ([priced("/*"), free("/health")], ("routes[1]", "(priced)")),
+        ([free("/a", "GET"), priced("/a", "HEAD")], ("routes[1]", "never match")),
+        ([free("/a", "GET", "POST"), priced("/a", "post")], ("routes[1]", "never match")),
+        ([free("/a"), free("/b"), priced("/a")], ("routes[2]", "routes[0]")),
+    ],
+)
+def test_route_warnings(routes: list[RouteConfig], fragments: tuple[str, ...]) -> None:
+    (warning,) = route_warnings(routes)
+    for fragment in fragments:
+        assert fragment in warning, warning
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        [priced("/a", "get", "PATCH", "PROPFIND")],
+        [free("/health"), priced("/*")],  # the catch-all still prices everything else
+        [free("/a", "GET"), priced("/a", "POST")],  # different methods
+        [free("/a", "HEAD"), priced("/a", "GET")],  # HEAD does not cover GET
+        [free("/a", "GET"), priced("/a")],  # the priced rule still takes POST
+        [free("/api/*"), priced("/apix")],
+        [free("/api/*/free"), priced("/api/x/*")],  # overlapping, not covering
+        [free("/a?"), priced("/a*")],
+    ],
+)
+def test_no_route_warnings_for_rules_that_can_match(routes: list[RouteConfig]) -> None:
+    assert route_warnings(routes) == []
+
+
+def test_load_config_logs_each_route_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = """
+        [[routes]]
+        pattern = "/api/*"
+        free = true
+        [[routes]]
+        pattern = "/api/premium"
+        methods = ["GETT"]
+        price_msat = 1000
+    """
+    with caplog.at_level(logging.WARNING, logger="gateway.config"):
+        load_text(tmp_path, text)
+    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.config"]
+    assert len(messages) == 2
+    assert "'GETT' is not a standard HTTP method" in messages[0]
+    assert "routes[1] '/api/premium' can never match" in messages[1]
+    assert all("\n" not in message for message in messages)
+
+
+def test_the_sample_config_gives_no_warnings(home: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="gateway.config"):
+        load_config(SAMPLE, environ={})
+    assert [r for r in caplog.records if r.name == "gateway.config"] == []
+
+
+def toml_string(value: str) -> str:
+    """``value`` as a TOML basic string (JSON's escapes are TOML's)."""
+    return json.dumps(value)

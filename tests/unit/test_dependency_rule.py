@@ -23,6 +23,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "gateway.config": ("asyncio", *_NETWORK, *_ADAPTERS, "gateway.service"),
     "gateway.service": (*_NETWORK, *_ADAPTERS),
     "gateway.watcher": (*_NETWORK, *_ADAPTERS),
+    "gateway.expiry": (*_NETWORK, *_ADAPTERS),
     "gateway.store": ("grpc", "aiohttp", "gateway.lnd", "gateway.web", "gateway.cli", "regtest"),
     "gateway.lnd.client": ("aiohttp", "sqlite3", "gateway.store", "gateway.web", "regtest"),
     "gateway.lnd.connection": ("aiohttp", "sqlite3", "gateway.ports", "regtest"),

@@ -321,6 +321,7 @@ async def redeem(
         content_type=content_type,
         fetch_site=fetch_site,
         body=body.encode() if isinstance(body, str) else body,
+        client="10.0.0.1",
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.ports import Msat
-from gateway.pricing import PriceRequest, Pricing, Rule
+from gateway.pricing import MAX_PRICE_MSAT, PriceRequest, Pricing, Rule
 
 
 async def one_sat(_request: PriceRequest) -> int:
@@ -131,8 +131,9 @@ def test_rules_compare_by_value_and_hash() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"pattern": "/a", "price_msat": Msat(0)}, "price_msat must be positive"),
-        ({"pattern": "/a", "price_msat": Msat(-1)}, "price_msat must be positive"),
+        ({"pattern": "/a", "price_msat": Msat(0)}, "price_msat must be 1 to"),
+        ({"pattern": "/a", "price_msat": Msat(-1)}, "price_msat must be 1 to"),
+        ({"pattern": "/a", "price_msat": Msat(MAX_PRICE_MSAT + 1)}, "price_msat must be 1 to"),
         (
             {"pattern": "/a", "price_msat": Msat(1), "price_function": one_sat},
             "not both",

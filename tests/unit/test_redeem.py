@@ -21,6 +21,7 @@ from gateway.service import (
     Decision,
     Deny,
     L402Service,
+    RateLimiter,
     RedeemResult,
     RedeemState,
     RequestInfo,
@@ -32,6 +33,7 @@ from gateway.store import MemoryStore
 from tests.fakes import FakeClock, FakeInvoiceBackend
 
 PREMIUM = "/api/premium/fortune"
+CLIENT = "10.0.0.1"
 LIFETIME = 3600
 EXPIRY = 600
 RULES = (
@@ -47,8 +49,10 @@ RULES = (
 
 
 class Env:
-    def __init__(self, rules: Sequence[Rule] = RULES, **options: Any) -> None:
-        self.clock = FakeClock()
+    def __init__(
+        self, rules: Sequence[Rule] = RULES, clock: FakeClock | None = None, **options: Any
+    ) -> None:
+        self.clock = clock or FakeClock()
         self.backend = FakeInvoiceBackend(self.clock)
         self.store = MemoryStore()
         self.service = L402Service(
@@ -71,7 +75,7 @@ class Env:
             RequestInfo(
                 "GET",
                 path,
-                "10.0.0.1",
+                CLIENT,
                 tuple(authorization),
                 headers=tuple(headers),
                 cookies=tuple(cookies),
@@ -100,7 +104,7 @@ class Env:
         )
 
     async def redeem(self, macaroon: str) -> RedeemResult:
-        result = await self.service.redeem(macaroon)
+        result = await self.service.redeem(macaroon, client=CLIENT)
         assert isinstance(result, RedeemResult), result
         return result
 
@@ -229,7 +233,7 @@ async def test_attenuated_macaroon_redeems_with_its_caveats() -> None:
     ],
 )
 async def test_garbage_is_400(text: str) -> None:
-    result = await Env().service.redeem(text)
+    result = await Env().service.redeem(text, client=CLIENT)
     assert isinstance(result, Deny)
     assert result.status == 400
     assert result.reason
@@ -253,8 +257,9 @@ async def test_not_our_macaroon_is_401() -> None:
         (unknown, "unknown or revoked token"),
         (tampered, "invalid macaroon signature"),
     ):
-        result = await env.service.redeem(l402.encode_b64(candidate))
-        assert result == Deny(401, reason)
+        result = await env.service.redeem(l402.encode_b64(candidate), client=CLIENT)
+        assert isinstance(result, Deny)
+        assert (result.status, result.reason) == (401, reason)
 
 
 async def test_revoked_token_is_401() -> None:
@@ -264,7 +269,9 @@ async def test_revoked_token_is_401() -> None:
     assert (await env.redeem(challenge.macaroon)).state is RedeemState.SETTLED
     token_id = l402.Identifier.decode(l402.decode_b64(challenge.macaroon).identifier).token_id
     assert await env.service.revoke(token_id)
-    assert await env.service.redeem(challenge.macaroon) == Deny(401, "unknown or revoked token")
+    result = await env.service.redeem(challenge.macaroon, client=CLIENT)
+    assert isinstance(result, Deny)
+    assert (result.status, result.reason) == (401, "unknown or revoked token")
 
 
 async def test_unknown_caveat_appended_by_the_holder_is_401() -> None:
@@ -272,7 +279,7 @@ async def test_unknown_caveat_appended_by_the_holder_is_401() -> None:
     challenge = await env.challenge()
     env.pay(challenge)
     widened = l402.decode_b64(challenge.macaroon).add_caveat("premium_whatever=1")
-    result = await env.service.redeem(l402.encode_b64(widened))
+    result = await env.service.redeem(l402.encode_b64(widened), client=CLIENT)
     assert isinstance(result, Deny)
     assert result.status == 401
 
@@ -282,7 +289,7 @@ async def test_node_or_store_down_is_503() -> None:
     challenge = await env.challenge()
     env.pay(challenge)
     env.backend.unavailable = True
-    assert await env.service.redeem(challenge.macaroon) == Deny(
+    assert await env.service.redeem(challenge.macaroon, client=CLIENT) == Deny(
         503, "Lightning node unavailable", retry_after=5
     )
 
@@ -291,7 +298,7 @@ async def test_node_or_store_down_is_503() -> None:
             raise errors.StoreError("disk on fire")
 
     env.service._store = BrokenStore()
-    result = await env.service.redeem(challenge.macaroon)
+    result = await env.service.redeem(challenge.macaroon, client=CLIENT)
     assert isinstance(result, Deny)
     assert result.status == 503
 
@@ -304,6 +311,87 @@ async def test_settled_without_a_valid_preimage_stays_pending() -> None:
     invoice = env.backend.invoices[payment_hash]
     env.backend.invoices[payment_hash] = dataclasses.replace(invoice, preimage=None)
     assert (await env.redeem(challenge.macaroon)).state is RedeemState.PENDING
+
+
+async def test_an_invoice_the_store_has_expired_is_expired_without_asking_the_node() -> None:
+    env = Env()
+    challenge = await env.challenge()
+    payment_hash = PaymentHash(bytes.fromhex(challenge.payment_hash))
+    await env.store.apply_update(
+        InvoiceUpdate(payment_hash, InvoiceState.EXPIRED, 0, Msat(0), None)
+    )
+    assert (await env.redeem(challenge.macaroon)).state is RedeemState.EXPIRED
+    assert env.backend.lookups == 0
+
+
+# --- redeem limits -----------------------------------------------------------------------
+
+
+async def test_redeem_is_rate_limited_per_client() -> None:
+    clock = FakeClock()
+    env = Env(clock=clock, redeem_limiter=RateLimiter(1.0, 3, 100, clock))
+    challenge = await env.challenge()
+    for _ in range(3):
+        await env.redeem(challenge.macaroon)
+    refused = await env.service.redeem(challenge.macaroon, client=CLIENT)
+    assert refused == Deny(429, "too many redeem requests", retry_after=1)
+    # the same /64 is the same client; another address has its own budget
+    assert await env.service.redeem(challenge.macaroon, client="2001:db8::1") != refused
+    for _ in range(2):
+        await env.service.redeem(challenge.macaroon, client="2001:db8::2")
+    assert await env.service.redeem(challenge.macaroon, client="2001:db8::3") == refused
+    clock.advance(1)
+    await env.redeem(challenge.macaroon)
+
+
+async def test_a_refused_redeem_does_no_work() -> None:
+    clock = FakeClock()
+    env = Env(clock=clock, redeem_limiter=RateLimiter(1.0, 1, 100, clock))
+    challenge = await env.challenge()
+    await env.redeem(challenge.macaroon)
+    env.service._store = None  # type: ignore[assignment]  # any store access would raise
+    result = await env.service.redeem("garbage!", client=CLIENT)
+    assert isinstance(result, Deny)
+    assert result.status == 429
+
+
+async def test_node_lookups_are_bounded_over_all_invoices() -> None:
+    # Cycling through many unpaid invoices (each asked about once) must not multiply the
+    # per-invoice interval: past the budget the store answers.
+    env = Env(redeem_lookups_per_second=3.0)
+    challenges = [await env.challenge() for _ in range(20)]
+    states = [(await env.redeem(c.macaroon)).state for c in challenges]
+    assert states == [RedeemState.PENDING] * 20
+    assert env.backend.lookups == 3
+    env.clock.advance(1)
+    for challenge in challenges[3:]:
+        await env.redeem(challenge.macaroon)
+    assert env.backend.lookups == 6
+
+
+async def test_a_lookup_refused_by_the_budget_is_not_counted_against_the_invoice() -> None:
+    env = Env(redeem_lookups_per_second=1.0)
+    first, second = await env.challenge(), await env.challenge()
+    await env.redeem(first.macaroon)  # takes the budget
+    env.pay(second)
+    assert (await env.redeem(second.macaroon)).state is RedeemState.PENDING  # from the store
+    env.clock.advance(1)  # budget back; the invoice's own interval has not run
+    assert (await env.redeem(second.macaroon)).state is RedeemState.SETTLED
+
+
+async def test_a_settled_invoice_gets_its_preimage_past_the_lookup_budget() -> None:
+    env = Env(redeem_lookups_per_second=1.0)
+    spender, paid = await env.challenge(), await env.challenge()
+    env.pay(paid)
+    await env.settle_in_store(paid)
+    await env.redeem(spender.macaroon)  # the budget is gone
+    assert (await env.redeem(paid.macaroon)).state is RedeemState.SETTLED
+
+
+@pytest.mark.parametrize("rate", [0.0, -1.0, float("nan")])
+def test_a_bad_lookup_budget_is_refused(rate: float) -> None:
+    with pytest.raises(ValueError, match="rate"):
+        Env(redeem_lookups_per_second=rate)
 
 
 # --- the cookie as a credential ----------------------------------------------------------
@@ -358,9 +446,9 @@ async def test_authorization_header_wins_over_the_cookie() -> None:
     good = await _paid_credential(env)
     macaroon, _ = good.split(":")
     wrong = f"L402 {macaroon}:{'00' * 32}"
-    assert await env.ask(authorization=[wrong], cookies=[good]) == Deny(
-        401, "preimage does not match the payment hash"
-    )
+    refused = await env.ask(authorization=[wrong], cookies=[good])
+    assert isinstance(refused, Deny)
+    assert (refused.status, refused.reason) == (401, "preimage does not match the payment hash")
     decision = await env.ask(authorization=[f"L402 {good}"], cookies=["junk"])
     assert isinstance(decision, Allow)
     # Another scheme's Authorization (say, the site's own login) does not hide the cookie.

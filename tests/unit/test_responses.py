@@ -62,10 +62,38 @@ def test_deny(status: int, title: str) -> None:
     body = json.loads(response.body)
     assert body == {"type": "about:blank", "title": title, "status": status, "detail": "why"}
     names = [name for name, _ in response.headers]
-    assert "WWW-Authenticate" not in names
+    # RFC 9110: a 401 carries a challenge; no other refusal does.
+    assert ("WWW-Authenticate" in names) is (status == 401)
     assert ("Retry-After" in names) is (status in (429, 503))
     if status in (429, 503):
         assert ("Retry-After", "7") in response.headers
+
+
+def test_401_carries_a_parameter_only_challenge_and_no_invoice() -> None:
+    response = render(Deny(401, "unknown or revoked token", realm="api.example"))
+    challenges = [value for name, value in response.headers if name == "WWW-Authenticate"]
+    assert challenges == [
+        'L402 realm="api.example", error="invalid_token", '
+        'error_description="unknown or revoked token"'
+    ]
+    assert "invoice" not in json.loads(response.body)
+    # Our own client sees nothing to pay in it.
+    with pytest.raises(l402.MalformedToken, match="challenge has no invoice"):
+        l402.parse_challenge(challenges[0])
+    # Without a realm from the core: the default location.
+    (default,) = [v for n, v in render(Deny(401, "x")).headers if n == "WWW-Authenticate"]
+    assert default.startswith('L402 realm="l402-gateway", error="invalid_token"')
+
+
+def test_401_challenge_cannot_be_broken_out_of() -> None:
+    response = render(Deny(401, 'bad" , LSAT macaroon="x\r\nSet-Cookie: a=b', realm='r"\n'))
+    (value,) = [v for n, v in response.headers if n == "WWW-Authenticate"]
+    assert value == (
+        'L402 realm="r", error="invalid_token", '
+        'error_description="bad , LSAT macaroon=xSet-Cookie: a=b"'
+    )
+    # The detail keeps the whole reason: JSON escapes it.
+    assert json.loads(response.body)["detail"] == 'bad" , LSAT macaroon="x\r\nSet-Cookie: a=b'
 
 
 def test_token_header_value_is_compact_json() -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from gateway import errors, l402
 from gateway.ports import InvoiceRecord, InvoiceState, Msat, NewInvoice, PaymentHash
-from gateway.pricing import PriceRequest, Pricing, Rule
+from gateway.pricing import MAX_PRICE_MSAT, PriceRequest, Pricing, Rule
 from gateway.service import (
     Allow,
     Challenge,
@@ -523,6 +523,58 @@ def test_rate_limiter_validation(rate: float, burst: int) -> None:
         RateLimiter(rate, burst, 10, FakeClock())
 
 
+@pytest.mark.parametrize("prefix", [0, 129])
+def test_rate_limiter_ipv6_prefix_validation(prefix: int) -> None:
+    with pytest.raises(ValueError, match="ipv6_prefix"):
+        RateLimiter(1, 1, 10, FakeClock(), ipv6_prefix=prefix)
+
+
+@pytest.mark.parametrize(
+    ("client", "bucket"),
+    [
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:DB8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # IPv4-mapped: the IPv4 client it is
+        ("192.0.2.7", "192.0.2.7"),
+        ("unknown", "unknown"),
+        ("not-an-address", "not-an-address"),
+    ],
+)
+def test_rate_limiter_bucket_keys(client: str, bucket: str) -> None:
+    assert RateLimiter(1, 1, 10, FakeClock()).bucket_of(client) == bucket
+
+
+def test_ipv6_clients_share_a_bucket_per_prefix() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=1.0, burst=2, max_clients=100, clock=clock)
+    # One host rotating through the addresses of its /64 gets one budget.
+    assert [limiter.acquire(f"2001:db8:0:1::{n:x}") for n in range(1, 3)] == [0.0, 0.0]
+    assert limiter.acquire("2001:db8:0:1:dead:beef:0:1") == pytest.approx(1.0)
+    # The next /64 is another client; the IPv4-mapped form of an IPv4 address is that address.
+    assert limiter.acquire("2001:db8:0:2::1") == 0.0
+    assert [limiter.acquire("192.0.2.1"), limiter.acquire("::ffff:192.0.2.1")] == [0.0, 0.0]
+    assert limiter.acquire("192.0.2.1") > 0
+
+
+def test_ipv6_prefix_is_configurable() -> None:
+    limiter = RateLimiter(rate=1.0, burst=1, max_clients=100, clock=FakeClock(), ipv6_prefix=48)
+    assert limiter.acquire("2001:db8:0:1::1") == 0.0
+    assert limiter.acquire("2001:db8:0:2::1") > 0  # same /48
+    assert limiter.acquire("2001:db8:1::1") == 0.0
+    per_address = RateLimiter(1.0, 1, 100, FakeClock(), ipv6_prefix=128)
+    assert per_address.acquire("2001:db8::1") == per_address.acquire("2001:db8::2") == 0.0
+
+
+async def test_challenges_from_one_ipv6_prefix_are_limited_together() -> None:
+    clock = FakeClock()
+    env = Env(clock=clock, rate_limiter=RateLimiter(0.5, 2, 100, clock))
+    await env.challenge(client="2001:db8:5:6::1")
+    await env.challenge(client="2001:db8:5:6::2")
+    denied(await env.ask(client="2001:db8:5:6::3"), 429)
+    assert len(env.backend.invoices) == 2
+
+
 # --- dynamic prices ----------------------------------------------------------------------
 
 
@@ -604,7 +656,7 @@ async def test_failing_price_function_is_500_and_logged_without_secrets(
     assert "c2VjcmV0" not in caplog.text
 
 
-@pytest.mark.parametrize("result", [-1, 1.5, "100", None, True])
+@pytest.mark.parametrize("result", [-1, 1.5, "100", None, True, MAX_PRICE_MSAT + 1, 2**63])
 async def test_price_function_returning_garbage_is_500(result: object) -> None:
     env = Env([Rule("/quote", price_function=Prices(result))])
     assert denied(await env.ask("/quote"), 500).reason == "price function returned an invalid price"

@@ -27,6 +27,7 @@ segno): no external request, no CDN.
                     lifetime left>; Secure; HttpOnly; SameSite=Strict
     400 not a macaroon / not JSON     401 not one of our macaroons (forged, unknown, revoked)
     403 cross-site request            405 not POST    413 body too large    415 not JSON
+    429 too many redeem requests from the client's address (Retry-After)
     503 store or node unavailable (Retry-After)
 
 The page polls it about once a second. Once the invoice is settled the middleware accepts
@@ -185,9 +186,11 @@ async def handle_redeem(
     content_type: str | None,
     fetch_site: str | None,
     body: bytes,
+    client: str,
 ) -> HttpResponse:
     """Answer ``POST REDEEM_PATH`` (framework-neutral; the caller reads at most
-    ``MAX_REDEEM_BODY + 1`` bytes of the body). Never raises on client input."""
+    ``MAX_REDEEM_BODY + 1`` bytes of the body). ``client`` is the address rate limits
+    apply to. Never raises on client input."""
     if method.upper() != "POST":
         response = render(Deny(405, "use POST"))
         return HttpResponse(405, (*response.headers, ("Allow", "POST")), response.body)
@@ -207,7 +210,7 @@ async def handle_redeem(
         return render(Deny(400, _REDEEM_SHAPE))
     if service is None:
         return render(Deny(503, "gateway is not started", retry_after=1))
-    result = await service.redeem(macaroon)
+    result = await service.redeem(macaroon, client=client)
     if isinstance(result, Deny):
         return render(result)
     headers = list(_JSON_HEADERS)

@@ -17,6 +17,7 @@ from gateway.l402 import (
     encode_b64,
     format_authorization,
     format_challenge,
+    format_error_challenge,
     mint,
     parse_authorization,
     parse_challenge,
@@ -32,12 +33,13 @@ b64_text = st.binary(min_size=1, max_size=120).map(lambda b: base64.b64encode(b)
 invoices = st.from_regex(r"[a-z0-9]{1,80}", fullmatch=True)
 schemes = st.sampled_from(["L402", "LSAT"])
 
-# Client-side regexes in the wild (Aperture's Go client, current and legacy): our challenge
-# text must satisfy them even though they do not parse parameters.
-APERTURE_CLIENT = re.compile(
-    r'(LSAT|L402) (?:version="[^"]*", )?(?:token|macaroon)="([^"]+)", invoice="([^"]+)"'
+# What clients in the wild match instead of parsing parameters, on the first
+# WWW-Authenticate value only: Aperture v0.5's Go client (and lnget on top of it) wants
+# <scheme>, one space, macaroon, comma, one space, invoice; l402-requests allows any blanks.
+APERTURE_CLIENT = re.compile(r'(LSAT|L402) macaroon="(.*?)", invoice="(.*?)"')
+L402_REQUESTS_CLIENT = re.compile(
+    r'(L402|LSAT)\s+macaroon="([^"]+)"\s*,\s*invoice="([^"]+)"', re.IGNORECASE
 )
-APERTURE_LEGACY_CLIENT = re.compile(r'LSAT macaroon="(.*?)", invoice="(.*?)"')
 
 
 # --- challenge -----------------------------------------------------------------------------
@@ -45,7 +47,7 @@ APERTURE_LEGACY_CLIENT = re.compile(r'LSAT macaroon="(.*?)", invoice="(.*?)"')
 
 def test_format_challenge_exact_text() -> None:
     assert format_challenge("QUJD", INVOICE) == (
-        f'L402 version="0", token="QUJD", invoice="{INVOICE}", macaroon="QUJD"'
+        f'L402 macaroon="QUJD", invoice="{INVOICE}", version="0", token="QUJD"'
     )
     assert format_challenge("QUJD", INVOICE, "LSAT") == (
         f'LSAT macaroon="QUJD", invoice="{INVOICE}", version="0", token="QUJD"'
@@ -55,13 +57,48 @@ def test_format_challenge_exact_text() -> None:
 @pytest.mark.parametrize("scheme", ["L402", "LSAT"])
 def test_challenge_satisfies_regex_based_clients(scheme: str) -> None:
     text = format_challenge(MAC_B64, INVOICE, scheme)
-    match = APERTURE_CLIENT.search(text)
-    assert match is not None
-    assert match.groups() == (scheme, MAC_B64, INVOICE)
-    if scheme == "LSAT":
-        legacy = APERTURE_LEGACY_CLIENT.search(text)
-        assert legacy is not None
-        assert legacy.groups() == (MAC_B64, INVOICE)
+    for client in (APERTURE_CLIENT, L402_REQUESTS_CLIENT):
+        match = client.match(text)  # anchored: the scheme and these two come first
+        assert match is not None
+        assert match.groups() == (scheme, MAC_B64, INVOICE)
+
+
+def test_error_challenge_exact_text() -> None:
+    assert format_error_challenge("my-gateway", "invalid_token", "token expired") == (
+        'L402 realm="my-gateway", error="invalid_token", error_description="token expired"'
+    )
+    assert format_error_challenge("", "invalid_token") == (
+        'L402 realm="l402-gateway", error="invalid_token"'
+    )
+
+
+@given(st.text(), st.text())
+def test_error_challenge_is_one_safe_header_value(realm: str, description: str) -> None:
+    text = format_error_challenge(realm, "invalid_token", description)
+    # One header line, and every quoted value stays a quoted value: no quote, backslash,
+    # CR, LF or other control character can come from the inputs.
+    assert all(0x20 <= ord(ch) <= 0x7E for ch in text)
+    scheme, _, rest = text.partition(" ")
+    assert scheme == "L402"
+    params = re.findall(r'([a-z_]+)="([^"\\]*)"(?:, |$)', rest)
+    assert "".join(f'{k}="{v}", ' for k, v in params)[:-2] == rest
+    assert [k for k, _ in params][:2] == ["realm", "error"]
+    # Not a payment challenge: nothing for a client to pay, and our parser says so.
+    with pytest.raises(MalformedToken, match="challenge has no invoice"):
+        parse_challenge(text)
+
+
+def test_error_challenge_refuses_a_bad_error_code() -> None:
+    with pytest.raises(ValueError, match="error code"):
+        format_error_challenge("x", 'bad"code')
+    with pytest.raises(ValueError, match="error code"):
+        format_error_challenge("x", "")
+
+
+def test_parse_challenge_skips_an_error_challenge_before_a_payment_one() -> None:
+    error = format_error_challenge("x", "invalid_token", "unknown or revoked token")
+    payment = format_challenge(MAC_B64, INVOICE, "LSAT")
+    assert parse_challenge(f"{error}, {payment}") == Challenge("LSAT", MAC_B64, INVOICE, "0")
 
 
 @pytest.mark.parametrize(

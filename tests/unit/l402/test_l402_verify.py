@@ -6,8 +6,11 @@ import hashlib
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from gateway.l402 import (
+    Caveat,
     Identifier,
     L402Error,
     Macaroon,
@@ -16,6 +19,7 @@ from gateway.l402 import (
     TokenRejected,
     VerifiedToken,
     capabilities_caveat,
+    check_caveats,
     encode_b64,
     format_authorization,
     identifier_of,
@@ -251,3 +255,67 @@ def test_location_is_carried_but_not_signed() -> None:
     mac = mint_token(ROOT, PAYMENT_HASH, TOKEN_ID, CAVEATS, location="https://api.example")
     assert mac.location == "https://api.example"
     assert verify([header(mac)]).service == "api"
+
+
+# --- the preimage caveat Aperture's client library appends ----------------------------------
+
+
+def test_preimage_caveat_as_aperture_clients_append_it() -> None:
+    # What Aperture's Go client (and lnget) send back: the macaroon with "preimage=<hex>"
+    # appended and signed on along the HMAC chain, plus the preimage in the header.
+    paid = token().add_caveat(f"preimage={PREIMAGE.hex()}")
+    assert verify([header(paid)]) == verify([header(token())])
+
+
+@pytest.mark.parametrize(
+    ("caveat", "expected"),
+    [
+        (f"preimage={PREIMAGE.hex()}", None),
+        (f"preimage={PREIMAGE.hex().upper()}", None),
+        (f"preimage={PREIMAGE.hex()[:32]}{PREIMAGE.hex()[32:].upper()}", None),
+        (f"preimage={bytes(32).hex()}", "preimage caveat does not match"),
+        (f"preimage={PREIMAGE.hex()[:-1]}", "malformed preimage caveat"),
+        (f"preimage={PREIMAGE.hex()}00", "malformed preimage caveat"),
+        (f"preimage= {PREIMAGE.hex()}", "malformed preimage caveat"),
+        (f"preimage={PREIMAGE.hex()[:-1]}g", "malformed preimage caveat"),
+        ("preimage=", "malformed preimage caveat"),
+        (f"Preimage={PREIMAGE.hex()}", "unknown caveat"),
+        (f"api_preimage={PREIMAGE.hex()}", "unknown caveat"),
+    ],
+)
+def test_preimage_caveat_table(caveat: str, expected: str | None) -> None:
+    values = [header(token().add_caveat(caveat))]
+    if expected is None:
+        assert verify(values).token_id == TOKEN_ID
+    else:
+        assert reason(values) == expected
+
+
+@given(st.binary(min_size=32, max_size=32))
+@example(PREIMAGE)
+def test_preimage_caveat_must_be_the_credentials_own(other: bytes) -> None:
+    values = [header(token().add_caveat(f"preimage={other.hex()}"))]
+    if other == PREIMAGE:
+        assert verify(values).token_id == TOKEN_ID
+    else:
+        assert reason(values) == "preimage caveat does not match"
+
+
+def test_preimage_caveat_still_needs_every_other_caveat() -> None:
+    paid = token().add_caveat(f"preimage={PREIMAGE.hex()}")
+    assert reason([header(paid)], now=float(UNTIL)) == "token expired"
+    doubled = paid.add_caveat(f"preimage={bytes(32).hex()}")
+    assert reason([header(doubled)]) == "preimage caveat does not match"
+    # Appended without signing on: the HMAC chain catches it first.
+    good = token()
+    forged = Macaroon(
+        good.identifier, (*good.caveats, b"preimage=" + PREIMAGE.hex().encode()), good.signature
+    )
+    assert reason([header(forged)]) == "invalid macaroon signature"
+
+
+def test_preimage_caveat_without_a_preimage_to_compare_fails_closed() -> None:
+    caveats = [Caveat.parse(c) for c in [*CAVEATS, f"preimage={PREIMAGE.hex()}"]]
+    with pytest.raises(TokenRejected, match="unknown caveat"):
+        check_caveats(caveats, REQUEST, NOW)
+    assert check_caveats(caveats, REQUEST, NOW, preimage=PREIMAGE).service == "api"

@@ -19,6 +19,7 @@ async def test_memory_url() -> None:
 
 async def test_absolute_sqlite_url(tmp_path: Path) -> None:
     path = tmp_path / "abs" / "gateway.db"
+    path.parent.mkdir()  # the directory must exist: a typo is not created
     store = await open_store(f"sqlite://{path}")  # path starts with "/": three slashes
     try:
         assert isinstance(store, SqliteStore)
@@ -30,6 +31,7 @@ async def test_absolute_sqlite_url(tmp_path: Path) -> None:
 
 async def test_relative_sqlite_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
     store = await open_store("sqlite:data/gateway.db")
     try:
         assert isinstance(store, SqliteStore)

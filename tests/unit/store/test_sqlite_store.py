@@ -7,16 +7,18 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 import sqlite3
 import stat
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from gateway.errors import ConfigError
 from gateway.ports import Cursor, InvoiceRecord, InvoiceState, InvoiceUpdate, Msat, PaymentHash
 from gateway.store import SchemaVersionError, SqliteStore, StoreError
 from gateway.store import sqlite as sqlite_module
@@ -61,7 +63,9 @@ def columns(path: Path, table: str) -> list[str]:
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "nested" / "gateway.db"
+    directory = tmp_path / "state" / "nested"
+    directory.mkdir(mode=0o700, parents=True)
+    return directory / "gateway.db"
 
 
 @pytest_asyncio.fixture
@@ -156,9 +160,11 @@ async def test_a_returned_write_survives_the_process_dying(db_path: Path, death:
 # --- the file --------------------------------------------------------------------------------
 
 
-async def test_parent_directories_are_created_private(store: SqliteStore, db_path: Path) -> None:
-    assert db_path.is_file()
-    assert stat.S_IMODE(db_path.parent.stat().st_mode) == 0o700
+async def test_a_missing_directory_is_refused_not_created(tmp_path: Path) -> None:
+    path = tmp_path / "typo" / "nested" / "gateway.db"
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'typo' / 'nested'} is not an existing"):
+        await SqliteStore.open(path)
+    assert list(tmp_path.iterdir()) == []
 
 
 async def test_the_file_and_its_wal_are_mode_0600(store: SqliteStore, db_path: Path) -> None:
@@ -197,12 +203,175 @@ async def test_wal_journal_mode_is_on(store: SqliteStore, db_path: Path) -> None
         assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
-async def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) -> None:
+async def test_a_corrupt_database_is_a_store_error(tmp_path: Path) -> None:
     path = tmp_path / "gateway.db"
-    path.write_bytes(b"this is not an sqlite database, not even close" * 100)
+    path.write_bytes(b"SQLite format 3\x00" + b"but the rest is garbage" * 100)
     with pytest.raises(StoreError, match=r"gateway\.db") as caught:
         await SqliteStore.open(path)
     assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+
+
+# --- what the path names: only our database is opened, and only it is chmodded -------------
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+@contextlib.contextmanager
+def unix_socket(path: Path) -> Iterator[None]:
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        listener.bind(str(path))
+        yield
+    finally:
+        listener.close()
+
+
+async def test_a_directory_is_refused_and_left_alone(tmp_path: Path) -> None:
+    directory = tmp_path / "gateway.db"
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+    with pytest.raises(ConfigError, match=r"gateway\.db is a directory"):
+        await SqliteStore.open(directory)
+    assert mode_of(directory) == 0o755
+
+
+async def test_a_symlink_is_refused_and_its_target_left_alone(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.db"
+    await (await SqliteStore.open(target)).close()
+    target.chmod(0o644)
+    link = tmp_path / "gateway.db"
+    link.symlink_to(target)
+    with pytest.raises(ConfigError, match=r"gateway\.db is a symbolic link"):
+        await SqliteStore.open(link)
+    assert mode_of(target) == 0o644
+
+
+async def test_a_dangling_symlink_is_refused_and_nothing_created(tmp_path: Path) -> None:
+    link = tmp_path / "gateway.db"
+    link.symlink_to(tmp_path / "target.db")
+    with pytest.raises(ConfigError, match="symbolic link"):
+        await SqliteStore.open(link)
+    assert not (tmp_path / "target.db").exists()
+
+
+async def test_a_socket_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    with unix_socket(path):
+        before = mode_of(path)
+        with pytest.raises(ConfigError, match="not a regular file"):
+            await SqliteStore.open(path)
+        assert mode_of(path) == before
+
+
+async def test_a_file_that_is_not_a_database_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"this is not an sqlite database, not even close" * 100)
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"notes\.txt is not an SQLite database"):
+        await SqliteStore.open(path)
+    assert mode_of(path) == 0o644
+    assert path.read_bytes() == b"this is not an sqlite database, not even close" * 100
+
+
+async def test_an_existing_wal_readable_by_others_is_tightened(store: SqliteStore) -> None:
+    await store.add_invoice(record(1))  # the WAL now holds it
+    wal = store.path.with_name(store.path.name + "-wal")
+    wal.chmod(0o644)  # as an older gateway may have left it
+    second = await SqliteStore.open(store.path)
+    try:
+        assert mode_of(wal) == 0o600
+    finally:
+        await second.close()
+
+
+async def test_a_symlinked_wal_is_refused_and_its_target_left_alone(db_path: Path) -> None:
+    await (await SqliteStore.open(db_path)).close()
+    target = db_path.parent / "someone-elses-file"
+    target.write_bytes(b"x")
+    target.chmod(0o644)
+    db_path.with_name(db_path.name + "-wal").symlink_to(target)
+    with pytest.raises(ConfigError, match=r"gateway\.db-wal is a symbolic link"):
+        await SqliteStore.open(db_path)
+    assert mode_of(target) == 0o644
+    assert target.read_bytes() == b"x"
+
+
+# --- read-only ---------------------------------------------------------------------------------
+
+
+async def test_read_only_reads_without_creating_or_changing_anything(db_path: Path) -> None:
+    writer = await SqliteStore.open(db_path)
+    try:
+        await writer.add_invoice(record(1))
+        db_path.chmod(0o640)
+        reader = await SqliteStore.open(db_path, read_only=True)
+        try:
+            assert await reader.list_invoices() == [record(1)]
+            with pytest.raises(StoreError, match="readonly"):
+                await reader.add_invoice(record(2))
+        finally:
+            await reader.close()
+    finally:
+        await writer.close()
+    assert mode_of(db_path) == 0o640
+
+
+async def test_read_only_does_not_create_a_missing_database(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no database at .*gateway\.db"):
+        await SqliteStore.open(tmp_path / "gateway.db", read_only=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_read_only_does_not_migrate_an_older_database(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    make_v1_by_hand(path)
+    reader = await SqliteStore.open(path, read_only=True)
+    try:
+        assert [r.payment_hash for r in await reader.list_invoices()] == [record(1).payment_hash]
+    finally:
+        await reader.close()
+    assert user_version(path) == 1
+
+
+def other_sqlite_database(path: Path) -> None:
+    with raw(path) as connection:
+        connection.execute("CREATE TABLE notes (text TEXT)")
+
+
+def newer_database(path: Path) -> None:
+    with raw(path) as connection:
+        connection.execute(f"PRAGMA user_version = {len(sqlite_module.MIGRATIONS) + 1}")
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (Path.mkdir, ConfigError, "is a directory"),
+        (lambda path: path.write_text("hello"), ConfigError, "not an SQLite database"),
+        (Path.touch, ConfigError, "not a gateway database"),
+        (other_sqlite_database, ConfigError, "not a gateway database"),
+        (newer_database, SchemaVersionError, "newer gateway"),
+    ],
+)
+async def test_read_only_refuses_what_is_not_a_gateway_database(
+    tmp_path: Path, make: Callable[[Path], object], error: type[Exception], message: str
+) -> None:
+    path = tmp_path / "gateway.db"
+    make(path)
+    path.chmod(0o755)
+    with pytest.raises(error, match=message):
+        await SqliteStore.open(path, read_only=True)
+    assert mode_of(path) == 0o755
+
+
+async def test_read_only_refuses_a_symlink(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    path.symlink_to(tmp_path / "target.db")
+    with pytest.raises(ConfigError, match="symbolic link"):
+        await SqliteStore.open(path, read_only=True)
+    assert not (tmp_path / "target.db").exists()
 
 
 async def test_an_unknown_synchronous_setting_is_refused(tmp_path: Path) -> None:
@@ -318,6 +487,7 @@ async def test_an_older_database_is_migrated_in_order_keeping_its_rows(
 ) -> None:
     path = tmp_path / "gateway.db"
     make_v1_by_hand(path)
+    shipped = len(sqlite_module.MIGRATIONS)
     step_2 = ("ALTER TABLE invoices ADD COLUMN note TEXT", "UPDATE invoices SET note = 'v2'")
     step_3 = ("UPDATE invoices SET note = note || '+v3'",)
     monkeypatch.setattr(sqlite_module, "MIGRATIONS", (*sqlite_module.MIGRATIONS, step_2, step_3))
@@ -330,7 +500,7 @@ async def test_an_older_database_is_migrated_in_order_keeping_its_rows(
     finally:
         await opened.close()
 
-    assert user_version(path) == 3
+    assert user_version(path) == shipped + 2
     with raw(path) as connection:
         assert connection.execute("SELECT note FROM invoices").fetchall() == [("v2+v3",)]
 
@@ -341,13 +511,56 @@ async def test_a_failed_migration_leaves_the_database_untouched(
     path = tmp_path / "gateway.db"
     make_v1_by_hand(path)
     broken = ("ALTER TABLE invoices ADD COLUMN note TEXT", "THIS IS NOT SQL")
+    broken_step = len(sqlite_module.MIGRATIONS) + 1
     monkeypatch.setattr(sqlite_module, "MIGRATIONS", (*sqlite_module.MIGRATIONS, broken))
 
-    with pytest.raises(StoreError, match=r"cannot migrate .* to schema 2") as caught:
+    with pytest.raises(StoreError, match=f"cannot migrate .* to schema {broken_step}") as caught:
         await SqliteStore.open(path)
     assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
     assert user_version(path) == 1
     assert "note" not in columns(path, "invoices")
+
+
+async def test_a_version_1_database_takes_expired_invoices_after_the_migration(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "gateway.db"
+    make_v1_by_hand(path)
+    with raw(path) as connection:  # a second row created in the same instant as the first
+        connection.execute(
+            "INSERT INTO invoices VALUES (?, 'lnbcrt2', 21000, ?, 'svc', 'GET', '/', 'SETTLED',"
+            " 1001.5, 4601.5, 2, 1, 21000, 1002.0)",
+            (record(2).payment_hash, b"u" * 32),
+        )
+        with pytest.raises(sqlite3.IntegrityError):  # schema 1 knows no EXPIRED
+            connection.execute("UPDATE invoices SET state = 'EXPIRED'")
+
+    opened = await SqliteStore.open(path)
+    try:
+        # rows and their order (the later insert first among equal times) survive the rebuild
+        listed = await opened.list_invoices()
+        assert [(r.payment_request, r.state) for r in listed] == [
+            ("lnbcrt2", InvoiceState.SETTLED),
+            ("lnbcrt1", InvoiceState.OPEN),
+        ]
+        assert await opened.apply_update(
+            InvoiceUpdate(record(1).payment_hash, InvoiceState.EXPIRED, 0, Msat(0), None)
+        )
+        got = await opened.get_invoice(record(1).payment_hash)
+        assert got is not None
+        assert got.state is InvoiceState.EXPIRED
+    finally:
+        await opened.close()
+    with raw(path) as connection:
+        plans = [
+            " ".join(str(row[-1]) for row in connection.execute(f"EXPLAIN QUERY PLAN {sql}", args))
+            for sql, args in (
+                (sqlite_module._LIST_OVERDUE, (1.0, 10)),
+                (sqlite_module._PRUNABLE, (1.0, 10)),
+            )
+        ]
+    for plan in plans:  # found through the index, not by reading every invoice
+        assert "invoices_state_expires_at" in plan, plan
 
 
 async def test_a_newer_database_is_refused_and_left_alone(tmp_path: Path) -> None:

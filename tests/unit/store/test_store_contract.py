@@ -24,11 +24,12 @@ from gateway.ports import (
 )
 from gateway.store import MemoryStore, SqliteStore, StoreClosed, StoreError
 
-OPEN, ACCEPTED, SETTLED, CANCELED = (
+OPEN, ACCEPTED, SETTLED, CANCELED, EXPIRED = (
     InvoiceState.OPEN,
     InvoiceState.ACCEPTED,
     InvoiceState.SETTLED,
     InvoiceState.CANCELED,
+    InvoiceState.EXPIRED,
 )
 
 
@@ -188,7 +189,7 @@ async def test_accepted_may_return_to_open(store: Store) -> None:
 
 
 @pytest.mark.parametrize("terminal", [SETTLED, CANCELED])
-@pytest.mark.parametrize("later", [OPEN, ACCEPTED, SETTLED, CANCELED])
+@pytest.mark.parametrize("later", [OPEN, ACCEPTED, SETTLED, CANCELED, EXPIRED])
 async def test_a_terminal_state_never_changes(
     store: Store, terminal: InvoiceState, later: InvoiceState
 ) -> None:
@@ -205,6 +206,61 @@ async def test_a_terminal_state_never_changes(
     assert after == before
     assert after is not None
     assert after.state is terminal
+
+
+async def test_open_becomes_expired(store: Store) -> None:
+    record = make_record(1)
+    await store.add_invoice(record)
+    assert await store.apply_update(make_update(1, EXPIRED)) is True
+    assert await store.get_invoice(record.payment_hash) == dataclasses.replace(
+        record, state=EXPIRED
+    )
+
+
+@pytest.mark.parametrize("later", [OPEN, ACCEPTED, EXPIRED])
+async def test_expired_never_goes_back(store: Store, later: InvoiceState) -> None:
+    await store.add_invoice(make_record(1))
+    await store.apply_update(make_update(1, EXPIRED))
+    before = await store.get_invoice(payment_hash(1))
+
+    assert await store.apply_update(make_update(1, later, 3, 77, 1.0)) is True
+
+    assert await store.get_invoice(payment_hash(1)) == before
+
+
+async def test_expired_still_takes_a_late_settlement(store: Store) -> None:
+    record = make_record(1)
+    await store.add_invoice(record)
+    await store.apply_update(make_update(1, EXPIRED))
+
+    assert await store.apply_update(make_update(1, SETTLED, 7, 1001, 1_700_009_000.5)) is True
+
+    assert await store.get_invoice(record.payment_hash) == dataclasses.replace(
+        record,
+        state=SETTLED,
+        settle_index=7,
+        amount_paid_msat=Msat(1001),
+        settled_at=1_700_009_000.5,
+    )
+
+
+async def test_expired_yields_to_the_nodes_cancel(store: Store) -> None:
+    await store.add_invoice(make_record(1))
+    await store.apply_update(make_update(1, EXPIRED))
+    await store.apply_update(make_update(1, CANCELED))
+    got = await store.get_invoice(payment_hash(1))
+    assert got is not None
+    assert got.state is CANCELED
+
+
+async def test_an_accepted_invoice_is_never_marked_expired(store: Store) -> None:
+    # HTLCs are held: only the node's settle or cancel may end it.
+    await store.add_invoice(make_record(1))
+    await store.apply_update(make_update(1, ACCEPTED, paid=1001))
+    await store.apply_update(make_update(1, EXPIRED))
+    got = await store.get_invoice(payment_hash(1))
+    assert got is not None
+    assert (got.state, got.amount_paid_msat) == (ACCEPTED, 1001)
 
 
 async def test_an_invoice_added_settled_stays_settled(store: Store) -> None:
@@ -288,6 +344,96 @@ async def test_cursor_only_grows_per_index(store: Store) -> None:
     assert await store.get_cursor() == Cursor(6, 7)
 
 
+# --- overdue and pruned invoices -------------------------------------------------------------
+
+
+def expiring(n: int, state: InvoiceState, expires_at: float) -> InvoiceRecord:
+    return make_record(n, state=state, expires_at=expires_at)
+
+
+async def add_with_key(store: Store, record: InvoiceRecord) -> bytes:
+    """Store the invoice and its token's root key, as a challenge does; returns the key id."""
+    key_id = hashlib.sha256(b"key " + record.payment_hash).digest()
+    await store.add_invoice(record)
+    await store.put_root_key(key_id, record.token_id, b"r" * 32)
+    return key_id
+
+
+async def test_list_overdue_is_open_past_the_time_earliest_first(store: Store) -> None:
+    await store.add_invoice(expiring(1, OPEN, 300.0))
+    await store.add_invoice(expiring(2, OPEN, 100.0))
+    await store.add_invoice(expiring(3, OPEN, 200.0))
+    await store.add_invoice(expiring(4, OPEN, 400.0))  # not before 400: not yet
+    for n, state in enumerate((ACCEPTED, SETTLED, CANCELED, EXPIRED), start=5):
+        await store.add_invoice(expiring(n, state, 50.0))
+
+    overdue = await store.list_overdue(400.0, 10)
+    assert [record.payment_hash for record in overdue] == [payment_hash(n) for n in (2, 3, 1)]
+    assert overdue[0] == expiring(2, OPEN, 100.0)
+    assert [r.payment_hash for r in await store.list_overdue(400.0, 2)] == [
+        payment_hash(2),
+        payment_hash(3),
+    ]
+    assert await store.list_overdue(400.0, 0) == []
+    assert await store.list_overdue(100.0, 10) == []
+
+
+async def test_prune_deletes_unpaid_invoices_and_their_root_keys(store: Store) -> None:
+    canceled = await add_with_key(store, expiring(1, CANCELED, 100.0))
+    expired = await add_with_key(store, expiring(2, EXPIRED, 150.0))
+    recent = await add_with_key(store, expiring(3, CANCELED, 500.0))  # within the retention
+
+    assert await store.prune_unpaid(200.0, 10) == 2
+
+    assert await store.get_invoice(payment_hash(1)) is None
+    assert await store.get_invoice(payment_hash(2)) is None
+    assert await store.get_root_key(canceled) is None
+    assert await store.get_root_key(expired) is None
+    assert await store.get_invoice(payment_hash(3)) is not None
+    assert await store.get_root_key(recent) == b"r" * 32
+    # idempotent: nothing left to prune
+    assert await store.prune_unpaid(200.0, 10) == 0
+
+
+@pytest.mark.parametrize("state", [OPEN, ACCEPTED, SETTLED])
+async def test_prune_never_touches_an_open_or_paid_invoice(
+    store: Store, state: InvoiceState
+) -> None:
+    key_id = await add_with_key(store, expiring(1, state, 100.0))
+    assert await store.prune_unpaid(1e12, 10) == 0
+    got = await store.get_invoice(payment_hash(1))
+    assert got is not None
+    assert got.state is state
+    assert await store.get_root_key(key_id) == b"r" * 32
+
+
+async def test_an_expired_invoice_settled_late_is_kept(store: Store) -> None:
+    key_id = await add_with_key(store, expiring(1, OPEN, 100.0))
+    await store.apply_update(make_update(1, EXPIRED))
+    await store.apply_update(make_update(1, SETTLED, 2, 1001, 90.0))
+    assert await store.prune_unpaid(1e12, 10) == 0
+    assert await store.get_root_key(key_id) == b"r" * 32
+
+
+async def test_prune_goes_in_batches_of_the_limit(store: Store) -> None:
+    keys = [await add_with_key(store, expiring(n, CANCELED, 100.0 + n)) for n in range(7)]
+    assert await store.prune_unpaid(1000.0, 3) == 3
+    assert len(await store.list_invoices()) == 4
+    assert await store.prune_unpaid(1000.0, 3) == 3
+    assert await store.prune_unpaid(1000.0, 3) == 1
+    assert await store.prune_unpaid(1000.0, 3) == 0
+    assert await store.list_invoices() == []
+    assert [await store.get_root_key(key_id) for key_id in keys] == [None] * 7
+    assert await store.prune_unpaid(1000.0, 0) == 0
+
+
+async def test_prune_keeps_other_tokens_root_keys(store: Store) -> None:
+    await add_with_key(store, expiring(1, CANCELED, 100.0))
+    await store.put_root_key(b"k" * 32, b"another token" * 2, b"x" * 32)
+    await store.prune_unpaid(1000.0, 10)
+    assert await store.get_root_key(b"k" * 32) == b"x" * 32
+
+
 # --- concurrency -----------------------------------------------------------------------------
 
 
@@ -340,6 +486,8 @@ CALLS: dict[str, Callable[[Store], Awaitable[object]]] = {
     "list_invoices": lambda s: s.list_invoices(),
     "get_cursor": lambda s: s.get_cursor(),
     "save_cursor": lambda s: s.save_cursor(Cursor(1, 1)),
+    "list_overdue": lambda s: s.list_overdue(1.0, 1),
+    "prune_unpaid": lambda s: s.prune_unpaid(1.0, 1),
 }
 
 

@@ -1,0 +1,43 @@
+"""Showing text a client chose (a request path, say) where a person reads it.
+
+A terminal obeys escape sequences and a wallet renders what an invoice memo says, so text
+from a request must not reach either raw: ESC can rewrite the operator's screen, CR/LF and
+backspace can forge lines, U+202E can reverse what follows. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+__all__ = ["printable"]
+
+
+def _escape(char: str) -> str:
+    if char == "\\":
+        return "\\\\"  # so that an escape in the output always stands for one character
+    if char.isprintable():  # False for controls (C0, DEL, C1), format characters (bidi,
+        return char  # zero-width), line/paragraph separators, surrogates, unassigned
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` with every non-printable character shown as a visible escape (``\\x1b``,
+    ``\\u202e``) and a backslash doubled.
+
+    With ``limit``, the result is cut to at most that many characters, never inside an
+    escape.
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    pieces: list[str] = []
+    length = 0
+    for char in text:
+        piece = _escape(char)
+        if limit is not None and length + len(piece) > limit:
+            break
+        pieces.append(piece)
+        length += len(piece)
+    return "".join(pieces)

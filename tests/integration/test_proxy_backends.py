@@ -1,0 +1,203 @@
+"""The reverse proxy in front of backends of other stacks that read requests differently.
+
+A lenient Node backend (tests/backends/lenient.js) serves its premium content to any request
+that Node's WHATWG URL parser, Express-style case-insensitive and trailing-slash-blind
+routing, Tomcat-style ';' parameters, double decoding or a method override would route to
+/api/premium/; a WSGI backend (wsgiref) reads X_L402_Token as the token header. Every
+spelling that could reach priced content unpaid must get 400 or 402.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIEnvironment
+
+import pytest
+import pytest_asyncio
+
+from gateway.ports import Msat
+from gateway.pricing import Rule
+from tests.fakes import FakeGateway
+from tests.integration.test_proxy import Client, proxy_for
+
+LENIENT_JS = Path(__file__).parents[1] / "backends" / "lenient.js"
+RULES = (
+    Rule("/api/premium/*", methods=frozenset({"GET"}), price_msat=Msat(10_000), service="premium"),
+)
+
+
+async def send(
+    client: Client, method: str, target: str, headers: Iterable[tuple[str, str]] = ()
+) -> tuple[int, dict[str, Any]]:
+    """The request line exactly as given (an HTTP client would normalize the target)."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    lines = [f"{method} {target} HTTP/1.1", "Host: x", "Connection: close", "Content-Length: 0"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
+    response = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _dechunk(body)
+    return status, json.loads(body) if body.strip() else {}
+
+
+def _dechunk(body: bytes) -> bytes:
+    data = b""
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return data
+        data, body = data + body[:size], body[size + 2 :]
+
+
+@pytest_asyncio.fixture
+async def node_backend() -> AsyncIterator[str]:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    process = await asyncio.create_subprocess_exec(
+        node, str(LENIENT_JS), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        port = int(await asyncio.wait_for(process.stdout.readline(), 10))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.kill()
+        await process.wait()
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _wsgi_echo(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+    seen = {key: value for key, value in environ.items() if key.startswith("HTTP_")}
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [json.dumps(seen).encode()]
+
+
+@pytest.fixture
+def wsgi_backend() -> Iterator[str]:
+    server: WSGIServer = make_server("127.0.0.1", 0, _wsgi_echo, handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Upstream:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def make_url(self, path: str) -> str:
+        return self.url + path
+
+
+@pytest_asyncio.fixture
+async def lenient(node_backend: str) -> AsyncIterator[tuple[Client, FakeGateway]]:
+    gateway = FakeGateway(RULES)
+    async with await proxy_for(_Upstream(node_backend), gateway) as client:  # type: ignore[arg-type]
+        yield client, gateway
+
+
+async def test_the_lenient_backend_serves_premium_content_once_paid(
+    lenient: tuple[Client, FakeGateway],
+) -> None:
+    client, gateway = lenient
+    status, body = await send(client, "GET", "/public/page")
+    assert (status, body["premium"]) == (200, False)
+    status, challenge = await send(client, "GET", "/api/premium/x")
+    assert status == 402
+    authorization = gateway.pay(challenge)
+    status, body = await send(client, "GET", "/api/premium/x", [("Authorization", authorization)])
+    assert (status, body["premium"]) == (200, True)
+
+
+BYPASSES = [
+    ("GET", "/api\\premium\\x", ()),
+    ("GET", "/x/..\\api\\premium\\x", ()),
+    ("GET", "/api%5Cpremium%5Cx", ()),
+    ("GET", "/api%5cpremium/x", ()),
+    ("GET", "/API/premium/x", ()),
+    ("GET", "/Api/Premium/X/", ()),
+    ("GET", "/api/premium", ()),
+    ("GET", "/api;x=1/premium/x", ()),
+    ("GET", "/api/premium;jsessionid=1/x", ()),
+    ("GET", "/api%252fpremium/x", ()),
+    ("GET", "/api%2Fpremium/x", ()),
+    ("GET", "/api%2fpremium%2fx", ()),
+    ("GET", "/api/premium%2e/x", ()),
+    ("GET", "/api/premium./x", ()),
+    ("GET", "/api/%EF%BD%90remium/x", ()),  # fullwidth p: NFKC makes it "premium"
+    ("POST", "/api/premium/x", (("X-HTTP-Method-Override", "GET"),)),
+    ("POST", "/api/premium/x", (("x-http-method", "get"),)),
+    ("POST", "/api/premium/x", (("X-Method-Override", "GET"),)),
+    ("POST", "/api/premium/x?_method=GET", ()),
+    ("POST", "/api/premium/x?a=1&_METHOD=get", ()),
+    ("POST", "/API/Premium/x?_method=GET", ()),
+]
+
+
+@pytest.mark.parametrize(("method", "target", "headers"), BYPASSES)
+async def test_no_spelling_reaches_priced_content_unpaid(
+    lenient: tuple[Client, FakeGateway],
+    method: str,
+    target: str,
+    headers: tuple[tuple[str, str], ...],
+) -> None:
+    client, _gateway = lenient
+    status, body = await send(client, method, target, headers)
+    assert status in (400, 402), (status, body)
+    assert body.get("premium") is None
+    assert body["detail"]
+
+
+async def test_a_method_override_that_changes_no_price_passes(
+    lenient: tuple[Client, FakeGateway],
+) -> None:
+    client, _gateway = lenient
+    status, body = await send(
+        client, "POST", "/public/form", [("X-HTTP-Method-Override", "DELETE")]
+    )
+    assert (status, body["premium"]) == (200, False)
+    assert body["headers"]["x-http-method-override"] == "DELETE"
+
+
+@pytest.mark.parametrize("spelling", ["X_L402_Token", "X-L402_Token", "x_l402_token"])
+async def test_no_spelling_of_the_token_header_reaches_a_wsgi_backend(
+    wsgi_backend: str, spelling: str
+) -> None:
+    gateway = FakeGateway(RULES)
+    forged = '{"service":"premium","forged":true}'
+    async with await proxy_for(_Upstream(wsgi_backend), gateway) as client:  # type: ignore[arg-type]
+        status, seen = await send(client, "GET", "/public/x", [(spelling, forged)])
+        assert status == 200
+        assert "HTTP_X_L402_TOKEN" not in seen, seen
+        # A paid request: the backend sees exactly the gateway's facts, nothing merged in.
+        _status, challenge = await send(client, "GET", "/api/premium/x")
+        authorization = gateway.pay(challenge)
+        status, seen = await send(
+            client,
+            "GET",
+            "/api/premium/x",
+            [("Authorization", authorization), (spelling, forged)],
+        )
+        assert status == 200
+        assert json.loads(seen["HTTP_X_L402_TOKEN"])["service"] == "premium"
+        assert "forged" not in seen["HTTP_X_L402_TOKEN"]

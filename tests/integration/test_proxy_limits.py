@@ -1,0 +1,158 @@
+"""Unpaid traffic must not starve paying customers of the proxy: a pool of upstream
+connections of their own, a cap on one client's unpaid requests, slow bodies cut with 408."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.examples import demo_api
+from gateway.web.proxy import build_proxy
+from tests.fakes import FakeGateway
+from tests.integration.test_proxy import PROBLEM_JSON, RULES, Client
+
+FORTUNE = "/api/premium/fortune"
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class Backend:
+    """demo_api() plus ``/hold``, which reads the whole body: a slow one holds its upstream
+    connection. ``arrived`` counts the requests it has started."""
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Queue[None]()
+        self.app = demo_api()
+        self.app.router.add_route("*", "/hold", self.hold)
+
+    async def hold(self, request: web.Request) -> web.Response:
+        self.arrived.put_nowait(None)
+        return web.json_response({"bytes": len(await request.read())})
+
+
+@contextlib.asynccontextmanager
+async def proxy(**options: Any) -> AsyncIterator[tuple[Client, FakeGateway, Backend]]:
+    backend = Backend()
+    gateway = FakeGateway(RULES)
+    async with TestServer(backend.app) as upstream:
+        app = build_proxy(str(upstream.make_url("")), gateway, **options)
+        async with Client(TestServer(app)) as client:
+            yield client, gateway, backend
+
+
+@contextlib.asynccontextmanager
+async def slow_upload(
+    client: Client, headers: str = "", length: int = 1000
+) -> AsyncIterator[Streams]:
+    """A POST /hold whose headers and first 5 bytes are sent; the test sends the rest."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        f"POST /hold HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n{headers}\r\n".encode()
+        + b"12345"
+    )
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def status_and_head(reader: asyncio.StreamReader, limit: float = 5) -> tuple[int, bytes]:
+    async with asyncio.timeout(limit):
+        head = await reader.readuntil(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head
+
+
+async def paid_fortune(client: Client, gateway: FakeGateway) -> None:
+    response = await client.get(FORTUNE)
+    assert response.status == 402
+    authorization = gateway.pay(await response.json(content_type=PROBLEM_JSON))
+    async with asyncio.timeout(2):
+        response = await client.get(FORTUNE, headers={"Authorization": authorization})
+        assert response.status == 200
+        assert (await response.json())["paid"]["service"] == "premium"
+
+
+async def test_slow_unpaid_uploads_holding_the_upstream_pool_do_not_stall_paid_ones() -> None:
+    async with proxy(upstream_connections=2, unpaid_requests_per_client=0) as (
+        client,
+        gateway,
+        backend,
+    ):
+        async with slow_upload(client), slow_upload(client):
+            for _ in range(2):
+                await asyncio.wait_for(backend.arrived.get(), 5)
+            # The unpaid pool is all taken: another unpaid request waits for it.
+            waiting = asyncio.create_task(client.get("/health"))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+            await paid_fortune(client, gateway)
+        assert (await asyncio.wait_for(waiting, 5)).status == 200
+
+
+@pytest.mark.parametrize("stall", [True, False])
+async def test_a_body_slower_than_the_minimum_rate_gets_408(stall: bool) -> None:
+    async with proxy(body_timeout=0.3, min_body_rate=100) as (client, _gateway, backend):
+        async with slow_upload(client) as (reader, writer):
+            await asyncio.wait_for(backend.arrived.get(), 5)
+
+            async def trickle() -> None:
+                while not stall:  # 50 bytes a second
+                    await asyncio.sleep(0.2)
+                    writer.write(b"x" * 10)
+
+            dripping = asyncio.create_task(trickle())
+            try:
+                status, head = await status_and_head(reader, limit=3)
+            finally:
+                dripping.cancel()
+            assert status == 408
+            assert b"\r\nConnection: close\r\n" in head
+        # A body at the rate is not cut: 1000 bytes in 10 parts, 100 ms apart.
+        async with slow_upload(client, length=1005) as (reader, writer):
+            for _ in range(10):
+                await asyncio.sleep(0.1)
+                writer.write(b"y" * 100)
+            status, _head = await status_and_head(reader)
+            assert status == 200
+
+
+async def test_one_clients_unpaid_requests_at_once_are_capped() -> None:
+    async with (
+        proxy(unpaid_requests_per_client=2, trust_forwarded_for=True) as (
+            client,
+            gateway,
+            backend,
+        ),
+        slow_upload(client) as first,
+        slow_upload(client),
+    ):
+        for _ in range(2):
+            await asyncio.wait_for(backend.arrived.get(), 5)
+        refused = await client.get("/health")
+        assert refused.status == 429
+        assert refused.headers["Retry-After"] == "1"
+        problem = await refused.json(content_type=PROBLEM_JSON)
+        assert problem["detail"] == "2 requests without a paid token are under way"
+        # Not paid requests, nor another client.
+        await paid_fortune(client, gateway)
+        other = await client.get("/health", headers={"X-Forwarded-For": "198.51.100.7"})
+        assert other.status == 200
+        first[1].write(b"z" * 995)
+        status, _head = await status_and_head(first[0])
+        assert status == 200
+        assert (await client.get("/health")).status == 200
+
+
+async def test_forwarded_body_is_whole_with_the_limits_on() -> None:
+    async with proxy(body_timeout=5, min_body_rate=1) as (client, _gateway, _backend):
+        response = await client.post("/hold", data=b"q" * 300_000)
+        assert response.status == 200
+        assert json.loads(await response.text()) == {"bytes": 300_000}

@@ -1,0 +1,269 @@
+"""The server of ``serve`` (gateway.web.server) on a loopback port, with raw socket clients:
+header and idle timeouts, connection caps, and the log under descriptor exhaustion."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from gateway.web.server import (
+    ACCEPT_HEADROOM,
+    RESERVED_FILES,
+    ServerLimits,
+    client_key,
+    connection_limit,
+    listening,
+)
+from regtest.processes import free_ports, wait_for_http
+
+REPO = Path(__file__).resolve().parents[2]
+LIMITS = ServerLimits(header_timeout=0.5, idle_timeout=5.0, max_connections=100)
+GET = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class App:
+    def __init__(self) -> None:
+        self.app = web.Application()
+        self.release = asyncio.Event()
+        self.app.router.add_get("/hello", self.hello)
+        self.app.router.add_get("/wait", self.wait)
+        self.app.router.add_post("/upload", self.upload)
+
+    async def hello(self, _request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    async def wait(self, _request: web.Request) -> web.Response:
+        await self.release.wait()
+        return web.Response(text="released")
+
+    async def upload(self, request: web.Request) -> web.Response:
+        return web.Response(text=str(len(await request.read())))
+
+
+class Clients:
+    """Raw connections to ``port``, all closed at the end."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def connect(self, source: str = "127.0.0.1") -> Streams:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, local_addr=(source, 0)
+        )
+        self._writers.append(writer)
+        return reader, writer
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        self._writers.clear()
+
+
+@contextlib.asynccontextmanager
+async def server(limits: ServerLimits) -> AsyncIterator[tuple[App, Clients]]:
+    app = App()
+    async with listening(app.app, "127.0.0.1", 0, limits) as listener:
+        clients = Clients(listener[0].getsockname()[1])
+        try:
+            yield app, clients
+        finally:
+            await clients.close()
+
+
+async def closed_after(reader: asyncio.StreamReader, limit: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and the seconds that took."""
+    started = time.monotonic()
+    async with asyncio.timeout(limit):
+        data = await reader.read()
+    return data, time.monotonic() - started
+
+
+async def response(streams: Streams, request: bytes = GET) -> bytes:
+    reader, writer = streams
+    writer.write(request)
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        return head + await reader.readexactly(length)
+
+
+async def test_slow_headers_are_cut_after_header_timeout() -> None:
+    async with server(LIMITS) as (_app, clients):
+        reader, writer = await clients.connect()
+        writer.write(b"GET /hello HTTP/1.1\r\n")
+
+        async def trickle() -> None:
+            for index in range(40):
+                writer.write(b"X-%d: 1\r\n" % index)
+                await asyncio.sleep(0.1)
+
+        dripping = asyncio.create_task(trickle())
+        # Idle connections live idle_timeout (5 s): the headers' own timer ends this one.
+        data, seconds = await closed_after(reader, 3)
+        dripping.cancel()
+        assert data == b""
+        assert 0.4 < seconds < 1.5
+
+
+async def test_each_request_of_a_kept_alive_connection_gets_the_header_timer() -> None:
+    async with server(LIMITS) as (_app, clients):
+        streams = await clients.connect()
+        assert (await response(streams)).endswith(b"hello")
+        await asyncio.sleep(0.7)  # idle (no bytes): not the header timer's business
+        assert (await response(streams)).endswith(b"hello")
+        reader, writer = streams
+        writer.write(b"GET /hello HTTP/1.1\r\nHost")
+        data, seconds = await closed_after(reader, 3)
+        assert data == b""
+        assert seconds < 1.5
+
+
+async def test_a_slow_body_and_a_slow_handler_are_not_cut_by_the_header_timer() -> None:
+    async with server(LIMITS) as (app, clients):
+        reader, writer = await clients.connect()
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        for _ in range(10):
+            await asyncio.sleep(0.15)
+            writer.write(b"x")
+        answer = await response((reader, writer), b"")
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert answer.endswith(b"\r\n\r\n10")
+        waiting = asyncio.create_task(
+            response(await clients.connect(), b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+        )
+        await asyncio.sleep(1.0)
+        app.release.set()
+        assert (await waiting).endswith(b"released")
+
+
+async def test_an_idle_connection_is_closed_after_idle_timeout() -> None:
+    async with server(replace(LIMITS, idle_timeout=0.5)) as (_app, clients):
+        reader, _writer = await clients.connect()
+        data, seconds = await closed_after(reader, 3)
+        assert data == b""
+        assert seconds < 1.5
+
+
+async def test_at_the_cap_a_new_connection_closes_the_one_idle_the_longest() -> None:
+    async with server(replace(LIMITS, max_connections=3)) as (app, clients):
+        oldest, _ = await clients.connect()
+        await asyncio.sleep(0.05)
+        middle = await clients.connect()
+        newest = await clients.connect()
+        await asyncio.sleep(0.05)
+        late = await clients.connect()
+        data, _seconds = await closed_after(oldest, 1)
+        assert data == b""
+        for streams in (middle, newest, late):
+            assert (await response(streams)).endswith(b"hello")
+        # Every connection busy: a newcomer gets a 503, none of them is closed.
+        busy = [
+            asyncio.create_task(response(streams, b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n"))
+            for streams in (middle, newest, late)
+        ]
+        await asyncio.sleep(0.1)
+        refused, _ = await clients.connect()
+        data, _seconds = await closed_after(refused, 1)
+        assert data.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert b"Retry-After: 1\r\n" in data
+        app.release.set()
+        for task in busy:
+            assert (await task).endswith(b"released")
+
+
+async def test_connections_per_client_address() -> None:
+    async with server(replace(LIMITS, max_connections_per_client=2)) as (_app, clients):
+        first, second = await clients.connect(), await clients.connect()
+        third, _ = await clients.connect()
+        data, _seconds = await closed_after(third, 1)
+        assert data.startswith(b"HTTP/1.1 503 ")
+        other = await clients.connect(source="127.0.0.2")
+        for streams in (first, second, other):
+            assert (await response(streams)).endswith(b"hello")
+        first[1].close()
+        await asyncio.sleep(0.1)
+        assert (await response(await clients.connect())).endswith(b"hello")
+
+
+def test_client_key_groups_an_ipv6_prefix() -> None:
+    assert client_key("2001:db8:1:2:3:4:5:6") == client_key("2001:db8:1:2:ffff::1")
+    assert client_key("2001:db8:1:2::1") != client_key("2001:db8:1:3::1")
+    assert client_key("::ffff:192.0.2.1") == "192.0.2.1"
+    assert client_key("192.0.2.1") == "192.0.2.1"
+    assert client_key("unix") == "unix"
+
+
+def test_connection_limit_leaves_descriptors_for_the_upstream_and_the_rest() -> None:
+    reserved = RESERVED_FILES + ACCEPT_HEADROOM
+    assert connection_limit(0, 200, open_files=1024) == 1024 - reserved - 200
+    assert connection_limit(500, 200, open_files=1024) == 500  # as configured
+    with pytest.raises(ValueError, match="open file limit 300 leaves no descriptor"):
+        connection_limit(0, 200, open_files=300)
+
+
+FLOODED_SERVER = """
+import asyncio, resource, sys
+from aiohttp import web
+from gateway.web.server import ServerLimits, serve
+
+async def hello(request):
+    return web.Response(text="hello")
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+app = web.Application()
+app.router.add_get("/hello", hello)
+limits = ServerLimits(header_timeout=30, idle_timeout=30, max_connections=1000)
+asyncio.run(serve(app, "127.0.0.1", int(sys.argv[1]), limits, reuse_port=False))
+"""
+
+
+def start_flooded_server(port: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as output:
+        return subprocess.Popen(  # noqa: S603 - our own interpreter and script
+            [sys.executable, "-c", textwrap.dedent(FLOODED_SERVER), str(port)],
+            cwd=REPO,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+async def test_running_out_of_descriptors_is_logged_once_per_interval(tmp_path: Path) -> None:
+    # max_connections over what 64 descriptors allow: accept() fails with EMFILE (asyncio's
+    # server would log a traceback for each attempt, up to 128 a second).
+    (port,) = free_ports(1)
+    log = tmp_path / "server.log"
+    process = start_flooded_server(port, log)
+    clients = Clients(port)
+    try:
+        await wait_for_http(f"http://127.0.0.1:{port}/hello", process, log)
+        for _ in range(150):
+            await clients.connect()
+        await asyncio.sleep(2.5)  # accepting is retried every second: twice or more
+        await clients.close()
+        await asyncio.sleep(0.5)
+        assert (await response(await clients.connect())).endswith(b"hello")  # serving again
+        await clients.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    text = log.read_text()
+    exhausted = [line for line in text.splitlines() if "out of system resource" in line]
+    assert len(exhausted) == 1, text[:3000]
+    assert "Too many open files (EMFILE)" in exhausted[0]
+    assert "Traceback" not in text, text[:3000]

@@ -1,0 +1,74 @@
+"""The ``[server]`` keys that bound what one client can hold: loaded, overridden, checked."""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.config import ServerConfig, load_config
+from gateway.errors import ConfigError
+
+
+def test_defaults() -> None:
+    server = ServerConfig()
+    assert (server.header_timeout, server.idle_timeout, server.body_timeout) == (10, 15, 30)
+    assert server.min_body_rate == 8192
+    assert (server.max_connections, server.max_connections_per_client) == (0, 64)
+    assert server.unpaid_requests_per_client == 16
+    assert (server.upstream_connections, server.paid_upstream_connections) == (100, 100)
+
+
+def test_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        "[server]\nheader_timeout = 2.5\nmax_connections = 500\npaid_upstream_connections = 7\n"
+    )
+    environ = {"GATEWAY_SERVER_UNPAID_REQUESTS_PER_CLIENT": "0", "GATEWAY_SERVER_IDLE_TIMEOUT": "4"}
+    server = load_config(path, environ).server
+    assert (server.header_timeout, server.idle_timeout) == (2.5, 4.0)
+    assert (server.max_connections, server.paid_upstream_connections) == (500, 7)
+    assert server.unpaid_requests_per_client == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("header_timeout", "0", "header_timeout must be a positive number of seconds"),
+        ("idle_timeout", "-1", "idle_timeout must be a positive number of seconds"),
+        ("body_timeout", "nan", "body_timeout must be a positive number of seconds"),
+        ("min_body_rate", "0", "min_body_rate must be >= 1"),
+        ("max_connections", "-1", "max_connections must be >= 0 (0: from ulimit -n)"),
+        ("max_connections_per_client", "-1", "max_connections_per_client must be >= 0"),
+        ("unpaid_requests_per_client", "-2", "unpaid_requests_per_client must be >= 0"),
+        ("upstream_connections", "0", "upstream_connections must be >= 1"),
+        ("paid_upstream_connections", "0", "paid_upstream_connections must be >= 1"),
+    ],
+)
+def test_out_of_range_is_refused(key: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, {f"GATEWAY_SERVER_{key.upper()}": value})
+
+
+def test_serve_refuses_pools_the_open_file_limit_cannot_hold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("tls.cert", "gateway.macaroon"):
+        (tmp_path / name).write_bytes(b"x")
+        (tmp_path / name).chmod(0o600)
+    config = tmp_path / "gateway.toml"
+    with socket.socket() as taken:  # should serve start after all, it fails at once
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config.write_text(
+            f'[server]\nupstream = "http://127.0.0.1:1"\nlisten = "127.0.0.1:'
+            f'{taken.getsockname()[1]}"\nupstream_connections = 600000\n'
+            "paid_upstream_connections = 600000\n"
+            f'[lnd]\ntls_cert = "{tmp_path / "tls.cert"}"\n'
+            f'macaroon = "{tmp_path / "gateway.macaroon"}"\n[store]\nurl = "memory:"\n'
+        )
+        assert main(["--config", str(config), "serve"]) == 2
+    assert "leaves no descriptor for client connections" in capsys.readouterr().err

@@ -1,0 +1,404 @@
+"""The invoice sweeper: overdue invoices recorded as the node reports them (or EXPIRED), unpaid
+ones pruned with their root keys after the retention, its supervision, and its wiring into
+``running_gateway``; over the fake node and both stores."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from gateway import cli, errors, l402
+from gateway.config import Config, LndConfig, RouteConfig, StoreConfig
+from gateway.expiry import EXPIRY_GRACE, InvoiceSweeper, SweepResult
+from gateway.ports import Cursor, InvoiceState, Msat, PaymentHash, Store
+from gateway.pricing import Pricing, Rule
+from gateway.service import Allow, Challenge, L402Service, RequestInfo
+from gateway.store import MemoryStore, SqliteStore
+from gateway.watcher import InvoiceWatcher
+from tests.fakes import FakeClock, FakeInvoiceBackend
+
+EXPIRY = 600
+RETENTION = 3600
+PATH = "/api/premium/x"
+# Tokens outlive the retention: a paid one must still work once unpaid ones are pruned.
+RULES = (
+    Rule("/api/premium/*", price_msat=Msat(10_000), service="premium", lifetime=RETENTION * 10),
+)
+
+
+@pytest_asyncio.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    opened: Store = (
+        MemoryStore() if request.param == "memory" else await SqliteStore.open(tmp_path / "g.db")
+    )
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+class Env:
+    def __init__(self, store: Store, **options: Any) -> None:
+        self.clock = FakeClock()
+        self.backend = FakeInvoiceBackend(self.clock)
+        self.store = store
+        self.service = L402Service(
+            pricing=Pricing(RULES),
+            backend=self.backend,
+            store=store,
+            clock=self.clock,
+            invoice_expiry=EXPIRY,
+        )
+        options.setdefault("retention", RETENTION)
+        self.sweeper = InvoiceSweeper(self.backend, store, self.clock, **options)
+
+    async def challenge(self) -> Challenge:
+        decision = await self.service.authorize(RequestInfo("GET", PATH, "10.0.0.1"))
+        assert isinstance(decision, Challenge)
+        return decision
+
+    async def state(self, challenge: Challenge) -> InvoiceState | None:
+        record = await self.store.get_invoice(hash_of(challenge))
+        return None if record is None else record.state
+
+    async def root_key(self, challenge: Challenge) -> bytes | None:
+        macaroon = l402.decode_b64(challenge.macaroon)
+        return await self.store.get_root_key(hashlib.sha256(macaroon.identifier).digest())
+
+    def overdue(self) -> None:
+        self.clock.advance(EXPIRY + EXPIRY_GRACE + 1)
+
+
+def hash_of(challenge: Challenge) -> PaymentHash:
+    return PaymentHash(bytes.fromhex(challenge.payment_hash))
+
+
+async def test_an_invoice_the_node_canceled_is_recorded_canceled(store: Store) -> None:
+    env = Env(store)
+    challenge = await env.challenge()
+    env.backend.cancel(hash_of(challenge))  # what LND does at the expiry
+    env.overdue()
+
+    assert await env.sweeper.sweep() == SweepResult(looked_up=1, updated=1)
+    assert await env.state(challenge) is InvoiceState.CANCELED
+
+
+async def test_still_open_at_the_node_past_the_expiry_is_recorded_expired(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = Env(store)
+    challenge = await env.challenge()
+    env.overdue()
+    with caplog.at_level(logging.INFO, logger="gateway.expiry"):
+        result = await env.sweeper.sweep()
+    assert result == SweepResult(looked_up=1, expired=1)
+    assert await env.state(challenge) is InvoiceState.EXPIRED
+    assert "still reports invoice" in caplog.text
+    # done: it is not asked about again
+    assert await env.sweeper.sweep() == SweepResult()
+    assert env.backend.lookups == 1
+
+
+async def test_unknown_to_the_node_is_recorded_expired(store: Store) -> None:
+    env = Env(store)
+    challenge = await env.challenge()
+    del env.backend.invoices[hash_of(challenge)]  # LND can delete canceled invoices
+    env.overdue()
+    assert (await env.sweeper.sweep()).expired == 1
+    assert await env.state(challenge) is InvoiceState.EXPIRED
+
+
+async def test_nothing_is_asked_before_the_expiry_and_grace(store: Store) -> None:
+    env = Env(store)
+    challenge = await env.challenge()
+    env.clock.advance(EXPIRY + EXPIRY_GRACE - 1)
+    assert await env.sweeper.sweep() == SweepResult()
+    assert env.backend.lookups == 0
+    assert await env.state(challenge) is InvoiceState.OPEN
+
+
+async def test_a_settlement_the_store_missed_is_recorded_and_kept(store: Store) -> None:
+    env = Env(store)
+    challenge = await env.challenge()
+    preimage = env.backend.pay(hash_of(challenge))  # no watcher: the store has not seen it
+    env.overdue()
+    assert (await env.sweeper.sweep()).updated == 1
+    assert await env.state(challenge) is InvoiceState.SETTLED
+
+    env.clock.advance(RETENTION + 1)
+    assert (await env.sweeper.sweep()).pruned == 0
+    assert await env.root_key(challenge) is not None
+    authorization = f"L402 {challenge.macaroon}:{preimage.hex()}"
+    decision = await env.service.authorize(RequestInfo("GET", PATH, "10.0.0.1", (authorization,)))
+    assert isinstance(decision, Allow)
+
+
+async def test_lookups_per_pass_are_bounded(store: Store) -> None:
+    env = Env(store, max_lookups=3)
+    challenges = [await env.challenge() for _ in range(5)]
+    env.overdue()
+
+    first = await env.sweeper.sweep()
+    assert (first.looked_up, first.expired, first.busy) == (3, 3, True)
+    assert env.backend.lookups == 3
+    # the earliest expiries went first
+    assert [await env.state(c) for c in challenges[:3]] == [InvoiceState.EXPIRED] * 3
+
+    second = await env.sweeper.sweep()
+    assert (second.looked_up, second.busy) == (2, False)
+    assert [await env.state(c) for c in challenges] == [InvoiceState.EXPIRED] * 5
+
+
+async def test_the_node_down_fails_the_pass_and_changes_nothing(store: Store) -> None:
+    env = Env(store)
+    challenge = await env.challenge()
+    env.overdue()
+    env.backend.unavailable = True
+    with pytest.raises(errors.BackendUnavailable):
+        await env.sweeper.sweep()
+    assert await env.state(challenge) is InvoiceState.OPEN
+
+
+async def test_unpaid_invoices_and_root_keys_are_pruned_after_the_retention(store: Store) -> None:
+    env = Env(store)
+    canceled, expired, paid = [await env.challenge() for _ in range(3)]
+    env.backend.cancel(hash_of(canceled))
+    preimage = env.backend.pay(hash_of(paid))
+    env.overdue()
+    await env.sweeper.sweep()
+    assert [await env.state(c) for c in (canceled, expired, paid)] == [
+        InvoiceState.CANCELED,
+        InvoiceState.EXPIRED,
+        InvoiceState.SETTLED,
+    ]
+
+    env.clock.advance(RETENTION - EXPIRY_GRACE - 2)  # not yet: retention counts from expiry
+    assert (await env.sweeper.sweep()).pruned == 0
+    assert await env.root_key(canceled) is not None
+
+    env.clock.advance(2)
+    assert (await env.sweeper.sweep()).pruned == 2
+    for gone in (canceled, expired):
+        assert await env.state(gone) is None
+        assert await env.root_key(gone) is None
+    assert await env.state(paid) is InvoiceState.SETTLED
+    assert await env.root_key(paid) is not None
+    authorization = f"L402 {paid.macaroon}:{preimage.hex()}"
+    decision = await env.service.authorize(RequestInfo("GET", PATH, "10.0.0.1", (authorization,)))
+    assert isinstance(decision, Allow)
+    assert (await env.sweeper.sweep()).pruned == 0  # idempotent
+
+
+async def test_zero_retention_keeps_them_forever(store: Store) -> None:
+    env = Env(store, retention=0)
+    challenge = await env.challenge()
+    env.overdue()
+    await env.sweeper.sweep()
+    env.clock.advance(10 * 365 * 86400)
+    assert (await env.sweeper.sweep()).pruned == 0
+    assert await env.state(challenge) is InvoiceState.EXPIRED
+
+
+async def test_pruning_per_pass_is_bounded(store: Store) -> None:
+    env = Env(store, batch=2, max_batches=2)
+    challenges = [await env.challenge() for _ in range(5)]
+    env.overdue()
+    await env.sweeper.sweep()
+    env.clock.advance(RETENTION)
+
+    first = await env.sweeper.sweep()
+    assert (first.pruned, first.busy) == (4, True)
+    second = await env.sweeper.sweep()
+    assert (second.pruned, second.busy) == (1, False)
+    assert [await env.state(c) for c in challenges] == [None] * 5
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"interval": 0},
+        {"busy_pause": -1},
+        {"initial_backoff": 0},
+        {"retention": -1},
+        {"grace": -1},
+        {"max_lookups": 0},
+        {"batch": 0},
+        {"max_batches": 0},
+    ],
+)
+def test_bad_settings_are_refused(options: dict[str, Any]) -> None:
+    options.setdefault("retention", 1)
+    with pytest.raises(ValueError, match="must be"):
+        InvoiceSweeper(FakeInvoiceBackend(), MemoryStore(), FakeClock(), **options)
+
+
+# --- supervision -----------------------------------------------------------------------------
+
+
+class Flaky(InvoiceSweeper):
+    """Fails its first passes with the given errors, then counts the good ones."""
+
+    def __init__(self, failures: list[Exception], **options: Any) -> None:
+        super().__init__(FakeInvoiceBackend(), MemoryStore(), FakeClock(), **options)
+        self.failures = failures
+        self.passes = 0
+        self.done = asyncio.Event()
+
+    async def sweep(self) -> SweepResult:
+        self.passes += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        self.done.set()
+        return SweepResult()
+
+
+async def test_a_crashed_pass_is_logged_with_its_traceback_and_restarted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sweeper = Flaky(
+        [RuntimeError("bug"), errors.BackendUnavailable("node down")],
+        retention=1,
+        interval=60,
+        initial_backoff=0.01,
+    )
+    task = asyncio.create_task(sweeper.run())
+    try:
+        await asyncio.wait_for(sweeper.done.wait(), 5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()  # the shutdown path: cancelled, not failed
+    assert sweeper.passes == 3
+    crashed = [r for r in caplog.records if "crashed" in r.getMessage()]
+    assert len(crashed) == 1
+    assert crashed[0].levelno == logging.ERROR
+    assert crashed[0].exc_info is not None
+    failed = [r for r in caplog.records if "sweep failed" in r.getMessage()]
+    assert len(failed) == 1
+    assert failed[0].levelno == logging.WARNING
+    assert failed[0].exc_info is None
+
+
+def test_backoff_doubles_is_capped_at_the_interval_and_jittered() -> None:
+    sweeper = InvoiceSweeper(
+        FakeInvoiceBackend(), MemoryStore(), FakeClock(), retention=1, interval=10
+    )
+    for failures, ceiling in ((1, 1.0), (2, 2.0), (4, 8.0), (5, 10.0), (10_000, 10.0)):
+        delays = {sweeper._backoff(failures) for _ in range(50)}
+        assert all(ceiling / 2 <= delay <= ceiling for delay in delays), (failures, delays)
+        assert len(delays) > 1  # jittered
+
+
+async def test_a_busy_pass_is_followed_sooner(monkeypatch: pytest.MonkeyPatch) -> None:
+    sweeper = Flaky([], retention=1, interval=3600, busy_pause=0.01)
+    results = [SweepResult(busy=True), SweepResult(busy=True), SweepResult()]
+    seen: list[SweepResult] = []
+
+    async def sweep() -> SweepResult:
+        seen.append(results[len(seen)])
+        if len(seen) == len(results):
+            sweeper.done.set()
+        return seen[-1]
+
+    monkeypatch.setattr(sweeper, "sweep", sweep)
+    task = asyncio.create_task(sweeper.run())
+    try:
+        await asyncio.wait_for(sweeper.done.wait(), 5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert len(seen) == 3
+
+
+# --- wiring ----------------------------------------------------------------------------------
+
+
+class _FakeLnd:
+    """Stands in for ``LndClient(settings)`` in ``running_gateway``."""
+
+    backend: FakeInvoiceBackend
+
+    def __init__(self, _settings: object) -> None:
+        pass
+
+    async def __aenter__(self) -> FakeInvoiceBackend:
+        return self.backend
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        return None
+
+
+@pytest.mark.parametrize("watch", [True, False])
+async def test_running_gateway_runs_the_sweeper_where_the_watcher_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watch: bool
+) -> None:
+    (tmp_path / "tls.cert").write_bytes(b"x")
+    clock = FakeClock()
+    backend = FakeInvoiceBackend(clock)
+    monkeypatch.setattr(_FakeLnd, "backend", backend, raising=False)
+    monkeypatch.setattr(cli, "LndClient", _FakeLnd)
+    config = Config(
+        lnd=LndConfig(tls_cert=tmp_path / "tls.cert", macaroon_hex="00"),
+        store=StoreConfig(
+            url=f"sqlite:{tmp_path / 'g.db'}", unpaid_retention=60, sweep_interval=0.01
+        ),
+        routes=(RouteConfig(pattern="/api/premium/*", price_msat=10_000),),
+    )
+    async with cli.running_gateway(config, clock=clock, watch=watch) as service:
+        challenge = await service.authorize(RequestInfo("GET", PATH, "10.0.0.1"))
+        assert isinstance(challenge, Challenge)
+        backend.cancel(hash_of(challenge))
+        clock.advance(config.l402.invoice_expiry + 60 + EXPIRY_GRACE + 1)
+        store = service._store
+        for _ in range(100):  # up to a second: the sweeper's passes are 10 ms apart
+            if await store.get_invoice(hash_of(challenge)) is None:
+                break
+            await asyncio.sleep(0.01)
+        pruned = await store.get_invoice(hash_of(challenge)) is None
+        names = {task.get_name() for task in asyncio.all_tasks()}
+    assert pruned is watch
+    assert ("l402-invoice-sweeper" in names) is watch
+    assert "l402-invoice-sweeper" not in {task.get_name() for task in asyncio.all_tasks()}
+
+
+# --- a late settlement -----------------------------------------------------------------------
+
+
+async def test_an_expired_invoice_settled_while_nobody_watched_is_replayed(store: Store) -> None:
+    env = Env(store)
+    await env.backend.add_invoice(Msat(1), "not the gateway's", 600)  # index 0 replays nothing
+    challenge = await env.challenge()
+    env.overdue()
+    await env.sweeper.sweep()  # the node still said OPEN
+    assert await env.state(challenge) is InvoiceState.EXPIRED
+    record = await store.get_invoice(hash_of(challenge))
+    assert record is not None
+    # Its add event was seen, no settlement ever was (LND replays none after index 0), and
+    # it is paid while no watcher runs.
+    await store.save_cursor(Cursor(record.add_index, 0))
+    env.backend.pay(hash_of(challenge))
+
+    watcher = InvoiceWatcher(env.backend, store)
+    task = asyncio.create_task(watcher.run())
+    try:
+        for _ in range(200):
+            if await env.state(challenge) is InvoiceState.SETTLED:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert await env.state(challenge) is InvoiceState.SETTLED

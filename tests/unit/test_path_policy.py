@@ -1,0 +1,117 @@
+"""Pricing.resolve: paths a backend could read differently from the rules are refused, and
+of the readings a backend may take, the strictest prices the request."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.ports import Msat
+from gateway.pricing import PathCase, Pricing, Refused, Rule, TrailingSlash, path_refusal
+
+PREMIUM = Rule("/api/premium/*", methods=frozenset({"GET"}), price_msat=Msat(10), service="p")
+EXACT = Rule("/docs/index", price_msat=Msat(5), service="docs")
+FREE = Rule("/api/free/*")
+RULES = (FREE, PREMIUM, EXACT)
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/api\\premium\\x", "backslash"),
+        ("/api%2fpremium", "'%'"),
+        ("/api;x=1/premium/x", "';'"),
+        ("/api/premium/\x1bx", "control"),
+        ("/api/premium/x\x85", "control"),
+        ("/api/\uff50remium/x", "NFKC"),
+        ("/api/\u212aey", "NFKC"),  # the Kelvin sign folds to K
+        ("/api/./premium/x", "'.', '..'"),
+        ("/api/../premium/x", "'.', '..'"),
+        ("//api/premium/x", "'.', '..'"),
+        ("/api/premium./x", "end in '.'"),
+        ("/api/premium /x", "end in '.' or a space"),
+    ],
+)
+def test_paths_a_backend_could_resolve_elsewhere_are_refused(path: str, reason: str) -> None:
+    refusal = path_refusal(path)
+    assert refusal is not None
+    assert reason in refusal
+    assert Pricing(RULES).resolve("GET", path) == Refused(refusal)
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/api/premium/x", "/api/premium/x/", "/caf\u00e9", "/a-b_c~d/e.json", "/a:b@c"]
+)
+def test_ordinary_paths_pass(path: str) -> None:
+    assert path_refusal(path) is None
+
+
+def test_the_other_letter_case_prices_the_request_by_default() -> None:
+    pricing = Pricing(RULES)
+    assert pricing.resolve("GET", "/API/Premium/x") is PREMIUM
+    assert pricing.resolve("GET", "/Docs/Index") is EXACT
+    assert Pricing(RULES, case=PathCase.INSENSITIVE).resolve("GET", "/API/premium/x") is PREMIUM
+    assert Pricing(RULES, case=PathCase.SENSITIVE).resolve("GET", "/API/premium/x") is None
+
+
+def test_a_trailing_slash_either_way_prices_the_request_by_default() -> None:
+    pricing = Pricing(RULES)
+    assert pricing.resolve("GET", "/docs/index/") is EXACT
+    assert pricing.resolve("GET", "/api/premium") is PREMIUM
+    significant = Pricing(RULES, trailing_slash=TrailingSlash.SIGNIFICANT)
+    assert significant.resolve("GET", "/docs/index/") is None
+    assert significant.resolve("GET", "/docs/index") is EXACT
+
+
+def test_free_readings_stay_free() -> None:
+    pricing = Pricing(RULES)
+    assert pricing.resolve("GET", "/api/free/x") is None
+    assert pricing.resolve("GET", "/elsewhere") is None
+    assert pricing.resolve("POST", "/api/premium/x") is None  # a GET-only price
+
+
+def test_a_method_override_prices_the_request_by_the_method_it_names() -> None:
+    pricing = Pricing(RULES)
+    assert pricing.resolve("POST", "/api/premium/x", ("GET",)) is PREMIUM
+    assert pricing.resolve("POST", "/api/premium/x", ("get",)) is PREMIUM
+    assert pricing.resolve("POST", "/api/free/x", ("GET",)) is None
+
+
+def test_two_different_priced_readings_are_refused() -> None:
+    page = Rule("/a", price_msat=Msat(1), service="page")
+    folder = Rule("/a/", price_msat=Msat(2), service="folder")
+    assert isinstance(Pricing((page, folder)).resolve("GET", "/a"), Refused)
+    writes = Rule("/doc", methods=frozenset({"POST"}), price_msat=Msat(1), service="w")
+    reads = Rule("/doc", methods=frozenset({"GET"}), price_msat=Msat(9), service="r")
+    assert Pricing((writes, reads)).resolve("POST", "/doc") is writes
+    assert isinstance(Pricing((writes, reads)).resolve("POST", "/doc", ("GET",)), Refused)
+
+
+# A model of lenient backends: the paths they may route a (decoded) request path to.
+def lenient_readings(path: str) -> set[str]:
+    readings = set()
+    for candidate in (path, path.replace("\\", "/")):
+        candidate = "/".join(segment.split(";")[0] for segment in candidate.split("/"))
+        for variant in (candidate, candidate.lower()):
+            readings |= {variant, variant.rstrip("/") or "/", variant.rstrip("/") + "/"}
+    return readings
+
+
+@given(
+    st.lists(
+        st.sampled_from(["api", "API", "premium", "Premium", "free", "docs", "index", "x", ";p=1"]),
+        max_size=4,
+    ),
+    st.sampled_from(["/", "\\"]),
+    st.booleans(),
+)
+def test_no_lenient_reading_of_an_unpriced_path_is_priced(
+    words: list[str], separator: str, trailing: bool
+) -> None:
+    path = "/" + separator.join(words) + ("/" if trailing and words else "")
+    resolved = Pricing(RULES).resolve("GET", path)
+    if resolved is None:
+        for reading in lenient_readings(path):
+            rule = Pricing(RULES, case=PathCase.SENSITIVE).resolve("GET", reading)
+            assert rule is None or isinstance(rule, Refused), (path, reading)
