@@ -10,8 +10,8 @@ import argparse
 
 from aiohttp import web
 
-from gateway.cli import running_gateway
 from gateway.config import load_config
+from gateway.runtime import running_gateway
 from gateway.web.aiohttp import setup_l402
 
 

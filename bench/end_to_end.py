@@ -48,7 +48,7 @@ async def _paid_request(session: aiohttp.ClientSession, client: L402Client, url:
     if response.status != 200 or len(client.spending_log) != paid_before + 1:
         raise RuntimeError(f"expected one payment and a 200, got {response.status}")
     # The next request must pay again, not reuse this token.
-    client.cache.remove(bytes.fromhex(client.spending_log[-1].payment_hash))
+    await client.cache.remove(bytes.fromhex(client.spending_log[-1].payment_hash))
     return elapsed
 
 

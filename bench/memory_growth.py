@@ -52,7 +52,13 @@ from bench.settlement_visibility import read_only
 from gateway.lnd.client import LndClient
 from gateway.ports import Msat, SystemClock
 from gateway.pricing import Pricing, Rule
-from gateway.service import ALLOWED_CACHE_SIZE, Allow, Challenge, L402Service, RequestInfo
+from gateway.service import (
+    ALLOWED_CACHE_SIZE,
+    Allow,
+    L402Service,
+    PaymentChallenge,
+    RequestInfo,
+)
 from gateway.store import SqliteStore
 from tests.fakes import FakeInvoiceBackend
 
@@ -124,7 +130,7 @@ async def _fake_node_run(database: Path, tokens: int, sample: int) -> FakeNodeRu
                 credentials.seek(0, os.SEEK_END)
                 while len(offsets) < size:
                     decision = await service.authorize(RequestInfo("GET", PATH, "127.0.0.1"))
-                    if not isinstance(decision, Challenge):
+                    if not isinstance(decision, PaymentChallenge):
                         raise RuntimeError(f"expected a challenge, got {decision}")
                     payment_hash = bytes.fromhex(decision.payment_hash)
                     preimage = backend.pay(payment_hash)

@@ -10,44 +10,50 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gateway.cli import running_gateway
     from gateway.config import Config, load_config
     from gateway.errors import GatewayError
-    from gateway.service import Allow, Challenge, Deny, L402Service, PaidToken, RequestInfo
+    from gateway.runtime import Runtime, running_gateway, running_runtime
+    from gateway.service import Allow, Deny, L402Service, PaidToken, PaymentChallenge, RequestInfo
     from gateway.web.aiohttp import TOKEN, setup_l402
-    from gateway.web.asgi import L402Middleware
+    from gateway.web.asgi import L402Middleware, l402_lifespan
     from gateway.web.proxy import build_proxy
 
 _EXPORTS = {
     "Allow": "gateway.service",
-    "Challenge": "gateway.service",
     "Config": "gateway.config",
     "Deny": "gateway.service",
     "GatewayError": "gateway.errors",
     "L402Middleware": "gateway.web.asgi",
     "L402Service": "gateway.service",
     "PaidToken": "gateway.service",
+    "PaymentChallenge": "gateway.service",
     "RequestInfo": "gateway.service",
     "TOKEN": "gateway.web.aiohttp",
     "build_proxy": "gateway.web.proxy",
+    "l402_lifespan": "gateway.web.asgi",
     "load_config": "gateway.config",
-    "running_gateway": "gateway.cli",
+    "running_gateway": "gateway.runtime",
+    "running_runtime": "gateway.runtime",
+    "Runtime": "gateway.runtime",
     "setup_l402": "gateway.web.aiohttp",
 }
 __all__ = [
     "TOKEN",
     "Allow",
-    "Challenge",
     "Config",
     "Deny",
     "GatewayError",
     "L402Middleware",
     "L402Service",
     "PaidToken",
+    "PaymentChallenge",
     "RequestInfo",
+    "Runtime",
     "build_proxy",
+    "l402_lifespan",
     "load_config",
     "running_gateway",
+    "running_runtime",
     "setup_l402",
 ]
 

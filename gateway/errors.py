@@ -1,26 +1,24 @@
 """The gateway's one exception tree.
 
 Adapters translate every foreign error (gRPC, database, HTTP) into one of these at their
-boundary, so callers never see a vendor exception::
+boundary, so callers never see a vendor exception. Each layer defines its own branch: the
+core ones here, the paying client's in :mod:`gateway.client.errors`::
 
     GatewayError
     ├── ConfigError                   the configuration file or environment is invalid
     ├── StoreError                    the database failed (disk, lock, corruption)
     │   ├── StoreClosed               the store was used after close()
     │   └── SchemaVersionError        the database's schema is newer than this code
-    └── BackendError                  the Lightning node failed a request
-        ├── BackendUnavailable        not reachable, TLS failure, timed out: retry later
-        ├── BackendPermissionDenied   macaroon missing, wrong or lacking a permission
-        ├── BackendBadRequest         the node rejected the arguments
-        │   └── InvoiceAlreadyExists  an invoice with this payment hash exists
-        ├── InvoiceNotFound           no invoice with that payment hash
-        └── PaymentFailed             the payment ended FAILED (``reason`` says why)
-
-The paying client's errors (``offer`` is the checked offer when there is one, so a caller can
-show the price). All but ``PaymentUnverified`` are raised before any money moves::
-
-    GatewayError
-    └── ClientError                   the client would not, or could not, complete a payment
+    ├── BackendError                  the Lightning node failed a request
+    │   ├── BackendUnavailable        not reachable, TLS failure, timed out: retry later
+    │   ├── BackendPermissionDenied   macaroon missing, wrong or lacking a permission
+    │   ├── BackendBadRequest         the node rejected the arguments
+    │   │   └── InvoiceAlreadyExists  an invoice with this payment hash exists
+    │   ├── InvoiceNotFound           no invoice with that payment hash
+    │   └── PaymentFailed             the payment ended FAILED (``reason`` says why)
+    ├── EventsLost                    an event subscriber fell behind and was cut off
+    │                                 (in :mod:`gateway.events`)
+    └── ClientError                   the paying client would not, or could not, pay
         ├── ChallengeError            the 402's L402 challenge is unusable
         │   └── InvoiceRejected       the invoice failed a check: network, amount, expiry, hash
         ├── BudgetExceeded            price or total over the budget (``limit`` says which)
@@ -28,14 +26,22 @@ show the price). All but ``PaymentUnverified`` are raised before any money moves
         ├── PaymentInFlight           an earlier payment for this scope is still in flight
         ├── PaymentUnverified         the payer's preimage does not hash to the payment hash
         └── TokenCacheError           the token cache file cannot be read or written
+
+A ``ClientError``'s ``offer`` is the checked offer when there is one, so a caller can show the
+price; all but ``PaymentUnverified`` are raised before any money moves.
+
+The pure protocol layer, :mod:`gateway.l402`, imports nothing of the gateway, so its errors
+have a root of their own. The service turns one into a decision (401, or 402 with a fresh
+challenge), the client into a ``ChallengeError``::
+
+    L402Error                         ``reason``: short fixed text, safe for an HTTP body
+    ├── MalformedToken                cannot be parsed: base64, macaroon, identifier, grammar
+    └── TokenRejected                 parsed, but not acceptable: signature, preimage, caveat
+        └── TokenInsufficient         genuine, but not enough: expired, another service, ...
+                                      (``reason``: an ``l402.ChallengeReason``)
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from gateway.client.offer import Offer
 
 
 class GatewayError(Exception):
@@ -89,43 +95,3 @@ class PaymentFailed(BackendError):
         super().__init__(f"payment {payment_hash.hex()} failed: {reason}")
         self.reason = reason
         self.payment_hash = payment_hash
-
-
-class ClientError(GatewayError):
-    """Base of the paying client's errors."""
-
-    def __init__(self, message: str, offer: Offer | None = None) -> None:
-        super().__init__(message)
-        self.offer = offer
-
-
-class ChallengeError(ClientError):
-    """The 402 carries an L402/LSAT challenge that cannot be used; nothing was paid."""
-
-
-class InvoiceRejected(ChallengeError):
-    """The challenge's invoice failed a check (network, amount, expiry, payment hash)."""
-
-
-class BudgetExceeded(ClientError):
-    """Paying would go over the budget; nothing was paid. ``limit`` names the limit."""
-
-    def __init__(self, message: str, offer: Offer | None, limit: str) -> None:
-        super().__init__(message, offer)
-        self.limit = limit
-
-
-class PaymentDeclined(ClientError):
-    """The ``confirm`` hook declined the offer; nothing was paid."""
-
-
-class PaymentInFlight(ClientError):
-    """A payment begun earlier for this scope has not finished; paying again could pay twice."""
-
-
-class PaymentUnverified(ClientError):
-    """The payer reported success but its preimage does not match the invoice."""
-
-
-class TokenCacheError(ClientError):
-    """The token cache file is unreadable, corrupt or cannot be written."""

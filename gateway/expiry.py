@@ -16,8 +16,11 @@ milliseconds of the expiry). Each pass of the ``InvoiceSweeper``:
 A pass that reached one of those bounds is followed by the next one after ``busy_pause``
 rather than ``interval``, so a backlog drains at a bounded pace: on regtest a full pass (500
 lookups, one at a time) took 0.47 s, so about 700 invoices a second, more than LND creates.
-Run ``run()`` as one task (one per store: with several workers, the one that runs the
-watcher).
+The states it records are published to ``InvoiceEvents`` subscribers.
+
+Run ``run()`` as one supervised task (one per store: with several workers, the one that runs
+the watcher). A failed pass ends it: its ``Supervisor`` logs the error and restarts it after
+a jittered, capped backoff.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import random
 from dataclasses import dataclass
 
 from gateway import errors
+from gateway.events import InvoiceEvents, apply_and_publish
 from gateway.ports import Clock, InvoiceBackend, InvoiceState, InvoiceUpdate, Msat, Store
 
 log = logging.getLogger(__name__)
@@ -65,10 +68,10 @@ class InvoiceSweeper:
         batch: int = 500,
         max_batches: int = 20,
         busy_pause: float = 0.2,
-        initial_backoff: float = 1.0,
+        events: InvoiceEvents | None = None,
     ) -> None:
-        if interval <= 0 or busy_pause <= 0 or initial_backoff <= 0:
-            raise ValueError("interval, busy_pause and initial_backoff must be positive")
+        if interval <= 0 or busy_pause <= 0:
+            raise ValueError("interval and busy_pause must be positive")
         if retention < 0 or grace < 0:
             raise ValueError("retention and grace must be >= 0")
         if max_lookups < 1 or batch < 1 or max_batches < 1:
@@ -83,35 +86,14 @@ class InvoiceSweeper:
         self._batch = batch
         self._max_batches = max_batches
         self._busy_pause = busy_pause
-        self._initial_backoff = initial_backoff
+        self._events = events or InvoiceEvents()
 
     async def run(self) -> None:
-        """Sweep every ``interval`` until cancelled.
-
-        A failed pass is retried with capped, jittered exponential backoff: a node or store
-        error is logged as a warning, anything else with its traceback.
-        """
-        failures = 0
+        """Sweep every ``interval`` (after a busy pass, ``busy_pause``) until cancelled or a
+        pass fails."""
         while True:
-            try:
-                result = await self.sweep()
-            except (errors.BackendError, errors.StoreError) as error:
-                failures += 1
-                delay = self._backoff(failures)
-                log.warning("invoice sweep failed: %s; retrying in %.1fs", error, delay)
-            except Exception:
-                failures += 1
-                delay = self._backoff(failures)
-                log.exception("invoice sweep crashed; restarting it in %.1fs", delay)
-            else:
-                failures = 0
-                delay = self._busy_pause if result.busy else self._interval
-            await asyncio.sleep(delay)
-
-    def _backoff(self, failures: int) -> float:
-        capped = min(self._interval, self._initial_backoff * 2.0 ** min(failures - 1, 30))
-        # Jitter, not secrecy: S311 does not apply.
-        return capped * random.uniform(0.5, 1.0)  # noqa: S311
+            result = await self.sweep()
+            await asyncio.sleep(self._busy_pause if result.busy else self._interval)
 
     async def sweep(self) -> SweepResult:
         """One pass: record what the node says about overdue invoices, then prune."""
@@ -138,7 +120,7 @@ class InvoiceSweeper:
                         now - record.expires_at,
                     )
                     update = dataclasses.replace(update, state=InvoiceState.EXPIRED)
-            await self._store.apply_update(update)
+            await apply_and_publish(self._store, update, self._events)
             if update.state is InvoiceState.EXPIRED:
                 expired += 1
             else:

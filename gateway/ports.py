@@ -9,7 +9,8 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field, replace
 from typing import NewType, Protocol
 
 PaymentHash = NewType("PaymentHash", bytes)
@@ -25,6 +26,25 @@ class InvoiceState(enum.Enum):
     # Ours, not the node's: past its expiry the node still reported it OPEN, or no longer knew
     # it. Never goes back to OPEN; a SETTLED or CANCELED from the node still replaces it.
     EXPIRED = "EXPIRED"
+
+    def may_become(self, new: InvoiceState) -> bool:
+        """Whether a tracked invoice in this state takes an update to ``new``: the one place
+        the state rules live (every store applies them through ``InvoiceRecord.updated``).
+
+        SETTLED and CANCELED are final, so a replayed or stale report changes nothing.
+        EXPIRED is entered only from OPEN (never over a held payment) and left only for the
+        node's final word. ACCEPTED may go back to OPEN, as LND's hold invoices do.
+        """
+        if self in _FINAL_STATES:
+            return False
+        if self is InvoiceState.EXPIRED:
+            return new in _FINAL_STATES
+        if new is InvoiceState.EXPIRED:
+            return self is InvoiceState.OPEN
+        return True
+
+
+_FINAL_STATES = frozenset({InvoiceState.SETTLED, InvoiceState.CANCELED})
 
 
 class PaymentStatus(enum.Enum):
@@ -172,6 +192,21 @@ class InvoiceRecord:
     amount_paid_msat: Msat = Msat(0)
     settled_at: float | None = None
 
+    def updated(self, update: InvoiceUpdate) -> InvoiceRecord:
+        """This record after ``update``; itself when its state may not become the update's.
+
+        The update's fields replace the record's, except that ``settle_index`` only grows.
+        """
+        if not self.state.may_become(update.state):
+            return self
+        return replace(
+            self,
+            state=update.state,
+            settle_index=max(self.settle_index, update.settle_index),
+            amount_paid_msat=update.amount_paid_msat,
+            settled_at=update.settled_at,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class InvoiceUpdate:
@@ -203,14 +238,20 @@ class Cursor:
     settle_index: int = 0
 
 
-class Store(Protocol):
-    """Durable state: token root keys, issued invoices and the watcher's cursor.
+class StoreOperations(Protocol):
+    """The store's reads and writes. Called on the ``Store``, each is atomic on its own;
+    called on a transaction (``Store.transaction()``), they commit or roll back together.
 
     Every write is idempotent, so a replayed event or a retried request is harmless.
     """
 
     async def put_root_key(self, key_id: bytes, token_id: bytes, root_key: bytes) -> None:
-        """Store a token's root key under ``key_id`` = sha256(macaroon identifier)."""
+        """Store a token's root key under ``key_id`` = sha256(macaroon identifier).
+
+        Storing the same key again is a no-op; a *different* root key under an existing
+        ``key_id`` raises ``StoreError`` (the identifier embeds a random token id, so that is
+        a bug, and keeping either key silently would leave a minted macaroon unverifiable).
+        """
 
     async def get_root_key(self, key_id: bytes) -> bytes | None: ...
 
@@ -220,11 +261,12 @@ class Store(Protocol):
     async def add_invoice(self, record: InvoiceRecord) -> None:
         """Record a newly issued invoice; a second call for the same hash changes nothing."""
 
-    async def apply_update(self, update: InvoiceUpdate) -> bool:
-        """Move a tracked invoice to a new state; False if the hash is not tracked.
+    async def apply_update(self, update: InvoiceUpdate) -> InvoiceRecord | None:
+        """Move a tracked invoice to a new state by the rules of ``InvoiceState.may_become``:
+        the one way an invoice's state is written.
 
-        A terminal state (SETTLED, CANCELED) is never overwritten by an older one. EXPIRED
-        is only entered from OPEN and only left for SETTLED or CANCELED.
+        Returns the record as stored afterwards (unchanged when the rules refuse the update),
+        or None if the hash is not tracked.
         """
 
     async def get_invoice(self, payment_hash: PaymentHash) -> InvoiceRecord | None: ...
@@ -249,5 +291,22 @@ class Store(Protocol):
 
     async def save_cursor(self, cursor: Cursor) -> None:
         """Advance the cursor; each index only ever grows."""
+
+
+class Store(StoreOperations, Protocol):
+    """Durable state: token root keys, issued invoices and the watcher's cursor."""
+
+    def transaction(self) -> AbstractAsyncContextManager[StoreOperations]:
+        """A unit of work: ``async with store.transaction() as tx:``, then ``tx``'s reads and
+        writes see each other and commit together when the block ends, or not at all if it
+        raises (or is cancelled).
+
+        Transactions on one store run one at a time, and the store's own calls wait while one
+        is open, so a read-check-write inside one is never interleaved with another writer.
+        Keep them short and never await the node or the network inside one. They do not nest,
+        and the store itself must not be called from inside one (use ``tx``): both raise
+        ``RuntimeError`` rather than deadlock. A cancellation that lands while the commit is
+        under way may still leave it committed.
+        """
 
     async def close(self) -> None: ...

@@ -8,15 +8,21 @@ very first subscription (cursor 0 means "no replay") and hold-invoice transition
 first settlement is recorded (settle index 0: LND replays no settlement), the add replay
 starts before the oldest unsettled tracked invoice, so a settlement that lands while the
 subscription is being set up is not lost either.
+
+Each recorded state is published to ``InvoiceEvents`` subscribers once the store has it. A
+node or store failure is retried here, with capped exponential backoff; anything else (say
+an invoice state the LND client cannot map) ends ``run()``, for its supervisor to log and
+restart: the restart resumes from the stored cursor, so nothing recorded is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncGenerator
 
 from gateway import errors
+from gateway.events import InvoiceEvents, apply_and_publish
 from gateway.ports import (
     Cursor,
     Invoice,
@@ -43,19 +49,20 @@ class InvoiceWatcher:
         *,
         initial_backoff: float = 0.5,
         max_backoff: float = 30.0,
-        on_update: Callable[[InvoiceUpdate], None] | None = None,
+        events: InvoiceEvents | None = None,
     ) -> None:
         self._backend = backend
         self._store = store
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
-        self._on_update = on_update
+        self._events = events or InvoiceEvents()
         self._healthy = False
         # Set once the store has been reconciled with the node after (re)connecting.
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
-        """Follow the node until cancelled, reconnecting with capped exponential backoff."""
+        """Follow the node until cancelled, reconnecting with capped exponential backoff after
+        a node or store failure; any other exception ends it."""
         backoff = self._initial_backoff
         while True:
             self._healthy = False
@@ -77,17 +84,27 @@ class InvoiceWatcher:
         stream = self._backend.subscribe_invoices(
             await self._replay_from(cursor), cursor.settle_index
         )
-        # The stream starts on first iteration; reconcile alongside it. Both paths write
-        # idempotently, so their order does not matter.
-        reconciling = asyncio.create_task(self.reconcile())
+        # The stream starts on first iteration, in a task of its own; reconcile alongside it,
+        # here, once the subscription has been asked for (a refused one then fails before a
+        # reconciliation could count as a healthy connection). Both write idempotently, so
+        # their order does not matter; an error either one does not handle ends both.
+        streaming = asyncio.create_task(self._consume(stream))
+        try:
+            await asyncio.sleep(0)  # the streaming task takes its first step
+            if not streaming.done():
+                await self.reconcile()
+            await streaming
+        finally:
+            streaming.cancel()
+            await asyncio.gather(streaming, return_exceptions=True)
+
+    async def _consume(self, stream: AsyncGenerator[Invoice, None]) -> None:
         try:
             async for invoice in stream:
                 await self.record(invoice)
                 self._healthy = True
         finally:
             await stream.aclose()
-            reconciling.cancel()
-            await asyncio.gather(reconciling, return_exceptions=True)
 
     async def _replay_from(self, cursor: Cursor) -> int:
         """The add index to subscribe from.
@@ -144,7 +161,4 @@ class InvoiceWatcher:
         await self._store.save_cursor(Cursor(invoice.add_index, invoice.settle_index))
 
     async def _apply(self, invoice: Invoice) -> None:
-        update = InvoiceUpdate.of(invoice)
-        tracked = await self._store.apply_update(update)
-        if tracked and self._on_update is not None:
-            self._on_update(update)
+        await apply_and_publish(self._store, InvoiceUpdate.of(invoice), self._events)

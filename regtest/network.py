@@ -10,31 +10,28 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
 
 import aiohttp
 import grpc
 
-from gateway.lnd.connection import LndConnection, LndSettings
-from gateway.lnd.protos import (
-    lightning_pb2,
-    lightning_pb2_grpc,
-    stateservice_pb2,
-    stateservice_pb2_grpc,
-)
-from regtest.build import Binaries, bin_dir, ensure_binaries, log
+from gateway.lnd.connection import LndSettings
+from gateway.lnd.protos import lightning_pb2
+from regtest.build import bin_dir, ensure_binaries, log
 from regtest.chain import (
     COINBASE_MATURITY,
-    MINER_ADDRESS,
+    RPC_PASSWORD,
+    RPC_USER,
     SEGWIT_HEIGHT,
     BtcdRpc,
     mature_coinbases,
     spend_to,
+    start_btcd,
 )
-from regtest.processes import ManagedProcess, NodeStartError, free_ports, stop_pid
+from regtest.lnd import LndAdmin, lnd_args
+from regtest.processes import ManagedProcess, free_ports, stop_pid, until
 
 NODE_NAMES = ("alice", "bob", "carol")
 # (opener, peer): the opener funds the channel, so it can pay through it.
@@ -43,12 +40,8 @@ CHANNEL_SAT = 10_000_000
 # Each node gets one confirmed output per channel it opens, plus one spare.
 FUNDING_OUTPUT_SAT = 100_000_000
 FUNDING_OUTPUTS = 3
-RPC_USER = "regtest"
-RPC_PASSWORD = "regtest"  # noqa: S105 - loopback-only regtest node
 STATE_FILE = "network.json"
 START_TIMEOUT = 90.0
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +138,7 @@ class Network:
         processes, index = self._managed(name)
         if name == "btcd":
             # btcd deletes its regtest chain at every start: keep the blocks to submit again.
+            # The RPC client keeps only a few of these calls in flight: btcd refuses more.
             heights = range(1, await self.block_height() + 1)
             hashes = await asyncio.gather(*(self.rpc.call("getblockhash", h) for h in heights))
             self._blocks = await asyncio.gather(*(self.rpc.call("getblock", h, 0) for h in hashes))
@@ -163,12 +157,12 @@ class Network:
         process = processes[index] = processes[index].respawn()
         if name == "btcd":
             self.btcd_pid = process.pid
-            await _until("btcd's RPC", self.btcd_answers, 30, [process])
+            await until("btcd's RPC", self.btcd_answers, 30, [process])
             for block in self._blocks:
                 await self.rpc.call("submitblock", block)
         else:
             self.nodes[name] = replace(self.nodes[name], pid=process.pid)
-            admin = _Admin(name, self.nodes[name].settings())
+            admin = LndAdmin(name, self.nodes[name].settings())
             try:
                 peers = [
                     self.nodes[n] for pair in CHANNELS if name in pair for n in pair if n != name
@@ -227,157 +221,28 @@ class Network:
         (self.workdir / STATE_FILE).unlink(missing_ok=True)
 
 
-async def _until(
-    what: str,
-    check: Callable[[], Awaitable[T | None]],
-    limit: float,
-    watched: list[ManagedProcess],
-    interval: float = 0.2,
-) -> T:
-    """Poll ``check`` until it returns a value; fail fast if a watched process died."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while True:
-        for process in watched:
-            if process.exited() is not None:
-                raise process.failure(f"stopped while waiting for {what}")
-        result = await check()
-        if result is not None:
-            return result
-        if loop.time() > deadline:
-            culprit = watched[0] if len(watched) == 1 else None
-            if culprit is not None:
-                raise culprit.failure(f"timed out after {limit:.0f}s waiting for {what}")
-            raise NodeStartError(f"timed out after {limit:.0f}s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
-class _Admin:
-    """The wallet and channel RPCs the harness needs, over the node's admin macaroon."""
-
-    def __init__(self, node_name: str, settings: LndSettings) -> None:
-        self.name = node_name
-        self.connection = LndConnection(settings)
-        self.lightning = lightning_pb2_grpc.LightningStub(self.connection.channel)
-        self.state = stateservice_pb2_grpc.StateStub(self.connection.channel)
-
-    async def call(self, method: Callable[..., Any], request: object) -> Any:
-        return await method(request, metadata=self.connection.metadata, timeout=30)
-
-    async def server_active(self) -> bool | None:
-        try:
-            reply = await self.state.GetState(stateservice_pb2.GetStateRequest(), timeout=5)
-        except grpc.aio.AioRpcError:
-            return None
-        return True if reply.state == stateservice_pb2.SERVER_ACTIVE else None
-
-    async def synced_info(self) -> lightning_pb2.GetInfoResponse | None:
-        try:
-            info = await self.call(self.lightning.GetInfo, lightning_pb2.GetInfoRequest())
-        except grpc.aio.AioRpcError:
-            return None
-        return info if info.synced_to_chain else None
-
-    async def connect(self, peer: Node) -> None:
-        address = lightning_pb2.LightningAddress(pubkey=peer.pubkey, host=peer.p2p_host)
-        try:
-            await self.call(
-                self.lightning.ConnectPeer,
-                lightning_pb2.ConnectPeerRequest(addr=address, timeout=20),
-            )
-        except grpc.aio.AioRpcError as error:
-            if "already connected" not in (error.details() or ""):
-                raise
-
-    async def channels_active(self, count: int) -> bool | None:
-        request = lightning_pb2.ListChannelsRequest(active_only=True)
-        try:
-            reply = await self.call(self.lightning.ListChannels, request)
-        except grpc.aio.AioRpcError:
-            return None
-        return True if len(reply.channels) >= count else None
-
-
 async def _until_active(
-    admin: _Admin, process: ManagedProcess, channel_peers: Sequence[Node] = ()
+    admin: LndAdmin, process: ManagedProcess, channel_peers: Sequence[Node] = ()
 ) -> lightning_pb2.GetInfoResponse:
     """Wait until the node is SERVER_ACTIVE, synced to the chain and, reconnected to its
     ``channel_peers``, has its channel with each of them active again."""
     name = admin.name
-    await _until(f"{name} to become SERVER_ACTIVE", admin.server_active, START_TIMEOUT, [process])
-    info = await _until(f"{name} to sync to the chain", admin.synced_info, START_TIMEOUT, [process])
+    await until(f"{name} to become SERVER_ACTIVE", admin.server_active, START_TIMEOUT, [process])
+    info = await until(f"{name} to sync to the chain", admin.synced_info, START_TIMEOUT, [process])
     if channel_peers:
         # Nodes announce no address here, and a peer's reconnection backoff grows with
         # every restart: reconnect from this side.
         for peer in channel_peers:
-            await admin.connect(peer)
+            await admin.connect(peer.pubkey, peer.p2p_host)
 
         async def active() -> bool | None:
             return await admin.channels_active(len(channel_peers))
 
-        await _until(f"{name}'s channels to become active", active, START_TIMEOUT, [process])
+        await until(f"{name}'s channels to become active", active, START_TIMEOUT, [process])
     return info
 
 
-def _lnd_args(
-    binaries: Binaries,
-    name: str,
-    lnddir: Path,
-    ports: tuple[int, int, int],
-    btcd_host: str,
-    cert: Path,
-) -> list[str]:
-    rpc, p2p, rest = ports
-    return [
-        str(binaries.lnd),
-        f"--lnddir={lnddir}",
-        f"--alias={name}",
-        "--bitcoin.regtest",
-        "--bitcoin.node=btcd",
-        f"--btcd.rpchost={btcd_host}",
-        f"--btcd.rpcuser={RPC_USER}",
-        f"--btcd.rpcpass={RPC_PASSWORD}",
-        f"--btcd.rpccert={cert}",
-        "--noseedbackup",
-        "--nobootstrap",
-        f"--rpclisten=127.0.0.1:{rpc}",
-        f"--restlisten=127.0.0.1:{rest}",
-        f"--listen=127.0.0.1:{p2p}",
-        "--bitcoin.defaultchanconfs=1",
-        "--bitcoin.defaultremotedelay=4",
-        "--trickledelay=50",
-        "--accept-keysend",
-        "--maxpendingchannels=10",
-        "--debuglevel=info",
-    ]
-
-
-async def _start_btcd(
-    binaries: Binaries, workdir: Path, port: int, detached: bool
-) -> ManagedProcess:
-    home = workdir / "btcd"
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "btcd.conf"
-    config.touch()
-    args = [
-        str(binaries.btcd),
-        f"--configfile={config}",
-        "--regtest",
-        f"--datadir={home / 'data'}",
-        f"--logdir={home / 'logs'}",
-        f"--rpclisten=127.0.0.1:{port}",
-        f"--rpcuser={RPC_USER}",
-        f"--rpcpass={RPC_PASSWORD}",
-        f"--rpccert={home / 'rpc.cert'}",
-        f"--rpckey={home / 'rpc.key'}",
-        f"--miningaddr={MINER_ADDRESS}",
-        "--txindex",
-        "--nolisten",
-    ]
-    return ManagedProcess("btcd", args, workdir / "btcd.log", detached=detached)
-
-
-async def _fund(network: Network, admins: dict[str, _Admin]) -> None:
+async def _fund(network: Network, admins: dict[str, LndAdmin]) -> None:
     # Spendable coinbases: one per node, from heights that are mature by now.
     coins = await mature_coinbases(network.rpc, range(1, 1 + len(admins)))
     request = lightning_pb2.NewAddressRequest(type=lightning_pb2.WITNESS_PUBKEY_HASH)
@@ -392,19 +257,19 @@ async def _fund(network: Network, admins: dict[str, _Admin]) -> None:
 
     for admin in admins.values():
 
-        async def funded(admin: _Admin = admin) -> bool | None:
+        async def funded(admin: LndAdmin = admin) -> bool | None:
             reply = await admin.call(
                 admin.lightning.WalletBalance, lightning_pb2.WalletBalanceRequest()
             )
             return True if reply.confirmed_balance >= expected else None
 
-        await _until(f"{admin.name}'s wallet to see its funds", funded, 60, [])
+        await until(f"{admin.name}'s wallet to see its funds", funded, 60, [])
 
 
-async def _open_channels(network: Network, admins: dict[str, _Admin]) -> None:
+async def _open_channels(network: Network, admins: dict[str, LndAdmin]) -> None:
     for opener, peer in CHANNELS:
         target = network.nodes[peer]
-        await admins[opener].connect(target)
+        await admins[opener].connect(target.pubkey, target.p2p_host)
         await admins[opener].call(
             admins[opener].lightning.OpenChannelSync,
             lightning_pb2.OpenChannelRequest(
@@ -418,13 +283,13 @@ async def _open_channels(network: Network, admins: dict[str, _Admin]) -> None:
     expected = {name: sum(name in pair for pair in CHANNELS) for name in admins}
     for name, admin in admins.items():
 
-        async def active(admin: _Admin = admin, count: int = expected[name]) -> bool | None:
+        async def active(admin: LndAdmin = admin, count: int = expected[name]) -> bool | None:
             return await admin.channels_active(count)
 
-        await _until(f"{name}'s channels to become active", active, 60, [])
+        await until(f"{name}'s channels to become active", active, 60, [])
 
 
-async def _wait_routable(network: Network, admins: dict[str, _Admin]) -> None:
+async def _wait_routable(network: Network, admins: dict[str, LndAdmin]) -> None:
     """Wait until every node knows both directions' policies of every channel."""
     carol = admins["carol"]
     reply = await carol.call(carol.lightning.ListChannels, lightning_pb2.ListChannelsRequest())
@@ -433,7 +298,7 @@ async def _wait_routable(network: Network, admins: dict[str, _Admin]) -> None:
 
     for admin in admins.values():
 
-        async def known(admin: _Admin = admin) -> bool | None:
+        async def known(admin: LndAdmin = admin) -> bool | None:
             try:
                 edge = await admin.call(
                     admin.lightning.GetChanInfo, lightning_pb2.ChanInfoRequest(chan_id=hop_channel)
@@ -443,7 +308,7 @@ async def _wait_routable(network: Network, admins: dict[str, _Admin]) -> None:
             both = edge.HasField("node1_policy") and edge.HasField("node2_policy")
             return True if both else None
 
-        await _until(f"{admin.name} to learn the carol -> alice channel", known, 90, [], 0.5)
+        await until(f"{admin.name} to learn the carol -> alice channel", known, 90, [], 0.5)
 
 
 async def start_network(workdir: Path, *, detached: bool = False) -> Network:
@@ -453,12 +318,12 @@ async def start_network(workdir: Path, *, detached: bool = False) -> Network:
     started = time.monotonic()
     ports = free_ports(1 + 3 * len(NODE_NAMES))
     btcd_host = f"127.0.0.1:{ports[0]}"
-    btcd = await _start_btcd(binaries, workdir, ports[0], detached)
+    btcd = start_btcd(binaries, workdir, ports[0], detached=detached)
     processes = [btcd]
-    admins: dict[str, _Admin] = {}
+    admins: dict[str, LndAdmin] = {}
     network = Network(workdir, btcd_host, {}, btcd.pid, processes)
     try:
-        await _until("btcd's RPC", network.btcd_answers, 30, [btcd])
+        await until("btcd's RPC", network.btcd_answers, 30, [btcd])
         # Past segwit activation, with enough mature coinbases to fund every node.
         height = await network.block_height()
         await network.mine(max(0, SEGWIT_HEIGHT + COINBASE_MATURITY - height))
@@ -470,7 +335,7 @@ async def start_network(workdir: Path, *, detached: bool = False) -> Network:
         for name, node_ports in nodes_ports.items():
             lnddir = workdir / name
             lnddir.mkdir(exist_ok=True)
-            args = _lnd_args(
+            args = lnd_args(
                 binaries, name, lnddir, node_ports, btcd_host, workdir / "btcd" / "rpc.cert"
             )
             lnds[name] = ManagedProcess(name, args, workdir / f"{name}.log", detached=detached)
@@ -493,8 +358,8 @@ async def start_network(workdir: Path, *, detached: bool = False) -> Network:
             async def files_written() -> bool | None:
                 return True if node.macaroon().exists() and node.tls_cert.exists() else None
 
-            await _until(f"{name}'s TLS cert and macaroon", files_written, START_TIMEOUT, [process])
-            admin = _Admin(name, node.settings())
+            await until(f"{name}'s TLS cert and macaroon", files_written, START_TIMEOUT, [process])
+            admin = LndAdmin(name, node.settings())
             admins[name] = admin
             info = await _until_active(admin, process)
             return replace(node, pubkey=info.identity_pubkey)

@@ -1,4 +1,4 @@
-"""Child processes with a log file each, stopped cleanly and never left orphaned."""
+"""Child processes with a log file each, waited for, stopped cleanly and never left orphaned."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import signal
 import socket
 import subprocess
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
+
+T = TypeVar("T")
 
 
 class NodeStartError(RuntimeError):
@@ -89,6 +92,31 @@ class ManagedProcess:
 
     async def stop(self, grace: float = 20.0) -> None:
         await stop_pid(self.pid, grace, poll=self._process.poll)
+
+
+async def until(
+    what: str,
+    check: Callable[[], Awaitable[T | None]],
+    limit: float,
+    watched: list[ManagedProcess],
+    interval: float = 0.2,
+) -> T:
+    """Poll ``check`` until it returns a value; fail fast if a watched process died."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while True:
+        for process in watched:
+            if process.exited() is not None:
+                raise process.failure(f"stopped while waiting for {what}")
+        result = await check()
+        if result is not None:
+            return result
+        if loop.time() > deadline:
+            culprit = watched[0] if len(watched) == 1 else None
+            if culprit is not None:
+                raise culprit.failure(f"timed out after {limit:.0f}s waiting for {what}")
+            raise NodeStartError(f"timed out after {limit:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 async def stop_pid(pid: int, grace: float, poll: Callable[[], int | None] | None = None) -> None:

@@ -11,6 +11,9 @@ import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any
 
+import bolt11
+from bolt11 import Bolt11, MilliSatoshi, TagChar, Tags
+
 from gateway import errors
 from gateway.ports import (
     Invoice,
@@ -23,13 +26,48 @@ from gateway.ports import (
 from gateway.pricing import Pricing, Rule
 from gateway.service import L402Service
 from gateway.store import MemoryStore
+from gateway.supervisor import Supervisor
 from gateway.watcher import InvoiceWatcher
+
+NOW = 1_800_000_000.0  # where a FakeClock starts
+# A fixed secp256k1 key for the fake node, and its public key.
+NODE_KEY = "11" * 32
+NODE_PUBKEY = "034f355bdcb7cc0af728ef3cceb9615d90684bb5b2ca5f859ab0f0b704075871aa"
+CURRENCIES = {"mainnet": "bc", "testnet": "tb", "signet": "tbs", "regtest": "bcrt"}
+MIN_FINAL_CLTV_EXPIRY = 80  # LND's default
+
+
+def make_invoice(
+    payment_hash: bytes,
+    amount_msat: int | None,
+    *,
+    network: str = "regtest",
+    created_at: float = NOW,
+    expiry: int = 600,
+    description: str = "premium: GET /api/premium/fortune",
+    key: str = NODE_KEY,
+) -> str:
+    """A BOLT11 invoice signed with ``key``, with the fields LND's AddInvoice sets."""
+    tags = Tags()
+    tags.add(TagChar.payment_hash, payment_hash.hex())
+    tags.add(TagChar.payment_secret, secrets.token_hex(32))
+    tags.add(TagChar.description, description)
+    tags.add(TagChar.expire_time, expiry)
+    tags.add(TagChar.min_final_cltv_expiry, MIN_FINAL_CLTV_EXPIRY)
+    invoice = Bolt11(
+        currency=CURRENCIES[network],
+        date=int(created_at),
+        tags=tags,
+        amount_msat=MilliSatoshi(amount_msat) if amount_msat is not None else None,
+    )
+    encoded: str = bolt11.encode(invoice, key)
+    return encoded
 
 
 class FakeClock:
     """A clock the test moves by hand."""
 
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
+    def __init__(self, start: float = NOW) -> None:
         self.current = start
 
     def now(self) -> float:
@@ -39,13 +77,37 @@ class FakeClock:
         self.current += seconds
 
 
-class FakeInvoiceBackend:
-    """Creates invoices with known preimages and lets a test settle them.
+@dataclasses.dataclass(eq=False)
+class _Subscriber:
+    """One live ``subscribe_invoices`` stream and the highest indices LND has sent it."""
 
-    ``subscribe_invoices`` behaves like LND's: it replays invoices added after ``add_index``
-    and settled after ``settle_index`` (0: no replay), then streams live events. Failures:
-    ``unavailable`` makes every call fail; ``fail_subscriptions = n`` makes the next ``n``
-    subscriptions fail at once; ``disconnect()`` breaks the live streams.
+    add_index: int
+    settle_index: int
+    queue: asyncio.Queue[Invoice | None] = dataclasses.field(default_factory=asyncio.Queue)
+
+    def offer(self, invoice: Invoice) -> None:
+        """Send a live add or settlement unless this stream had its index already (LND checks)."""
+        if invoice.state is InvoiceState.OPEN and invoice.add_index > self.add_index:
+            self.add_index = invoice.add_index
+        elif invoice.state is InvoiceState.SETTLED and invoice.settle_index > self.settle_index:
+            self.settle_index = invoice.settle_index
+        else:
+            return
+        self.queue.put_nowait(invoice)
+
+
+class FakeInvoiceBackend:
+    """An LND node's invoices, with known preimages, that a test pays or cancels by hand.
+
+    Invoices are real BOLT11 payment requests (regtest, signed with ``NODE_KEY``).
+    ``subscribe_invoices`` behaves like LND's SubscribeInvoices: it first replays the invoices
+    added after ``add_index`` (in add order, each in its current state), then, separately,
+    those settled after ``settle_index`` (in settle order), so a settled invoice can come
+    twice; 0 replays nothing. Then it streams adds and settlements live. As in LND, that stream
+    never carries a CANCELED or ACCEPTED invoice, replayed or live: ``cancel()`` shows only in
+    ``lookup_invoice``. Failures: ``unavailable`` makes every call fail;
+    ``fail_subscriptions = n`` makes the next ``n`` subscriptions fail at once;
+    ``disconnect()`` breaks the live streams.
     """
 
     def __init__(self, clock: FakeClock | None = None) -> None:
@@ -60,29 +122,41 @@ class FakeInvoiceBackend:
         self._changed = asyncio.Condition()
         self._add_index = 0
         self._settle_index = 0
-        self._streams: set[asyncio.Queue[Invoice | None]] = set()
+        self._subscribers: set[_Subscriber] = set()
+
+    @property
+    def live_streams(self) -> int:
+        """How many subscriptions are open now."""
+        return len(self._subscribers)
 
     def _check(self) -> None:
         if self.unavailable:
             raise errors.BackendUnavailable("fake node is down")
 
     def _publish(self, invoice: Invoice) -> None:
-        for queue in self._streams:
-            queue.put_nowait(invoice)
+        for subscriber in self._subscribers:
+            subscriber.offer(invoice)
 
     async def add_invoice(self, amount_msat: Msat, memo: str, expiry: int) -> NewInvoice:
         self._check()
         preimage = Preimage(secrets.token_bytes(32))
         payment_hash = PaymentHash(hashlib.sha256(preimage).digest())
         self._add_index += 1
+        created_at = int(self.clock.now())
         invoice = Invoice(
             payment_hash=payment_hash,
-            payment_request=f"lnbcrtfake{payment_hash.hex()}",
+            payment_request=make_invoice(
+                payment_hash,
+                amount_msat or None,  # LND: 0 makes an invoice without an amount
+                created_at=created_at,
+                expiry=expiry,
+                description=memo,
+            ),
             memo=memo,
             amount_msat=amount_msat,
             amount_paid_msat=Msat(0),
             state=InvoiceState.OPEN,
-            created_at=int(self.clock.now()),
+            created_at=created_at,
             settled_at=None,
             expiry=expiry,
             add_index=self._add_index,
@@ -94,8 +168,10 @@ class FakeInvoiceBackend:
         return NewInvoice(payment_hash, invoice.payment_request, self._add_index)
 
     def pay(self, payment_hash: bytes) -> Preimage:
-        """Settle an invoice as if a payer had paid it; returns the preimage the payer learns."""
+        """Settle an open invoice as if a payer had paid it; returns the preimage it learns."""
         invoice = self.invoices[payment_hash]
+        if invoice.state is not InvoiceState.OPEN:
+            raise ValueError(f"invoice is {invoice.state.value}, not OPEN")
         self._settle_index += 1
         settled = dataclasses.replace(
             invoice,
@@ -110,15 +186,19 @@ class FakeInvoiceBackend:
         return self.preimages[payment_hash]
 
     def cancel(self, payment_hash: bytes) -> None:
-        """Cancel an open invoice, as LND does when it expires."""
-        canceled = dataclasses.replace(self.invoices[payment_hash], state=InvoiceState.CANCELED)
-        self.invoices[payment_hash] = canceled
-        self._publish(canceled)
+        """Cancel an invoice, as LND does when it expires; no stream reports it.
+
+        As with LND's CancelInvoice, a canceled one stays so and a settled one cannot be.
+        """
+        invoice = self.invoices[payment_hash]
+        if invoice.state is InvoiceState.SETTLED:
+            raise ValueError("invoice already settled")
+        self.invoices[payment_hash] = dataclasses.replace(invoice, state=InvoiceState.CANCELED)
 
     def disconnect(self) -> None:
         """Break every live subscription: each fails with BackendUnavailable."""
-        for queue in self._streams:
-            queue.put_nowait(None)
+        for subscriber in self._subscribers:
+            subscriber.queue.put_nowait(None)
 
     async def wait_connections(self, total: int) -> None:
         """Wait until ``total`` subscriptions have gone live since the fake was made."""
@@ -138,6 +218,24 @@ class FakeInvoiceBackend:
         except KeyError:
             raise errors.InvoiceNotFound("no such invoice") from None
 
+    def _backlog(self, add_index: int, settle_index: int) -> list[Invoice]:
+        """What LND replays to a new subscription: adds, then settlements, OPEN or SETTLED."""
+        invoices = self.invoices.values()
+        added = sorted(
+            (invoice for invoice in invoices if add_index and invoice.add_index > add_index),
+            key=lambda invoice: invoice.add_index,
+        )
+        settled = sorted(
+            (
+                invoice
+                for invoice in invoices
+                if settle_index and invoice.settle_index > settle_index
+            ),
+            key=lambda invoice: invoice.settle_index,
+        )
+        streamed = (InvoiceState.OPEN, InvoiceState.SETTLED)
+        return [invoice for invoice in (*added, *settled) if invoice.state in streamed]
+
     async def subscribe_invoices(
         self, add_index: int = 0, settle_index: int = 0
     ) -> AsyncGenerator[Invoice, None]:
@@ -148,26 +246,23 @@ class FakeInvoiceBackend:
         if self.fail_subscriptions > 0:
             self.fail_subscriptions -= 1
             raise errors.BackendUnavailable("fake subscription refused")
-        queue: asyncio.Queue[Invoice | None] = asyncio.Queue()
-        replay = sorted(self.invoices.values(), key=lambda invoice: invoice.add_index)
-        for invoice in replay:
-            if (add_index and invoice.add_index > add_index) or (
-                settle_index and invoice.settle_index > settle_index
-            ):
-                queue.put_nowait(invoice)
-        self._streams.add(queue)
+        # Backlog and registration happen without a pause, so no event falls between them.
+        subscriber = _Subscriber(add_index, settle_index)
+        for invoice in self._backlog(add_index, settle_index):
+            subscriber.queue.put_nowait(invoice)
+        self._subscribers.add(subscriber)
         self.connections += 1
         async with self._changed:
             self._changed.notify_all()
         try:
             while True:
-                event = await queue.get()
+                event = await subscriber.queue.get()
                 if event is None:
                     raise errors.BackendUnavailable("fake subscription broken")
                 self._check()
                 yield event
         finally:
-            self._streams.discard(queue)
+            self._subscribers.discard(subscriber)
 
 
 class FakeGateway:
@@ -198,12 +293,11 @@ class FakeGateway:
             **self.options,
         )
         watcher = InvoiceWatcher(self.backend, self.store, initial_backoff=0.01)
-        task = asyncio.create_task(watcher.run())
         try:
-            yield self.service
+            async with Supervisor(initial_backoff=0.01) as supervisor:
+                supervisor.start("l402-invoice-watcher", watcher.run)
+                yield self.service
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
             self.service = None
             self.exited += 1
 

@@ -3,7 +3,7 @@
 ::
 
     from gateway.client import Budget, L402Client, TokenCache
-    from gateway.client.aiohttp import L402Middleware      # aiohttp >= 3.12
+    from gateway.client.aiohttp import L402PayingMiddleware  # aiohttp >= 3.12
     from gateway.client.httpx import L402Auth              # pip install 'l402-gateway[httpx]'
     from gateway.lnd.client import LndClient
 
@@ -14,7 +14,7 @@
             budget=Budget(max_price_msat=50_000, max_fee_msat=5_000, max_total_msat=1_000_000),
             cache=TokenCache("~/.cache/l402-gateway/tokens.json"),  # or TokenCache(): memory
         )
-        async with aiohttp.ClientSession(middlewares=[L402Middleware(client)]) as session:
+        async with aiohttp.ClientSession(middlewares=[L402PayingMiddleware(client)]) as session:
             ...
         async with httpx.AsyncClient(auth=L402Auth(client)) as http:
             ...
@@ -23,9 +23,9 @@
 On a 402 with an L402 (or LSAT) challenge the client parses it, decodes the BOLT11 invoice
 and checks it (:mod:`~gateway.client.offer`), checks the budget
 (:mod:`~gateway.client.budget`), records a pending payment durably, pays through the
-payer, stores the token (:mod:`~gateway.client.cache`, which also says which later requests
-reuse it) and retries the request once. Every refusal before paying raises an error of
-:mod:`~gateway.errors` and pays nothing.
+payer, stores the token (:mod:`~gateway.client.cache`; :mod:`~gateway.client.tokens` says
+which later requests reuse it) and retries the request once. Every refusal before paying
+raises an error of :mod:`~gateway.client.errors` and pays nothing.
 
 This package imports only :mod:`gateway.l402`, :mod:`gateway.ports` and
 :mod:`gateway.errors` (plus ``bolt11``); the aiohttp and httpx integrations are separate
@@ -35,17 +35,9 @@ modules, so neither library is needed unless its integration is imported.
 from __future__ import annotations
 
 from gateway.client.budget import DEFAULT_MIN_FEE_MSAT, Budget
-from gateway.client.cache import CachedToken, PendingPayment, TokenCache
+from gateway.client.cache import TokenCache
 from gateway.client.core import Confirm, Exchange, L402Client, Retry, SpendEntry, SystemClock
-from gateway.client.offer import (
-    NETWORKS,
-    DecodedInvoice,
-    Offer,
-    decode_invoice,
-    has_l402_challenge,
-    read_offer,
-)
-from gateway.errors import (
+from gateway.client.errors import (
     BudgetExceeded,
     ChallengeError,
     ClientError,
@@ -55,6 +47,15 @@ from gateway.errors import (
     PaymentUnverified,
     TokenCacheError,
 )
+from gateway.client.offer import (
+    NETWORKS,
+    DecodedInvoice,
+    Offer,
+    decode_invoice,
+    has_l402_challenge,
+    read_offer,
+)
+from gateway.client.tokens import CachedToken, PendingPayment
 
 __all__ = [
     "DEFAULT_MIN_FEE_MSAT",

@@ -1,17 +1,17 @@
 """The paying client as an aiohttp client middleware (aiohttp >= 3.12)::
 
     from gateway.client import Budget, L402Client, TokenCache
-    from gateway.client.aiohttp import L402Middleware
+    from gateway.client.aiohttp import L402PayingMiddleware
 
     client = L402Client(lnd, network="regtest", budget=Budget(max_price_msat=50_000),
                         cache=TokenCache("~/.cache/l402-gateway/tokens.json"))
-    async with aiohttp.ClientSession(middlewares=[L402Middleware(client)]) as session:
+    async with aiohttp.ClientSession(middlewares=[L402PayingMiddleware(client)]) as session:
         async with session.get("https://api.example/premium/fortune") as response:
             ...  # 200 after paying once; later requests reuse the token
 
 A request that already carries an ``Authorization`` header is passed through untouched. A
 retried request is sent with the same body, so bodies must be replayable (bytes, str, form
-data, JSON; not a one-shot stream). Errors of :mod:`gateway.errors` (and the payer's)
+data, JSON; not a one-shot stream). Errors of :mod:`gateway.client.errors` (and the payer's)
 propagate out of the ``session.get(...)`` call.
 """
 
@@ -24,10 +24,10 @@ from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, hdrs
 
 from gateway.client.core import L402Client
 
-__all__ = ["L402Middleware", "l402_session"]
+__all__ = ["L402PayingMiddleware", "l402_session"]
 
 
-class L402Middleware:
+class L402PayingMiddleware:
     """An aiohttp client middleware that pays L402 challenges through ``client``."""
 
     def __init__(self, client: L402Client) -> None:
@@ -36,7 +36,7 @@ class L402Middleware:
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         if hdrs.AUTHORIZATION in request.headers:
             return await handler(request)
-        exchange = self.client.exchange(str(request.url), request.method)
+        exchange = await self.client.exchange(str(request.url), request.method)
         authorization = exchange.authorization
         while True:
             if authorization is None:
@@ -60,6 +60,7 @@ class L402Middleware:
 
 
 def l402_session(client: L402Client, **kwargs: Any) -> aiohttp.ClientSession:
-    """An ``aiohttp.ClientSession`` with :class:`L402Middleware` first among its middlewares."""
-    middlewares = (L402Middleware(client), *kwargs.pop("middlewares", ()))
+    """An ``aiohttp.ClientSession`` with :class:`L402PayingMiddleware` first among its
+    middlewares."""
+    middlewares = (L402PayingMiddleware(client), *kwargs.pop("middlewares", ()))
     return aiohttp.ClientSession(middlewares=middlewares, **kwargs)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.client.errors import BudgetExceeded
 from gateway.client.offer import Offer
-from gateway.errors import BudgetExceeded
 
 __all__ = ["DEFAULT_MIN_FEE_MSAT", "Budget"]
 

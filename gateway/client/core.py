@@ -2,7 +2,7 @@
 
 An HTTP integration drives one :class:`Exchange` per request::
 
-    exchange = client.exchange(url, method)
+    exchange = await client.exchange(url, method)
     authorization = exchange.authorization        # a cached token, or None
     while True:
         send the request (with ``Authorization: <authorization>`` when not None)
@@ -41,16 +41,11 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from gateway.client.budget import Budget
-from gateway.client.cache import (
-    CachedToken,
-    PendingPayment,
-    TokenCache,
-    new_token,
-    scope_of,
-    split_url,
-)
+from gateway.client.cache import TokenCache
+from gateway.client.errors import PaymentDeclined, PaymentInFlight, PaymentUnverified
 from gateway.client.offer import Offer, has_l402_challenge, normalize_network, read_offer
-from gateway.errors import PaymentDeclined, PaymentFailed, PaymentInFlight, PaymentUnverified
+from gateway.client.tokens import CachedToken, PendingPayment, new_token, scope_of, split_url
+from gateway.errors import PaymentFailed
 from gateway.ports import Clock, Msat, Payer, Payment, PaymentHash, PaymentStatus, SystemClock
 
 __all__ = ["Confirm", "Exchange", "L402Client", "Retry", "SpendEntry", "SystemClock"]
@@ -136,8 +131,10 @@ class L402Client:
         """Prices plus fees of :attr:`spending_log`: what counts against the total budget."""
         return self._spent
 
-    def exchange(self, url: str, method: str) -> Exchange:
-        return Exchange(self, url, method)
+    async def exchange(self, url: str, method: str) -> Exchange:
+        """Start the L402 side of one request, with the cached token for it if there is one."""
+        cached = await self.cache.find(url, method, self.clock.now())
+        return Exchange(self, url, method, cached)
 
     async def recover(self) -> list[SpendEntry]:
         """Resolve every pending payment now; the spending log entries of those that succeeded.
@@ -146,7 +143,7 @@ class L402Client:
         interrupted; :meth:`authorize` does it anyway for the origin it pays.
         """
         before = len(self._log)
-        for entry in self.cache.pending():
+        for entry in await self.cache.pending():
             await self._resolve(entry)
         return self._log[before:]
 
@@ -167,7 +164,7 @@ class L402Client:
         lock = self._locks.setdefault(origin, asyncio.Lock())
         async with lock:
             await self._resolve_origin(origin, url)
-            token = self.cache.find(url, method, self.clock.now())
+            token = await self.cache.find(url, method, self.clock.now())
             if token is not None and token.payment_hash not in exclude:
                 return token, None
             offer = read_offer(www_authenticate, body, network=self.network, now=self.clock.now())
@@ -181,7 +178,7 @@ class L402Client:
         while True:
             waiting = [
                 entry
-                for entry in self.cache.pending(origin)
+                for entry in await self.cache.pending(origin)
                 if await self._resolve(entry) is _IN_FLIGHT and entry.covers(url)
             ]
             if not waiting:
@@ -202,11 +199,11 @@ class L402Client:
             log.info(
                 "pending payment %s did not go through; dropped", entry.payment_hash.hex()[:16]
             )
-            self.cache.drop_pending(entry.payment_hash)
+            await self.cache.drop_pending(entry.payment_hash)
             return None
         if payment.status is PaymentStatus.SUCCEEDED:
             log.info("pending payment %s had succeeded; token kept", entry.payment_hash.hex()[:16])
-            return self._finish(entry, payment, recovered=True)
+            return await self._finish(entry, payment, recovered=True)
         return _IN_FLIGHT
 
     async def _pay(self, url: str, method: str, offer: Offer) -> tuple[CachedToken, SpendEntry]:
@@ -238,7 +235,7 @@ class L402Client:
             description=offer.description,
             created_at=self.clock.now(),
         )
-        self.cache.add_pending(entry)  # durable before a single msat moves
+        await self.cache.add_pending(entry)  # durable before a single msat moves
         log.info(
             "paying %d msat (fee up to %d) to %s for %s%s",
             offer.amount_msat,
@@ -252,12 +249,12 @@ class L402Client:
                 offer.invoice, max_fee_msat=Msat(fee_limit), payment_timeout=self.payment_timeout
             )
         except PaymentFailed:
-            self.cache.drop_pending(offer.payment_hash)  # final: nothing was paid
+            await self.cache.drop_pending(offer.payment_hash)  # final: nothing was paid
             raise
         # Any other error leaves the outcome unknown: the entry stays for _resolve.
-        return self._finish(entry, payment, recovered=False)
+        return await self._finish(entry, payment, recovered=False)
 
-    def _finish(
+    async def _finish(
         self, entry: PendingPayment, payment: Payment, *, recovered: bool
     ) -> tuple[CachedToken, SpendEntry]:
         preimage = payment.preimage
@@ -266,7 +263,7 @@ class L402Client:
             or preimage is None
             or hashlib.sha256(preimage).digest() != entry.payment_hash
         ):
-            self.cache.drop_pending(entry.payment_hash)
+            await self.cache.drop_pending(entry.payment_hash)
             raise PaymentUnverified(
                 f"payer reported payment {entry.payment_hash.hex()} as {payment.status.value} "
                 "without the matching preimage"
@@ -275,7 +272,7 @@ class L402Client:
         token = new_token(
             entry.url, entry.scheme, entry.macaroon_b64, preimage, entry.amount_msat, now
         )
-        self.cache.store(token, now)
+        await self.cache.store(token, now)
         amount = payment.amount_msat or entry.amount_msat
         spend = SpendEntry(
             time=now,
@@ -296,11 +293,13 @@ class L402Client:
 class Exchange:
     """The L402 side of one HTTP request (see the module docstring for the loop)."""
 
-    def __init__(self, client: L402Client, url: str, method: str) -> None:
+    def __init__(
+        self, client: L402Client, url: str, method: str, cached: CachedToken | None
+    ) -> None:
         self._client = client
         self._url = url
         self._method = method.upper()
-        self._sent = client.cache.find(url, self._method, client.clock.now())
+        self._sent = cached
         self._tried: set[bytes] = set()
         self._paid = False
         self._authorizations = 0
@@ -328,11 +327,11 @@ class Exchange:
         sent, self._sent = self._sent, None
         if status not in (401, 402):
             if sent is not None and status < 400:
-                client.cache.worked(sent.payment_hash, self._url)
+                await client.cache.worked(sent.payment_hash, self._url)
             return None
         if sent is not None:
             self._tried.add(sent.payment_hash)
-            client.cache.refused(sent.payment_hash, self._url, status)
+            await client.cache.refused(sent.payment_hash, self._url, status)
         if status == 402 and has_l402_challenge(www_authenticate):
             if self._paid or self._authorizations >= 2:
                 return None

@@ -45,7 +45,7 @@ class L402Auth(httpx.Auth):
         if "Authorization" in request.headers:
             yield request
             return
-        exchange = self.client.exchange(str(request.url), request.method)
+        exchange = await self.client.exchange(str(request.url), request.method)
         authorization = exchange.authorization
         while True:
             if authorization is None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import bolt11
 
 from gateway import l402
-from gateway.errors import ChallengeError, InvoiceRejected
+from gateway.client.errors import ChallengeError, InvoiceRejected
 
 __all__ = [
     "NETWORKS",

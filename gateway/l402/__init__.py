@@ -16,7 +16,7 @@ from .caveats import (
     services_caveat,
     valid_until_caveat,
 )
-from .errors import L402Error, MalformedToken, TokenInsufficient, TokenRejected
+from .errors import ChallengeReason, L402Error, MalformedToken, TokenInsufficient, TokenRejected
 from .header import (
     MAX_AUTHORIZATION_CHARS,
     Challenge,
@@ -38,6 +38,7 @@ __all__ = [
     "MAX_MACAROON_BYTES",
     "Caveat",
     "Challenge",
+    "ChallengeReason",
     "Credential",
     "GrantedScope",
     "Identifier",

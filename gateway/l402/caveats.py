@@ -48,7 +48,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from .errors import MalformedToken, TokenInsufficient, TokenRejected
+from .errors import ChallengeReason, MalformedToken, TokenInsufficient, TokenRejected
 
 __all__ = [
     "Caveat",
@@ -156,7 +156,7 @@ def check_caveats(
         if key == SERVICES:
             listed = _tier_for(caveat.value, service)
             if listed is None:
-                raise TokenInsufficient("token is not valid for this service")
+                raise TokenInsufficient(ChallengeReason.OTHER_SERVICE)
             tier = listed if tier is None else min(tier, listed)
             continue
         if key == PREIMAGE:
@@ -181,13 +181,13 @@ def check_caveats(
     if tier is None:
         raise TokenRejected("token has no services caveat")
     if valid_until is not None and valid_until <= now:
-        raise TokenInsufficient("token expired")
+        raise TokenInsufficient(ChallengeReason.EXPIRED)
     if not method_ok:
-        raise TokenInsufficient("method not allowed by token")
+        raise TokenInsufficient(ChallengeReason.METHOD_NOT_ALLOWED)
     if not path_ok:
-        raise TokenInsufficient("path not allowed by token")
+        raise TokenInsufficient(ChallengeReason.PATH_NOT_ALLOWED)
     if capabilities is not None and not request.required_capabilities <= capabilities:
-        raise TokenInsufficient("token lacks a required capability")
+        raise TokenInsufficient(ChallengeReason.MISSING_CAPABILITY)
     return GrantedScope(service, tier, capabilities, valid_until)
 
 

@@ -1,4 +1,4 @@
-"""Errors of the L402 protocol layer.
+"""Errors of the L402 protocol layer (drawn with the rest in :mod:`gateway.errors`).
 
 ::
 
@@ -6,7 +6,8 @@
     ├── MalformedToken   cannot be parsed: base64, macaroon bytes, identifier, header grammar
     └── TokenRejected    parsed, but not acceptable: signature, preimage, unknown caveats
         └── TokenInsufficient  genuine, but not enough for this request: expired, another
-                               service, a missing capability, a path or method outside it
+                               service, a missing capability, a path or method outside it;
+                               its ``reason`` is a ``ChallengeReason``
 
 Reasons never contain secrets (root keys, preimages, signatures) nor echo attacker-supplied
 text, so callers may return them to the client verbatim.
@@ -14,7 +15,22 @@ text, so callers may return them to the client verbatim.
 
 from __future__ import annotations
 
-__all__ = ["L402Error", "MalformedToken", "TokenInsufficient", "TokenRejected"]
+import enum
+
+__all__ = ["ChallengeReason", "L402Error", "MalformedToken", "TokenInsufficient", "TokenRejected"]
+
+
+class ChallengeReason(enum.StrEnum):
+    """Why a request is answered with a payment challenge (402): it carries no credential,
+    or a genuine token that does not cover it (the ``reason`` of ``TokenInsufficient``)."""
+
+    PAYMENT_REQUIRED = "payment required"
+    EXPIRED = "token expired"
+    OTHER_SERVICE = "token is not valid for this service"
+    METHOD_NOT_ALLOWED = "method not allowed by token"
+    PATH_NOT_ALLOWED = "path not allowed by token"
+    MISSING_CAPABILITY = "token lacks a required capability"
+    TIER_TOO_LOW = "token tier is too low"
 
 
 class L402Error(Exception):
@@ -37,3 +53,9 @@ class TokenRejected(L402Error):
 
 class TokenInsufficient(TokenRejected):
     """The token is valid but does not cover this request; a fresh payment would."""
+
+    reason: ChallengeReason
+
+    def __init__(self, reason: ChallengeReason) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -18,6 +18,7 @@ URL. ``sqlite://host/...`` forms are rejected rather than guessed at.
 
 from __future__ import annotations
 
+from gateway.config import store_location
 from gateway.errors import SchemaVersionError, StoreClosed, StoreError
 from gateway.ports import Store
 from gateway.store.memory import MemoryStore
@@ -32,35 +33,12 @@ __all__ = [
     "open_store",
 ]
 
-SUPPORTED_URLS = "memory:, sqlite:///absolute/path.db or sqlite:relative/path.db"
 
-
-async def open_store(url: str) -> Store:
-    """Open the store ``url`` names (forms in the module docstring); ``ValueError`` if none."""
-    scheme, colon, rest = url.partition(":")
-    scheme = scheme.lower()
-    if not colon:
-        raise ValueError(f"store URL {url!r} has no scheme; supported: {SUPPORTED_URLS}")
-    if scheme == "memory":
-        if rest:
-            raise ValueError(f"store URL {url!r}: 'memory:' takes nothing after the colon")
-        return MemoryStore()
-    if scheme == "sqlite":
-        return await SqliteStore.open(_sqlite_path(url, rest))
-    if scheme in ("postgres", "postgresql"):
-        raise ValueError(
-            f"store URL {url!r}: PostgreSQL is not supported yet; supported: {SUPPORTED_URLS}"
-        )
-    raise ValueError(f"store URL {url!r} has an unknown scheme; supported: {SUPPORTED_URLS}")
-
-
-def _sqlite_path(url: str, rest: str) -> str:
-    if rest.startswith("//"):
-        if not rest.startswith("///") or rest == "///":
-            raise ValueError(
-                f"store URL {url!r}: use sqlite:///absolute/path.db or sqlite:relative/path.db"
-            )
-        return rest[2:]  # keep the third slash: it starts the absolute path
-    if not rest:
-        raise ValueError(f"store URL {url!r} names no file; supported: {SUPPORTED_URLS}")
-    return rest
+async def open_store(url: str, *, read_only: bool = False) -> Store:
+    """Open the store ``url`` names (forms in the module docstring, parsed by
+    ``gateway.config.store_location``); ``ValueError`` if none. ``read_only`` opens an
+    existing SQLite database for reading only (``SqliteStore.open``)."""
+    kind, path = store_location(url)
+    if kind == "sqlite" and path is not None:
+        return await SqliteStore.open(path, read_only=read_only)
+    return MemoryStore()

@@ -22,7 +22,6 @@ credential when the request has no L402 ``Authorization``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from aiohttp import hdrs, web
@@ -30,14 +29,15 @@ from aiohttp.typedefs import Middleware
 
 from gateway.service import (
     Allow,
-    Challenge,
     Decision,
     Deny,
     L402Service,
     PaidToken,
+    PaymentChallenge,
     RequestInfo,
-    l402_cookie_values,
 )
+from gateway.web import GatewayFactory
+from gateway.web.cookies import headers_for_pricing, l402_cookie_values
 from gateway.web.method_override import OVERRIDE_HEADERS, method_overrides
 from gateway.web.paywall import MAX_REDEEM_BODY, REDEEM_PATH, handle_redeem, render_challenge
 from gateway.web.responses import HttpResponse, client_address
@@ -45,7 +45,6 @@ from gateway.web.responses import HttpResponse, client_address
 TOKEN = web.RequestKey("l402_token", PaidToken)
 _AUTHORIZATION = hdrs.AUTHORIZATION
 
-GatewayFactory = Callable[[], AbstractAsyncContextManager[L402Service]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Expect = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
@@ -71,7 +70,7 @@ def request_info(request: web.BaseRequest, trust_forwarded_for: bool) -> Request
         ),
         authorization=tuple(request.headers.getall(hdrs.AUTHORIZATION, ())),
         query=request.query_string,
-        headers=tuple(request.headers.items()),
+        headers=headers_for_pricing(request.headers.items()),
         cookies=l402_cookie_values(request.headers.getall(hdrs.COOKIE, ())),
         method_overrides=_method_overrides(request),
     )
@@ -149,7 +148,7 @@ async def _decide(
     return cached or await service.authorize(request_info(request, trust_forwarded_for))
 
 
-def _refusal(request: web.Request, decision: Challenge | Deny) -> web.Response:
+def _refusal(request: web.Request, decision: PaymentChallenge | Deny) -> web.Response:
     accept = ",".join(request.headers.getall(hdrs.ACCEPT, ())) or None
     return _response(render_challenge(decision, method=request.method, accept=accept))
 

@@ -1,26 +1,29 @@
 """ASGI integration: a middleware that puts a Lightning price on any ASGI application
 (FastAPI, Starlette, Litestar, a bare ASGI callable, ...).
 
-Usage with FastAPI::
+Usage with FastAPI (or Starlette: ``Starlette(routes=..., lifespan=...)``)::
 
     from fastapi import FastAPI, Request
 
-    from gateway.cli import running_gateway
     from gateway.config import load_config
-    from gateway.web.asgi import L402Middleware
+    from gateway.runtime import running_gateway
+    from gateway.web.asgi import L402Middleware, l402_lifespan
 
     config = load_config("gateway.toml")
-    app = FastAPI()
-    app.add_middleware(L402Middleware, gateway=lambda: running_gateway(config))
+    app = FastAPI(lifespan=l402_lifespan(lambda: running_gateway(config)))
+    app.add_middleware(L402Middleware)
 
     @app.get("/weather")
     async def weather(request: Request) -> dict[str, object]:
         token = request.state.l402_token  # PaidToken on a priced route, None on a free one
         return {"paid_msat": token.amount_msat if token else 0}
 
-Any other ASGI application is wrapped directly:
-``app = L402Middleware(app, lambda: running_gateway(config))``. Plain ASGI, no framework is
-imported here; the server must run on asyncio when the gateway does (LND's gRPC client).
+``l402_lifespan(factory, lifespan=own)`` wraps the application's own lifespan, if it has one.
+Any other ASGI application is wrapped with the gateway factory, and the middleware then opens
+the gateway on the server's lifespan events itself:
+``app = L402Middleware(app, lambda: running_gateway(config))`` (see
+:mod:`gateway.web.asgi_lifespan`). Plain ASGI, no framework is imported here; the server must
+run on asyncio when the gateway does (LND's gRPC client).
 
 **Requests.** Each HTTP request is described to ``L402Service.authorize`` by its method, its
 ``scope["path"]`` (percent-decoded, as the application sees it; it includes ``root_path``),
@@ -37,16 +40,6 @@ challenges for ``L402`` and ``LSAT``, 401 for an invalid credential, 429 or 503 
 the paywall page (:mod:`gateway.web.paywall`); the middleware answers ``POST
 <root_path>/.well-known/l402/redeem`` itself, and accepts the ``L402`` cookie it sets as the
 credential when a request has no L402 ``Authorization``.
-
-**Lifespan.** The gateway (LND channel, store, settlement watcher) is opened on
-``lifespan.startup``, *before* the application's own startup runs, and closed on
-``lifespan.shutdown``, *after* the application's own shutdown; lifespan events still reach
-the application. If the gateway cannot be opened, the server gets ``lifespan.startup.failed``
-with the reason (uvicorn logs it and exits) and the application's startup never runs; if the
-application's startup fails, the gateway is closed again. An application that does not
-handle lifespan at all (raises or returns on that scope without receiving) is fine: the
-middleware then answers the lifespan protocol by itself. One lifespan at a time per
-middleware instance.
 
 **Lifespan off.** Without lifespan events (``uvicorn --lifespan off``, or a server without
 lifespan support) the gateway is never opened, so every HTTP request, on free routes too
@@ -68,17 +61,34 @@ through untouched.
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from contextlib import AbstractAsyncContextManager
 from http import HTTPStatus
 from typing import Any, Final
 
-from gateway.service import Allow, Challenge, Deny, L402Service, RequestInfo, l402_cookie_values
+from gateway.service import Allow, Deny, L402Service, PaymentChallenge, RequestInfo
+from gateway.web import GatewayFactory
+from gateway.web.asgi_lifespan import SERVICE_STATE_KEY, LifespanRelay, l402_lifespan
+from gateway.web.cookies import headers_for_pricing, l402_cookie_values
 from gateway.web.method_override import OVERRIDE_HEADERS, method_overrides
 from gateway.web.paywall import MAX_REDEEM_BODY, REDEEM_PATH, handle_redeem, render_challenge
 from gateway.web.responses import HttpResponse, client_address, render
+
+__all__ = [
+    "DENIAL_RESPONSE_EXTENSION",
+    "NOT_STARTED",
+    "SERVICE_STATE_KEY",
+    "STATE_KEY",
+    "ASGIApp",
+    "GatewayFactory",
+    "L402Middleware",
+    "Message",
+    "Receive",
+    "Scope",
+    "Send",
+    "l402_lifespan",
+    "request_info",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +98,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-GatewayFactory = Callable[[], AbstractAsyncContextManager[L402Service]]
 
 STATE_KEY: Final = "l402_token"
 DENIAL_RESPONSE_EXTENSION: Final = "websocket.http.response"
@@ -109,7 +117,7 @@ def request_info(scope: Scope, trust_forwarded_for: bool = False) -> RequestInfo
         client=_client(scope, trust_forwarded_for),
         authorization=authorization,
         query=scope.get("query_string", b"").decode("latin-1"),
-        headers=headers,
+        headers=headers_for_pricing(headers),
         cookies=l402_cookie_values(value for name, value in headers if name.lower() == "cookie"),
         method_overrides=_method_overrides(scope),
     )
@@ -180,27 +188,31 @@ async def _send_response(send: Send, response: HttpResponse) -> None:
     await send({"type": "http.response.body", "body": response.body, "more_body": False})
 
 
-class _StartupFailed(Exception):
-    """The gateway could not be opened; raised into the application's ``receive()``."""
-
-
 class L402Middleware:
-    """Price an ASGI application's routes; ``gateway`` opens the service for its lifespan."""
+    """Price an ASGI application's routes.
+
+    Without ``gateway``, the service comes from the lifespan state that :func:`l402_lifespan`
+    fills in; with it, the middleware opens the gateway on the lifespan events itself.
+    """
 
     def __init__(
-        self, app: ASGIApp, gateway: GatewayFactory, *, trust_forwarded_for: bool = False
+        self,
+        app: ASGIApp,
+        gateway: GatewayFactory | None = None,
+        *,
+        trust_forwarded_for: bool = False,
     ) -> None:
         self.app = app
-        self._gateway = gateway
+        self._relay = None if gateway is None else LifespanRelay(gateway)
         self._trust_forwarded_for = trust_forwarded_for
-        self._service: L402Service | None = None
-        self._owner: _Lifespan | None = None  # the lifespan that opened (or opens) the gateway
         self._warned_not_started = False
 
     @property
     def service(self) -> L402Service | None:
-        """The running service (e.g. to revoke a token), or None outside the lifespan."""
-        return self._service
+        """The service the middleware opened itself (given ``gateway``), e.g. to revoke a
+        token; None outside the lifespan. With ``l402_lifespan`` it is in the lifespan state:
+        ``request.state.l402_service``."""
+        return None if self._relay is None else self._relay.service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -208,13 +220,19 @@ class L402Middleware:
             await self._http(scope, receive, send)
         elif kind == "websocket":
             await self._websocket(scope, receive, send)
-        elif kind == "lifespan":
-            await _Lifespan(self, send).run(scope, receive)
+        elif kind == "lifespan" and self._relay is not None:
+            await self._relay(self.app, scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
-    async def _decide(self, scope: Scope) -> Allow | Challenge | Deny:
-        service = self._service
+    def _service_for(self, scope: Scope) -> L402Service | None:
+        if self._relay is not None:
+            return self._relay.service
+        service: L402Service | None = (scope.get("state") or {}).get(SERVICE_STATE_KEY)
+        return service
+
+    async def _decide(self, scope: Scope) -> Allow | PaymentChallenge | Deny:
+        service = self._service_for(scope)
         if service is None:
             if not self._warned_not_started:
                 self._warned_not_started = True
@@ -265,7 +283,7 @@ class L402Middleware:
                     return
                 body = read
         response = await handle_redeem(
-            self._service,
+            self._service_for(scope),
             method=method,
             content_type=_header(scope, b"content-type"),
             fetch_site=_header(scope, b"sec-fetch-site"),
@@ -299,142 +317,3 @@ class L402Middleware:
             # Before accept: the server answers the handshake with HTTP 403.
             reason = f"{response.status} {HTTPStatus(response.status).phrase}"
             await send({"type": "websocket.close", "code": 1008, "reason": reason})
-
-
-class _Phase(enum.Enum):
-    IDLE = "waiting for lifespan.startup"
-    STARTING = "startup received, not yet reported"
-    STARTED = "startup reported complete"
-    STOPPING = "shutdown received, not yet reported"
-    DONE = "startup failure or shutdown reported"
-
-
-class _Lifespan:
-    """One ``lifespan`` scope: relays it to the application, opening and closing the gateway.
-
-    The application sees the server's messages through ``app_receive``/``app_send``. When it
-    stops taking part (returns early, or never handled lifespan), the rest of the protocol is
-    answered here, so the gateway is always closed on shutdown.
-    """
-
-    def __init__(self, middleware: L402Middleware, send: Send) -> None:
-        self._middleware = middleware
-        self._send = send
-        self._context: AbstractAsyncContextManager[L402Service] | None = None
-        self.phase = _Phase.IDLE
-
-    async def run(self, scope: Scope, receive: Receive) -> None:
-        async def app_receive() -> Message:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                self.phase = _Phase.STARTING
-                await self._start()  # raises _StartupFailed into the application
-            elif message["type"] == "lifespan.shutdown":
-                self.phase = _Phase.STOPPING
-            return message
-
-        try:
-            await self._middleware.app(scope, app_receive, self._app_send)
-        except _StartupFailed as error:
-            if self.phase is _Phase.STARTING:  # the application did not report it
-                self.phase = _Phase.DONE
-                await self._send({"type": "lifespan.startup.failed", "message": str(error)})
-            return
-        except Exception as error:
-            if self.phase is _Phase.IDLE:
-                log.debug("the application does not handle lifespan (%r); answering it", error)
-                await self._answer_alone(receive)
-                return
-            await self._abandon(error)
-            raise
-        if self.phase is not _Phase.DONE:
-            await self._answer_alone(receive)
-
-    async def _app_send(self, message: Message) -> None:
-        kind = message["type"]
-        if kind == "lifespan.startup.complete":
-            self.phase = _Phase.STARTED
-        elif kind == "lifespan.startup.failed":
-            self.phase = _Phase.DONE
-            await self._stop()  # no shutdown follows a failed startup
-        elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-            self.phase = _Phase.DONE
-            problem = await self._stop()
-            if problem is not None and kind == "lifespan.shutdown.complete":
-                message = {"type": "lifespan.shutdown.failed", "message": problem}
-        await self._send(message)
-
-    async def _answer_alone(self, receive: Receive) -> None:
-        """Finish the protocol without the application (it returned, or has no lifespan)."""
-        if self.phase is _Phase.STARTING:
-            self.phase = _Phase.STARTED
-            await self._send({"type": "lifespan.startup.complete"})
-        while self.phase is not _Phase.STOPPING:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self._start()
-                except _StartupFailed as error:
-                    await self._send({"type": "lifespan.startup.failed", "message": str(error)})
-                    return
-                self.phase = _Phase.STARTED
-                await self._send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                self.phase = _Phase.STOPPING
-        self.phase = _Phase.DONE
-        problem = await self._stop()
-        if problem is None:
-            await self._send({"type": "lifespan.shutdown.complete"})
-        else:
-            await self._send({"type": "lifespan.shutdown.failed", "message": problem})
-
-    async def _abandon(self, error: Exception) -> None:
-        """The application raised mid-lifespan: close the gateway, report the open phase.
-
-        After a completed startup there is nothing to report; the server learns of the
-        error from the exception (uvicorn logs it) and requests get 503 from then on.
-        """
-        phase, self.phase = self.phase, _Phase.DONE
-        await self._stop()
-        if phase is _Phase.STARTING:
-            message = f"application startup failed: {error!r}"
-            await self._send({"type": "lifespan.startup.failed", "message": message})
-        elif phase is _Phase.STOPPING:
-            message = f"application shutdown failed: {error!r}"
-            await self._send({"type": "lifespan.shutdown.failed", "message": message})
-
-    async def _start(self) -> None:
-        middleware = self._middleware
-        if middleware._owner is not None:
-            raise _StartupFailed("L402 gateway is already started by another lifespan")
-        middleware._owner = self
-        context = middleware._gateway()
-        try:
-            service = await context.__aenter__()
-        except Exception as error:
-            middleware._owner = None
-            log.exception("L402 gateway failed to start")
-            raise _StartupFailed(f"L402 gateway failed to start: {error!r}") from error
-        except BaseException:
-            middleware._owner = None
-            raise
-        self._context = context
-        middleware._service = service
-        log.info("L402 gateway started")
-
-    async def _stop(self) -> str | None:
-        """Close the gateway if this lifespan opened it; the reason if closing failed."""
-        context, self._context = self._context, None
-        if context is None:
-            return None
-        middleware = self._middleware
-        middleware._service = None
-        try:
-            await context.__aexit__(None, None, None)
-        except Exception as error:
-            log.exception("L402 gateway failed to stop cleanly")
-            return f"L402 gateway failed to stop: {error!r}"
-        finally:
-            middleware._owner = None
-        log.info("L402 gateway stopped")
-        return None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from gateway import l402
-from gateway.service import Challenge, Deny, PaidToken
+from gateway.service import Deny, PaidToken, PaymentChallenge
 
 # The realm of a 401's challenge when the decision names none (the default location).
 DEFAULT_REALM = "l402-gateway"
@@ -21,13 +21,13 @@ class HttpResponse:
     body: bytes
 
 
-def render(decision: Challenge | Deny) -> HttpResponse:
+def render(decision: PaymentChallenge | Deny) -> HttpResponse:
     """A problem+json response (RFC 9457) with the WWW-Authenticate headers the status needs.
 
     A 402 carries the L402 and LSAT challenges. A 401 carries a parameter-only challenge
     (RFC 9110 requires one), never an invoice: an invalid credential must not mint invoices.
     """
-    status = 402 if isinstance(decision, Challenge) else decision.status
+    status = 402 if isinstance(decision, PaymentChallenge) else decision.status
     problem: dict[str, object] = {
         "type": "about:blank",
         "title": HTTPStatus(status).phrase,
@@ -35,7 +35,7 @@ def render(decision: Challenge | Deny) -> HttpResponse:
         "detail": decision.reason,
     }
     headers = [("Content-Type", "application/problem+json"), ("Cache-Control", "no-store")]
-    if isinstance(decision, Challenge):
+    if isinstance(decision, PaymentChallenge):
         problem.update(
             invoice=decision.invoice,
             macaroon=decision.macaroon,

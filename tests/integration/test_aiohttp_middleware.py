@@ -14,25 +14,14 @@ from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from gateway import l402
 from gateway.examples import demo_api
-from gateway.ports import Msat
-from gateway.pricing import Rule
 from gateway.service import PaidToken, RateLimiter
-from gateway.web.aiohttp import TOKEN, _ServiceSlot, l402_middleware, setup_l402
+from gateway.web.aiohttp import TOKEN, setup_l402
+from tests.demo_rules import HEALTH, PREMIUM_READ, QUOTE
 from tests.fakes import FakeGateway
 
 FORTUNE = "/api/premium/fortune"
 PROBLEM_JSON = "application/problem+json"
-RULES = (
-    Rule("/health"),
-    Rule(
-        "/api/premium/*",
-        methods=frozenset({"GET"}),
-        price_msat=Msat(10_000),
-        service="premium",
-        capabilities=frozenset({"read"}),
-    ),
-    Rule("/api/quote", price_msat=Msat(2_000), service="quotes"),
-)
+RULES = (HEALTH, PREMIUM_READ, QUOTE)
 
 
 async def whoami(request: web.Request) -> web.Response:
@@ -273,12 +262,14 @@ async def test_handler_errors_pass_through(gateway: FakeGateway) -> None:
         assert await response.json(content_type=None) == {"why": "busy"}
 
 
-async def test_503_problem_before_the_gateway_has_started() -> None:
+async def test_503_problem_before_the_gateway_has_started(gateway: FakeGateway) -> None:
     async def handler(_request: web.Request) -> web.StreamResponse:
         raise AssertionError("must not run")
 
-    middleware = l402_middleware(_ServiceSlot(), trust_forwarded_for=False)
-    response = await middleware(make_mocked_request("GET", FORTUNE), handler)
+    app = web.Application()
+    setup_l402(app, gateway)
+    (middleware,) = app.middlewares  # the application has not started: no gateway yet
+    response = await middleware(make_mocked_request("GET", FORTUNE, app=app), handler)
     assert response.status == 503
     assert response.content_type == PROBLEM_JSON
     assert response.headers["Retry-After"] == "1"

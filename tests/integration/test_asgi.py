@@ -1,37 +1,24 @@
-"""The ASGI middleware in front of real Starlette and FastAPI apps, served by a real uvicorn on
-a loopback port, over the fake invoice backend and the memory store."""
+"""The ASGI middleware's answers to requests and WebSocket handshakes: a real Starlette app
+served by a real uvicorn on a loopback port, over the fake invoice backend and the memory
+store, with the gateway opened either way (by the middleware itself, or by ``l402_lifespan``).
+Its lifespan handling: test_asgi_lifespan.py."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
-import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 import pytest
 import pytest_asyncio
-import uvicorn
-from fastapi import FastAPI
-from fastapi import Request as FastAPIRequest
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket
-from uvicorn.lifespan.on import LifespanOn
+from starlette.middleware import Middleware
 
-from gateway import errors, l402
-from gateway.ports import Msat
-from gateway.pricing import Pricing, Rule
-from gateway.service import L402Service, PaidToken, RateLimiter
-from gateway.store import MemoryStore
+from gateway import l402
+from gateway.service import L402Service
 from gateway.web.asgi import (
     DENIAL_RESPONSE_EXTENSION,
-    NOT_STARTED,
     STATE_KEY,
     ASGIApp,
     GatewayFactory,
@@ -40,105 +27,22 @@ from gateway.web.asgi import (
     Receive,
     Scope,
     Send,
+    l402_lifespan,
     request_info,
 )
-from tests.fakes import FakeClock, FakeInvoiceBackend
-
-PRICE = Msat(21_000)
-PROBLEM_JSON = "application/problem+json"
-RULES = (
-    Rule(pattern="/free"),
-    Rule(pattern="/ws/free"),
-    Rule(pattern="/paid/*", price_msat=PRICE, service="weather"),
-    Rule(pattern="/ws/paid", price_msat=PRICE, service="weather"),
+from tests.integration.asgi_helpers import (
+    BURST,
+    PRICE,
+    PROBLEM_JSON,
+    ROUTES,
+    Harness,
+    starlette_app,
+    uvicorn_serving,
 )
-# The fake clock never moves, so a client's bucket never refills: burst is all it gets.
-BURST = 3
+
 # Tells the test-only shim in front of the middleware to hide the WebSocket Denial Response
 # extension, as a server without it would.
 NO_DENIAL_HEADER = "x-test-no-denial-response"
-
-
-@dataclass
-class Harness:
-    """The fake node and store behind one gateway, and a log of lifespan events."""
-
-    clock: FakeClock = field(default_factory=FakeClock)
-    store: MemoryStore = field(default_factory=MemoryStore)
-    events: list[str] = field(default_factory=list)
-    fail_on_enter: bool = False
-    fail_on_exit: bool = False
-    backend: FakeInvoiceBackend = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.backend = FakeInvoiceBackend(self.clock)
-
-    @contextlib.asynccontextmanager
-    async def gateway(self) -> AsyncIterator[L402Service]:
-        if self.fail_on_enter:
-            raise errors.ConfigError("no such node")
-        self.events.append("gateway enter")
-        try:
-            yield L402Service(
-                pricing=Pricing(RULES),
-                backend=self.backend,
-                store=self.store,
-                clock=self.clock,
-                rate_limiter=RateLimiter(0.5, BURST, 1000, self.clock),
-            )
-        finally:
-            self.events.append("gateway exit")
-        if self.fail_on_exit:
-            raise errors.StoreError("could not flush")
-
-    async def credential(self, response: aiohttp.ClientResponse, scheme: str = "L402") -> str:
-        """Pay a 402 through the fake node; the Authorization value for the retry."""
-        challenge = l402.parse_challenge(response.headers.getall("WWW-Authenticate")[0])
-        problem = await response.json(content_type=PROBLEM_JSON)
-        preimage = self.backend.pay(bytes.fromhex(problem["payment_hash"]))
-        return f"{scheme} {challenge.macaroon_b64}:{preimage.hex()}"
-
-
-def _token_json(token: PaidToken | None) -> dict[str, Any] | None:
-    if token is None:
-        return None
-    return {
-        "token_id": token.token_id,
-        "payment_hash": token.payment_hash,
-        "service": token.service,
-        "amount_msat": token.amount_msat,
-    }
-
-
-def starlette_app(events: list[str], *, fail_startup: bool = False) -> Starlette:
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        if fail_startup:
-            raise RuntimeError("the app's own startup broke")
-        events.append("app startup")
-        yield
-        events.append("app shutdown")
-
-    async def handler(request: Request) -> JSONResponse:
-        return JSONResponse(
-            {"path": request.url.path, "token": _token_json(request.state.l402_token)}
-        )
-
-    async def websocket(socket: WebSocket) -> None:
-        await socket.accept()
-        await socket.send_json({"token": _token_json(socket.state.l402_token)})
-        await socket.close()
-
-    return Starlette(
-        routes=[
-            Route("/free", handler),
-            Route("/unpriced", handler),
-            Route("/paid/{name}", handler, methods=["GET", "POST"]),
-            WebSocketRoute("/ws/free", websocket),
-            WebSocketRoute("/ws/paid", websocket),
-        ],
-        lifespan=lifespan,
-    )
 
 
 def without_denial_response(app: ASGIApp) -> ASGIApp:
@@ -154,71 +58,33 @@ def without_denial_response(app: ASGIApp) -> ASGIApp:
     return shim
 
 
-@dataclass
-class Served:
-    server: uvicorn.Server
-    task: asyncio.Task[None]
-    url: str
-
-
-def _server(app: ASGIApp, lifespan: Literal["on", "off", "auto"]) -> uvicorn.Server:
-    return uvicorn.Server(
-        uvicorn.Config(
-            app,
-            lifespan=lifespan,
-            http="h11",
-            ws="wsproto",
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=5,
-        )
-    )
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    app: ASGIApp, lifespan: Literal["on", "off", "auto"] = "on"
-) -> AsyncIterator[Served]:
-    """Run uvicorn for real on a free loopback port until the block ends."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        server = _server(app, lifespan)
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        try:
-            async with asyncio.timeout(10):
-                while not server.started:
-                    if task.done():
-                        task.result()
-                        raise AssertionError("uvicorn stopped during startup")
-                    await asyncio.sleep(0.01)
-            yield Served(server, task, f"http://127.0.0.1:{port}")
-        finally:
-            server.should_exit = True
-            async with asyncio.timeout(10):
-                await task
-
-
-async def startup_fails(app: ASGIApp) -> bool:
-    """Drive uvicorn's own lifespan runner through startup (``Server.serve`` would call
-    ``sys.exit`` on a failed startup); True if uvicorn would exit."""
-    lifespan = LifespanOn(uvicorn.Config(app, lifespan="on", log_config=None))
-    await lifespan.startup()
-    if not lifespan.should_exit:
-        await lifespan.shutdown()
-    return lifespan.should_exit
+@pytest.fixture(scope="module", params=["middleware", "l402_lifespan"])
+def opened_by(request: pytest.FixtureRequest) -> str:
+    """Who opens the gateway: the middleware given the factory, or the app's lifespan."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def harness() -> Harness:
+def harness(opened_by: str) -> Harness:
+    """One per way (``opened_by``), so their invoices and rate limits stay apart."""
     return Harness()
 
 
 @pytest_asyncio.fixture(scope="module")
-async def base_url(harness: Harness) -> AsyncIterator[str]:
-    app = L402Middleware(starlette_app(harness.events), harness.gateway, trust_forwarded_for=True)
-    async with serving(without_denial_response(app)) as served:
-        yield served.url
+async def base_url(harness: Harness, opened_by: str) -> AsyncIterator[str]:
+    app: ASGIApp
+    if opened_by == "middleware":
+        app = L402Middleware(
+            starlette_app(harness.events), harness.gateway, trust_forwarded_for=True
+        )
+    else:
+        app = Starlette(
+            routes=ROUTES,
+            lifespan=l402_lifespan(harness.gateway),
+            middleware=[Middleware(L402Middleware, trust_forwarded_for=True)],
+        )
+    async with uvicorn_serving(without_denial_response(app)) as url:
+        yield url
 
 
 @pytest_asyncio.fixture
@@ -439,129 +305,6 @@ async def test_websocket_without_denial_extension_is_refused_with_403(
         assert await ws.receive_json() == {"token": None}
 
 
-# --- lifespan: each test runs its own server --------------------------------------------
-
-
-async def test_gateway_opens_before_and_closes_after_the_apps_own_lifespan_once() -> None:
-    harness = Harness()
-    app = L402Middleware(starlette_app(harness.events), harness.gateway)
-    async with serving(app) as served:
-        assert harness.events == ["gateway enter", "app startup"]
-        async with aiohttp.ClientSession() as http:
-            for _ in range(3):
-                async with http.get(f"{served.url}/paid/x") as response:
-                    assert response.status == 402
-        assert app.service is not None
-    assert harness.events == ["gateway enter", "app startup", "app shutdown", "gateway exit"]
-    assert app.service is None
-
-
-async def test_fastapi_add_middleware_and_request_state() -> None:
-    harness = Harness()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        harness.events.append("app startup")
-        yield
-        harness.events.append("app shutdown")
-
-    app = FastAPI(lifespan=lifespan)
-    app.add_middleware(L402Middleware, gateway=harness.gateway)
-
-    @app.get("/paid/{name}")
-    async def paid(name: str, request: FastAPIRequest) -> dict[str, Any]:
-        token: PaidToken = request.state.l402_token
-        return {"name": name, "token_id": token.token_id, "amount_msat": token.amount_msat}
-
-    async with serving(app) as served, aiohttp.ClientSession() as http:
-        async with http.get(f"{served.url}/paid/rain") as response:
-            assert response.status == 402
-            authorization = await harness.credential(response)
-        async with http.get(
-            f"{served.url}/paid/rain", headers={"Authorization": authorization}
-        ) as response:
-            assert response.status == 200
-            body = await response.json()
-    assert body["name"] == "rain"
-    assert body["amount_msat"] == PRICE
-    assert len(body["token_id"]) == 64
-    assert harness.events == ["gateway enter", "app startup", "app shutdown", "gateway exit"]
-
-
-async def test_app_without_lifespan_support_still_gets_the_gateway() -> None:
-    harness = Harness()
-
-    async def bare(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            raise RuntimeError(f"unsupported scope {scope['type']}")
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    async with serving(L402Middleware(bare, harness.gateway)) as served:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{served.url}/paid/x") as response:
-                assert response.status == 402
-            async with http.get(f"{served.url}/free") as response:
-                assert response.status == 204
-        assert harness.events == ["gateway enter"]
-    assert harness.events == ["gateway enter", "gateway exit"]
-
-
-async def test_gateway_startup_failure_is_reported_and_the_app_never_starts(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    harness = Harness(fail_on_enter=True)
-    with caplog.at_level(logging.INFO):
-        assert await startup_fails(L402Middleware(starlette_app(harness.events), harness.gateway))
-    assert harness.events == []
-    uvicorn_errors = [r.getMessage() for r in caplog.records if r.name == "uvicorn.error"]
-    assert "L402 gateway failed to start: ConfigError('no such node')" in uvicorn_errors
-    assert "Application startup failed. Exiting." in uvicorn_errors
-
-
-async def test_app_startup_failure_closes_the_gateway_again() -> None:
-    harness = Harness()
-    app = L402Middleware(starlette_app(harness.events, fail_startup=True), harness.gateway)
-    assert await startup_fails(app)
-    assert harness.events == ["gateway enter", "gateway exit"]
-    assert app.service is None
-
-
-async def test_gateway_failing_to_close_is_reported_as_shutdown_failed(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    harness = Harness(fail_on_exit=True)
-    with caplog.at_level(logging.INFO):
-        async with serving(L402Middleware(starlette_app(harness.events), harness.gateway)):
-            pass
-    assert harness.events == ["gateway enter", "app startup", "app shutdown", "gateway exit"]
-    uvicorn_errors = [r.getMessage() for r in caplog.records if r.name == "uvicorn.error"]
-    assert "L402 gateway failed to stop: StoreError('could not flush')" in uvicorn_errors
-    assert "Application shutdown failed. Exiting." in uvicorn_errors
-
-
-async def test_lifespan_off_answers_503_gateway_not_started(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    harness = Harness()
-    app = L402Middleware(starlette_app(harness.events), harness.gateway)
-    with caplog.at_level(logging.WARNING, logger="gateway.web.asgi"):
-        async with serving(app, lifespan="off") as served, aiohttp.ClientSession() as http:
-            for path in ("/paid/x", "/free", "/free"):
-                async with http.get(f"{served.url}{path}") as response:
-                    assert response.status == 503
-                    assert "Retry-After" not in response.headers
-                    problem = await response.json(content_type=PROBLEM_JSON)
-                    assert problem["detail"] == NOT_STARTED
-            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-                await http.ws_connect(f"{served.url}/ws/free")
-            assert refused.value.status == 503
-    assert harness.events == []  # neither the gateway nor the app's own lifespan ran
-    warnings = [r for r in caplog.records if r.name == "gateway.web.asgi"]
-    assert len(warnings) == 1
-    assert "not started" in warnings[0].getMessage()
-
-
 # --- the scope -> RequestInfo mapping, without a server ---------------------------------
 
 
@@ -635,63 +378,3 @@ async def test_head_on_priced_route_is_402_without_body(
         assert response.status == 402
         assert len(response.headers.getall("WWW-Authenticate")) == 2
         assert await response.read() == b""
-
-
-# --- lifespan edge cases, driven directly over ASGI -------------------------------------
-
-
-class LifespanDriver:
-    """Plays the server's side of one lifespan scope."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
-        self.outbox: asyncio.Queue[Message] = asyncio.Queue()
-        self.task = asyncio.ensure_future(
-            app({"type": "lifespan", "state": {}}, self.inbox.get, self.outbox.put)
-        )
-
-    async def exchange(self, kind: str) -> Message:
-        await self.inbox.put({"type": f"lifespan.{kind}"})
-        async with asyncio.timeout(5):
-            return await self.outbox.get()
-
-
-async def test_app_returning_early_leaves_the_lifespan_to_the_middleware() -> None:
-    harness = Harness()
-
-    async def returns(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            return  # takes no part in lifespan
-        raise AssertionError("no requests here")
-
-    driver = LifespanDriver(L402Middleware(returns, harness.gateway))
-    assert (await driver.exchange("startup"))["type"] == "lifespan.startup.complete"
-    assert harness.events == ["gateway enter"]
-    assert (await driver.exchange("shutdown"))["type"] == "lifespan.shutdown.complete"
-    await driver.task
-    assert harness.events == ["gateway enter", "gateway exit"]
-
-
-async def test_one_lifespan_at_a_time() -> None:
-    harness = Harness()
-    app = L402Middleware(starlette_app(harness.events), harness.gateway)
-    first = LifespanDriver(app)
-    assert (await first.exchange("startup"))["type"] == "lifespan.startup.complete"
-    second = LifespanDriver(app)
-    failed = await second.exchange("startup")
-    assert failed == {
-        "type": "lifespan.startup.failed",
-        "message": "L402 gateway is already started by another lifespan",
-    }
-    await second.task
-    assert app.service is not None  # the first lifespan's gateway is untouched
-    assert (await first.exchange("shutdown"))["type"] == "lifespan.shutdown.complete"
-    await first.task
-    assert harness.events == ["gateway enter", "app startup", "app shutdown", "gateway exit"]
-    # ... and after it ended, a new lifespan may open the gateway again.
-    third = LifespanDriver(app)
-    assert (await third.exchange("startup"))["type"] == "lifespan.startup.complete"
-    assert (await third.exchange("shutdown"))["type"] == "lifespan.shutdown.complete"
-    await third.task
-    assert harness.events.count("gateway enter") == 2
-    assert harness.events.count("gateway exit") == 2

@@ -12,17 +12,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.client import Budget, BudgetExceeded, TokenCache
-from gateway.client.aiohttp import L402Middleware, l402_session
-from gateway.ports import InvoiceState, Msat, PaymentHash
-from gateway.pricing import Rule
+from gateway.client.aiohttp import L402PayingMiddleware, l402_session
+from gateway.ports import InvoiceState, PaymentHash
+from tests.demo_rules import ECHO, HEALTH, PREMIUM, QUOTE
 from tests.unit.client.client_helpers import ServedGateway, served_gateway
 
-RULES = (
-    Rule("/health"),
-    Rule("/api/premium/*", price_msat=Msat(10_000), service="premium"),
-    Rule("/api/quote", price_msat=Msat(2_000), service="quotes"),
-    Rule("/api/echo", price_msat=Msat(5_000), service="echo"),
-)
+RULES = (HEALTH, PREMIUM, QUOTE, ECHO)
 
 
 @pytest_asyncio.fixture
@@ -55,7 +50,7 @@ async def test_a_token_of_another_service_costs_a_round_trip_not_a_payment(
     setup: ServedGateway,
 ) -> None:
     client = setup.client()
-    async with aiohttp.ClientSession(middlewares=[L402Middleware(client)]) as session:
+    async with aiohttp.ClientSession(middlewares=[L402PayingMiddleware(client)]) as session:
         async with session.post(setup.url + "/api/echo", data=b"x" * 100) as response:
             assert response.status == 200
             assert (await response.json())["bytes"] == 100  # the body was sent again
@@ -67,7 +62,7 @@ async def test_a_token_of_another_service_costs_a_round_trip_not_a_payment(
             assert response.status == 200
         async with session.post(setup.url + "/api/echo", data=b"y") as response:
             assert response.status == 200
-    assert [e.amount_msat for e in client.spending_log] == [5_000, 2_000]
+    assert [e.amount_msat for e in client.spending_log] == [1_000, 2_000]
 
 
 async def test_over_budget_raises_and_leaves_the_invoice_open(setup: ServedGateway) -> None:

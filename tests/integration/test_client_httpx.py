@@ -10,15 +10,11 @@ import pytest_asyncio
 
 from gateway.client import Budget, BudgetExceeded, L402Client
 from gateway.client.httpx import L402Auth
-from gateway.ports import InvoiceState, Msat, PaymentHash
-from gateway.pricing import Rule
+from gateway.ports import InvoiceState, PaymentHash
+from tests.demo_rules import ECHO, HEALTH, PREMIUM
 from tests.unit.client.client_helpers import FakePayer, ServedGateway, served_gateway
 
-RULES = (
-    Rule("/health"),
-    Rule("/api/premium/*", price_msat=Msat(10_000), service="premium"),
-    Rule("/api/echo", price_msat=Msat(5_000), service="echo"),
-)
+RULES = (HEALTH, PREMIUM, ECHO)
 
 
 @pytest_asyncio.fixture

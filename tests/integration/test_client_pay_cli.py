@@ -18,15 +18,18 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
 
-from gateway.cli import ProgressPayer, _sat_to_msat
+from gateway.cli.pay import ProgressPayer, sat_to_msat
 from gateway.examples import demo_api
 from gateway.ports import Msat, PaymentHash
 from gateway.pricing import Rule
 from gateway.web.aiohttp import setup_l402
-from tests.unit.client.client_helpers import BoltGateway, FakePayer, make_challenge
+from tests.demo_rules import HEALTH
+from tests.fakes import FakeGateway
+from tests.unit.client.client_helpers import FakePayer, make_challenge
 
 REPO = Path(__file__).resolve().parents[2]
-RULES = (Rule("/health"), Rule("/api/premium/*", price_msat=Msat(21_000), service="premium"))
+# 21 sat: a price the printed offer shows in sat and msat
+RULES = (HEALTH, Rule("/api/premium/*", price_msat=Msat(21_000), service="premium"))
 
 
 @dataclass
@@ -63,7 +66,7 @@ class Server:
 
 @pytest_asyncio.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    gateway = BoltGateway(RULES)
+    gateway = FakeGateway(RULES)
     app = demo_api()
     setup_l402(app, gateway)
     test_server = TestServer(app)
@@ -163,34 +166,48 @@ async def test_bad_url_and_amounts(server: Server) -> None:
     bad_amount = await server.pay("--max-cost", "0.0001", server.url)
     assert bad_amount.code == 2
     assert "msat precision" in bad_amount.stderr
-    assert _sat_to_msat("21") == 21_000
-    assert _sat_to_msat("0.5") == 500
+    assert sat_to_msat("21") == 21_000
+    assert sat_to_msat("0.5") == 500
     unreachable = await server.pay("--no-pay", "--timeout", "2", "http://127.0.0.1:9/")
     assert unreachable.code == 3
     assert "request failed" in unreachable.stderr
 
 
 class FakeTerminal(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = asyncio.Event()  # set on every write
+
     def isatty(self) -> bool:
         return True
+
+    def write(self, text: str) -> int:
+        self.written.set()
+        return super().write(text)
 
 
 async def test_progress_ticks_on_a_terminal() -> None:
     payer = FakePayer(fee_msat=1_000)
     challenge = payer.learn(make_challenge(21_000))
-
-    async def slow() -> None:
-        await asyncio.sleep(0.35)
-
-    payer.before_send = slow
     terminal = FakeTerminal()
+    start_line = "\rpaying 21 sat (routing fee up to 5 sat)... "
+
+    async def until_three_ticks() -> None:
+        # The payment lasts until the terminal has ticked thrice, however slow the machine.
+        async with asyncio.timeout(30):
+            while terminal.getvalue().count(start_line) < 3:
+                terminal.written.clear()
+                await terminal.written.wait()
+
+    payer.before_send = until_three_ticks
     progress = ProgressPayer(payer, terminal, tick=0.05)
     await progress.send_payment(challenge.invoice, max_fee_msat=Msat(5_000), payment_timeout=9)
     output = terminal.getvalue()
-    ticks = output.count("\rpaying 21 sat (routing fee up to 5 sat)... ")
-    assert ticks >= 3
-    assert "0.3s" in output
-    assert re.search(r"\rpaid 21 sat \+ 1 sat fee in \d\.\d\ds\x1b\[K\n$", output)
+    ticks = [float(s) for s in re.findall(re.escape(start_line) + r"(\d+\.\d)s\x1b\[K", output)]
+    assert len(ticks) >= 3
+    assert ticks == sorted(ticks)  # the elapsed seconds count up...
+    assert ticks[2] >= 0.1  # ... at least one tick (0.05 s) apart
+    assert re.search(r"\rpaid 21 sat \+ 1 sat fee in \d+\.\d\ds\x1b\[K\n$", output)
     assert await progress.lookup_payment(PaymentHash(challenge.payment_hash)) is not None
 
 

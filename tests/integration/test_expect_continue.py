@@ -7,11 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
-import uvicorn
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from starlette.applications import Starlette
@@ -24,7 +23,7 @@ from gateway.pricing import Rule
 from gateway.web.aiohttp import TOKEN, setup_l402
 from gateway.web.asgi import L402Middleware
 from tests.fakes import FakeGateway
-from tests.integration.test_asgi import Harness
+from tests.integration.asgi_helpers import Harness, uvicorn_serving
 from tests.integration.test_proxy import RULES as PROXY_RULES
 from tests.integration.test_proxy import Upstream, proxy_for, upstream_app
 
@@ -185,29 +184,17 @@ async def receiving(request: Request) -> JSONResponse:
 
 
 @contextlib.asynccontextmanager
-async def uvicorn_serving(harness: Harness) -> AsyncIterator[int]:
+async def uvicorn_port(harness: Harness) -> AsyncIterator[int]:
     starlette = Starlette(routes=[Route("/paid/upload", receiving, methods=["POST"])])
-    app = L402Middleware(starlette, harness.gateway)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        config = uvicorn.Config(app, lifespan="on", http="h11", log_config=None, access_log=False)
-        server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        try:
-            async with asyncio.timeout(10):
-                while not server.started:
-                    assert not task.done()
-                    await asyncio.sleep(0.01)
-            yield sock.getsockname()[1]
-        finally:
-            server.should_exit = True
-            async with asyncio.timeout(10):
-                await task
+    async with uvicorn_serving(L402Middleware(starlette, harness.gateway)) as url:
+        port = urlsplit(url).port
+        assert port is not None
+        yield port
 
 
 async def test_asgi_middleware_answers_402_before_100_continue() -> None:
     harness = Harness()
-    async with uvicorn_serving(harness) as port:
+    async with uvicorn_port(harness) as port:
         async with exchange(port, "/paid/upload") as http:
             # The middleware decides before the app's first receive(): no 100 Continue.
             assert await http.status() == b"HTTP/1.1 402 Payment Required\r\n"

@@ -23,27 +23,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.examples import demo_api
-from gateway.ports import Msat
-from gateway.pricing import Rule
-from gateway.service import Challenge, RequestInfo
+from gateway.service import PaymentChallenge, RequestInfo
 from gateway.web.aiohttp import setup_l402
 from gateway.web.asgi import L402Middleware, Message, Receive, Scope, Send
 from gateway.web.proxy import build_proxy
+from tests.demo_rules import ECHO, HEALTH, PREMIUM_READ
 from tests.fakes import FakeGateway
 from tests.unit.test_fuzz import EDITS, apply_edits, examples
 
 PRICED = "/api/premium/fortune"
-RULES = (
-    Rule("/health"),
-    Rule(
-        "/api/premium/*",
-        methods=frozenset({"GET"}),
-        price_msat=Msat(10_000),
-        service="premium",
-        capabilities=frozenset({"read"}),
-    ),
-    Rule("/api/echo", price_msat=Msat(1_000), service="echo"),
-)
+RULES = (HEALTH, PREMIUM_READ, ECHO)
 
 SEGMENTS = st.sampled_from(
     [
@@ -150,7 +139,7 @@ async def _pay(send: Sender, gateway: FakeGateway) -> str:
     """A paid credential for PRICED, checked to open it through ``send``."""
     assert gateway.service is not None
     challenge = await gateway.service.authorize(RequestInfo("GET", PRICED, "setup"))
-    assert isinstance(challenge, Challenge)
+    assert isinstance(challenge, PaymentChallenge)
     authorization = gateway.pay(dataclasses.asdict(challenge))
     assert await send("GET", PRICED, [("Authorization", authorization)], b"") == 200
     return authorization.removeprefix("L402 ")

@@ -18,15 +18,14 @@ from pymacaroons import Macaroon as PyMacaroon
 
 from gateway import l402
 from gateway.examples import demo_api
-from gateway.ports import Msat
-from gateway.pricing import Rule
 from gateway.web.aiohttp import setup_l402
+from tests.demo_rules import PREMIUM
 from tests.fakes import FakeGateway
 
 FORTUNE = "/api/premium/fortune"
 PROBLEM_JSON = "application/problem+json"
 LOCATION = "api.example"
-RULES = (Rule("/api/premium/*", price_msat=Msat(10_000), service="premium"),)
+RULES = (PREMIUM,)
 Client = TestClient[web.Request, web.Application]
 # Aperture v0.5's Go client (lnget's too) reads the first WWW-Authenticate value only and
 # needs exactly this right after the scheme.

@@ -21,7 +21,7 @@ from gateway.pricing import Rule
 from gateway.web.aiohttp import setup_l402
 from gateway.web.asgi import L402Middleware
 from tests.fakes import FakeGateway
-from tests.integration.test_asgi import serving
+from tests.integration.asgi_helpers import uvicorn_serving
 
 DOC = "/api/doc"
 RULES = (
@@ -49,8 +49,8 @@ async def asgi_app(gateway: FakeGateway) -> AsyncIterator[str]:
         return JSONResponse({"method": request.method})
 
     app = Starlette(routes=[Route(DOC, handler, methods=["GET", "POST"])])
-    async with serving(L402Middleware(app, gateway)) as served:
-        yield served.url
+    async with uvicorn_serving(L402Middleware(app, gateway)) as url:
+        yield url
 
 
 @pytest.mark.parametrize("serve", [aiohttp_app, asgi_app], ids=["aiohttp", "asgi"])

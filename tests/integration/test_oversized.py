@@ -25,27 +25,22 @@ from starlette.routing import Route
 
 from gateway import l402
 from gateway.examples import demo_api
-from gateway.ports import Msat
-from gateway.pricing import Rule
-from gateway.service import Challenge, RequestInfo
+from gateway.service import PaymentChallenge, RequestInfo
 from gateway.web.aiohttp import setup_l402
 from gateway.web.asgi import L402Middleware
 from gateway.web.paywall import REDEEM_PATH
 from gateway.web.proxy import build_proxy
+from tests.demo_rules import ECHO, HEALTH, PREMIUM
 from tests.fakes import FakeGateway
-from tests.integration.test_asgi import serving
+from tests.integration.asgi_helpers import uvicorn_serving
 
 KiB = 1024
 MiB = 1024 * KiB
 BODY_LIMIT = 1 * MiB  # the aiohttp app's client_max_size and the proxy's max_body_bytes
 HUGE_BODY = 32 * MiB
 PRICED_GET = "/api/premium/fortune"
-PRICED_POST = "/api/echo"
-RULES = (
-    Rule("/health"),
-    Rule("/api/premium/*", price_msat=Msat(10_000), service="premium"),
-    Rule(PRICED_POST, price_msat=Msat(1_000), service="echo"),
-)
+PRICED_POST = ECHO.pattern
+RULES = (HEALTH, PREMIUM, ECHO)
 PROBLEM_JSON = "application/problem+json"
 
 
@@ -125,7 +120,7 @@ class Target:
 async def _paid(gateway: FakeGateway) -> str:
     assert gateway.service is not None
     challenge = await gateway.service.authorize(RequestInfo("POST", PRICED_POST, "setup"))
-    assert isinstance(challenge, Challenge)
+    assert isinstance(challenge, PaymentChallenge)
     return gateway.pay(dataclasses.asdict(challenge))
 
 
@@ -169,8 +164,8 @@ async def _asgi() -> AsyncIterator[Target]:
             Route(PRICED_POST, _echo, methods=["POST"]),
         ]
     )
-    async with serving(L402Middleware(app, gateway)) as served:
-        yield Target("asgi", int(served.url.rsplit(":", 1)[1]), await _paid(gateway))
+    async with uvicorn_serving(L402Middleware(app, gateway)) as url:
+        yield Target("asgi", int(url.rsplit(":", 1)[1]), await _paid(gateway))
 
 
 @pytest_asyncio.fixture(scope="module", params=["aiohttp", "asgi", "proxy"])

@@ -4,12 +4,9 @@ endpoint end to end, the L402 cookie as a credential, and the proxy keeping it t
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import html
 import json
 import re
-import socket
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
@@ -18,7 +15,6 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-import uvicorn
 from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from starlette.applications import Starlette
@@ -31,10 +27,12 @@ from gateway.examples import demo_api
 from gateway.ports import Msat
 from gateway.pricing import Rule
 from gateway.web.aiohttp import TOKEN, setup_l402
-from gateway.web.asgi import STATE_KEY, L402Middleware, Message, Scope
+from gateway.web.asgi import SERVICE_STATE_KEY, STATE_KEY, L402Middleware, Message, Scope
 from gateway.web.paywall import MAX_REDEEM_BODY, REDEEM_PATH
 from gateway.web.proxy import build_proxy
+from tests.demo_rules import ECHO, HEALTH
 from tests.fakes import FakeGateway
+from tests.integration.asgi_helpers import uvicorn_serving
 
 CHROME = (
     "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,"
@@ -43,9 +41,10 @@ CHROME = (
 BROWSER = {"Accept": CHROME}
 PAGE = "/api/premium/page"
 RULES = (
-    Rule("/health"),
+    HEALTH,
+    # 10.5 sat: the page shows the fraction; the lifetime becomes the cookie's max-age
     Rule("/api/premium/*", price_msat=Msat(10_500), service="premium", lifetime=3600),
-    Rule("/api/echo", price_msat=Msat(1_000), service="echo"),
+    ECHO,
     Rule("/api/other/*", price_msat=Msat(1_000), service="other"),
 )
 PROBLEM_JSON = "application/problem+json"
@@ -297,27 +296,6 @@ async def asgi_handler(request: Request) -> JSONResponse:
     )
 
 
-@contextlib.asynccontextmanager
-async def serving(app: Any) -> AsyncIterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(app, lifespan="on", http="h11", log_config=None, access_log=False)
-        server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        try:
-            async with asyncio.timeout(10):
-                while not server.started:
-                    if task.done():
-                        task.result()
-                    await asyncio.sleep(0.01)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            async with asyncio.timeout(10):
-                await task
-
-
 @dataclass
 class Asgi:
     url: str
@@ -330,7 +308,7 @@ async def asgi() -> AsyncIterator[Asgi]:
     gateway = FakeGateway(RULES)
     app = L402Middleware(Starlette(routes=[Route("/api/premium/{name}", asgi_handler)]), gateway)
     async with (
-        serving(app) as url,
+        uvicorn_serving(app) as url,
         aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
     ):
         yield Asgi(url, gateway, http)
@@ -405,7 +383,7 @@ async def test_asgi_redeem_refusals(asgi: Asgi) -> None:
 async def test_asgi_redeem_url_follows_root_path() -> None:
     # The rules see the whole path, root_path included.
     gateway = FakeGateway((Rule("/app/api/premium/*", price_msat=Msat(1_000)),))
-    app = L402Middleware(Starlette(routes=[Route("/api/premium/{name}", asgi_handler)]), gateway)
+    app = L402Middleware(Starlette(routes=[Route("/api/premium/{name}", asgi_handler)]))
     sent: list[Message] = []
 
     async def receive() -> Message:
@@ -415,7 +393,6 @@ async def test_asgi_redeem_url_follows_root_path() -> None:
         sent.append(message)
 
     async with gateway() as service:
-        app._service = service
         scope: Scope = {
             "type": "http",
             "method": "GET",
@@ -424,6 +401,7 @@ async def test_asgi_redeem_url_follows_root_path() -> None:
             "query_string": b"",
             "headers": [(b"accept", CHROME.encode())],
             "client": ("127.0.0.1", 1),
+            "state": {SERVICE_STATE_KEY: service},  # what l402_lifespan leaves for requests
         }
         await app(scope, receive, send)
         assert sent[0]["status"] == 402

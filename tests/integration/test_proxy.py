@@ -17,23 +17,17 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 
-from gateway.cli import MalformedRequestLog
+from gateway.cli.serve import MalformedRequestLog
 from gateway.examples import demo_api
-from gateway.ports import Msat
-from gateway.pricing import Rule
 from gateway.web.proxy import build_proxy
+from tests.demo_rules import ECHO, HEALTH, PREMIUM_READ, QUOTE
 from tests.fakes import FakeGateway
 from tests.integration.test_aiohttp_middleware import raw_get
 
 PROBLEM_JSON = "application/problem+json"
 TIMEOUT = 5.0
 MiB = 1024 * 1024
-RULES = (
-    Rule("/health"),
-    Rule("/api/premium/*", methods=frozenset({"GET"}), price_msat=Msat(10_000), service="premium"),
-    Rule("/api/echo", price_msat=Msat(1_000), service="echo"),
-    Rule("/api/quote", price_msat=Msat(2_000), service="quotes"),
-)
+RULES = (HEALTH, PREMIUM_READ, ECHO, QUOTE)
 Client = TestClient[web.Request, web.Application]
 
 

@@ -22,15 +22,12 @@ from wsgiref.types import StartResponse, WSGIEnvironment
 import pytest
 import pytest_asyncio
 
-from gateway.ports import Msat
-from gateway.pricing import Rule
+from tests.demo_rules import PREMIUM_READ
 from tests.fakes import FakeGateway
 from tests.integration.test_proxy import Client, proxy_for
 
 LENIENT_JS = Path(__file__).parents[1] / "backends" / "lenient.js"
-RULES = (
-    Rule("/api/premium/*", methods=frozenset({"GET"}), price_msat=Msat(10_000), service="premium"),
-)
+RULES = (PREMIUM_READ,)
 
 
 async def send(

@@ -110,7 +110,7 @@ async def test_a_body_slower_than_the_minimum_rate_gets_408(stall: bool) -> None
 
             dripping = asyncio.create_task(trickle())
             try:
-                status, head = await status_and_head(reader, limit=3)
+                status, head = await status_and_head(reader, limit=10)
             finally:
                 dripping.cancel()
             assert status == 408

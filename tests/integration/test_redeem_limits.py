@@ -16,16 +16,15 @@ from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from starlette.applications import Starlette
 
 from gateway.examples import demo_api
-from gateway.ports import Msat
-from gateway.pricing import Rule
-from gateway.service import RateLimiter
+from gateway.service import L402Service, RateLimiter
 from gateway.web.aiohttp import setup_l402
-from gateway.web.asgi import L402Middleware, Message, Scope
+from gateway.web.asgi import SERVICE_STATE_KEY, L402Middleware, Message, Scope
 from gateway.web.paywall import REDEEM_PATH
 from gateway.web.proxy import build_proxy
+from tests.demo_rules import ECHO
 from tests.fakes import FakeGateway
 
-RULES = (Rule("/api/echo", price_msat=Msat(1_000), service="echo"),)
+RULES = (ECHO,)
 BURST = 2
 JSON = {"Content-Type": "application/json", "Sec-Fetch-Site": "same-origin"}
 
@@ -124,7 +123,9 @@ async def asgi_call(app: L402Middleware, scope: Scope, body: bytes = b"") -> lis
     return sent
 
 
-def http_scope(method: str, path: str, client: str, headers: dict[str, str]) -> Scope:
+def http_scope(
+    service: L402Service, method: str, path: str, client: str, headers: dict[str, str]
+) -> Scope:
     return {
         "type": "http",
         "method": method,
@@ -133,21 +134,21 @@ def http_scope(method: str, path: str, client: str, headers: dict[str, str]) -> 
         "query_string": b"",
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
         "client": (client, 40000),
+        "state": {SERVICE_STATE_KEY: service},  # what l402_lifespan leaves for requests
     }
 
 
 @pytest.mark.parametrize("trust", [False, True])
 async def test_asgi_redeem_is_limited_per_client(trust: bool) -> None:
     gateway = limited_gateway()
-    app = L402Middleware(Starlette(), gateway, trust_forwarded_for=trust)
+    app = L402Middleware(Starlette(), trust_forwarded_for=trust)
     async with gateway() as service:
-        app._service = service
-        sent = await asgi_call(app, http_scope("GET", "/api/echo", "192.0.2.1", {}))
+        sent = await asgi_call(app, http_scope(service, "GET", "/api/echo", "192.0.2.1", {}))
         assert sent[0]["status"] == 402
         body = json.dumps({"macaroon": json.loads(sent[1]["body"])["macaroon"]}).encode()
 
         async def status(peer: str, **headers: str) -> tuple[int, dict[bytes, bytes]]:
-            scope = http_scope("POST", REDEEM_PATH, peer, {**JSON, **headers})
+            scope = http_scope(service, "POST", REDEEM_PATH, peer, {**JSON, **headers})
             start = (await asgi_call(app, scope, body))[0]
             return start["status"], dict(start["headers"])
 

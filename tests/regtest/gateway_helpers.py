@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -169,6 +170,16 @@ async def wait_for_invoice(
             await asyncio.sleep(0.05)
     finally:
         await store.close()
+
+
+def allow_open_files(needed: int) -> None:
+    """Raise this process's soft open-file limit to ``needed`` (within the hard one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        # Raised before the gateway starts, so it inherits the limit too.
+        soft = min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert soft >= needed, f"RLIMIT_NOFILE {soft} < {needed}: raise the hard limit"
 
 
 def gateway_command(config_file: Path, *args: str) -> subprocess.CompletedProcess[str]:

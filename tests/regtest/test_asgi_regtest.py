@@ -1,92 +1,71 @@
 """The ASGI middleware against the real LND nodes: a Starlette app behind ``L402Middleware``
-over ``running_gateway`` (alice's invoice macaroon, a SQLite store), served by uvicorn; bob
-pays the challenge through carol."""
+over ``running_gateway`` (alice, a SQLite store), opened by the app's ``l402_lifespan`` or by
+the middleware itself, served by uvicorn; bob pays the challenge through carol."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from gateway import l402
-from gateway.cli import running_gateway
-from gateway.config import Config, LndConfig, RouteConfig, StoreConfig
 from gateway.lnd.client import LndClient
-from gateway.ports import InvoiceState, Msat, PaymentHash, PaymentStatus
-from gateway.service import PaidToken
-from gateway.store import SqliteStore
-from gateway.web.asgi import ASGIApp, L402Middleware
+from gateway.ports import PaymentHash, PaymentStatus
+from gateway.runtime import running_gateway
+from gateway.service import L402Service, PaidToken
+from gateway.web.asgi import L402Middleware, l402_lifespan
 from regtest.network import Network
+from tests.integration.asgi_helpers import PROBLEM_JSON, uvicorn_serving
+from tests.regtest.gateway_helpers import (
+    MAX_FEE,
+    PREMIUM_PRICE,
+    gateway_config,
+    wait_for_invoice,
+)
 
 pytestmark = pytest.mark.regtest
 
-PRICE = 21_000
-MAX_FEE = Msat(10_000)
-PROBLEM_JSON = "application/problem+json"
+PATH = "/api/premium/lisbon"
 
 
-@contextlib.asynccontextmanager
-async def serving(app: ASGIApp) -> AsyncIterator[str]:
-    """Run uvicorn (lifespan on) on a free loopback port; yields the base URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app, lifespan="on", http="h11", log_config=None, timeout_graceful_shutdown=5
-            )
-        )
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        try:
-            async with asyncio.timeout(30):
-                while not server.started:
-                    if task.done():
-                        task.result()
-                        raise AssertionError("uvicorn stopped during startup")
-                    await asyncio.sleep(0.02)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            async with asyncio.timeout(30):
-                await task
-
-
+@pytest.mark.parametrize("opened_by", ["l402_lifespan", "middleware"])
 async def test_pay_402_over_two_hops_then_access_and_settlement_is_stored(
-    network: Network, tmp_path: Path
+    network: Network, tmp_path: Path, opened_by: str
 ) -> None:
     database = tmp_path / "gateway.db"
-    config = Config(
-        lnd=LndConfig(
-            host=network.alice.rpc_host,
-            tls_cert=network.alice.tls_cert,
-            macaroon=network.alice.macaroon("invoice"),
-        ),
-        store=StoreConfig(url=f"sqlite://{database}"),  # absolute path: sqlite:///tmp/...
-        routes=(RouteConfig(pattern="/weather/*", price_msat=PRICE, service="weather"),),
-    )
+    config = gateway_config(network, database)
+    events: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def gateway() -> AsyncIterator[L402Service]:
+        async with running_gateway(config) as service:
+            events.append("open")
+            yield service
+        events.append("closed")
+
     seen: list[PaidToken | None] = []
 
-    async def weather(request: Request) -> JSONResponse:
+    async def premium(request: Request) -> JSONResponse:
         token: PaidToken | None = request.state.l402_token
         seen.append(token)
         return JSONResponse({"city": request.path_params["city"], "sunny": True})
 
-    app = Starlette(routes=[Route("/weather/{city}", weather)])
-    middleware = L402Middleware(app, lambda: running_gateway(config))
+    routes = [Route("/api/premium/{city}", premium)]
+    if opened_by == "middleware":
+        app = L402Middleware(Starlette(routes=routes), gateway)
+    else:
+        app = L402Middleware(Starlette(routes=routes, lifespan=l402_lifespan(gateway)))
 
-    async with serving(middleware) as base_url, aiohttp.ClientSession() as http:
-        async with http.get(f"{base_url}/weather/lisbon") as response:
+    async with uvicorn_serving(app) as base_url, aiohttp.ClientSession() as http:
+        async with http.get(f"{base_url}{PATH}") as response:
             assert response.status == 402
             challenges = response.headers.getall("WWW-Authenticate")
             problem = await response.json(content_type=PROBLEM_JSON)
@@ -94,14 +73,14 @@ async def test_pay_402_over_two_hops_then_access_and_settlement_is_stored(
         challenge = l402.parse_challenge(challenges[0])
         assert challenge.invoice == problem["invoice"]
         assert challenge.invoice.startswith("lnbcrt")
-        assert problem["amount_msat"] == PRICE
+        assert problem["amount_msat"] == PREMIUM_PRICE
         payment_hash = PaymentHash(bytes.fromhex(problem["payment_hash"]))
         assert seen == []
 
         async with LndClient(network.bob.settings()) as bob:
             decoded = await bob.decode_payment_request(challenge.invoice)
             assert decoded.destination == network.alice.pubkey
-            assert decoded.amount_msat == PRICE
+            assert decoded.amount_msat == PREMIUM_PRICE
             assert decoded.payment_hash == payment_hash
             payment = await bob.send_payment(
                 challenge.invoice,
@@ -116,30 +95,20 @@ async def test_pay_402_over_two_hops_then_access_and_settlement_is_stored(
 
         authorization = f"L402 {challenge.macaroon_b64}:{payment.preimage.hex()}"
         async with http.get(
-            f"{base_url}/weather/lisbon", headers={"Authorization": authorization}
+            f"{base_url}{PATH}", headers={"Authorization": authorization}
         ) as response:
             assert response.status == 200
             assert await response.json() == {"city": "lisbon", "sunny": True}
         (token,) = seen
         assert token is not None
         assert token.payment_hash == payment_hash.hex()
-        assert token.service == "weather"
-        assert token.amount_msat == PRICE
+        assert token.service == "premium"
+        assert token.amount_msat == PREMIUM_PRICE
 
         # The settlement watcher records the payment; read it through a second store.
-        reader = await SqliteStore.open(database)
-        try:
-            async with asyncio.timeout(10):
-                while True:
-                    record = await reader.get_invoice(payment_hash)
-                    assert record is not None
-                    if record.state is InvoiceState.SETTLED:
-                        break
-                    await asyncio.sleep(0.1)
-        finally:
-            await reader.close()
-        assert record.amount_paid_msat == PRICE
+        record = await wait_for_invoice(database, payment_hash, "SETTLED")
+        assert record.amount_paid_msat == PREMIUM_PRICE
         assert record.settle_index > 0
-        assert record.path == "/weather/lisbon"
-        assert middleware.service is not None
-    assert middleware.service is None  # closed with the server's lifespan
+        assert record.path == PATH
+        assert events == ["open"]
+    assert events == ["open", "closed"]  # closed with the server's lifespan

@@ -29,18 +29,18 @@ from starlette.routing import Route
 from yarl import URL
 
 from gateway import l402
-from gateway.cli import running_gateway
 from gateway.client.offer import token_valid_until as offer_valid_until
 from gateway.config import Config, RateLimitConfig, RouteConfig
 from gateway.examples import demo_api
 from gateway.lnd.client import LndClient
 from gateway.ports import Msat
+from gateway.runtime import running_gateway
 from gateway.store import SqliteStore
 from gateway.web.asgi import L402Middleware
 from gateway.web.paywall import REDEEM_PATH
 from gateway.web.proxy import build_proxy
 from regtest.network import Network
-from tests.integration.test_asgi import serving
+from tests.integration.asgi_helpers import uvicorn_serving
 from tests.regtest.gateway_helpers import ROUTES, OffsetClock, gateway_config
 from tests.regtest.test_gateway_regtest import (
     MountedGateway,
@@ -128,14 +128,14 @@ async def _other_fronts(config: Config) -> AsyncIterator[dict[str, str]]:
         lambda: running_gateway(config),
     )
     async with contextlib.AsyncExitStack() as stack:
-        served = await stack.enter_async_context(serving(asgi))
+        asgi_url = await stack.enter_async_context(uvicorn_serving(asgi))
         upstream, upstream_url = await _serve_app(demo_api())
         stack.push_async_callback(upstream.cleanup)
         proxy, proxy_url = await _serve_app(
             build_proxy(upstream_url, lambda: running_gateway(config))
         )
         stack.push_async_callback(proxy.cleanup)
-        yield {"ASGI middleware": served.url, "reverse proxy": proxy_url}
+        yield {"ASGI middleware": asgi_url, "reverse proxy": proxy_url}
 
 
 @pytest_asyncio.fixture(scope="module")

@@ -12,14 +12,14 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from gateway.cli import running_gateway
 from gateway.client import Budget, BudgetExceeded, L402Client, TokenCache
-from gateway.client.aiohttp import L402Middleware
+from gateway.client.aiohttp import L402PayingMiddleware
 from gateway.client.httpx import L402Auth
 from gateway.errors import BackendUnavailable, PaymentFailed
 from gateway.examples import demo_api
 from gateway.lnd.client import LndClient
 from gateway.ports import Msat, Payment, PaymentHash, PaymentStatus
+from gateway.runtime import running_gateway
 from gateway.store import SqliteStore
 from gateway.web.aiohttp import setup_l402
 from regtest.network import Network
@@ -111,7 +111,7 @@ async def test_aiohttp_client_pays_through_bob_and_reuses_the_token(
 ) -> None:
     payer = CountingPayer(bob)
     paying = client(payer)
-    async with aiohttp.ClientSession(middlewares=[L402Middleware(paying)]) as session:
+    async with aiohttp.ClientSession(middlewares=[L402PayingMiddleware(paying)]) as session:
         for _ in range(3):
             async with session.get(gateway.url + FORTUNE) as response:
                 assert response.status == 200
@@ -152,7 +152,7 @@ async def test_httpx_client_pays_through_bob_and_reuses_the_token(
 async def test_over_budget_pays_nothing(gateway: Gateway, bob: LndClient) -> None:
     payer = CountingPayer(bob)
     cheap = client(payer, price=PREMIUM_PRICE - 1)
-    async with aiohttp.ClientSession(middlewares=[L402Middleware(cheap)]) as session:
+    async with aiohttp.ClientSession(middlewares=[L402PayingMiddleware(cheap)]) as session:
         with pytest.raises(BudgetExceeded, match="over the limit") as aio_caught:
             await session.get(gateway.url + FORTUNE)
     async with httpx.AsyncClient(auth=L402Auth(cheap), timeout=60) as http:
@@ -175,13 +175,13 @@ async def test_crash_between_payment_and_token_storage_does_not_pay_twice(
     payer = CountingPayer(bob)
     payer.crash_after_paying = True
     crashing = client(payer, TokenCache(path))
-    async with aiohttp.ClientSession(middlewares=[L402Middleware(crashing)]) as session:
+    async with aiohttp.ClientSession(middlewares=[L402PayingMiddleware(crashing)]) as session:
         with pytest.raises(BackendUnavailable, match="simulated crash"):
             await session.get(gateway.url + FORTUNE)
     assert len(payer.sent) == 1
     # What the crashed process left: a pending entry, no token.
-    (pending,) = TokenCache(path).pending()
-    assert TokenCache(path).tokens() == []
+    (pending,) = await TokenCache(path).pending()
+    assert await TokenCache(path).tokens() == []
     paid = await bob.lookup_payment(PaymentHash(pending.payment_hash))
     assert paid is not None
     assert paid.status is PaymentStatus.SUCCEEDED
@@ -197,7 +197,7 @@ async def test_crash_between_payment_and_token_storage_does_not_pay_twice(
     (entry,) = restarted.spending_log
     assert entry.recovered
     assert entry.payment_hash == pending.payment_hash.hex()
-    assert TokenCache(path).pending() == []
+    assert await TokenCache(path).pending() == []
     # Two invoices were issued: the paid one, and the fresh one nobody paid.
     assert await _states(gateway) == ["OPEN", "SETTLED"]
 

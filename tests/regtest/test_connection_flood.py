@@ -23,13 +23,14 @@ from regtest.network import Network
 from regtest.processes import free_ports, wait_for_http
 from tests.regtest.gateway_helpers import (
     REPO,
+    allow_open_files,
     config_toml,
     gateway_config,
     l402_challenge,
     pay,
     serving,
 )
-from tests.regtest.test_load import PRICED, _allow_open_files
+from tests.regtest.test_load import PRICED
 
 pytestmark = pytest.mark.regtest
 
@@ -74,7 +75,7 @@ def open_files(pid: int) -> int:
 async def test_a_connection_flood_under_a_low_open_file_limit(
     network: Network, bob: LndClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _allow_open_files(len(SOURCES) * PER_SOURCE + 256)  # the flood's own sockets
+    allow_open_files(len(SOURCES) * PER_SOURCE + 256)  # the flood's own sockets
     monkeypatch.setenv("GATEWAY_SERVER_UPSTREAM_CONNECTIONS", str(UPSTREAM_POOLS))
     monkeypatch.setenv("GATEWAY_SERVER_PAID_UPSTREAM_CONNECTIONS", str(UPSTREAM_POOLS))
     (port,) = free_ports(1)

@@ -19,12 +19,12 @@ import aiohttp
 import pytest
 
 from gateway import l402
-from gateway.cli import running_gateway
 from gateway.config import Config, L402Config, StoreConfig
 from gateway.examples import demo_api
 from gateway.expiry import EXPIRY_GRACE
 from gateway.lnd.client import LndClient
 from gateway.ports import PaymentHash
+from gateway.runtime import running_gateway
 from gateway.store import SqliteStore
 from gateway.web.aiohttp import setup_l402
 from regtest.network import Network

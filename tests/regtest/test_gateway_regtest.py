@@ -18,10 +18,10 @@ import pytest_asyncio
 from aiohttp import web
 
 from gateway import l402
-from gateway.cli import running_gateway
 from gateway.config import Config, RateLimitConfig
 from gateway.examples import demo_api
 from gateway.lnd.client import LndClient
+from gateway.runtime import running_gateway
 from gateway.web.aiohttp import setup_l402
 from regtest.network import Network
 from regtest.processes import free_ports, wait_for_http

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import resource
 import signal
 import statistics
 import time
@@ -29,6 +28,7 @@ from gateway.lnd.connection import LndSettings
 from regtest.network import Network
 from regtest.processes import free_ports, wait_for_http
 from tests.regtest.gateway_helpers import (
+    allow_open_files,
     config_toml,
     gateway_config,
     l402_challenge,
@@ -98,15 +98,6 @@ def _percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-def _allow_open_files(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        # Raised before the gateway starts, so it inherits the limit too.
-        soft = min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert soft >= needed, f"RLIMIT_NOFILE {soft} < {needed}: raise the hard limit"
-
-
 @pytest.mark.parametrize(
     "scenario",
     [
@@ -125,7 +116,7 @@ async def test_unpaid_flood_while_clients_pay(
 ) -> None:
     clients = scenario.unpaid + scenario.paying
     # The test and the gateway each hold one socket per client, plus LND, SQLite, upstream.
-    _allow_open_files(clients + 256)
+    allow_open_files(clients + 256)
     # Deployed behind a reverse proxy that appends the client's address: every simulated
     # client sends its own, so each gets its own bucket, as distinct hosts would.
     monkeypatch.setenv("GATEWAY_SERVER_TRUST_FORWARDED_FOR", "true")
@@ -277,7 +268,7 @@ async def test_slow_unpaid_bodies_do_not_delay_paying_clients(
 ) -> None:
     """``scenario.unpaid`` clients upload to a free route at 200 bytes a second, more than
     the upstream pool's 100 connections (aiohttp's default), while others pay."""
-    _allow_open_files(scenario.unpaid + scenario.paying + 1024)
+    allow_open_files(scenario.unpaid + scenario.paying + 1024)
     monkeypatch.setenv("GATEWAY_SERVER_TRUST_FORWARDED_FOR", "true")  # a client per address
     (port,) = free_ports(1)
     url = f"http://127.0.0.1:{port}"

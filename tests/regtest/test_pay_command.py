@@ -14,10 +14,10 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from gateway.cli import running_gateway
 from gateway.examples import demo_api
 from gateway.lnd.client import LndClient
 from gateway.ports import PaymentHash
+from gateway.runtime import running_gateway
 from gateway.store import SqliteStore
 from gateway.web.aiohttp import setup_l402
 from regtest.network import Network

@@ -30,11 +30,11 @@ from playwright.async_api import (
     async_playwright,
 )
 
-from gateway.cli import running_gateway
 from gateway.config import Config
 from gateway.examples import demo_api
 from gateway.lnd.client import LndClient
 from gateway.ports import Msat
+from gateway.runtime import running_gateway
 from gateway.web.aiohttp import TOKEN, setup_l402
 from gateway.web.paywall import REDEEM_PATH
 from gateway.web.proxy import build_proxy

@@ -22,10 +22,10 @@ import atheris  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
 with atheris.instrument_imports():
     from gateway import l402
-    from gateway.cli import build_pricing
     from gateway.config import load_config
     from gateway.errors import ConfigError
-    from tests.unit.client.client_helpers import NOW
+    from gateway.runtime import build_pricing
+    from tests.fakes import NOW
     from tests.unit.test_fuzz import MACAROON, PREIMAGE, ROOT_KEY, SCOPE
 
 _CONFIG = Path(tempfile.mkdtemp()) / "gateway.toml"

@@ -6,7 +6,6 @@ or chmodded.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import subprocess
@@ -16,12 +15,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-
-
-def config_file(tmp_path: Path, text: str, store: str = "memory:") -> Path:
-    path = tmp_path / "gateway.toml"
-    path.write_text(f"[store]\nurl = {json.dumps(store)}\n{text}\n", encoding="utf-8")
-    return path
+from tests.config_files import write_config
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -62,7 +56,8 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
 def test_bad_values_are_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, fragments: tuple[str, ...]
 ) -> None:
-    code, err = run(["--config", str(config_file(tmp_path, text)), "invoices"], capsys)
+    config = write_config(tmp_path, text, store="memory:")
+    code, err = run(["--config", str(config), "invoices"], capsys)
     assert_one_line_error(code, err, *fragments)
 
 
@@ -79,7 +74,8 @@ def test_unsupported_store_urls_are_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], store: str, fragments: tuple[str, ...]
 ) -> None:
     for command in (["invoices"], ["token", "revoke", "00"]):
-        code, err = run(["--config", str(config_file(tmp_path, "", store)), *command], capsys)
+        config = write_config(tmp_path, "", store=store)
+        code, err = run(["--config", str(config), *command], capsys)
         assert_one_line_error(code, err, *fragments)
         assert "hunter2" not in err
 
@@ -87,9 +83,8 @@ def test_unsupported_store_urls_are_one_line_and_exit_2(
 def test_a_negative_limit_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, err = run(
-        ["--config", str(config_file(tmp_path, "")), "invoices", "--limit", "-1"], capsys
-    )
+    config = write_config(tmp_path, "", store="memory:")
+    code, err = run(["--config", str(config), "invoices", "--limit", "-1"], capsys)
     assert_one_line_error(code, err, "--limit")
 
 
@@ -107,7 +102,7 @@ def test_a_directory_as_the_store_is_refused_and_left_alone(
     directory = tmp_path / "gateway.db"
     directory.mkdir()
     directory.chmod(0o755)
-    config = config_file(tmp_path, "", sqlite_url(directory))
+    config = write_config(tmp_path, "", store=sqlite_url(directory))
     code, err = run(["--config", str(config), *command], capsys)
     assert_one_line_error(code, err, "is a directory")
     assert stat.S_IMODE(directory.stat().st_mode) == 0o755
@@ -122,9 +117,8 @@ def test_a_symlink_as_the_store_is_refused_and_its_target_left_alone(
     target.chmod(0o644)
     link = tmp_path / "gateway.db"
     link.symlink_to(target)
-    code, err = run(
-        ["--config", str(config_file(tmp_path, "", sqlite_url(link))), *command], capsys
-    )
+    config = write_config(tmp_path, "", store=sqlite_url(link))
+    code, err = run(["--config", str(config), *command], capsys)
     assert_one_line_error(code, err, "symbolic link")
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
     assert target.read_text() == "not yours"
@@ -137,9 +131,8 @@ def test_a_file_that_is_not_a_database_is_refused_and_left_alone(
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
     notes.chmod(0o644)
-    code, err = run(
-        ["--config", str(config_file(tmp_path, "", sqlite_url(notes))), *command], capsys
-    )
+    config = write_config(tmp_path, "", store=sqlite_url(notes))
+    code, err = run(["--config", str(config), *command], capsys)
     assert_one_line_error(code, err, "not an SQLite database")
     assert stat.S_IMODE(notes.stat().st_mode) == 0o644
 
@@ -149,7 +142,7 @@ def test_a_missing_directory_is_named_and_not_created(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
 ) -> None:
     database = tmp_path / "typo" / "gateway.db"
-    config = config_file(tmp_path, "", sqlite_url(database))
+    config = write_config(tmp_path, "", store=sqlite_url(database))
     code, err = run(["--config", str(config), *command], capsys)
     assert code == 2, err
     assert_one_line_error(code, err, str(tmp_path / "typo"))
@@ -159,7 +152,7 @@ def test_a_missing_directory_is_named_and_not_created(
 def test_invoices_does_not_create_a_missing_database(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = config_file(tmp_path, "", sqlite_url(tmp_path / "gateway.db"))
+    config = write_config(tmp_path, "", store=sqlite_url(tmp_path / "gateway.db"))
     code, err = run(["--config", str(config), "invoices"], capsys)
     assert_one_line_error(code, err, "no database at")
     assert sorted(os.listdir(tmp_path)) == ["gateway.toml"]
@@ -177,7 +170,7 @@ def entry_point(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_command_refuses_postgres_without_a_traceback(tmp_path: Path) -> None:
-    config = config_file(tmp_path, "", "postgresql://gateway@db/gateway")
+    config = write_config(tmp_path, "", store="postgresql://gateway@db/gateway")
     result = entry_point("--config", str(config), "invoices")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -195,7 +188,8 @@ def test_serve_shows_the_route_warnings_before_it_starts(tmp_path: Path) -> None
         price_msat = 1000
     """
     # No upstream: serve stops after loading, before it would bind a port.
-    result = entry_point("--config", str(config_file(tmp_path, routes)), "serve")
+    config = write_config(tmp_path, routes, store="memory:")
+    result = entry_point("--config", str(config), "serve")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()

@@ -14,6 +14,7 @@ import pytest
 from gateway.cli import main
 from gateway.ports import InvoiceRecord, InvoiceState, Msat, PaymentHash
 from gateway.store import SqliteStore
+from tests.config_files import write_config
 
 # Clear screen, cursor home, a window title, a bell, a forged table line, backspaces, a C1
 # CSI, DEL, a right-to-left override and a bidi isolate: what a client can put in a path.
@@ -49,9 +50,7 @@ async def seeded(tmp_path: Path, *records: InvoiceRecord) -> tuple[Path, Path]:
             await store.add_invoice(item)
     finally:
         await store.close()
-    config = tmp_path / "gateway.toml"
-    config.write_text(f'[store]\nurl = "sqlite://{database}"\n', encoding="utf-8")
-    return config, database
+    return write_config(tmp_path, "", store=f"sqlite://{database}"), database
 
 
 def invoices(config: Path, *args: str) -> int:

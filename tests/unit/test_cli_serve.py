@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
+from tests.config_files import placeholder_lnd, write_config
 
 
 @pytest.mark.parametrize(
@@ -24,13 +25,6 @@ from gateway.cli import main
 def test_serve_refuses_a_config_it_cannot_serve(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], server: str, store: str, message: str
 ) -> None:
-    for name in ("tls.cert", "gateway.macaroon"):
-        (tmp_path / name).write_bytes(b"x")
-        (tmp_path / name).chmod(0o600)
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        f'[server]\n{server}\n[lnd]\ntls_cert = "{tmp_path / "tls.cert"}"\n'
-        f'macaroon = "{tmp_path / "gateway.macaroon"}"\n[store]\nurl = "{store}"\n'
-    )
+    config = write_config(tmp_path, f"[server]\n{server}\n{placeholder_lnd(tmp_path)}", store=store)
     assert main(["--config", str(config), "serve"]) == 2
     assert message in capsys.readouterr().err

@@ -7,12 +7,10 @@ import dataclasses
 import importlib
 import json
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
-from gateway.cli import build_pricing
 from gateway.config import (
     MAX_INVOICE_EXPIRY,
     MIN_CHALLENGES_PER_SECOND,
@@ -30,7 +28,9 @@ from gateway.config import (
 )
 from gateway.errors import ConfigError
 from gateway.pricing import MAX_PRICE_MSAT, PriceRequest
+from gateway.runtime import build_pricing
 from gateway.service import RateLimiter
+from tests.config_files import load_text
 from tests.fakes import FakeClock
 
 SAMPLE = Path(__file__).resolve().parents[2] / "gateway" / "gateway.sample.toml"
@@ -47,16 +47,6 @@ SECTIONS: dict[str, type[object]] = {
 def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setenv("HOME", str(tmp_path))
     return tmp_path
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "gateway.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def load_text(tmp_path: Path, text: str, environ: Mapping[str, str] | None = None) -> Config:
-    return load_config(write(tmp_path, text), environ or {})
 
 
 # --- the shipped sample ------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 from gateway.cli import main
 from gateway.config import ServerConfig, load_config
 from gateway.errors import ConfigError
+from tests.config_files import placeholder_lnd, write_config
 
 
 def test_defaults() -> None:
@@ -56,19 +57,15 @@ def test_out_of_range_is_refused(key: str, value: str, message: str) -> None:
 def test_serve_refuses_pools_the_open_file_limit_cannot_hold(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for name in ("tls.cert", "gateway.macaroon"):
-        (tmp_path / name).write_bytes(b"x")
-        (tmp_path / name).chmod(0o600)
-    config = tmp_path / "gateway.toml"
     with socket.socket() as taken:  # should serve start after all, it fails at once
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        config.write_text(
+        config = write_config(
+            tmp_path,
             f'[server]\nupstream = "http://127.0.0.1:1"\nlisten = "127.0.0.1:'
             f'{taken.getsockname()[1]}"\nupstream_connections = 600000\n'
-            "paid_upstream_connections = 600000\n"
-            f'[lnd]\ntls_cert = "{tmp_path / "tls.cert"}"\n'
-            f'macaroon = "{tmp_path / "gateway.macaroon"}"\n[store]\nurl = "memory:"\n'
+            f"paid_upstream_connections = 600000\n{placeholder_lnd(tmp_path)}",
+            store="memory:",
         )
         assert main(["--config", str(config), "serve"]) == 2
     assert "leaves no descriptor for client connections" in capsys.readouterr().err

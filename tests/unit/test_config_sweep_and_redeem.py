@@ -9,14 +9,9 @@ import pytest
 
 from gateway.config import RateLimitConfig, StoreConfig, load_config
 from gateway.errors import ConfigError
+from tests.config_files import load_text
 
 SAMPLE = Path(__file__).resolve().parents[2] / "gateway" / "gateway.sample.toml"
-
-
-def load_text(tmp_path: Path, text: str) -> None:
-    path = tmp_path / "gateway.toml"
-    path.write_text(text)
-    load_config(path, {})
 
 
 def test_defaults() -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+import gateway
 
 # module -> imports it must never pull in (directly or through another module)
 _NETWORK = ("grpc", "aiohttp", "sqlite3")
@@ -24,15 +27,34 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "gateway.service": (*_NETWORK, *_ADAPTERS),
     "gateway.watcher": (*_NETWORK, *_ADAPTERS),
     "gateway.expiry": (*_NETWORK, *_ADAPTERS),
+    "gateway.events": (*_NETWORK, *_ADAPTERS),
+    "gateway.supervisor": (*_NETWORK, *_ADAPTERS),
     "gateway.store": ("grpc", "aiohttp", "gateway.lnd", "gateway.web", "gateway.cli", "regtest"),
-    "gateway.lnd.client": ("aiohttp", "sqlite3", "gateway.store", "gateway.web", "regtest"),
-    "gateway.lnd.connection": ("aiohttp", "sqlite3", "gateway.ports", "regtest"),
+    "gateway.lnd.client": (
+        "aiohttp",
+        "sqlite3",
+        "gateway.store",
+        "gateway.web",
+        "gateway.cli",
+        "regtest",
+    ),
+    "gateway.lnd.connection": ("aiohttp", "sqlite3", "gateway.ports", "gateway.cli", "regtest"),
     "gateway.web.aiohttp": ("grpc", "sqlite3", "gateway.lnd", "gateway.store", "gateway.cli"),
     "gateway.web.proxy": ("grpc", "sqlite3", "gateway.lnd", "gateway.store", "gateway.cli"),
+    "gateway.web.server": ("grpc", "sqlite3", "gateway.lnd", "gateway.store", "gateway.cli"),
     "gateway.client": ("grpc", "aiohttp", "httpx", "sqlite3", "regtest", *_WIRING),
     "gateway.client.aiohttp": ("grpc", "httpx", "sqlite3", "regtest", *_WIRING),
     "gateway.client.httpx": ("grpc", "aiohttp", "sqlite3", "regtest", *_WIRING),
-    "gateway.web.asgi": ("grpc", "aiohttp", "sqlite3", "gateway.lnd", "gateway.store"),
+    "gateway.web.asgi": (
+        "grpc",
+        "aiohttp",
+        "sqlite3",
+        "gateway.lnd",
+        "gateway.store",
+        "gateway.cli",
+    ),
+    # The composition root wires the adapters; an ASGI app gets it without aiohttp.
+    "gateway.runtime": ("aiohttp", "gateway.cli", "regtest"),
 }
 
 
@@ -50,3 +72,32 @@ def test_module_imports_stay_in_their_layer(module: str, forbidden: tuple[str, .
         if name == banned or name.startswith(banned + ".")
     ]
     assert leaked == [], f"{module} imports {leaked}"
+
+
+def _modules_outside_the_command_line() -> list[str]:
+    root = Path(gateway.__file__).parent
+    names = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts[-1] != "__main__" and parts[:2] != ("gateway", "cli"):
+            names.append(".".join(parts))
+    return names
+
+
+def test_no_module_imports_the_command_line() -> None:
+    """Every gateway module but the command line's, all imported in one interpreter, leave
+    ``gateway.cli`` unloaded: nothing imports the CLI."""
+    modules = _modules_outside_the_command_line()
+    assert {"gateway", "gateway.runtime", "gateway.web.server"} <= set(modules)
+    probe = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "print(json.dumps(sorted(m for m in sys.modules\n"
+        "                        if m == 'gateway.cli' or m.startswith('gateway.cli.'))))"
+    )
+    result = subprocess.run(  # noqa: S603 - our own interpreter and module names
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert json.loads(result.stdout) == []

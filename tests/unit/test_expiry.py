@@ -15,13 +15,14 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from gateway import cli, errors, l402
+from gateway import errors, l402, runtime
 from gateway.config import Config, LndConfig, RouteConfig, StoreConfig
 from gateway.expiry import EXPIRY_GRACE, InvoiceSweeper, SweepResult
 from gateway.ports import Cursor, InvoiceState, Msat, PaymentHash, Store
 from gateway.pricing import Pricing, Rule
-from gateway.service import Allow, Challenge, L402Service, RequestInfo
+from gateway.service import Allow, L402Service, PaymentChallenge, RequestInfo
 from gateway.store import MemoryStore, SqliteStore
+from gateway.supervisor import Supervisor, TaskState
 from gateway.watcher import InvoiceWatcher
 from tests.fakes import FakeClock, FakeInvoiceBackend
 
@@ -60,16 +61,16 @@ class Env:
         options.setdefault("retention", RETENTION)
         self.sweeper = InvoiceSweeper(self.backend, store, self.clock, **options)
 
-    async def challenge(self) -> Challenge:
+    async def challenge(self) -> PaymentChallenge:
         decision = await self.service.authorize(RequestInfo("GET", PATH, "10.0.0.1"))
-        assert isinstance(decision, Challenge)
+        assert isinstance(decision, PaymentChallenge)
         return decision
 
-    async def state(self, challenge: Challenge) -> InvoiceState | None:
+    async def state(self, challenge: PaymentChallenge) -> InvoiceState | None:
         record = await self.store.get_invoice(hash_of(challenge))
         return None if record is None else record.state
 
-    async def root_key(self, challenge: Challenge) -> bytes | None:
+    async def root_key(self, challenge: PaymentChallenge) -> bytes | None:
         macaroon = l402.decode_b64(challenge.macaroon)
         return await self.store.get_root_key(hashlib.sha256(macaroon.identifier).digest())
 
@@ -77,7 +78,7 @@ class Env:
         self.clock.advance(EXPIRY + EXPIRY_GRACE + 1)
 
 
-def hash_of(challenge: Challenge) -> PaymentHash:
+def hash_of(challenge: PaymentChallenge) -> PaymentHash:
     return PaymentHash(bytes.fromhex(challenge.payment_hash))
 
 
@@ -226,7 +227,6 @@ async def test_pruning_per_pass_is_bounded(store: Store) -> None:
     [
         {"interval": 0},
         {"busy_pause": -1},
-        {"initial_backoff": 0},
         {"retention": -1},
         {"grace": -1},
         {"max_lookups": 0},
@@ -267,34 +267,21 @@ async def test_a_crashed_pass_is_logged_with_its_traceback_and_restarted(
         [RuntimeError("bug"), errors.BackendUnavailable("node down")],
         retention=1,
         interval=60,
-        initial_backoff=0.01,
     )
-    task = asyncio.create_task(sweeper.run())
-    try:
+    async with Supervisor(initial_backoff=0.01) as supervisor:
+        supervisor.start("l402-invoice-sweeper", sweeper.run)
         await asyncio.wait_for(sweeper.done.wait(), 5)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-    assert task.cancelled()  # the shutdown path: cancelled, not failed
     assert sweeper.passes == 3
+    (health,) = supervisor.health()
+    assert (health.state, health.restarts) == (TaskState.STOPPED, 2)
     crashed = [r for r in caplog.records if "crashed" in r.getMessage()]
     assert len(crashed) == 1
     assert crashed[0].levelno == logging.ERROR
     assert crashed[0].exc_info is not None
-    failed = [r for r in caplog.records if "sweep failed" in r.getMessage()]
+    failed = [r for r in caplog.records if "failed: node down" in r.getMessage()]
     assert len(failed) == 1
     assert failed[0].levelno == logging.WARNING
     assert failed[0].exc_info is None
-
-
-def test_backoff_doubles_is_capped_at_the_interval_and_jittered() -> None:
-    sweeper = InvoiceSweeper(
-        FakeInvoiceBackend(), MemoryStore(), FakeClock(), retention=1, interval=10
-    )
-    for failures, ceiling in ((1, 1.0), (2, 2.0), (4, 8.0), (5, 10.0), (10_000, 10.0)):
-        delays = {sweeper._backoff(failures) for _ in range(50)}
-        assert all(ceiling / 2 <= delay <= ceiling for delay in delays), (failures, delays)
-        assert len(delays) > 1  # jittered
 
 
 async def test_a_busy_pass_is_followed_sooner(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -342,35 +329,48 @@ class _FakeLnd:
 
 
 @pytest.mark.parametrize("watch", [True, False])
-async def test_running_gateway_runs_the_sweeper_where_the_watcher_runs(
+async def test_running_runtime_supervises_the_sweeper_where_the_watcher_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watch: bool
 ) -> None:
     (tmp_path / "tls.cert").write_bytes(b"x")
     clock = FakeClock()
     backend = FakeInvoiceBackend(clock)
     monkeypatch.setattr(_FakeLnd, "backend", backend, raising=False)
-    monkeypatch.setattr(cli, "LndClient", _FakeLnd)
+    monkeypatch.setattr(runtime, "LndClient", _FakeLnd)
+    database = tmp_path / "g.db"
     config = Config(
         lnd=LndConfig(tls_cert=tmp_path / "tls.cert", macaroon_hex="00"),
-        store=StoreConfig(
-            url=f"sqlite:{tmp_path / 'g.db'}", unpaid_retention=60, sweep_interval=0.01
-        ),
+        store=StoreConfig(url=f"sqlite:{database}", unpaid_retention=60, sweep_interval=0.01),
         routes=(RouteConfig(pattern="/api/premium/*", price_msat=10_000),),
     )
-    async with cli.running_gateway(config, clock=clock, watch=watch) as service:
-        challenge = await service.authorize(RequestInfo("GET", PATH, "10.0.0.1"))
-        assert isinstance(challenge, Challenge)
-        backend.cancel(hash_of(challenge))
-        clock.advance(config.l402.invoice_expiry + 60 + EXPIRY_GRACE + 1)
-        store = service._store
-        for _ in range(100):  # up to a second: the sweeper's passes are 10 ms apart
-            if await store.get_invoice(hash_of(challenge)) is None:
-                break
-            await asyncio.sleep(0.01)
-        pruned = await store.get_invoice(hash_of(challenge)) is None
-        names = {task.get_name() for task in asyncio.all_tasks()}
+    async with runtime.running_runtime(config, clock=clock, watch=watch) as running:
+        with running.events.subscribe("test") as events:
+            challenge = await running.service.authorize(RequestInfo("GET", PATH, "10.0.0.1"))
+            assert isinstance(challenge, PaymentChallenge)
+            backend.cancel(hash_of(challenge))
+            clock.advance(config.l402.invoice_expiry + 60 + EXPIRY_GRACE + 1)
+            if watch:  # the sweeper publishes what it recorded
+                recorded = await asyncio.wait_for(anext(events), 5)
+                assert (recorded.payment_hash, recorded.state) == (
+                    hash_of(challenge),
+                    InvoiceState.CANCELED,
+                )
+            health = {task.name: task.state for task in running.health()}
+        store = await SqliteStore.open(database)  # a second connection, as another process
+        try:
+            for _ in range(500 if watch else 10):  # passes are 10 ms apart
+                pruned = await store.get_invoice(hash_of(challenge)) is None
+                if pruned:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            await store.close()
     assert pruned is watch
-    assert ("l402-invoice-sweeper" in names) is watch
+    assert health == (
+        {"l402-invoice-watcher": TaskState.RUNNING, "l402-invoice-sweeper": TaskState.RUNNING}
+        if watch
+        else {}
+    )
     assert "l402-invoice-sweeper" not in {task.get_name() for task in asyncio.all_tasks()}
 
 

@@ -3,7 +3,7 @@ WWW-Authenticate challenge (the gateway's parser and the paying client's), the V
 decoder, the caveat checker and the configuration loader.
 
 Property everywhere: only the documented errors escape (``gateway.l402.L402Error`` for the
-protocol, ``gateway.errors.ClientError`` for the client, ``ConfigError`` for the
+protocol, ``gateway.client.ClientError`` for the client, ``ConfigError`` for the
 configuration). The inputs are mutations of genuine values and grammar-shaped garbage, so
 the fuzzer gets past the first check into the deeper ones; where a parse succeeds, a
 stronger property is checked (a mutated credential never verifies unless it decodes to the
@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import l402
-from gateway.cli import build_pricing
+from gateway.client.errors import ClientError
 from gateway.client.offer import read_offer
 from gateway.config import (
     L402Config,
@@ -40,8 +40,9 @@ from gateway.config import (
     StoreConfig,
     load_config,
 )
-from gateway.errors import ClientError, ConfigError
-from tests.unit.client.client_helpers import NOW, make_invoice
+from gateway.errors import ConfigError
+from gateway.runtime import build_pricing
+from tests.fakes import NOW, make_invoice
 
 SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
 

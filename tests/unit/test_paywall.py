@@ -17,9 +17,9 @@ from gateway import l402
 from gateway.ports import Msat
 from gateway.pricing import Pricing, Rule
 from gateway.service import (
-    Challenge,
     Deny,
     L402Service,
+    PaymentChallenge,
     RedeemResult,
     RedeemState,
     RequestInfo,
@@ -48,8 +48,8 @@ INVOICE = "lnbcrt100n1p4svv73pp5jwr6dq9dukxw8klrg39qqqqqqqqqqqqqqqqqqqqqqqqqqqqq
 MACAROON = l402.encode_b64(
     l402.mint_token(bytes(32), bytes(32), bytes(32), ["services=premium:0"], location="x")
 )
-CHALLENGE = Challenge(
-    reason="payment required",
+CHALLENGE = PaymentChallenge(
+    reason=l402.ChallengeReason.PAYMENT_REQUIRED,
     macaroon=MACAROON,
     invoice=INVOICE,
     payment_hash="ab" * 32,
@@ -246,9 +246,9 @@ def test_lifetime_in_words(seconds: int, text: str) -> None:
 def test_reason_is_shown_when_it_is_not_the_first_visit() -> None:
     first = render_paywall(CHALLENGE).body.decode()
     assert 'class="reason"' not in first
-    again = dataclasses.replace(CHALLENGE, reason="token expired")
+    again = dataclasses.replace(CHALLENGE, reason=l402.ChallengeReason.EXPIRED)
     assert "Your access has expired" in render_paywall(again).body.decode()
-    other = dataclasses.replace(CHALLENGE, reason="token lacks a required capability")
+    other = dataclasses.replace(CHALLENGE, reason=l402.ChallengeReason.MISSING_CAPABILITY)
     assert "(token lacks a required capability)" in render_paywall(other).body.decode()
 
 
@@ -278,7 +278,7 @@ def test_expires_in_counts_from_the_challenge() -> None:
 
 def test_redeem_cookie_attributes() -> None:
     result = RedeemResult(
-        RedeemState.SETTLED, 1.0, credential="AgE-_x:" + "ab" * 32, cookie_path="/p", max_age=99
+        RedeemState.SETTLED, 1.0, credential="AgE-_x:" + "ab" * 32, path="/p", max_age=99
     )
     value = redeem_cookie(result)
     assert (
@@ -287,8 +287,11 @@ def test_redeem_cookie_attributes() -> None:
     parsed = SimpleCookie()
     parsed.load(value)
     assert parsed["L402"].value == f"AgE-_x:{'ab' * 32}"
-    session = RedeemResult(RedeemState.SETTLED, 1.0, credential="m:00", cookie_path="/")
+    session = RedeemResult(RedeemState.SETTLED, 1.0, credential="m:00", path="/")
     assert "Max-Age" not in redeem_cookie(session)
+    # The path the token was bought for, cut to what a Set-Cookie header can carry.
+    unsafe = RedeemResult(RedeemState.SETTLED, 1.0, credential="m:00", path="/a/b;Domain=x")
+    assert "; Path=/a; " in redeem_cookie(unsafe)
     with pytest.raises(ValueError, match="settled"):
         redeem_cookie(RedeemResult(RedeemState.PENDING, 1.0))
 
@@ -375,7 +378,7 @@ async def test_method_content_type_size_and_origin_are_checked() -> None:
 async def test_pending_then_settled_with_the_cookie() -> None:
     svc, backend, clock = service()
     decision = await svc.authorize(RequestInfo("GET", "/paid/thing", "127.0.0.1"))
-    assert isinstance(decision, Challenge)
+    assert isinstance(decision, PaymentChallenge)
     body = json.dumps({"macaroon": decision.macaroon})
     pending = await redeem(svc, body)
     assert pending.status == 200

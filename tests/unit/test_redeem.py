@@ -1,5 +1,5 @@
-"""The core's side of the browser paywall: redeem(), the L402 cookie as a credential, and the
-cookie helpers, over the fake node and the memory store."""
+"""The core's side of the browser paywall: redeem(), and the L402 cookie as a credential, over
+the fake node and the memory store."""
 
 from __future__ import annotations
 
@@ -11,23 +11,20 @@ from typing import Any
 import pytest
 
 from gateway import errors, l402
-from gateway.ports import InvoiceState, InvoiceUpdate, Msat, PaymentHash
-from gateway.pricing import PriceRequest, Pricing, Rule
+from gateway.ports import InvoiceRecord, InvoiceState, InvoiceUpdate, Msat, PaymentHash
+from gateway.pricing import Pricing, Rule
 from gateway.service import (
     MAX_REDEEM_MACAROON_CHARS,
     REDEEM_LOOKUP_INTERVAL,
     Allow,
-    Challenge,
     Decision,
     Deny,
     L402Service,
+    PaymentChallenge,
     RateLimiter,
     RedeemResult,
     RedeemState,
     RequestInfo,
-    cookie_path,
-    l402_cookie_values,
-    without_l402_cookie,
 )
 from gateway.store import MemoryStore
 from tests.fakes import FakeClock, FakeInvoiceBackend
@@ -48,13 +45,29 @@ RULES = (
 )
 
 
+class BrokenStore(MemoryStore):
+    """Fails every root-key and invoice read once ``broken`` is set."""
+
+    broken = False
+
+    async def get_root_key(self, key_id: bytes) -> bytes | None:
+        if self.broken:
+            raise errors.StoreError("disk on fire")
+        return await super().get_root_key(key_id)
+
+    async def get_invoice(self, payment_hash: PaymentHash) -> InvoiceRecord | None:
+        if self.broken:
+            raise errors.StoreError("disk on fire")
+        return await super().get_invoice(payment_hash)
+
+
 class Env:
     def __init__(
         self, rules: Sequence[Rule] = RULES, clock: FakeClock | None = None, **options: Any
     ) -> None:
         self.clock = clock or FakeClock()
         self.backend = FakeInvoiceBackend(self.clock)
-        self.store = MemoryStore()
+        self.store = BrokenStore()
         self.service = L402Service(
             pricing=Pricing(rules),
             backend=self.backend,
@@ -69,29 +82,21 @@ class Env:
         path: str = PREMIUM,
         authorization: Sequence[str] = (),
         cookies: Sequence[str] = (),
-        headers: Sequence[tuple[str, str]] = (),
     ) -> Decision:
         return await self.service.authorize(
-            RequestInfo(
-                "GET",
-                path,
-                CLIENT,
-                tuple(authorization),
-                headers=tuple(headers),
-                cookies=tuple(cookies),
-            )
+            RequestInfo("GET", path, CLIENT, tuple(authorization), cookies=tuple(cookies))
         )
 
-    async def challenge(self, path: str = PREMIUM) -> Challenge:
+    async def challenge(self, path: str = PREMIUM) -> PaymentChallenge:
         decision = await self.ask(path)
-        assert isinstance(decision, Challenge)
+        assert isinstance(decision, PaymentChallenge)
         return decision
 
-    def pay(self, challenge: Challenge) -> str:
+    def pay(self, challenge: PaymentChallenge) -> str:
         """Settle at the node (the store learns it only through a watcher, absent here)."""
         return self.backend.pay(bytes.fromhex(challenge.payment_hash)).hex()
 
-    async def settle_in_store(self, challenge: Challenge) -> None:
+    async def settle_in_store(self, challenge: PaymentChallenge) -> None:
         invoice = self.backend.invoices[bytes.fromhex(challenge.payment_hash)]
         await self.store.apply_update(
             InvoiceUpdate(
@@ -140,7 +145,7 @@ async def test_paid_gives_the_credential_for_the_cookie() -> None:
     env.clock.advance(100)
     result = await env.redeem(challenge.macaroon)
     assert result.state is RedeemState.SETTLED
-    assert result.cookie_path == PREMIUM
+    assert result.path == PREMIUM
     assert result.max_age == LIFETIME - 100
     assert result.credential is not None
     macaroon_text, preimage_hex = result.credential.split(":")
@@ -293,11 +298,7 @@ async def test_node_or_store_down_is_503() -> None:
         503, "Lightning node unavailable", retry_after=5
     )
 
-    class BrokenStore(MemoryStore):
-        async def get_root_key(self, key_id: bytes) -> bytes | None:
-            raise errors.StoreError("disk on fire")
-
-    env.service._store = BrokenStore()
+    env.store.broken = True
     result = await env.service.redeem(challenge.macaroon, client=CLIENT)
     assert isinstance(result, Deny)
     assert result.status == 503
@@ -349,7 +350,7 @@ async def test_a_refused_redeem_does_no_work() -> None:
     env = Env(clock=clock, redeem_limiter=RateLimiter(1.0, 1, 100, clock))
     challenge = await env.challenge()
     await env.redeem(challenge.macaroon)
-    env.service._store = None  # type: ignore[assignment]  # any store access would raise
+    env.store.broken = True  # any store access would be a 503
     result = await env.service.redeem("garbage!", client=CLIENT)
     assert isinstance(result, Deny)
     assert result.status == 429
@@ -418,7 +419,7 @@ async def test_a_bad_cookie_gets_a_challenge_not_a_401() -> None:
     macaroon, _ = credential.split(":")
     for bad in ("garbage", f"{macaroon}:{'00' * 32}", "a:b:c", f"{macaroon}:zz"):
         decision = await env.ask(cookies=[bad])
-        assert isinstance(decision, Challenge), bad
+        assert isinstance(decision, PaymentChallenge), bad
         assert decision.reason == "payment required"
 
 
@@ -427,7 +428,7 @@ async def test_an_expired_cookie_says_so_in_the_challenge() -> None:
     credential = await _paid_credential(env)
     env.clock.advance(LIFETIME)
     decision = await env.ask(cookies=[credential])
-    assert isinstance(decision, Challenge)
+    assert isinstance(decision, PaymentChallenge)
     assert decision.reason == "token expired"
 
 
@@ -460,30 +461,14 @@ async def test_cookie_store_failure_is_503() -> None:
     env = Env()
     good = await _paid_credential(env)
 
-    class BrokenStore(MemoryStore):
-        async def get_root_key(self, key_id: bytes) -> bytes | None:
-            raise errors.StoreError("disk on fire")
-
-    env.service._store = BrokenStore()
+    env.store.broken = True
     decision = await env.ask(cookies=[good])
     assert isinstance(decision, Deny)
     assert decision.status == 503
 
 
-async def test_price_function_never_sees_the_l402_cookie() -> None:
-    seen: list[PriceRequest] = []
-
-    async def price(request: PriceRequest) -> int:
-        seen.append(request)
-        return 1_000
-
-    env = Env((Rule("/dyn", price_function=price, service="dyn"),))
-    await env.ask("/dyn", headers=[("Cookie", "a=1; L402=secret:00; b=2"), ("Cookie", "L402=x")])
-    assert seen[0].headers == (("Cookie", "a=1; b=2"), ("Cookie", ""))
-
-
 def test_challenge_says_what_it_buys() -> None:
-    challenge = Challenge("r", "m", "i", "h", 1, 2.0)
+    challenge = PaymentChallenge(l402.ChallengeReason.PAYMENT_REQUIRED, "m", "i", "h", 1, 2.0)
     assert (challenge.service, challenge.method, challenge.path, challenge.lifetime) == (
         "",
         "",
@@ -501,50 +486,6 @@ async def test_challenge_carries_what_it_buys() -> None:
     assert challenge.lifetime == LIFETIME
     assert challenge.issued_at == env.clock.now()
     assert challenge.expires_at == env.clock.now() + EXPIRY
-
-
-# --- cookie helpers ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("path", "expected"),
-    [
-        ("/api/premium/fortune", "/api/premium/fortune"),
-        ("/", "/"),
-        ("/a/b-c_d.e~f/@x:y!$&'()*+=", "/a/b-c_d.e~f/@x:y!$&'()*+="),
-        ("/a/b;Domain=evil.example", "/a"),
-        ("/a/b c", "/a"),
-        ("/a/b,c/d", "/a"),
-        ("/docs/caf\u00e9", "/docs"),
-        ("/x%2Fy", "/"),
-        ("/a\r\nSet-Cookie: x=1", "/"),
-        ("relative", "/"),
-        ("", "/"),
-    ],
-)
-def test_cookie_path(path: str, expected: str) -> None:
-    assert cookie_path(path) == expected
-
-
-def test_l402_cookie_values() -> None:
-    headers = ['a=1; L402=one:aa; b="2"', 'L402="two:bb"', "L402=; L402", "xL402=no; L4022=no"]
-    assert l402_cookie_values(headers) == ("one:aa", "two:bb")
-    assert l402_cookie_values([]) == ()
-
-
-@pytest.mark.parametrize(
-    ("header", "expected"),
-    [
-        ("a=1; L402=mac:hex; b=2", "a=1; b=2"),
-        ("L402=mac:hex", None),
-        ("L402=x;L402=y", None),
-        ("a=1", "a=1"),
-        (" a=1 ;  ; L402=z", "a=1"),
-        ("l402=lowercase-is-another-cookie", "l402=lowercase-is-another-cookie"),
-    ],
-)
-def test_without_l402_cookie(header: str, expected: str | None) -> None:
-    assert without_l402_cookie(header) == expected
 
 
 def test_redeem_result_repr_hides_the_credential() -> None:

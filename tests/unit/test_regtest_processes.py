@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from regtest.network import _until
-from regtest.processes import ManagedProcess, NodeStartError, free_ports
+from regtest.processes import ManagedProcess, NodeStartError, free_ports, until
 
 
 def test_free_ports_are_distinct() -> None:
@@ -28,7 +27,7 @@ async def test_dead_process_is_reported_with_its_log(tmp_path: Path) -> None:
         return None
 
     with pytest.raises(NodeStartError) as failure:
-        await _until("alice to become SERVER_ACTIVE", never, 30, [process])
+        await until("alice to become SERVER_ACTIVE", never, 30, [process])
     message = str(failure.value)
     assert "alice stopped while waiting for alice to become SERVER_ACTIVE" in message
     assert "exited with code 3" in message
@@ -48,7 +47,7 @@ async def test_stuck_process_times_out_and_is_stopped(tmp_path: Path) -> None:
         return None
 
     with pytest.raises(NodeStartError, match=r"carol timed out after 1s .* still running"):
-        await _until("carol's RPC", never, 1, [process], interval=0.05)
+        await until("carol's RPC", never, 1, [process], interval=0.05)
     await process.stop(grace=5)
     assert process.exited() is not None
 
@@ -61,12 +60,12 @@ async def test_killed_process_respawns_with_the_same_arguments_and_log(tmp_path:
     async def started(count: int) -> bool | None:
         return True if log.read_text().count("started") == count else None
 
-    await _until("the first start", lambda: started(1), 10, [process], interval=0.05)
+    await until("the first start", lambda: started(1), 10, [process], interval=0.05)
     await process.kill()
     assert process.exited() == -signal.SIGKILL
     again = process.respawn()
     try:
-        await _until("the second start", lambda: started(2), 10, [again], interval=0.05)
+        await until("the second start", lambda: started(2), 10, [again], interval=0.05)
         assert again.pid != process.pid
         assert f"started {again.pid}" in log.read_text()
     finally:

@@ -7,14 +7,14 @@ import json
 import pytest
 
 from gateway import l402
-from gateway.service import Challenge, Deny, PaidToken
+from gateway.service import Deny, PaidToken, PaymentChallenge
 from gateway.web.responses import client_address, render, token_header_value
 
 MACAROON = l402.encode_b64(
     l402.mint_token(bytes(32), bytes(32), bytes(32), ["services=api:0"], location="x")
 )
-CHALLENGE = Challenge(
-    reason="token expired",
+CHALLENGE = PaymentChallenge(
+    reason=l402.ChallengeReason.EXPIRED,
     macaroon=MACAROON,
     invoice="lnbcrt10n1fake",
     payment_hash="ab" * 32,

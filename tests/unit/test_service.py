@@ -1,31 +1,42 @@
-"""The core: authorize() -> Allow / Challenge / Deny, over the fake node and the memory store."""
+"""The core: authorize() -> Allow / PaymentChallenge / Deny, over the fake node and the memory
+store."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
 
 import pytest
 
 from gateway import errors, l402
-from gateway.ports import InvoiceRecord, InvoiceState, Msat, NewInvoice, PaymentHash
+from gateway.ports import (
+    InvoiceRecord,
+    InvoiceState,
+    Msat,
+    NewInvoice,
+    PaymentHash,
+    StoreOperations,
+)
 from gateway.pricing import MAX_PRICE_MSAT, PriceRequest, Pricing, Rule
 from gateway.service import (
     Allow,
-    Challenge,
     Decision,
     Deny,
     L402Service,
     PaidToken,
+    PaymentChallenge,
     RateLimiter,
     RequestInfo,
 )
+from gateway.service.caches import AllowedCache, KnownToken, RootKeyCache
 from gateway.store import MemoryStore
 from gateway.watcher import InvoiceWatcher
+from gateway.web.cookies import headers_for_pricing
 from tests.fakes import FakeClock, FakeInvoiceBackend
 
 PREMIUM = "/api/premium/fortune"
@@ -87,12 +98,12 @@ class Env:
             RequestInfo(method, path, client, tuple(authorization), query, tuple(headers))
         )
 
-    async def challenge(self, path: str = PREMIUM, **kwargs: Any) -> Challenge:
+    async def challenge(self, path: str = PREMIUM, **kwargs: Any) -> PaymentChallenge:
         decision = await self.ask(path, **kwargs)
-        assert isinstance(decision, Challenge), decision
+        assert isinstance(decision, PaymentChallenge), decision
         return decision
 
-    def pay(self, challenge: Challenge) -> bytes:
+    def pay(self, challenge: PaymentChallenge) -> bytes:
         return self.backend.pay(bytes.fromhex(challenge.payment_hash))
 
     async def credential(self, path: str = PREMIUM, scheme: str = "L402") -> str:
@@ -324,7 +335,7 @@ async def test_appended_caveats_can_only_narrow() -> None:
     assert token.capabilities == frozenset({"read"})
     assert token.valid_until == int(env.clock.now()) + 3600
     admin = await env.ask("/api/admin/x", [with_macaroon(value, macaroon)])
-    assert isinstance(admin, Challenge)
+    assert isinstance(admin, PaymentChallenge)
     assert admin.reason == "token lacks a required capability"
 
 
@@ -443,13 +454,26 @@ async def test_other_backend_errors(error: errors.BackendError, status: int) -> 
     denied(await env.ask(), status)
 
 
+class _RootKeyWriteFails:
+    """A transaction whose root-key write fails after the invoice was written in it."""
+
+    def __init__(self, tx: StoreOperations) -> None:
+        self._tx = tx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    async def put_root_key(self, key_id: bytes, token_id: bytes, root_key: bytes) -> None:
+        raise errors.StoreError("disk full")
+
+
 class BrokenStore(MemoryStore):
     broken = False
 
-    async def put_root_key(self, key_id: bytes, token_id: bytes, root_key: bytes) -> None:
-        if self.broken:
-            raise errors.StoreError("disk full")
-        await super().put_root_key(key_id, token_id, root_key)
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[StoreOperations]:
+        async with super().transaction() as tx:
+            yield cast(StoreOperations, _RootKeyWriteFails(tx)) if self.broken else tx
 
     async def get_root_key(self, key_id: bytes) -> bytes | None:
         if self.broken:
@@ -461,9 +485,12 @@ async def test_store_failures_are_503() -> None:
     store = BrokenStore()
     env = Env(store=store)
     value = await env.credential()
+    stored = await store.list_invoices()
     store.broken = True
     assert denied(await env.ask(authorization=[value]), 503).retry_after
     assert denied(await env.ask(), 503).retry_after
+    # The challenge's invoice went with its root key: no invoice tracked without its token.
+    assert await store.list_invoices() == stored
 
 
 # --- rate limiting -----------------------------------------------------------------------
@@ -596,7 +623,9 @@ async def test_price_function_sees_the_request() -> None:
     challenge = await env.challenge(
         "/quote",
         query="n=3",
-        headers=[("Accept", "application/json"), ("Authorization", "Bearer x")],
+        headers=headers_for_pricing(
+            [("Accept", "application/json"), ("Authorization", "Bearer x")]
+        ),
         authorization=["Bearer x"],
     )
     assert challenge.amount_msat == 3_000
@@ -604,7 +633,8 @@ async def test_price_function_sees_the_request() -> None:
     assert seen.method == "GET"
     assert seen.path == "/quote"
     assert seen.query == "n=3"
-    # The credential is a secret: a price function (user code that may log) never sees it.
+    # The credential is a secret: a price function (user code that may log) never sees it
+    # (the adapters describe a request to the core without it).
     assert seen.headers == (("Accept", "application/json"),)
 
 
@@ -645,7 +675,9 @@ async def test_failing_price_function_is_500_and_logged_without_secrets(
         decision = await env.ask(
             "/quote",
             [credential],
-            headers=[("Authorization", credential), ("Proxy-Authorization", "Basic c2VjcmV0")],
+            headers=headers_for_pricing(
+                [("Authorization", credential), ("Proxy-Authorization", "Basic c2VjcmV0")]
+            ),
         )
     deny = denied(decision, 500)
     assert deny.reason == "price function failed"
@@ -821,7 +853,7 @@ async def test_cached_allow_still_expires() -> None:
     allowed(await env.ask(PREMIUM, [credential]))
     env.clock.advance(3600)
     decision = await env.ask(PREMIUM, [credential])
-    assert isinstance(decision, Challenge)
+    assert isinstance(decision, PaymentChallenge)
     assert decision.reason == "token expired"
 
 
@@ -852,7 +884,7 @@ async def test_cached_allow_respects_a_holder_added_paths_caveat() -> None:
     narrowed = with_macaroon(credential, macaroon.add_caveat("premium_paths=/api/premium/one"))
     allowed(await env.ask("/api/premium/one", [narrowed]))
     decision = await env.ask("/api/premium/two", [narrowed])
-    assert isinstance(decision, Challenge)
+    assert isinstance(decision, PaymentChallenge)
     assert decision.reason == "path not allowed by token"
 
 
@@ -868,15 +900,27 @@ async def test_allowed_again_is_the_adapters_fast_path() -> None:
     assert env.service.allowed_again((credential,), "GET", PREMIUM) is None
 
 
-async def test_caches_keep_only_tokens_used_within_the_cache_age() -> None:
-    env = Env(root_key_cache_seconds=5.0)
-    for _ in range(3):
-        allowed(await env.ask(authorization=[await env.credential()]))
-    env.clock.advance(5)
-    allowed(await env.ask(authorization=[await env.credential()]))
+def test_root_key_cache_keeps_only_tokens_read_within_its_age() -> None:
+    cache = RootKeyCache(max_age=5.0)
+    for n in range(3):
+        cache.put(bytes([n]), KnownToken(b"k", 1, settled=True, fetched_at=0.0))
+    cache.put(b"new", KnownToken(b"k", 1, settled=True, fetched_at=5.0))
     # The stale entries went when the new one came in: memory follows recent use.
-    assert len(env.service._allowed) == 1
-    assert len(env.service._cache._entries) == 1
+    assert len(cache) == 1
+    assert cache.get(b"new", 5.0) is not None
+
+
+def test_allowed_cache_keeps_only_decisions_still_valid() -> None:
+    clock = FakeClock()
+    cache = AllowedCache(clock)
+    start = clock.now()
+    for n in range(3):
+        cache.put(((f"L402 {n}",), "GET", PREMIUM), Allow(None), start, start + 5, start)
+    clock.advance(5)
+    now = clock.now()
+    cache.put((("L402 new",), "GET", PREMIUM), Allow(None), now, now + 5, now)
+    assert len(cache) == 1
+    assert cache.get((("L402 new",), "GET", PREMIUM)) == Allow(None)
 
 
 class _SlowBackend(FakeInvoiceBackend):
@@ -911,5 +955,5 @@ async def test_invoices_created_at_once_are_bounded_over_all_clients() -> None:
     assert backend.pending == 4  # the other 16 wait for a slot instead of reaching the node
     backend.release.set()
     decisions = await asyncio.gather(*asks)
-    assert all(isinstance(decision, Challenge) for decision in decisions)
+    assert all(isinstance(decision, PaymentChallenge) for decision in decisions)
     assert backend.most_pending == 4

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.cli import _offer_text
+from gateway import l402
+from gateway.cli.pay import offer_text
 from gateway.client.offer import Offer
 from gateway.ports import Msat
 from gateway.pricing import Pricing, Rule
-from gateway.service import MEMO_LIMIT, Challenge, L402Service, RequestInfo
+from gateway.service import MEMO_LIMIT, L402Service, PaymentChallenge, RequestInfo
 from gateway.store import MemoryStore
 from gateway.text import printable
 from tests.fakes import FakeClock, FakeInvoiceBackend
@@ -72,8 +73,9 @@ async def test_the_memo_escapes_a_hostile_path() -> None:
     clock = FakeClock()
     backend = FakeInvoiceBackend(clock)
     gateway = service(backend, clock)
-    decision = await gateway.challenge(RequestInfo("GET", HOSTILE, "203.0.113.7"), RULE, "pay")
-    assert isinstance(decision, Challenge)
+    request = RequestInfo("GET", HOSTILE, "203.0.113.7")
+    decision = await gateway.challenge(request, RULE, l402.ChallengeReason.PAYMENT_REQUIRED)
+    assert isinstance(decision, PaymentChallenge)
     (invoice,) = backend.invoices.values()
     assert is_safe(invoice.memo)
     assert len(invoice.memo) <= MEMO_LIMIT
@@ -86,7 +88,7 @@ async def test_a_bidi_override_reaching_the_memo_through_authorize_is_escaped() 
     decision = await service(backend, clock).authorize(
         RequestInfo("GET", "/files/\u202egpj.exe", "203.0.113.7")
     )
-    assert isinstance(decision, Challenge)
+    assert isinstance(decision, PaymentChallenge)
     (invoice,) = backend.invoices.values()
     assert invoice.memo == "api: GET /files/\\u202egpj.exe"
 
@@ -96,7 +98,8 @@ async def test_a_long_escaped_memo_stays_within_the_limit_without_a_torn_escape(
     backend = FakeInvoiceBackend(clock)
     gateway = service(backend, clock)
     path = "/" + "x" * 106 + "\u202e" * 10  # the first escape would end past character 120
-    await gateway.challenge(RequestInfo("GET", path, "203.0.113.7"), RULE, "pay")
+    request = RequestInfo("GET", path, "203.0.113.7")
+    await gateway.challenge(request, RULE, l402.ChallengeReason.PAYMENT_REQUIRED)
     (invoice,) = backend.invoices.values()
     assert invoice.memo == "api: GET /" + "x" * 106
     assert len(invoice.memo) <= MEMO_LIMIT
@@ -117,7 +120,7 @@ def test_pay_shows_the_server_chosen_description_escaped() -> None:
         valid_until=None,
         services=("api",),
     )
-    text = _offer_text(offer, max_cost_msat=1000)
+    text = offer_text(offer, max_cost_msat=1000)
     assert "\x1b" not in text
     assert "\u202e" not in text
     assert "for:      fortune\\x1b[2J\\x1b[Hpaid: 0 sat\\u202e" in text

@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import pytest
 
 from gateway import errors
+from gateway.events import InvoiceEvents, Subscription
 from gateway.ports import (
     Cursor,
     Invoice,
@@ -59,23 +60,25 @@ class WatchedStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.changed = asyncio.Condition()
+        self.cursor_saved = Cursor()
 
     async def _notify(self) -> None:
         async with self.changed:
             self.changed.notify_all()
 
-    async def apply_update(self, update: InvoiceUpdate) -> bool:
-        tracked = await super().apply_update(update)
+    async def apply_update(self, update: InvoiceUpdate) -> InvoiceRecord | None:
+        record = await super().apply_update(update)
         await self._notify()
-        return tracked
+        return record
 
     async def save_cursor(self, cursor: Cursor) -> None:
         await super().save_cursor(cursor)
+        self.cursor_saved = await self.get_cursor()
         await self._notify()
 
     async def wait_cursor(self, cursor: Cursor) -> None:
         async with asyncio.timeout(TIMEOUT), self.changed:
-            await self.changed.wait_for(lambda: self._cursor == cursor)
+            await self.changed.wait_for(lambda: self.cursor_saved == cursor)
 
 
 class Running:
@@ -103,6 +106,12 @@ async def env() -> AsyncIterator[tuple[FakeInvoiceBackend, WatchedStore]]:
     await store.close()
 
 
+async def published(subscription: Subscription) -> list[InvoiceRecord]:
+    """The events published to ``subscription`` so far (it is closed)."""
+    subscription.close()
+    return [record async for record in subscription]
+
+
 # --- record(): one event ------------------------------------------------------------------
 
 
@@ -110,8 +119,9 @@ async def test_record_applies_a_settlement_and_advances_the_cursor(
     env: tuple[FakeInvoiceBackend, WatchedStore],
 ) -> None:
     backend, store = env
-    updates: list[InvoiceUpdate] = []
-    watcher = InvoiceWatcher(backend, store, on_update=updates.append)
+    events = InvoiceEvents()
+    subscription = events.subscribe("test")
+    watcher = InvoiceWatcher(backend, store, events=events)
     new = await track(backend, store, 2500)
     backend.pay(new.payment_hash)
     await watcher.record(backend.invoices[new.payment_hash])
@@ -122,22 +132,23 @@ async def test_record_applies_a_settlement_and_advances_the_cursor(
     assert record.settle_index == 1
     assert record.settled_at == backend.clock.now()
     assert await store.get_cursor() == Cursor(add_index=1, settle_index=1)
-    assert [u.state for u in updates] == [InvoiceState.SETTLED]
+    assert await published(subscription) == [record]
 
 
 async def test_untracked_invoices_are_ignored_but_advance_the_cursor(
     env: tuple[FakeInvoiceBackend, WatchedStore],
 ) -> None:
     backend, store = env
-    updates: list[InvoiceUpdate] = []
-    watcher = InvoiceWatcher(backend, store, on_update=updates.append)
+    events = InvoiceEvents()
+    subscription = events.subscribe("test")
+    watcher = InvoiceWatcher(backend, store, events=events)
     new = await backend.add_invoice(Msat(1), "someone else's", 600)  # not from the gateway
     backend.pay(new.payment_hash)
     await watcher.record(backend.invoices[new.payment_hash])
     assert await store.get_invoice(new.payment_hash) is None
     assert await store.list_invoices() == []
     assert await store.get_cursor() == Cursor(1, 1)
-    assert updates == []
+    assert await published(subscription) == []
 
 
 async def test_cursor_never_goes_back(env: tuple[FakeInvoiceBackend, WatchedStore]) -> None:
@@ -203,8 +214,9 @@ async def test_reconcile_with_the_node_down_logs_and_returns(
 
 async def test_run_follows_settlements(env: tuple[FakeInvoiceBackend, WatchedStore]) -> None:
     backend, store = env
-    updates: list[InvoiceUpdate] = []
-    watcher = InvoiceWatcher(backend, store, on_update=updates.append)
+    events = InvoiceEvents()
+    subscription = events.subscribe("test")
+    watcher = InvoiceWatcher(backend, store, events=events)
     async with Running(watcher):
         await backend.wait_connections(1)
         await asyncio.wait_for(watcher.connected.wait(), TIMEOUT)
@@ -214,7 +226,7 @@ async def test_run_follows_settlements(env: tuple[FakeInvoiceBackend, WatchedSto
         backend.pay(other.payment_hash)
         await store.wait_cursor(Cursor(2, 2))
         assert await state(store, new.payment_hash) is InvoiceState.SETTLED
-    assert [(u.payment_hash, u.state) for u in updates] == [
+    assert [(r.payment_hash, r.state) for r in await published(subscription)] == [
         (new.payment_hash, InvoiceState.OPEN),
         (new.payment_hash, InvoiceState.SETTLED),
     ]
@@ -252,6 +264,26 @@ async def test_run_resumes_from_the_stored_cursor(
         assert await state(store, third.payment_hash) is InvoiceState.SETTLED
         assert await state(store, second.payment_hash) is InvoiceState.OPEN
     assert backend.subscriptions[0] == (1, 1)
+
+
+async def test_a_cancellation_is_not_streamed_but_found_on_reconnecting(
+    env: tuple[FakeInvoiceBackend, WatchedStore],
+) -> None:
+    backend, store = env
+    watcher = InvoiceWatcher(backend, store, initial_backoff=0.001)
+    canceled = await track(backend, store)
+    paid = await track(backend, store)
+    async with Running(watcher):
+        await backend.wait_connections(1)
+        await asyncio.wait_for(watcher.connected.wait(), TIMEOUT)
+        backend.cancel(canceled.payment_hash)  # LND's stream does not report it
+        backend.pay(paid.payment_hash)  # but does report this, after it
+        await store.wait_cursor(Cursor(2, 1))
+        assert await state(store, canceled.payment_hash) is InvoiceState.OPEN
+        backend.disconnect()
+        await backend.wait_connections(2)  # connected was cleared when the stream broke
+        await asyncio.wait_for(watcher.connected.wait(), TIMEOUT)  # reconciled
+        assert await state(store, canceled.payment_hash) is InvoiceState.CANCELED
 
 
 class SubscribesLate(FakeInvoiceBackend):
@@ -371,7 +403,7 @@ async def test_cancellation_stops_cleanly(
     async with Running(watcher):
         await backend.wait_connections(1)
         await asyncio.wait_for(watcher.connected.wait(), TIMEOUT)
-    assert backend._streams == set()  # the subscription was closed
+    assert backend.live_streams == 0  # the subscription was closed
     assert not watcher.connected.is_set()
     backend.fail_subscriptions = 1_000
     async with Running(watcher):

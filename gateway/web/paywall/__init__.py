@@ -49,7 +49,9 @@ from importlib import resources
 
 import segno
 
-from gateway.service import Challenge, Deny, L402Service, RedeemResult, RedeemState
+from gateway import l402
+from gateway.service import Deny, L402Service, PaymentChallenge, RedeemResult, RedeemState
+from gateway.web.cookies import COOKIE_NAME, cookie_path
 from gateway.web.responses import HttpResponse, render
 
 __all__ = [
@@ -113,10 +115,14 @@ def _quality(accept: str, media: str) -> float:
 
 
 def render_challenge(
-    decision: Challenge | Deny, *, method: str, accept: str | None, redeem_url: str = REDEEM_PATH
+    decision: PaymentChallenge | Deny,
+    *,
+    method: str,
+    accept: str | None,
+    redeem_url: str = REDEEM_PATH,
 ) -> HttpResponse:
     """The paywall page for a browser's challenge, problem+json for anything else."""
-    if isinstance(decision, Challenge) and prefers_html(method, accept):
+    if isinstance(decision, PaymentChallenge) and prefers_html(method, accept):
         return render_paywall(decision, redeem_url=redeem_url)
     return render(decision)
 
@@ -135,7 +141,7 @@ def content_security_policy(nonce: str) -> str:
 
 
 def render_paywall(
-    challenge: Challenge,
+    challenge: PaymentChallenge,
     *,
     redeem_url: str = REDEEM_PATH,
     nonce: str | None = None,
@@ -229,7 +235,7 @@ def redeem_cookie(result: RedeemResult) -> str:
     """The ``Set-Cookie`` value carrying a settled challenge's credential."""
     if result.credential is None:
         raise ValueError("only a settled result carries a credential")
-    parts = [f"L402={result.credential}", f"Path={result.cookie_path}"]
+    parts = [f"{COOKIE_NAME}={result.credential}", f"Path={cookie_path(result.path)}"]
     if result.max_age is not None:
         parts.append(f"Max-Age={result.max_age}")
     parts += ["Secure", "HttpOnly", "SameSite=Strict"]
@@ -284,12 +290,12 @@ def _duration(seconds: int) -> str:
 
 
 _REASONS = {
-    "token expired": "Your access has expired. Pay again to continue.",
+    l402.ChallengeReason.EXPIRED: "Your access has expired. Pay again to continue.",
 }
 
 
-def _reason_line(reason: str) -> str:
-    if reason == "payment required":
+def _reason_line(reason: l402.ChallengeReason) -> str:
+    if reason is l402.ChallengeReason.PAYMENT_REQUIRED:
         return ""
     text = _REASONS.get(reason, f"Your access does not cover this page ({reason}).")
     return f'<p class="reason">{_e(text)}</p>'

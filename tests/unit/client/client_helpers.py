@@ -1,6 +1,6 @@
-"""Test doubles for the paying client: real BOLT11 invoices signed with a test key, L402
-challenges minted like the gateway's, a fake payer, and a fake gateway that issues real
-invoices (the shared ``tests.fakes`` backend issues placeholder strings that do not decode).
+"""Test doubles for the paying client: L402 challenges minted like the gateway's (with real
+BOLT11 invoices signed by the fake node's key), a fake payer, and a fake gateway served with
+a payer for its invoices.
 """
 
 from __future__ import annotations
@@ -11,25 +11,16 @@ import hashlib
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
 
-import bolt11
 from aiohttp.test_utils import TestServer
-from bolt11 import Bolt11, MilliSatoshi, TagChar, Tags
 
 from gateway import errors, l402
 from gateway.client import Budget, L402Client, TokenCache, decode_invoice
 from gateway.examples import demo_api
-from gateway.ports import Msat, NewInvoice, Payment, PaymentHash, PaymentStatus, Preimage
+from gateway.ports import Msat, Payment, PaymentHash, PaymentStatus, Preimage
 from gateway.pricing import Rule
 from gateway.web.aiohttp import setup_l402
-from tests.fakes import FakeClock, FakeGateway, FakeInvoiceBackend
-
-# A fixed secp256k1 key for the fake merchant node, and its public key.
-NODE_KEY = "11" * 32
-NODE_PUBKEY = "034f355bdcb7cc0af728ef3cceb9615d90684bb5b2ca5f859ab0f0b704075871aa"
-CURRENCIES = {"mainnet": "bc", "testnet": "tb", "signet": "tbs", "regtest": "bcrt"}
-NOW = 1_800_000_000.0
+from tests.fakes import NODE_PUBKEY, NOW, FakeClock, FakeGateway, make_invoice
 
 # A real invoice made by LND v0.21.0-beta on the regtest network (alice's node, 10 sat, expiry
 # 600 s), captured once; its facts as LND's DecodePayReq reported them.
@@ -42,33 +33,6 @@ LND_INVOICE = (
 LND_INVOICE_HASH = "415a296d507b2a87564a6bacb7252c34245c70f1a5e7c2f7ce34f99c148113e9"
 LND_INVOICE_PAYEE = "02d76ad22d2d8a472cb9a35eb0d4b9c7dcba8d7cb6ad38a6415b335f20ad919296"
 LND_INVOICE_TIMESTAMP = 1795569920
-
-
-def make_invoice(
-    payment_hash: bytes,
-    amount_msat: int | None,
-    *,
-    network: str = "regtest",
-    created_at: float = NOW,
-    expiry: int = 600,
-    description: str = "premium: GET /api/premium/fortune",
-    key: str = NODE_KEY,
-) -> str:
-    """A BOLT11 invoice signed with ``key``."""
-    tags = Tags()
-    tags.add(TagChar.payment_hash, payment_hash.hex())
-    tags.add(TagChar.payment_secret, secrets.token_hex(32))
-    tags.add(TagChar.description, description)
-    tags.add(TagChar.expire_time, expiry)
-    tags.add(TagChar.min_final_cltv_expiry, 80)
-    invoice = Bolt11(
-        currency=CURRENCIES[network],
-        date=int(created_at),
-        tags=tags,
-        amount_msat=MilliSatoshi(amount_msat) if amount_msat is not None else None,
-    )
-    encoded: str = bolt11.encode(invoice, key)
-    return encoded
 
 
 def make_macaroon(
@@ -217,40 +181,17 @@ class FakePayer:
                 )
 
 
-class BoltInvoiceBackend(FakeInvoiceBackend):
-    """The shared fake invoice backend, but its payment requests are real BOLT11 strings."""
+def payer_for(gateway: FakeGateway) -> FakePayer:
+    """A payer that pays ``gateway``'s invoices: each payment settles one on its node."""
+    payer = FakePayer()
 
-    async def add_invoice(self, amount_msat: Msat, memo: str, expiry: int) -> NewInvoice:
-        new = await super().add_invoice(amount_msat, memo, expiry)
-        invoice = self.invoices[new.payment_hash]
-        request = make_invoice(
-            new.payment_hash,
-            amount_msat,
-            created_at=self.clock.now(),
-            expiry=expiry,
-            description=memo,
-        )
-        self.invoices[new.payment_hash] = dataclasses.replace(invoice, payment_request=request)
-        return dataclasses.replace(new, payment_request=request)
+    def settle(payment_hash: bytes) -> bytes | None:
+        if payment_hash not in gateway.backend.preimages:
+            return None
+        return gateway.backend.pay(payment_hash)
 
-
-class BoltGateway(FakeGateway):
-    """``FakeGateway`` over :class:`BoltInvoiceBackend`; ``payer()`` pays its invoices."""
-
-    def __init__(self, rules: Sequence[Rule], **options: Any) -> None:
-        super().__init__(rules, **options)
-        self.backend = BoltInvoiceBackend(self.clock)
-
-    def payer(self) -> FakePayer:
-        payer = FakePayer()
-
-        def settle(payment_hash: bytes) -> bytes | None:
-            if payment_hash not in self.backend.preimages:
-                return None
-            return self.backend.pay(payment_hash)
-
-        payer.preimage_for = settle
-        return payer
+    payer.preimage_for = settle
+    return payer
 
 
 def fake_clock() -> FakeClock:
@@ -262,7 +203,7 @@ class ServedGateway:
     """The demo API behind the gateway middleware on a loopback server, and a payer for it."""
 
     url: str
-    gateway: BoltGateway
+    gateway: FakeGateway
     payer: FakePayer
 
     def client(self, budget: Budget | None = None, cache: TokenCache | None = None) -> L402Client:
@@ -277,12 +218,12 @@ class ServedGateway:
 
 @contextlib.asynccontextmanager
 async def served_gateway(rules: Sequence[Rule]) -> AsyncIterator[ServedGateway]:
-    gateway = BoltGateway(rules)
+    gateway = FakeGateway(rules)
     app = demo_api()
     setup_l402(app, gateway)
     server = TestServer(app)
     await server.start_server()
     try:
-        yield ServedGateway(str(server.make_url("")).rstrip("/"), gateway, gateway.payer())
+        yield ServedGateway(str(server.make_url("")).rstrip("/"), gateway, payer_for(gateway))
     finally:
         await server.close()

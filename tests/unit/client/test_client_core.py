@@ -24,14 +24,8 @@ from gateway.client import (
 from gateway.errors import BackendUnavailable, PaymentFailed
 from gateway.lnd.client import LndClient
 from gateway.ports import Payer, PaymentStatus
-from tests.unit.client.client_helpers import (
-    NODE_PUBKEY,
-    NOW,
-    Challenge,
-    FakePayer,
-    fake_clock,
-    make_challenge,
-)
+from tests.fakes import NODE_PUBKEY, NOW
+from tests.unit.client.client_helpers import Challenge, FakePayer, fake_clock, make_challenge
 
 URL = "http://api.test/api/premium/fortune"
 BUDGET = Budget(max_price_msat=50_000)
@@ -84,7 +78,7 @@ async def test_pays_once_and_logs_the_payment() -> None:
     assert payment.description == "premium: GET /api/premium/fortune"
     assert not payment.recovered
     assert client.spent_msat == 11_000
-    assert client.cache.pending() == []
+    assert await client.cache.pending() == []
 
     # Another 402 in the same scope: the cached token, nothing paid.
     again = payer.learn(make_challenge(10_000))
@@ -105,8 +99,8 @@ async def test_over_the_price_limit_nothing_is_paid() -> None:
     assert caught.value.offer is not None
     assert caught.value.offer.amount_msat == 10_000
     assert payer.calls == []
-    assert client.cache.pending() == []
-    assert client.cache.tokens() == []
+    assert await client.cache.pending() == []
+    assert await client.cache.tokens() == []
     assert client.spending_log == ()
 
 
@@ -175,7 +169,7 @@ async def test_invoice_checks_run_before_anything_is_paid() -> None:
         with pytest.raises(InvoiceRejected):
             await authorize(client, payer.learn(challenge))
     assert payer.calls == []
-    assert client.cache.pending() == []
+    assert await client.cache.pending() == []
 
 
 async def test_confirm_hook_can_decline() -> None:
@@ -200,7 +194,7 @@ async def test_failed_payment_drops_the_pending_entry(tmp_path: Path) -> None:
     client = client_for(payer, TokenCache(tmp_path / "tokens.json"))
     with pytest.raises(PaymentFailed):
         await authorize(client, payer.learn(make_challenge()))
-    assert TokenCache(tmp_path / "tokens.json").pending() == []
+    assert await TokenCache(tmp_path / "tokens.json").pending() == []
     assert client.spending_log == ()
     assert client.spent_msat == 0
 
@@ -211,14 +205,14 @@ async def test_pending_entry_is_on_disk_while_the_payment_is_in_flight(tmp_path:
     seen_pending: list[int] = []
 
     async def check() -> None:
-        seen_pending.append(len(TokenCache(path).pending()))
+        seen_pending.append(len(await TokenCache(path).pending()))
 
     payer.before_send = check
     client = client_for(payer, TokenCache(path))
     assert await authorize(client, payer.learn(make_challenge()))
     assert seen_pending == [1]
-    assert TokenCache(path).pending() == []
-    assert len(TokenCache(path).tokens()) == 1
+    assert await TokenCache(path).pending() == []
+    assert len(await TokenCache(path).tokens()) == 1
 
 
 async def test_crash_between_paying_and_storing_never_pays_twice(tmp_path: Path) -> None:
@@ -230,9 +224,9 @@ async def test_crash_between_paying_and_storing_never_pays_twice(tmp_path: Path)
     with pytest.raises(BackendUnavailable):
         await authorize(first, paid_challenge)
     assert payer.payments[paid_challenge.payment_hash].status is PaymentStatus.SUCCEEDED
-    (entry,) = TokenCache(path).pending()
+    (entry,) = await TokenCache(path).pending()
     assert entry.payment_hash == paid_challenge.payment_hash
-    assert TokenCache(path).tokens() == []
+    assert await TokenCache(path).tokens() == []
 
     # A new process: the cache file is all it has. A fresh 402 in the same scope arrives.
     payer.crash = False
@@ -250,7 +244,7 @@ async def test_crash_between_paying_and_storing_never_pays_twice(tmp_path: Path)
     assert recovered.recovered
     assert recovered.payment_hash == paid_challenge.payment_hash.hex()
     assert second.spent_msat == 11_000
-    assert TokenCache(path).pending() == []
+    assert await TokenCache(path).pending() == []
 
 
 async def test_recover_at_start_up(tmp_path: Path) -> None:
@@ -264,9 +258,9 @@ async def test_recover_at_start_up(tmp_path: Path) -> None:
     # Another pending entry whose payment never reached the node.
     never = make_challenge()
     cache = TokenCache(path)
-    cache.add_pending(
+    await cache.add_pending(
         dataclasses.replace(
-            cache.pending()[0],
+            (await cache.pending())[0],
             payment_hash=never.payment_hash,
             macaroon_b64=never.macaroon_b64,
             url="http://b.test/x",
@@ -277,8 +271,8 @@ async def test_recover_at_start_up(tmp_path: Path) -> None:
     restarted.payer = payer
     entries = await restarted.recover()
     assert [e.payment_hash for e in entries] == [succeeded.payment_hash.hex()]
-    assert TokenCache(path).pending() == []
-    assert restarted.cache.find("http://a.test/y", "GET", NOW) is not None
+    assert await TokenCache(path).pending() == []
+    assert await restarted.cache.find("http://a.test/y", "GET", NOW) is not None
     assert await restarted.recover() == []
 
 
@@ -288,11 +282,11 @@ async def test_unknown_payment_is_dropped_and_the_fresh_402_paid(tmp_path: Path)
     lost = make_challenge()
     client = client_for(payer, TokenCache(path))
     # As if the process died after writing the pending entry, before the payer saw it.
-    client.cache.add_pending(_pending_for(lost))
+    await client.cache.add_pending(_pending_for(lost))
     assert await authorize(client, payer.learn(make_challenge()))
     assert payer.lookups == [lost.payment_hash]
     assert len(payer.calls) == 1
-    assert client.cache.pending() == []
+    assert await client.cache.pending() == []
 
 
 def _pending_for(challenge: Challenge) -> PendingPayment:
@@ -347,8 +341,8 @@ async def test_wrong_preimage_is_unverified() -> None:
     client = client_for(payer)
     with pytest.raises(PaymentUnverified, match="without the matching preimage"):
         await authorize(client, challenge)
-    assert client.cache.tokens() == []
-    assert client.cache.pending() == []
+    assert await client.cache.tokens() == []
+    assert await client.cache.pending() == []
 
 
 # -- the Exchange loop ---------------------------------------------------------------------
@@ -380,7 +374,7 @@ class Server:
 
 
 async def run(client: L402Client, server: Server, url: str = URL) -> int:
-    exchange = client.exchange(url, "get")
+    exchange = await client.exchange(url, "get")
     authorization = exchange.authorization
     while True:
         status, www = await server.answer(authorization)
@@ -400,7 +394,7 @@ async def test_exchange_pays_then_reuses() -> None:
     assert await run(client, server) == 200
     assert len(server.requests) == 3  # sent the cached token straight away
     assert len(payer.calls) == 1
-    (token,) = client.cache.tokens()
+    (token,) = await client.cache.tokens()
     assert token.worked == ("/api/premium/fortune",)
     assert server.body_reads == 1
 
@@ -413,7 +407,7 @@ async def test_exchange_refused_cached_token_pays_once_more() -> None:
     server.accepted.clear()  # the server no longer takes the token (expired early)
     assert await run(client, server) == 200
     assert len(payer.calls) == 2
-    assert len(client.cache.tokens()) == 1  # the refused one was dropped (it had worked here)
+    assert len(await client.cache.tokens()) == 1  # the refused one was dropped (it had worked here)
 
 
 async def test_exchange_401_for_a_cached_token_retries_without_it() -> None:
@@ -438,7 +432,7 @@ async def test_exchange_never_pays_twice_for_one_request() -> None:
 
     server = Refusing(payer)
     client = client_for(payer)
-    exchange = client.exchange(URL, "GET")
+    exchange = await client.exchange(URL, "GET")
     status, www = await server.answer(exchange.authorization)
     retry = await exchange.step(status, www, server.read_body)
     assert isinstance(retry, Retry)
@@ -457,7 +451,7 @@ async def test_exchange_ignores_402_without_l402_and_other_statuses() -> None:
     async def no_body() -> bytes:
         raise AssertionError("body read")
 
-    exchange = client.exchange(URL, "GET")
+    exchange = await client.exchange(URL, "GET")
     assert await exchange.step(402, ['Payment realm="other"'], no_body) is None
     assert await exchange.step(401, [], no_body) is None  # no token was sent
     assert await exchange.step(500, [], no_body) is None

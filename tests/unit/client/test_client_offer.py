@@ -19,15 +19,13 @@ from gateway.client import (
 )
 from gateway.client.offer import amount_from_problem, normalize_network
 from gateway.errors import GatewayError
+from tests.fakes import NODE_PUBKEY, NOW, make_invoice
 from tests.unit.client.client_helpers import (
     LND_INVOICE,
     LND_INVOICE_HASH,
     LND_INVOICE_PAYEE,
     LND_INVOICE_TIMESTAMP,
-    NODE_PUBKEY,
-    NOW,
     make_challenge,
-    make_invoice,
 )
 
 

@@ -17,6 +17,7 @@ ALLOWED = {
     "binascii",
     "collections.abc",
     "dataclasses",
+    "enum",
     "fnmatch",
     "hashlib",
     "hmac",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.errors import ConfigError
 from gateway.store import MemoryStore, SqliteStore, open_store
 
 
@@ -40,6 +41,12 @@ async def test_relative_sqlite_url(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert (tmp_path / "data" / "gateway.db").is_file()
 
 
+async def test_read_only_creates_no_database(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no database at"):
+        await open_store(f"sqlite:{tmp_path / 'gateway.db'}", read_only=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 async def test_the_scheme_is_case_insensitive() -> None:
     store = await open_store("MEMORY:")
     await store.close()
@@ -50,7 +57,7 @@ async def test_the_scheme_is_case_insensitive() -> None:
     [
         ("postgresql://user@host/db", "PostgreSQL is not supported yet"),
         ("postgres://host/db", "PostgreSQL is not supported yet"),
-        ("redis://localhost", "unknown scheme"),
+        ("redis://localhost", "'redis' is not supported"),
         ("gateway.db", "no scheme"),
         ("sqlite:", "names no file"),
         ("sqlite:///", "use sqlite:///absolute"),

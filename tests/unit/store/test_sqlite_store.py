@@ -20,7 +20,7 @@ import pytest_asyncio
 
 from gateway.errors import ConfigError
 from gateway.ports import Cursor, InvoiceRecord, InvoiceState, InvoiceUpdate, Msat, PaymentHash
-from gateway.store import SchemaVersionError, SqliteStore, StoreError
+from gateway.store import SchemaVersionError, SqliteStore, StoreError, sqlite_file
 from gateway.store import sqlite as sqlite_module
 
 
@@ -191,7 +191,7 @@ async def test_an_existing_world_readable_file_is_tightened(
     path = tmp_path / "gateway.db"
     path.touch()
     path.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="gateway.store.sqlite"):
+    with caplog.at_level(logging.WARNING, logger="gateway.store.sqlite_file"):
         opened = await SqliteStore.open(path)
     await opened.close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -342,7 +342,7 @@ def other_sqlite_database(path: Path) -> None:
 
 def newer_database(path: Path) -> None:
     with raw(path) as connection:
-        connection.execute(f"PRAGMA user_version = {len(sqlite_module.MIGRATIONS) + 1}")
+        connection.execute(f"PRAGMA user_version = {len(sqlite_file.MIGRATIONS) + 1}")
 
 
 @pytest.mark.parametrize(
@@ -424,14 +424,14 @@ async def test_waiting_for_a_lock_does_not_block_the_loop(
         assert not writing.done()
         # ...so it can release the lock, and the write goes through.
         other_process.execute("COMMIT")
-        await asyncio.wait_for(writing, timeout=sqlite_module.BUSY_TIMEOUT)
+        await asyncio.wait_for(writing, timeout=sqlite_file.BUSY_TIMEOUT)
     assert await store.get_invoice(record(1).payment_hash) == record(1)
 
 
 async def test_a_lock_held_too_long_is_a_store_error(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT", 0.05)
+    monkeypatch.setattr(sqlite_file, "BUSY_TIMEOUT", 0.05)
     opened = await SqliteStore.open(db_path)
     try:
         with raw(db_path) as other_process:
@@ -443,6 +443,56 @@ async def test_a_lock_held_too_long_is_a_store_error(
         await opened.close()
 
 
+# --- transactions against other processes ---------------------------------------------------
+
+
+def can_write(path: Path) -> bool:
+    """Whether another process could take the write lock right now."""
+    connection = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        connection.close()
+
+
+async def test_a_transaction_holds_the_write_lock_until_it_ends(
+    store: SqliteStore, db_path: Path
+) -> None:
+    async with store.transaction() as tx:
+        await tx.get_cursor()  # a read first: the lock is taken at BEGIN all the same
+        assert not can_write(db_path)
+        await tx.add_invoice(record(1))
+    assert can_write(db_path)
+    with raw(db_path) as other_process:
+        assert other_process.execute("SELECT count(*) FROM invoices").fetchone() == (1,)
+
+
+async def test_a_transaction_cancelled_while_it_begins_leaves_no_transaction_open(
+    store: SqliteStore, db_path: Path
+) -> None:
+    async def work() -> None:
+        async with store.transaction() as tx:
+            await tx.add_invoice(record(1))
+
+    with raw(db_path) as other_process:
+        other_process.execute("BEGIN IMMEDIATE")  # the BEGIN waits in the worker thread
+        task = asyncio.create_task(work())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        other_process.execute("ROLLBACK")
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await store.save_cursor(Cursor(1, 1))  # autocommit again: visible to others at once
+    assert can_write(db_path)
+    with raw(db_path) as other_process:
+        assert other_process.execute("SELECT add_index FROM cursor").fetchone() == (1,)
+        assert other_process.execute("SELECT count(*) FROM invoices").fetchone() == (0,)
+
+
 # --- schema migrations -----------------------------------------------------------------------
 
 
@@ -450,7 +500,7 @@ def make_v1_by_hand(path: Path) -> None:
     """A database as the first schema left it, with a row in it, no store code involved."""
     with raw(path) as connection:
         connection.execute("BEGIN")
-        for statement in sqlite_module.MIGRATIONS[0]:
+        for statement in sqlite_file.MIGRATIONS[0]:
             connection.execute(statement)
         connection.execute(
             "INSERT INTO invoices VALUES (?, 'lnbcrt1', 21000, ?, 'svc', 'GET', '/', 'OPEN',"
@@ -473,7 +523,7 @@ async def test_a_version_0_database_is_migrated_to_the_latest(tmp_path: Path) ->
         assert await opened.list_invoices() == [record(1)]
     finally:
         await opened.close()
-    assert user_version(path) == len(sqlite_module.MIGRATIONS)
+    assert user_version(path) == len(sqlite_file.MIGRATIONS)
     assert "unrelated" in {t for (t,) in _tables(path)}
 
 
@@ -487,10 +537,10 @@ async def test_an_older_database_is_migrated_in_order_keeping_its_rows(
 ) -> None:
     path = tmp_path / "gateway.db"
     make_v1_by_hand(path)
-    shipped = len(sqlite_module.MIGRATIONS)
+    shipped = len(sqlite_file.MIGRATIONS)
     step_2 = ("ALTER TABLE invoices ADD COLUMN note TEXT", "UPDATE invoices SET note = 'v2'")
     step_3 = ("UPDATE invoices SET note = note || '+v3'",)
-    monkeypatch.setattr(sqlite_module, "MIGRATIONS", (*sqlite_module.MIGRATIONS, step_2, step_3))
+    monkeypatch.setattr(sqlite_file, "MIGRATIONS", (*sqlite_file.MIGRATIONS, step_2, step_3))
 
     opened = await SqliteStore.open(path)
     try:
@@ -511,8 +561,8 @@ async def test_a_failed_migration_leaves_the_database_untouched(
     path = tmp_path / "gateway.db"
     make_v1_by_hand(path)
     broken = ("ALTER TABLE invoices ADD COLUMN note TEXT", "THIS IS NOT SQL")
-    broken_step = len(sqlite_module.MIGRATIONS) + 1
-    monkeypatch.setattr(sqlite_module, "MIGRATIONS", (*sqlite_module.MIGRATIONS, broken))
+    broken_step = len(sqlite_file.MIGRATIONS) + 1
+    monkeypatch.setattr(sqlite_file, "MIGRATIONS", (*sqlite_file.MIGRATIONS, broken))
 
     with pytest.raises(StoreError, match=f"cannot migrate .* to schema {broken_step}") as caught:
         await SqliteStore.open(path)
@@ -565,7 +615,7 @@ async def test_a_version_1_database_takes_expired_invoices_after_the_migration(
 
 async def test_a_newer_database_is_refused_and_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "gateway.db"
-    newer = len(sqlite_module.MIGRATIONS) + 1
+    newer = len(sqlite_file.MIGRATIONS) + 1
     with raw(path) as connection:
         connection.execute(f"PRAGMA user_version = {newer}")
     before = path.read_bytes()
@@ -581,7 +631,7 @@ async def test_a_current_database_is_opened_as_is(db_path: Path) -> None:
     for _ in range(2):
         opened = await SqliteStore.open(db_path)
         await opened.close()
-    assert user_version(db_path) == len(sqlite_module.MIGRATIONS)
+    assert user_version(db_path) == len(sqlite_file.MIGRATIONS)
 
 
 async def test_two_stores_opening_one_new_file_at_once_both_work(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from gateway.ports import (
     Msat,
     PaymentHash,
     Store,
+    StoreOperations,
 )
 from gateway.store import MemoryStore, SqliteStore, StoreClosed, StoreError
 
@@ -153,8 +154,8 @@ async def test_add_invoice_again_changes_nothing(store: Store) -> None:
     assert await store.list_invoices() == [original]
 
 
-async def test_apply_update_to_an_unknown_hash_is_false(store: Store) -> None:
-    assert await store.apply_update(make_update(1, SETTLED, 1, 1001, 5.0)) is False
+async def test_apply_update_to_an_unknown_hash_is_none(store: Store) -> None:
+    assert await store.apply_update(make_update(1, SETTLED, 1, 1001, 5.0)) is None
     assert await store.get_invoice(payment_hash(1)) is None
     assert await store.list_invoices() == []
 
@@ -163,26 +164,28 @@ async def test_apply_update_walks_the_states(store: Store) -> None:
     record = make_record(1)
     await store.add_invoice(record)
 
-    assert await store.apply_update(make_update(1, ACCEPTED, paid=1001)) is True
-    assert await store.get_invoice(record.payment_hash) == dataclasses.replace(
-        record, state=ACCEPTED, amount_paid_msat=Msat(1001)
-    )
+    accepted = dataclasses.replace(record, state=ACCEPTED, amount_paid_msat=Msat(1001))
+    assert await store.apply_update(make_update(1, ACCEPTED, paid=1001)) == accepted
+    assert await store.get_invoice(record.payment_hash) == accepted
 
-    assert await store.apply_update(make_update(1, SETTLED, 4, 1001, 1_700_000_500.5)) is True
-    assert await store.get_invoice(record.payment_hash) == dataclasses.replace(
+    settled = dataclasses.replace(
         record,
         state=SETTLED,
         settle_index=4,
         amount_paid_msat=Msat(1001),
         settled_at=1_700_000_500.5,
     )
+    assert await store.apply_update(make_update(1, SETTLED, 4, 1001, 1_700_000_500.5)) == settled
+    assert await store.get_invoice(record.payment_hash) == settled
 
 
 async def test_accepted_may_return_to_open(store: Store) -> None:
     # A hold invoice whose HTLCs are cancelled before settlement goes back to OPEN in LND.
     await store.add_invoice(make_record(1))
     await store.apply_update(make_update(1, ACCEPTED, paid=1001))
-    assert await store.apply_update(make_update(1, OPEN)) is True
+    assert await store.apply_update(make_update(1, OPEN)) == await store.get_invoice(
+        payment_hash(1)
+    )
     got = await store.get_invoice(payment_hash(1))
     assert got is not None
     assert (got.state, got.amount_paid_msat) == (OPEN, 0)
@@ -198,9 +201,9 @@ async def test_a_terminal_state_never_changes(
     await store.apply_update(make_update(1, terminal, 5, paid, settled_at))
     before = await store.get_invoice(payment_hash(1))
 
-    # a replayed or stale event: True (the hash is tracked) but nothing moves
-    assert await store.apply_update(make_update(1, later, 3, 0, None)) is True
-    assert await store.apply_update(make_update(1, later, 9, 77, 1.0)) is True
+    # a replayed or stale event: the hash is tracked, so the record comes back, unmoved
+    assert await store.apply_update(make_update(1, later, 3, 0, None)) == before
+    assert await store.apply_update(make_update(1, later, 9, 77, 1.0)) == before
 
     after = await store.get_invoice(payment_hash(1))
     assert after == before
@@ -211,10 +214,9 @@ async def test_a_terminal_state_never_changes(
 async def test_open_becomes_expired(store: Store) -> None:
     record = make_record(1)
     await store.add_invoice(record)
-    assert await store.apply_update(make_update(1, EXPIRED)) is True
-    assert await store.get_invoice(record.payment_hash) == dataclasses.replace(
-        record, state=EXPIRED
-    )
+    expired = dataclasses.replace(record, state=EXPIRED)
+    assert await store.apply_update(make_update(1, EXPIRED)) == expired
+    assert await store.get_invoice(record.payment_hash) == expired
 
 
 @pytest.mark.parametrize("later", [OPEN, ACCEPTED, EXPIRED])
@@ -223,7 +225,7 @@ async def test_expired_never_goes_back(store: Store, later: InvoiceState) -> Non
     await store.apply_update(make_update(1, EXPIRED))
     before = await store.get_invoice(payment_hash(1))
 
-    assert await store.apply_update(make_update(1, later, 3, 77, 1.0)) is True
+    assert await store.apply_update(make_update(1, later, 3, 77, 1.0)) == before
 
     assert await store.get_invoice(payment_hash(1)) == before
 
@@ -233,15 +235,15 @@ async def test_expired_still_takes_a_late_settlement(store: Store) -> None:
     await store.add_invoice(record)
     await store.apply_update(make_update(1, EXPIRED))
 
-    assert await store.apply_update(make_update(1, SETTLED, 7, 1001, 1_700_009_000.5)) is True
-
-    assert await store.get_invoice(record.payment_hash) == dataclasses.replace(
+    settled = dataclasses.replace(
         record,
         state=SETTLED,
         settle_index=7,
         amount_paid_msat=Msat(1001),
         settled_at=1_700_009_000.5,
     )
+    assert await store.apply_update(make_update(1, SETTLED, 7, 1001, 1_700_009_000.5)) == settled
+    assert await store.get_invoice(record.payment_hash) == settled
 
 
 async def test_expired_yields_to_the_nodes_cancel(store: Store) -> None:
@@ -456,7 +458,11 @@ async def test_concurrent_writes_leave_consistent_results(store: Store) -> None:
     # 100 settlements racing stale OPEN replays, cursor saves and reads, in random order
     settles = [make_update(n, SETTLED, n + 1, 1000 * n + 1, 500.0 + n) for n in range(count)]
     stale = [make_update(n, OPEN, 0) for n in range(count)]
-    calls: list[Awaitable[object]] = [store.apply_update(u) for u in settles + stale]
+
+    async def tracked(update: InvoiceUpdate) -> bool:
+        return await store.apply_update(update) is not None
+
+    calls: list[Awaitable[object]] = [tracked(u) for u in settles + stale]
     calls += [store.save_cursor(Cursor(n, count - n)) for n in range(count)]
     calls += [store.get_invoice(payment_hash(n)) for n in range(count)]
     rng.shuffle(calls)
@@ -474,6 +480,176 @@ async def test_concurrent_writes_leave_consistent_results(store: Store) -> None:
         assert record.settled_at == 500.0 + n
 
 
+# --- transactions ----------------------------------------------------------------------------
+
+
+class Abort(Exception):
+    """Raised inside a transaction to make it roll back."""
+
+
+async def write_everything(tx: StoreOperations) -> None:
+    """One write of each kind, on a store that holds ``seed``'s rows."""
+    await tx.add_invoice(make_record(2))
+    await tx.put_root_key(b"k2" * 16, b"t2" * 16, b"r2" * 16)
+    await tx.apply_update(make_update(1, SETTLED, 3, 1001, 9.5))
+    await tx.revoke_token(b"t1" * 16)
+    await tx.save_cursor(Cursor(7, 3))
+    assert await tx.prune_unpaid(1e12, 10) == 1
+
+
+async def seed(store: Store) -> None:
+    await store.add_invoice(make_record(1))
+    await store.put_root_key(b"k1" * 16, b"t1" * 16, b"r1" * 16)
+    await store.add_invoice(make_record(3, state=CANCELED))
+
+
+async def snapshot(
+    store: Store,
+) -> tuple[list[InvoiceRecord], bytes | None, bytes | None, Cursor]:
+    return (
+        await store.list_invoices(),
+        await store.get_root_key(b"k1" * 16),
+        await store.get_root_key(b"k2" * 16),
+        await store.get_cursor(),
+    )
+
+
+async def test_a_transaction_commits_its_writes_together(store: Store) -> None:
+    await seed(store)
+    async with store.transaction() as tx:
+        await write_everything(tx)
+        # its reads see its own writes
+        assert await tx.get_root_key(b"k2" * 16) == b"r2" * 16
+        assert await tx.get_cursor() == Cursor(7, 3)
+    invoices, old_key, new_key, cursor = await snapshot(store)
+    assert [record.state for record in invoices] == [OPEN, SETTLED]  # 3 was pruned
+    assert (old_key, new_key, cursor) == (None, b"r2" * 16, Cursor(7, 3))
+
+
+@pytest.mark.parametrize("failure", ["exception", "store error", "cancellation"])
+async def test_a_failed_transaction_leaves_nothing_written(store: Store, failure: str) -> None:
+    await seed(store)
+    before = await snapshot(store)
+    inside = asyncio.Event()
+
+    async def work() -> None:
+        async with store.transaction() as tx:
+            await write_everything(tx)
+            if failure == "exception":
+                raise Abort
+            if failure == "store error":  # a different root key under an existing id
+                await tx.put_root_key(b"k2" * 16, b"t2" * 16, b"other" * 6)
+            inside.set()
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(work())
+    if failure == "cancellation":
+        await inside.wait()
+        task.cancel()
+    with pytest.raises(
+        {"exception": Abort, "store error": StoreError}.get(failure, asyncio.CancelledError)
+    ):
+        await task
+    assert await snapshot(store) == before
+
+
+async def test_a_challenge_is_stored_whole_or_not_at_all(store: Store) -> None:
+    # challenge(): the invoice and its token's root key, one unit of work.
+    await store.put_root_key(b"k" * 32, b"t" * 32, b"r" * 32)
+
+    async def challenge() -> None:
+        async with store.transaction() as tx:
+            await tx.add_invoice(make_record(1))
+            await tx.put_root_key(b"k" * 32, b"t" * 32, b"X" * 32)
+
+    with pytest.raises(StoreError, match="different root key"):
+        await challenge()
+    assert await store.get_invoice(payment_hash(1)) is None
+
+
+async def test_concurrent_transactions_run_one_after_the_other(store: Store) -> None:
+    # Read, yield to the loop, write what was read plus one: interleaved, updates are lost.
+    async def increment() -> None:
+        async with store.transaction() as tx:
+            cursor = await tx.get_cursor()
+            await asyncio.sleep(0)
+            await tx.add_invoice(make_record(cursor.add_index))
+            await tx.save_cursor(Cursor(cursor.add_index + 1, 0))
+
+    await asyncio.gather(*(increment() for _ in range(20)))
+    assert await store.get_cursor() == Cursor(20, 0)
+    assert len(await store.list_invoices()) == 20
+
+
+async def test_store_calls_wait_for_an_open_transaction(store: Store) -> None:
+    written = asyncio.Event()
+    release = asyncio.Event()
+
+    async def work() -> None:
+        async with store.transaction() as tx:
+            await tx.add_invoice(make_record(1))
+            await tx.save_cursor(Cursor(5, 5))
+            written.set()
+            await release.wait()
+            raise Abort
+
+    task = asyncio.create_task(work())
+    await written.wait()
+    read = asyncio.ensure_future(store.get_invoice(payment_hash(1)))
+    write = asyncio.ensure_future(store.save_cursor(Cursor(2, 2)))
+    await asyncio.sleep(0.05)
+    assert not read.done()
+    assert not write.done()  # nor could the rollback undo it
+    release.set()
+    with pytest.raises(Abort):
+        await task
+    assert await read is None  # never saw the uncommitted row
+    await write
+    assert await store.get_cursor() == Cursor(2, 2)
+
+
+async def test_transactions_refuse_to_nest_or_to_deadlock(store: Store) -> None:
+    async with store.transaction() as tx:
+        with pytest.raises(RuntimeError, match="do not nest"):
+            async with store.transaction():
+                pass
+        with pytest.raises(RuntimeError, match="transaction's methods"):
+            await store.get_cursor()
+        await tx.save_cursor(Cursor(1, 1))
+    assert await store.get_cursor() == Cursor(1, 1)
+
+
+async def test_a_transaction_cannot_be_used_after_it_ends(store: Store) -> None:
+    async with store.transaction() as tx:
+        pass
+    with pytest.raises(RuntimeError, match="ended"):
+        await tx.get_cursor()
+
+
+async def test_close_lets_an_open_transaction_and_the_calls_waiting_on_it_finish(
+    store: Store,
+) -> None:
+    written = asyncio.Event()
+
+    async def work() -> None:
+        async with store.transaction() as tx:
+            await tx.save_cursor(Cursor(3, 3))
+            written.set()
+            await asyncio.sleep(0.05)
+            await tx.save_cursor(Cursor(4, 4))
+
+    task = asyncio.create_task(work())
+    await written.wait()
+    queued = asyncio.ensure_future(store.get_cursor())  # made before close(): it still runs
+    await asyncio.sleep(0)
+    await store.close()
+    await task  # committed, not cut off
+    assert await queued == Cursor(4, 4)
+    with pytest.raises(StoreClosed):
+        async with store.transaction():
+            pass
+
+
 # --- close -----------------------------------------------------------------------------------
 
 CALLS: dict[str, Callable[[Store], Awaitable[object]]] = {
@@ -488,6 +664,7 @@ CALLS: dict[str, Callable[[Store], Awaitable[object]]] = {
     "save_cursor": lambda s: s.save_cursor(Cursor(1, 1)),
     "list_overdue": lambda s: s.list_overdue(1.0, 1),
     "prune_unpaid": lambda s: s.prune_unpaid(1.0, 1),
+    "transaction": lambda s: s.transaction().__aenter__(),
 }
 
 

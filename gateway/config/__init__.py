@@ -4,203 +4,74 @@ Every scalar key ``[section] key`` can be set from the environment as
 ``GATEWAY_<SECTION>_<KEY>`` (upper case), e.g. ``GATEWAY_LND_HOST`` or
 ``GATEWAY_RATE_LIMIT_BURST``. Routes are only read from the file. ``gateway.sample.toml`` in
 the repository documents every key; a test loads it.
+
+Here: the sections and the loader. ``gateway.config.checks`` holds the value checks and
+limits (and the listen and store URL parsers), ``gateway.config.routes`` the route rules and
+the warnings about suspect ones; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 import math
 import os
-import re
 import stat
 import tomllib
 import types
 import typing
-import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.config.checks import (
+    MAX_BURST,
+    MAX_CHALLENGES_PER_SECOND,
+    MAX_INVOICE_EXPIRY,
+    MAX_LIFETIME,
+    MAX_ROOT_KEY_CACHE_SECONDS,
+    MAX_SWEEP_INTERVAL,
+    MIN_CHALLENGES_PER_SECOND,
+    MIN_SWEEP_INTERVAL,
+    SUPPORTED_STORE_URLS,
+    check_token_header,
+    check_upstream,
+    listen_address,
+    positive,
+    require,
+    store_location,
+)
+from gateway.config.routes import STANDARD_METHODS, RouteConfig, route_warnings
 from gateway.errors import ConfigError
-from gateway.pricing import MAX_PRICE_MSAT
+
+__all__ = [
+    "MAX_BURST",
+    "MAX_CHALLENGES_PER_SECOND",
+    "MAX_INVOICE_EXPIRY",
+    "MAX_LIFETIME",
+    "MAX_ROOT_KEY_CACHE_SECONDS",
+    "MAX_SWEEP_INTERVAL",
+    "MIN_CHALLENGES_PER_SECOND",
+    "MIN_SWEEP_INTERVAL",
+    "STANDARD_METHODS",
+    "SUPPORTED_STORE_URLS",
+    "Config",
+    "L402Config",
+    "LndConfig",
+    "PathsConfig",
+    "RateLimitConfig",
+    "RouteConfig",
+    "ServerConfig",
+    "StoreConfig",
+    "listen_address",
+    "load_config",
+    "route_warnings",
+    "store_location",
+    "warn_if_readable_by_others",
+]
 
 log = logging.getLogger(__name__)
-
-
-def _require(ok: bool, key: str, requirement: str, value: object) -> None:
-    """Range checks of the dataclasses below; ``_build`` turns the ValueError into ConfigError."""
-    if not ok:
-        raise ValueError(f"{key} must be {requirement}, got {value!r}")
-
-
-def _positive(number: float) -> bool:
-    return math.isfinite(number) and number > 0
-
-
-# Upper limits. LND's AddInvoice refuses an expiry over one year (and an amount over
-# MAX_PRICE_MSAT; lnrpc/invoicesrpc/addinvoice.go, LND 0.21): better said at start-up than
-# per request.
-MAX_INVOICE_EXPIRY = 365 * 24 * 3600
-# Ten years is as good as forever for a token, and keeps valid_until a sane timestamp.
-MAX_LIFETIME = 10 * 365 * 24 * 3600
-# The root key cache is how late a revocation reaches other processes.
-MAX_ROOT_KEY_CACHE_SECONDS = 3600.0
-# One challenge a day per client up to a million a second: a slower refill makes the
-# Retry-After wait overflow, and a burst must fit in a float.
-MIN_CHALLENGES_PER_SECOND = 1 / 86400
-MAX_CHALLENGES_PER_SECOND = 1_000_000.0
-MAX_BURST = 1_000_000
-# The invoice sweeper's period: not a busy loop, and at least daily.
-MIN_SWEEP_INTERVAL = 0.01
-MAX_SWEEP_INTERVAL = 86_400.0
-
-# RFC 9110 tchar, less "_": CGI-style backends read "_" and "-" alike, so a client's
-# X-L402-Token would reach them as the X_L402_Token the gateway sets.
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^`|~0-9A-Za-z]+")
-# Headers that frame, route or authenticate a request, or that a browser sets: the proxy
-# would overwrite or drop the client's own (token_header replaces it), changing the request.
-_RESERVED_HEADERS = frozenset(
-    {
-        "authorization",
-        "connection",
-        "cookie",
-        "date",
-        "expect",
-        "forwarded",
-        "host",
-        "keep-alive",
-        "max-forwards",
-        "origin",
-        "range",
-        "referer",
-        "set-cookie",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "user-agent",
-        "via",
-        "www-authenticate",
-        "x-client-ip",
-        "x-http-method",
-        "x-http-method-override",
-        "x-method-override",
-        "x-original-url",
-        "x-real-ip",
-        "x-rewrite-url",
-        "true-client-ip",
-    }
-)
-_RESERVED_HEADER_PREFIXES = ("accept", "content-", "if-", "proxy-", "sec-", "x-forwarded-")
-
-
-def _check_token_header(name: str) -> None:
-    if not _HEADER_NAME.fullmatch(name):
-        raise ValueError(
-            f"token_header must be a header name (letters, digits, '-' and the other RFC 9110 "
-            f"token characters; no '_'), got {name!r}"
-        )
-    lowered = name.lower()
-    if lowered in _RESERVED_HEADERS or lowered.startswith(_RESERVED_HEADER_PREFIXES):
-        raise ValueError(
-            f"token_header must be a header of its own, not {name!r}, which frames, routes "
-            "or authenticates requests (e.g. X-L402-Token)"
-        )
-
-
-_LISTEN_HOST = re.compile(r"[A-Za-z0-9._-]+")
-_LISTEN_HOST_V6 = re.compile(r"[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?")
-
-
-def listen_address(listen: str) -> tuple[str, int]:
-    """``[server] listen`` (``host:port``, ``[v6 address]:port``) as the host and port to bind.
-
-    ``ValueError`` if it is not one.
-    """
-    host, colon, port = listen.rpartition(":")
-    if not colon or not (port.isascii() and port.isdigit()):
-        raise ValueError(f"listen must be host:port (e.g. 127.0.0.1:8402), got {listen!r}")
-    if not host:
-        raise ValueError(
-            f"listen must be host:port with a host (0.0.0.0 for every IPv4 interface), "
-            f"got {listen!r}"
-        )
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        valid = _LISTEN_HOST_V6.fullmatch(host) is not None and ":" in host
-    else:
-        valid = _LISTEN_HOST.fullmatch(host) is not None
-    if not valid:
-        raise ValueError(
-            f"listen must be host:port, an IPv6 address in brackets ([::1]:8402), got {listen!r}"
-        )
-    number = int(port)
-    if number > 65535:
-        raise ValueError(f"listen port must be 0 to 65535, got {listen!r}")
-    return host, number
-
-
-def _check_upstream(url: str) -> None:
-    if any(char.isspace() or not char.isprintable() for char in url):
-        raise ValueError(f"upstream must not contain blanks or control characters, got {url!r}")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"upstream must be an http:// or https:// URL with a host, got {url!r}")
-    try:
-        parts.port  # noqa: B018 - parsing the port is the check
-    except ValueError:
-        raise ValueError(f"upstream has an invalid port: {url!r}") from None
-    if "@" in parts.netloc:
-        # Not shown: the URL is logged, and these are credentials.
-        raise ValueError(
-            "upstream must not contain credentials (user:password@host): they would be logged "
-            "and sent with every request; protect the backend by its network address instead"
-        )
-    if "?" in url or "#" in url:
-        raise ValueError(
-            f"upstream must not have a query or fragment (request paths are appended), got {url!r}"
-        )
-
-
-# The supported store URLs; anything else is refused at load, not when the store opens.
-SUPPORTED_STORE_URLS = "memory:, sqlite:///absolute/path.db or sqlite:relative/path.db"
-
-
-def store_location(url: str) -> tuple[str, str | None]:
-    """``("memory", None)`` or ``("sqlite", path)`` for a store URL; ``ValueError`` if it is
-    not one of ``SUPPORTED_STORE_URLS`` (see ``gateway.store``)."""
-    if not url.strip():
-        raise ValueError(f"url must name a store: {SUPPORTED_STORE_URLS}")
-    scheme, colon, rest = url.partition(":")
-    scheme = scheme.lower()
-    if not colon:
-        raise ValueError(f"url {url!r} has no scheme; supported: {SUPPORTED_STORE_URLS}")
-    if scheme == "memory":
-        if rest:
-            raise ValueError(f"url {url!r}: 'memory:' takes nothing after the colon")
-        return "memory", None
-    if scheme == "sqlite":
-        if rest.startswith("//"):
-            if not rest.startswith("///") or rest == "///":
-                raise ValueError(
-                    f"url {url!r}: use sqlite:///absolute/path.db or sqlite:relative/path.db"
-                )
-            rest = rest[2:]  # keep the third slash: it starts the absolute path
-        if not rest:
-            raise ValueError(f"url {url!r} names no file; supported: {SUPPORTED_STORE_URLS}")
-        if "\x00" in rest:
-            raise ValueError("url: a path must not contain NUL")
-        return "sqlite", rest
-    if scheme in ("postgres", "postgresql"):
-        raise ValueError(
-            f"url {scheme}://...: PostgreSQL is not supported yet; supported: "
-            f"{SUPPORTED_STORE_URLS}"
-        )
-    # Only the scheme is shown: the rest of a database URL may hold a password.
-    raise ValueError(f"url scheme {scheme!r} is not supported; supported: {SUPPORTED_STORE_URLS}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,23 +99,23 @@ class ServerConfig:
     paid_upstream_connections: int = 100  # a pool of their own for requests with one
 
     def __post_init__(self) -> None:
-        _require(self.max_body_bytes >= 0, "max_body_bytes", ">= 0", self.max_body_bytes)
-        _require(self.workers >= 1, "workers", ">= 1", self.workers)
+        require(self.max_body_bytes >= 0, "max_body_bytes", ">= 0", self.max_body_bytes)
+        require(self.workers >= 1, "workers", ">= 1", self.workers)
         for key in ("header_timeout", "idle_timeout", "body_timeout"):
             seconds = getattr(self, key)
-            _require(_positive(seconds), key, "a positive number of seconds", seconds)
+            require(positive(seconds), key, "a positive number of seconds", seconds)
         rate = self.min_body_rate
-        _require(rate >= 1, "min_body_rate", ">= 1 (bytes a second)", rate)
+        require(rate >= 1, "min_body_rate", ">= 1 (bytes a second)", rate)
         connections = self.max_connections
-        _require(connections >= 0, "max_connections", ">= 0 (0: from ulimit -n)", connections)
+        require(connections >= 0, "max_connections", ">= 0 (0: from ulimit -n)", connections)
         for key in ("max_connections_per_client", "unpaid_requests_per_client"):
-            _require(getattr(self, key) >= 0, key, ">= 0 (0: no cap)", getattr(self, key))
+            require(getattr(self, key) >= 0, key, ">= 0 (0: no cap)", getattr(self, key))
         for key in ("upstream_connections", "paid_upstream_connections"):
-            _require(getattr(self, key) >= 1, key, ">= 1", getattr(self, key))
+            require(getattr(self, key) >= 1, key, ">= 1", getattr(self, key))
         listen_address(self.listen)
         if self.upstream is not None:
-            _check_upstream(self.upstream)
-        _check_token_header(self.token_header)
+            check_upstream(self.upstream)
+        check_token_header(self.token_header)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +127,7 @@ class LndConfig:
     timeout: float = 30.0  # seconds per unary call
 
     def __post_init__(self) -> None:
-        _require(_positive(self.timeout), "timeout", "a positive number", self.timeout)
+        require(positive(self.timeout), "timeout", "a positive number", self.timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,14 +142,14 @@ class StoreConfig:
     def __post_init__(self) -> None:
         store_location(self.url)
         retention = self.unpaid_retention
-        _require(
+        require(
             0 <= retention <= MAX_LIFETIME,
             "unpaid_retention",
             f"0 (keep forever) to {MAX_LIFETIME}",
             retention,
         )
         interval = self.sweep_interval
-        _require(
+        require(
             math.isfinite(interval) and MIN_SWEEP_INTERVAL <= interval <= MAX_SWEEP_INTERVAL,
             "sweep_interval",
             f"{MIN_SWEEP_INTERVAL:g} to {MAX_SWEEP_INTERVAL:g}",
@@ -295,14 +166,14 @@ class L402Config:
 
     def __post_init__(self) -> None:
         expiry = self.invoice_expiry
-        _require(
+        require(
             1 <= expiry <= MAX_INVOICE_EXPIRY,
             "invoice_expiry",
             f"1 to {MAX_INVOICE_EXPIRY} seconds (LND refuses more than a year)",
             expiry,
         )
         seconds = self.root_key_cache_seconds
-        _require(
+        require(
             math.isfinite(seconds) and 0 <= seconds <= MAX_ROOT_KEY_CACHE_SECONDS,
             "root_key_cache_seconds",
             f"0 to {MAX_ROOT_KEY_CACHE_SECONDS:g} (it delays revocations)",
@@ -323,21 +194,21 @@ class RateLimitConfig:
 
     def __post_init__(self) -> None:
         rate = self.challenges_per_second
-        _require(
+        require(
             math.isfinite(rate) and MIN_CHALLENGES_PER_SECOND <= rate <= MAX_CHALLENGES_PER_SECOND,
             "challenges_per_second",
             f"1/86400 (one a day) to {MAX_CHALLENGES_PER_SECOND:g}",
             rate,
         )
-        _require(1 <= self.burst <= MAX_BURST, "burst", f"1 to {MAX_BURST}", self.burst)
-        _require(self.max_clients >= 1, "max_clients", ">= 1", self.max_clients)
+        require(1 <= self.burst <= MAX_BURST, "burst", f"1 to {MAX_BURST}", self.burst)
+        require(self.max_clients >= 1, "max_clients", ">= 1", self.max_clients)
         pending = self.max_pending_invoices
-        _require(pending >= 1, "max_pending_invoices", ">= 1", pending)
+        require(pending >= 1, "max_pending_invoices", ">= 1", pending)
         prefix = self.ipv6_prefix
-        _require(1 <= prefix <= 128, "ipv6_prefix", "between 1 and 128", prefix)
+        require(1 <= prefix <= 128, "ipv6_prefix", "between 1 and 128", prefix)
         for key in ("redeems_per_second", "redeem_lookups_per_second"):
             value = getattr(self, key)
-            _require(
+            require(
                 math.isfinite(value)
                 and MIN_CHALLENGES_PER_SECOND <= value <= MAX_CHALLENGES_PER_SECOND,
                 key,
@@ -345,7 +216,7 @@ class RateLimitConfig:
                 value,
             )
         redeem_burst = self.redeem_burst
-        _require(1 <= redeem_burst <= MAX_BURST, "redeem_burst", f"1 to {MAX_BURST}", redeem_burst)
+        require(1 <= redeem_burst <= MAX_BURST, "redeem_burst", f"1 to {MAX_BURST}", redeem_burst)
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,42 +228,14 @@ class PathsConfig:
 
     def __post_init__(self) -> None:
         cases = ("any", "sensitive", "insensitive")
-        _require(self.case in cases, "case", " or ".join(cases), self.case)
+        require(self.case in cases, "case", " or ".join(cases), self.case)
         slashes = ("any", "significant")
-        _require(
+        require(
             self.trailing_slash in slashes,
             "trailing_slash",
             " or ".join(slashes),
             self.trailing_slash,
         )
-
-
-@dataclass(frozen=True, slots=True)
-class RouteConfig:
-    pattern: str
-    methods: tuple[str, ...] = ()
-    price_msat: int | None = None
-    price_function: str | None = None  # "package.module:function"
-    free: bool = False
-    lifetime: int = 3600
-    service: str = "api"
-    tier: int = 0
-    capabilities: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.price_msat is not None:
-            price = self.price_msat
-            _require(
-                0 < price <= MAX_PRICE_MSAT,
-                "price_msat",
-                f"1 to {MAX_PRICE_MSAT} (100,000 BTC, the most LND puts in an invoice)",
-                price,
-            )
-        lifetime = self.lifetime
-        _require(
-            0 < lifetime <= MAX_LIFETIME, "lifetime", f"1 to {MAX_LIFETIME} (ten years)", lifetime
-        )
-        _require(self.tier >= 0, "tier", ">= 0", self.tier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,90 +383,6 @@ def load_config(
     if config.lnd.macaroon is not None:
         warn_if_readable_by_others(config.lnd.macaroon, "LND macaroon")
     return config
-
-
-# RFC 9110's methods, PATCH (RFC 5789) and WebDAV's (RFC 4918).
-STANDARD_METHODS = frozenset(
-    {
-        "GET",
-        "HEAD",
-        "POST",
-        "PUT",
-        "DELETE",
-        "CONNECT",
-        "OPTIONS",
-        "TRACE",
-        "PATCH",
-        "PROPFIND",
-        "PROPPATCH",
-        "MKCOL",
-        "COPY",
-        "MOVE",
-        "LOCK",
-        "UNLOCK",
-    }
-)
-_GLOB = re.compile(r"[*?\[]")
-
-
-def route_warnings(routes: Sequence[RouteConfig]) -> list[str]:
-    """What in ``routes`` is likely a mistake: one line each (``load_config`` logs them).
-
-    Legal but suspect: a method no client uses, a pattern with brackets (a character class)
-    or blanks around it, and a rule that can never match because an earlier one matches
-    every request it would (the first matching rule decides).
-    """
-    warnings = []
-    for index, route in enumerate(routes):
-        where = f"routes[{index}] {route.pattern!r}"
-        for method in sorted({m.upper() for m in route.methods} - STANDARD_METHODS):
-            warnings.append(
-                f"{where}: {method!r} is not a standard HTTP method; no ordinary request "
-                "matches it (a typo?)"
-            )
-        if route.pattern != route.pattern.strip():
-            warnings.append(
-                f"{where}: the pattern has blanks at its start or end; request paths do not"
-            )
-        if "[" in route.pattern or "]" in route.pattern:
-            warnings.append(
-                f"{where}: '[...]' in a pattern is a character class matching one character, "
-                "not brackets in the path (write [[] for a literal '[')"
-            )
-        for earlier_index, earlier in enumerate(routes[:index]):
-            if _covers(earlier, route):
-                kind = "free" if earlier.free else "priced"
-                warnings.append(
-                    f"{where} can never match: routes[{earlier_index}] {earlier.pattern!r} "
-                    f"({kind}) comes first and matches every request it would"
-                )
-                break
-    return warnings
-
-
-def _covers(earlier: RouteConfig, later: RouteConfig) -> bool:
-    """True when every request ``later`` matches is matched by ``earlier`` too (as far as
-    simple cases tell: the same pattern, a literal path the earlier glob matches, or an
-    earlier ``prefix*`` that the later pattern's fixed start begins with)."""
-    early_methods = {m.upper() for m in earlier.methods}
-    late_methods = {m.upper() for m in later.methods}
-    if early_methods:
-        if not late_methods:
-            return False
-        # A GET rule also matches HEAD (gateway.pricing).
-        if not all(
-            m in early_methods or (m == "HEAD" and "GET" in early_methods) for m in late_methods
-        ):
-            return False
-    if earlier.pattern == later.pattern:
-        return True
-    if not _GLOB.search(later.pattern):
-        return fnmatch.fnmatchcase(later.pattern, earlier.pattern)
-    prefix = earlier.pattern[:-1]
-    if earlier.pattern.endswith("*") and not _GLOB.search(prefix):
-        fixed_start = _GLOB.split(later.pattern, maxsplit=1)[0]
-        return fixed_start.startswith(prefix)
-    return False
 
 
 def warn_if_readable_by_others(path: Path, what: str) -> None:

@@ -1,0 +1,457 @@
+"""``l402-gateway pay URL``: fetch a URL, paying its L402 challenge (curl-like).
+
+The body goes to stdout, or to ``-o FILE``. It pays through an LND node given by
+``--lnd-host/--lnd-tls-cert/--lnd-macaroon`` or ``GATEWAY_PAYER_LND_HOST``,
+``GATEWAY_PAYER_LND_TLS_CERT``, ``GATEWAY_PAYER_LND_MACAROON`` (it reads no ``--config``).
+The invoice must be for the node's network (``--network`` or ``GATEWAY_PAYER_NETWORK``, else
+asked from the node). Tokens are cached in ``--token-cache`` (default
+``~/.cache/l402-gateway/tokens.json``) and reused for later requests in their scope. Progress
+goes to stderr: a start and an end line around the payment, and on a terminal an
+elapsed-seconds counter while it is in flight (``-s``: none). Its exit codes are
+``PAY_EXIT_CODES`` below (also printed by ``l402-gateway pay --help``).
+
+One module for the one command, a little over the usual size: its options, its payer, its
+output and its exit codes are read together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import decimal
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+import aiohttp
+from multidict import CIMultiDict
+
+from gateway import errors
+from gateway.cli.formats import LOG_FORMAT, utc_time
+from gateway.client import (
+    NETWORKS,
+    Budget,
+    BudgetExceeded,
+    ChallengeError,
+    ClientError,
+    L402Client,
+    Offer,
+    PaymentDeclined,
+    SpendEntry,
+    TokenCache,
+    TokenCacheError,
+    decode_invoice,
+)
+from gateway.client.aiohttp import l402_session
+from gateway.lnd.client import LndClient
+from gateway.lnd.connection import LndSettings
+from gateway.ports import Msat, Payer, Payment, PaymentHash
+from gateway.text import printable
+
+PAY_EXIT_CODES = """exit codes:
+  0  the response came, with a status below 400 (paid, reused a token, or free)
+  1  the final response has an HTTP error status (>= 400), e.g. still 402 after paying
+  2  bad usage or configuration (options, LND files, unreadable token cache, -o file)
+  3  a backend failed: LND unreachable or the payment failed, the HTTP request failed,
+     or an earlier payment for this URL is still in flight
+  4  over budget: the price is over --max-cost; nothing was paid
+  5  the challenge or its invoice is unusable: wrong network, expired, amount or payment
+     hash mismatch, malformed; nothing was paid
+  6  --no-pay and payment is required: the price was printed, nothing was paid"""
+EXIT_HTTP_ERROR = 1
+EXIT_USAGE = 2
+EXIT_BACKEND = 3
+EXIT_OVER_BUDGET = 4
+EXIT_BAD_CHALLENGE = 5
+EXIT_PAYMENT_REQUIRED = 6
+DEFAULT_MAX_COST_SAT = 1000
+_UNLIMITED_MSAT = 2**62
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def sat_to_msat(text: str) -> int:
+    """``"21"`` or ``"0.5"`` satoshis -> millisatoshis (at most three decimals)."""
+    try:
+        value = decimal.Decimal(text) * 1000
+    except decimal.InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not an amount in sat: {text!r}") from None
+    if not value.is_finite() or value < 0 or value != value.to_integral_value():
+        raise argparse.ArgumentTypeError(f"not an amount in sat (msat precision): {text!r}")
+    return int(value)
+
+
+def _sat(msat: int) -> str:
+    return f"{msat / 1000:g} sat"
+
+
+def default_token_cache() -> Path:
+    """``$XDG_CACHE_HOME/l402-gateway/tokens.json``, else ``~/.cache/l402-gateway/...``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "l402-gateway" / "tokens.json"
+
+
+def add_parser(commands: Any) -> None:
+    pay = commands.add_parser(
+        "pay",
+        help="fetch a URL, paying its L402 challenge (curl-like)",
+        description=(
+            "Fetch URL; on 402 Payment Required with an L402 challenge, check the invoice and "
+            "the price, pay it through LND, and retry with the token. The body goes to stdout "
+            "(or -o FILE); progress to stderr. Tokens are cached and reused in their scope."
+        ),
+        epilog=PAY_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pay.add_argument("url", help="http(s) URL")
+    pay.add_argument("-X", "--request", dest="method", metavar="METHOD", help="default GET")
+    pay.add_argument(
+        "-H",
+        "--header",
+        dest="headers",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="extra request header (repeatable)",
+    )
+    pay.add_argument(
+        "-d", "--data", metavar="DATA", help="request body; @FILE reads a file, @- stdin (POST)"
+    )
+    pay.add_argument(
+        "--max-cost",
+        type=sat_to_msat,
+        default=DEFAULT_MAX_COST_SAT * 1000,
+        metavar="SAT",
+        help=f"the most to pay for the request, fee excluded (default {DEFAULT_MAX_COST_SAT})",
+    )
+    pay.add_argument(
+        "--max-fee",
+        type=sat_to_msat,
+        metavar="SAT",
+        help="routing fee cap (default 1%% of the price, at least 5 sat)",
+    )
+    pay.add_argument(
+        "--no-pay",
+        action="store_true",
+        help="never pay: if payment is required, print the price and exit 6 "
+        "(a cached token is still used)",
+    )
+    pay.add_argument("-o", "--output", metavar="FILE", help="write the body to FILE")
+    pay.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    pay.add_argument("-s", "--silent", action="store_true", help="no progress on stderr")
+    pay.add_argument(
+        "--network",
+        choices=sorted(NETWORKS),
+        help="the payer's network (default: GATEWAY_PAYER_NETWORK, else asked from LND)",
+    )
+    pay.add_argument("--lnd-host", help="LND gRPC host:port (GATEWAY_PAYER_LND_HOST)")
+    pay.add_argument("--lnd-tls-cert", help="LND's tls.cert (GATEWAY_PAYER_LND_TLS_CERT)")
+    pay.add_argument(
+        "--lnd-macaroon", help="macaroon with offchain:write (GATEWAY_PAYER_LND_MACAROON)"
+    )
+    pay.add_argument(
+        "--token-cache",
+        metavar="FILE",
+        help="token cache file (default ~/.cache/l402-gateway/tokens.json)",
+    )
+    pay.add_argument("--no-token-cache", action="store_true", help="keep tokens in memory only")
+    pay.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to connect / between reads"
+    )
+    pay.add_argument(
+        "--payment-timeout", type=float, default=60.0, help="seconds LND may try to pay"
+    )
+
+
+def _payer_settings(args: argparse.Namespace, required: bool) -> LndSettings | None:
+    host = args.lnd_host or os.environ.get("GATEWAY_PAYER_LND_HOST") or "127.0.0.1:10009"
+    tls_cert = args.lnd_tls_cert or os.environ.get("GATEWAY_PAYER_LND_TLS_CERT")
+    macaroon = args.lnd_macaroon or os.environ.get("GATEWAY_PAYER_LND_MACAROON")
+    if not tls_cert or not macaroon:
+        if not required:
+            return None
+        raise errors.ConfigError(
+            "pay needs the paying LND node: --lnd-tls-cert and --lnd-macaroon "
+            "(or GATEWAY_PAYER_LND_TLS_CERT and GATEWAY_PAYER_LND_MACAROON)"
+        )
+    try:
+        return LndSettings.from_files(host, tls_cert, macaroon_path=macaroon)
+    except OSError as error:
+        raise errors.ConfigError(f"payer: cannot read {error.filename}: {error.strerror}") from None
+    except ValueError as error:
+        raise errors.ConfigError(f"payer: {error}") from None
+
+
+def _request_parts(args: argparse.Namespace) -> tuple[str, CIMultiDict[str], bytes | None]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in args.headers:
+        name, colon, value = line.partition(":")
+        name = name.strip()
+        if not colon or not _HEADER_NAME_RE.fullmatch(name):
+            raise errors.ConfigError(f"-H wants 'Name: value', got {line!r}")
+        headers.add(name, value.strip())
+    data: bytes | None = None
+    if args.data is not None:
+        if args.data == "@-":
+            data = sys.stdin.buffer.read()
+        elif args.data.startswith("@"):
+            try:
+                data = Path(args.data[1:]).read_bytes()
+            except OSError as error:
+                raise errors.ConfigError(
+                    f"-d: cannot read {args.data[1:]}: {error.strerror}"
+                ) from None
+        else:
+            data = args.data.encode()
+    parts = urlsplit(args.url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise errors.ConfigError(f"not an http(s) URL: {args.url!r}")
+    method = (args.method or ("POST" if data is not None else "GET")).upper()
+    if not _HEADER_NAME_RE.fullmatch(method):
+        raise errors.ConfigError(f"-X: not an HTTP method: {args.method!r}")
+    return method, headers, data
+
+
+class ProgressPayer:
+    """A Payer that reports the payment on ``stream`` while it is in flight.
+
+    A start and an end line; on a terminal, the start line ticks the elapsed seconds.
+    """
+
+    def __init__(self, payer: Payer, stream: TextIO, *, tick: float = 0.1) -> None:
+        self._payer = payer
+        self._stream = stream
+        self._tick = tick
+
+    def _write(self, text: str) -> None:
+        self._stream.write(text)
+        self._stream.flush()
+
+    async def send_payment(
+        self, payment_request: str, *, max_fee_msat: Msat, payment_timeout: float
+    ) -> Payment:
+        amount = decode_invoice(payment_request).amount_msat or 0
+        label = f"paying {_sat(amount)} (routing fee up to {_sat(max_fee_msat)})"
+        tty = self._stream.isatty()
+        start = time.monotonic()
+
+        async def ticker() -> None:
+            while True:
+                self._write(f"\r{label}... {time.monotonic() - start:.1f}s\x1b[K")
+                await asyncio.sleep(self._tick)
+
+        task = asyncio.create_task(ticker()) if tty else None
+        if task is None:
+            self._write(f"{label}...\n")
+        prefix = "\r" if tty else ""
+        suffix = "\x1b[K\n" if tty else "\n"
+        try:
+            payment = await self._payer.send_payment(
+                payment_request, max_fee_msat=max_fee_msat, payment_timeout=payment_timeout
+            )
+        except BaseException:
+            self._write(f"{prefix}payment failed after {time.monotonic() - start:.1f}s{suffix}")
+            raise
+        finally:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._write(
+            f"{prefix}paid {_sat(payment.amount_msat)} + {_sat(payment.fee_msat)} fee "
+            f"in {time.monotonic() - start:.2f}s{suffix}"
+        )
+        return payment
+
+    async def lookup_payment(self, payment_hash: PaymentHash) -> Payment | None:
+        return await self._payer.lookup_payment(payment_hash)
+
+
+class _NoPayer:
+    """Stands in when no LND node is configured (``--no-pay``): it cannot pay or look up."""
+
+    async def send_payment(
+        self, payment_request: str, *, max_fee_msat: Msat, payment_timeout: float
+    ) -> Payment:
+        raise errors.ConfigError("no paying LND node configured")
+
+    async def lookup_payment(self, payment_hash: PaymentHash) -> Payment | None:
+        raise errors.ConfigError(
+            "the token cache has a pending payment; resolving it needs the paying LND node "
+            "(--lnd-tls-cert, --lnd-macaroon)"
+        )
+
+
+def _offer_json(offer: Offer, max_cost_msat: int | None = None) -> dict[str, Any]:
+    facts: dict[str, Any] = {
+        "amount_msat": offer.amount_msat,
+        "description": offer.description,
+        "destination": offer.destination,
+        "network": offer.network,
+        "payment_hash": offer.payment_hash.hex(),
+        "expires_at": offer.expires_at,
+        "invoice": offer.invoice,
+        "token_valid_until": offer.valid_until,
+        "services": list(offer.services),
+    }
+    if max_cost_msat is not None:
+        facts["over_max_cost"] = offer.amount_msat > max_cost_msat
+    return facts
+
+
+def _spend_json(entry: SpendEntry) -> dict[str, Any]:
+    return {
+        "time": entry.time,
+        "url": entry.url,
+        "method": entry.method,
+        "payment_hash": entry.payment_hash,
+        "amount_msat": entry.amount_msat,
+        "fee_msat": entry.fee_msat,
+        "destination": entry.destination,
+        "description": entry.description,
+        "recovered": entry.recovered,
+    }
+
+
+def offer_text(offer: Offer, max_cost_msat: int) -> str:
+    left = offer.expires_at - time.time()
+    lines = [
+        f"payment required: {_sat(offer.amount_msat)} ({offer.amount_msat} msat)",
+        f"  for:      {printable(offer.description)}",
+        f"  pay to:   {offer.destination}",
+        f"  network:  {offer.network}",
+        f"  expires:  {utc_time(offer.expires_at)} UTC (in {max(0, int(left))} s)",
+        f"  invoice:  {offer.invoice}",
+    ]
+    if offer.valid_until is not None:
+        lines.insert(5, f"  token:    valid until {utc_time(offer.valid_until)} UTC")
+    if offer.amount_msat > max_cost_msat:
+        lines.append(f"  (over --max-cost {_sat(max_cost_msat)})")
+    return "\n".join(lines)
+
+
+async def _payer_network(args: argparse.Namespace, lnd: LndClient | None) -> str | None:
+    network: str | None = args.network or os.environ.get("GATEWAY_PAYER_NETWORK") or None
+    if network is not None or lnd is None:
+        return network
+    try:
+        return (await lnd.get_info()).network
+    except errors.BackendPermissionDenied:
+        raise errors.ConfigError(
+            "cannot ask the paying node for its network (the macaroon lacks info:read): "
+            "pass --network"
+        ) from None
+
+
+def _write_output(path: str, body: bytes) -> None:
+    try:
+        Path(path).write_bytes(body)
+    except OSError as error:
+        raise errors.ConfigError(f"-o: cannot write {path}: {error.strerror}") from None
+
+
+async def _pay(
+    args: argparse.Namespace, method: str, headers: CIMultiDict[str], data: bytes | None
+) -> int:
+    settings = _payer_settings(args, required=not args.no_pay)
+    if args.no_token_cache:
+        cache = TokenCache()
+    else:
+        cache = TokenCache(args.token_cache or default_token_cache())
+    declined: list[Offer] = []
+
+    async def decline(offer: Offer) -> bool:
+        declined.append(offer)
+        return False
+
+    async with contextlib.AsyncExitStack() as stack:
+        lnd = await stack.enter_async_context(LndClient(settings)) if settings else None
+        payer: Payer = _NoPayer() if lnd is None else lnd
+        if not args.silent:
+            payer = ProgressPayer(payer, sys.stderr)
+        client = L402Client(
+            payer,
+            network=await _payer_network(args, lnd),
+            # --no-pay shows any price; the cap is applied when paying.
+            budget=Budget(
+                max_price_msat=_UNLIMITED_MSAT if args.no_pay else args.max_cost,
+                max_fee_msat=args.max_fee,
+            ),
+            cache=cache,
+            payment_timeout=args.payment_timeout,
+            confirm=decline if args.no_pay else None,
+        )
+        timeout = aiohttp.ClientTimeout(total=None, connect=args.timeout, sock_read=args.timeout)
+        summary: dict[str, Any] = {"url": args.url, "method": method}
+        async with l402_session(client, timeout=timeout) as session:
+            try:
+                async with session.request(
+                    method, args.url, headers=headers, data=data
+                ) as response:
+                    body = await response.read()
+                    status = response.status
+            except PaymentDeclined:
+                (offer,) = declined
+                if args.json:
+                    summary.update(status=402, paid=False, offer=_offer_json(offer, args.max_cost))
+                    print(json.dumps(summary, indent=2))
+                else:
+                    print(offer_text(offer, args.max_cost))
+                return EXIT_PAYMENT_REQUIRED
+            except ClientError as error:
+                if args.json and error.offer is not None:
+                    summary.update(error=str(error), offer=_offer_json(error.offer, args.max_cost))
+                    print(json.dumps(summary, indent=2))
+                raise
+    if args.output:
+        _write_output(args.output, body)
+    if args.json:
+        summary.update(status=status, payments=[_spend_json(e) for e in client.spending_log])
+        if args.output:
+            summary["output"] = args.output
+        else:
+            try:
+                summary["body"] = body.decode()
+            except UnicodeDecodeError:
+                summary["body_base64"] = base64.b64encode(body).decode()
+        print(json.dumps(summary, indent=2))
+    elif not args.output:
+        sys.stdout.buffer.write(body)
+        sys.stdout.buffer.flush()
+    if status >= 400:
+        if not args.silent:
+            print(f"l402-gateway: HTTP {status}", file=sys.stderr)
+        return EXIT_HTTP_ERROR
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``pay`` command; its exit code."""
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format=LOG_FORMAT,
+    )
+    try:
+        method, headers, data = _request_parts(args)
+        return asyncio.run(_pay(args, method, headers, data))
+    except BudgetExceeded as error:
+        print(f"l402-gateway: {error}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
+    except ChallengeError as error:
+        print(f"l402-gateway: {error}; nothing was paid", file=sys.stderr)
+        return EXIT_BAD_CHALLENGE
+    except (errors.ConfigError, TokenCacheError) as error:
+        print(f"l402-gateway: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except errors.GatewayError as error:
+        print(f"l402-gateway: {error}", file=sys.stderr)
+        return EXIT_BACKEND
+    except (aiohttp.ClientError, TimeoutError) as error:
+        print(f"l402-gateway: request failed: {error or type(error).__name__}", file=sys.stderr)
+        return EXIT_BACKEND

@@ -1,0 +1,170 @@
+"""``l402-gateway serve``: the reverse proxy in front of ``[server] upstream``.
+
+With ``[server] workers`` above one it supervises that many processes on the one port
+(``SO_REUSEPORT``); the first also runs the settlement watcher and the invoice sweeper, any
+worker's exit stops them all, and a worker dies with its supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+from typing import Any
+
+from aiohttp.http_exceptions import HttpProcessingError
+
+from gateway import errors
+from gateway.config import Config, listen_address, store_location
+from gateway.runtime import build_pricing, lnd_settings, running_gateway
+from gateway.web.connections import ServerLimits
+from gateway.web.proxy import build_proxy
+from gateway.web.server import connection_limit, serve
+
+log = logging.getLogger(__name__)
+WORKER_LOG_FORMAT = "%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s"
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+
+
+class MalformedRequestLog(logging.Filter):
+    """aiohttp logs each request its parser rejects at ERROR, with a traceback quoting the
+    offending bytes: anyone could fill the log that way, and the bytes may be part of a
+    credential. Such a record becomes one INFO line naming only the client and the error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError) and error.code == 400:
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            record.msg = "rejected a malformed request from %s: %s"
+            client = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.args = (client, type(error).__name__)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def add_parser(commands: Any) -> None:
+    """``serve`` on the ``commands`` subparsers (it takes no options: ``[server]`` has them)."""
+    commands.add_parser("serve", help="run the reverse proxy in front of [server] upstream")
+
+
+def run(config: Config) -> int:
+    """The ``serve`` command: one proxy process, or a supervisor of ``[server] workers``."""
+    if not config.server.upstream:
+        raise errors.ConfigError("[server] upstream is required for serve (the backend URL)")
+    build_pricing(config)
+    lnd_settings(config)  # fail on a bad config before binding the port
+    try:
+        host, port = listen_address(config.server.listen)  # load_config checked it
+    except ValueError as error:
+        raise errors.ConfigError(f"[server] {error}") from None
+    workers = config.server.workers
+    if workers > 1 and store_location(config.store.url)[0] == "memory":
+        raise errors.ConfigError("[server] workers > 1 needs a store they share, not memory:")
+    log.info(
+        "l402-gateway proxying %s on %s (%d worker%s)",
+        config.server.upstream,
+        config.server.listen,
+        workers,
+        "" if workers == 1 else "s",
+    )
+    if workers == 1:
+        _serve_worker(config, host, port, watch=True, log_level=None)
+        return 0
+    return _serve_workers(config, host, port)
+
+
+def _serve_worker(
+    config: Config, host: str, port: int, *, watch: bool, log_level: int | None
+) -> None:
+    """One proxy process; ``log_level`` is set when it is a spawned worker."""
+    if log_level is not None:
+        _die_with_parent()
+        logging.basicConfig(level=log_level, format=WORKER_LOG_FORMAT)
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequestLog())
+    server = config.server
+    ipv6_prefix = config.rate_limit.ipv6_prefix
+    app = build_proxy(
+        server.upstream or "",
+        lambda: running_gateway(config, watch=watch),
+        token_header=server.token_header,
+        trust_forwarded_for=server.trust_forwarded_for,
+        max_body_bytes=server.max_body_bytes,
+        body_timeout=server.body_timeout,
+        min_body_rate=server.min_body_rate,
+        unpaid_requests_per_client=server.unpaid_requests_per_client,
+        upstream_connections=server.upstream_connections,
+        paid_upstream_connections=server.paid_upstream_connections,
+        ipv6_prefix=ipv6_prefix,
+    )
+    upstream = server.upstream_connections + server.paid_upstream_connections
+    try:
+        max_connections = connection_limit(server.max_connections, upstream)
+    except ValueError as error:
+        raise errors.ConfigError(str(error)) from None
+    # Behind a trusted proxy every connection comes from it: no per-address cap.
+    per_client = 0 if server.trust_forwarded_for else server.max_connections_per_client
+    log.info(
+        "accepting up to %d connections, %s per client address",
+        max_connections,
+        per_client or "any number",
+    )
+    limits = ServerLimits(
+        header_timeout=server.header_timeout,
+        idle_timeout=server.idle_timeout,
+        max_connections=max_connections,
+        max_connections_per_client=per_client,
+        ipv6_prefix=ipv6_prefix,
+    )
+    asyncio.run(serve(app, host, port, limits, reuse_port=log_level is not None))
+
+
+def _die_with_parent() -> None:
+    """A worker whose supervisor is killed must not go on holding the port."""
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the line above
+        raise SystemExit(0)
+
+
+def _serve_workers(config: Config, host: str, port: int) -> int:
+    """Run ``workers`` proxy processes on one port (SO_REUSEPORT); the first one also runs
+    the settlement watcher. Any worker's exit stops them all."""
+    context = multiprocessing.get_context("spawn")  # no gRPC state crosses a fork
+    level = logging.getLogger().getEffectiveLevel()
+    workers = [
+        context.Process(
+            target=_serve_worker,
+            args=(config, host, port),
+            kwargs={"watch": index == 0, "log_level": level},
+            name=f"l402-gateway-worker-{index}",
+        )
+        for index in range(config.server.workers)
+    ]
+    stopping = False
+
+    def stop(_signal: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()  # SIGTERM: a graceful stop
+
+    for worker in workers:
+        worker.start()
+    # Only now: a signal during the start-up above ends this process the default way, and
+    # the workers started so far follow it (they die with their parent).
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    multiprocessing.connection.wait([worker.sentinel for worker in workers])
+    failed = [] if stopping else [w for w in workers if w.exitcode not in (None, 0)]
+    stop(signal.SIGTERM, None)
+    for worker in workers:
+        worker.join()
+    for worker in failed:
+        log.error("%s exited with %s; stopped the others", worker.name, worker.exitcode)
+    return 1 if failed else 0

@@ -1,0 +1,65 @@
+"""The paying client's errors, a branch of the tree drawn in :mod:`gateway.errors`.
+
+``offer`` is the checked offer when there is one, so a caller can show the price. All but
+``PaymentUnverified`` are raised before any money moves.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gateway.errors import GatewayError
+
+if TYPE_CHECKING:  # offer.py raises these errors; the errors only name its type
+    from gateway.client.offer import Offer
+
+__all__ = [
+    "BudgetExceeded",
+    "ChallengeError",
+    "ClientError",
+    "InvoiceRejected",
+    "PaymentDeclined",
+    "PaymentInFlight",
+    "PaymentUnverified",
+    "TokenCacheError",
+]
+
+
+class ClientError(GatewayError):
+    """Base of the paying client's errors."""
+
+    def __init__(self, message: str, offer: Offer | None = None) -> None:
+        super().__init__(message)
+        self.offer = offer
+
+
+class ChallengeError(ClientError):
+    """The 402 carries an L402/LSAT challenge that cannot be used; nothing was paid."""
+
+
+class InvoiceRejected(ChallengeError):
+    """The challenge's invoice failed a check (network, amount, expiry, payment hash)."""
+
+
+class BudgetExceeded(ClientError):
+    """Paying would go over the budget; nothing was paid. ``limit`` names the limit."""
+
+    def __init__(self, message: str, offer: Offer | None, limit: str) -> None:
+        super().__init__(message, offer)
+        self.limit = limit
+
+
+class PaymentDeclined(ClientError):
+    """The ``confirm`` hook declined the offer; nothing was paid."""
+
+
+class PaymentInFlight(ClientError):
+    """A payment begun earlier for this scope has not finished; paying again could pay twice."""
+
+
+class PaymentUnverified(ClientError):
+    """The payer reported success but its preimage does not match the invoice."""
+
+
+class TokenCacheError(ClientError):
+    """The token cache file is unreadable, corrupt or cannot be written."""

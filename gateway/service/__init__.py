@@ -1,0 +1,70 @@
+"""The core: decide what to do with a request, and issue challenges.
+
+``L402Service.authorize()`` returns one of three decisions:
+
+- ``Allow``: free route, or a valid paid token (the handler gets the token's facts);
+- ``PaymentChallenge``: 402 with a fresh invoice and macaroon (no credential, or one that is
+  valid but insufficient: expired, or for another service or capability);
+- ``Deny``: 401 for an invalid credential, 429 when a client asks for too many challenges,
+  503 when the Lightning node or the store cannot serve the challenge, 400 for a request
+  the rules cannot price unambiguously (``Pricing.resolve``: a backend may read such a path
+  or method override as a priced route the literal request did not match), 500 when a
+  price function fails.
+
+Browsers send their credential in a cookie instead (``RequestInfo.cookies``); an
+``Authorization`` credential wins over it. A cookie that does not verify is ignored, not
+refused: a browser cannot drop a stale cookie by itself, so it gets a fresh challenge.
+``redeem()`` serves the paywall page: given the macaroon of a challenge it answers whether
+the invoice is paid and, once it is, the credential for the browser to keep.
+
+Modules: ``decisions`` (the values asked and answered), ``core`` (``L402Service``),
+``challenge`` (issuing one), ``verify`` (checking a credential), ``caches``,
+``rate_limiter``, ``redeem``. Depends only on ``gateway.l402``, ``gateway.pricing``,
+``gateway.ports`` (and ``gateway.errors``, ``gateway.text``); HTTP itself (headers,
+cookies) is the adapters' business, in ``gateway.web``.
+"""
+
+from __future__ import annotations
+
+from gateway.service.caches import ALLOWED_CACHE_SIZE, AllowedCache, RootKeyCache
+from gateway.service.challenge import MEMO_LIMIT
+from gateway.service.core import MAX_COOKIE_CREDENTIALS, L402Service
+from gateway.service.decisions import (
+    Allow,
+    Decision,
+    Deny,
+    PaidToken,
+    PaymentChallenge,
+    Refusal,
+    RequestInfo,
+)
+from gateway.service.rate_limiter import RateLimiter
+from gateway.service.redeem import (
+    MAX_REDEEM_MACAROON_CHARS,
+    REDEEM_LOOKUP_INTERVAL,
+    REDEEM_LOOKUPS_PER_SECOND,
+    RedeemResult,
+    RedeemState,
+)
+
+__all__ = [
+    "ALLOWED_CACHE_SIZE",
+    "MAX_COOKIE_CREDENTIALS",
+    "MAX_REDEEM_MACAROON_CHARS",
+    "MEMO_LIMIT",
+    "REDEEM_LOOKUPS_PER_SECOND",
+    "REDEEM_LOOKUP_INTERVAL",
+    "Allow",
+    "AllowedCache",
+    "Decision",
+    "Deny",
+    "L402Service",
+    "PaidToken",
+    "PaymentChallenge",
+    "RateLimiter",
+    "RedeemResult",
+    "RedeemState",
+    "Refusal",
+    "RequestInfo",
+    "RootKeyCache",
+]

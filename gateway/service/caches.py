@@ -1,0 +1,115 @@
+"""What the core remembers between requests: root keys read from the store, and the
+decisions already made for a credential.
+
+Both caches bound how long a revocation made by another process goes unseen (the root-key
+cache age); a revocation through this service clears them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from gateway.ports import Clock
+from gateway.service.decisions import Allow
+
+# (Authorization values, method, path): the request line and credential a decision answers.
+AllowedKey = tuple[tuple[str, ...], str, str]
+ALLOWED_CACHE_SIZE = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class KnownToken:
+    """A token's root key and its invoice's facts, as read from the store at ``fetched_at``."""
+
+    root_key: bytes
+    amount_msat: int
+    settled: bool
+    fetched_at: float
+
+
+class RootKeyCache:
+    """Root keys (and invoice facts) recently read from the store, with a maximum age."""
+
+    def __init__(self, max_age: float, capacity: int = 100_000) -> None:
+        self._max_age = max_age
+        self._capacity = capacity
+        self._entries: OrderedDict[bytes, KnownToken] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key_id: bytes, now: float) -> KnownToken | None:
+        entry = self._entries.get(key_id)
+        if entry is None:
+            return None
+        # A clock that stepped back also makes an entry stale.
+        if not entry.fetched_at <= now < self.stale_at(entry):
+            del self._entries[key_id]
+            return None
+        self._entries.move_to_end(key_id)
+        return entry
+
+    def stale_at(self, entry: KnownToken) -> float:
+        return entry.fetched_at + self._max_age
+
+    def put(self, key_id: bytes, entry: KnownToken) -> None:
+        self._entries[key_id] = entry
+        self._entries.move_to_end(key_id)
+        # From the least recently used end, drop entries past their age as well as the
+        # surplus: memory follows the tokens used within max_age, not the capacity.
+        while self._entries:
+            oldest = next(iter(self._entries.values()))
+            if len(self._entries) <= self._capacity and entry.fetched_at < self.stale_at(oldest):
+                break
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class _AllowedEntry:
+    allow: Allow
+    # Valid in [since, until): from the root-key read it rests on until that read is too old
+    # to trust (a revocation elsewhere) or the token expires, whichever comes first.
+    since: float
+    until: float
+
+
+class AllowedCache:
+    """Allowed (credential, method, path) -> the decision, valid as long as the root-key read
+    it rests on and the token itself: revocations take effect exactly as without this cache.
+
+    Evicted oldest-first, never reordered: a hit stays a dict lookup and one clock read.
+    """
+
+    def __init__(self, clock: Clock, capacity: int = ALLOWED_CACHE_SIZE) -> None:
+        self._now = clock.now  # bound once: read on every hit
+        self._capacity = capacity
+        self._entries: dict[AllowedKey, _AllowedEntry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: AllowedKey) -> Allow | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.since <= self._now() < entry.until:
+            return entry.allow
+        del self._entries[key]
+        return None
+
+    def put(self, key: AllowedKey, allow: Allow, since: float, until: float, now: float) -> None:
+        self._entries[key] = _AllowedEntry(allow, since, until)
+        # Oldest first, drop the expired entries (all expire within the root-key cache age)
+        # as well as the surplus, so memory follows the tokens in recent use.
+        while self._entries:
+            oldest = next(iter(self._entries))
+            if len(self._entries) <= self._capacity and now < self._entries[oldest].until:
+                break
+            del self._entries[oldest]
+
+    def clear(self) -> None:
+        self._entries.clear()

@@ -1,0 +1,144 @@
+"""Issuing a payment challenge: price the request, create the invoice on the node, mint a
+macaroon bound to its payment hash, and record both in the store."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import secrets
+
+from gateway import errors, l402
+from gateway.ports import Clock, InvoiceBackend, InvoiceRecord, InvoiceState, Msat, Store
+from gateway.pricing import MAX_PRICE_MSAT, PriceRequest, Rule
+from gateway.service.decisions import Allow, Decision, Deny, PaymentChallenge, Refusal, RequestInfo
+from gateway.service.rate_limiter import RateLimiter
+from gateway.text import printable
+
+log = logging.getLogger(__name__)
+
+MEMO_LIMIT = 120
+
+
+class ChallengeIssuer:
+    """Creates the invoice and the token of every payment challenge the service sends."""
+
+    def __init__(
+        self,
+        *,
+        backend: InvoiceBackend,
+        store: Store,
+        clock: Clock,
+        location: str,
+        invoice_expiry: int,
+        rate_limiter: RateLimiter | None,
+        max_pending_invoices: int,
+    ) -> None:
+        self._backend = backend
+        self._store = store
+        self._clock = clock
+        self._location = location
+        self._invoice_expiry = invoice_expiry
+        self._limiter = rate_limiter
+        # Many addresses, each within its budget, can still ask for more invoices than the
+        # node writes; queued on its database they delay settling the invoices being paid.
+        # Waiters are served in arrival order, so a buyer waits behind at most one request
+        # per open connection.
+        self._invoice_slots = asyncio.Semaphore(max_pending_invoices)
+
+    async def challenge(
+        self, request: RequestInfo, rule: Rule, reason: l402.ChallengeReason
+    ) -> Decision:
+        """Create an invoice for ``rule``'s price and mint a token bound to its payment hash.
+
+        A price function may return 0 to let a request through for free.
+        """
+        price = await self._price(request, rule)
+        if isinstance(price, Deny):
+            return price
+        if price == 0:
+            return Allow(None)
+        if self._limiter is not None:
+            wait = self._limiter.acquire(request.client)
+            if wait > 0:
+                return Deny(429, Refusal.TOO_MANY_CHALLENGES, retry_after=math.ceil(wait))
+        memo = printable(f"{rule.service}: {request.method.upper()} {request.path}", MEMO_LIMIT)
+        try:
+            async with self._invoice_slots:
+                invoice = await self._backend.add_invoice(price, memo, self._invoice_expiry)
+        except errors.BackendUnavailable as error:
+            log.warning("cannot create invoice: %s", error)
+            return Deny(503, Refusal.NODE_UNAVAILABLE, retry_after=5)
+        except errors.BackendPermissionDenied as error:
+            log.error("the node refused to create an invoice (check the macaroon): %s", error)
+            return Deny(503, Refusal.NODE_REFUSED_INVOICE, retry_after=30)
+        except errors.BackendError as error:
+            log.error("cannot create invoice: %s", error)
+            return Deny(502, Refusal.NODE_FAILED_INVOICE)
+
+        now = self._clock.now()
+        token_id = secrets.token_bytes(32)
+        root_key = secrets.token_bytes(32)
+        caveats = [l402.services_caveat(rule.service, rule.tier)]
+        if rule.capabilities:
+            caveats.append(l402.capabilities_caveat(rule.service, sorted(rule.capabilities)))
+        caveats.append(l402.valid_until_caveat(rule.service, int(now) + rule.lifetime))
+        macaroon = l402.mint_token(
+            root_key, invoice.payment_hash, token_id, caveats, location=self._location
+        )
+        record = InvoiceRecord(
+            payment_hash=invoice.payment_hash,
+            payment_request=invoice.payment_request,
+            amount_msat=price,
+            token_id=token_id,
+            service=rule.service,
+            method=request.method.upper(),
+            path=request.path,
+            state=InvoiceState.OPEN,
+            created_at=now,
+            expires_at=now + self._invoice_expiry,
+            add_index=invoice.add_index,
+        )
+        key_id = hashlib.sha256(macaroon.identifier).digest()
+        try:
+            # One unit of work: a root key is only ever stored with its tracked invoice.
+            async with self._store.transaction() as tx:
+                await tx.add_invoice(record)
+                await tx.put_root_key(key_id, token_id, root_key)
+        except errors.StoreError:
+            log.exception("store failed while issuing a challenge")
+            return Deny(503, Refusal.STORE_UNAVAILABLE, retry_after=5)
+        return PaymentChallenge(
+            reason=reason,
+            macaroon=l402.encode_b64(macaroon),
+            invoice=invoice.payment_request,
+            payment_hash=invoice.payment_hash.hex(),
+            amount_msat=price,
+            expires_at=record.expires_at,
+            service=rule.service,
+            method=record.method,
+            path=request.path,
+            lifetime=rule.lifetime,
+            issued_at=now,
+        )
+
+    async def _price(self, request: RequestInfo, rule: Rule) -> Msat | Deny:
+        if rule.price_msat is not None:
+            return rule.price_msat
+        assert rule.price_function is not None
+        # The adapter left the credentials out of the headers (RequestInfo).
+        price_request = PriceRequest(request.method, request.path, request.query, request.headers)
+        try:
+            price = await rule.price_function(price_request)
+        except Exception:
+            log.exception("price function for %s failed", rule.pattern)
+            return Deny(500, Refusal.PRICE_FUNCTION_FAILED)
+        if (
+            not isinstance(price, int)
+            or isinstance(price, bool)
+            or not 0 <= price <= MAX_PRICE_MSAT
+        ):
+            log.error("price function for %s returned %r", rule.pattern, price)
+            return Deny(500, Refusal.INVALID_PRICE)
+        return Msat(price)
