@@ -17,6 +17,7 @@ BENCHMARKS = (
     "end_to_end",
     "settlement_visibility",
     "memory_growth",
+    "before_after",
 )
 
 
