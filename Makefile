@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install build browser interop demo test test-fast test-long lint format protos up down status bench clean
+.PHONY: install build browser interop demo test test-fast test-pythons test-long lint format protos up down status bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,19 +49,47 @@ $(JS_STAMP): $(JS_INTEROP)/package.json $(JS_INTEROP)/package-lock.json
 
 interop: $(JS_STAMP)
 
+# DEMO_ARGS="--listen 0.0.0.0:8402 --stay" keeps it serving (docker-compose.yml does).
 demo: build
-	$(BIN)/python -m regtest.demo
+	$(BIN)/python -m regtest.demo $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint build browser interop
+test: lint build browser interop test-pythons
 	$(BIN)/pytest
 
 test-fast: install
 	$(BIN)/pytest -m "not regtest"
+
+# The fast suite on the other supported Pythons (from PATH or pyenv), one venv each
+# (.venv-3.12, ...). 3.12 gets the lowest grpcio and protobuf the package allows, the others
+# the newest. A Python that is not there is skipped, except under CI.
+OTHER_PYTHONS := 3.12 3.13
+LOWEST_PINS_3.12 := grpcio==1.85.1 protobuf==7.35.1
+PYENV_VERSIONS := $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions
+find_python = $$({ ls -d $(PYENV_VERSIONS)/$(1).*/bin/python$(1); \
+	python$(1) -c 'import sys; print(sys.executable)'; } 2>/dev/null | head -1)
+
+.venv-%/.installed: pyproject.toml
+	python=$(call find_python,$*); $$python -m venv .venv-$*
+	.venv-$*/bin/pip install --quiet --upgrade pip
+	.venv-$*/bin/pip install --quiet -e '.[dev]' $(LOWEST_PINS_$*)
+	touch $@
+
+test-pythons:
+	@for v in $(OTHER_PYTHONS); do \
+		if [ -z "$(call find_python,$$v)" ]; then \
+			echo "python$$v: not found (PATH or pyenv)" >&2; \
+			if [ -n "$$CI" ]; then exit 1; else continue; fi; \
+		fi; \
+		$(MAKE) --no-print-directory .venv-$$v/.installed || exit 1; \
+		echo "fast suite on $$(.venv-$$v/bin/python --version)" \
+			"$$(.venv-$$v/bin/pip list 2>/dev/null | grep -E '^(grpcio|protobuf) ' | tr -s ' ' | paste -sd' ')"; \
+		.venv-$$v/bin/pytest -m "not regtest" -q || exit 1; \
+	done
 
 # The long variants only (minutes): the 60 s load test with 500 unpaid and 50 paying clients.
 test-long: build
@@ -89,4 +117,4 @@ status: install
 	$(BIN)/python -m regtest status
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info $(JS_INTEROP)/node_modules
+	rm -rf $(VENV) .venv-3.* .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info $(JS_INTEROP)/node_modules

@@ -1,7 +1,8 @@
 """Route rules: which requests cost how much, for how long a token lasts, and what it grants.
 
 Pure: no I/O. Rules are tried in order and the first whose pattern and method match decides.
-A path no rule matches is not priced (add a catch-all ``/*`` rule to price everything).
+A path no rule matches is not priced (add a catch-all ``/*`` rule to price everything), or,
+with ``unmatched=Unmatched.DENY``, refused with a 404.
 Patterns are shell-style globs on the URL path (``fnmatch``; ``*`` also crosses ``/``).
 Methods compare case-insensitively; a rule for ``GET`` also covers ``HEAD``, which web
 frameworks answer with the GET handler.
@@ -50,11 +51,23 @@ class TrailingSlash(enum.Enum):
     SIGNIFICANT = "significant"
 
 
+class Unmatched(enum.Enum):
+    """What a request no rule matches gets."""
+
+    FREE = "free"  # passed on without payment
+    DENY = "deny"  # refused: a typo in a pattern must not serve a paid resource for free
+
+
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """A request the rules cannot price unambiguously (HTTP 400)."""
+    """A request the rules cannot price unambiguously (HTTP 400), or that none of them
+    matches under ``Unmatched.DENY`` (404)."""
 
     reason: str
+    status: int = 400
+
+
+NO_ROUTE = Refused("no route matches this path", 404)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +99,9 @@ class Rule:
     service: str = "api"
     tier: int = 0
     capabilities: frozenset[str] = frozenset()
+    # What the paywall page says the payment buys.
+    title: str = ""
+    description: str = ""
     _compiled: re.Pattern[str] = field(init=False, repr=False, compare=False)
     _folded: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
@@ -137,8 +153,10 @@ class Pricing:
         *,
         case: PathCase = PathCase.ANY,
         trailing_slash: TrailingSlash = TrailingSlash.ANY,
+        unmatched: Unmatched = Unmatched.FREE,
     ) -> None:
         self.rules = tuple(rules)
+        self.unmatched = unmatched
         self._case_readings = {
             PathCase.ANY: (False, True),
             PathCase.SENSITIVE: (False,),
@@ -164,15 +182,19 @@ class Pricing:
         methods = (method, *(m for m in method_overrides if m.upper() != method.upper()))
         paths = (path, _other_slash(path)) if self._slash_readings and path != "/" else (path,)
         priced: Rule | None = None
+        matched = False
         for reading_method in methods:
             for reading_path in paths:
                 for fold_case in self._case_readings:
                     rule = self.match(reading_method, reading_path, fold_case=fold_case)
+                    matched = matched or rule is not None
                     if rule is None or rule.free or rule is priced:
                         continue
                     if priced is not None:
                         return Refused("path and method read as several priced routes")
                     priced = rule
+        if not matched and self.unmatched is Unmatched.DENY:
+            return NO_ROUTE
         return priced
 
 

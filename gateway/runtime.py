@@ -7,8 +7,10 @@ sweeper beside it, each supervised (logged and restarted with backoff when it fa
 ``running_runtime(config)`` yields the same with the invoice events and the tasks' health,
 for features that react to settlements. ``build_pricing`` and ``lnd_settings`` turn their
 config sections into the objects the service and the LND client take, raising
-``ConfigError`` for what the config's own checks cannot see (an unloadable price function,
-unreadable LND files).
+``ConfigError`` for what the config's own checks cannot see (an unloadable price function or
+one that is not ``async def f(request)``, unreadable LND files). Price functions are imported
+with the config file's directory first on the import path. ``route_table`` is what each path
+costs, one line per route; the gateway logs it when it starts.
 
 It loads no HTTP framework: an ASGI application gets a running gateway without aiohttp (a
 test keeps it so).
@@ -18,41 +20,76 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
+import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from gateway import errors
 from gateway.config import Config, RouteConfig
 from gateway.events import InvoiceEvents
 from gateway.expiry import InvoiceSweeper
+from gateway.fiat import FiatRate
 from gateway.lnd.client import LndClient
 from gateway.lnd.connection import LndSettings
 from gateway.ports import Clock, Msat, Store, SystemClock
-from gateway.pricing import PathCase, PriceFunction, Pricing, Rule, TrailingSlash
+from gateway.pricing import PathCase, PriceFunction, Pricing, Rule, TrailingSlash, Unmatched
 from gateway.service import L402Service, RateLimiter
 from gateway.store import open_store
 from gateway.supervisor import Supervisor, TaskHealth
 from gateway.watcher import InvoiceWatcher
 
-__all__ = ["Runtime", "build_pricing", "lnd_settings", "running_gateway", "running_runtime"]
+__all__ = [
+    "Runtime",
+    "build_pricing",
+    "lnd_settings",
+    "route_table",
+    "running_gateway",
+    "running_runtime",
+]
+
+log = logging.getLogger(__name__)
 
 
-def _price_function(route: RouteConfig) -> PriceFunction:
+def _import(module_name: str, directory: Path | None) -> object:
+    """``module_name``, found first in ``directory`` (the config file's) when given."""
+    if directory is None:
+        return importlib.import_module(module_name)
+    entry = str(directory)
+    sys.path.insert(0, entry)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(entry)  # the first occurrence: the one inserted above
+
+
+def _price_function(route: RouteConfig, directory: Path | None) -> PriceFunction:
     assert route.price_function is not None
+    where = f"route {route.pattern}: price_function {route.price_function}"
     module_name, _, attribute = route.price_function.partition(":")
     if not module_name or not attribute:
-        raise errors.ConfigError(
-            f"route {route.pattern}: price_function must look like 'package.module:function'"
-        )
+        raise errors.ConfigError(f"{where} must look like 'package.module:function'")
     try:
-        function: PriceFunction = getattr(importlib.import_module(module_name), attribute)
+        function = getattr(_import(module_name, directory), attribute)
     except (ImportError, AttributeError) as error:
+        raise errors.ConfigError(f"{where}: cannot load it: {error}") from None
+    except Exception as error:  # the module's own code failed on import
         raise errors.ConfigError(
-            f"route {route.pattern}: cannot load price_function {route.price_function}: {error}"
+            f"{where}: importing it raised {type(error).__name__}: {error}"
         ) from None
-    if not callable(function):
-        raise errors.ConfigError(f"route {route.pattern}: {route.price_function} is not callable")
-    return function
+    # Checked here, once: a sync function or a wrong signature would fail every request.
+    if not inspect.iscoroutinefunction(function):
+        raise errors.ConfigError(f"{where} must be an 'async def' function")
+    try:
+        inspect.signature(function).bind(None)
+    except TypeError:
+        raise errors.ConfigError(f"{where} must take exactly one argument (the request)") from None
+    except ValueError:
+        pass  # no signature to inspect (a builtin): let it be tried
+    result: PriceFunction = function
+    return result
 
 
 def build_pricing(config: Config) -> Pricing:
@@ -65,11 +102,15 @@ def build_pricing(config: Config) -> Pricing:
                     pattern=route.pattern,
                     methods=frozenset(method.upper() for method in route.methods),
                     price_msat=Msat(route.price_msat) if route.price_msat is not None else None,
-                    price_function=_price_function(route) if route.price_function else None,
+                    price_function=(
+                        _price_function(route, config.directory) if route.price_function else None
+                    ),
                     lifetime=route.lifetime,
                     service=route.service,
                     tier=route.tier,
                     capabilities=frozenset(route.capabilities),
+                    title=route.title,
+                    description=route.description,
                 )
             )
         except ValueError as error:
@@ -78,7 +119,36 @@ def build_pricing(config: Config) -> Pricing:
         rules,
         case=PathCase(config.paths.case),
         trailing_slash=TrailingSlash(config.paths.trailing_slash),
+        unmatched=Unmatched(config.paths.unmatched),
     )
+
+
+def _lifetime(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def route_table(config: Config) -> list[str]:
+    """What each path costs, in the order the routes are tried, and what any other path gets."""
+    lines = []
+    for route in config.routes:
+        methods = ",".join(sorted(m.upper() for m in route.methods)) or "any method"
+        if route.free:
+            cost = "free"
+        elif route.price_msat is not None:
+            cost = f"{route.price_msat} msat"
+        else:
+            cost = f"priced by {route.price_function}"
+        if not route.free:
+            cost += f", service {route.service}, token valid {_lifetime(route.lifetime)}"
+        lines.append(f"{route.pattern} ({methods}): {cost}")
+    if config.paths.unmatched == "deny":
+        lines.append("any other path: refused (404, [paths] unmatched = deny)")
+    else:
+        lines.append("any other path: free, passed on ([paths] unmatched = free)")
+    return lines
 
 
 def lnd_settings(config: Config) -> LndSettings:
@@ -121,6 +191,9 @@ async def running_runtime(
     yield the ``Runtime``."""
     clock = clock or SystemClock()
     pricing = build_pricing(config)
+    # Every process logs it; where several share the store, only the watching one at INFO.
+    for line in route_table(config):
+        log.log(logging.INFO if watch else logging.DEBUG, "route %s", line)
     settings = lnd_settings(config)  # both fail on a bad config before the store is opened
     store = await open_store(config.store.url)
     try:
@@ -138,7 +211,10 @@ async def running_runtime(
                     events=events,
                 )
                 supervisor.start("l402-invoice-sweeper", sweeper.run)
-            service = _service(config, pricing, lnd, store, clock)
+            fiat = _fiat_rate(config, clock)
+            if fiat is not None and config.paywall.fiat_rate_url:
+                supervisor.start("l402-fiat-rate", fiat.run)
+            service = _service(config, pricing, lnd, store, clock, fiat)
             yield Runtime(service, events, supervisor.health)
     finally:
         await store.close()
@@ -154,8 +230,27 @@ async def running_gateway(
         yield runtime.service
 
 
+def _fiat_rate(config: Config, clock: Clock) -> FiatRate | None:
+    paywall = config.paywall
+    if not paywall.fiat_currency:
+        return None
+    return FiatRate(
+        paywall.fiat_currency,
+        clock,
+        per_btc=paywall.fiat_per_btc or None,
+        url=paywall.fiat_rate_url or None,
+        field=paywall.fiat_rate_field,
+        refresh=paywall.fiat_refresh,
+    )
+
+
 def _service(
-    config: Config, pricing: Pricing, lnd: LndClient, store: Store, clock: Clock
+    config: Config,
+    pricing: Pricing,
+    lnd: LndClient,
+    store: Store,
+    clock: Clock,
+    fiat: FiatRate | None = None,
 ) -> L402Service:
     limits = config.rate_limit
     return L402Service(
@@ -175,6 +270,8 @@ def _service(
             limits.ipv6_prefix,
         ),
         max_pending_invoices=limits.max_pending_invoices,
+        merchant=config.paywall.merchant,
+        fiat=fiat.display if fiat is not None else None,
         redeem_limiter=RateLimiter(
             limits.redeems_per_second,
             limits.redeem_burst,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -46,7 +47,7 @@ async def _up(workdir: Path) -> int:
     network = await start_network(workdir, detached=True)
     await network.rpc.close()
     print(network.describe())
-    print(f"\nstop it with: python -m regtest down --dir {workdir}")
+    print(f"\nstop it with: {stop_hint(workdir)}")
     return 0
 
 
@@ -101,17 +102,32 @@ async def _mine(workdir: Path, blocks: int) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m regtest", description=__doc__)
-    parser.add_argument("--dir", type=Path, default=None, help="network directory")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("build", help="build (or find cached) LND and btcd binaries")
-    commands.add_parser("up", help="start btcd and alice, bob, carol with channels")
-    commands.add_parser("down", help="stop every process of the network")
-    commands.add_parser("status", help="show processes, heights and channels")
+def stop_hint(workdir: Path) -> str:
+    """The command that stops the network in ``workdir`` (``up`` prints it)."""
+    return f"python -m regtest down --dir {shlex.quote(str(workdir))}"
+
+
+def parser() -> argparse.ArgumentParser:
+    """``--dir`` is accepted before or after the command (after it wins)."""
+    top = argparse.ArgumentParser(prog="python -m regtest", description=__doc__)
+    top.add_argument("--dir", type=Path, default=None, help="network directory")
+    commands = top.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="build (or find cached) LND and btcd binaries")
+    up = commands.add_parser("up", help="start btcd and alice, bob, carol with channels")
+    down = commands.add_parser("down", help="stop every process of the network")
+    status = commands.add_parser("status", help="show processes, heights and channels")
     mine = commands.add_parser("mine", help="mine blocks")
     mine.add_argument("blocks", type=int)
-    args = parser.parse_args(argv)
+    for command in (build, up, down, status, mine):
+        # SUPPRESS: not given here, the value from before the command stays.
+        command.add_argument(
+            "--dir", type=Path, default=argparse.SUPPRESS, help="network directory"
+        )
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     workdir = (args.dir or _default_dir()).resolve()
     try:
         if args.command == "build":

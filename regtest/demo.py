@@ -3,12 +3,15 @@
 Starts btcd and alice/bob/carol, a small demo API, and ``l402-gateway serve`` in front of it
 (alice is the gateway's node). A client sees the 402; ``l402-gateway pay`` pays it from bob's
 node and gets 200, then reuses the cached token; ``l402-gateway invoices`` shows the invoice
-SETTLED. Run with ``make demo``; logs stay in the directory it prints.
+SETTLED. Run with ``make demo``; logs stay in the directory it prints. ``--stay`` keeps the
+network and the gateway running afterwards (``--listen`` fixes its address), for a container.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import signal
 import subprocess
 import sys
 import tempfile
@@ -125,7 +128,7 @@ async def client_pays(url: str, network: Network, workdir: Path) -> None:
     await asyncio.to_thread(run_pay, command)
 
 
-async def demo(workdir: Path) -> None:
+async def demo(workdir: Path, listen: str | None, stay: bool) -> None:
     started = time.monotonic()
     say(f"starting a regtest Lightning network in {workdir} (btcd + alice, bob, carol)")
     async with running_network(workdir) as network:
@@ -135,9 +138,12 @@ async def demo(workdir: Path) -> None:
         api_port, gateway_port = free_ports(2)
         await web.TCPSite(api, "127.0.0.1", api_port).start()
         upstream = f"http://127.0.0.1:{api_port}"
-        url = f"http://127.0.0.1:{gateway_port}"
+        listen = listen or f"127.0.0.1:{gateway_port}"
+        host, _, port = listen.rpartition(":")
+        # A wildcard address is listened on, not connected to.
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"  # noqa: S104
         config = workdir / "gateway.toml"
-        config.write_text(gateway_toml(network, workdir, f"127.0.0.1:{gateway_port}", upstream))
+        config.write_text(gateway_toml(network, workdir, listen, upstream))
         log = workdir / "gateway.log"
         say(f"demo API on {upstream} (it knows nothing about Lightning)")
         say(f"l402-gateway --config {config} serve  (log {log})")
@@ -155,6 +161,10 @@ async def demo(workdir: Path) -> None:
                 await asyncio.sleep(0.1)
             say(listing)
             say("(the OPEN one is the first, unpaid challenge: it expires unpaid)")
+            if stay:
+                say(f"\nstill serving on {url} (SIGINT or SIGTERM stops it); pay with:")
+                say(" ".join(pay_command(url + PRICED_PATH, network, workdir)))
+                await _until_stopped()
         finally:
             gateway.terminate()
             gateway.wait(timeout=30)
@@ -162,9 +172,25 @@ async def demo(workdir: Path) -> None:
     say(f"\ndone in {time.monotonic() - started:.1f}s; logs are in {workdir}")
 
 
-def main() -> int:
+async def _until_stopped() -> None:
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopped.set)
+    await stopped.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m regtest.demo", description=__doc__)
+    parser.add_argument(
+        "--listen", metavar="HOST:PORT", help="the gateway's address (default: a free port)"
+    )
+    parser.add_argument(
+        "--stay", action="store_true", help="keep everything running after the walkthrough"
+    )
+    args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="l402-demo-"))
-    asyncio.run(demo(workdir))
+    asyncio.run(demo(workdir, args.listen, args.stay))
     return 0
 
 

@@ -27,8 +27,11 @@ def load_text(directory: Path, text: str, environ: Mapping[str, str] | None = No
 def placeholder_lnd(directory: Path) -> str:
     """An ``[lnd]`` section whose tls.cert and macaroon exist (private, their bytes no
     credential): enough for a command that checks the files before it would connect."""
-    for name in ("tls.cert", "gateway.macaroon"):
-        (directory / name).write_bytes(b"x")
+    for name, content in (
+        ("tls.cert", b"-----BEGIN CERTIFICATE-----\n"),
+        ("gateway.macaroon", b"x"),
+    ):
+        (directory / name).write_bytes(content)
         (directory / name).chmod(0o600)
     tls_cert, macaroon = directory / "tls.cert", directory / "gateway.macaroon"
     return f'[lnd]\ntls_cert = "{tls_cert}"\nmacaroon = "{macaroon}"\n'

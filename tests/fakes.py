@@ -11,9 +11,6 @@ import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any
 
-import bolt11
-from bolt11 import Bolt11, MilliSatoshi, TagChar, Tags
-
 from gateway import errors
 from gateway.ports import (
     Invoice,
@@ -28,6 +25,7 @@ from gateway.service import L402Service
 from gateway.store import MemoryStore
 from gateway.supervisor import Supervisor
 from gateway.watcher import InvoiceWatcher
+from tests import bolt11_encode
 
 NOW = 1_800_000_000.0  # where a FakeClock starts
 # A fixed secp256k1 key for the fake node, and its public key.
@@ -48,20 +46,16 @@ def make_invoice(
     key: str = NODE_KEY,
 ) -> str:
     """A BOLT11 invoice signed with ``key``, with the fields LND's AddInvoice sets."""
-    tags = Tags()
-    tags.add(TagChar.payment_hash, payment_hash.hex())
-    tags.add(TagChar.payment_secret, secrets.token_hex(32))
-    tags.add(TagChar.description, description)
-    tags.add(TagChar.expire_time, expiry)
-    tags.add(TagChar.min_final_cltv_expiry, MIN_FINAL_CLTV_EXPIRY)
-    invoice = Bolt11(
+    return bolt11_encode.encode(
         currency=CURRENCIES[network],
-        date=int(created_at),
-        tags=tags,
-        amount_msat=MilliSatoshi(amount_msat) if amount_msat is not None else None,
+        amount=bolt11_encode.amount_text(amount_msat),
+        timestamp=int(created_at),
+        payment_hash=payment_hash,
+        key=key,
+        description=description,
+        expiry=expiry,
+        min_final_cltv=MIN_FINAL_CLTV_EXPIRY,
     )
-    encoded: str = bolt11.encode(invoice, key)
-    return encoded
 
 
 class FakeClock:

@@ -3,9 +3,15 @@
 Commands::
 
     l402-gateway --config gateway.toml serve          reverse proxy in front of [server] upstream
-    l402-gateway --config gateway.toml invoices       tracked invoices (table, or --json)
+    l402-gateway --config gateway.toml check          config, LND, upstream; what paths cost
+    l402-gateway --config gateway.toml invoices       tracked invoices (table, --json, --csv)
     l402-gateway --config ... token revoke TOKEN_ID   revoke one token
+    l402-gateway --config ... backup FILE             consistent copy of the SQLite store
     l402-gateway pay URL [-X M] [-H 'N: v'] [-d D]   fetch URL, paying its L402 challenge
+    l402-gateway sample-config                       the commented sample configuration
+    l402-gateway --version
+
+``--config`` and ``-v`` may also follow the command; given in both places, the later wins.
 
 Exit codes: 0 success, 1 nothing matched (e.g. unknown token), 2 bad usage or configuration,
 3 a backend (store, LND) failed; ``pay`` has its own (``gateway.cli.pay``). The commands get
@@ -17,26 +23,70 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
+from typing import Any
+
+# Unset, gRPC's C core logs a failed TLS handshake in raw lines of its own, which the
+# commands report translated, in one line; ERROR keeps its errors. Read when grpc is imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from gateway import errors
-from gateway.cli import admin, pay, serve
+from gateway.cli import admin, backup, check, pay, serve
 from gateway.cli.formats import LOG_FORMAT
 from gateway.config import load_config
 
 __all__ = ["main"]
+_LND_COMMANDS = frozenset({"serve", "check"})
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="l402-gateway", description="L402 Lightning gateway")
     parser.add_argument("--config", help="TOML config file (GATEWAY_* variables override it)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve.add_parser(commands)
+    check.add_parser(commands)
     admin.add_parsers(commands)
+    backup.add_parser(commands)
     pay.add_parser(commands)
+    _options_after_the_command(commands)
     return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("l402-gateway")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+def _options_after_the_command(commands: argparse._SubParsersAction[Any]) -> None:
+    """``--config`` and ``-v`` are also accepted after the command (``invoices --config c``),
+    at every level; given in both places, the one after the command wins."""
+    for name, command in commands.choices.items():
+        known = command._option_string_actions
+        # SUPPRESS: given only before the command, the value from there is kept.
+        if name != "pay" and "--config" not in known:  # pay reads no gateway configuration
+            command.add_argument(
+                "--config",
+                default=argparse.SUPPRESS,
+                help="TOML config file (as before the command)",
+            )
+        if "-v" not in known and "--verbose" not in known:
+            command.add_argument(
+                "-v",
+                "--verbose",
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help="debug logging",
+            )
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _options_after_the_command(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,16 +94,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "pay":
         return pay.run(args)  # a client: reads no gateway configuration
+    if args.command == "sample-config":
+        return admin.sample_config()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format=LOG_FORMAT,
     )
     try:
-        config = load_config(args.config)
+        # Only serve (and check) talk to LND: no warning about its macaroon for the others.
+        config = load_config(args.config, uses_lnd=args.command in _LND_COMMANDS)
         if args.command == "serve":
             return serve.run(config)
+        if args.command == "check":
+            return check.run(config, args.config)
         if args.command == "invoices":
-            return asyncio.run(admin.invoices(config, args.state, args.limit, args.json))
+            return asyncio.run(admin.invoices(config, admin.Query.from_args(args)))
+        if args.command == "backup":
+            return backup.run(config, args.file)
         return asyncio.run(admin.revoke(config, args.token_id))
     except errors.ConfigError as error:
         print(f"l402-gateway: configuration error: {error}", file=sys.stderr)

@@ -1,10 +1,17 @@
-"""The admin commands: ``invoices`` (a table, or ``--json``) and ``token revoke TOKEN_ID``."""
+"""The admin commands: ``invoices`` (a table with summaries, ``--json`` or ``--csv``),
+``token revoke TOKEN_ID`` and ``sample-config``."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from importlib import resources
 from typing import Any
 
 from gateway import errors
@@ -14,24 +21,125 @@ from gateway.ports import InvoiceRecord, InvoiceState
 from gateway.store import open_store
 from gateway.text import printable
 
+SAMPLE_CONFIG = "gateway.sample.toml"  # package data beside gateway/__init__.py
+
 
 def add_parsers(commands: Any) -> None:
-    """``invoices`` and ``token revoke`` on the ``commands`` subparsers."""
-    listing = commands.add_parser("invoices", help="list tracked invoices")
-    listing.add_argument("--state", choices=[s.value.lower() for s in InvoiceState])
-    listing.add_argument("--limit", type=int)
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    """``invoices``, ``token revoke`` and ``sample-config`` on the ``commands`` subparsers."""
+    listing = commands.add_parser(
+        "invoices",
+        help="list tracked invoices",
+        description="Tracked invoices, newest first. TIME is a UTC date (2026-11-25: the "
+        "whole day), a UTC date and time (2026-11-25T13:00) or a unix time.",
+    )
+    listing.add_argument(
+        "--state",
+        metavar="STATE",
+        help=f"only this state, in any case: {', '.join(s.value.lower() for s in InvoiceState)}",
+    )
+    listing.add_argument("--limit", type=int, help="at most N invoices (the newest)")
+    listing.add_argument("--since", metavar="TIME", help="created at or after TIME")
+    listing.add_argument("--until", metavar="TIME", help="created at or before TIME")
+    output = listing.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="machine-readable output")
+    output.add_argument("--csv", action="store_true", help="CSV with a header row")
     token = commands.add_parser("token", help="manage tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     revoke_token = token_commands.add_parser("revoke", help="revoke a token by its id (hex)")
     revoke_token.add_argument("token_id")
+    commands.add_parser(
+        "sample-config", help="print the sample configuration (every setting, commented)"
+    )
 
 
-def _record_json(record: InvoiceRecord) -> dict[str, Any]:
+def sample_config() -> int:
+    """``sample-config``: the sample configuration shipped in the package, on stdout."""
+    sys.stdout.write(resources.files("gateway").joinpath(SAMPLE_CONFIG).read_text("utf-8"))
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """What ``invoices`` lists and how."""
+
+    state: InvoiceState | None = None
+    limit: int | None = None
+    since: float | None = None
+    until: float | None = None
+    output: str = "table"  # "table", "json" or "csv"
+
+    @classmethod
+    def from_args(cls, args: Any) -> Query:
+        """The query the options ask for; ConfigError (one line) for a value that is wrong."""
+        if args.limit is not None and args.limit < 0:
+            raise errors.ConfigError(f"--limit must be >= 0, got {args.limit}")
+        return cls(
+            state=None if args.state is None else _state(args.state),
+            limit=args.limit,
+            since=None if args.since is None else _time("--since", args.since, end_of_day=False),
+            until=None if args.until is None else _time("--until", args.until, end_of_day=True),
+            output="json" if args.json else "csv" if args.csv else "table",
+        )
+
+
+def _state(text: str) -> InvoiceState:
+    try:
+        return InvoiceState(text.upper())
+    except ValueError:
+        names = ", ".join(s.value.lower() for s in InvoiceState)
+        raise errors.ConfigError(f"--state {text!r}: use one of {names}") from None
+
+
+def _time(option: str, text: str, *, end_of_day: bool) -> float:
+    """A unix time, or a UTC date (its start, or its last second with ``end_of_day``) or
+    date and time."""
+    if text.isdigit():
+        return float(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise errors.ConfigError(
+            f"{option} {text!r}: not a date (2026-11-25), a date and time "
+            "(2026-11-25T13:00) or a unix time"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    if end_of_day and len(text) == len("2026-11-25"):
+        moment += timedelta(days=1, microseconds=-1)
+    return moment.timestamp()
+
+
+def shown_state(record: InvoiceRecord, now: float) -> InvoiceState:
+    """The stored state, except that an OPEN invoice past its expiry is EXPIRED: it can no
+    longer be paid, though the sweeper may not have recorded that yet."""
+    if record.state is InvoiceState.OPEN and record.expires_at <= now:
+        return InvoiceState.EXPIRED
+    return record.state
+
+
+_JSON_FIELDS = (
+    "payment_hash",
+    "token_id",
+    "state",
+    "amount_msat",
+    "amount_paid_msat",
+    "service",
+    "method",
+    "path",
+    "created_at",
+    "expires_at",
+    "settled_at",
+    "add_index",
+    "settle_index",
+    "payment_request",
+)
+
+
+def _record_json(record: InvoiceRecord, now: float) -> dict[str, Any]:
     return {
         "payment_hash": record.payment_hash.hex(),
         "token_id": record.token_id.hex(),
-        "state": record.state.value,
+        "state": shown_state(record, now).value,
         "amount_msat": record.amount_msat,
         "amount_paid_msat": record.amount_paid_msat,
         "service": record.service,
@@ -46,12 +154,20 @@ def _record_json(record: InvoiceRecord) -> dict[str, Any]:
     }
 
 
-def _table(records: Sequence[InvoiceRecord]) -> str:
+def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def _table(records: Sequence[InvoiceRecord], now: float) -> str:
     rows = [("CREATED (UTC)", "STATE", "AMOUNT msat", "PAID msat", "SERVICE", "REQUEST", "HASH")]
     rows += [
         (
             utc_time(r.created_at),
-            r.state.value,
+            shown_state(r, now).value,
             str(r.amount_msat),
             str(r.amount_paid_msat),
             # Clients chose these: escaped, so that they cannot drive the terminal.
@@ -61,34 +177,85 @@ def _table(records: Sequence[InvoiceRecord]) -> str:
         )
         for r in records
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        for row in rows
+    lines = _columns(rows)
+    states = [shown_state(r, now) for r in records]
+    counts = ", ".join(f"{states.count(s)} {s.value.lower()}" for s in InvoiceState)
+    lines.append(f"\n{len(records)} invoices: {counts}; {_received(records)} msat received")
+    if records:
+        lines += ["", *_summary(records, "DAY (UTC)", lambda r: utc_time(r.created_at)[:10])]
+        lines += ["", *_summary(records, "SERVICE", lambda r: printable(r.service))]
+    return "\n".join(lines)
+
+
+def _received(records: Sequence[InvoiceRecord]) -> int:
+    return sum(r.amount_paid_msat for r in records if r.state is InvoiceState.SETTLED)
+
+
+def _summary(
+    records: Sequence[InvoiceRecord], title: str, key: Callable[[InvoiceRecord], str]
+) -> list[str]:
+    """One line per ``key`` (newest day first, services by name): invoices, settled, received."""
+    groups: dict[str, list[InvoiceRecord]] = {}
+    for record in records:
+        groups.setdefault(key(record), []).append(record)
+    order = sorted(groups, reverse=title.startswith("DAY"))
+    rows = [(title, "INVOICES", "SETTLED", "RECEIVED msat")]
+    rows += [
+        (
+            name,
+            str(len(groups[name])),
+            str(sum(r.state is InvoiceState.SETTLED for r in groups[name])),
+            str(_received(groups[name])),
+        )
+        for name in order
     ]
-    counts = {state: sum(r.state is state for r in records) for state in InvoiceState}
-    settled = sum(r.amount_paid_msat for r in records if r.state is InvoiceState.SETTLED)
-    summary = ", ".join(f"{count} {state.value.lower()}" for state, count in counts.items())
-    lines.append(f"\n{len(records)} invoices: {summary}; {settled} msat received")
-    return "\n".join(line.rstrip() for line in lines)
+    return _columns(rows)
 
 
-async def invoices(config: Config, state: str | None, limit: int | None, as_json: bool) -> int:
-    """``invoices``: the tracked invoices newest first, as a table or JSON."""
-    wanted = InvoiceState(state.upper()) if state else None
-    if limit is not None and limit < 0:
-        raise errors.ConfigError(f"--limit must be >= 0, got {limit}")
+def _csv(records: Sequence[InvoiceRecord], now: float) -> str:
+    out = io.StringIO()
+    fields = ["created_at_utc", *_JSON_FIELDS]
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        row = {"created_at_utc": utc_time(record.created_at), **_record_json(record, now)}
+        for name in ("service", "method", "path"):
+            row[name] = _cell(row[name])
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return out.getvalue()
+
+
+def _cell(text: str) -> str:
+    """Client-chosen text for a spreadsheet: escaped like the table, and never a formula."""
+    shown = printable(text)
+    return f"'{shown}" if shown[:1] in ("=", "+", "-", "@") else shown
+
+
+async def invoices(config: Config, query: Query) -> int:
+    """``invoices``: the tracked invoices newest first, as a table (with the per-day and
+    per-service summary), JSON or CSV."""
     # Only looks: a missing database is an error, not created, and nothing is chmodded.
     store = await open_store(config.store.url, read_only=True)
     try:
-        records = await store.list_invoices(state=wanted, limit=limit)
+        # All of them: "expired" is decided here, and --since/--until filter before --limit.
+        records = await store.list_invoices()
     finally:
         await store.close()
-    if as_json:
+    now = time.time()
+    chosen = [
+        r
+        for r in records
+        if (query.state is None or shown_state(r, now) is query.state)
+        and (query.since is None or r.created_at >= query.since)
+        and (query.until is None or r.created_at <= query.until)
+    ][: query.limit]
+    if query.output == "json":
         # ensure_ascii: control and bidi characters a client put in a path stay escaped.
-        print(json.dumps([_record_json(r) for r in records], indent=2, ensure_ascii=True))
+        print(json.dumps([_record_json(r, now) for r in chosen], indent=2, ensure_ascii=True))
+    elif query.output == "csv":
+        sys.stdout.write(_csv(chosen, now))
     else:
-        print(_table(records))
+        print(_table(chosen, now))
     return 0
 
 

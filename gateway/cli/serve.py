@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import errors
+from gateway.cli.check import startup_checks
 from gateway.config import Config, listen_address, store_location
 from gateway.runtime import build_pricing, lnd_settings, running_gateway
 from gateway.web.connections import ServerLimits
@@ -27,6 +30,7 @@ from gateway.web.server import connection_limit, serve
 
 log = logging.getLogger(__name__)
 WORKER_LOG_FORMAT = "%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s"
+_BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
@@ -57,6 +61,7 @@ def run(config: Config) -> int:
         raise errors.ConfigError("[server] upstream is required for serve (the backend URL)")
     build_pricing(config)
     lnd_settings(config)  # fail on a bad config before binding the port
+    startup_checks(config)  # the node, its certificate, the macaroon, the upstream
     try:
         host, port = listen_address(config.server.listen)  # load_config checked it
     except ValueError as error:
@@ -74,7 +79,26 @@ def run(config: Config) -> int:
     if workers == 1:
         _serve_worker(config, host, port, watch=True, log_level=None)
         return 0
+    _check_listen(config.server.listen, host, port)  # one line here, not one per worker
     return _serve_workers(config, host, port)
+
+
+def _check_listen(listen: str, host: str, port: int) -> None:
+    """ConfigError when ``host:port`` cannot be bound as the workers will bind it."""
+    try:
+        for family, kind, proto, _name, address in socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+    except OSError as error:
+        if not isinstance(error, socket.gaierror) and error.errno not in _BIND_ERRNOS:
+            raise
+        raise errors.ConfigError(f"[server] listen {listen}: {error.strerror or error}") from None
 
 
 def _serve_worker(
@@ -119,7 +143,18 @@ def _serve_worker(
         max_connections_per_client=per_client,
         ipv6_prefix=ipv6_prefix,
     )
-    asyncio.run(serve(app, host, port, limits, reuse_port=log_level is not None))
+    try:
+        asyncio.run(serve(app, host, port, limits, reuse_port=log_level is not None))
+    except OSError as error:
+        # Only the listening socket's errors (taken, not this host's, privileged): a bad
+        # [server] listen, said in one line; any other OSError keeps its traceback.
+        if not isinstance(error, socket.gaierror) and error.errno not in _BIND_ERRNOS:
+            raise
+        message = f"[server] listen {server.listen}: {error.strerror or error}"
+        if log_level is None:
+            raise errors.ConfigError(message) from None
+        log.error("%s", message)  # a worker: its supervisor stops the others
+        raise SystemExit(2) from None
 
 
 def _die_with_parent() -> None:
@@ -167,4 +202,6 @@ def _serve_workers(config: Config, host: str, port: int) -> int:
         worker.join()
     for worker in failed:
         log.error("%s exited with %s; stopped the others", worker.name, worker.exitcode)
+    if any(worker.exitcode == 2 for worker in failed):
+        return 2  # a worker could not listen: [server] listen is wrong for this host
     return 1 if failed else 0

@@ -28,8 +28,9 @@ which later requests reuse it) and retries the request once. Every refusal befor
 raises an error of :mod:`~gateway.client.errors` and pays nothing.
 
 This package imports only :mod:`gateway.l402`, :mod:`gateway.ports` and
-:mod:`gateway.errors` (plus ``bolt11``); the aiohttp and httpx integrations are separate
-modules, so neither library is needed unless its integration is imported.
+:mod:`gateway.errors` (plus ``coincurve``, which :mod:`~gateway.client.bolt11` verifies
+invoice signatures with); the aiohttp and httpx integrations are separate modules, so neither
+library is needed unless its integration is imported.
 """
 
 from __future__ import annotations

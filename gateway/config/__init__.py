@@ -20,6 +20,7 @@ import stat
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,10 @@ from gateway.config.checks import (
     MIN_CHALLENGES_PER_SECOND,
     MIN_SWEEP_INTERVAL,
     SUPPORTED_STORE_URLS,
+    check_lnd_host,
     check_token_header,
     check_upstream,
+    display_text,
     listen_address,
     positive,
     require,
@@ -60,6 +63,7 @@ __all__ = [
     "L402Config",
     "LndConfig",
     "PathsConfig",
+    "PaywallConfig",
     "RateLimitConfig",
     "RouteConfig",
     "ServerConfig",
@@ -128,6 +132,7 @@ class LndConfig:
 
     def __post_init__(self) -> None:
         require(positive(self.timeout), "timeout", "a positive number", self.timeout)
+        check_lnd_host(self.host)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,8 +230,10 @@ class PathsConfig:
 
     case: str = "any"  # any (unknown: strictest reading), sensitive, insensitive
     trailing_slash: str = "any"  # any (unknown: strictest reading), significant
+    unmatched: str = "free"  # a path no route matches: free (passed on), deny (404)
 
     def __post_init__(self) -> None:
+        require(self.unmatched in ("free", "deny"), "unmatched", "free or deny", self.unmatched)
         cases = ("any", "sensitive", "insensitive")
         require(self.case in cases, "case", " or ".join(cases), self.case)
         slashes = ("any", "significant")
@@ -239,6 +246,50 @@ class PathsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PaywallConfig:
+    """``[paywall]``: what the browser paywall page says besides the route's own facts."""
+
+    merchant: str = ""  # who sells: shown on the page
+    # Prices also shown in a currency (never used for pricing): a fixed rate or a JSON URL.
+    fiat_currency: str = ""  # e.g. EUR; empty: no fiat display
+    fiat_per_btc: float = 0.0  # a fixed rate: units of the currency per bitcoin
+    fiat_rate_url: str = ""  # or fetched: an http(s) URL answering JSON
+    fiat_rate_field: str = ""  # dotted path to the number in that JSON, e.g. bitcoin.eur
+    fiat_refresh: float = 300.0  # seconds between fetches
+
+    def __post_init__(self) -> None:
+        text = self.merchant
+        require(display_text(text, 100), "merchant", "printable, at most 100 characters", text)
+        currency = self.fiat_currency
+        require(
+            display_text(currency, 10) and " " not in currency,
+            "fiat_currency",
+            "at most 10 printable characters without blanks",
+            currency,
+        )
+        rate, url = self.fiat_per_btc, self.fiat_rate_url
+        require(math.isfinite(rate) and rate >= 0, "fiat_per_btc", ">= 0", rate)
+        if url:
+            parts = urllib.parse.urlsplit(url)
+            require(
+                parts.scheme in ("http", "https") and bool(parts.hostname),
+                "fiat_rate_url",
+                "an http:// or https:// URL",
+                f"{parts.scheme}://...",  # the URL may hold a key: not shown
+            )
+        sources = (rate > 0) + bool(url)
+        require(
+            sources == (1 if currency else 0),
+            "fiat_per_btc / fiat_rate_url",
+            "exactly one with fiat_currency, none without",
+            f"fiat_per_btc = {rate:g}, fiat_rate_url {'set' if url else 'empty'}",
+        )
+        refresh = self.fiat_refresh
+        ok = math.isfinite(refresh) and 10 <= refresh <= 86400
+        require(ok, "fiat_refresh", "10 to 86400", refresh)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = ServerConfig()
     lnd: LndConfig = LndConfig()
@@ -246,7 +297,10 @@ class Config:
     l402: L402Config = L402Config()
     rate_limit: RateLimitConfig = RateLimitConfig()
     paths: PathsConfig = PathsConfig()
+    paywall: PaywallConfig = PaywallConfig()
     routes: tuple[RouteConfig, ...] = ()
+    # The config file's directory: price functions are imported from it first.
+    directory: Path | None = None
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -256,6 +310,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "l402": L402Config,
     "rate_limit": RateLimitConfig,
     "paths": PathsConfig,
+    "paywall": PaywallConfig,
 }
 
 
@@ -330,9 +385,15 @@ def _build(cls: type[Any], where: str, values: Mapping[str, Any]) -> Any:
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    uses_lnd: bool = True,
 ) -> Config:
-    """Read ``path`` (if given), apply GATEWAY_* overrides, validate, return the Config."""
+    """Read ``path`` (if given), apply GATEWAY_* overrides, validate, return the Config.
+
+    ``uses_lnd`` False (a command that only reads the store): no warning about LND secrets.
+    """
     environ = os.environ if environ is None else environ
     document: dict[str, Any] = {}
     if path is not None:
@@ -375,12 +436,13 @@ def load_config(
         if priced + route.free != 1:
             raise ConfigError(f"{where}: set exactly one of price_msat, price_function, free")
         routes.append(route)
-    config = Config(**sections, routes=tuple(routes))
+    directory = Path(path).resolve().parent if path is not None else None
+    config = Config(**sections, routes=tuple(routes), directory=directory)
     for warning in route_warnings(config.routes):
         log.warning("%s", warning)
-    if path is not None and "macaroon_hex" in document.get("lnd", {}):
+    if uses_lnd and path is not None and "macaroon_hex" in document.get("lnd", {}):
         warn_if_readable_by_others(Path(path), "config file holding lnd.macaroon_hex")
-    if config.lnd.macaroon is not None:
+    if uses_lnd and config.lnd.macaroon is not None:
         warn_if_readable_by_others(config.lnd.macaroon, "LND macaroon")
     return config
 

@@ -12,6 +12,11 @@ import re
 import urllib.parse
 
 
+def display_text(text: str, limit: int) -> bool:
+    """Text for a page: at most ``limit`` characters, no control characters."""
+    return len(text) <= limit and text.isprintable()
+
+
 def require(ok: bool, key: str, requirement: str, value: object) -> None:
     """Range checks of the config dataclasses; ``load_config`` turns the ValueError into
     ConfigError."""
@@ -146,6 +151,20 @@ def check_upstream(url: str) -> None:
         raise ValueError(
             f"upstream must not have a query or fragment (request paths are appended), got {url!r}"
         )
+
+
+def check_lnd_host(host: str) -> None:
+    """``[lnd] host``: the gRPC ``host:port``. A URL (``https://``) or a path would reach gRPC
+    as a name to resolve and fail on every call, not at start-up."""
+    hint = "host:port of LND's gRPC interface (e.g. 127.0.0.1:10009), no scheme or path"
+    if "://" in host or "/" in host:
+        raise ValueError(f"host must be {hint}, got {host!r}")
+    try:
+        _, port = listen_address(host)
+    except ValueError:
+        raise ValueError(f"host must be {hint}, got {host!r}") from None
+    if port == 0:
+        raise ValueError(f"host must name a port (1 to 65535), got {host!r}")
 
 
 # The supported store URLs; anything else is refused at load, not when the store opens.

@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.config.checks import MAX_LIFETIME, require
+from gateway.config.checks import MAX_LIFETIME, display_text, require
 from gateway.pricing import MAX_PRICE_MSAT
 
 
@@ -23,8 +23,14 @@ class RouteConfig:
     service: str = "api"
     tier: int = 0
     capabilities: tuple[str, ...] = ()
+    # Shown on the paywall page: what the payment buys, in words.
+    title: str = ""
+    description: str = ""
 
     def __post_init__(self) -> None:
+        for key, limit in (("title", 100), ("description", 500)):
+            text = getattr(self, key)
+            require(display_text(text, limit), key, f"printable, at most {limit} characters", text)
         if self.price_msat is not None:
             price = self.price_msat
             require(

@@ -52,6 +52,13 @@ class LndSettings:
                 macaroon = bytes.fromhex(macaroon_hex.strip())
             except ValueError:
                 raise ValueError("macaroon_hex is not valid hex") from None
+        # gRPC takes any bytes here and fails later, per call, with C-core log lines.
+        if b"-----BEGIN CERTIFICATE-----" not in tls_cert:
+            raise ValueError(f"tls_cert {tls_cert_path} is not a PEM certificate (LND's tls.cert)")
+        if macaroon.lstrip().startswith(b"-----BEGIN"):
+            raise ValueError("macaroon is a PEM file, not a macaroon (swapped with tls_cert?)")
+        if not macaroon:
+            raise ValueError("macaroon is empty")
         return cls(host=host, tls_cert=tls_cert, macaroon=macaroon, timeout=timeout)
 
 

@@ -8,6 +8,7 @@ import hashlib
 import logging
 import math
 import secrets
+from collections.abc import Callable
 
 from gateway import errors, l402
 from gateway.ports import Clock, InvoiceBackend, InvoiceRecord, InvoiceState, Msat, Store
@@ -19,6 +20,9 @@ from gateway.text import printable
 log = logging.getLogger(__name__)
 
 MEMO_LIMIT = 120
+# A broken price function fails every request: one log line per route this often, not one
+# per request.
+PRICE_LOG_INTERVAL = 60.0
 
 
 class ChallengeIssuer:
@@ -34,8 +38,12 @@ class ChallengeIssuer:
         invoice_expiry: int,
         rate_limiter: RateLimiter | None,
         max_pending_invoices: int,
+        merchant: str = "",
+        fiat: Callable[[int], str] | None = None,
     ) -> None:
         self._backend = backend
+        self._merchant = merchant
+        self._fiat = fiat
         self._store = store
         self._clock = clock
         self._location = location
@@ -46,6 +54,8 @@ class ChallengeIssuer:
         # Waiters are served in arrival order, so a buyer waits behind at most one request
         # per open connection.
         self._invoice_slots = asyncio.Semaphore(max_pending_invoices)
+        self._price_log_after: dict[str, float] = {}  # pattern -> when to log it again
+        self._price_failures: dict[str, int] = {}  # pattern -> failures not logged
 
     async def challenge(
         self, request: RequestInfo, rule: Rule, reason: l402.ChallengeReason
@@ -121,6 +131,10 @@ class ChallengeIssuer:
             path=request.path,
             lifetime=rule.lifetime,
             issued_at=now,
+            title=rule.title,
+            description=rule.description,
+            merchant=self._merchant,
+            fiat=self._fiat(price) if self._fiat is not None else "",
         )
 
     async def _price(self, request: RequestInfo, rule: Rule) -> Msat | Deny:
@@ -131,14 +145,31 @@ class ChallengeIssuer:
         price_request = PriceRequest(request.method, request.path, request.query, request.headers)
         try:
             price = await rule.price_function(price_request)
-        except Exception:
-            log.exception("price function for %s failed", rule.pattern)
-            return Deny(500, Refusal.PRICE_FUNCTION_FAILED)
+        except Exception as error:  # user code: any failure is a 503
+            self._price_failed(rule, f"failed: {type(error).__name__}: {error}")
+            return Deny(503, Refusal.PRICE_FUNCTION_FAILED, retry_after=30)
         if (
             not isinstance(price, int)
             or isinstance(price, bool)
             or not 0 <= price <= MAX_PRICE_MSAT
         ):
-            log.error("price function for %s returned %r", rule.pattern, price)
-            return Deny(500, Refusal.INVALID_PRICE)
+            shown = repr(price)[:80]
+            self._price_failed(rule, f"returned {shown}, not 0 to {MAX_PRICE_MSAT} msat")
+            return Deny(503, Refusal.INVALID_PRICE, retry_after=30)
         return Msat(price)
+
+    def _price_failed(self, rule: Rule, what: str) -> None:
+        """Log a price function's failure in one line, at most once per route per
+        ``PRICE_LOG_INTERVAL``, with how many went unlogged since."""
+        now = self._clock.now()
+        if now < self._price_log_after.get(rule.pattern, -math.inf):
+            self._price_failures[rule.pattern] = self._price_failures.get(rule.pattern, 0) + 1
+            return
+        self._price_log_after[rule.pattern] = now + PRICE_LOG_INTERVAL
+        unlogged = self._price_failures.pop(rule.pattern, 0)
+        log.error(
+            "price function for %s %s (answering 503)%s",
+            rule.pattern,
+            printable(what, 300),
+            f"; {unlogged} more failures since the last report" if unlogged else "",
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from gateway import errors, l402
 from gateway.ports import Clock, InvoiceBackend, Store
@@ -38,6 +39,8 @@ class L402Service:
         max_pending_invoices: int = 16,
         redeem_limiter: RateLimiter | None = None,
         redeem_lookups_per_second: float = REDEEM_LOOKUPS_PER_SECOND,
+        merchant: str = "",
+        fiat: Callable[[int], str] | None = None,
     ) -> None:
         self.pricing = pricing
         self._store = store
@@ -50,6 +53,8 @@ class L402Service:
             invoice_expiry=invoice_expiry,
             rate_limiter=rate_limiter,
             max_pending_invoices=max_pending_invoices,
+            merchant=merchant,
+            fiat=fiat,
         )
         self._verifier = TokenVerifier(
             backend=backend,
@@ -74,7 +79,7 @@ class L402Service:
         with a ``PaymentChallenge``, ``Deny`` the rest (the package docstring lists why)."""
         rule = self.pricing.resolve(request.method, request.path, request.method_overrides)
         if isinstance(rule, Refused):
-            return Deny(400, rule.reason)
+            return Deny(rule.status, rule.reason)
         if rule is None:
             return Allow(None)
         # A decision made without an override must not answer a request that has one.

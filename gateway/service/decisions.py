@@ -63,6 +63,10 @@ class PaymentChallenge:
     path: str = ""
     lifetime: int = 0  # seconds the token is valid once issued
     issued_at: float | None = None  # the service clock when the challenge was made
+    title: str = ""  # the route's, in words
+    description: str = ""
+    merchant: str = ""  # who sells
+    fiat: str = ""  # the price in the operator's currency, for people ("" when unknown)
 
     def www_authenticate(self) -> tuple[str, ...]:
         """One header per scheme: L402, and LSAT for older clients."""

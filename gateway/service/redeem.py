@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import logging
 import math
+import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ _REDEEM_MEMORY = 10_000
 # Default budget of those lookups over all clients, per second (the bucket holds one second).
 REDEEM_LOOKUPS_PER_SECOND = 10.0
 _NODE = "node"  # the one key of that budget's bucket
+_GLOB = re.compile(r"[*?\[]")  # where a route pattern stops being literal
 
 
 class RedeemState(enum.Enum):
@@ -60,6 +62,12 @@ class RedeemResult:
     credential: str | None = field(default=None, repr=False)
     path: str = "/"  # the request path the token was bought for
     max_age: int | None = None  # seconds of token lifetime left (None: no valid_until)
+    # What the token opens, for the browser's cookie: the path prefix shared by every route
+    # of its service and the path it was bought on, and the grant its caveats carry.
+    scope: str = "/"
+    service: str = ""
+    tier: int = 0
+    capabilities: frozenset[str] | None = None
 
 
 class Redeemer:
@@ -191,7 +199,39 @@ class Redeemer:
             credential=f"{encoded}:{preimage.hex()}",
             path=record.path,
             max_age=None if granted.valid_until is None else max(1, int(granted.valid_until - now)),
+            scope=service_scope(self._pricing, record.service, record.path),
+            service=granted.service,
+            tier=granted.tier,
+            capabilities=granted.capabilities,
         )
+
+
+def service_scope(pricing: Pricing, service: str, bought_path: str) -> str:
+    """The longest path prefix (a cookie ``Path``: whole segments, no trailing ``/``) of
+    ``bought_path`` and of every path a priced route of ``service`` matches."""
+    literal: list[tuple[str, bool]] = [(bought_path, True)]  # (prefix, whole path?)
+    for rule in pricing.rules:
+        if rule.service == service and not rule.free:
+            glob = _GLOB.search(rule.pattern)
+            literal.append((rule.pattern[: glob.start()] if glob else rule.pattern, glob is None))
+    # By character on purpose: the loop below cuts it back to whole segments.
+    scope = os.path.commonprefix([prefix for prefix, _ in literal])  # noqa: RUF071
+    if len(scope) > 1 and scope.endswith("/"):
+        scope = scope[:-1]
+    while scope != "/" and not all(_under(scope, prefix, whole) for prefix, whole in literal):
+        cut = scope.rfind("/")
+        scope = scope[:cut] if cut > 0 else "/"
+    return scope if scope.startswith("/") else "/"
+
+
+def _under(scope: str, prefix: str, whole: bool) -> bool:
+    """Whether every path starting with ``prefix`` (exactly ``prefix`` if ``whole``) is in
+    the cookie path ``scope`` (RFC 6265 5.1.4: equal, or followed by ``/``)."""
+    if not prefix.startswith(scope):
+        return False
+    if len(prefix) == len(scope):
+        return whole
+    return prefix[len(scope)] == "/"
 
 
 def _unpaid(expires_at: float, now: float) -> RedeemResult:

@@ -174,6 +174,13 @@ async def _continue(request: web.Request) -> web.Response | None:
     return None
 
 
+def _last_forwarded(request: web.Request, name: str, default: str) -> str:
+    """The last comma-separated value of header ``name``, or ``default`` when it is empty."""
+    values = ",".join(request.headers.getall(name, ())).split(",")
+    last = values[-1].strip()
+    return last if last else default
+
+
 def build_proxy(
     upstream: str,
     gateway: GatewayFactory,
@@ -253,8 +260,15 @@ def build_proxy(
         peer = request.remote or ""
         prior = ", ".join(request.headers.getall(hdrs.X_FORWARDED_FOR, ()))
         headers[hdrs.X_FORWARDED_FOR] = f"{prior}, {peer}" if prior else peer
-        headers[hdrs.X_FORWARDED_PROTO] = request.scheme
-        headers[hdrs.X_FORWARDED_HOST] = request.host
+        proto, host = request.scheme, request.host
+        if trust_forwarded_for:
+            # The trusted proxy in front terminated TLS and saw the client's Host: keep its
+            # view (the last value, the one it added), so the backend builds correct URLs.
+            proto = _last_forwarded(request, hdrs.X_FORWARDED_PROTO, proto)
+            host = _last_forwarded(request, hdrs.X_FORWARDED_HOST, host)
+            proto = proto.lower() if proto.lower() in ("http", "https") else request.scheme
+        headers[hdrs.X_FORWARDED_PROTO] = proto
+        headers[hdrs.X_FORWARDED_HOST] = host
         token = request.get(TOKEN)
         if token is not None:
             headers[token_header] = token_header_value(token)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -92,11 +93,9 @@ async def continued(port: int, path: str, authorization: str | None = None) -> b
 
 
 def _phrase(status: int) -> bytes:
-    return {
-        402: b"Payment Required",
-        413: b"Request Entity Too Large",
-        429: b"Too Many Requests",
-    }[status]
+    # Python's own phrase, as aiohttp writes it: 413 is "Content Too Large" from Python 3.13
+    # (RFC 9110), "Request Entity Too Large" before.
+    return HTTPStatus(status).phrase.encode()
 
 
 # --- the aiohttp middleware ----------------------------------------------------------------

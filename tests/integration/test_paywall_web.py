@@ -84,10 +84,10 @@ def page_of(text: str) -> Page:
     return Page(macaroon, attribute("invoice"), attribute("redeem"), identifier.payment_hash.hex())
 
 
-def cookie_of(set_cookie: str) -> tuple[str, dict[str, Any]]:
+def cookie_of(set_cookie: str, name: str = "L402-premium") -> tuple[str, dict[str, Any]]:
     parsed = SimpleCookie()
     parsed.load(set_cookie)
-    morsel = parsed["L402"]
+    morsel = parsed[name]
     return morsel.value, {key: morsel[key] for key in ("path", "max-age", "secure", "httponly")} | {
         "samesite": morsel["samesite"]
     }
@@ -175,7 +175,7 @@ async def test_pay_redeem_cookie_then_the_resource(client: Client, gateway: Fake
     assert (await settled.json())["state"] == "settled"
     value, attributes = cookie_of(settled.headers["Set-Cookie"])
     assert attributes == {
-        "path": PAGE,
+        "path": "/api/premium",  # what the token opens: every page of the service
         "max-age": "3600",
         "secure": True,
         "httponly": True,
@@ -346,7 +346,7 @@ async def test_asgi_browser_page_then_redeem_then_cookie(asgi: Asgi) -> None:
     status, headers, document = await asgi_redeem(asgi, body)
     assert (status, document["state"]) == (200, "settled")
     value, attributes = cookie_of(headers["Set-Cookie"])
-    assert attributes["path"] == PAGE
+    assert attributes["path"] == "/api/premium"
     assert attributes["secure"] is True
     assert attributes["httponly"] is True
     assert attributes["samesite"] == "Strict"
@@ -436,11 +436,11 @@ async def test_proxy_serves_the_page_and_redeem_and_keeps_the_cookie_to_itself(
     gateway.backend.pay(bytes.fromhex(page.payment_hash))
     settled = await redeem(client, page.macaroon)  # answered by the proxy, never forwarded
     assert settled.status == 200
-    value, attributes = cookie_of(settled.headers["Set-Cookie"])
+    value, attributes = cookie_of(settled.headers["Set-Cookie"], "L402-echo")
     assert attributes["path"] == "/api/echo"
 
     response = await client.get(
-        "/api/echo", headers={"Cookie": f"session=abc; L402={value}; theme=dark"}
+        "/api/echo", headers={"Cookie": f"session=abc; L402-echo={value}; theme=dark"}
     )
     assert response.status == 200
     echoed = {name.lower(): text for name, text in (await response.json())["headers"].items()}

@@ -227,6 +227,31 @@ async def test_forwarded_headers(setup: Setup) -> None:
     assert headers_of(await response.json())["x-forwarded-proto"] == "http"
 
 
+async def test_a_trusted_proxys_forwarded_proto_and_host_are_kept(
+    upstream: tuple[BaseTestServer, Upstream],
+) -> None:
+    server, _hooks = upstream
+    async with await proxy_for(server, FakeGateway(RULES), trust_forwarded_for=True) as client:
+        forwarded = {
+            "X-Forwarded-For": "198.51.100.1",
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "api.example.com",
+        }
+        response = await client.get("/public/echo", headers=forwarded)
+        echoed = headers_of(await response.json())
+        assert echoed["x-forwarded-proto"] == "https"
+        assert echoed["x-forwarded-host"] == "api.example.com"
+        # A chain: the last value is the one the trusted proxy added.
+        chained = {"X-Forwarded-Proto": "gopher, https", "X-Forwarded-Host": "a.test, b.test"}
+        echoed = headers_of(await (await client.get("/public/echo", headers=chained)).json())
+        assert (echoed["x-forwarded-proto"], echoed["x-forwarded-host"]) == ("https", "b.test")
+        # No header, or a scheme that is no web scheme: the gateway's own view.
+        bogus = {"X-Forwarded-Proto": "javascript"}
+        echoed = headers_of(await (await client.get("/public/echo", headers=bogus)).json())
+        assert echoed["x-forwarded-proto"] == "http"
+        assert echoed["x-forwarded-host"] == f"{client.host}:{client.port}"
+
+
 async def test_no_headers_are_added_to_the_request(setup: Setup) -> None:
     response = await setup.client.post(
         "/public/echo",

@@ -94,12 +94,11 @@ def listing(config: Config, tmp_path: Path) -> dict[str, str]:
     config_file.write_text(config_toml(config))
     result = gateway_command(config_file, "invoices")
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
+    table, _, _per_day_and_service = result.stdout.strip().partition("\n\n")
+    lines = table.splitlines()
     assert lines[0].split()[:3] == ["CREATED", "(UTC)", "STATE"]
-    states = {
-        line.split()[-1]: line.split()[2] for line in lines[1:] if line and "invoices:" not in line
-    }
-    states["summary"] = lines[-1]
+    states = {line.split()[-1]: line.split()[2] for line in lines[1:]}
+    states["summary"] = next(line for line in result.stdout.splitlines() if " invoices: " in line)
     return states
 
 

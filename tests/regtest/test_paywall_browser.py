@@ -8,6 +8,7 @@ skip, and fail in CI.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -30,15 +31,19 @@ from playwright.async_api import (
     async_playwright,
 )
 
-from gateway.config import Config
+from gateway.config import Config, PaywallConfig
 from gateway.examples import demo_api
+from gateway.fiat import FiatRate
 from gateway.lnd.client import LndClient
 from gateway.ports import Msat
+from gateway.pricing import Rule
 from gateway.runtime import running_gateway
+from gateway.service import RateLimiter
 from gateway.web.aiohttp import TOKEN, setup_l402
 from gateway.web.paywall import REDEEM_PATH
 from gateway.web.proxy import build_proxy
 from regtest.network import Network
+from tests.fakes import FakeGateway
 from tests.regtest.gateway_helpers import (
     MAX_FEE,
     PREMIUM_PRICE,
@@ -52,6 +57,7 @@ from tests.regtest.gateway_helpers import (
 pytestmark = pytest.mark.regtest
 
 CHROMIUM = Path("/usr/bin/chromium")
+LAN_HOST = "paywall.test"
 CHROMIUM_ARGS = [
     "--headless=new",
     "--no-sandbox",
@@ -61,10 +67,13 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # A name that is not localhost: no secure context over plain HTTP, as on a LAN address.
+    f"--host-resolver-rules=MAP {LAN_HOST} 127.0.0.1",
 ]
 PHONE = ViewportSize(width=390, height=844)
 ARTIFACTS = REPO / "test-artifacts"
 ARTICLE = "/api/premium/article"
+SECOND = "/api/premium/second"  # another page of the same service
 UNLOCK_LIMIT = 5.0  # seconds from the payment's success to the resource on screen
 
 
@@ -93,6 +102,7 @@ Lightning payment, kept by your browser in an HttpOnly cookie.</p>
 def _app() -> web.Application:
     app = demo_api()
     app.router.add_get(ARTICLE, _article)
+    app.router.add_get(SECOND, _article)
     return app
 
 
@@ -204,6 +214,12 @@ async def _open_locked(browser: Browser, url: str) -> str:
     return invoice
 
 
+def _no_page_errors_but(browser: Browser, *statuses: int) -> None:
+    """``_no_page_errors``, but documents with these statuses are expected."""
+    browser.failed[:] = [line for line in browser.failed if int(line.split()[0]) not in statuses]
+    _no_page_errors(browser)
+
+
 def _no_page_errors(browser: Browser) -> None:
     """No script error, no CSP violation, no failed request but the expected ones."""
     problems = [
@@ -224,55 +240,108 @@ async def test_paywall_unlocks_after_bob_pays(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config = gateway_config(network, tmp_path / "gateway.db")
-    async with _middleware_gateway(config) as url:
-        page = browser.page
-        invoice = await _open_locked(browser, url + ARTICLE)
-        assert await page.is_hidden("#pay-webln")  # no window.webln here
-        assert (await page.text_content("#status") or "").startswith("Waiting for payment")
-        assert await page.text_content(".amount") == str(PREMIUM_PRICE // 1000)
-        locked = await _screenshot(page, "paywall-locked.png", capsys)
+    base = gateway_config(network, tmp_path / "gateway.db")
+    routes = tuple(
+        dataclasses.replace(route, title="Premium articles", description="Every article, 1 h.")
+        if route.service == "premium"
+        else route
+        for route in base.routes
+    )
+    # A rate source as an operator would point at: JSON with the number inside.
+    fetched = asyncio.Event()
 
-        payment = await bob.send_payment(
-            invoice,
-            max_fee_msat=Msat(MAX_FEE),
-            payment_timeout=30,
-            last_hop_pubkey=network.carol.pubkey,
+    async def rate(request: web.Request) -> web.Response:
+        fetched.set()
+        return web.json_response({"bitcoin": {"eur": 90_000}})
+
+    rates = web.Application()
+    rates.router.add_get("/rate", rate)
+    async with serving(rates) as rate_url:
+        paywall = PaywallConfig(
+            merchant="Example Shop",
+            fiat_currency="EUR",
+            fiat_rate_url=rate_url + "/rate",
+            fiat_rate_field="bitcoin.eur",
         )
-        assert payment.preimage is not None
-        paid_at = time.monotonic()
-        await page.wait_for_selector("#premium-article", timeout=UNLOCK_LIMIT * 1000)
-        unlocked_in = time.monotonic() - paid_at
-        assert unlocked_in < UNLOCK_LIMIT
-        assert page.url == url + ARTICLE
-        assert await page.text_content("#paid-service") == "service: premium"
-        unlocked = await _screenshot(page, "paywall-unlocked.png", capsys)
-        with capsys.disabled():
-            print(f"unlocked {unlocked_in:.2f}s after the payment succeeded")
+        config = dataclasses.replace(base, routes=routes, paywall=paywall)
+        async with _middleware_gateway(config) as url:
+            await asyncio.wait_for(fetched.wait(), 10)
+            await asyncio.sleep(0.2)  # the rate is kept once the answer is read
+            await _pay_and_unlock(network, bob, browser, config, url, capsys)
 
-        # One navigation to unlock, no reload loop; the page polled the redeem endpoint.
-        assert browser.documents == [url + ARTICLE, url + ARTICLE]
-        assert browser.redeems
-        assert set(browser.redeems) == {"POST"}
-        _no_page_errors(browser)
 
-        (cookie,) = await browser.context.cookies()
-        assert cookie["name"] == "L402"
-        assert cookie["value"].endswith(":" + payment.preimage.hex())
-        assert cookie["path"] == ARTICLE
-        assert cookie["httpOnly"] is True
-        assert cookie["secure"] is True
-        assert cookie["sameSite"] == "Strict"
-        assert "L402" not in await page.evaluate("() => document.cookie")
+async def _pay_and_unlock(
+    network: Network,
+    bob: LndClient,
+    browser: Browser,
+    config: Config,
+    url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Open the locked article, check what the page says, pay with bob, check the unlock."""
+    page = browser.page
+    invoice = await _open_locked(browser, url + ARTICLE)
+    fiat = FiatRate("EUR", OffsetClock(), per_btc=90_000).display(PREMIUM_PRICE)
+    assert fiat.startswith("\u2248 0.0")
+    assert await page.text_content("#fiat") == fiat
+    assert await page.title() == f"Premium articles · {PREMIUM_PRICE // 1000} sat"
+    assert await page.text_content("h1") == "Premium articles"
+    assert await page.is_visible("#description")
+    assert await page.text_content("#merchant") == "Example Shop"
+    assert await page.is_hidden("#pay-webln")  # no window.webln here
+    assert (await page.text_content("#status") or "").startswith("Waiting for payment")
+    assert await page.text_content(".amount") == str(PREMIUM_PRICE // 1000)
+    locked = await _screenshot(page, "paywall-locked.png", capsys)
 
-        # The cookie keeps working: a plain reload shows the resource, not a new invoice.
-        response = await page.reload()
-        assert response is not None
-        assert response.status == 200
-        record = await wait_for_invoice(
-            Path(config.store.url.removeprefix("sqlite://")), payment.payment_hash, "SETTLED"
-        )
-        assert record.path == ARTICLE
+    payment = await bob.send_payment(
+        invoice,
+        max_fee_msat=Msat(MAX_FEE),
+        payment_timeout=30,
+        last_hop_pubkey=network.carol.pubkey,
+    )
+    assert payment.preimage is not None
+    paid_at = time.monotonic()
+    await page.wait_for_selector("#premium-article", timeout=UNLOCK_LIMIT * 1000)
+    unlocked_in = time.monotonic() - paid_at
+    assert unlocked_in < UNLOCK_LIMIT
+    assert page.url == url + ARTICLE
+    assert await page.text_content("#paid-service") == "service: premium"
+    unlocked = await _screenshot(page, "paywall-unlocked.png", capsys)
+    with capsys.disabled():
+        print(f"unlocked {unlocked_in:.2f}s after the payment succeeded")
+
+    # One navigation to unlock, no reload loop; the page polled the redeem endpoint.
+    assert browser.documents == [url + ARTICLE, url + ARTICLE]
+    assert browser.redeems
+    assert set(browser.redeems) == {"POST"}
+    _no_page_errors(browser)
+
+    # Another page of the service opens without paying again.
+    response = await page.goto(url + SECOND)
+    assert response is not None
+    assert response.status == 200
+    assert await page.text_content("#paid-service") == "service: premium"
+
+    (cookie,) = await browser.context.cookies()
+    assert cookie["name"].startswith("L402-premium")
+    assert cookie["value"].endswith(":" + payment.preimage.hex())
+    assert cookie["path"] == "/api/premium"  # every page of the service
+    assert cookie["httpOnly"] is True
+    assert cookie["secure"] is True
+    assert cookie["sameSite"] == "Strict"
+    assert "L402" not in await page.evaluate("() => document.cookie")
+
+    # The cookie keeps working: a plain reload shows the resource, not a new invoice.
+    response = await page.reload()
+    assert response is not None
+    assert response.status == 200
+    record = await wait_for_invoice(
+        Path(config.store.url.removeprefix("sqlite://")), payment.payment_hash, "SETTLED"
+    )
+    assert record.path == ARTICLE
+
+    await _open_locked(browser, url + "/api/echo")  # another service still asks
+    assert await page.text_content("#service") == "echo"
     assert locked.stat().st_size > 0
     assert unlocked.stat().st_size > 0
 
@@ -344,3 +413,101 @@ async def test_expired_invoice_offers_a_fresh_one(
         assert second != first
         assert await page.is_visible("#open-wallet")
         _no_page_errors(browser)
+
+
+async def test_off_https_the_page_warns_then_hands_over_the_credential(
+    network: Network,
+    bob: LndClient,
+    browser: Browser,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Plain HTTP on a name that is not localhost: Chromium drops the Secure cookie, so the
+    page shows no invoice until asked to, and once paid shows the credential instead of
+    sending the user to a fresh invoice (paid, no access)."""
+    config = gateway_config(network, tmp_path / "gateway.db")
+    async with _middleware_gateway(config) as local:
+        url = local.replace("127.0.0.1", LAN_HOST) + ARTICLE
+        page = browser.page
+        response = await page.goto(url)
+        assert response is not None
+        assert response.status == 402
+        assert not await page.evaluate("() => window.isSecureContext")
+        await page.wait_for_selector("#insecure", state="visible")
+        for hidden in ("#qr", "#open-wallet", "#invoice", "#status"):
+            assert await page.is_hidden(hidden), hidden
+        await _screenshot(page, "paywall-insecure.png", capsys)
+
+        await page.click("#pay-anyway")
+        await page.wait_for_selector("#qr svg", state="visible")
+        invoice = (await page.text_content("#invoice")) or ""
+        assert invoice.startswith("lnbcrt")
+        payment = await bob.send_payment(
+            invoice,
+            max_fee_msat=Msat(MAX_FEE),
+            payment_timeout=30,
+            last_hop_pubkey=network.carol.pubkey,
+        )
+        assert payment.preimage is not None
+        await page.wait_for_selector("#credential", state="visible", timeout=UNLOCK_LIMIT * 1000)
+        credential = (await page.text_content("#credential")) or ""
+        assert credential.endswith(":" + payment.preimage.hex())
+        assert await page.is_hidden("#qr")
+        assert await page.is_hidden("#fresh")
+        await _screenshot(page, "paywall-insecure-paid.png", capsys)
+        # No navigation to a fresh invoice; the browser indeed kept no cookie.
+        assert browser.documents == [url]
+        assert await browser.context.cookies() == []
+        _no_page_errors(browser)
+
+        # The credential it shows opens the resource (the page's own fetch, so its origin).
+        answer = await page.evaluate(
+            """async (credential) => {
+                const response = await fetch(location.href, {
+                    headers: { Authorization: `L402 ${credential}` },
+                });
+                return [response.status, await response.text()];
+            }""",
+            credential,
+        )
+        assert answer[0] == 200
+        assert "The premium article" in answer[1]
+
+
+async def test_a_busy_gateway_shows_a_page_not_json(
+    browser: Browser, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """429 and 503 reach a browser as a page that says what happened and when to come back
+    (over the fakes: no node needed to be refused)."""
+    # One challenge, then one more every two seconds.
+    limiter = RateLimiter(0.5, 1, 100, OffsetClock())
+    fake = FakeGateway((Rule("/api/premium/*", price_msat=Msat(10_000)),), rate_limiter=limiter)
+    app = _app()
+    setup_l402(app, fake)
+    async with serving(app) as url:
+        page = browser.page
+        await _open_locked(browser, url + ARTICLE)
+        response = await page.reload()
+        assert response is not None
+        assert response.status == 429
+        headers = await response.all_headers()
+        assert headers["content-type"] == "text/html; charset=utf-8"
+        assert 1 <= int(headers["retry-after"]) <= 2
+        assert await page.text_content("h1") == "Too many requests"
+        assert await page.is_disabled("#retry")  # not before Retry-After
+        assert (await page.text_content("#retry-status") or "").startswith("You can try again in")
+        await _screenshot(page, "paywall-429.png", capsys)
+        await page.wait_for_selector("#retry:enabled", timeout=5_000)
+        async with page.expect_navigation():
+            await page.click("#retry")
+        await page.wait_for_selector("#countdown:not(:empty)")  # the paywall again
+
+        fake.backend.unavailable = True
+        await asyncio.sleep(2)  # the bucket refills: this one reaches the node
+        response = await page.reload()
+        assert response is not None
+        assert response.status == 503
+        assert await page.text_content("h1") == "Temporarily unavailable"
+        assert await page.text_content("#busy-detail")
+        await _screenshot(page, "paywall-503.png", capsys)
+        _no_page_errors_but(browser, 429, 503)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,20 @@ def test_cli_up_status_mine_down_beside_another_network(network: Network, tmp_pa
         assert mined.returncode == 0, mined.stderr
         assert "height 541" in mined.stdout
     finally:
-        down = _regtest(workdir, "down")
+        # Stopped with the very command `up` printed (python -m regtest down --dir ...).
+        hint = shlex.split(up.stdout.rpartition("stop it with: ")[2])
+        if hint[:4] == ["python", "-m", "regtest", "down"]:
+            down = subprocess.run(  # noqa: S603 - our own interpreter and module
+                [sys.executable, *hint[1:]],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=180,
+                check=False,
+            )
+        else:
+            down = _regtest(workdir, "down")
+    assert hint[:4] == ["python", "-m", "regtest", "down"], up.stdout
     assert down.returncode == 0, down.stderr
     pids = [state["btcd_pid"], *(node["pid"] for node in state["nodes"].values())]
     assert not any(_alive(pid) for pid in pids)

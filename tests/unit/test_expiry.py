@@ -332,7 +332,7 @@ class _FakeLnd:
 async def test_running_runtime_supervises_the_sweeper_where_the_watcher_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watch: bool
 ) -> None:
-    (tmp_path / "tls.cert").write_bytes(b"x")
+    (tmp_path / "tls.cert").write_bytes(b"-----BEGIN CERTIFICATE-----\n")
     clock = FakeClock()
     backend = FakeInvoiceBackend(clock)
     monkeypatch.setattr(_FakeLnd, "backend", backend, raising=False)

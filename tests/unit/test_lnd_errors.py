@@ -59,7 +59,7 @@ def test_every_mapped_error_is_a_gateway_error() -> None:
 
 def test_settings_read_macaroon_from_file_or_hex(tmp_path: Path) -> None:
     cert = tmp_path / "tls.cert"
-    cert.write_bytes(b"CERT")
+    cert.write_bytes(b"-----BEGIN CERTIFICATE-----\nCERT")
     macaroon = tmp_path / "m.macaroon"
     macaroon.write_bytes(b"\x02\x01mac")
     from_file = LndSettings.from_files("h:1", cert, macaroon_path=macaroon)
@@ -71,3 +71,16 @@ def test_settings_read_macaroon_from_file_or_hex(tmp_path: Path) -> None:
         LndSettings.from_files("h:1", cert)
     with pytest.raises(ValueError, match="not valid hex"):
         LndSettings.from_files("h:1", cert, macaroon_hex="zz")
+
+
+def test_settings_refuse_a_swapped_or_non_pem_certificate(tmp_path: Path) -> None:
+    cert = tmp_path / "tls.cert"
+    cert.write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    macaroon = tmp_path / "gateway.macaroon"
+    macaroon.write_bytes(b"\x02\x01mac")
+    with pytest.raises(ValueError, match="not a PEM certificate"):
+        LndSettings.from_files("h:1", macaroon, macaroon_path=macaroon)
+    with pytest.raises(ValueError, match="swapped with tls_cert"):
+        LndSettings.from_files("h:1", cert, macaroon_path=cert)
+    with pytest.raises(ValueError, match="macaroon is empty"):
+        LndSettings.from_files("h:1", cert, macaroon_hex="")

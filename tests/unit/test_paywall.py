@@ -14,6 +14,7 @@ import pytest
 import segno
 
 from gateway import l402
+from gateway.fiat import FiatRate
 from gateway.ports import Msat
 from gateway.pricing import Pricing, Rule
 from gateway.service import (
@@ -278,19 +279,25 @@ def test_expires_in_counts_from_the_challenge() -> None:
 
 def test_redeem_cookie_attributes() -> None:
     result = RedeemResult(
-        RedeemState.SETTLED, 1.0, credential="AgE-_x:" + "ab" * 32, path="/p", max_age=99
+        RedeemState.SETTLED,
+        1.0,
+        credential="AgE-_x:" + "ab" * 32,
+        path="/p/page",
+        max_age=99,
+        scope="/p",
+        service="premium",
     )
     value = redeem_cookie(result)
-    assert (
-        value == f"L402=AgE-_x:{'ab' * 32}; Path=/p; Max-Age=99; Secure; HttpOnly; SameSite=Strict"
+    assert value == (
+        f"L402-premium=AgE-_x:{'ab' * 32}; Path=/p; Max-Age=99; Secure; HttpOnly; SameSite=Strict"
     )
     parsed = SimpleCookie()
     parsed.load(value)
-    assert parsed["L402"].value == f"AgE-_x:{'ab' * 32}"
+    assert parsed["L402-premium"].value == f"AgE-_x:{'ab' * 32}"
     session = RedeemResult(RedeemState.SETTLED, 1.0, credential="m:00", path="/")
     assert "Max-Age" not in redeem_cookie(session)
-    # The path the token was bought for, cut to what a Set-Cookie header can carry.
-    unsafe = RedeemResult(RedeemState.SETTLED, 1.0, credential="m:00", path="/a/b;Domain=x")
+    # What the token opens, cut to what a Set-Cookie header can carry.
+    unsafe = RedeemResult(RedeemState.SETTLED, 1.0, credential="m:00", scope="/a/b;Domain=x")
     assert "; Path=/a; " in redeem_cookie(unsafe)
     with pytest.raises(ValueError, match="settled"):
         redeem_cookie(RedeemResult(RedeemState.PENDING, 1.0))
@@ -395,13 +402,89 @@ async def test_pending_then_settled_with_the_cookie() -> None:
     (cookie,) = header(settled, "Set-Cookie")
     parsed = SimpleCookie()
     parsed.load(cookie)
-    morsel = parsed["L402"]
+    morsel = parsed["L402-svc"]
     assert morsel.value.endswith(":" + preimage.hex())
-    assert morsel["path"] == "/paid/thing"
+    assert morsel["path"] == "/paid"  # every page of the service, not only this one
     assert morsel["max-age"] == "590"
     assert morsel["secure"] is True
     assert morsel["httponly"] is True
     assert morsel["samesite"] == "Strict"
+
+
+async def test_a_page_off_https_gets_the_credential_only_when_it_asks() -> None:
+    svc, backend, clock = service()
+    decision = await svc.authorize(RequestInfo("GET", "/paid/thing", "127.0.0.1"))
+    assert isinstance(decision, PaymentChallenge)
+    asking = json.dumps({"macaroon": decision.macaroon, "credential": True})
+    assert "credential" not in json.loads((await redeem(svc, asking)).body)  # not paid yet
+    preimage = backend.pay(bytes.fromhex(decision.payment_hash))
+    clock.advance(10)
+    document = json.loads((await redeem(svc, asking)).body)
+    assert document["state"] == "settled"
+    assert document["credential"].endswith(":" + preimage.hex())
+    (cookie,) = header(await redeem(svc, asking), "Set-Cookie")
+    assert cookie.startswith(f"L402-svc={document['credential']};")
+    for body in ({"macaroon": decision.macaroon}, {"macaroon": decision.macaroon, "credential": 1}):
+        assert "credential" not in json.loads((await redeem(svc, json.dumps(body))).body)
+
+
+@pytest.mark.parametrize(
+    ("deny", "title"),
+    [
+        (Deny(429, "too many payment challenges", retry_after=3), "Too many requests"),
+        (Deny(503, "node unavailable", retry_after=5), "Temporarily unavailable"),
+        (Deny(500, "boom"), "Internal Server Error"),
+    ],
+)
+def test_a_browser_told_to_come_back_later_gets_a_page(deny: Deny, title: str) -> None:
+    page = render_challenge(deny, method="GET", accept=CHROME)
+    assert page.status == deny.status
+    assert header(page, "Content-Type") == ["text/html; charset=utf-8"]
+    assert header(page, "Retry-After") == (
+        [] if deny.retry_after is None else [str(deny.retry_after)]
+    )
+    assert "script-src 'nonce-" in header(page, "Content-Security-Policy")[0]
+    assert f"<title>{title}</title>" in page.body.decode()
+    # Other clients, and refusals that waiting does not cure, keep problem+json.
+    assert header(render_challenge(deny, method="GET", accept="*/*"), "Content-Type") == [
+        "application/problem+json"
+    ]
+    for status in (400, 401, 403):
+        refusal = render_challenge(Deny(status, "no"), method="GET", accept=CHROME)
+        assert header(refusal, "Content-Type") == ["application/problem+json"]
+
+
+def test_the_page_says_what_is_sold_and_by_whom() -> None:
+    challenge = dataclasses.replace(
+        CHALLENGE, title="Premium <b>", description="All & more", merchant='Shop "x"'
+    )
+    text = render_paywall(challenge).body.decode()
+    assert "<title>Premium &lt;b&gt; · " in text
+    assert '<h1 class="title" id="title">Premium &lt;b&gt;</h1>' in text
+    assert '<p class="description" id="description">All &amp; more</p>' in text
+    assert '<span id="merchant">Shop &quot;x&quot;</span>' in text
+    plain = render_paywall(CHALLENGE).body.decode()
+    assert "<title>Payment required · " in plain
+    assert 'id="title"' not in plain
+    assert 'id="merchant"' not in plain
+
+
+async def test_the_price_in_fiat_reaches_the_page() -> None:
+    clock = FakeClock()
+    rules = (Rule("/paid/*", price_msat=Msat(10_000_000)),)
+    fiat = FiatRate("EUR", clock, per_btc=90_000.0)
+    svc = L402Service(
+        pricing=Pricing(rules),
+        backend=FakeInvoiceBackend(clock),
+        store=MemoryStore(),
+        clock=clock,
+        fiat=fiat.display,
+    )
+    decision = await svc.authorize(RequestInfo("GET", "/paid/x", "127.0.0.1"))
+    assert isinstance(decision, PaymentChallenge)
+    assert decision.fiat == "\u2248 9.00 EUR"
+    assert '<p class="fiat" id="fiat">\u2248 9.00 EUR</p>' in render_paywall(decision).body.decode()
+    assert 'id="fiat"' not in render_paywall(CHALLENGE).body.decode()  # no rate: no line
 
 
 def test_the_paywall_stays_in_its_layer() -> None:

@@ -652,7 +652,7 @@ async def test_price_function_is_not_consulted_for_a_valid_token() -> None:
     assert len(prices.seen) == 1
 
 
-async def test_failing_price_function_is_500_and_logged_without_secrets(
+async def test_failing_price_function_is_503_and_logged_without_secrets(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     class Boom(Exception):
@@ -679,27 +679,43 @@ async def test_failing_price_function_is_500_and_logged_without_secrets(
                 [("Authorization", credential), ("Proxy-Authorization", "Basic c2VjcmV0")]
             ),
         )
-    deny = denied(decision, 500)
+    deny = denied(decision, 503)
     assert deny.reason == "price function failed"
-    assert "price function for /quote failed" in caplog.text
-    assert "Boom" in caplog.text  # the traceback is there: this is a bug to fix
+    assert "price function for /quote failed: Boom" in caplog.text
+    assert [r.exc_info for r in caplog.records] == [None]  # one line, no traceback
     assert preimage.hex() not in caplog.text
     assert split(credential)[0].signature.hex() not in caplog.text
     assert "c2VjcmV0" not in caplog.text
 
 
 @pytest.mark.parametrize("result", [-1, 1.5, "100", None, True, MAX_PRICE_MSAT + 1, 2**63])
-async def test_price_function_returning_garbage_is_500(result: object) -> None:
+async def test_price_function_returning_garbage_is_503(result: object) -> None:
     env = Env([Rule("/quote", price_function=Prices(result))])
-    assert denied(await env.ask("/quote"), 500).reason == "price function returned an invalid price"
+    assert denied(await env.ask("/quote"), 503).reason == "price function returned an invalid price"
 
 
-async def test_sync_price_function_is_500() -> None:
+async def test_sync_price_function_is_503() -> None:
     def sync(_request: PriceRequest) -> int:
         return 5
 
     env = Env([Rule("/quote", price_function=sync)])  # type: ignore[arg-type]
-    denied(await env.ask("/quote"), 500)
+    denied(await env.ask("/quote"), 503)
+
+
+async def test_a_failing_price_function_is_logged_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    env = Env([Rule("/quote", price_function=Prices(-1))], clock=clock)
+    with caplog.at_level(logging.ERROR, logger="gateway.service"):
+        for _ in range(5):
+            denied(await env.ask("/quote"), 503)
+        assert len(caplog.records) == 1
+        assert "returned -1" in caplog.text
+        clock.advance(61)
+        denied(await env.ask("/quote"), 503)
+    assert len(caplog.records) == 2
+    assert "4 more failures since the last report" in caplog.records[1].getMessage()
 
 
 # --- strict settlement -------------------------------------------------------------------

@@ -19,12 +19,13 @@ segno): no external request, no CDN.
     POST /.well-known/l402/redeem
     Content-Type: application/json
 
-    {"macaroon": "<the challenge's macaroon, base64>"}
+    {"macaroon": "<the challenge's macaroon, base64>", "credential": true (optional)}
 
     200 {"state": "pending" | "expired" | "canceled", "expires_at": <unix>, "expires_in": <s>}
-    200 {"state": "settled", ...}
-        Set-Cookie: L402=<macaroon>:<hex preimage>; Path=<priced path>; Max-Age=<token
-                    lifetime left>; Secure; HttpOnly; SameSite=Strict
+    200 {"state": "settled", ..., "credential": "<macaroon>:<hex preimage>" (if asked)}
+        Set-Cookie: L402-<service>=<macaroon>:<hex preimage>; Path=<the path prefix of the
+                    service's routes>; Max-Age=<token lifetime left>; Secure; HttpOnly;
+                    SameSite=Strict
     400 not a macaroon / not JSON     401 not one of our macaroons (forged, unknown, revoked)
     403 cross-site request            405 not POST    413 body too large    415 not JSON
     429 too many redeem requests from the client's address (Retry-After)
@@ -32,8 +33,13 @@ segno): no external request, no CDN.
 
 The page polls it about once a second. Once the invoice is settled the middleware accepts
 the cookie as the credential (an ``Authorization`` credential wins over it) and the page
-navigates once, with ``location.replace``, to its own URL, which now shows the resource. A
-page whose invoice expired offers a fresh one (a plain reload gets a new challenge).
+navigates once, with ``location.replace``, to its own URL, which now shows the resource; the
+cookie opens the service's other pages too (see ``gateway.web.cookies``). A page whose
+invoice expired offers a fresh one (a plain reload gets a new challenge).
+
+A page that is not a secure context (plain HTTP, not localhost) would lose the Secure cookie:
+it shows no invoice until the user chooses to pay anyway, then asks redeem for the credential
+and shows it to copy (as an ``Authorization`` header) instead of navigating.
 """
 
 from __future__ import annotations
@@ -45,13 +51,14 @@ import re
 import secrets
 import time
 from functools import cache
+from http import HTTPStatus
 from importlib import resources
 
 import segno
 
 from gateway import l402
 from gateway.service import Deny, L402Service, PaymentChallenge, RedeemResult, RedeemState
-from gateway.web.cookies import COOKIE_NAME, cookie_path
+from gateway.web.cookies import cookie_name, cookie_path
 from gateway.web.responses import HttpResponse, render
 
 __all__ = [
@@ -61,6 +68,7 @@ __all__ = [
     "handle_redeem",
     "prefers_html",
     "redeem_cookie",
+    "render_busy",
     "render_challenge",
     "render_paywall",
 ]
@@ -121,10 +129,61 @@ def render_challenge(
     accept: str | None,
     redeem_url: str = REDEEM_PATH,
 ) -> HttpResponse:
-    """The paywall page for a browser's challenge, problem+json for anything else."""
-    if isinstance(decision, PaymentChallenge) and prefers_html(method, accept):
-        return render_paywall(decision, redeem_url=redeem_url)
+    """The paywall page for a browser's challenge, a page for a browser told to come back
+    later (429, 5xx), problem+json for anything else."""
+    if prefers_html(method, accept):
+        if isinstance(decision, PaymentChallenge):
+            return render_paywall(decision, redeem_url=redeem_url)
+        if decision.status == 429 or decision.status >= 500:
+            return render_busy(decision)
     return render(decision)
+
+
+_BUSY = {
+    429: (
+        "Too many requests",
+        "More requests came from you than this site answers. Wait a moment, then try again.",
+    ),
+    503: (
+        "Temporarily unavailable",
+        "Payments cannot be taken right now. Wait a moment, then try again.",
+    ),
+}
+
+
+def render_busy(decision: Deny, *, nonce: str | None = None) -> HttpResponse:
+    """A 429 or 5xx as a page a person can read (status, ``Retry-After`` and the
+    problem+json's detail kept), with a "Try again" button that honours ``Retry-After``."""
+    nonce = nonce or secrets.token_urlsafe(18)
+    status = decision.status
+    phrase = HTTPStatus(status).phrase
+    title, text = _BUSY.get(status, (phrase, "Something went wrong here. Try again later."))
+    values = {
+        "nonce": nonce,
+        "css": _asset("page.css"),
+        "js": _asset("busy.js"),
+        "title": _e(title),
+        "status": _e(f"{status} {phrase}"),
+        "text": _e(text),
+        "detail": _e(decision.reason),
+        "retry_after": str(decision.retry_after or 0),
+        "merchant_line": "",
+    }
+    headers = [*_page_headers(nonce)]
+    if decision.retry_after is not None:
+        headers.append(("Retry-After", str(decision.retry_after)))
+    return HttpResponse(status, tuple(headers), _fill(_asset("busy.html"), values).encode())
+
+
+def _page_headers(nonce: str) -> tuple[tuple[str, str], ...]:
+    return (
+        ("Content-Type", "text/html; charset=utf-8"),
+        ("Cache-Control", "no-store"),
+        ("Content-Security-Policy", content_security_policy(nonce)),
+        ("X-Content-Type-Options", "nosniff"),
+        ("X-Frame-Options", "DENY"),
+        ("Referrer-Policy", "no-referrer"),
+    )
 
 
 def content_security_policy(nonce: str) -> str:
@@ -171,15 +230,17 @@ def render_paywall(
         "macaroon": _e(challenge.macaroon),
         "redeem_url": _e(redeem_url),
         "expires_in": str(expires_in),
+        "page_title": _e(challenge.title or "Payment required"),
+        "title_block": _title_block(challenge.title, challenge.description),
+        "merchant_eyebrow": f" &middot; {_e(challenge.merchant)}" if challenge.merchant else "",
+        "merchant_line": _merchant_line(challenge.merchant),
+        "fiat_line": f'<p class="fiat" id="fiat">{_e(challenge.fiat)}</p>'
+        if challenge.fiat
+        else "",
     }
     page = _fill(_asset("page.html"), values)
     headers = (
-        ("Content-Type", "text/html; charset=utf-8"),
-        ("Cache-Control", "no-store"),
-        ("Content-Security-Policy", content_security_policy(nonce)),
-        ("X-Content-Type-Options", "nosniff"),
-        ("X-Frame-Options", "DENY"),
-        ("Referrer-Policy", "no-referrer"),
+        *_page_headers(nonce),
         *(("WWW-Authenticate", value) for value in challenge.www_authenticate()),
     )
     return HttpResponse(402, headers, page.encode("utf-8"))
@@ -214,6 +275,8 @@ async def handle_redeem(
     macaroon = payload.get("macaroon") if isinstance(payload, dict) else None
     if not isinstance(macaroon, str):
         return render(Deny(400, _REDEEM_SHAPE))
+    # A page off HTTPS asks for the credential itself: its browser drops the Secure cookie.
+    reveal = isinstance(payload, dict) and payload.get("credential") is True
     if service is None:
         return render(Deny(503, "gateway is not started", retry_after=1))
     result = await service.redeem(macaroon, client=client)
@@ -223,11 +286,13 @@ async def handle_redeem(
     if result.state is RedeemState.SETTLED:
         headers.append(("Set-Cookie", redeem_cookie(result)))
     now = time.time()
-    document = {
+    document: dict[str, str | int] = {
         "state": result.state.value,
         "expires_at": int(result.expires_at),
         "expires_in": max(0, int(result.expires_at - now)),
     }
+    if reveal and result.credential is not None:
+        document["credential"] = result.credential
     return HttpResponse(200, tuple(headers), json.dumps(document).encode())
 
 
@@ -235,11 +300,24 @@ def redeem_cookie(result: RedeemResult) -> str:
     """The ``Set-Cookie`` value carrying a settled challenge's credential."""
     if result.credential is None:
         raise ValueError("only a settled result carries a credential")
-    parts = [f"{COOKIE_NAME}={result.credential}", f"Path={cookie_path(result.path)}"]
+    # Scoped to what the token opens, not only the page it was bought on.
+    name = cookie_name(result.service, result.tier, result.capabilities)
+    parts = [f"{name}={result.credential}", f"Path={cookie_path(result.scope)}"]
     if result.max_age is not None:
         parts.append(f"Max-Age={result.max_age}")
     parts += ["Secure", "HttpOnly", "SameSite=Strict"]
     return "; ".join(parts)
+
+
+def _title_block(title: str, description: str) -> str:
+    block = f'<h1 class="title" id="title">{_e(title)}</h1>' if title else ""
+    if description:
+        block += f'<p class="description" id="description">{_e(description)}</p>'
+    return block
+
+
+def _merchant_line(merchant: str) -> str:
+    return f'<span id="merchant">{_e(merchant)}</span> &middot; ' if merchant else ""
 
 
 @cache

@@ -12,6 +12,9 @@
   const weblnButton = $("pay-webln");
   const countdown = $("countdown");
   const copyButton = $("copy");
+  // Off HTTPS (and off localhost) the browser drops the Secure cookie: the access paid for
+  // would be lost, so the page asks before showing the invoice and hands over the credential.
+  const secure = window.isSecureContext;
 
   let state = "waiting"; // waiting -> paid | expired | failed, never back
   let timer = 0;
@@ -52,6 +55,20 @@
     location.replace(target); // once: the cookie is set, the same URL now opens
   }
 
+  function reveal(credential) {
+    if (typeof credential !== "string" || !credential) {
+      return fail("Paid, but this page cannot keep the access. Open it over HTTPS.");
+    }
+    if (!finish("paid")) return;
+    say("Paid", "ok");
+    root.classList.remove("insecure");
+    root.classList.add("revealed");
+    $("insecure").hidden = true;
+    $("credential").textContent = credential;
+    $("paid-credential").hidden = false;
+    note("");
+  }
+
   function expire(text) {
     if (!finish("expired")) return;
     root.classList.add("expired");
@@ -79,7 +96,7 @@
       const response = await fetch(redeemUrl, {
         method: "POST",
         headers: { "Content-Type": "application/json", Accept: "application/json" },
-        body: JSON.stringify({ macaroon }),
+        body: JSON.stringify(secure ? { macaroon } : { macaroon, credential: true }),
         credentials: "same-origin",
         cache: "no-store",
         redirect: "error",
@@ -87,7 +104,7 @@
       const body = await response.json().catch(() => ({}));
       if (response.ok) {
         failures = 0;
-        if (body.state === "settled") return unlock();
+        if (body.state === "settled") return secure ? unlock() : reveal(body.credential);
         if (body.state === "expired") return expire("This invoice has expired.");
         if (body.state === "canceled") return expire("This invoice was canceled.");
       } else if (response.status === 429 || response.status >= 500) {
@@ -135,14 +152,14 @@
     }
   });
 
-  copyButton.addEventListener("click", async () => {
+  async function copy(button, text, element) {
     let copied = false;
     try {
-      await navigator.clipboard.writeText(invoice);
+      await navigator.clipboard.writeText(text);
       copied = true;
     } catch (error) {
       const range = document.createRange();
-      range.selectNodeContents($("invoice"));
+      range.selectNodeContents(element);
       const selection = window.getSelection();
       selection.removeAllRanges();
       selection.addRange(range);
@@ -152,19 +169,29 @@
         copied = false;
       }
     }
-    copyButton.textContent = copied ? "Copied" : "Selected";
+    button.textContent = copied ? "Copied" : "Selected";
     setTimeout(() => {
-      copyButton.textContent = "Copy";
+      button.textContent = "Copy";
     }, 2000);
-  });
+  }
 
+  copyButton.addEventListener("click", () => copy(copyButton, invoice, $("invoice")));
+  $("copy-credential").addEventListener("click", (event) =>
+    copy(event.currentTarget, $("credential").textContent, $("credential")),
+  );
+  $("pay-anyway").addEventListener("click", () => {
+    $("insecure").hidden = true;
+    root.classList.remove("insecure");
+    note("Not on HTTPS: once paid, this page shows your credential to copy.", "error");
+  });
   $("fresh").addEventListener("click", () => location.replace(target));
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) poll();
   });
 
-  if (!window.isSecureContext) {
-    note("This page is not served over a secure connection, so your browser would not keep the access you pay for.", "error");
+  if (!secure) {
+    root.classList.add("insecure");
+    $("insecure").hidden = false;
   }
   offerWebln();
   window.addEventListener("load", offerWebln);

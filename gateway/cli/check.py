@@ -1,0 +1,93 @@
+"""``l402-gateway check``: what ``serve`` would run with, checked before it runs.
+
+Loads the configuration and the price functions, probes the LND node (reachable, the TLS
+certificate, the macaroon's permissions: ``gateway.lnd.preflight``) and the upstream (a TCP
+connection), and prints what each path costs. ``serve`` runs the same checks at start
+(``startup_checks``): a problem stops it, an unreachable node or upstream is only a warning.
+
+Exit codes: 0 all good, 2 a configuration problem (the node refuses the macaroon or the
+certificate included), 3 the node or the upstream does not answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import urllib.parse
+from typing import Any
+
+from gateway import errors
+from gateway.config import Config
+from gateway.lnd.preflight import LndCheck, check_lnd
+from gateway.runtime import build_pricing, lnd_settings, route_table
+
+log = logging.getLogger(__name__)
+UPSTREAM_TIMEOUT = 5.0
+
+
+def add_parser(commands: Any) -> None:
+    """``check`` on the ``commands`` subparsers."""
+    commands.add_parser(
+        "check",
+        help="check the config, the LND node, the upstream; print what each path costs",
+    )
+
+
+async def _upstream_answers(url: str) -> str | None:
+    """Why ``url``'s host does not take a TCP connection; None when it does."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    try:
+        async with asyncio.timeout(UPSTREAM_TIMEOUT):
+            _, writer = await asyncio.open_connection(parts.hostname, port)
+    except (OSError, TimeoutError) as error:
+        return f"upstream {url} does not answer ({error or type(error).__name__})"
+    writer.close()
+    return None
+
+
+async def _probe(config: Config) -> tuple[LndCheck, str | None]:
+    """What the node's probes found, and why the upstream does not answer (None: it does)."""
+    lnd = await check_lnd(lnd_settings(config))
+    upstream = await _upstream_answers(config.server.upstream) if config.server.upstream else None
+    return lnd, upstream
+
+
+def startup_checks(config: Config) -> None:
+    """``serve``'s checks: each problem and warning in one line; ``ConfigError`` if there is
+    a problem. (The route table is logged by ``running_runtime``, in every front end.)"""
+    build_pricing(config)
+    lnd, upstream = asyncio.run(_probe(config))
+    for warning in (lnd.unreachable, upstream):
+        if warning is not None:
+            log.warning("%s; starting anyway (requests get 503 or 502 until it answers)", warning)
+    for problem in lnd.problems:
+        log.error("%s", problem)
+    if lnd.problems:
+        raise errors.ConfigError(
+            f"{len(lnd.problems)} problem(s) with the LND node's settings, logged above"
+        )
+
+
+def run(config: Config, source: str | None) -> int:
+    """The ``check`` command: findings and the route table on stdout; its exit code."""
+    build_pricing(config)  # ConfigError: the caller says it in one line, exit 2
+    lnd_settings(config)
+    print(f"config: ok ({source or 'defaults and GATEWAY_* variables'})")
+    lnd, upstream = asyncio.run(_probe(config))
+    for problem in lnd.problems:
+        print(f"problem: {problem}")
+    if lnd.unreachable is not None:
+        print(f"unreachable: {lnd.unreachable}")
+    if lnd.ok:
+        print(f"lnd: ok ({config.lnd.host}: TLS, macaroon with invoices:read and invoices:write)")
+    if upstream is not None:
+        print(f"unreachable: {upstream}")
+    elif config.server.upstream:
+        print(f"upstream: ok ({config.server.upstream} takes connections)")
+    print("routes, first match decides:")
+    for line in route_table(config):
+        print(f"  {line}")
+    if lnd.problems:
+        return 2
+    return 3 if upstream is not None or lnd.unreachable is not None else 0

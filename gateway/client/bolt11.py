@@ -1,0 +1,180 @@
+"""BOLT11 decoding: the fields a paying client checks, with the signature verified.
+
+Our own reader, so that the client installs on every Python the package supports (the
+``bolt11`` distribution declares ``Requires-Python <3.13``); the signature's public key is
+recovered with ``coincurve`` (libsecp256k1). Pure: no I/O. Reads what BOLT #11 says a reader
+must: the amount with its multiplier, the timestamp, the tagged fields ``p`` (payment hash),
+``d``/``h`` (description or its hash), ``x`` (expiry, default 3600 s) and ``n`` (payee, which
+must then be the key that signed); other fields are skipped, and ``p``/``h``/``n`` fields of
+the wrong length are skipped as the spec says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import coincurve
+
+__all__ = ["Bolt11Error", "Invoice", "decode"]
+
+_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
+_GENERATOR = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
+# hrp: "ln" + currency + optional amount (digits, optional multiplier)
+_HRP_RE = re.compile(r"ln([a-z]+?)(?:(\d+)([munp]?))?")
+_MULTIPLIER_PICO_BTC = {"m": 10**9, "u": 10**6, "n": 10**3, "p": 1}  # per unit, in pico-BTC
+_SIGNATURE_WORDS = 104  # 65 bytes (r, s, recovery id) in 5-bit words
+_TIMESTAMP_WORDS = 7  # 35 bits
+DEFAULT_EXPIRY = 3600
+
+
+class Bolt11Error(ValueError):
+    """The text is no valid BOLT11 invoice; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Invoice:
+    currency: str  # the prefix after "ln": "bc", "tb", "tbs", "bcrt"
+    amount_msat: int | None
+    timestamp: int
+    payment_hash: bytes
+    payee: bytes  # 33-byte compressed public key of the node that signed
+    description: str | None
+    description_hash: bytes | None
+    expiry: int
+
+
+def _polymod(values: list[int]) -> int:
+    check = 1
+    for value in values:
+        top = check >> 25
+        check = (check & 0x1FFFFFF) << 5 ^ value
+        for i in range(5):
+            check ^= _GENERATOR[i] if (top >> i) & 1 else 0
+    return check
+
+
+def _hrp_expand(hrp: str) -> list[int]:
+    return [ord(c) >> 5 for c in hrp] + [0] + [ord(c) & 31 for c in hrp]
+
+
+def _bech32(text: str) -> tuple[str, list[int]]:
+    """(hrp, data words without the checksum). No 90-character limit: invoices are longer."""
+    if text.lower() != text and text.upper() != text:
+        raise Bolt11Error("mixed case")
+    text = text.lower()
+    separator = text.rfind("1")
+    if separator < 1 or separator + 7 > len(text):
+        raise Bolt11Error("no bech32 separator and checksum")
+    hrp, rest = text[:separator], text[separator + 1 :]
+    if any(not 33 <= ord(c) <= 126 for c in hrp):
+        raise Bolt11Error("bad characters before the separator")
+    try:
+        words = [_CHARSET.index(c) for c in rest]
+    except ValueError:
+        raise Bolt11Error("a character outside bech32's alphabet") from None
+    if _polymod(_hrp_expand(hrp) + words) != 1:
+        raise Bolt11Error("bad bech32 checksum")
+    return hrp, words[:-6]
+
+
+def _to_bytes(words: list[int]) -> bytes:
+    """5-bit words to bytes, the last partial byte padded with zero bits."""
+    number = 0
+    for word in words:
+        number = number << 5 | word
+    bits = len(words) * 5
+    padding = -bits % 8
+    return (number << padding).to_bytes((bits + padding) // 8, "big")
+
+
+def _to_int(words: list[int]) -> int:
+    number = 0
+    for word in words:
+        number = number << 5 | word
+    return number
+
+
+def _amount_msat(digits: str | None, multiplier: str | None) -> int | None:
+    if not digits:
+        return None
+    if digits.startswith("0"):
+        raise Bolt11Error("amount with a leading zero")
+    if not multiplier:
+        return int(digits) * 10**11  # whole bitcoin
+    pico = int(digits) * _MULTIPLIER_PICO_BTC[multiplier]
+    if pico % 10:
+        raise Bolt11Error("amount is not a whole number of millisatoshi")
+    return pico // 10
+
+
+def decode(text: str) -> Invoice:
+    """Decode ``text`` and verify its signature; Bolt11Error if it is no valid invoice."""
+    text = text.strip()
+    if text[:10].lower().startswith("lightning:"):
+        text = text[10:]
+    hrp, words = _bech32(text)
+    match = _HRP_RE.fullmatch(hrp)
+    if match is None:
+        raise Bolt11Error(f"not a lightning invoice prefix: {hrp[:20]!r}")
+    currency, digits, multiplier = match.groups()
+    amount = _amount_msat(digits, multiplier)
+    if len(words) < _TIMESTAMP_WORDS + _SIGNATURE_WORDS:
+        raise Bolt11Error("too short")
+    signed, signature = words[:-_SIGNATURE_WORDS], _to_bytes(words[-_SIGNATURE_WORDS:])
+    timestamp = _to_int(signed[:_TIMESTAMP_WORDS])
+    fields: dict[str, list[list[int]]] = {}
+    at = _TIMESTAMP_WORDS
+    while at < len(signed):
+        if at + 3 > len(signed):
+            raise Bolt11Error("truncated tagged field")
+        tag, length = _CHARSET[signed[at]], signed[at + 1] << 5 | signed[at + 2]
+        value = signed[at + 3 : at + 3 + length]
+        if len(value) != length:
+            raise Bolt11Error("truncated tagged field")
+        fields.setdefault(tag, []).append(value)
+        at += 3 + length
+
+    def first(tag: str, words_long: int | None = None) -> list[int] | None:
+        # A p, h or n of the wrong length is skipped (BOLT #11), the first good one taken.
+        for value in fields.get(tag, []):
+            if words_long is None or len(value) == words_long:
+                return value
+        return None
+
+    payment_hash = first("p", 52)
+    if payment_hash is None:
+        raise Bolt11Error("no payment hash")
+    description = first("d")
+    description_hash = first("h", 52)
+    expiry = first("x")
+    payee = first("n", 53)
+    message = hashlib.sha256(hrp.encode("ascii") + _to_bytes(signed)).digest()
+    if signature[64] > 3:
+        raise Bolt11Error("bad signature recovery id")
+    try:
+        key = coincurve.PublicKey.from_signature_and_message(signature, message, hasher=None)
+    except Exception:  # libsecp256k1 reports a bad signature as a plain Exception
+        raise Bolt11Error("bad signature") from None
+    recovered = key.format(compressed=True)
+    if payee is not None and _to_bytes(payee)[:33] != recovered:
+        raise Bolt11Error("the signature is not the payee's")
+    shown = None
+    if description is not None:
+        # whole bytes only: the padding bits of the last word are no character
+        raw = _to_bytes(description)[: len(description) * 5 // 8]
+        try:
+            shown = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Bolt11Error("description is not UTF-8") from None
+    return Invoice(
+        currency=currency,
+        amount_msat=amount,
+        timestamp=timestamp,
+        payment_hash=_to_bytes(payment_hash)[:32],
+        payee=recovered,
+        description=shown,
+        description_hash=None if description_hash is None else _to_bytes(description_hash)[:32],
+        expiry=DEFAULT_EXPIRY if expiry is None else _to_int(expiry),
+    )
