@@ -58,6 +58,11 @@ BRIEF = "/api/brief"
 # Expiry comes in real time rather than by moving the clock forward and back: the rate
 # limiter takes a clock that steps back as a client that must wait that long.
 BRIEF_ROUTE = RouteConfig(pattern=BRIEF, price_msat=1_000, service="brief", lifetime=1)
+# Priced for GET only: a POST there is free unless it asks to be read as a GET.
+READS = "/api/reads/article"
+READS_ROUTE = RouteConfig(
+    pattern="/api/reads/*", methods=("GET",), price_msat=1_000, service="reads"
+)
 # Every attack gets the real reason, not the 429 that many challenges would earn.
 UNLIMITED = RateLimitConfig(challenges_per_second=1000, burst=1000)
 
@@ -144,7 +149,7 @@ async def arena(network: Network, tmp_path_factory: pytest.TempPathFactory) -> A
     configs = [
         dataclasses.replace(
             gateway_config(network, workdir / f"{name}.db", rate_limit=UNLIMITED),
-            routes=(*ROUTES, BRIEF_ROUTE),
+            routes=(*ROUTES, BRIEF_ROUTE, READS_ROUTE),
         )
         for name in ("a", "b")
     ]
@@ -534,18 +539,49 @@ SPELLINGS = [
 ]
 
 
+async def _raw_status(front_url: str, request: str) -> tuple[int, bytes]:
+    """Send ``request`` exactly as written (an HTTP client would normalize it)."""
+    url = URL(front_url)
+    assert url.host is not None
+    assert url.port is not None
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(request.encode())
+    response = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    await writer.wait_closed()
+    return int(response.split(b" ", 2)[1]), response[:300]
+
+
 @pytest.mark.parametrize("front", FRONTS)
 @pytest.mark.parametrize("target", SPELLINGS)
 async def test_no_spelling_of_a_priced_path_is_served_unpaid(
     arena: Arena, front: str, target: str
 ) -> None:
-    url = URL(arena.fronts[front])
-    assert url.host is not None
-    assert url.port is not None
-    reader, writer = await asyncio.open_connection(url.host, url.port)
-    writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    response = await asyncio.wait_for(reader.read(), 30)
-    writer.close()
-    await writer.wait_closed()
-    status = int(response.split(b" ", 2)[1])
-    assert status in (400, 402), response[:300]
+    request = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    status, response = await _raw_status(arena.fronts[front], request)
+    assert status in (400, 402), response
+
+
+# Ways a free POST asks a backend (Rails, Laravel, Symfony, Express) to route it as a GET.
+OVERRIDES = [
+    (READS, "X-HTTP-Method-Override: GET\r\n"),
+    (READS, "X-HTTP-Method: get\r\n"),
+    (READS, "X-Method-Override: GET\r\n"),
+    (READS + "?_method=GET", ""),
+]
+
+
+@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize(("target", "header"), OVERRIDES)
+async def test_a_method_override_is_priced_by_the_method_it_names(
+    arena: Arena, front: str, target: str, header: str
+) -> None:
+    plain = f"POST {READS} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    status, response = await _raw_status(arena.fronts[front], plain)
+    assert status != 402, response  # the POST alone is free
+    overridden = (
+        f"POST {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n"
+        f"{header}\r\n"
+    )
+    status, response = await _raw_status(arena.fronts[front], overridden)
+    assert status == 402, response
