@@ -38,7 +38,7 @@ from gateway.service.decisions import (
     Refusal,
     RequestInfo,
 )
-from gateway.service.rate_limiter import RateLimiter
+from gateway.service.rate_limiter import RateLimiter, client_key
 from gateway.service.redeem import (
     MAX_REDEEM_MACAROON_CHARS,
     REDEEM_LOOKUP_INTERVAL,
@@ -67,4 +67,5 @@ __all__ = [
     "Refusal",
     "RequestInfo",
     "RootKeyCache",
+    "client_key",
 ]

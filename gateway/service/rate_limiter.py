@@ -9,6 +9,23 @@ from collections import OrderedDict
 from gateway.ports import Clock
 
 
+def client_key(address: str, ipv6_prefix: int = 64) -> str:
+    """One key per client: an IPv6 client commonly holds a whole /64, so its addresses share
+    the key of their ``ipv6_prefix``; an IPv4-mapped address is its IPv4 address; a client
+    that is not an IP address (say ``"unknown"``) is its own key."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv4Address):
+        return str(parsed)
+    if parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    # The zone (fe80::1%eth0) names an interface of ours, not a different client.
+    bits = int(parsed) >> (128 - ipv6_prefix) << (128 - ipv6_prefix)
+    return f"{ipaddress.IPv6Address(bits)}/{ipv6_prefix}"
+
+
 class RateLimiter:
     """A token bucket per client address, so unpaid traffic cannot flood the node.
 
@@ -33,17 +50,7 @@ class RateLimiter:
 
     def bucket_of(self, client: str) -> str:
         """The key of ``client``'s bucket."""
-        try:
-            address = ipaddress.ip_address(client)
-        except ValueError:
-            return client
-        if isinstance(address, ipaddress.IPv4Address):
-            return str(address)
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        # The zone (fe80::1%eth0) names an interface of ours, not a different client.
-        bits = int(address) >> (128 - self._ipv6_prefix) << (128 - self._ipv6_prefix)
-        return f"{ipaddress.IPv6Address(bits)}/{self._ipv6_prefix}"
+        return client_key(client, self._ipv6_prefix)
 
     def acquire(self, client: str) -> float:
         """Take one token: 0.0 if granted, else the seconds until one is available."""

@@ -17,7 +17,6 @@ by ``ACCEPT_HEADROOM`` (a newcomer and the idle connection it replaces overlap f
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +25,8 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
+
+from gateway.service import client_key
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +51,6 @@ class ServerLimits:
     max_connections: int = 1000
     max_connections_per_client: int = 0  # 0: no cap (behind a proxy every peer is the proxy)
     ipv6_prefix: int = 64
-
-
-def client_key(address: str, ipv6_prefix: int = 64) -> str:
-    """One key per client: an IPv6 client commonly holds a whole /64, so its addresses share
-    the key of their ``ipv6_prefix``; an IPv4-mapped address is its IPv4 address."""
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(parsed, ipaddress.IPv4Address):
-        return str(parsed)
-    if parsed.ipv4_mapped is not None:
-        return str(parsed.ipv4_mapped)
-    bits = int(parsed) >> (128 - ipv6_prefix) << (128 - ipv6_prefix)
-    return f"{ipaddress.IPv6Address(bits)}/{ipv6_prefix}"
 
 
 class Throttled:

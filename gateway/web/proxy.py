@@ -20,9 +20,9 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway.service import client_key
 from gateway.web import GatewayFactory
 from gateway.web.aiohttp import TOKEN, setup_l402
-from gateway.web.connections import client_key
 from gateway.web.cookies import without_l402_cookie
 from gateway.web.responses import client_address, token_header_value
 

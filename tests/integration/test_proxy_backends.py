@@ -61,8 +61,7 @@ def _dechunk(body: bytes) -> bytes:
 @pytest_asyncio.fixture
 async def node_backend() -> AsyncIterator[str]:
     node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed")
+    assert node is not None, "node is required to run the tests (README: Requirements)"
     process = await asyncio.create_subprocess_exec(
         node, str(LENIENT_JS), stdout=asyncio.subprocess.PIPE
     )

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from gateway.web.connections import ACCEPT_HEADROOM, ServerLimits, client_key
+from gateway.service import client_key
+from gateway.web.connections import ACCEPT_HEADROOM, ServerLimits
 from gateway.web.server import RESERVED_FILES, connection_limit, listening
 from regtest.processes import free_ports, wait_for_http
 
