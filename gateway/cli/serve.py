@@ -102,11 +102,18 @@ def _check_listen(listen: str, host: str, port: int) -> None:
 
 
 def _serve_worker(
-    config: Config, host: str, port: int, *, watch: bool, log_level: int | None
+    config: Config,
+    host: str,
+    port: int,
+    *,
+    watch: bool,
+    log_level: int | None,
+    supervisor: int = 0,
 ) -> None:
-    """One proxy process; ``log_level`` is set when it is a spawned worker."""
+    """One proxy process; ``log_level`` is set, and ``supervisor`` is the supervisor's pid,
+    when it is a spawned worker."""
     if log_level is not None:
-        _die_with_parent()
+        die_with_parent(supervisor)
         logging.basicConfig(level=log_level, format=WORKER_LOG_FORMAT)
     logging.getLogger("aiohttp.server").addFilter(MalformedRequestLog())
     server = config.server
@@ -157,12 +164,15 @@ def _serve_worker(
         raise SystemExit(2) from None
 
 
-def _die_with_parent() -> None:
-    """A worker whose supervisor is killed must not go on holding the port."""
-    parent = os.getppid()
+def die_with_parent(supervisor: int) -> None:
+    """A worker whose supervisor is killed must not go on holding the port.
+
+    The supervisor may already be gone by now (killed while this worker was importing):
+    then this process has another parent, and nothing would ever send it the signal.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before the line above
+    if os.getppid() != supervisor:
         raise SystemExit(0)
 
 
@@ -175,7 +185,7 @@ def _serve_workers(config: Config, host: str, port: int) -> int:
         context.Process(
             target=_serve_worker,
             args=(config, host, port),
-            kwargs={"watch": index == 0, "log_level": level},
+            kwargs={"watch": index == 0, "log_level": level, "supervisor": os.getpid()},
             name=f"l402-gateway-worker-{index}",
         )
         for index in range(config.server.workers)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from gateway.cli import main
+from gateway.cli.serve import die_with_parent
 from tests.config_files import placeholder_lnd, write_config
 
 
@@ -52,3 +56,34 @@ def test_serve_says_in_one_line_that_the_port_is_taken(
         f"l402-gateway: configuration error: [server] listen 127.0.0.1:{port}: "
         "Address already in use"
     ]
+
+
+# A supervisor that starts a worker and exits before the worker reaches die_with_parent
+# (it was still importing): the orphan must stop, not serve on.
+_ORPHANED_WORKER = """
+import os, subprocess, sys
+subprocess.Popen([sys.executable, "-c", '''
+import sys, time
+from gateway.cli.serve import die_with_parent
+time.sleep(0.5)  # the supervisor exits meanwhile
+die_with_parent(int(sys.argv[1]))
+print("serving", flush=True)
+''', str(os.getpid())], stdout=sys.stdout)
+print("supervisor gone", flush=True)
+"""
+
+
+def test_a_worker_whose_supervisor_died_before_it_started_stops() -> None:
+    # The worker shares the pipe: run() returns once the worker has exited too.
+    output = subprocess.run(  # noqa: S603 - our own interpreter and script
+        [sys.executable, "-c", _ORPHANED_WORKER],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert output == "supervisor gone\n"
+
+
+def test_a_worker_under_its_supervisor_goes_on() -> None:
+    die_with_parent(os.getppid())  # returns: the parent is alive and is the supervisor
