@@ -18,6 +18,8 @@ BENCHMARKS = (
     "settlement_visibility",
     "memory_growth",
     "before_after",
+    "credit_route",
+    "credit_store",
 )
 
 

@@ -11,7 +11,12 @@ milliseconds of the expiry). Each pass of the ``InvoiceSweeper``:
    invoices), as EXPIRED, a state of ours that a later SETTLED or CANCELED still replaces;
 2. when ``retention`` is positive, deletes CANCELED and EXPIRED invoices whose expiry is
    more than ``retention`` seconds ago, with their tokens' root keys, in batches of
-   ``batch``, at most ``max_batches`` per pass. Settled invoices are never deleted.
+   ``batch``, at most ``max_batches`` per pass. Settled invoices are never deleted;
+3. gives credit held for requests back to its accounts once the hold expired (the request
+   outlasted it, or the process serving it died before charging it), in the same batches;
+4. when ``usage_retention`` is positive, deletes the credit accounts' charges (their usage
+   history) made more than ``usage_retention`` seconds ago, in the same batches. Balances
+   are not touched: the accounts' totals hold the money, a charge is only its record.
 
 A pass that reached one of those bounds is followed by the next one after ``busy_pause``
 rather than ``interval``, so a backlog drains at a bounded pace: on regtest a full pass (500
@@ -49,6 +54,8 @@ class SweepResult:
     expired: int = 0  # recorded EXPIRED (the node still said OPEN, or did not know it)
     updated: int = 0  # recorded as the node reported it (CANCELED, SETTLED, ACCEPTED)
     pruned: int = 0  # invoices deleted with their root keys
+    released: int = 0  # expired credit reservations given back to their accounts
+    charges_pruned: int = 0  # credit charges (usage history) deleted past usage_retention
     busy: bool = False  # a bound was reached: more work is waiting
 
 
@@ -62,6 +69,7 @@ class InvoiceSweeper:
         clock: Clock,
         *,
         retention: float,
+        usage_retention: float = 0.0,
         interval: float = 60.0,
         grace: float = EXPIRY_GRACE,
         max_lookups: int = 500,
@@ -72,14 +80,15 @@ class InvoiceSweeper:
     ) -> None:
         if interval <= 0 or busy_pause <= 0:
             raise ValueError("interval and busy_pause must be positive")
-        if retention < 0 or grace < 0:
-            raise ValueError("retention and grace must be >= 0")
+        if retention < 0 or usage_retention < 0 or grace < 0:
+            raise ValueError("retention, usage_retention and grace must be >= 0")
         if max_lookups < 1 or batch < 1 or max_batches < 1:
             raise ValueError("max_lookups, batch and max_batches must be at least 1")
         self._backend = backend
         self._store = store
         self._clock = clock
         self._retention = retention
+        self._usage_retention = usage_retention
         self._interval = interval
         self._grace = grace
         self._max_lookups = max_lookups
@@ -135,12 +144,45 @@ class InvoiceSweeper:
                     break
             else:
                 busy = True
-        result = SweepResult(len(overdue), expired, updated, pruned, busy)
-        if expired or updated or pruned:
+        released = 0
+        for _ in range(self._max_batches):
+            count = await self._store.release_expired_reservations(now, self._batch)
+            released += count
+            if count < self._batch:
+                break
+        else:
+            busy = True
+        charges_pruned = 0
+        if self._usage_retention > 0:
+            for _ in range(self._max_batches):
+                count = await self._store.prune_charges(now - self._usage_retention, self._batch)
+                charges_pruned += count
+                if count < self._batch:
+                    break
+            else:
+                busy = True
+        result = SweepResult(
+            looked_up=len(overdue),
+            expired=expired,
+            updated=updated,
+            pruned=pruned,
+            released=released,
+            charges_pruned=charges_pruned,
+            busy=busy,
+        )
+        if expired or updated or pruned or charges_pruned:
             log.info(
-                "invoice sweep: %d expired, %d updated from the node, %d pruned",
+                "invoice sweep: %d expired, %d updated from the node, %d pruned, "
+                "%d credit charges pruned",
                 expired,
                 updated,
                 pruned,
+                charges_pruned,
+            )
+        if released:
+            log.warning(
+                "released %d expired credit reservations uncharged (requests that outlasted "
+                "[credit] reservation_seconds, or whose process stopped)",
+                released,
             )
         return result

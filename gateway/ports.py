@@ -191,6 +191,9 @@ class InvoiceRecord:
     settle_index: int = 0
     amount_paid_msat: Msat = Msat(0)
     settled_at: float | None = None
+    # Credit bought for the account of ``token_id``: settling it credits the account (in the
+    # same write as the state, once per payment hash: SETTLED is final).
+    buys_credit: bool = False
 
     def updated(self, update: InvoiceUpdate) -> InvoiceRecord:
         """This record after ``update``; itself when its state may not become the update's.
@@ -238,6 +241,92 @@ class Cursor:
     settle_index: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Account:
+    """A credit balance, keyed by the token id of the L402 tokens that draw on it (the first
+    token and the top-ups minted for it share the id)."""
+
+    token_id: bytes
+    service: str
+    credited_msat: Msat  # settled purchases and top-ups
+    spent_msat: Msat  # charged for requests
+    reserved_msat: Msat  # held by requests under way
+    withdrawn_msat: Msat  # paid out (amount and fee), and held by withdrawals under way
+    created_at: float
+    last_used_at: float | None = None
+
+    @property
+    def balance_msat(self) -> Msat:
+        """What the holder may still spend or withdraw."""
+        return Msat(self.credited_msat - self.spent_msat - self.reserved_msat - self.withdrawn_msat)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Credit held for one request under way; charged or released when it ends, or released
+    by the sweeper once ``expires_at`` passes (the process serving it died)."""
+
+    reservation_id: int
+    token_id: bytes
+    amount_msat: Msat
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    """What ``reserve`` did: ``reservation`` None when the balance did not cover the amount
+    (or there is no account); ``balance_msat`` is the balance after it, in either case."""
+
+    reservation: Reservation | None
+    balance_msat: Msat
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """One request's charge to an account (its usage history)."""
+
+    token_id: bytes
+    at: float
+    method: str
+    path: str
+    amount_msat: Msat
+
+
+class WithdrawalState(enum.Enum):
+    PENDING = "PENDING"  # the debit is committed; the payment may or may not be under way
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"  # definitely not paid: amount and fee reserve went back to the balance
+
+
+@dataclass(frozen=True, slots=True)
+class Withdrawal:
+    """A balance paid out to an invoice of the holder's."""
+
+    payment_hash: PaymentHash
+    token_id: bytes
+    payment_request: str
+    amount_msat: Msat
+    fee_reserve_msat: Msat  # debited with the amount; what the fee did not use goes back
+    state: WithdrawalState
+    created_at: float
+    fee_msat: Msat = Msat(0)  # the routing fee paid, once SUCCEEDED
+    resolved_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreditTotals:
+    """Every account together. They reconcile:
+    ``received = consumed + withdrawn + pending_withdrawals + reserved + outstanding``."""
+
+    accounts: int
+    received_msat: Msat  # credited by settled purchases and top-ups
+    consumed_msat: Msat  # charged for requests
+    withdrawn_msat: Msat  # paid out, fees included
+    pending_withdrawals_msat: Msat  # debited for withdrawals not yet resolved
+    reserved_msat: Msat  # held by requests under way
+    outstanding_msat: Msat  # the balances: what the operator owes the holders
+
+
 class StoreOperations(Protocol):
     """The store's reads and writes. Called on the ``Store``, each is atomic on its own;
     called on a transaction (``Store.transaction()``), they commit or roll back together.
@@ -282,7 +371,9 @@ class StoreOperations(Protocol):
 
     async def prune_unpaid(self, expired_before: float, limit: int) -> int:
         """Delete at most ``limit`` CANCELED or EXPIRED invoices whose ``expires_at`` is before
-        ``expired_before``, with their tokens' root keys; returns how many invoices went.
+        ``expired_before``, each with its own root key (the one under its identifier's key
+        id), and a token's remaining root keys once its last invoice is gone; returns how many
+        invoices went.
 
         A settled invoice and its root key are never deleted; running it again is harmless.
         """
@@ -292,9 +383,75 @@ class StoreOperations(Protocol):
     async def save_cursor(self, cursor: Cursor) -> None:
         """Advance the cursor; each index only ever grows."""
 
+    # Credit accounts (``billing = "credit"`` routes). Amounts never go negative: a debit
+    # the balance does not cover is refused as a whole, atomically, across processes.
+
+    async def open_account(self, token_id: bytes, service: str) -> None:
+        """Create the account of ``token_id`` with nothing in it; an existing one is kept."""
+
+    async def get_account(self, token_id: bytes) -> Account | None: ...
+
+    async def reserve(self, token_id: bytes, amount_msat: Msat, expires_at: float) -> Reserved:
+        """Hold ``amount_msat`` of the balance for one request, if the balance covers it.
+
+        A caller cancelled while it waits leaves no hold behind (one already written is
+        released)."""
+
+    async def settle_reservation(
+        self, reservation_id: int, charged_msat: Msat, method: str, path: str
+    ) -> Msat | None:
+        """End a reservation: charge ``charged_msat`` (at most the amount reserved; 0 releases
+        it all) and record the charge, if not 0, in the account's usage; returns the balance
+        after. None when the reservation is gone (released by the sweeper): nothing changes.
+        Written even when the caller is cancelled while it waits (its client left after being
+        served).
+        """
+
+    async def release_expired_reservations(self, now: float, limit: int) -> int:
+        """Release at most ``limit`` reservations whose ``expires_at`` is before ``now``;
+        returns how many."""
+
+    async def list_charges(self, token_id: bytes, limit: int) -> list[Charge]:
+        """The account's most recent charges, newest first."""
+
+    async def prune_charges(self, charged_before: float, limit: int) -> int:
+        """Delete at most ``limit`` charges older than ``charged_before`` (their ``at`` is
+        before it), the oldest first; returns how many.
+
+        Balances are not affected: a charge row is history, the account's totals hold the
+        money. Running it again is harmless.
+        """
+
+    async def list_accounts(self, limit: int | None = None) -> list[Account]:
+        """Most recently used (or created) first."""
+
+    async def credit_totals(self) -> CreditTotals: ...
+
+    async def begin_withdrawal(self, withdrawal: Withdrawal) -> Msat | None:
+        """Debit the amount and fee reserve of a PENDING ``withdrawal`` and record it, in one
+        write; returns the balance after. None when the balance does not cover both (or there
+        is no account): nothing is written. A payment hash already recorded raises
+        ``StoreError``."""
+
+    async def finish_withdrawal(
+        self, payment_hash: PaymentHash, state: WithdrawalState, fee_msat: Msat, now: float
+    ) -> Withdrawal | None:
+        """Resolve a PENDING withdrawal: SUCCEEDED keeps the amount and ``fee_msat`` debited
+        and returns the rest of the fee reserve; FAILED returns amount and reserve. Once only:
+        a resolved one is returned unchanged. None when the hash is unknown."""
+
+    async def list_withdrawals(
+        self,
+        state: WithdrawalState | None = None,
+        token_id: bytes | None = None,
+        limit: int | None = None,
+    ) -> list[Withdrawal]:
+        """Newest first, optionally only those in ``state`` or of ``token_id``."""
+
 
 class Store(StoreOperations, Protocol):
-    """Durable state: token root keys, issued invoices and the watcher's cursor."""
+    """Durable state: token root keys, issued invoices, the watcher's cursor, credit
+    accounts with their reservations, charges and withdrawals."""
 
     def transaction(self) -> AbstractAsyncContextManager[StoreOperations]:
         """A unit of work: ``async with store.transaction() as tx:``, then ``tx``'s reads and

@@ -85,6 +85,29 @@ PriceFunction = Callable[[PriceRequest], Awaitable[int]]
 
 
 @dataclass(frozen=True, slots=True)
+class CreditTerms:
+    """A route billed from a prepaid balance: each request is charged its price (or, when
+    ``metered``, the cost the backend reports, at most the price) from the token's account.
+
+    A challenge's invoice buys ``amount_msat`` of credit, or what the client asks for within
+    ``min_msat`` to ``max_msat``.
+    """
+
+    amount_msat: Msat
+    min_msat: Msat
+    max_msat: Msat
+    metered: bool = False
+    charge_failures: bool = False  # a 5xx or an unreachable backend is charged too
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_msat <= self.amount_msat <= self.max_msat <= MAX_PRICE_MSAT:
+            raise ValueError(
+                f"credit amounts must satisfy 0 < min ({self.min_msat}) <= amount "
+                f"({self.amount_msat}) <= max ({self.max_msat}) <= {MAX_PRICE_MSAT}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     """A priced (or explicitly free) set of routes.
 
@@ -102,6 +125,7 @@ class Rule:
     # What the paywall page says the payment buys.
     title: str = ""
     description: str = ""
+    credit: CreditTerms | None = None  # None: a token is bought per price and lifetime
     _compiled: re.Pattern[str] = field(init=False, repr=False, compare=False)
     _folded: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
@@ -118,6 +142,8 @@ class Rule:
             raise ValueError(f"route {self.pattern!r}: pattern must start with '/'")
         if self.tier < 0:
             raise ValueError(f"route {self.pattern!r}: tier must not be negative")
+        if self.credit is not None and self.free:
+            raise ValueError(f"route {self.pattern!r}: a credit route needs a price")
         for capability in self.capabilities:
             if not _CAPABILITY_RE.fullmatch(capability) or not capability.isprintable():
                 raise ValueError(

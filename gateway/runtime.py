@@ -3,7 +3,9 @@
 ``running_gateway(config)`` is what an application mounts (``setup_l402``, the ASGI
 middleware, ``build_proxy``) and what ``l402-gateway serve`` runs: it opens the store and the
 LND connection, builds the ``L402Service`` and runs the settlement watcher and the invoice
-sweeper beside it, each supervised (logged and restarted with backoff when it fails).
+sweeper beside it, each supervised (logged and restarted with backoff when it fails). With
+``[credit] withdrawals`` it also opens a second LND connection with the payment macaroon
+(``payer_settings``) for the ``Withdrawer``, whose resolver runs beside the watcher.
 ``running_runtime(config)`` yields the same with the invoice events and the tasks' health,
 for features that react to settlements. ``build_pricing`` and ``lnd_settings`` turn their
 config sections into the objects the service and the LND client take, raising
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway import errors
+from gateway.client import bolt11
 from gateway.config import Config, RouteConfig
 from gateway.events import InvoiceEvents
 from gateway.expiry import InvoiceSweeper
@@ -35,8 +38,17 @@ from gateway.fiat import FiatRate
 from gateway.lnd.client import LndClient
 from gateway.lnd.connection import LndSettings
 from gateway.ports import Clock, Msat, Store, SystemClock
-from gateway.pricing import PathCase, PriceFunction, Pricing, Rule, TrailingSlash, Unmatched
+from gateway.pricing import (
+    CreditTerms,
+    PathCase,
+    PriceFunction,
+    Pricing,
+    Rule,
+    TrailingSlash,
+    Unmatched,
+)
 from gateway.service import L402Service, RateLimiter
+from gateway.service.withdraw import Withdrawer
 from gateway.store import open_store
 from gateway.supervisor import Supervisor, TaskHealth
 from gateway.watcher import InvoiceWatcher
@@ -45,6 +57,7 @@ __all__ = [
     "Runtime",
     "build_pricing",
     "lnd_settings",
+    "payer_settings",
     "route_table",
     "running_gateway",
     "running_runtime",
@@ -111,6 +124,7 @@ def build_pricing(config: Config) -> Pricing:
                     capabilities=frozenset(route.capabilities),
                     title=route.title,
                     description=route.description,
+                    credit=_credit_terms(route),
                 )
             )
         except ValueError as error:
@@ -120,6 +134,19 @@ def build_pricing(config: Config) -> Pricing:
         case=PathCase(config.paths.case),
         trailing_slash=TrailingSlash(config.paths.trailing_slash),
         unmatched=Unmatched(config.paths.unmatched),
+    )
+
+
+def _credit_terms(route: RouteConfig) -> CreditTerms | None:
+    if route.billing != "credit":
+        return None
+    amount, least, most = route.credit_amounts()
+    return CreditTerms(
+        amount_msat=Msat(amount),
+        min_msat=Msat(least),
+        max_msat=Msat(most),
+        metered=route.metered,
+        charge_failures=route.charge_failures,
     )
 
 
@@ -141,6 +168,13 @@ def route_table(config: Config) -> list[str]:
             cost = f"{route.price_msat} msat"
         else:
             cost = f"priced by {route.price_function}"
+        if route.billing == "credit":
+            amount, least, most = route.credit_amounts()
+            cost += (
+                f" a request{' at most (metered)' if route.metered else ''}, from prepaid "
+                f"credit ({amount} msat a purchase, {least} to {most} on request"
+                f"{', failures charged' if route.charge_failures else ''})"
+            )
         if not route.free:
             cost += f", service {route.service}, token valid {_lifetime(route.lifetime)}"
         lines.append(f"{route.pattern} ({methods}): {cost}")
@@ -172,6 +206,53 @@ def lnd_settings(config: Config) -> LndSettings:
         raise errors.ConfigError(f"[lnd] {error}") from None
 
 
+def payer_settings(config: Config) -> LndSettings | None:
+    """The paying LND connection when ``[credit] withdrawals`` is on: ``[lnd]``'s node and
+    certificate, ``[credit] payment_macaroon``; ``ConfigError`` if its files cannot be read."""
+    credit = config.credit
+    if not credit.withdrawals:
+        return None
+    lnd = config.lnd
+    if lnd.tls_cert is None or credit.payment_macaroon is None:
+        raise errors.ConfigError("[credit] withdrawals need [lnd] tls_cert and payment_macaroon")
+    try:
+        return LndSettings.from_files(
+            lnd.host, lnd.tls_cert, macaroon_path=credit.payment_macaroon, timeout=lnd.timeout
+        )
+    except OSError as error:
+        raise errors.ConfigError(
+            f"[credit] cannot read {error.filename}: {error.strerror}"
+        ) from None
+    except ValueError as error:
+        raise errors.ConfigError(f"[credit] payment_macaroon: {error}") from None
+
+
+@contextlib.asynccontextmanager
+async def _running_withdrawer(
+    config: Config, settings: LndSettings | None, store: Store, clock: Clock
+) -> AsyncIterator[Withdrawer | None]:
+    """The ``Withdrawer`` over its own LND connection (None without withdrawals); on exit
+    it stops waiting for payments under way (the resolver finishes them)."""
+    if settings is None:
+        yield None
+        return
+    credit = config.credit
+    async with LndClient(settings) as payer:
+        withdrawer = Withdrawer(
+            store=store,
+            payer=payer,
+            decode=bolt11.decode,
+            clock=clock,
+            fee_min_msat=credit.withdrawal_fee_min_msat,
+            fee_ppm=credit.withdrawal_fee_ppm,
+            wait_seconds=credit.withdrawal_wait_seconds,
+        )
+        try:
+            yield withdrawer
+        finally:
+            await withdrawer.close()
+
+
 @dataclass(frozen=True, slots=True)
 class Runtime:
     """A running gateway: the service apps mount, the invoice events its watcher and sweeper
@@ -194,10 +275,15 @@ async def running_runtime(
     # Every process logs it; where several share the store, only the watching one at INFO.
     for line in route_table(config):
         log.log(logging.INFO if watch else logging.DEBUG, "route %s", line)
-    settings = lnd_settings(config)  # both fail on a bad config before the store is opened
+    settings = lnd_settings(config)  # these fail on a bad config before the store is opened
+    paying = payer_settings(config)
     store = await open_store(config.store.url)
     try:
-        async with LndClient(settings) as lnd, Supervisor(clock) as supervisor:
+        async with (
+            LndClient(settings) as lnd,
+            _running_withdrawer(config, paying, store, clock) as withdrawer,
+            Supervisor(clock) as supervisor,
+        ):
             events = InvoiceEvents()
             if watch:
                 watcher = InvoiceWatcher(lnd, store, events=events)
@@ -207,14 +293,17 @@ async def running_runtime(
                     store,
                     clock,
                     retention=config.store.unpaid_retention,
+                    usage_retention=config.credit.usage_retention,
                     interval=config.store.sweep_interval,
                     events=events,
                 )
                 supervisor.start("l402-invoice-sweeper", sweeper.run)
+                if withdrawer is not None:
+                    supervisor.start("l402-withdrawal-resolver", withdrawer.run)
             fiat = _fiat_rate(config, clock)
             if fiat is not None and config.paywall.fiat_rate_url:
                 supervisor.start("l402-fiat-rate", fiat.run)
-            service = _service(config, pricing, lnd, store, clock, fiat)
+            service = _service(config, pricing, lnd, store, clock, fiat, withdrawer)
             yield Runtime(service, events, supervisor.health)
     finally:
         await store.close()
@@ -251,6 +340,7 @@ def _service(
     store: Store,
     clock: Clock,
     fiat: FiatRate | None = None,
+    withdrawer: Withdrawer | None = None,
 ) -> L402Service:
     limits = config.rate_limit
     return L402Service(
@@ -280,4 +370,6 @@ def _service(
             limits.ipv6_prefix,
         ),
         redeem_lookups_per_second=limits.redeem_lookups_per_second,
+        reservation_seconds=config.credit.reservation_seconds,
+        withdrawer=withdrawer,
     )

@@ -4,6 +4,7 @@ tests run the same paths against real LND nodes."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -12,12 +13,16 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from gateway import errors
+from gateway.client import bolt11
 from gateway.ports import (
     Invoice,
     InvoiceState,
     Msat,
     NewInvoice,
+    NodeInfo,
+    Payment,
     PaymentHash,
+    PaymentStatus,
     Preimage,
 )
 from gateway.pricing import Pricing, Rule
@@ -299,3 +304,91 @@ class FakeGateway:
         """Pay a 402's problem+json body; the ``Authorization`` value for the retry."""
         preimage = self.backend.pay(bytes.fromhex(challenge["payment_hash"]))
         return f"L402 {challenge['macaroon']}:{preimage.hex()}"
+
+
+class FakePayer:
+    """The gateway's node paying invoices (withdrawals), as routerrpc does: ``send_payment``
+    pays a BOLT11 invoice, ``lookup_payment`` reports a payment as TrackPaymentV2 does.
+
+    As LND, it refuses a second payment of a hash that is in flight or succeeded
+    (``InvoiceAlreadyExists``) and lets a failed one be tried again. The test steers what
+    comes next: ``fail_with`` (a failure reason: payments end FAILED), ``refuse`` (raised
+    before a payment starts), ``hold`` (payments stay IN_FLIGHT until it is set),
+    ``drop_connection`` (the call fails with ``BackendUnavailable`` after the payment went
+    through, like a stream lost at the wrong moment), ``unavailable`` (every call fails).
+    ``paid`` counts the successful payments of each hash.
+    """
+
+    def __init__(
+        self, *, network: str = "regtest", pubkey: str = NODE_PUBKEY, fee_msat: int = 0
+    ) -> None:
+        self.network = network
+        self.pubkey = pubkey
+        self.fee_msat = Msat(fee_msat)
+        self.payments: dict[bytes, Payment] = {}
+        self.paid: collections.Counter[bytes] = collections.Counter()
+        self.fee_limits: list[int] = []  # max_fee_msat of every send
+        self.fail_with: str | None = None
+        self.refuse: errors.BackendError | None = None
+        self.hold: asyncio.Event | None = None
+        self.drop_connection = False
+        self.unavailable = False
+
+    def _check(self) -> None:
+        if self.unavailable:
+            raise errors.BackendUnavailable("fake payer is down")
+
+    async def get_info(self) -> NodeInfo:
+        self._check()
+        return NodeInfo(
+            pubkey=self.pubkey,
+            alias="fake",
+            network=self.network,
+            block_height=1000,
+            synced_to_chain=True,
+            num_active_channels=1,
+            version="fake",
+        )
+
+    async def send_payment(
+        self, payment_request: str, *, max_fee_msat: Msat, payment_timeout: float
+    ) -> Payment:
+        self._check()
+        if self.refuse is not None:
+            raise self.refuse
+        invoice = bolt11.decode(payment_request)
+        payment_hash = PaymentHash(invoice.payment_hash)
+        earlier = self.payments.get(payment_hash)
+        if earlier is not None and earlier.status is not PaymentStatus.FAILED:
+            raise errors.InvoiceAlreadyExists("payment is in transition or already paid")
+        self.fee_limits.append(max_fee_msat)
+        in_flight = Payment(
+            payment_hash=payment_hash,
+            status=PaymentStatus.IN_FLIGHT,
+            amount_msat=Msat(invoice.amount_msat or 0),
+            fee_msat=Msat(0),
+            route=(),
+        )
+        self.payments[payment_hash] = in_flight
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.fail_with is not None:
+            self.payments[payment_hash] = dataclasses.replace(
+                in_flight, status=PaymentStatus.FAILED
+            )
+            raise errors.PaymentFailed(self.fail_with, payment_hash)
+        self.paid[payment_hash] += 1
+        payment = dataclasses.replace(
+            in_flight,
+            status=PaymentStatus.SUCCEEDED,
+            fee_msat=self.fee_msat,
+            route=(invoice.payee.hex(),),
+        )
+        self.payments[payment_hash] = payment
+        if self.drop_connection:
+            raise errors.BackendUnavailable("fake payment stream lost")
+        return payment
+
+    async def lookup_payment(self, payment_hash: PaymentHash) -> Payment | None:
+        self._check()
+        return self.payments.get(payment_hash)

@@ -5,16 +5,19 @@ Commands::
     l402-gateway --config gateway.toml serve          reverse proxy in front of [server] upstream
     l402-gateway --config gateway.toml check          config, LND, upstream; what paths cost
     l402-gateway --config gateway.toml invoices       tracked invoices (table, --json, --csv)
+    l402-gateway --config gateway.toml accounts       credit accounts and totals (--json)
     l402-gateway --config ... token revoke TOKEN_ID   revoke one token
     l402-gateway --config ... backup FILE             consistent copy of the SQLite store
     l402-gateway pay URL [-X M] [-H 'N: v'] [-d D]   fetch URL, paying its L402 challenge
+    l402-gateway credit balance URL                  the credit of the token cached for URL
+    l402-gateway credit withdraw URL [--amount-msat N]   ... paid out to the payer's node
     l402-gateway sample-config                       the commented sample configuration
     l402-gateway --version
 
 ``--config`` and ``-v`` may also follow the command; given in both places, the later wins.
 
 Exit codes: 0 success, 1 nothing matched (e.g. unknown token), 2 bad usage or configuration,
-3 a backend (store, LND) failed; ``pay`` has its own (``gateway.cli.pay``). The commands get
+3 a backend (store, LND) failed; ``pay`` and ``credit`` have their own. The commands get
 their running objects from ``gateway.runtime``, which is what applications import.
 """
 
@@ -34,12 +37,13 @@ from typing import Any
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from gateway import errors
-from gateway.cli import admin, backup, check, pay, serve
+from gateway.cli import admin, backup, check, credit, pay, serve
 from gateway.cli.formats import LOG_FORMAT
 from gateway.config import load_config
 
 __all__ = ["main"]
 _LND_COMMANDS = frozenset({"serve", "check"})
+_CLIENT_COMMANDS = frozenset({"pay", "credit"})  # they read no gateway configuration
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     admin.add_parsers(commands)
     backup.add_parser(commands)
     pay.add_parser(commands)
+    credit.add_parser(commands)
     _options_after_the_command(commands)
     return parser
 
@@ -64,13 +69,16 @@ def _version() -> str:
         return "unknown"
 
 
-def _options_after_the_command(commands: argparse._SubParsersAction[Any]) -> None:
+def _options_after_the_command(
+    commands: argparse._SubParsersAction[Any], client: bool = False
+) -> None:
     """``--config`` and ``-v`` are also accepted after the command (``invoices --config c``),
     at every level; given in both places, the one after the command wins."""
     for name, command in commands.choices.items():
         known = command._option_string_actions
         # SUPPRESS: given only before the command, the value from there is kept.
-        if name != "pay" and "--config" not in known:  # pay reads no gateway configuration
+        reads_config = not client and name not in _CLIENT_COMMANDS
+        if reads_config and "--config" not in known:
             command.add_argument(
                 "--config",
                 default=argparse.SUPPRESS,
@@ -86,7 +94,7 @@ def _options_after_the_command(commands: argparse._SubParsersAction[Any]) -> Non
             )
         for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
-                _options_after_the_command(action)
+                _options_after_the_command(action, client=not reads_config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "pay":
         return pay.run(args)  # a client: reads no gateway configuration
+    if args.command == "credit":
+        return credit.run(args)
     if args.command == "sample-config":
         return admin.sample_config()
     logging.basicConfig(
@@ -109,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check.run(config, args.config)
         if args.command == "invoices":
             return asyncio.run(admin.invoices(config, admin.Query.from_args(args)))
+        if args.command == "accounts":
+            return asyncio.run(admin.accounts(config, args.limit, args.json))
         if args.command == "backup":
             return backup.run(config, args.file)
         return asyncio.run(admin.revoke(config, args.token_id))

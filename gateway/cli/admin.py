@@ -1,5 +1,6 @@
 """The admin commands: ``invoices`` (a table with summaries, ``--json`` or ``--csv``),
-``token revoke TOKEN_ID`` and ``sample-config``."""
+``accounts`` (credit accounts and their totals, ``--json``), ``token revoke TOKEN_ID`` and
+``sample-config``."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from importlib import resources
 from typing import Any
 
 from gateway import errors
-from gateway.cli.formats import utc_time
+from gateway.cli.formats import columns, utc_time
 from gateway.config import Config
-from gateway.ports import InvoiceRecord, InvoiceState
+from gateway.ports import Account, CreditTotals, InvoiceRecord, InvoiceState
 from gateway.store import open_store
 from gateway.text import printable
 
@@ -25,7 +26,8 @@ SAMPLE_CONFIG = "gateway.sample.toml"  # package data beside gateway/__init__.py
 
 
 def add_parsers(commands: Any) -> None:
-    """``invoices``, ``token revoke`` and ``sample-config`` on the ``commands`` subparsers."""
+    """``invoices``, ``accounts``, ``token revoke`` and ``sample-config`` on the ``commands``
+    subparsers."""
     listing = commands.add_parser(
         "invoices",
         help="list tracked invoices",
@@ -43,6 +45,15 @@ def add_parsers(commands: Any) -> None:
     output = listing.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="machine-readable output")
     output.add_argument("--csv", action="store_true", help="CSV with a header row")
+    accounts_parser = commands.add_parser(
+        "accounts",
+        help="list credit accounts and what the operator owes",
+        description="Credit accounts (prepaid balances of credit routes), most recently used "
+        "first, and the totals over all of them: received = consumed + withdrawn + pending "
+        "withdrawals + reserved + outstanding (what the operator owes the holders).",
+    )
+    accounts_parser.add_argument("--limit", type=int, help="at most N accounts (the latest)")
+    accounts_parser.add_argument("--json", action="store_true", help="machine-readable output")
     token = commands.add_parser("token", help="manage tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     revoke_token = token_commands.add_parser("revoke", help="revoke a token by its id (hex)")
@@ -154,14 +165,6 @@ def _record_json(record: InvoiceRecord, now: float) -> dict[str, Any]:
     }
 
 
-def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
-
-
 def _table(records: Sequence[InvoiceRecord], now: float) -> str:
     rows = [("CREATED (UTC)", "STATE", "AMOUNT msat", "PAID msat", "SERVICE", "REQUEST", "HASH")]
     rows += [
@@ -177,7 +180,7 @@ def _table(records: Sequence[InvoiceRecord], now: float) -> str:
         )
         for r in records
     ]
-    lines = _columns(rows)
+    lines = columns(rows)
     states = [shown_state(r, now) for r in records]
     counts = ", ".join(f"{states.count(s)} {s.value.lower()}" for s in InvoiceState)
     lines.append(f"\n{len(records)} invoices: {counts}; {_received(records)} msat received")
@@ -209,7 +212,7 @@ def _summary(
         )
         for name in order
     ]
-    return _columns(rows)
+    return columns(rows)
 
 
 def _csv(records: Sequence[InvoiceRecord], now: float) -> str:
@@ -256,6 +259,123 @@ async def invoices(config: Config, query: Query) -> int:
         sys.stdout.write(_csv(chosen, now))
     else:
         print(_table(chosen, now))
+    return 0
+
+
+def _account_json(account: Account) -> dict[str, Any]:
+    return {
+        "token_id": account.token_id.hex(),
+        "service": account.service,
+        "credited_msat": account.credited_msat,
+        "spent_msat": account.spent_msat,
+        "reserved_msat": account.reserved_msat,
+        "withdrawn_msat": account.withdrawn_msat,
+        "balance_msat": account.balance_msat,
+        "created_at": account.created_at,
+        "last_used_at": account.last_used_at,
+    }
+
+
+def _totals_json(totals: CreditTotals) -> dict[str, Any]:
+    return {
+        "accounts": totals.accounts,
+        "received_msat": totals.received_msat,
+        "consumed_msat": totals.consumed_msat,
+        "withdrawn_msat": totals.withdrawn_msat,
+        "pending_withdrawals_msat": totals.pending_withdrawals_msat,
+        "reserved_msat": totals.reserved_msat,
+        "outstanding_msat": totals.outstanding_msat,
+        "reconciles": _unaccounted(totals) == 0,
+    }
+
+
+def _unaccounted(totals: CreditTotals) -> int:
+    """What ``received`` holds beyond its parts; anything but 0 is a bookkeeping error."""
+    return totals.received_msat - (
+        totals.consumed_msat
+        + totals.withdrawn_msat
+        + totals.pending_withdrawals_msat
+        + totals.reserved_msat
+        + totals.outstanding_msat
+    )
+
+
+def _accounts_table(listed: Sequence[Account], totals: CreditTotals) -> str:
+    rows = [
+        (
+            "TOKEN",
+            "SERVICE",
+            "CREDITED",
+            "SPENT",
+            "RESERVED",
+            "WITHDRAWN",
+            "BALANCE msat",
+            "LAST USE (UTC)",
+        )
+    ]
+    rows += [
+        (
+            a.token_id.hex()[:16],
+            printable(a.service),
+            str(a.credited_msat),
+            str(a.spent_msat),
+            str(a.reserved_msat),
+            str(a.withdrawn_msat),
+            str(a.balance_msat),
+            utc_time(a.last_used_at),
+        )
+        for a in listed
+    ]
+    counted = f"{totals.accounts} accounts"
+    if len(listed) < totals.accounts:
+        counted = f"{len(listed)} of {counted} shown"
+    lines = [*columns(rows), "", f"{counted}; totals over all, in msat:"]
+    lines += columns(
+        [
+            ("  received", str(totals.received_msat)),
+            ("  consumed", str(totals.consumed_msat)),
+            ("  withdrawn", str(totals.withdrawn_msat)),
+            ("  pending withdrawals", str(totals.pending_withdrawals_msat)),
+            ("  reserved", str(totals.reserved_msat)),
+            ("  outstanding (owed)", str(totals.outstanding_msat)),
+        ]
+    )
+    parts = (
+        f"{totals.consumed_msat} + {totals.withdrawn_msat} + "
+        f"{totals.pending_withdrawals_msat} + {totals.reserved_msat} + {totals.outstanding_msat}"
+    )
+    unaccounted = _unaccounted(totals)
+    if unaccounted == 0:
+        lines.append(
+            f"reconciled: received {totals.received_msat} = consumed + withdrawn + pending "
+            f"+ reserved + outstanding = {parts}"
+        )
+    else:
+        lines.append(
+            f"DOES NOT RECONCILE: received {totals.received_msat} != {parts} "
+            f"(off by {unaccounted} msat)"
+        )
+    return "\n".join(lines)
+
+
+async def accounts(config: Config, limit: int | None, as_json: bool) -> int:
+    """``accounts``: credit accounts, most recently used first, and their totals."""
+    if limit is not None and limit < 0:
+        raise errors.ConfigError(f"--limit must be >= 0, got {limit}")
+    store = await open_store(config.store.url, read_only=True)
+    try:
+        listed = await store.list_accounts(limit)
+        totals = await store.credit_totals()
+    finally:
+        await store.close()
+    if as_json:
+        document = {
+            "accounts": [_account_json(a) for a in listed],
+            "totals": _totals_json(totals),
+        }
+        print(json.dumps(document, indent=2, ensure_ascii=True))
+    else:
+        print(_accounts_table(listed, totals))
     return 0
 
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from gateway import errors
 from gateway.config import Config
-from gateway.lnd.preflight import LndCheck, check_lnd
-from gateway.runtime import build_pricing, lnd_settings, route_table
+from gateway.lnd.preflight import LndCheck, check_lnd, check_payer
+from gateway.runtime import build_pricing, lnd_settings, payer_settings, route_table
 
 log = logging.getLogger(__name__)
 UPSTREAM_TIMEOUT = 5.0
@@ -49,6 +49,10 @@ async def _upstream_answers(url: str) -> str | None:
 async def _probe(config: Config) -> tuple[LndCheck, str | None]:
     """What the node's probes found, and why the upstream does not answer (None: it does)."""
     lnd = await check_lnd(lnd_settings(config))
+    paying = payer_settings(config)  # [credit] withdrawals: the payment macaroon too
+    if paying is not None:
+        payer = await check_payer(paying)
+        lnd = LndCheck(lnd.problems + payer.problems, lnd.unreachable or payer.unreachable)
     upstream = await _upstream_answers(config.server.upstream) if config.server.upstream else None
     return lnd, upstream
 

@@ -8,7 +8,9 @@ asked from the node). Tokens are cached in ``--token-cache`` (default
 ``~/.cache/l402-gateway/tokens.json``) and reused for later requests in their scope. Progress
 goes to stderr: a start and an end line around the payment, and on a terminal an
 elapsed-seconds counter while it is in flight (``-s``: none). Its exit codes are
-``PAY_EXIT_CODES`` below (also printed by ``l402-gateway pay --help``).
+``PAY_EXIT_CODES`` below (also printed by ``l402-gateway pay --help``). On a credit route
+(a prepaid balance) the payment buys credit, ``--max-cost`` bounds the credit bought, and the
+balance the response reports goes to stderr (``--json``: ``balance_msat``).
 
 One module for the one command, a little over the usual size: its options, its payer, its
 output and its exit codes are read together.
@@ -35,7 +37,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from gateway import errors
-from gateway.cli.formats import LOG_FORMAT, utc_time
+from gateway.cli.formats import LOG_FORMAT, sat, utc_time
 from gateway.client import (
     NETWORKS,
     Budget,
@@ -48,6 +50,7 @@ from gateway.client import (
     SpendEntry,
     TokenCache,
     TokenCacheError,
+    balance_from_headers,
     decode_invoice,
 )
 from gateway.client.aiohttp import l402_session
@@ -88,10 +91,6 @@ def sat_to_msat(text: str) -> int:
     return int(value)
 
 
-def _sat(msat: int) -> str:
-    return f"{msat / 1000:g} sat"
-
-
 def default_token_cache() -> Path:
     """``$XDG_CACHE_HOME/l402-gateway/tokens.json``, else ``~/.cache/l402-gateway/...``."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -129,7 +128,8 @@ def add_parser(commands: Any) -> None:
         type=sat_to_msat,
         default=DEFAULT_MAX_COST_SAT * 1000,
         metavar="SAT",
-        help=f"the most to pay for the request, fee excluded (default {DEFAULT_MAX_COST_SAT})",
+        help="the most to pay, fee excluded: the request's price, or on a credit route the "
+        f"credit bought (default {DEFAULT_MAX_COST_SAT})",
     )
     pay.add_argument(
         "--max-fee",
@@ -151,26 +151,41 @@ def add_parser(commands: Any) -> None:
         choices=sorted(NETWORKS),
         help="the payer's network (default: GATEWAY_PAYER_NETWORK, else asked from LND)",
     )
-    pay.add_argument("--lnd-host", help="LND gRPC host:port (GATEWAY_PAYER_LND_HOST)")
-    pay.add_argument("--lnd-tls-cert", help="LND's tls.cert (GATEWAY_PAYER_LND_TLS_CERT)")
-    pay.add_argument(
-        "--lnd-macaroon", help="macaroon with offchain:write (GATEWAY_PAYER_LND_MACAROON)"
-    )
-    pay.add_argument(
-        "--token-cache",
-        metavar="FILE",
-        help="token cache file (default ~/.cache/l402-gateway/tokens.json)",
-    )
+    add_node_options(pay, "offchain:write")
+    add_token_cache_option(pay)
     pay.add_argument("--no-token-cache", action="store_true", help="keep tokens in memory only")
-    pay.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds to connect / between reads"
-    )
+    add_timeout_option(pay)
     pay.add_argument(
         "--payment-timeout", type=float, default=60.0, help="seconds LND may try to pay"
     )
 
 
-def _payer_settings(args: argparse.Namespace, required: bool) -> LndSettings | None:
+def add_node_options(parser: argparse.ArgumentParser, permission: str) -> None:
+    """The payer's LND node: ``--lnd-host``, ``--lnd-tls-cert``, ``--lnd-macaroon``."""
+    parser.add_argument("--lnd-host", help="LND gRPC host:port (GATEWAY_PAYER_LND_HOST)")
+    parser.add_argument("--lnd-tls-cert", help="LND's tls.cert (GATEWAY_PAYER_LND_TLS_CERT)")
+    parser.add_argument(
+        "--lnd-macaroon", help=f"macaroon with {permission} (GATEWAY_PAYER_LND_MACAROON)"
+    )
+
+
+def add_token_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token-cache",
+        metavar="FILE",
+        help="token cache file (default ~/.cache/l402-gateway/tokens.json)",
+    )
+
+
+def add_timeout_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to connect / between reads"
+    )
+
+
+def payer_settings(args: argparse.Namespace, *, required: bool, needs: str) -> LndSettings | None:
+    """The payer's node from the options or the environment; None if not given and not
+    ``required`` (``needs`` says what for: "pay", "credit withdraw")."""
     host = args.lnd_host or os.environ.get("GATEWAY_PAYER_LND_HOST") or "127.0.0.1:10009"
     tls_cert = args.lnd_tls_cert or os.environ.get("GATEWAY_PAYER_LND_TLS_CERT")
     macaroon = args.lnd_macaroon or os.environ.get("GATEWAY_PAYER_LND_MACAROON")
@@ -178,7 +193,7 @@ def _payer_settings(args: argparse.Namespace, required: bool) -> LndSettings | N
         if not required:
             return None
         raise errors.ConfigError(
-            "pay needs the paying LND node: --lnd-tls-cert and --lnd-macaroon "
+            f"{needs} needs the paying LND node: --lnd-tls-cert and --lnd-macaroon "
             "(or GATEWAY_PAYER_LND_TLS_CERT and GATEWAY_PAYER_LND_MACAROON)"
         )
     try:
@@ -238,7 +253,7 @@ class ProgressPayer:
         self, payment_request: str, *, max_fee_msat: Msat, payment_timeout: float
     ) -> Payment:
         amount = decode_invoice(payment_request).amount_msat or 0
-        label = f"paying {_sat(amount)} (routing fee up to {_sat(max_fee_msat)})"
+        label = f"paying {sat(amount)} (routing fee up to {sat(max_fee_msat)})"
         tty = self._stream.isatty()
         start = time.monotonic()
 
@@ -264,7 +279,7 @@ class ProgressPayer:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._write(
-            f"{prefix}paid {_sat(payment.amount_msat)} + {_sat(payment.fee_msat)} fee "
+            f"{prefix}paid {sat(payment.amount_msat)} + {sat(payment.fee_msat)} fee "
             f"in {time.monotonic() - start:.2f}s{suffix}"
         )
         return payment
@@ -299,6 +314,9 @@ def _offer_json(offer: Offer, max_cost_msat: int | None = None) -> dict[str, Any
         "invoice": offer.invoice,
         "token_valid_until": offer.valid_until,
         "services": list(offer.services),
+        "credit_msat": offer.credit_msat,
+        "price_msat": offer.price_msat,
+        "balance_msat": offer.balance_msat,
     }
     if max_cost_msat is not None:
         facts["over_max_cost"] = offer.amount_msat > max_cost_msat
@@ -322,7 +340,7 @@ def _spend_json(entry: SpendEntry) -> dict[str, Any]:
 def offer_text(offer: Offer, max_cost_msat: int) -> str:
     left = offer.expires_at - time.time()
     lines = [
-        f"payment required: {_sat(offer.amount_msat)} ({offer.amount_msat} msat)",
+        f"payment required: {sat(offer.amount_msat)} ({offer.amount_msat} msat)",
         f"  for:      {printable(offer.description)}",
         f"  pay to:   {offer.destination}",
         f"  network:  {offer.network}",
@@ -331,8 +349,14 @@ def offer_text(offer: Offer, max_cost_msat: int) -> str:
     ]
     if offer.valid_until is not None:
         lines.insert(5, f"  token:    valid until {utc_time(offer.valid_until)} UTC")
+    if offer.credit_msat is not None:
+        each = "" if offer.price_msat is None else f", {sat(offer.price_msat)} per request"
+        credit = [f"  credit:   buys {sat(offer.credit_msat)} of credit{each}"]
+        if offer.balance_msat is not None:
+            credit.append(f"  balance:  {sat(offer.balance_msat)} left (a top-up)")
+        lines[2:2] = credit
     if offer.amount_msat > max_cost_msat:
-        lines.append(f"  (over --max-cost {_sat(max_cost_msat)})")
+        lines.append(f"  (over --max-cost {sat(max_cost_msat)})")
     return "\n".join(lines)
 
 
@@ -359,7 +383,7 @@ def _write_output(path: str, body: bytes) -> None:
 async def _pay(
     args: argparse.Namespace, method: str, headers: CIMultiDict[str], data: bytes | None
 ) -> int:
-    settings = _payer_settings(args, required=not args.no_pay)
+    settings = payer_settings(args, required=not args.no_pay, needs="pay")
     if args.no_token_cache:
         cache = TokenCache()
     else:
@@ -396,23 +420,37 @@ async def _pay(
                 ) as response:
                     body = await response.read()
                     status = response.status
+                    balance = balance_from_headers(response.headers)
             except PaymentDeclined:
                 (offer,) = declined
                 if args.json:
-                    summary.update(status=402, paid=False, offer=_offer_json(offer, args.max_cost))
+                    summary.update(
+                        status=402,
+                        paid=False,
+                        balance_msat=offer.balance_msat,
+                        offer=_offer_json(offer, args.max_cost),
+                    )
                     print(json.dumps(summary, indent=2))
                 else:
                     print(offer_text(offer, args.max_cost))
                 return EXIT_PAYMENT_REQUIRED
             except ClientError as error:
                 if args.json and error.offer is not None:
-                    summary.update(error=str(error), offer=_offer_json(error.offer, args.max_cost))
+                    summary.update(
+                        error=str(error),
+                        balance_msat=error.offer.balance_msat,
+                        offer=_offer_json(error.offer, args.max_cost),
+                    )
                     print(json.dumps(summary, indent=2))
                 raise
     if args.output:
         _write_output(args.output, body)
     if args.json:
-        summary.update(status=status, payments=[_spend_json(e) for e in client.spending_log])
+        summary.update(
+            status=status,
+            balance_msat=balance,
+            payments=[_spend_json(e) for e in client.spending_log],
+        )
         if args.output:
             summary["output"] = args.output
         else:
@@ -424,11 +462,23 @@ async def _pay(
     elif not args.output:
         sys.stdout.buffer.write(body)
         sys.stdout.buffer.flush()
+    if balance is not None and not args.silent:
+        print(f"balance: {sat(balance)} ({balance} msat) of credit left", file=sys.stderr)
     if status >= 400:
         if not args.silent:
             print(f"l402-gateway: HTTP {status}", file=sys.stderr)
         return EXIT_HTTP_ERROR
     return 0
+
+
+def report_failure(error: errors.GatewayError | aiohttp.ClientError | TimeoutError) -> int:
+    """Say on stderr why a client command failed (pay's and credit's shared cases); its exit
+    code: a bad configuration or token cache is a usage error, the rest a backend's."""
+    if isinstance(error, aiohttp.ClientError | TimeoutError):
+        print(f"l402-gateway: request failed: {error or type(error).__name__}", file=sys.stderr)
+        return EXIT_BACKEND
+    print(f"l402-gateway: {error}", file=sys.stderr)
+    return EXIT_USAGE if isinstance(error, errors.ConfigError | TokenCacheError) else EXIT_BACKEND
 
 
 def run(args: argparse.Namespace) -> int:
@@ -446,12 +496,5 @@ def run(args: argparse.Namespace) -> int:
     except ChallengeError as error:
         print(f"l402-gateway: {error}; nothing was paid", file=sys.stderr)
         return EXIT_BAD_CHALLENGE
-    except (errors.ConfigError, TokenCacheError) as error:
-        print(f"l402-gateway: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except errors.GatewayError as error:
-        print(f"l402-gateway: {error}", file=sys.stderr)
-        return EXIT_BACKEND
-    except (aiohttp.ClientError, TimeoutError) as error:
-        print(f"l402-gateway: request failed: {error or type(error).__name__}", file=sys.stderr)
-        return EXIT_BACKEND
+    except (errors.GatewayError, aiohttp.ClientError, TimeoutError) as error:
+        return report_failure(error)

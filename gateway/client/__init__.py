@@ -19,6 +19,7 @@
         async with httpx.AsyncClient(auth=L402Auth(client)) as http:
             ...
         client.spending_log                                # SpendEntry per payment
+        client.last_balance                                # credit routes: Balance left
 
 On a 402 with an L402 (or LSAT) challenge the client parses it, decodes the BOLT11 invoice
 and checks it (:mod:`~gateway.client.offer`), checks the budget
@@ -26,6 +27,10 @@ and checks it (:mod:`~gateway.client.offer`), checks the budget
 payer, stores the token (:mod:`~gateway.client.cache`; :mod:`~gateway.client.tokens` says
 which later requests reuse it) and retries the request once. Every refusal before paying
 raises an error of :mod:`~gateway.client.errors` and pays nothing.
+
+On a credit route (the gateway bills requests from a prepaid balance) the payment buys credit,
+within the budget; the balance each response reports is kept (:class:`Balance`), and when it
+runs out the top-up the gateway offers is paid like any 402, its token replacing the old one.
 
 This package imports only :mod:`gateway.l402`, :mod:`gateway.ports` and
 :mod:`gateway.errors` (plus ``coincurve``, which :mod:`~gateway.client.bolt11` verifies
@@ -37,7 +42,15 @@ from __future__ import annotations
 
 from gateway.client.budget import DEFAULT_MIN_FEE_MSAT, Budget
 from gateway.client.cache import TokenCache
-from gateway.client.core import Confirm, Exchange, L402Client, Retry, SpendEntry, SystemClock
+from gateway.client.core import (
+    Balance,
+    Confirm,
+    Exchange,
+    L402Client,
+    Retry,
+    SpendEntry,
+    SystemClock,
+)
 from gateway.client.errors import (
     BudgetExceeded,
     ChallengeError,
@@ -52,6 +65,7 @@ from gateway.client.offer import (
     NETWORKS,
     DecodedInvoice,
     Offer,
+    balance_from_headers,
     decode_invoice,
     has_l402_challenge,
     read_offer,
@@ -61,6 +75,7 @@ from gateway.client.tokens import CachedToken, PendingPayment
 __all__ = [
     "DEFAULT_MIN_FEE_MSAT",
     "NETWORKS",
+    "Balance",
     "Budget",
     "BudgetExceeded",
     "CachedToken",
@@ -81,6 +96,7 @@ __all__ = [
     "SystemClock",
     "TokenCache",
     "TokenCacheError",
+    "balance_from_headers",
     "decode_invoice",
     "has_l402_challenge",
     "read_offer",

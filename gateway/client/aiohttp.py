@@ -49,6 +49,7 @@ class L402PayingMiddleware:
                     response.status,
                     response.headers.getall(hdrs.WWW_AUTHENTICATE, []),
                     response.read,
+                    response.headers,
                 )
             except BaseException:
                 response.release()

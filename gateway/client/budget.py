@@ -1,8 +1,10 @@
-"""What a client may spend: a price cap per request, a routing fee cap, a total.
+"""What a client may spend: a cap per payment, a routing fee cap, a total.
 
 Pure. The total counts price plus routing fee of every payment the client made (or
 recovered), and a payment must fit with its *worst-case* fee (the fee cap) before it starts,
-so the total can never be overshot, also not by payments running at the same time.
+so the total can never be overshot, also not by payments running at the same time. On a
+credit route a payment buys credit for many requests: the caps bound the credit bought (the
+invoice amount), not the price of one request.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.client.errors import BudgetExceeded
-from gateway.client.offer import Offer
+from gateway.client.offer import CREDIT_HEADER, Offer
 
 __all__ = ["DEFAULT_MIN_FEE_MSAT", "Budget"]
 
@@ -26,7 +28,8 @@ def _sat(msat: int) -> str:
 class Budget:
     """Spending limits of one client, in millisatoshis.
 
-    ``max_price_msat``: the most one request may cost (the invoice amount, fee excluded).
+    ``max_price_msat``: the most one payment may be (the invoice amount, fee excluded): the
+    price of a request, or on a credit route the credit bought.
     ``max_fee_msat``: the routing fee cap per payment; None means 1% of the price but at
     least ``DEFAULT_MIN_FEE_MSAT``. ``max_total_msat``: the most the client spends in all
     (prices plus fees); None means no total limit.
@@ -54,18 +57,27 @@ class Budget:
         ``committed_msat``: spent so far plus the worst case of payments still running.
         """
         price = offer.amount_msat
+        if offer.credit_msat is None:
+            bought = f"price {_sat(price)}"
+        else:
+            each = "" if offer.price_msat is None else f", {_sat(offer.price_msat)} per request"
+            bought = f"credit of {_sat(price)} (bought in one payment{each})"
         if price > self.max_price_msat:
+            if offer.credit_msat is None:
+                limit = f"{_sat(self.max_price_msat)} per request"
+            else:
+                limit = (
+                    f"{_sat(self.max_price_msat)} per payment; ask for less credit with the "
+                    f"request header {CREDIT_HEADER}"
+                )
             raise BudgetExceeded(
-                f"price {_sat(price)} is over the limit of {_sat(self.max_price_msat)} "
-                "per request; nothing was paid",
-                offer,
-                "max_price",
+                f"{bought} is over the limit of {limit}; nothing was paid", offer, "max_price"
             )
         fee = self.fee_limit(price)
         if self.max_total_msat is not None and committed_msat + price + fee > self.max_total_msat:
             left = max(0, self.max_total_msat - committed_msat)
             raise BudgetExceeded(
-                f"price {_sat(price)} plus up to {_sat(fee)} routing fee is over what is left "
+                f"{bought} plus up to {_sat(fee)} routing fee is over what is left "
                 f"of the total budget ({_sat(left)} of {_sat(self.max_total_msat)}); "
                 "nothing was paid",
                 offer,

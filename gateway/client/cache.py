@@ -32,6 +32,15 @@ from gateway.client.tokens import MAX_PATHS, CachedToken, PendingPayment, split_
 __all__ = ["TokenCache"]
 
 
+def _successor(new: CachedToken, old: CachedToken) -> CachedToken:
+    """``new`` (a top-up of ``old``'s account) in ``old``'s place: offered wherever ``old``
+    was (the top-up was bought at a path ``old`` was sent to) and where it worked."""
+    scope = old.scope if new.scope.startswith(old.scope) else new.scope
+    worked = tuple(dict.fromkeys((*old.worked, *new.worked)))[-MAX_PATHS:]
+    refused = tuple(path for path in old.refused if path not in worked)
+    return replace(new, scope=scope, worked=worked, refused=refused)
+
+
 class TokenCache:
     """Tokens and pending payments, in memory or in a JSON file (see the module docstring)."""
 
@@ -110,16 +119,24 @@ class TokenCache:
     async def store(self, token: CachedToken, now: float) -> None:
         """Keep a paid token and clear its pending entry, in one write.
 
-        Expired tokens are dropped, and the oldest ones beyond ``max_tokens``.
+        A token of the origin with the same token id is a credit account's earlier token (the
+        new one is its top-up): the new token takes its place, with its scope if broader and
+        the paths it worked for. Expired tokens are dropped, and the oldest ones beyond
+        ``max_tokens``.
         """
         max_tokens = self._max_tokens
 
         def change(contents: CacheContents) -> bool:
             contents.pending.pop(token.payment_hash, None)
-            contents.tokens[token.payment_hash] = token
+            kept = token
             for key, old in list(contents.tokens.items()):
                 if old.expired(now):
                     del contents.tokens[key]
+                elif (old.origin, old.token_id) == (token.origin, token.token_id):
+                    del contents.tokens[key]
+                    kept = _successor(kept, old)
+            if not kept.expired(now):
+                contents.tokens[token.payment_hash] = kept
             surplus = len(contents.tokens) - max_tokens
             if surplus > 0:
                 for old in sorted(contents.tokens.values(), key=lambda t: t.created_at)[:surplus]:

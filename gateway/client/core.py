@@ -6,7 +6,7 @@ An HTTP integration drives one :class:`Exchange` per request::
     authorization = exchange.authorization        # a cached token, or None
     while True:
         send the request (with ``Authorization: <authorization>`` when not None)
-        retry = await exchange.step(status, www_authenticate_values, read_body)
+        retry = await exchange.step(status, www_authenticate_values, read_body, headers)
         if retry is None:
             return the response
         authorization = retry.authorization       # None: send without Authorization
@@ -16,6 +16,12 @@ challenge pays or reuses a token that appeared meanwhile. One exchange pays at m
 consults the cache after a 402 at most twice and retries without a token (after a 401 for a
 cached one) at most once, so it ends after at most five requests; when it gives up, the
 caller gets the last response (e.g. a 402 for a freshly paid token) as it came.
+
+**Credit.** A response of a credit route reports the balance left (``L402-Balance-Msat``):
+``step`` keeps it as a :class:`Balance` (:attr:`L402Client.last_balance`, and per account:
+:attr:`L402Client.balances`). When the balance runs out the gateway answers 402 with a top-up
+for the same account: the client pays it like any 402 (the budget bounds the credit bought),
+keeps the top-up's token in the old one's place and retries.
 
 Paying (:meth:`L402Client.authorize`), under a lock per origin so that concurrent requests in
 one process never pay twice for the same scope:
@@ -37,18 +43,25 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.client.budget import Budget
 from gateway.client.cache import TokenCache
 from gateway.client.errors import PaymentDeclined, PaymentInFlight, PaymentUnverified
-from gateway.client.offer import Offer, has_l402_challenge, normalize_network, read_offer
+from gateway.client.offer import (
+    Offer,
+    balance_from_headers,
+    has_l402_challenge,
+    normalize_network,
+    offered_token_id,
+    read_offer,
+)
 from gateway.client.tokens import CachedToken, PendingPayment, new_token, scope_of, split_url
 from gateway.errors import PaymentFailed
 from gateway.ports import Clock, Msat, Payer, Payment, PaymentHash, PaymentStatus, SystemClock
 
-__all__ = ["Confirm", "Exchange", "L402Client", "Retry", "SpendEntry", "SystemClock"]
+__all__ = ["Balance", "Confirm", "Exchange", "L402Client", "Retry", "SpendEntry", "SystemClock"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +84,17 @@ class SpendEntry:
     description: str
     # True when the payment was found by crash recovery rather than made in this run.
     recovered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """A credit balance a response reported (``L402-Balance-Msat``)."""
+
+    balance_msat: int
+    url: str  # of the request
+    time: float
+    # Hex id of the token sent (its credit account); None when the request carried none.
+    token_id: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +141,8 @@ class L402Client:
         self.in_flight_wait = in_flight_wait
         self.confirm = confirm
         self._log: list[SpendEntry] = []
+        self._balances: dict[str, Balance] = {}
+        self._last_balance: Balance | None = None
         self._spent = 0
         self._reserved = 0
         self._locks: dict[str, asyncio.Lock] = {}
@@ -130,6 +156,23 @@ class L402Client:
     def spent_msat(self) -> int:
         """Prices plus fees of :attr:`spending_log`: what counts against the total budget."""
         return self._spent
+
+    @property
+    def last_balance(self) -> Balance | None:
+        """The balance the latest response that reported one reported."""
+        return self._last_balance
+
+    @property
+    def balances(self) -> dict[str, Balance]:
+        """The latest balance of each credit account seen, by hex token id."""
+        return dict(self._balances)
+
+    def _note_balance(self, url: str, token: CachedToken | None, balance_msat: int) -> None:
+        token_id = token.token_id.hex() if token is not None else None
+        balance = Balance(balance_msat, url, self.clock.now(), token_id)
+        if token_id is not None:
+            self._balances[token_id] = balance
+        self._last_balance = balance
 
     async def exchange(self, url: str, method: str) -> Exchange:
         """Start the L402 side of one request, with the cached token for it if there is one."""
@@ -155,10 +198,12 @@ class L402Client:
         body: bytes | None,
         *,
         exclude: Collection[bytes] = (),
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[CachedToken, SpendEntry | None]:
         """A token for a request that got a 402, and the payment if it was paid just now.
 
-        ``exclude``: payment hashes of tokens already refused for this request.
+        ``exclude``: payment hashes of tokens already refused for this request. ``headers``:
+        the 402's, for the credit facts of the offer.
         """
         origin, _ = split_url(url)
         lock = self._locks.setdefault(origin, asyncio.Lock())
@@ -167,7 +212,9 @@ class L402Client:
             token = await self.cache.find(url, method, self.clock.now())
             if token is not None and token.payment_hash not in exclude:
                 return token, None
-            offer = read_offer(www_authenticate, body, network=self.network, now=self.clock.now())
+            offer = read_offer(
+                www_authenticate, body, network=self.network, now=self.clock.now(), headers=headers
+            )
             return await self._pay(url, method, offer)
 
     # -- internals -------------------------------------------------------------------------
@@ -318,27 +365,39 @@ class Exchange:
         status: int,
         www_authenticate: Sequence[str],
         read_body: Callable[[], Awaitable[bytes]],
+        headers: Mapping[str, str] | None = None,
     ) -> Retry | None:
         """Digest a response: None to hand it to the caller, else how to send the request again.
 
-        ``read_body`` is only awaited for a 402 carrying an L402 challenge.
+        ``read_body`` is only awaited for a 402 carrying an L402 challenge. ``headers``: the
+        response's (case-insensitive, as HTTP libraries give them), for the credit balance.
         """
         client = self._client
         sent, self._sent = self._sent, None
+        balance = balance_from_headers(headers) if headers is not None else None
+        if balance is not None:
+            client._note_balance(self._url, sent, balance)
         if status not in (401, 402):
             if sent is not None and status < 400:
                 await client.cache.worked(sent.payment_hash, self._url)
             return None
         if sent is not None:
             self._tried.add(sent.payment_hash)
-            await client.cache.refused(sent.payment_hash, self._url, status)
+            top_up = status == 402 and offered_token_id(www_authenticate) == sent.token_id
+            if not top_up:  # a top-up: the token is good, only its balance ran out
+                await client.cache.refused(sent.payment_hash, self._url, status)
         if status == 402 and has_l402_challenge(www_authenticate):
             if self._paid or self._authorizations >= 2:
                 return None
             self._authorizations += 1
             body = await read_body()
             token, payment = await client.authorize(
-                self._url, self._method, www_authenticate, body, exclude=self._tried
+                self._url,
+                self._method,
+                www_authenticate,
+                body,
+                exclude=self._tried,
+                headers=headers,
             )
             if payment is not None:
                 self._paid = True

@@ -57,6 +57,7 @@ class L402Auth(httpx.Auth):
                 response.status_code,
                 response.headers.get_list("WWW-Authenticate"),
                 response.aread,
+                response.headers,
             )
             if retry is None:
                 return

@@ -6,7 +6,14 @@ Pure: no I/O, the time is passed in. :func:`read_offer` turns the ``WWW-Authenti
 * ``ChallengeError``: no usable L402/LSAT challenge, or its macaroon has no L402 identifier;
 * ``InvoiceRejected``: the invoice does not decode (bad bech32 or signature), is for another
   network than the client's, has no amount, asks for another amount than the body's
-  ``amount_msat``, has expired, or pays another payment hash than the macaroon is bound to.
+  ``amount_msat`` (or than the credit the 402 says it buys), has expired, or pays another
+  payment hash than the macaroon is bound to.
+
+**Credit.** On a route billed from a prepaid balance the 402's invoice buys credit: the
+response says how much (``L402-Credit-Msat``), what a request costs (``L402-Price-Msat``) and,
+for a top-up, the balance left (``L402-Balance-Msat``); the same facts may come as
+``credit_msat``, ``price_msat`` and ``balance_msat`` in the JSON body. A top-up's macaroon
+carries the token id of the token it tops up (:func:`offered_token_id`).
 
 Networks, by invoice prefix: ``lnbc`` mainnet, ``lntb`` testnet, ``lntbs`` signet,
 ``lnbcrt`` regtest.
@@ -16,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway import l402
@@ -24,16 +31,25 @@ from gateway.client import bolt11
 from gateway.client.errors import ChallengeError, InvoiceRejected
 
 __all__ = [
+    "BALANCE_HEADER",
+    "CREDIT_HEADER",
     "NETWORKS",
+    "PRICE_HEADER",
     "DecodedInvoice",
     "Offer",
     "amount_from_problem",
+    "balance_from_headers",
     "decode_invoice",
     "has_l402_challenge",
     "normalize_network",
+    "offered_token_id",
     "read_offer",
     "token_valid_until",
 ]
+
+BALANCE_HEADER = "L402-Balance-Msat"  # on every response of a credit route
+CREDIT_HEADER = "L402-Credit-Msat"  # on a credit 402: the credit its invoice buys
+PRICE_HEADER = "L402-Price-Msat"  # on a credit 402: what one request costs (at most)
 
 # bolt11 currency (the invoice prefix after "ln") -> network
 _CURRENCIES = {"bc": "mainnet", "tb": "testnet", "tbs": "signet", "bcrt": "regtest"}
@@ -50,6 +66,7 @@ _SCHEME_RE = re.compile(
     r"(?:^|,)[ \t]*([!#$%&'*+\-.^_`|~0-9A-Za-z]+)(?=[ \t]+[^=\s]|[ \t]*(?:,|$))"
 )
 _MAX_PROBLEM_BYTES = 64 * 1024
+_MAX_MSAT_DIGITS = 19  # fits an int64, like every amount the gateway sends
 
 
 def normalize_network(name: str) -> str:
@@ -116,6 +133,11 @@ class Offer:
     # services it is for.
     valid_until: int | None
     services: tuple[str, ...]
+    # A credit route's 402 (see the module docstring): the credit the invoice buys (None: not
+    # a credit route), the price of one request, the balance of the token presented.
+    credit_msat: int | None = None
+    price_msat: int | None = None
+    balance_msat: int | None = None
 
 
 def has_l402_challenge(www_authenticate: Sequence[str]) -> bool:
@@ -127,20 +149,55 @@ def has_l402_challenge(www_authenticate: Sequence[str]) -> bool:
     return False
 
 
-def amount_from_problem(body: bytes | None) -> int | None:
-    """``amount_msat`` of a problem+json (or any JSON object) body, else None."""
+def _problem(body: bytes | None) -> dict[str, object]:
+    """A problem+json (or any JSON object) body; empty if it is not one."""
     if not body or len(body) > _MAX_PROBLEM_BYTES:
-        return None
+        return {}
     try:
         problem = json.loads(body)
     except (ValueError, UnicodeDecodeError):
+        return {}
+    return problem if isinstance(problem, dict) else {}
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def amount_from_problem(body: bytes | None) -> int | None:
+    """``amount_msat`` of a problem+json (or any JSON object) body, else None."""
+    return _int(_problem(body).get("amount_msat"))
+
+
+def _msat_header(headers: Mapping[str, str], name: str) -> int | None:
+    """A header holding a whole, non-negative number of msat; None if absent or not one."""
+    text = (headers.get(name) or "").strip()
+    if not text.isascii() or not text.isdigit() or len(text) > _MAX_MSAT_DIGITS:
         return None
-    if not isinstance(problem, dict):
-        return None
-    amount = problem.get("amount_msat")
-    if isinstance(amount, int) and not isinstance(amount, bool):
-        return amount
-    return None
+    return int(text)
+
+
+def balance_from_headers(headers: Mapping[str, str]) -> int | None:
+    """The credit balance a response reports (``L402-Balance-Msat``), None without one."""
+    return _msat_header(headers, BALANCE_HEADER)
+
+
+def _credit_facts(
+    headers: Mapping[str, str], problem: dict[str, object]
+) -> tuple[int | None, int | None, int | None]:
+    """(credit, price, balance) in msat: each from its header, else from the body."""
+    facts = []
+    for header, key in (
+        (CREDIT_HEADER, "credit_msat"),
+        (PRICE_HEADER, "price_msat"),
+        (BALANCE_HEADER, "balance_msat"),
+    ):
+        value = _msat_header(headers, header)
+        if value is None:
+            value = _int(problem.get(key))
+        facts.append(value if value is not None and value >= 0 else None)
+    credit, price, balance = facts
+    return credit, price, balance
 
 
 def _challenge(www_authenticate: Sequence[str]) -> l402.Challenge:
@@ -159,6 +216,15 @@ def _challenge(www_authenticate: Sequence[str]) -> l402.Challenge:
         return found[0]
     reason = first_error.reason if first_error else "no L402 challenge"
     raise ChallengeError(f"unusable L402 challenge: {reason}")
+
+
+def offered_token_id(www_authenticate: Sequence[str]) -> bytes | None:
+    """The token id of the challenge's macaroon; None if there is no usable one."""
+    try:
+        macaroon = l402.decode_b64(_challenge(www_authenticate).macaroon_b64)
+        return l402.Identifier.decode(macaroon.identifier).token_id
+    except (ChallengeError, l402.L402Error):
+        return None
 
 
 def token_valid_until(macaroon: l402.Macaroon) -> int | None:
@@ -193,8 +259,12 @@ def read_offer(
     *,
     network: str | None,
     now: float,
+    headers: Mapping[str, str] | None = None,
 ) -> Offer:
-    """Parse and check a 402; ``network`` None skips the network check (inspection only)."""
+    """Parse and check a 402; ``network`` None skips the network check (inspection only).
+
+    ``headers``: the response's (case-insensitive, as HTTP libraries give them), for the
+    credit facts."""
     challenge = _challenge(www_authenticate)
     try:
         macaroon = l402.decode_b64(challenge.macaroon_b64)
@@ -208,10 +278,17 @@ def read_offer(
         )
     if invoice.amount_msat is None or invoice.amount_msat <= 0:
         raise InvoiceRejected("invoice has no amount")
-    asked = amount_from_problem(body)
+    problem = _problem(body)
+    asked = _int(problem.get("amount_msat"))
     if asked is not None and asked != invoice.amount_msat:
         raise InvoiceRejected(
             f"invoice asks {invoice.amount_msat} msat but the response says {asked} msat"
+        )
+    credit, price, balance = _credit_facts(headers or {}, problem)
+    if credit is not None and credit != invoice.amount_msat:
+        raise InvoiceRejected(
+            f"invoice asks {invoice.amount_msat} msat but the response says it buys "
+            f"{credit} msat of credit"
         )
     if now >= invoice.expires_at:
         raise InvoiceRejected("invoice has expired")
@@ -230,4 +307,7 @@ def read_offer(
         expires_at=invoice.expires_at,
         valid_until=token_valid_until(macaroon),
         services=_services(macaroon),
+        credit_msat=credit,
+        price_msat=price,
+        balance_msat=balance,
     )

@@ -19,7 +19,10 @@ wrong costs one round trip, never a payment:
 * a 402 for a token at a path it never worked for puts the path on that token's refused list
   (the token stays good for the paths it covers); a 402 where it *had* worked (expired early,
   capability withdrawn), or any 401 (bad or revoked token), drops the token;
-* a success records the path among the paths the token worked for.
+* a success records the path among the paths the token worked for;
+* a 402 whose challenge tops up the token's own credit account (its macaroon has the token's
+  token id) changes nothing: the token is good, its balance ran out. The top-up's token then
+  takes its place (:meth:`~gateway.client.cache.TokenCache.store`).
 """
 
 from __future__ import annotations
@@ -100,13 +103,17 @@ class CachedToken:
     preimage: bytes = field(repr=False)
     worked: tuple[str, ...] = ()
     refused: tuple[str, ...] = ()
-    # Derived from the macaroon's caveats.
+    # Derived from the macaroon: its identifier's token id (a credit account's tokens share
+    # it) and its caveats.
+    token_id: bytes = field(init=False, repr=False)
     valid_until: int | None = field(init=False)
     path_globs: tuple[tuple[str, ...], ...] = field(init=False)
     methods: tuple[tuple[str, ...], ...] = field(init=False)
 
     def __post_init__(self) -> None:
         macaroon = l402.decode_b64(self.macaroon_b64)  # MalformedToken if it is not one
+        token_id = l402.Identifier.decode(macaroon.identifier).token_id
+        object.__setattr__(self, "token_id", token_id)
         object.__setattr__(self, "valid_until", token_valid_until(macaroon))
         object.__setattr__(self, "path_globs", _caveat_lists(macaroon, "_paths"))
         methods = tuple(tuple(m.upper() for m in ms) for ms in _caveat_lists(macaroon, "_methods"))

@@ -31,8 +31,10 @@ from gateway.config.checks import (
     MAX_CHALLENGES_PER_SECOND,
     MAX_INVOICE_EXPIRY,
     MAX_LIFETIME,
+    MAX_RESERVATION_SECONDS,
     MAX_ROOT_KEY_CACHE_SECONDS,
     MAX_SWEEP_INTERVAL,
+    MAX_WITHDRAWAL_WAIT_SECONDS,
     MIN_CHALLENGES_PER_SECOND,
     MIN_SWEEP_INTERVAL,
     SUPPORTED_STORE_URLS,
@@ -53,13 +55,16 @@ __all__ = [
     "MAX_CHALLENGES_PER_SECOND",
     "MAX_INVOICE_EXPIRY",
     "MAX_LIFETIME",
+    "MAX_RESERVATION_SECONDS",
     "MAX_ROOT_KEY_CACHE_SECONDS",
     "MAX_SWEEP_INTERVAL",
+    "MAX_WITHDRAWAL_WAIT_SECONDS",
     "MIN_CHALLENGES_PER_SECOND",
     "MIN_SWEEP_INTERVAL",
     "STANDARD_METHODS",
     "SUPPORTED_STORE_URLS",
     "Config",
+    "CreditConfig",
     "L402Config",
     "LndConfig",
     "PathsConfig",
@@ -290,6 +295,57 @@ class PaywallConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CreditConfig:
+    """``[credit]``: prepaid credit (routes with ``billing = "credit"``) and withdrawals."""
+
+    # Seconds a request's price stays held from the balance: longer than any request may
+    # take upstream. Past it the sweeper gives the hold back (its process died).
+    reservation_seconds: float = 330.0
+    withdrawals: bool = False  # holders may withdraw their balance to an invoice
+    # A macaroon that may send payments (same node as [lnd]); read only with withdrawals.
+    payment_macaroon: Path | None = None
+    # A withdrawal holds max(withdrawal_fee_min_msat, amount * withdrawal_fee_ppm / 1e6)
+    # for the routing fee, and pays with that as the fee limit.
+    withdrawal_fee_min_msat: int = 1000
+    withdrawal_fee_ppm: int = 5000
+    withdrawal_wait_seconds: float = 30.0  # then the endpoint answers 202 PENDING
+    # Seconds each request's charge (the accounts' usage history) is kept before the sweeper
+    # deletes it; 0 keeps them forever. Balances are not affected.
+    usage_retention: int = 2_592_000
+
+    def __post_init__(self) -> None:
+        seconds = self.reservation_seconds
+        require(
+            math.isfinite(seconds) and 1 <= seconds <= MAX_RESERVATION_SECONDS,
+            "reservation_seconds",
+            f"1 to {MAX_RESERVATION_SECONDS:g}",
+            seconds,
+        )
+        if self.withdrawals and self.payment_macaroon is None:
+            raise ValueError(
+                "withdrawals = true needs payment_macaroon (a macaroon that may send payments)"
+            )
+        fee_min = self.withdrawal_fee_min_msat
+        require(fee_min >= 0, "withdrawal_fee_min_msat", ">= 0", fee_min)
+        ppm = self.withdrawal_fee_ppm
+        require(0 <= ppm <= 1_000_000, "withdrawal_fee_ppm", "0 to 1000000", ppm)
+        wait = self.withdrawal_wait_seconds
+        require(
+            math.isfinite(wait) and 0 < wait <= MAX_WITHDRAWAL_WAIT_SECONDS,
+            "withdrawal_wait_seconds",
+            f"more than 0, at most {MAX_WITHDRAWAL_WAIT_SECONDS:g}",
+            wait,
+        )
+        usage = self.usage_retention
+        require(
+            0 <= usage <= MAX_LIFETIME,
+            "usage_retention",
+            f"0 (keep forever) to {MAX_LIFETIME}",
+            usage,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = ServerConfig()
     lnd: LndConfig = LndConfig()
@@ -298,6 +354,7 @@ class Config:
     rate_limit: RateLimitConfig = RateLimitConfig()
     paths: PathsConfig = PathsConfig()
     paywall: PaywallConfig = PaywallConfig()
+    credit: CreditConfig = CreditConfig()
     routes: tuple[RouteConfig, ...] = ()
     # The config file's directory: price functions are imported from it first.
     directory: Path | None = None
@@ -311,6 +368,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "rate_limit": RateLimitConfig,
     "paths": PathsConfig,
     "paywall": PaywallConfig,
+    "credit": CreditConfig,
 }
 
 
@@ -444,6 +502,8 @@ def load_config(
         warn_if_readable_by_others(Path(path), "config file holding lnd.macaroon_hex")
     if uses_lnd and config.lnd.macaroon is not None:
         warn_if_readable_by_others(config.lnd.macaroon, "LND macaroon")
+    if uses_lnd and config.credit.withdrawals and config.credit.payment_macaroon is not None:
+        warn_if_readable_by_others(config.credit.payment_macaroon, "payment macaroon")
     return config
 
 

@@ -41,6 +41,10 @@ MAX_ROOT_KEY_CACHE_SECONDS = 3600.0
 MIN_CHALLENGES_PER_SECOND = 1 / 86400
 MAX_CHALLENGES_PER_SECOND = 1_000_000.0
 MAX_BURST = 1_000_000
+# A credit reservation outlives any request (a day is past every proxy timeout), and the
+# withdrawal endpoint answers within a few minutes (clients and proxies time out).
+MAX_RESERVATION_SECONDS = 86_400.0
+MAX_WITHDRAWAL_WAIT_SECONDS = 300.0
 # The invoice sweeper's period: not a busy loop, and at least daily.
 MIN_SWEEP_INTERVAL = 0.01
 MAX_SWEEP_INTERVAL = 86_400.0

@@ -11,6 +11,12 @@ from dataclasses import dataclass
 from gateway.config.checks import MAX_LIFETIME, display_text, require
 from gateway.pricing import MAX_PRICE_MSAT
 
+BILLINGS = ("token", "credit")
+# A credit route's default credit_msat is this many requests' price, and its default
+# credit_max_msat this many times credit_msat.
+CREDIT_REQUESTS = 100
+_CREDIT_KEYS = ("credit_msat", "credit_min_msat", "credit_max_msat", "metered", "charge_failures")
+
 
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
@@ -26,6 +32,16 @@ class RouteConfig:
     # Shown on the paywall page: what the payment buys, in words.
     title: str = ""
     description: str = ""
+    # "token": a payment buys a token for the route's lifetime; "credit": it buys credit
+    # that each request draws its price from (the keys below apply only to credit routes).
+    billing: str = "token"
+    credit_msat: int | None = None  # credit an invoice buys; default 100 x price_msat
+    # What a client may ask for instead (header L402-Credit-Msat); default price_msat (or
+    # credit_msat with a price function) to 100 x credit_msat.
+    credit_min_msat: int | None = None
+    credit_max_msat: int | None = None
+    metered: bool = False  # charge the cost the backend reports, at most the price
+    charge_failures: bool = False  # charge a 5xx or an unreachable backend too
 
     def __post_init__(self) -> None:
         for key, limit in (("title", 100), ("description", 500)):
@@ -44,6 +60,50 @@ class RouteConfig:
             0 < lifetime <= MAX_LIFETIME, "lifetime", f"1 to {MAX_LIFETIME} (ten years)", lifetime
         )
         require(self.tier >= 0, "tier", ">= 0", self.tier)
+        require(self.billing in BILLINGS, "billing", " or ".join(BILLINGS), self.billing)
+        if self.billing == "credit":
+            self.credit_amounts()  # raises for amounts that cannot work
+        else:
+            credit_keys = [key for key in _CREDIT_KEYS if getattr(self, key) not in (None, False)]
+            if credit_keys:
+                raise ValueError(
+                    f'{", ".join(credit_keys)} apply only to a route with billing = "credit"'
+                )
+
+    def credit_amounts(self) -> tuple[int, int, int]:
+        """A credit route's (credit bought, least, most a client may ask for), the defaults
+        filled in; ValueError when they cannot work."""
+        if self.free or (self.price_msat is None and self.price_function is None):
+            raise ValueError('billing = "credit" needs a price (price_msat or price_function)')
+        if self.price_msat is None and self.credit_msat is None:
+            raise ValueError(
+                "a credit route priced by a price_function needs credit_msat (the credit an "
+                "invoice buys)"
+            )
+        amount = self.credit_msat
+        if amount is None:
+            assert self.price_msat is not None
+            amount = min(CREDIT_REQUESTS * self.price_msat, MAX_PRICE_MSAT)
+        require(0 < amount <= MAX_PRICE_MSAT, "credit_msat", f"1 to {MAX_PRICE_MSAT}", amount)
+        if self.price_msat is not None:
+            require(
+                amount >= self.price_msat,
+                "credit_msat",
+                f"at least price_msat ({self.price_msat}): credit for one request at least",
+                amount,
+            )
+        least = self.credit_min_msat
+        if least is None:
+            least = self.price_msat if self.price_msat is not None else amount
+        most = self.credit_max_msat
+        if most is None:
+            most = min(CREDIT_REQUESTS * amount, MAX_PRICE_MSAT)
+        if not 0 < least <= amount <= most <= MAX_PRICE_MSAT:
+            raise ValueError(
+                f"credit amounts must satisfy 0 < credit_min_msat ({least}) <= credit_msat "
+                f"({amount}) <= credit_max_msat ({most}) <= {MAX_PRICE_MSAT}"
+            )
+        return amount, least, most
 
 
 # RFC 9110's methods, PATCH (RFC 5789) and WebDAV's (RFC 4918).

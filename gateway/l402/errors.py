@@ -31,6 +31,7 @@ class ChallengeReason(enum.StrEnum):
     PATH_NOT_ALLOWED = "path not allowed by token"
     MISSING_CAPABILITY = "token lacks a required capability"
     TIER_TOO_LOW = "token tier is too low"
+    CREDIT_EXHAUSTED = "credit balance too low for this request"
 
 
 class L402Error(Exception):

@@ -6,17 +6,24 @@ least-privilege macaroon (``invoices:read invoices:write``) lacks. Each permissi
 instead with a call LND authorizes before it looks at the request, and then refuses without
 changing anything: ``LookupInvoice`` of a random hash (``invoices:read``) and ``AddInvoice``
 of a negative amount (``invoices:write``; LND rejects it before creating an invoice).
+
+``check_payer`` probes the payment macaroon of withdrawals (``[credit] payment_macaroon``)
+the same way: ``GetInfo`` (``info:read``: the node's network and key), ``TrackPaymentV2`` of
+a random hash (``offchain:read``) and ``SendPaymentV2`` of an empty request
+(``offchain:write``; LND refuses it for want of a destination: nothing is paid).
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from gateway.lnd.connection import LndConnection, LndSettings
-from gateway.lnd.protos import lightning_pb2, lightning_pb2_grpc
+from gateway.lnd.protos import lightning_pb2, lightning_pb2_grpc, router_pb2, router_pb2_grpc
 
 # How long a probe waits for the node: a start-up check, not a request's deadline.
 PROBE_TIMEOUT = 5.0
@@ -24,6 +31,7 @@ PROBE_TIMEOUT = 5.0
 # a host the certificate does not name, a port that does not speak TLS).
 _TLS_FRAGMENTS = ("ssl", "handshake", "certificate", "tsi_", "tls")
 _DETAIL_LIMIT = 200
+PAYER_PERMISSIONS = "offchain:read offchain:write info:read"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +129,75 @@ async def check_lnd(settings: LndSettings, wait: float = PROBE_TIMEOUT) -> LndCh
                 problems.append(problem)
         else:
             problems.append(f"LND at {host} accepted an invoice of a negative amount")
+        return LndCheck(problems=tuple(problems))
+    finally:
+        await connection.close()
+
+
+async def _first_message(call: Any) -> None:
+    """Read a server stream's first message (or its error), then end the call."""
+    try:
+        async for _ in call:
+            return
+    finally:
+        call.cancel()
+
+
+async def check_payer(settings: LndSettings, wait: float = PROBE_TIMEOUT) -> LndCheck:
+    """Probe the payment macaroon ``settings`` carries (module docstring), waiting ``wait``
+    seconds for each answer."""
+    connection = LndConnection(settings)
+    host = settings.host
+    try:
+        lightning = lightning_pb2_grpc.LightningStub(connection.channel)
+        router = router_pb2_grpc.RouterStub(connection.channel)
+        metadata = connection.metadata
+        probes: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (
+            (
+                "info:read",
+                lambda: lightning.GetInfo(
+                    lightning_pb2.GetInfoRequest(), metadata=metadata, timeout=wait
+                ),
+            ),
+            (
+                "offchain:read",
+                lambda: _first_message(
+                    router.TrackPaymentV2(
+                        router_pb2.TrackPaymentRequest(payment_hash=secrets.token_bytes(32)),
+                        metadata=metadata,
+                        timeout=wait,
+                    )
+                ),
+            ),
+            (
+                "offchain:write",
+                lambda: _first_message(
+                    router.SendPaymentV2(
+                        router_pb2.SendPaymentRequest(), metadata=metadata, timeout=wait
+                    )
+                ),
+            ),
+        )
+        problems = []
+        for permission, probe in probes:
+            try:
+                await probe()
+            except grpc.aio.AioRpcError as error:
+                transport = _transport(error, host)
+                if transport is not None:
+                    return transport
+                if "permission denied" in (error.details() or "").lower():
+                    problems.append(
+                        f"[credit] the payment macaroon lacks {permission} (bake one with "
+                        f"{PAYER_PERMISSIONS})"
+                    )
+                    continue
+                if _not_accepted(error, host) is not None:
+                    problem = (
+                        f"[credit] LND at {host} does not accept the payment macaroon "
+                        f"({_detail(error)}): is it this node's?"
+                    )
+                    return LndCheck(problems=(problem,))
         return LndCheck(problems=tuple(problems))
     finally:
         await connection.close()

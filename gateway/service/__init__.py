@@ -17,11 +17,19 @@ refused: a browser cannot drop a stale cookie by itself, so it gets a fresh chal
 ``redeem()`` serves the paywall page: given the macaroon of a challenge it answers whether
 the invoice is paid and, once it is, the credential for the browser to keep.
 
+Credit routes (``Rule.credit``): the challenge's invoice buys credit for the account of the
+token (its id); each allowed request holds its price from that balance (``Allow.charge``),
+which the adapter ends with ``finish_charge()`` once the response status is known; a token
+whose balance falls short gets a top-up challenge for the same account (``balance_msat``).
+``allowed_again()`` never answers for a credit route. ``token_info()`` reads an account and
+``withdraw()`` pays a balance out (``account_of()`` checks the credential for both).
+
 Modules: ``decisions`` (the values asked and answered), ``core`` (``L402Service``),
-``challenge`` (issuing one), ``verify`` (checking a credential), ``caches``,
-``rate_limiter``, ``redeem``. Depends only on ``gateway.l402``, ``gateway.pricing``,
-``gateway.ports`` (and ``gateway.errors``, ``gateway.text``); HTTP itself (headers,
-cookies) is the adapters' business, in ``gateway.web``.
+``challenge`` (issuing one), ``verify`` (checking a credential), ``credit`` (spending and
+reading a balance), ``withdraw`` (paying a balance out), ``caches``, ``rate_limiter``,
+``redeem``. Depends only on ``gateway.l402``, ``gateway.pricing``, ``gateway.ports`` (and
+``gateway.errors``, ``gateway.text``); HTTP itself (headers, cookies) is the adapters'
+business, in ``gateway.web``.
 """
 
 from __future__ import annotations
@@ -29,8 +37,15 @@ from __future__ import annotations
 from gateway.service.caches import ALLOWED_CACHE_SIZE, AllowedCache, RootKeyCache
 from gateway.service.challenge import MEMO_LIMIT
 from gateway.service.core import MAX_COOKIE_CREDENTIALS, L402Service
+from gateway.service.credit import (
+    CREDIT_AMOUNT_HEADER,
+    RECENT_CHARGES,
+    TokenInfo,
+    WithdrawalTerms,
+)
 from gateway.service.decisions import (
     Allow,
+    CreditCharge,
     Decision,
     Deny,
     PaidToken,
@@ -46,16 +61,20 @@ from gateway.service.redeem import (
     RedeemResult,
     RedeemState,
 )
+from gateway.service.withdraw import WithdrawalOutcome, Withdrawer
 
 __all__ = [
     "ALLOWED_CACHE_SIZE",
+    "CREDIT_AMOUNT_HEADER",
     "MAX_COOKIE_CREDENTIALS",
     "MAX_REDEEM_MACAROON_CHARS",
     "MEMO_LIMIT",
+    "RECENT_CHARGES",
     "REDEEM_LOOKUPS_PER_SECOND",
     "REDEEM_LOOKUP_INTERVAL",
     "Allow",
     "AllowedCache",
+    "CreditCharge",
     "Decision",
     "Deny",
     "L402Service",
@@ -67,5 +86,9 @@ __all__ = [
     "Refusal",
     "RequestInfo",
     "RootKeyCache",
+    "TokenInfo",
+    "WithdrawalOutcome",
+    "WithdrawalTerms",
+    "Withdrawer",
     "client_key",
 ]

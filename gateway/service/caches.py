@@ -26,6 +26,7 @@ class KnownToken:
     amount_msat: int
     settled: bool
     fetched_at: float
+    buys_credit: bool = False  # its invoice bought credit (a credit route's token)
 
 
 class RootKeyCache:

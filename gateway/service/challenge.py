@@ -1,5 +1,6 @@
 """Issuing a payment challenge: price the request, create the invoice on the node, mint a
-macaroon bound to its payment hash, and record both in the store."""
+macaroon bound to its payment hash, and record both in the store (with the account, on a
+credit route)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import logging
 import math
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from gateway import errors, l402
 from gateway.ports import Clock, InvoiceBackend, InvoiceRecord, InvoiceState, Msat, Store
 from gateway.pricing import MAX_PRICE_MSAT, PriceRequest, Rule
+from gateway.service.credit import requested_credit
 from gateway.service.decisions import Allow, Decision, Deny, PaymentChallenge, Refusal, RequestInfo
 from gateway.service.rate_limiter import RateLimiter
 from gateway.text import printable
@@ -23,6 +26,16 @@ MEMO_LIMIT = 120
 # A broken price function fails every request: one log line per route this often, not one
 # per request.
 PRICE_LOG_INTERVAL = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class TopUp:
+    """A challenge for more credit: the account of ``token_id`` holds ``balance_msat``, too
+    little for this request's ``price_msat``."""
+
+    token_id: bytes
+    balance_msat: int
+    price_msat: Msat
 
 
 class ChallengeIssuer:
@@ -58,25 +71,42 @@ class ChallengeIssuer:
         self._price_failures: dict[str, int] = {}  # pattern -> failures not logged
 
     async def challenge(
-        self, request: RequestInfo, rule: Rule, reason: l402.ChallengeReason
+        self,
+        request: RequestInfo,
+        rule: Rule,
+        reason: l402.ChallengeReason,
+        *,
+        top_up: TopUp | None = None,
     ) -> Decision:
         """Create an invoice for ``rule``'s price and mint a token bound to its payment hash.
 
-        A price function may return 0 to let a request through for free.
+        On a credit route the invoice buys credit (``requested_credit``) for the account of
+        the new token, or with ``top_up`` for the account of the token that ran out: the new
+        macaroon then carries that token's id. A price function may return 0 to let a request
+        through for free.
         """
-        price = await self._price(request, rule)
+        price = top_up.price_msat if top_up is not None else await self.price(request, rule)
         if isinstance(price, Deny):
             return price
         if price == 0:
             return Allow(None)
+        amount = price
+        what = f"{request.method.upper()} {request.path}"
+        if rule.credit is not None:
+            balance = top_up.balance_msat if top_up is not None else 0
+            bought = requested_credit(request.headers, rule.credit, price - balance)
+            if isinstance(bought, Deny):
+                return bought
+            amount = bought
+            what = f"{amount} msat of credit ({what})"
         if self._limiter is not None:
             wait = self._limiter.acquire(request.client)
             if wait > 0:
                 return Deny(429, Refusal.TOO_MANY_CHALLENGES, retry_after=math.ceil(wait))
-        memo = printable(f"{rule.service}: {request.method.upper()} {request.path}", MEMO_LIMIT)
+        memo = printable(f"{rule.service}: {what}", MEMO_LIMIT)
         try:
             async with self._invoice_slots:
-                invoice = await self._backend.add_invoice(price, memo, self._invoice_expiry)
+                invoice = await self._backend.add_invoice(amount, memo, self._invoice_expiry)
         except errors.BackendUnavailable as error:
             log.warning("cannot create invoice: %s", error)
             return Deny(503, Refusal.NODE_UNAVAILABLE, retry_after=5)
@@ -88,7 +118,7 @@ class ChallengeIssuer:
             return Deny(502, Refusal.NODE_FAILED_INVOICE)
 
         now = self._clock.now()
-        token_id = secrets.token_bytes(32)
+        token_id = top_up.token_id if top_up is not None else secrets.token_bytes(32)
         root_key = secrets.token_bytes(32)
         caveats = [l402.services_caveat(rule.service, rule.tier)]
         if rule.capabilities:
@@ -100,7 +130,7 @@ class ChallengeIssuer:
         record = InvoiceRecord(
             payment_hash=invoice.payment_hash,
             payment_request=invoice.payment_request,
-            amount_msat=price,
+            amount_msat=amount,
             token_id=token_id,
             service=rule.service,
             method=request.method.upper(),
@@ -109,6 +139,7 @@ class ChallengeIssuer:
             created_at=now,
             expires_at=now + self._invoice_expiry,
             add_index=invoice.add_index,
+            buys_credit=rule.credit is not None,
         )
         key_id = hashlib.sha256(macaroon.identifier).digest()
         try:
@@ -116,6 +147,8 @@ class ChallengeIssuer:
             async with self._store.transaction() as tx:
                 await tx.add_invoice(record)
                 await tx.put_root_key(key_id, token_id, root_key)
+                if rule.credit is not None:
+                    await tx.open_account(token_id, rule.service)
         except errors.StoreError:
             log.exception("store failed while issuing a challenge")
             return Deny(503, Refusal.STORE_UNAVAILABLE, retry_after=5)
@@ -124,7 +157,7 @@ class ChallengeIssuer:
             macaroon=l402.encode_b64(macaroon),
             invoice=invoice.payment_request,
             payment_hash=invoice.payment_hash.hex(),
-            amount_msat=price,
+            amount_msat=amount,
             expires_at=record.expires_at,
             service=rule.service,
             method=record.method,
@@ -134,10 +167,15 @@ class ChallengeIssuer:
             title=rule.title,
             description=rule.description,
             merchant=self._merchant,
-            fiat=self._fiat(price) if self._fiat is not None else "",
+            fiat=self._fiat(amount) if self._fiat is not None else "",
+            credit=rule.credit is not None,
+            price_msat=price if rule.credit is not None else 0,
+            balance_msat=top_up.balance_msat if top_up is not None else None,
         )
 
-    async def _price(self, request: RequestInfo, rule: Rule) -> Msat | Deny:
+    async def price(self, request: RequestInfo, rule: Rule) -> Msat | Deny:
+        """The price of ``request`` by ``rule``: fixed, or what its price function says (a
+        failing or invalid one is logged and answered with 503)."""
         if rule.price_msat is not None:
             return rule.price_msat
         assert rule.price_function is not None

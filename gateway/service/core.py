@@ -1,19 +1,31 @@
-"""``L402Service``: the core's entry points, ``authorize()``, ``redeem()`` and ``revoke()``."""
+"""``L402Service``: the core's entry points, ``authorize()``, ``redeem()`` and ``revoke()``,
+and for credit routes ``finish_charge()``, ``token_info()`` and ``withdraw()``."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
 from gateway import errors, l402
 from gateway.ports import Clock, InvoiceBackend, Store
 from gateway.pricing import Pricing, Refused, Rule
-from gateway.service.caches import AllowedKey
-from gateway.service.challenge import ChallengeIssuer
-from gateway.service.decisions import Allow, Decision, Deny, Refusal, RequestInfo
+from gateway.service.caches import ALLOWED_CACHE_SIZE, AllowedKey
+from gateway.service.challenge import ChallengeIssuer, TopUp
+from gateway.service.credit import RESERVATION_SECONDS, CreditLedger, TokenInfo
+from gateway.service.decisions import (
+    Allow,
+    CreditCharge,
+    Decision,
+    Deny,
+    PaidToken,
+    Refusal,
+    RequestInfo,
+)
 from gateway.service.rate_limiter import RateLimiter
 from gateway.service.redeem import REDEEM_LOOKUPS_PER_SECOND, Redeemer, RedeemResult
 from gateway.service.verify import TokenVerifier
+from gateway.service.withdraw import WithdrawalOutcome, Withdrawer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +53,8 @@ class L402Service:
         redeem_lookups_per_second: float = REDEEM_LOOKUPS_PER_SECOND,
         merchant: str = "",
         fiat: Callable[[int], str] | None = None,
+        reservation_seconds: float = RESERVATION_SECONDS,
+        withdrawer: Withdrawer | None = None,
     ) -> None:
         self.pricing = pricing
         self._store = store
@@ -64,6 +78,17 @@ class L402Service:
             root_key_cache_seconds=root_key_cache_seconds,
         )
         self._allowed = self._verifier.allowed
+        # The rule of each credit request line verified so far (``charge_again``); its
+        # verification's validity is the verifier's cache's.
+        self._credit_rules: dict[AllowedKey, Rule] = {}
+        self._credit = CreditLedger(
+            backend=backend,
+            store=store,
+            clock=clock,
+            location=location,
+            reservation_seconds=reservation_seconds,
+        )
+        self._withdrawer = withdrawer
         self._redeemer = Redeemer(
             pricing=pricing,
             backend=backend,
@@ -76,12 +101,57 @@ class L402Service:
 
     async def authorize(self, request: RequestInfo) -> Decision:
         """``Allow`` a free route or a valid paid token, answer a missing or insufficient one
-        with a ``PaymentChallenge``, ``Deny`` the rest (the package docstring lists why)."""
+        with a ``PaymentChallenge``, ``Deny`` the rest (the package docstring lists why).
+
+        On a credit route a valid token's Allow holds the request's price from its balance
+        (``Allow.charge``, to be ended with ``finish_charge``); a balance that does not cover
+        it gets a top-up challenge for the same account."""
         rule = self.pricing.resolve(request.method, request.path, request.method_overrides)
         if isinstance(rule, Refused):
             return Deny(rule.status, rule.reason)
         if rule is None:
             return Allow(None)
+        decision = await self._verified(request, rule)
+        if rule.credit is None or not isinstance(decision, Allow) or decision.token is None:
+            return decision
+        spent = await self._spend(request, rule, decision.token)
+        if (
+            isinstance(spent, Allow)
+            and rule.price_msat is not None
+            and not request.method_overrides
+        ):
+            self._remember_credit_rule((request.authorization, request.method, request.path), rule)
+        return spent
+
+    async def charge_again(
+        self, authorization: tuple[str, ...], method: str, path: str
+    ) -> Allow | None:
+        """On a credit route with a fixed price, the hold for a credential and request line
+        verified before: a paying client's hot path, with no request description to build
+        and no route to resolve. None when there is nothing to go on, or the hold was not
+        made (``authorize`` then gives the answer: a top-up challenge, a 503)."""
+        key = (authorization, method, path)
+        rule = self._credit_rules.get(key)
+        if rule is None or rule.credit is None or rule.price_msat is None:
+            return None
+        verified = self._verifier.verified.get(key)
+        if verified is None or verified.token is None:
+            return None
+        try:
+            held = await self._credit.hold(
+                verified.token, rule.credit, rule.price_msat, method, path
+            )
+        except errors.StoreError:
+            return None
+        return held if isinstance(held, Allow) else None
+
+    def _remember_credit_rule(self, key: AllowedKey, rule: Rule) -> None:
+        if len(self._credit_rules) >= ALLOWED_CACHE_SIZE:
+            self._credit_rules.clear()  # rare: as many request lines as the decision caches
+        self._credit_rules[key] = rule
+
+    async def _verified(self, request: RequestInfo, rule: Rule) -> Decision:
+        """The decision on the request's credential alone, remembered for the next request."""
         # A decision made without an override must not answer a request that has one.
         cache_key: AllowedKey | None = (
             None
@@ -89,7 +159,7 @@ class L402Service:
             else (request.authorization, request.method, request.path)
         )
         if cache_key is not None:
-            cached = self._allowed.get(cache_key)
+            cached = self._verifier.cache_for(rule).get(cache_key)
             if cached is not None:
                 return cached
         try:
@@ -112,6 +182,83 @@ class L402Service:
             log.exception("store failed while verifying a token")
             return Deny(503, Refusal.STORE_UNAVAILABLE, retry_after=5)
 
+    async def _spend(self, request: RequestInfo, rule: Rule, token: PaidToken) -> Decision:
+        """Hold the request's price from the token's credit, or challenge for a top-up."""
+        assert rule.credit is not None
+        price = await self._issuer.price(request, rule)  # a price function: per request
+        if isinstance(price, Deny):
+            return price
+        if price == 0:
+            return Allow(token)
+        try:
+            spent = await self._credit.spend(
+                token, rule.credit, price, request.method, request.path
+            )
+        except errors.StoreError:
+            log.exception("store failed while holding credit")
+            return Deny(503, Refusal.STORE_UNAVAILABLE, retry_after=5)
+        except errors.BackendError as error:
+            log.warning("cannot confirm a credit purchase of %s: %s", token.payment_hash, error)
+            return Deny(503, Refusal.SETTLEMENT_UNCONFIRMED, retry_after=5)
+        if isinstance(spent, Allow):
+            return spent
+        top_up = TopUp(bytes.fromhex(token.token_id), spent.balance_msat, price)
+        return await self._issuer.challenge(
+            request, rule, l402.ChallengeReason.CREDIT_EXHAUSTED, top_up=top_up
+        )
+
+    async def finish_charge(
+        self, charge: CreditCharge, *, status: int | None, cost: str | int | None
+    ) -> int | None:
+        """End the credit held for a request (``Allow.charge``) once its response status is
+        known, before the response goes out; returns the balance after it, for the
+        ``L402-Balance-Msat`` header (None when the hold was already released, or the store
+        failed: the response still goes out).
+
+        ``status`` None means the request got no answer (the handler raised, the backend was
+        unreachable or timed out). Such a failure, or a 5xx, is not charged unless the route
+        charges failures. A metered route is charged ``cost``, the backend's report (a whole
+        number of msat, at most what was held); anything else is logged and the hold is
+        charged in full. Never raises for what the backend reports, nor for the store: it
+        raises nothing but the caller's own ``CancelledError``, and the charge is still
+        written then (the store writes it all the same).
+        """
+        return await self._credit.finish(charge, status=status, cost=cost)
+
+    async def token_info(self, authorization: tuple[str, ...]) -> TokenInfo | Deny:
+        """The credit account of the credential in ``authorization`` (the request's
+        ``Authorization`` values): balance, totals, the presented macaroon's expiry and the
+        latest charges, and the withdrawal terms when withdrawals are enabled. Deny as
+        ``account_of``."""
+        info = await self._credit.token_info(authorization)
+        if isinstance(info, Deny) or self._withdrawer is None:
+            return info
+        return dataclasses.replace(info, withdrawals=self._withdrawer.terms)
+
+    async def account_of(self, authorization: tuple[str, ...]) -> bytes | Deny:
+        """The token id (the account) of the L402 credential in ``authorization``.
+
+        The macaroon's signature is checked with its stored root key and the preimage with
+        its payment hash; its caveats are not (no request to scope, and an expired token's
+        balance is still its holder's). Deny: 401 for a missing, malformed, unknown or
+        forged credential, 404 when the token has no credit account, 503 when the store
+        fails.
+        """
+        return await self._credit.account_of(authorization)
+
+    async def withdraw(
+        self, authorization: tuple[str, ...], payment_request: str
+    ) -> WithdrawalOutcome | Deny:
+        """Pay ``payment_request`` from the balance of the credential's account (the
+        ``Withdrawer`` checks and pays it). Deny 404 when withdrawals are not enabled, else
+        as ``account_of`` or the withdrawer."""
+        if self._withdrawer is None:
+            return Deny(404, Refusal.WITHDRAWALS_DISABLED)
+        token_id = await self.account_of(authorization)
+        if isinstance(token_id, Deny):
+            return token_id
+        return await self._withdrawer.withdraw(token_id, payment_request)
+
     async def challenge(
         self, request: RequestInfo, rule: Rule, reason: l402.ChallengeReason
     ) -> Decision:
@@ -122,7 +269,8 @@ class L402Service:
         """The Allow already verified for this exact credential and request line, if any.
 
         Adapters call it first: on the hot path of a paying client it is the whole decision,
-        with no request description to build.
+        with no request description to build. Never one for a credit route: each of its
+        requests must hold its price (``authorize``).
         """
         return self._allowed.get((authorization, method, path))
 

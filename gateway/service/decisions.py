@@ -43,8 +43,24 @@ class PaidToken:
 
 
 @dataclass(frozen=True, slots=True)
+class CreditCharge:
+    """Credit held for an allowed request on a credit route. The adapter ends it once the
+    response status is known, before the response goes out: ``L402Service.finish_charge``."""
+
+    reservation_id: int
+    token_id: bytes
+    reserved_msat: int
+    balance_msat: int  # after the reservation
+    metered: bool  # charge the cost the backend reports (at most ``reserved_msat``)
+    charge_failures: bool  # a 5xx or an unreachable backend is charged too
+    method: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
 class Allow:
     token: PaidToken | None  # None on a free route
+    charge: CreditCharge | None = None  # set on a credit route
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +83,12 @@ class PaymentChallenge:
     description: str = ""
     merchant: str = ""  # who sells
     fiat: str = ""  # the price in the operator's currency, for people ("" when unknown)
+    # Credit routes: the invoice buys ``amount_msat`` of credit for the account, each request
+    # costs ``price_msat`` (at most, when metered); ``balance_msat`` is the presented token's
+    # balance when the challenge is a top-up (None otherwise).
+    credit: bool = False
+    price_msat: int = 0
+    balance_msat: int | None = None
 
     def www_authenticate(self) -> tuple[str, ...]:
         """One header per scheme: L402, and LSAT for older clients."""
@@ -90,8 +112,14 @@ class Refusal(enum.StrEnum):
     INVOICE_NOT_SETTLED = "invoice is not settled"
     INVALID_SIGNATURE = "invalid macaroon signature"
     MALFORMED_CAVEAT = "malformed caveat"
+    CREDENTIAL_REQUIRED = "an L402 Authorization credential is required"
     # 400
     MACAROON_NOT_BASE64 = "macaroon must be base64 text"
+    CREDIT_AMOUNT_INVALID = "requested credit amount must be a whole number of msat"
+    CREDIT_AMOUNT_OUT_OF_BOUNDS = "requested credit amount is out of the route's bounds"
+    # 404
+    NO_CREDIT_ACCOUNT = "this token has no credit account"
+    WITHDRAWALS_DISABLED = "withdrawals are not enabled"
     # 429
     TOO_MANY_CHALLENGES = "too many payment challenges"
     TOO_MANY_REDEEMS = "too many redeem requests"

@@ -35,12 +35,21 @@ class TokenVerifier:
         self._clock = clock
         self._strict = strict_settlement
         self._root_keys = RootKeyCache(root_key_cache_seconds)
+        # Decisions on token routes: final, an adapter may answer a request from them.
         self.allowed = AllowedCache(clock)
+        # Verified tokens on credit routes: never a final decision (each request must hold
+        # its price), so kept apart from ``allowed``.
+        self.verified = AllowedCache(clock)
+
+    def cache_for(self, rule: Rule) -> AllowedCache:
+        """Where a verification for ``rule`` is remembered."""
+        return self.allowed if rule.credit is None else self.verified
 
     def forget(self) -> None:
         """Drop every cached root key and decision (after a revocation)."""
         self._root_keys.clear()
         self.allowed.clear()
+        self.verified.clear()
 
     async def verify(
         self,
@@ -51,7 +60,11 @@ class TokenVerifier:
     ) -> Allow | Deny:
         """``Allow`` with the token's facts, or ``Deny`` when strict settlement cannot be
         confirmed; an ``l402`` error for a token that does not authorize the request, and
-        ``StoreError`` when the store fails. An Allow is remembered under ``cache_key``."""
+        ``StoreError`` when the store fails. An Allow is remembered under ``cache_key`` (in
+        ``cache_for(rule)``).
+
+        A token that bought credit opens credit routes only: on a route billed per token it
+        is insufficient (its purchase may have been far below the route's price)."""
         identifier = l402.identifier_of(credential)
         now = self._clock.now()
         known = self._root_keys.get(identifier.key_id, now)
@@ -66,8 +79,10 @@ class TokenVerifier:
         verified = l402.verify_token(credential, known.root_key, scope, now)
         if verified.tier < rule.tier:  # tiers are ordered privilege levels
             raise l402.TokenInsufficient(l402.ChallengeReason.TIER_TOO_LOW)
+        if known.buys_credit and rule.credit is None:
+            raise l402.TokenInsufficient(l402.ChallengeReason.PAYMENT_REQUIRED)
         if self._strict and not known.settled:
-            confirmed = await self._confirm_settled(identifier, now)
+            confirmed = await self._confirm_settled(identifier, now, known.buys_credit)
             if isinstance(confirmed, Deny):
                 return confirmed
             known = confirmed
@@ -86,7 +101,7 @@ class TokenVerifier:
             until = self._root_keys.stale_at(known)
             if verified.valid_until is not None:
                 until = min(until, verified.valid_until)
-            self.allowed.put(cache_key, allow, known.fetched_at, until, now)
+            self.cache_for(rule).put(cache_key, allow, known.fetched_at, until, now)
         return allow
 
     async def _load_token(self, identifier: l402.Identifier, now: float) -> KnownToken:
@@ -98,12 +113,15 @@ class TokenVerifier:
             root_key=root_key,
             amount_msat=record.amount_msat if record is not None else 0,
             settled=record is not None and record.state is InvoiceState.SETTLED,
+            buys_credit=record is not None and record.buys_credit,
             fetched_at=now,
         )
         self._root_keys.put(identifier.key_id, known)
         return known
 
-    async def _confirm_settled(self, identifier: l402.Identifier, now: float) -> KnownToken | Deny:
+    async def _confirm_settled(
+        self, identifier: l402.Identifier, now: float, buys_credit: bool
+    ) -> KnownToken | Deny:
         """Strict mode: the watcher may lag the payer by milliseconds, so ask the node."""
         payment_hash = PaymentHash(identifier.payment_hash)
         try:
@@ -120,6 +138,6 @@ class TokenVerifier:
         root_key = await self._store.get_root_key(identifier.key_id)
         if root_key is None:
             raise l402.TokenRejected(Refusal.UNKNOWN_OR_REVOKED)
-        known = KnownToken(root_key, invoice.amount_msat, True, now)
+        known = KnownToken(root_key, invoice.amount_msat, True, now, buys_credit)
         self._root_keys.put(identifier.key_id, known)
         return known

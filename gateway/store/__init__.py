@@ -1,4 +1,5 @@
-"""Durable state behind the ``Store`` port: token root keys, issued invoices, the cursor.
+"""Durable state behind the ``Store`` port: token root keys, issued invoices, the cursor,
+credit accounts (reservations, charges, withdrawals).
 
 Implementations: ``SqliteStore`` (the embedded default) and ``MemoryStore`` (tests); a
 PostgreSQL store for several gateway instances comes later. ``open_store`` picks one from a

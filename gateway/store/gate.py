@@ -45,6 +45,13 @@ class TransactionGate:
         )
         return self._lock
 
+    def refuse_reentry(self) -> None:
+        """Raise ``RuntimeError`` when the running task holds the gate (a store call made
+        inside its own transaction would wait for itself)."""
+        self._refuse_reentry(
+            "the store was called inside its own transaction; call the transaction's methods"
+        )
+
     def _refuse_reentry(self, message: str) -> None:
         # The task holding the gate would wait for itself for ever.
         if self._owner is not None and self._owner is asyncio.current_task():

@@ -11,6 +11,7 @@ calls wait for it to end (``TransactionGate``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 from collections.abc import AsyncIterator, Callable
@@ -18,12 +19,31 @@ from typing import TypeVar
 
 from gateway.errors import StoreClosed, StoreError
 from gateway.ports import (
+    Account,
+    Charge,
+    Clock,
+    CreditTotals,
     Cursor,
     InvoiceRecord,
     InvoiceState,
     InvoiceUpdate,
+    Msat,
     PaymentHash,
+    Reservation,
+    Reserved,
     StoreOperations,
+    SystemClock,
+    Withdrawal,
+    WithdrawalState,
+)
+from gateway.store.credit import (
+    check_amount,
+    check_pending,
+    credit_bought,
+    duplicate_withdrawal,
+    invoice_key_id,
+    refund,
+    resolution_fee,
 )
 from gateway.store.gate import TransactionGate
 
@@ -38,12 +58,19 @@ class _Tables:
     """The data and the operations on it, synchronous; every change goes through ``_set``,
     ``_delete`` or ``_set_cursor`` so that an open transaction can undo it."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
         # key_id -> (token_id, root_key)
         self.root_keys: dict[bytes, tuple[bytes, bytes]] = {}
         # payment_hash -> (insertion sequence, record); the sequence plays SQLite's rowid
         self.invoices: dict[bytes, tuple[int, InvoiceRecord]] = {}
         self.cursor = Cursor()
+        self.accounts: dict[bytes, Account] = {}
+        # reservation_id -> reservation; ids are never reused, as with AUTOINCREMENT
+        self.reservations: dict[int, Reservation] = {}
+        self.reservation_ids = itertools.count(1)
+        self.charges: dict[int, Charge] = {}  # keyed by insertion sequence
+        self.withdrawals: dict[bytes, tuple[int, Withdrawal]] = {}
         self.sequence = itertools.count()
         self.undo: list[Callable[[], None]] | None = None  # a journal while a transaction is open
 
@@ -94,6 +121,13 @@ class _Tables:
         updated = record.updated(update)
         if updated != record:
             self._set(self.invoices, update.payment_hash, (sequence, updated))
+        if credit := credit_bought(record, updated):
+            account = self.accounts.get(record.token_id) or self._new_account(
+                record.token_id, record.service
+            )
+            self._put_account(
+                dataclasses.replace(account, credited_msat=Msat(account.credited_msat + credit))
+            )
         return updated
 
     def get_invoice(self, payment_hash: PaymentHash) -> InvoiceRecord | None:
@@ -132,11 +166,21 @@ class _Tables:
             for _, record in self.invoices.values()
             if record.state in UNPAID_ENDINGS and record.expires_at < expired_before
         ][: max(0, limit)]
-        tokens = {record.token_id for record in doomed}
-        for key_id in [k for k, (token_id, _) in self.root_keys.items() if token_id in tokens]:
-            self._delete(self.root_keys, key_id)
         for record in doomed:
             self._delete(self.invoices, record.payment_hash)
+            key_id = invoice_key_id(record.payment_hash, record.token_id)
+            if key_id is not None and key_id in self.root_keys:
+                self._delete(self.root_keys, key_id)
+        # Each invoice took its own root key. A token's remaining root keys (and its account,
+        # if it never received anything) go with its last invoice: top-ups share the token id.
+        remaining = {record.token_id for _, record in self.invoices.values()}
+        tokens = {record.token_id for record in doomed} - remaining
+        for key_id in [k for k, (token_id, _) in self.root_keys.items() if token_id in tokens]:
+            self._delete(self.root_keys, key_id)
+        for token_id in tokens:
+            account = self.accounts.get(token_id)
+            if account is not None and account.credited_msat == 0:
+                self._delete(self.accounts, token_id)
         return len(doomed)
 
     def save_cursor(self, cursor: Cursor) -> None:
@@ -146,6 +190,198 @@ class _Tables:
                 settle_index=max(self.cursor.settle_index, cursor.settle_index),
             )
         )
+
+    def _new_account(self, token_id: bytes, service: str) -> Account:
+        zero = Msat(0)
+        return Account(token_id, service, zero, zero, zero, zero, self.clock.now())
+
+    def _put_account(self, account: Account) -> Account:
+        """Store ``account``, refusing a negative amount or balance (as the SQLite schema's
+        CHECK constraints do)."""
+        amounts = (
+            account.credited_msat,
+            account.spent_msat,
+            account.reserved_msat,
+            account.withdrawn_msat,
+            account.balance_msat,
+        )
+        if min(amounts) < 0:
+            raise StoreError(f"the account of {account.token_id.hex()} would go negative")
+        self._set(self.accounts, account.token_id, account)
+        return account
+
+    def open_account(self, token_id: bytes, service: str) -> None:
+        if token_id not in self.accounts:
+            self._set(self.accounts, token_id, self._new_account(token_id, service))
+
+    def balance(self, token_id: bytes) -> Msat:
+        account = self.accounts.get(token_id)
+        return Msat(0) if account is None else account.balance_msat
+
+    def reserve(self, token_id: bytes, amount_msat: Msat, expires_at: float) -> Reserved:
+        check_amount("amount_msat", amount_msat)
+        account = self.accounts.get(token_id)
+        if account is None or account.balance_msat < amount_msat:
+            return Reserved(None, self.balance(token_id))
+        reserved = self._put_account(
+            dataclasses.replace(
+                account,
+                reserved_msat=Msat(account.reserved_msat + amount_msat),
+                last_used_at=self.clock.now(),
+            )
+        )
+        reservation = Reservation(next(self.reservation_ids), token_id, amount_msat, expires_at)
+        self._set(self.reservations, reservation.reservation_id, reservation)
+        return Reserved(reservation, reserved.balance_msat)
+
+    def settle_reservation(
+        self, reservation_id: int, charged_msat: Msat, method: str, path: str
+    ) -> Msat | None:
+        check_amount("charged_msat", charged_msat)
+        reservation = self.reservations.get(reservation_id)
+        if reservation is None:
+            return None
+        if charged_msat > reservation.amount_msat:
+            raise ValueError(
+                f"charged_msat {charged_msat} is above the {reservation.amount_msat} reserved"
+            )
+        self._delete(self.reservations, reservation_id)
+        token_id = reservation.token_id
+        account = self.accounts.get(token_id)
+        if account is None:
+            return Msat(0)
+        account = self._put_account(
+            dataclasses.replace(
+                account,
+                reserved_msat=Msat(account.reserved_msat - reservation.amount_msat),
+                spent_msat=Msat(account.spent_msat + charged_msat),
+            )
+        )
+        if charged_msat:
+            charge = Charge(token_id, self.clock.now(), method, path, charged_msat)
+            self._set(self.charges, next(self.sequence), charge)
+        return account.balance_msat
+
+    def release_expired_reservations(self, now: float, limit: int) -> int:
+        expired = sorted(
+            (r for r in self.reservations.values() if r.expires_at < now),
+            key=lambda reservation: (reservation.expires_at, reservation.reservation_id),
+        )[: max(0, limit)]
+        for reservation in expired:
+            self._delete(self.reservations, reservation.reservation_id)
+            account = self.accounts.get(reservation.token_id)
+            if account is not None:
+                reserved = Msat(account.reserved_msat - reservation.amount_msat)
+                self._put_account(dataclasses.replace(account, reserved_msat=reserved))
+        return len(expired)
+
+    def list_charges(self, token_id: bytes, limit: int) -> list[Charge]:
+        charges = sorted(
+            ((charge.at, sequence, charge) for sequence, charge in self.charges.items()),
+            key=lambda entry: (entry[0], entry[1]),
+            reverse=True,
+        )
+        return [charge for _, _, charge in charges if charge.token_id == token_id][: max(0, limit)]
+
+    def prune_charges(self, charged_before: float, limit: int) -> int:
+        doomed = sorted(
+            (charge.at, sequence)
+            for sequence, charge in self.charges.items()
+            if charge.at < charged_before
+        )[: max(0, limit)]
+        for _, sequence in doomed:
+            self._delete(self.charges, sequence)
+        return len(doomed)
+
+    def list_accounts(self, limit: int | None) -> list[Account]:
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        accounts = sorted(
+            self.accounts.values(),
+            key=lambda account: (
+                account.created_at if account.last_used_at is None else account.last_used_at,
+                account.token_id,
+            ),
+            reverse=True,
+        )
+        return accounts if limit is None else accounts[:limit]
+
+    def credit_totals(self) -> CreditTotals:
+        withdrawals = [withdrawal for _, withdrawal in self.withdrawals.values()]
+        accounts = self.accounts.values()
+        return CreditTotals(
+            accounts=len(accounts),
+            received_msat=Msat(sum(account.credited_msat for account in accounts)),
+            consumed_msat=Msat(sum(account.spent_msat for account in accounts)),
+            withdrawn_msat=Msat(
+                sum(
+                    w.amount_msat + w.fee_msat
+                    for w in withdrawals
+                    if w.state is WithdrawalState.SUCCEEDED
+                )
+            ),
+            pending_withdrawals_msat=Msat(
+                sum(
+                    w.amount_msat + w.fee_reserve_msat
+                    for w in withdrawals
+                    if w.state is WithdrawalState.PENDING
+                )
+            ),
+            reserved_msat=Msat(sum(account.reserved_msat for account in accounts)),
+            outstanding_msat=Msat(sum(account.balance_msat for account in accounts)),
+        )
+
+    def begin_withdrawal(self, withdrawal: Withdrawal) -> Msat | None:
+        check_pending(withdrawal)
+        if withdrawal.payment_hash in self.withdrawals:
+            raise duplicate_withdrawal(withdrawal.payment_hash)
+        debit = withdrawal.amount_msat + withdrawal.fee_reserve_msat
+        account = self.accounts.get(withdrawal.token_id)
+        if account is None or account.balance_msat < debit:
+            return None
+        account = self._put_account(
+            dataclasses.replace(account, withdrawn_msat=Msat(account.withdrawn_msat + debit))
+        )
+        self._set(self.withdrawals, withdrawal.payment_hash, (next(self.sequence), withdrawal))
+        return account.balance_msat
+
+    def finish_withdrawal(
+        self, payment_hash: PaymentHash, state: WithdrawalState, fee_msat: Msat, now: float
+    ) -> Withdrawal | None:
+        fee = resolution_fee(state, fee_msat)
+        entry = self.withdrawals.get(payment_hash)
+        if entry is None:
+            return None
+        sequence, pending = entry
+        if pending.state is not WithdrawalState.PENDING:
+            return pending
+        if fee > pending.fee_reserve_msat:
+            raise StoreError(f"fee_msat {fee} is above the fee reserve {pending.fee_reserve_msat}")
+        resolved = dataclasses.replace(pending, state=state, fee_msat=fee, resolved_at=now)
+        self._set(self.withdrawals, payment_hash, (sequence, resolved))
+        account = self.accounts.get(resolved.token_id)
+        if account is not None:
+            withdrawn = Msat(account.withdrawn_msat - refund(resolved))
+            self._put_account(dataclasses.replace(account, withdrawn_msat=withdrawn))
+        return resolved
+
+    def list_withdrawals(
+        self, state: WithdrawalState | None, token_id: bytes | None, limit: int | None
+    ) -> list[Withdrawal]:
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        entries = sorted(
+            (
+                (withdrawal.created_at, sequence, withdrawal)
+                for sequence, withdrawal in self.withdrawals.values()
+                if (state is None or withdrawal.state is state)
+                and (token_id is None or withdrawal.token_id == token_id)
+            ),
+            key=lambda entry: (entry[0], entry[1]),
+            reverse=True,
+        )
+        withdrawals = [withdrawal for _, _, withdrawal in entries]
+        return withdrawals if limit is None else withdrawals[:limit]
 
 
 class _MemoryOperations:
@@ -189,6 +425,55 @@ class _MemoryOperations:
     async def save_cursor(self, cursor: Cursor) -> None:
         await self._run(lambda tables: tables.save_cursor(cursor))
 
+    async def open_account(self, token_id: bytes, service: str) -> None:
+        await self._run(lambda tables: tables.open_account(token_id, service))
+
+    async def get_account(self, token_id: bytes) -> Account | None:
+        return await self._run(lambda tables: tables.accounts.get(token_id))
+
+    async def reserve(self, token_id: bytes, amount_msat: Msat, expires_at: float) -> Reserved:
+        return await self._run(lambda tables: tables.reserve(token_id, amount_msat, expires_at))
+
+    async def settle_reservation(
+        self, reservation_id: int, charged_msat: Msat, method: str, path: str
+    ) -> Msat | None:
+        return await self._run(
+            lambda tables: tables.settle_reservation(reservation_id, charged_msat, method, path)
+        )
+
+    async def release_expired_reservations(self, now: float, limit: int) -> int:
+        return await self._run(lambda tables: tables.release_expired_reservations(now, limit))
+
+    async def list_charges(self, token_id: bytes, limit: int) -> list[Charge]:
+        return await self._run(lambda tables: tables.list_charges(token_id, limit))
+
+    async def prune_charges(self, charged_before: float, limit: int) -> int:
+        return await self._run(lambda tables: tables.prune_charges(charged_before, limit))
+
+    async def list_accounts(self, limit: int | None = None) -> list[Account]:
+        return await self._run(lambda tables: tables.list_accounts(limit))
+
+    async def credit_totals(self) -> CreditTotals:
+        return await self._run(lambda tables: tables.credit_totals())
+
+    async def begin_withdrawal(self, withdrawal: Withdrawal) -> Msat | None:
+        return await self._run(lambda tables: tables.begin_withdrawal(withdrawal))
+
+    async def finish_withdrawal(
+        self, payment_hash: PaymentHash, state: WithdrawalState, fee_msat: Msat, now: float
+    ) -> Withdrawal | None:
+        return await self._run(
+            lambda tables: tables.finish_withdrawal(payment_hash, state, fee_msat, now)
+        )
+
+    async def list_withdrawals(
+        self,
+        state: WithdrawalState | None = None,
+        token_id: bytes | None = None,
+        limit: int | None = None,
+    ) -> list[Withdrawal]:
+        return await self._run(lambda tables: tables.list_withdrawals(state, token_id, limit))
+
 
 class _MemoryTransaction(_MemoryOperations):
     """The operations of one open transaction: they run at once, journalled."""
@@ -208,8 +493,9 @@ class _MemoryTransaction(_MemoryOperations):
 class MemoryStore(_MemoryOperations):
     """A ``Store`` held in memory."""
 
-    def __init__(self) -> None:
-        self._tables = _Tables()
+    def __init__(self, clock: Clock | None = None) -> None:
+        self._clock = clock or SystemClock()
+        self._tables = _Tables(self._clock)
         self._gate = TransactionGate()
         self._closed = False
 
@@ -250,4 +536,4 @@ class MemoryStore(_MemoryOperations):
             return
         self._closed = True
         async with self._gate.turn():
-            self._tables = _Tables()
+            self._tables = _Tables(self._clock)

@@ -7,6 +7,12 @@ given in order: each operation is atomic with respect to the others (the few of 
 statements in a transaction of their own), and each write is committed before its coroutine
 returns.
 
+Group commit: a request on a credit route reserves its price and later settles the charge,
+two writes on the hot path. Those (``reserve``, ``settle_reservation``) queued while one group
+is being committed are committed together next, in one transaction: under load one commit
+serves many requests. Each still returns only once it is
+committed.
+
 Transactions: ``transaction()`` holds the store's ``TransactionGate`` from ``BEGIN IMMEDIATE``
 (the write lock, against other processes too) to ``COMMIT`` or ``ROLLBACK``, and the store's
 own calls made meanwhile wait for it. A failed or cancelled transaction always queues its
@@ -20,28 +26,48 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
+import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.errors import StoreClosed, StoreError
 from gateway.ports import (
+    Account,
+    Charge,
     Clock,
+    CreditTotals,
     Cursor,
     InvoiceRecord,
     InvoiceState,
     InvoiceUpdate,
     Msat,
     PaymentHash,
+    Reservation,
+    Reserved,
     StoreOperations,
     SystemClock,
+    Withdrawal,
+    WithdrawalState,
+)
+from gateway.store.credit import (
+    check_amount,
+    check_pending,
+    credit_bought,
+    duplicate_withdrawal,
+    invoice_key_id,
+    refund,
+    resolution_fee,
 )
 from gateway.store.gate import TransactionGate
-from gateway.store.sqlite_file import Synchronous, connect, describe
+from gateway.store.sqlite_file import Synchronous, connect, connect_nonblocking, describe
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # ON CONFLICT (pk) DO NOTHING rather than INSERT OR IGNORE: OR IGNORE would also silently drop
 # a row that breaks a NOT NULL constraint, where we want the error.
@@ -54,8 +80,9 @@ _REVOKE = "DELETE FROM root_keys WHERE token_id = ?"
 _ADD_INVOICE = """
     INSERT INTO invoices (
         payment_hash, payment_request, amount_msat, token_id, service, method, path,
-        state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at
-    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
+        buys_credit
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (payment_hash) DO NOTHING
 """
 # Writes what ``InvoiceRecord.updated`` decided (the state rules are not repeated in SQL).
@@ -65,37 +92,159 @@ _SET_STATE = """
 """
 _GET_INVOICE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
-           state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at
+           state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
+           buys_credit
     FROM invoices WHERE payment_hash = ?
 """
 # LIMIT -1 is SQLite for "no limit".
 _LIST_INVOICES = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
-           state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at
+           state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
+           buys_credit
     FROM invoices ORDER BY created_at DESC, rowid DESC LIMIT ?
 """
 _LIST_INVOICES_IN_STATE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
-           state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at
+           state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
+           buys_credit
     FROM invoices WHERE state = ? ORDER BY created_at DESC, rowid DESC LIMIT ?
 """
 _LIST_OVERDUE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
-           state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at
+           state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
+           buys_credit
     FROM invoices WHERE state = 'OPEN' AND expires_at < ? ORDER BY expires_at, rowid LIMIT ?
 """
 _PRUNABLE = """
     SELECT payment_hash, token_id FROM invoices
     WHERE state IN ('CANCELED', 'EXPIRED') AND expires_at < ? LIMIT ?
 """
-_PRUNE_ROOT_KEYS = "DELETE FROM root_keys WHERE token_id = ?"
 # The state is tested again, though the transaction already holds the write lock.
 _PRUNE_INVOICE = "DELETE FROM invoices WHERE payment_hash = ? AND state IN ('CANCELED', 'EXPIRED')"
+# A pruned invoice's own root key, found by ``invoice_key_id``.
+_PRUNE_ROOT_KEY = "DELETE FROM root_keys WHERE key_id = ?"
+# A token's remaining root keys (and its account, if it never received anything) go with its
+# last invoice: top-ups share the token id, and an unpaid one must not take the paid token
+# along.
+_PRUNE_ROOT_KEYS = """
+    DELETE FROM root_keys
+    WHERE token_id = ?1 AND NOT EXISTS (SELECT 1 FROM invoices WHERE token_id = ?1)
+"""
+_PRUNE_ACCOUNT = """
+    DELETE FROM accounts
+    WHERE token_id = ?1 AND credited_msat = 0
+      AND NOT EXISTS (SELECT 1 FROM invoices WHERE token_id = ?1)
+"""
 _GET_CURSOR = "SELECT add_index, settle_index FROM cursor WHERE id = 0"
 _SAVE_CURSOR = """
     UPDATE cursor SET add_index = max(add_index, ?), settle_index = max(settle_index, ?)
     WHERE id = 0
 """
+
+# Credit. The balance is credited_msat - spent_msat - reserved_msat - withdrawn_msat. No
+# RETURNING (SQLite 3.35): the balance after a write is read back in its transaction, so the
+# older system SQLite of some distributions (RHEL 9 has 3.34) keeps working.
+_OPEN_ACCOUNT = """
+    INSERT INTO accounts (
+        token_id, service, credited_msat, spent_msat, reserved_msat, withdrawn_msat, created_at
+    ) VALUES (?, ?, 0, 0, 0, 0, ?)
+    ON CONFLICT (token_id) DO NOTHING
+"""
+# Opens the account too if the challenge did not: a settled payment is never lost.
+_CREDIT = """
+    INSERT INTO accounts (
+        token_id, service, credited_msat, spent_msat, reserved_msat, withdrawn_msat, created_at
+    ) VALUES (?, ?, ?, 0, 0, 0, ?)
+    ON CONFLICT (token_id) DO UPDATE SET credited_msat = credited_msat + excluded.credited_msat
+"""
+_GET_ACCOUNT = """
+    SELECT token_id, service, credited_msat, spent_msat, reserved_msat, withdrawn_msat, created_at,
+           last_used_at
+    FROM accounts WHERE token_id = ?
+"""
+_GET_BALANCE = """
+    SELECT credited_msat - spent_msat - reserved_msat - withdrawn_msat
+    FROM accounts WHERE token_id = ?
+"""
+_LIST_ACCOUNTS = """
+    SELECT token_id, service, credited_msat, spent_msat, reserved_msat, withdrawn_msat, created_at,
+           last_used_at
+    FROM accounts ORDER BY coalesce(last_used_at, created_at) DESC, token_id DESC LIMIT ?
+"""
+# The balance test and the debit are one statement: atomic across processes.
+_RESERVE = """
+    UPDATE accounts SET reserved_msat = reserved_msat + ?1, last_used_at = ?2
+    WHERE token_id = ?3 AND credited_msat - spent_msat - reserved_msat - withdrawn_msat >= ?1
+"""
+_ADD_RESERVATION = "INSERT INTO reservations (token_id, amount_msat, expires_at) VALUES (?, ?, ?)"
+_GET_RESERVATION = "SELECT token_id, amount_msat FROM reservations WHERE id = ?"
+_DELETE_RESERVATION = "DELETE FROM reservations WHERE id = ?"
+_SETTLE = """
+    UPDATE accounts SET reserved_msat = reserved_msat - ?, spent_msat = spent_msat + ?
+    WHERE token_id = ?
+"""
+_ADD_CHARGE = "INSERT INTO charges (token_id, at, method, path, amount_msat) VALUES (?, ?, ?, ?, ?)"
+_EXPIRED_RESERVATIONS = """
+    SELECT id, token_id, amount_msat FROM reservations
+    WHERE expires_at < ? ORDER BY expires_at LIMIT ?
+"""
+_RELEASE = "UPDATE accounts SET reserved_msat = reserved_msat - ? WHERE token_id = ?"
+_LIST_CHARGES = """
+    SELECT token_id, at, method, path, amount_msat FROM charges
+    WHERE token_id = ? ORDER BY at DESC, rowid DESC LIMIT ?
+"""
+# The oldest first, found by the charges_at index; one statement, so atomic on its own.
+_PRUNE_CHARGES = """
+    DELETE FROM charges WHERE rowid IN (
+        SELECT rowid FROM charges WHERE at < ? ORDER BY at, rowid LIMIT ?
+    )
+"""
+# One statement, so one snapshot: the totals reconcile even while others write.
+_CREDIT_TOTALS = """
+    SELECT * FROM (
+        SELECT count(*), coalesce(sum(credited_msat), 0), coalesce(sum(spent_msat), 0),
+               coalesce(sum(reserved_msat), 0),
+               coalesce(sum(credited_msat - spent_msat - reserved_msat - withdrawn_msat), 0)
+        FROM accounts
+    ), (
+        SELECT coalesce(sum(CASE state WHEN 'SUCCEEDED' THEN amount_msat + fee_msat END), 0),
+               coalesce(sum(CASE state WHEN 'PENDING' THEN amount_msat + fee_reserve_msat END), 0)
+        FROM withdrawals
+    )
+"""
+_ADD_WITHDRAWAL = """
+    INSERT INTO withdrawals (
+        payment_hash, token_id, payment_request, amount_msat, fee_reserve_msat, state,
+        created_at, fee_msat, resolved_at
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_GET_WITHDRAWAL = """
+    SELECT payment_hash, token_id, payment_request, amount_msat, fee_reserve_msat, state,
+           created_at, fee_msat, resolved_at
+    FROM withdrawals WHERE payment_hash = ?
+"""
+# ?1: the token id or NULL for every token; LIMIT -1: no limit.
+_LIST_WITHDRAWALS = """
+    SELECT payment_hash, token_id, payment_request, amount_msat, fee_reserve_msat, state,
+           created_at, fee_msat, resolved_at
+    FROM withdrawals WHERE ?1 IS NULL OR token_id = ?1
+    ORDER BY created_at DESC, rowid DESC LIMIT ?2
+"""
+_LIST_WITHDRAWALS_IN_STATE = """
+    SELECT payment_hash, token_id, payment_request, amount_msat, fee_reserve_msat, state,
+           created_at, fee_msat, resolved_at
+    FROM withdrawals WHERE state = ?3 AND (?1 IS NULL OR token_id = ?1)
+    ORDER BY created_at DESC, rowid DESC LIMIT ?2
+"""
+_WITHDRAW = """
+    UPDATE accounts SET withdrawn_msat = withdrawn_msat + ?1
+    WHERE token_id = ?2 AND credited_msat - spent_msat - reserved_msat - withdrawn_msat >= ?1
+"""
+_RESOLVE_WITHDRAWAL = """
+    UPDATE withdrawals SET state = ?, fee_msat = ?, resolved_at = ?
+    WHERE payment_hash = ? AND state = 'PENDING'
+"""
+_REFUND_WITHDRAWAL = "UPDATE accounts SET withdrawn_msat = withdrawn_msat - ? WHERE token_id = ?"
 
 
 class _SqliteOperations:
@@ -109,6 +258,18 @@ class _SqliteOperations:
         """Run ``function`` on the worker; ``atomic``: it runs several statements that must
         commit together (a transaction of their own unless one is open)."""
         raise NotImplementedError
+
+    async def _run_grouped(
+        self,
+        operation: str,
+        function: Callable[[sqlite3.Connection], T],
+        undo: Callable[[T], Callable[[sqlite3.Connection], object] | None] | None = None,
+    ) -> T:
+        """Run ``function`` atomically, like ``_run(..., atomic=True)``; outside a transaction
+        the store commits it together with others queued at the same time
+        (``SqliteStore._run_grouped``). ``undo``: what reverses its result, run when its
+        caller was cancelled while it was being written."""
+        return await self._run(operation, function, atomic=True)
 
     async def put_root_key(self, key_id: bytes, token_id: bytes, root_key: bytes) -> None:
         created_at = self._clock.now()
@@ -154,6 +315,7 @@ class _SqliteOperations:
             record.settle_index,
             record.amount_paid_msat,
             record.settled_at,
+            record.buys_credit,
         )
 
         def add(connection: sqlite3.Connection) -> None:
@@ -162,6 +324,10 @@ class _SqliteOperations:
         await self._run("add_invoice", add)
 
     async def apply_update(self, update: InvoiceUpdate) -> InvoiceRecord | None:
+        """Settling an invoice that buys credit credits its account in the same write; the
+        read and the write hold the write lock, so a racing report finds it SETTLED already."""
+        now = self._clock.now()
+
         def apply(connection: sqlite3.Connection) -> InvoiceRecord | None:
             row = connection.execute(_GET_INVOICE, (update.payment_hash,)).fetchone()
             if row is None:
@@ -179,6 +345,8 @@ class _SqliteOperations:
                         updated.payment_hash,
                     ),
                 )
+            if credit := credit_bought(record, updated):
+                connection.execute(_CREDIT, (record.token_id, record.service, credit, now))
             return updated
 
         return await self._run("apply_update", apply, atomic=True)
@@ -193,9 +361,7 @@ class _SqliteOperations:
     async def list_invoices(
         self, state: InvoiceState | None = None, limit: int | None = None
     ) -> list[InvoiceRecord]:
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
-        sql_limit = -1 if limit is None else limit
+        sql_limit = _sql_limit(limit)
 
         def list_(connection: sqlite3.Connection) -> list[InvoiceRecord]:
             if state is None:
@@ -214,15 +380,24 @@ class _SqliteOperations:
         return await self._run("list_overdue", list_)
 
     async def prune_unpaid(self, expired_before: float, limit: int) -> int:
-        """An invoice and its root key go together."""
+        """Each pruned invoice takes its own root key; a token's remaining root keys, and its
+        account if it never received anything, go with its last invoice."""
 
         def prune(connection: sqlite3.Connection) -> int:
             doomed = connection.execute(_PRUNABLE, (expired_before, max(0, limit))).fetchall()
-            connection.executemany(_PRUNE_ROOT_KEYS, ((token_id,) for _, token_id in doomed))
-            deleted = connection.executemany(
-                _PRUNE_INVOICE, ((payment_hash,) for payment_hash, _ in doomed)
-            ).rowcount
-            return max(0, deleted)
+            deleted = 0
+            tokens: set[bytes] = set()
+            for payment_hash, token_id in doomed:
+                if not connection.execute(_PRUNE_INVOICE, (payment_hash,)).rowcount:
+                    continue
+                deleted += 1
+                tokens.add(bytes(token_id))
+                key_id = invoice_key_id(bytes(payment_hash), bytes(token_id))
+                if key_id is not None:
+                    connection.execute(_PRUNE_ROOT_KEY, (key_id,))
+            connection.executemany(_PRUNE_ROOT_KEYS, ((token_id,) for token_id in tokens))
+            connection.executemany(_PRUNE_ACCOUNT, ((token_id,) for token_id in tokens))
+            return deleted
 
         return await self._run("prune_unpaid", prune, atomic=True)
 
@@ -238,6 +413,163 @@ class _SqliteOperations:
             connection.execute(_SAVE_CURSOR, (cursor.add_index, cursor.settle_index))
 
         await self._run("save_cursor", save)
+
+    async def open_account(self, token_id: bytes, service: str) -> None:
+        created_at = self._clock.now()
+
+        def open_(connection: sqlite3.Connection) -> None:
+            connection.execute(_OPEN_ACCOUNT, (token_id, service, created_at))
+
+        await self._run("open_account", open_)
+
+    async def get_account(self, token_id: bytes) -> Account | None:
+        def get(connection: sqlite3.Connection) -> Account | None:
+            row = connection.execute(_GET_ACCOUNT, (token_id,)).fetchone()
+            return None if row is None else _account(row)
+
+        return await self._run("get_account", get)
+
+    async def reserve(self, token_id: bytes, amount_msat: Msat, expires_at: float) -> Reserved:
+        check_amount("amount_msat", amount_msat)
+        now = self._clock.now()
+
+        def reserve(connection: sqlite3.Connection) -> Reserved:
+            reservation = None
+            if connection.execute(_RESERVE, (amount_msat, now, token_id)).rowcount:
+                reservation_id = connection.execute(
+                    _ADD_RESERVATION, (token_id, amount_msat, expires_at)
+                ).lastrowid
+                assert reservation_id is not None  # an INSERT into a rowid table
+                reservation = Reservation(reservation_id, token_id, amount_msat, expires_at)
+            return Reserved(reservation, _balance(connection, token_id))
+
+        def release(reserved: Reserved) -> Callable[[sqlite3.Connection], object] | None:
+            if reserved.reservation is None:
+                return None
+            return functools.partial(
+                _settle, reservation_id=reserved.reservation.reservation_id, charged_msat=0
+            )
+
+        return await self._run_grouped("reserve", reserve, release)
+
+    async def settle_reservation(
+        self, reservation_id: int, charged_msat: Msat, method: str, path: str
+    ) -> Msat | None:
+        check_amount("charged_msat", charged_msat)
+        settle = functools.partial(
+            _settle,
+            reservation_id=reservation_id,
+            charged_msat=charged_msat,
+            method=method,
+            path=path,
+            at=self._clock.now(),
+        )
+        return await self._run_grouped("settle_reservation", settle)
+
+    async def release_expired_reservations(self, now: float, limit: int) -> int:
+        def release(connection: sqlite3.Connection) -> int:
+            expired = connection.execute(_EXPIRED_RESERVATIONS, (now, max(0, limit))).fetchall()
+            connection.executemany(_DELETE_RESERVATION, ((id_,) for id_, _, _ in expired))
+            connection.executemany(_RELEASE, ((amount, token) for _, token, amount in expired))
+            return len(expired)
+
+        return await self._run("release_expired_reservations", release, atomic=True)
+
+    async def list_charges(self, token_id: bytes, limit: int) -> list[Charge]:
+        def list_(connection: sqlite3.Connection) -> list[Charge]:
+            rows = connection.execute(_LIST_CHARGES, (token_id, max(0, limit)))
+            return [
+                Charge(bytes(token), float(at), str(method), str(path), Msat(int(amount)))
+                for token, at, method, path, amount in rows
+            ]
+
+        return await self._run("list_charges", list_)
+
+    async def prune_charges(self, charged_before: float, limit: int) -> int:
+        def prune(connection: sqlite3.Connection) -> int:
+            deleted = connection.execute(_PRUNE_CHARGES, (charged_before, max(0, limit)))
+            return max(0, deleted.rowcount)
+
+        return await self._run("prune_charges", prune)
+
+    async def list_accounts(self, limit: int | None = None) -> list[Account]:
+        sql_limit = _sql_limit(limit)
+
+        def list_(connection: sqlite3.Connection) -> list[Account]:
+            return [_account(row) for row in connection.execute(_LIST_ACCOUNTS, (sql_limit,))]
+
+        return await self._run("list_accounts", list_)
+
+    async def credit_totals(self) -> CreditTotals:
+        def totals(connection: sqlite3.Connection) -> CreditTotals:
+            accounts, received, consumed, reserved, outstanding, withdrawn, pending = (
+                connection.execute(_CREDIT_TOTALS).fetchone()
+            )
+            return CreditTotals(
+                accounts=int(accounts),
+                received_msat=Msat(int(received)),
+                consumed_msat=Msat(int(consumed)),
+                withdrawn_msat=Msat(int(withdrawn)),
+                pending_withdrawals_msat=Msat(int(pending)),
+                reserved_msat=Msat(int(reserved)),
+                outstanding_msat=Msat(int(outstanding)),
+            )
+
+        return await self._run("credit_totals", totals)
+
+    async def begin_withdrawal(self, withdrawal: Withdrawal) -> Msat | None:
+        check_pending(withdrawal)
+        debit = withdrawal.amount_msat + withdrawal.fee_reserve_msat
+        values = _withdrawal_values(withdrawal)
+
+        def begin(connection: sqlite3.Connection) -> Msat | None:
+            if connection.execute(_GET_WITHDRAWAL, (withdrawal.payment_hash,)).fetchone():
+                raise duplicate_withdrawal(withdrawal.payment_hash)
+            if not connection.execute(_WITHDRAW, (debit, withdrawal.token_id)).rowcount:
+                return None
+            connection.execute(_ADD_WITHDRAWAL, values)
+            return _balance(connection, withdrawal.token_id)
+
+        return await self._run("begin_withdrawal", begin, atomic=True)
+
+    async def finish_withdrawal(
+        self, payment_hash: PaymentHash, state: WithdrawalState, fee_msat: Msat, now: float
+    ) -> Withdrawal | None:
+        fee = resolution_fee(state, fee_msat)
+
+        def finish(connection: sqlite3.Connection) -> Withdrawal | None:
+            row = connection.execute(_GET_WITHDRAWAL, (payment_hash,)).fetchone()
+            if row is None:
+                return None
+            pending = _withdrawal(row)
+            if pending.state is not WithdrawalState.PENDING:
+                return pending
+            # The CHECK refuses a fee above the reserve before anything is written.
+            connection.execute(_RESOLVE_WITHDRAWAL, (state.value, fee, now, payment_hash))
+            resolved = replace(pending, state=state, fee_msat=fee, resolved_at=now)
+            connection.execute(_REFUND_WITHDRAWAL, (refund(resolved), resolved.token_id))
+            return resolved
+
+        return await self._run("finish_withdrawal", finish, atomic=True)
+
+    async def list_withdrawals(
+        self,
+        state: WithdrawalState | None = None,
+        token_id: bytes | None = None,
+        limit: int | None = None,
+    ) -> list[Withdrawal]:
+        sql_limit = _sql_limit(limit)
+
+        def list_(connection: sqlite3.Connection) -> list[Withdrawal]:
+            if state is None:
+                rows = connection.execute(_LIST_WITHDRAWALS, (token_id, sql_limit))
+            else:
+                rows = connection.execute(
+                    _LIST_WITHDRAWALS_IN_STATE, (token_id, sql_limit, state.value)
+                )
+            return [_withdrawal(row) for row in rows]
+
+        return await self._run("list_withdrawals", list_)
 
 
 class _SqliteTransaction(_SqliteOperations):
@@ -267,6 +599,7 @@ class SqliteStore(_SqliteOperations):
         connection: sqlite3.Connection,
         executor: concurrent.futures.ThreadPoolExecutor,
         clock: Clock,
+        loop_connection: sqlite3.Connection | None = None,
     ) -> None:
         """Internal: use ``open()``, which makes the connection in the executor's thread."""
         self._path = path
@@ -275,6 +608,14 @@ class SqliteStore(_SqliteOperations):
         self._clock = clock
         self._gate = TransactionGate()
         self._closed = False
+        # Grouped operations waiting for the next group commit, and the task committing them.
+        self._grouped: list[_Grouped] = []
+        self._committer: asyncio.Task[None] | None = None
+        # Groups are committed on the loop's own thread when the database is free at once
+        # (no hand-over to the worker, no wait for the GIL between statements), on the
+        # worker otherwise; None for a read-only store.
+        self._loop_connection = loop_connection
+        self._groups_since_checkpoint = 0
 
     @classmethod
     async def open(
@@ -321,7 +662,8 @@ class SqliteStore(_SqliteOperations):
             executor.submit(_close_if_opened, future)
             executor.shutdown(wait=False)
             raise
-        return cls(file, connection, executor, clock or SystemClock())
+        loop_connection = None if read_only else connect_nonblocking(file, synchronous)
+        return cls(file, connection, executor, clock or SystemClock(), loop_connection)
 
     @property
     def path(self) -> Path:
@@ -364,6 +706,86 @@ class SqliteStore(_SqliteOperations):
         except sqlite3.Error as error:
             raise StoreError(f"{operation} failed on {self._path}: {describe(error)}") from error
 
+    async def _run_grouped(
+        self,
+        operation: str,
+        function: Callable[[sqlite3.Connection], T],
+        undo: Callable[[T], Callable[[sqlite3.Connection], object] | None] | None = None,
+    ) -> T:
+        """Group commit: the operations queued while a group is being committed are committed
+        together next, in one transaction (one that refuses its arguments leaves the others
+        be; an SQLite error fails the group). Under load a commit then serves many requests
+        instead of one; alone, an operation waits for no one.
+
+        Queued before the first await: a caller cancelled while it waits has its operation
+        written all the same, then reversed by ``undo`` (when given) in a later group."""
+        self._check_open(operation)
+        self._gate.refuse_reentry()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._group(_Grouped(operation, function, future, undo))
+        return await future
+
+    def _group(self, grouped: _Grouped) -> None:
+        self._grouped.append(grouped)
+        if self._committer is None:
+            self._committer = asyncio.get_running_loop().create_task(self._commit_groups())
+
+    async def _commit_groups(self) -> None:
+        try:
+            while self._grouped:
+                group, self._grouped = self._grouped[:GROUP_LIMIT], self._grouped[GROUP_LIMIT:]
+                try:
+                    async with self._gate.turn():
+                        outcomes = self._run_group_here(group)
+                        if outcomes is None:
+                            outcomes = await self._queue(
+                                "group commit", functools.partial(_run_group, group), atomic=False
+                            )
+                # The BEGIN or COMMIT failed (none of them happened), or this task was cancelled
+                # (the worker still runs what it was given).
+                except BaseException as error:
+                    for grouped in group:
+                        _settle_future(grouped.future, None, error)
+                    if not isinstance(error, Exception):
+                        raise
+                    continue
+                for grouped, (result, failure) in zip(group, outcomes, strict=True):
+                    if not grouped.future.done():
+                        _settle_future(grouped.future, result, failure)
+                    elif failure is None and grouped.undo is not None:
+                        self._undo(grouped, result)
+        finally:
+            self._committer = None
+
+    def _run_group_here(self, group: list[_Grouped]) -> list[tuple[Any, Exception | None]] | None:
+        """``group`` committed on the loop's thread; None when the database was busy (another
+        process or this store's worker is writing) or failed: the worker then runs it."""
+        if self._loop_connection is None:
+            return None
+        try:
+            outcomes = _run_group(group, self._loop_connection)
+        except sqlite3.Error:
+            return None  # rolled back: nothing of it happened
+        self._groups_since_checkpoint += 1
+        if self._groups_since_checkpoint >= CHECKPOINT_EVERY:
+            # This connection never checkpoints: the worker does, off the loop.
+            self._groups_since_checkpoint = 0
+            self._queue("checkpoint", _checkpoint, atomic=False).add_done_callback(
+                _log_failed_checkpoint
+            )
+        return outcomes
+
+    def _undo(self, grouped: _Grouped, result: object) -> None:
+        """Reverse what a cancelled caller's operation did, in the next group."""
+        assert grouped.undo is not None
+        reverse = grouped.undo(result)
+        if reverse is None:
+            return
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_log_failed_undo)
+        self._group(_Grouped(f"undo {grouped.operation}", reverse, future, None))
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[StoreOperations]:
         self._check_open("transaction")
@@ -394,13 +816,78 @@ class SqliteStore(_SqliteOperations):
         try:
             async with self._gate.turn():
                 pass  # an open transaction ends first; nothing new can begin (closed)
+            if self._committer is not None:
+                await asyncio.shield(self._committer)  # the grouped operations already queued
         finally:
+            if self._loop_connection is not None:
+                self._loop_connection.close()
             future = self._executor.submit(self._call, "close", _close, False)
             # The worker runs what is queued, the close last, then exits.
             self._executor.shutdown(wait=False)
             # Shielded: a cancelled close() must not cancel the queued close of the connection.
             await asyncio.shield(asyncio.wrap_future(future))
             self._executor.shutdown(wait=True)  # joins the thread, which is exiting already
+
+
+GROUP_LIMIT = 256  # operations committed in one group at most
+CHECKPOINT_EVERY = 256  # groups committed on the loop's thread between WAL checkpoints
+
+
+def _checkpoint(connection: sqlite3.Connection) -> None:
+    connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+
+def _log_failed_checkpoint(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("WAL checkpoint failed: %s", future.exception())
+
+
+@dataclass(frozen=True, slots=True)
+class _Grouped:
+    operation: str
+    function: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    undo: Callable[[Any], Callable[[sqlite3.Connection], object] | None] | None
+
+
+def _log_failed_undo(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("could not reverse the write of a cancelled caller: %s", future.exception())
+
+
+def _run_group(
+    group: list[_Grouped], connection: sqlite3.Connection
+) -> list[tuple[Any, Exception | None]]:
+    """Runs in the worker thread: ``group`` in one transaction; returns each one's result or
+    error. A grouped operation raises nothing but ``sqlite3.Error`` once it has written (it
+    checks first), so another error leaves nothing to undo; an ``sqlite3.Error`` rolls the
+    whole group back (the caller fails them all)."""
+    outcomes: list[tuple[Any, Exception | None]] = []
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for grouped in group:
+            try:
+                outcomes.append((grouped.function(connection), None))
+            except sqlite3.Error:
+                raise
+            except Exception as error:
+                outcomes.append((None, error))
+        connection.execute("COMMIT")
+    except BaseException:
+        _rollback(connection)
+        raise
+    return outcomes
+
+
+def _settle_future(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # its caller was cancelled; what it asked for ran (or not) all the same
+        return
+    if isinstance(error, asyncio.CancelledError):
+        future.cancel()
+    elif error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
 
 
 def _begin(connection: sqlite3.Connection) -> None:
@@ -447,4 +934,81 @@ def _record(row: Sequence[Any]) -> InvoiceRecord:
         settle_index=int(row[11]),
         amount_paid_msat=Msat(int(row[12])),
         settled_at=None if row[13] is None else float(row[13]),
+        buys_credit=bool(row[14]),
+    )
+
+
+def _sql_limit(limit: int | None) -> int:
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    return -1 if limit is None else limit
+
+
+def _settle(
+    connection: sqlite3.Connection,
+    *,
+    reservation_id: int,
+    charged_msat: int,
+    method: str = "",
+    path: str = "",
+    at: float = 0.0,
+) -> Msat | None:
+    """``settle_reservation``'s statements (``charged_msat`` 0: a release)."""
+    row = connection.execute(_GET_RESERVATION, (reservation_id,)).fetchone()
+    if row is None:
+        return None
+    token_id, reserved = bytes(row[0]), int(row[1])
+    if charged_msat > reserved:
+        raise ValueError(f"charged_msat {charged_msat} is above the {reserved} reserved")
+    connection.execute(_DELETE_RESERVATION, (reservation_id,))
+    connection.execute(_SETTLE, (reserved, charged_msat, token_id))
+    if charged_msat:
+        connection.execute(_ADD_CHARGE, (token_id, at, method, path, charged_msat))
+    return _balance(connection, token_id)
+
+
+def _balance(connection: sqlite3.Connection, token_id: bytes) -> Msat:
+    """The account's balance; 0 when there is none."""
+    row = connection.execute(_GET_BALANCE, (token_id,)).fetchone()
+    return Msat(0 if row is None else int(row[0]))
+
+
+def _account(row: Sequence[Any]) -> Account:
+    return Account(
+        token_id=bytes(row[0]),
+        service=str(row[1]),
+        credited_msat=Msat(int(row[2])),
+        spent_msat=Msat(int(row[3])),
+        reserved_msat=Msat(int(row[4])),
+        withdrawn_msat=Msat(int(row[5])),
+        created_at=float(row[6]),
+        last_used_at=None if row[7] is None else float(row[7]),
+    )
+
+
+def _withdrawal_values(withdrawal: Withdrawal) -> tuple[object, ...]:
+    return (
+        withdrawal.payment_hash,
+        withdrawal.token_id,
+        withdrawal.payment_request,
+        withdrawal.amount_msat,
+        withdrawal.fee_reserve_msat,
+        withdrawal.state.value,
+        withdrawal.created_at,
+        withdrawal.fee_msat,
+        withdrawal.resolved_at,
+    )
+
+
+def _withdrawal(row: Sequence[Any]) -> Withdrawal:
+    return Withdrawal(
+        payment_hash=PaymentHash(bytes(row[0])),
+        token_id=bytes(row[1]),
+        payment_request=str(row[2]),
+        amount_msat=Msat(int(row[3])),
+        fee_reserve_msat=Msat(int(row[4])),
+        state=WithdrawalState(row[5]),
+        created_at=float(row[6]),
+        fee_msat=Msat(int(row[7])),
+        resolved_at=None if row[8] is None else float(row[8]),
     )

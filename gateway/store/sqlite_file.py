@@ -113,6 +113,62 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX invoices_state_created_at ON invoices (state, created_at)",
         "CREATE INDEX invoices_state_expires_at ON invoices (state, expires_at)",
     ),
+    # 3: prepaid credit. Invoices that buy credit; an account per token id, whose CHECKs are
+    # the last line against a balance going negative; the reservations of requests under way
+    # (AUTOINCREMENT: an id is never reused, so a late settle cannot hit another request's);
+    # the charges (usage history); withdrawals. Pruning finds a token's invoices by token id.
+    (
+        "ALTER TABLE invoices ADD COLUMN buys_credit INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX invoices_token_id ON invoices (token_id)",
+        """
+        CREATE TABLE accounts (
+            token_id       BLOB PRIMARY KEY NOT NULL,
+            service        TEXT NOT NULL,
+            credited_msat  INTEGER NOT NULL CHECK (credited_msat >= 0),
+            spent_msat     INTEGER NOT NULL CHECK (spent_msat >= 0),
+            reserved_msat  INTEGER NOT NULL CHECK (reserved_msat >= 0),
+            withdrawn_msat INTEGER NOT NULL CHECK (withdrawn_msat >= 0),
+            created_at     REAL NOT NULL,
+            last_used_at   REAL,
+            CHECK (credited_msat - spent_msat - reserved_msat - withdrawn_msat >= 0)
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE reservations (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            token_id    BLOB NOT NULL,
+            amount_msat INTEGER NOT NULL CHECK (amount_msat >= 0),
+            expires_at  REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX reservations_expires_at ON reservations (expires_at)",
+        """
+        CREATE TABLE charges (
+            token_id    BLOB NOT NULL,
+            at          REAL NOT NULL,
+            method      TEXT NOT NULL,
+            path        TEXT NOT NULL,
+            amount_msat INTEGER NOT NULL CHECK (amount_msat > 0)
+        )
+        """,
+        "CREATE INDEX charges_token_id_at ON charges (token_id, at)",
+        "CREATE INDEX charges_at ON charges (at)",  # the sweeper prunes the oldest
+        """
+        CREATE TABLE withdrawals (
+            payment_hash     BLOB PRIMARY KEY NOT NULL,
+            token_id         BLOB NOT NULL,
+            payment_request  TEXT NOT NULL,
+            amount_msat      INTEGER NOT NULL CHECK (amount_msat >= 0),
+            fee_reserve_msat INTEGER NOT NULL CHECK (fee_reserve_msat >= 0),
+            fee_msat         INTEGER NOT NULL
+                             CHECK (fee_msat >= 0 AND fee_msat <= fee_reserve_msat),
+            state            TEXT NOT NULL CHECK (state IN ('PENDING', 'SUCCEEDED', 'FAILED')),
+            created_at       REAL NOT NULL,
+            resolved_at      REAL
+        )
+        """,
+        "CREATE INDEX withdrawals_state_created_at ON withdrawals (state, created_at)",
+    ),
 )
 
 
@@ -144,6 +200,23 @@ def connect(path: Path, synchronous: Synchronous, read_only: bool) -> sqlite3.Co
     except BaseException:
         connection.close()
         raise
+    return connection
+
+
+def connect_nonblocking(path: Path, synchronous: Synchronous) -> sqlite3.Connection:
+    """A second connection to a database ``connect`` opened, for the event loop's own thread:
+    it never waits for a lock (a busy database is an ``SQLITE_BUSY`` error at once) and never
+    checkpoints the WAL (a checkpoint writes, and with ``FULL`` syncs, the database file)."""
+    try:
+        connection = sqlite3.connect(path, timeout=0, isolation_level=None)
+    except sqlite3.Error as error:
+        raise StoreError(f"cannot open {path}: {describe(error)}") from error
+    try:
+        connection.execute(f"PRAGMA synchronous = {synchronous}")
+        connection.execute("PRAGMA wal_autocheckpoint = 0")
+    except sqlite3.Error as error:
+        connection.close()
+        raise StoreError(f"cannot configure {path}: {describe(error)}") from error
     return connection
 
 
@@ -246,6 +319,22 @@ def _check_readable(connection: sqlite3.Connection, path: Path) -> None:
         raise ConfigError(f"store: {path} is not a gateway database (it has no gateway schema)")
     # An older schema is read as it is (the gateway migrates it when it next starts).
     _check_version(version, path)
+    try:
+        _read_as_latest(connection, version)
+    except sqlite3.Error as error:
+        raise StoreError(f"cannot read {path}: {describe(error)}") from error
+
+
+def _read_as_latest(connection: sqlite3.Connection, version: int) -> None:
+    """Let a read-only connection to a schema older than 3 run the current queries: what it
+    lacks appears empty, as TEMP objects (they live in the connection, never in the file,
+    and shadow the file's tables of the same name)."""
+    if version >= 3:
+        return
+    connection.execute("CREATE TEMP VIEW invoices AS SELECT *, 0 AS buys_credit FROM main.invoices")
+    for statement in MIGRATIONS[2]:
+        if statement.lstrip().startswith("CREATE TABLE"):
+            connection.execute(statement.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
 
 
 def _configure(connection: sqlite3.Connection, path: Path, synchronous: Synchronous) -> None:

@@ -16,12 +16,25 @@ settlement watcher start with the application and stop with it.
 
 Browsers get the paywall page (:mod:`gateway.web.paywall`): the middleware answers
 ``POST /.well-known/l402/redeem`` itself and accepts the ``L402`` cookie it sets as the
-credential when the request has no L402 ``Authorization``.
+credential when the request has no L402 ``Authorization``. It also answers the credit
+endpoints, ``GET /.well-known/l402/token`` and ``POST /.well-known/l402/withdraw``
+(:mod:`gateway.web.credit`).
+
+**Credit routes.** The request's price is held from the token's balance before the handler
+runs. When the handler returns its response (or raises: an ``HTTPException`` by its status),
+the charge is finished with that status before the response goes out, and the balance after
+it is set in ``L402-Balance-Msat``. A metered route charges what the handler reported with
+``report_cost(request, msat)`` (at most the price). A handler that sends its response itself
+(``StreamResponse.prepare``: streaming, WebSockets) has its charge finished when it prepares
+the response (a WebSocket: the 101), with the balance header: report the cost before that.
+Whatever the handler does after (it raises, the client leaves), the charge stands.
+A request answered by an ``Expect`` handler (417, or the proxy's 413) is not served: its
+charge is finished with no status, so it is released like a failure.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 
 from aiohttp import hdrs, web
@@ -29,6 +42,7 @@ from aiohttp.typedefs import Middleware
 
 from gateway.service import (
     Allow,
+    CreditCharge,
     Decision,
     Deny,
     L402Service,
@@ -38,12 +52,21 @@ from gateway.service import (
 )
 from gateway.web import GatewayFactory
 from gateway.web.cookies import headers_for_pricing, l402_cookie_values
+from gateway.web.credit import (
+    MAX_WITHDRAW_BODY,
+    TOKEN_INFO_PATH,
+    WITHDRAW_PATH,
+    handle_token_info,
+    handle_withdraw,
+)
 from gateway.web.method_override import OVERRIDE_HEADERS, method_overrides
 from gateway.web.paywall import MAX_REDEEM_BODY, REDEEM_PATH, handle_redeem, render_challenge
-from gateway.web.responses import HttpResponse, client_address
+from gateway.web.responses import BALANCE_HEADER, HttpResponse, client_address
 
 TOKEN = web.RequestKey("l402_token", PaidToken)
 _AUTHORIZATION = hdrs.AUTHORIZATION
+# Answered by the middleware itself, never priced.
+_OWN_PATHS = frozenset({REDEEM_PATH, TOKEN_INFO_PATH, WITHDRAW_PATH})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Expect = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
@@ -133,19 +156,108 @@ async def _redeem(
     )
 
 
+async def _credit_endpoint(
+    request: web.Request, service: L402Service | None, path: str
+) -> web.Response:
+    authorization = tuple(request.headers.getall(_AUTHORIZATION, ()))
+    if path == TOKEN_INFO_PATH:
+        return _response(
+            await handle_token_info(service, method=request.method, authorization=authorization)
+        )
+    body = await _read_limited(request, MAX_WITHDRAW_BODY) if request.method == "POST" else b""
+    return _response(
+        await handle_withdraw(
+            service,
+            method=request.method,
+            content_type=request.headers.get(hdrs.CONTENT_TYPE),
+            authorization=authorization,
+            body=body,
+        )
+    )
+
+
+@dataclass(slots=True)
+class _Billing:
+    """The credit charge of one request under way, and the cost its handler reported."""
+
+    service: L402Service
+    charge: CreditCharge
+    cost: int | None = None
+    finished: bool = False
+
+
+_BILLING = web.RequestKey("l402_billing", _Billing)
+
+
+def report_cost(request: web.Request, msat: int) -> None:
+    """Report what ``request`` actually cost, on a metered credit route: the charge is that
+    (at most the price held for it) instead of the price. Call it before returning (or
+    preparing) the response. No effect on any other route."""
+    billing = request.get(_BILLING)
+    if billing is not None:
+        billing.cost = msat
+
+
+async def settle_charge(
+    request: web.Request,
+    status: int | None,
+    headers: MutableMapping[str, str] | None,
+    *,
+    cost: str | None = None,
+) -> None:
+    """Finish the credit charge of ``request``, once (later calls do nothing), and set the
+    balance after it in ``headers`` (None: the response has started). ``status`` is the
+    response's; None when the request got no answer from its handler or backend. ``cost``
+    is a backend's report (the proxy's ``L402-Cost-Msat``), instead of ``report_cost``'s.
+    No effect on a request without a charge."""
+    billing = request.get(_BILLING)
+    if billing is None or billing.finished:
+        return
+    billing.finished = True
+    balance = await billing.service.finish_charge(
+        billing.charge, status=status, cost=billing.cost if cost is None else cost
+    )
+    if balance is not None and headers is not None:
+        headers[BALANCE_HEADER] = str(balance)
+
+
+async def _charge_on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: a response goes out now, its headers not yet sent. Charges
+    what a handler sends itself (streamed, a WebSocket's 101) before its status and body go
+    out; any other response was charged already."""
+    await settle_charge(request, response.status, response.headers)
+
+
+async def _serve_charged(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except web.HTTPException as error:
+        await settle_charge(request, error.status, error.headers)
+        raise
+    except BaseException:
+        # A response the handler prepared before it raised was charged then (and stands).
+        await settle_charge(request, None, None)
+        raise
+    await settle_charge(request, response.status, None if response.prepared else response.headers)
+    return response
+
+
 async def _decide(
     service: L402Service | None, request: web.Request, trust_forwarded_for: bool
 ) -> Decision:
     if service is None:
         return Deny(503, "gateway is starting", retry_after=1)
     authorization = tuple(request.headers.getall(_AUTHORIZATION, ()))
-    # authorize() keeps no decision for a request with a method override.
-    cached = (
-        None
-        if _method_overrides(request)
-        else service.allowed_again(authorization, request.method, request.path)
-    )
-    return cached or await service.authorize(request_info(request, trust_forwarded_for))
+    cached: Allow | None = None
+    if not _method_overrides(request):  # authorize() keeps no decision for those
+        method, path = request.method, request.path
+        cached = service.allowed_again(authorization, method, path) or (
+            await service.charge_again(authorization, method, path)
+        )
+    decision = cached or await service.authorize(request_info(request, trust_forwarded_for))
+    if isinstance(decision, Allow) and decision.charge is not None:
+        request[_BILLING] = _Billing(service, decision.charge)
+    return decision
 
 
 def _refusal(request: web.Request, decision: PaymentChallenge | Deny) -> web.Response:
@@ -166,8 +278,10 @@ def l402_middleware(slot: _ServiceSlot, trust_forwarded_for: bool) -> Middleware
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         service = slot.service
-        if request.path == REDEEM_PATH:
-            return await _redeem(request, service, trust_forwarded_for)
+        if request.path in _OWN_PATHS:
+            if request.path == REDEEM_PATH:
+                return await _redeem(request, service, trust_forwarded_for)
+            return await _credit_endpoint(request, service, request.path)
         decided = request.get(_DECIDED)
         decision = (
             decided.decision
@@ -177,6 +291,8 @@ def l402_middleware(slot: _ServiceSlot, trust_forwarded_for: bool) -> Middleware
         if isinstance(decision, Allow):
             if decision.token is not None:
                 request[TOKEN] = decision.token
+            if decision.charge is not None:
+                return await _serve_charged(request, handler)
             return await handler(request)
         return _refusal(request, decision)
 
@@ -190,6 +306,8 @@ class _DecideFirst:
     middleware runs, so a client would upload its body, then get the 402. Here the decision
     comes first: a refusal is the final answer (the connection then closes, as the client
     holds its body back), an allowed request gets the route's own handling (100 Continue).
+    A final answer from the route's handling means the request is not served: a credit
+    charge made for it is finished here, with no status (released like a failure).
     """
 
     def __init__(self, slot: _ServiceSlot, trust_forwarded_for: bool, route_handler: Expect):
@@ -198,7 +316,7 @@ class _DecideFirst:
         self._route_handler = route_handler
 
     async def __call__(self, request: web.Request) -> web.StreamResponse | None:
-        if request.path != REDEEM_PATH:
+        if request.path not in _OWN_PATHS:
             decision = await _decide(self._slot.service, request, self._trust_forwarded_for)
             request[_DECIDED] = _Decided(decision)
             if not isinstance(decision, Allow):
@@ -207,7 +325,14 @@ class _DecideFirst:
                 return response
             if decision.token is not None:
                 request[TOKEN] = decision.token
-        return await self._route_handler(request)
+        try:
+            answer = await self._route_handler(request)
+        except BaseException:
+            await settle_charge(request, None, None)
+            raise
+        if answer is not None:
+            await settle_charge(request, None, answer.headers)
+        return answer
 
 
 def _decide_before_continue(
@@ -243,3 +368,4 @@ def setup_l402(
 
     app.cleanup_ctx.append(lifecycle)
     app.middlewares.append(l402_middleware(slot, trust_forwarded_for))
+    app.on_response_prepare.append(_charge_on_prepare)

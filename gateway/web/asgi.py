@@ -41,6 +41,18 @@ the paywall page (:mod:`gateway.web.paywall`); the middleware answers ``POST
 <root_path>/.well-known/l402/redeem`` itself, and accepts the ``L402`` cookie it sets as the
 credential when a request has no L402 ``Authorization``.
 
+**Credit routes.** The request's price is held from the token's balance before the
+application runs. When it sends ``http.response.start``, the charge is finished with that
+status and the balance after it is added as ``l402-balance-msat``, then the message goes on
+(an ``l402-balance-msat`` of the application's own is taken out, on every route);
+an application that raises (or returns) before starting a response is not charged (unless
+the route charges failures). A metered route charges what the application reported with
+``report_cost(scope, msat)`` (``report_cost(request.scope, msat)`` in Starlette/FastAPI),
+at most the price; report it before the response starts. A WebSocket on a credit route is
+charged when the handshake is answered (accepted: 101, with the balance header; refused:
+its status). The middleware also answers ``GET <root_path>/.well-known/l402/token`` and
+``POST <root_path>/.well-known/l402/withdraw`` (:mod:`gateway.web.credit`).
+
 **Lifespan off.** Without lifespan events (``uvicorn --lifespan off``, or a server without
 lifespan support) the gateway is never opened, so every HTTP request, on free routes too
 (the route table lives in the gateway), gets ``503`` problem+json ``"gateway is not
@@ -66,13 +78,27 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
 from typing import Any, Final
 
-from gateway.service import Allow, Deny, L402Service, PaymentChallenge, RequestInfo
+from gateway.service import (
+    Allow,
+    CreditCharge,
+    Deny,
+    L402Service,
+    PaymentChallenge,
+    RequestInfo,
+)
 from gateway.web import GatewayFactory
 from gateway.web.asgi_lifespan import SERVICE_STATE_KEY, LifespanRelay, l402_lifespan
 from gateway.web.cookies import headers_for_pricing, l402_cookie_values
+from gateway.web.credit import (
+    MAX_WITHDRAW_BODY,
+    TOKEN_INFO_PATH,
+    WITHDRAW_PATH,
+    handle_token_info,
+    handle_withdraw,
+)
 from gateway.web.method_override import OVERRIDE_HEADERS, method_overrides
 from gateway.web.paywall import MAX_REDEEM_BODY, REDEEM_PATH, handle_redeem, render_challenge
-from gateway.web.responses import HttpResponse, client_address, render
+from gateway.web.responses import BALANCE_HEADER, HttpResponse, client_address, render
 
 __all__ = [
     "DENIAL_RESPONSE_EXTENSION",
@@ -87,6 +113,7 @@ __all__ = [
     "Scope",
     "Send",
     "l402_lifespan",
+    "report_cost",
     "request_info",
 ]
 
@@ -100,6 +127,16 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 STATE_KEY: Final = "l402_token"
+_WELL_KNOWN: Final = "/.well-known/l402/"  # in the path of every endpoint answered here
+_BILLING_KEY: Final = "l402_billing"  # in scope["state"], which copies of the scope share
+_BALANCE_HEADER = BALANCE_HEADER.lower().encode("latin-1")
+# The messages that answer a request or handshake, and the status each stands for.
+_ANSWERS: Final = {
+    "http.response.start": None,  # the message's own status
+    "websocket.http.response.start": None,
+    "websocket.accept": 101,
+    "websocket.close": 403,  # before accepting: the server refuses the handshake
+}
 DENIAL_RESPONSE_EXTENSION: Final = "websocket.http.response"
 NOT_STARTED: Final = "gateway is not started"
 
@@ -144,12 +181,46 @@ def _client(scope: Scope, trust_forwarded_for: bool) -> str:
     return client_address(peer[0] if peer else None, forwarded_for, trust_forwarded_for)
 
 
+def _authorization(scope: Scope) -> tuple[str, ...]:
+    return tuple(
+        value.decode("latin-1")
+        for name, value in scope.get("headers", ())
+        if name.lower() == b"authorization"
+    )
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     """All values of one request header, comma-joined; None if absent."""
     values = [
         value.decode("latin-1") for key, value in scope.get("headers", ()) if key.lower() == name
     ]
     return ",".join(values) if values else None
+
+
+class _Billing:
+    """The credit charge of one request under way, and the cost the application reported."""
+
+    __slots__ = ("_charge", "_service", "cost", "finished")
+
+    def __init__(self, service: L402Service, charge: CreditCharge) -> None:
+        self._service = service
+        self._charge = charge
+        self.cost: int | None = None
+        self.finished = False
+
+    async def finish(self, status: int | None) -> int | None:
+        """The balance after the charge (None if the sweeper released it first)."""
+        self.finished = True
+        return await self._service.finish_charge(self._charge, status=status, cost=self.cost)
+
+
+def report_cost(scope: Scope, msat: int) -> None:
+    """Report what the request of ``scope`` actually cost, on a metered credit route: the
+    charge is that (at most the price held for it) instead of the price. Call it before the
+    response starts. No effect on any other route."""
+    billing = (scope.get("state") or {}).get(_BILLING_KEY)
+    if isinstance(billing, _Billing):
+        billing.cost = msat
 
 
 async def _read_limited(receive: Receive, limit: int) -> bytes | None:
@@ -186,6 +257,16 @@ async def _send_response(send: Send, response: HttpResponse) -> None:
         }
     )
     await send({"type": "http.response.body", "body": response.body, "more_body": False})
+
+
+def _without_balance(message: Message) -> Message:
+    """``message`` without the application's own balance header: only the gateway's may
+    reach the client."""
+    headers = message.get("headers")
+    if not headers or all(name.lower() != _BALANCE_HEADER for name, _ in headers):
+        return message
+    kept = [(name, value) for name, value in headers if name.lower() != _BALANCE_HEADER]
+    return {**message, "headers": kept}
 
 
 class L402Middleware:
@@ -231,8 +312,9 @@ class L402Middleware:
         service: L402Service | None = (scope.get("state") or {}).get(SERVICE_STATE_KEY)
         return service
 
-    async def _decide(self, scope: Scope) -> Allow | PaymentChallenge | Deny:
-        service = self._service_for(scope)
+    async def _decide(
+        self, scope: Scope, service: L402Service | None
+    ) -> Allow | PaymentChallenge | Deny:
         if service is None:
             if not self._warned_not_started:
                 self._warned_not_started = True
@@ -241,26 +323,24 @@ class L402Middleware:
                     "lifespan turned off? the gateway opens on lifespan.startup)"
                 )
             return Deny(503, NOT_STARTED)
-        authorization = tuple(
-            value.decode("latin-1")
-            for name, value in scope.get("headers", ())
-            if name.lower() == b"authorization"
-        )
+        authorization = _authorization(scope)
         if not _method_overrides(scope):  # authorize() keeps no decision for those
-            cached = service.allowed_again(authorization, scope.get("method", "GET"), scope["path"])
+            method, path = scope.get("method", "GET"), scope["path"]
+            cached = service.allowed_again(authorization, method, path) or (
+                await service.charge_again(authorization, method, path)
+            )
             if cached is not None:
                 return cached
         return await service.authorize(request_info(scope, self._trust_forwarded_for))
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         redeem_path = scope.get("root_path", "") + REDEEM_PATH  # as the browser sees it
-        if scope["path"] in (redeem_path, REDEEM_PATH):
-            await self._redeem(scope, receive, send)
+        if _WELL_KNOWN in scope["path"] and await self._own_endpoint(scope, receive, send):
             return
-        decision = await self._decide(scope)
+        service = self._service_for(scope)
+        decision = await self._decide(scope, service)
         if isinstance(decision, Allow):
-            scope.setdefault("state", {})[STATE_KEY] = decision.token
-            await self.app(scope, receive, send)
+            await self._admit(scope, receive, send, service, decision)
             return
         response = render_challenge(
             decision,
@@ -270,21 +350,100 @@ class L402Middleware:
         )
         await _send_response(send, response)
 
+    async def _admit(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        service: L402Service | None,
+        decision: Allow,
+    ) -> None:
+        """Run the application for an allowed request, finishing its credit charge (if any)
+        when the application answers it, before the answer goes out."""
+        state = scope.setdefault("state", {})
+        state[STATE_KEY] = decision.token
+        if decision.charge is None or service is None:  # no service decides only refusals
+
+            async def send_uncharged(message: Message) -> None:
+                if message["type"] in _ANSWERS:
+                    message = _without_balance(message)
+                await send(message)
+
+            await self.app(scope, receive, send_uncharged)
+            return
+        billing = _Billing(service, decision.charge)
+        state[_BILLING_KEY] = billing
+
+        async def send_charged(message: Message) -> None:
+            kind = message["type"]
+            if kind in _ANSWERS:
+                message = _without_balance(message)
+                if not billing.finished:
+                    balance = await billing.finish(_ANSWERS[kind] or message["status"])
+                    if balance is not None and kind != "websocket.close":
+                        balance_header = (_BALANCE_HEADER, str(balance).encode("ascii"))
+                        headers = [*message.get("headers", ()), balance_header]
+                        message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_charged)
+        finally:
+            if not billing.finished:  # raised, or returned without answering
+                await billing.finish(None)
+
+    async def _own_endpoint(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Answer the gateway's own endpoints (at the root, or under ``root_path`` as the
+        client sees them); False for any other path."""
+        root_path, path = scope.get("root_path", ""), scope["path"]
+        if path in (root_path + REDEEM_PATH, REDEEM_PATH):
+            await self._redeem(scope, receive, send)
+        elif path in (root_path + TOKEN_INFO_PATH, TOKEN_INFO_PATH):
+            await self._token_info(scope, send)
+        elif path in (root_path + WITHDRAW_PATH, WITHDRAW_PATH):
+            await self._withdraw(scope, receive, send)
+        else:
+            return False
+        return True
+
+    async def _read_body(self, scope: Scope, receive: Receive, limit: int) -> bytes | None:
+        """A POST's body, or ``limit + 1`` bytes of it (b"" for another method); None if the
+        client left."""
+        if scope.get("method", "GET") != "POST":
+            return b""
+        length = _header(scope, b"content-length")
+        if length is not None and length.strip().isdigit() and int(length) > limit:
+            return b"x" * (limit + 1)  # too large: not worth reading
+        return await _read_limited(receive, limit)
+
+    async def _token_info(self, scope: Scope, send: Send) -> None:
+        response = await handle_token_info(
+            self._service_for(scope),
+            method=scope.get("method", "GET"),
+            authorization=_authorization(scope),
+        )
+        await _send_response(send, response)
+
+    async def _withdraw(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._read_body(scope, receive, MAX_WITHDRAW_BODY)
+        if body is None:
+            return
+        response = await handle_withdraw(
+            self._service_for(scope),
+            method=scope.get("method", "GET"),
+            content_type=_header(scope, b"content-type"),
+            authorization=_authorization(scope),
+            body=body,
+        )
+        await _send_response(send, response)
+
     async def _redeem(self, scope: Scope, receive: Receive, send: Send) -> None:
-        method = scope.get("method", "GET")
-        body = b""
-        if method == "POST":
-            length = _header(scope, b"content-length")
-            if length is not None and length.strip().isdigit() and int(length) > MAX_REDEEM_BODY:
-                body = b"x" * (MAX_REDEEM_BODY + 1)  # too large: not worth reading
-            else:
-                read = await _read_limited(receive, MAX_REDEEM_BODY)
-                if read is None:
-                    return
-                body = read
+        body = await self._read_body(scope, receive, MAX_REDEEM_BODY)
+        if body is None:
+            return
         response = await handle_redeem(
             self._service_for(scope),
-            method=method,
+            method=scope.get("method", "GET"),
             content_type=_header(scope, b"content-type"),
             fetch_site=_header(scope, b"sec-fetch-site"),
             body=body,
@@ -293,10 +452,10 @@ class L402Middleware:
         await _send_response(send, response)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        decision = await self._decide(scope)
+        service = self._service_for(scope)
+        decision = await self._decide(scope, service)
         if isinstance(decision, Allow):
-            scope.setdefault("state", {})[STATE_KEY] = decision.token
-            await self.app(scope, receive, send)
+            await self._admit(scope, receive, send, service, decision)
             return
         message = await receive()
         if message["type"] != "websocket.connect":

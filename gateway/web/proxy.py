@@ -4,6 +4,15 @@ Paid (or free) requests are streamed to the upstream and its response streamed b
 Hop-by-hop headers are dropped both ways; the client's L402 credential is not forwarded
 (the preimage is a bearer secret): neither its ``Authorization`` nor the paywall's ``L402``
 cookie (other cookies are). The verified token's facts are, in ``token_header``.
+
+On a credit route the charge is finished as soon as the upstream's status and headers are
+in, before the client's response starts: a metered route charges the cost the upstream
+reports in ``L402-Cost-Msat`` (taken out of every response; a value that is not a whole
+number within the price is logged and the price charged), and the balance after it goes to
+the client in ``L402-Balance-Msat`` (the upstream's own is taken out of every response: only
+the gateway's reaches the client). A request the upstream never answered (unreachable,
+timed out, or refused here: body too large or too slow) is finished with no status, so it is
+not charged unless the route charges failures.
 """
 
 from __future__ import annotations
@@ -22,9 +31,9 @@ from yarl import URL
 
 from gateway.service import client_key
 from gateway.web import GatewayFactory
-from gateway.web.aiohttp import TOKEN, setup_l402
+from gateway.web.aiohttp import TOKEN, settle_charge, setup_l402
 from gateway.web.cookies import without_l402_cookie
-from gateway.web.responses import client_address, token_header_value
+from gateway.web.responses import BALANCE_HEADER, COST_HEADER, client_address, token_header_value
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +218,7 @@ def build_proxy(
     setup_l402(app, gateway, trust_forwarded_for=trust_forwarded_for)
     # Content-Length is kept: the body is forwarded with the length the client declared.
     request_drop = frozenset({"host", "authorization", token_header.lower()})
+    response_drop = frozenset({COST_HEADER.lower(), BALANCE_HEADER.lower()})
 
     unpaid = _PerClient(unpaid_requests_per_client)
 
@@ -289,8 +299,10 @@ def build_proxy(
             ) as upstream_response:
                 status, reason = upstream_response.status, upstream_response.reason
                 response_headers = _end_to_end(
-                    upstream_response.headers, frozenset(), keep_underscored=True
+                    upstream_response.headers, response_drop, keep_underscored=True
                 )
+                costs = upstream_response.headers.getall(COST_HEADER, ())
+                cost = ",".join(costs) if costs else None
                 length = upstream_response.content_length
                 if (
                     length is not None
@@ -300,9 +312,11 @@ def build_proxy(
                 ):
                     # Small and whole: headers and body leave in one write.
                     body_bytes = await upstream_response.read()
+                    await settle_charge(request, status, response_headers, cost=cost)
                     return web.Response(
                         status=status, reason=reason, headers=response_headers, body=body_bytes
                     )
+                await settle_charge(request, status, response_headers, cost=cost)
                 response = web.StreamResponse(
                     status=status, reason=reason, headers=response_headers
                 )
@@ -339,7 +353,10 @@ def build_proxy(
 
     async def forward(request: web.Request) -> web.StreamResponse:
         if request.get(TOKEN) is not None:
-            return await send(request, request.app[_PAID_SESSION])
+            response = await send(request, request.app[_PAID_SESSION])
+            # Still open: the answer is the gateway's own, the upstream gave none.
+            await settle_charge(request, None, response.headers)
+            return response
         client = unpaid_client(request)
         if unpaid.full(client):
             return too_many()

@@ -13,6 +13,14 @@ from gateway.service import Deny, PaidToken, PaymentChallenge
 # The realm of a 401's challenge when the decision names none (the default location).
 DEFAULT_REALM = "l402-gateway"
 
+# Credit routes (``billing = "credit"``). Every response carries the token's balance after
+# the request; a 402 also says what its invoice buys and what a request costs.
+BALANCE_HEADER = "L402-Balance-Msat"
+CREDIT_HEADER = "L402-Credit-Msat"
+PRICE_HEADER = "L402-Price-Msat"
+# Sent by a backend to report a metered request's actual cost; the proxy takes it out.
+COST_HEADER = "L402-Cost-Msat"
+
 
 @dataclass(frozen=True, slots=True)
 class HttpResponse:
@@ -24,8 +32,11 @@ class HttpResponse:
 def render(decision: PaymentChallenge | Deny) -> HttpResponse:
     """A problem+json response (RFC 9457) with the WWW-Authenticate headers the status needs.
 
-    A 402 carries the L402 and LSAT challenges. A 401 carries a parameter-only challenge
-    (RFC 9110 requires one), never an invoice: an invalid credential must not mint invoices.
+    A 402 carries the L402 and LSAT challenges, and on a credit route the credit headers
+    (``credit_headers``) and the same figures as ``credit_msat``, ``price_msat`` and
+    ``balance_msat`` (null unless the challenge is a top-up). A 401 carries a parameter-only
+    challenge (RFC 9110 requires one), never an invoice: an invalid credential must not mint
+    invoices.
     """
     status = 402 if isinstance(decision, PaymentChallenge) else decision.status
     problem: dict[str, object] = {
@@ -43,7 +54,14 @@ def render(decision: PaymentChallenge | Deny) -> HttpResponse:
             amount_msat=decision.amount_msat,
             expires_at=int(decision.expires_at),
         )
+        if decision.credit:
+            problem.update(
+                credit_msat=decision.amount_msat,
+                price_msat=decision.price_msat,
+                balance_msat=decision.balance_msat,
+            )
         headers += [("WWW-Authenticate", value) for value in decision.www_authenticate()]
+        headers += credit_headers(decision)
     else:
         if status == 401:
             realm = decision.realm or DEFAULT_REALM
@@ -52,6 +70,20 @@ def render(decision: PaymentChallenge | Deny) -> HttpResponse:
         if decision.retry_after is not None:
             headers.append(("Retry-After", str(decision.retry_after)))
     return HttpResponse(status, tuple(headers), json.dumps(problem).encode())
+
+
+def credit_headers(challenge: PaymentChallenge) -> tuple[tuple[str, str], ...]:
+    """A credit route's 402 headers: the credit the invoice buys, the price of a request, and
+    the presented token's balance when the challenge is a top-up; none on another route."""
+    if not challenge.credit:
+        return ()
+    headers = [
+        (CREDIT_HEADER, str(challenge.amount_msat)),
+        (PRICE_HEADER, str(challenge.price_msat)),
+    ]
+    if challenge.balance_msat is not None:
+        headers.append((BALANCE_HEADER, str(challenge.balance_msat)))
+    return tuple(headers)
 
 
 @functools.lru_cache(maxsize=4096)  # a paying client sends the same token again and again

@@ -28,11 +28,13 @@ from gateway.config import (
 from gateway.lnd.client import LndClient
 from gateway.ports import InvoiceRecord, Msat, PaymentHash
 from gateway.store import SqliteStore
-from regtest.network import Network
+from regtest.network import CHANNEL_SAT, Network
 from regtest.processes import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_FEE = Msat(10_000)
+# More than the channel reserve of one of alice's channels (1% of 10 M sat), plus a margin.
+LIQUIDITY = Msat((CHANNEL_SAT // 100 + 100_000) * 1000)
 PREMIUM_PRICE = 10_000
 ROUTES = (
     RouteConfig(pattern="/health", free=True),
@@ -170,6 +172,18 @@ async def wait_for_invoice(
             await asyncio.sleep(0.05)
     finally:
         await store.close()
+
+
+async def give_alice_liquidity(network: Network) -> None:
+    """alice, the gateway's node, only ever receives in this network: her channels start
+    empty on her side, and she can send nothing until her balance on one exceeds its
+    channel reserve (1% of the capacity). bob pays her ``LIQUIDITY`` past it."""
+    async with (
+        LndClient(network.alice.settings()) as alice,
+        LndClient(network.bob.settings()) as bob,
+    ):
+        invoice = await alice.add_invoice(LIQUIDITY, "liquidity for withdrawals", 600)
+        await bob.send_payment(invoice.payment_request, max_fee_msat=MAX_FEE, payment_timeout=30)
 
 
 def allow_open_files(needed: int) -> None:

@@ -16,9 +16,17 @@ import pytest
 import pytest_asyncio
 
 from gateway import errors, l402, runtime
-from gateway.config import Config, LndConfig, RouteConfig, StoreConfig
+from gateway.config import Config, CreditConfig, LndConfig, RouteConfig, StoreConfig
 from gateway.expiry import EXPIRY_GRACE, InvoiceSweeper, SweepResult
-from gateway.ports import Cursor, InvoiceState, Msat, PaymentHash, Store
+from gateway.ports import (
+    Cursor,
+    InvoiceRecord,
+    InvoiceState,
+    InvoiceUpdate,
+    Msat,
+    PaymentHash,
+    Store,
+)
 from gateway.pricing import Pricing, Rule
 from gateway.service import Allow, L402Service, PaymentChallenge, RequestInfo
 from gateway.store import MemoryStore, SqliteStore
@@ -222,12 +230,109 @@ async def test_pruning_per_pass_is_bounded(store: Store) -> None:
     assert [await env.state(c) for c in challenges] == [None] * 5
 
 
+# --- credit charges (usage history) ----------------------------------------------------------
+
+USAGE_RETENTION = 30 * 86400
+TOKEN = hashlib.sha256(b"credit token").digest()
+
+
+@pytest_asyncio.fixture(params=["memory", "sqlite"])
+async def clocked(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[Store, FakeClock]]:
+    """A store whose charges are timed by the clock the sweeper reads."""
+    clock = FakeClock()
+    opened: Store = (
+        MemoryStore(clock)
+        if request.param == "memory"
+        else await SqliteStore.open(tmp_path / "g.db", clock=clock)
+    )
+    try:
+        yield opened, clock
+    finally:
+        await opened.close()
+
+
+async def fund_and_charge(store: Store, clock: FakeClock, charges: int) -> None:
+    """An account bought for 10000 msat, then ``charges`` requests of 100 msat a second apart."""
+    await store.open_account(TOKEN, "premium")
+    bought = PaymentHash(hashlib.sha256(b"credit purchase").digest())
+    await store.add_invoice(
+        InvoiceRecord(
+            payment_hash=bought,
+            payment_request="lnbcrt1",
+            amount_msat=Msat(10_000),
+            token_id=TOKEN,
+            service="premium",
+            method="GET",
+            path=PATH,
+            state=InvoiceState.OPEN,
+            created_at=clock.now(),
+            expires_at=clock.now() + EXPIRY,
+            add_index=1,
+            buys_credit=True,
+        )
+    )
+    await store.apply_update(InvoiceUpdate(bought, InvoiceState.SETTLED, 1, Msat(10_000), None))
+    for _ in range(charges):
+        reserved = await store.reserve(TOKEN, Msat(100), clock.now() + 3600)
+        assert reserved.reservation is not None
+        await store.settle_reservation(reserved.reservation.reservation_id, Msat(100), "GET", PATH)
+        clock.advance(1)
+
+
+async def test_credit_charges_are_pruned_after_the_usage_retention_in_batches(
+    clocked: tuple[Store, FakeClock], caplog: pytest.LogCaptureFixture
+) -> None:
+    store, clock = clocked
+    sweeper = InvoiceSweeper(
+        FakeInvoiceBackend(clock),
+        store,
+        clock,
+        retention=RETENTION,
+        usage_retention=USAGE_RETENTION,
+        batch=2,
+        max_batches=2,
+    )
+    start = clock.now()
+    await fund_and_charge(store, clock, 5)  # at start .. start + 4
+    account = await store.get_account(TOKEN)
+    assert account is not None
+    assert account.balance_msat == 9_500
+
+    clock.current = start + USAGE_RETENTION  # the first one is exactly that old: kept
+    assert await sweeper.sweep() == SweepResult()
+
+    clock.current = start + USAGE_RETENTION + 4  # the first four are older
+    with caplog.at_level(logging.INFO, logger="gateway.expiry"):
+        first = await sweeper.sweep()
+    assert (first.charges_pruned, first.busy) == (4, True)  # two full batches: more may wait
+    assert "4 credit charges pruned" in caplog.text
+    assert await sweeper.sweep() == SweepResult()
+    assert [charge.at for charge in await store.list_charges(TOKEN, 10)] == [start + 4]
+    assert await store.get_account(TOKEN) == account  # history only: the balance stays
+
+
+async def test_zero_usage_retention_keeps_charges_forever(
+    clocked: tuple[Store, FakeClock],
+) -> None:
+    store, clock = clocked
+    sweeper = InvoiceSweeper(
+        FakeInvoiceBackend(clock), store, clock, retention=RETENTION, usage_retention=0
+    )
+    await fund_and_charge(store, clock, 2)
+    clock.advance(10 * 365 * 86400)
+    assert (await sweeper.sweep()).charges_pruned == 0
+    assert len(await store.list_charges(TOKEN, 10)) == 2
+
+
 @pytest.mark.parametrize(
     "options",
     [
         {"interval": 0},
         {"busy_pause": -1},
         {"retention": -1},
+        {"usage_retention": -1},
         {"grace": -1},
         {"max_lookups": 0},
         {"batch": 0},
@@ -372,6 +477,33 @@ async def test_running_runtime_supervises_the_sweeper_where_the_watcher_runs(
         else {}
     )
     assert "l402-invoice-sweeper" not in {task.get_name() for task in asyncio.all_tasks()}
+
+
+async def test_running_runtime_gives_the_sweeper_the_credit_usage_retention(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "tls.cert").write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    clock = FakeClock()
+    monkeypatch.setattr(_FakeLnd, "backend", FakeInvoiceBackend(clock), raising=False)
+    monkeypatch.setattr(runtime, "LndClient", _FakeLnd)
+    built: list[dict[str, Any]] = []
+
+    class Recorded(InvoiceSweeper):
+        def __init__(self, *args: Any, **options: Any) -> None:
+            built.append(options)
+            super().__init__(*args, **options)
+
+    monkeypatch.setattr(runtime, "InvoiceSweeper", Recorded)
+    config = Config(
+        lnd=LndConfig(tls_cert=tmp_path / "tls.cert", macaroon_hex="00"),
+        store=StoreConfig(url=f"sqlite:{tmp_path / 'g.db'}", unpaid_retention=60),
+        credit=CreditConfig(usage_retention=7 * 86400),
+        routes=(RouteConfig(pattern="/api/premium/*", price_msat=10_000),),
+    )
+    async with runtime.running_runtime(config, clock=clock, watch=True):
+        pass
+    (options,) = built
+    assert (options["retention"], options["usage_retention"]) == (60, 7 * 86400)
 
 
 # --- a late settlement -----------------------------------------------------------------------

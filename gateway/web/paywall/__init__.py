@@ -7,7 +7,9 @@ HTML page instead of problem+json: still status 402 with both ``WWW-Authenticate
 nonce'd inline style and script, and ``fetch`` to its own origin). Everyone else (``*/*``,
 JSON, no ``Accept``) keeps getting problem+json.
 
-**The page** shows the price, what it buys (service, method and path, token lifetime), the
+**The page** shows the price, what it buys (service, method and path, token lifetime; on a
+credit route the credit the payment buys, the most a request costs and, for a top-up, the
+token's balance), the
 invoice as a QR code of ``LIGHTNING:<BOLT11>`` (all upper case, so the QR code uses the
 compact alphanumeric mode; URI schemes are case-insensitive), the invoice text with a copy
 button, an "Open in wallet" ``lightning:`` link, a "Pay with WebLN" button when
@@ -59,7 +61,7 @@ import segno
 from gateway import l402
 from gateway.service import Deny, L402Service, PaymentChallenge, RedeemResult, RedeemState
 from gateway.web.cookies import cookie_name, cookie_path
-from gateway.web.responses import HttpResponse, render
+from gateway.web.responses import HttpResponse, credit_headers, render
 
 __all__ = [
     "MAX_REDEEM_BODY",
@@ -214,6 +216,7 @@ def render_paywall(
     sats, msat_line = _price(challenge.amount_msat)
     invoice = challenge.invoice
     what = f"{challenge.method} {challenge.path}".strip() or "this resource"
+    credit, balance = _credit_facts(challenge)
     values = {
         "nonce": nonce,
         "css": _asset("page.css"),
@@ -223,6 +226,9 @@ def render_paywall(
         "what": _e(what),
         "lifetime": _e(_duration(challenge.lifetime)) if challenge.lifetime > 0 else "",
         "service": _e(challenge.service),
+        "eyebrow": "Buy credit" if challenge.credit else "Payment required",
+        "credit": _e(credit),
+        "balance": _e(balance),
         "reason_line": _reason_line(challenge.reason),
         "invoice": _e(invoice),
         "uri": _e(f"lightning:{invoice}"),
@@ -242,8 +248,22 @@ def render_paywall(
     headers = (
         *_page_headers(nonce),
         *(("WWW-Authenticate", value) for value in challenge.www_authenticate()),
+        *credit_headers(challenge),
     )
     return HttpResponse(402, headers, page.encode("utf-8"))
+
+
+def _credit_facts(challenge: PaymentChallenge) -> tuple[str, str]:
+    """The page's "Buys credit" and "Your balance" lines ("" hides a line)."""
+    if not challenge.credit:
+        return "", ""
+    credit = f"{_sats(challenge.amount_msat)}, at most {_sats(challenge.price_msat)} a request"
+    balance = "" if challenge.balance_msat is None else _sats(challenge.balance_msat)
+    return credit, balance
+
+
+def _sats(amount_msat: int) -> str:
+    return f"{_price(amount_msat)[0]} sat"
 
 
 async def handle_redeem(
@@ -369,6 +389,7 @@ def _duration(seconds: int) -> str:
 
 _REASONS = {
     l402.ChallengeReason.EXPIRED: "Your access has expired. Pay again to continue.",
+    l402.ChallengeReason.CREDIT_EXHAUSTED: "Your credit has run out. Top it up to continue.",
 }
 
 

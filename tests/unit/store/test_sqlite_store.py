@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -19,7 +20,15 @@ import pytest
 import pytest_asyncio
 
 from gateway.errors import ConfigError
-from gateway.ports import Cursor, InvoiceRecord, InvoiceState, InvoiceUpdate, Msat, PaymentHash
+from gateway.ports import (
+    Cursor,
+    InvoiceRecord,
+    InvoiceState,
+    InvoiceUpdate,
+    Msat,
+    PaymentHash,
+    Reserved,
+)
 from gateway.store import SchemaVersionError, SqliteStore, StoreError, sqlite_file
 from gateway.store import sqlite as sqlite_module
 
@@ -645,3 +654,219 @@ async def test_two_stores_opening_one_new_file_at_once_both_work(tmp_path: Path)
         finally:
             await first.close()
             await second.close()
+
+
+def make_v2_by_hand(path: Path) -> None:
+    """A database as the second schema left it, an open and a settled invoice in it."""
+    with raw(path) as connection:
+        connection.execute("BEGIN")
+        for step in sqlite_file.MIGRATIONS[:2]:
+            for statement in step:
+                connection.execute(statement)
+        for n, state, paid, settled_at in ((1, "OPEN", 0, None), (2, "SETTLED", 21000, 1003.0)):
+            connection.execute(
+                "INSERT INTO invoices VALUES (?, ?, 21000, ?, 'svc', 'GET', '/', ?, ?, ?, ?, ?,"
+                " ?, ?)",
+                (
+                    record(n).payment_hash,
+                    f"lnbcrt{n}n1fake",
+                    b"t" * 32,
+                    state,
+                    1000.5 + n,
+                    4600.5 + n,
+                    n,
+                    1 if paid else 0,
+                    paid,
+                    settled_at,
+                ),
+            )
+        connection.execute("PRAGMA user_version = 2")
+        connection.execute("COMMIT")
+
+
+V2_INVOICES = [
+    dataclasses.replace(
+        record(2),
+        state=InvoiceState.SETTLED,
+        settle_index=1,
+        amount_paid_msat=Msat(21000),
+        settled_at=1003.0,
+    ),
+    record(1),
+]
+
+
+async def test_a_version_2_database_migrates_to_3_keeping_its_invoices(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    make_v2_by_hand(path)
+    opened = await SqliteStore.open(path)
+    try:
+        assert await opened.list_invoices() == V2_INVOICES  # none of them buys credit
+        assert await opened.list_accounts() == []
+        # and it takes credit: a settled purchase credits its account
+        await opened.open_account(b"c" * 32, "svc")
+        await opened.add_invoice(
+            dataclasses.replace(record(3), token_id=b"c" * 32, buys_credit=True)
+        )
+        await opened.apply_update(
+            InvoiceUpdate(record(3).payment_hash, InvoiceState.SETTLED, 2, Msat(21000), 9.0)
+        )
+        account = await opened.get_account(b"c" * 32)
+        assert account is not None
+        assert account.balance_msat == 21000
+    finally:
+        await opened.close()
+    assert user_version(path) == len(sqlite_file.MIGRATIONS)
+    assert "buys_credit" in columns(path, "invoices")
+    with raw(path) as connection:
+        plans = {
+            name: " ".join(
+                str(row[-1]) for row in connection.execute(f"EXPLAIN QUERY PLAN {sql}", args)
+            )
+            for name, sql, args in (
+                ("prune key", sqlite_module._PRUNE_ROOT_KEY, (b"k",)),
+                ("prune keys", sqlite_module._PRUNE_ROOT_KEYS, (b"t",)),
+                ("reserve", sqlite_module._RESERVE, (1, 1.0, b"t")),
+                ("charges", sqlite_module._LIST_CHARGES, (b"t", 20)),
+                ("expired", sqlite_module._EXPIRED_RESERVATIONS, (1.0, 10)),
+            )
+        }
+    # by index or key, never by reading the whole table
+    assert "(key_id=?)" in plans["prune key"], plans
+    assert "invoices_token_id" in plans["prune keys"], plans
+    assert "PRIMARY KEY" in plans["reserve"], plans
+    assert "charges_token_id_at" in plans["charges"], plans
+    assert "reservations_expires_at" in plans["expired"], plans
+
+
+async def test_read_only_reads_a_version_2_database_as_holding_no_credit(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    make_v2_by_hand(path)
+    before = path.read_bytes()
+    reader = await SqliteStore.open(path, read_only=True)
+    try:
+        assert await reader.list_invoices() == V2_INVOICES
+        assert await reader.list_accounts() == []
+        assert await reader.get_account(b"t" * 32) is None
+        assert (await reader.credit_totals()).received_msat == 0
+        assert await reader.list_withdrawals() == []
+    finally:
+        await reader.close()
+    assert user_version(path) == 2
+    assert path.read_bytes() == before
+
+
+# --- group commit of reservations and charges -------------------------------------------
+
+
+async def _funded(store: SqliteStore, amount: int) -> bytes:
+    token_id = b"g" * 32
+    funding = dataclasses.replace(record(900), token_id=token_id, buys_credit=True)
+    async with store.transaction() as tx:
+        await tx.open_account(token_id, "svc")
+        await tx.add_invoice(funding)
+    await store.apply_update(
+        InvoiceUpdate(funding.payment_hash, InvoiceState.SETTLED, 1, Msat(amount), 2000.0)
+    )
+    return token_id
+
+
+async def test_reservations_made_at_once_are_committed_together(store: SqliteStore) -> None:
+    token_id = await _funded(store, 100_000)
+    statements: list[str] = []
+    # Groups run on the loop's own connection, or on the worker's when that one is busy.
+    await store._queue("trace", lambda c: c.set_trace_callback(statements.append), atomic=False)
+    assert store._loop_connection is not None
+    store._loop_connection.set_trace_callback(statements.append)
+    results = await asyncio.gather(*(store.reserve(token_id, Msat(1_000), 9e9) for _ in range(40)))
+    assert all(result.reservation is not None for result in results)
+    assert statements.count("COMMIT") == 1
+    assert statements.count("BEGIN IMMEDIATE") == 1
+    assert sorted(result.balance_msat for result in results)[0] == 60_000
+
+
+async def test_one_failing_operation_leaves_the_rest_of_its_group_committed(
+    store: SqliteStore,
+) -> None:
+    token_id = await _funded(store, 10_000)
+    held = await store.reserve(token_id, Msat(1_000), 9e9)
+    assert held.reservation is not None
+    first, overcharge, second = await asyncio.gather(
+        store.reserve(token_id, Msat(2_000), 9e9),
+        store.settle_reservation(held.reservation.reservation_id, Msat(5_000), "GET", "/"),
+        store.reserve(token_id, Msat(3_000), 9e9),
+        return_exceptions=True,
+    )
+    assert isinstance(overcharge, ValueError)
+    assert isinstance(first, Reserved)
+    assert isinstance(second, Reserved)
+    account = await store.get_account(token_id)
+    assert account is not None
+    assert (account.reserved_msat, account.spent_msat) == (6_000, 0)
+
+
+async def test_a_group_goes_to_the_worker_while_another_connection_writes(
+    store: SqliteStore, db_path: Path
+) -> None:
+    token_id = await _funded(store, 10_000)
+    with raw(db_path) as other:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        reserving = asyncio.ensure_future(store.reserve(token_id, Msat(1_000), 9e9))
+        await asyncio.sleep(0.2)
+        assert not reserving.done()  # waiting on the worker, which waits for the lock
+        other.execute("ROLLBACK")
+        reserved = await reserving
+    assert reserved.reservation is not None
+    assert reserved.balance_msat == 9_000
+
+
+async def test_a_grouped_operation_inside_the_stores_own_transaction_raises(
+    store: SqliteStore,
+) -> None:
+    token_id = await _funded(store, 10_000)
+    async with store.transaction():
+        with pytest.raises(RuntimeError, match="inside its own transaction"):
+            await store.reserve(token_id, Msat(1_000), 9e9)
+
+
+async def test_close_commits_the_grouped_operations_already_queued(db_path: Path) -> None:
+    store = await SqliteStore.open(db_path)
+    token_id = await _funded(store, 10_000)
+    pending = [asyncio.ensure_future(store.reserve(token_id, Msat(1_000), 9e9)) for _ in range(5)]
+    await asyncio.sleep(0)  # they are queued
+    await store.close()
+    assert all(task.result().reservation is not None for task in pending)
+    reopened = await SqliteStore.open(db_path)
+    try:
+        account = await reopened.get_account(token_id)
+        assert account is not None
+        assert account.reserved_msat == 5_000
+    finally:
+        await reopened.close()
+
+
+async def test_a_cancelled_reserve_leaves_no_hold_and_a_cancelled_settle_is_written(
+    store: SqliteStore,
+) -> None:
+    token_id = await _funded(store, 10_000)
+    held = await store.reserve(token_id, Msat(1_000), 9e9)
+    assert held.reservation is not None
+    reserving = asyncio.ensure_future(store.reserve(token_id, Msat(2_000), 9e9))
+    settling = asyncio.ensure_future(
+        store.settle_reservation(held.reservation.reservation_id, Msat(1_000), "GET", "/x")
+    )
+    await asyncio.sleep(0)  # both are queued
+    reserving.cancel()
+    settling.cancel()
+    for cancelled in (reserving, settling):
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+    for _ in range(100):  # the release of the cancelled hold follows in a later group
+        account = await store.get_account(token_id)
+        if account is not None and account.reserved_msat == 0:
+            break
+        await asyncio.sleep(0.01)
+    account = await store.get_account(token_id)
+    assert account is not None
+    assert (account.reserved_msat, account.spent_msat, account.balance_msat) == (0, 1_000, 9_000)
+    assert [charge.path for charge in await store.list_charges(token_id, 10)] == ["/x"]

@@ -1,0 +1,496 @@
+"""Withdrawals: a credit balance paid out, from the gateway's node, to a BOLT11 invoice of the
+token holder's.
+
+``Withdrawer.withdraw`` checks the invoice offline (decoded, its signature verified): the
+node's network, not the node's own, payable for at least ``EXPIRY_MARGIN`` more seconds, an
+amount, and amount plus fee reserve within the balance; each refusal a 400 with its reason.
+Then, in this order: ``begin_withdrawal`` commits the debit (amount and fee reserve) with a
+PENDING record; the payment is sent (``Payer.send_payment``, the fee limit being the reserve);
+``finish_withdrawal`` records SUCCEEDED with the fee paid, or FAILED (everything back to the
+balance) only when the node says the payment failed, or refused it and has no payment of its
+hash. Anything else (a timeout, a lost connection, a crash) leaves it PENDING for the
+resolver.
+
+A withdrawal is sent once, by the process that began it, and only within its send window
+(half of ``orphan_after``) after ``begin_withdrawal``: not started later, and cancelled (its
+gRPC call with it) when the window ends. LND's own deadline for the call, ``payment_timeout``
+plus the ``[lnd] timeout``, 90 s by default, usually ends it sooner. So the node receives a
+withdrawal's payment within the window or never; the other half of ``orphan_after`` is the
+margin for clocks that differ between the processes sharing the store. ``orphan_after`` must
+stay longer than any time between ``begin_withdrawal`` and the node receiving the payment.
+
+The resolver (``run()``, one supervised task per store) asks the node about every PENDING
+withdrawal (``Payer.lookup_payment``, TrackPaymentV2) and finishes it as the node reports;
+it never sends. One the node has never seen and older than ``orphan_after`` was never paid
+and never will be: the resolver finishes it FAILED (all back to the balance), and its invoice
+is refused from then on (its hash is recorded). It cannot be sent then instead: LND accepts
+a second payment of a hash whose first one FAILED, so two senders (two processes'
+resolvers, or a late original send and a resolver) could have it both refunded and paid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway import errors
+from gateway.ports import (
+    Clock,
+    Msat,
+    NodeInfo,
+    Payer,
+    PaymentHash,
+    PaymentStatus,
+    Store,
+    Withdrawal,
+    WithdrawalState,
+)
+from gateway.service.credit import WithdrawalTerms
+from gateway.service.decisions import Deny, Refusal
+
+log = logging.getLogger(__name__)
+
+# An invoice must stay payable this many seconds more: a payment takes a while to route.
+EXPIRY_MARGIN = 60
+# Seconds the node spends looking for a route before it calls the payment failed.
+PAYMENT_TIMEOUT = 60.0
+# Seconds between the resolver's passes over PENDING withdrawals.
+RESOLVE_INTERVAL = 5.0
+# Seconds after which the resolver fails a withdrawal the node has never seen: twice the send
+# window (a send never reaches the node later), so longer than any send (LND's deadline
+# for one is payment_timeout + [lnd] timeout, 90 s by default).
+ORPHAN_AFTER = 300.0
+# Longer than any BOLT11 invoice LND makes (route hints included).
+MAX_INVOICE_CHARS = 8192
+_PPM = 1_000_000
+# LND's network names -> the invoice prefix after "ln" (BOLT 11), and back for messages.
+_CURRENCY_OF_NETWORK = {
+    "mainnet": "bc",
+    "testnet": "tb",
+    "testnet4": "tb",
+    "signet": "tbs",
+    "regtest": "bcrt",
+    "simnet": "sb",
+}
+_NETWORK_OF_CURRENCY = {"bc": "mainnet", "tb": "testnet", "tbs": "signet", "bcrt": "regtest"}
+
+
+class WithdrawalRefusal(enum.StrEnum):
+    """Why a withdrawal is refused (each fixed text, safe for an HTTP body)."""
+
+    NOT_BOLT11 = "not a BOLT11 invoice"
+    OTHER_NETWORK = "the invoice is for another network than the gateway's node"
+    OWN_NODE = "the invoice is the gateway's own node's"
+    EXPIRED = f"the invoice has expired or expires within {EXPIRY_MARGIN} s"
+    AMOUNTLESS = "the invoice has no amount: make one for the amount to withdraw"
+    ABOVE_BALANCE = "the invoice's amount plus the fee reserve is more than the balance"
+    ALREADY_PAID = "the gateway has paid, or tried to pay, this invoice before"
+    NO_ACCOUNT = "this token has no credit account"
+
+
+class Bolt11(Protocol):
+    """What a withdrawal reads of a decoded invoice (``gateway.client.bolt11.Invoice``)."""
+
+    @property
+    def currency(self) -> str: ...
+
+    @property
+    def amount_msat(self) -> int | None: ...
+
+    @property
+    def timestamp(self) -> int: ...
+
+    @property
+    def expiry(self) -> int: ...
+
+    @property
+    def payment_hash(self) -> bytes: ...
+
+    @property
+    def payee(self) -> bytes: ...
+
+
+# Decodes an invoice and verifies its signature; ValueError when the text is no invoice.
+Bolt11Decoder = Callable[[str], Bolt11]
+
+
+class PayingNode(Payer, Protocol):
+    """The node that pays withdrawals; its network and key say which invoices it may pay."""
+
+    async def get_info(self) -> NodeInfo: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawalOutcome:
+    """Where a withdrawal stands: SUCCEEDED, FAILED (the balance has it all back), or PENDING
+    (not finished in time; the resolver finishes it). ``balance_msat`` is read after the
+    outcome is recorded; only if the store fails twice to tell it, it is the balance while
+    PENDING plus what finishing gave back (other spending meanwhile not counted)."""
+
+    state: WithdrawalState
+    payment_hash: str  # hex
+    amount_msat: int
+    fee_msat: int  # the routing fee paid, once SUCCEEDED
+    balance_msat: int  # the account's balance now
+
+
+def fee_reserve(amount_msat: int, min_msat: int, ppm: int) -> Msat:
+    """The routing fee a withdrawal of ``amount_msat`` may cost: ``ppm`` of it, rounded up,
+    and at least ``min_msat``."""
+    return Msat(max(min_msat, -(-amount_msat * ppm // _PPM)))
+
+
+class Withdrawer:
+    """Pays balances out to the holders' invoices and resolves the unfinished payments."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        payer: PayingNode,
+        decode: Bolt11Decoder,
+        clock: Clock,
+        fee_min_msat: int = 1000,
+        fee_ppm: int = 5000,
+        wait_seconds: float = 30.0,
+        payment_timeout: float = PAYMENT_TIMEOUT,
+        resolve_interval: float = RESOLVE_INTERVAL,
+        orphan_after: float = ORPHAN_AFTER,
+    ) -> None:
+        self._store = store
+        self._payer = payer
+        self._decode = decode
+        self._clock = clock
+        self._fee_min_msat = fee_min_msat
+        self._fee_ppm = fee_ppm
+        self._wait_seconds = wait_seconds
+        self._payment_timeout = payment_timeout
+        self._resolve_interval = resolve_interval
+        self._orphan_after = orphan_after
+        # A send reaches the node within this many seconds of begin_withdrawal, or never.
+        self._send_window = orphan_after / 2
+        self._node: NodeInfo | None = None
+        # Withdrawals this process is sending or resolving now: the resolver leaves them be.
+        self._paying: set[PaymentHash] = set()
+        self._tasks: set[asyncio.Task[WithdrawalOutcome]] = set()
+
+    @property
+    def terms(self) -> WithdrawalTerms:
+        return WithdrawalTerms(self._fee_min_msat, self._fee_ppm)
+
+    async def withdraw(self, token_id: bytes, payment_request: str) -> WithdrawalOutcome | Deny:
+        """Pay ``payment_request`` from the balance of ``token_id``'s account, waiting at most
+        ``wait_seconds`` for the outcome; ``Deny`` when it cannot be withdrawn."""
+        checked = await self._check(token_id, payment_request)
+        if isinstance(checked, Deny):
+            return checked
+        payment_hash = checked.payment_hash
+        try:
+            balance = await self._store.begin_withdrawal(checked)
+        except errors.StoreError as error:
+            return await self._begin_failed(checked, error)
+        if balance is None:  # another request spent the balance since the check
+            return Deny(400, WithdrawalRefusal.ABOVE_BALANCE)
+        log.info(
+            "withdrawal %s: paying %d msat (fee reserve %d msat)",
+            payment_hash.hex(),
+            checked.amount_msat,
+            checked.fee_reserve_msat,
+        )
+        self._paying.add(payment_hash)
+        task = asyncio.create_task(self._pay_guarded(checked, balance))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            # Shielded: a slow payment, or a client that goes away, does not stop it.
+            async with asyncio.timeout(self._wait_seconds):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            return self._pending(checked, balance)
+
+    async def resolve_pending(self) -> None:
+        """Finish every PENDING withdrawal the node has an answer for, and FAILED those the
+        node has never seen once older than ``orphan_after``. One that cannot be resolved
+        (an unexpected error included, logged) does not stop the others."""
+        pending = [
+            withdrawal
+            for withdrawal in await self._store.list_withdrawals(WithdrawalState.PENDING)
+            if withdrawal.payment_hash not in self._paying
+        ]
+        results = await asyncio.gather(
+            *(self._resolve(withdrawal) for withdrawal in pending), return_exceptions=True
+        )
+        for withdrawal, result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error(
+                    "withdrawal %s: the resolver failed on it",
+                    withdrawal.payment_hash.hex(),
+                    exc_info=result,
+                )
+
+    async def run(self) -> None:
+        """The resolver: ``resolve_pending`` every ``resolve_interval`` seconds, for ever."""
+        while True:
+            await self.resolve_pending()
+            await asyncio.sleep(self._resolve_interval)
+
+    async def close(self) -> None:
+        """Stop waiting for the payments under way; the resolver finishes them later."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _check(self, token_id: bytes, payment_request: str) -> Withdrawal | Deny:
+        """The PENDING withdrawal ``payment_request`` makes, or why there is none."""
+        text = payment_request.strip()
+        if text[:10].lower() == "lightning:":
+            text = text[10:]
+        if not text or len(text) > MAX_INVOICE_CHARS:
+            return Deny(400, WithdrawalRefusal.NOT_BOLT11)
+        try:
+            invoice = self._decode(text)
+        except ValueError:
+            return Deny(400, WithdrawalRefusal.NOT_BOLT11)
+        try:
+            node = await self._node_info()
+        except errors.BackendError as error:
+            log.warning("withdrawal refused: cannot ask the paying node who it is: %s", error)
+            return Deny(503, Refusal.NODE_UNAVAILABLE, retry_after=5)
+        if invoice.currency != _CURRENCY_OF_NETWORK.get(node.network):
+            theirs = _NETWORK_OF_CURRENCY.get(invoice.currency, "an unknown network")
+            return Deny(
+                400, f"{WithdrawalRefusal.OTHER_NETWORK} ({theirs}; the node is on {node.network})"
+            )
+        if invoice.payee.hex() == node.pubkey:
+            return Deny(400, WithdrawalRefusal.OWN_NODE)
+        if not invoice.amount_msat:
+            return Deny(400, WithdrawalRefusal.AMOUNTLESS)
+        now = self._clock.now()
+        if invoice.timestamp + invoice.expiry < now + EXPIRY_MARGIN:
+            return Deny(400, WithdrawalRefusal.EXPIRED)
+        amount = Msat(invoice.amount_msat)
+        reserve = fee_reserve(amount, self._fee_min_msat, self._fee_ppm)
+        try:
+            account = await self._store.get_account(token_id)
+        except errors.StoreError:
+            log.exception("store failed while checking a withdrawal")
+            return Deny(503, Refusal.STORE_UNAVAILABLE, retry_after=5)
+        if account is None:
+            return Deny(404, WithdrawalRefusal.NO_ACCOUNT)
+        if amount + reserve > account.balance_msat:
+            return Deny(
+                400,
+                f"{WithdrawalRefusal.ABOVE_BALANCE} ({amount} + {reserve} msat > "
+                f"{account.balance_msat} msat)",
+            )
+        payment_hash = PaymentHash(invoice.payment_hash)
+        try:
+            earlier = await self._payer.lookup_payment(payment_hash)
+        except errors.BackendError as error:
+            log.warning("withdrawal refused: cannot ask the paying node about it: %s", error)
+            return Deny(503, Refusal.NODE_UNAVAILABLE, retry_after=5)
+        if earlier is not None:
+            return Deny(400, WithdrawalRefusal.ALREADY_PAID)
+        return Withdrawal(
+            payment_hash=payment_hash,
+            token_id=token_id,
+            payment_request=text,
+            amount_msat=amount,
+            fee_reserve_msat=reserve,
+            state=WithdrawalState.PENDING,
+            created_at=now,
+        )
+
+    async def _node_info(self) -> NodeInfo:
+        """The paying node's network and key, asked once."""
+        if self._node is None:
+            self._node = await self._payer.get_info()
+        return self._node
+
+    async def _begin_failed(self, withdrawal: Withdrawal, error: errors.StoreError) -> Deny:
+        """The answer when ``begin_withdrawal`` raised: a hash recorded already (one the node
+        has not seen: PENDING, or FAILED before it was sent) is the client's mistake,
+        anything else ours."""
+        try:
+            known = await self._store.list_withdrawals(WithdrawalState.PENDING)
+            known += await self._store.list_withdrawals(token_id=withdrawal.token_id)
+        except errors.StoreError:
+            known = []
+        if any(w.payment_hash == withdrawal.payment_hash for w in known):
+            return Deny(400, WithdrawalRefusal.ALREADY_PAID)
+        log.error("store failed to begin a withdrawal: %s", error)
+        return Deny(503, Refusal.STORE_UNAVAILABLE, retry_after=5)
+
+    async def _pay_guarded(self, withdrawal: Withdrawal, balance: Msat) -> WithdrawalOutcome:
+        try:
+            return await self._pay(withdrawal, balance)
+        finally:
+            self._paying.discard(withdrawal.payment_hash)
+
+    async def _pay(self, withdrawal: Withdrawal, balance: Msat) -> WithdrawalOutcome:
+        """Send the payment, within the send window only, and record how it ended; PENDING
+        when that is not known. ``balance`` is the balance while it is PENDING."""
+        payment_hash = withdrawal.payment_hash
+        try:
+            left = withdrawal.created_at + self._send_window - self._clock.now()
+            if left <= 0:
+                # The resolvers take it for unsent after orphan_after: it must stay so.
+                log.warning("withdrawal %s: too late to send it", payment_hash.hex())
+                return await self._finished(withdrawal, WithdrawalState.FAILED, Msat(0), balance)
+            try:
+                async with asyncio.timeout(left):
+                    payment = await self._payer.send_payment(
+                        withdrawal.payment_request,
+                        max_fee_msat=withdrawal.fee_reserve_msat,
+                        payment_timeout=self._payment_timeout,
+                    )
+            except errors.PaymentFailed as error:
+                log.info("withdrawal %s failed: %s", payment_hash.hex(), error.reason)
+                return await self._finished(withdrawal, WithdrawalState.FAILED, Msat(0), balance)
+            except errors.BackendError as error:
+                if await self._refused_to_start(withdrawal, error):
+                    log.info("withdrawal %s refused by the node: %s", payment_hash.hex(), error)
+                    return await self._finished(
+                        withdrawal, WithdrawalState.FAILED, Msat(0), balance
+                    )
+                log.warning(
+                    "withdrawal %s: outcome unknown (%s); the resolver will finish it",
+                    payment_hash.hex(),
+                    error,
+                )
+                return self._pending(withdrawal, balance)
+            except TimeoutError:
+                log.warning(
+                    "withdrawal %s: no outcome within its send window; the resolver will finish it",
+                    payment_hash.hex(),
+                )
+                return self._pending(withdrawal, balance)
+            return await self._finished(
+                withdrawal, WithdrawalState.SUCCEEDED, payment.fee_msat, balance
+            )
+        except (errors.BackendError, errors.StoreError) as error:
+            log.warning(
+                "withdrawal %s: cannot record its outcome (%s); the resolver will",
+                payment_hash.hex(),
+                error,
+            )
+            return self._pending(withdrawal, balance)
+
+    async def _refused_to_start(self, withdrawal: Withdrawal, error: errors.BackendError) -> bool:
+        """Whether the node answered with a refusal and has no payment of the hash: then it
+        is definitely not paid (and never will be: it is not sent again). LND checks the
+        invoice (payment secret, features, amount, not its own) before it records a payment.
+        """
+        if isinstance(error, errors.BackendUnavailable | errors.InvoiceAlreadyExists):
+            # The request may not have reached the node; or the node has a payment of the
+            # hash already (LND's answer to a second one).
+            return False
+        return await self._payer.lookup_payment(withdrawal.payment_hash) is None
+
+    async def _finish(
+        self, withdrawal: Withdrawal, state: WithdrawalState, fee_msat: Msat
+    ) -> Withdrawal:
+        """Record the node's final ``state``; the withdrawal as recorded (its state the one
+        recorded first, should another process have finished it already)."""
+        payment_hash = withdrawal.payment_hash
+        if fee_msat > withdrawal.fee_reserve_msat:
+            # The fee limit was the reserve: the node broke it. The operator pays the rest.
+            log.error(
+                "withdrawal %s: fee %d msat above the reserve %d msat",
+                payment_hash.hex(),
+                fee_msat,
+                withdrawal.fee_reserve_msat,
+            )
+            fee_msat = withdrawal.fee_reserve_msat
+        now = self._clock.now()
+        resolved = await self._store.finish_withdrawal(payment_hash, state, fee_msat, now)
+        if resolved is None:
+            raise errors.StoreError(f"withdrawal {payment_hash.hex()} is not recorded")
+        if resolved.state is not state:
+            log.error(
+                "withdrawal %s: the node says %s, the store had it %s already",
+                payment_hash.hex(),
+                state.value,
+                resolved.state.value,
+            )
+        else:
+            log.info("withdrawal %s %s (fee %d msat)", payment_hash.hex(), state.value, fee_msat)
+        return resolved
+
+    async def _finished(
+        self, withdrawal: Withdrawal, state: WithdrawalState, fee_msat: Msat, balance: Msat
+    ) -> WithdrawalOutcome:
+        """``_finish``, and the outcome with the balance after it (``balance``: the balance
+        while PENDING)."""
+        resolved = await self._finish(withdrawal, state, fee_msat)
+        return WithdrawalOutcome(
+            state=resolved.state,
+            payment_hash=resolved.payment_hash.hex(),
+            amount_msat=resolved.amount_msat,
+            fee_msat=resolved.fee_msat,
+            balance_msat=await self._balance_after(resolved, balance),
+        )
+
+    async def _balance_after(self, resolved: Withdrawal, balance: Msat) -> int:
+        """The account's balance, read (twice, if the store fails once); if the store cannot
+        tell, ``balance`` (while PENDING) plus what finishing ``resolved`` gave back. The
+        outcome is final either way: never answered PENDING for want of a balance."""
+        for _ in range(2):
+            try:
+                account = await self._store.get_account(resolved.token_id)
+            except errors.StoreError as error:
+                failure = error
+                continue
+            return account.balance_msat if account is not None else 0
+        log.warning(
+            "withdrawal %s %s: cannot read the balance (%s); answering an estimate",
+            resolved.payment_hash.hex(),
+            resolved.state.value,
+            failure,
+        )
+        returned = resolved.fee_reserve_msat - resolved.fee_msat
+        if resolved.state is WithdrawalState.FAILED:
+            returned += resolved.amount_msat
+        return balance + returned
+
+    @staticmethod
+    def _pending(withdrawal: Withdrawal, balance: Msat) -> WithdrawalOutcome:
+        return WithdrawalOutcome(
+            state=WithdrawalState.PENDING,
+            payment_hash=withdrawal.payment_hash.hex(),
+            amount_msat=withdrawal.amount_msat,
+            fee_msat=0,
+            balance_msat=balance,
+        )
+
+    async def _resolve(self, withdrawal: Withdrawal) -> None:
+        """Finish one PENDING withdrawal as the node reports it, FAILED if the node has never
+        seen it and it is older than ``orphan_after``; leave it PENDING while the payment is
+        in flight. Never sends it."""
+        payment_hash = withdrawal.payment_hash
+        self._paying.add(payment_hash)
+        try:
+            payment = await self._payer.lookup_payment(payment_hash)
+            if payment is None:
+                age = self._clock.now() - withdrawal.created_at
+                if age < self._orphan_after:
+                    return  # its process may still send it, within its send window
+                log.warning(
+                    "withdrawal %s was never sent (%.0f s old): finishing it FAILED",
+                    payment_hash.hex(),
+                    age,
+                )
+                await self._finish(withdrawal, WithdrawalState.FAILED, Msat(0))
+            elif payment.status is PaymentStatus.SUCCEEDED:
+                await self._finish(withdrawal, WithdrawalState.SUCCEEDED, payment.fee_msat)
+            elif payment.status is PaymentStatus.FAILED:
+                await self._finish(withdrawal, WithdrawalState.FAILED, Msat(0))
+        except (errors.BackendError, errors.StoreError) as error:
+            log.warning("withdrawal %s not resolved yet: %s", payment_hash.hex(), error)
+        finally:
+            self._paying.discard(payment_hash)
