@@ -369,6 +369,11 @@ class StoreOperations(Protocol):
         """OPEN invoices whose ``expires_at`` is before ``expired_before``, the earliest
         expiry first, at most ``limit`` of them."""
 
+    async def list_open_credit_invoices(self, token_id: bytes, limit: int) -> list[InvoiceRecord]:
+        """The OPEN invoices that buy credit for the account of ``token_id`` (its purchase
+        and top-ups), newest first, at most ``limit`` of them: the payments a refused request
+        may ask the node about. Found by token id, so it reads only that token's invoices."""
+
     async def prune_unpaid(self, expired_before: float, limit: int) -> int:
         """Delete at most ``limit`` CANCELED or EXPIRED invoices whose ``expires_at`` is before
         ``expired_before``, each with its own root key (the one under its identifier's key

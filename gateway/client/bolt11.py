@@ -4,9 +4,10 @@ Our own reader, so that the client installs on every Python the package supports
 ``bolt11`` distribution declares ``Requires-Python <3.13``); the signature's public key is
 recovered with ``coincurve`` (libsecp256k1). Pure: no I/O. Reads what BOLT #11 says a reader
 must: the amount with its multiplier, the timestamp, the tagged fields ``p`` (payment hash),
-``d``/``h`` (description or its hash), ``x`` (expiry, default 3600 s) and ``n`` (payee, which
-must then be the key that signed); other fields are skipped, and ``p``/``h``/``n`` fields of
-the wrong length are skipped as the spec says.
+``d``/``h`` (description or its hash), ``x`` (expiry, default 3600 s), ``s`` (payment secret,
+which LND requires of an invoice it pays) and ``n`` (payee, which must then be the key that
+signed); other fields are skipped, and ``p``/``h``/``s``/``n`` fields of the wrong length are
+skipped as the spec says.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class Invoice:
     description: str | None
     description_hash: bytes | None
     expiry: int
+    payment_secret: bytes | None = None  # 32 bytes; None when the invoice has none
+
+    @property
+    def has_payment_secret(self) -> bool:
+        return self.payment_secret is not None
 
 
 def _polymod(values: list[int]) -> int:
@@ -137,7 +143,7 @@ def decode(text: str) -> Invoice:
         at += 3 + length
 
     def first(tag: str, words_long: int | None = None) -> list[int] | None:
-        # A p, h or n of the wrong length is skipped (BOLT #11), the first good one taken.
+        # A p, h, s or n of the wrong length is skipped (BOLT #11), the first good one taken.
         for value in fields.get(tag, []):
             if words_long is None or len(value) == words_long:
                 return value
@@ -149,6 +155,7 @@ def decode(text: str) -> Invoice:
     description = first("d")
     description_hash = first("h", 52)
     expiry = first("x")
+    payment_secret = first("s", 52)
     payee = first("n", 53)
     message = hashlib.sha256(hrp.encode("ascii") + _to_bytes(signed)).digest()
     if signature[64] > 3:
@@ -177,4 +184,5 @@ def decode(text: str) -> Invoice:
         description=shown,
         description_hash=None if description_hash is None else _to_bytes(description_hash)[:32],
         expiry=DEFAULT_EXPIRY if expiry is None else _to_int(expiry),
+        payment_secret=None if payment_secret is None else _to_bytes(payment_secret)[:32],
     )

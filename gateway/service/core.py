@@ -198,7 +198,9 @@ class L402Service:
             log.exception("store failed while holding credit")
             return Deny(503, Refusal.STORE_UNAVAILABLE, retry_after=5)
         except errors.BackendError as error:
-            log.warning("cannot confirm a credit purchase of %s: %s", token.payment_hash, error)
+            log.warning(
+                "cannot confirm a credit purchase for the account of %s: %s", token.token_id, error
+            )
             return Deny(503, Refusal.SETTLEMENT_UNCONFIRMED, retry_after=5)
         if isinstance(spent, Allow):
             return spent

@@ -43,6 +43,10 @@ CREDIT_AMOUNT_HEADER = "L402-Credit-Msat"
 RECENT_CHARGES = 20
 # Default of ``[credit] reservation_seconds``: longer than any request may take upstream.
 RESERVATION_SECONDS = 330.0
+# A refused hold asks the node about at most this many invoices of the account (the token's
+# own purchase and its latest top-ups), so a client that does not pay cannot make one request
+# cost the node more than this.
+LATE_PAYMENT_LOOKUPS = 3
 _DIGITS = re.compile(r"[0-9]{1,20}")
 
 
@@ -135,9 +139,11 @@ class CreditLedger:
         the ``Reserved`` that says the balance did not cover it.
 
         A payer may present its credential before the watcher has seen the payment (the
-        preimage is proof enough to verify it): a refusal then asks the node once, so the
-        payment is credited rather than answered with a second invoice. Raises
-        ``StoreError``, and ``BackendError`` when the node cannot answer that question.
+        preimage is proof enough to verify it), or pay a top-up and go on presenting its old
+        credential: a refusal then asks the node about those payments
+        (``_credit_late_payment``), so a paid one is credited rather than answered with
+        another invoice. Raises ``StoreError``, and ``BackendError`` when the node cannot
+        answer that question.
         """
         held = await self.hold(token, terms, price, method, path)
         if isinstance(held, Reserved) and await self._credit_late_payment(token):
@@ -175,12 +181,43 @@ class CreditLedger:
             raise errors.StoreError("the store cancelled a reservation") from None
 
     async def _credit_late_payment(self, token: PaidToken) -> bool:
-        """Whether the token's own credit purchase was paid but not yet seen, and is now
-        credited (the store credits it once per payment hash, whoever reports it)."""
-        payment_hash = PaymentHash(bytes.fromhex(token.payment_hash))
-        record = await self._store.get_invoice(payment_hash)
-        if record is None or not record.buys_credit or record.state is InvoiceState.SETTLED:
-            return False
+        """Whether a credit purchase of the token's account was paid but not yet seen, and
+        is now credited (the store credits it once per payment hash, whoever reports it).
+
+        Asked about, in turn, until one is settled: the token's own invoice (its preimage
+        proves it paid), then the account's newest OPEN credit invoices still payable (a
+        top-up paid while its holder still presents the old macaroon; one past its expiry
+        was paid, if at all, while payable, and is the watcher's and the sweeper's). At most
+        ``LATE_PAYMENT_LOOKUPS`` node lookups in all; none when the token's own invoice is
+        settled and the account has no OPEN one still payable (one more store read, by token
+        id).
+        """
+        own = PaymentHash(bytes.fromhex(token.payment_hash))
+        lookups = 0
+        record = await self._store.get_invoice(own)
+        if record is not None and record.buys_credit and record.state is not InvoiceState.SETTLED:
+            lookups += 1
+            if await self._credited(own):
+                return True
+        now = self._clock.now()
+        top_ups = await self._store.list_open_credit_invoices(
+            bytes.fromhex(token.token_id), LATE_PAYMENT_LOOKUPS
+        )
+        for top_up in top_ups:
+            if lookups >= LATE_PAYMENT_LOOKUPS:
+                break
+            if top_up.payment_hash == own or top_up.expires_at <= now:
+                continue
+            lookups += 1
+            try:
+                if await self._credited(top_up.payment_hash):
+                    return True
+            except errors.InvoiceNotFound:
+                continue  # the node does not know it: never paid (the sweeper ends it)
+        return False
+
+    async def _credited(self, payment_hash: PaymentHash) -> bool:
+        """Whether the node reports the invoice SETTLED; its update is then applied."""
         invoice = await self._backend.lookup_invoice(payment_hash)
         if invoice.state is not InvoiceState.SETTLED:
             return False

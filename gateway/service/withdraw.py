@@ -3,7 +3,8 @@ token holder's.
 
 ``Withdrawer.withdraw`` checks the invoice offline (decoded, its signature verified): the
 node's network, not the node's own, payable for at least ``EXPIRY_MARGIN`` more seconds, an
-amount, and amount plus fee reserve within the balance; each refusal a 400 with its reason.
+amount, a payment secret (LND pays no invoice without one), and amount plus fee reserve
+within the balance; each refusal a 400 with its reason.
 Then, in this order: ``begin_withdrawal`` commits the debit (amount and fee reserve) with a
 PENDING record; the payment is sent (``Payer.send_payment``, the fee limit being the reserve);
 ``finish_withdrawal`` records SUCCEEDED with the fee paid, or FAILED (everything back to the
@@ -87,6 +88,7 @@ class WithdrawalRefusal(enum.StrEnum):
     OWN_NODE = "the invoice is the gateway's own node's"
     EXPIRED = f"the invoice has expired or expires within {EXPIRY_MARGIN} s"
     AMOUNTLESS = "the invoice has no amount: make one for the amount to withdraw"
+    SECRETLESS = "the invoice has no payment secret (LND will not pay it)"
     ABOVE_BALANCE = "the invoice's amount plus the fee reserve is more than the balance"
     ALREADY_PAID = "the gateway has paid, or tried to pay, this invoice before"
     NO_ACCOUNT = "this token has no credit account"
@@ -112,6 +114,9 @@ class Bolt11(Protocol):
 
     @property
     def payee(self) -> bytes: ...
+
+    @property
+    def payment_secret(self) -> bytes | None: ...
 
 
 # Decodes an invoice and verifies its signature; ValueError when the text is no invoice.
@@ -270,6 +275,8 @@ class Withdrawer:
             return Deny(400, WithdrawalRefusal.OWN_NODE)
         if not invoice.amount_msat:
             return Deny(400, WithdrawalRefusal.AMOUNTLESS)
+        if invoice.payment_secret is None:
+            return Deny(400, WithdrawalRefusal.SECRETLESS)
         now = self._clock.now()
         if invoice.timestamp + invoice.expiry < now + EXPIRY_MARGIN:
             return Deny(400, WithdrawalRefusal.EXPIRED)

@@ -160,6 +160,20 @@ class _Tables:
         )
         return [record for _, _, record in overdue[: max(0, limit)]]
 
+    def list_open_credit_invoices(self, token_id: bytes, limit: int) -> list[InvoiceRecord]:
+        entries = sorted(
+            (
+                (record.created_at, sequence, record)
+                for sequence, record in self.invoices.values()
+                if record.token_id == token_id
+                and record.buys_credit
+                and record.state is InvoiceState.OPEN
+            ),
+            key=lambda entry: (entry[0], entry[1]),
+            reverse=True,
+        )
+        return [record for _, _, record in entries[: max(0, limit)]]
+
     def prune_unpaid(self, expired_before: float, limit: int) -> int:
         doomed = [
             record
@@ -415,6 +429,9 @@ class _MemoryOperations:
 
     async def list_overdue(self, expired_before: float, limit: int) -> list[InvoiceRecord]:
         return await self._run(lambda tables: tables.list_overdue(expired_before, limit))
+
+    async def list_open_credit_invoices(self, token_id: bytes, limit: int) -> list[InvoiceRecord]:
+        return await self._run(lambda tables: tables.list_open_credit_invoices(token_id, limit))
 
     async def prune_unpaid(self, expired_before: float, limit: int) -> int:
         return await self._run(lambda tables: tables.prune_unpaid(expired_before, limit))

@@ -115,6 +115,15 @@ _LIST_OVERDUE = """
            buys_credit
     FROM invoices WHERE state = 'OPEN' AND expires_at < ? ORDER BY expires_at, rowid LIMIT ?
 """
+# By the invoices_token_id index: ``+state`` keeps the planner off invoices_state_created_at,
+# which would walk every OPEN invoice of every token (a token has few invoices to sort).
+_LIST_OPEN_CREDIT_INVOICES = """
+    SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
+           state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
+           buys_credit
+    FROM invoices WHERE token_id = ? AND +state = 'OPEN' AND buys_credit
+    ORDER BY created_at DESC, rowid DESC LIMIT ?
+"""
 _PRUNABLE = """
     SELECT payment_hash, token_id FROM invoices
     WHERE state IN ('CANCELED', 'EXPIRED') AND expires_at < ? LIMIT ?
@@ -128,12 +137,12 @@ _PRUNE_ROOT_KEY = "DELETE FROM root_keys WHERE key_id = ?"
 # along.
 _PRUNE_ROOT_KEYS = """
     DELETE FROM root_keys
-    WHERE token_id = ?1 AND NOT EXISTS (SELECT 1 FROM invoices WHERE token_id = ?1)
+    WHERE token_id = ? AND NOT EXISTS (SELECT 1 FROM invoices WHERE token_id = ?)
 """
 _PRUNE_ACCOUNT = """
     DELETE FROM accounts
-    WHERE token_id = ?1 AND credited_msat = 0
-      AND NOT EXISTS (SELECT 1 FROM invoices WHERE token_id = ?1)
+    WHERE token_id = ? AND credited_msat = 0
+      AND NOT EXISTS (SELECT 1 FROM invoices WHERE token_id = ?)
 """
 _GET_CURSOR = "SELECT add_index, settle_index FROM cursor WHERE id = 0"
 _SAVE_CURSOR = """
@@ -173,8 +182,8 @@ _LIST_ACCOUNTS = """
 """
 # The balance test and the debit are one statement: atomic across processes.
 _RESERVE = """
-    UPDATE accounts SET reserved_msat = reserved_msat + ?1, last_used_at = ?2
-    WHERE token_id = ?3 AND credited_msat - spent_msat - reserved_msat - withdrawn_msat >= ?1
+    UPDATE accounts SET reserved_msat = reserved_msat + ?, last_used_at = ?
+    WHERE token_id = ? AND credited_msat - spent_msat - reserved_msat - withdrawn_msat >= ?
 """
 _ADD_RESERVATION = "INSERT INTO reservations (token_id, amount_msat, expires_at) VALUES (?, ?, ?)"
 _GET_RESERVATION = "SELECT token_id, amount_msat FROM reservations WHERE id = ?"
@@ -223,22 +232,23 @@ _GET_WITHDRAWAL = """
            created_at, fee_msat, resolved_at
     FROM withdrawals WHERE payment_hash = ?
 """
-# ?1: the token id or NULL for every token; LIMIT -1: no limit.
+# The token id (twice) or NULL for every token; LIMIT -1: no limit. Plain placeholders:
+# numbered ones with a sequence of values are deprecated from Python 3.12.
 _LIST_WITHDRAWALS = """
     SELECT payment_hash, token_id, payment_request, amount_msat, fee_reserve_msat, state,
            created_at, fee_msat, resolved_at
-    FROM withdrawals WHERE ?1 IS NULL OR token_id = ?1
-    ORDER BY created_at DESC, rowid DESC LIMIT ?2
+    FROM withdrawals WHERE ? IS NULL OR token_id = ?
+    ORDER BY created_at DESC, rowid DESC LIMIT ?
 """
 _LIST_WITHDRAWALS_IN_STATE = """
     SELECT payment_hash, token_id, payment_request, amount_msat, fee_reserve_msat, state,
            created_at, fee_msat, resolved_at
-    FROM withdrawals WHERE state = ?3 AND (?1 IS NULL OR token_id = ?1)
-    ORDER BY created_at DESC, rowid DESC LIMIT ?2
+    FROM withdrawals WHERE state = ? AND (? IS NULL OR token_id = ?)
+    ORDER BY created_at DESC, rowid DESC LIMIT ?
 """
 _WITHDRAW = """
-    UPDATE accounts SET withdrawn_msat = withdrawn_msat + ?1
-    WHERE token_id = ?2 AND credited_msat - spent_msat - reserved_msat - withdrawn_msat >= ?1
+    UPDATE accounts SET withdrawn_msat = withdrawn_msat + ?
+    WHERE token_id = ? AND credited_msat - spent_msat - reserved_msat - withdrawn_msat >= ?
 """
 _RESOLVE_WITHDRAWAL = """
     UPDATE withdrawals SET state = ?, fee_msat = ?, resolved_at = ?
@@ -379,6 +389,13 @@ class _SqliteOperations:
 
         return await self._run("list_overdue", list_)
 
+    async def list_open_credit_invoices(self, token_id: bytes, limit: int) -> list[InvoiceRecord]:
+        def list_(connection: sqlite3.Connection) -> list[InvoiceRecord]:
+            rows = connection.execute(_LIST_OPEN_CREDIT_INVOICES, (token_id, max(0, limit)))
+            return [_record(row) for row in rows]
+
+        return await self._run("list_open_credit_invoices", list_)
+
     async def prune_unpaid(self, expired_before: float, limit: int) -> int:
         """Each pruned invoice takes its own root key; a token's remaining root keys, and its
         account if it never received anything, go with its last invoice."""
@@ -395,8 +412,8 @@ class _SqliteOperations:
                 key_id = invoice_key_id(bytes(payment_hash), bytes(token_id))
                 if key_id is not None:
                     connection.execute(_PRUNE_ROOT_KEY, (key_id,))
-            connection.executemany(_PRUNE_ROOT_KEYS, ((token_id,) for token_id in tokens))
-            connection.executemany(_PRUNE_ACCOUNT, ((token_id,) for token_id in tokens))
+            connection.executemany(_PRUNE_ROOT_KEYS, ((token_id, token_id) for token_id in tokens))
+            connection.executemany(_PRUNE_ACCOUNT, ((token_id, token_id) for token_id in tokens))
             return deleted
 
         return await self._run("prune_unpaid", prune, atomic=True)
@@ -435,7 +452,7 @@ class _SqliteOperations:
 
         def reserve(connection: sqlite3.Connection) -> Reserved:
             reservation = None
-            if connection.execute(_RESERVE, (amount_msat, now, token_id)).rowcount:
+            if connection.execute(_RESERVE, (amount_msat, now, token_id, amount_msat)).rowcount:
                 reservation_id = connection.execute(
                     _ADD_RESERVATION, (token_id, amount_msat, expires_at)
                 ).lastrowid
@@ -525,7 +542,7 @@ class _SqliteOperations:
         def begin(connection: sqlite3.Connection) -> Msat | None:
             if connection.execute(_GET_WITHDRAWAL, (withdrawal.payment_hash,)).fetchone():
                 raise duplicate_withdrawal(withdrawal.payment_hash)
-            if not connection.execute(_WITHDRAW, (debit, withdrawal.token_id)).rowcount:
+            if not connection.execute(_WITHDRAW, (debit, withdrawal.token_id, debit)).rowcount:
                 return None
             connection.execute(_ADD_WITHDRAWAL, values)
             return _balance(connection, withdrawal.token_id)
@@ -562,10 +579,10 @@ class _SqliteOperations:
 
         def list_(connection: sqlite3.Connection) -> list[Withdrawal]:
             if state is None:
-                rows = connection.execute(_LIST_WITHDRAWALS, (token_id, sql_limit))
+                rows = connection.execute(_LIST_WITHDRAWALS, (token_id, token_id, sql_limit))
             else:
                 rows = connection.execute(
-                    _LIST_WITHDRAWALS_IN_STATE, (token_id, sql_limit, state.value)
+                    _LIST_WITHDRAWALS_IN_STATE, (state.value, token_id, token_id, sql_limit)
                 )
             return [_withdrawal(row) for row in rows]
 

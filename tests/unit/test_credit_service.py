@@ -14,7 +14,7 @@ import pytest
 
 from gateway import errors, l402
 from gateway.expiry import InvoiceSweeper
-from gateway.ports import InvoiceUpdate, Msat, PaymentHash, Store
+from gateway.ports import InvoiceState, InvoiceUpdate, Msat, PaymentHash, Store
 from gateway.pricing import CreditTerms, PriceRequest, Pricing, Rule
 from gateway.service import (
     CREDIT_AMOUNT_HEADER,
@@ -262,6 +262,74 @@ async def test_a_payment_the_watcher_has_not_seen_is_credited_not_charged_again(
     invoice = env.backend.invoices[bytes.fromhex(challenge.payment_hash)]
     await env.store.apply_update(InvoiceUpdate.of(invoice))
     assert await env.balance(authorization) == 3_000
+
+
+async def spend_to_zero(env: Env, authorization: str) -> None:
+    """Charge ``authorization``'s 5000 msat of credit, request by request."""
+    for _ in range(5):
+        charge = await env.charge(authorization=authorization)
+        await env.service.finish_charge(charge, status=200, cost=None)
+    assert await env.balance(authorization) == 0
+
+
+async def test_a_paid_top_up_serves_the_old_credential_before_the_watcher_sees_it(
+    env: Env,
+) -> None:
+    authorization = await env.buy()
+    await spend_to_zero(env, authorization)
+    top_up = await env.challenge(authorization=authorization)
+    assert top_up.reason is l402.ChallengeReason.CREDIT_EXHAUSTED
+    new_authorization = env.pay(top_up)  # the store still has the top-up OPEN
+
+    # The client goes on presenting the old credential: served, not sent another invoice.
+    charge = await env.charge(authorization=authorization)
+    assert (charge.token_id, charge.balance_msat) == (token_id_of(top_up), 4_000)
+    assert await env.service.finish_charge(charge, status=200, cost=None) == 4_000
+    record = await env.store.get_invoice(PaymentHash(bytes.fromhex(top_up.payment_hash)))
+    assert record is not None
+    assert record.state is InvoiceState.SETTLED
+    # Credited once: the watcher's report and the new credential change nothing more.
+    lookups = env.backend.lookups
+    invoice = env.backend.invoices[bytes.fromhex(top_up.payment_hash)]
+    await env.store.apply_update(InvoiceUpdate.of(invoice))
+    assert (await env.charge(authorization=new_authorization)).balance_msat == 3_000
+    assert (await env.charge(authorization=authorization)).balance_msat == 2_000
+    assert env.backend.lookups == lookups
+    info = await env.service.token_info((authorization,))
+    assert isinstance(info, TokenInfo)
+    assert info.credited_msat == 10_000
+
+
+async def test_an_older_paid_top_up_is_found_among_newer_unpaid_ones(env: Env) -> None:
+    authorization = await env.buy()
+    await spend_to_zero(env, authorization)
+    first = await env.challenge(authorization=authorization)
+    await env.challenge(authorization=authorization)  # a second 402, left unpaid
+    env.pay(first)
+    assert (await env.charge(authorization=authorization)).balance_msat == 4_000
+
+
+async def test_an_unpaid_top_up_is_still_a_402_and_the_node_is_asked_at_most_three_times(
+    env: Env,
+) -> None:
+    authorization = await env.buy()
+    await spend_to_zero(env, authorization)
+    top_ups: list[PaymentChallenge] = []
+    for open_top_ups in range(6):
+        if open_top_ups == 4:  # the node no longer knows the newest: skipped, not a 503
+            del env.backend.invoices[bytes.fromhex(top_ups[-1].payment_hash)]
+        lookups = env.backend.lookups
+        top_ups.append(await env.challenge(authorization=authorization))
+        # None while the account has no OPEN top-up, then one per top-up, never above 3.
+        assert env.backend.lookups - lookups == min(open_top_ups, 3)
+        assert top_ups[-1].reason is l402.ChallengeReason.CREDIT_EXHAUSTED
+
+    # Past their expiry they are no longer asked about (they could only be paid before it).
+    env.clock.advance(600)
+    lookups = env.backend.lookups
+    await env.challenge(authorization=authorization)
+    assert env.backend.lookups == lookups
+    assert await env.balance(authorization) == 0
 
 
 async def test_an_unconfirmable_purchase_is_a_503_not_another_invoice(memory_env: Env) -> None:

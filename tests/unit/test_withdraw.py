@@ -39,6 +39,7 @@ from gateway.service.withdraw import (
     fee_reserve,
 )
 from gateway.store import MemoryStore
+from tests import bolt11_encode
 from tests.fakes import NODE_KEY, FakeClock, FakePayer, make_invoice
 
 HOLDER_KEY = "22" * 32  # the token holder's node, which makes the invoices to withdraw to
@@ -288,6 +289,31 @@ async def test_a_bad_invoice_is_refused_with_its_reason_and_nothing_moves(
     assert isinstance(outcome, Deny)
     assert outcome.status == 400
     assert outcome.reason.startswith(reason)
+    assert await world.balance() == CREDIT
+    assert await world.store.list_withdrawals() == []
+    assert world.payer.fee_limits == []  # nothing sent
+
+
+async def test_an_invoice_without_a_payment_secret_gets_400_and_nothing_is_debited(
+    world: World,
+) -> None:
+    """LND pays no invoice without a payment secret (``s``): refused before the debit, not
+    debited, refused by the node and FAILED."""
+    payment_hash = hashlib.sha256(secrets.token_bytes(32)).digest()
+    data = bolt11_encode.int_words(int(world.clock.now()), 7)
+    data += bolt11_encode.field("p", bolt11_encode.words_of(payment_hash))
+    data += bolt11_encode.field("d", bolt11_encode.words_of(b"withdrawal"))
+    data += bolt11_encode.field("x", bolt11_encode.int_words(600))
+    data += bolt11_encode.field("c", bolt11_encode.int_words(80))
+    invoice = bolt11_encode.sign("lnbcrt100n", data, HOLDER_KEY)  # 10,000 msat
+    assert bolt11.decode(invoice).amount_msat == 10_000
+
+    outcome = await world.withdrawer().withdraw(world.token_id, invoice)
+
+    assert isinstance(outcome, Deny)
+    assert outcome.status == 400
+    assert outcome.reason == "the invoice has no payment secret (LND will not pay it)"
+    assert outcome == Deny(400, WithdrawalRefusal.SECRETLESS)
     assert await world.balance() == CREDIT
     assert await world.store.list_withdrawals() == []
     assert world.payer.fee_limits == []  # nothing sent

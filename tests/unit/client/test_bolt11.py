@@ -70,6 +70,27 @@ def test_defaults_and_a_description_hash() -> None:
     assert decoded.expiry == 3600
 
 
+def test_the_payment_secret_is_read_and_its_absence_told() -> None:
+    # LND's invoice has one (the value the bolt11 distribution's decoder reads), and so has
+    # every invoice the test encoder makes (the sha256 of the payment hash).
+    lnd = bolt11.decode(LND_INVOICE)
+    assert lnd.payment_secret == bytes.fromhex(
+        "3fca77091e8613273c22524067d871dc0efdbeb657fcd3b41bd9516a7e5f0e05"
+    )
+    assert lnd.has_payment_secret
+    assert bolt11.decode(invoice()).payment_secret == hashlib.sha256(HASH).digest()
+    # The same fields without ``s``: a valid invoice, with no payment secret.
+    data = enc.int_words(1_800_000_000, 7) + enc.field("p", enc.words_of(HASH))
+    data += enc.field("d", enc.words_of(b"premium: GET /x")) + enc.field("c", enc.int_words(80))
+    without = bolt11.decode(enc.sign("lnbcrt210n", data, NODE_KEY))
+    assert (without.payment_hash, without.amount_msat) == (HASH, 21_000)
+    assert without.payment_secret is None
+    assert not without.has_payment_secret
+    # An ``s`` of the wrong length is skipped (BOLT #11), so it is none either.
+    short = enc.field("s", enc.words_of(b"\x01" * 31))
+    assert bolt11.decode(enc.sign("lnbcrt210n", data + short, NODE_KEY)).payment_secret is None
+
+
 def test_a_payee_field_must_be_the_signing_key() -> None:
     named = enc.field("n", enc.words_of(bytes.fromhex(NODE_PUBKEY)))
     assert bolt11.decode(invoice(extra=named)).payee.hex() == NODE_PUBKEY

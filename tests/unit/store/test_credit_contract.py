@@ -240,6 +240,47 @@ async def test_buys_credit_round_trips(store: Store) -> None:
     assert [record.buys_credit for record in await store.list_invoices()] == [False, True]
 
 
+async def test_the_open_credit_invoices_of_a_token_are_listed_newest_first(
+    store: Store,
+) -> None:
+    await fund(store, 1, 10_000)  # settled: not listed
+    for n in (2, 3, 4, 5):
+        await store.add_invoice(credit_invoice(n))
+    await store.add_invoice(credit_invoice(6, buys_credit=False))  # buys no credit
+    await store.add_invoice(credit_invoice(7, token_id=OTHER_TOKEN))  # another account
+    for n, state in ((8, InvoiceState.CANCELED), (9, InvoiceState.EXPIRED)):
+        await store.add_invoice(credit_invoice(n))
+        await store.apply_update(settled(n, paid=0, state=state))
+    await store.add_invoice(credit_invoice(10))
+    await store.apply_update(settled(10, paid=0, state=InvoiceState.ACCEPTED))
+    # Created in the same instant as 5, after it: newer (the insertion order breaks ties).
+    await store.add_invoice(credit_invoice(11, created_at=START + 5))
+
+    listed = await store.list_open_credit_invoices(TOKEN, 3)
+    assert listed == [
+        credit_invoice(11, created_at=START + 5),
+        credit_invoice(5),
+        credit_invoice(4),
+    ]
+    everything = await store.list_open_credit_invoices(TOKEN, 100)
+    assert [record.payment_hash for record in everything] == [
+        payment_hash(n) for n in (11, 5, 4, 3, 2)
+    ]
+    assert await store.list_open_credit_invoices(TOKEN, 0) == []
+    assert await store.list_open_credit_invoices(OTHER_TOKEN, 3) == [
+        credit_invoice(7, token_id=OTHER_TOKEN)
+    ]
+    assert await store.list_open_credit_invoices(hashlib.sha256(b"nobody").digest(), 3) == []
+
+    async with store.transaction() as tx:  # a transaction sees its own writes
+        await tx.add_invoice(credit_invoice(12, created_at=START + 50))
+        assert [record.payment_hash for record in await tx.list_open_credit_invoices(TOKEN, 1)] == [
+            payment_hash(12)
+        ]
+    await store.apply_update(settled(12))
+    assert await store.list_open_credit_invoices(TOKEN, 1) == [listed[0]]
+
+
 # --- reservations ----------------------------------------------------------------------------
 
 
@@ -792,6 +833,7 @@ CALLS: dict[str, Callable[[Store], Awaitable[object]]] = {
     "begin_withdrawal": lambda s: s.begin_withdrawal(withdrawal(1, 1, 1)),
     "finish_withdrawal": lambda s: s.finish_withdrawal(payment_hash(1), FAILED, Msat(0), 1.0),
     "list_withdrawals": lambda s: s.list_withdrawals(),
+    "list_open_credit_invoices": lambda s: s.list_open_credit_invoices(TOKEN, 1),
 }
 
 

@@ -725,8 +725,8 @@ async def test_a_version_2_database_migrates_to_3_keeping_its_invoices(tmp_path:
             )
             for name, sql, args in (
                 ("prune key", sqlite_module._PRUNE_ROOT_KEY, (b"k",)),
-                ("prune keys", sqlite_module._PRUNE_ROOT_KEYS, (b"t",)),
-                ("reserve", sqlite_module._RESERVE, (1, 1.0, b"t")),
+                ("prune keys", sqlite_module._PRUNE_ROOT_KEYS, (b"t", b"t")),
+                ("reserve", sqlite_module._RESERVE, (1, 1.0, b"t", 1)),
                 ("charges", sqlite_module._LIST_CHARGES, (b"t", 20)),
                 ("expired", sqlite_module._EXPIRED_RESERVATIONS, (1.0, 10)),
             )
