@@ -3,7 +3,7 @@
 aiohttp closes a connection that is idle (no request under way) for ``keepalive_timeout``,
 but a client trickling a request's headers keeps it that long too, and nothing caps the
 number of connections: at the open file limit ``accept()`` fails with EMFILE (asyncio logs a
-traceback for each attempt, up to its backlog's worth a second) and the gateway's own
+traceback for each attempt, up to a backlog's worth a second) and the gateway's own
 sockets, to the upstream and to LND, fail with it. Here:
 
 - the connections are admitted and bounded by ``gateway.web.connections`` (header and idle
@@ -42,7 +42,11 @@ from gateway.web.connections import (
 
 log = logging.getLogger(__name__)
 
-BACKLOG = 128  # the listen() backlog: connections the kernel queues for accept()
+# The listen() backlog (the kernel caps it at net.core.somaxconn). A burst of connections
+# past it is answered with SYN cookies, and a client whose handshake's last ACK was dropped
+# for a full queue gets a reset when its data arrives (seen with 500 clients at once).
+LISTEN_BACKLOG = 4096
+ACCEPT_BATCH = 128  # sockets accepted per loop iteration at most
 # Descriptors kept for everything but connections: the store, the LND channel, log files,
 # the listening sockets, DNS lookups.
 RESERVED_FILES = 64
@@ -124,7 +128,7 @@ class _Acceptor:
 
     def _accept(self, sock: socket.socket) -> None:
         connections = self._connections
-        for _ in range(BACKLOG):
+        for _ in range(ACCEPT_BATCH):
             if not connections.room():
                 self.pause()  # resumed when a socket closes
                 return
@@ -201,7 +205,7 @@ async def _bind(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            sock.listen(BACKLOG)
+            sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
     except OSError:
         for sock in sockets:
