@@ -275,7 +275,10 @@ def _check_existing(path: Path, *, tighten: bool) -> None:
     for suffix in ("-wal", "-shm", "-journal"):
         companion = path.with_name(path.name + suffix)
         if _check_regular(companion, missing_ok=True) and tighten:
-            descriptor = os.open(companion, flags)
+            try:
+                descriptor = os.open(companion, flags)
+            except FileNotFoundError:
+                continue  # a rollback journal lives only as long as a write transaction
             try:
                 _tighten(descriptor, companion)
             finally:
