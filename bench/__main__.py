@@ -20,6 +20,7 @@ BENCHMARKS = (
     "before_after",
     "credit_route",
     "credit_store",
+    "on_success",
 )
 
 

@@ -24,11 +24,14 @@ core ones here, the paying client's in :mod:`gateway.client.errors`::
         ├── BudgetExceeded            price or total over the budget (``limit`` says which)
         ├── PaymentDeclined           the ``confirm`` hook said no
         ├── PaymentInFlight           an earlier payment for this scope is still in flight
+        ├── PaymentRefunded           pay on success: the gateway cancelled the held payment,
+        │                             its request failed (also a ``PaymentFailed``)
         ├── PaymentUnverified         the payer's preimage does not hash to the payment hash
         └── TokenCacheError           the token cache file cannot be read or written
 
 A ``ClientError``'s ``offer`` is the checked offer when there is one, so a caller can show the
-price; all but ``PaymentUnverified`` are raised before any money moves.
+price; all but ``PaymentUnverified`` and ``PaymentRefunded`` are raised before any money
+moves.
 
 The pure protocol layer, :mod:`gateway.l402`, imports nothing of the gateway, so its errors
 have a root of their own. The service turns one into a decision (401, or 402 with a fresh

@@ -133,8 +133,15 @@ class HoldInvoiceBackend(Protocol):
     """Invoices whose preimage the caller holds and reveals (or not) after payment."""
 
     async def add_hold_invoice(
-        self, payment_hash: PaymentHash, amount_msat: Msat, memo: str, expiry: int
-    ) -> NewInvoice: ...
+        self,
+        payment_hash: PaymentHash,
+        amount_msat: Msat,
+        memo: str,
+        expiry: int,
+        *,
+        cltv_expiry: int = 0,
+    ) -> NewInvoice:
+        """``cltv_expiry``: the final hop's CLTV delta in blocks (0: the node's default)."""
 
     async def settle_invoice(self, preimage: Preimage) -> None: ...
 
@@ -327,6 +334,92 @@ class CreditTotals:
     outstanding_msat: Msat  # the balances: what the operator owes the holders
 
 
+class HeldState(enum.Enum):
+    """Where a pay-on-success request (``settle = "on_success"``) stands. Its invoice is a
+    hold invoice: the payer's HTLC is held while the stored request runs once, then the
+    invoice is settled (the backend succeeded) or cancelled (the payer gets the money back).
+    """
+
+    WAITING = "WAITING"  # the hold invoice is issued and not (yet seen) paid
+    RUNNING = "RUNNING"  # the payment is held and the request went to the backend: never again
+    SUCCEEDED = "SUCCEEDED"  # the backend's answer settles it, stored: settle the invoice next
+    FAILED = "FAILED"  # the backend failed, timed out or was interrupted: cancel next
+    SETTLED = "SETTLED"  # the invoice is settled: the stored response is the payer's
+    CANCELED = "CANCELED"  # the invoice is cancelled: the payer paid nothing
+    EXPIRED = "EXPIRED"  # never paid; the stored request is gone
+
+    def may_become(self, new: HeldState) -> bool:
+        """Whether a held request in this state takes ``new``: the one place its rules live.
+
+        WAITING -> RUNNING happens once (the request runs at most once). RUNNING ends as
+        SUCCEEDED or FAILED; SUCCEEDED is settled (or cancelled by the node: an HTLC about to
+        expire), FAILED cancelled; WAITING expires or is cancelled unpaid. SETTLED, CANCELED
+        and EXPIRED are final.
+        """
+        return new in _HELD_NEXT[self]
+
+
+_HELD_NEXT: dict[HeldState, frozenset[HeldState]] = {
+    HeldState.WAITING: frozenset({HeldState.RUNNING, HeldState.EXPIRED, HeldState.CANCELED}),
+    HeldState.RUNNING: frozenset({HeldState.SUCCEEDED, HeldState.FAILED}),
+    HeldState.SUCCEEDED: frozenset({HeldState.SETTLED, HeldState.CANCELED}),
+    HeldState.FAILED: frozenset({HeldState.CANCELED}),
+    HeldState.SETTLED: frozenset(),
+    HeldState.CANCELED: frozenset(),
+    HeldState.EXPIRED: frozenset(),
+}
+# Not final: the executor still has something to do for them (run, settle, cancel, expire).
+HELD_UNFINISHED = frozenset(
+    {HeldState.WAITING, HeldState.RUNNING, HeldState.SUCCEEDED, HeldState.FAILED}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRequest:
+    """A request as the backend is to get it: the method, the path and query as received
+    (``target``), the headers the proxy forwards (its own X-Forwarded-* included) and the
+    whole body."""
+
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """The backend's answer to a held request, replayed to the payer."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class HeldRequest:
+    """A pay-on-success request and its hold invoice, as the store tracks it."""
+
+    payment_hash: PaymentHash
+    # Ours, made at the challenge: revealed to the node only to settle. Secret like a root key.
+    preimage: Preimage = field(repr=False)
+    token_id: bytes
+    client: str  # the asking client's key (an IPv6 /64 counts as one): its cap applies
+    # The paid token's grant as the backend is told it (``PaidToken``, serialised by the
+    # service; the store keeps it as text).
+    grant: str = field(repr=False)
+    # None once it ran (or expired): the body is not kept longer than needed.
+    request: StoredRequest | None
+    state: HeldState
+    created_at: float
+    expires_at: float  # the hold invoice's expiry: unpaid past it, it expires
+    updated_at: float
+    response: StoredResponse | None = None  # set with SUCCEEDED or FAILED (if it answered)
+    failure: str = ""  # why it FAILED or was CANCELED, fixed text, e.g. "backend failed with 503"
+    # When the row is deleted (set once it is final; a delivery shortens it).
+    keep_until: float | None = None
+    delivered_at: float | None = None  # first time the stored response was replayed
+
+
 class StoreOperations(Protocol):
     """The store's reads and writes. Called on the ``Store``, each is atomic on its own;
     called on a transaction (``Store.transaction()``), they commit or roll back together.
@@ -453,10 +546,63 @@ class StoreOperations(Protocol):
     ) -> list[Withdrawal]:
         """Newest first, optionally only those in ``state`` or of ``token_id``."""
 
+    # Pay-on-success requests (``settle = "on_success"`` routes): the state moves only by
+    # ``HeldState.may_become``; each move is one atomic write, safe across processes.
+
+    async def add_held_request(self, held: HeldRequest) -> None:
+        """Record a new WAITING held request (in the challenge's transaction, with its
+        invoice and root key); the same payment hash again changes nothing."""
+
+    async def get_held_request(self, payment_hash: PaymentHash) -> HeldRequest | None: ...
+
+    async def list_held_requests(
+        self, states: frozenset[HeldState], limit: int
+    ) -> list[HeldRequest]:
+        """Those in one of ``states``, the oldest (``created_at``) first, at most ``limit``."""
+
+    async def count_held_requests(
+        self, states: frozenset[HeldState], client: str | None = None
+    ) -> int:
+        """How many are in one of ``states`` (of ``client`` only, when given)."""
+
+    async def move_held_request(
+        self,
+        payment_hash: PaymentHash,
+        state: HeldState,
+        now: float,
+        *,
+        response: StoredResponse | None = None,
+        failure: str = "",
+        keep_until: float | None = None,
+    ) -> HeldRequest | None:
+        """Move it to ``state`` if its current state may become that one; returns the row
+        as stored afterwards, or None when the move was refused (another process made it, or
+        the rules forbid it) or the hash is unknown: only the caller that got a row back may
+        act on the move (run the request, settle, cancel).
+
+        ``updated_at`` becomes ``now``. The stored request is kept while WAITING or RUNNING
+        (the runner needs it) and dropped by any other state. ``response`` is written with
+        SUCCEEDED or FAILED; a non-empty ``failure`` with any move (an empty one keeps the
+        earlier reason, so "backend failed with 503" survives the cancel); ``keep_until``
+        with a final state (a row moved final without one is never pruned), never later than
+        a delivery set it. ``ValueError`` for a ``response`` with another state or a
+        ``keep_until`` with an unfinished one.
+        """
+
+    async def mark_held_delivered(
+        self, payment_hash: PaymentHash, now: float, keep_until: float
+    ) -> None:
+        """The stored response was replayed: set ``delivered_at`` (the first time only) and
+        lower ``keep_until`` to ``keep_until`` if that is sooner."""
+
+    async def prune_held_requests(self, now: float, limit: int) -> int:
+        """Delete at most ``limit`` final held requests whose ``keep_until`` is before
+        ``now``; returns how many. Their invoices and root keys stay (``prune_unpaid``'s)."""
+
 
 class Store(StoreOperations, Protocol):
     """Durable state: token root keys, issued invoices, the watcher's cursor, credit
-    accounts with their reservations, charges and withdrawals."""
+    accounts with their reservations, charges and withdrawals, and pay-on-success requests."""
 
     def transaction(self) -> AbstractAsyncContextManager[StoreOperations]:
         """A unit of work: ``async with store.transaction() as tx:``, then ``tx``'s reads and

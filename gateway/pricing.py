@@ -126,6 +126,10 @@ class Rule:
     title: str = ""
     description: str = ""
     credit: CreditTerms | None = None  # None: a token is bought per price and lifetime
+    # Pay on success: the payment is held while the request runs once, and settled only if
+    # the backend answers a success (any 2xx, or one of ``settle_statuses`` when given).
+    settle_on_success: bool = False
+    settle_statuses: frozenset[int] = frozenset()
     _compiled: re.Pattern[str] = field(init=False, repr=False, compare=False)
     _folded: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
@@ -144,6 +148,19 @@ class Rule:
             raise ValueError(f"route {self.pattern!r}: tier must not be negative")
         if self.credit is not None and self.free:
             raise ValueError(f"route {self.pattern!r}: a credit route needs a price")
+        if self.settle_on_success and self.credit is not None:
+            raise ValueError(
+                f"route {self.pattern!r}: settle on success cannot be combined with credit"
+            )
+        if self.settle_on_success and self.free:
+            raise ValueError(f"route {self.pattern!r}: settle on success needs a price")
+        if self.settle_statuses and not self.settle_on_success:
+            raise ValueError(f"route {self.pattern!r}: settle_statuses need settle on success")
+        for status in self.settle_statuses:
+            if not 200 <= status <= 499:
+                raise ValueError(
+                    f"route {self.pattern!r}: settle status {status} must be 200 to 499"
+                )
         for capability in self.capabilities:
             if not _CAPABILITY_RE.fullmatch(capability) or not capability.isprintable():
                 raise ValueError(
@@ -161,6 +178,12 @@ class Rule:
     @property
     def free(self) -> bool:
         return self.price_msat is None and self.price_function is None
+
+    def settles(self, status: int) -> bool:
+        """Whether a pay-on-success request answered with ``status`` is paid for."""
+        if self.settle_statuses:
+            return status in self.settle_statuses
+        return 200 <= status < 300
 
     def matches(self, method: str, path: str, *, fold_case: bool = False) -> bool:
         if self.methods:
@@ -189,6 +212,11 @@ class Pricing:
             PathCase.INSENSITIVE: (True,),
         }[case]
         self._slash_readings = trailing_slash is TrailingSlash.ANY
+
+    @property
+    def settles_on_success(self) -> bool:
+        """Whether some rule holds its payments until the request succeeded."""
+        return any(rule.settle_on_success for rule in self.rules)
 
     def match(self, method: str, path: str, *, fold_case: bool = False) -> Rule | None:
         """The first rule for exactly this method and path."""

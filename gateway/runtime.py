@@ -5,7 +5,10 @@ middleware, ``build_proxy``) and what ``l402-gateway serve`` runs: it opens the 
 LND connection, builds the ``L402Service`` and runs the settlement watcher and the invoice
 sweeper beside it, each supervised (logged and restarted with backoff when it fails). With
 ``[credit] withdrawals`` it also opens a second LND connection with the payment macaroon
-(``payer_settings``) for the ``Withdrawer``, whose resolver runs beside the watcher.
+(``payer_settings``) for the ``Withdrawer``, whose resolver runs beside the watcher. With
+pay-on-success routes (``settle = "on_success"``) the watching process also runs the
+``HoldExecutor``, which sends paid requests to ``[server] upstream`` with an
+``UpstreamRunner`` (``gateway.web.held``; ``hold_terms`` is ``[hold]`` as the service takes it).
 ``running_runtime(config)`` yields the same with the invoice events and the tasks' health,
 for features that react to settlements. ``build_pricing`` and ``lnd_settings`` turn their
 config sections into the objects the service and the LND client take, raising
@@ -48,6 +51,7 @@ from gateway.pricing import (
     Unmatched,
 )
 from gateway.service import L402Service, RateLimiter
+from gateway.service.on_success import BackendRunner, HoldExecutor, HoldTerms
 from gateway.service.withdraw import Withdrawer
 from gateway.store import open_store
 from gateway.supervisor import Supervisor, TaskHealth
@@ -56,6 +60,7 @@ from gateway.watcher import InvoiceWatcher
 __all__ = [
     "Runtime",
     "build_pricing",
+    "hold_terms",
     "lnd_settings",
     "payer_settings",
     "route_table",
@@ -125,6 +130,8 @@ def build_pricing(config: Config) -> Pricing:
                     title=route.title,
                     description=route.description,
                     credit=_credit_terms(route),
+                    settle_on_success=route.settle == "on_success",
+                    settle_statuses=frozenset(route.settle_statuses),
                 )
             )
         except ValueError as error:
@@ -175,6 +182,9 @@ def route_table(config: Config) -> list[str]:
                 f"credit ({amount} msat a purchase, {least} to {most} on request"
                 f"{', failures charged' if route.charge_failures else ''})"
             )
+        if route.settle == "on_success":
+            statuses = ", ".join(map(str, sorted(set(route.settle_statuses)))) or "2xx"
+            cost += f", paid only if the backend answers {statuses}"
         if not route.free:
             cost += f", service {route.service}, token valid {_lifetime(route.lifetime)}"
         lines.append(f"{route.pattern} ({methods}): {cost}")
@@ -253,6 +263,55 @@ async def _running_withdrawer(
             await withdrawer.close()
 
 
+def hold_terms(config: Config) -> HoldTerms:
+    """The pay-on-success limits and times of ``[hold]``."""
+    hold = config.hold
+    return HoldTerms(
+        invoice_expiry=hold.invoice_expiry,
+        backend_timeout=hold.backend_timeout,
+        cltv_expiry=hold.cltv_expiry,
+        max_outstanding=hold.max_outstanding,
+        max_outstanding_per_client=hold.max_outstanding_per_client,
+        max_request_bytes=hold.max_request_bytes,
+        max_response_bytes=hold.max_response_bytes,
+        response_retention=hold.response_retention,
+        delivered_retention=hold.delivered_retention,
+    )
+
+
+def _hold_upstream(config: Config, pricing: Pricing) -> str | None:
+    """Where paid pay-on-success requests run: ``[server] upstream`` when some route settles
+    on success (``ConfigError`` if there is none), else None."""
+    if not pricing.settles_on_success:
+        return None
+    if config.server.upstream is None:
+        raise errors.ConfigError(
+            'settle = "on_success" routes need [server] upstream: the reverse proxy runs the '
+            "paid request"
+        )
+    return config.server.upstream
+
+
+@contextlib.asynccontextmanager
+async def _running_runner(
+    config: Config, upstream: str | None
+) -> AsyncIterator[BackendRunner | None]:
+    """What runs paid pay-on-success requests against ``upstream`` (None: nothing to run)."""
+    if upstream is None:
+        yield None
+        return
+    # Imported here: only these routes need an HTTP client (an ASGI application gets a
+    # running gateway without aiohttp, and is refused such routes anyway).
+    from gateway.web.held import UpstreamRunner
+
+    async with UpstreamRunner(
+        upstream,
+        token_header=config.server.token_header,
+        connections=config.hold.max_outstanding,
+    ) as runner:
+        yield runner
+
+
 @dataclass(frozen=True, slots=True)
 class Runtime:
     """A running gateway: the service apps mount, the invoice events its watcher and sweeper
@@ -268,10 +327,12 @@ async def running_runtime(
     config: Config, *, clock: Clock | None = None, watch: bool = True
 ) -> AsyncIterator[Runtime]:
     """Open the store and the LND client, run the settlement watcher and the invoice sweeper
-    under one supervisor (unless another process sharing the store does: ``watch=False``),
-    yield the ``Runtime``."""
+    (and with pay-on-success routes the hold executor) under one supervisor (unless another
+    process sharing the store does: ``watch=False``), yield the ``Runtime``."""
     clock = clock or SystemClock()
     pricing = build_pricing(config)
+    terms = hold_terms(config)
+    upstream = _hold_upstream(config, pricing)
     # Every process logs it; where several share the store, only the watching one at INFO.
     for line in route_table(config):
         log.log(logging.INFO if watch else logging.DEBUG, "route %s", line)
@@ -282,9 +343,23 @@ async def running_runtime(
         async with (
             LndClient(settings) as lnd,
             _running_withdrawer(config, paying, store, clock) as withdrawer,
+            # Only the watching process runs the hold executor (one per store).
+            _running_runner(config, upstream if watch else None) as runner,
             Supervisor(clock) as supervisor,
         ):
             events = InvoiceEvents()
+            on_held: Callable[[], None] | None = None
+            if runner is not None:
+                executor = HoldExecutor(
+                    backend=lnd,
+                    store=store,
+                    clock=clock,
+                    runner=runner,
+                    pricing=pricing,
+                    terms=terms,
+                )
+                supervisor.start("l402-hold-executor", executor.run)
+                on_held = executor.wake
             if watch:
                 watcher = InvoiceWatcher(lnd, store, events=events)
                 supervisor.start("l402-invoice-watcher", watcher.run)
@@ -303,7 +378,9 @@ async def running_runtime(
             fiat = _fiat_rate(config, clock)
             if fiat is not None and config.paywall.fiat_rate_url:
                 supervisor.start("l402-fiat-rate", fiat.run)
-            service = _service(config, pricing, lnd, store, clock, fiat, withdrawer)
+            service = _service(
+                config, pricing, lnd, store, clock, fiat, withdrawer, hold=terms, on_held=on_held
+            )
             yield Runtime(service, events, supervisor.health)
     finally:
         await store.close()
@@ -341,6 +418,9 @@ def _service(
     clock: Clock,
     fiat: FiatRate | None = None,
     withdrawer: Withdrawer | None = None,
+    *,
+    hold: HoldTerms | None = None,
+    on_held: Callable[[], None] | None = None,
 ) -> L402Service:
     limits = config.rate_limit
     return L402Service(
@@ -372,4 +452,7 @@ def _service(
         redeem_lookups_per_second=limits.redeem_lookups_per_second,
         reservation_seconds=config.credit.reservation_seconds,
         withdrawer=withdrawer,
+        hold_backend=lnd,
+        hold=hold,
+        on_held=on_held,
     )

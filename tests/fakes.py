@@ -104,9 +104,20 @@ class FakeInvoiceBackend:
     those settled after ``settle_index`` (in settle order), so a settled invoice can come
     twice; 0 replays nothing. Then it streams adds and settlements live. As in LND, that stream
     never carries a CANCELED or ACCEPTED invoice, replayed or live: ``cancel()`` shows only in
-    ``lookup_invoice``. Failures: ``unavailable`` makes every call fail;
-    ``fail_subscriptions = n`` makes the next ``n`` subscriptions fail at once;
-    ``disconnect()`` breaks the live streams.
+    ``lookup_invoice`` (and the single-invoice streams). Failures: ``unavailable`` makes every
+    call fail; ``fail_subscriptions = n`` makes the next ``n`` subscriptions fail at once;
+    ``disconnect()`` breaks the live streams (single-invoice ones too).
+
+    Hold invoices as LND's invoicesrpc: ``add_hold_invoice`` (the caller's hash, no preimage
+    known here), ``hold_payment()`` (a payer's HTLC arrives: OPEN -> ACCEPTED), then
+    ``settle_invoice`` (ACCEPTED only: an OPEN one is refused with "invoice still open", a
+    settled or cancelled one with "invoice already settled"/"already canceled") or
+    ``cancel_invoice`` (any but a settled one; cancelling a cancelled one succeeds).
+    ``subscribe_single_invoice`` sends the current state first (nothing for an unknown hash:
+    LND waits for it to be created), then each change: ACCEPTED, SETTLED, CANCELED. The
+    all-invoices stream reports the hold invoice's add and its settlement only.
+    ``settled``/``cancelled`` count the calls that did it, ``single_subscriptions`` the
+    single-invoice subscriptions asked for.
     """
 
     def __init__(self, clock: FakeClock | None = None) -> None:
@@ -122,6 +133,11 @@ class FakeInvoiceBackend:
         self._add_index = 0
         self._settle_index = 0
         self._subscribers: set[_Subscriber] = set()
+        self.hold_invoices: dict[bytes, int] = {}  # payment hash -> its cltv_expiry
+        self.settled: collections.Counter[bytes] = collections.Counter()
+        self.cancelled: collections.Counter[bytes] = collections.Counter()
+        self.single_subscriptions = 0
+        self._single: dict[bytes, set[asyncio.Queue[Invoice | None]]] = {}
 
     @property
     def live_streams(self) -> int:
@@ -135,6 +151,14 @@ class FakeInvoiceBackend:
     def _publish(self, invoice: Invoice) -> None:
         for subscriber in self._subscribers:
             subscriber.offer(invoice)
+        for queue in self._single.get(invoice.payment_hash, ()):
+            queue.put_nowait(invoice)
+
+    def _change(self, invoice: Invoice) -> None:
+        """A state only the single-invoice streams report (ACCEPTED, CANCELED)."""
+        self.invoices[invoice.payment_hash] = invoice
+        for queue in self._single.get(invoice.payment_hash, ()):
+            queue.put_nowait(invoice)
 
     async def add_invoice(self, amount_msat: Msat, memo: str, expiry: int) -> NewInvoice:
         self._check()
@@ -166,9 +190,128 @@ class FakeInvoiceBackend:
         self._publish(invoice)
         return NewInvoice(payment_hash, invoice.payment_request, self._add_index)
 
+    async def add_hold_invoice(
+        self,
+        payment_hash: PaymentHash,
+        amount_msat: Msat,
+        memo: str,
+        expiry: int,
+        *,
+        cltv_expiry: int = 0,
+    ) -> NewInvoice:
+        self._check()
+        if payment_hash in self.invoices:
+            raise errors.InvoiceAlreadyExists("invoice with payment hash already exists")
+        self._add_index += 1
+        created_at = int(self.clock.now())
+        invoice = Invoice(
+            payment_hash=payment_hash,
+            payment_request=make_invoice(
+                payment_hash,
+                amount_msat or None,
+                created_at=created_at,
+                expiry=expiry,
+                description=memo,
+            ),
+            memo=memo,
+            amount_msat=amount_msat,
+            amount_paid_msat=Msat(0),
+            state=InvoiceState.OPEN,
+            created_at=created_at,
+            settled_at=None,
+            expiry=expiry,
+            add_index=self._add_index,
+            settle_index=0,
+        )
+        self.invoices[payment_hash] = invoice
+        self.hold_invoices[payment_hash] = cltv_expiry or MIN_FINAL_CLTV_EXPIRY
+        self._publish(invoice)
+        return NewInvoice(payment_hash, invoice.payment_request, self._add_index)
+
+    def hold_payment(self, payment_hash: bytes) -> None:
+        """A payer's HTLC reaches an open hold invoice: it is held, the invoice ACCEPTED."""
+        invoice = self.invoices[payment_hash]
+        if payment_hash not in self.hold_invoices or invoice.state is not InvoiceState.OPEN:
+            raise ValueError(f"not an open hold invoice: {invoice.state.value}")
+        self._change(
+            dataclasses.replace(
+                invoice, state=InvoiceState.ACCEPTED, amount_paid_msat=invoice.amount_msat
+            )
+        )
+
+    async def settle_invoice(self, preimage: Preimage) -> None:
+        self._check()
+        payment_hash = hashlib.sha256(preimage).digest()
+        invoice = self.invoices.get(payment_hash)
+        if invoice is None:
+            raise errors.InvoiceNotFound("unable to locate invoice")
+        if invoice.state is not InvoiceState.ACCEPTED:
+            # LND's words, mapped by the LND client as the real node's are.
+            refusal = {
+                InvoiceState.OPEN: "invoice still open",
+                InvoiceState.SETTLED: "invoice already settled",
+                InvoiceState.CANCELED: "invoice already canceled",
+            }[invoice.state]
+            raise errors.BackendBadRequest(refusal)
+        self._settle_index += 1
+        self.settled[payment_hash] += 1
+        self.preimages[payment_hash] = preimage
+        settled = dataclasses.replace(
+            invoice,
+            state=InvoiceState.SETTLED,
+            settled_at=int(self.clock.now()),
+            settle_index=self._settle_index,
+            preimage=preimage,
+        )
+        self.invoices[payment_hash] = settled
+        self._publish(settled)
+
+    async def cancel_invoice(self, payment_hash: PaymentHash) -> None:
+        self._check()
+        invoice = self.invoices.get(payment_hash)
+        if invoice is None:
+            raise errors.InvoiceNotFound("unable to locate invoice")
+        if invoice.state is InvoiceState.SETTLED:
+            raise errors.BackendBadRequest("invoice already settled")
+        if invoice.state is not InvoiceState.CANCELED:
+            self.cancelled[payment_hash] += 1
+            self._change(
+                dataclasses.replace(invoice, state=InvoiceState.CANCELED, amount_paid_msat=Msat(0))
+            )
+
+    async def subscribe_single_invoice(
+        self, payment_hash: PaymentHash
+    ) -> AsyncGenerator[Invoice, None]:
+        self.single_subscriptions += 1
+        self._check()
+        queue: asyncio.Queue[Invoice | None] = asyncio.Queue()
+        current = self.invoices.get(payment_hash)
+        if current is not None:
+            queue.put_nowait(current)
+        self._single.setdefault(payment_hash, set()).add(queue)
+        try:
+            while True:
+                event = await queue.get()
+                if event is None:
+                    raise errors.BackendUnavailable("fake subscription broken")
+                self._check()
+                yield event
+        finally:
+            queues = self._single.get(payment_hash, set())
+            queues.discard(queue)
+            if not queues:
+                self._single.pop(payment_hash, None)
+
+    @property
+    def live_single_streams(self) -> int:
+        """How many single-invoice subscriptions are open now."""
+        return sum(len(queues) for queues in self._single.values())
+
     def pay(self, payment_hash: bytes) -> Preimage:
         """Settle an open invoice as if a payer had paid it; returns the preimage it learns."""
         invoice = self.invoices[payment_hash]
+        if payment_hash in self.hold_invoices:
+            raise ValueError("a hold invoice: hold_payment() it, the gateway settles it")
         if invoice.state is not InvoiceState.OPEN:
             raise ValueError(f"invoice is {invoice.state.value}, not OPEN")
         self._settle_index += 1
@@ -185,19 +328,23 @@ class FakeInvoiceBackend:
         return self.preimages[payment_hash]
 
     def cancel(self, payment_hash: bytes) -> None:
-        """Cancel an invoice, as LND does when it expires; no stream reports it.
+        """Cancel an invoice, as LND does when it expires (or a held HTLC nears its expiry);
+        only the single-invoice streams report it.
 
         As with LND's CancelInvoice, a canceled one stays so and a settled one cannot be.
         """
         invoice = self.invoices[payment_hash]
         if invoice.state is InvoiceState.SETTLED:
             raise ValueError("invoice already settled")
-        self.invoices[payment_hash] = dataclasses.replace(invoice, state=InvoiceState.CANCELED)
+        self._change(dataclasses.replace(invoice, state=InvoiceState.CANCELED))
 
     def disconnect(self) -> None:
         """Break every live subscription: each fails with BackendUnavailable."""
         for subscriber in self._subscribers:
             subscriber.queue.put_nowait(None)
+        for queues in self._single.values():
+            for queue in queues:
+                queue.put_nowait(None)
 
     async def wait_connections(self, total: int) -> None:
         """Wait until ``total`` subscriptions have gone live since the fake was made."""

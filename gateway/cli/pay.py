@@ -10,7 +10,10 @@ goes to stderr: a start and an end line around the payment, and on a terminal an
 elapsed-seconds counter while it is in flight (``-s``: none). Its exit codes are
 ``PAY_EXIT_CODES`` below (also printed by ``l402-gateway pay --help``). On a credit route
 (a prepaid balance) the payment buys credit, ``--max-cost`` bounds the credit bought, and the
-balance the response reports goes to stderr (``--json``: ``balance_msat``).
+balance the response reports goes to stderr (``--json``: ``balance_msat``). On a
+pay-on-success route it says before paying that the request runs while the payment is held
+and is paid for only if it succeeds; a payment the gateway cancelled because the request
+failed ends with ``refunded: <why>`` (exit 3).
 
 One module for the one command, a little over the usual size: its options, its payer, its
 output and its exit codes are read together.
@@ -63,8 +66,9 @@ PAY_EXIT_CODES = """exit codes:
   0  the response came, with a status below 400 (paid, reused a token, or free)
   1  the final response has an HTTP error status (>= 400), e.g. still 402 after paying
   2  bad usage or configuration (options, LND files, unreadable token cache, -o file)
-  3  a backend failed: LND unreachable or the payment failed, the HTTP request failed,
-     or an earlier payment for this URL is still in flight
+  3  a backend failed: LND unreachable or the payment failed (or was refunded: the
+     request failed on a pay-on-success route), the HTTP request failed, or an earlier
+     payment for this URL is still in flight
   4  over budget: the price is over --max-cost; nothing was paid
   5  the challenge or its invoice is unusable: wrong network, expired, amount or payment
      hash mismatch, malformed; nothing was paid
@@ -156,7 +160,10 @@ def add_parser(commands: Any) -> None:
     pay.add_argument("--no-token-cache", action="store_true", help="keep tokens in memory only")
     add_timeout_option(pay)
     pay.add_argument(
-        "--payment-timeout", type=float, default=60.0, help="seconds LND may try to pay"
+        "--payment-timeout",
+        type=float,
+        default=60.0,
+        help="seconds LND may try to pay (pay on success: at least the backend's time + 30)",
     )
 
 
@@ -317,6 +324,8 @@ def _offer_json(offer: Offer, max_cost_msat: int | None = None) -> dict[str, Any
         "credit_msat": offer.credit_msat,
         "price_msat": offer.price_msat,
         "balance_msat": offer.balance_msat,
+        "settles_on_success": offer.settles_on_success,
+        "settle_timeout": offer.settle_timeout,
     }
     if max_cost_msat is not None:
         facts["over_max_cost"] = offer.amount_msat > max_cost_msat
@@ -337,6 +346,12 @@ def _spend_json(entry: SpendEntry) -> dict[str, Any]:
     }
 
 
+def settle_text(offer: Offer) -> str:
+    """What paying a pay-on-success offer means, in one line."""
+    limit = "" if offer.settle_timeout is None else f" (up to {offer.settle_timeout:g} s)"
+    return f"the request runs while the payment is held{limit}; you pay only if it succeeds"
+
+
 def offer_text(offer: Offer, max_cost_msat: int) -> str:
     left = offer.expires_at - time.time()
     lines = [
@@ -355,6 +370,8 @@ def offer_text(offer: Offer, max_cost_msat: int) -> str:
         if offer.balance_msat is not None:
             credit.append(f"  balance:  {sat(offer.balance_msat)} left (a top-up)")
         lines[2:2] = credit
+    if offer.settles_on_success:
+        lines.insert(2, f"  settles:  on success: {settle_text(offer)}")
     if offer.amount_msat > max_cost_msat:
         lines.append(f"  (over --max-cost {sat(max_cost_msat)})")
     return "\n".join(lines)
@@ -394,6 +411,11 @@ async def _pay(
         declined.append(offer)
         return False
 
+    async def announce(offer: Offer) -> bool:
+        if offer.settles_on_success and not args.silent:
+            print(f"pay on success: {settle_text(offer)}", file=sys.stderr, flush=True)
+        return True
+
     async with contextlib.AsyncExitStack() as stack:
         lnd = await stack.enter_async_context(LndClient(settings)) if settings else None
         payer: Payer = _NoPayer() if lnd is None else lnd
@@ -409,7 +431,7 @@ async def _pay(
             ),
             cache=cache,
             payment_timeout=args.payment_timeout,
-            confirm=decline if args.no_pay else None,
+            confirm=decline if args.no_pay else announce,
         )
         timeout = aiohttp.ClientTimeout(total=None, connect=args.timeout, sock_read=args.timeout)
         summary: dict[str, Any] = {"url": args.url, "method": method}

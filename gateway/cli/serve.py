@@ -130,6 +130,7 @@ def _serve_worker(
         upstream_connections=server.upstream_connections,
         paid_upstream_connections=server.paid_upstream_connections,
         ipv6_prefix=ipv6_prefix,
+        max_held_body_bytes=config.hold.max_request_bytes,
     )
     upstream = server.upstream_connections + server.paid_upstream_connections
     try:

@@ -32,8 +32,14 @@ On a credit route (the gateway bills requests from a prepaid balance) the paymen
 within the budget; the balance each response reports is kept (:class:`Balance`), and when it
 runs out the top-up the gateway offers is paid like any 402, its token replacing the old one.
 
-This package imports only :mod:`gateway.l402`, :mod:`gateway.ports` and
-:mod:`gateway.errors` (plus ``coincurve``, which :mod:`~gateway.client.bolt11` verifies
+On a pay-on-success route (``L402-Settle: on-success``) the gateway runs the request while the
+payment is held and takes it only if the request succeeded: the offer says so
+(:attr:`Offer.settles_on_success`), the payment may stay in flight for the backend's time, and
+a payment the gateway cancelled raises :class:`PaymentRefunded` (``refunded: <why>``; the
+aiohttp and httpx integrations ask the gateway, :mod:`~gateway.client.on_success`).
+
+This package imports only :mod:`gateway.l402`, :mod:`gateway.ports`, :mod:`gateway.errors`
+and :mod:`gateway.text` (plus ``coincurve``, which :mod:`~gateway.client.bolt11` verifies
 invoice signatures with); the aiohttp and httpx integrations are separate modules, so neither
 library is needed unless its integration is imported.
 """
@@ -58,6 +64,7 @@ from gateway.client.errors import (
     InvoiceRejected,
     PaymentDeclined,
     PaymentInFlight,
+    PaymentRefunded,
     PaymentUnverified,
     TokenCacheError,
 )
@@ -89,6 +96,7 @@ __all__ = [
     "Offer",
     "PaymentDeclined",
     "PaymentInFlight",
+    "PaymentRefunded",
     "PaymentUnverified",
     "PendingPayment",
     "Retry",

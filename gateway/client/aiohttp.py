@@ -12,7 +12,9 @@
 A request that already carries an ``Authorization`` header is passed through untouched. A
 retried request is sent with the same body, so bodies must be replayable (bytes, str, form
 data, JSON; not a one-shot stream). Errors of :mod:`gateway.client.errors` (and the payer's)
-propagate out of the ``session.get(...)`` call.
+propagate out of the ``session.get(...)`` call. When the payment of a pay-on-success offer
+fails, the gateway is asked why through the same session (without the middlewares), so a
+refund raises ``PaymentRefunded``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, hdrs
 
 from gateway.client.core import L402Client
+from gateway.client.on_success import MAX_ANSWER_BYTES
 
 __all__ = ["L402PayingMiddleware", "l402_session"]
 
@@ -38,6 +41,17 @@ class L402PayingMiddleware:
             return await handler(request)
         exchange = await self.client.exchange(str(request.url), request.method)
         authorization = exchange.authorization
+        session = request.session
+
+        async def ask_gateway(url: str, body: bytes) -> tuple[int, bytes]:
+            async with session.post(
+                url,
+                data=body,
+                headers={hdrs.CONTENT_TYPE: "application/json"},
+                middlewares=(),
+            ) as answer:
+                return answer.status, await answer.content.read(MAX_ANSWER_BYTES + 1)
+
         while True:
             if authorization is None:
                 request.headers.popall(hdrs.AUTHORIZATION, None)
@@ -50,6 +64,7 @@ class L402PayingMiddleware:
                     response.headers.getall(hdrs.WWW_AUTHENTICATE, []),
                     response.read,
                     response.headers,
+                    ask_gateway,
                 )
             except BaseException:
                 response.release()

@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from gateway.client.cache_file import CacheContents, CacheFile, Stamp
-from gateway.client.tokens import MAX_PATHS, CachedToken, PendingPayment, split_url
+from gateway.client.tokens import MAX_PATHS, CachedToken, PendingPayment, request_of, split_url
 
 __all__ = ["TokenCache"]
 
@@ -77,11 +77,12 @@ class TokenCache:
     async def find(self, url: str, method: str, now: float) -> CachedToken | None:
         """The token to send with this request, if any (see :mod:`gateway.client.tokens`)."""
         origin, path = split_url(url)
+        request = request_of(method, url)
         best: tuple[tuple[int, int, float], CachedToken] | None = None
         for token in (await self._current()).tokens.values():
             if token.origin != origin or token.expired(now):
                 continue
-            fit = token.fit(path, method)
+            fit = token.fit(path, method, request)
             if fit is None:
                 continue
             rank = (*fit, token.created_at)

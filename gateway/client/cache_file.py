@@ -73,8 +73,12 @@ def _paths(value: object) -> tuple[str, ...]:
     return tuple(value[-MAX_PATHS:])
 
 
+def _optional_str(value: object) -> str | None:
+    return None if value is None else _str(value)
+
+
 def _token_json(token: CachedToken) -> dict[str, Any]:
-    return {
+    facts: dict[str, Any] = {
         "origin": token.origin,
         "scope": token.scope,
         "url": token.url,
@@ -87,6 +91,9 @@ def _token_json(token: CachedToken) -> dict[str, Any]:
         "worked": list(token.worked),
         "refused": list(token.refused),
     }
+    if token.paid_request is not None:  # absent: readers of older files see nothing new
+        facts["paid_request"] = token.paid_request
+    return facts
 
 
 def _token_from(raw: Any) -> CachedToken:
@@ -102,11 +109,12 @@ def _token_from(raw: Any) -> CachedToken:
         created_at=_float(raw["created_at"]),
         worked=_paths(raw["worked"]),
         refused=_paths(raw["refused"]),
+        paid_request=_optional_str(raw.get("paid_request")),
     )
 
 
 def _pending_json(entry: PendingPayment) -> dict[str, Any]:
-    return {
+    facts: dict[str, Any] = {
         "origin": entry.origin,
         "scope": entry.scope,
         "url": entry.url,
@@ -120,6 +128,9 @@ def _pending_json(entry: PendingPayment) -> dict[str, Any]:
         "description": entry.description,
         "created_at": entry.created_at,
     }
+    if entry.paid_request is not None:
+        facts["paid_request"] = entry.paid_request
+    return facts
 
 
 def _pending_from(raw: Any) -> PendingPayment:
@@ -136,6 +147,7 @@ def _pending_from(raw: Any) -> PendingPayment:
         destination=_str(raw["destination"]),
         description=_str(raw["description"]),
         created_at=_float(raw["created_at"]),
+        paid_request=_optional_str(raw.get("paid_request")),
     )
 
 

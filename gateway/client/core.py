@@ -35,6 +35,14 @@ one process never pay twice for the same scope:
    checked, ``confirm`` asked; any "no" raises before a payment starts;
 4. a pending entry is written durably, the payer pays with the budget's fee cap, the token
    replaces the pending entry in one write, and the spending log gets an entry.
+
+**Pay on success.** For an offer that settles on success (``L402-Settle``, see
+:mod:`~gateway.client.offer`) the payment stays in flight while the gateway runs the request,
+so the payer gets at least the backend's time plus ``SETTLE_MARGIN`` seconds. When such a
+payment fails and the HTTP integration gave ``ask_gateway``, the gateway is asked why
+(:mod:`~gateway.client.on_success`): a refund raises ``PaymentRefunded``. The token is good
+for that one request only; it leaves the cache once a response to it came (a 409 or 410
+included: the gateway answers no more with it).
 """
 
 from __future__ import annotations
@@ -57,17 +65,37 @@ from gateway.client.offer import (
     offered_token_id,
     read_offer,
 )
-from gateway.client.tokens import CachedToken, PendingPayment, new_token, scope_of, split_url
+from gateway.client.on_success import AskGateway, explain_failure
+from gateway.client.tokens import (
+    CachedToken,
+    PendingPayment,
+    new_token,
+    request_of,
+    scope_of,
+    split_url,
+)
 from gateway.errors import PaymentFailed
 from gateway.ports import Clock, Msat, Payer, Payment, PaymentHash, PaymentStatus, SystemClock
 
-__all__ = ["Balance", "Confirm", "Exchange", "L402Client", "Retry", "SpendEntry", "SystemClock"]
+__all__ = [
+    "SETTLE_MARGIN",
+    "Balance",
+    "Confirm",
+    "Exchange",
+    "L402Client",
+    "Retry",
+    "SpendEntry",
+    "SystemClock",
+]
 
 log = logging.getLogger(__name__)
 
 Confirm = Callable[[Offer], Awaitable[bool]]
 _POLL_START = 0.2
 _POLL_MAX = 2.0
+# s a pay-on-success payment may take beyond the backend's time: the route to the gateway,
+# and its settle or cancel coming back.
+SETTLE_MARGIN = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +144,9 @@ class L402Client:
 
     ``network``: the network the payer is on (``regtest``, ``mainnet``...); an invoice for
     another one is refused. None skips that check (only sensible when nothing is paid).
-    ``payment_timeout``: seconds the payer may try. ``confirm``: asked with the checked offer
-    right before paying; False raises ``PaymentDeclined``.
+    ``payment_timeout``: seconds the payer may try (for a pay-on-success offer at least its
+    backend time plus ``SETTLE_MARGIN``). ``confirm``: asked with the checked offer right
+    before paying; False raises ``PaymentDeclined``.
     """
 
     def __init__(
@@ -199,11 +228,13 @@ class L402Client:
         *,
         exclude: Collection[bytes] = (),
         headers: Mapping[str, str] | None = None,
+        ask_gateway: AskGateway | None = None,
     ) -> tuple[CachedToken, SpendEntry | None]:
         """A token for a request that got a 402, and the payment if it was paid just now.
 
         ``exclude``: payment hashes of tokens already refused for this request. ``headers``:
-        the 402's, for the credit facts of the offer.
+        the 402's, for the credit facts and the settlement of the offer. ``ask_gateway``: how
+        to ask the gateway why a pay-on-success payment failed (None: not asked).
         """
         origin, _ = split_url(url)
         lock = self._locks.setdefault(origin, asyncio.Lock())
@@ -215,7 +246,7 @@ class L402Client:
             offer = read_offer(
                 www_authenticate, body, network=self.network, now=self.clock.now(), headers=headers
             )
-            return await self._pay(url, method, offer)
+            return await self._pay(url, method, offer, ask_gateway)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -253,19 +284,26 @@ class L402Client:
             return await self._finish(entry, payment, recovered=True)
         return _IN_FLIGHT
 
-    async def _pay(self, url: str, method: str, offer: Offer) -> tuple[CachedToken, SpendEntry]:
+    async def _pay(
+        self, url: str, method: str, offer: Offer, ask_gateway: AskGateway | None
+    ) -> tuple[CachedToken, SpendEntry]:
         fee_limit = self.budget.check(offer, self._spent + self._reserved)
         worst_case = offer.amount_msat + fee_limit
         self._reserved += worst_case  # held from the check on, so no other payment overtakes it
         try:
             if self.confirm is not None and not await self.confirm(offer):
                 raise PaymentDeclined("payment declined; nothing was paid", offer)
-            return await self._send(url, method, offer, fee_limit)
+            return await self._send(url, method, offer, fee_limit, ask_gateway)
         finally:
             self._reserved -= worst_case
 
     async def _send(
-        self, url: str, method: str, offer: Offer, fee_limit: int
+        self,
+        url: str,
+        method: str,
+        offer: Offer,
+        fee_limit: int,
+        ask_gateway: AskGateway | None,
     ) -> tuple[CachedToken, SpendEntry]:
         origin, path = split_url(url)
         entry = PendingPayment(
@@ -281,6 +319,7 @@ class L402Client:
             destination=offer.destination,
             description=offer.description,
             created_at=self.clock.now(),
+            paid_request=request_of(method, url) if offer.settles_on_success else None,
         )
         await self.cache.add_pending(entry)  # durable before a single msat moves
         log.info(
@@ -291,13 +330,21 @@ class L402Client:
             origin,
             path,
         )
+        payment_timeout = self.payment_timeout
+        if offer.settle_timeout is not None:  # in flight while the gateway runs the request
+            payment_timeout = max(payment_timeout, offer.settle_timeout + SETTLE_MARGIN)
         try:
             payment = await self.payer.send_payment(
-                offer.invoice, max_fee_msat=Msat(fee_limit), payment_timeout=self.payment_timeout
+                offer.invoice, max_fee_msat=Msat(fee_limit), payment_timeout=payment_timeout
             )
-        except PaymentFailed:
+        except PaymentFailed as error:
             await self.cache.drop_pending(offer.payment_hash)  # final: nothing was paid
-            raise
+            if not offer.settles_on_success or ask_gateway is None:
+                raise
+            explained = await explain_failure(ask_gateway, url, offer, error)
+            if explained is error:
+                raise
+            raise explained from error
         # Any other error leaves the outcome unknown: the entry stays for _resolve.
         return await self._finish(entry, payment, recovered=False)
 
@@ -317,7 +364,13 @@ class L402Client:
             )
         now = self.clock.now()
         token = new_token(
-            entry.url, entry.scheme, entry.macaroon_b64, preimage, entry.amount_msat, now
+            entry.url,
+            entry.scheme,
+            entry.macaroon_b64,
+            preimage,
+            entry.amount_msat,
+            now,
+            entry.paid_request,
         )
         await self.cache.store(token, now)
         amount = payment.amount_msat or entry.amount_msat
@@ -366,11 +419,13 @@ class Exchange:
         www_authenticate: Sequence[str],
         read_body: Callable[[], Awaitable[bytes]],
         headers: Mapping[str, str] | None = None,
+        ask_gateway: AskGateway | None = None,
     ) -> Retry | None:
         """Digest a response: None to hand it to the caller, else how to send the request again.
 
         ``read_body`` is only awaited for a 402 carrying an L402 challenge. ``headers``: the
-        response's (case-insensitive, as HTTP libraries give them), for the credit balance.
+        response's (case-insensitive, as HTTP libraries give them), for the credit balance and
+        the offer. ``ask_gateway``: see :meth:`L402Client.authorize`.
         """
         client = self._client
         sent, self._sent = self._sent, None
@@ -378,7 +433,11 @@ class Exchange:
         if balance is not None:
             client._note_balance(self._url, sent, balance)
         if status not in (401, 402):
-            if sent is not None and status < 400:
+            if sent is not None and sent.paid_request is not None:
+                if status < 400 or status in (409, 410):
+                    # Pay on success: the response it paid for came (or is gone for good).
+                    await client.cache.remove(sent.payment_hash)
+            elif sent is not None and status < 400:
                 await client.cache.worked(sent.payment_hash, self._url)
             return None
         if sent is not None:
@@ -398,6 +457,7 @@ class Exchange:
                 body,
                 exclude=self._tried,
                 headers=headers,
+                ask_gateway=ask_gateway,
             )
             if payment is not None:
                 self._paid = True

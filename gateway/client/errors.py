@@ -1,14 +1,14 @@
 """The paying client's errors, a branch of the tree drawn in :mod:`gateway.errors`.
 
 ``offer`` is the checked offer when there is one, so a caller can show the price. All but
-``PaymentUnverified`` are raised before any money moves.
+``PaymentUnverified`` and ``PaymentRefunded`` are raised before any money moves.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, PaymentFailed
 
 if TYPE_CHECKING:  # offer.py raises these errors; the errors only name its type
     from gateway.client.offer import Offer
@@ -20,6 +20,7 @@ __all__ = [
     "InvoiceRejected",
     "PaymentDeclined",
     "PaymentInFlight",
+    "PaymentRefunded",
     "PaymentUnverified",
     "TokenCacheError",
 ]
@@ -59,6 +60,23 @@ class PaymentInFlight(ClientError):
 
 class PaymentUnverified(ClientError):
     """The payer reported success but its preimage does not match the invoice."""
+
+
+class PaymentRefunded(ClientError, PaymentFailed):
+    """The payment of a pay-on-success offer failed because the gateway cancelled it: the paid
+    request failed, and the held payment went back to the payer.
+
+    Also a ``PaymentFailed`` (``payment_hash``, ``reason``), so code that handles failed
+    payments handles this one. The message is ``refunded: <failure>``; ``failure`` is the
+    gateway's reason (e.g. ``backend failed with 503``), escaped and cut short.
+    """
+
+    def __init__(self, failure: str, offer: Offer) -> None:
+        message = f"refunded: {failure}"
+        PaymentFailed.__init__(self, message, offer.payment_hash)
+        self.args = (message,)  # str(error): the message alone, not PaymentFailed's
+        self.offer = offer
+        self.failure = failure
 
 
 class TokenCacheError(ClientError):

@@ -10,7 +10,10 @@
 Only ``httpx.AsyncClient``: payers are asynchronous, so the synchronous flow raises
 ``TypeError``. A request that already carries an ``Authorization`` header is sent untouched.
 The request body is read into memory first (``requires_request_body``) so a retry can resend
-it.
+it. When the payment of a pay-on-success offer fails, the gateway is asked why (a refund
+raises ``PaymentRefunded``) with a short-lived ``httpx.AsyncClient`` of default settings: an
+auth flow cannot reach its own client while it pays. If that request fails (a private CA,
+say), the payment's failure is raised as it came.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import AsyncGenerator, Generator
 import httpx
 
 from gateway.client.core import L402Client
+from gateway.client.on_success import MAX_ANSWER_BYTES
 
 __all__ = ["L402Auth"]
 
@@ -58,7 +62,22 @@ class L402Auth(httpx.Auth):
                 response.headers.get_list("WWW-Authenticate"),
                 response.aread,
                 response.headers,
+                _ask_gateway,
             )
             if retry is None:
                 return
             authorization = retry.authorization
+
+
+async def _ask_gateway(url: str, body: bytes) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json"}
+    async with (
+        httpx.AsyncClient() as http,
+        http.stream("POST", url, content=body, headers=headers) as answer,
+    ):
+        read = b""
+        async for chunk in answer.aiter_bytes():
+            read += chunk
+            if len(read) > MAX_ANSWER_BYTES:
+                break
+        return answer.status_code, read

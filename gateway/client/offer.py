@@ -15,6 +15,13 @@ for a top-up, the balance left (``L402-Balance-Msat``); the same facts may come 
 ``credit_msat``, ``price_msat`` and ``balance_msat`` in the JSON body. A top-up's macaroon
 carries the token id of the token it tops up (:func:`offered_token_id`).
 
+**Pay on success.** A route that settles on success says so in the 402:
+``L402-Settle: on-success; timeout=<s>`` (:func:`settle_terms`). Its invoice is a hold
+invoice: once the payment reaches the gateway, the gateway runs the request (the backend gets
+up to ``timeout`` seconds) while the payment is held, then takes the payment if the request
+succeeded, else cancels it and the payer is refunded. A header that does not parse is
+ignored: the offer is read as an ordinary one.
+
 Networks, by invoice prefix: ``lnbc`` mainnet, ``lntb`` testnet, ``lntbs`` signet,
 ``lnbcrt`` regtest.
 """
@@ -33,8 +40,10 @@ from gateway.client.errors import ChallengeError, InvoiceRejected
 __all__ = [
     "BALANCE_HEADER",
     "CREDIT_HEADER",
+    "MAX_SETTLE_TIMEOUT",
     "NETWORKS",
     "PRICE_HEADER",
+    "SETTLE_HEADER",
     "DecodedInvoice",
     "Offer",
     "amount_from_problem",
@@ -44,12 +53,14 @@ __all__ = [
     "normalize_network",
     "offered_token_id",
     "read_offer",
+    "settle_terms",
     "token_valid_until",
 ]
 
 BALANCE_HEADER = "L402-Balance-Msat"  # on every response of a credit route
 CREDIT_HEADER = "L402-Credit-Msat"  # on a credit 402: the credit its invoice buys
 PRICE_HEADER = "L402-Price-Msat"  # on a credit 402: what one request costs (at most)
+SETTLE_HEADER = "L402-Settle"  # on a pay-on-success 402: "on-success; timeout=<s>"
 
 # bolt11 currency (the invoice prefix after "ln") -> network
 _CURRENCIES = {"bc": "mainnet", "tb": "testnet", "tbs": "signet", "bcrt": "regtest"}
@@ -67,6 +78,10 @@ _SCHEME_RE = re.compile(
 )
 _MAX_PROBLEM_BYTES = 64 * 1024
 _MAX_MSAT_DIGITS = 19  # fits an int64, like every amount the gateway sends
+_SECONDS_RE = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,6})?")
+# The longest backend time a 402 may announce; above it the header is not believed (a held
+# payment locks the payer's funds, and its payment timeout grows with this).
+MAX_SETTLE_TIMEOUT = 86_400.0
 
 
 def normalize_network(name: str) -> str:
@@ -138,6 +153,10 @@ class Offer:
     credit_msat: int | None = None
     price_msat: int | None = None
     balance_msat: int | None = None
+    # Pay on success (see the module docstring): the request runs while the payment is held,
+    # the backend gets up to settle_timeout seconds (None: the 402 did not say).
+    settles_on_success: bool = False
+    settle_timeout: float | None = None
 
 
 def has_l402_challenge(www_authenticate: Sequence[str]) -> bool:
@@ -198,6 +217,45 @@ def _credit_facts(
         facts.append(value if value is not None and value >= 0 else None)
     credit, price, balance = facts
     return credit, price, balance
+
+
+def settle_terms(headers: Mapping[str, str]) -> tuple[bool, float | None]:
+    """``(settles_on_success, settle_timeout)`` from a 402's ``L402-Settle`` header.
+
+    ``on-success; timeout=30`` -> ``(True, 30.0)``. The value is case-insensitive, spaces
+    around ``;`` and ``=`` and unknown parameters are allowed; ``on-success`` without a
+    timeout gives ``(True, None)``. Absent, another settlement, or malformed (a timeout that
+    is not a number of seconds up to ``MAX_SETTLE_TIMEOUT``, given twice, a parameter
+    without ``=``): ``(False, None)``."""
+    value = headers.get(SETTLE_HEADER)
+    if value is None:  # a plain dict: HTTP libraries' header mappings ignore case themselves
+        lowered = SETTLE_HEADER.lower()
+        value = next((text for name, text in headers.items() if name.lower() == lowered), None)
+    if value is None or len(value) > 256:
+        return False, None
+    mode, *parameters = value.split(";")
+    if mode.strip().lower() != "on-success":
+        return False, None
+    timeout: float | None = None
+    seen_timeout = False
+    for parameter in parameters:
+        if not parameter.strip():
+            continue  # "on-success;" or ";;"
+        name, equals, text = parameter.partition("=")
+        if not equals or not name.strip():
+            return False, None
+        if name.strip().lower() != "timeout":
+            continue
+        text = text.strip()
+        if len(text) >= 2 and text[0] == text[-1] == '"':
+            text = text[1:-1]
+        if seen_timeout or not _SECONDS_RE.fullmatch(text):
+            return False, None
+        seen_timeout = True
+        timeout = float(text)
+        if timeout > MAX_SETTLE_TIMEOUT:
+            return False, None
+    return True, timeout
 
 
 def _challenge(www_authenticate: Sequence[str]) -> l402.Challenge:
@@ -264,7 +322,7 @@ def read_offer(
     """Parse and check a 402; ``network`` None skips the network check (inspection only).
 
     ``headers``: the response's (case-insensitive, as HTTP libraries give them), for the
-    credit facts."""
+    credit facts and the settlement (``L402-Settle``)."""
     challenge = _challenge(www_authenticate)
     try:
         macaroon = l402.decode_b64(challenge.macaroon_b64)
@@ -285,6 +343,7 @@ def read_offer(
             f"invoice asks {invoice.amount_msat} msat but the response says {asked} msat"
         )
     credit, price, balance = _credit_facts(headers or {}, problem)
+    settles_on_success, settle_timeout = settle_terms(headers or {})
     if credit is not None and credit != invoice.amount_msat:
         raise InvoiceRejected(
             f"invoice asks {invoice.amount_msat} msat but the response says it buys "
@@ -310,4 +369,6 @@ def read_offer(
         credit_msat=credit,
         price_msat=price,
         balance_msat=balance,
+        settles_on_success=settles_on_success,
+        settle_timeout=settle_timeout,
     )

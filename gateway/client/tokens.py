@@ -23,6 +23,12 @@ wrong costs one round trip, never a payment:
 * a 402 whose challenge tops up the token's own credit account (its macaroon has the token's
   token id) changes nothing: the token is good, its balance ran out. The top-up's token then
   takes its place (:meth:`~gateway.client.cache.TokenCache.store`).
+
+**Pay on success.** A token bought for a pay-on-success offer paid for one request (method,
+path and query): the gateway answers it with that request's stored response, and refuses it
+for any other request (409). So it is offered only to that same request (``paid_request``),
+and dropped once a response to it arrived (see :class:`~gateway.client.core.Exchange`): it is
+kept only while that response may still be owed, e.g. after a connection lost on the retry.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ __all__ = [
     "CachedToken",
     "PendingPayment",
     "new_token",
+    "request_of",
     "scope_of",
     "split_url",
 ]
@@ -69,6 +76,13 @@ def split_url(url: str) -> tuple[str, str]:
 def scope_of(path: str) -> str:
     """The path up to and including its last ``/``."""
     return path[: path.rfind("/") + 1] or "/"
+
+
+def request_of(method: str, url: str) -> str:
+    """``"POST /jobs?id=1"``: the request a pay-on-success token paid for."""
+    _, path = split_url(url)
+    query = urlsplit(url).query
+    return f"{method.upper()} {path}{'?' + query if query else ''}"
 
 
 def _url_without_query(url: str) -> str:
@@ -103,6 +117,8 @@ class CachedToken:
     preimage: bytes = field(repr=False)
     worked: tuple[str, ...] = ()
     refused: tuple[str, ...] = ()
+    # Pay on success: the one request the token is good for (request_of); None: any in scope.
+    paid_request: str | None = None
     # Derived from the macaroon: its identifier's token id (a credit account's tokens share
     # it) and its caveats.
     token_id: bytes = field(init=False, repr=False)
@@ -127,10 +143,14 @@ class CachedToken:
     def expired(self, now: float) -> bool:
         return self.valid_until is not None and now >= self.valid_until
 
-    def fit(self, path: str, method: str) -> tuple[int, int] | None:
-        """How well the token fits the request; None if it does not apply."""
+    def fit(self, path: str, method: str, request: str | None = None) -> tuple[int, int] | None:
+        """How well the token fits the request; None if it does not apply. ``request``: its
+        :func:`request_of`, which a pay-on-success token must match (else method and path)."""
         if path in self.refused:
             return None
+        if self.paid_request is not None:
+            wanted = request if request is not None else f"{method.upper()} {path}"
+            return (2, len(path)) if wanted == self.paid_request else None
         if not all(method.upper() in allowed for allowed in self.methods):
             return None
         if self.path_globs:
@@ -161,17 +181,28 @@ class PendingPayment:
     destination: str
     description: str
     created_at: float
+    paid_request: str | None = None  # pay on success: the one request it pays for
 
     def covers(self, url: str) -> bool:
-        """Whether a token bought by this payment would be offered for ``url``."""
+        """Whether a token bought by this payment might be offered for ``url``."""
         origin, path = split_url(url)
+        if self.paid_request is not None:
+            _, _, target = self.paid_request.partition(" ")
+            return origin == self.origin and target.partition("?")[0] == path
         return origin == self.origin and path.startswith(self.scope)
 
 
 def new_token(
-    url: str, scheme: str, macaroon_b64: str, preimage: bytes, amount_msat: int, now: float
+    url: str,
+    scheme: str,
+    macaroon_b64: str,
+    preimage: bytes,
+    amount_msat: int,
+    now: float,
+    paid_request: str | None = None,
 ) -> CachedToken:
-    """A token bought at ``url``, scoped as the module docstring says."""
+    """A token bought at ``url``, scoped as the module docstring says (``paid_request``: a
+    pay-on-success token's one request)."""
     origin, path = split_url(url)
     macaroon = l402.decode_b64(macaroon_b64)
     payment_hash = l402.Identifier.decode(macaroon.identifier).payment_hash
@@ -185,4 +216,5 @@ def new_token(
         amount_msat=amount_msat,
         created_at=now,
         preimage=preimage,
+        paid_request=paid_request,
     )

@@ -27,15 +27,25 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.checks import (
+    HOLD_CANCEL_MARGIN,
     MAX_BURST,
     MAX_CHALLENGES_PER_SECOND,
+    MAX_CLTV_EXPIRY,
+    MAX_HELD_REQUEST_BYTES,
+    MAX_HELD_RESPONSE_BYTES,
+    MAX_HOLD_INVOICE_EXPIRY,
+    MAX_HOLD_OUTSTANDING,
     MAX_INVOICE_EXPIRY,
     MAX_LIFETIME,
     MAX_RESERVATION_SECONDS,
+    MAX_RESPONSE_RETENTION,
     MAX_ROOT_KEY_CACHE_SECONDS,
     MAX_SWEEP_INTERVAL,
     MAX_WITHDRAWAL_WAIT_SECONDS,
     MIN_CHALLENGES_PER_SECOND,
+    MIN_CLTV_EXPIRY,
+    MIN_HOLD_INVOICE_EXPIRY,
+    MIN_RESPONSE_RETENTION,
     MIN_SWEEP_INTERVAL,
     SUPPORTED_STORE_URLS,
     check_lnd_host,
@@ -65,6 +75,7 @@ __all__ = [
     "SUPPORTED_STORE_URLS",
     "Config",
     "CreditConfig",
+    "HoldConfig",
     "L402Config",
     "LndConfig",
     "PathsConfig",
@@ -346,6 +357,96 @@ class CreditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HoldConfig:
+    """``[hold]``: pay-on-success routes (``settle = "on_success"``). The payer's HTLC is held
+    while the stored request runs once; the invoice is settled if the backend succeeded,
+    cancelled (the payer refunded) otherwise. The same fields as
+    ``gateway.service.on_success.HoldTerms``."""
+
+    invoice_expiry: int = 120  # seconds an unpaid hold invoice stays payable
+    backend_timeout: float = 30.0  # seconds the backend gets; then it failed (cancel)
+    cltv_expiry: int = 80  # the hold invoices' final CLTV delta, in blocks
+    max_outstanding: int = 32  # unfinished pay-on-success requests at once, all clients
+    max_outstanding_per_client: int = 4
+    max_request_bytes: int = 65_536  # a stored request's body; larger ones get 413
+    max_response_bytes: int = 1_048_576  # a larger response is a failure (cancel)
+    response_retention: int = 3600  # seconds a stored response is kept once final
+    delivered_retention: int = 60  # and after its first replay, if that is sooner
+
+    def __post_init__(self) -> None:
+        expiry = self.invoice_expiry
+        require(
+            MIN_HOLD_INVOICE_EXPIRY <= expiry <= MAX_HOLD_INVOICE_EXPIRY,
+            "invoice_expiry",
+            f"{MIN_HOLD_INVOICE_EXPIRY} to {MAX_HOLD_INVOICE_EXPIRY} seconds",
+            expiry,
+        )
+        cltv = self.cltv_expiry
+        require(
+            MIN_CLTV_EXPIRY <= cltv <= MAX_CLTV_EXPIRY,
+            "cltv_expiry",
+            f"{MIN_CLTV_EXPIRY} to {MAX_CLTV_EXPIRY} blocks",
+            cltv,
+        )
+        timeout = self.backend_timeout
+        ok = math.isfinite(timeout) and timeout >= 1
+        require(ok, "backend_timeout", "1 second or more", timeout)
+        # A block can come a minute after the last: LND cancels the held HTLC some blocks
+        # before it expires, and the gateway must settle or cancel before that.
+        window = (cltv - HOLD_CANCEL_MARGIN) * 60
+        if timeout + 60 > window:
+            raise ValueError(
+                f"backend_timeout + 60 must be at most (cltv_expiry - {HOLD_CANCEL_MARGIN}) * 60 "
+                f"= {window} seconds (the node cancels a held payment {HOLD_CANCEL_MARGIN} "
+                f"blocks before it expires, and blocks can come a minute apart), got "
+                f"backend_timeout = {timeout:g}, cltv_expiry = {cltv}"
+            )
+        most = self.max_outstanding
+        require(
+            1 <= most <= MAX_HOLD_OUTSTANDING,
+            "max_outstanding",
+            f"1 to {MAX_HOLD_OUTSTANDING}",
+            most,
+        )
+        per_client = self.max_outstanding_per_client
+        require(
+            1 <= per_client <= most,
+            "max_outstanding_per_client",
+            f"1 to max_outstanding ({most})",
+            per_client,
+        )
+        request = self.max_request_bytes
+        require(
+            0 <= request <= MAX_HELD_REQUEST_BYTES,
+            "max_request_bytes",
+            f"0 to {MAX_HELD_REQUEST_BYTES}",
+            request,
+        )
+        response = self.max_response_bytes
+        require(
+            0 <= response <= MAX_HELD_RESPONSE_BYTES,
+            "max_response_bytes",
+            f"0 to {MAX_HELD_RESPONSE_BYTES}",
+            response,
+        )
+        kept = self.response_retention
+        require(
+            MIN_RESPONSE_RETENTION <= kept <= MAX_RESPONSE_RETENTION,
+            "response_retention",
+            f"{MIN_RESPONSE_RETENTION} to {MAX_RESPONSE_RETENTION} seconds (the payer retries "
+            "after paying)",
+            kept,
+        )
+        delivered = self.delivered_retention
+        require(
+            0 <= delivered <= kept,
+            "delivered_retention",
+            f"0 to response_retention ({kept})",
+            delivered,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = ServerConfig()
     lnd: LndConfig = LndConfig()
@@ -355,6 +456,7 @@ class Config:
     paths: PathsConfig = PathsConfig()
     paywall: PaywallConfig = PaywallConfig()
     credit: CreditConfig = CreditConfig()
+    hold: HoldConfig = HoldConfig()
     routes: tuple[RouteConfig, ...] = ()
     # The config file's directory: price functions are imported from it first.
     directory: Path | None = None
@@ -369,6 +471,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "paths": PathsConfig,
     "paywall": PaywallConfig,
     "credit": CreditConfig,
+    "hold": HoldConfig,
 }
 
 
@@ -496,6 +599,13 @@ def load_config(
         routes.append(route)
     directory = Path(path).resolve().parent if path is not None else None
     config = Config(**sections, routes=tuple(routes), directory=directory)
+    if config.server.upstream is None:
+        for index, route in enumerate(config.routes):
+            if route.settle == "on_success":
+                raise ConfigError(
+                    f'routes[{index}]: settle = "on_success" needs [server] upstream: the '
+                    "reverse proxy (l402-gateway serve) runs the paid request"
+                )
     for warning in route_warnings(config.routes):
         log.warning("%s", warning)
     if uses_lnd and path is not None and "macaroon_hex" in document.get("lnd", {}):

@@ -48,6 +48,23 @@ MAX_WITHDRAWAL_WAIT_SECONDS = 300.0
 # The invoice sweeper's period: not a busy loop, and at least daily.
 MIN_SWEEP_INTERVAL = 0.01
 MAX_SWEEP_INTERVAL = 86_400.0
+# Pay-on-success (``[hold]``). A held HTLC ties up the payer's funds: its hold invoice's
+# final CLTV delta is 18 blocks (LND's least) to two weeks of blocks. LND cancels a held HTLC
+# HOLD_CANCEL_MARGIN blocks before it expires, and blocks can come a minute apart: the
+# backend's time plus a minute must fit in what is left, counted in minutes.
+MIN_CLTV_EXPIRY = 18
+MAX_CLTV_EXPIRY = 2016
+HOLD_CANCEL_MARGIN = 12
+# An unpaid hold invoice is payable at least a few seconds, at most an hour; a stored
+# request or response is at most 16 and 64 MiB (each one is a row of the store), and a
+# response is kept at most a week.
+MIN_HOLD_INVOICE_EXPIRY = 10
+MAX_HOLD_INVOICE_EXPIRY = 3600
+MAX_HOLD_OUTSTANDING = 10_000
+MAX_HELD_REQUEST_BYTES = 16 * 1024 * 1024
+MAX_HELD_RESPONSE_BYTES = 64 * 1024 * 1024
+MIN_RESPONSE_RETENTION = 60
+MAX_RESPONSE_RETENTION = 7 * 86_400
 
 # RFC 9110 tchar, less "_": CGI-style backends read "_" and "-" alike, so a client's
 # X-L402-Token would reach them as the X_L402_Token the gateway sets.

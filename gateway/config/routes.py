@@ -12,6 +12,9 @@ from gateway.config.checks import MAX_LIFETIME, display_text, require
 from gateway.pricing import MAX_PRICE_MSAT
 
 BILLINGS = ("token", "credit")
+# When a route's invoice is settled: on_payment (an ordinary invoice, paid before the
+# request runs) or on_success (a hold invoice, settled only if the backend succeeded).
+SETTLES = ("on_payment", "on_success")
 # A credit route's default credit_msat is this many requests' price, and its default
 # credit_max_msat this many times credit_msat.
 CREDIT_REQUESTS = 100
@@ -42,6 +45,10 @@ class RouteConfig:
     credit_max_msat: int | None = None
     metered: bool = False  # charge the cost the backend reports, at most the price
     charge_failures: bool = False  # charge a 5xx or an unreachable backend too
+    # "on_success": the request is kept until paid and run while the payment is held; the
+    # payment completes only if the backend succeeded (any 2xx, or settle_statuses).
+    settle: str = "on_payment"
+    settle_statuses: tuple[int, ...] = ()  # instead of 2xx: the statuses that settle
 
     def __post_init__(self) -> None:
         for key, limit in (("title", 100), ("description", 500)):
@@ -69,6 +76,22 @@ class RouteConfig:
                 raise ValueError(
                     f'{", ".join(credit_keys)} apply only to a route with billing = "credit"'
                 )
+        self._check_settle()
+
+    def _check_settle(self) -> None:
+        require(self.settle in SETTLES, "settle", " or ".join(SETTLES), self.settle)
+        if self.settle == "on_success":
+            if self.free:
+                raise ValueError('settle = "on_success" applies only to a priced route')
+            if self.billing == "credit":
+                raise ValueError(
+                    'settle = "on_success" does not go with billing = "credit" (credit is '
+                    "spent, not paid, per request)"
+                )
+        elif self.settle_statuses:
+            raise ValueError('settle_statuses applies only to a route with settle = "on_success"')
+        for status in self.settle_statuses:
+            require(200 <= status <= 499, "settle_statuses", "statuses 200 to 499", status)
 
     def credit_amounts(self) -> tuple[int, int, int]:
         """A credit route's (credit bought, least, most a client may ask for), the defaults

@@ -32,6 +32,7 @@ class ChallengeReason(enum.StrEnum):
     MISSING_CAPABILITY = "token lacks a required capability"
     TIER_TOO_LOW = "token tier is too low"
     CREDIT_EXHAUSTED = "credit balance too low for this request"
+    REFUNDED = "payment refunded: the paid request failed"
 
 
 class L402Error(Exception):

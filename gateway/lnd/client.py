@@ -210,10 +210,20 @@ class LndClient:
                 yield _invoice(message)
 
     async def add_hold_invoice(
-        self, payment_hash: PaymentHash, amount_msat: Msat, memo: str, expiry: int
+        self,
+        payment_hash: PaymentHash,
+        amount_msat: Msat,
+        memo: str,
+        expiry: int,
+        *,
+        cltv_expiry: int = 0,
     ) -> NewInvoice:
         request = invoices_pb2.AddHoldInvoiceRequest(
-            hash=payment_hash, value_msat=amount_msat, memo=memo, expiry=expiry
+            hash=payment_hash,
+            value_msat=amount_msat,
+            memo=memo,
+            expiry=expiry,
+            cltv_expiry=cltv_expiry,
         )
         reply = await self._unary(self._invoices.AddHoldInvoice, request)
         return NewInvoice(

@@ -24,12 +24,21 @@ whose balance falls short gets a top-up challenge for the same account (``balanc
 ``allowed_again()`` never answers for a credit route. ``token_info()`` reads an account and
 ``withdraw()`` pays a balance out (``account_of()`` checks the credential for both).
 
+Pay-on-success routes (``Rule.settle_on_success``): the challenge stores the request with a
+hold invoice (``RequestInfo.stored_request`` loads it; without a loader or ``HoldTerms``:
+501), within caps of pending ones (503 over all clients, 429 per client); the
+``HoldExecutor`` runs it once the payment is held and settles the invoice only if the
+backend succeeded, else cancels it (the payer is refunded). The paid token then gets the
+stored response (``Allow.replay``), never a second run: 409 for another request, 410 once
+the response is no longer kept; a refunded token's macaroon gets a challenge saying so.
+
 Modules: ``decisions`` (the values asked and answered), ``core`` (``L402Service``),
 ``challenge`` (issuing one), ``verify`` (checking a credential), ``credit`` (spending and
 reading a balance), ``withdraw`` (paying a balance out), ``caches``, ``rate_limiter``,
-``redeem``. Depends only on ``gateway.l402``, ``gateway.pricing``, ``gateway.ports`` (and
-``gateway.errors``, ``gateway.text``); HTTP itself (headers, cookies) is the adapters'
-business, in ``gateway.web``.
+``redeem``, ``on_success`` (the executor of held requests). Depends only on
+``gateway.l402``, ``gateway.pricing``, ``gateway.ports`` (and ``gateway.errors``,
+``gateway.text``); HTTP itself (headers, cookies) is the adapters' business, in
+``gateway.web``.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ from gateway.service.decisions import (
     Refusal,
     RequestInfo,
 )
+from gateway.service.on_success import BackendRunner, HoldExecutor, HoldTerms, RunFailed
 from gateway.service.rate_limiter import RateLimiter, client_key
 from gateway.service.redeem import (
     MAX_REDEEM_MACAROON_CHARS,
@@ -74,9 +84,12 @@ __all__ = [
     "REDEEM_LOOKUP_INTERVAL",
     "Allow",
     "AllowedCache",
+    "BackendRunner",
     "CreditCharge",
     "Decision",
     "Deny",
+    "HoldExecutor",
+    "HoldTerms",
     "L402Service",
     "PaidToken",
     "PaymentChallenge",
@@ -86,6 +99,7 @@ __all__ = [
     "Refusal",
     "RequestInfo",
     "RootKeyCache",
+    "RunFailed",
     "TokenInfo",
     "WithdrawalOutcome",
     "WithdrawalTerms",

@@ -13,11 +13,36 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway import errors, l402
-from gateway.ports import Clock, InvoiceBackend, InvoiceRecord, InvoiceState, Msat, Store
+from gateway.ports import (
+    HELD_UNFINISHED,
+    Clock,
+    HeldRequest,
+    HeldState,
+    HoldInvoiceBackend,
+    InvoiceBackend,
+    InvoiceRecord,
+    InvoiceState,
+    Msat,
+    NewInvoice,
+    PaymentHash,
+    Preimage,
+    Store,
+    StoredRequest,
+    StoreOperations,
+)
 from gateway.pricing import MAX_PRICE_MSAT, PriceRequest, Rule
 from gateway.service.credit import requested_credit
-from gateway.service.decisions import Allow, Decision, Deny, PaymentChallenge, Refusal, RequestInfo
-from gateway.service.rate_limiter import RateLimiter
+from gateway.service.decisions import (
+    Allow,
+    Decision,
+    Deny,
+    PaidToken,
+    PaymentChallenge,
+    Refusal,
+    RequestInfo,
+)
+from gateway.service.on_success import HoldTerms
+from gateway.service.rate_limiter import RateLimiter, client_key
 from gateway.text import printable
 
 log = logging.getLogger(__name__)
@@ -38,6 +63,24 @@ class TopUp:
     price_msat: Msat
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A pay-on-success challenge's request, and the preimage of its hold invoice."""
+
+    request: StoredRequest
+    preimage: Preimage
+    payment_hash: PaymentHash
+    client: str
+
+
+class _OverCap(Exception):
+    """Rolls back a challenge's writes: its held request would pass a cap."""
+
+    def __init__(self, deny: Deny) -> None:
+        super().__init__(deny.reason)
+        self.deny = deny
+
+
 class ChallengeIssuer:
     """Creates the invoice and the token of every payment challenge the service sends."""
 
@@ -53,8 +96,14 @@ class ChallengeIssuer:
         max_pending_invoices: int,
         merchant: str = "",
         fiat: Callable[[int], str] | None = None,
+        hold_backend: HoldInvoiceBackend | None = None,
+        hold: HoldTerms | None = None,
+        on_held: Callable[[], None] | None = None,
     ) -> None:
         self._backend = backend
+        self._hold_backend = hold_backend
+        self._hold = hold
+        self._on_held = on_held
         self._merchant = merchant
         self._fiat = fiat
         self._store = store
@@ -84,7 +133,14 @@ class ChallengeIssuer:
         the new token, or with ``top_up`` for the account of the token that ran out: the new
         macaroon then carries that token's id. A price function may return 0 to let a request
         through for free.
+
+        On a pay-on-success route the invoice is a hold invoice and the request is stored
+        with it, within the caps of ``HoldTerms`` (503 over all clients, 429 for one).
         """
+        if rule.settle_on_success and (
+            self._hold is None or self._hold_backend is None or request.stored_request is None
+        ):
+            return Deny(501, Refusal.HOLD_UNAVAILABLE)
         price = top_up.price_msat if top_up is not None else await self.price(request, rule)
         if isinstance(price, Deny):
             return price
@@ -103,10 +159,21 @@ class ChallengeIssuer:
             wait = self._limiter.acquire(request.client)
             if wait > 0:
                 return Deny(429, Refusal.TOO_MANY_CHALLENGES, retry_after=math.ceil(wait))
+        held: _Held | None = None
+        if rule.settle_on_success:
+            prepared = await self._prepare_held(request)
+            if isinstance(prepared, Deny):
+                return prepared
+            held = prepared
         memo = printable(f"{rule.service}: {what}", MEMO_LIMIT)
+        expiry = (
+            self._invoice_expiry
+            if self._hold is None or held is None
+            else self._hold.invoice_expiry
+        )
         try:
             async with self._invoice_slots:
-                invoice = await self._backend.add_invoice(amount, memo, self._invoice_expiry)
+                invoice = await self._add_invoice(amount, memo, expiry, held)
         except errors.BackendUnavailable as error:
             log.warning("cannot create invoice: %s", error)
             return Deny(503, Refusal.NODE_UNAVAILABLE, retry_after=5)
@@ -120,10 +187,11 @@ class ChallengeIssuer:
         now = self._clock.now()
         token_id = top_up.token_id if top_up is not None else secrets.token_bytes(32)
         root_key = secrets.token_bytes(32)
+        valid_until = int(now) + rule.lifetime
         caveats = [l402.services_caveat(rule.service, rule.tier)]
         if rule.capabilities:
             caveats.append(l402.capabilities_caveat(rule.service, sorted(rule.capabilities)))
-        caveats.append(l402.valid_until_caveat(rule.service, int(now) + rule.lifetime))
+        caveats.append(l402.valid_until_caveat(rule.service, valid_until))
         macaroon = l402.mint_token(
             root_key, invoice.payment_hash, token_id, caveats, location=self._location
         )
@@ -137,7 +205,7 @@ class ChallengeIssuer:
             path=request.path,
             state=InvoiceState.OPEN,
             created_at=now,
-            expires_at=now + self._invoice_expiry,
+            expires_at=now + expiry,
             add_index=invoice.add_index,
             buys_credit=rule.credit is not None,
         )
@@ -149,9 +217,46 @@ class ChallengeIssuer:
                 await tx.put_root_key(key_id, token_id, root_key)
                 if rule.credit is not None:
                     await tx.open_account(token_id, rule.service)
+                if held is not None:
+                    # Again, counted with the writes: concurrent challenges passed the first
+                    # count together while their invoices were being made.
+                    over = await self._over_cap(tx, held.client)
+                    if over is not None:
+                        raise _OverCap(over)
+                    grant = PaidToken(
+                        token_id=token_id.hex(),
+                        payment_hash=invoice.payment_hash.hex(),
+                        service=rule.service,
+                        tier=rule.tier,
+                        capabilities=rule.capabilities or None,
+                        valid_until=valid_until,
+                        amount_msat=amount,
+                    )
+                    await tx.add_held_request(
+                        HeldRequest(
+                            payment_hash=held.payment_hash,
+                            preimage=held.preimage,
+                            token_id=token_id,
+                            client=held.client,
+                            grant=grant.grant(),
+                            request=held.request,
+                            state=HeldState.WAITING,
+                            created_at=now,
+                            expires_at=record.expires_at,
+                            updated_at=now,
+                        )
+                    )
+        except _OverCap as refused:
+            assert held is not None
+            await self._drop_hold_invoice(held.payment_hash)
+            return refused.deny
         except errors.StoreError:
             log.exception("store failed while issuing a challenge")
+            if held is not None:
+                await self._drop_hold_invoice(held.payment_hash)
             return Deny(503, Refusal.STORE_UNAVAILABLE, retry_after=5)
+        if held is not None and self._on_held is not None:
+            self._on_held()
         return PaymentChallenge(
             reason=reason,
             macaroon=l402.encode_b64(macaroon),
@@ -171,6 +276,60 @@ class ChallengeIssuer:
             credit=rule.credit is not None,
             price_msat=price if rule.credit is not None else 0,
             balance_msat=top_up.balance_msat if top_up is not None else None,
+            settle_timeout=None
+            if held is None or self._hold is None
+            else self._hold.backend_timeout,
+        )
+
+    async def _prepare_held(self, request: RequestInfo) -> _Held | Deny:
+        """Within the caps, the request to keep and the preimage of its hold invoice."""
+        assert request.stored_request is not None
+        client = client_key(request.client)
+        try:
+            over = await self._over_cap(self._store, client)
+        except errors.StoreError:
+            log.exception("store failed while counting pay-on-success requests")
+            return Deny(503, Refusal.STORE_UNAVAILABLE, retry_after=5)
+        if over is not None:
+            return over
+        stored = await request.stored_request()
+        if isinstance(stored, Deny):
+            return stored
+        preimage = Preimage(secrets.token_bytes(32))
+        payment_hash = PaymentHash(hashlib.sha256(preimage).digest())
+        return _Held(stored, preimage, payment_hash, client)
+
+    async def _over_cap(self, store: StoreOperations, client: str) -> Deny | None:
+        """The refusal of one more unfinished held request, if it would pass a cap."""
+        assert self._hold is not None
+        if await store.count_held_requests(HELD_UNFINISHED) >= self._hold.max_outstanding:
+            return Deny(503, Refusal.TOO_MANY_HELD, retry_after=self._hold.invoice_expiry)
+        if (
+            await store.count_held_requests(HELD_UNFINISHED, client)
+            >= self._hold.max_outstanding_per_client
+        ):
+            return Deny(
+                429, Refusal.TOO_MANY_HELD_FOR_CLIENT, retry_after=self._hold.invoice_expiry
+            )
+        return None
+
+    async def _drop_hold_invoice(self, payment_hash: PaymentHash) -> None:
+        """Cancel a hold invoice the store refused to track (unpaid, it expires anyway)."""
+        assert self._hold_backend is not None
+        try:
+            await self._hold_backend.cancel_invoice(payment_hash)
+        except errors.BackendError as error:
+            log.warning("cannot cancel an untracked hold invoice: %s", error)
+
+    async def _add_invoice(
+        self, amount: Msat, memo: str, expiry: int, held: _Held | None
+    ) -> NewInvoice:
+        if held is None:
+            return await self._backend.add_invoice(amount, memo, expiry)
+        assert self._hold_backend is not None
+        assert self._hold is not None
+        return await self._hold_backend.add_hold_invoice(
+            held.payment_hash, amount, memo, expiry, cltv_expiry=self._hold.cltv_expiry
         )
 
     async def price(self, request: RequestInfo, rule: Rule) -> Msat | Deny:

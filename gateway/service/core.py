@@ -6,9 +6,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from urllib.parse import unquote
 
 from gateway import errors, l402
-from gateway.ports import Clock, InvoiceBackend, Store
+from gateway.ports import (
+    Clock,
+    HeldRequest,
+    HeldState,
+    HoldInvoiceBackend,
+    InvoiceBackend,
+    InvoiceRecord,
+    PaymentHash,
+    Store,
+)
 from gateway.pricing import Pricing, Refused, Rule
 from gateway.service.caches import ALLOWED_CACHE_SIZE, AllowedKey
 from gateway.service.challenge import ChallengeIssuer, TopUp
@@ -22,6 +32,7 @@ from gateway.service.decisions import (
     Refusal,
     RequestInfo,
 )
+from gateway.service.on_success import HoldTerms
 from gateway.service.rate_limiter import RateLimiter
 from gateway.service.redeem import REDEEM_LOOKUPS_PER_SECOND, Redeemer, RedeemResult
 from gateway.service.verify import TokenVerifier
@@ -31,6 +42,10 @@ log = logging.getLogger(__name__)
 
 # At most this many cookie credentials are tried (a browser may hold one per priced path).
 MAX_COOKIE_CREDENTIALS = 4
+# A pay-on-success token whose request ended in one of these states paid nothing.
+_REFUNDED = frozenset({HeldState.FAILED, HeldState.CANCELED})
+# ... and in one of these, its stored response is the payer's.
+_ANSWERED = frozenset({HeldState.SUCCEEDED, HeldState.SETTLED})
 
 
 class L402Service:
@@ -55,10 +70,15 @@ class L402Service:
         fiat: Callable[[int], str] | None = None,
         reservation_seconds: float = RESERVATION_SECONDS,
         withdrawer: Withdrawer | None = None,
+        hold_backend: HoldInvoiceBackend | None = None,
+        hold: HoldTerms | None = None,
+        on_held: Callable[[], None] | None = None,
     ) -> None:
         self.pricing = pricing
         self._store = store
+        self._clock = clock
         self._location = location
+        self._hold = hold
         self._issuer = ChallengeIssuer(
             backend=backend,
             store=store,
@@ -69,6 +89,9 @@ class L402Service:
             max_pending_invoices=max_pending_invoices,
             merchant=merchant,
             fiat=fiat,
+            hold_backend=hold_backend,
+            hold=hold,
+            on_held=on_held,
         )
         self._verifier = TokenVerifier(
             backend=backend,
@@ -111,6 +134,8 @@ class L402Service:
             return Deny(rule.status, rule.reason)
         if rule is None:
             return Allow(None)
+        if rule.settle_on_success:
+            return await self._authorize_held(request, rule)
         decision = await self._verified(request, rule)
         if rule.credit is None or not isinstance(decision, Allow) or decision.token is None:
             return decision
@@ -122,6 +147,93 @@ class L402Service:
         ):
             self._remember_credit_rule((request.authorization, request.method, request.path), rule)
         return spent
+
+    async def _authorize_held(self, request: RequestInfo, rule: Rule) -> Decision:
+        """A pay-on-success route: a request without a credential is stored with a hold
+        invoice (the challenge); a paid token gets its request's stored response, never a
+        new run. Never remembered in the decision caches: each answer reads the store."""
+        if self._hold is None:
+            return Deny(501, Refusal.HOLD_UNAVAILABLE)
+        try:
+            credential = l402.parse_authorization(request.authorization)
+        except l402.MalformedToken as error:
+            return Deny(401, error.reason, realm=self._location)
+        reason = l402.ChallengeReason.PAYMENT_REQUIRED
+        try:
+            if credential is not None:
+                try:
+                    verified = await self._verifier.verify(credential, request, rule)
+                except l402.L402Error as error:
+                    if await self._refunded(credential):
+                        reason = l402.ChallengeReason.REFUNDED
+                    elif isinstance(error, l402.TokenInsufficient):
+                        reason = error.reason
+                    else:
+                        return Deny(401, error.reason, realm=self._location)
+                else:
+                    return await self._replay(request, rule, verified)
+            else:
+                # The first cookie that verifies; the others are ignored, never a 401.
+                for value in request.cookies[:MAX_COOKIE_CREDENTIALS]:
+                    cookie: l402.Credential | None = None
+                    try:
+                        cookie = l402.parse_authorization((f"L402 {value}",))
+                        if cookie is None:  # pragma: no cover - the scheme is ours
+                            continue
+                        verified = await self._verifier.verify(cookie, request, rule)
+                    except l402.TokenInsufficient as error:
+                        reason = error.reason
+                    except l402.L402Error as error:
+                        log.debug("ignoring an L402 cookie: %s", error.reason)
+                        if cookie is not None and await self._refunded(cookie):
+                            reason = l402.ChallengeReason.REFUNDED
+                    else:
+                        return await self._replay(request, rule, verified)
+        except errors.StoreError:
+            log.exception("store failed while verifying a pay-on-success token")
+            return Deny(503, Refusal.STORE_UNAVAILABLE, retry_after=5)
+        return await self._issuer.challenge(request, rule, reason)
+
+    async def _refunded(self, credential: l402.Credential) -> bool:
+        """Whether the credential's macaroon paid for a request that failed (its payment
+        was or is being given back)."""
+        try:
+            identifier = l402.identifier_of(credential)
+        except l402.L402Error:
+            return False
+        held = await self._store.get_held_request(PaymentHash(identifier.payment_hash))
+        return held is not None and held.state in _REFUNDED
+
+    async def _replay(self, request: RequestInfo, rule: Rule, verified: Allow | Deny) -> Decision:
+        """The stored response of the request a verified token paid for: 409 for another
+        request, 410 once it is no longer kept."""
+        if isinstance(verified, Deny) or verified.token is None:
+            return verified
+        assert self._hold is not None  # checked by the caller
+        token = verified.token
+        payment_hash = PaymentHash(bytes.fromhex(token.payment_hash))
+        held = await self._store.get_held_request(payment_hash)
+        record = await self._store.get_invoice(payment_hash)
+        if held is None:
+            if record is not None and self._held_route(record):
+                return Deny(410, Refusal.RESPONSE_GONE)
+            # Bought elsewhere: it paid for no request of this route.
+            return await self._issuer.challenge(
+                request, rule, l402.ChallengeReason.PAYMENT_REQUIRED
+            )
+        if not _same_request(held, record, request):
+            return Deny(409, Refusal.PAID_FOR_ANOTHER_REQUEST)
+        if held.state not in _ANSWERED or held.response is None:
+            return Deny(410, Refusal.RESPONSE_GONE)
+        now = self._clock.now()
+        await self._store.mark_held_delivered(
+            payment_hash, now, now + self._hold.delivered_retention
+        )
+        return Allow(token, replay=held.response)
+
+    def _held_route(self, record: InvoiceRecord) -> bool:
+        rule = self.pricing.resolve(record.method, record.path)
+        return isinstance(rule, Rule) and rule.settle_on_success
 
     async def charge_again(
         self, authorization: tuple[str, ...], method: str, path: str
@@ -314,3 +426,18 @@ class L402Service:
         self._verifier.forget()
         self._redeemer.forget()
         return revoked
+
+
+def _same_request(held: HeldRequest, record: InvoiceRecord | None, request: RequestInfo) -> bool:
+    """Whether ``request`` asks for what ``held`` stored: the same method and target (path
+    and query), compared decoded; by the invoice's method and path once the stored request
+    is gone."""
+    method = request.method.upper()
+    if held.request is not None:
+        path, _, query = held.request.target.partition("?")
+        return (
+            held.request.method.upper() == method
+            and unquote(path) == request.path
+            and unquote(query) == unquote(request.query)
+        )
+    return record is not None and record.method == method and record.path == request.path

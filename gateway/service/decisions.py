@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import enum
+import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from gateway import l402
+from gateway.ports import StoredRequest, StoredResponse
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +33,12 @@ class RequestInfo:
     cookies: tuple[str, ...] = field(default=(), repr=False)
     # Methods the request asks the backend to read it as instead (override headers, _method).
     method_overrides: tuple[str, ...] = ()
+    # The adapter's loader of the request as the backend is to get it (it reads the body),
+    # for a pay-on-success route's challenge; it may refuse (say a 413). None: the adapter
+    # cannot keep requests, and such routes are refused.
+    stored_request: Callable[[], Awaitable[StoredRequest | Deny]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +52,50 @@ class PaidToken:
     capabilities: frozenset[str] | None  # None: the token is not limited to capabilities
     valid_until: int | None
     amount_msat: int
+
+    def grant(self) -> str:
+        """The token as JSON text: what a pay-on-success request keeps for its later run."""
+        return json.dumps(
+            {
+                "token_id": self.token_id,
+                "payment_hash": self.payment_hash,
+                "service": self.service,
+                "tier": self.tier,
+                "capabilities": None if self.capabilities is None else sorted(self.capabilities),
+                "valid_until": self.valid_until,
+                "amount_msat": self.amount_msat,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_grant(cls, text: str) -> PaidToken:
+        """The token of ``grant()``'s text; ``ValueError`` for anything else."""
+        try:
+            fields: Any = json.loads(text)
+            capabilities = fields["capabilities"]
+            token = cls(
+                token_id=_typed(fields["token_id"], str),
+                payment_hash=_typed(fields["payment_hash"], str),
+                service=_typed(fields["service"], str),
+                tier=_typed(fields["tier"], int),
+                capabilities=None
+                if capabilities is None
+                else frozenset(_typed(c, str) for c in _typed(capabilities, list)),
+                valid_until=None
+                if fields["valid_until"] is None
+                else _typed(fields["valid_until"], int),
+                amount_msat=_typed(fields["amount_msat"], int),
+            )
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"not a token grant: {error}") from None
+        return token
+
+
+def _typed(value: object, kind: type[_T]) -> _T:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"{type(value).__name__} where {kind.__name__} belongs")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +117,8 @@ class CreditCharge:
 class Allow:
     token: PaidToken | None  # None on a free route
     charge: CreditCharge | None = None  # set on a credit route
+    # A pay-on-success request already run: the adapter answers with it and calls nothing.
+    replay: StoredResponse | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +147,9 @@ class PaymentChallenge:
     credit: bool = False
     price_msat: int = 0
     balance_msat: int | None = None
+    # Pay on success: the request runs once the payment is held, within this many seconds,
+    # and the invoice is settled only if it succeeds (None: an ordinary challenge).
+    settle_timeout: float | None = None
 
     def www_authenticate(self) -> tuple[str, ...]:
         """One header per scheme: L402, and LSAT for older clients."""
@@ -120,10 +181,14 @@ class Refusal(enum.StrEnum):
     # 404
     NO_CREDIT_ACCOUNT = "this token has no credit account"
     WITHDRAWALS_DISABLED = "withdrawals are not enabled"
+    # 409, 410: a pay-on-success token answers only the request it paid for, while kept
+    PAID_FOR_ANOTHER_REQUEST = "this token paid for another request"
+    RESPONSE_GONE = "the response of this paid request is no longer kept"
     # 429
     TOO_MANY_CHALLENGES = "too many payment challenges"
     TOO_MANY_REDEEMS = "too many redeem requests"
-    # 500, 502, 503
+    TOO_MANY_HELD_FOR_CLIENT = "too many pay-on-success requests of this client are pending"
+    # 500, 501, 502, 503
     PRICE_FUNCTION_FAILED = "price function failed"
     INVALID_PRICE = "price function returned an invalid price"
     NODE_FAILED_INVOICE = "Lightning node failed to create an invoice"
@@ -131,6 +196,8 @@ class Refusal(enum.StrEnum):
     NODE_UNAVAILABLE = "Lightning node unavailable"
     STORE_UNAVAILABLE = "token store unavailable"
     SETTLEMENT_UNCONFIRMED = "settlement could not be confirmed"
+    HOLD_UNAVAILABLE = "pay-on-success needs the reverse proxy"
+    TOO_MANY_HELD = "too many pay-on-success requests are pending"
 
 
 @dataclass(frozen=True, slots=True)

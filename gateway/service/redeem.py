@@ -18,6 +18,7 @@ from typing import TypeVar
 from gateway import errors, l402
 from gateway.ports import (
     Clock,
+    HeldState,
     InvoiceBackend,
     InvoiceState,
     InvoiceUpdate,
@@ -50,6 +51,7 @@ class RedeemState(enum.Enum):
     SETTLED = "settled"  # paid: the credential is in the result
     EXPIRED = "expired"  # the invoice (or the token's lifetime) ran out unpaid
     CANCELED = "canceled"
+    REFUNDED = "refunded"  # pay on success: the request failed, the held payment went back
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,13 @@ class RedeemResult:
     service: str = ""
     tier: int = 0
     capabilities: frozenset[str] | None = None
+    failure: str = ""  # REFUNDED: why the paid request failed, fixed text
+
+
+# Pay on success: what a held request's state means to the payer before it is settled.
+_HELD_PENDING = frozenset(
+    {HeldState.WAITING, HeldState.RUNNING, HeldState.SUCCEEDED, HeldState.FAILED}
+)
 
 
 class Redeemer:
@@ -147,6 +156,18 @@ class Redeemer:
         now = self._clock.now()
         pending = RedeemResult(RedeemState.PENDING, record.expires_at)
         preimage = self._preimages.get(payment_hash)
+        # A hold invoice's preimage is ours: the held request says where it stands.
+        held = await self._store.get_held_request(payment_hash)
+        if held is not None:
+            if held.state is HeldState.WAITING:
+                return _unpaid(record.expires_at, now)
+            if held.state in _HELD_PENDING:
+                return pending
+            if held.state is HeldState.CANCELED:
+                return RedeemResult(RedeemState.REFUNDED, record.expires_at, failure=held.failure)
+            if held.state is HeldState.EXPIRED:
+                return RedeemResult(RedeemState.EXPIRED, record.expires_at)
+            preimage = held.preimage
         if preimage is None:
             if record.state is InvoiceState.CANCELED:
                 return RedeemResult(RedeemState.CANCELED, record.expires_at)

@@ -1,5 +1,5 @@
 """Durable state behind the ``Store`` port: token root keys, issued invoices, the cursor,
-credit accounts (reservations, charges, withdrawals).
+credit accounts (reservations, charges, withdrawals), pay-on-success requests.
 
 Implementations: ``SqliteStore`` (the embedded default) and ``MemoryStore`` (tests); a
 PostgreSQL store for several gateway instances comes later. ``open_store`` picks one from a

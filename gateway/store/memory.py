@@ -24,6 +24,8 @@ from gateway.ports import (
     Clock,
     CreditTotals,
     Cursor,
+    HeldRequest,
+    HeldState,
     InvoiceRecord,
     InvoiceState,
     InvoiceUpdate,
@@ -31,6 +33,7 @@ from gateway.ports import (
     PaymentHash,
     Reservation,
     Reserved,
+    StoredResponse,
     StoreOperations,
     SystemClock,
     Withdrawal,
@@ -46,6 +49,7 @@ from gateway.store.credit import (
     resolution_fee,
 )
 from gateway.store.gate import TransactionGate
+from gateway.store.held import HELD_FINAL, check_move, check_new, delivered, moved
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -71,6 +75,7 @@ class _Tables:
         self.reservation_ids = itertools.count(1)
         self.charges: dict[int, Charge] = {}  # keyed by insertion sequence
         self.withdrawals: dict[bytes, tuple[int, Withdrawal]] = {}
+        self.held: dict[bytes, tuple[int, HeldRequest]] = {}
         self.sequence = itertools.count()
         self.undo: list[Callable[[], None]] | None = None  # a journal while a transaction is open
 
@@ -397,6 +402,64 @@ class _Tables:
         withdrawals = [withdrawal for _, _, withdrawal in entries]
         return withdrawals if limit is None else withdrawals[:limit]
 
+    def add_held_request(self, held: HeldRequest) -> None:
+        check_new(held)
+        if held.payment_hash not in self.held:
+            self._set(self.held, held.payment_hash, (next(self.sequence), held))
+
+    def get_held_request(self, payment_hash: PaymentHash) -> HeldRequest | None:
+        entry = self.held.get(payment_hash)
+        return None if entry is None else entry[1]
+
+    def list_held_requests(self, states: frozenset[HeldState], limit: int) -> list[HeldRequest]:
+        entries = sorted(
+            ((held.created_at, sequence, held) for sequence, held in self.held.values()),
+            key=lambda entry: (entry[0], entry[1]),
+        )
+        return [held for _, _, held in entries if held.state in states][: max(0, limit)]
+
+    def count_held_requests(self, states: frozenset[HeldState], client: str | None) -> int:
+        return sum(
+            1
+            for _, held in self.held.values()
+            if held.state in states and (client is None or held.client == client)
+        )
+
+    def move_held_request(
+        self,
+        payment_hash: PaymentHash,
+        state: HeldState,
+        now: float,
+        response: StoredResponse | None,
+        failure: str,
+        keep_until: float | None,
+    ) -> HeldRequest | None:
+        check_move(state, response, keep_until)
+        entry = self.held.get(payment_hash)
+        if entry is None:
+            return None
+        sequence, held = entry
+        after = moved(held, state, now, response, failure, keep_until)
+        if after is not None:
+            self._set(self.held, payment_hash, (sequence, after))
+        return after
+
+    def mark_held_delivered(self, payment_hash: PaymentHash, now: float, keep_until: float) -> None:
+        entry = self.held.get(payment_hash)
+        if entry is not None:
+            sequence, held = entry
+            self._set(self.held, payment_hash, (sequence, delivered(held, now, keep_until)))
+
+    def prune_held_requests(self, now: float, limit: int) -> int:
+        doomed = sorted(
+            (held.keep_until, sequence, held.payment_hash)
+            for sequence, held in self.held.values()
+            if held.state in HELD_FINAL and held.keep_until is not None and held.keep_until < now
+        )[: max(0, limit)]
+        for _, _, payment_hash in doomed:
+            self._delete(self.held, payment_hash)
+        return len(doomed)
+
 
 class _MemoryOperations:
     """The ``StoreOperations`` over ``_Tables``; ``_run`` says when each may run."""
@@ -490,6 +553,46 @@ class _MemoryOperations:
         limit: int | None = None,
     ) -> list[Withdrawal]:
         return await self._run(lambda tables: tables.list_withdrawals(state, token_id, limit))
+
+    async def add_held_request(self, held: HeldRequest) -> None:
+        await self._run(lambda tables: tables.add_held_request(held))
+
+    async def get_held_request(self, payment_hash: PaymentHash) -> HeldRequest | None:
+        return await self._run(lambda tables: tables.get_held_request(payment_hash))
+
+    async def list_held_requests(
+        self, states: frozenset[HeldState], limit: int
+    ) -> list[HeldRequest]:
+        return await self._run(lambda tables: tables.list_held_requests(states, limit))
+
+    async def count_held_requests(
+        self, states: frozenset[HeldState], client: str | None = None
+    ) -> int:
+        return await self._run(lambda tables: tables.count_held_requests(states, client))
+
+    async def move_held_request(
+        self,
+        payment_hash: PaymentHash,
+        state: HeldState,
+        now: float,
+        *,
+        response: StoredResponse | None = None,
+        failure: str = "",
+        keep_until: float | None = None,
+    ) -> HeldRequest | None:
+        return await self._run(
+            lambda tables: tables.move_held_request(
+                payment_hash, state, now, response, failure, keep_until
+            )
+        )
+
+    async def mark_held_delivered(
+        self, payment_hash: PaymentHash, now: float, keep_until: float
+    ) -> None:
+        await self._run(lambda tables: tables.mark_held_delivered(payment_hash, now, keep_until))
+
+    async def prune_held_requests(self, now: float, limit: int) -> int:
+        return await self._run(lambda tables: tables.prune_held_requests(now, limit))
 
 
 class _MemoryTransaction(_MemoryOperations):

@@ -27,6 +27,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import json
 import logging
 import os
 import sqlite3
@@ -42,13 +43,18 @@ from gateway.ports import (
     Clock,
     CreditTotals,
     Cursor,
+    HeldRequest,
+    HeldState,
     InvoiceRecord,
     InvoiceState,
     InvoiceUpdate,
     Msat,
     PaymentHash,
+    Preimage,
     Reservation,
     Reserved,
+    StoredRequest,
+    StoredResponse,
     StoreOperations,
     SystemClock,
     Withdrawal,
@@ -64,6 +70,14 @@ from gateway.store.credit import (
     resolution_fee,
 )
 from gateway.store.gate import TransactionGate
+from gateway.store.held import (
+    ANSWERED,
+    HELD_FINAL,
+    check_move,
+    check_new,
+    keeps_request,
+    predecessors,
+)
 from gateway.store.sqlite_file import Synchronous, connect, connect_nonblocking, describe
 
 T = TypeVar("T")
@@ -255,6 +269,56 @@ _RESOLVE_WITHDRAWAL = """
     WHERE payment_hash = ? AND state = 'PENDING'
 """
 _REFUND_WITHDRAWAL = "UPDATE accounts SET withdrawn_msat = withdrawn_msat - ? WHERE token_id = ?"
+
+# Pay-on-success requests. ``{states}``: one ``?`` per state of a list (``_states``).
+_ADD_HELD = """
+    INSERT INTO held_requests (
+        payment_hash, preimage, token_id, client, token_grant, state, method, target,
+        request_headers, request_body, created_at, expires_at, updated_at, status,
+        response_headers, response_body, failure, keep_until, delivered_at
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (payment_hash) DO NOTHING
+"""
+_GET_HELD = """
+    SELECT payment_hash, preimage, token_id, client, token_grant, state, method, target,
+           request_headers, request_body, created_at, expires_at, updated_at, status,
+           response_headers, response_body, failure, keep_until, delivered_at
+    FROM held_requests WHERE payment_hash = ?
+"""
+_LIST_HELD = """
+    SELECT payment_hash, preimage, token_id, client, token_grant, state, method, target,
+           request_headers, request_body, created_at, expires_at, updated_at, status,
+           response_headers, response_body, failure, keep_until, delivered_at
+    FROM held_requests WHERE state IN ({states}) ORDER BY created_at, rowid LIMIT ?
+"""
+_COUNT_HELD = "SELECT count(*) FROM held_requests WHERE state IN ({states})"
+_COUNT_HELD_OF_CLIENT = (
+    "SELECT count(*) FROM held_requests WHERE client = ? AND state IN ({states})"
+)
+# The state test and the write are one statement: of two processes moving the same row, only
+# the first finds it in a state that may become the new one (the other's rowcount is 0). An
+# empty failure keeps the earlier text; keep_until never grows past a delivery's.
+_MOVE_HELD = """
+    UPDATE held_requests SET
+        state = ?, updated_at = ?, failure = coalesce(nullif(?, ''), failure),
+        keep_until = min(coalesce(?, keep_until), coalesce(keep_until, ?)){changes}
+    WHERE payment_hash = ? AND state IN ({states})
+"""
+_DROP_REQUEST = ", method = NULL, target = NULL, request_headers = NULL, request_body = NULL"
+_SET_RESPONSE = ", status = ?, response_headers = ?, response_body = ?"
+_DELIVER_HELD = """
+    UPDATE held_requests
+    SET delivered_at = coalesce(delivered_at, ?), keep_until = min(coalesce(keep_until, ?), ?)
+    WHERE payment_hash = ?
+"""
+# The soonest due first, found by the held_requests_keep_until index (``+state`` keeps the
+# planner off the state index, which would sort every final row); one statement.
+_PRUNE_HELD = """
+    DELETE FROM held_requests WHERE rowid IN (
+        SELECT rowid FROM held_requests WHERE keep_until < ? AND +state IN ({states})
+        ORDER BY keep_until LIMIT ?
+    )
+"""
 
 
 class _SqliteOperations:
@@ -587,6 +651,95 @@ class _SqliteOperations:
             return [_withdrawal(row) for row in rows]
 
         return await self._run("list_withdrawals", list_)
+
+    async def add_held_request(self, held: HeldRequest) -> None:
+        check_new(held)
+        values = _held_values(held)
+
+        def add(connection: sqlite3.Connection) -> None:
+            connection.execute(_ADD_HELD, values)
+
+        await self._run("add_held_request", add)
+
+    async def get_held_request(self, payment_hash: PaymentHash) -> HeldRequest | None:
+        def get(connection: sqlite3.Connection) -> HeldRequest | None:
+            row = connection.execute(_GET_HELD, (payment_hash,)).fetchone()
+            return None if row is None else _held(row)
+
+        return await self._run("get_held_request", get)
+
+    async def list_held_requests(
+        self, states: frozenset[HeldState], limit: int
+    ) -> list[HeldRequest]:
+        placeholders, values = _states(states)
+        statement = _LIST_HELD.format(states=placeholders)
+
+        def list_(connection: sqlite3.Connection) -> list[HeldRequest]:
+            rows = connection.execute(statement, (*values, max(0, limit)))
+            return [_held(row) for row in rows]
+
+        return await self._run("list_held_requests", list_)
+
+    async def count_held_requests(
+        self, states: frozenset[HeldState], client: str | None = None
+    ) -> int:
+        placeholders, values = _states(states)
+        if client is None:
+            statement, parameters = _COUNT_HELD.format(states=placeholders), values
+        else:
+            statement = _COUNT_HELD_OF_CLIENT.format(states=placeholders)
+            parameters = (client, *values)
+
+        def count(connection: sqlite3.Connection) -> int:
+            (counted,) = connection.execute(statement, parameters).fetchone()
+            return int(counted)
+
+        return await self._run("count_held_requests", count)
+
+    async def move_held_request(
+        self,
+        payment_hash: PaymentHash,
+        state: HeldState,
+        now: float,
+        *,
+        response: StoredResponse | None = None,
+        failure: str = "",
+        keep_until: float | None = None,
+    ) -> HeldRequest | None:
+        check_move(state, response, keep_until)
+        placeholders, values = _states(predecessors(state))
+        changes = "" if keeps_request(state) else _DROP_REQUEST
+        parameters: tuple[object, ...] = (state.value, now, failure, keep_until, keep_until)
+        if state in ANSWERED:
+            changes += _SET_RESPONSE
+            parameters += _response_values(response)
+        statement = _MOVE_HELD.format(changes=changes, states=placeholders)
+        parameters += (payment_hash, *values)
+
+        def move(connection: sqlite3.Connection) -> HeldRequest | None:
+            if not connection.execute(statement, parameters).rowcount:
+                return None  # unknown, or in a state that may not become this one
+            return _held(connection.execute(_GET_HELD, (payment_hash,)).fetchone())
+
+        return await self._run("move_held_request", move, atomic=True)
+
+    async def mark_held_delivered(
+        self, payment_hash: PaymentHash, now: float, keep_until: float
+    ) -> None:
+        def deliver(connection: sqlite3.Connection) -> None:
+            connection.execute(_DELIVER_HELD, (now, keep_until, keep_until, payment_hash))
+
+        await self._run("mark_held_delivered", deliver)
+
+    async def prune_held_requests(self, now: float, limit: int) -> int:
+        placeholders, values = _states(HELD_FINAL)
+        statement = _PRUNE_HELD.format(states=placeholders)
+
+        def prune(connection: sqlite3.Connection) -> int:
+            deleted = connection.execute(statement, (now, *values, max(0, limit)))
+            return max(0, deleted.rowcount)
+
+        return await self._run("prune_held_requests", prune)
 
 
 class _SqliteTransaction(_SqliteOperations):
@@ -1028,4 +1181,77 @@ def _withdrawal(row: Sequence[Any]) -> Withdrawal:
         created_at=float(row[6]),
         fee_msat=Msat(int(row[7])),
         resolved_at=None if row[8] is None else float(row[8]),
+    )
+
+
+def _states(states: frozenset[HeldState]) -> tuple[str, tuple[str, ...]]:
+    """A list of states as ``?`` placeholders (none: ``IN ()`` matches nothing) and their
+    values, in a fixed order so the statement's text is always the same."""
+    values = tuple(sorted(state.value for state in states))
+    return ", ".join("?" * len(values)), values
+
+
+def _headers_text(headers: tuple[tuple[str, str], ...]) -> str:
+    # ensure_ascii: a lone surrogate (a header byte decoded with surrogateescape) becomes a
+    # \u escape, which SQLite's UTF-8 text can hold and json.loads gives back.
+    return json.dumps([[name, value] for name, value in headers], ensure_ascii=True)
+
+
+def _headers(text: str) -> tuple[tuple[str, str], ...]:
+    return tuple((str(name), str(value)) for name, value in json.loads(text))
+
+
+def _response_values(response: StoredResponse | None) -> tuple[object, ...]:
+    if response is None:
+        return (None, None, None)
+    return (response.status, _headers_text(response.headers), response.body)
+
+
+def _held_values(held: HeldRequest) -> tuple[object, ...]:
+    request = held.request
+    return (
+        held.payment_hash,
+        held.preimage,
+        held.token_id,
+        held.client,
+        held.grant,
+        held.state.value,
+        None if request is None else request.method,
+        None if request is None else request.target,
+        None if request is None else _headers_text(request.headers),
+        None if request is None else request.body,
+        held.created_at,
+        held.expires_at,
+        held.updated_at,
+        *_response_values(held.response),
+        held.failure,
+        held.keep_until,
+        held.delivered_at,
+    )
+
+
+def _held(row: Sequence[Any]) -> HeldRequest:
+    method, target, request_headers, request_body = row[6:10]
+    status, response_headers, response_body = row[13:16]
+    return HeldRequest(
+        payment_hash=PaymentHash(bytes(row[0])),
+        preimage=Preimage(bytes(row[1])),
+        token_id=bytes(row[2]),
+        client=str(row[3]),
+        grant=str(row[4]),
+        request=None
+        if method is None
+        else StoredRequest(
+            str(method), str(target), _headers(request_headers), bytes(request_body)
+        ),
+        state=HeldState(row[5]),
+        created_at=float(row[10]),
+        expires_at=float(row[11]),
+        updated_at=float(row[12]),
+        response=None
+        if status is None
+        else StoredResponse(int(status), _headers(response_headers), bytes(response_body)),
+        failure=str(row[16]),
+        keep_until=None if row[17] is None else float(row[17]),
+        delivered_at=None if row[18] is None else float(row[18]),
     )

@@ -169,6 +169,47 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX withdrawals_state_created_at ON withdrawals (state, created_at)",
     ),
+    # 4: pay-on-success requests, each with its hold invoice's preimage (secret like a root
+    # key). The stored request (method, target, headers as JSON text of [name, value] pairs,
+    # body) is NULL once it ran or never will; the response likewise until the backend
+    # answered. The executor finds them by state, the caps count them per client, pruning
+    # goes by keep_until.
+    (
+        """
+        CREATE TABLE held_requests (
+            payment_hash     BLOB PRIMARY KEY NOT NULL,
+            preimage         BLOB NOT NULL,
+            token_id         BLOB NOT NULL,
+            client           TEXT NOT NULL,
+            token_grant      TEXT NOT NULL,
+            state            TEXT NOT NULL CHECK (
+                                 state IN ('WAITING', 'RUNNING', 'SUCCEEDED', 'FAILED',
+                                           'SETTLED', 'CANCELED', 'EXPIRED')
+                             ),
+            method           TEXT,
+            target           TEXT,
+            request_headers  TEXT,
+            request_body     BLOB,
+            created_at       REAL NOT NULL,
+            expires_at       REAL NOT NULL,
+            updated_at       REAL NOT NULL,
+            status           INTEGER,
+            response_headers TEXT,
+            response_body    BLOB,
+            failure          TEXT NOT NULL,
+            keep_until       REAL,
+            delivered_at     REAL,
+            CHECK ((target IS NULL) = (method IS NULL)
+                   AND (request_headers IS NULL) = (method IS NULL)
+                   AND (request_body IS NULL) = (method IS NULL)),
+            CHECK ((response_headers IS NULL) = (status IS NULL)
+                   AND (response_body IS NULL) = (status IS NULL))
+        )
+        """,
+        "CREATE INDEX held_requests_state_created_at ON held_requests (state, created_at)",
+        "CREATE INDEX held_requests_client_state ON held_requests (client, state)",
+        "CREATE INDEX held_requests_keep_until ON held_requests (keep_until)",
+    ),
 )
 
 
@@ -329,15 +370,19 @@ def _check_readable(connection: sqlite3.Connection, path: Path) -> None:
 
 
 def _read_as_latest(connection: sqlite3.Connection, version: int) -> None:
-    """Let a read-only connection to a schema older than 3 run the current queries: what it
-    lacks appears empty, as TEMP objects (they live in the connection, never in the file,
-    and shadow the file's tables of the same name)."""
-    if version >= 3:
-        return
-    connection.execute("CREATE TEMP VIEW invoices AS SELECT *, 0 AS buys_credit FROM main.invoices")
-    for statement in MIGRATIONS[2]:
-        if statement.lstrip().startswith("CREATE TABLE"):
-            connection.execute(statement.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
+    """Let a read-only connection to an older schema run the current queries: what it lacks
+    appears empty, as TEMP objects (they live in the connection, never in the file, and
+    shadow the file's tables of the same name). Before 3 the invoices lack ``buys_credit``;
+    steps 3 and 4 add tables (a later step that changes an existing table needs its own
+    stand-in here)."""
+    if version < 3:
+        connection.execute(
+            "CREATE TEMP VIEW invoices AS SELECT *, 0 AS buys_credit FROM main.invoices"
+        )
+    for step in MIGRATIONS[max(version, 2) :]:
+        for statement in step:
+            if statement.lstrip().startswith("CREATE TABLE"):
+                connection.execute(statement.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
 
 
 def _configure(connection: sqlite3.Connection, path: Path, synchronous: Synchronous) -> None:

@@ -30,16 +30,24 @@ the response (a WebSocket: the 101), with the balance header: report the cost be
 Whatever the handler does after (it raises, the client leaves), the charge stands.
 A request answered by an ``Expect`` handler (417, or the proxy's 413) is not served: its
 charge is finished with no status, so it is released like a failure.
+
+**Pay-on-success routes** (``settle = "on_success"``) need the request kept until it is paid:
+``setup_l402(..., stored_request=loader)``, which only the reverse proxy gives
+(:func:`gateway.web.proxy.build_proxy`). Without a loader an application whose service has
+such routes refuses to start (``ConfigError``). A retry with the paid credential is answered
+with the stored response (``Allow.replay``); the handler is not called.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
+from gateway.ports import StoredRequest, StoredResponse
 from gateway.service import (
     Allow,
     CreditCharge,
@@ -50,7 +58,7 @@ from gateway.service import (
     PaymentChallenge,
     RequestInfo,
 )
-from gateway.web import GatewayFactory
+from gateway.web import GatewayFactory, refuse_on_success
 from gateway.web.cookies import headers_for_pricing, l402_cookie_values
 from gateway.web.credit import (
     MAX_WITHDRAW_BODY,
@@ -67,22 +75,35 @@ TOKEN = web.RequestKey("l402_token", PaidToken)
 _AUTHORIZATION = hdrs.AUTHORIZATION
 # Answered by the middleware itself, never priced.
 _OWN_PATHS = frozenset({REDEEM_PATH, TOKEN_INFO_PATH, WITHDRAW_PATH})
+# Refusals of a request for its body (too large, too slow, an unknown Expect): the
+# connection closes after them.
+_BODY_REFUSALS = frozenset({408, 413, 417})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Expect = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+# The request as the backend is to get it once paid (it reads the body), or a refusal:
+# what a pay-on-success route's challenge keeps (``build_proxy`` gives one).
+StoredRequestLoader = Callable[[web.Request], Awaitable[StoredRequest | Deny]]
 
 
 @dataclass(slots=True)
 class _ServiceSlot:
-    """Filled in when the application starts (the app itself is frozen by then)."""
+    """What every decision needs besides the request; the service is filled in when the
+    application starts (the app itself is frozen by then)."""
 
+    trust_forwarded_for: bool = False
+    stored_request: StoredRequestLoader | None = None
     service: L402Service | None = None
 
 
 _SLOT = web.AppKey("l402_service_slot", _ServiceSlot)
 
 
-def request_info(request: web.BaseRequest, trust_forwarded_for: bool) -> RequestInfo:
+def request_info(
+    request: web.BaseRequest,
+    trust_forwarded_for: bool,
+    stored_request: Callable[[], Awaitable[StoredRequest | Deny]] | None = None,
+) -> RequestInfo:
     return RequestInfo(
         method=request.method,
         path=request.path,
@@ -96,6 +117,7 @@ def request_info(request: web.BaseRequest, trust_forwarded_for: bool) -> Request
         headers=headers_for_pricing(request.headers.items()),
         cookies=l402_cookie_values(request.headers.getall(hdrs.COOKIE, ())),
         method_overrides=_method_overrides(request),
+        stored_request=stored_request,
     )
 
 
@@ -242,9 +264,8 @@ async def _serve_charged(request: web.Request, handler: Handler) -> web.StreamRe
     return response
 
 
-async def _decide(
-    service: L402Service | None, request: web.Request, trust_forwarded_for: bool
-) -> Decision:
+async def _decide(slot: _ServiceSlot, request: web.Request) -> Decision:
+    service = slot.service
     if service is None:
         return Deny(503, "gateway is starting", retry_after=1)
     authorization = tuple(request.headers.getall(_AUTHORIZATION, ()))
@@ -254,7 +275,13 @@ async def _decide(
         cached = service.allowed_again(authorization, method, path) or (
             await service.charge_again(authorization, method, path)
         )
-    decision = cached or await service.authorize(request_info(request, trust_forwarded_for))
+    decision: Decision
+    if cached is not None:
+        decision = cached
+    else:
+        loader = slot.stored_request
+        keep = functools.partial(loader, request) if loader is not None else None
+        decision = await service.authorize(request_info(request, slot.trust_forwarded_for, keep))
     if isinstance(decision, Allow) and decision.charge is not None:
         request[_BILLING] = _Billing(service, decision.charge)
     return decision
@@ -262,7 +289,17 @@ async def _decide(
 
 def _refusal(request: web.Request, decision: PaymentChallenge | Deny) -> web.Response:
     accept = ",".join(request.headers.getall(hdrs.ACCEPT, ())) or None
-    return _response(render_challenge(decision, method=request.method, accept=accept))
+    response = _response(render_challenge(decision, method=request.method, accept=accept))
+    if isinstance(decision, Deny) and decision.status in _BODY_REFUSALS:
+        # Refused for its body, maybe before all of it was read: the rest must not be read
+        # as the next request.
+        response.force_close()
+    return response
+
+
+def _replayed(stored: StoredResponse) -> web.Response:
+    """A pay-on-success request's answer, as the backend gave it when it ran."""
+    return web.Response(status=stored.status, headers=list(stored.headers), body=stored.body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,21 +311,19 @@ class _Decided:
 _DECIDED = web.RequestKey("l402_decided", _Decided)
 
 
-def l402_middleware(slot: _ServiceSlot, trust_forwarded_for: bool) -> Middleware:
+def l402_middleware(slot: _ServiceSlot) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         service = slot.service
         if request.path in _OWN_PATHS:
             if request.path == REDEEM_PATH:
-                return await _redeem(request, service, trust_forwarded_for)
+                return await _redeem(request, service, slot.trust_forwarded_for)
             return await _credit_endpoint(request, service, request.path)
         decided = request.get(_DECIDED)
-        decision = (
-            decided.decision
-            if decided is not None
-            else await _decide(service, request, trust_forwarded_for)
-        )
+        decision = decided.decision if decided is not None else await _decide(slot, request)
         if isinstance(decision, Allow):
+            if decision.replay is not None:
+                return _replayed(decision.replay)
             if decision.token is not None:
                 request[TOKEN] = decision.token
             if decision.charge is not None:
@@ -307,20 +342,25 @@ class _DecideFirst:
     comes first: a refusal is the final answer (the connection then closes, as the client
     holds its body back), an allowed request gets the route's own handling (100 Continue).
     A final answer from the route's handling means the request is not served: a credit
-    charge made for it is finished here, with no status (released like a failure).
+    charge made for it is finished here, with no status (released like a failure). A
+    pay-on-success request that already ran gets its stored answer as the final one (its
+    body is not needed).
     """
 
-    def __init__(self, slot: _ServiceSlot, trust_forwarded_for: bool, route_handler: Expect):
+    def __init__(self, slot: _ServiceSlot, route_handler: Expect):
         self._slot = slot
-        self._trust_forwarded_for = trust_forwarded_for
         self._route_handler = route_handler
 
     async def __call__(self, request: web.Request) -> web.StreamResponse | None:
         if request.path not in _OWN_PATHS:
-            decision = await _decide(self._slot.service, request, self._trust_forwarded_for)
+            decision = await _decide(self._slot, request)
             request[_DECIDED] = _Decided(decision)
             if not isinstance(decision, Allow):
                 response = _refusal(request, decision)
+                response.force_close()
+                return response
+            if decision.replay is not None:
+                response = _replayed(decision.replay)
                 response.force_close()
                 return response
             if decision.token is not None:
@@ -335,9 +375,7 @@ class _DecideFirst:
         return answer
 
 
-def _decide_before_continue(
-    router: web.UrlDispatcher, slot: _ServiceSlot, trust_forwarded_for: bool
-) -> None:
+def _decide_before_continue(router: web.UrlDispatcher, slot: _ServiceSlot) -> None:
     """Wrap the Expect handler of every route, those of sub-applications included.
 
     aiohttp has no public setter for a route's expect handler, only the ``expect_handler``
@@ -346,20 +384,31 @@ def _decide_before_continue(
     for route in router.routes():
         current = route._expect_handler
         if not isinstance(current, _DecideFirst):
-            route._expect_handler = _DecideFirst(slot, trust_forwarded_for, current)
+            route._expect_handler = _DecideFirst(slot, current)
 
 
 def setup_l402(
-    app: web.Application, gateway: GatewayFactory, *, trust_forwarded_for: bool = False
+    app: web.Application,
+    gateway: GatewayFactory,
+    *,
+    trust_forwarded_for: bool = False,
+    stored_request: StoredRequestLoader | None = None,
 ) -> None:
-    """Price ``app``'s routes; ``gateway`` opens the service for the app's lifetime."""
-    slot = _ServiceSlot()
+    """Price ``app``'s routes; ``gateway`` opens the service for the app's lifetime.
+
+    ``stored_request`` keeps a request for pay-on-success routes (``settle = "on_success"``):
+    the reverse proxy gives it; without it the application refuses to start when the
+    service has such routes (``ConfigError``).
+    """
+    slot = _ServiceSlot(trust_forwarded_for, stored_request)
     app[_SLOT] = slot
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         # At startup: the application has added its routes by then.
-        _decide_before_continue(app.router, slot, trust_forwarded_for)
+        _decide_before_continue(app.router, slot)
         async with gateway() as service:
+            if stored_request is None:
+                refuse_on_success(service)
             slot.service = service
             try:
                 yield
@@ -367,5 +416,5 @@ def setup_l402(
                 slot.service = None
 
     app.cleanup_ctx.append(lifecycle)
-    app.middlewares.append(l402_middleware(slot, trust_forwarded_for))
+    app.middlewares.append(l402_middleware(slot))
     app.on_response_prepare.append(_charge_on_prepare)

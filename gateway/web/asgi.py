@@ -53,6 +53,9 @@ charged when the handshake is answered (accepted: 101, with the balance header; 
 its status). The middleware also answers ``GET <root_path>/.well-known/l402/token`` and
 ``POST <root_path>/.well-known/l402/withdraw`` (:mod:`gateway.web.credit`).
 
+**Pay-on-success routes** (``settle = "on_success"``) need the reverse proxy, which keeps
+the request until it is paid: a gateway with such routes refuses to start here.
+
 **Lifespan off.** Without lifespan events (``uvicorn --lifespan off``, or a server without
 lifespan support) the gateway is never opened, so every HTTP request, on free routes too
 (the route table lives in the gateway), gets ``503`` problem+json ``"gateway is not

@@ -19,6 +19,9 @@ with the reason (uvicorn logs it and exits) and the application's startup never 
 application's startup fails, the gateway is closed again. An application that does not handle
 lifespan at all (raises or returns on that scope without receiving) is fine: the relay then
 answers the lifespan protocol by itself. One lifespan at a time per relay.
+
+Both refuse a gateway with pay-on-success routes (``settle = "on_success"``) at startup: only
+the reverse proxy keeps a request to run it once paid.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from gateway.errors import ConfigError
+from gateway.web import refuse_on_success
 
 if TYPE_CHECKING:  # the middleware imports this module; these are annotations only
     from gateway.service import L402Service
@@ -52,11 +58,14 @@ def l402_lifespan(
 
     The lifespan state is the application's own (if its lifespan yields a mapping) plus the
     service under ``"l402_service"`` (``request.state.l402_service`` in a handler).
+    A service with pay-on-success routes is refused (``ConfigError``): only the reverse
+    proxy serves them.
     """
 
     @contextlib.asynccontextmanager
     async def gateway_and_app(app: AppT) -> AsyncIterator[Mapping[str, Any]]:
         async with gateway() as service:
+            refuse_on_success(service)
             log.info("L402 gateway started")
             own = contextlib.nullcontext(None) if lifespan is None else lifespan(app)
             async with own as state:
@@ -105,6 +114,13 @@ class LifespanRelay:
         except BaseException:
             self._owner = None
             raise
+        try:
+            refuse_on_success(service)
+        except ConfigError as error:
+            self._owner = None
+            await context.__aexit__(None, None, None)
+            log.error("L402 gateway refused to start: %s", error)
+            raise _StartupFailed(f"L402 gateway failed to start: {error!r}") from error
         self._context = context
         self.service = service
         log.info("L402 gateway started")

@@ -13,6 +13,12 @@ the client in ``L402-Balance-Msat`` (the upstream's own is taken out of every re
 the gateway's reaches the client). A request the upstream never answered (unreachable,
 timed out, or refused here: body too large or too slow) is finished with no status, so it is
 not charged unless the route charges failures.
+
+On a pay-on-success route (``settle = "on_success"``) nothing is forwarded before payment:
+the challenge keeps the request as ``send`` would forward it (the same headers, the body up to
+``max_held_body_bytes``, read by the L402 decision, which sends 100 Continue itself when the
+client waits for it), the hold executor runs it once the payment is held
+(``gateway.web.held``), and the payer's retry with the credential gets the stored answer.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.service import client_key
+from gateway.ports import StoredRequest
+from gateway.service import Deny, client_key
+from gateway.service.on_success import HoldTerms
 from gateway.web import GatewayFactory
 from gateway.web.aiohttp import TOKEN, settle_charge, setup_l402
 from gateway.web.cookies import without_l402_cookie
@@ -51,17 +59,22 @@ HOP_BY_HOP = frozenset(
     }
 )
 CHUNK = 64 * 1024
+_HELD_BODY_BYTES = HoldTerms().max_request_bytes
 # Statuses whose responses never have a body, whatever their Content-Length says.
 _NO_BODY = frozenset({204, 304})
+# Taken out of every upstream response: only the gateway's own reach the client.
+RESPONSE_DROP = frozenset({COST_HEADER.lower(), BALANCE_HEADER.lower()})
 # Requests with a verified paid token get a connection pool of their own: unpaid ones (say,
 # slow uploads to a free route) cannot take every upstream connection.
 _SESSION = web.AppKey("l402_proxy_session", aiohttp.ClientSession)
 _PAID_SESSION = web.AppKey("l402_proxy_paid_session", aiohttp.ClientSession)
 
 
-def _end_to_end(
+def end_to_end_headers(
     headers: CIMultiDictProxy[str], also_drop: frozenset[str], *, keep_underscored: bool
 ) -> CIMultiDict[str]:
+    """``headers`` without the hop-by-hop ones (those ``Connection`` names too) and
+    ``also_drop``; without names holding ``_`` unless ``keep_underscored``."""
     named = {
         name.strip().lower()
         for value in headers.getall(hdrs.CONNECTION, ())
@@ -79,13 +92,36 @@ def _end_to_end(
 _ENCODED_SEPARATOR = re.compile("%(?:2f|5c)", re.IGNORECASE)
 
 
+_ENCODED_SEPARATOR_REFUSAL = "path must not contain an encoded '/' or '\\'"
+
+
 @web.middleware
 async def _refuse_encoded_separators(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     if _ENCODED_SEPARATOR.search(request.rel_url.raw_path):
-        return _problem(400, "Bad Request", "path must not contain an encoded '/' or '\\'")
+        return _problem(400, "Bad Request", _ENCODED_SEPARATOR_REFUSAL)
     return await handler(request)
+
+
+def upstream_session(limit: int, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    """A client session to the upstream that sends requests as the client made them."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit),
+        timeout=timeout,
+        auto_decompress=False,
+        # One session serves every client: a cookie jar would hand one client's upstream
+        # session cookie to all the others.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        # Forward the client's headers, not aiohttp's defaults (an Accept-Encoding the
+        # client never sent would get it a compressed body it cannot read).
+        skip_auto_headers=(
+            hdrs.ACCEPT,
+            hdrs.ACCEPT_ENCODING,
+            hdrs.USER_AGENT,
+            hdrs.CONTENT_TYPE,
+        ),
+    )
 
 
 def _problem(status: int, title: str, detail: str) -> web.Response:
@@ -171,15 +207,34 @@ class _PerClient:
                 del self._counts[client]
 
 
+# Set once 100 Continue went out: the stored-request loader sends it before the route's
+# expect handler would.
+_CONTINUED = web.RequestKey("l402_continued", bool)
+
+
+def _expectation(request: web.Request) -> str | None:
+    """The request's ``Expect`` (lower case) when aiohttp answers it (HTTP/1.1), else None."""
+    if request.version != aiohttp.HttpVersion11 or hdrs.EXPECT not in request.headers:
+        return None
+    return request.headers[hdrs.EXPECT].lower()
+
+
+async def _send_continue(request: web.Request) -> None:
+    if not request.get(_CONTINUED, False):
+        request[_CONTINUED] = True
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not started
+
+
 async def _continue(request: web.Request) -> web.Response | None:
     """What aiohttp answers ``Expect`` with: 100 Continue (HTTP/1.1), or 417 for another
     expectation."""
-    if request.version != aiohttp.HttpVersion11:
+    expectation = _expectation(request)
+    if expectation is None:
         return None
-    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+    if expectation != "100-continue":
         return _closing(_problem(417, "Expectation Failed", "only 100-continue is known"))
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    request.writer.output_size = 0  # the response proper has not started
+    await _send_continue(request)
     return None
 
 
@@ -204,6 +259,7 @@ def build_proxy(
     upstream_connections: int = 100,
     paid_upstream_connections: int = 100,
     ipv6_prefix: int = 64,
+    max_held_body_bytes: int = _HELD_BODY_BYTES,
 ) -> web.Application:
     """An aiohttp application that prices requests and forwards them to ``upstream``.
 
@@ -211,14 +267,18 @@ def build_proxy(
     the rest share ``upstream_connections``, at most ``unpaid_requests_per_client`` per
     client (an IPv6 client per ``ipv6_prefix``) at once, more get 429. A body slower than
     ``body_timeout`` seconds plus one second per ``min_body_rate`` bytes gets 408.
+
+    A pay-on-success route's challenge keeps the request as the upstream is to get it (the
+    headers ``send`` forwards, the body up to ``max_held_body_bytes``; a larger one gets
+    413): the gateway runs it once the payment is held (``gateway.web.held``).
     """
     base = str(URL(upstream.rstrip("/")))
     app = web.Application(client_max_size=max_body_bytes)
     app.middlewares.append(_refuse_encoded_separators)
-    setup_l402(app, gateway, trust_forwarded_for=trust_forwarded_for)
     # Content-Length is kept: the body is forwarded with the length the client declared.
     request_drop = frozenset({"host", "authorization", token_header.lower()})
-    response_drop = frozenset({COST_HEADER.lower(), BALANCE_HEADER.lower()})
+    held_limit = min(max_held_body_bytes, max_body_bytes)
+    too_slow_detail = f"the body took over {body_timeout:g}s plus 1s per {min_body_rate} bytes"
 
     unpaid = _PerClient(unpaid_requests_per_client)
 
@@ -228,21 +288,8 @@ def build_proxy(
         return client_key(address, ipv6_prefix)
 
     def session(limit: int) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=limit),
-            timeout=aiohttp.ClientTimeout(total=upstream_timeout, sock_connect=10),
-            auto_decompress=False,
-            # One session serves every client: a cookie jar would hand one client's upstream
-            # session cookie to all the others.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # Forward the client's headers, not aiohttp's defaults (an Accept-Encoding the
-            # client never sent would get it a compressed body it cannot read).
-            skip_auto_headers=(
-                hdrs.ACCEPT,
-                hdrs.ACCEPT_ENCODING,
-                hdrs.USER_AGENT,
-                hdrs.CONTENT_TYPE,
-            ),
+        return upstream_session(
+            limit, aiohttp.ClientTimeout(total=upstream_timeout, sock_connect=10)
         )
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
@@ -253,16 +300,11 @@ def build_proxy(
             app[_SESSION], app[_PAID_SESSION] = free, paid
             yield
 
-    app.cleanup_ctx.append(client_session)
-
-    async def send(
-        request: web.Request, upstream_session: aiohttp.ClientSession
-    ) -> web.StreamResponse:
-        if request.content_length is not None and request.content_length > max_body_bytes:
-            return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
+    def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
+        """The headers the upstream gets with ``request``, but the token header."""
         # Dropped like nginx does: WSGI and CGI servers read X_L402_Token (or X_Forwarded_For)
         # as the header the gateway sets.
-        headers = _end_to_end(request.headers, request_drop, keep_underscored=False)
+        headers = end_to_end_headers(request.headers, request_drop, keep_underscored=False)
         cookies = [without_l402_cookie(value) for value in headers.popall(hdrs.COOKIE, ())]
         for value in cookies:
             if value is not None:
@@ -279,6 +321,51 @@ def build_proxy(
             proto = proto.lower() if proto.lower() in ("http", "https") else request.scheme
         headers[hdrs.X_FORWARDED_PROTO] = proto
         headers[hdrs.X_FORWARDED_HOST] = host
+        return headers
+
+    async def stored_request(request: web.Request) -> StoredRequest | Deny:
+        """``request`` as the upstream is to get it once paid, its body read; or a refusal.
+
+        Called by the L402 decision, which for a request with ``Expect: 100-continue`` runs
+        before aiohttp would send 100 Continue: it is sent here, only when the body is
+        wanted and may fit.
+        """
+        if _ENCODED_SEPARATOR.search(request.rel_url.raw_path):
+            # Before 100 Continue the middleware that refuses these has not run yet.
+            return Deny(400, _ENCODED_SEPARATOR_REFUSAL)
+        too_large = Deny(
+            413, f"body over {held_limit} bytes: this route keeps the request until it is paid"
+        )
+        if request.content_length is not None and request.content_length > held_limit:
+            return too_large
+        expectation = _expectation(request)
+        if expectation is not None and expectation != "100-continue":
+            return Deny(417, "only 100-continue is known")
+        body = b""
+        if request.body_exists:
+            if expectation is not None:
+                await _send_continue(request)
+            reader = _LimitedBody(request.content, held_limit, body_timeout, min_body_rate)
+            try:
+                body = b"".join([chunk async for chunk in reader.chunks()])
+            except _BodyTooLarge:
+                return too_large
+            except _BodyTooSlow:
+                return Deny(408, too_slow_detail)
+        headers = forwarded_headers(request)
+        return StoredRequest(
+            request.method, request.rel_url.raw_path_qs, tuple(headers.items()), body
+        )
+
+    setup_l402(app, gateway, trust_forwarded_for=trust_forwarded_for, stored_request=stored_request)
+    app.cleanup_ctx.append(client_session)
+
+    async def send(
+        request: web.Request, upstream_session: aiohttp.ClientSession
+    ) -> web.StreamResponse:
+        if request.content_length is not None and request.content_length > max_body_bytes:
+            return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
+        headers = forwarded_headers(request)
         token = request.get(TOKEN)
         if token is not None:
             headers[token_header] = token_header_value(token)
@@ -298,8 +385,8 @@ def build_proxy(
                 allow_redirects=False,
             ) as upstream_response:
                 status, reason = upstream_response.status, upstream_response.reason
-                response_headers = _end_to_end(
-                    upstream_response.headers, response_drop, keep_underscored=True
+                response_headers = end_to_end_headers(
+                    upstream_response.headers, RESPONSE_DROP, keep_underscored=True
                 )
                 costs = upstream_response.headers.getall(COST_HEADER, ())
                 cost = ",".join(costs) if costs else None
@@ -342,8 +429,7 @@ def build_proxy(
             return _problem(502, "Bad Gateway", "upstream unavailable")
 
     def too_slow() -> web.Response:
-        detail = f"the body took over {body_timeout:g}s plus 1s per {min_body_rate} bytes"
-        return _closing(_problem(408, "Request Timeout", detail))
+        return _closing(_problem(408, "Request Timeout", too_slow_detail))
 
     def too_many() -> web.Response:
         detail = f"{unpaid.cap} requests without a paid token are under way"

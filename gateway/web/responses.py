@@ -20,6 +20,9 @@ CREDIT_HEADER = "L402-Credit-Msat"
 PRICE_HEADER = "L402-Price-Msat"
 # Sent by a backend to report a metered request's actual cost; the proxy takes it out.
 COST_HEADER = "L402-Cost-Msat"
+# A pay-on-success route's 402: ``on-success; timeout=<seconds>``. The request runs while the
+# payment is held, within that time, and the payment completes only if it succeeded.
+SETTLE_HEADER = "L402-Settle"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +37,8 @@ def render(decision: PaymentChallenge | Deny) -> HttpResponse:
 
     A 402 carries the L402 and LSAT challenges, and on a credit route the credit headers
     (``credit_headers``) and the same figures as ``credit_msat``, ``price_msat`` and
-    ``balance_msat`` (null unless the challenge is a top-up). A 401 carries a parameter-only
+    ``balance_msat`` (null unless the challenge is a top-up), and on a pay-on-success route
+    ``settle_headers``. A 401 carries a parameter-only
     challenge (RFC 9110 requires one), never an invoice: an invalid credential must not mint
     invoices.
     """
@@ -62,6 +66,7 @@ def render(decision: PaymentChallenge | Deny) -> HttpResponse:
             )
         headers += [("WWW-Authenticate", value) for value in decision.www_authenticate()]
         headers += credit_headers(decision)
+        headers += settle_headers(decision)
     else:
         if status == 401:
             realm = decision.realm or DEFAULT_REALM
@@ -84,6 +89,13 @@ def credit_headers(challenge: PaymentChallenge) -> tuple[tuple[str, str], ...]:
     if challenge.balance_msat is not None:
         headers.append((BALANCE_HEADER, str(challenge.balance_msat)))
     return tuple(headers)
+
+
+def settle_headers(challenge: PaymentChallenge) -> tuple[tuple[str, str], ...]:
+    """A pay-on-success route's 402 header (``SETTLE_HEADER``); none on another route."""
+    if challenge.settle_timeout is None:
+        return ()
+    return ((SETTLE_HEADER, f"on-success; timeout={challenge.settle_timeout:g}"),)
 
 
 @functools.lru_cache(maxsize=4096)  # a paying client sends the same token again and again

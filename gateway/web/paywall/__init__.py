@@ -24,6 +24,8 @@ segno): no external request, no CDN.
     {"macaroon": "<the challenge's macaroon, base64>", "credential": true (optional)}
 
     200 {"state": "pending" | "expired" | "canceled", "expires_at": <unix>, "expires_in": <s>}
+    200 {"state": "refunded", ..., "failure": "backend failed with 503"} (a pay-on-success
+        route: the request failed, the held payment was cancelled and nothing is owed)
     200 {"state": "settled", ..., "credential": "<macaroon>:<hex preimage>" (if asked)}
         Set-Cookie: L402-<service>=<macaroon>:<hex preimage>; Path=<the path prefix of the
                     service's routes>; Max-Age=<token lifetime left>; Secure; HttpOnly;
@@ -61,7 +63,7 @@ import segno
 from gateway import l402
 from gateway.service import Deny, L402Service, PaymentChallenge, RedeemResult, RedeemState
 from gateway.web.cookies import cookie_name, cookie_path
-from gateway.web.responses import HttpResponse, credit_headers, render
+from gateway.web.responses import HttpResponse, credit_headers, render, settle_headers
 
 __all__ = [
     "MAX_REDEEM_BODY",
@@ -249,6 +251,7 @@ def render_paywall(
         *_page_headers(nonce),
         *(("WWW-Authenticate", value) for value in challenge.www_authenticate()),
         *credit_headers(challenge),
+        *settle_headers(challenge),
     )
     return HttpResponse(402, headers, page.encode("utf-8"))
 
@@ -313,6 +316,8 @@ async def handle_redeem(
     }
     if reveal and result.credential is not None:
         document["credential"] = result.credential
+    if result.state is RedeemState.REFUNDED:
+        document["failure"] = result.failure
     return HttpResponse(200, tuple(headers), json.dumps(document).encode())
 
 

@@ -107,6 +107,10 @@
         if (body.state === "settled") return secure ? unlock() : reveal(body.credential);
         if (body.state === "expired") return expire("This invoice has expired.");
         if (body.state === "canceled") return expire("This invoice was canceled.");
+        // Pay on success: the request failed, so the held payment was given back.
+        if (body.state === "refunded") {
+          return expire(`Refunded, nothing was charged: ${String(body.failure || "the request failed")}.`);
+        }
       } else if (response.status === 429 || response.status >= 500) {
         failures += 1;
         const wait = Number(response.headers.get("Retry-After")) * 1000;

@@ -21,13 +21,18 @@ import pytest_asyncio
 
 from gateway.errors import ConfigError
 from gateway.ports import (
+    HELD_UNFINISHED,
     Cursor,
+    HeldRequest,
+    HeldState,
     InvoiceRecord,
     InvoiceState,
     InvoiceUpdate,
     Msat,
     PaymentHash,
+    Preimage,
     Reserved,
+    StoredRequest,
 )
 from gateway.store import SchemaVersionError, SqliteStore, StoreError, sqlite_file
 from gateway.store import sqlite as sqlite_module
@@ -870,3 +875,150 @@ async def test_a_cancelled_reserve_leaves_no_hold_and_a_cancelled_settle_is_writ
     assert account is not None
     assert (account.reserved_msat, account.spent_msat, account.balance_msat) == (0, 1_000, 9_000)
     assert [charge.path for charge in await store.list_charges(token_id, 10)] == ["/x"]
+
+
+# --- pay-on-success requests (schema 4) ------------------------------------------------------
+
+
+def make_v3_by_hand(path: Path) -> None:
+    """A database as the third schema left it: an invoice that bought credit, its account."""
+    with raw(path) as connection:
+        connection.execute("BEGIN")
+        for step in sqlite_file.MIGRATIONS[:3]:
+            for statement in step:
+                connection.execute(statement)
+        connection.execute(
+            "INSERT INTO invoices VALUES (?, 'lnbcrt1n1fake', 21000, ?, 'svc', 'GET', '/',"
+            " 'SETTLED', 1001.5, 4601.5, 1, 1, 21000, 1003.0, 1)",
+            (record(1).payment_hash, b"t" * 32),
+        )
+        connection.execute(
+            "INSERT INTO accounts VALUES (?, 'svc', 21000, 1000, 0, 0, 1003.0, 1004.0)",
+            (b"t" * 32,),
+        )
+        connection.execute("PRAGMA user_version = 3")
+        connection.execute("COMMIT")
+
+
+def held_request(n: int) -> HeldRequest:
+    preimage = Preimage(hashlib.sha256(b"preimage %d" % n).digest())
+    return HeldRequest(
+        payment_hash=PaymentHash(hashlib.sha256(preimage).digest()),
+        preimage=preimage,
+        token_id=b"h" * 32,
+        client="2001:db8::/64",
+        grant="{}",
+        request=StoredRequest("PUT", "/files/a?x=1", (("X-Odd", "\udcff"),), b"body"),
+        state=HeldState.WAITING,
+        created_at=2000.0 + n,
+        expires_at=2120.0 + n,
+        updated_at=2000.0 + n,
+    )
+
+
+async def test_a_version_3_database_migrates_to_4_keeping_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    make_v3_by_hand(path)
+    opened = await SqliteStore.open(path)
+    try:
+        invoice = await opened.get_invoice(record(1).payment_hash)
+        assert invoice is not None
+        assert (invoice.state, invoice.buys_credit) == (InvoiceState.SETTLED, True)
+        account = await opened.get_account(b"t" * 32)
+        assert account is not None
+        assert account.balance_msat == 20_000
+        assert await opened.count_held_requests(frozenset(HeldState)) == 0
+        await opened.add_held_request(held_request(1))
+        assert await opened.move_held_request(held_request(1).payment_hash, HeldState.RUNNING, 1)
+    finally:
+        await opened.close()
+    assert user_version(path) == 4 == len(sqlite_file.MIGRATIONS)
+    reopened = await SqliteStore.open(path)
+    try:
+        assert await reopened.get_held_request(held_request(1).payment_hash) == dataclasses.replace(
+            held_request(1), state=HeldState.RUNNING, updated_at=1.0
+        )
+    finally:
+        await reopened.close()
+
+
+async def test_read_only_reads_a_version_3_database_as_holding_no_held_requests(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "gateway.db"
+    make_v3_by_hand(path)
+    before = path.read_bytes()
+    reader = await SqliteStore.open(path, read_only=True)
+    try:
+        assert await reader.count_held_requests(frozenset(HeldState)) == 0
+        assert await reader.list_held_requests(frozenset(HeldState), 10) == []
+        assert await reader.get_held_request(held_request(1).payment_hash) is None
+        account = await reader.get_account(b"t" * 32)
+        assert account is not None
+        assert account.balance_msat == 20_000
+    finally:
+        await reader.close()
+    assert user_version(path) == 3
+    assert path.read_bytes() == before
+
+
+async def test_held_requests_are_found_by_index(store: SqliteStore, db_path: Path) -> None:
+    await store.add_held_request(held_request(1))
+    unfinished, values = sqlite_module._states(HELD_UNFINISHED)
+    final, final_values = sqlite_module._states(frozenset(HeldState) - HELD_UNFINISHED)
+    with raw(db_path) as connection:
+        plans = {
+            name: " ".join(
+                str(row[-1]) for row in connection.execute(f"EXPLAIN QUERY PLAN {sql}", args)
+            )
+            for name, sql, args in (
+                (
+                    "list",
+                    sqlite_module._LIST_HELD.format(states=unfinished),
+                    (*values, 10),
+                ),
+                (
+                    "count per client",
+                    sqlite_module._COUNT_HELD_OF_CLIENT.format(states=unfinished),
+                    ("c", *values),
+                ),
+                (
+                    "prune",
+                    sqlite_module._PRUNE_HELD.format(states=final),
+                    (1.0, *final_values, 10),
+                ),
+                (
+                    "move",
+                    sqlite_module._MOVE_HELD.format(changes="", states="?"),
+                    ("RUNNING", 1.0, "", None, None, b"h", "WAITING"),
+                ),
+            )
+        }
+    assert "held_requests_state_created_at" in plans["list"], plans
+    assert "held_requests_client_state" in plans["count per client"], plans
+    assert "held_requests_keep_until" in plans["prune"], plans
+    assert "PRIMARY KEY" in plans["move"] or "(payment_hash=?)" in plans["move"], plans
+
+
+async def test_headers_are_stored_as_ascii_json_pairs(store: SqliteStore, db_path: Path) -> None:
+    await store.add_held_request(held_request(1))
+    with raw(db_path) as connection:
+        (text,) = connection.execute("SELECT request_headers FROM held_requests").fetchone()
+    assert text == '[["X-Odd", "\\udcff"]]'
+    got = await store.get_held_request(held_request(1).payment_hash)
+    assert got is not None
+    assert got.request == held_request(1).request
+
+
+async def test_a_request_or_response_is_never_stored_in_part(
+    store: SqliteStore, db_path: Path
+) -> None:
+    await store.add_held_request(held_request(1))
+    with raw(db_path) as connection:
+        for statement in (
+            "UPDATE held_requests SET method = NULL",
+            "UPDATE held_requests SET request_body = NULL",
+            "UPDATE held_requests SET status = 200",
+        ):
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+                connection.execute(statement)
