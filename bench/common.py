@@ -230,13 +230,14 @@ def record(section: str, lines: list[str], verdict: Verdict | None = None) -> No
                 rows = _summary_rows(body)
             else:
                 sections[title] = body.strip()
-    sections[section] = "\n".join(lines)
+    # Benchmarks run one at a time, maybe on different machines: each names its own.
+    sections[section] = "\n".join([f"Measured on {machine()}.", "", *lines])
     if verdict is not None:
         met = {True: "met", False: "**not met**", None: "no target"}[verdict.met]
         rows[section] = f"| {section} | {verdict.result} | {f'{verdict.target} {met}'.strip()} |"
     summary = "\n".join(
         [
-            f"Measured on {machine()}.",
+            "Each section names the machine it was measured on.",
             "",
             "| benchmark | result | target |",
             "| --- | --- | --- |",

@@ -67,9 +67,12 @@ def _backend() -> web.Application:
     async def job(request: web.Request) -> web.Response:
         return web.json_response({"got": len(await request.read())}, status=201)
 
+    async def health(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
     app = web.Application()
     app.router.add_post("/api/{kind}/job", job)
-    app.router.add_get("/health", job)
+    app.router.add_get("/health", health)
     return app
 
 
