@@ -407,13 +407,14 @@ class HeldRequest:
     # The paid token's grant as the backend is told it (``PaidToken``, serialised by the
     # service; the store keeps it as text).
     grant: str = field(repr=False)
-    # None once it ran (or expired): the body is not kept longer than needed.
+    # Whole while WAITING or RUNNING; then only its method and target (no headers, empty
+    # body): the body is not kept longer than needed, the target is what a replay must match.
     request: StoredRequest | None
     state: HeldState
     created_at: float
     expires_at: float  # the hold invoice's expiry: unpaid past it, it expires
     updated_at: float
-    response: StoredResponse | None = None  # set with SUCCEEDED or FAILED (if it answered)
+    response: StoredResponse | None = None  # set with SUCCEEDED: the answer replayed
     failure: str = ""  # why it FAILED or was CANCELED, fixed text, e.g. "backend failed with 503"
     # When the row is deleted (set once it is final; a delivery shortens it).
     keep_until: float | None = None
@@ -560,6 +561,10 @@ class StoreOperations(Protocol):
     ) -> list[HeldRequest]:
         """Those in one of ``states``, the oldest (``created_at``) first, at most ``limit``."""
 
+    async def list_held_hashes(self, states: frozenset[HeldState], limit: int) -> list[PaymentHash]:
+        """The payment hashes of ``list_held_requests``, in its order: a cheap look for
+        polling (no request or response is read)."""
+
     async def count_held_requests(
         self, states: frozenset[HeldState], client: str | None = None
     ) -> int:
@@ -580,13 +585,15 @@ class StoreOperations(Protocol):
         the rules forbid it) or the hash is unknown: only the caller that got a row back may
         act on the move (run the request, settle, cancel).
 
-        ``updated_at`` becomes ``now``. The stored request is kept while WAITING or RUNNING
-        (the runner needs it) and dropped by any other state. ``response`` is written with
-        SUCCEEDED or FAILED; a non-empty ``failure`` with any move (an empty one keeps the
-        earlier reason, so "backend failed with 503" survives the cancel); ``keep_until``
-        with a final state (a row moved final without one is never pruned), never later than
-        a delivery set it. ``ValueError`` for a ``response`` with another state or a
-        ``keep_until`` with an unfinished one.
+        ``updated_at`` becomes ``now``. The stored request is kept whole while WAITING or
+        RUNNING (the runner needs it); any other state drops its headers and body and keeps
+        its method and target (``StoredRequest(method, target, (), b"")``; a replay is checked
+        against them). ``response`` is written with SUCCEEDED only (a failed request's answer
+        is never replayed: its failure names the status); a non-empty ``failure`` with any
+        move (an empty one keeps the earlier reason, so "backend failed with 503" survives the
+        cancel); ``keep_until`` with a final state (a row moved final without one is never
+        pruned), never later than a delivery set it. ``ValueError`` for a ``response`` with
+        another state or a ``keep_until`` with an unfinished one.
         """
 
     async def mark_held_delivered(

@@ -77,7 +77,7 @@ from gateway.client.offer import (
     has_l402_challenge,
     read_offer,
 )
-from gateway.client.tokens import CachedToken, PendingPayment
+from gateway.client.tokens import CachedToken, PendingPayment, body_digest
 
 __all__ = [
     "DEFAULT_MIN_FEE_MSAT",
@@ -105,6 +105,7 @@ __all__ = [
     "TokenCache",
     "TokenCacheError",
     "balance_from_headers",
+    "body_digest",
     "decode_invoice",
     "has_l402_challenge",
     "read_offer",

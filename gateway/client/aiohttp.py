@@ -11,10 +11,14 @@
 
 A request that already carries an ``Authorization`` header is passed through untouched. A
 retried request is sent with the same body, so bodies must be replayable (bytes, str, form
-data, JSON; not a one-shot stream). Errors of :mod:`gateway.client.errors` (and the payer's)
-propagate out of the ``session.get(...)`` call. When the payment of a pay-on-success offer
-fails, the gateway is asked why through the same session (without the middlewares), so a
-refund raises ``PaymentRefunded``.
+data, JSON; not a one-shot stream). A pay-on-success token is bound to its request's body:
+the middleware knows the body of an in-memory payload (bytes, str, JSON, url-encoded form
+data) and reuses such a token only for a re-send of the same request with the same body; for
+any other body (a stream, a file, multipart form data) it never reuses one: that request
+pays anew. Errors of :mod:`gateway.client.errors` (and the payer's) propagate out of the
+``session.get(...)`` call. When the payment of a pay-on-success offer fails, the gateway is
+asked why through the same session (without the middlewares), so a refund raises
+``PaymentRefunded``.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from typing import Any
 
 import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, hdrs
+from aiohttp.payload import BytesPayload
 
 from gateway.client.core import L402Client
 from gateway.client.on_success import MAX_ANSWER_BYTES
+from gateway.client.tokens import body_digest
 
 __all__ = ["L402PayingMiddleware", "l402_session"]
 
@@ -39,7 +45,9 @@ class L402PayingMiddleware:
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         if hdrs.AUTHORIZATION in request.headers:
             return await handler(request)
-        exchange = await self.client.exchange(str(request.url), request.method)
+        exchange = await self.client.exchange(
+            str(request.url), request.method, body_sha256=await _body_sha256(request)
+        )
         authorization = exchange.authorization
         session = request.session
 
@@ -73,6 +81,17 @@ class L402PayingMiddleware:
                 return response
             response.release()
             authorization = retry.authorization
+
+
+async def _body_sha256(request: ClientRequest) -> str | None:
+    """The digest of the request's body; None when it is not held in memory (a stream, a
+    file, multipart form data, whose bytes cannot be read without consuming them)."""
+    body = request.body
+    if isinstance(body, bytes):  # no body
+        return body_digest(body)
+    if isinstance(body, BytesPayload):  # bytes, str, JSON, url-encoded form data
+        return body_digest(await body.as_bytes())
+    return None
 
 
 def l402_session(client: L402Client, **kwargs: Any) -> aiohttp.ClientSession:

@@ -74,15 +74,19 @@ class TokenCache:
         entries = sorted((await self._current()).pending.values(), key=lambda p: p.created_at)
         return [p for p in entries if origin is None or p.origin == origin]
 
-    async def find(self, url: str, method: str, now: float) -> CachedToken | None:
-        """The token to send with this request, if any (see :mod:`gateway.client.tokens`)."""
+    async def find(
+        self, url: str, method: str, now: float, body_sha256: str | None = None
+    ) -> CachedToken | None:
+        """The token to send with this request, if any (see :mod:`gateway.client.tokens`).
+        ``body_sha256``: the request body's :func:`~gateway.client.tokens.body_digest`; None
+        (not known) finds no pay-on-success token."""
         origin, path = split_url(url)
         request = request_of(method, url)
         best: tuple[tuple[int, int, float], CachedToken] | None = None
         for token in (await self._current()).tokens.values():
             if token.origin != origin or token.expired(now):
                 continue
-            fit = token.fit(path, method, request)
+            fit = token.fit(path, method, request, body_sha256)
             if fit is None:
                 continue
             rank = (*fit, token.created_at)

@@ -1,11 +1,14 @@
 """The token cache's file: its JSON format and its locked, atomic, private writes.
 
-``version`` 1: ``{"version": 1, "tokens": [...], "pending": [...]}``. A write goes to a
-temporary file in the same directory (mode 0600), is fsynced and renamed over the old file,
-then the directory is fsynced; the directory is created with mode 0700. A change re-reads the
-file under an exclusive ``flock`` on ``<file>.lock``, so processes sharing the file do not
-lose each other's entries; reading takes no lock (a rename is atomic). A file that does not
-parse is an error, never a fresh start: it may hold a payment that is not yet a token.
+``version`` 1: ``{"version": 1, "tokens": [...], "pending": [...]}``. Fields added later
+(a pay-on-success token's ``paid_request`` and ``paid_body_sha256``) are written only when
+set, and read as unset when absent, so older files load and older readers see nothing new. A
+write goes to a temporary file in the same directory (mode 0600), is fsynced and renamed over
+the old file, then the directory is fsynced; the directory is created with mode 0700. A
+change re-reads the file under an exclusive ``flock`` on ``<file>.lock``, so processes
+sharing the file do not lose each other's entries; reading takes no lock (a rename is
+atomic). A file that does not parse is an error, never a fresh start: it may hold a payment
+that is not yet a token.
 
 Everything here blocks (``flock`` waits for other processes, ``fsync`` for the disk):
 :class:`~gateway.client.cache.TokenCache` calls it from worker threads.
@@ -77,6 +80,10 @@ def _optional_str(value: object) -> str | None:
     return None if value is None else _str(value)
 
 
+def _optional_digest(value: object) -> str | None:
+    return None if value is None else _hex(value).hex()
+
+
 def _token_json(token: CachedToken) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "origin": token.origin,
@@ -93,6 +100,8 @@ def _token_json(token: CachedToken) -> dict[str, Any]:
     }
     if token.paid_request is not None:  # absent: readers of older files see nothing new
         facts["paid_request"] = token.paid_request
+    if token.paid_body_sha256 is not None:
+        facts["paid_body_sha256"] = token.paid_body_sha256
     return facts
 
 
@@ -110,6 +119,7 @@ def _token_from(raw: Any) -> CachedToken:
         worked=_paths(raw["worked"]),
         refused=_paths(raw["refused"]),
         paid_request=_optional_str(raw.get("paid_request")),
+        paid_body_sha256=_optional_digest(raw.get("paid_body_sha256")),
     )
 
 
@@ -130,6 +140,8 @@ def _pending_json(entry: PendingPayment) -> dict[str, Any]:
     }
     if entry.paid_request is not None:
         facts["paid_request"] = entry.paid_request
+    if entry.paid_body_sha256 is not None:
+        facts["paid_body_sha256"] = entry.paid_body_sha256
     return facts
 
 
@@ -148,6 +160,7 @@ def _pending_from(raw: Any) -> PendingPayment:
         description=_str(raw["description"]),
         created_at=_float(raw["created_at"]),
         paid_request=_optional_str(raw.get("paid_request")),
+        paid_body_sha256=_optional_digest(raw.get("paid_body_sha256")),
     )
 
 

@@ -2,7 +2,7 @@
 
 An HTTP integration drives one :class:`Exchange` per request::
 
-    exchange = await client.exchange(url, method)
+    exchange = await client.exchange(url, method, body_sha256=body_digest(body))
     authorization = exchange.authorization        # a cached token, or None
     while True:
         send the request (with ``Authorization: <authorization>`` when not None)
@@ -16,6 +16,9 @@ challenge pays or reuses a token that appeared meanwhile. One exchange pays at m
 consults the cache after a 402 at most twice and retries without a token (after a 401 for a
 cached one) at most once, so it ends after at most five requests; when it gives up, the
 caller gets the last response (e.g. a 402 for a freshly paid token) as it came.
+``body_sha256`` is the request body's digest (:func:`~gateway.client.tokens.body_digest`;
+no body: ``body_digest(None)``), or None when the integration cannot know the body (a
+stream): it decides which pay-on-success token the request may be sent with.
 
 **Credit.** A response of a credit route reports the balance left (``L402-Balance-Msat``):
 ``step`` keeps it as a :class:`Balance` (:attr:`L402Client.last_balance`, and per account:
@@ -30,7 +33,8 @@ one process never pay twice for the same scope:
    at the payer; SUCCEEDED becomes a token (and a spending log entry, ``recovered``), FAILED
    or unknown is dropped, IN_FLIGHT in this URL's scope is waited for (``in_flight_wait``
    seconds, then ``PaymentInFlight``: nothing is paid);
-2. a cached token for the URL now (from step 1 or a concurrent request) is used unpaid;
+2. a cached token for the request now (from step 1 or a concurrent request) is used unpaid
+   (a pay-on-success token only by the very request it paid for: same body included);
 3. the offer is read and checked (:func:`~gateway.client.offer.read_offer`), the budget
    checked, ``confirm`` asked; any "no" raises before a payment starts;
 4. a pending entry is written durably, the payer pays with the budget's fee cap, the token
@@ -41,8 +45,11 @@ one process never pay twice for the same scope:
 so the payer gets at least the backend's time plus ``SETTLE_MARGIN`` seconds. When such a
 payment fails and the HTTP integration gave ``ask_gateway``, the gateway is asked why
 (:mod:`~gateway.client.on_success`): a refund raises ``PaymentRefunded``. The token is good
-for that one request only; it leaves the cache once a response to it came (a 409 or 410
-included: the gateway answers no more with it).
+for that one request only (method, path and query, body: see :mod:`~gateway.client.tokens`):
+a re-send of the same request (after the answer to the retry was lost) collects the stored
+response with it unpaid; a request with another body pays for its own. It leaves the cache
+once a response to it came (a 409 or 410 included: the gateway answers no more with it; any
+response at all when its body is not known, since no later request may use it).
 """
 
 from __future__ import annotations
@@ -203,10 +210,15 @@ class L402Client:
             self._balances[token_id] = balance
         self._last_balance = balance
 
-    async def exchange(self, url: str, method: str) -> Exchange:
-        """Start the L402 side of one request, with the cached token for it if there is one."""
-        cached = await self.cache.find(url, method, self.clock.now())
-        return Exchange(self, url, method, cached)
+    async def exchange(self, url: str, method: str, *, body_sha256: str | None = None) -> Exchange:
+        """Start the L402 side of one request, with the cached token for it if there is one.
+
+        ``body_sha256``: the request body's :func:`~gateway.client.tokens.body_digest`; None
+        when it is not known (then no pay-on-success token is reused for it, and one bought
+        for it serves only its own retry).
+        """
+        cached = await self.cache.find(url, method, self.clock.now(), body_sha256)
+        return Exchange(self, url, method, cached, body_sha256)
 
     async def recover(self) -> list[SpendEntry]:
         """Resolve every pending payment now; the spending log entries of those that succeeded.
@@ -229,35 +241,40 @@ class L402Client:
         exclude: Collection[bytes] = (),
         headers: Mapping[str, str] | None = None,
         ask_gateway: AskGateway | None = None,
+        body_sha256: str | None = None,
     ) -> tuple[CachedToken, SpendEntry | None]:
         """A token for a request that got a 402, and the payment if it was paid just now.
 
-        ``exclude``: payment hashes of tokens already refused for this request. ``headers``:
-        the 402's, for the credit facts and the settlement of the offer. ``ask_gateway``: how
-        to ask the gateway why a pay-on-success payment failed (None: not asked).
+        ``body``: the 402's. ``exclude``: payment hashes of tokens already refused for this
+        request. ``headers``: the 402's, for the credit facts and the settlement of the offer.
+        ``ask_gateway``: how to ask the gateway why a pay-on-success payment failed (None: not
+        asked). ``body_sha256``: the *request's* body digest (see :meth:`exchange`).
         """
         origin, _ = split_url(url)
         lock = self._locks.setdefault(origin, asyncio.Lock())
         async with lock:
-            await self._resolve_origin(origin, url)
-            token = await self.cache.find(url, method, self.clock.now())
+            await self._resolve_origin(origin, url, method, body_sha256)
+            token = await self.cache.find(url, method, self.clock.now(), body_sha256)
             if token is not None and token.payment_hash not in exclude:
                 return token, None
             offer = read_offer(
                 www_authenticate, body, network=self.network, now=self.clock.now(), headers=headers
             )
-            return await self._pay(url, method, offer, ask_gateway)
+            return await self._pay(url, method, offer, ask_gateway, body_sha256)
 
     # -- internals -------------------------------------------------------------------------
 
-    async def _resolve_origin(self, origin: str, url: str) -> None:
+    async def _resolve_origin(
+        self, origin: str, url: str, method: str, body_sha256: str | None
+    ) -> None:
         deadline = time.monotonic() + self.in_flight_wait
         delay = _POLL_START
         while True:
             waiting = [
                 entry
                 for entry in await self.cache.pending(origin)
-                if await self._resolve(entry) is _IN_FLIGHT and entry.covers(url)
+                if await self._resolve(entry) is _IN_FLIGHT
+                and entry.covers(url, method, body_sha256)
             ]
             if not waiting:
                 return
@@ -285,7 +302,12 @@ class L402Client:
         return _IN_FLIGHT
 
     async def _pay(
-        self, url: str, method: str, offer: Offer, ask_gateway: AskGateway | None
+        self,
+        url: str,
+        method: str,
+        offer: Offer,
+        ask_gateway: AskGateway | None,
+        body_sha256: str | None,
     ) -> tuple[CachedToken, SpendEntry]:
         fee_limit = self.budget.check(offer, self._spent + self._reserved)
         worst_case = offer.amount_msat + fee_limit
@@ -293,7 +315,7 @@ class L402Client:
         try:
             if self.confirm is not None and not await self.confirm(offer):
                 raise PaymentDeclined("payment declined; nothing was paid", offer)
-            return await self._send(url, method, offer, fee_limit, ask_gateway)
+            return await self._send(url, method, offer, fee_limit, ask_gateway, body_sha256)
         finally:
             self._reserved -= worst_case
 
@@ -304,8 +326,10 @@ class L402Client:
         offer: Offer,
         fee_limit: int,
         ask_gateway: AskGateway | None,
+        body_sha256: str | None,
     ) -> tuple[CachedToken, SpendEntry]:
         origin, path = split_url(url)
+        on_success = offer.settles_on_success
         entry = PendingPayment(
             origin=origin,
             scope=scope_of(path),
@@ -319,7 +343,8 @@ class L402Client:
             destination=offer.destination,
             description=offer.description,
             created_at=self.clock.now(),
-            paid_request=request_of(method, url) if offer.settles_on_success else None,
+            paid_request=request_of(method, url) if on_success else None,
+            paid_body_sha256=body_sha256 if on_success else None,
         )
         await self.cache.add_pending(entry)  # durable before a single msat moves
         log.info(
@@ -371,6 +396,7 @@ class L402Client:
             entry.amount_msat,
             now,
             entry.paid_request,
+            entry.paid_body_sha256,
         )
         await self.cache.store(token, now)
         amount = payment.amount_msat or entry.amount_msat
@@ -394,11 +420,17 @@ class Exchange:
     """The L402 side of one HTTP request (see the module docstring for the loop)."""
 
     def __init__(
-        self, client: L402Client, url: str, method: str, cached: CachedToken | None
+        self,
+        client: L402Client,
+        url: str,
+        method: str,
+        cached: CachedToken | None,
+        body_sha256: str | None = None,
     ) -> None:
         self._client = client
         self._url = url
         self._method = method.upper()
+        self._body_sha256 = body_sha256
         self._sent = cached
         self._tried: set[bytes] = set()
         self._paid = False
@@ -434,8 +466,9 @@ class Exchange:
             client._note_balance(self._url, sent, balance)
         if status not in (401, 402):
             if sent is not None and sent.paid_request is not None:
-                if status < 400 or status in (409, 410):
-                    # Pay on success: the response it paid for came (or is gone for good).
+                if status < 400 or status in (409, 410) or sent.paid_body_sha256 is None:
+                    # Pay on success: the response it paid for came (or is gone for good), or
+                    # no later request could collect it (its body is not known).
                     await client.cache.remove(sent.payment_hash)
             elif sent is not None and status < 400:
                 await client.cache.worked(sent.payment_hash, self._url)
@@ -458,6 +491,7 @@ class Exchange:
                 exclude=self._tried,
                 headers=headers,
                 ask_gateway=ask_gateway,
+                body_sha256=self._body_sha256,
             )
             if payment is not None:
                 self._paid = True

@@ -9,21 +9,23 @@
 
 Only ``httpx.AsyncClient``: payers are asynchronous, so the synchronous flow raises
 ``TypeError``. A request that already carries an ``Authorization`` header is sent untouched.
-The request body is read into memory first (``requires_request_body``) so a retry can resend
-it. When the payment of a pay-on-success offer fails, the gateway is asked why (a refund
-raises ``PaymentRefunded``) with a short-lived ``httpx.AsyncClient`` of default settings: an
-auth flow cannot reach its own client while it pays. If that request fails (a private CA,
-say), the payment's failure is raised as it came.
+The request body is read into memory first so a retry can resend it; its digest binds a
+pay-on-success token to it (the token is reused only for a re-send of the same request with
+the same body). When the payment of a pay-on-success offer fails, the gateway is asked why
+(a refund raises ``PaymentRefunded``) with a short-lived ``httpx.AsyncClient`` of default
+settings: an auth flow cannot reach its own client while it pays. If that request fails (a
+private CA, say), the payment's failure is raised as it came.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Generator
+from collections.abc import AsyncGenerator, AsyncIterable, Generator
 
 import httpx
 
 from gateway.client.core import L402Client
 from gateway.client.on_success import MAX_ANSWER_BYTES
+from gateway.client.tokens import body_digest
 
 __all__ = ["L402Auth"]
 
@@ -49,7 +51,15 @@ class L402Auth(httpx.Auth):
         if "Authorization" in request.headers:
             yield request
             return
-        exchange = await self.client.exchange(str(request.url), request.method)
+        # httpx reads the body for requires_request_body only in the async_auth_flow this
+        # class replaces: read it here, so a streamed body can be resent (and is known). A
+        # synchronous stream cannot be sent by an AsyncClient anyway: httpx says so.
+        body_sha256 = None
+        if isinstance(request.stream, AsyncIterable):
+            body_sha256 = body_digest(await request.aread())
+        exchange = await self.client.exchange(
+            str(request.url), request.method, body_sha256=body_sha256
+        )
         authorization = exchange.authorization
         while True:
             if authorization is None:

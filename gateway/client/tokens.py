@@ -24,17 +24,24 @@ wrong costs one round trip, never a payment:
   token id) changes nothing: the token is good, its balance ran out. The top-up's token then
   takes its place (:meth:`~gateway.client.cache.TokenCache.store`).
 
-**Pay on success.** A token bought for a pay-on-success offer paid for one request (method,
-path and query): the gateway answers it with that request's stored response, and refuses it
-for any other request (409). So it is offered only to that same request (``paid_request``),
-and dropped once a response to it arrived (see :class:`~gateway.client.core.Exchange`): it is
-kept only while that response may still be owed, e.g. after a connection lost on the retry.
+**Pay on success.** A token bought for a pay-on-success offer paid for one request: the
+gateway ran that request once and answers the token with its stored response, whatever the
+request it comes with (another method or target: 409). So it is offered only to a re-send of
+that very request: the same method and path with query (``paid_request``) *and* the same body
+(``paid_body_sha256``, the SHA-256 of the body, an absent body counting as an empty one). Such
+a re-send collects the stored response without paying again; any other request, e.g. a POST
+of another job to the same URL, pays for its own. When the body is not known (a streaming
+body the HTTP integration cannot read twice; a token from an older cache file) the token is
+offered to no later request at all: that request pays anew. The token is dropped once a
+response to it arrived (see :class:`~gateway.client.core.Exchange`): it is kept only while
+that response may still be owed, e.g. after a connection lost on the retry.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from hashlib import sha256
 from urllib.parse import urlsplit
 
 from gateway import l402
@@ -44,6 +51,7 @@ __all__ = [
     "MAX_PATHS",
     "CachedToken",
     "PendingPayment",
+    "body_digest",
     "new_token",
     "request_of",
     "scope_of",
@@ -85,6 +93,12 @@ def request_of(method: str, url: str) -> str:
     return f"{method.upper()} {path}{'?' + query if query else ''}"
 
 
+def body_digest(body: bytes | bytearray | memoryview | None) -> str:
+    """The hex SHA-256 of a request body, as a pay-on-success token records it; no body
+    (None) and an empty one are the same."""
+    return sha256(body if body is not None else b"").hexdigest()
+
+
 def _url_without_query(url: str) -> str:
     origin, path = split_url(url)
     return origin + path
@@ -119,6 +133,8 @@ class CachedToken:
     refused: tuple[str, ...] = ()
     # Pay on success: the one request the token is good for (request_of); None: any in scope.
     paid_request: str | None = None
+    # Pay on success: that request's body_digest; None: not known, so it fits no request.
+    paid_body_sha256: str | None = None
     # Derived from the macaroon: its identifier's token id (a credit account's tokens share
     # it) and its caveats.
     token_id: bytes = field(init=False, repr=False)
@@ -143,14 +159,25 @@ class CachedToken:
     def expired(self, now: float) -> bool:
         return self.valid_until is not None and now >= self.valid_until
 
-    def fit(self, path: str, method: str, request: str | None = None) -> tuple[int, int] | None:
-        """How well the token fits the request; None if it does not apply. ``request``: its
-        :func:`request_of`, which a pay-on-success token must match (else method and path)."""
+    def fit(
+        self,
+        path: str,
+        method: str,
+        request: str | None = None,
+        body_sha256: str | None = None,
+    ) -> tuple[int, int] | None:
+        """How well the token fits the request; None if it does not apply. ``request`` (its
+        :func:`request_of`) and ``body_sha256`` (its :func:`body_digest`; None: not known)
+        must both match a pay-on-success token's."""
         if path in self.refused:
             return None
         if self.paid_request is not None:
-            wanted = request if request is not None else f"{method.upper()} {path}"
-            return (2, len(path)) if wanted == self.paid_request else None
+            same = (
+                request == self.paid_request
+                and body_sha256 is not None
+                and body_sha256 == self.paid_body_sha256
+            )
+            return (2, len(path)) if same else None
         if not all(method.upper() in allowed for allowed in self.methods):
             return None
         if self.path_globs:
@@ -182,11 +209,20 @@ class PendingPayment:
     description: str
     created_at: float
     paid_request: str | None = None  # pay on success: the one request it pays for
+    paid_body_sha256: str | None = None  # and that request's body_digest (None: not known)
 
-    def covers(self, url: str) -> bool:
-        """Whether a token bought by this payment might be offered for ``url``."""
+    def covers(self, url: str, method: str | None = None, body_sha256: str | None = None) -> bool:
+        """Whether a token bought by this payment might be offered for ``url`` (``method``
+        and ``body_sha256`` given: for that very request, as :meth:`CachedToken.fit` says)."""
         origin, path = split_url(url)
         if self.paid_request is not None:
+            if method is not None:
+                return (
+                    origin == self.origin
+                    and request_of(method, url) == self.paid_request
+                    and body_sha256 is not None
+                    and body_sha256 == self.paid_body_sha256
+                )
             _, _, target = self.paid_request.partition(" ")
             return origin == self.origin and target.partition("?")[0] == path
         return origin == self.origin and path.startswith(self.scope)
@@ -200,9 +236,10 @@ def new_token(
     amount_msat: int,
     now: float,
     paid_request: str | None = None,
+    paid_body_sha256: str | None = None,
 ) -> CachedToken:
-    """A token bought at ``url``, scoped as the module docstring says (``paid_request``: a
-    pay-on-success token's one request)."""
+    """A token bought at ``url``, scoped as the module docstring says (``paid_request`` and
+    ``paid_body_sha256``: a pay-on-success token's one request)."""
     origin, path = split_url(url)
     macaroon = l402.decode_b64(macaroon_b64)
     payment_hash = l402.Identifier.decode(macaroon.identifier).payment_hash
@@ -217,4 +254,5 @@ def new_token(
         created_at=now,
         preimage=preimage,
         paid_request=paid_request,
+        paid_body_sha256=paid_body_sha256,
     )

@@ -284,7 +284,12 @@ class ChallengeIssuer:
     async def _prepare_held(self, request: RequestInfo) -> _Held | Deny:
         """Within the caps, the request to keep and the preimage of its hold invoice."""
         assert request.stored_request is not None
-        client = client_key(request.client)
+        # Keyed as the rate limit keys clients (its IPv6 prefix, as configured).
+        client = (
+            client_key(request.client)
+            if self._limiter is None
+            else self._limiter.bucket_of(request.client)
+        )
         try:
             over = await self._over_cap(self._store, client)
         except errors.StoreError:

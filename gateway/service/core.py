@@ -213,15 +213,15 @@ class L402Service:
         token = verified.token
         payment_hash = PaymentHash(bytes.fromhex(token.payment_hash))
         held = await self._store.get_held_request(payment_hash)
-        record = await self._store.get_invoice(payment_hash)
         if held is None:
+            record = await self._store.get_invoice(payment_hash)
             if record is not None and self._held_route(record):
                 return Deny(410, Refusal.RESPONSE_GONE)
             # Bought elsewhere: it paid for no request of this route.
             return await self._issuer.challenge(
                 request, rule, l402.ChallengeReason.PAYMENT_REQUIRED
             )
-        if not _same_request(held, record, request):
+        if not _same_request(held, request):
             return Deny(409, Refusal.PAID_FOR_ANOTHER_REQUEST)
         if held.state not in _ANSWERED or held.response is None:
             return Deny(410, Refusal.RESPONSE_GONE)
@@ -428,16 +428,14 @@ class L402Service:
         return revoked
 
 
-def _same_request(held: HeldRequest, record: InvoiceRecord | None, request: RequestInfo) -> bool:
+def _same_request(held: HeldRequest, request: RequestInfo) -> bool:
     """Whether ``request`` asks for what ``held`` stored: the same method and target (path
-    and query), compared decoded; by the invoice's method and path once the stored request
-    is gone."""
-    method = request.method.upper()
-    if held.request is not None:
-        path, _, query = held.request.target.partition("?")
-        return (
-            held.request.method.upper() == method
-            and unquote(path) == request.path
-            and unquote(query) == unquote(request.query)
-        )
-    return record is not None and record.method == method and record.path == request.path
+    and query, kept after the run), compared exactly when the adapter gives the request's
+    raw target, else decoded."""
+    stored = held.request
+    if stored is None or stored.method != request.method:
+        return False
+    if request.target:
+        return stored.target == request.target
+    path, _, query = stored.target.partition("?")
+    return unquote(path) == request.path and unquote(query) == unquote(request.query)

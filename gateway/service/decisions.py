@@ -33,6 +33,9 @@ class RequestInfo:
     cookies: tuple[str, ...] = field(default=(), repr=False)
     # Methods the request asks the backend to read it as instead (override headers, _method).
     method_overrides: tuple[str, ...] = ()
+    # The path and query as received, undecoded (``/a%20b?q=a+b``); empty when the adapter
+    # does not give it. A pay-on-success replay compares it with the stored request's.
+    target: str = ""
     # The adapter's loader of the request as the backend is to get it (it reads the body),
     # for a pay-on-success route's challenge; it may refuse (say a 413). None: the adapter
     # cannot keep requests, and such routes are refused.

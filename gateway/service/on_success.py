@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 from urllib.parse import unquote
 
 from gateway import errors
@@ -48,12 +48,21 @@ _T = TypeVar("_T")
 EXPIRY_GRACE = 5.0
 PRUNE_INTERVAL = 60.0
 PRUNE_BATCH = 500
+# A pass deletes at most this many batches; if more are due, the next pass follows the next
+# poll rather than a minute later (so a backlog drains without blocking the executor).
+PRUNE_BATCHES_PER_PASS = 20
+# On a stop, a request under way gets the backend's time and this much more to be answered
+# and settled or cancelled; then it is interrupted (recovery cancels it at the next start).
+STOP_MARGIN = 10.0
 
 # The fixed texts a held request's ``failure`` carries (shown to the payer).
 INTERRUPTED = "interrupted: the gateway stopped while the backend ran"
 NODE_CANCELLED = "the node cancelled the held payment"
 EXPIRED_UNPAID = "invoice expired unpaid"
 UNREACHABLE = "backend unreachable"
+NODE_FORGOT = "the node no longer knows the invoice"
+# The node settled an invoice the gateway did not (its request failed, or never ran).
+SETTLED_BY_NODE = "the node settled the invoice, not the gateway"
 
 # The states a tracker acts on; RUNNING belongs to the runner that moved it there.
 _TRACKED = HELD_UNFINISHED - {HeldState.RUNNING}
@@ -128,6 +137,7 @@ class HoldExecutor:
         poll_interval: float = 0.25,
         initial_backoff: float = 0.5,
         max_backoff: float = 30.0,
+        stop_margin: float = STOP_MARGIN,
     ) -> None:
         self._backend = backend
         self._store = store
@@ -138,11 +148,12 @@ class HoldExecutor:
         self._poll = poll_interval
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
+        self._stop_margin = stop_margin
         self._woken = asyncio.Event()
         self._next_prune = 0.0
-        # Requests this process cannot finish (the node contradicts the store): left alone,
-        # and logged once.
-        self._stuck: set[PaymentHash] = set()
+        # The trackers past waiting for the payment: running the request, storing its
+        # answer, settling or cancelling. A stop lets them finish (``_finish_under_way``).
+        self._busy: set[PaymentHash] = set()
 
     def wake(self) -> None:
         """A WAITING request was just stored: look for it now rather than at the next poll."""
@@ -152,7 +163,10 @@ class HoldExecutor:
         """Recover what a stop left unfinished, then follow every unfinished request (at most
         ``max_outstanding`` at once) and prune final ones, until cancelled. A node or store
         failure is retried here with capped backoff; anything else ends it (the store holds
-        every state, so a restart loses nothing)."""
+        every state, so a restart loses nothing).
+
+        Cancelled (a stop), it lets the requests under way finish first (see
+        ``_finish_under_way``)."""
         trackers: dict[PaymentHash, asyncio.Task[None]] = {}
         try:
             await self._retrying(self._recover)
@@ -161,51 +175,80 @@ class HoldExecutor:
                 self._woken.clear()  # before the look: a wake during it is not lost
                 await self._retrying(lambda: self._fill(trackers))
                 await self._retrying(self._prune)
-                waits: set[asyncio.Future[Any]] = {
-                    asyncio.ensure_future(self._woken.wait()),
-                    *trackers.values(),
-                }
-                await asyncio.wait(waits, timeout=self._poll, return_when=asyncio.FIRST_COMPLETED)
-                for waiting in waits - set(trackers.values()):
-                    waiting.cancel()
+                woken = asyncio.ensure_future(self._woken.wait())
+                try:
+                    await asyncio.wait(
+                        {woken, *trackers.values()},
+                        timeout=self._poll,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    woken.cancel()
+        except asyncio.CancelledError:
+            await self._finish_under_way(trackers)
+            raise
         finally:
             for task in trackers.values():
                 task.cancel()
             await asyncio.gather(*trackers.values(), return_exceptions=True)
 
+    async def _finish_under_way(self, trackers: dict[PaymentHash, asyncio.Task[None]]) -> None:
+        """A stop: the trackers waiting for a payment end at once (the next start follows
+        them again); those whose request runs, or is being settled or cancelled, get
+        ``backend_timeout`` plus ``stop_margin`` to finish, so a stop does not refund work
+        the backend is doing."""
+        under_way: list[asyncio.Task[None]] = []
+        for payment_hash, task in trackers.items():
+            if payment_hash in self._busy:
+                under_way.append(task)
+            else:
+                task.cancel()
+        if not under_way:
+            return
+        grace = self._terms.backend_timeout + self._stop_margin
+        log.info(
+            "stopping: waiting up to %g s for %d paid request(s) under way", grace, len(under_way)
+        )
+        _, unfinished = await asyncio.wait(under_way, timeout=grace)
+        if unfinished:
+            log.warning(
+                "stopping: %d paid request(s) still under way are interrupted (cancelled at "
+                "the next start)",
+                len(unfinished),
+            )
+
     async def _recover(self) -> None:
         """A RUNNING request at start-up was interrupted: its answer is lost, so it failed
         (the tracker then cancels it)."""
         while True:
-            running = await self._store.list_held_requests(
+            running = await self._store.list_held_hashes(
                 frozenset({HeldState.RUNNING}), self._terms.max_outstanding
             )
             if not running:
                 return
-            for held in running:
+            for payment_hash in running:
                 moved = await self._store.move_held_request(
-                    held.payment_hash, HeldState.FAILED, self._clock.now(), failure=INTERRUPTED
+                    payment_hash, HeldState.FAILED, self._clock.now(), failure=INTERRUPTED
                 )
                 if moved is not None:
                     log.warning(
                         "held request %s was interrupted while the backend ran: cancelling",
-                        held.payment_hash.hex(),
+                        payment_hash.hex(),
                     )
 
     async def _fill(self, trackers: dict[PaymentHash, asyncio.Task[None]]) -> None:
         free = self._terms.max_outstanding - len(trackers)
         if free <= 0:
             return
-        rows = await self._store.list_held_requests(
-            _TRACKED, self._terms.max_outstanding + len(self._stuck)
-        )
-        for held in rows:
+        # Polled often: the hashes only (a tracker reads its row).
+        hashes = await self._store.list_held_hashes(_TRACKED, self._terms.max_outstanding)
+        for payment_hash in hashes:
             if free <= 0:
                 return
-            if held.payment_hash in trackers or held.payment_hash in self._stuck:
+            if payment_hash in trackers:
                 continue
-            trackers[held.payment_hash] = asyncio.create_task(
-                self._track(held.payment_hash), name=f"l402-hold-{held.payment_hash.hex()[:12]}"
+            trackers[payment_hash] = asyncio.create_task(
+                self._track(payment_hash), name=f"l402-hold-{payment_hash.hex()[:12]}"
             )
             free -= 1
 
@@ -213,8 +256,13 @@ class HoldExecutor:
         now = self._clock.now()
         if now < self._next_prune:
             return
-        pruned = await self._store.prune_held_requests(now, PRUNE_BATCH)
-        self._next_prune = now + PRUNE_INTERVAL
+        pruned = 0
+        for _ in range(PRUNE_BATCHES_PER_PASS):
+            deleted = await self._store.prune_held_requests(now, PRUNE_BATCH)
+            pruned += deleted
+            if deleted < PRUNE_BATCH:
+                self._next_prune = now + PRUNE_INTERVAL
+                break
         if pruned:
             log.info("deleted %d finished pay-on-success request(s)", pruned)
 
@@ -232,8 +280,11 @@ class HoldExecutor:
     async def _track(self, payment_hash: PaymentHash) -> None:
         """Take one request from its current state to a final one (or to RUNNING in another
         runner's hands)."""
-        while await self._retrying(lambda: self._advance(payment_hash)):
-            pass
+        try:
+            while await self._retrying(lambda: self._advance(payment_hash)):
+                pass
+        finally:
+            self._busy.discard(payment_hash)
 
     async def _advance(self, payment_hash: PaymentHash) -> bool:
         """One step; False once there is nothing more for this tracker to do."""
@@ -244,23 +295,46 @@ class HoldExecutor:
             invoice = await self._await_payment(held)
             if invoice is None:
                 return True  # expired or still to be resolved: read the row again
+            self._busy.add(payment_hash)
             if invoice.state is InvoiceState.ACCEPTED:
                 await self._execute(held)
                 return True
-            return self._stuck_on(held, invoice.state)
+            return await self._settled_by_node(held)
+        self._busy.add(payment_hash)
         if held.state is HeldState.SUCCEEDED:
             return await self._settle(held)
         return await self._cancel(held, held.failure)
 
-    def _stuck_on(self, held: HeldRequest, node_state: InvoiceState) -> bool:
+    async def _settled_by_node(self, held: HeldRequest) -> bool:
+        """The node settled the invoice, which the gateway did not (say by hand, with the
+        preimage): recorded final, so the request holds no cap slot."""
         log.error(
-            "held request %s is %s but the node reports its invoice %s: left alone",
+            "held request %s is %s but the node reports its invoice settled",
             held.payment_hash.hex(),
             held.state.value,
-            node_state.value,
         )
-        self._stuck.add(held.payment_hash)
-        return False
+        now = self._clock.now()
+        keep_until = now + self._terms.response_retention
+        if held.state.may_become(HeldState.SETTLED):  # its successful answer is stored
+            await self._store.move_held_request(
+                held.payment_hash, HeldState.SETTLED, now, keep_until=keep_until
+            )
+        else:
+            await self._store.move_held_request(
+                held.payment_hash,
+                HeldState.CANCELED,
+                now,
+                failure=SETTLED_BY_NODE,
+                keep_until=keep_until,
+            )
+        return True
+
+    async def _lookup(self, payment_hash: PaymentHash) -> Invoice | None:
+        """The invoice as the node reports it; None when the node no longer knows it."""
+        try:
+            return await self._backend.lookup_invoice(payment_hash)
+        except errors.InvoiceNotFound:
+            return None
 
     async def _await_payment(self, held: HeldRequest) -> Invoice | None:
         """The invoice once the node holds its payment (or reports another final state);
@@ -368,7 +442,7 @@ class HoldExecutor:
         if len(response.body) > limit:
             return None, f"response over {limit} bytes"
         if not self._settles(request, response.status):
-            return response, failed_with(response.status)
+            return None, failed_with(response.status)  # never replayed: not kept
         return response, ""
 
     def _settles(self, request: StoredRequest, status: int) -> bool:
@@ -386,7 +460,9 @@ class HoldExecutor:
         except errors.BackendUnavailable:
             raise
         except errors.BackendError as error:
-            invoice = await self._backend.lookup_invoice(held.payment_hash)
+            invoice = await self._lookup(held.payment_hash)
+            if invoice is None:  # no held payment left to settle
+                return await self._canceled(held, NODE_FORGOT)
             if invoice.state is InvoiceState.ACCEPTED:
                 raise  # refused for a reason of its own: try again later
             if invoice.state is not InvoiceState.SETTLED:
@@ -414,11 +490,17 @@ class HoldExecutor:
         except errors.BackendUnavailable:
             raise
         except errors.BackendError as error:
-            invoice = await self._backend.lookup_invoice(held.payment_hash)
+            invoice = await self._lookup(held.payment_hash)
+            if invoice is None:  # it can never be paid
+                return await self._canceled(held, NODE_FORGOT)
             if invoice.state is InvoiceState.SETTLED:
-                return self._stuck_on(held, invoice.state)
+                return await self._settled_by_node(held)
             if invoice.state is not InvoiceState.CANCELED:
                 raise errors.BackendError(f"cannot cancel: {error}") from error
+        return await self._canceled(held, failure)
+
+    async def _canceled(self, held: HeldRequest, failure: str) -> bool:
+        """Record the invoice cancelled and the request CANCELED with ``failure``."""
         await self._record_cancel(held.payment_hash)
         now = self._clock.now()
         await self._store.move_held_request(

@@ -73,10 +73,10 @@ class RedeemResult:
     failure: str = ""  # REFUNDED: why the paid request failed, fixed text
 
 
-# Pay on success: what a held request's state means to the payer before it is settled.
-_HELD_PENDING = frozenset(
-    {HeldState.WAITING, HeldState.RUNNING, HeldState.SUCCEEDED, HeldState.FAILED}
-)
+# Pay on success: what a held request's state means to the payer before it is settled. A
+# FAILED one is being cancelled: refunded already, as far as the payer is concerned.
+_HELD_PENDING = frozenset({HeldState.WAITING, HeldState.RUNNING, HeldState.SUCCEEDED})
+_HELD_REFUNDED = frozenset({HeldState.FAILED, HeldState.CANCELED})
 
 
 class Redeemer:
@@ -163,7 +163,7 @@ class Redeemer:
                 return _unpaid(record.expires_at, now)
             if held.state in _HELD_PENDING:
                 return pending
-            if held.state is HeldState.CANCELED:
+            if held.state in _HELD_REFUNDED:
                 return RedeemResult(RedeemState.REFUNDED, record.expires_at, failure=held.failure)
             if held.state is HeldState.EXPIRED:
                 return RedeemResult(RedeemState.EXPIRED, record.expires_at)

@@ -1,19 +1,21 @@
 """The rules both stores apply to pay-on-success requests (``HeldRequest``), so they cannot
 drift apart: what ``add_held_request`` and ``move_held_request`` refuse, which states keep the
-stored request, and what a move or a delivery writes."""
+stored request whole, and what a move or a delivery writes."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from gateway.ports import HELD_UNFINISHED, HeldRequest, HeldState, StoredResponse
+from gateway.ports import HELD_UNFINISHED, HeldRequest, HeldState, StoredRequest, StoredResponse
 
 # Nothing left to do for them: the rows ``prune_held_requests`` may delete.
 HELD_FINAL = frozenset(HeldState) - HELD_UNFINISHED
-# The stored request is kept only until it ran (RUNNING: the runner reads it), or never will.
+# The stored request's headers and body are kept only until it ran (RUNNING: the runner reads
+# them), or never will; its method and target stay (a replay is checked against them).
 _KEEPS_REQUEST = frozenset({HeldState.WAITING, HeldState.RUNNING})
-# A move to one of these writes the backend's answer (None: it gave none).
-ANSWERED = frozenset({HeldState.SUCCEEDED, HeldState.FAILED})
+# A move to one of these writes the backend's answer. A failed request's answer is never
+# replayed (its failure names the status), so it is not kept.
+ANSWERED = frozenset({HeldState.SUCCEEDED})
 
 
 def check_new(held: HeldRequest) -> None:
@@ -25,7 +27,7 @@ def check_new(held: HeldRequest) -> None:
 def check_move(state: HeldState, response: StoredResponse | None, keep_until: float | None) -> None:
     """Arguments of ``move_held_request`` that would be silently lost: refused."""
     if response is not None and state not in ANSWERED:
-        raise ValueError(f"a response is stored with SUCCEEDED or FAILED, not {state.value}")
+        raise ValueError(f"a response is stored with SUCCEEDED only, not {state.value}")
     if keep_until is not None and state not in HELD_FINAL:
         raise ValueError(f"keep_until is set with a final state, not {state.value}")
 
@@ -36,8 +38,13 @@ def predecessors(state: HeldState) -> frozenset[HeldState]:
 
 
 def keeps_request(state: HeldState) -> bool:
-    """Whether a held request in ``state`` still holds its stored request."""
+    """Whether a held request in ``state`` still holds its stored request's headers and body."""
     return state in _KEEPS_REQUEST
+
+
+def ran(request: StoredRequest | None) -> StoredRequest | None:
+    """What is kept of a stored request once it ran or never will: its method and target."""
+    return None if request is None else StoredRequest(request.method, request.target, (), b"")
 
 
 def earliest(current: float | None, new: float | None) -> float | None:
@@ -67,7 +74,7 @@ def moved(
         held,
         state=state,
         updated_at=now,
-        request=held.request if keeps_request(state) else None,
+        request=held.request if keeps_request(state) else ran(held.request),
         response=response if state in ANSWERED else held.response,
         failure=failure or held.failure,
         keep_until=earliest(held.keep_until, keep_until),

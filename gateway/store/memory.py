@@ -418,6 +418,9 @@ class _Tables:
         )
         return [held for _, _, held in entries if held.state in states][: max(0, limit)]
 
+    def list_held_hashes(self, states: frozenset[HeldState], limit: int) -> list[PaymentHash]:
+        return [held.payment_hash for held in self.list_held_requests(states, limit)]
+
     def count_held_requests(self, states: frozenset[HeldState], client: str | None) -> int:
         return sum(
             1
@@ -564,6 +567,9 @@ class _MemoryOperations:
         self, states: frozenset[HeldState], limit: int
     ) -> list[HeldRequest]:
         return await self._run(lambda tables: tables.list_held_requests(states, limit))
+
+    async def list_held_hashes(self, states: frozenset[HeldState], limit: int) -> list[PaymentHash]:
+        return await self._run(lambda tables: tables.list_held_hashes(states, limit))
 
     async def count_held_requests(
         self, states: frozenset[HeldState], client: str | None = None

@@ -291,6 +291,10 @@ _LIST_HELD = """
            response_headers, response_body, failure, keep_until, delivered_at
     FROM held_requests WHERE state IN ({states}) ORDER BY created_at, rowid LIMIT ?
 """
+_LIST_HELD_HASHES = """
+    SELECT payment_hash FROM held_requests WHERE state IN ({states})
+    ORDER BY created_at, rowid LIMIT ?
+"""
 _COUNT_HELD = "SELECT count(*) FROM held_requests WHERE state IN ({states})"
 _COUNT_HELD_OF_CLIENT = (
     "SELECT count(*) FROM held_requests WHERE client = ? AND state IN ({states})"
@@ -304,7 +308,11 @@ _MOVE_HELD = """
         keep_until = min(coalesce(?, keep_until), coalesce(keep_until, ?)){changes}
     WHERE payment_hash = ? AND state IN ({states})
 """
-_DROP_REQUEST = ", method = NULL, target = NULL, request_headers = NULL, request_body = NULL"
+# The method and target stay (a replay is checked against them); the CASE keeps a row stored
+# without a request as it is (the table's CHECKs tie the four columns together).
+_DROP_REQUEST = """,
+    request_headers = CASE WHEN method IS NULL THEN NULL ELSE '[]' END,
+    request_body = CASE WHEN method IS NULL THEN NULL ELSE X'' END"""
 _SET_RESPONSE = ", status = ?, response_headers = ?, response_body = ?"
 _DELIVER_HELD = """
     UPDATE held_requests
@@ -679,6 +687,16 @@ class _SqliteOperations:
             return [_held(row) for row in rows]
 
         return await self._run("list_held_requests", list_)
+
+    async def list_held_hashes(self, states: frozenset[HeldState], limit: int) -> list[PaymentHash]:
+        placeholders, values = _states(states)
+        statement = _LIST_HELD_HASHES.format(states=placeholders)
+
+        def list_(connection: sqlite3.Connection) -> list[PaymentHash]:
+            rows = connection.execute(statement, (*values, max(0, limit)))
+            return [PaymentHash(bytes(row[0])) for row in rows]
+
+        return await self._run("list_held_hashes", list_)
 
     async def count_held_requests(
         self, states: frozenset[HeldState], client: str | None = None

@@ -170,9 +170,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX withdrawals_state_created_at ON withdrawals (state, created_at)",
     ),
     # 4: pay-on-success requests, each with its hold invoice's preimage (secret like a root
-    # key). The stored request (method, target, headers as JSON text of [name, value] pairs,
-    # body) is NULL once it ran or never will; the response likewise until the backend
-    # answered. The executor finds them by state, the caps count them per client, pruning
+    # key). The stored request: method, target, headers as JSON text of [name, value] pairs,
+    # body; once it ran or never will, its headers are [] and its body empty (method and
+    # target stay, for the replay's check). The response is NULL until the backend answered
+    # with a success. The executor finds them by state, the caps count them per client, pruning
     # goes by keep_until.
     (
         """

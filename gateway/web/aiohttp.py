@@ -114,6 +114,7 @@ def request_info(
         ),
         authorization=tuple(request.headers.getall(hdrs.AUTHORIZATION, ())),
         query=request.query_string,
+        target=request.rel_url.raw_path_qs,
         headers=headers_for_pricing(request.headers.items()),
         cookies=l402_cookie_values(request.headers.getall(hdrs.COOKIE, ())),
         method_overrides=_method_overrides(request),

@@ -17,8 +17,9 @@ not charged unless the route charges failures.
 On a pay-on-success route (``settle = "on_success"``) nothing is forwarded before payment:
 the challenge keeps the request as ``send`` would forward it (the same headers, the body up to
 ``max_held_body_bytes``, read by the L402 decision, which sends 100 Continue itself when the
-client waits for it), the hold executor runs it once the payment is held
-(``gateway.web.held``), and the payer's retry with the credential gets the stored answer.
+client waits for it; the read counts as one of the client's unpaid requests under way), the
+hold executor runs it once the payment is held (``gateway.web.held``), and the payer's retry
+with the credential gets the stored answer.
 """
 
 from __future__ import annotations
@@ -210,6 +211,19 @@ class _PerClient:
 # Set once 100 Continue went out: the stored-request loader sends it before the route's
 # expect handler would.
 _CONTINUED = web.RequestKey("l402_continued", bool)
+# Set when the stored-request loader refused the request before reading its body: the
+# response closes the connection, so the rest is not read as the next request.
+_CLOSE = web.RequestKey("l402_close", bool)
+
+
+@web.middleware
+async def _close_when_asked(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    response = await handler(request)
+    if request.get(_CLOSE, False):
+        response.force_close()
+    return response
 
 
 def _expectation(request: web.Request) -> str | None:
@@ -265,7 +279,8 @@ def build_proxy(
 
     Requests with a verified paid token use ``paid_upstream_connections`` of their own;
     the rest share ``upstream_connections``, at most ``unpaid_requests_per_client`` per
-    client (an IPv6 client per ``ipv6_prefix``) at once, more get 429. A body slower than
+    client (an IPv6 client per ``ipv6_prefix``) at once (a pay-on-success challenge reading
+    the body is one), more get 429. A body slower than
     ``body_timeout`` seconds plus one second per ``min_body_rate`` bytes gets 408.
 
     A pay-on-success route's challenge keeps the request as the upstream is to get it (the
@@ -275,12 +290,14 @@ def build_proxy(
     base = str(URL(upstream.rstrip("/")))
     app = web.Application(client_max_size=max_body_bytes)
     app.middlewares.append(_refuse_encoded_separators)
+    app.middlewares.append(_close_when_asked)  # outside the L402 decision (setup_l402)
     # Content-Length is kept: the body is forwarded with the length the client declared.
     request_drop = frozenset({"host", "authorization", token_header.lower()})
     held_limit = min(max_held_body_bytes, max_body_bytes)
     too_slow_detail = f"the body took over {body_timeout:g}s plus 1s per {min_body_rate} bytes"
 
     unpaid = _PerClient(unpaid_requests_per_client)
+    too_many_detail = f"{unpaid.cap} requests without a paid token are under way"
 
     def unpaid_client(request: web.Request) -> str:
         forwarded_for = ",".join(request.headers.getall(hdrs.X_FORWARDED_FOR, ()))
@@ -328,7 +345,9 @@ def build_proxy(
 
         Called by the L402 decision, which for a request with ``Expect: 100-continue`` runs
         before aiohttp would send 100 Continue: it is sent here, only when the body is
-        wanted and may fit.
+        wanted and may fit. The body is read within the client's cap of unpaid requests under
+        way, as ``forward`` does: the decision comes before ``forward`` and, for a 402, the
+        route's expect handler never runs.
         """
         if _ENCODED_SEPARATOR.search(request.rel_url.raw_path):
             # Before 100 Continue the middleware that refuses these has not run yet.
@@ -343,15 +362,21 @@ def build_proxy(
             return Deny(417, "only 100-continue is known")
         body = b""
         if request.body_exists:
-            if expectation is not None:
-                await _send_continue(request)
-            reader = _LimitedBody(request.content, held_limit, body_timeout, min_body_rate)
-            try:
-                body = b"".join([chunk async for chunk in reader.chunks()])
-            except _BodyTooLarge:
-                return too_large
-            except _BodyTooSlow:
-                return Deny(408, too_slow_detail)
+            client = unpaid_client(request)
+            if unpaid.full(client):
+                # The body is left unread: the connection closes after the answer.
+                request[_CLOSE] = True
+                return Deny(429, too_many_detail, retry_after=1)
+            with unpaid.hold(client):
+                if expectation is not None:
+                    await _send_continue(request)
+                reader = _LimitedBody(request.content, held_limit, body_timeout, min_body_rate)
+                try:
+                    body = b"".join([chunk async for chunk in reader.chunks()])
+                except _BodyTooLarge:
+                    return too_large
+                except _BodyTooSlow:
+                    return Deny(408, too_slow_detail)
         headers = forwarded_headers(request)
         return StoredRequest(
             request.method, request.rel_url.raw_path_qs, tuple(headers.items()), body
@@ -432,8 +457,7 @@ def build_proxy(
         return _closing(_problem(408, "Request Timeout", too_slow_detail))
 
     def too_many() -> web.Response:
-        detail = f"{unpaid.cap} requests without a paid token are under way"
-        response = _problem(429, "Too Many Requests", detail)
+        response = _problem(429, "Too Many Requests", too_many_detail)
         response.headers[hdrs.RETRY_AFTER] = "1"
         return response
 

@@ -48,7 +48,7 @@ from tests.config_files import load_text, placeholder_lnd
 from tests.fakes import FakeGateway
 from tests.integration.asgi_helpers import startup_fails
 from tests.integration.test_credit_http import socket_without_listener
-from tests.integration.test_expect_continue import exchange, refused_first
+from tests.integration.test_expect_continue import Exchange, exchange, refused_first
 
 PRICE = 5_000
 PROBLEM_JSON = "application/problem+json"
@@ -251,9 +251,17 @@ async def test_a_paid_request_runs_once_and_every_retry_gets_its_stored_answer()
 
 async def test_the_credential_answers_only_the_request_it_paid_for() -> None:
     async with serving() as front:
-        challenge = await front.challenge("/orders/new", data=b"{}")
+        challenge = await front.challenge("/orders/new?q=a+b%25", data=b"{}")
         credential = await front.paid(challenge, InvoiceState.SETTLED)
-        for path, method in (("/orders/other", "POST"), ("/orders/new", "PUT")):
+        # The target as sent, compared undecoded: the same request is answered.
+        response, _ = await front.send("/orders/new?q=a+b%25", authorization=credential)
+        assert response.status == 201
+        for path, method in (
+            ("/orders/other?q=a+b%25", "POST"),
+            ("/orders/new?q=a+b%25", "PUT"),
+            ("/orders/new?q=a%20b%25", "POST"),
+            ("/orders/new", "POST"),
+        ):
             response, body = await front.send(path, method=method, authorization=credential)
             assert response.status == 409, body
             assert json.loads(body)["detail"] == "this token paid for another request"
@@ -438,6 +446,79 @@ async def test_a_replay_before_100_continue_is_the_final_answer() -> None:
             assert b"\r\nconnection: close\r\n" in head.lower()
             assert json.loads(body) == {"run": 1, "bytes": 1_000}
         assert len(front.backend.seen) == 1
+
+
+@contextlib.asynccontextmanager
+async def uploading(port: int, client: str, *, expect: bool = True) -> AsyncIterator[Exchange]:
+    """A raw ``POST /orders/new`` from ``client`` (its X-Forwarded-For) declaring a body of
+    1000 bytes; without ``Expect: 100-continue``, 10 of them go at once."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = ["POST /orders/new HTTP/1.1", "Host: x", "Content-Length: 1000"]
+    lines += [f"X-Forwarded-For: {client}", *(["Expect: 100-continue"] if expect else [])]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if expect else b"x" * 10))
+    try:
+        yield Exchange(reader, writer)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def slow_upload(stack: contextlib.AsyncExitStack, port: int, client: str) -> Exchange:
+    """An upload from ``client`` that got 100 Continue and sent 10 bytes of its body (which
+    is being read now), kept open by ``stack``; tried again (up to 5 s) while refused with
+    429."""
+    async with asyncio.timeout(5):
+        while True:
+            async with contextlib.AsyncExitStack() as attempt:
+                http = await attempt.enter_async_context(uploading(port, client))
+                line = await http.status()
+                if line == b"HTTP/1.1 100 Continue\r\n":
+                    assert await http.status() == b"\r\n"
+                    http.writer.write(b"x" * 10)
+                    stack.push_async_exit(attempt.pop_all())
+                    return http
+                assert line.startswith(b"HTTP/1.1 429 "), line
+            await asyncio.sleep(0.02)
+
+
+async def test_slow_bodies_to_keep_count_against_the_clients_unpaid_requests() -> None:
+    """A pay-on-success challenge reads the body before the 402: those reads are requests
+    without a paid token under way, capped per client like the forwarded ones."""
+    one, other = "198.51.100.1", "198.51.100.2"
+    terms = dataclasses.replace(TERMS, max_outstanding_per_client=8)
+    async with (
+        serving(terms=terms, unpaid_requests_per_client=2, trust_forwarded_for=True) as front,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        first = await slow_upload(stack, front.port, one)
+        second = await slow_upload(stack, front.port, one)
+        # The third is refused at once, its body unread (the connection closes), no invoice.
+        for expect in (False, True):
+            async with uploading(front.port, one, expect=expect) as third:
+                assert (await third.status()).startswith(b"HTTP/1.1 429 ")
+                head, body = await third.response()
+                assert b"\r\nretry-after: 1\r\n" in head.lower()
+                assert b"\r\nconnection: close\r\n" in head.lower()
+                detail = "2 requests without a paid token are under way"
+                assert json.loads(body)["detail"] == detail
+        assert front.gateway.backend.invoices == {}
+        # Another client is not affected.
+        await front.challenge("/orders/new", data=b"x" * 1_000, headers={"X-Forwarded-For": other})
+        assert len(front.gateway.backend.invoices) == 1
+        # A finished upload frees its slot...
+        first.writer.write(b"x" * 990)
+        assert (await first.status()).startswith(b"HTTP/1.1 402 ")
+        third = await slow_upload(stack, front.port, one)
+        # ... and so does one cut short.
+        second.writer.close()
+        fourth = await slow_upload(stack, front.port, one)
+        async with uploading(front.port, one) as fifth:
+            assert (await fifth.status()).startswith(b"HTTP/1.1 429 ")
+        for http in (third, fourth):
+            http.writer.write(b"x" * 990)
+            assert (await http.status()).startswith(b"HTTP/1.1 402 ")
+        assert len(front.gateway.backend.invoices) == 4
 
 
 # --- the runner on its own --------------------------------------------------------------------

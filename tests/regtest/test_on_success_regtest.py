@@ -85,13 +85,14 @@ class Served(NamedTuple):
     log: Path
 
 
-def _config(network: Network, tmp_path: Path, port: int, upstream: str) -> Path:
+def _config(network: Network, tmp_path: Path, port: int, upstream: str, workers: int) -> Path:
     database = tmp_path / "gateway.db"
     macaroon = bake_gateway_macaroon(network, tmp_path / "gateway.macaroon")
     text = f"""
 [server]
 listen = "127.0.0.1:{port}"
 upstream = "{upstream}"
+workers = {workers}
 [lnd]
 host = "{network.alice.rpc_host}"
 tls_cert = "{network.alice.tls_cert}"
@@ -127,12 +128,12 @@ async def backend() -> AsyncIterator[tuple[Backend, str]]:
         yield jobs, url
 
 
-def _setup(network: Network, tmp_path: Path, upstream: str) -> Served:
+def _setup(network: Network, tmp_path: Path, upstream: str, workers: int = 1) -> Served:
     (port,) = free_ports(1)
     return Served(
         f"http://127.0.0.1:{port}",
         tmp_path / "gateway.db",
-        _config(network, tmp_path, port, upstream),
+        _config(network, tmp_path, port, upstream, workers),
         tmp_path / "serve.log",
     )
 
@@ -253,7 +254,8 @@ async def test_a_paid_post_runs_once_and_its_201_is_replayed_to_every_retry(
         held = await _until_held(served.database, _hash(challenge), HeldState.SETTLED)
         assert held.response is not None
         assert held.response.status == 201
-        assert held.request is None  # the stored body went once it ran
+        assert held.request is not None
+        assert held.request.body == b""  # the body went once it ran (method and target stay)
         assert held.delivered_at is not None
         assert await _invoice_state(served.database, _hash(challenge)) is InvoiceState.SETTLED
     finally:
@@ -488,3 +490,40 @@ async def test_a_third_party_l402_client_gets_the_stored_response_after_paying(
         assert jobs.seen[JOBS] == 1  # run while held; the client's retry got the stored answer
     finally:
         await _stop(process, served.log)
+
+
+async def test_with_two_workers_every_job_runs_once_whichever_worker_took_it(
+    network: Network, bob: LndClient, tmp_path: Path, backend: tuple[Backend, str]
+) -> None:
+    # Only the first worker runs the executor: the jobs the other one stored are found in
+    # the shared store.
+    jobs, upstream = backend
+    served = _setup(network, tmp_path, upstream, workers=2)
+    process = await _started(served)
+    try:
+        done = 0
+        while done < 4 or len(_challenging_workers(served.log)) < 2:
+            assert done < 20, "every connection went to one worker"
+            # A connection each, so that the kernel spreads them over both workers.
+            async with aiohttp.ClientSession() as http:
+                path = f"{JOBS}/{done}"
+                challenge, _ = await _challenge(http, served.url + path, b"%d" % done)
+                authorization = await _pay(bob, challenge)
+                async with http.post(
+                    served.url + path, headers={"Authorization": authorization}
+                ) as response:
+                    assert response.status == 201, await response.text()
+                    assert await response.json() == {"job": 1, "got": str(done)}
+            done += 1
+        assert jobs.seen == Counter({f"{JOBS}/{number}": 1 for number in range(done)})
+    finally:
+        await _stop(process, served.log)
+
+
+def _challenging_workers(log: Path) -> set[str]:
+    """The worker processes that logged a 402 to a job's POST."""
+    return {
+        line.split()[2]
+        for line in log.read_text().splitlines()
+        if f"POST {JOBS}/" in line and '" 402 ' in line
+    }

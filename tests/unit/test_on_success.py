@@ -15,6 +15,7 @@ import pytest
 
 from gateway import errors, l402
 from gateway.ports import (
+    HELD_UNFINISHED,
     HeldState,
     InvoiceState,
     Msat,
@@ -32,13 +33,21 @@ from gateway.service import (
     L402Service,
     PaidToken,
     PaymentChallenge,
+    RateLimiter,
     RedeemResult,
     RedeemState,
     Refusal,
     RequestInfo,
     RunFailed,
+    on_success,
 )
-from gateway.service.on_success import EXPIRY_GRACE, INTERRUPTED, NODE_CANCELLED
+from gateway.service.on_success import (
+    EXPIRY_GRACE,
+    INTERRUPTED,
+    NODE_CANCELLED,
+    NODE_FORGOT,
+    SETTLED_BY_NODE,
+)
 from gateway.store import MemoryStore
 from gateway.store.memory import _MemoryTransaction
 from tests.fakes import FakeClock, FakeInvoiceBackend
@@ -107,6 +116,7 @@ class Env:
         store: MemoryStore | None = None,
         clock: FakeClock | None = None,
         backend: FakeInvoiceBackend | None = None,
+        ipv6_prefix: int | None = None,
     ) -> None:
         self.clock = clock or FakeClock()
         self.backend = backend or FakeInvoiceBackend(self.clock)
@@ -123,12 +133,15 @@ class Env:
             hold_backend=self.backend,
             hold=terms,
             on_held=self._woke,
+            rate_limiter=None
+            if ipv6_prefix is None
+            else RateLimiter(1000.0, 1000, 1000, self.clock, ipv6_prefix),
         )
 
     def _woke(self) -> None:
         self.woken += 1
 
-    def executor(self) -> HoldExecutor:
+    def executor(self, stop_margin: float = on_success.STOP_MARGIN) -> HoldExecutor:
         return HoldExecutor(
             backend=self.backend,
             store=self.store,
@@ -139,6 +152,7 @@ class Env:
             poll_interval=0.01,
             initial_backoff=0.01,
             max_backoff=0.05,
+            stop_margin=stop_margin,
         )
 
     @contextlib.asynccontextmanager
@@ -165,8 +179,11 @@ class Env:
         client: str = CLIENT,
         body: bytes = b'{"job": 1}',
         loader: Callable[[], Awaitable[StoredRequest | Deny]] | bool | None = True,
+        raw_target: str = "",
     ) -> Decision:
-        target = f"{path}?{query}" if query else path
+        """``raw_target``: the path and query as received, when the adapter gives them (then
+        ``query`` is the decoded query)."""
+        target = raw_target or (f"{path}?{query}" if query else path)
 
         async def load() -> StoredRequest | Deny:
             return StoredRequest(method, target, (("content-type", "application/json"),), body)
@@ -180,6 +197,7 @@ class Env:
                 tuple(authorization),
                 query,
                 stored_request=stored_request,
+                target=raw_target,
             )
         )
 
@@ -487,7 +505,7 @@ async def test_the_answer_decides_settle_or_cancel(status: int, path: str, settl
     else:
         assert held.state is HeldState.CANCELED
         assert held.failure == f"backend failed with {status}"
-        assert held.response == env.runner.response  # kept: the failure is not the payer's
+        assert held.response is None  # never replayed: its failure names the status
         assert invoice.state is InvoiceState.CANCELED
         assert record.state is InvoiceState.CANCELED
         assert env.backend.settled[_hash(challenge)] == 0
@@ -702,7 +720,8 @@ async def test_an_unpaid_invoice_is_cancelled_past_its_expiry() -> None:
         await env.until_state(challenge, HeldState.EXPIRED)
     held = await env.store.get_held_request(_hash(challenge))
     assert held is not None
-    assert (held.failure, held.request) == ("invoice expired unpaid", None)
+    assert held.failure == "invoice expired unpaid"
+    assert held.request == StoredRequest("POST", JOBS, (), b"")  # what a replay must match
     assert env.backend.invoices[_hash(challenge)].state is InvoiceState.CANCELED
     assert env.runner.calls == []
     assert (await env.redeem(challenge)).state is RedeemState.EXPIRED
@@ -795,9 +814,16 @@ async def test_redeem_follows_the_held_request() -> None:
 
 async def test_redeem_of_a_held_request_before_its_answer_is_stored() -> None:
     env = Env()
-    for state in (HeldState.SUCCEEDED, HeldState.FAILED):
-        challenge = await _held_in(env, state)
-        assert (await env.redeem(challenge)).state is RedeemState.PENDING
+    challenge = await _held_in(env, HeldState.SUCCEEDED)
+    assert (await env.redeem(challenge)).state is RedeemState.PENDING
+
+
+async def test_redeem_of_a_failed_request_being_cancelled_says_refunded() -> None:
+    env = Env()
+    challenge = await _held_in(env, HeldState.FAILED, failure="backend failed with 500")
+    result = await env.redeem(challenge)
+    assert (result.state, result.failure) == (RedeemState.REFUNDED, "backend failed with 500")
+    assert result.credential is None
 
 
 async def test_a_store_failure_while_replaying_is_503() -> None:
@@ -925,3 +951,191 @@ def _loader() -> Callable[[], Awaitable[StoredRequest | Deny]]:
         return StoredRequest("POST", JOBS, (), b"")
 
     return load
+
+
+# --- review findings ------------------------------------------------------------------------
+
+
+async def test_a_backlog_of_finished_requests_is_pruned_without_waiting_a_minute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(on_success, "PRUNE_BATCH", 2)
+    monkeypatch.setattr(on_success, "PRUNE_BATCHES_PER_PASS", 2)
+    env = Env(terms=HoldTerms(max_outstanding=10, max_outstanding_per_client=10))
+    prunes: list[int] = []
+    prune = env.store.prune_held_requests
+
+    async def counted(now: float, limit: int) -> int:
+        pruned = await prune(now, limit)
+        prunes.append(pruned)
+        return pruned
+
+    monkeypatch.setattr(env.store, "prune_held_requests", counted)
+    now = env.clock.now()
+    for _ in range(7):
+        challenge = await env.challenge()
+        await env.store.move_held_request(
+            _hash(challenge), HeldState.EXPIRED, now, keep_until=now - 1
+        )
+    async with env.running():  # the clock stands still: no minute passes
+
+        async def drained() -> bool:
+            return await env.store.count_held_requests(frozenset(HeldState)) == 0
+
+        await eventually(drained)
+    # Batches of 2, at most 2 a pass: the second pass came at the next look.
+    assert prunes[:5] == [2, 2, 2, 1, 0][: len(prunes[:5])]
+    assert sum(prunes) == 7
+
+
+async def test_a_failed_answer_is_not_stored() -> None:
+    env = Env()
+    env.runner.response = StoredResponse(500, (), b"x" * 10_000)
+    async with env.running():
+        challenge = await _paid_and_run(env, HeldState.CANCELED)
+    held = await env.store.get_held_request(_hash(challenge))
+    assert held is not None
+    assert (held.response, held.failure) == (None, "backend failed with 500")
+
+
+@pytest.mark.parametrize("state", [HeldState.SUCCEEDED, HeldState.FAILED])
+async def test_an_invoice_the_node_no_longer_knows_is_cancelled(state: HeldState) -> None:
+    env = Env()
+    move: dict[str, Any] = (
+        {"response": StoredResponse(200, (), b"")}
+        if state is HeldState.SUCCEEDED
+        else {"failure": "backend failed with 500"}
+    )
+    challenge = await _held_in(env, state, **move)
+    del env.backend.invoices[_hash(challenge)]  # say the node's database was replaced
+    async with env.running():
+        await env.until_state(challenge, HeldState.CANCELED)
+    held = await env.store.get_held_request(_hash(challenge))
+    assert held is not None
+    assert held.failure == NODE_FORGOT
+    assert await env.store.count_held_requests(HELD_UNFINISHED) == 0  # its cap slot is free
+    record = await env.store.get_invoice(_hash(challenge))
+    assert record is not None
+    assert record.state is InvoiceState.CANCELED
+
+
+@pytest.mark.parametrize("state", [HeldState.WAITING, HeldState.FAILED])
+async def test_an_invoice_the_node_settled_itself_frees_its_cap_slot(state: HeldState) -> None:
+    env = Env()
+    challenge = await _held_in(env, state)
+    held = await env.store.get_held_request(_hash(challenge))
+    assert held is not None
+    await env.backend.settle_invoice(held.preimage)  # by hand, outside the gateway
+    async with env.running():
+        await env.until_state(challenge, HeldState.CANCELED)
+    final = await env.store.get_held_request(_hash(challenge))
+    assert final is not None
+    assert final.failure == SETTLED_BY_NODE
+    assert final.keep_until is not None
+    assert await env.store.count_held_requests(HELD_UNFINISHED) == 0
+    assert env.runner.calls == []
+
+
+async def test_a_stop_lets_the_running_request_finish_and_settle() -> None:
+    env = Env(terms=HoldTerms(backend_timeout=5.0))
+    env.runner.gate = asyncio.Event()
+    executor = env.executor()
+    task = asyncio.create_task(executor.run())
+    unpaid = await env.challenge(client="198.51.100.20")
+    paid = await env.challenge()
+    env.backend.hold_payment(_hash(paid))
+    await env.runner.started.wait()
+    await eventually(lambda: _now(env.backend.live_single_streams == 1))  # the unpaid one's
+    task.cancel()  # what the supervisor's stop does
+    # The tracker waiting for a payment stops at once; the running one is let finish.
+    await eventually(lambda: _now(env.backend.live_single_streams == 0))
+    assert not task.done()
+    env.runner.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(WAIT):
+            await task
+    assert await env.state(paid) is HeldState.SETTLED
+    assert env.backend.settled[_hash(paid)] == 1
+    assert await env.state(unpaid) is HeldState.WAITING  # followed again at the next start
+
+
+async def test_a_stop_waits_for_a_request_under_way_no_longer_than_its_bound() -> None:
+    env = Env(terms=HoldTerms(backend_timeout=0.2))
+    env.runner.gate = asyncio.Event()
+    task = asyncio.create_task(env.executor(stop_margin=0.1).run())
+    challenge = await env.challenge()
+    env.backend.hold_payment(_hash(challenge))
+    await env.runner.started.wait()
+    task.cancel()
+    env.backend.unavailable = True  # the settle cannot be made
+    env.runner.gate.set()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(WAIT):
+            await task
+    assert loop.time() - started < 0.2 + 0.1 + 0.5
+    # Answered but not settled: the next start settles it.
+    assert await env.state(challenge) is HeldState.SUCCEEDED
+
+
+async def test_the_token_replays_only_for_the_query_it_paid_for() -> None:
+    env = Env()
+    async with env.running():
+        challenge = await env.challenge(query="size=2")
+        env.backend.hold_payment(_hash(challenge))
+        await env.until_state(challenge, HeldState.SETTLED)
+    credential = await env.credential(challenge)
+    other = await env.ask(authorization=[credential], query="size=3")
+    assert other == Deny(409, Refusal.PAID_FOR_ANOTHER_REQUEST)
+    same = await env.ask(authorization=[credential], query="size=2")
+    assert isinstance(same, Allow)
+    assert same.replay == env.runner.response
+    held = await env.store.get_held_request(_hash(challenge))
+    assert held is not None
+    assert held.request == StoredRequest("POST", f"{JOBS}?size=2", (), b"")
+
+
+async def test_the_raw_target_is_compared_exactly_when_the_adapter_gives_it() -> None:
+    env = Env()
+    raw = f"{JOBS}?q=a+b&r=%2541"
+    async with env.running():
+        challenge = await env.challenge(query="q=a b&r=%41", raw_target=raw)
+        env.backend.hold_payment(_hash(challenge))
+        await env.until_state(challenge, HeldState.SETTLED)
+    credential = await env.credential(challenge)
+    # As aiohttp decodes it ("+" as a space, "%25" as "%"): the same request.
+    same = await env.ask(authorization=[credential], query="q=a b&r=%41", raw_target=raw)
+    assert isinstance(same, Allow), same
+    other = await env.ask(
+        authorization=[credential], query="q=a b&r=%41", raw_target=f"{JOBS}?q=a%20b&r=%2541"
+    )
+    assert other == Deny(409, Refusal.PAID_FOR_ANOTHER_REQUEST)
+
+
+async def test_polling_reads_payment_hashes_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = Env()
+    rows_read: list[int] = []
+    list_rows = env.store.list_held_requests
+
+    async def counted(states: frozenset[HeldState], limit: int) -> Any:
+        rows_read.append(limit)
+        return await list_rows(states, limit)
+
+    monkeypatch.setattr(env.store, "list_held_requests", counted)
+    async with env.running():
+        await _paid_and_run(env, HeldState.SETTLED)
+        await asyncio.sleep(0.05)  # several polls
+    assert rows_read == []
+
+
+async def test_the_caps_key_ipv6_clients_by_the_configured_prefix() -> None:
+    env = Env(ipv6_prefix=48)
+    await env.challenge(client="2001:db8:0:1::1")
+    await env.challenge(client="2001:db8:0:2::1")  # another /64, the same /48
+    refused = await env.ask(client="2001:db8:0:3::1")
+    assert isinstance(refused, Deny)
+    assert (refused.status, refused.reason) == (429, Refusal.TOO_MANY_HELD_FOR_CLIENT)
+    [held, _] = await env.store.list_held_requests(frozenset({HeldState.WAITING}), 10)
+    assert held.client == "2001:db8::/48"
+    assert isinstance(await env.ask(client="2001:db8:1::1"), PaymentChallenge)

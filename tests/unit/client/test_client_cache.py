@@ -9,12 +9,13 @@ import os
 import stat
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from gateway import l402
-from gateway.client import CachedToken, PendingPayment, TokenCache, TokenCacheError
+from gateway.client import CachedToken, PendingPayment, TokenCache, TokenCacheError, body_digest
 from gateway.client.tokens import new_token, scope_of, split_url
 from tests.fakes import NOW
 from tests.unit.client.client_helpers import make_challenge, make_macaroon
@@ -356,6 +357,71 @@ async def test_a_token_with_a_bad_macaroon_is_corrupt(tmp_path: Path) -> None:
     await cache.store(token(), NOW)
     document = json.loads(path.read_text())
     document["tokens"][0]["macaroon"] = "AAAA"
+    path.write_text(json.dumps(document))
+    with pytest.raises(TokenCacheError, match="corrupt"):
+        await TokenCache(path).tokens()
+
+
+async def test_a_pay_on_success_binding_round_trips_and_older_files_load(tmp_path: Path) -> None:
+    """The request body's digest is kept with a pay-on-success token and its pending entry,
+    written only when set; a file without it (an older client's) loads, and its token is
+    offered to no request, since which body it paid for is not known."""
+    path = tmp_path / "tokens.json"
+    url = f"{ORIGIN}/api/jobs?id=1"
+    job = body_digest(b"job 1")
+    challenge = make_challenge()
+    bound = new_token(
+        url,
+        "L402",
+        challenge.macaroon_b64,
+        challenge.preimage,
+        10_000,
+        NOW,
+        "POST /api/jobs?id=1",
+        job,
+    )
+    plain = token()
+    entry = replace(
+        pending(url), method="POST", paid_request="POST /api/jobs?id=1", paid_body_sha256=job
+    )
+    cache = TokenCache(path)
+    await cache.store(bound, NOW)
+    await cache.store(plain, NOW)
+    await cache.add_pending(entry)
+    document = json.loads(path.read_text())
+    by_hash = {raw["payment_hash"]: raw for raw in document["tokens"]}
+    assert by_hash[bound.payment_hash.hex()]["paid_body_sha256"] == job
+    assert "paid_body_sha256" not in by_hash[plain.payment_hash.hex()]
+    assert "paid_request" not in by_hash[plain.payment_hash.hex()]
+    assert document["pending"][0]["paid_body_sha256"] == job
+
+    reopened = TokenCache(path)
+    assert sorted(await reopened.tokens(), key=lambda t: t.url) == sorted(
+        [bound, plain], key=lambda t: t.url
+    )
+    assert await reopened.pending() == [entry]
+    assert await reopened.find(url, "POST", NOW, job) == bound
+    assert await reopened.find(url, "POST", NOW, body_digest(b"job 2")) is None
+    assert await reopened.find(url, "POST", NOW) is None
+
+    # An older file: the binding to the request only.
+    for raw in document["tokens"]:
+        raw.pop("paid_body_sha256", None)
+    for raw in document["pending"]:
+        raw.pop("paid_body_sha256", None)
+    path.write_text(json.dumps(document))
+    older = TokenCache(path)
+    loaded = {t.payment_hash: t for t in await older.tokens()}
+    assert loaded[bound.payment_hash] == replace(bound, paid_body_sha256=None)
+    assert loaded[plain.payment_hash] == plain
+    [old_entry] = await older.pending()
+    assert old_entry == replace(entry, paid_body_sha256=None)
+    for body in (job, body_digest(None), None):
+        assert await older.find(url, "POST", NOW, body) is None
+    assert not old_entry.covers(url, "POST", job)
+
+    # Not a digest: corrupt, never silently unbound.
+    document["tokens"][0]["paid_body_sha256"] = "job 1"
     path.write_text(json.dumps(document))
     with pytest.raises(TokenCacheError, match="corrupt"):
         await TokenCache(path).tokens()

@@ -26,6 +26,7 @@ from gateway.client import (
     L402Client,
     PaymentRefunded,
     TokenCache,
+    body_digest,
     read_offer,
 )
 from gateway.client import on_success as on_success_module
@@ -373,23 +374,32 @@ async def test_the_token_is_offered_only_to_the_request_it_paid_for(tmp_path: Pa
     )
     held, plain = payer.learn(_challenge()), payer.learn(_challenge())
     url = "http://api.test/api/jobs?id=1"
+    job = body_digest(b"job")
     token, _ = await client.authorize(
-        url, "post", held.www_authenticate, held.body, headers={"L402-Settle": SETTLE}
+        url,
+        "post",
+        held.www_authenticate,
+        held.body,
+        headers={"L402-Settle": SETTLE},
+        body_sha256=job,
     )
-    assert token.paid_request == "POST /api/jobs?id=1"
+    assert (token.paid_request, token.paid_body_sha256) == ("POST /api/jobs?id=1", job)
     await client.authorize("http://api.test/api/x", "GET", plain.www_authenticate, plain.body)
     again = TokenCache(tmp_path / "tokens.json")  # the binding survives the file
-    found = await again.find(url, "POST", NOW)
+    found = await again.find(url, "POST", NOW, job)
     assert found is not None
     assert found.payment_hash == held.payment_hash
-    assert found.paid_request == "POST /api/jobs?id=1"
-    for other_url, method in (
-        (url, "GET"),
-        ("http://api.test/api/jobs?id=2", "POST"),
-        ("http://api.test/api/jobs", "POST"),
-        ("http://api.test/api/jobs/1?id=1", "POST"),
+    assert (found.paid_request, found.paid_body_sha256) == ("POST /api/jobs?id=1", job)
+    for other_url, method, body in (
+        (url, "GET", job),
+        ("http://api.test/api/jobs?id=2", "POST", job),
+        ("http://api.test/api/jobs", "POST", job),
+        ("http://api.test/api/jobs/1?id=1", "POST", job),
+        (url, "POST", body_digest(b"another job")),
+        (url, "POST", body_digest(None)),
+        (url, "POST", None),  # a body not known
     ):
-        other = await again.find(other_url, method, NOW)
+        other = await again.find(other_url, method, NOW, body)
         assert other is None or other.payment_hash == plain.payment_hash, (other_url, method)
     elsewhere = await again.find("http://api.test/api/y", "GET", NOW)  # the ordinary token
     assert elsewhere is not None
@@ -414,6 +424,7 @@ async def test_a_payment_recovered_after_a_crash_keeps_its_request(tmp_path: Pat
         )
     [pending] = await TokenCache(tmp_path / "tokens.json").pending()
     assert pending.paid_request == "POST /api/jobs"
+    assert pending.paid_body_sha256 is None  # authorize was not told the body
     assert pending.covers(URL)
     assert not pending.covers("http://api.test/api/other")
     [recovered] = await client.recover()
@@ -422,10 +433,13 @@ async def test_a_payment_recovered_after_a_crash_keeps_its_request(tmp_path: Pat
     assert token.paid_request == "POST /api/jobs"
 
 
+@pytest.mark.parametrize("known", [True, False], ids=["body", "no-body"])
 @pytest.mark.parametrize(
     ("status", "kept"), [(201, False), (410, False), (409, False), (500, True)]
 )
-async def test_the_token_leaves_the_cache_once_its_response_came(status: int, kept: bool) -> None:
+async def test_the_token_leaves_the_cache_once_its_response_came(
+    status: int, kept: bool, known: bool
+) -> None:
     payer = FakePayer()
     held = payer.learn(_challenge())
     cache = TokenCache()
@@ -436,7 +450,9 @@ async def test_the_token_leaves_the_cache_once_its_response_came(status: int, ke
         cache=cache,
         clock=fake_clock(),
     )
-    exchange = await client.exchange(URL, "POST")
+    exchange = await client.exchange(
+        URL, "POST", body_sha256=body_digest(b"job") if known else None
+    )
 
     async def body() -> bytes:
         return held.body
@@ -447,7 +463,8 @@ async def test_the_token_leaves_the_cache_once_its_response_came(status: int, ke
     assert retry is not None
     assert len(await cache.tokens()) == 1  # a lost answer to the retry: the token stays
     assert await exchange.step(status, [], body, CIMultiDict()) is None
-    assert (len(await cache.tokens()) == 1) is kept
+    # A token for a body not known: no later request could collect the answer with it.
+    assert (len(await cache.tokens()) == 1) is (kept and known)
 
 
 # -- l402-gateway pay ---------------------------------------------------------------------

@@ -81,6 +81,8 @@ REQUEST = StoredRequest(
     ),
     body=b'{"frames": 240}\x00\xff',
 )
+# What a held request keeps of REQUEST once it ran or never will: what a replay must match.
+KEPT = StoredRequest(REQUEST.method, REQUEST.target, (), b"")
 RESPONSE = StoredResponse(
     status=201,
     headers=(("Content-Type", "text/plain"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")),
@@ -221,7 +223,7 @@ def test_the_written_out_rules_are_those_of_may_become() -> None:
 async def test_a_move_follows_the_rules(store: Store, old: HeldState, new: HeldState) -> None:
     before = await bring_to(store, 1, old)
     now = START + 50_000
-    response = RESPONSE if new in (SUCCEEDED, FAILED) else None
+    response = RESPONSE if new is SUCCEEDED else None
     keep_until = START + 90_000 if new in FINAL else None
     moved = await store.move_held_request(
         payment_hash(1), new, now, response=response, failure="why", keep_until=keep_until
@@ -232,6 +234,7 @@ async def test_a_move_follows_the_rules(store: Store, old: HeldState, new: HeldS
         assert moved == after
         assert (moved.state, moved.updated_at, moved.failure) == (new, now, "why")
         assert moved.keep_until == keep_until
+        assert moved.request == (REQUEST if new in (WAITING, RUNNING) else KEPT)
     else:
         assert moved is None
         assert after == before  # a refused move writes nothing
@@ -252,13 +255,15 @@ async def test_running_keeps_the_request_for_the_runner(store: Store) -> None:
     assert running.request.body == REQUEST.body
 
 
-async def test_success_stores_the_response_and_drops_the_request(store: Store) -> None:
+async def test_success_stores_the_response_and_keeps_only_method_and_target(
+    store: Store,
+) -> None:
     await bring_to(store, 1, RUNNING)
     succeeded = await store.move_held_request(
         payment_hash(1), SUCCEEDED, START + 6, response=RESPONSE
     )
     assert succeeded == dataclasses.replace(
-        held(1), state=SUCCEEDED, updated_at=START + 6, request=None, response=RESPONSE
+        held(1), state=SUCCEEDED, updated_at=START + 6, request=KEPT, response=RESPONSE
     )
     settled = await store.move_held_request(
         payment_hash(1), SETTLED, START + 7, keep_until=START + 3607
@@ -267,23 +272,19 @@ async def test_success_stores_the_response_and_drops_the_request(store: Store) -
         held(1),
         state=SETTLED,
         updated_at=START + 7,
-        request=None,
+        request=KEPT,
         response=RESPONSE,
         keep_until=START + 3607,
     )
 
 
-async def test_a_failure_keeps_its_reason_and_any_answer_through_the_cancel(store: Store) -> None:
+async def test_a_failure_keeps_its_reason_through_the_cancel(store: Store) -> None:
     await bring_to(store, 1, RUNNING)
     failed = await store.move_held_request(
-        payment_hash(1),
-        FAILED,
-        START + 6,
-        response=StoredResponse(503, (("Retry-After", "5"),), b"busy"),
-        failure="backend failed with 503",
+        payment_hash(1), FAILED, START + 6, failure="backend failed with 503"
     )
     assert failed is not None
-    assert (failed.request, failed.failure) == (None, "backend failed with 503")
+    assert (failed.request, failed.failure) == (KEPT, "backend failed with 503")
     canceled = await store.move_held_request(
         payment_hash(1), CANCELED, START + 7, keep_until=START + 3607
     )
@@ -298,7 +299,7 @@ async def test_a_failure_without_an_answer_stores_no_response(store: Store) -> N
         payment_hash(1), FAILED, START + 6, failure="backend timed out after 30 s"
     )
     assert failed is not None
-    assert (failed.response, failed.request) == (None, None)
+    assert (failed.response, failed.request) == (None, KEPT)
     assert failed.failure == "backend timed out after 30 s"
 
 
@@ -315,7 +316,7 @@ async def test_a_later_reason_replaces_the_earlier_one(store: Store) -> None:
 
 
 @pytest.mark.parametrize("ending", [EXPIRED, CANCELED])
-async def test_ending_unpaid_drops_the_request(store: Store, ending: HeldState) -> None:
+async def test_ending_unpaid_keeps_only_method_and_target(store: Store, ending: HeldState) -> None:
     await store.add_held_request(held(1))
     ended = await store.move_held_request(
         payment_hash(1), ending, START + 200, failure="invoice expired unpaid", keep_until=START
@@ -324,19 +325,29 @@ async def test_ending_unpaid_drops_the_request(store: Store, ending: HeldState) 
         held(1),
         state=ending,
         updated_at=START + 200,
-        request=None,
+        request=KEPT,
         failure="invoice expired unpaid",
         keep_until=START,
     )
 
 
-@pytest.mark.parametrize("state", [WAITING, RUNNING, SETTLED, CANCELED, EXPIRED])
+async def test_a_row_stored_without_a_request_stays_without_one(store: Store) -> None:
+    await store.add_held_request(held(1, request=None))
+    ended = await store.move_held_request(payment_hash(1), EXPIRED, START + 1, keep_until=START)
+    assert ended is not None
+    assert ended.request is None
+    assert await store.get_held_request(payment_hash(1)) == ended
+
+
+@pytest.mark.parametrize("state", [WAITING, RUNNING, FAILED, SETTLED, CANCELED, EXPIRED])
 async def test_a_response_with_a_state_that_takes_none_is_refused(
     store: Store, state: HeldState
 ) -> None:
-    # From a state that may become ``state``, if there is one.
-    before = await bring_to(store, 1, SUCCEEDED if state is SETTLED else WAITING)
-    with pytest.raises(ValueError, match="response is stored with SUCCEEDED or FAILED"):
+    # From a state that may become ``state``, if there is one. A failed request's answer is
+    # never replayed (its failure names the status): not kept either.
+    start = {SETTLED: SUCCEEDED, FAILED: RUNNING}.get(state, WAITING)
+    before = await bring_to(store, 1, start)
+    with pytest.raises(ValueError, match="response is stored with SUCCEEDED only"):
         await store.move_held_request(payment_hash(1), state, START + 9, response=RESPONSE)
     assert await store.get_held_request(payment_hash(1)) == before
 
@@ -390,6 +401,21 @@ async def test_list_is_oldest_first_filtered_and_limited(store: Store) -> None:
     assert [r.state for r in await store.list_held_requests(frozenset({EXPIRED}), 10)] == [EXPIRED]
     assert await store.list_held_requests(frozenset(), 10) == []
     assert await store.list_held_requests(EVERY, 0) == []
+
+
+async def test_list_hashes_is_the_list_without_the_rows(store: Store) -> None:
+    for n, created in ((2, 20.0), (1, 10.0), (4, 30.0), (3, 30.0), (5, 5.0)):
+        await store.add_held_request(held(n, created_at=START + created))
+    await store.move_held_request(payment_hash(4), RUNNING, START)
+    await store.move_held_request(payment_hash(5), EXPIRED, START, keep_until=START)
+    for states in (HELD_UNFINISHED, frozenset({WAITING}), frozenset({EXPIRED}), frozenset()):
+        for limit in (0, 2, 10):
+            listed = await store.list_held_requests(states, limit)
+            hashes = await store.list_held_hashes(states, limit)
+            assert hashes == [row.payment_hash for row in listed]
+    assert await store.list_held_hashes(HELD_UNFINISHED, 10) == [
+        payment_hash(n) for n in (1, 2, 4, 3)
+    ]
 
 
 async def test_count_by_state_and_client(store: Store) -> None:
@@ -576,6 +602,7 @@ CALLS: dict[str, Callable[[Store], Awaitable[object]]] = {
     "add_held_request": lambda s: s.add_held_request(held(1)),
     "get_held_request": lambda s: s.get_held_request(payment_hash(1)),
     "list_held_requests": lambda s: s.list_held_requests(EVERY, 1),
+    "list_held_hashes": lambda s: s.list_held_hashes(EVERY, 1),
     "count_held_requests": lambda s: s.count_held_requests(EVERY),
     "move_held_request": lambda s: s.move_held_request(payment_hash(1), RUNNING, START),
     "mark_held_delivered": lambda s: s.mark_held_delivered(payment_hash(1), START, START),

@@ -952,6 +952,7 @@ async def test_read_only_reads_a_version_3_database_as_holding_no_held_requests(
     try:
         assert await reader.count_held_requests(frozenset(HeldState)) == 0
         assert await reader.list_held_requests(frozenset(HeldState), 10) == []
+        assert await reader.list_held_hashes(frozenset(HeldState), 10) == []
         assert await reader.get_held_request(held_request(1).payment_hash) is None
         account = await reader.get_account(b"t" * 32)
         assert account is not None
@@ -978,6 +979,11 @@ async def test_held_requests_are_found_by_index(store: SqliteStore, db_path: Pat
                     (*values, 10),
                 ),
                 (
+                    "list hashes",
+                    sqlite_module._LIST_HELD_HASHES.format(states=unfinished),
+                    (*values, 10),
+                ),
+                (
                     "count per client",
                     sqlite_module._COUNT_HELD_OF_CLIENT.format(states=unfinished),
                     ("c", *values),
@@ -995,6 +1001,7 @@ async def test_held_requests_are_found_by_index(store: SqliteStore, db_path: Pat
             )
         }
     assert "held_requests_state_created_at" in plans["list"], plans
+    assert "held_requests_state_created_at" in plans["list hashes"], plans
     assert "held_requests_client_state" in plans["count per client"], plans
     assert "held_requests_keep_until" in plans["prune"], plans
     assert "PRIMARY KEY" in plans["move"] or "(payment_hash=?)" in plans["move"], plans
@@ -1008,6 +1015,23 @@ async def test_headers_are_stored_as_ascii_json_pairs(store: SqliteStore, db_pat
     got = await store.get_held_request(held_request(1).payment_hash)
     assert got is not None
     assert got.request == held_request(1).request
+
+
+async def test_a_request_that_ran_leaves_no_headers_or_body_on_disk(
+    store: SqliteStore, db_path: Path
+) -> None:
+    payment_hash = held_request(1).payment_hash
+    await store.add_held_request(held_request(1))
+    await store.move_held_request(payment_hash, HeldState.RUNNING, 1.0)
+    await store.move_held_request(payment_hash, HeldState.FAILED, 2.0, failure="x")
+    with raw(db_path) as connection:
+        row = connection.execute(
+            "SELECT method, target, request_headers, length(request_body), status,"
+            " response_body FROM held_requests"
+        ).fetchone()
+    request = held_request(1).request
+    assert request is not None
+    assert row == (request.method, request.target, "[]", 0, None, None)
 
 
 async def test_a_request_or_response_is_never_stored_in_part(
