@@ -164,9 +164,19 @@ class FakeInvoiceBackend:
         self._check()
         preimage = Preimage(secrets.token_bytes(32))
         payment_hash = PaymentHash(hashlib.sha256(preimage).digest())
+        invoice = self._new_invoice(payment_hash, amount_msat, memo, expiry)
+        self.invoices[payment_hash] = invoice
+        self.preimages[payment_hash] = preimage
+        self._publish(invoice)
+        return NewInvoice(payment_hash, invoice.payment_request, self._add_index)
+
+    def _new_invoice(
+        self, payment_hash: PaymentHash, amount_msat: Msat, memo: str, expiry: int
+    ) -> Invoice:
+        """An OPEN invoice with the next add index (the caller records and publishes it)."""
         self._add_index += 1
         created_at = int(self.clock.now())
-        invoice = Invoice(
+        return Invoice(
             payment_hash=payment_hash,
             payment_request=make_invoice(
                 payment_hash,
@@ -185,10 +195,6 @@ class FakeInvoiceBackend:
             add_index=self._add_index,
             settle_index=0,
         )
-        self.invoices[payment_hash] = invoice
-        self.preimages[payment_hash] = preimage
-        self._publish(invoice)
-        return NewInvoice(payment_hash, invoice.payment_request, self._add_index)
 
     async def add_hold_invoice(
         self,
@@ -202,27 +208,7 @@ class FakeInvoiceBackend:
         self._check()
         if payment_hash in self.invoices:
             raise errors.InvoiceAlreadyExists("invoice with payment hash already exists")
-        self._add_index += 1
-        created_at = int(self.clock.now())
-        invoice = Invoice(
-            payment_hash=payment_hash,
-            payment_request=make_invoice(
-                payment_hash,
-                amount_msat or None,
-                created_at=created_at,
-                expiry=expiry,
-                description=memo,
-            ),
-            memo=memo,
-            amount_msat=amount_msat,
-            amount_paid_msat=Msat(0),
-            state=InvoiceState.OPEN,
-            created_at=created_at,
-            settled_at=None,
-            expiry=expiry,
-            add_index=self._add_index,
-            settle_index=0,
-        )
+        invoice = self._new_invoice(payment_hash, amount_msat, memo, expiry)
         self.invoices[payment_hash] = invoice
         self.hold_invoices[payment_hash] = cltv_expiry or MIN_FINAL_CLTV_EXPIRY
         self._publish(invoice)

@@ -15,9 +15,9 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 import pytest
@@ -47,6 +47,7 @@ PRICE = 2_000  # msat per job
 BACKEND_TIMEOUT = 2  # seconds: /api/jobs/slow sleeps longer
 REQUEST_LIMIT = 1024  # bytes of a stored request body
 JOBS = "/api/jobs"
+T = TypeVar("T")
 
 
 class Backend:
@@ -222,6 +223,24 @@ async def _refused_payment(bob: LndClient, challenge: l402.Challenge) -> errors.
     return failure.value
 
 
+async def _killed_while_running(
+    served: Served,
+    http: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    payment: Callable[[l402.Challenge], Coroutine[Any, Any, T]],
+) -> tuple[l402.Challenge, asyncio.Task[T]]:
+    """Start ``serve``, challenge ``url``, start ``payment`` and SIGKILL the gateway once
+    the request is RUNNING (the backend holds it); the payment goes on."""
+    process = await _started(served)
+    challenge, _ = await _challenge(http, url, body)
+    paying = asyncio.create_task(payment(challenge))
+    await _until_held(served.database, _hash(challenge), HeldState.RUNNING)
+    process.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(process.wait, 30)
+    return challenge, paying
+
+
 async def test_a_paid_post_runs_once_and_its_201_is_replayed_to_every_retry(
     network: Network, bob: LndClient, tmp_path: Path, backend: tuple[Backend, str]
 ) -> None:
@@ -378,14 +397,11 @@ async def test_killed_while_the_backend_runs_the_restarted_gateway_cancels_and_n
 ) -> None:
     jobs, upstream = backend
     served = _setup(network, tmp_path, upstream)
-    process = await _started(served)
     wait = served.url + JOBS + "/wait"
     async with aiohttp.ClientSession() as http:
-        challenge, _ = await _challenge(http, wait, b"interrupted")
-        paying = asyncio.create_task(_refused_payment(bob, challenge))
-        await _until_held(served.database, _hash(challenge), HeldState.RUNNING)
-        process.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(process.wait, 30)
+        challenge, paying = await _killed_while_running(
+            served, http, wait, b"interrupted", lambda c: _refused_payment(bob, c)
+        )
         jobs.release.set()  # its answer has nobody to go to now
         process = await _started(served)
         try:
@@ -405,14 +421,11 @@ async def test_killed_after_the_response_was_stored_the_restarted_gateway_settle
 ) -> None:
     jobs, upstream = backend
     served = _setup(network, tmp_path, upstream)
-    process = await _started(served)
     wait = served.url + JOBS + "/wait"
     async with aiohttp.ClientSession() as http:
-        challenge, _ = await _challenge(http, wait, b"stored")
-        paying = asyncio.create_task(_pay(bob, challenge))
-        await _until_held(served.database, _hash(challenge), HeldState.RUNNING)
-        process.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(process.wait, 30)
+        challenge, paying = await _killed_while_running(
+            served, http, wait, b"stored", lambda c: _pay(bob, c)
+        )
         # What the killed gateway would have written had it died right after storing the
         # backend's answer and before settling.
         store = await SqliteStore.open(served.database)
