@@ -38,6 +38,7 @@ from gateway.config import Config, RouteConfig
 from gateway.events import InvoiceEvents
 from gateway.expiry import InvoiceSweeper
 from gateway.fiat import FiatRate
+from gateway.health import HealthSlot, Readiness
 from gateway.lnd.client import LndClient
 from gateway.lnd.connection import LndSettings
 from gateway.ports import Clock, Msat, Store, SystemClock
@@ -315,11 +316,13 @@ async def _running_runner(
 @dataclass(frozen=True, slots=True)
 class Runtime:
     """A running gateway: the service apps mount, the invoice events its watcher and sweeper
-    publish (empty without ``watch``), and the health of its background tasks."""
+    publish (empty without ``watch``), the health of its background tasks, and its readiness
+    checks (``gateway.health``)."""
 
     service: L402Service
     events: InvoiceEvents
     health: Callable[[], tuple[TaskHealth, ...]]
+    readiness: Readiness
 
 
 @contextlib.asynccontextmanager
@@ -349,6 +352,7 @@ async def running_runtime(
         ):
             events = InvoiceEvents()
             on_held: Callable[[], None] | None = None
+            caught_up: Callable[[], bool] | None = None
             if runner is not None:
                 executor = HoldExecutor(
                     backend=lnd,
@@ -363,6 +367,7 @@ async def running_runtime(
             if watch:
                 watcher = InvoiceWatcher(lnd, store, events=events)
                 supervisor.start("l402-invoice-watcher", watcher.run)
+                caught_up = watcher.connected.is_set
                 sweeper = InvoiceSweeper(
                     lnd,
                     store,
@@ -381,19 +386,31 @@ async def running_runtime(
             service = _service(
                 config, pricing, lnd, store, clock, fiat, withdrawer, hold=terms, on_held=on_held
             )
-            yield Runtime(service, events, supervisor.health)
+            readiness = Readiness(lnd, store, supervisor.health, watcher_caught_up=caught_up)
+            yield Runtime(service, events, supervisor.health, readiness)
     finally:
         await store.close()
 
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    config: Config, *, clock: Clock | None = None, watch: bool = True
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    watch: bool = True,
+    health: HealthSlot | None = None,
 ) -> AsyncIterator[L402Service]:
     """``running_runtime``'s service: what ``setup_l402``, the ASGI middleware and
-    ``build_proxy`` take."""
+    ``build_proxy`` take; its readiness goes in ``health`` (for ``build_proxy``'s) while it runs."""
     async with running_runtime(config, clock=clock, watch=watch) as runtime:
-        yield runtime.service
+        if health is None:
+            yield runtime.service
+            return
+        health.readiness = runtime.readiness
+        try:
+            yield runtime.service
+        finally:
+            health.readiness = None
 
 
 def _fiat_rate(config: Config, clock: Clock) -> FiatRate | None:

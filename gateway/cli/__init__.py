@@ -14,7 +14,9 @@ Commands::
     l402-gateway sample-config                       the commented sample configuration
     l402-gateway --version
 
-``--config`` and ``-v`` may also follow the command; given in both places, the later wins.
+``--config``, ``-v`` and ``--log-format text|json`` (JSON lines; default
+``$GATEWAY_LOG_FORMAT``, else text) may also follow the command; given in both places, the
+later wins.
 
 Exit codes: 0 success, 1 nothing matched (e.g. unknown token), 2 bad usage or configuration,
 3 a backend (store, LND) failed; ``pay`` and ``credit`` have their own. The commands get
@@ -38,7 +40,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from gateway import errors
 from gateway.cli import admin, backup, check, credit, pay, serve
-from gateway.cli.formats import LOG_FORMAT
+from gateway.cli.formats import LOG_FORMATS, configure_logging
 from gateway.config import load_config
 
 __all__ = ["main"]
@@ -50,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="l402-gateway", description="L402 Lightning gateway")
     parser.add_argument("--config", help="TOML config file (GATEWAY_* variables override it)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--log-format",
+        type=_log_format,
+        default=os.environ.get("GATEWAY_LOG_FORMAT", "text"),
+        metavar="FMT",
+        help="text or json (JSON lines: one object per log record); "
+        "default $GATEWAY_LOG_FORMAT, else text",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve.add_parser(commands)
@@ -62,6 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_format(value: str) -> str:
+    """``--log-format``'s value (also ``GATEWAY_LOG_FORMAT``'s): one of ``LOG_FORMATS``."""
+    if value not in LOG_FORMATS:
+        raise argparse.ArgumentTypeError(
+            f"invalid log format {value!r} (choose from {', '.join(LOG_FORMATS)})"
+        )
+    return value
+
+
 def _version() -> str:
     try:
         return metadata.version("l402-gateway")
@@ -72,8 +91,9 @@ def _version() -> str:
 def _options_after_the_command(
     commands: argparse._SubParsersAction[Any], client: bool = False
 ) -> None:
-    """``--config`` and ``-v`` are also accepted after the command (``invoices --config c``),
-    at every level; given in both places, the one after the command wins."""
+    """``--config``, ``-v`` and ``--log-format`` are also accepted after the command
+    (``invoices --config c``), at every level; given in both places, the one after the
+    command wins."""
     for name, command in commands.choices.items():
         known = command._option_string_actions
         # SUPPRESS: given only before the command, the value from there is kept.
@@ -92,6 +112,14 @@ def _options_after_the_command(
                 default=argparse.SUPPRESS,
                 help="debug logging",
             )
+        if "--log-format" not in known:
+            command.add_argument(
+                "--log-format",
+                type=_log_format,
+                default=argparse.SUPPRESS,
+                metavar="FMT",
+                help="text (default) or json: JSON lines (as before the command)",
+            )
         for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _options_after_the_command(action, client=not reads_config)
@@ -106,10 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return credit.run(args)
     if args.command == "sample-config":
         return admin.sample_config()
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format=LOG_FORMAT,
-    )
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
     try:
         # Only serve (and check) talk to LND: no warning about its macaroon for the others.
         config = load_config(args.config, uses_lnd=args.command in _LND_COMMANDS)

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 
 from gateway import errors
-from gateway.cli.formats import LOG_FORMAT, columns, sat, utc_time
+from gateway.cli.formats import columns, configure_logging, sat, utc_time
 from gateway.cli.pay import (
     add_node_options,
     add_timeout_option,
@@ -354,7 +354,7 @@ def _report(
 
 def run(args: argparse.Namespace) -> int:
     """The ``credit`` commands; their exit code."""
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format=LOG_FORMAT)
+    configure_logging(logging.DEBUG if args.verbose else logging.WARNING, args.log_format)
     command = _balance if args.credit_command == "balance" else _withdraw
     try:
         return asyncio.run(command(args))

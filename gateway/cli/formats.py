@@ -1,11 +1,86 @@
-"""What the commands print alike: the log line format, UTC times, amounts and tables."""
+"""What the commands print alike: the log line formats (text, or JSON lines), UTC times,
+amounts and tables."""
 
 from __future__ import annotations
 
+import datetime
+import json
+import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMATS = ("text", "json")
+# What every LogRecord has (and what formatting adds): the rest are a call's ``extra``.
+_RECORD_ATTRIBUTES = frozenset(
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()
+    | {"message", "asctime", "taskName"}
+)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One log record as one line of JSON: ``time`` (ISO 8601, UTC), ``level``, ``logger``,
+    ``message`` (its arguments applied), ``process`` (the process name: workers differ),
+    ``exception`` (the traceback, a string) and ``stack`` when the record has them, and the
+    call's ``extra`` fields (a value JSON cannot hold as its ``str``).
+
+    ASCII only: every control character, newline and non-ASCII character is escaped, so no
+    message can end a line or look like one (U+2028 and the like) to a line-based reader.
+    It logs what the text format logs, no more: the call sites keep secrets out.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            key: _json_value(value)
+            for key, value in record.__dict__.items()
+            if key not in _RECORD_ATTRIBUTES and not key.startswith("_")
+        }
+        entry.update(
+            time=datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            level=record.levelname,
+            logger=record.name,
+            message=record.getMessage(),
+            process=record.processName,
+        )
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)  # as Formatter caches it
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=True, separators=(",", ":"))
+
+
+def _json_value(value: object) -> object:
+    """``value`` if JSON holds it as it is, else its ``str``."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return value
+
+
+def configure_logging(level: int, log_format: str, text_format: str = LOG_FORMAT) -> None:
+    """Root logging to stderr at ``level``: lines of ``text_format``, or of JSON
+    (``log_format`` ``"json"``). Like ``logging.basicConfig``, nothing if already set up."""
+    if log_format == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonLogFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(level=level, format=text_format)
+
+
+def current_log_format() -> str:
+    """``"json"`` when the root logger writes JSON lines, else ``"text"``: what a spawned
+    process is to use."""
+    root = logging.getLogger().handlers
+    return "json" if any(isinstance(h.formatter, JsonLogFormatter) for h in root) else "text"
 
 
 def utc_time(timestamp: float | None) -> str:

@@ -40,7 +40,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from gateway import errors
-from gateway.cli.formats import LOG_FORMAT, sat, utc_time
+from gateway.cli.formats import configure_logging, sat, utc_time
 from gateway.client import (
     NETWORKS,
     Budget,
@@ -505,10 +505,7 @@ def report_failure(error: errors.GatewayError | aiohttp.ClientError | TimeoutErr
 
 def run(args: argparse.Namespace) -> int:
     """The ``pay`` command; its exit code."""
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format=LOG_FORMAT,
-    )
+    configure_logging(logging.DEBUG if args.verbose else logging.WARNING, args.log_format)
     try:
         method, headers, data = _request_parts(args)
         return asyncio.run(_pay(args, method, headers, data))

@@ -22,7 +22,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import errors
 from gateway.cli.check import startup_checks
+from gateway.cli.formats import configure_logging, current_log_format
 from gateway.config import Config, listen_address, store_location
+from gateway.health import HealthSlot
 from gateway.runtime import build_pricing, lnd_settings, running_gateway
 from gateway.web.connections import ServerLimits
 from gateway.web.proxy import build_proxy
@@ -109,18 +111,20 @@ def _serve_worker(
     watch: bool,
     log_level: int | None,
     supervisor: int = 0,
+    log_format: str = "text",
 ) -> None:
     """One proxy process; ``log_level`` is set, and ``supervisor`` is the supervisor's pid,
-    when it is a spawned worker."""
+    when it is a spawned worker (which logs as ``log_format``: text or json)."""
     if log_level is not None:
         die_with_parent(supervisor)
-        logging.basicConfig(level=log_level, format=WORKER_LOG_FORMAT)
+        configure_logging(log_level, log_format, WORKER_LOG_FORMAT)
     logging.getLogger("aiohttp.server").addFilter(MalformedRequestLog())
     server = config.server
     ipv6_prefix = config.rate_limit.ipv6_prefix
+    health = HealthSlot()  # readiness of /.well-known/l402/ready, filled in at startup
     app = build_proxy(
         server.upstream or "",
-        lambda: running_gateway(config, watch=watch),
+        lambda: running_gateway(config, watch=watch, health=health),
         token_header=server.token_header,
         trust_forwarded_for=server.trust_forwarded_for,
         max_body_bytes=server.max_body_bytes,
@@ -131,6 +135,7 @@ def _serve_worker(
         paid_upstream_connections=server.paid_upstream_connections,
         ipv6_prefix=ipv6_prefix,
         max_held_body_bytes=config.hold.max_request_bytes,
+        health=health,
     )
     upstream = server.upstream_connections + server.paid_upstream_connections
     try:
@@ -182,11 +187,17 @@ def _serve_workers(config: Config, host: str, port: int) -> int:
     the settlement watcher. Any worker's exit stops them all."""
     context = multiprocessing.get_context("spawn")  # no gRPC state crosses a fork
     level = logging.getLogger().getEffectiveLevel()
+    log_format = current_log_format()
     workers = [
         context.Process(
             target=_serve_worker,
             args=(config, host, port),
-            kwargs={"watch": index == 0, "log_level": level, "supervisor": os.getpid()},
+            kwargs={
+                "watch": index == 0,
+                "log_level": level,
+                "supervisor": os.getpid(),
+                "log_format": log_format,
+            },
             name=f"l402-gateway-worker-{index}",
         )
         for index in range(config.server.workers)

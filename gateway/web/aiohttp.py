@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
+from gateway.health import HEALTH_PATHS, LIVE_PATH, Check, HealthReport, HealthSlot
 from gateway.ports import StoredRequest, StoredResponse
 from gateway.service import (
     Allow,
@@ -74,7 +75,7 @@ from gateway.web.responses import BALANCE_HEADER, HttpResponse, client_address
 TOKEN = web.RequestKey("l402_token", PaidToken)
 _AUTHORIZATION = hdrs.AUTHORIZATION
 # Answered by the middleware itself, never priced.
-_OWN_PATHS = frozenset({REDEEM_PATH, TOKEN_INFO_PATH, WITHDRAW_PATH})
+_OWN_PATHS = frozenset({REDEEM_PATH, TOKEN_INFO_PATH, WITHDRAW_PATH, *HEALTH_PATHS})
 # Refusals of a request for its body (too large, too slow, an unknown Expect): the
 # connection closes after them.
 _BODY_REFUSALS = frozenset({408, 413, 417})
@@ -94,6 +95,7 @@ class _ServiceSlot:
     trust_forwarded_for: bool = False
     stored_request: StoredRequestLoader | None = None
     service: L402Service | None = None
+    health: HealthSlot | None = None
 
 
 _SLOT = web.AppKey("l402_service_slot", _ServiceSlot)
@@ -298,6 +300,27 @@ def _refusal(request: web.Request, decision: PaymentChallenge | Deny) -> web.Res
     return response
 
 
+async def _health(request: web.Request, slot: _ServiceSlot) -> web.Response:
+    """Liveness (200 while the loop answers) or readiness (200 when every check passes, 503
+    otherwise), JSON naming each check. Without a ``HealthSlot`` readiness is only "the
+    gateway has started"."""
+    headers = {hdrs.CACHE_CONTROL: "no-store"}
+    if request.method not in (hdrs.METH_GET, hdrs.METH_HEAD):
+        headers[hdrs.ALLOW] = "GET, HEAD"
+        return web.json_response({"error": "use GET or HEAD"}, status=405, headers=headers)
+    if request.path == LIVE_PATH:
+        return web.json_response({"status": "live"}, headers=headers)
+    readiness = slot.health.readiness if slot.health is not None else None
+    if readiness is not None and slot.service is not None:
+        report = await readiness.check()
+    elif slot.service is None:
+        report = HealthReport((Check("gateway", False, "starting or stopping"),))
+    else:
+        report = HealthReport((Check("gateway", True, "started"),))
+    status = 200 if report.ready else 503
+    return web.json_response(report.as_json(), status=status, headers=headers)
+
+
 def _replayed(stored: StoredResponse) -> web.Response:
     """A pay-on-success request's answer, as the backend gave it when it ran."""
     return web.Response(status=stored.status, headers=list(stored.headers), body=stored.body)
@@ -317,6 +340,8 @@ def l402_middleware(slot: _ServiceSlot) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         service = slot.service
         if request.path in _OWN_PATHS:
+            if request.path in HEALTH_PATHS:
+                return await _health(request, slot)
             if request.path == REDEEM_PATH:
                 return await _redeem(request, service, slot.trust_forwarded_for)
             return await _credit_endpoint(request, service, request.path)
@@ -394,14 +419,19 @@ def setup_l402(
     *,
     trust_forwarded_for: bool = False,
     stored_request: StoredRequestLoader | None = None,
+    health: HealthSlot | None = None,
 ) -> None:
     """Price ``app``'s routes; ``gateway`` opens the service for the app's lifetime.
+
+    The middleware answers ``/.well-known/l402/live`` and ``/.well-known/l402/ready`` itself
+    (``gateway.health``); readiness runs the checks of ``health`` (filled in by
+    ``running_gateway(..., health=slot)``), or without it says whether the gateway started.
 
     ``stored_request`` keeps a request for pay-on-success routes (``settle = "on_success"``):
     the reverse proxy gives it; without it the application refuses to start when the
     service has such routes (``ConfigError``).
     """
-    slot = _ServiceSlot(trust_forwarded_for, stored_request)
+    slot = _ServiceSlot(trust_forwarded_for, stored_request, health=health)
     app[_SLOT] = slot
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -36,6 +36,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway.health import HealthSlot
 from gateway.ports import StoredRequest
 from gateway.service import Deny, client_key
 from gateway.service.on_success import HoldTerms
@@ -274,6 +275,7 @@ def build_proxy(
     paid_upstream_connections: int = 100,
     ipv6_prefix: int = 64,
     max_held_body_bytes: int = _HELD_BODY_BYTES,
+    health: HealthSlot | None = None,
 ) -> web.Application:
     """An aiohttp application that prices requests and forwards them to ``upstream``.
 
@@ -286,6 +288,9 @@ def build_proxy(
     A pay-on-success route's challenge keeps the request as the upstream is to get it (the
     headers ``send`` forwards, the body up to ``max_held_body_bytes``; a larger one gets
     413): the gateway runs it once the payment is held (``gateway.web.held``).
+
+    ``/.well-known/l402/live`` and ``/.well-known/l402/ready`` are answered by the gateway
+    (never priced nor forwarded); readiness runs the checks ``health`` holds (``gateway.health``).
     """
     base = str(URL(upstream.rstrip("/")))
     app = web.Application(client_max_size=max_body_bytes)
@@ -382,7 +387,13 @@ def build_proxy(
             request.method, request.rel_url.raw_path_qs, tuple(headers.items()), body
         )
 
-    setup_l402(app, gateway, trust_forwarded_for=trust_forwarded_for, stored_request=stored_request)
+    setup_l402(
+        app,
+        gateway,
+        trust_forwarded_for=trust_forwarded_for,
+        stored_request=stored_request,
+        health=health,
+    )
     app.cleanup_ctx.append(client_session)
 
     async def send(

@@ -29,6 +29,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "gateway.expiry": (*_NETWORK, *_ADAPTERS),
     "gateway.events": (*_NETWORK, *_ADAPTERS),
     "gateway.supervisor": (*_NETWORK, *_ADAPTERS),
+    "gateway.health": (*_NETWORK, *_ADAPTERS),
     "gateway.store": ("grpc", "aiohttp", "gateway.lnd", "gateway.web", "gateway.cli", "regtest"),
     "gateway.lnd.client": (
         "aiohttp",
