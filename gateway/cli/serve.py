@@ -203,12 +203,16 @@ def _serve_workers(config: Config, host: str, port: int) -> int:
         for index in range(config.server.workers)
     ]
     stopping = False
+    signalled: set[int] = set()
 
     def stop(_signal: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for worker in workers:
-            if worker.is_alive():
+        for index, worker in enumerate(workers):
+            # Once each: a second SIGTERM can land while the worker's event loop is closing,
+            # after its wakeup pipe is gone, and Python then prints a stray error line.
+            if worker.is_alive() and index not in signalled:
+                signalled.add(index)
                 worker.terminate()  # SIGTERM: a graceful stop
 
     for worker in workers:

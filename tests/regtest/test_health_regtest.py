@@ -150,8 +150,8 @@ async def test_not_ready_when_the_node_cannot_be_reached(
                 assert status == 503
                 assert body["status"] == "not ready"
                 assert body["checks"]["lnd"]["ok"] is False
-                # Not asserted on the watcher: with nothing to reconcile it reports caught up
-                # before its stream has proved the node reachable (a known gap); lnd decides.
+                # Nothing to reconcile, yet the watcher is caught up only once the node answered.
+                assert body["checks"]["watcher"]["ok"] is False
                 assert body["checks"]["store"]["ok"] is True
                 # No secret in the report: the macaroon's bytes are nowhere in it.
                 macaroon = (tmp_path / "gateway.macaroon").read_bytes().hex()

@@ -209,6 +209,20 @@ async def test_reconcile_with_the_node_down_logs_and_returns(
     assert "reconciliation failed" in caplog.text
 
 
+async def test_with_nothing_to_reconcile_caught_up_waits_for_the_node_to_answer(
+    env: tuple[FakeInvoiceBackend, WatchedStore],
+) -> None:
+    backend, store = env
+    backend.unavailable = True
+    watcher = InvoiceWatcher(backend, store)
+    assert await watcher.reconcile() == 0
+    assert not watcher.connected.is_set()
+    assert backend.lookups == 1  # the node was asked, though no invoice is open
+    backend.unavailable = False
+    assert await watcher.reconcile() == 0
+    assert watcher.connected.is_set()
+
+
 # --- run(): the stream ----------------------------------------------------------------------
 
 

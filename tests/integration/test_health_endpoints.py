@@ -232,6 +232,8 @@ async def test_probes_are_cached_and_shared() -> None:
 async def test_concurrent_probes_share_one_lookup() -> None:
     gateway = Gateway(cache_seconds=60.0)
     async with running_proxy(gateway) as proxy:
+        # The watcher's own lookup (proving the node answers) is done first.
+        await asyncio.wait_for(gateway.watcher.connected.wait(), TIMEOUT)
         before = gateway.backend.lookups
         await asyncio.gather(*(proxy.get(READY_PATH) for _ in range(20)))
         assert gateway.backend.lookups - before == 1
