@@ -21,6 +21,7 @@ BENCHMARKS = (
     "credit_route",
     "credit_store",
     "on_success",
+    "ops_overhead",
 )
 
 

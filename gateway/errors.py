@@ -18,6 +18,8 @@ core ones here, the paying client's in :mod:`gateway.client.errors`::
     │   └── PaymentFailed             the payment ended FAILED (``reason`` says why)
     ├── EventsLost                    an event subscriber fell behind and was cut off
     │                                 (in :mod:`gateway.events`)
+    ├── WebhookRejected               a webhook delivery failed verification: signature,
+    │                                 body or timestamp (``gateway.webhooks.verify_delivery``)
     └── ClientError                   the paying client would not, or could not, pay
         ├── ChallengeError            the 402's L402 challenge is unusable
         │   └── InvoiceRejected       the invoice failed a check: network, amount, expiry, hash
@@ -98,3 +100,9 @@ class PaymentFailed(BackendError):
         super().__init__(f"payment {payment_hash.hex()} failed: {reason}")
         self.reason = reason
         self.payment_hash = payment_hash
+
+
+class WebhookRejected(GatewayError):
+    """A webhook delivery that ``gateway.webhooks.verify_delivery`` refused: missing or
+    malformed headers, no matching signature (a wrong secret or a tampered body), or a
+    timestamp outside the tolerance (a replay). The message is fixed text, safe to log."""

@@ -18,6 +18,8 @@ passes:
 - ``tasks``: every other supervised background task (sweeper, hold executor, withdrawal
   resolver) is running, not backing off after a failure. The fiat rate fetcher is reported
   but never fails readiness: the paywall's fiat display is not worth taking a gateway out.
+- ``liquidity`` (in the watching process): the node's inbound liquidity, total and largest
+  channel, with a warning for routes it cannot receive (``gateway.liquidity``); never fails.
 
 The node and store probes are cached for ``cache_seconds`` and concurrent checks share one
 probe, so a storm of readiness probes costs one LookupInvoice and one store write every few
@@ -51,7 +53,7 @@ HEALTH_PATHS = frozenset({LIVE_PATH, READY_PATH})
 
 WATCHER_TASK = "l402-invoice-watcher"
 # Reported, never failing readiness.
-OPTIONAL_TASKS = frozenset({"l402-fiat-rate"})
+OPTIONAL_TASKS = frozenset({"l402-fiat-rate", "l402-liquidity"})
 _MAX_DETAIL = 200
 
 
@@ -101,7 +103,10 @@ class Readiness:
         watcher_caught_up: Callable[[], bool] | None,
         cache_seconds: float = 2.0,
         timeout: float = 3.0,
+        liquidity: Callable[[], Check] | None = None,
     ) -> None:
+        # Reported, never failing (``gateway.liquidity``); None where it is not measured.
+        self._liquidity = liquidity
         self._backend = backend
         self._store = store
         self._tasks = tasks
@@ -113,7 +118,10 @@ class Readiness:
 
     async def check(self) -> HealthReport:
         lnd, store = await self._probes()
-        return HealthReport((lnd, store, self._watcher(), self._other_tasks()))
+        checks = [lnd, store, self._watcher(), self._other_tasks()]
+        if self._liquidity is not None:
+            checks.append(self._liquidity())
+        return HealthReport(tuple(checks))
 
     async def _probes(self) -> tuple[Check, Check]:
         now = asyncio.get_running_loop().time()

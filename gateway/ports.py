@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from typing import NewType, Protocol
@@ -249,6 +249,26 @@ class Cursor:
 
 
 @dataclass(frozen=True, slots=True)
+class RevenueBucket:
+    """Settled invoices of one service in one time bucket (``Store.revenue``)."""
+
+    start: int  # unix time the bucket begins: a multiple of its length
+    service: str
+    settled: int  # how many invoices settled in it
+    amount_msat: Msat  # what they received
+
+
+@dataclass(slots=True)
+class AdminSlot:
+    """Where the admin dashboard (``gateway.web.admin``) finds the gateway it shows: its
+    store, and how to ask the node's inbound liquidity (None: not measured); filled in by
+    ``running_gateway(..., admin=slot)`` while the gateway runs, None before and after."""
+
+    store: Store | None = None
+    liquidity: Callable[[], Awaitable[Liquidity]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Account:
     """A credit balance, keyed by the token id of the L402 tokens that draw on it (the first
     token and the top-ups minted for it share the id)."""
@@ -421,6 +441,181 @@ class HeldRequest:
     delivered_at: float | None = None  # first time the stored response was replayed
 
 
+# Webhooks: the events the store writes in the same transaction as the change that causes
+# them (its outbox), and their deliveries to the configured endpoints.
+WEBHOOK_EVENT_TYPES = frozenset(
+    {
+        "invoice.settled",  # any tracked invoice settled
+        "token.bought",  # a settled challenge invoice that does not buy credit
+        "credit.deposited",  # a settled invoice that buys credit
+        "invoice.expired",
+        "invoice.canceled",
+        "request.settled",  # a pay-on-success request's hold invoice settled
+        "request.refunded",  # ... cancelled: the payer paid nothing
+        "credit.withdrawn",  # a withdrawal succeeded
+    }
+)
+
+
+class DeliveryState(enum.Enum):
+    PENDING = "PENDING"  # to be sent (again) at ``next_attempt_at``
+    DELIVERED = "DELIVERED"  # the endpoint answered 2xx
+    DEAD = "DEAD"  # given up after ``max_attempts``; ``webhooks redeliver`` revives it
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    """One event of the outbox. ``payload`` is the JSON text sent as the body, byte for byte
+    on every retry (it holds no secret: no preimage, root key or macaroon)."""
+
+    event_id: int
+    type: str
+    resource: str  # what orders its events: "invoice:<hash hex>", "account:<token id hex>"
+    payload: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    """One event's delivery to one endpoint."""
+
+    event_id: int
+    endpoint: str
+    event_type: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float
+    last_status: int | None = None  # the last HTTP status answered; None: none (or no answer)
+    last_error: str = ""  # why the last attempt failed, fixed text
+    delivered_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceTotal:
+    """The tracked invoices of one service in one state (``StoreOperations.invoice_totals``).
+    ``received_msat`` is what settled ones received (``amount_paid_msat``, or
+    ``amount_msat`` where the node reported none paid); 0 in the other states."""
+
+    service: str
+    state: InvoiceState
+    count: int
+    amount_msat: Msat
+    received_msat: Msat
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelBalance:
+    """One channel as the node lists it, in msat. ``remote_reserve_msat`` is the reserve
+    the remote side must keep (LND's ``remote_constraints.chan_reserve_sat``): it cannot
+    send that part, so it never reaches us."""
+
+    active: bool
+    remote_balance_msat: Msat
+    remote_reserve_msat: Msat
+
+    @property
+    def inbound_msat(self) -> Msat:
+        return Msat(max(0, self.remote_balance_msat - self.remote_reserve_msat))
+
+
+class ChannelBackend(Protocol):
+    """Lists the node's open channels (LND: ListChannels, macaroon ``offchain:read``)."""
+
+    async def list_channels(self) -> tuple[ChannelBalance, ...]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Liquidity:
+    """What the node can receive: the inbound of its active channels together
+    (``total_msat``) and of the largest one (``largest_msat``: the most one single-path
+    payment can bring). ``known`` False: the node would not say (say the macaroon lacks
+    ``offchain:read``), and the amounts are 0, not measured."""
+
+    total_msat: Msat
+    largest_msat: Msat
+    channels: int
+    known: bool
+
+
+class Meter(Protocol):
+    """What the core reports for metrics. Every hook is cheap and never raises; labels are
+    bounded (service names, statuses, fixed reason words, RPC method names): never a token
+    id, a payment hash or a path."""
+
+    def challenge_issued(self, service: str) -> None: ...
+
+    def paid_request(self, service: str) -> None: ...
+
+    def refused(self, status: int, reason: str) -> None:
+        """``reason``: a word from a fixed vocabulary (``gateway.service.refusal_label``)."""
+
+    def rate_limited(self, limit: str) -> None:
+        """``limit``: challenges, redeems or held."""
+
+    def lnd_call(self, method: str, seconds: float, error: str | None) -> None:
+        """One node RPC: its name, how long it took, the error class name if it failed."""
+
+    def watcher_event(self) -> None:
+        """The watcher heard from the node (a stream event or a finished reconciliation)."""
+
+    def watcher_reconnect(self) -> None: ...
+
+    def upstream_call(self, seconds: float, error: str | None) -> None:
+        """One request forwarded upstream; ``error`` a fixed word if it got no answer."""
+
+    def response(self, status: int) -> None:
+        """One response of the web adapter, whoever made it (its own refusals included)."""
+
+    def liquidity(self, liquidity: Liquidity) -> None: ...
+
+
+class NoMeter:
+    """The meter when metrics are off: does nothing."""
+
+    def challenge_issued(self, service: str) -> None:
+        pass
+
+    def paid_request(self, service: str) -> None:
+        pass
+
+    def refused(self, status: int, reason: str) -> None:
+        pass
+
+    def rate_limited(self, limit: str) -> None:
+        pass
+
+    def lnd_call(self, method: str, seconds: float, error: str | None) -> None:
+        pass
+
+    def watcher_event(self) -> None:
+        pass
+
+    def watcher_reconnect(self) -> None:
+        pass
+
+    def upstream_call(self, seconds: float, error: str | None) -> None:
+        pass
+
+    def response(self, status: int) -> None:
+        pass
+
+    def liquidity(self, liquidity: Liquidity) -> None:
+        pass
+
+
+NO_METER: Meter = NoMeter()
+
+
+@dataclass(slots=True)
+class MetricsSlot:
+    """Where a web adapter finds the metrics of the gateway it serves: the meter the
+    upstream calls report to, and ``exposition`` (the Prometheus text and its content
+    type); filled in by ``running_gateway(..., metrics=slot)`` while the gateway runs."""
+
+    meter: Meter = field(default_factory=NoMeter)
+    exposition: Callable[[], Awaitable[tuple[bytes, str]]] | None = None
+
+
 class StoreOperations(Protocol):
     """The store's reads and writes. Called on the ``Store``, each is atomic on its own;
     called on a transaction (``Store.transaction()``), they commit or roll back together.
@@ -459,9 +654,26 @@ class StoreOperations(Protocol):
     ) -> list[InvoiceRecord]:
         """Newest first, optionally only those in ``state``."""
 
+    async def invoice_totals(self) -> list[InvoiceTotal]:
+        """Every tracked invoice counted per service and state, in one aggregate query (for
+        the metrics scrape): how many, their amounts, and what settled ones received."""
+
     async def list_overdue(self, expired_before: float, limit: int) -> list[InvoiceRecord]:
         """OPEN invoices whose ``expires_at`` is before ``expired_before``, the earliest
         expiry first, at most ``limit`` of them."""
+
+    async def revenue(self, since: float, bucket_seconds: int) -> list[RevenueBucket]:
+        """What settled invoices received, per service and per time bucket: every SETTLED
+        invoice whose ``settled_at`` (its ``created_at`` when the node gave none) is at or
+        after ``since``, in buckets ``bucket_seconds`` long counted from the epoch (so a
+        bucket of 3600 is a UTC hour). Sums ``amount_paid_msat`` (``amount_msat`` where the
+        node reported none paid, as a credit purchase counts it). Only buckets with a
+        settlement, ordered by ``start`` then ``service``. ``ValueError`` for a bucket of
+        less than one second.
+
+        An invoice whose ``expires_at`` is more than 15 days before ``since`` is not read
+        (``gateway.store.credit.SETTLED_AFTER_EXPIRY``): no node settles one that late, and
+        so the query does not read the whole history."""
 
     async def list_open_credit_invoices(self, token_id: bytes, limit: int) -> list[InvoiceRecord]:
         """The OPEN invoices that buy credit for the account of ``token_id`` (its purchase
@@ -605,6 +817,70 @@ class StoreOperations(Protocol):
     async def prune_held_requests(self, now: float, limit: int) -> int:
         """Delete at most ``limit`` final held requests whose ``keep_until`` is before
         ``now``; returns how many. Their invoices and root keys stay (``prune_unpaid``'s)."""
+
+    # Webhooks (``gateway.webhooks``). ``apply_update``, ``move_held_request`` and
+    # ``finish_withdrawal`` write the events of their changes (``WEBHOOK_EVENT_TYPES``) in
+    # the same write, whatever the configuration; these fan them out to the endpoints and
+    # record each delivery.
+
+    async def fan_out_webhook_events(
+        self, subscriptions: Mapping[str, frozenset[str]], now: float, limit: int
+    ) -> int:
+        """For each endpoint of ``subscriptions`` (name -> the event types it wants), add a
+        PENDING delivery due ``now`` for each event after its cursor of a type it wants, at
+        most ``limit`` events per endpoint, and move its cursor past them, in one write. An
+        endpoint seen for the first time starts after the newest event; one no longer in
+        ``subscriptions`` is forgotten (its deliveries stay). Returns how many were added."""
+
+    async def next_webhook_delivery(
+        self, endpoint: str
+    ) -> tuple[WebhookDelivery, WebhookEvent] | None:
+        """The endpoint's PENDING delivery of the oldest event, and the event: deliveries to
+        one endpoint go out in event order, one at a time."""
+
+    async def record_webhook_attempt(
+        self,
+        event_id: int,
+        endpoint: str,
+        *,
+        state: DeliveryState,
+        now: float,
+        next_attempt_at: float,
+        status: int | None,
+        error: str,
+    ) -> None:
+        """The outcome of one attempt at a PENDING delivery: one more attempt, its status
+        and error, the new state (DELIVERED sets ``delivered_at`` = ``now``) and when to try
+        again. A delivery no longer PENDING is left as it is."""
+
+    async def get_webhook_event(self, event_id: int) -> WebhookEvent | None: ...
+
+    async def list_webhook_events(self, after: int = 0, limit: int = 100) -> list[WebhookEvent]:
+        """Events with an id above ``after``, the oldest first, at most ``limit``."""
+
+    async def list_webhook_deliveries(
+        self,
+        state: DeliveryState | None = None,
+        endpoint: str | None = None,
+        limit: int = 100,
+        *,
+        event_id: int | None = None,
+    ) -> list[WebhookDelivery]:
+        """Deliveries, the newest event first (by endpoint name within one event),
+        optionally only in ``state``, to ``endpoint`` or of ``event_id``."""
+
+    async def redeliver_webhooks(
+        self, now: float, *, event_id: int | None = None, endpoint: str | None = None
+    ) -> int:
+        """Make deliveries PENDING again, due ``now``, with no attempts: every delivery of
+        ``event_id`` (only to ``endpoint`` when given, adding it if that endpoint never had
+        it), or without ``event_id`` every DEAD one (of ``endpoint`` when given). Returns
+        how many."""
+
+    async def prune_webhook_events(self, before: float, limit: int) -> int:
+        """Delete at most ``limit`` events created before ``before`` that nobody still has
+        to send (no PENDING delivery, every endpoint's cursor at or past them), with their
+        deliveries; returns how many events went."""
 
 
 class Store(StoreOperations, Protocol):

@@ -28,9 +28,11 @@ import importlib
 import inspect
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway import errors
 from gateway.client import bolt11
@@ -39,9 +41,20 @@ from gateway.events import InvoiceEvents
 from gateway.expiry import InvoiceSweeper
 from gateway.fiat import FiatRate
 from gateway.health import HealthSlot, Readiness
+from gateway.liquidity import LiquidityMonitor, inbound_liquidity
 from gateway.lnd.client import LndClient
 from gateway.lnd.connection import LndSettings
-from gateway.ports import Clock, Msat, Store, SystemClock
+from gateway.ports import (
+    NO_METER,
+    AdminSlot,
+    Clock,
+    Liquidity,
+    Meter,
+    MetricsSlot,
+    Msat,
+    Store,
+    SystemClock,
+)
 from gateway.pricing import (
     CreditTerms,
     PathCase,
@@ -57,6 +70,9 @@ from gateway.service.withdraw import Withdrawer
 from gateway.store import open_store
 from gateway.supervisor import Supervisor, TaskHealth
 from gateway.watcher import InvoiceWatcher
+
+if TYPE_CHECKING:
+    from gateway.webhooks import WebhookSender
 
 __all__ = [
     "Runtime",
@@ -323,6 +339,12 @@ class Runtime:
     events: InvoiceEvents
     health: Callable[[], tuple[TaskHealth, ...]]
     readiness: Readiness
+    store: Store  # the store it opened (the admin dashboard reads it)
+    # The node's inbound liquidity now (``gateway.liquidity``; for the admin dashboard).
+    liquidity: Callable[[], Awaitable[Liquidity]]
+    # With [metrics] on: the meter, and the Prometheus text with its content type.
+    meter: Meter = NO_METER
+    metrics: Callable[[], Awaitable[tuple[bytes, str]]] | None = None
 
 
 @contextlib.asynccontextmanager
@@ -341,10 +363,20 @@ async def running_runtime(
         log.log(logging.INFO if watch else logging.DEBUG, "route %s", line)
     settings = lnd_settings(config)  # these fail on a bad config before the store is opened
     paying = payer_settings(config)
+    # The endpoints' secrets are read now: a missing one fails before anything is opened.
+    webhooks = _webhook_sender(config, clock) if watch and config.webhook else None
     store = await open_store(config.store.url)
+    meter: Meter = NO_METER
+    metrics: Callable[[], Awaitable[tuple[bytes, str]]] | None = None
+    if config.metrics.enabled:
+        # Imported only then: prometheus_client reads PROMETHEUS_MULTIPROC_DIR at import.
+        from gateway.metrics import PrometheusMeter
+
+        prometheus = PrometheusMeter(store.invoice_totals)
+        meter, metrics = prometheus, prometheus.exposition
     try:
         async with (
-            LndClient(settings) as lnd,
+            LndClient(settings, meter=meter) as lnd,
             _running_withdrawer(config, paying, store, clock) as withdrawer,
             # Only the watching process runs the hold executor (one per store).
             _running_runner(config, upstream if watch else None) as runner,
@@ -353,6 +385,7 @@ async def running_runtime(
             events = InvoiceEvents()
             on_held: Callable[[], None] | None = None
             caught_up: Callable[[], bool] | None = None
+            liquidity_check = None
             if runner is not None:
                 executor = HoldExecutor(
                     backend=lnd,
@@ -365,7 +398,7 @@ async def running_runtime(
                 supervisor.start("l402-hold-executor", executor.run)
                 on_held = executor.wake
             if watch:
-                watcher = InvoiceWatcher(lnd, store, events=events)
+                watcher = InvoiceWatcher(lnd, store, events=events, meter=meter)
                 supervisor.start("l402-invoice-watcher", watcher.run)
                 caught_up = watcher.connected.is_set
                 sweeper = InvoiceSweeper(
@@ -380,14 +413,53 @@ async def running_runtime(
                 supervisor.start("l402-invoice-sweeper", sweeper.run)
                 if withdrawer is not None:
                     supervisor.start("l402-withdrawal-resolver", withdrawer.run)
+                monitor = LiquidityMonitor(
+                    lnd,
+                    pricing.rules,
+                    interval=config.metrics.liquidity_interval,
+                    meter=meter,
+                )
+                supervisor.start("l402-liquidity", monitor.run)
+                liquidity_check = monitor.check
+                if webhooks is not None:
+                    sender = webhooks(store, events)
+                    supervisor.start("l402-webhook-sender", sender.run)
             fiat = _fiat_rate(config, clock)
             if fiat is not None and config.paywall.fiat_rate_url:
                 supervisor.start("l402-fiat-rate", fiat.run)
             service = _service(
-                config, pricing, lnd, store, clock, fiat, withdrawer, hold=terms, on_held=on_held
+                config,
+                pricing,
+                lnd,
+                store,
+                clock,
+                fiat,
+                withdrawer,
+                hold=terms,
+                on_held=on_held,
+                meter=meter,
             )
-            readiness = Readiness(lnd, store, supervisor.health, watcher_caught_up=caught_up)
-            yield Runtime(service, events, supervisor.health, readiness)
+            readiness = Readiness(
+                lnd,
+                store,
+                supervisor.health,
+                watcher_caught_up=caught_up,
+                liquidity=liquidity_check,
+            )
+
+            async def liquidity() -> Liquidity:
+                return await inbound_liquidity(lnd)
+
+            yield Runtime(
+                service,
+                events,
+                supervisor.health,
+                readiness,
+                store,
+                liquidity,
+                meter=meter,
+                metrics=metrics,
+            )
     finally:
         await store.close()
 
@@ -399,18 +471,62 @@ async def running_gateway(
     clock: Clock | None = None,
     watch: bool = True,
     health: HealthSlot | None = None,
+    metrics: MetricsSlot | None = None,
+    admin: AdminSlot | None = None,
 ) -> AsyncIterator[L402Service]:
     """``running_runtime``'s service: what ``setup_l402``, the ASGI middleware and
-    ``build_proxy`` take; its readiness goes in ``health`` (for ``build_proxy``'s) while it runs."""
+    ``build_proxy`` take; its readiness goes in ``health`` (for ``build_proxy``'s) while it
+    runs, its meter and exposition in ``metrics``, its store and liquidity in ``admin`` (for
+    the admin dashboard, ``gateway.web.admin``)."""
     async with running_runtime(config, clock=clock, watch=watch) as runtime:
-        if health is None:
-            yield runtime.service
-            return
-        health.readiness = runtime.readiness
+        if health is not None:
+            health.readiness = runtime.readiness
+        if metrics is not None:
+            metrics.meter, metrics.exposition = runtime.meter, runtime.metrics
+        if admin is not None:
+            admin.store, admin.liquidity = runtime.store, runtime.liquidity
         try:
             yield runtime.service
         finally:
-            health.readiness = None
+            if health is not None:
+                health.readiness = None
+            if metrics is not None:
+                metrics.meter, metrics.exposition = NO_METER, None
+            if admin is not None:
+                admin.store, admin.liquidity = None, None
+
+
+def _webhook_sender(
+    config: Config, clock: Clock
+) -> Callable[[Store, InvoiceEvents], WebhookSender]:
+    """What makes the ``WebhookSender`` of ``[[webhook]]`` once the store is open; the
+    secrets are read here (``ConfigError`` for a missing or malformed one)."""
+    # Imported only with endpoints: the sender needs aiohttp, which an ASGI app may lack.
+    from gateway.config.webhooks import read_secret
+    from gateway.webhooks import RetryPolicy, WebhookEndpoint, WebhookSender
+
+    endpoints = [
+        WebhookEndpoint(endpoint.name, endpoint.url, endpoint.subscribed, read_secret(endpoint))
+        for endpoint in config.webhook
+    ]
+    settings = config.webhooks
+    policy = RetryPolicy(
+        max_attempts=settings.max_attempts,
+        initial_backoff=settings.initial_backoff,
+        max_backoff=settings.max_backoff,
+        timeout=settings.timeout,
+        retention=settings.retention,
+        poll_interval=settings.poll_interval,
+    )
+    for endpoint in endpoints:
+        # The host only: the URL's user info or query may hold a credential.
+        host = urllib.parse.urlsplit(endpoint.url).hostname
+        log.info("webhook %s to %s: %s", endpoint.name, host, ", ".join(sorted(endpoint.events)))
+
+    def make(store: Store, events: InvoiceEvents) -> WebhookSender:
+        return WebhookSender(store, endpoints, policy, clock, events=events)
+
+    return make
 
 
 def _fiat_rate(config: Config, clock: Clock) -> FiatRate | None:
@@ -438,6 +554,7 @@ def _service(
     *,
     hold: HoldTerms | None = None,
     on_held: Callable[[], None] | None = None,
+    meter: Meter = NO_METER,
 ) -> L402Service:
     limits = config.rate_limit
     return L402Service(
@@ -472,4 +589,5 @@ def _service(
         hold_backend=lnd,
         hold=hold,
         on_held=on_held,
+        meter=meter,
     )

@@ -26,11 +26,13 @@ from collections.abc import AsyncGenerator
 from gateway import errors
 from gateway.events import InvoiceEvents, apply_and_publish
 from gateway.ports import (
+    NO_METER,
     Cursor,
     Invoice,
     InvoiceBackend,
     InvoiceState,
     InvoiceUpdate,
+    Meter,
     PaymentHash,
     Store,
 )
@@ -53,8 +55,10 @@ class InvoiceWatcher:
         initial_backoff: float = 0.5,
         max_backoff: float = 30.0,
         events: InvoiceEvents | None = None,
+        meter: Meter = NO_METER,
     ) -> None:
         self._backend = backend
+        self._meter = meter
         self._store = store
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
@@ -79,6 +83,7 @@ class InvoiceWatcher:
             if self._healthy:
                 backoff = self._initial_backoff
             log.warning("invoice subscription %s; retrying in %.1fs", reason, backoff)
+            self._meter.watcher_reconnect()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff)
 
@@ -105,6 +110,7 @@ class InvoiceWatcher:
         try:
             async for invoice in stream:
                 await self.record(invoice)
+                self._meter.watcher_event()
                 self._healthy = True
         finally:
             await stream.aclose()
@@ -159,6 +165,7 @@ class InvoiceWatcher:
             return changed
         self._healthy = True
         self.connected.set()
+        self._meter.watcher_event()
         if changed:
             log.info("reconciliation updated %d invoice(s)", changed)
         return changed

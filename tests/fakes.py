@@ -15,6 +15,7 @@ from typing import Any
 from gateway import errors
 from gateway.client import bolt11
 from gateway.ports import (
+    ChannelBalance,
     Invoice,
     InvoiceState,
     Msat,
@@ -138,6 +139,8 @@ class FakeInvoiceBackend:
         self.cancelled: collections.Counter[bytes] = collections.Counter()
         self.single_subscriptions = 0
         self._single: dict[bytes, set[asyncio.Queue[Invoice | None]]] = {}
+        # ListChannels' answer; None: refused, as a macaroon without offchain:read is.
+        self.channels: tuple[ChannelBalance, ...] | None = ()
 
     @property
     def live_streams(self) -> int:
@@ -341,6 +344,12 @@ class FakeInvoiceBackend:
         """Wait until ``subscribe_invoices`` has been called ``total`` times, failed or not."""
         async with self._changed:
             await self._changed.wait_for(lambda: len(self.subscriptions) >= total)
+
+    async def list_channels(self) -> tuple[ChannelBalance, ...]:
+        self._check()
+        if self.channels is None:
+            raise errors.BackendPermissionDenied("LND at fake: permission denied")
+        return self.channels
 
     async def lookup_invoice(self, payment_hash: PaymentHash) -> Invoice:
         self.lookups += 1

@@ -11,6 +11,7 @@ Commands::
     l402-gateway pay URL [-X M] [-H 'N: v'] [-d D]   fetch URL, paying its L402 challenge
     l402-gateway credit balance URL                  the credit of the token cached for URL
     l402-gateway credit withdraw URL [--amount-msat N]   ... paid out to the payer's node
+    l402-gateway --config ... webhooks list|show|redeliver   the signed webhooks' deliveries
     l402-gateway sample-config                       the commented sample configuration
     l402-gateway --version
 
@@ -39,7 +40,7 @@ from typing import Any
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from gateway import errors
-from gateway.cli import admin, backup, check, credit, pay, serve
+from gateway.cli import admin, backup, check, credit, pay, serve, webhooks
 from gateway.cli.formats import LOG_FORMATS, configure_logging
 from gateway.config import load_config
 
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     backup.add_parser(commands)
     pay.add_parser(commands)
     credit.add_parser(commands)
+    webhooks.add_parser(commands)
     _options_after_the_command(commands)
     return parser
 
@@ -148,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(admin.accounts(config, args.limit, args.json))
         if args.command == "backup":
             return backup.run(config, args.file)
+        if args.command == "webhooks":
+            return webhooks.run(config, args)
         return asyncio.run(admin.revoke(config, args.token_id))
     except errors.ConfigError as error:
         print(f"l402-gateway: configuration error: {error}", file=sys.stderr)

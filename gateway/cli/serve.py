@@ -2,7 +2,9 @@
 
 With ``[server] workers`` above one it supervises that many processes on the one port
 (``SO_REUSEPORT``); the first also runs the settlement watcher and the invoice sweeper, any
-worker's exit stops them all, and a worker dies with its supervisor.
+worker's exit stops them all, and a worker dies with its supervisor. The watching process
+also serves the admin dashboard on ``[admin] listen`` (``gateway.web.admin``); its password
+file is checked before anything starts.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
+import tempfile
 from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
@@ -25,10 +29,13 @@ from gateway.cli.check import startup_checks
 from gateway.cli.formats import configure_logging, current_log_format
 from gateway.config import Config, listen_address, store_location
 from gateway.health import HealthSlot
+from gateway.ports import AdminSlot, MetricsSlot
 from gateway.runtime import build_pricing, lnd_settings, running_gateway
+from gateway.web.admin import build_admin, read_password_file
 from gateway.web.connections import ServerLimits
+from gateway.web.metrics import metrics_app
 from gateway.web.proxy import build_proxy
-from gateway.web.server import connection_limit, serve
+from gateway.web.server import Listener, ListenError, connection_limit, serve
 
 log = logging.getLogger(__name__)
 WORKER_LOG_FORMAT = "%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s"
@@ -64,6 +71,8 @@ def run(config: Config) -> int:
     build_pricing(config)
     lnd_settings(config)  # fail on a bad config before binding the port
     startup_checks(config)  # the node, its certificate, the macaroon, the upstream
+    if config.admin.listen:
+        _admin_password(config)  # refused before anything starts: missing, empty, readable
     try:
         host, port = listen_address(config.server.listen)  # load_config checked it
     except ValueError as error:
@@ -122,9 +131,12 @@ def _serve_worker(
     server = config.server
     ipv6_prefix = config.rate_limit.ipv6_prefix
     health = HealthSlot()  # readiness of /.well-known/l402/ready, filled in at startup
+    metrics = MetricsSlot()  # the meter and /metrics, filled in at startup with [metrics]
+    # The admin dashboard: served by the watching process only (one per store).
+    admin = AdminSlot() if watch and config.admin.listen else None
     app = build_proxy(
         server.upstream or "",
-        lambda: running_gateway(config, watch=watch, health=health),
+        lambda: running_gateway(config, watch=watch, health=health, metrics=metrics, admin=admin),
         token_header=server.token_header,
         trust_forwarded_for=server.trust_forwarded_for,
         max_body_bytes=server.max_body_bytes,
@@ -136,6 +148,9 @@ def _serve_worker(
         ipv6_prefix=ipv6_prefix,
         max_held_body_bytes=config.hold.max_request_bytes,
         health=health,
+        # Off: not even the responses' count runs (the slot is still filled, and unused).
+        metrics=metrics if config.metrics.enabled else None,
+        metrics_path=config.metrics.path,
     )
     upstream = server.upstream_connections + server.paid_upstream_connections
     try:
@@ -156,8 +171,17 @@ def _serve_worker(
         max_connections_per_client=per_client,
         ipv6_prefix=ipv6_prefix,
     )
+    others = [] if admin is None else [_admin_listener(config, admin, limits)]
+    if watch and config.metrics.listen:
+        # The watching process serves it: one scrape there sees every worker.
+        others.append(_metrics_listener(config, metrics, limits))
     try:
-        asyncio.run(serve(app, host, port, limits, reuse_port=log_level is not None))
+        asyncio.run(serve(app, host, port, limits, reuse_port=log_level is not None, others=others))
+    except ListenError as error:  # another address of this process: named in the message
+        if log_level is None:
+            raise errors.ConfigError(str(error.strerror)) from None
+        log.error("%s", error.strerror)
+        raise SystemExit(2) from None
     except OSError as error:
         # Only the listening socket's errors (taken, not this host's, privileged): a bad
         # [server] listen, said in one line; any other OSError keeps its traceback.
@@ -168,6 +192,59 @@ def _serve_worker(
             raise errors.ConfigError(message) from None
         log.error("%s", message)  # a worker: its supervisor stops the others
         raise SystemExit(2) from None
+
+
+def _admin_password(config: Config) -> str:
+    password_file = config.admin.password_file
+    assert password_file is not None  # AdminConfig requires it with listen
+    return read_password_file(password_file)
+
+
+def _admin_listener(config: Config, admin: AdminSlot, limits: ServerLimits) -> Listener:
+    """The admin dashboard on ``[admin] listen``, with the proxy's timeouts and a small
+    connection cap of its own (an operator's browser needs a few)."""
+    host, port = listen_address(config.admin.listen)  # load_config checked it
+    log.info("admin dashboard on http://%s/", config.admin.listen)
+    return Listener(
+        "[admin] listen " + config.admin.listen,
+        build_admin(admin, _admin_password(config)),
+        host,
+        port,
+        ServerLimits(
+            header_timeout=limits.header_timeout,
+            idle_timeout=limits.idle_timeout,
+            max_connections=64,
+            max_connections_per_client=16,
+            ipv6_prefix=limits.ipv6_prefix,
+        ),
+    )
+
+
+def _metrics_listener(config: Config, metrics: MetricsSlot, limits: ServerLimits) -> Listener:
+    """``/metrics`` on ``[metrics] listen``, with the proxy's timeouts and a small connection
+    cap of its own (a Prometheus server or two)."""
+    host, port = listen_address(config.metrics.listen)  # load_config checked it
+    log.info("metrics on http://%s/metrics", config.metrics.listen)
+    return Listener(
+        "[metrics] listen " + config.metrics.listen,
+        metrics_app(metrics),
+        host,
+        port,
+        ServerLimits(
+            header_timeout=limits.header_timeout,
+            idle_timeout=limits.idle_timeout,
+            max_connections=64,
+            max_connections_per_client=16,
+            ipv6_prefix=limits.ipv6_prefix,
+        ),
+    )
+
+
+def _metrics_process_dead(pid: int) -> None:
+    """Drop an exited worker's live gauges (prometheus_client's ``mark_process_dead``)."""
+    from prometheus_client.multiprocess import mark_process_dead  # only with [metrics]
+
+    mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def die_with_parent(supervisor: int) -> None:
@@ -184,7 +261,24 @@ def die_with_parent(supervisor: int) -> None:
 
 def _serve_workers(config: Config, host: str, port: int) -> int:
     """Run ``workers`` proxy processes on one port (SO_REUSEPORT); the first one also runs
-    the settlement watcher. Any worker's exit stops them all."""
+    the settlement watcher. Any worker's exit stops them all.
+
+    With ``[metrics]`` on, the workers keep their metrics in files of a private directory
+    (prometheus_client's multiprocess mode), made here before they start and removed at exit.
+    """
+    if not config.metrics.enabled:
+        return _run_workers(config, host, port)
+    directory = tempfile.mkdtemp(prefix="l402-metrics-")
+    # Inherited by the spawned workers, which import prometheus_client only after it is set.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    try:
+        return _run_workers(config, host, port)
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _run_workers(config: Config, host: str, port: int) -> int:
     context = multiprocessing.get_context("spawn")  # no gRPC state crosses a fork
     level = logging.getLogger().getEffectiveLevel()
     log_format = current_log_format()
@@ -226,6 +320,8 @@ def _serve_workers(config: Config, host: str, port: int) -> int:
     stop(signal.SIGTERM, None)
     for worker in workers:
         worker.join()
+        if config.metrics.enabled and worker.pid is not None:
+            _metrics_process_dead(worker.pid)
     for worker in failed:
         log.error("%s exited with %s; stopped the others", worker.name, worker.exitcode)
     if any(worker.exitcode == 2 for worker in failed):

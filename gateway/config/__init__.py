@@ -58,6 +58,7 @@ from gateway.config.checks import (
     store_location,
 )
 from gateway.config.routes import STANDARD_METHODS, RouteConfig, route_warnings
+from gateway.config.webhooks import WebhookEndpointConfig, WebhooksConfig, check_endpoints
 from gateway.errors import ConfigError
 
 __all__ = [
@@ -73,17 +74,21 @@ __all__ = [
     "MIN_SWEEP_INTERVAL",
     "STANDARD_METHODS",
     "SUPPORTED_STORE_URLS",
+    "AdminConfig",
     "Config",
     "CreditConfig",
     "HoldConfig",
     "L402Config",
     "LndConfig",
+    "MetricsConfig",
     "PathsConfig",
     "PaywallConfig",
     "RateLimitConfig",
     "RouteConfig",
     "ServerConfig",
     "StoreConfig",
+    "WebhookEndpointConfig",
+    "WebhooksConfig",
     "listen_address",
     "load_config",
     "route_warnings",
@@ -447,6 +452,45 @@ class HoldConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """``[admin]``: the admin dashboard (``gateway.web.admin``) on an address of its own,
+    served by the process that runs the watcher; off while ``listen`` is empty."""
+
+    listen: str = ""  # host:port of the dashboard; keep it private (127.0.0.1, a VPN)
+    # HTTP Basic auth as user "admin" with the password in this file (one line, mode 0600);
+    # required with listen.
+    password_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            return
+        listen_address(self.listen)
+        if self.password_file is None:
+            raise ValueError("listen needs password_file (the admin password, mode 0600)")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: Prometheus metrics (``gateway.metrics``); off unless one is set."""
+
+    listen: str = ""  # host:port of a listener of its own (served by the watching worker)
+    path: str = ""  # e.g. "/metrics": answered on the main listener by every worker
+    liquidity_interval: float = 60.0  # seconds between inbound liquidity measurements
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            listen_address(self.listen)
+        if self.path and not (self.path.startswith("/") and "?" not in self.path):
+            raise ValueError(f"path must be an absolute path like /metrics, got {self.path!r}")
+        interval = self.liquidity_interval
+        require(5 <= interval <= 86400, "liquidity_interval", "5 to 86400 seconds", interval)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen or self.path)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = ServerConfig()
     lnd: LndConfig = LndConfig()
@@ -457,6 +501,10 @@ class Config:
     paywall: PaywallConfig = PaywallConfig()
     credit: CreditConfig = CreditConfig()
     hold: HoldConfig = HoldConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()  # noqa: RUF009 - frozen, immutable
+    webhook: tuple[WebhookEndpointConfig, ...] = ()  # the [[webhook]] endpoints
+    admin: AdminConfig = AdminConfig()
+    metrics: MetricsConfig = MetricsConfig()
     routes: tuple[RouteConfig, ...] = ()
     # The config file's directory: price functions are imported from it first.
     directory: Path | None = None
@@ -472,6 +520,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "paywall": PaywallConfig,
     "credit": CreditConfig,
     "hold": HoldConfig,
+    "webhooks": WebhooksConfig,
+    "admin": AdminConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -566,7 +617,7 @@ def load_config(
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             # tomllib decodes the bytes itself: a file that is not UTF-8 is not TOML.
             raise ConfigError(f"{path}: invalid TOML: {error}") from None
-    unknown = sorted(set(document) - set(_SECTIONS) - {"routes"})
+    unknown = sorted(set(document) - set(_SECTIONS) - {"routes", "webhook"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
 
@@ -598,7 +649,8 @@ def load_config(
             raise ConfigError(f"{where}: set exactly one of price_msat, price_function, free")
         routes.append(route)
     directory = Path(path).resolve().parent if path is not None else None
-    config = Config(**sections, routes=tuple(routes), directory=directory)
+    webhook = _webhook_endpoints(document.get("webhook", []))
+    config = Config(**sections, routes=tuple(routes), webhook=webhook, directory=directory)
     if config.server.upstream is None:
         for index, route in enumerate(config.routes):
             if route.settle == "on_success":
@@ -615,6 +667,23 @@ def load_config(
     if uses_lnd and config.credit.withdrawals and config.credit.payment_macaroon is not None:
         warn_if_readable_by_others(config.credit.payment_macaroon, "payment macaroon")
     return config
+
+
+def _webhook_endpoints(raw: object) -> tuple[WebhookEndpointConfig, ...]:
+    """``[[webhook]]`` tables, read only from the file (their secrets are not in it)."""
+    if not isinstance(raw, list):
+        raise ConfigError("webhook must be an array of tables ([[webhook]])")
+    endpoints = []
+    for index, table in enumerate(raw):
+        where = f"webhook[{index}]"
+        if not isinstance(table, dict) or "name" not in table or "url" not in table:
+            raise ConfigError(f"{where}: must be a table ([[webhook]]) with a name and a url")
+        endpoints.append(_build(WebhookEndpointConfig, where, table))
+    check_endpoints(tuple(endpoints))
+    for endpoint in endpoints:
+        if endpoint.secret_file is not None:
+            warn_if_readable_by_others(endpoint.secret_file, "webhook secret file")
+    return tuple(endpoints)
 
 
 def warn_if_readable_by_others(path: Path, what: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any, NoReturn
 
@@ -19,9 +20,12 @@ from gateway.lnd.protos import (
     router_pb2_grpc,
 )
 from gateway.ports import (
+    NO_METER,
+    ChannelBalance,
     DecodedPaymentRequest,
     Invoice,
     InvoiceState,
+    Meter,
     Msat,
     NewInvoice,
     NodeInfo,
@@ -130,12 +134,19 @@ def _payment(message: lightning_pb2.Payment) -> Payment:
 class LndClient:
     """Talks to one LND node. Implements InvoiceBackend, HoldInvoiceBackend and Payer."""
 
-    def __init__(self, settings: LndSettings) -> None:
+    def __init__(self, settings: LndSettings, *, meter: Meter = NO_METER) -> None:
         self._connection = LndConnection(settings)
         channel = self._connection.channel
         self._lightning = lightning_pb2_grpc.LightningStub(channel)
         self._invoices = invoices_pb2_grpc.InvoicesStub(channel)
         self._router = router_pb2_grpc.RouterStub(channel)
+        self._meter = meter
+        # Each stub method's RPC name, for the metrics' method label (a fixed set).
+        self._rpc_names = {
+            id(method): name
+            for stub in (self._lightning, self._invoices, self._router)
+            for name, method in vars(stub).items()
+        }
         self._metadata = self._connection.metadata
         self._timeout = self._connection.timeout
         self._host = self._connection.host
@@ -160,8 +171,29 @@ class LndClient:
         raise map_rpc_error(error, self._host) from error
 
     async def _unary(self, method: Callable[..., Any], request: object) -> Any:
-        with self._mapped_errors():
-            return await method(request, metadata=self._metadata, timeout=self._timeout)
+        started = time.perf_counter()
+        error: str | None = None
+        try:
+            with self._mapped_errors():
+                return await method(request, metadata=self._metadata, timeout=self._timeout)
+        except errors.BackendError as failure:
+            error = type(failure).__name__
+            raise
+        finally:
+            name = self._rpc_names.get(id(method), "other")
+            self._meter.lnd_call(name, time.perf_counter() - started, error)
+
+    async def list_channels(self) -> tuple[ChannelBalance, ...]:
+        """The node's channels with their inbound side (ListChannels; ``offchain:read``)."""
+        reply = await self._unary(self._lightning.ListChannels, lightning_pb2.ListChannelsRequest())
+        return tuple(
+            ChannelBalance(
+                active=channel.active,
+                remote_balance_msat=Msat(channel.remote_balance * 1000),
+                remote_reserve_msat=Msat(channel.remote_constraints.chan_reserve_sat * 1000),
+            )
+            for channel in reply.channels
+        )
 
     async def get_info(self) -> NodeInfo:
         reply = await self._unary(self._lightning.GetInfo, lightning_pb2.GetInfoRequest())

@@ -10,12 +10,14 @@ from urllib.parse import unquote
 
 from gateway import errors, l402
 from gateway.ports import (
+    NO_METER,
     Clock,
     HeldRequest,
     HeldState,
     HoldInvoiceBackend,
     InvoiceBackend,
     InvoiceRecord,
+    Meter,
     PaymentHash,
     Store,
 )
@@ -29,6 +31,7 @@ from gateway.service.decisions import (
     Decision,
     Deny,
     PaidToken,
+    PaymentChallenge,
     Refusal,
     RequestInfo,
 )
@@ -73,8 +76,10 @@ class L402Service:
         hold_backend: HoldInvoiceBackend | None = None,
         hold: HoldTerms | None = None,
         on_held: Callable[[], None] | None = None,
+        meter: Meter = NO_METER,
     ) -> None:
         self.pricing = pricing
+        self._meter = meter
         self._store = store
         self._clock = clock
         self._location = location
@@ -129,6 +134,25 @@ class L402Service:
         On a credit route a valid token's Allow holds the request's price from its balance
         (``Allow.charge``, to be ended with ``finish_charge``); a balance that does not cover
         it gets a top-up challenge for the same account."""
+        decision = await self._authorize(request)
+        self._count(decision)
+        return decision
+
+    def _count(self, decision: Decision | RedeemResult) -> None:
+        meter = self._meter
+        if isinstance(decision, PaymentChallenge):
+            meter.challenge_issued(decision.service)
+        elif isinstance(decision, Allow):
+            if decision.token is not None:
+                meter.paid_request(decision.token.service)
+        elif isinstance(decision, Deny):
+            label = refusal_label(decision.reason)
+            meter.refused(decision.status, label)
+            limit = _RATE_LIMITS.get(label)
+            if limit is not None:
+                meter.rate_limited(limit)
+
+    async def _authorize(self, request: RequestInfo) -> Decision:
         rule = self.pricing.resolve(request.method, request.path, request.method_overrides)
         if isinstance(rule, Refused):
             return Deny(rule.status, rule.reason)
@@ -255,7 +279,10 @@ class L402Service:
             )
         except errors.StoreError:
             return None
-        return held if isinstance(held, Allow) else None
+        if not isinstance(held, Allow):
+            return None
+        self._meter.paid_request(verified.token.service)
+        return held
 
     def _remember_credit_rule(self, key: AllowedKey, rule: Rule) -> None:
         if len(self._credit_rules) >= ALLOWED_CACHE_SIZE:
@@ -377,7 +404,9 @@ class L402Service:
         self, request: RequestInfo, rule: Rule, reason: l402.ChallengeReason
     ) -> Decision:
         """A fresh invoice and token for ``rule`` (``ChallengeIssuer.challenge``)."""
-        return await self._issuer.challenge(request, rule, reason)
+        decision = await self._issuer.challenge(request, rule, reason)
+        self._count(decision)
+        return decision
 
     def allowed_again(self, authorization: tuple[str, ...], method: str, path: str) -> Allow | None:
         """The Allow already verified for this exact credential and request line, if any.
@@ -386,7 +415,10 @@ class L402Service:
         with no request description to build. Never one for a credit route: each of its
         requests must hold its price (``authorize``).
         """
-        return self._allowed.get((authorization, method, path))
+        allowed = self._allowed.get((authorization, method, path))
+        if allowed is not None and allowed.token is not None:
+            self._meter.paid_request(allowed.token.service)
+        return allowed
 
     async def _authorize_cookies(self, request: RequestInfo, rule: Rule) -> Decision:
         """The first cookie credential that verifies; else a fresh challenge (never a 401)."""
@@ -418,7 +450,9 @@ class L402Service:
         ours (unknown, revoked, forged), 429 when the client asks too often, 503 when the
         store or the node cannot answer.
         """
-        return await self._redeemer.redeem(macaroon_b64, client=client)
+        result = await self._redeemer.redeem(macaroon_b64, client=client)
+        self._count(result)
+        return result
 
     async def revoke(self, token_id: bytes) -> bool:
         """Revoke a token everywhere its root key is stored; True if it existed."""
@@ -426,6 +460,20 @@ class L402Service:
         self._verifier.forget()
         self._redeemer.forget()
         return revoked
+
+
+_REFUSALS = {refusal.value: refusal.name.lower() for refusal in Refusal}
+_RATE_LIMITS = {
+    Refusal.TOO_MANY_CHALLENGES.name.lower(): "challenges",
+    Refusal.TOO_MANY_REDEEMS.name.lower(): "redeems",
+    Refusal.TOO_MANY_HELD_FOR_CLIENT.name.lower(): "held",
+}
+
+
+def refusal_label(reason: str) -> str:
+    """A refusal's metrics label: the ``Refusal``'s name; "other" for any other text (a
+    token error's, a route's own): a bounded vocabulary, whatever the reason says."""
+    return _REFUSALS.get(reason, "other")
 
 
 def _same_request(held: HeldRequest, request: RequestInfo) -> bool:

@@ -70,3 +70,16 @@ def invoice_key_id(payment_hash: bytes, token_id: bytes) -> bytes | None:
         return Identifier(0, payment_hash, token_id).key_id
     except ValueError:
         return None
+
+
+# ``revenue`` reads only invoices whose expiry is at most this long before its ``since``: a
+# node takes no payment for an expired invoice, and a held one (pay on success) is settled
+# or cancelled within its CLTV delta (at most 2016 blocks, about 14 days). A day more for
+# the node's clock against ours.
+SETTLED_AFTER_EXPIRY = 15 * 86_400
+
+
+def check_bucket(bucket_seconds: int) -> None:
+    """``revenue``'s bucket length: a whole number of seconds, at least one."""
+    if bucket_seconds < 1:
+        raise ValueError(f"bucket_seconds must be >= 1, got {bucket_seconds}")

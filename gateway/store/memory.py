@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TypeVar
 
 from gateway.errors import StoreClosed, StoreError
@@ -24,23 +24,30 @@ from gateway.ports import (
     Clock,
     CreditTotals,
     Cursor,
+    DeliveryState,
     HeldRequest,
     HeldState,
     InvoiceRecord,
     InvoiceState,
+    InvoiceTotal,
     InvoiceUpdate,
     Msat,
     PaymentHash,
     Reservation,
     Reserved,
+    RevenueBucket,
     StoredResponse,
     StoreOperations,
     SystemClock,
+    WebhookDelivery,
+    WebhookEvent,
     Withdrawal,
     WithdrawalState,
 )
 from gateway.store.credit import (
+    SETTLED_AFTER_EXPIRY,
     check_amount,
+    check_bucket,
     check_pending,
     credit_bought,
     duplicate_withdrawal,
@@ -50,6 +57,7 @@ from gateway.store.credit import (
 )
 from gateway.store.gate import TransactionGate
 from gateway.store.held import HELD_FINAL, check_move, check_new, delivered, moved
+from gateway.store.outbox import NewEvent, held_events, invoice_events, withdrawal_events
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -76,6 +84,12 @@ class _Tables:
         self.charges: dict[int, Charge] = {}  # keyed by insertion sequence
         self.withdrawals: dict[bytes, tuple[int, Withdrawal]] = {}
         self.held: dict[bytes, tuple[int, HeldRequest]] = {}
+        # Webhooks: the outbox (event ids never reused, as with AUTOINCREMENT), deliveries by
+        # (endpoint, event id), and each endpoint's fan-out cursor.
+        self.events: dict[int, WebhookEvent] = {}
+        self.event_ids = itertools.count(1)
+        self.deliveries: dict[tuple[str, int], WebhookDelivery] = {}
+        self.webhook_cursors: dict[str, int] = {}
         self.sequence = itertools.count()
         self.undo: list[Callable[[], None]] | None = None  # a journal while a transaction is open
 
@@ -133,6 +147,7 @@ class _Tables:
             self._put_account(
                 dataclasses.replace(account, credited_msat=Msat(account.credited_msat + credit))
             )
+        self._add_events(invoice_events(record, updated, self.clock.now()))
         return updated
 
     def get_invoice(self, payment_hash: PaymentHash) -> InvoiceRecord | None:
@@ -154,6 +169,21 @@ class _Tables:
         records = [record for _, _, record in entries]
         return records if limit is None else records[:limit]
 
+    def invoice_totals(self) -> list[InvoiceTotal]:
+        totals: dict[tuple[str, InvoiceState], tuple[int, int, int]] = {}
+        for _, record in self.invoices.values():
+            key = (record.service, record.state)
+            count, amount, received = totals.get(key, (0, 0, 0))
+            if record.state is InvoiceState.SETTLED:
+                received += record.amount_paid_msat or record.amount_msat
+            totals[key] = (count + 1, amount + record.amount_msat, received)
+        return [
+            InvoiceTotal(service, state, count, Msat(amount), Msat(received))
+            for (service, state), (count, amount, received) in sorted(
+                totals.items(), key=lambda item: (item[0][0], item[0][1].value)
+            )
+        ]
+
     def list_overdue(self, expired_before: float, limit: int) -> list[InvoiceRecord]:
         overdue = sorted(
             (
@@ -164,6 +194,24 @@ class _Tables:
             key=lambda entry: (entry[0], entry[1]),
         )
         return [record for _, _, record in overdue[: max(0, limit)]]
+
+    def revenue(self, since: float, bucket_seconds: int) -> list[RevenueBucket]:
+        check_bucket(bucket_seconds)
+        sums: dict[tuple[int, str], tuple[int, int]] = {}
+        for _, record in self.invoices.values():
+            at = record.settled_at if record.settled_at is not None else record.created_at
+            if record.state is not InvoiceState.SETTLED or at < since:
+                continue
+            if record.expires_at < since - SETTLED_AFTER_EXPIRY:
+                continue  # as SqliteStore: settled long past its expiry, which no node does
+            key = (int(at // bucket_seconds) * bucket_seconds, record.service)
+            count, total = sums.get(key, (0, 0))
+            # As a credit purchase counts it: the amount when the node reported none paid.
+            sums[key] = (count + 1, total + (record.amount_paid_msat or record.amount_msat))
+        return [
+            RevenueBucket(start, service, count, Msat(total))
+            for (start, service), (count, total) in sorted(sums.items())
+        ]
 
     def list_open_credit_invoices(self, token_id: bytes, limit: int) -> list[InvoiceRecord]:
         entries = sorted(
@@ -382,6 +430,7 @@ class _Tables:
         if account is not None:
             withdrawn = Msat(account.withdrawn_msat - refund(resolved))
             self._put_account(dataclasses.replace(account, withdrawn_msat=withdrawn))
+        self._add_events(withdrawal_events(resolved, now))
         return resolved
 
     def list_withdrawals(
@@ -445,6 +494,7 @@ class _Tables:
         after = moved(held, state, now, response, failure, keep_until)
         if after is not None:
             self._set(self.held, payment_hash, (sequence, after))
+            self._add_events(held_events(after))
         return after
 
     def mark_held_delivered(self, payment_hash: PaymentHash, now: float, keep_until: float) -> None:
@@ -461,6 +511,151 @@ class _Tables:
         )[: max(0, limit)]
         for _, _, payment_hash in doomed:
             self._delete(self.held, payment_hash)
+        return len(doomed)
+
+    # Webhooks
+    def _add_events(self, events: list[NewEvent]) -> None:
+        for event in events:
+            event_id = next(self.event_ids)
+            stored = WebhookEvent(
+                event_id, event.type, event.resource, event.payload, self.clock.now()
+            )
+            self._set(self.events, event_id, stored)
+
+    def fan_out_webhook_events(
+        self, subscriptions: Mapping[str, frozenset[str]], now: float, limit: int
+    ) -> int:
+        for name in [name for name in self.webhook_cursors if name not in subscriptions]:
+            self._delete(self.webhook_cursors, name)
+        newest = max(self.events, default=0)
+        added = 0
+        for name, types in subscriptions.items():
+            cursor = self.webhook_cursors.get(name)
+            if cursor is None:
+                self._set(self.webhook_cursors, name, newest)
+                continue
+            batch = sorted(event_id for event_id in self.events if event_id > cursor)
+            batch = batch[: max(0, limit)]
+            for event_id in batch:
+                event = self.events[event_id]
+                if event.type in types and (name, event_id) not in self.deliveries:
+                    delivery = WebhookDelivery(
+                        event_id, name, event.type, DeliveryState.PENDING, 0, now
+                    )
+                    self._set(self.deliveries, (name, event_id), delivery)
+                    added += 1
+            if batch:
+                self._set(self.webhook_cursors, name, batch[-1])
+        return added
+
+    def next_webhook_delivery(self, endpoint: str) -> tuple[WebhookDelivery, WebhookEvent] | None:
+        pending = [
+            delivery
+            for (name, _), delivery in self.deliveries.items()
+            if name == endpoint and delivery.state is DeliveryState.PENDING
+        ]
+        if not pending:
+            return None
+        first = min(pending, key=lambda delivery: delivery.event_id)
+        return first, self.events[first.event_id]
+
+    def record_webhook_attempt(
+        self,
+        event_id: int,
+        endpoint: str,
+        state: DeliveryState,
+        now: float,
+        next_attempt_at: float,
+        status: int | None,
+        error: str,
+    ) -> None:
+        delivery = self.deliveries.get((endpoint, event_id))
+        if delivery is None or delivery.state is not DeliveryState.PENDING:
+            return
+        after = dataclasses.replace(
+            delivery,
+            state=state,
+            attempts=delivery.attempts + 1,
+            next_attempt_at=next_attempt_at,
+            last_status=status,
+            last_error=error,
+            delivered_at=now if state is DeliveryState.DELIVERED else None,
+        )
+        self._set(self.deliveries, (endpoint, event_id), after)
+
+    def list_webhook_events(self, after: int, limit: int) -> list[WebhookEvent]:
+        ids = sorted(event_id for event_id in self.events if event_id > after)
+        return [self.events[event_id] for event_id in ids[: max(0, limit)]]
+
+    def list_webhook_deliveries(
+        self,
+        state: DeliveryState | None,
+        endpoint: str | None,
+        limit: int,
+        event_id: int | None,
+    ) -> list[WebhookDelivery]:
+        chosen = sorted(
+            (
+                delivery
+                for delivery in self.deliveries.values()
+                if (state is None or delivery.state is state)
+                and (endpoint is None or delivery.endpoint == endpoint)
+                and (event_id is None or delivery.event_id == event_id)
+            ),
+            key=lambda delivery: (-delivery.event_id, delivery.endpoint),
+        )
+        return chosen[: max(0, limit)]
+
+    def redeliver_webhooks(self, now: float, event_id: int | None, endpoint: str | None) -> int:
+        if event_id is None:
+            chosen = [
+                key
+                for key, delivery in self.deliveries.items()
+                if delivery.state is DeliveryState.DEAD and endpoint in (None, key[0])
+            ]
+        else:
+            event = self.events.get(event_id)
+            if event is None:
+                return 0
+            chosen = [
+                key for key in self.deliveries if key[1] == event_id and endpoint in (None, key[0])
+            ]
+            if endpoint is not None and not chosen:
+                fresh = WebhookDelivery(
+                    event_id, endpoint, event.type, DeliveryState.PENDING, 0, now
+                )
+                self._set(self.deliveries, (endpoint, event_id), fresh)
+                return 1
+        for key in chosen:
+            again = dataclasses.replace(
+                self.deliveries[key],
+                state=DeliveryState.PENDING,
+                attempts=0,
+                next_attempt_at=now,
+                delivered_at=None,
+            )
+            self._set(self.deliveries, key, again)
+        return len(chosen)
+
+    def prune_webhook_events(self, before: float, limit: int) -> int:
+        behind = min(self.webhook_cursors.values(), default=None)
+        busy = {
+            event_id
+            for (_, event_id), delivery in self.deliveries.items()
+            if delivery.state is DeliveryState.PENDING
+        }
+        doomed = sorted(
+            event_id
+            for event_id, event in self.events.items()
+            if event.created_at < before
+            and event_id not in busy
+            and (behind is None or event_id <= behind)
+        )[: max(0, limit)]
+        gone = set(doomed)
+        for key in [key for key in self.deliveries if key[1] in gone]:
+            self._delete(self.deliveries, key)
+        for event_id in doomed:
+            self._delete(self.events, event_id)
         return len(doomed)
 
 
@@ -493,8 +688,14 @@ class _MemoryOperations:
     ) -> list[InvoiceRecord]:
         return await self._run(lambda tables: tables.list_invoices(state, limit))
 
+    async def invoice_totals(self) -> list[InvoiceTotal]:
+        return await self._run(lambda tables: tables.invoice_totals())
+
     async def list_overdue(self, expired_before: float, limit: int) -> list[InvoiceRecord]:
         return await self._run(lambda tables: tables.list_overdue(expired_before, limit))
+
+    async def revenue(self, since: float, bucket_seconds: int) -> list[RevenueBucket]:
+        return await self._run(lambda tables: tables.revenue(since, bucket_seconds))
 
     async def list_open_credit_invoices(self, token_id: bytes, limit: int) -> list[InvoiceRecord]:
         return await self._run(lambda tables: tables.list_open_credit_invoices(token_id, limit))
@@ -599,6 +800,61 @@ class _MemoryOperations:
 
     async def prune_held_requests(self, now: float, limit: int) -> int:
         return await self._run(lambda tables: tables.prune_held_requests(now, limit))
+
+    async def fan_out_webhook_events(
+        self, subscriptions: Mapping[str, frozenset[str]], now: float, limit: int
+    ) -> int:
+        return await self._run(
+            lambda tables: tables.fan_out_webhook_events(subscriptions, now, limit)
+        )
+
+    async def next_webhook_delivery(
+        self, endpoint: str
+    ) -> tuple[WebhookDelivery, WebhookEvent] | None:
+        return await self._run(lambda tables: tables.next_webhook_delivery(endpoint))
+
+    async def record_webhook_attempt(
+        self,
+        event_id: int,
+        endpoint: str,
+        *,
+        state: DeliveryState,
+        now: float,
+        next_attempt_at: float,
+        status: int | None,
+        error: str,
+    ) -> None:
+        await self._run(
+            lambda tables: tables.record_webhook_attempt(
+                event_id, endpoint, state, now, next_attempt_at, status, error
+            )
+        )
+
+    async def get_webhook_event(self, event_id: int) -> WebhookEvent | None:
+        return await self._run(lambda tables: tables.events.get(event_id))
+
+    async def list_webhook_events(self, after: int = 0, limit: int = 100) -> list[WebhookEvent]:
+        return await self._run(lambda tables: tables.list_webhook_events(after, limit))
+
+    async def list_webhook_deliveries(
+        self,
+        state: DeliveryState | None = None,
+        endpoint: str | None = None,
+        limit: int = 100,
+        *,
+        event_id: int | None = None,
+    ) -> list[WebhookDelivery]:
+        return await self._run(
+            lambda tables: tables.list_webhook_deliveries(state, endpoint, limit, event_id)
+        )
+
+    async def redeliver_webhooks(
+        self, now: float, *, event_id: int | None = None, endpoint: str | None = None
+    ) -> int:
+        return await self._run(lambda tables: tables.redeliver_webhooks(now, event_id, endpoint))
+
+    async def prune_webhook_events(self, before: float, limit: int) -> int:
+        return await self._run(lambda tables: tables.prune_webhook_events(before, limit))
 
 
 class _MemoryTransaction(_MemoryOperations):

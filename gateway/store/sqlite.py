@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,25 +43,32 @@ from gateway.ports import (
     Clock,
     CreditTotals,
     Cursor,
+    DeliveryState,
     HeldRequest,
     HeldState,
     InvoiceRecord,
     InvoiceState,
+    InvoiceTotal,
     InvoiceUpdate,
     Msat,
     PaymentHash,
     Preimage,
     Reservation,
     Reserved,
+    RevenueBucket,
     StoredRequest,
     StoredResponse,
     StoreOperations,
     SystemClock,
+    WebhookDelivery,
+    WebhookEvent,
     Withdrawal,
     WithdrawalState,
 )
 from gateway.store.credit import (
+    SETTLED_AFTER_EXPIRY,
     check_amount,
+    check_bucket,
     check_pending,
     credit_bought,
     duplicate_withdrawal,
@@ -78,6 +85,7 @@ from gateway.store.held import (
     keeps_request,
     predecessors,
 )
+from gateway.store.outbox import NewEvent, held_events, invoice_events, withdrawal_events
 from gateway.store.sqlite_file import Synchronous, connect, connect_nonblocking, describe
 
 T = TypeVar("T")
@@ -117,6 +125,14 @@ _LIST_INVOICES = """
            buys_credit
     FROM invoices ORDER BY created_at DESC, rowid DESC LIMIT ?
 """
+# Sums as integers (sum() of no rows is NULL: coalesced).
+_INVOICE_TOTALS = """
+    SELECT service, state, count(*), coalesce(sum(amount_msat), 0),
+           coalesce(sum(CASE WHEN state != 'SETTLED' THEN 0
+                             WHEN amount_paid_msat > 0 THEN amount_paid_msat
+                             ELSE amount_msat END), 0)
+    FROM invoices GROUP BY service, state ORDER BY service, state
+"""
 _LIST_INVOICES_IN_STATE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
@@ -128,6 +144,17 @@ _LIST_OVERDUE = """
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
            buys_credit
     FROM invoices WHERE state = 'OPEN' AND expires_at < ? ORDER BY expires_at, rowid LIMIT ?
+"""
+# Settled at (created at, when the node gave no time) bucketed from the epoch; the amount
+# paid, or the invoice's when none was reported (as a credit purchase counts it).
+_REVENUE = """
+    SELECT CAST(at / ? AS INTEGER) * ? AS start, service, COUNT(*), SUM(amount)
+    FROM (
+        SELECT COALESCE(settled_at, created_at) AS at, service,
+               CASE WHEN amount_paid_msat > 0 THEN amount_paid_msat ELSE amount_msat END AS amount
+        FROM invoices WHERE state = 'SETTLED' AND expires_at >= ?
+    )
+    WHERE at >= ? GROUP BY start, service ORDER BY start, service
 """
 # By the invoices_token_id index: ``+state`` keeps the planner off invoices_state_created_at,
 # which would walk every OPEN invoice of every token (a token has few invoices to sort).
@@ -328,6 +355,69 @@ _PRUNE_HELD = """
     )
 """
 
+# Webhooks: the outbox and its deliveries.
+_ADD_EVENT = "INSERT INTO events (type, resource, payload, created_at) VALUES (?, ?, ?, ?)"
+_GET_EVENT = "SELECT id, type, resource, payload, created_at FROM events WHERE id = ?"
+_LIST_EVENTS = """
+    SELECT id, type, resource, payload, created_at FROM events WHERE id > ? ORDER BY id LIMIT ?
+"""
+_NEWEST_EVENT = "SELECT coalesce(max(id), 0) FROM events"
+_ENDPOINTS = "SELECT name, cursor FROM webhook_endpoints"
+_FORGET_ENDPOINT = "DELETE FROM webhook_endpoints WHERE name = ?"
+_PUT_ENDPOINT = """
+    INSERT INTO webhook_endpoints (name, cursor) VALUES (?, ?)
+    ON CONFLICT (name) DO UPDATE SET cursor = excluded.cursor
+"""
+_EVENTS_AFTER = "SELECT id, type FROM events WHERE id > ? ORDER BY id LIMIT ?"
+_ADD_DELIVERY = """
+    INSERT INTO webhook_deliveries (
+        event_id, endpoint, event_type, state, attempts, next_attempt_at, last_error
+    ) VALUES (?, ?, ?, 'PENDING', 0, ?, '')
+    ON CONFLICT (endpoint, event_id) DO NOTHING
+"""
+_NEXT_DELIVERY = """
+    SELECT event_id, endpoint, event_type, state, attempts, next_attempt_at, last_status,
+           last_error, delivered_at
+    FROM webhook_deliveries
+    WHERE endpoint = ? AND state = 'PENDING' ORDER BY event_id LIMIT 1
+"""
+_RECORD_ATTEMPT = """
+    UPDATE webhook_deliveries SET
+        state = ?, attempts = attempts + 1, next_attempt_at = ?, last_status = ?,
+        last_error = ?, delivered_at = ?
+    WHERE event_id = ? AND endpoint = ? AND state = 'PENDING'
+"""
+# Each filter is "? IS NULL OR column = ?" (the value twice); LIMIT -1: no limit.
+_LIST_DELIVERIES = """
+    SELECT event_id, endpoint, event_type, state, attempts, next_attempt_at, last_status,
+           last_error, delivered_at
+    FROM webhook_deliveries
+    WHERE (? IS NULL OR state = ?) AND (? IS NULL OR endpoint = ?) AND (? IS NULL OR event_id = ?)
+    ORDER BY event_id DESC, endpoint LIMIT ?
+"""
+_REDELIVER_EVENT = """
+    UPDATE webhook_deliveries
+    SET state = 'PENDING', attempts = 0, next_attempt_at = ?, delivered_at = NULL
+    WHERE event_id = ? AND (? IS NULL OR endpoint = ?)
+"""
+_REDELIVER_DEAD = """
+    UPDATE webhook_deliveries
+    SET state = 'PENDING', attempts = 0, next_attempt_at = ?, delivered_at = NULL
+    WHERE state = 'DEAD' AND (? IS NULL OR endpoint = ?)
+"""
+# Nobody still has to send them: no PENDING delivery, and every endpoint's cursor past them.
+_PRUNABLE_EVENTS = """
+    SELECT id FROM events
+    WHERE created_at < ?
+      AND id <= coalesce((SELECT min(cursor) FROM webhook_endpoints), id)
+      AND NOT EXISTS (
+          SELECT 1 FROM webhook_deliveries WHERE event_id = events.id AND state = 'PENDING'
+      )
+    ORDER BY id LIMIT ?
+"""
+_PRUNE_DELIVERIES = "DELETE FROM webhook_deliveries WHERE event_id = ?"
+_PRUNE_EVENT = "DELETE FROM events WHERE id = ?"
+
 
 class _SqliteOperations:
     """The ``StoreOperations`` as statements; ``_run`` says where and how each one runs."""
@@ -429,6 +519,7 @@ class _SqliteOperations:
                 )
             if credit := credit_bought(record, updated):
                 connection.execute(_CREDIT, (record.token_id, record.service, credit, now))
+            _add_events(connection, invoice_events(record, updated, now), now)
             return updated
 
         return await self._run("apply_update", apply, atomic=True)
@@ -454,12 +545,39 @@ class _SqliteOperations:
 
         return await self._run("list_invoices", list_)
 
+    async def invoice_totals(self) -> list[InvoiceTotal]:
+        def totals(connection: sqlite3.Connection) -> list[InvoiceTotal]:
+            rows = connection.execute(_INVOICE_TOTALS)
+            return [
+                InvoiceTotal(service, InvoiceState(state), count, Msat(amount), Msat(received))
+                for service, state, count, amount, received in rows
+            ]
+
+        return await self._run("invoice_totals", totals)
+
     async def list_overdue(self, expired_before: float, limit: int) -> list[InvoiceRecord]:
         def list_(connection: sqlite3.Connection) -> list[InvoiceRecord]:
             rows = connection.execute(_LIST_OVERDUE, (expired_before, max(0, limit)))
             return [_record(row) for row in rows]
 
         return await self._run("list_overdue", list_)
+
+    async def revenue(self, since: float, bucket_seconds: int) -> list[RevenueBucket]:
+        """By the invoices_state_expires_at index: no index holds ``settled_at``, and the
+        SETTLED invoices that expired long before ``since`` are never read."""
+        check_bucket(bucket_seconds)
+
+        def sum_(connection: sqlite3.Connection) -> list[RevenueBucket]:
+            oldest_expiry = since - SETTLED_AFTER_EXPIRY
+            rows = connection.execute(
+                _REVENUE, (bucket_seconds, bucket_seconds, oldest_expiry, since)
+            )
+            return [
+                RevenueBucket(int(start), service, int(count), Msat(int(total)))
+                for start, service, count, total in rows
+            ]
+
+        return await self._run("revenue", sum_)
 
     async def list_open_credit_invoices(self, token_id: bytes, limit: int) -> list[InvoiceRecord]:
         def list_(connection: sqlite3.Connection) -> list[InvoiceRecord]:
@@ -637,6 +755,7 @@ class _SqliteOperations:
             connection.execute(_RESOLVE_WITHDRAWAL, (state.value, fee, now, payment_hash))
             resolved = replace(pending, state=state, fee_msat=fee, resolved_at=now)
             connection.execute(_REFUND_WITHDRAWAL, (refund(resolved), resolved.token_id))
+            _add_events(connection, withdrawal_events(resolved, now), now)
             return resolved
 
         return await self._run("finish_withdrawal", finish, atomic=True)
@@ -725,6 +844,7 @@ class _SqliteOperations:
         keep_until: float | None = None,
     ) -> HeldRequest | None:
         check_move(state, response, keep_until)
+        created_at = self._clock.now()
         placeholders, values = _states(predecessors(state))
         changes = "" if keeps_request(state) else _DROP_REQUEST
         parameters: tuple[object, ...] = (state.value, now, failure, keep_until, keep_until)
@@ -737,7 +857,9 @@ class _SqliteOperations:
         def move(connection: sqlite3.Connection) -> HeldRequest | None:
             if not connection.execute(statement, parameters).rowcount:
                 return None  # unknown, or in a state that may not become this one
-            return _held(connection.execute(_GET_HELD, (payment_hash,)).fetchone())
+            after = _held(connection.execute(_GET_HELD, (payment_hash,)).fetchone())
+            _add_events(connection, held_events(after), created_at)
+            return after
 
         return await self._run("move_held_request", move, atomic=True)
 
@@ -758,6 +880,124 @@ class _SqliteOperations:
             return max(0, deleted.rowcount)
 
         return await self._run("prune_held_requests", prune)
+
+    async def fan_out_webhook_events(
+        self, subscriptions: Mapping[str, frozenset[str]], now: float, limit: int
+    ) -> int:
+        def fan_out(connection: sqlite3.Connection) -> int:
+            cursors = {str(name): int(cursor) for name, cursor in connection.execute(_ENDPOINTS)}
+            connection.executemany(
+                _FORGET_ENDPOINT, ((name,) for name in cursors if name not in subscriptions)
+            )
+            (newest,) = connection.execute(_NEWEST_EVENT).fetchone()
+            added = 0
+            for name, types in subscriptions.items():
+                cursor = cursors.get(name)
+                if cursor is None:
+                    connection.execute(_PUT_ENDPOINT, (name, int(newest)))
+                    continue
+                batch = connection.execute(_EVENTS_AFTER, (cursor, max(0, limit))).fetchall()
+                for event_id, kind in batch:
+                    if kind in types:
+                        added += connection.execute(
+                            _ADD_DELIVERY, (event_id, name, kind, now)
+                        ).rowcount
+                if batch:
+                    connection.execute(_PUT_ENDPOINT, (name, int(batch[-1][0])))
+            return added
+
+        return await self._run("fan_out_webhook_events", fan_out, atomic=True)
+
+    async def next_webhook_delivery(
+        self, endpoint: str
+    ) -> tuple[WebhookDelivery, WebhookEvent] | None:
+        def next_(connection: sqlite3.Connection) -> tuple[WebhookDelivery, WebhookEvent] | None:
+            row = connection.execute(_NEXT_DELIVERY, (endpoint,)).fetchone()
+            if row is None:
+                return None
+            delivery = _delivery(row)
+            event = _webhook_event(connection.execute(_GET_EVENT, (delivery.event_id,)).fetchone())
+            return delivery, event
+
+        return await self._run("next_webhook_delivery", next_, atomic=True)
+
+    async def record_webhook_attempt(
+        self,
+        event_id: int,
+        endpoint: str,
+        *,
+        state: DeliveryState,
+        now: float,
+        next_attempt_at: float,
+        status: int | None,
+        error: str,
+    ) -> None:
+        delivered_at = now if state is DeliveryState.DELIVERED else None
+        parameters = (state.value, next_attempt_at, status, error, delivered_at, event_id, endpoint)
+
+        def record(connection: sqlite3.Connection) -> None:
+            connection.execute(_RECORD_ATTEMPT, parameters)
+
+        await self._run("record_webhook_attempt", record)
+
+    async def get_webhook_event(self, event_id: int) -> WebhookEvent | None:
+        def get(connection: sqlite3.Connection) -> WebhookEvent | None:
+            row = connection.execute(_GET_EVENT, (event_id,)).fetchone()
+            return None if row is None else _webhook_event(row)
+
+        return await self._run("get_webhook_event", get)
+
+    async def list_webhook_events(self, after: int = 0, limit: int = 100) -> list[WebhookEvent]:
+        def list_(connection: sqlite3.Connection) -> list[WebhookEvent]:
+            rows = connection.execute(_LIST_EVENTS, (after, max(0, limit)))
+            return [_webhook_event(row) for row in rows]
+
+        return await self._run("list_webhook_events", list_)
+
+    async def list_webhook_deliveries(
+        self,
+        state: DeliveryState | None = None,
+        endpoint: str | None = None,
+        limit: int = 100,
+        *,
+        event_id: int | None = None,
+    ) -> list[WebhookDelivery]:
+        value = None if state is None else state.value
+        parameters = (value, value, endpoint, endpoint, event_id, event_id, max(0, limit))
+
+        def list_(connection: sqlite3.Connection) -> list[WebhookDelivery]:
+            return [_delivery(row) for row in connection.execute(_LIST_DELIVERIES, parameters)]
+
+        return await self._run("list_webhook_deliveries", list_)
+
+    async def redeliver_webhooks(
+        self, now: float, *, event_id: int | None = None, endpoint: str | None = None
+    ) -> int:
+        def redeliver(connection: sqlite3.Connection) -> int:
+            if event_id is None:
+                return connection.execute(_REDELIVER_DEAD, (now, endpoint, endpoint)).rowcount
+            row = connection.execute(_GET_EVENT, (event_id,)).fetchone()
+            if row is None:
+                return 0
+            changed = connection.execute(
+                _REDELIVER_EVENT, (now, event_id, endpoint, endpoint)
+            ).rowcount
+            if changed or endpoint is None:
+                return int(changed)
+            # That endpoint never had it: a delivery of its own.
+            added = connection.execute(_ADD_DELIVERY, (event_id, endpoint, str(row[1]), now))
+            return int(added.rowcount)
+
+        return await self._run("redeliver_webhooks", redeliver, atomic=True)
+
+    async def prune_webhook_events(self, before: float, limit: int) -> int:
+        def prune(connection: sqlite3.Connection) -> int:
+            doomed = connection.execute(_PRUNABLE_EVENTS, (before, max(0, limit))).fetchall()
+            connection.executemany(_PRUNE_DELIVERIES, doomed)
+            connection.executemany(_PRUNE_EVENT, doomed)
+            return len(doomed)
+
+        return await self._run("prune_webhook_events", prune, atomic=True)
 
 
 class _SqliteTransaction(_SqliteOperations):
@@ -1272,4 +1512,29 @@ def _held(row: Sequence[Any]) -> HeldRequest:
         failure=str(row[16]),
         keep_until=None if row[17] is None else float(row[17]),
         delivered_at=None if row[18] is None else float(row[18]),
+    )
+
+
+def _add_events(connection: sqlite3.Connection, events: Iterable[NewEvent], now: float) -> None:
+    """Insert ``events`` into the outbox, in the caller's transaction."""
+    connection.executemany(
+        _ADD_EVENT, ((event.type, event.resource, event.payload, now) for event in events)
+    )
+
+
+def _webhook_event(row: Sequence[Any]) -> WebhookEvent:
+    return WebhookEvent(int(row[0]), str(row[1]), str(row[2]), str(row[3]), float(row[4]))
+
+
+def _delivery(row: Sequence[Any]) -> WebhookDelivery:
+    return WebhookDelivery(
+        event_id=int(row[0]),
+        endpoint=str(row[1]),
+        event_type=str(row[2]),
+        state=DeliveryState(row[3]),
+        attempts=int(row[4]),
+        next_attempt_at=float(row[5]),
+        last_status=None if row[6] is None else int(row[6]),
+        last_error=str(row[7]),
+        delivered_at=None if row[8] is None else float(row[8]),
     )

@@ -211,6 +211,44 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX held_requests_client_state ON held_requests (client, state)",
         "CREATE INDEX held_requests_keep_until ON held_requests (keep_until)",
     ),
+    # 5: webhooks. ``events`` is the outbox, written in the transaction of the change that
+    # causes each event (AUTOINCREMENT: ids grow in commit order under the write lock and
+    # are never reused, so a cursor past an id has seen every event up to it). A delivery per
+    # (endpoint, event); each endpoint's fan-out cursor.
+    (
+        """
+        CREATE TABLE events (
+            id         INTEGER PRIMARY KEY AUTOINCREMENT,
+            type       TEXT NOT NULL,
+            resource   TEXT NOT NULL,
+            payload    TEXT NOT NULL,  -- the JSON body sent
+            created_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX events_created_at ON events (created_at)",
+        """
+        CREATE TABLE webhook_deliveries (
+            event_id        INTEGER NOT NULL,
+            endpoint        TEXT NOT NULL,
+            event_type      TEXT NOT NULL,
+            state           TEXT NOT NULL CHECK (state IN ('PENDING', 'DELIVERED', 'DEAD')),
+            attempts        INTEGER NOT NULL CHECK (attempts >= 0),
+            next_attempt_at REAL NOT NULL,
+            last_status     INTEGER,
+            last_error      TEXT NOT NULL,
+            delivered_at    REAL,
+            PRIMARY KEY (endpoint, event_id)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX webhook_deliveries_state ON webhook_deliveries (state, event_id)",
+        "CREATE INDEX webhook_deliveries_event_id ON webhook_deliveries (event_id)",
+        """
+        CREATE TABLE webhook_endpoints (
+            name   TEXT PRIMARY KEY NOT NULL,
+            cursor INTEGER NOT NULL  -- the last event id fanned out to it
+        ) WITHOUT ROWID
+        """,
+    ),
 )
 
 

@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aiohttp
@@ -37,12 +38,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.health import HealthSlot
-from gateway.ports import StoredRequest
+from gateway.ports import MetricsSlot, StoredRequest
 from gateway.service import Deny, client_key
 from gateway.service.on_success import HoldTerms
 from gateway.web import GatewayFactory
 from gateway.web.aiohttp import TOKEN, settle_charge, setup_l402
 from gateway.web.cookies import without_l402_cookie
+from gateway.web.metrics import metrics_middleware, responses_middleware
 from gateway.web.responses import BALANCE_HEADER, COST_HEADER, client_address, token_header_value
 
 log = logging.getLogger(__name__)
@@ -276,6 +278,8 @@ def build_proxy(
     ipv6_prefix: int = 64,
     max_held_body_bytes: int = _HELD_BODY_BYTES,
     health: HealthSlot | None = None,
+    metrics: MetricsSlot | None = None,
+    metrics_path: str = "",
 ) -> web.Application:
     """An aiohttp application that prices requests and forwards them to ``upstream``.
 
@@ -291,9 +295,16 @@ def build_proxy(
 
     ``/.well-known/l402/live`` and ``/.well-known/l402/ready`` are answered by the gateway
     (never priced nor forwarded); readiness runs the checks ``health`` holds (``gateway.health``).
+    ``metrics_path`` (if set) answers GET with the Prometheus text of ``metrics``, before any
+    pricing; forwarded requests report their upstream latency and errors to its meter.
     """
     base = str(URL(upstream.rstrip("/")))
     app = web.Application(client_max_size=max_body_bytes)
+    metrics_slot = metrics or MetricsSlot()
+    if metrics_path:
+        app.middlewares.append(metrics_middleware(metrics_path, metrics_slot))
+    if metrics is not None:
+        app.middlewares.append(responses_middleware(metrics_slot))
     app.middlewares.append(_refuse_encoded_separators)
     app.middlewares.append(_close_when_asked)  # outside the L402 decision (setup_l402)
     # Content-Length is kept: the body is forwarded with the length the client declared.
@@ -411,6 +422,8 @@ def build_proxy(
             else None
         )
         response: web.StreamResponse | None = None
+        started = time.perf_counter()
+        answered = False
         try:
             async with upstream_session.request(
                 request.method,
@@ -420,6 +433,8 @@ def build_proxy(
                 data=body.chunks() if body is not None else None,
                 allow_redirects=False,
             ) as upstream_response:
+                answered = True
+                metrics_slot.meter.upstream_call(time.perf_counter() - started, None)
                 status, reason = upstream_response.status, upstream_response.reason
                 response_headers = end_to_end_headers(
                     upstream_response.headers, RESPONSE_DROP, keep_underscored=True
@@ -453,14 +468,18 @@ def build_proxy(
         except _BodyTooSlow:
             return too_slow()
         except (aiohttp.ClientError, TimeoutError) as error:
+            seconds = time.perf_counter() - started
             if response is not None and response.prepared:
                 # Mid-body: abort the connection rather than end a truncated body cleanly.
+                metrics_slot.meter.upstream_call(seconds, "mid_response")
                 log.warning("upstream %s failed mid-response: %s", base, error)
                 raise
             if body is not None and body.exceeded:
                 return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
             if body is not None and body.too_slow:
                 return too_slow()
+            kind = "timeout" if isinstance(error, TimeoutError) else "connection"
+            metrics_slot.meter.upstream_call(seconds, "mid_response" if answered else kind)
             log.warning("upstream %s failed: %s", base, error)
             return _problem(502, "Bad Gateway", "upstream unavailable")
 

@@ -27,7 +27,8 @@ import logging
 import resource
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -52,6 +53,7 @@ ACCEPT_BATCH = 128  # sockets accepted per loop iteration at most
 RESERVED_FILES = 64
 ACCEPT_RETRY = 1.0  # seconds accepting pauses after running out of descriptors (as asyncio)
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
 
 
 def connection_limit(
@@ -254,13 +256,51 @@ async def listening(
         await runner.cleanup()
 
 
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A further application served beside the main one, on an address of its own (the
+    admin dashboard, say): ``what`` names it in a bind error (``[admin] listen``)."""
+
+    what: str
+    app: web.Application
+    host: str
+    port: int
+    limits: ServerLimits
+
+
+class ListenError(OSError):
+    """A ``Listener``'s address could not be bound; the message names it."""
+
+
 async def serve(
-    app: web.Application, host: str, port: int, limits: ServerLimits, *, reuse_port: bool
+    app: web.Application,
+    host: str,
+    port: int,
+    limits: ServerLimits,
+    *,
+    reuse_port: bool,
+    others: Sequence[Listener] = (),
 ) -> None:
-    """``listening`` until SIGTERM or SIGINT."""
+    """``listening`` until SIGTERM or SIGINT; ``others`` listen too once ``app`` has started
+    (each without SO_REUSEPORT: one process serves them). A bind error of one of them is a
+    ``ListenError`` naming it."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with listening(app, host, port, limits, reuse_port=reuse_port):
+    async with (
+        listening(app, host, port, limits, reuse_port=reuse_port),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        for other in others:
+            try:
+                await stack.enter_async_context(
+                    listening(other.app, other.host, other.port, other.limits)
+                )
+            except OSError as error:
+                if isinstance(error, socket.gaierror) or error.errno in _BIND_ERRNOS:
+                    raise ListenError(
+                        error.errno or 0, f"{other.what}: {error.strerror or error}"
+                    ) from None
+                raise
         await stop.wait()

@@ -69,6 +69,7 @@ def bake_gateway_macaroon(network: Network, path: Path) -> Path:
                 "bakemacaroon",
                 "invoices:read",
                 "invoices:write",
+                "offchain:read",  # ListChannels: inbound liquidity
                 f"--save_to={path}",
             ],
             check=True,

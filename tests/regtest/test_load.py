@@ -25,6 +25,7 @@ from gateway.config import RateLimitConfig
 from gateway.examples import demo_api
 from gateway.lnd.client import LndClient
 from gateway.lnd.connection import LndSettings
+from gateway.store.sqlite import SqliteStore
 from regtest.network import Network
 from regtest.processes import free_ports, wait_for_http
 from tests.regtest.gateway_helpers import (
@@ -36,6 +37,7 @@ from tests.regtest.gateway_helpers import (
     serving,
     start_serve,
 )
+from tests.unit.test_metrics import _sample as metric
 
 pytestmark = pytest.mark.regtest
 
@@ -94,6 +96,37 @@ def _sample(pid: int, settings: LndSettings, start: float, until: float) -> Samp
     return asyncio.run(run())
 
 
+async def _metrics_match_the_store(
+    session: aiohttp.ClientSession, url: str, database: Path, paid_requests: int
+) -> dict[str, float]:
+    """Scrape until the settlement watcher has recorded every payment (a few ms), then the
+    metrics equal the store's counts: one invoice per challenge issued, one settled invoice
+    per purchase, one paid request per 200 the paying clients got."""
+    store = await SqliteStore.open(database)
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                async with session.get(url) as response:
+                    assert response.status == 200
+                    text = await response.text()
+                invoices = await store.list_invoices()
+                settled = sum(record.state.value == "SETTLED" for record in invoices)
+                counted = {
+                    "challenges": metric(text, "l402_challenges_issued_total", service="premium"),
+                    "issued": metric(text, "l402_invoices_issued", service="premium"),
+                    "settled": metric(text, "l402_invoices_settled", service="premium"),
+                    "paid": metric(text, "l402_paid_requests_total", service="premium"),
+                }
+                if counted["settled"] == settled == paid_requests:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        await store.close()
+    assert counted["challenges"] == counted["issued"] == len(invoices), (counted, len(invoices))
+    assert counted["paid"] == paid_requests, counted
+    return counted
+
+
 def _percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
@@ -120,13 +153,16 @@ async def test_unpaid_flood_while_clients_pay(
     # Deployed behind a reverse proxy that appends the client's address: every simulated
     # client sends its own, so each gets its own bucket, as distinct hosts would.
     monkeypatch.setenv("GATEWAY_SERVER_TRUST_FORWARDED_FOR", "true")
-    (port,) = free_ports(1)
+    port, metrics_port = free_ports(2)
     url = f"http://127.0.0.1:{port}"
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     log = tmp_path / "serve.log"
     config_file = tmp_path / "gateway.toml"
     statuses: Counter[int | str] = Counter()
     latencies: list[float] = []
     payments = [0] * scenario.paying
+    paid_requests = 0
+    scrapes: list[str] = []  # /metrics during the load
 
     async with serving(demo_api()) as upstream:
         config = gateway_config(
@@ -136,7 +172,10 @@ async def test_unpaid_flood_while_clients_pay(
             upstream=upstream,
             rate_limit=RATE_LIMIT,
         )
-        config_file.write_text(config_toml(config))
+        # Metrics on, on a listener of their own: scraped during the load and checked after.
+        config_file.write_text(
+            config_toml(config) + f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
+        )
         process = start_serve(config_file, log)
         try:
             await wait_for_http(f"{url}/health", process, log)
@@ -163,7 +202,15 @@ async def test_unpaid_flood_while_clients_pay(
                             retry_after = response.headers.get("Retry-After", "")
                             assert retry_after.isdigit(), response.headers
 
+                async def scraping() -> None:
+                    while loop.time() < end:
+                        async with session.get(metrics_url) as response:
+                            assert response.status == 200
+                            scrapes.append(await response.text())
+                        await asyncio.sleep(1.0)
+
                 async def paying(index: int) -> None:
+                    nonlocal paid_requests
                     address = {"X-Forwarded-For": f"10.1.{index // 256}.{index % 256}"}
                     while (started := loop.time()) < end:
                         async with session.get(url + PRICED, headers=address) as response:
@@ -174,6 +221,7 @@ async def test_unpaid_flood_while_clients_pay(
                         async with session.get(url + PRICED, headers=headers) as response:
                             assert response.status == 200, await response.text()
                             assert (await response.json())["paid"]["service"] == "premium"
+                        paid_requests += 1
                         payments[index] += 1
                         await asyncio.sleep(started + PURCHASE_INTERVAL - loop.time())
 
@@ -193,13 +241,21 @@ async def test_unpaid_flood_while_clients_pay(
                             group.create_task(unpaid(index))
                         for index in range(scenario.paying):
                             group.create_task(paying(index))
+                        group.create_task(scraping())
                     samples = await sampling
+                # The load is over: what /metrics says now is what the store holds.
+                counted = await _metrics_match_the_store(
+                    session, metrics_url, tmp_path / "gateway.db", paid_requests
+                )
             assert process.poll() is None, log.read_text()
             rss_end = _rss_kib(process.pid)
         finally:
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=30) == 0, log.read_text()
 
+    assert len(scrapes) >= scenario.seconds // 2, len(scrapes)
+    during = [metric(text, "l402_challenges_issued_total", service="premium") for text in scrapes]
+    assert during == sorted(during), during  # scraped during the load, never going back
     rss = [kib for _, kib in samples.rss_kib]
     after_warm_up = [kib for at, kib in samples.rss_kib if at >= WARM_UP * scenario.seconds]
     assert after_warm_up, samples.rss_kib
@@ -213,7 +269,8 @@ async def test_unpaid_flood_while_clients_pay(
         f"{_percentile(samples.getinfo_ms, 50):.1f} ms, p99 {getinfo_p99:.1f} ms, max "
         f"{max(samples.getinfo_ms):.1f} ms; gateway RSS start {rss_start} KiB, peak {max(rss)} "
         f"KiB, end {rss_end} KiB, growth after warm-up {growth} KiB; every 5 s: "
-        f"{[kib for at, kib in samples.rss_kib[:: round(5 / SAMPLE_INTERVAL)]]}"
+        f"{[kib for at, kib in samples.rss_kib[:: round(5 / SAMPLE_INTERVAL)]]}; metrics "
+        f"{counted} ({len(scrapes)} scrapes during the load)"
     )
     assert set(statuses) <= {402, 429}, statuses
     assert statuses[402] > 0, statuses

@@ -13,7 +13,16 @@ import gateway
 
 # module -> imports it must never pull in (directly or through another module)
 _NETWORK = ("grpc", "aiohttp", "sqlite3")
-_ADAPTERS = ("gateway.lnd", "gateway.store", "gateway.web", "gateway.cli", "regtest")
+_ADAPTERS = (
+    "gateway.lnd",
+    "gateway.store",
+    "gateway.web",
+    "gateway.cli",
+    "regtest",
+    # the core reports to a Meter (gateway.ports); only the adapter knows Prometheus
+    "gateway.metrics",
+    "prometheus_client",
+)
 # what the paying client must not need: the server side and its wiring
 _WIRING = ("gateway.lnd", "gateway.store", "gateway.web", "gateway.service", "gateway.cli")
 
@@ -43,6 +52,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "gateway.web.aiohttp": ("grpc", "sqlite3", "gateway.lnd", "gateway.store", "gateway.cli"),
     "gateway.web.proxy": ("grpc", "sqlite3", "gateway.lnd", "gateway.store", "gateway.cli"),
     "gateway.web.server": ("grpc", "sqlite3", "gateway.lnd", "gateway.store", "gateway.cli"),
+    "gateway.web.admin": ("grpc", "sqlite3", "gateway.lnd", "gateway.store", "gateway.cli"),
     "gateway.client": ("grpc", "aiohttp", "httpx", "sqlite3", "regtest", *_WIRING),
     "gateway.client.aiohttp": ("grpc", "httpx", "sqlite3", "regtest", *_WIRING),
     "gateway.client.httpx": ("grpc", "aiohttp", "sqlite3", "regtest", *_WIRING),

@@ -418,7 +418,7 @@ class _FakeLnd:
 
     backend: FakeInvoiceBackend
 
-    def __init__(self, _settings: object) -> None:
+    def __init__(self, _settings: object, **_options: object) -> None:
         pass
 
     async def __aenter__(self) -> FakeInvoiceBackend:
@@ -472,7 +472,11 @@ async def test_running_runtime_supervises_the_sweeper_where_the_watcher_runs(
             await store.close()
     assert pruned is watch
     assert health == (
-        {"l402-invoice-watcher": TaskState.RUNNING, "l402-invoice-sweeper": TaskState.RUNNING}
+        {
+            "l402-invoice-watcher": TaskState.RUNNING,
+            "l402-invoice-sweeper": TaskState.RUNNING,
+            "l402-liquidity": TaskState.RUNNING,
+        }
         if watch
         else {}
     )

@@ -22,6 +22,8 @@ MODULES = {
     "coincurve": "coincurve",
     "segno": "segno",
     "httpx": "httpx",
+    "standardwebhooks": "standardwebhooks",
+    "prometheus-client": "prometheus_client",
 }
 
 

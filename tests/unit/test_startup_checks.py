@@ -265,7 +265,7 @@ async def test_running_gateway_logs_the_route_table(
     backend = FakeInvoiceBackend(FakeClock())
 
     class FakeLnd:
-        def __init__(self, _settings: object) -> None:
+        def __init__(self, _settings: object, **_options: object) -> None:
             pass
 
         async def __aenter__(self) -> FakeInvoiceBackend:

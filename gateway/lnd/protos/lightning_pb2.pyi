@@ -512,6 +512,7 @@ class Channel(_message.Message):
     CAPACITY_FIELD_NUMBER: _builtins.int
     LOCAL_BALANCE_FIELD_NUMBER: _builtins.int
     REMOTE_BALANCE_FIELD_NUMBER: _builtins.int
+    REMOTE_CONSTRAINTS_FIELD_NUMBER: _builtins.int
     active: _builtins.bool
     remote_pubkey: _builtins.str
     channel_point: _builtins.str
@@ -519,6 +520,10 @@ class Channel(_message.Message):
     capacity: _builtins.int
     local_balance: _builtins.int
     remote_balance: _builtins.int
+    @_builtins.property
+    def remote_constraints(self) -> Global___ChannelConstraints:
+        """Constraints the remote node must keep: its chan_reserve_sat cannot come to us."""
+
     def __init__(
         self,
         *,
@@ -529,14 +534,37 @@ class Channel(_message.Message):
         capacity: _builtins.int = ...,
         local_balance: _builtins.int = ...,
         remote_balance: _builtins.int = ...,
+        remote_constraints: Global___ChannelConstraints | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["remote_constraints", b"remote_constraints"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "capacity", b"capacity", "chan_id", b"chan_id", "channel_point", b"channel_point", "local_balance", b"local_balance", "remote_balance", b"remote_balance", "remote_pubkey", b"remote_pubkey"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "capacity", b"capacity", "chan_id", b"chan_id", "channel_point", b"channel_point", "local_balance", b"local_balance", "remote_balance", b"remote_balance", "remote_constraints", b"remote_constraints", "remote_pubkey", b"remote_pubkey"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Channel: _TypeAlias = Channel  # noqa: Y015
+
+@_typing.final
+class ChannelConstraints(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CSV_DELAY_FIELD_NUMBER: _builtins.int
+    CHAN_RESERVE_SAT_FIELD_NUMBER: _builtins.int
+    csv_delay: _builtins.int
+    chan_reserve_sat: _builtins.int
+    def __init__(
+        self,
+        *,
+        csv_delay: _builtins.int = ...,
+        chan_reserve_sat: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chan_reserve_sat", b"chan_reserve_sat", "csv_delay", b"csv_delay"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelConstraints: _TypeAlias = ChannelConstraints  # noqa: Y015
 
 @_typing.final
 class ChanInfoRequest(_message.Message):

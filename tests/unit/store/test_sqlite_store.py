@@ -916,7 +916,7 @@ def held_request(n: int) -> HeldRequest:
     )
 
 
-async def test_a_version_3_database_migrates_to_4_keeping_its_rows(tmp_path: Path) -> None:
+async def test_a_version_3_database_migrates_to_the_latest_keeping_its_rows(tmp_path: Path) -> None:
     path = tmp_path / "gateway.db"
     make_v3_by_hand(path)
     opened = await SqliteStore.open(path)
@@ -932,7 +932,7 @@ async def test_a_version_3_database_migrates_to_4_keeping_its_rows(tmp_path: Pat
         assert await opened.move_held_request(held_request(1).payment_hash, HeldState.RUNNING, 1)
     finally:
         await opened.close()
-    assert user_version(path) == 4 == len(sqlite_file.MIGRATIONS)
+    assert user_version(path) == len(sqlite_file.MIGRATIONS)  # 4, and later steps
     reopened = await SqliteStore.open(path)
     try:
         assert await reopened.get_held_request(held_request(1).payment_hash) == dataclasses.replace(

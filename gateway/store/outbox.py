@@ -1,0 +1,111 @@
+"""The webhook events both stores write, so they cannot drift apart: which change makes which
+event, its resource (what orders a receiver's events) and its JSON payload.
+
+Each function gets the row before and after one write and returns the events to insert in
+that same write: an event exists exactly when its change was committed. Payloads name the
+payment hash, token id (hex), service and amounts in msat; never a preimage, root key,
+macaroon, request headers or body.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.ports import (
+    HeldRequest,
+    HeldState,
+    InvoiceRecord,
+    InvoiceState,
+    Withdrawal,
+    WithdrawalState,
+)
+from gateway.store.credit import credit_bought
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to insert; the store gives it its id."""
+
+    type: str
+    resource: str
+    payload: str
+
+
+def timestamp(now: float) -> str:
+    """ISO 8601 UTC with milliseconds, e.g. 2026-11-26T04:40:20.123Z."""
+    moment = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _event(kind: str, resource: str, now: float, data: dict[str, Any]) -> NewEvent:
+    body = {"type": kind, "timestamp": timestamp(now), "data": data}
+    return NewEvent(kind, resource, json.dumps(body, separators=(",", ":"), sort_keys=True))
+
+
+def invoice_events(before: InvoiceRecord, after: InvoiceRecord, now: float) -> list[NewEvent]:
+    """The events of ``apply_update`` moving ``before`` to ``after``: none unless its state
+    really changed to SETTLED, EXPIRED or CANCELED (a replayed report writes nothing)."""
+    if after.state is before.state:
+        return []
+    resource = f"invoice:{after.payment_hash.hex()}"
+    data: dict[str, Any] = {
+        "payment_hash": after.payment_hash.hex(),
+        "token_id": after.token_id.hex(),
+        "service": after.service,
+        "amount_msat": after.amount_msat,
+    }
+    if after.state is InvoiceState.EXPIRED:
+        return [_event("invoice.expired", resource, now, data)]
+    if after.state is InvoiceState.CANCELED:
+        return [_event("invoice.canceled", resource, now, data)]
+    if after.state is not InvoiceState.SETTLED:
+        return []
+    paid = {**data, "amount_paid_msat": after.amount_paid_msat, "settled_at": after.settled_at}
+    events = [_event("invoice.settled", resource, now, paid)]
+    if credit := credit_bought(before, after):
+        account = f"account:{after.token_id.hex()}"
+        deposit = {**data, "amount_msat": credit}
+        events.append(_event("credit.deposited", account, now, deposit))
+    elif not after.buys_credit:
+        events.append(_event("token.bought", resource, now, paid))
+    return events
+
+
+def held_events(after: HeldRequest) -> list[NewEvent]:
+    """The events of ``move_held_request`` writing ``after`` (a move that happened): a
+    pay-on-success request settled (the payer paid) or cancelled (refunded)."""
+    if after.state is HeldState.SETTLED:
+        kind = "request.settled"
+    elif after.state is HeldState.CANCELED:
+        kind = "request.refunded"
+    else:
+        return []
+    data: dict[str, Any] = {
+        "payment_hash": after.payment_hash.hex(),
+        "token_id": after.token_id.hex(),
+    }
+    if after.request is not None:
+        # The method and the path only: the query may carry the caller's data.
+        data["method"] = after.request.method
+        data["path"] = after.request.target.split("?", 1)[0]
+    if after.response is not None:
+        data["status"] = after.response.status
+    if kind == "request.refunded":
+        data["reason"] = after.failure
+    return [_event(kind, f"invoice:{after.payment_hash.hex()}", after.updated_at, data)]
+
+
+def withdrawal_events(resolved: Withdrawal, now: float) -> list[NewEvent]:
+    """The events of ``finish_withdrawal`` resolving a PENDING withdrawal."""
+    if resolved.state is not WithdrawalState.SUCCEEDED:
+        return []
+    data: dict[str, Any] = {
+        "payment_hash": resolved.payment_hash.hex(),
+        "token_id": resolved.token_id.hex(),
+        "amount_msat": resolved.amount_msat,
+        "fee_msat": resolved.fee_msat,
+    }
+    return [_event("credit.withdrawn", f"account:{resolved.token_id.hex()}", now, data)]

@@ -1,0 +1,383 @@
+"""Signed webhooks from the store's outbox, by the Standard Webhooks conventions.
+
+The store writes an event (``gateway.ports.WEBHOOK_EVENT_TYPES``) in the same transaction as
+the change that causes it: a settlement, an expiry, a refund, a withdrawal. The
+``WebhookSender`` (one per store: the process that runs the watcher, supervised as
+``l402-webhook-sender``) copies new events into a delivery per subscribed endpoint
+(``Store.fan_out_webhook_events``), then sends each endpoint's deliveries in event order, one
+at a time, as an HTTP POST of the event's JSON with the headers:
+
+- ``webhook-id``: ``msg_<event id>``, the same on every retry: receivers dedupe on it;
+- ``webhook-timestamp``: unix seconds of this attempt;
+- ``webhook-signature``: ``v1,<base64 HMAC-SHA256 of "id.timestamp.body">`` under the
+  endpoint's ``whsec_...`` secret.
+
+A 2xx answer delivers it; anything else (a timeout, no connection, a 3xx: redirects are not
+followed, 4xx, 5xx) is retried after a backoff doubling from ``initial_backoff`` up to
+``max_backoff``, and after ``max_attempts`` the delivery is DEAD (``l402-gateway webhooks
+redeliver`` revives it). Delivery is at least once: a process killed after the receiver
+answered but before the answer was recorded sends it again after the restart, with the same
+``webhook-id``.
+
+The sender is woken by ``InvoiceEvents`` (this process's settlements) and otherwise looks
+every ``poll_interval`` seconds (events written by other workers, a redelivery from the CLI).
+
+``verify_delivery`` is the receiving side, for receivers written in Python;
+``gateway.examples_webhooks`` is a receiver built on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import datetime
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from standardwebhooks import Webhook
+
+from gateway import errors
+from gateway.events import EventsLost, InvoiceEvents
+from gateway.ports import (
+    Clock,
+    DeliveryState,
+    Store,
+    SystemClock,
+    WebhookDelivery,
+    WebhookEvent,
+)
+
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "RetryPolicy",
+    "WebhookEndpoint",
+    "WebhookSender",
+    "message_id",
+    "new_secret",
+    "retry_delay",
+    "signed_headers",
+    "verify_delivery",
+]
+
+log = logging.getLogger(__name__)
+
+# Seconds a delivery's timestamp may be off the receiver's clock (Standard Webhooks' 5 min).
+DEFAULT_TOLERANCE = 300.0
+FAN_OUT_LIMIT = 500  # events fanned out per endpoint in one write
+PRUNE_EVERY = 300.0  # seconds between prunes of old events
+PRUNE_LIMIT = 1000
+USER_AGENT = "l402-gateway-webhooks"
+
+
+def message_id(event_id: int) -> str:
+    """The ``webhook-id`` of an event: the same on every retry and every endpoint."""
+    return f"msg_{event_id}"
+
+
+def new_secret() -> str:
+    """A fresh endpoint secret: 32 random bytes, ``whsec_`` + base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+def _webhook(secret: str) -> Webhook:
+    try:
+        return Webhook(secret)
+    # EmptyWebhookSecretError is a bare Exception subclass of the package's.
+    except Exception as error:
+        raise errors.ConfigError(f"not a webhook secret: {type(error).__name__}") from None
+
+
+def signed_headers(secret: str, event_id: int, timestamp: int, body: str) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt at sending ``body``."""
+    msg_id = message_id(event_id)
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": _webhook(secret).sign(msg_id, moment, body),
+        "content-type": "application/json",
+    }
+
+
+def _header(headers: Mapping[str, str], name: str) -> str:
+    """A header by name, whatever its case; '' when absent."""
+    value = headers.get(name)
+    if value is None:
+        for key, candidate in headers.items():
+            if key.lower() == name:
+                value = candidate
+                break
+    return value if isinstance(value, str) else ""
+
+
+def verify_delivery(
+    secret: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """Check a webhook delivery (``headers`` as received, ``body`` the raw bytes) and return
+    its event: ``{"type", "timestamp", "data"}``.
+
+    Raises ``gateway.errors.WebhookRejected`` when a header is missing or malformed, no
+    ``v1`` signature matches (a wrong secret, or a body or id changed on the way), or the
+    timestamp is more than ``tolerance`` seconds from ``now`` (default: the clock), which
+    refuses a delivery replayed later. Nothing else is raised for anything a sender can put
+    in the headers or body; a ``secret`` that is not ``whsec_...`` base64 is a
+    ``ConfigError``. Dedupe on ``webhook-id``: a delivery may come more than once.
+    """
+    webhook = _webhook(secret)
+    msg_id = _header(headers, "webhook-id")
+    stamp = _header(headers, "webhook-timestamp")
+    signatures = _header(headers, "webhook-signature")
+    if not (msg_id and stamp and signatures):
+        raise errors.WebhookRejected("missing webhook-id, webhook-timestamp or webhook-signature")
+    if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+        raise errors.WebhookRejected("malformed webhook-timestamp")
+    sent = int(stamp)
+    current = time.time() if now is None else now
+    if abs(current - sent) > tolerance:
+        raise errors.WebhookRejected("webhook-timestamp outside the tolerance (a replay?)")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise errors.WebhookRejected("the body is not UTF-8") from None
+    moment = datetime.datetime.fromtimestamp(sent, datetime.UTC)
+    expected = base64.b64decode(webhook.sign(msg_id, moment, text).split(",", 1)[1])
+    if not any(_matches(candidate, expected) for candidate in signatures.split(" ")):
+        raise errors.WebhookRejected("no matching signature (wrong secret or altered delivery)")
+    try:
+        event = json.loads(text)
+    except ValueError:
+        raise errors.WebhookRejected("the body is not JSON") from None
+    if not isinstance(event, dict):
+        raise errors.WebhookRejected("the body is not a JSON object")
+    return event
+
+
+def _matches(candidate: str, expected: bytes) -> bool:
+    version, _, signature = candidate.partition(",")
+    if version != "v1":
+        return False
+    try:
+        given = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return hmac.compare_digest(given, expected)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEndpoint:
+    """Where one endpoint's deliveries go, which event types it gets, and its secret."""
+
+    name: str
+    url: str
+    events: frozenset[str]
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """``[webhooks]`` as the sender takes it."""
+
+    max_attempts: int = 12
+    initial_backoff: float = 5.0
+    max_backoff: float = 3600.0
+    timeout: float = 10.0
+    retention: int = 604_800  # 0: keep events forever
+    poll_interval: float = 1.0
+
+
+def retry_delay(attempts: int, initial: float, most: float) -> float:
+    """Seconds before the next attempt after ``attempts`` failed ones: doubling, capped."""
+    return min(most, initial * 2.0 ** min(max(attempts - 1, 0), 60))
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Until ``event`` is set or ``seconds`` have passed."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), max(0.0, seconds))
+
+
+class WebhookSender:
+    """Fans out the store's events and delivers them; run ``run()`` as one supervised task
+    per store."""
+
+    def __init__(
+        self,
+        store: Store,
+        endpoints: Sequence[WebhookEndpoint],
+        policy: RetryPolicy | None = None,
+        clock: Clock | None = None,
+        *,
+        events: InvoiceEvents | None = None,
+    ) -> None:
+        self._store = store
+        self._endpoints = tuple(endpoints)
+        self._policy = policy or RetryPolicy()
+        self._clock = clock or SystemClock()
+        self._events = events
+        self._fan_out = asyncio.Event()
+        self._wakes = {endpoint.name: asyncio.Event() for endpoint in self._endpoints}
+
+    def wake(self) -> None:
+        """Look for new events now (and retry what is due)."""
+        self._fan_out.set()
+        for wake in self._wakes.values():
+            wake.set()
+
+    async def run(self) -> None:
+        """Fan out and deliver until cancelled; a store failure ends it (to be restarted)."""
+        timeout = aiohttp.ClientTimeout(total=self._policy.timeout)
+        async with aiohttp.ClientSession(
+            timeout=timeout, headers={"User-Agent": USER_AGENT}
+        ) as session:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._fan_out_loop())
+                    if self._events is not None:
+                        group.create_task(self._listen(self._events))
+                    for endpoint in self._endpoints:
+                        group.create_task(self._deliver_loop(session, endpoint))
+            except ExceptionGroup as failed:
+                # The supervisor logs and restarts on the first failure, as for any task.
+                raise failed.exceptions[0] from None
+
+    async def _listen(self, events: InvoiceEvents) -> None:
+        while True:
+            try:
+                with events.subscribe("webhook sender") as subscription:
+                    async for _ in subscription:
+                        self._fan_out.set()
+            except EventsLost:
+                self._fan_out.set()  # it only wakes the sender: the store has everything
+
+    async def _fan_out_loop(self) -> None:
+        subscriptions = {endpoint.name: endpoint.events for endpoint in self._endpoints}
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time()
+        while True:
+            self._fan_out.clear()
+            added = await self._store.fan_out_webhook_events(
+                subscriptions, self._clock.now(), FAN_OUT_LIMIT
+            )
+            if added:
+                for wake in self._wakes.values():
+                    wake.set()
+                continue  # there may be more
+            retention = self._policy.retention
+            if retention and loop.time() >= next_prune:
+                next_prune = loop.time() + PRUNE_EVERY
+                pruned = await self._store.prune_webhook_events(
+                    self._clock.now() - retention, PRUNE_LIMIT
+                )
+                if pruned:
+                    log.info("pruned %d webhook events older than %ds", pruned, retention)
+            await _wait(self._fan_out, self._policy.poll_interval)
+
+    async def _deliver_loop(
+        self, session: aiohttp.ClientSession, endpoint: WebhookEndpoint
+    ) -> None:
+        wake = self._wakes[endpoint.name]
+        while True:
+            wake.clear()
+            next_one = await self._store.next_webhook_delivery(endpoint.name)
+            if next_one is None:
+                await _wait(wake, self._policy.poll_interval)
+                continue
+            delivery, event = next_one
+            due_in = delivery.next_attempt_at - self._clock.now()
+            if due_in > 0:
+                # The oldest waits, and those after it with it: one endpoint's order holds.
+                await _wait(wake, min(due_in, self._policy.poll_interval))
+                continue
+            await self._attempt(session, endpoint, delivery, event)
+
+    async def _attempt(
+        self,
+        session: aiohttp.ClientSession,
+        endpoint: WebhookEndpoint,
+        delivery: WebhookDelivery,
+        event: WebhookEvent,
+    ) -> None:
+        headers = signed_headers(
+            endpoint.secret, event.event_id, int(self._clock.now()), event.payload
+        )
+        status: int | None = None
+        error = ""
+        try:
+            async with session.post(
+                endpoint.url, data=event.payload.encode(), headers=headers, allow_redirects=False
+            ) as response:
+                status = response.status
+                await response.content.read(65_536)  # an answer is not kept, only its status
+        except TimeoutError:
+            error = f"no answer within {self._policy.timeout:g}s"
+        except aiohttp.ClientConnectionError as failure:
+            error = f"cannot connect ({type(failure).__name__})"
+        except aiohttp.ClientError as failure:
+            error = f"failed ({type(failure).__name__})"
+        now = self._clock.now()
+        if status is not None and 200 <= status < 300:
+            await self._store.record_webhook_attempt(
+                event.event_id,
+                endpoint.name,
+                state=DeliveryState.DELIVERED,
+                now=now,
+                next_attempt_at=now,
+                status=status,
+                error="",
+            )
+            log.debug(
+                "webhook %s %s delivered to %s",
+                message_id(event.event_id),
+                event.type,
+                endpoint.name,
+            )
+            return
+        error = error or f"answered {status}"
+        attempts = delivery.attempts + 1
+        policy = self._policy
+        dead = attempts >= policy.max_attempts
+        next_attempt_at = now + retry_delay(attempts, policy.initial_backoff, policy.max_backoff)
+        await self._store.record_webhook_attempt(
+            event.event_id,
+            endpoint.name,
+            state=DeliveryState.DEAD if dead else DeliveryState.PENDING,
+            now=now,
+            next_attempt_at=now if dead else next_attempt_at,
+            status=status,
+            error=error,
+        )
+        if dead:
+            log.error(
+                "webhook %s %s to %s is DEAD after %d attempts (last: %s); "
+                "`l402-gateway webhooks redeliver %d` sends it again",
+                message_id(event.event_id),
+                event.type,
+                endpoint.name,
+                attempts,
+                error,
+                event.event_id,
+            )
+        else:
+            log.warning(
+                "webhook %s %s to %s: attempt %d %s; retrying in %.0fs",
+                message_id(event.event_id),
+                event.type,
+                endpoint.name,
+                attempts,
+                error,
+                next_attempt_at - now,
+            )
