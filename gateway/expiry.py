@@ -16,7 +16,14 @@ milliseconds of the expiry). Each pass of the ``InvoiceSweeper``:
    outlasted it, or the process serving it died before charging it), in the same batches;
 4. when ``usage_retention`` is positive, deletes the credit accounts' charges (their usage
    history) made more than ``usage_retention`` seconds ago, in the same batches. Balances
-   are not touched: the accounts' totals hold the money, a charge is only its record.
+   are not touched: the accounts' totals hold the money, a charge is only its record;
+5. when ``webhook_retention`` (``[webhooks] retention``) is positive, deletes the webhook
+   outbox's events written more than that many seconds ago that no configured endpoint
+   (``webhook_endpoints``) still has to send, with their deliveries, in the same batches.
+   Events are written whatever the configuration (every expired invoice makes one), so this
+   runs with no endpoint configured too: then nothing holds them back but the retention,
+   which they still wait out (``webhooks redeliver ID --endpoint NAME`` can send one to an
+   endpoint added later). An endpoint no longer configured holds nothing back.
 
 A pass that reached one of those bounds is followed by the next one after ``busy_pause``
 rather than ``interval``, so a backlog drains at a bounded pace: on regtest a full pass (500
@@ -33,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from gateway import errors
@@ -56,6 +64,7 @@ class SweepResult:
     pruned: int = 0  # invoices deleted with their root keys
     released: int = 0  # expired credit reservations given back to their accounts
     charges_pruned: int = 0  # credit charges (usage history) deleted past usage_retention
+    events_pruned: int = 0  # webhook events deleted past webhook_retention
     busy: bool = False  # a bound was reached: more work is waiting
 
 
@@ -70,6 +79,8 @@ class InvoiceSweeper:
         *,
         retention: float,
         usage_retention: float = 0.0,
+        webhook_retention: float = 0.0,
+        webhook_endpoints: Collection[str] = (),
         interval: float = 60.0,
         grace: float = EXPIRY_GRACE,
         max_lookups: int = 500,
@@ -80,8 +91,8 @@ class InvoiceSweeper:
     ) -> None:
         if interval <= 0 or busy_pause <= 0:
             raise ValueError("interval and busy_pause must be positive")
-        if retention < 0 or usage_retention < 0 or grace < 0:
-            raise ValueError("retention, usage_retention and grace must be >= 0")
+        if min(retention, usage_retention, webhook_retention, grace) < 0:
+            raise ValueError("retention, usage_retention, webhook_retention and grace must be >= 0")
         if max_lookups < 1 or batch < 1 or max_batches < 1:
             raise ValueError("max_lookups, batch and max_batches must be at least 1")
         self._backend = backend
@@ -89,6 +100,8 @@ class InvoiceSweeper:
         self._clock = clock
         self._retention = retention
         self._usage_retention = usage_retention
+        self._webhook_retention = webhook_retention
+        self._webhook_endpoints = frozenset(webhook_endpoints)
         self._interval = interval
         self._grace = grace
         self._max_lookups = max_lookups
@@ -161,6 +174,18 @@ class InvoiceSweeper:
                     break
             else:
                 busy = True
+        events_pruned = 0
+        if self._webhook_retention > 0:
+            before = now - self._webhook_retention
+            for _ in range(self._max_batches):
+                count = await self._store.prune_webhook_events(
+                    before, self._batch, self._webhook_endpoints
+                )
+                events_pruned += count
+                if count < self._batch:
+                    break
+            else:
+                busy = True
         result = SweepResult(
             looked_up=len(overdue),
             expired=expired,
@@ -168,16 +193,18 @@ class InvoiceSweeper:
             pruned=pruned,
             released=released,
             charges_pruned=charges_pruned,
+            events_pruned=events_pruned,
             busy=busy,
         )
-        if expired or updated or pruned or charges_pruned:
+        if expired or updated or pruned or charges_pruned or events_pruned:
             log.info(
                 "invoice sweep: %d expired, %d updated from the node, %d pruned, "
-                "%d credit charges pruned",
+                "%d credit charges pruned, %d webhook events pruned",
                 expired,
                 updated,
                 pruned,
                 charges_pruned,
+                events_pruned,
             )
         if released:
             log.warning(

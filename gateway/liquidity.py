@@ -5,7 +5,9 @@ remote balance minus the reserve the remote side must keep (LND's
 ``remote_constraints.chan_reserve_sat``), over the active channels. A payment larger than
 the largest channel's inbound needs a multi-path payment; one larger than the total cannot
 arrive at all. ``ListChannels`` needs the macaroon permission ``offchain:read``: without
-it (or with the node unreachable) liquidity is "unknown", which never fails anything.
+it, or with the node unavailable, liquidity is "unknown" (``Liquidity.reason`` says which of
+the two, so an operator does not re-bake a macaroon for a node that is down), which never
+fails anything.
 
 ``LiquidityMonitor`` runs in the watching process (under the supervisor): it measures every
 ``interval`` seconds, reports to the meter, logs a WARNING for each route whose price (or
@@ -24,20 +26,39 @@ from gateway.health import Check
 from gateway.ports import NO_METER, ChannelBackend, Liquidity, Meter, Msat
 from gateway.pricing import Rule
 
-__all__ = ["UNKNOWN", "LiquidityMonitor", "inbound_liquidity", "route_warnings"]
+__all__ = [
+    "NEEDS_PERMISSION",
+    "UNKNOWN",
+    "LiquidityMonitor",
+    "inbound_liquidity",
+    "route_warnings",
+]
 
 log = logging.getLogger(__name__)
 
-UNKNOWN = Liquidity(Msat(0), Msat(0), 0, known=False)
+NEEDS_PERMISSION = "ListChannels needs offchain:read"
+UNKNOWN = Liquidity(Msat(0), Msat(0), 0, known=False, reason=NEEDS_PERMISSION)
+_MAX_REASON = 200
+
+
+def _unknown(reason: str) -> Liquidity:
+    return Liquidity(Msat(0), Msat(0), 0, known=False, reason=reason[:_MAX_REASON])
 
 
 async def inbound_liquidity(backend: ChannelBackend) -> Liquidity:
-    """The node's inbound liquidity now; ``known`` False when the node would not say."""
+    """The node's inbound liquidity now; ``known`` False when the node would not say, with
+    ``reason``: the missing permission, or the node unavailable (or failing otherwise)."""
     try:
         channels = await backend.list_channels()
-    except errors.BackendError as error:
+    except errors.BackendPermissionDenied as error:
         log.debug("inbound liquidity unknown: %s", error)
         return UNKNOWN
+    except errors.BackendUnavailable as error:
+        log.debug("inbound liquidity unknown: %s", error)
+        return _unknown(f"the node is unavailable: {error}")
+    except errors.BackendError as error:
+        log.debug("inbound liquidity unknown: %s", error)
+        return _unknown(f"ListChannels failed: {type(error).__name__}: {error}")
     inbound = [channel.inbound_msat for channel in channels if channel.active]
     return Liquidity(
         total_msat=Msat(sum(inbound)),
@@ -98,8 +119,14 @@ class LiquidityMonitor:
     async def refresh(self) -> Liquidity:
         """Measure now, report it, and log the routes' warnings if they changed."""
         liquidity = await inbound_liquidity(self._backend)
-        if self.latest is None and not liquidity.known:
-            log.info("inbound liquidity unknown (ListChannels needs offchain:read)")
+        previous = self.latest
+        if not liquidity.known and (previous is None or previous.reason != liquidity.reason):
+            # Said once per cause: a missing permission is a setting (INFO), a node that does
+            # not answer a problem (WARNING; readiness's lnd check fails on it too).
+            level = logging.INFO if liquidity.reason == NEEDS_PERMISSION else logging.WARNING
+            log.log(level, "inbound liquidity unknown: %s", liquidity.reason)
+        elif liquidity.known and previous is not None and not previous.known:
+            log.info("inbound liquidity known again")
         self.latest = liquidity
         self._meter.liquidity(liquidity)
         if liquidity.known:
@@ -123,7 +150,7 @@ class LiquidityMonitor:
         if liquidity is None:
             return Check("liquidity", True, "not measured yet")
         if not liquidity.known:
-            return Check("liquidity", True, "unknown (ListChannels needs offchain:read)")
+            return Check("liquidity", True, f"unknown ({liquidity.reason or 'not said'})")
         detail = (
             f"inbound {_sat(liquidity.total_msat)} over {liquidity.channels} active "
             f"channel(s), largest {_sat(liquidity.largest_msat)}"

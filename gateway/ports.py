@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from typing import NewType, Protocol
@@ -392,6 +392,9 @@ _HELD_NEXT: dict[HeldState, frozenset[HeldState]] = {
 HELD_UNFINISHED = frozenset(
     {HeldState.WAITING, HeldState.RUNNING, HeldState.SUCCEEDED, HeldState.FAILED}
 )
+# The ``failure`` of a held request recorded CANCELED because the node settled its invoice,
+# which the gateway did not (its request failed, or never ran): the payer paid all the same.
+SETTLED_BY_NODE = "the node settled the invoice, not the gateway"
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,6 +466,12 @@ class DeliveryState(enum.Enum):
     DEAD = "DEAD"  # given up after ``max_attempts``; ``webhooks redeliver`` revives it
 
 
+def webhook_retry_delay(attempts: int, initial: float, most: float) -> float:
+    """Seconds before the next attempt after ``attempts`` failed ones: ``initial``, doubling
+    with each, capped at ``most`` (the stores compute it in their write)."""
+    return min(most, initial * 2.0 ** min(max(attempts - 1, 0), 60))
+
+
 @dataclass(frozen=True, slots=True)
 class WebhookEvent:
     """One event of the outbox. ``payload`` is the JSON text sent as the body, byte for byte
@@ -473,6 +482,9 @@ class WebhookEvent:
     resource: str  # what orders its events: "invoice:<hash hex>", "account:<token id hex>"
     payload: str
     created_at: float
+    # 32 random hex digits given at insert, never reused (unlike ``event_id``, which a
+    # restored backup or a fresh database repeats): the ``webhook-id`` is "msg_" + it.
+    webhook_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,13 +540,15 @@ class ChannelBackend(Protocol):
 class Liquidity:
     """What the node can receive: the inbound of its active channels together
     (``total_msat``) and of the largest one (``largest_msat``: the most one single-path
-    payment can bring). ``known`` False: the node would not say (say the macaroon lacks
-    ``offchain:read``), and the amounts are 0, not measured."""
+    payment can bring). ``known`` False: the node would not say (the macaroon lacks
+    ``offchain:read``, or the node is unavailable: ``reason`` says which), and the amounts
+    are 0, not measured."""
 
     total_msat: Msat
     largest_msat: Msat
     channels: int
     known: bool
+    reason: str = ""  # why not known (no secrets); empty when known
 
 
 class Meter(Protocol):
@@ -829,29 +843,37 @@ class StoreOperations(Protocol):
         """For each endpoint of ``subscriptions`` (name -> the event types it wants), add a
         PENDING delivery due ``now`` for each event after its cursor of a type it wants, at
         most ``limit`` events per endpoint, and move its cursor past them, in one write. An
-        endpoint seen for the first time starts after the newest event; one no longer in
-        ``subscriptions`` is forgotten (its deliveries stay). Returns how many were added."""
+        endpoint seen for the first time starts after the newest event (``limit`` 0 only
+        registers new endpoints so); one no longer in ``subscriptions`` is forgotten: its
+        cursor goes and its PENDING deliveries become DEAD (its other deliveries stay).
+        Returns how many were added."""
 
     async def next_webhook_delivery(
         self, endpoint: str
     ) -> tuple[WebhookDelivery, WebhookEvent] | None:
         """The endpoint's PENDING delivery of the oldest event, and the event: deliveries to
-        one endpoint go out in event order, one at a time."""
+        one endpoint go out in event order, one at a time. A read: it takes no write lock."""
 
     async def record_webhook_attempt(
         self,
         event_id: int,
         endpoint: str,
         *,
-        state: DeliveryState,
+        delivered: bool,
         now: float,
-        next_attempt_at: float,
         status: int | None,
         error: str,
-    ) -> None:
-        """The outcome of one attempt at a PENDING delivery: one more attempt, its status
-        and error, the new state (DELIVERED sets ``delivered_at`` = ``now``) and when to try
-        again. A delivery no longer PENDING is left as it is."""
+        max_attempts: int,
+        initial_backoff: float,
+        max_backoff: float,
+    ) -> WebhookDelivery | None:
+        """The outcome of one attempt at a PENDING delivery, decided in the write from the
+        attempts stored then (a redelivery while the attempt was under way counts): one
+        more attempt, its status and error; ``delivered``: DELIVERED, ``delivered_at`` =
+        ``now``; else DEAD once the attempts reach ``max_attempts``, or PENDING again
+        ``webhook_retry_delay(attempts, initial_backoff, max_backoff)`` after ``now``.
+        Returns the delivery as written; None, leaving it as it is, when it is no longer
+        PENDING (or gone)."""
 
     async def get_webhook_event(self, event_id: int) -> WebhookEvent | None: ...
 
@@ -870,17 +892,26 @@ class StoreOperations(Protocol):
         optionally only in ``state``, to ``endpoint`` or of ``event_id``."""
 
     async def redeliver_webhooks(
-        self, now: float, *, event_id: int | None = None, endpoint: str | None = None
+        self,
+        now: float,
+        *,
+        event_id: int | None = None,
+        endpoint: str | None = None,
+        endpoints: Collection[str] | None = None,
     ) -> int:
         """Make deliveries PENDING again, due ``now``, with no attempts: every delivery of
         ``event_id`` (only to ``endpoint`` when given, adding it if that endpoint never had
-        it), or without ``event_id`` every DEAD one (of ``endpoint`` when given). Returns
-        how many."""
+        it), or without ``event_id`` every DEAD one (of ``endpoint`` when given). With
+        ``endpoints`` (the configured ones), only deliveries to those. Returns how many."""
 
-    async def prune_webhook_events(self, before: float, limit: int) -> int:
+    async def prune_webhook_events(
+        self, before: float, limit: int, endpoints: Collection[str]
+    ) -> int:
         """Delete at most ``limit`` events created before ``before`` that nobody still has
-        to send (no PENDING delivery, every endpoint's cursor at or past them), with their
-        deliveries; returns how many events went."""
+        to send: no PENDING delivery to one of ``endpoints`` (the configured ones), and
+        each of their cursors at or past them (an endpoint not configured sends nothing: its
+        cursor and PENDING deliveries hold nothing back). Their deliveries go with them.
+        Returns how many events went."""
 
 
 class Store(StoreOperations, Protocol):

@@ -374,7 +374,13 @@ async def running_runtime(
 
         prometheus = PrometheusMeter(store.invoice_totals)
         meter, metrics = prometheus, prometheus.exposition
+    events = InvoiceEvents()
     try:
+        sender = None if webhooks is None else webhooks(store, events)
+        if sender is not None:
+            # New endpoints start before this process writes any event (the watcher's
+            # reconciliation, the executor's or resolver's recovery), so they get those.
+            await sender.register()
         async with (
             LndClient(settings, meter=meter) as lnd,
             _running_withdrawer(config, paying, store, clock) as withdrawer,
@@ -382,7 +388,6 @@ async def running_runtime(
             _running_runner(config, upstream if watch else None) as runner,
             Supervisor(clock) as supervisor,
         ):
-            events = InvoiceEvents()
             on_held: Callable[[], None] | None = None
             caught_up: Callable[[], bool] | None = None
             liquidity_check = None
@@ -407,6 +412,10 @@ async def running_runtime(
                     clock,
                     retention=config.store.unpaid_retention,
                     usage_retention=config.credit.usage_retention,
+                    # Events are written whatever the configuration: pruned here, not by
+                    # the sender, which runs only with endpoints.
+                    webhook_retention=config.webhooks.retention,
+                    webhook_endpoints=[endpoint.name for endpoint in config.webhook],
                     interval=config.store.sweep_interval,
                     events=events,
                 )
@@ -421,8 +430,7 @@ async def running_runtime(
                 )
                 supervisor.start("l402-liquidity", monitor.run)
                 liquidity_check = monitor.check
-                if webhooks is not None:
-                    sender = webhooks(store, events)
+                if sender is not None:
                     supervisor.start("l402-webhook-sender", sender.run)
             fiat = _fiat_rate(config, clock)
             if fiat is not None and config.paywall.fiat_rate_url:
@@ -515,7 +523,6 @@ def _webhook_sender(
         initial_backoff=settings.initial_backoff,
         max_backoff=settings.max_backoff,
         timeout=settings.timeout,
-        retention=settings.retention,
         poll_interval=settings.poll_interval,
     )
     for endpoint in endpoints:

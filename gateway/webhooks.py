@@ -7,7 +7,9 @@ the change that causes it: a settlement, an expiry, a refund, a withdrawal. The
 (``Store.fan_out_webhook_events``), then sends each endpoint's deliveries in event order, one
 at a time, as an HTTP POST of the event's JSON with the headers:
 
-- ``webhook-id``: ``msg_<event id>``, the same on every retry: receivers dedupe on it;
+- ``webhook-id``: ``msg_`` and the event's random ``webhook_id`` (32 hex digits), the same
+  on every retry and to every endpoint, never repeated (unlike the event's id, which a
+  restored backup or a fresh database gives again): receivers dedupe on it;
 - ``webhook-timestamp``: unix seconds of this attempt;
 - ``webhook-signature``: ``v1,<base64 HMAC-SHA256 of "id.timestamp.body">`` under the
   endpoint's ``whsec_...`` secret.
@@ -15,12 +17,16 @@ at a time, as an HTTP POST of the event's JSON with the headers:
 A 2xx answer delivers it; anything else (a timeout, no connection, a 3xx: redirects are not
 followed, 4xx, 5xx) is retried after a backoff doubling from ``initial_backoff`` up to
 ``max_backoff``, and after ``max_attempts`` the delivery is DEAD (``l402-gateway webhooks
-redeliver`` revives it). Delivery is at least once: a process killed after the receiver
-answered but before the answer was recorded sends it again after the restart, with the same
-``webhook-id``.
+redeliver`` revives it); the store decides which in the write that records the attempt, so
+a redelivery made while it was under way counts. Delivery is at least once: a process killed
+after the receiver answered but before the answer was recorded sends it again after the
+restart, with the same ``webhook-id``.
 
 The sender is woken by ``InvoiceEvents`` (this process's settlements) and otherwise looks
 every ``poll_interval`` seconds (events written by other workers, a redelivery from the CLI).
+``register()``, before anything else of the process writes events, starts new endpoints'
+cursors (and forgets removed ones). Old events are pruned by the invoice sweeper
+(``gateway.expiry``), whether or not any endpoint is configured.
 
 ``verify_delivery`` is the receiving side, for receivers written in Python;
 ``gateway.examples_webhooks`` is a receiver built on it.
@@ -52,8 +58,8 @@ from gateway.ports import (
     DeliveryState,
     Store,
     SystemClock,
-    WebhookDelivery,
     WebhookEvent,
+    webhook_retry_delay,
 )
 
 __all__ = [
@@ -73,14 +79,15 @@ log = logging.getLogger(__name__)
 # Seconds a delivery's timestamp may be off the receiver's clock (Standard Webhooks' 5 min).
 DEFAULT_TOLERANCE = 300.0
 FAN_OUT_LIMIT = 500  # events fanned out per endpoint in one write
-PRUNE_EVERY = 300.0  # seconds between prunes of old events
-PRUNE_LIMIT = 1000
 USER_AGENT = "l402-gateway-webhooks"
+# Seconds before the next attempt after n failed ones (the stores compute it in their write).
+retry_delay = webhook_retry_delay
 
 
-def message_id(event_id: int) -> str:
-    """The ``webhook-id`` of an event: the same on every retry and every endpoint."""
-    return f"msg_{event_id}"
+def message_id(event: WebhookEvent) -> str:
+    """The ``webhook-id`` of an event: ``msg_`` and its random id, the same on every retry
+    and every endpoint."""
+    return f"msg_{event.webhook_id}"
 
 
 def new_secret() -> str:
@@ -96,9 +103,8 @@ def _webhook(secret: str) -> Webhook:
         raise errors.ConfigError(f"not a webhook secret: {type(error).__name__}") from None
 
 
-def signed_headers(secret: str, event_id: int, timestamp: int, body: str) -> dict[str, str]:
-    """The Standard Webhooks headers of one attempt at sending ``body``."""
-    msg_id = message_id(event_id)
+def signed_headers(secret: str, msg_id: str, timestamp: int, body: str) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt at sending ``body`` as ``msg_id``."""
     moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
     return {
         "webhook-id": msg_id,
@@ -195,13 +201,7 @@ class RetryPolicy:
     initial_backoff: float = 5.0
     max_backoff: float = 3600.0
     timeout: float = 10.0
-    retention: int = 604_800  # 0: keep events forever
     poll_interval: float = 1.0
-
-
-def retry_delay(attempts: int, initial: float, most: float) -> float:
-    """Seconds before the next attempt after ``attempts`` failed ones: doubling, capped."""
-    return min(most, initial * 2.0 ** min(max(attempts - 1, 0), 60))
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:
@@ -230,6 +230,18 @@ class WebhookSender:
         self._events = events
         self._fan_out = asyncio.Event()
         self._wakes = {endpoint.name: asyncio.Event() for endpoint in self._endpoints}
+
+    @property
+    def subscriptions(self) -> dict[str, frozenset[str]]:
+        """Each endpoint's name and the event types it gets."""
+        return {endpoint.name: endpoint.events for endpoint in self._endpoints}
+
+    async def register(self) -> None:
+        """Start each new endpoint's cursor after the newest event, and forget removed ones
+        (their PENDING deliveries become DEAD), sending nothing yet. Call it before the
+        process's watcher, sweeper or executor may write events: a new endpoint gets those
+        (``run()`` does the same, later)."""
+        await self._store.fan_out_webhook_events(self.subscriptions, self._clock.now(), 0)
 
     def wake(self) -> None:
         """Look for new events now (and retry what is due)."""
@@ -264,9 +276,7 @@ class WebhookSender:
                 self._fan_out.set()  # it only wakes the sender: the store has everything
 
     async def _fan_out_loop(self) -> None:
-        subscriptions = {endpoint.name: endpoint.events for endpoint in self._endpoints}
-        loop = asyncio.get_running_loop()
-        next_prune = loop.time()
+        subscriptions = self.subscriptions
         while True:
             self._fan_out.clear()
             added = await self._store.fan_out_webhook_events(
@@ -276,14 +286,6 @@ class WebhookSender:
                 for wake in self._wakes.values():
                     wake.set()
                 continue  # there may be more
-            retention = self._policy.retention
-            if retention and loop.time() >= next_prune:
-                next_prune = loop.time() + PRUNE_EVERY
-                pruned = await self._store.prune_webhook_events(
-                    self._clock.now() - retention, PRUNE_LIMIT
-                )
-                if pruned:
-                    log.info("pruned %d webhook events older than %ds", pruned, retention)
             await _wait(self._fan_out, self._policy.poll_interval)
 
     async def _deliver_loop(
@@ -302,18 +304,16 @@ class WebhookSender:
                 # The oldest waits, and those after it with it: one endpoint's order holds.
                 await _wait(wake, min(due_in, self._policy.poll_interval))
                 continue
-            await self._attempt(session, endpoint, delivery, event)
+            await self._attempt(session, endpoint, event)
 
     async def _attempt(
         self,
         session: aiohttp.ClientSession,
         endpoint: WebhookEndpoint,
-        delivery: WebhookDelivery,
         event: WebhookEvent,
     ) -> None:
-        headers = signed_headers(
-            endpoint.secret, event.event_id, int(self._clock.now()), event.payload
-        )
+        msg_id = message_id(event)
+        headers = signed_headers(endpoint.secret, msg_id, int(self._clock.now()), event.payload)
         status: int | None = None
         error = ""
         try:
@@ -328,56 +328,51 @@ class WebhookSender:
             error = f"cannot connect ({type(failure).__name__})"
         except aiohttp.ClientError as failure:
             error = f"failed ({type(failure).__name__})"
+        delivered = status is not None and 200 <= status < 300
+        if not delivered:
+            error = error or f"answered {status}"
         now = self._clock.now()
-        if status is not None and 200 <= status < 300:
-            await self._store.record_webhook_attempt(
-                event.event_id,
-                endpoint.name,
-                state=DeliveryState.DELIVERED,
-                now=now,
-                next_attempt_at=now,
-                status=status,
-                error="",
-            )
-            log.debug(
-                "webhook %s %s delivered to %s",
-                message_id(event.event_id),
+        policy = self._policy
+        # The store decides DEAD or the next attempt from the attempts it holds now: a
+        # redelivery made while this one was under way restarted the count.
+        recorded = await self._store.record_webhook_attempt(
+            event.event_id,
+            endpoint.name,
+            delivered=delivered,
+            now=now,
+            status=status,
+            error=error,
+            max_attempts=policy.max_attempts,
+            initial_backoff=policy.initial_backoff,
+            max_backoff=policy.max_backoff,
+        )
+        if recorded is None:
+            log.info(
+                "webhook %s %s to %s: no longer pending, its attempt is not recorded",
+                msg_id,
                 event.type,
                 endpoint.name,
             )
-            return
-        error = error or f"answered {status}"
-        attempts = delivery.attempts + 1
-        policy = self._policy
-        dead = attempts >= policy.max_attempts
-        next_attempt_at = now + retry_delay(attempts, policy.initial_backoff, policy.max_backoff)
-        await self._store.record_webhook_attempt(
-            event.event_id,
-            endpoint.name,
-            state=DeliveryState.DEAD if dead else DeliveryState.PENDING,
-            now=now,
-            next_attempt_at=now if dead else next_attempt_at,
-            status=status,
-            error=error,
-        )
-        if dead:
+        elif recorded.state is DeliveryState.DELIVERED:
+            log.debug("webhook %s %s delivered to %s", msg_id, event.type, endpoint.name)
+        elif recorded.state is DeliveryState.DEAD:
             log.error(
                 "webhook %s %s to %s is DEAD after %d attempts (last: %s); "
                 "`l402-gateway webhooks redeliver %d` sends it again",
-                message_id(event.event_id),
+                msg_id,
                 event.type,
                 endpoint.name,
-                attempts,
+                recorded.attempts,
                 error,
                 event.event_id,
             )
         else:
             log.warning(
                 "webhook %s %s to %s: attempt %d %s; retrying in %.0fs",
-                message_id(event.event_id),
+                msg_id,
                 event.type,
                 endpoint.name,
-                attempts,
+                recorded.attempts,
                 error,
-                next_attempt_at - now,
+                recorded.next_attempt_at - now,
             )

@@ -19,6 +19,7 @@ from gateway import errors
 from gateway.cli.formats import columns, utc_time
 from gateway.config import Config
 from gateway.ports import Account, CreditTotals, InvoiceRecord, InvoiceState
+from gateway.reports import account_json, credit_totals_json, unaccounted_msat
 from gateway.store import open_store
 from gateway.text import printable
 
@@ -262,44 +263,6 @@ async def invoices(config: Config, query: Query) -> int:
     return 0
 
 
-def _account_json(account: Account) -> dict[str, Any]:
-    return {
-        "token_id": account.token_id.hex(),
-        "service": account.service,
-        "credited_msat": account.credited_msat,
-        "spent_msat": account.spent_msat,
-        "reserved_msat": account.reserved_msat,
-        "withdrawn_msat": account.withdrawn_msat,
-        "balance_msat": account.balance_msat,
-        "created_at": account.created_at,
-        "last_used_at": account.last_used_at,
-    }
-
-
-def _totals_json(totals: CreditTotals) -> dict[str, Any]:
-    return {
-        "accounts": totals.accounts,
-        "received_msat": totals.received_msat,
-        "consumed_msat": totals.consumed_msat,
-        "withdrawn_msat": totals.withdrawn_msat,
-        "pending_withdrawals_msat": totals.pending_withdrawals_msat,
-        "reserved_msat": totals.reserved_msat,
-        "outstanding_msat": totals.outstanding_msat,
-        "reconciles": _unaccounted(totals) == 0,
-    }
-
-
-def _unaccounted(totals: CreditTotals) -> int:
-    """What ``received`` holds beyond its parts; anything but 0 is a bookkeeping error."""
-    return totals.received_msat - (
-        totals.consumed_msat
-        + totals.withdrawn_msat
-        + totals.pending_withdrawals_msat
-        + totals.reserved_msat
-        + totals.outstanding_msat
-    )
-
-
 def _accounts_table(listed: Sequence[Account], totals: CreditTotals) -> str:
     rows = [
         (
@@ -344,7 +307,7 @@ def _accounts_table(listed: Sequence[Account], totals: CreditTotals) -> str:
         f"{totals.consumed_msat} + {totals.withdrawn_msat} + "
         f"{totals.pending_withdrawals_msat} + {totals.reserved_msat} + {totals.outstanding_msat}"
     )
-    unaccounted = _unaccounted(totals)
+    unaccounted = unaccounted_msat(totals)
     if unaccounted == 0:
         lines.append(
             f"reconciled: received {totals.received_msat} = consumed + withdrawn + pending "
@@ -370,8 +333,8 @@ async def accounts(config: Config, limit: int | None, as_json: bool) -> int:
         await store.close()
     if as_json:
         document = {
-            "accounts": [_account_json(a) for a in listed],
-            "totals": _totals_json(totals),
+            "accounts": [account_json(a) for a in listed],
+            "totals": credit_totals_json(totals),
         }
         print(json.dumps(document, indent=2, ensure_ascii=True))
     else:

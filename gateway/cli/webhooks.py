@@ -7,11 +7,13 @@
     l402-gateway webhooks new-secret                   a fresh whsec_... secret for an endpoint
 
 A redelivery is picked up by the running gateway's sender within its poll interval; the
-receiver gets the same ``webhook-id`` again.
+receiver gets the same ``webhook-id`` again. Only deliveries to the configured endpoints are
+redelivered (a removed endpoint's stay DEAD).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -21,9 +23,39 @@ from typing import Any
 from gateway import errors
 from gateway.cli.formats import columns, utc_time
 from gateway.config import Config
-from gateway.ports import DeliveryState, WebhookDelivery
+from gateway.ports import DeliveryState, WebhookDelivery, WebhookEvent
+from gateway.reports import delivery_json
 from gateway.store import open_store
 from gateway.text import printable
+
+MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger one cannot even be looked up
+
+
+def _event_id(text: str) -> int:
+    """An event id for argparse: a clear usage error (exit 2) for one out of range."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an event id: {text!r}") from None
+    if not 1 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"an event id is 1 to {MAX_ID}, got {text}")
+    return value
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"--limit is 0 to {MAX_ID}, got {text}")
+    return value
+
+
+def message_id(event: WebhookEvent) -> str:
+    """The ``webhook-id`` it is sent with (``gateway.webhooks.message_id``, which needs
+    aiohttp)."""
+    return f"msg_{event.webhook_id}"
 
 
 def add_parser(commands: Any) -> None:
@@ -38,14 +70,14 @@ def add_parser(commands: Any) -> None:
         "--state", choices=[state.value.lower() for state in DeliveryState], help="only these"
     )
     listing.add_argument("--endpoint", metavar="NAME", help="only to this endpoint")
-    listing.add_argument("--limit", type=int, default=100, help="at most N (default 100)")
+    listing.add_argument("--limit", type=_limit, default=100, help="at most N (default 100)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     show = actions.add_parser("show", help="one event and its deliveries")
-    show.add_argument("event_id", type=int)
+    show.add_argument("event_id", type=_event_id)
     show.add_argument("--json", action="store_true", help="machine-readable output")
     redeliver = actions.add_parser("redeliver", help="send an event (or every DEAD one) again")
     which = redeliver.add_mutually_exclusive_group(required=True)
-    which.add_argument("event_id", type=int, nargs="?", help="the event's id")
+    which.add_argument("event_id", type=_event_id, nargs="?", help="the event's id")
     which.add_argument("--dead", action="store_true", help="every DEAD delivery")
     redeliver.add_argument("--endpoint", metavar="NAME", help="to this endpoint only")
     actions.add_parser("new-secret", help="print a fresh whsec_ secret for an endpoint")
@@ -59,27 +91,11 @@ def run(config: Config, args: Any) -> int:
         print(new_secret())
         return 0
     if command == "list":
-        if args.limit < 0:
-            raise errors.ConfigError(f"--limit must be >= 0, got {args.limit}")
         state = None if args.state is None else DeliveryState(args.state.upper())
         return asyncio.run(_list(config, state, args.endpoint, args.limit, args.json))
     if command == "show":
         return asyncio.run(_show(config, args.event_id, args.json))
     return asyncio.run(_redeliver(config, args.event_id, args.endpoint))
-
-
-def _delivery_json(delivery: WebhookDelivery) -> dict[str, object]:
-    return {
-        "event_id": delivery.event_id,
-        "endpoint": delivery.endpoint,
-        "type": delivery.event_type,
-        "state": delivery.state.value,
-        "attempts": delivery.attempts,
-        "next_attempt_at": delivery.next_attempt_at,
-        "last_status": delivery.last_status,
-        "last_error": delivery.last_error,
-        "delivered_at": delivery.delivered_at,
-    }
 
 
 def _table(deliveries: list[WebhookDelivery]) -> list[str]:
@@ -110,7 +126,7 @@ async def _list(
     finally:
         await store.close()
     if as_json:
-        print(json.dumps([_delivery_json(d) for d in deliveries], indent=2, ensure_ascii=True))
+        print(json.dumps([delivery_json(d) for d in deliveries], indent=2, ensure_ascii=True))
     elif deliveries:
         print("\n".join(_table(deliveries)))
     else:
@@ -132,16 +148,16 @@ async def _show(config: Config, event_id: int, as_json: bool) -> int:
     if as_json:
         document = {
             "event_id": event.event_id,
-            "webhook_id": f"msg_{event.event_id}",
+            "webhook_id": message_id(event),
             "type": event.type,
             "resource": event.resource,
             "created_at": event.created_at,
             "payload": body,
-            "deliveries": [_delivery_json(d) for d in deliveries],
+            "deliveries": [delivery_json(d) for d in deliveries],
         }
         print(json.dumps(document, indent=2, ensure_ascii=True))
         return 0
-    print(f"event {event.event_id} (webhook-id msg_{event.event_id}): {event.type}")
+    print(f"event {event.event_id} (webhook-id {message_id(event)}): {event.type}")
     print(f"resource {event.resource}, written {utc_time(event.created_at)} UTC")
     print(json.dumps(body, indent=2, ensure_ascii=True))
     print("\n".join(_table(deliveries)) if deliveries else "no deliveries (yet)")
@@ -149,14 +165,18 @@ async def _show(config: Config, event_id: int, as_json: bool) -> int:
 
 
 async def _redeliver(config: Config, event_id: int | None, endpoint: str | None) -> int:
-    if endpoint is not None and endpoint not in {e.name for e in config.webhook}:
+    configured = {e.name for e in config.webhook}
+    if endpoint is not None and endpoint not in configured:
         raise errors.ConfigError(f"no [[webhook]] endpoint named {endpoint!r}")
     store = await open_store(config.store.url)
     try:
         if event_id is not None and await store.get_webhook_event(event_id) is None:
             print(f"l402-gateway: no webhook event {event_id}", file=sys.stderr)
             return 1
-        count = await store.redeliver_webhooks(time.time(), event_id=event_id, endpoint=endpoint)
+        # Only to configured endpoints: a removed one's would stay PENDING for ever.
+        count = await store.redeliver_webhooks(
+            time.time(), event_id=event_id, endpoint=endpoint, endpoints=configured
+        )
     finally:
         await store.close()
     what = f"event {event_id}" if event_id is not None else "dead deliveries"

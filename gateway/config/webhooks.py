@@ -46,7 +46,8 @@ class WebhooksConfig:
     initial_backoff: float = 5.0
     max_backoff: float = 3600.0
     timeout: float = 10.0  # seconds for one attempt, connection to the end of the answer
-    # Seconds sent (or dead) events are kept before they are deleted; 0 keeps them forever.
+    # Seconds events are kept before the invoice sweeper deletes them (once no configured
+    # endpoint still has to send them; with no endpoint too); 0 keeps them forever.
     retention: int = 604_800
     # Seconds between looks for events written by other processes (workers).
     poll_interval: float = 1.0
@@ -97,6 +98,16 @@ class WebhookEndpointConfig:
             "url",
             "an http:// or https:// URL with a host",
             f"{parts.scheme}://...",  # the URL may hold a credential: not shown
+        )
+        try:
+            port = parts.port  # ValueError: not a number, or past 65535
+        except ValueError:
+            port = -1
+        require(
+            port is None or 1 <= port <= 65_535,
+            "url",
+            "a port from 1 to 65535 (or none: 80 or 443)",
+            f"{parts.scheme}://...:{parts.netloc.rpartition(':')[2][:12]}",
         )
         require(bool(self.events), "events", "a non-empty list of event types", self.events)
         unknown = sorted(set(self.events) - WEBHOOK_EVENT_TYPES - {"*"})

@@ -23,6 +23,7 @@ from urllib.parse import unquote
 from gateway import errors
 from gateway.ports import (
     HELD_UNFINISHED,
+    SETTLED_BY_NODE,
     Clock,
     HeldRequest,
     HeldState,
@@ -61,8 +62,8 @@ NODE_CANCELLED = "the node cancelled the held payment"
 EXPIRED_UNPAID = "invoice expired unpaid"
 UNREACHABLE = "backend unreachable"
 NODE_FORGOT = "the node no longer knows the invoice"
-# The node settled an invoice the gateway did not (its request failed, or never ran).
-SETTLED_BY_NODE = "the node settled the invoice, not the gateway"
+# SETTLED_BY_NODE (from ports, for the store's events too): the node settled an invoice the
+# gateway did not (its request failed, or never ran).
 
 # The states a tracker acts on; RUNNING belongs to the runner that moved it there.
 _TRACKED = HELD_UNFINISHED - {HeldState.RUNNING}

@@ -14,7 +14,8 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-from collections.abc import AsyncIterator, Callable, Mapping
+import secrets
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import TypeVar
 
 from gateway.errors import StoreClosed, StoreError
@@ -43,6 +44,7 @@ from gateway.ports import (
     WebhookEvent,
     Withdrawal,
     WithdrawalState,
+    webhook_retry_delay,
 )
 from gateway.store.credit import (
     SETTLED_AFTER_EXPIRY,
@@ -57,7 +59,13 @@ from gateway.store.credit import (
 )
 from gateway.store.gate import TransactionGate
 from gateway.store.held import HELD_FINAL, check_move, check_new, delivered, moved
-from gateway.store.outbox import NewEvent, held_events, invoice_events, withdrawal_events
+from gateway.store.outbox import (
+    ENDPOINT_REMOVED,
+    NewEvent,
+    held_events,
+    invoice_events,
+    withdrawal_events,
+)
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -518,7 +526,12 @@ class _Tables:
         for event in events:
             event_id = next(self.event_ids)
             stored = WebhookEvent(
-                event_id, event.type, event.resource, event.payload, self.clock.now()
+                event_id,
+                event.type,
+                event.resource,
+                event.payload,
+                self.clock.now(),
+                secrets.token_hex(16),
             )
             self._set(self.events, event_id, stored)
 
@@ -527,6 +540,15 @@ class _Tables:
     ) -> int:
         for name in [name for name in self.webhook_cursors if name not in subscriptions]:
             self._delete(self.webhook_cursors, name)
+            for key, delivery in list(self.deliveries.items()):
+                if key[0] == name and delivery.state is DeliveryState.PENDING:
+                    dead = dataclasses.replace(
+                        delivery,
+                        state=DeliveryState.DEAD,
+                        next_attempt_at=now,
+                        last_error=ENDPOINT_REMOVED,
+                    )
+                    self._set(self.deliveries, key, dead)
         newest = max(self.events, default=0)
         added = 0
         for name, types in subscriptions.items():
@@ -563,25 +585,35 @@ class _Tables:
         self,
         event_id: int,
         endpoint: str,
-        state: DeliveryState,
+        delivered: bool,
         now: float,
-        next_attempt_at: float,
         status: int | None,
         error: str,
-    ) -> None:
+        retry: tuple[int, float, float],
+    ) -> WebhookDelivery | None:
         delivery = self.deliveries.get((endpoint, event_id))
         if delivery is None or delivery.state is not DeliveryState.PENDING:
-            return
+            return None
+        max_attempts, initial, most = retry
+        attempts = delivery.attempts + 1  # decided from the attempts stored now
+        state, next_attempt_at = DeliveryState.PENDING, now
+        if delivered:
+            state = DeliveryState.DELIVERED
+        elif attempts >= max_attempts:
+            state = DeliveryState.DEAD
+        else:
+            next_attempt_at = now + webhook_retry_delay(attempts, initial, most)
         after = dataclasses.replace(
             delivery,
             state=state,
-            attempts=delivery.attempts + 1,
+            attempts=attempts,
             next_attempt_at=next_attempt_at,
             last_status=status,
             last_error=error,
-            delivered_at=now if state is DeliveryState.DELIVERED else None,
+            delivered_at=now if delivered else None,
         )
         self._set(self.deliveries, (endpoint, event_id), after)
+        return after
 
     def list_webhook_events(self, after: int, limit: int) -> list[WebhookEvent]:
         ids = sorted(event_id for event_id in self.events if event_id > after)
@@ -606,21 +638,28 @@ class _Tables:
         )
         return chosen[: max(0, limit)]
 
-    def redeliver_webhooks(self, now: float, event_id: int | None, endpoint: str | None) -> int:
+    def redeliver_webhooks(
+        self,
+        now: float,
+        event_id: int | None,
+        endpoint: str | None,
+        endpoints: Collection[str] | None,
+    ) -> int:
+        def wanted(name: str) -> bool:
+            return endpoint in (None, name) and (endpoints is None or name in endpoints)
+
         if event_id is None:
             chosen = [
                 key
                 for key, delivery in self.deliveries.items()
-                if delivery.state is DeliveryState.DEAD and endpoint in (None, key[0])
+                if delivery.state is DeliveryState.DEAD and wanted(key[0])
             ]
         else:
             event = self.events.get(event_id)
             if event is None:
                 return 0
-            chosen = [
-                key for key in self.deliveries if key[1] == event_id and endpoint in (None, key[0])
-            ]
-            if endpoint is not None and not chosen:
+            chosen = [key for key in self.deliveries if key[1] == event_id and wanted(key[0])]
+            if endpoint is not None and not chosen and wanted(endpoint):
                 fresh = WebhookDelivery(
                     event_id, endpoint, event.type, DeliveryState.PENDING, 0, now
                 )
@@ -637,12 +676,16 @@ class _Tables:
             self._set(self.deliveries, key, again)
         return len(chosen)
 
-    def prune_webhook_events(self, before: float, limit: int) -> int:
-        behind = min(self.webhook_cursors.values(), default=None)
+    def prune_webhook_events(self, before: float, limit: int, endpoints: Collection[str]) -> int:
+        # Only the configured endpoints still send anything.
+        behind = min(
+            (cursor for name, cursor in self.webhook_cursors.items() if name in endpoints),
+            default=None,
+        )
         busy = {
             event_id
-            for (_, event_id), delivery in self.deliveries.items()
-            if delivery.state is DeliveryState.PENDING
+            for (name, event_id), delivery in self.deliveries.items()
+            if delivery.state is DeliveryState.PENDING and name in endpoints
         }
         doomed = sorted(
             event_id
@@ -818,15 +861,18 @@ class _MemoryOperations:
         event_id: int,
         endpoint: str,
         *,
-        state: DeliveryState,
+        delivered: bool,
         now: float,
-        next_attempt_at: float,
         status: int | None,
         error: str,
-    ) -> None:
-        await self._run(
+        max_attempts: int,
+        initial_backoff: float,
+        max_backoff: float,
+    ) -> WebhookDelivery | None:
+        retry = (max_attempts, initial_backoff, max_backoff)
+        return await self._run(
             lambda tables: tables.record_webhook_attempt(
-                event_id, endpoint, state, now, next_attempt_at, status, error
+                event_id, endpoint, delivered, now, status, error, retry
             )
         )
 
@@ -849,12 +895,21 @@ class _MemoryOperations:
         )
 
     async def redeliver_webhooks(
-        self, now: float, *, event_id: int | None = None, endpoint: str | None = None
+        self,
+        now: float,
+        *,
+        event_id: int | None = None,
+        endpoint: str | None = None,
+        endpoints: Collection[str] | None = None,
     ) -> int:
-        return await self._run(lambda tables: tables.redeliver_webhooks(now, event_id, endpoint))
+        return await self._run(
+            lambda tables: tables.redeliver_webhooks(now, event_id, endpoint, endpoints)
+        )
 
-    async def prune_webhook_events(self, before: float, limit: int) -> int:
-        return await self._run(lambda tables: tables.prune_webhook_events(before, limit))
+    async def prune_webhook_events(
+        self, before: float, limit: int, endpoints: Collection[str]
+    ) -> int:
+        return await self._run(lambda tables: tables.prune_webhook_events(before, limit, endpoints))
 
 
 class _MemoryTransaction(_MemoryOperations):

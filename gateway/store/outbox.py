@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.ports import (
+    SETTLED_BY_NODE,
     HeldRequest,
     HeldState,
     InvoiceRecord,
@@ -23,6 +24,9 @@ from gateway.ports import (
     WithdrawalState,
 )
 from gateway.store.credit import credit_bought
+
+# The last_error of the PENDING deliveries made DEAD when their endpoint is forgotten.
+ENDPOINT_REMOVED = "the endpoint is no longer configured"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +80,11 @@ def invoice_events(before: InvoiceRecord, after: InvoiceRecord, now: float) -> l
 
 def held_events(after: HeldRequest) -> list[NewEvent]:
     """The events of ``move_held_request`` writing ``after`` (a move that happened): a
-    pay-on-success request settled (the payer paid) or cancelled (refunded)."""
-    if after.state is HeldState.SETTLED:
+    pay-on-success request settled (the payer paid) or cancelled (refunded). One recorded
+    CANCELED because the node settled its invoice (``SETTLED_BY_NODE``) was paid all the
+    same: ``request.settled``, with that ``reason``."""
+    settled_by_node = after.state is HeldState.CANCELED and after.failure == SETTLED_BY_NODE
+    if after.state is HeldState.SETTLED or settled_by_node:
         kind = "request.settled"
     elif after.state is HeldState.CANCELED:
         kind = "request.refunded"
@@ -93,7 +100,7 @@ def held_events(after: HeldRequest) -> list[NewEvent]:
         data["path"] = after.request.target.split("?", 1)[0]
     if after.response is not None:
         data["status"] = after.response.status
-    if kind == "request.refunded":
+    if kind == "request.refunded" or settled_by_node:
         data["reason"] = after.failure
     return [_event(kind, f"invoice:{after.payment_hash.hex()}", after.updated_at, data)]
 

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,7 +85,13 @@ from gateway.store.held import (
     keeps_request,
     predecessors,
 )
-from gateway.store.outbox import NewEvent, held_events, invoice_events, withdrawal_events
+from gateway.store.outbox import (
+    ENDPOINT_REMOVED,
+    NewEvent,
+    held_events,
+    invoice_events,
+    withdrawal_events,
+)
 from gateway.store.sqlite_file import Synchronous, connect, connect_nonblocking, describe
 
 T = TypeVar("T")
@@ -355,15 +361,26 @@ _PRUNE_HELD = """
     )
 """
 
-# Webhooks: the outbox and its deliveries.
-_ADD_EVENT = "INSERT INTO events (type, resource, payload, created_at) VALUES (?, ?, ?, ?)"
-_GET_EVENT = "SELECT id, type, resource, payload, created_at FROM events WHERE id = ?"
+# Webhooks: the outbox and its deliveries. An event's webhook_id is random, given here.
+_ADD_EVENT = """
+    INSERT INTO events (type, resource, payload, created_at, webhook_id)
+    VALUES (?, ?, ?, ?, lower(hex(randomblob(16))))
+"""
+_GET_EVENT = """
+    SELECT id, type, resource, payload, created_at, webhook_id FROM events WHERE id = ?
+"""
 _LIST_EVENTS = """
-    SELECT id, type, resource, payload, created_at FROM events WHERE id > ? ORDER BY id LIMIT ?
+    SELECT id, type, resource, payload, created_at, webhook_id FROM events
+    WHERE id > ? ORDER BY id LIMIT ?
 """
 _NEWEST_EVENT = "SELECT coalesce(max(id), 0) FROM events"
 _ENDPOINTS = "SELECT name, cursor FROM webhook_endpoints"
 _FORGET_ENDPOINT = "DELETE FROM webhook_endpoints WHERE name = ?"
+# A forgotten endpoint's PENDING deliveries would wait for ever: DEAD, with the reason.
+_ORPHAN_DELIVERIES = """
+    UPDATE webhook_deliveries SET state = 'DEAD', next_attempt_at = ?, last_error = ?
+    WHERE endpoint = ? AND state = 'PENDING'
+"""
 _PUT_ENDPOINT = """
     INSERT INTO webhook_endpoints (name, cursor) VALUES (?, ?)
     ON CONFLICT (name) DO UPDATE SET cursor = excluded.cursor
@@ -375,17 +392,34 @@ _ADD_DELIVERY = """
     ) VALUES (?, ?, ?, 'PENDING', 0, ?, '')
     ON CONFLICT (endpoint, event_id) DO NOTHING
 """
-_NEXT_DELIVERY = """
+_GET_DELIVERY = """
     SELECT event_id, endpoint, event_type, state, attempts, next_attempt_at, last_status,
            last_error, delivered_at
-    FROM webhook_deliveries
-    WHERE endpoint = ? AND state = 'PENDING' ORDER BY event_id LIMIT 1
+    FROM webhook_deliveries WHERE event_id = ? AND endpoint = ?
 """
+# One statement: a read of one snapshot, with no write lock.
+_NEXT_DELIVERY = """
+    SELECT d.event_id, d.endpoint, d.event_type, d.state, d.attempts, d.next_attempt_at,
+           d.last_status, d.last_error, d.delivered_at,
+           e.id, e.type, e.resource, e.payload, e.created_at, e.webhook_id
+    FROM webhook_deliveries AS d JOIN events AS e ON e.id = d.event_id
+    WHERE d.endpoint = ? AND d.state = 'PENDING' ORDER BY d.event_id LIMIT 1
+"""
+# The outcome decided from the attempts stored now (SET sees the row before the update):
+# DELIVERED; DEAD at max_attempts; else PENDING after webhook_retry_delay(attempts + 1, ...),
+# min(most, initial * 2 ** min(attempts, 60)), 2 ** n as 1 << n.
 _RECORD_ATTEMPT = """
     UPDATE webhook_deliveries SET
-        state = ?, attempts = attempts + 1, next_attempt_at = ?, last_status = ?,
-        last_error = ?, delivered_at = ?
-    WHERE event_id = ? AND endpoint = ? AND state = 'PENDING'
+        state = CASE WHEN :delivered THEN 'DELIVERED'
+                     WHEN attempts + 1 >= :max_attempts THEN 'DEAD'
+                     ELSE 'PENDING' END,
+        next_attempt_at = CASE WHEN :delivered OR attempts + 1 >= :max_attempts THEN :now
+                               ELSE :now + min(:most, :initial * (1 << min(attempts, 60))) END,
+        attempts = attempts + 1,
+        last_status = :status,
+        last_error = :error,
+        delivered_at = CASE WHEN :delivered THEN :now END
+    WHERE event_id = :event_id AND endpoint = :endpoint AND state = 'PENDING'
 """
 # Each filter is "? IS NULL OR column = ?" (the value twice); LIMIT -1: no limit.
 _LIST_DELIVERIES = """
@@ -395,23 +429,28 @@ _LIST_DELIVERIES = """
     WHERE (? IS NULL OR state = ?) AND (? IS NULL OR endpoint = ?) AND (? IS NULL OR event_id = ?)
     ORDER BY event_id DESC, endpoint LIMIT ?
 """
+# {among}: "" (any endpoint) or "AND endpoint IN (?, ...)" (``_among``).
 _REDELIVER_EVENT = """
     UPDATE webhook_deliveries
     SET state = 'PENDING', attempts = 0, next_attempt_at = ?, delivered_at = NULL
-    WHERE event_id = ? AND (? IS NULL OR endpoint = ?)
+    WHERE event_id = ? AND (? IS NULL OR endpoint = ?) {among}
 """
 _REDELIVER_DEAD = """
     UPDATE webhook_deliveries
     SET state = 'PENDING', attempts = 0, next_attempt_at = ?, delivered_at = NULL
-    WHERE state = 'DEAD' AND (? IS NULL OR endpoint = ?)
+    WHERE state = 'DEAD' AND (? IS NULL OR endpoint = ?) {among}
 """
-# Nobody still has to send them: no PENDING delivery, and every endpoint's cursor past them.
+# Nobody still has to send them: no PENDING delivery to a configured endpoint, and every
+# configured endpoint's cursor past them; {names}: the configured endpoints' placeholders.
 _PRUNABLE_EVENTS = """
     SELECT id FROM events
     WHERE created_at < ?
-      AND id <= coalesce((SELECT min(cursor) FROM webhook_endpoints), id)
+      AND id <= coalesce(
+          (SELECT min(cursor) FROM webhook_endpoints WHERE name IN ({names})), id
+      )
       AND NOT EXISTS (
-          SELECT 1 FROM webhook_deliveries WHERE event_id = events.id AND state = 'PENDING'
+          SELECT 1 FROM webhook_deliveries
+          WHERE event_id = events.id AND state = 'PENDING' AND endpoint IN ({names})
       )
     ORDER BY id LIMIT ?
 """
@@ -886,9 +925,10 @@ class _SqliteOperations:
     ) -> int:
         def fan_out(connection: sqlite3.Connection) -> int:
             cursors = {str(name): int(cursor) for name, cursor in connection.execute(_ENDPOINTS)}
-            connection.executemany(
-                _FORGET_ENDPOINT, ((name,) for name in cursors if name not in subscriptions)
-            )
+            for name in cursors:
+                if name not in subscriptions:
+                    connection.execute(_FORGET_ENDPOINT, (name,))
+                    connection.execute(_ORPHAN_DELIVERIES, (now, ENDPOINT_REMOVED, name))
             (newest,) = connection.execute(_NEWEST_EVENT).fetchone()
             added = 0
             for name, types in subscriptions.items():
@@ -913,32 +953,41 @@ class _SqliteOperations:
     ) -> tuple[WebhookDelivery, WebhookEvent] | None:
         def next_(connection: sqlite3.Connection) -> tuple[WebhookDelivery, WebhookEvent] | None:
             row = connection.execute(_NEXT_DELIVERY, (endpoint,)).fetchone()
-            if row is None:
-                return None
-            delivery = _delivery(row)
-            event = _webhook_event(connection.execute(_GET_EVENT, (delivery.event_id,)).fetchone())
-            return delivery, event
+            return None if row is None else (_delivery(row[:9]), _webhook_event(row[9:]))
 
-        return await self._run("next_webhook_delivery", next_, atomic=True)
+        return await self._run("next_webhook_delivery", next_)
 
     async def record_webhook_attempt(
         self,
         event_id: int,
         endpoint: str,
         *,
-        state: DeliveryState,
+        delivered: bool,
         now: float,
-        next_attempt_at: float,
         status: int | None,
         error: str,
-    ) -> None:
-        delivered_at = now if state is DeliveryState.DELIVERED else None
-        parameters = (state.value, next_attempt_at, status, error, delivered_at, event_id, endpoint)
+        max_attempts: int,
+        initial_backoff: float,
+        max_backoff: float,
+    ) -> WebhookDelivery | None:
+        parameters = {
+            "delivered": delivered,
+            "max_attempts": max_attempts,
+            "now": now,
+            "most": max_backoff,
+            "initial": initial_backoff,
+            "status": status,
+            "error": error,
+            "event_id": event_id,
+            "endpoint": endpoint,
+        }
 
-        def record(connection: sqlite3.Connection) -> None:
-            connection.execute(_RECORD_ATTEMPT, parameters)
+        def record(connection: sqlite3.Connection) -> WebhookDelivery | None:
+            if connection.execute(_RECORD_ATTEMPT, parameters).rowcount == 0:
+                return None
+            return _delivery(connection.execute(_GET_DELIVERY, (event_id, endpoint)).fetchone())
 
-        await self._run("record_webhook_attempt", record)
+        return await self._run("record_webhook_attempt", record, atomic=True)
 
     async def get_webhook_event(self, event_id: int) -> WebhookEvent | None:
         def get(connection: sqlite3.Connection) -> WebhookEvent | None:
@@ -971,18 +1020,27 @@ class _SqliteOperations:
         return await self._run("list_webhook_deliveries", list_)
 
     async def redeliver_webhooks(
-        self, now: float, *, event_id: int | None = None, endpoint: str | None = None
+        self,
+        now: float,
+        *,
+        event_id: int | None = None,
+        endpoint: str | None = None,
+        endpoints: Collection[str] | None = None,
     ) -> int:
+        among, names = ("", ()) if endpoints is None else _among(endpoints)
+
         def redeliver(connection: sqlite3.Connection) -> int:
             if event_id is None:
-                return connection.execute(_REDELIVER_DEAD, (now, endpoint, endpoint)).rowcount
+                statement = _REDELIVER_DEAD.format(among=among)
+                return connection.execute(statement, (now, endpoint, endpoint, *names)).rowcount
             row = connection.execute(_GET_EVENT, (event_id,)).fetchone()
             if row is None:
                 return 0
+            statement = _REDELIVER_EVENT.format(among=among)
             changed = connection.execute(
-                _REDELIVER_EVENT, (now, event_id, endpoint, endpoint)
+                statement, (now, event_id, endpoint, endpoint, *names)
             ).rowcount
-            if changed or endpoint is None:
+            if changed or endpoint is None or (endpoints is not None and endpoint not in names):
                 return int(changed)
             # That endpoint never had it: a delivery of its own.
             added = connection.execute(_ADD_DELIVERY, (event_id, endpoint, str(row[1]), now))
@@ -990,9 +1048,16 @@ class _SqliteOperations:
 
         return await self._run("redeliver_webhooks", redeliver, atomic=True)
 
-    async def prune_webhook_events(self, before: float, limit: int) -> int:
+    async def prune_webhook_events(
+        self, before: float, limit: int, endpoints: Collection[str]
+    ) -> int:
+        _, names = _among(endpoints)
+        placeholders = ", ".join("?" * len(names))  # none: IN () matches nothing
+        statement = _PRUNABLE_EVENTS.format(names=placeholders)
+
         def prune(connection: sqlite3.Connection) -> int:
-            doomed = connection.execute(_PRUNABLE_EVENTS, (before, max(0, limit))).fetchall()
+            parameters = (before, *names, *names, max(0, limit))
+            doomed = connection.execute(statement, parameters).fetchall()
             connection.executemany(_PRUNE_DELIVERIES, doomed)
             connection.executemany(_PRUNE_EVENT, doomed)
             return len(doomed)
@@ -1523,7 +1588,16 @@ def _add_events(connection: sqlite3.Connection, events: Iterable[NewEvent], now:
 
 
 def _webhook_event(row: Sequence[Any]) -> WebhookEvent:
-    return WebhookEvent(int(row[0]), str(row[1]), str(row[2]), str(row[3]), float(row[4]))
+    return WebhookEvent(
+        int(row[0]), str(row[1]), str(row[2]), str(row[3]), float(row[4]), str(row[5])
+    )
+
+
+def _among(endpoints: Collection[str]) -> tuple[str, tuple[str, ...]]:
+    """``AND endpoint IN (?, ...)`` for these endpoint names (none: it matches nothing), and
+    the names, sorted so that the statement's text is the same for the same names."""
+    names = tuple(sorted(set(endpoints)))
+    return f"AND endpoint IN ({', '.join('?' * len(names))})", names
 
 
 def _delivery(row: Sequence[Any]) -> WebhookDelivery:

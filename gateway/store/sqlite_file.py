@@ -213,8 +213,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 5: webhooks. ``events`` is the outbox, written in the transaction of the change that
     # causes each event (AUTOINCREMENT: ids grow in commit order under the write lock and
-    # are never reused, so a cursor past an id has seen every event up to it). A delivery per
-    # (endpoint, event); each endpoint's fan-out cursor.
+    # are never reused, so a cursor past an id has seen every event up to it; but a restored
+    # backup or a fresh database repeats them, so the webhook-id is a random ``webhook_id``
+    # given at insert). A delivery per (endpoint, event); each endpoint's fan-out cursor.
     (
         """
         CREATE TABLE events (
@@ -222,7 +223,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             type       TEXT NOT NULL,
             resource   TEXT NOT NULL,
             payload    TEXT NOT NULL,  -- the JSON body sent
-            created_at REAL NOT NULL
+            created_at REAL NOT NULL,
+            webhook_id TEXT NOT NULL CHECK (length(webhook_id) = 32)  -- random hex: msg_<it>
         )
         """,
         "CREATE INDEX events_created_at ON events (created_at)",

@@ -59,6 +59,7 @@ from gateway.ports import (
     SystemClock,
     WebhookDelivery,
 )
+from gateway.reports import account_json, credit_totals_json, delivery_json
 from gateway.service import RateLimiter
 from gateway.text import printable
 
@@ -233,6 +234,11 @@ def build_admin(
             return _plain(503, "the gateway is not running (yet)", retry_after=1)
         try:
             response = await handler(request)
+        except web.HTTPException as error:
+            # The router's own answers (405 for a method other than GET, 404) get the
+            # headers every other answer has.
+            error.headers.update(_COMMON_HEADERS)
+            raise
         except _BadRequest as error:
             return _plain(400, str(error))
         except errors.StoreError as error:
@@ -308,16 +314,8 @@ def build_admin(
         totals = await store.credit_totals()
         return _json(
             {
-                "totals": {
-                    "accounts": totals.accounts,
-                    "received_msat": totals.received_msat,
-                    "consumed_msat": totals.consumed_msat,
-                    "withdrawn_msat": totals.withdrawn_msat,
-                    "pending_withdrawals_msat": totals.pending_withdrawals_msat,
-                    "reserved_msat": totals.reserved_msat,
-                    "outstanding_msat": totals.outstanding_msat,
-                },
-                "accounts": [_account_json(account) for account in accounts],
+                "totals": credit_totals_json(totals),
+                "accounts": [account_json(account) for account in accounts],
             }
         )
 
@@ -325,6 +323,8 @@ def build_admin(
         liquidity, problem = await _liquidity(slot)
         if liquidity is None:
             return _json({"known": False, "detail": problem})
+        if not liquidity.known:
+            return _json({"known": False, "detail": _unknown_liquidity(liquidity)})
         return _json(
             {
                 "known": liquidity.known,
@@ -338,7 +338,7 @@ def build_admin(
         deliveries = await store_of().list_webhook_deliveries(
             state=DeliveryState.DEAD, limit=LIST_LIMIT
         )
-        return _json({"dead": [_delivery_json(delivery) for delivery in deliveries]})
+        return _json({"dead": [delivery_json(delivery) for delivery in deliveries]})
 
     app = web.Application(middlewares=[guard])
     app.router.add_get("/", page)
@@ -380,32 +380,6 @@ def _invoice_json(record: InvoiceRecord) -> dict[str, Any]:
     }
 
 
-def _account_json(account: Account) -> dict[str, Any]:
-    return {
-        "token_id": account.token_id.hex(),
-        "service": account.service,
-        "balance_msat": account.balance_msat,
-        "credited_msat": account.credited_msat,
-        "spent_msat": account.spent_msat,
-        "reserved_msat": account.reserved_msat,
-        "withdrawn_msat": account.withdrawn_msat,
-        "created_at": account.created_at,
-        "last_used_at": account.last_used_at,
-    }
-
-
-def _delivery_json(delivery: WebhookDelivery) -> dict[str, Any]:
-    return {
-        "event_id": delivery.event_id,
-        "endpoint": delivery.endpoint,
-        "event_type": delivery.event_type,
-        "state": delivery.state.value,
-        "attempts": delivery.attempts,
-        "last_status": delivery.last_status,
-        "last_error": delivery.last_error,
-    }
-
-
 async def _revenue(store: Store, query: _Query, now: float) -> list[RevenueBucket]:
     buckets = await store.revenue(query.span.starts(now)[0], query.span.bucket_seconds)
     if query.service is not None:
@@ -424,6 +398,11 @@ async def _liquidity(slot: AdminSlot) -> tuple[Liquidity | None, str]:
         return None, f"the node did not answer within {LIQUIDITY_TIMEOUT:g}s"
     except errors.GatewayError as error:
         return None, f"the node could not say: {type(error).__name__}"
+
+
+def _unknown_liquidity(liquidity: Liquidity) -> str:
+    """Why the node did not say: a missing permission, or the node unavailable."""
+    return liquidity.reason or "the node would not list its channels"
 
 
 @dataclass(frozen=True, slots=True)
@@ -727,8 +706,8 @@ def _liquidity_section(data: _PageData) -> str:
         body = f'<p class="muted" id="liquidity-unknown">Unknown: {_e(data.liquidity_problem)}</p>'
     elif not liquidity.known:
         body = (
-            '<p class="muted" id="liquidity-unknown">Unknown: the node would not list its '
-            "channels (the macaroon needs offchain:read).</p>"
+            '<p class="muted" id="liquidity-unknown">Unknown: '
+            f"{_shown(_unknown_liquidity(liquidity))}</p>"
         )
     else:
         body = (

@@ -16,7 +16,7 @@ from aiohttp.typedefs import Middleware
 from gateway import errors
 from gateway.ports import MetricsSlot
 
-__all__ = ["metrics_app", "metrics_listener", "metrics_middleware", "responses_middleware"]
+__all__ = ["metrics_app", "metrics_listener", "metrics_middleware"]
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +34,15 @@ async def _answer(request: web.Request, slot: MetricsSlot) -> web.Response:
 
 
 def metrics_middleware(path: str, slot: MetricsSlot) -> Middleware:
-    """Answers ``path`` before anything else sees it (never priced, never forwarded)."""
+    """Answers ``path`` (if set) before anything else sees it (never priced, never
+    forwarded), and reports every other response's status to the slot's meter: what the
+    handlers answered, and what they raised (an ``HTTPException``'s status, 500 for anything
+    else). One middleware for both: each one more costs every request."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path == path:
+        if path and request.path == path:
             return await _answer(request, slot)
-        return await handler(request)
-
-    return middleware
-
-
-def responses_middleware(slot: MetricsSlot) -> Middleware:
-    """Reports every response's status to the slot's meter: what the handlers answered, and
-    what they raised (an ``HTTPException``'s status; 500 for anything else)."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             response = await handler(request)
         except web.HTTPException as error:

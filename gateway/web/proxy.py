@@ -44,7 +44,7 @@ from gateway.service.on_success import HoldTerms
 from gateway.web import GatewayFactory
 from gateway.web.aiohttp import TOKEN, settle_charge, setup_l402
 from gateway.web.cookies import without_l402_cookie
-from gateway.web.metrics import metrics_middleware, responses_middleware
+from gateway.web.metrics import metrics_middleware
 from gateway.web.responses import BALANCE_HEADER, COST_HEADER, client_address, token_header_value
 
 log = logging.getLogger(__name__)
@@ -295,16 +295,15 @@ def build_proxy(
 
     ``/.well-known/l402/live`` and ``/.well-known/l402/ready`` are answered by the gateway
     (never priced nor forwarded); readiness runs the checks ``health`` holds (``gateway.health``).
-    ``metrics_path`` (if set) answers GET with the Prometheus text of ``metrics``, before any
-    pricing; forwarded requests report their upstream latency and errors to its meter.
+    With ``metrics``: ``metrics_path`` (if set) answers GET with its Prometheus text, before
+    any pricing, and every response's status, forwarded requests' upstream latency and errors
+    are reported to its meter.
     """
     base = str(URL(upstream.rstrip("/")))
     app = web.Application(client_max_size=max_body_bytes)
     metrics_slot = metrics or MetricsSlot()
-    if metrics_path:
-        app.middlewares.append(metrics_middleware(metrics_path, metrics_slot))
     if metrics is not None:
-        app.middlewares.append(responses_middleware(metrics_slot))
+        app.middlewares.append(metrics_middleware(metrics_path, metrics_slot))
     app.middlewares.append(_refuse_encoded_separators)
     app.middlewares.append(_close_when_asked)  # outside the L402 decision (setup_l402)
     # Content-Length is kept: the body is forwarded with the length the client declared.

@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway import errors
+from gateway.liquidity import NEEDS_PERMISSION
 from gateway.ports import (
     AdminSlot,
     DeliveryState,
@@ -29,6 +30,7 @@ from gateway.ports import (
     PaymentHash,
 )
 from gateway.pricing import Rule
+from gateway.reports import credit_totals_json
 from gateway.store.memory import MemoryStore
 from gateway.web.admin import GUESS_BURST, build_admin
 from gateway.web.proxy import build_proxy
@@ -181,6 +183,21 @@ async def test_guessing_is_slowed_down_but_never_the_operator(dashboard: Dashboa
     assert (await dashboard.get("/", **wrong))[0] == 429
 
 
+@pytest.mark.parametrize(("method", "path", "status"), [("POST", "/", 405), ("GET", "/x", 404)])
+async def test_the_routers_own_answers_have_the_common_headers(
+    dashboard: Dashboard, method: str, path: str, status: int
+) -> None:
+    """A method other than GET (405) or an unknown path (404), with the credential: the
+    same security headers as every other answer."""
+    async with dashboard.http.request(method, dashboard.admin + path, headers=AUTH) as response:
+        assert response.status == status
+        headers = response.headers
+    assert headers["Cache-Control"] == "no-store"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["X-Frame-Options"] == "DENY"
+    assert headers["Referrer-Policy"] == "no-referrer"
+
+
 def test_an_empty_password_is_refused() -> None:
     with pytest.raises(ValueError, match="must not be empty"):
         build_admin(AdminSlot(), "")
@@ -323,7 +340,10 @@ async def test_json_endpoints_give_the_same_data(dashboard: Dashboard) -> None:
     }
     _, accounts, _ = await dashboard.get("/api/accounts", **AUTH)
     assert accounts["accounts"] == []
+    # The same keys as `l402-gateway accounts --json` (one function: gateway.reports).
+    assert accounts["totals"] == credit_totals_json(await dashboard.gateway.store.credit_totals())
     assert accounts["totals"]["accounts"] == 0
+    assert accounts["totals"]["reconciles"] is True
     _, liquidity, _ = await dashboard.get("/api/liquidity", **AUTH)
     assert liquidity == {
         "known": True,
@@ -345,26 +365,33 @@ async def test_dead_webhook_deliveries_are_listed(dashboard: Dashboard) -> None:
     pending = await store.next_webhook_delivery("orders")
     assert pending is not None
     delivery, _event = pending
-    await store.record_webhook_attempt(
+    dead = await store.record_webhook_attempt(
         delivery.event_id,
         "orders",
-        state=DeliveryState.DEAD,
+        delivered=False,
         now=clock.now(),
-        next_attempt_at=clock.now(),
         status=500,
         error="answered 500",
+        max_attempts=1,  # given up on at once
+        initial_backoff=1.0,
+        max_backoff=1.0,
     )
+    assert dead is not None
+    assert dead.state is DeliveryState.DEAD
 
     _, webhooks, _ = await dashboard.get("/api/webhooks", **AUTH)
+    # The same keys as `l402-gateway webhooks list --json` (one function: gateway.reports).
     assert webhooks["dead"] == [
         {
             "event_id": delivery.event_id,
             "endpoint": "orders",
-            "event_type": "invoice.settled",
+            "type": "invoice.settled",
             "state": "DEAD",
             "attempts": 1,
+            "next_attempt_at": dead.next_attempt_at,
             "last_status": 500,
             "last_error": "answered 500",
+            "delivered_at": None,
         }
     ]
     _, page, _ = await dashboard.get("/", **AUTH)
@@ -413,8 +440,18 @@ async def test_liquidity_not_measured_or_failing_is_said() -> None:
         assert body == {"known": False, "detail": "the node could not say: BackendUnavailable"}
 
         async def unknown() -> Liquidity:
-            return Liquidity(Msat(0), Msat(0), 0, known=False)
+            return Liquidity(Msat(0), Msat(0), 0, known=False, reason=NEEDS_PERMISSION)
 
         dashboard.slot.liquidity = unknown
         _, page, _ = await dashboard.get("/", **AUTH)
-        assert "the macaroon needs offchain:read" in page
+        assert "Unknown: ListChannels needs offchain:read" in page
+
+        async def down() -> Liquidity:
+            return Liquidity(Msat(0), Msat(0), 0, known=False, reason="the node is unavailable")
+
+        dashboard.slot.liquidity = down  # not a missing permission: not said to be one
+        _, page, _ = await dashboard.get("/", **AUTH)
+        assert "Unknown: the node is unavailable" in page
+        assert "offchain:read" not in page
+        _, body, _ = await dashboard.get("/api/liquidity", **AUTH)
+        assert body == {"known": False, "detail": "the node is unavailable"}

@@ -32,6 +32,7 @@ from gateway.webhooks import (
     RetryPolicy,
     WebhookEndpoint,
     WebhookSender,
+    message_id,
     signed_headers,
     verify_delivery,
 )
@@ -138,6 +139,15 @@ def endpoint(name: str, url: str, events: frozenset[str] = WEBHOOK_EVENT_TYPES) 
     return WebhookEndpoint(name, url, events, SECRET)
 
 
+async def sent(store: MemoryStore, receiver: Receiver) -> list[int]:
+    """The ids of the events the receiver got, by their webhook-id, in the order it got them;
+    each webhook-id is msg_ and the event's random id, never its number."""
+    events = await store.list_webhook_events(0, 1000)
+    ids = {message_id(event): event.event_id for event in events}
+    assert all(len(msg_id) == len("msg_") + 32 for msg_id in ids)
+    return [ids[msg_id] for msg_id in receiver.ids]
+
+
 async def states(store: MemoryStore, name: str) -> list[tuple[str, DeliveryState]]:
     deliveries = await store.list_webhook_deliveries(endpoint=name)
     return [(d.event_type, d.state) for d in reversed(deliveries)]
@@ -167,8 +177,8 @@ async def test_each_endpoint_gets_its_events_signed_in_order() -> None:
         "invoice.settled",
         "token.bought",
     ]
-    assert everything.ids == ["msg_1", "msg_2", "msg_3", "msg_4"]
-    assert bought.ids == ["msg_2", "msg_4"]  # the same webhook-id as to the other endpoint
+    assert await sent(store, everything) == [1, 2, 3, 4]
+    assert await sent(store, bought) == [2, 4]  # the same webhook-id as to the other endpoint
     headers, _ = bought.got[0]
     assert headers["webhook-timestamp"] == str(int(NOW))
     assert headers["content-type"] == "application/json"
@@ -208,7 +218,7 @@ async def test_a_failure_is_retried_by_the_clock_with_the_same_id() -> None:
         assert again.next_attempt_at == clock.now() + 10  # doubled
         clock.advance(10)
         await until(lambda: _delivered(store, "crm", 1))
-    assert receiver.ids == ["msg_2"] * 3
+    assert await sent(store, receiver) == [2] * 3
     (done,) = await store.list_webhook_deliveries(endpoint="crm")
     assert (done.attempts, done.last_status, done.state) == (3, 204, DeliveryState.DELIVERED)
     # Each attempt is signed afresh with its own timestamp.
@@ -232,10 +242,10 @@ async def test_a_failing_delivery_holds_back_the_later_ones_of_its_endpoint() ->
         await settle(store, 2)
         await until(lambda: _count(receiver, 1))
         await asyncio.sleep(0.2)
-        assert receiver.ids == ["msg_1"]  # the rest wait behind it
+        assert await sent(store, receiver) == [1]  # the rest wait behind it
         clock.advance(5)
         await until(lambda: _delivered(store, "crm", 4))
-    assert receiver.ids == ["msg_1", "msg_1", "msg_2", "msg_3", "msg_4"]
+    assert await sent(store, receiver) == [1, 1, 2, 3, 4]
 
 
 async def test_after_max_attempts_it_is_dead_until_redelivered() -> None:
@@ -255,11 +265,58 @@ async def test_after_max_attempts_it_is_dead_until_redelivered() -> None:
         await until(lambda: _dead(store))
         await settle(store, 2)  # the endpoint moves on past the dead one
         await until(lambda: _delivered(store, "crm", 1))
-        assert receiver.ids == ["msg_2", "msg_2", "msg_2", "msg_4"]
+        assert await sent(store, receiver) == [2, 2, 2, 4]
         assert await store.redeliver_webhooks(clock.now()) == 1
         sender.wake()
         await until(lambda: _delivered(store, "crm", 2))
-    assert receiver.ids[-1] == "msg_2"
+    assert (await sent(store, receiver))[-1] == 2
+
+
+async def test_a_redelivery_during_the_last_attempt_starts_a_new_round() -> None:
+    """The operator redelivers while the last allowed attempt is under way: its failure is
+    the first of the new round (DEAD is decided from the attempts stored when it is
+    recorded, not those read before it was sent)."""
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    receiver = Receiver(statuses=[500, 500])
+    answered: list[int] = []
+
+    async def last_attempt(request: web.Request) -> web.Response:
+        if len(receiver.got) < 2:
+            return await receiver.receive(request)
+        receiver.got.append(({}, await request.read()))
+        if len(answered) == 0:
+            assert await store.redeliver_webhooks(clock.now(), event_id=2) == 1
+            answered.append(500)
+            return web.Response(status=500)
+        answered.append(204)
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hooks", last_attempt)
+    async with (
+        serving(app) as url,
+        sending(store, [endpoint("crm", url, frozenset({"token.bought"}))], clock),
+    ):
+        await settle(store, 1)
+        await until(lambda: _count(receiver, 1))
+        clock.advance(5)
+        await until(lambda: _count(receiver, 2))
+        clock.advance(10)
+        await until(lambda: _count(receiver, 3))  # the third of max_attempts = 3
+        await until(lambda: _attempted_once_more(store))
+        (again,) = await store.list_webhook_deliveries(endpoint="crm")
+        assert (again.state, again.attempts) == (DeliveryState.PENDING, 1)
+        assert again.next_attempt_at == clock.now() + 5  # the first retry's backoff
+        clock.advance(5)
+        await until(lambda: _delivered(store, "crm", 1))
+    assert answered == [500, 204]
+
+
+async def _attempted_once_more(store: MemoryStore) -> bool:
+    (delivery,) = await store.list_webhook_deliveries(endpoint="crm")
+    # Seen after the third attempt: 2 (before the redelivery), 0 (after it), 1 (recorded).
+    return delivery.attempts == 1 or delivery.state is not DeliveryState.PENDING
 
 
 async def _dead(store: MemoryStore) -> bool:
@@ -320,7 +377,7 @@ async def test_a_receiver_that_is_down_gets_everything_once_it_is_up() -> None:
             await until(lambda: _delivered(store, "crm", 2))
         finally:
             await again.close()
-    assert receiver.ids == ["msg_1", "msg_2"]
+    assert await sent(store, receiver) == [1, 2]
 
 
 async def _attempted(store: MemoryStore) -> bool:
@@ -355,14 +412,14 @@ async def test_the_example_receiver_handles_each_delivery_once_and_refuses_forge
         assert event is not None
         async with aiohttp.ClientSession() as http:
             forged = event.payload.replace('"amount_msat":1000', '"amount_msat":9000')
-            async with http.post(url, data=forged, headers=_signed(event.event_id)) as answer:
+            async with http.post(url, data=forged, headers=_signed(message_id(event))) as answer:
                 assert answer.status == 400
                 assert "no matching signature" in await answer.text()
     assert len(handled) == 1
 
 
-def _signed(event_id: int) -> dict[str, str]:
-    return signed_headers(SECRET, event_id, int(time.time()), "{}")
+def _signed(msg_id: str) -> dict[str, str]:
+    return signed_headers(SECRET, msg_id, int(time.time()), "{}")
 
 
 @pytest.mark.parametrize("status", [200, 201, 202, 204, 299])

@@ -25,6 +25,7 @@ from gateway.config import RateLimitConfig
 from gateway.examples import demo_api
 from gateway.lnd.client import LndClient
 from gateway.lnd.connection import LndSettings
+from gateway.metrics import STORE_CACHE_SECONDS
 from gateway.store.sqlite import SqliteStore
 from regtest.network import Network
 from regtest.processes import free_ports, wait_for_http
@@ -104,7 +105,8 @@ async def _metrics_match_the_store(
     per purchase, one paid request per 200 the paying clients got."""
     store = await SqliteStore.open(database)
     try:
-        async with asyncio.timeout(10):
+        # The store's figures in a scrape are up to STORE_CACHE_SECONDS old: wait them out.
+        async with asyncio.timeout(STORE_CACHE_SECONDS + 15):
             while True:
                 async with session.get(url) as response:
                     assert response.status == 200

@@ -75,8 +75,8 @@ class Receiver:
             await self.runner.cleanup()
             self.runner = None
 
-    def ids(self) -> list[int]:
-        return [int(headers["webhook-id"].removeprefix("msg_")) for headers, _ in self.got]
+    def ids(self) -> list[str]:
+        return [headers["webhook-id"] for headers, _ in self.got]
 
 
 @dataclass
@@ -201,14 +201,16 @@ async def _until_delivered(database: Path, events: int, limit: float) -> list[We
 def _check_received(receiver: Receiver, events: list[WebhookEvent]) -> None:
     """Every event of the store, each genuine, none lost, in event order (so in order per
     resource); a retry after a lost answer may repeat one, with the same id."""
+    # The webhook-id is msg_ and the event's random id (not its number).
+    event_of = {f"msg_{event.webhook_id}": event.event_id for event in events}
     verified = {}
     for headers, body in receiver.got:
         genuine = verify_delivery(SECRET, headers, body)
-        verified[int(headers["webhook-id"].removeprefix("msg_"))] = genuine
+        verified[event_of[headers["webhook-id"]]] = genuine
     assert sorted(verified) == [event.event_id for event in events]  # none lost
     for event in events:
         assert verified[event.event_id] == json.loads(event.payload)
-    first_seen = list(dict.fromkeys(receiver.ids()))
+    first_seen = list(dict.fromkeys(event_of[msg_id] for msg_id in receiver.ids()))
     assert first_seen == sorted(first_seen)
     by_resource: dict[str, list[str]] = {}
     for event in events:
@@ -246,7 +248,7 @@ async def test_a_receiver_down_for_30s_gets_every_event_in_order_once_up(
         verify_delivery(SECRET, headers, body)["data"]["payment_hash"]
         for headers, body in receiver.got
         if headers["webhook-id"]
-        in {f"msg_{e.event_id}" for e in events if e.type == "token.bought"}
+        in {f"msg_{e.webhook_id}" for e in events if e.type == "token.bought"}
     ]
     assert list(dict.fromkeys(paid)) == bought
     assert "l402-webhook-sender: running" in readiness

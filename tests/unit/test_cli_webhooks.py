@@ -7,12 +7,13 @@ import asyncio
 import base64
 import hashlib
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from gateway.cli import main
-from gateway.ports import DeliveryState, InvoiceRecord, InvoiceState, InvoiceUpdate, Msat
+from gateway.ports import InvoiceRecord, InvoiceState, InvoiceUpdate, Msat
 from gateway.ports import PaymentHash as Hash
 from gateway.store import SqliteStore
 from tests.config_files import write_config
@@ -60,24 +61,17 @@ async def _seed(database: Path) -> None:
                 InvoiceUpdate(payment_hash, InvoiceState.SETTLED, n, Msat(5_000), 1_800_000_001.0)
             )
         await store.fan_out_webhook_events(subscriptions, 1_800_000_002.0, 100)
-        await store.record_webhook_attempt(
-            1,
-            "crm",
-            state=DeliveryState.DEAD,
-            now=1_800_000_003.0,
-            next_attempt_at=1_800_000_003.0,
-            status=500,
-            error="answered 500",
-        )
-        for event_id in (2, 4):
+        for event_id, endpoint, status in ((1, "crm", 500), (2, "books", 204), (4, "books", 204)):
             await store.record_webhook_attempt(
                 event_id,
-                "books",
-                state=DeliveryState.DELIVERED,
+                endpoint,
+                delivered=status == 204,
                 now=1_800_000_003.0,
-                next_attempt_at=1_800_000_003.0,
-                status=204,
-                error="",
+                status=status,
+                error="" if status == 204 else f"answered {status}",
+                max_attempts=1,
+                initial_backoff=1.0,
+                max_backoff=1.0,
             )
     finally:
         await store.close()
@@ -130,14 +124,16 @@ def test_list_shows_deliveries_newest_first_filtered(
 def test_show_prints_the_event_body_and_its_deliveries(
     config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    with sqlite3.connect(config.parent / "gateway.db") as connection:
+        (random_id,) = connection.execute("SELECT webhook_id FROM events WHERE id = 2").fetchone()
     assert main(["--config", str(config), "webhooks", "show", "2", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert (shown["webhook_id"], shown["type"]) == ("msg_2", "token.bought")
+    assert (shown["webhook_id"], shown["type"]) == (f"msg_{random_id}", "token.bought")
     assert shown["payload"]["data"]["amount_msat"] == 5_000
     assert [d["endpoint"] for d in shown["deliveries"]] == ["books", "crm"]
     assert main(["--config", str(config), "webhooks", "show", "2"]) == 0
     text = capsys.readouterr().out
-    assert "event 2 (webhook-id msg_2): token.bought" in text
+    assert f"event 2 (webhook-id msg_{random_id}): token.bought" in text
     assert "\x1b" not in text  # the service's escape is escaped, in JSON and the table
     assert main(["--config", str(config), "webhooks", "show", "99"]) == 1
     assert "no webhook event 99" in capsys.readouterr().err
@@ -168,6 +164,49 @@ def test_redeliver_refuses_an_unknown_endpoint_or_event(
     assert main(["--config", str(config), "webhooks", "redeliver", "99"]) == 1
     with pytest.raises(SystemExit):  # neither an id nor --dead
         main(["--config", str(config), "webhooks", "redeliver"])
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["show", "99999999999999999999"],
+        ["show", "0"],
+        ["redeliver", "99999999999999999999"],
+        ["redeliver", "-1"],
+        ["list", "--limit", "99999999999999999999"],
+        ["list", "--limit", "-1"],
+        ["show", "x"],
+    ],
+)
+def test_an_id_or_limit_out_of_range_is_a_usage_error(
+    config: Path, capsys: pytest.CaptureFixture[str], arguments: list[str]
+) -> None:
+    """Not an OverflowError traceback from SQLite: argparse's error, exit 2."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--config", str(config), "webhooks", *arguments])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "error: argument" in err
+    assert main(["--config", str(config), "webhooks", "show", str(2**63 - 1)]) == 1  # in range
+
+
+def test_redeliver_dead_leaves_a_removed_endpoints_deliveries_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """crm's DEAD delivery stays DEAD once crm is no longer configured: revived, it would
+    wait for ever, since no sender sends to crm."""
+    database = tmp_path / "gateway.db"
+    asyncio.run(_seed(database))
+    books_only = ENDPOINTS.split("[[webhook]]")[2]
+    config = write_config(tmp_path, "[[webhook]]" + books_only, store=f"sqlite://{database}")
+    assert main(["--config", str(config), "webhooks", "redeliver", "--dead"]) == 0
+    assert "0 deliveries of dead deliveries" in capsys.readouterr().out
+    assert main(["--config", str(config), "webhooks", "redeliver", "1"]) == 1  # crm's only
+    assert "0 deliveries of event 1" in capsys.readouterr().out
+    assert main(["--config", str(config), "webhooks", "list", "--state", "dead", "--json"]) == 0
+    (dead,) = json.loads(capsys.readouterr().out)
+    assert (dead["endpoint"], dead["event_id"]) == ("crm", 1)
 
 
 def test_new_secret_prints_a_usable_secret(capsys: pytest.CaptureFixture[str]) -> None:

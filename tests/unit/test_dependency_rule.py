@@ -39,6 +39,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "gateway.events": (*_NETWORK, *_ADAPTERS),
     "gateway.supervisor": (*_NETWORK, *_ADAPTERS),
     "gateway.health": (*_NETWORK, *_ADAPTERS),
+    # the JSON of records, shared by the command line and the dashboard: ports only
+    "gateway.reports": ("asyncio", *_NETWORK, *_ADAPTERS, "gateway.service"),
     "gateway.store": ("grpc", "aiohttp", "gateway.lnd", "gateway.web", "gateway.cli", "regtest"),
     "gateway.lnd.client": (
         "aiohttp",

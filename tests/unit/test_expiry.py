@@ -5,8 +5,10 @@ ones pruned with their root keys after the retention, its supervision, and its w
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
@@ -16,7 +18,15 @@ import pytest
 import pytest_asyncio
 
 from gateway import errors, l402, runtime
-from gateway.config import Config, CreditConfig, LndConfig, RouteConfig, StoreConfig
+from gateway.config import (
+    Config,
+    CreditConfig,
+    LndConfig,
+    RouteConfig,
+    StoreConfig,
+    WebhookEndpointConfig,
+    WebhooksConfig,
+)
 from gateway.expiry import EXPIRY_GRACE, InvoiceSweeper, SweepResult
 from gateway.ports import (
     Cursor,
@@ -55,8 +65,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 class Env:
-    def __init__(self, store: Store, **options: Any) -> None:
-        self.clock = FakeClock()
+    def __init__(self, store: Store, clock: FakeClock | None = None, **options: Any) -> None:
+        self.clock = clock or FakeClock()
         self.backend = FakeInvoiceBackend(self.clock)
         self.store = store
         self.service = L402Service(
@@ -333,6 +343,7 @@ async def test_zero_usage_retention_keeps_charges_forever(
         {"busy_pause": -1},
         {"retention": -1},
         {"usage_retention": -1},
+        {"webhook_retention": -1},
         {"grace": -1},
         {"max_lookups": 0},
         {"batch": 0},
@@ -343,6 +354,64 @@ def test_bad_settings_are_refused(options: dict[str, Any]) -> None:
     options.setdefault("retention", 1)
     with pytest.raises(ValueError, match="must be"):
         InvoiceSweeper(FakeInvoiceBackend(), MemoryStore(), FakeClock(), **options)
+
+
+# --- webhook events --------------------------------------------------------------------------
+
+WEBHOOK_RETENTION = 7200
+
+
+async def test_webhook_events_are_pruned_in_batches_with_no_endpoint_configured(
+    clocked: tuple[Store, FakeClock], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every expired invoice writes an event, webhooks configured or not: the sweeper
+    deletes them after the retention, so they do not pile up for ever."""
+    store, clock = clocked
+    env = Env(store, clock, webhook_retention=WEBHOOK_RETENTION, batch=2, max_batches=2)
+    for n in range(5):  # from five clients: five invoices
+        await env.service.authorize(RequestInfo("GET", PATH, f"10.0.0.{n}"))
+    env.overdue()
+    assert (await env.sweeper.sweep()).expired == 5
+    written = await store.list_webhook_events(0, 100)
+    assert [event.type for event in written] == ["invoice.expired"] * 5
+    env.clock.advance(WEBHOOK_RETENTION)  # exactly that old: kept
+    assert (await env.sweeper.sweep()).events_pruned == 0
+    env.clock.advance(1)
+    with caplog.at_level(logging.INFO, logger="gateway.expiry"):
+        first = await env.sweeper.sweep()
+    assert (first.events_pruned, first.busy) == (4, True)  # two full batches: more may wait
+    assert "4 webhook events pruned" in caplog.text
+    assert (await env.sweeper.sweep()).events_pruned == 1
+    assert await store.list_webhook_events(0, 100) == []
+
+
+async def test_an_endpoint_no_longer_configured_holds_no_event_back(
+    clocked: tuple[Store, FakeClock],
+) -> None:
+    """Its cursor, left in the store (no sender runs to forget it), stayed before the
+    events; the sweeper knows the configured endpoints and prunes them all the same."""
+    store, clock = clocked
+    await store.fan_out_webhook_events({"gone": frozenset({"invoice.expired"})}, 0.0, 10)
+    kept = Env(store, clock, webhook_retention=WEBHOOK_RETENTION, webhook_endpoints={"gone"})
+    await kept.challenge()
+    kept.overdue()
+    await kept.sweeper.sweep()
+    clock.advance(WEBHOOK_RETENTION + 1)
+    assert (await kept.sweeper.sweep()).events_pruned == 0  # were it configured: it waits
+    removed = Env(store, clock, webhook_retention=WEBHOOK_RETENTION, webhook_endpoints=())
+    assert (await removed.sweeper.sweep()).events_pruned == 1
+    assert await store.list_webhook_events(0, 100) == []
+
+
+async def test_zero_webhook_retention_keeps_events(clocked: tuple[Store, FakeClock]) -> None:
+    store, clock = clocked
+    env = Env(store, clock, webhook_retention=0)
+    await env.challenge()
+    env.overdue()
+    await env.sweeper.sweep()
+    env.clock.advance(10 * 365 * 86400)
+    assert (await env.sweeper.sweep()).events_pruned == 0
+    assert len(await store.list_webhook_events(0, 100)) == 1
 
 
 # --- supervision -----------------------------------------------------------------------------
@@ -508,6 +577,57 @@ async def test_running_runtime_gives_the_sweeper_the_credit_usage_retention(
         pass
     (options,) = built
     assert (options["retention"], options["usage_retention"]) == (60, 7 * 86400)
+    # No [[webhook]]: the sweeper prunes the events all the same, by [webhooks] retention.
+    assert options["webhook_retention"] == WebhooksConfig().retention > 0
+    assert list(options["webhook_endpoints"]) == []
+
+
+async def test_new_webhook_endpoints_are_registered_before_the_watcher_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watcher reconciles settlements at start-up, writing events: a newly added
+    endpoint's cursor must already be there, or it starts after them and misses them."""
+    (tmp_path / "tls.cert").write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    clock = FakeClock()
+    monkeypatch.setattr(_FakeLnd, "backend", FakeInvoiceBackend(clock), raising=False)
+    monkeypatch.setattr(runtime, "LndClient", _FakeLnd)
+    monkeypatch.setenv("CRM_SECRET", "whsec_" + base64.b64encode(b"k" * 32).decode())
+    database = tmp_path / "g.db"
+    seen: list[set[str]] = []
+    built: list[dict[str, Any]] = []
+
+    class Watcher(InvoiceWatcher):
+        async def run(self) -> None:
+            with sqlite3.connect(database) as connection:  # what is committed by now
+                rows = connection.execute("SELECT name FROM webhook_endpoints").fetchall()
+            seen.append({str(name) for (name,) in rows})
+            await super().run()
+
+    class Recorded(InvoiceSweeper):
+        def __init__(self, *args: Any, **options: Any) -> None:
+            built.append(options)
+            super().__init__(*args, **options)
+
+    monkeypatch.setattr(runtime, "InvoiceWatcher", Watcher)
+    monkeypatch.setattr(runtime, "InvoiceSweeper", Recorded)
+    crm = WebhookEndpointConfig(
+        name="crm", url="http://127.0.0.1:9/hooks", events=("*",), secret_env="CRM_SECRET"
+    )
+    config = Config(
+        lnd=LndConfig(tls_cert=tmp_path / "tls.cert", macaroon_hex="00"),
+        store=StoreConfig(url=f"sqlite:{database}"),
+        routes=(RouteConfig(pattern="/api/premium/*", price_msat=10_000),),
+        webhooks=WebhooksConfig(retention=3600),
+        webhook=(crm,),
+    )
+    async with runtime.running_runtime(config, clock=clock, watch=True):
+        for _ in range(500):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+    assert seen == [{"crm"}]
+    (options,) = built
+    assert (options["webhook_retention"], list(options["webhook_endpoints"])) == (3600, ["crm"])
 
 
 # --- a late settlement -----------------------------------------------------------------------

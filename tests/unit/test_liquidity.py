@@ -7,7 +7,8 @@ import logging
 
 import pytest
 
-from gateway.liquidity import LiquidityMonitor, inbound_liquidity, route_warnings
+from gateway import errors
+from gateway.liquidity import NEEDS_PERMISSION, LiquidityMonitor, inbound_liquidity, route_warnings
 from gateway.ports import ChannelBalance, Liquidity, Msat
 from gateway.pricing import CreditTerms, Rule
 from tests.fakes import FakeInvoiceBackend
@@ -90,3 +91,47 @@ async def test_the_monitor_warns_at_start_and_when_it_changes_and_never_fails_re
     await monitor.refresh()
     assert monitor.check().ok
     assert "unknown" in monitor.check().detail
+
+
+async def test_a_missing_permission_is_told_apart_from_a_node_that_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The permission is named only when the node refused the macaroon; a node that does not
+    answer (or fails otherwise) is said as such, in the result, readiness and the log."""
+    backend = FakeInvoiceBackend()
+    backend.channels = None  # the macaroon lacks offchain:read
+    denied = await inbound_liquidity(backend)
+    assert denied.reason == NEEDS_PERMISSION
+    backend.channels, backend.unavailable = (), True
+    down = await inbound_liquidity(backend)
+    assert not down.known
+    assert down.reason.startswith("the node is unavailable: ")
+    assert "offchain:read" not in down.reason
+
+    monitor = LiquidityMonitor(backend, [])
+    with caplog.at_level(logging.INFO, logger="gateway.liquidity"):
+        await monitor.refresh()
+        await monitor.refresh()  # the same cause: said once
+    check = monitor.check()
+    assert check.ok
+    assert check.detail.startswith("unknown (the node is unavailable: ")
+    assert "offchain:read" not in check.detail
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "the node is unavailable" in record.getMessage()
+
+    caplog.clear()
+    backend.unavailable, backend.channels = False, None
+    with caplog.at_level(logging.INFO, logger="gateway.liquidity"):
+        await monitor.refresh()
+    assert monitor.check().detail == "unknown (ListChannels needs offchain:read)"
+    (record,) = caplog.records
+    assert record.levelno == logging.INFO
+    assert "offchain:read" in record.getMessage()
+
+    class Failing(FakeInvoiceBackend):
+        async def list_channels(self) -> tuple[ChannelBalance, ...]:
+            raise errors.BackendError("LND at fake: something else")
+
+    other = await inbound_liquidity(Failing())
+    assert other.reason == "ListChannels failed: BackendError: LND at fake: something else"

@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.config import Config, MetricsConfig, load_config
-from gateway.errors import ConfigError
-from gateway.metrics import MULTIPROC_ENV, PrometheusMeter
-from gateway.ports import InvoiceState, InvoiceUpdate, Liquidity, Msat, NoMeter
+from gateway.errors import ConfigError, StoreError
+from gateway.metrics import MULTIPROC_ENV, STORE_CACHE_SECONDS, PrometheusMeter
+from gateway.ports import InvoiceState, InvoiceTotal, InvoiceUpdate, Liquidity, Msat, NoMeter
 from gateway.pricing import Pricing, Rule
 from gateway.service import L402Service, PaymentChallenge, RateLimiter, RequestInfo
 from gateway.service.core import refusal_label
@@ -277,3 +278,137 @@ async def test_the_watcher_reports_what_it_hears_and_its_reconnects() -> None:
     record = await store.get_invoice(new.payment_hash)
     assert record is not None
     assert record.state is InvoiceState.SETTLED
+
+
+# --- the cost of a scrape -----------------------------------------------------------------
+
+
+def _totals(count: int) -> list[InvoiceTotal]:
+    return [
+        InvoiceTotal(
+            "weather", InvoiceState.SETTLED, count, Msat(count * 2_000), Msat(count * 2_000)
+        )
+    ]
+
+
+async def test_the_stores_figures_are_cached_and_concurrent_scrapes_share_one_query() -> None:
+    """The aggregate query holds the store's one thread (0.39 s at 500,000 invoices): a
+    loop of scrapes on the public path must not run it back to back."""
+    now = [1_000.0]
+    queries = 0
+    answer = asyncio.Event()
+
+    async def totals() -> list[InvoiceTotal]:
+        nonlocal queries
+        queries += 1
+        await answer.wait()
+        return _totals(queries)
+
+    meter = PrometheusMeter(totals, clock=lambda: now[0])
+    scrapes = [asyncio.create_task(meter.exposition()) for _ in range(5)]
+    gone = asyncio.create_task(meter.exposition())
+    await asyncio.sleep(0.01)
+    assert queries == 1  # five scrapes, one query in flight
+    gone.cancel()  # a scraper hanging up cancels nobody else's answer
+    answer.set()
+    for body, _ in await asyncio.gather(*scrapes):
+        assert _sample(body.decode(), "l402_invoices_settled", service="weather") == 1
+    now[0] += STORE_CACHE_SECONDS - 0.5
+    text = (await meter.exposition())[0].decode()
+    assert queries == 1  # still fresh: no query
+    assert _sample(text, "l402_invoices_settled", service="weather") == 1
+    now[0] += 0.5
+    text = (await meter.exposition())[0].decode()
+    assert queries == 2  # old: asked again
+    assert _sample(text, "l402_invoices_settled", service="weather") == 2
+
+
+async def test_a_failed_store_query_is_not_kept() -> None:
+    failing = True
+
+    async def totals() -> list[InvoiceTotal]:
+        if failing:
+            raise StoreError("database is locked")
+        return _totals(3)
+
+    meter = PrometheusMeter(totals)
+    text = (await meter.exposition())[0].decode()
+    assert "l402_invoices_settled{" not in text  # left out, the rest is there
+    assert "l402_watcher_reconnects_total" in text
+    failing = False
+    text = (await meter.exposition())[0].decode()
+    assert _sample(text, "l402_invoices_settled", service="weather") == 3
+
+
+async def test_the_text_is_rendered_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading every worker's files and rendering them blocks: not on the event loop."""
+    on_loop: dict[str, bool] = {}
+
+    def _running_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
+    def render(registry: CollectorRegistry) -> bytes:
+        on_loop["render"] = _running_loop()
+        return generate_latest(registry)
+
+    meter = PrometheusMeter(MemoryStore().invoice_totals)
+    collect = meter._registry
+
+    def registry() -> CollectorRegistry:
+        on_loop["collect"] = _running_loop()
+        return collect()
+
+    monkeypatch.setattr("gateway.metrics.generate_latest", render)
+    monkeypatch.setattr(meter, "_registry", registry)
+    text = (await meter.exposition())[0].decode()
+    assert "l402_watcher_reconnects_total" in text
+    assert on_loop == {"render": False, "collect": False}
+
+
+async def test_liquidity_that_becomes_unknown_leaves_no_stale_sample() -> None:
+    meter = PrometheusMeter(MemoryStore().invoice_totals)
+    meter.liquidity(Liquidity(Msat(5_000_000), Msat(3_000_000), 2, known=True))
+    text = (await meter.exposition())[0].decode()
+    assert _sample(text, "l402_inbound_liquidity_msat", scope="total") == 5_000_000
+    meter.liquidity(Liquidity(Msat(0), Msat(0), 0, known=False, reason="node down"))
+    text = (await meter.exposition())[0].decode()
+    assert _sample(text, "l402_inbound_liquidity_known") == 0
+    assert "l402_inbound_liquidity_msat{" not in text
+    meter.liquidity(Liquidity(Msat(4_000_000), Msat(4_000_000), 1, known=True))
+    text = (await meter.exposition())[0].decode()
+    assert _sample(text, "l402_inbound_liquidity_msat", scope="total") == 4_000_000
+
+
+def _liquidity_worker(directory: str) -> None:
+    """The watching worker: liquidity measured, then unknown (LND went down)."""
+    assert os.environ[MULTIPROC_ENV] == directory
+
+    async def no_totals() -> list[InvoiceTotal]:
+        return []
+
+    meter = PrometheusMeter(no_totals)
+    meter.liquidity(Liquidity(Msat(7_000), Msat(7_000), 1, known=True))
+    meter.liquidity(Liquidity(Msat(0), Msat(0), 0, known=False, reason="node down"))
+
+
+async def test_unknown_liquidity_shows_no_stale_sample_in_multiprocess_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prometheus_client cannot remove a labelled sample from a worker's file: the
+    exposition leaves them out while the watching worker says liquidity is unknown."""
+    directory = str(tmp_path)
+    monkeypatch.setenv(MULTIPROC_ENV, directory)
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_liquidity_worker, args=(directory,)
+    )
+    worker.start()
+    worker.join(30)
+    assert worker.exitcode == 0
+    meter = PrometheusMeter(MemoryStore().invoice_totals)
+    text = (await meter.exposition())[0].decode()
+    assert _sample(text, "l402_inbound_liquidity_known") == 0
+    assert "l402_inbound_liquidity_msat{" not in text

@@ -16,6 +16,7 @@ import pytest
 from gateway import errors, l402
 from gateway.ports import (
     HELD_UNFINISHED,
+    SETTLED_BY_NODE,
     HeldState,
     InvoiceState,
     Msat,
@@ -46,7 +47,6 @@ from gateway.service.on_success import (
     INTERRUPTED,
     NODE_CANCELLED,
     NODE_FORGOT,
-    SETTLED_BY_NODE,
 )
 from gateway.store import MemoryStore
 from gateway.store.memory import _MemoryTransaction
@@ -1034,6 +1034,14 @@ async def test_an_invoice_the_node_settled_itself_frees_its_cap_slot(state: Held
     assert final.keep_until is not None
     assert await env.store.count_held_requests(HELD_UNFINISHED) == 0
     assert env.runner.calls == []
+    # The payer paid: its webhook says settled, never refunded.
+    written = [
+        event
+        for event in await env.store.list_webhook_events(0, 100)
+        if event.type.startswith("request.")
+    ]
+    assert [event.type for event in written] == ["request.settled"]
+    assert SETTLED_BY_NODE in written[0].payload
 
 
 async def test_a_stop_lets_the_running_request_finish_and_settle() -> None:

@@ -33,10 +33,13 @@ NOW = 1_800_000_000
 BODY = '{"data":{"amount_msat":7000},"timestamp":"2027-01-15T08:00:00.000Z","type":"token.bought"}'
 
 
+MSG_ID = "msg_0123456789abcdef0123456789abcdef"
+
+
 def delivery(
-    secret: str = SECRET, event_id: int = 7, at: int = NOW, body: str = BODY
+    secret: str = SECRET, msg_id: str = MSG_ID, at: int = NOW, body: str = BODY
 ) -> tuple[dict[str, str], bytes]:
-    return signed_headers(secret, event_id, at, body), body.encode()
+    return signed_headers(secret, msg_id, at, body), body.encode()
 
 
 # --- verify_delivery ---------------------------------------------------------------------------
@@ -44,7 +47,7 @@ def delivery(
 
 def test_a_signed_delivery_verifies_and_gives_its_event() -> None:
     headers, body = delivery()
-    assert headers["webhook-id"] == "msg_7"
+    assert headers["webhook-id"] == MSG_ID
     assert headers["webhook-timestamp"] == str(NOW)
     assert headers["webhook-signature"].startswith("v1,")
     assert verify_delivery(SECRET, headers, body, now=NOW + 10) == json.loads(BODY)
@@ -79,7 +82,7 @@ def test_a_tampered_body_is_rejected(tampered: bytes) -> None:
 def test_a_changed_id_or_timestamp_or_a_wrong_secret_is_rejected() -> None:
     headers, body = delivery()
     for changed in (
-        {**headers, "webhook-id": "msg_8"},
+        {**headers, "webhook-id": MSG_ID.replace("0", "1")},
         {**headers, "webhook-timestamp": str(NOW + 1)},
     ):
         with pytest.raises(errors.WebhookRejected, match="no matching signature"):
@@ -210,6 +213,9 @@ def test_endpoints_and_retry_settings_load(tmp_path: Path) -> None:
         (ENDPOINT + ENDPOINT, "used twice"),
         (ENDPOINT.replace("https://crm", "ftp://crm"), "http:// or https://"),
         (ENDPOINT.replace("https://crm.example.com", "https://"), "with a host"),
+        (ENDPOINT.replace("crm.example.com", "crm.example.com:99999"), "port from 1 to 65535"),
+        (ENDPOINT.replace("crm.example.com", "crm.example.com:0"), "port from 1 to 65535"),
+        (ENDPOINT.replace("crm.example.com", "crm.example.com:http"), "port from 1 to 65535"),
         (ENDPOINT.replace('secret_env = "CRM_SECRET"', ""), "exactly one"),
         (ENDPOINT + 'secret_file = "/x"\n', "exactly one"),
         (ENDPOINT.replace('["invoice.settled", "token.bought"]', "[]"), "non-empty"),

@@ -5,6 +5,7 @@ pruning."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -17,6 +18,7 @@ import pytest
 import pytest_asyncio
 
 from gateway.ports import (
+    SETTLED_BY_NODE,
     DeliveryState,
     HeldRequest,
     HeldState,
@@ -29,11 +31,14 @@ from gateway.ports import (
     Store,
     StoredRequest,
     StoredResponse,
+    WebhookDelivery,
     WebhookEvent,
     Withdrawal,
     WithdrawalState,
+    webhook_retry_delay,
 )
 from gateway.store import MemoryStore, SqliteStore, sqlite_file
+from gateway.store.outbox import ENDPOINT_REMOVED
 
 START = 1_800_000_000.0
 TOKEN = hashlib.sha256(b"webhook token").digest()
@@ -316,6 +321,30 @@ async def test_fan_out_takes_at_most_limit_events_a_call(store: Store) -> None:
     assert await store.fan_out_webhook_events({"crm": EVERYTHING}, START, 4) == 2
 
 
+async def attempt(
+    store: Store,
+    event_id: int,
+    endpoint: str,
+    *,
+    now: float,
+    status: int | None,
+    error: str = "",
+    max_attempts: int = 12,
+) -> WebhookDelivery | None:
+    """Record one attempt: a 2xx ``status`` delivers it; backoff 5 s doubling up to 60 s."""
+    return await store.record_webhook_attempt(
+        event_id,
+        endpoint,
+        delivered=status is not None and 200 <= status < 300,
+        now=now,
+        status=status,
+        error=error,
+        max_attempts=max_attempts,
+        initial_backoff=5.0,
+        max_backoff=60.0,
+    )
+
+
 async def test_deliveries_go_out_in_event_order_and_record_each_attempt(store: Store) -> None:
     await store.fan_out_webhook_events({"crm": EVERYTHING}, START, 100)
     await settle(store, 1)
@@ -328,35 +357,29 @@ async def test_deliveries_go_out_in_event_order_and_record_each_attempt(store: S
         "invoice.settled",
         START + 1,
     )
-    await store.record_webhook_attempt(
-        delivery.event_id,
-        "crm",
-        state=PENDING,
-        now=START + 2,
-        next_attempt_at=START + 7,
-        status=503,
-        error="answered 503",
-    )
+    failed = await attempt(store, delivery.event_id, "crm", now=START + 2, status=503, error="x")
     again = await store.next_webhook_delivery("crm")
     assert again is not None
-    assert again[0] == dataclasses.replace(
-        delivery, attempts=1, next_attempt_at=START + 7, last_status=503, last_error="answered 503"
+    assert (
+        again[0]
+        == failed
+        == dataclasses.replace(
+            delivery, attempts=1, next_attempt_at=START + 7, last_status=503, last_error="x"
+        )
     )
-    await store.record_webhook_attempt(
-        delivery.event_id,
-        "crm",
-        state=DELIVERED,
-        now=START + 8,
-        next_attempt_at=START + 8,
-        status=204,
-        error="",
-    )
+    second = await attempt(store, delivery.event_id, "crm", now=START + 7, status=None, error="y")
+    assert second is not None
+    assert (second.state, second.attempts, second.next_attempt_at) == (PENDING, 2, START + 17)
+    await attempt(store, delivery.event_id, "crm", now=START + 8, status=204)
     following = await store.next_webhook_delivery("crm")
     assert following is not None
     assert following[1].type == "token.bought"
     (done,) = await store.list_webhook_deliveries(DELIVERED, "crm")
-    assert (done.attempts, done.last_status, done.delivered_at) == (2, 204, START + 8)
+    assert (done.attempts, done.last_status, done.delivered_at) == (3, 204, START + 8)
     assert await store.next_webhook_delivery("nobody") is None
+    # No longer PENDING: left as it is.
+    assert await attempt(store, delivery.event_id, "crm", now=START + 9, status=500) is None
+    assert await store.list_webhook_deliveries(DELIVERED, "crm") == [done]
 
 
 async def test_a_dead_delivery_is_revived_by_redeliver(store: Store) -> None:
@@ -365,15 +388,11 @@ async def test_a_dead_delivery_is_revived_by_redeliver(store: Store) -> None:
     await store.fan_out_webhook_events({"a": EVERYTHING, "b": EVERYTHING}, START, 100)
     for endpoint in ("a", "b"):
         for delivery in await store.list_webhook_deliveries(endpoint=endpoint):
-            await store.record_webhook_attempt(
-                delivery.event_id,
-                endpoint,
-                state=DEAD,
-                now=START + 1,
-                next_attempt_at=START + 1,
-                status=None,
-                error="connection refused",
+            dead = await attempt(
+                store, delivery.event_id, endpoint, now=START + 1, status=None, max_attempts=1
             )
+            assert dead is not None
+            assert (dead.state, dead.next_attempt_at) == (DEAD, START + 1)
     assert await store.next_webhook_delivery("a") is None
     assert len(await store.list_webhook_deliveries(DEAD)) == 4
     assert await store.redeliver_webhooks(START + 5, endpoint="a") == 2
@@ -409,26 +428,184 @@ async def test_pruning_keeps_what_someone_still_has_to_send(store: Store, clock:
     await settle(store, 2)
     await store.fan_out_webhook_events({"crm": EVERYTHING}, START, 100)
     # Every event is PENDING for crm: nothing goes.
-    assert await store.prune_webhook_events(START + 1000, 100) == 0
+    assert await store.prune_webhook_events(START + 1000, 100, {"crm"}) == 0
     for delivery in await store.list_webhook_deliveries(endpoint="crm"):
-        await store.record_webhook_attempt(
-            delivery.event_id,
-            "crm",
-            state=DELIVERED,
-            now=START,
-            next_attempt_at=START,
-            status=200,
-            error="",
-        )
+        await attempt(store, delivery.event_id, "crm", now=START, status=200)
     # Only those created before the cutoff, with their deliveries.
-    assert await store.prune_webhook_events(START + 50, 100) == 2
+    assert await store.prune_webhook_events(START + 50, 100, {"crm"}) == 2
     assert kinds(await events(store)) == ["invoice.settled", "token.bought"]
     assert len(await store.list_webhook_deliveries()) == 2
     # An event the endpoint's cursor has not passed yet is kept too.
     await settle(store, 3)
     clock.current = START + 200
-    assert await store.prune_webhook_events(START + 1000, 100) == 2
+    assert await store.prune_webhook_events(START + 1000, 100, {"crm"}) == 2
     assert kinds(await events(store)) == ["invoice.settled", "token.bought"]
+
+
+async def test_a_removed_endpoints_pending_deliveries_become_dead(store: Store) -> None:
+    """Forgotten, it would never send them: they are DEAD with the reason, not PENDING for
+    ever; what it delivered stays as it was."""
+    both = {"crm": EVERYTHING, "old": EVERYTHING}
+    await store.fan_out_webhook_events(both, START, 100)
+    await settle(store, 1)
+    await store.fan_out_webhook_events(both, START, 100)
+    delivered, pending = sorted(d.event_id for d in await store.list_webhook_deliveries())[::2]
+    await attempt(store, delivered, "old", now=START, status=204)
+    await store.fan_out_webhook_events({"crm": EVERYTHING}, START + 9, 100)  # "old" removed
+    old = {d.event_id: d for d in await store.list_webhook_deliveries(endpoint="old")}
+    assert old[delivered].state is DELIVERED
+    assert (old[pending].state, old[pending].attempts) == (DEAD, 0)
+    assert (old[pending].next_attempt_at, old[pending].last_error) == (START + 9, ENDPOINT_REMOVED)
+    assert {d.state for d in await store.list_webhook_deliveries(endpoint="crm")} == {PENDING}
+    assert await store.next_webhook_delivery("old") is None
+
+
+async def test_registering_with_limit_0_starts_new_endpoints_and_sends_nothing(
+    store: Store,
+) -> None:
+    await store.fan_out_webhook_events({"crm": EVERYTHING}, START, 100)
+    await settle(store, 1)
+    assert await store.fan_out_webhook_events({"crm": EVERYTHING, "new": EVERYTHING}, START, 0) == 0
+    await settle(store, 2)
+    # crm's cursor stayed before event 1; "new" started after it.
+    assert await store.fan_out_webhook_events({"crm": EVERYTHING, "new": EVERYTHING}, START, 9) == 6
+    assert len(await store.list_webhook_deliveries(endpoint="new")) == 2
+
+
+async def test_redelivery_can_be_limited_to_the_configured_endpoints(store: Store) -> None:
+    both = {"crm": EVERYTHING, "old": EVERYTHING}
+    await store.fan_out_webhook_events(both, START, 100)
+    await settle(store, 1)
+    await store.fan_out_webhook_events(both, START, 100)
+    for delivery in await store.list_webhook_deliveries():
+        await attempt(
+            store, delivery.event_id, delivery.endpoint, now=START, status=500, max_attempts=1
+        )
+    configured = {"crm"}
+    assert await store.redeliver_webhooks(START + 1, endpoints=configured) == 2
+    assert {d.endpoint for d in await store.list_webhook_deliveries(PENDING)} == {"crm"}
+    first = min(d.event_id for d in await store.list_webhook_deliveries())
+    assert await store.redeliver_webhooks(START + 2, event_id=first, endpoints=configured) == 1
+    assert await store.redeliver_webhooks(START + 2, endpoint="old", endpoints=configured) == 0
+    assert {d.endpoint for d in await store.list_webhook_deliveries(DEAD)} == {"old"}
+
+
+async def test_dead_or_not_is_decided_from_the_attempts_stored_at_the_write(store: Store) -> None:
+    """A redelivery made while an attempt was under way restarts the count: that attempt's
+    failure is the first of the new round, not the last of the old one."""
+    await store.fan_out_webhook_events({"crm": EVERYTHING}, START, 100)
+    await settle(store, 1)
+    await store.fan_out_webhook_events({"crm": EVERYTHING}, START, 100)
+    in_flight = await store.next_webhook_delivery("crm")
+    assert in_flight is not None
+    event_id = in_flight[0].event_id
+    for n in range(2):
+        await attempt(store, event_id, "crm", now=START + n, status=500, max_attempts=3)
+    # The third (and last) attempt is sent; the operator redelivers meanwhile.
+    assert await store.redeliver_webhooks(START + 10, event_id=event_id) == 1
+    third = await attempt(store, event_id, "crm", now=START + 11, status=500, max_attempts=3)
+    assert third is not None
+    assert (third.state, third.attempts, third.next_attempt_at) == (PENDING, 1, START + 16)
+    for n in range(2):
+        last = await attempt(store, event_id, "crm", now=START + 20 + n, status=500, max_attempts=3)
+    assert last is not None
+    assert (last.state, last.attempts) == (DEAD, 3)
+
+
+async def test_the_backoff_doubles_in_the_store_up_to_its_cap(store: Store) -> None:
+    await store.fan_out_webhook_events({"crm": EVERYTHING}, START, 100)
+    await settle(store, 1)
+    await store.fan_out_webhook_events({"crm": EVERYTHING}, START, 100)
+    first = await store.next_webhook_delivery("crm")
+    assert first is not None
+    delays = []
+    for n in range(1, 71):  # past 2 ** 60
+        recorded = await attempt(
+            store, first[0].event_id, "crm", now=START, status=503, max_attempts=100
+        )
+        assert recorded is not None
+        assert (recorded.state, recorded.attempts) == (PENDING, n)
+        delays.append(recorded.next_attempt_at - START)
+    assert delays == [webhook_retry_delay(n, 5.0, 60.0) for n in range(1, 71)]
+    assert delays[:6] == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0]
+
+
+async def test_every_event_has_its_own_random_webhook_id(store: Store) -> None:
+    await settle(store, 1)
+    await settle(store, 2)
+    written = await events(store)
+    ids = [event.webhook_id for event in written]
+    assert all(len(webhook_id) == 32 and int(webhook_id, 16) >= 0 for webhook_id in ids)
+    assert ids == [webhook_id.lower() for webhook_id in ids]
+    assert len(set(ids)) == 4
+    for event in written:  # the same however often it is read (and so on every retry)
+        assert await store.get_webhook_event(event.event_id) == event
+    await store.fan_out_webhook_events({"crm": EVERYTHING}, START, 100)
+    await settle(store, 3)
+    await store.fan_out_webhook_events({"crm": EVERYTHING}, START, 100)
+    pending = await store.next_webhook_delivery("crm")
+    assert pending is not None
+    assert pending[1] == await store.get_webhook_event(pending[0].event_id)
+
+
+async def test_pruning_ignores_endpoints_no_longer_configured(store: Store, clock: Clock) -> None:
+    """An endpoint removed from the configuration (its cursor and a PENDING delivery left in
+    the store, no sender running to forget it) holds no event back for ever."""
+    await store.fan_out_webhook_events({"gone": EVERYTHING}, START, 100)
+    await settle(store, 1)  # PENDING for "gone"
+    await store.fan_out_webhook_events({"gone": EVERYTHING}, START, 100)
+    await settle(store, 2)  # past gone's cursor
+    clock.current = START + 100
+    await settle(store, 3)  # too recent
+    assert await store.prune_webhook_events(START + 50, 100, {"gone"}) == 0
+    # Configured: none (no [[webhook]]); or another endpoint, new (no cursor yet).
+    assert await store.prune_webhook_events(START + 50, 3, ()) == 3
+    assert await store.prune_webhook_events(START + 50, 100, {"crm"}) == 1
+    assert kinds(await events(store)) == ["invoice.settled", "token.bought"]
+    assert await store.list_webhook_deliveries(endpoint="gone") == []
+
+
+async def test_pruning_waits_for_a_configured_endpoints_cursor_and_pending(
+    store: Store, clock: Clock
+) -> None:
+    both = {"crm": EVERYTHING, "books": frozenset({"token.bought"})}
+    await store.fan_out_webhook_events(both, START, 100)
+    await settle(store, 1)
+    clock.current = START + 100
+    # Not fanned out yet: the cursors hold both events back.
+    assert await store.prune_webhook_events(START + 50, 100, set(both)) == 0
+    await store.fan_out_webhook_events(both, START, 100)
+    for delivery in await store.list_webhook_deliveries(endpoint="crm"):
+        await attempt(store, delivery.event_id, "crm", now=START, status=200)
+    # books still has token.bought to send; invoice.settled goes.
+    assert await store.prune_webhook_events(START + 50, 100, set(both)) == 1
+    assert kinds(await events(store)) == ["token.bought"]
+    (bought,) = await store.list_webhook_deliveries(endpoint="books")
+    await attempt(store, bought.event_id, "books", now=START, status=500, max_attempts=1)
+    assert await store.prune_webhook_events(START + 50, 100, set(both)) == 1  # DEAD: done
+
+
+async def test_a_held_request_the_node_settled_writes_settled_not_refunded(store: Store) -> None:
+    """Recorded CANCELED (the gateway did not settle it, SETTLED_BY_NODE), but the payer paid:
+    announcing a refund would be false."""
+    request = held(1)
+    await store.add_held_request(request)
+    await store.move_held_request(
+        request.payment_hash,
+        HeldState.CANCELED,
+        START + 3,
+        failure=SETTLED_BY_NODE,
+        keep_until=1e12,
+    )
+    (written,) = await events(store)
+    assert written.type == "request.settled"
+    assert body(written)["data"] == {
+        "payment_hash": request.payment_hash.hex(),
+        "token_id": TOKEN.hex(),
+        "method": "POST",
+        "path": "/jobs",
+        "reason": SETTLED_BY_NODE,
+    }
 
 
 # --- what only the SQLite store promises --------------------------------------------------------
@@ -487,3 +664,60 @@ async def test_events_written_by_one_store_are_fanned_out_by_another(tmp_path: P
     finally:
         await writer.close()
         await sender.close()
+
+
+async def test_a_restored_backup_repeats_event_ids_but_never_webhook_ids(tmp_path: Path) -> None:
+    """The event's id comes back after a restore (or in a fresh database): the webhook-id,
+    on which receivers dedupe, must not, or they would drop real events as seen."""
+    path, backup = tmp_path / "gateway.db", tmp_path / "backup.db"
+    opened = await SqliteStore.open(path)
+    try:
+        await opened.add_invoice(invoice(1))
+        await opened.add_invoice(invoice(2))
+    finally:
+        await opened.close()  # the WAL checkpointed into the file: a copy is a backup
+    backup.write_bytes(path.read_bytes())
+    opened = await SqliteStore.open(path)
+    try:
+        await opened.apply_update(update(1, InvoiceState.SETTLED))
+        before = await events(opened)
+    finally:
+        await opened.close()
+    path.unlink()
+    backup.rename(path)  # restored: sqlite_sequence is as it was before those events
+    restored = await SqliteStore.open(path)
+    fresh = MemoryStore()
+    try:
+        await restored.apply_update(update(2, InvoiceState.SETTLED))
+        after = await events(restored)
+        await fresh.add_invoice(invoice(2))
+        await fresh.apply_update(update(2, InvoiceState.SETTLED))
+        elsewhere = await events(fresh)
+    finally:
+        await restored.close()
+        await fresh.close()
+    assert [e.event_id for e in after] == [e.event_id for e in before] == [1, 2]
+    assert [e.event_id for e in elsewhere] == [1, 2]
+    webhook_ids = [e.webhook_id for e in before + after + elsewhere]
+    assert len(set(webhook_ids)) == 6
+
+
+async def test_looking_for_the_next_delivery_takes_no_write_lock(tmp_path: Path) -> None:
+    """The sender looks every poll_interval, per endpoint: while another process writes (a
+    long transaction holding the write lock), a read goes on at once."""
+    path = tmp_path / "gateway.db"
+    opened = await SqliteStore.open(path)
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        await opened.fan_out_webhook_events({"crm": EVERYTHING}, START, 100)
+        await settle(opened, 1)
+        await opened.fan_out_webhook_events({"crm": EVERYTHING}, START, 100)
+        writer.execute("BEGIN IMMEDIATE")  # another process in its write transaction
+        found = await asyncio.wait_for(opened.next_webhook_delivery("crm"), 2.0)
+        assert found is not None
+        assert found[1].type == "invoice.settled"
+        assert await asyncio.wait_for(opened.next_webhook_delivery("nobody"), 2.0) is None
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        await opened.close()
