@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -124,7 +125,7 @@ def test_list_shows_deliveries_newest_first_filtered(
 def test_show_prints_the_event_body_and_its_deliveries(
     config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with sqlite3.connect(config.parent / "gateway.db") as connection:
+    with contextlib.closing(sqlite3.connect(config.parent / "gateway.db")) as connection:
         (random_id,) = connection.execute("SELECT webhook_id FROM events WHERE id = 2").fetchone()
     assert main(["--config", str(config), "webhooks", "show", "2", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import sqlite3
@@ -598,7 +599,8 @@ async def test_new_webhook_endpoints_are_registered_before_the_watcher_starts(
 
     class Watcher(InvoiceWatcher):
         async def run(self) -> None:
-            with sqlite3.connect(database) as connection:  # what is committed by now
+            # What is committed by now (closing: a with-block alone only commits).
+            with contextlib.closing(sqlite3.connect(database)) as connection:
                 rows = connection.execute("SELECT name FROM webhook_endpoints").fetchall()
             seen.append({str(name) for (name,) in rows})
             await super().run()
