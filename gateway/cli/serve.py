@@ -268,7 +268,7 @@ def _serve_workers(config: Config, host: str, port: int) -> int:
     """
     if not config.metrics.enabled:
         return _run_workers(config, host, port)
-    directory = tempfile.mkdtemp(prefix="l402-metrics-")
+    directory = tempfile.mkdtemp(prefix="l402-metrics-", dir=_memory_directory())
     # Inherited by the spawned workers, which import prometheus_client only after it is set.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     try:
@@ -276,6 +276,16 @@ def _serve_workers(config: Config, host: str, port: int) -> int:
     finally:
         del os.environ["PROMETHEUS_MULTIPROC_DIR"]
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _memory_directory() -> str | None:
+    """Where the metrics files go: ``$TMPDIR`` if set, else a RAM file system if there is
+    one (every request writes to them, through mmap: on a disk the kernel keeps writing the
+    pages back), else the default temporary directory."""
+    shm = "/dev/shm"  # noqa: S108 - a private mkdtemp directory is made inside it
+    if "TMPDIR" in os.environ or not os.access(shm, os.W_OK | os.X_OK):
+        return None
+    return shm
 
 
 def _run_workers(config: Config, host: str, port: int) -> int:

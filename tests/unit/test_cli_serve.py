@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from gateway.cli.serve import die_with_parent
+from gateway.cli.serve import _memory_directory, die_with_parent
 from tests.config_files import placeholder_lnd, write_config
 
 
@@ -87,3 +87,13 @@ def test_a_worker_whose_supervisor_died_before_it_started_stops() -> None:
 
 def test_a_worker_under_its_supervisor_goes_on() -> None:
     die_with_parent(os.getppid())  # returns: the parent is alive and is the supervisor
+
+
+def test_the_metrics_files_go_to_tmpdir_if_set_else_to_ram(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert _memory_directory() is None  # mkdtemp then honours $TMPDIR
+    monkeypatch.delenv("TMPDIR")
+    expected = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None  # noqa: S108
+    assert _memory_directory() == expected
