@@ -30,6 +30,7 @@ __all__ = [
     "NEEDS_PERMISSION",
     "UNKNOWN",
     "LiquidityMonitor",
+    "describe",
     "inbound_liquidity",
     "route_warnings",
 ]
@@ -146,16 +147,21 @@ class LiquidityMonitor:
 
     def check(self) -> Check:
         """Readiness's ``liquidity`` check: reported, never failing."""
-        liquidity = self.latest
-        if liquidity is None:
-            return Check("liquidity", True, "not measured yet")
-        if not liquidity.known:
-            return Check("liquidity", True, f"unknown ({liquidity.reason or 'not said'})")
-        detail = (
-            f"inbound {_sat(liquidity.total_msat)} over {liquidity.channels} active "
-            f"channel(s), largest {_sat(liquidity.largest_msat)}"
-        )
-        warnings = route_warnings(self._rules, liquidity)
-        if warnings:
-            detail += f"; WARNING: {len(warnings)} route(s) cannot be paid in one part"
-        return Check("liquidity", True, detail)
+        return Check("liquidity", True, describe(self.latest, self._rules))
+
+
+def describe(liquidity: Liquidity | None, rules: Sequence[Rule]) -> str:
+    """``liquidity`` in one line (None: not measured yet), with a count of the routes
+    ``route_warnings`` names."""
+    if liquidity is None:
+        return "not measured yet"
+    if not liquidity.known:
+        return f"unknown ({liquidity.reason or 'not said'})"
+    detail = (
+        f"inbound {_sat(liquidity.total_msat)} over {liquidity.channels} active "
+        f"channel(s), largest {_sat(liquidity.largest_msat)}"
+    )
+    warnings = route_warnings(rules, liquidity)
+    if warnings:
+        detail += f"; WARNING: {len(warnings)} route(s) cannot be paid in one part"
+    return detail

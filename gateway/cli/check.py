@@ -2,8 +2,10 @@
 
 Loads the configuration and the price functions, probes the LND node (reachable, the TLS
 certificate, the macaroon's permissions: ``gateway.lnd.preflight``) and the upstream (a TCP
-connection), and prints what each path costs. ``serve`` runs the same checks at start
-(``startup_checks``): a problem stops it, an unreachable node or upstream is only a warning.
+connection), reports the node's inbound liquidity and the routes it cannot receive (never a
+problem: ``gateway.liquidity``), and prints what each path costs. ``serve`` runs the same
+checks at start (``startup_checks``): a problem stops it, an unreachable node or upstream is
+only a warning.
 
 Exit codes: 0 all good, 2 a configuration problem (the node refuses the macaroon or the
 certificate included), 3 the node or the upstream does not answer.
@@ -18,7 +20,10 @@ from typing import Any
 
 from gateway import errors
 from gateway.config import Config
+from gateway.liquidity import describe, inbound_liquidity, route_warnings
+from gateway.lnd.client import LndClient
 from gateway.lnd.preflight import LndCheck, check_lnd, check_payer
+from gateway.ports import Liquidity
 from gateway.runtime import build_pricing, lnd_settings, payer_settings, route_table
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,12 @@ async def _probe(config: Config) -> tuple[LndCheck, str | None]:
     return lnd, upstream
 
 
+async def _liquidity(config: Config) -> Liquidity:
+    """The node's inbound liquidity (unknown without ``offchain:read``: never a problem)."""
+    async with LndClient(lnd_settings(config)) as lnd:
+        return await inbound_liquidity(lnd)
+
+
 def startup_checks(config: Config) -> None:
     """``serve``'s checks: each problem and warning in one line; ``ConfigError`` if there is
     a problem. (The route table is logged by ``running_runtime``, in every front end.)"""
@@ -85,6 +96,11 @@ def run(config: Config, source: str | None) -> int:
         print(f"unreachable: {lnd.unreachable}")
     if lnd.ok:
         print(f"lnd: ok ({config.lnd.host}: TLS, macaroon with invoices:read and invoices:write)")
+        rules = build_pricing(config).rules
+        liquidity = asyncio.run(_liquidity(config))
+        print(f"liquidity: {describe(liquidity, rules)}")
+        for line in route_warnings(rules, liquidity):
+            print(f"warning: {line}")
     if upstream is not None:
         print(f"unreachable: {upstream}")
     elif config.server.upstream:

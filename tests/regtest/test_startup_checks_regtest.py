@@ -96,10 +96,7 @@ async def test_check_macaroon_permissions_is_no_probe_for_the_gateway_macaroon(
     assert "permission denied" in (refused.value.details() or "")
 
 
-async def test_check_command_on_a_working_node(network: Network, tmp_path: Path) -> None:
-    config = gateway_config(network, tmp_path / "g.db", upstream="http://127.0.0.1:1")
-    path = tmp_path / "gateway.toml"
-    path.write_text(config_toml(config), encoding="utf-8")
+async def _check_command(path: Path) -> tuple[int | None, str, bytes]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -111,10 +108,38 @@ async def test_check_command_on_a_working_node(network: Network, tmp_path: Path)
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), 60)
-    text = out.decode()
-    assert process.returncode == 3, (text, err)  # the upstream does not answer
+    return process.returncode, out.decode(), err
+
+
+async def test_check_command_on_a_working_node(network: Network, tmp_path: Path) -> None:
+    config = gateway_config(network, tmp_path / "g.db", upstream="http://127.0.0.1:1")
+    path = tmp_path / "gateway.toml"
+    path.write_text(config_toml(config), encoding="utf-8")
+    returncode, text, err = await _check_command(path)
+    assert returncode == 3, (text, err)  # the upstream does not answer
     assert f"lnd: ok ({network.alice.rpc_host}: TLS, macaroon with invoices:read" in text
     assert "problem:" not in text
     assert "unreachable: upstream http://127.0.0.1:1 does not answer" in text
     assert "  /api/quote (any method): priced by gateway.examples:quote_price" in text
     assert b"ssl_transport_security" not in err
+    # The gateway's macaroon has offchain:read: the channels towards alice are counted.
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("liquidity: ")]
+    assert line.startswith("liquidity: inbound ")
+    assert " active channel(s), largest " in line
+    assert "warning:" not in text  # every route's price fits
+
+
+async def test_check_command_without_offchain_read_says_liquidity_is_unknown(
+    network: Network, tmp_path: Path
+) -> None:
+    macaroon = _bake(network, tmp_path / "m.macaroon", "invoices:read", "invoices:write")
+    macaroon.chmod(0o600)
+    config = gateway_config(network, tmp_path / "g.db", upstream="http://127.0.0.1:1")
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        config_toml(config).replace(str(config.lnd.macaroon), str(macaroon)), encoding="utf-8"
+    )
+    returncode, text, err = await _check_command(path)
+    assert returncode == 3, (text, err)  # only the upstream: liquidity is never a problem
+    assert "problem:" not in text
+    assert "liquidity: unknown (ListChannels needs offchain:read)" in text
