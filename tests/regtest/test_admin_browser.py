@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -27,7 +26,6 @@ from aiohttp import web
 from playwright.async_api import (
     ConsoleMessage,
     HttpCredentials,
-    Page,
     Request,
     ViewportSize,
     async_playwright,
@@ -40,8 +38,9 @@ from gateway.lnd.client import LndClient
 from gateway.store import SqliteStore
 from regtest.network import CHANNEL_SAT, Network
 from regtest.processes import free_ports, wait_for_http
+from tests.regtest.browser_helpers import CHROMIUM_ARGS, require_chromium, screenshot
 from tests.regtest.gateway_helpers import (
-    REPO,
+    bake_gateway_macaroon,
     l402_challenge,
     pay,
     serving,
@@ -51,56 +50,19 @@ from tests.regtest.gateway_helpers import (
 
 pytestmark = pytest.mark.regtest
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 DESKTOP = ViewportSize(width=1280, height=900)
-ARTIFACTS = REPO / "test-artifacts"
 PASSWORD = "regtest admin password"
 TIMEOUT = 60.0
 
 
 @pytest.fixture(scope="module")
 def chromium() -> Path:
-    if not CHROMIUM.exists():
-        reason = f"{CHROMIUM} is missing: `make browser` installs Debian's chromium"
-        if os.environ.get("CI"):
-            pytest.fail(f"browser test prerequisites missing in CI: {reason}")
-        pytest.skip(reason)
-    return CHROMIUM
-
-
-def _bake_macaroon(network: Network, path: Path) -> Path:
-    """The gateway's least-privilege macaroon with ``offchain:read`` (ListChannels) added, so
-    that the dashboard can show the inbound liquidity."""
-    subprocess.run(  # noqa: S603 - the cached lncli binary and fixed arguments
-        [
-            *network.alice.lncli().split(),
-            "bakemacaroon",
-            "invoices:read",
-            "invoices:write",
-            "offchain:read",
-            f"--save_to={path}",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    path.chmod(0o600)
-    return path
+    return require_chromium()
 
 
 def _config(network: Network, tmp_path: Path, port: int, admin_port: int, upstream: str) -> Path:
     node = network.alice
-    macaroon = _bake_macaroon(network, tmp_path / "gateway.macaroon")
+    macaroon = bake_gateway_macaroon(network, tmp_path / "gateway.macaroon")
     password_file = tmp_path / "admin.password"
     password_file.write_text(PASSWORD + "\n")
     password_file.chmod(0o600)
@@ -167,15 +129,6 @@ async def _paid(http: aiohttp.ClientSession, bob: LndClient, network: Network, u
         assert ok.status == 200, await ok.text()
     macaroon = l402.decode_b64(challenge.macaroon_b64)
     return l402.Identifier.decode(macaroon.identifier).payment_hash
-
-
-async def _screenshot(page: Page, name: str, capsys: pytest.CaptureFixture[str]) -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / name
-    await page.screenshot(path=str(path), full_page=True)
-    with capsys.disabled():
-        print(f"\nscreenshot: {path}")
-    return path
 
 
 async def test_dashboard_shows_a_regtest_run_in_chromium(
@@ -252,7 +205,7 @@ async def test_dashboard_shows_a_regtest_run_in_chromium(
                 body = await page.text_content("body") or ""
                 assert "the admin credential is required" in body
                 assert "Revenue" not in body
-                await _screenshot(page, "admin-refused.png", capsys)
+                await screenshot(page, "admin-refused.png", capsys)
                 await stranger.close()
 
                 # The operator.
@@ -298,13 +251,13 @@ async def test_dashboard_shows_a_regtest_run_in_chromium(
                 assert any("GET /api/premium/unpaid" in row for row in rows)
                 inbound = await page.text_content("#inbound-total") or ""
                 assert inbound.endswith(" sat")
-                await _screenshot(page, "admin-dashboard.png", capsys)
+                await screenshot(page, "admin-dashboard.png", capsys)
 
                 await page.click("#range-30d")
                 await page.wait_for_url("**/?range=30d")
                 assert "30 days, per day" in (await page.text_content("#revenue h2") or "")
                 assert await page.locator("rect.bar").count() == 2
-                await _screenshot(page, "admin-dashboard-30d.png", capsys)
+                await screenshot(page, "admin-dashboard-30d.png", capsys)
 
                 await page.goto(admin + "?range=48h&service=premium")
                 services = [
@@ -313,7 +266,7 @@ async def test_dashboard_shows_a_regtest_run_in_chromium(
                 ]
                 assert services == ["premium"]
                 assert await page.text_content("#revenue-total") == "20"
-                await _screenshot(page, "admin-dashboard-premium.png", capsys)
+                await screenshot(page, "admin-dashboard-premium.png", capsys)
 
                 # Nothing but the pages themselves was loaded; no CSP report, no error.
                 assert all(request.startswith(admin) for request in requests), requests

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -44,10 +43,10 @@ from gateway.web.paywall import REDEEM_PATH
 from gateway.web.proxy import build_proxy
 from regtest.network import Network
 from tests.fakes import FakeGateway
+from tests.regtest.browser_helpers import CHROMIUM_ARGS, require_chromium, screenshot
 from tests.regtest.gateway_helpers import (
     MAX_FEE,
     PREMIUM_PRICE,
-    REPO,
     OffsetClock,
     gateway_config,
     serving,
@@ -56,22 +55,10 @@ from tests.regtest.gateway_helpers import (
 
 pytestmark = pytest.mark.regtest
 
-CHROMIUM = Path("/usr/bin/chromium")
 LAN_HOST = "paywall.test"
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    # A name that is not localhost: no secure context over plain HTTP, as on a LAN address.
-    f"--host-resolver-rules=MAP {LAN_HOST} 127.0.0.1",
-]
+# A name that is not localhost: no secure context over plain HTTP, as on a LAN address.
+PAYWALL_CHROMIUM_ARGS = [*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {LAN_HOST} 127.0.0.1"]
 PHONE = ViewportSize(width=390, height=844)
-ARTIFACTS = REPO / "test-artifacts"
 ARTICLE = "/api/premium/article"
 SECOND = "/api/premium/second"  # another page of the same service
 UNLOCK_LIMIT = 5.0  # seconds from the payment's success to the resource on screen
@@ -124,12 +111,7 @@ async def _proxy_gateway(config: Config) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="module")
 def chromium() -> Path:
-    if not CHROMIUM.exists():
-        reason = f"{CHROMIUM} is missing: `make browser` installs Debian's chromium"
-        if os.environ.get("CI"):
-            pytest.fail(f"browser test prerequisites missing in CI: {reason}")
-        pytest.skip(reason)
-    return CHROMIUM
+    return require_chromium()
 
 
 @dataclass
@@ -150,7 +132,7 @@ async def browser(chromium: Path, tmp_path: Path) -> AsyncIterator[Browser]:
             str(tmp_path / "chromium-profile"),  # a fresh profile: no cookies, no cache
             executable_path=str(chromium),
             headless=True,
-            args=CHROMIUM_ARGS,
+            args=PAYWALL_CHROMIUM_ARGS,
             viewport=PHONE,
             device_scale_factor=2,
             is_mobile=True,
@@ -184,15 +166,6 @@ async def browser(chromium: Path, tmp_path: Path) -> AsyncIterator[Browser]:
             yield seen
         finally:
             await context.close()
-
-
-async def _screenshot(page: Page, name: str, capsys: pytest.CaptureFixture[str]) -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / name
-    await page.screenshot(path=str(path), full_page=True)
-    with capsys.disabled():
-        print(f"\nscreenshot: {path}")
-    return path
 
 
 async def _open_locked(browser: Browser, url: str) -> str:
@@ -291,7 +264,7 @@ async def _pay_and_unlock(
     assert await page.is_hidden("#pay-webln")  # no window.webln here
     assert (await page.text_content("#status") or "").startswith("Waiting for payment")
     assert await page.text_content(".amount") == str(PREMIUM_PRICE // 1000)
-    locked = await _screenshot(page, "paywall-locked.png", capsys)
+    locked = await screenshot(page, "paywall-locked.png", capsys)
 
     payment = await bob.send_payment(
         invoice,
@@ -306,7 +279,7 @@ async def _pay_and_unlock(
     assert unlocked_in < UNLOCK_LIMIT
     assert page.url == url + ARTICLE
     assert await page.text_content("#paid-service") == "service: premium"
-    unlocked = await _screenshot(page, "paywall-unlocked.png", capsys)
+    unlocked = await screenshot(page, "paywall-unlocked.png", capsys)
     with capsys.disabled():
         print(f"unlocked {unlocked_in:.2f}s after the payment succeeded")
 
@@ -384,7 +357,7 @@ async def test_webln_button_pays_through_the_proxy(
         page = browser.page
         invoice = await _open_locked(browser, url + ARTICLE)
         await page.wait_for_selector("#pay-webln", state="visible")
-        await _screenshot(page, "paywall-locked-webln.png", capsys)
+        await screenshot(page, "paywall-locked-webln.png", capsys)
         await page.click("#pay-webln")
         await page.wait_for_selector("#premium-article", timeout=30_000)
         assert paid == [invoice]
@@ -404,7 +377,7 @@ async def test_expired_invoice_offers_a_fresh_one(
         await page.wait_for_selector("#fresh", state="visible", timeout=10_000)
         assert await page.text_content("#status") == "This invoice has expired."
         assert await page.is_hidden("#open-wallet")
-        await _screenshot(page, "paywall-expired.png", capsys)
+        await screenshot(page, "paywall-expired.png", capsys)
         async with page.expect_navigation():
             await page.click("#fresh")
         await page.wait_for_selector("#countdown:not(:empty)")
@@ -436,7 +409,7 @@ async def test_off_https_the_page_warns_then_hands_over_the_credential(
         await page.wait_for_selector("#insecure", state="visible")
         for hidden in ("#qr", "#open-wallet", "#invoice", "#status"):
             assert await page.is_hidden(hidden), hidden
-        await _screenshot(page, "paywall-insecure.png", capsys)
+        await screenshot(page, "paywall-insecure.png", capsys)
 
         await page.click("#pay-anyway")
         await page.wait_for_selector("#qr svg", state="visible")
@@ -454,7 +427,7 @@ async def test_off_https_the_page_warns_then_hands_over_the_credential(
         assert credential.endswith(":" + payment.preimage.hex())
         assert await page.is_hidden("#qr")
         assert await page.is_hidden("#fresh")
-        await _screenshot(page, "paywall-insecure-paid.png", capsys)
+        await screenshot(page, "paywall-insecure-paid.png", capsys)
         # No navigation to a fresh invoice; the browser indeed kept no cookie.
         assert browser.documents == [url]
         assert await browser.context.cookies() == []
@@ -496,7 +469,7 @@ async def test_a_busy_gateway_shows_a_page_not_json(
         assert await page.text_content("h1") == "Too many requests"
         assert await page.is_disabled("#retry")  # not before Retry-After
         assert (await page.text_content("#retry-status") or "").startswith("You can try again in")
-        await _screenshot(page, "paywall-429.png", capsys)
+        await screenshot(page, "paywall-429.png", capsys)
         await page.wait_for_selector("#retry:enabled", timeout=5_000)
         async with page.expect_navigation():
             await page.click("#retry")
@@ -509,5 +482,5 @@ async def test_a_busy_gateway_shows_a_page_not_json(
         assert response.status == 503
         assert await page.text_content("h1") == "Temporarily unavailable"
         assert await page.text_content("#busy-detail")
-        await _screenshot(page, "paywall-503.png", capsys)
+        await screenshot(page, "paywall-503.png", capsys)
         _no_page_errors_but(browser, 429, 503)
