@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install build browser interop demo test test-fast test-pythons test-long lint format protos up down status bench clean
+.PHONY: install build browser postgres interop demo test test-fast test-pythons test-long lint format protos up down status bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,22 @@ browser:
 	else \
 		echo "error: $(CHROMIUM) is missing and installing it needs root:" \
 			"sudo apt-get install chromium" >&2; \
+		exit 1; \
+	fi
+
+# Debian's PostgreSQL for the PostgreSQL store's tests, which start a throwaway server of their
+# own (tests/postgres_server.py; no system-wide server is used). Installed once, as root;
+# anyone else is told what to run. `make demo` runs on SQLite and needs none of it.
+POSTGRES_BIN = $$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+postgres:
+	@bindir=$(POSTGRES_BIN); \
+	if [ -n "$$bindir" ] && [ -x "$$bindir/initdb" ]; then \
+		echo "postgres: $$bindir"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; \
+	else \
+		echo "error: PostgreSQL's server binaries are missing and installing them needs root:" \
+			"sudo apt-get install postgresql" >&2; \
 		exit 1; \
 	fi
 
@@ -58,7 +74,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint build browser interop test-pythons
+test: lint build browser interop postgres test-pythons
 	$(BIN)/pytest
 
 test-fast: install
@@ -66,7 +82,8 @@ test-fast: install
 
 # The fast suite on the other supported Pythons (from PATH or pyenv), one venv each
 # (.venv-3.12, ...). 3.12 gets the lowest grpcio and protobuf the package allows, the others
-# the newest. A Python that is not there is skipped, except under CI.
+# the newest. A Python that is not there is skipped, except under CI. The fast suites include
+# the PostgreSQL store's tests.
 OTHER_PYTHONS := 3.12 3.13
 LOWEST_PINS_3.12 := grpcio==1.85.1 protobuf==7.35.1
 PYENV_VERSIONS := $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions
@@ -79,7 +96,7 @@ find_python = $$({ ls -d $(PYENV_VERSIONS)/$(1).*/bin/python$(1); \
 	.venv-$*/bin/pip install --quiet -e '.[dev]' $(LOWEST_PINS_$*)
 	touch $@
 
-test-pythons:
+test-pythons: postgres
 	@for v in $(OTHER_PYTHONS); do \
 		if [ -z "$(call find_python,$$v)" ]; then \
 			echo "python$$v: not found (PATH or pyenv)" >&2; \

@@ -22,6 +22,7 @@ BENCHMARKS = (
     "credit_store",
     "on_success",
     "ops_overhead",
+    "postgres_scale",
 )
 
 

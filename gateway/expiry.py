@@ -23,7 +23,10 @@ milliseconds of the expiry). Each pass of the ``InvoiceSweeper``:
    Events are written whatever the configuration (every expired invoice makes one), so this
    runs with no endpoint configured too: then nothing holds them back but the retention,
    which they still wait out (``webhooks redeliver ID --endpoint NAME`` can send one to an
-   endpoint added later). An endpoint no longer configured holds nothing back.
+   endpoint added later). An endpoint no longer configured holds nothing back;
+6. with ``rate_buckets`` (the rate limits shared through PostgreSQL), deletes the buckets
+   untouched for ``rate_bucket_idle`` seconds, the longest any limit takes to refill one:
+   they are full again, as a missing bucket is.
 
 A pass that reached one of those bounds is followed by the next one after ``busy_pause``
 rather than ``interval``, so a backlog drains at a bounded pace: on regtest a full pass (500
@@ -40,12 +43,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 from gateway import errors
 from gateway.events import InvoiceEvents, apply_and_publish
-from gateway.ports import Clock, InvoiceBackend, InvoiceState, InvoiceUpdate, Msat, Store
+from gateway.ports import (
+    Clock,
+    InvoiceBackend,
+    InvoiceState,
+    InvoiceUpdate,
+    Msat,
+    RateBuckets,
+    Store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +76,7 @@ class SweepResult:
     released: int = 0  # expired credit reservations given back to their accounts
     charges_pruned: int = 0  # credit charges (usage history) deleted past usage_retention
     events_pruned: int = 0  # webhook events deleted past webhook_retention
+    rate_buckets_pruned: int = 0  # shared rate limit buckets deleted, full again
     busy: bool = False  # a bound was reached: more work is waiting
 
 
@@ -88,11 +100,16 @@ class InvoiceSweeper:
         max_batches: int = 20,
         busy_pause: float = 0.2,
         events: InvoiceEvents | None = None,
+        rate_buckets: RateBuckets | None = None,
+        rate_bucket_idle: float = 0.0,
     ) -> None:
         if interval <= 0 or busy_pause <= 0:
             raise ValueError("interval and busy_pause must be positive")
-        if min(retention, usage_retention, webhook_retention, grace) < 0:
-            raise ValueError("retention, usage_retention, webhook_retention and grace must be >= 0")
+        if min(retention, usage_retention, webhook_retention, grace, rate_bucket_idle) < 0:
+            raise ValueError(
+                "retention, usage_retention, webhook_retention, grace and rate_bucket_idle "
+                "must be >= 0"
+            )
         if max_lookups < 1 or batch < 1 or max_batches < 1:
             raise ValueError("max_lookups, batch and max_batches must be at least 1")
         self._backend = backend
@@ -109,6 +126,8 @@ class InvoiceSweeper:
         self._max_batches = max_batches
         self._busy_pause = busy_pause
         self._events = events or InvoiceEvents()
+        self._rate_buckets = rate_buckets
+        self._rate_bucket_idle = rate_bucket_idle
 
     async def run(self) -> None:
         """Sweep every ``interval`` (after a busy pass, ``busy_pause``) until cancelled or a
@@ -148,44 +167,35 @@ class InvoiceSweeper:
             else:
                 updated += 1
         busy = len(overdue) >= self._max_lookups
-        pruned = 0
+        pruned = charges_pruned = events_pruned = buckets_pruned = 0
         if self._retention > 0:
-            for _ in range(self._max_batches):
-                deleted = await self._store.prune_unpaid(now - self._retention, self._batch)
-                pruned += deleted
-                if deleted < self._batch:
-                    break
-            else:
-                busy = True
-        released = 0
-        for _ in range(self._max_batches):
-            count = await self._store.release_expired_reservations(now, self._batch)
-            released += count
-            if count < self._batch:
-                break
-        else:
-            busy = True
-        charges_pruned = 0
+            pruned, busy_pruning = await self._in_batches(
+                lambda limit: self._store.prune_unpaid(now - self._retention, limit)
+            )
+            busy |= busy_pruning
+        released, busy_releasing = await self._in_batches(
+            lambda limit: self._store.release_expired_reservations(now, limit)
+        )
+        busy |= busy_releasing
         if self._usage_retention > 0:
-            for _ in range(self._max_batches):
-                count = await self._store.prune_charges(now - self._usage_retention, self._batch)
-                charges_pruned += count
-                if count < self._batch:
-                    break
-            else:
-                busy = True
-        events_pruned = 0
+            charges_pruned, busy_pruning = await self._in_batches(
+                lambda limit: self._store.prune_charges(now - self._usage_retention, limit)
+            )
+            busy |= busy_pruning
         if self._webhook_retention > 0:
             before = now - self._webhook_retention
-            for _ in range(self._max_batches):
-                count = await self._store.prune_webhook_events(
-                    before, self._batch, self._webhook_endpoints
+            events_pruned, busy_pruning = await self._in_batches(
+                lambda limit: self._store.prune_webhook_events(
+                    before, limit, self._webhook_endpoints
                 )
-                events_pruned += count
-                if count < self._batch:
-                    break
-            else:
-                busy = True
+            )
+            busy |= busy_pruning
+        if self._rate_buckets is not None:
+            buckets = self._rate_buckets
+            buckets_pruned, busy_pruning = await self._in_batches(
+                lambda limit: buckets.prune_rate_buckets(now - self._rate_bucket_idle, limit)
+            )
+            busy |= busy_pruning
         result = SweepResult(
             looked_up=len(overdue),
             expired=expired,
@@ -194,6 +204,7 @@ class InvoiceSweeper:
             released=released,
             charges_pruned=charges_pruned,
             events_pruned=events_pruned,
+            rate_buckets_pruned=buckets_pruned,
             busy=busy,
         )
         if expired or updated or pruned or charges_pruned or events_pruned:
@@ -213,3 +224,14 @@ class InvoiceSweeper:
                 released,
             )
         return result
+
+    async def _in_batches(self, delete: Callable[[int], Awaitable[int]]) -> tuple[int, bool]:
+        """Run ``delete(batch)`` until a batch comes back short or ``max_batches`` ran: how
+        many went, and whether the bound was reached (more may be waiting)."""
+        total = 0
+        for _ in range(self._max_batches):
+            count = await delete(self._batch)
+            total += count
+            if count < self._batch:
+                return total, False
+        return total, True

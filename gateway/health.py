@@ -14,7 +14,9 @@ passes:
   reconciled with the node (``InvoiceWatcher.connected``). A process that does not run the
   watcher (``[server] workers > 1``: only the first worker does) reports it as "not run in
   this process" and does not fail on it: it cannot see another process's watcher, and the
-  watching worker's own readiness reports it.
+  watching worker's own readiness reports it. Of several instances sharing a PostgreSQL
+  store, only the leader runs it (``gateway.leader``): a watching process that does not
+  lead reports it as run by the leader, and does not fail on it either.
 - ``tasks``: every other supervised background task (sweeper, hold executor, withdrawal
   resolver) is running, not backing off after a failure. The fiat rate fetcher is reported
   but never fails readiness: the paywall's fiat display is not worth taking a gateway out.
@@ -91,7 +93,8 @@ def _describe(error: BaseException) -> str:
 class Readiness:
     """The readiness checks of one running gateway process (see the module docstring).
 
-    ``watcher_caught_up`` is None in a process that does not run the watcher.
+    ``watcher_caught_up`` is None in a process that does not run the watcher; ``leading``,
+    when given, says whether this watching process leads (runs it now).
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class Readiness:
         tasks: Callable[[], tuple[TaskHealth, ...]],
         *,
         watcher_caught_up: Callable[[], bool] | None,
+        leading: Callable[[], bool] | None = None,
         cache_seconds: float = 2.0,
         timeout: float = 3.0,
         liquidity: Callable[[], Check] | None = None,
@@ -111,6 +115,7 @@ class Readiness:
         self._store = store
         self._tasks = tasks
         self._watcher_caught_up = watcher_caught_up
+        self._leading = leading
         self._cache_seconds = cache_seconds
         self._timeout = timeout
         self._probed: tuple[float, Check, Check] | None = None
@@ -172,6 +177,8 @@ class Readiness:
     def _watcher(self) -> Check:
         if self._watcher_caught_up is None:
             return Check("watcher", True, "not run in this process (another worker runs it)")
+        if self._leading is not None and not self._leading():
+            return Check("watcher", True, "runs on the leader (another instance leads)")
         task = self._tasks_by_name().get(WATCHER_TASK)
         if task is None:
             return Check("watcher", False, "not started")

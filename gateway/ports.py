@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
-from typing import NewType, Protocol
+from typing import NewType, Protocol, runtime_checkable
 
 PaymentHash = NewType("PaymentHash", bytes)
 Preimage = NewType("Preimage", bytes)
@@ -923,12 +923,31 @@ class Store(StoreOperations, Protocol):
         writes see each other and commit together when the block ends, or not at all if it
         raises (or is cancelled).
 
-        Transactions on one store run one at a time, and the store's own calls wait while one
-        is open, so a read-check-write inside one is never interleaved with another writer.
-        Keep them short and never await the node or the network inside one. They do not nest,
-        and the store itself must not be called from inside one (use ``tx``): both raise
+        SQLite and memory stores run one store's transactions one at a time, and its own calls
+        wait while one is open. PostgreSQL runs them side by side (READ COMMITTED), so each
+        operation guards its own read-check-write with row or advisory locks: callers rely on
+        the operations' guarantees, never on that serialisation. Keep them short and never
+        await the node or the network inside one. They do not nest, and the store itself must
+        not be called from inside one (use ``tx``): both raise
         ``RuntimeError`` rather than deadlock. A cancellation that lands while the commit is
         under way may still leave it committed.
         """
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class RateBuckets(Protocol):
+    """Token buckets every gateway instance sharing the store draws from (PostgreSQL), so a
+    client's rate limit holds across instances. A store without them limits per process."""
+
+    async def take_rate_token(
+        self, bucket: str, rate: float, burst: float, now: float
+    ) -> tuple[float, float]:
+        """Take one token from ``bucket`` (refilled at ``rate`` a second up to ``burst``, full
+        when new) as of ``now``: ``(wait, tokens)``, ``wait`` 0.0 if granted, else the seconds
+        until a token is available; ``tokens`` what the bucket holds after this call."""
+
+    async def prune_rate_buckets(self, idle_before: float, limit: int) -> int:
+        """Delete at most ``limit`` buckets untouched since ``idle_before`` (full again:
+        nothing to remember). Returns how many went."""

@@ -3,7 +3,9 @@
 ``running_gateway(config)`` is what an application mounts (``setup_l402``, the ASGI
 middleware, ``build_proxy``) and what ``l402-gateway serve`` runs: it opens the store and the
 LND connection, builds the ``L402Service`` and runs the settlement watcher and the invoice
-sweeper beside it, each supervised (logged and restarted with backoff when it fails). With
+sweeper beside it, each supervised (logged and restarted with backoff when it fails), in the
+one process that leads the store (``gateway.leader``). On a store with shared rate buckets
+(PostgreSQL) the per-client limits are global (``GlobalRateLimiter``). With
 ``[credit] withdrawals`` it also opens a second LND connection with the payment macaroon
 (``payer_settings``) for the ``Withdrawer``, whose resolver runs beside the watcher. With
 pay-on-success routes (``settle = "on_success"``) the watching process also runs the
@@ -36,11 +38,12 @@ from typing import TYPE_CHECKING
 
 from gateway import errors
 from gateway.client import bolt11
-from gateway.config import Config, RouteConfig
+from gateway.config import Config, RateLimitConfig, RouteConfig
 from gateway.events import InvoiceEvents
 from gateway.expiry import InvoiceSweeper
 from gateway.fiat import FiatRate
 from gateway.health import HealthSlot, Readiness
+from gateway.leader import Leadership, lease_for
 from gateway.liquidity import LiquidityMonitor, inbound_liquidity
 from gateway.lnd.client import LndClient
 from gateway.lnd.connection import LndSettings
@@ -52,6 +55,7 @@ from gateway.ports import (
     Meter,
     MetricsSlot,
     Msat,
+    RateBuckets,
     Store,
     SystemClock,
 )
@@ -66,6 +70,7 @@ from gateway.pricing import (
 )
 from gateway.service import L402Service, RateLimiter
 from gateway.service.on_success import BackendRunner, HoldExecutor, HoldTerms
+from gateway.service.rate_limiter import ClientLimiter, GlobalRateLimiter
 from gateway.service.withdraw import Withdrawer
 from gateway.store import open_store
 from gateway.supervisor import Supervisor, TaskHealth
@@ -353,7 +358,12 @@ async def running_runtime(
 ) -> AsyncIterator[Runtime]:
     """Open the store and the LND client, run the settlement watcher and the invoice sweeper
     (and with pay-on-success routes the hold executor) under one supervisor (unless another
-    process sharing the store does: ``watch=False``), yield the ``Runtime``."""
+    process sharing the store does: ``watch=False``), yield the ``Runtime``.
+
+    The watching process runs the tasks only one process per store may run (watcher, sweeper,
+    hold executor, withdrawal resolver, webhook sender) while it holds the store's lease
+    (``gateway.leader``, the task ``l402-leader``): at once and for ever on SQLite, while it
+    leads the instances sharing a PostgreSQL store. The liquidity monitor is its own."""
     clock = clock or SystemClock()
     pricing = build_pricing(config)
     terms = hold_terms(config)
@@ -377,10 +387,6 @@ async def running_runtime(
     events = InvoiceEvents()
     try:
         sender = None if webhooks is None else webhooks(store, events)
-        if sender is not None:
-            # New endpoints start before this process writes any event (the watcher's
-            # reconciliation, the executor's or resolver's recovery), so they get those.
-            await sender.register()
         async with (
             LndClient(settings, meter=meter) as lnd,
             _running_withdrawer(config, paying, store, clock) as withdrawer,
@@ -388,11 +394,10 @@ async def running_runtime(
             _running_runner(config, upstream if watch else None) as runner,
             Supervisor(clock) as supervisor,
         ):
-            on_held: Callable[[], None] | None = None
-            caught_up: Callable[[], bool] | None = None
-            liquidity_check = None
-            if runner is not None:
-                executor = HoldExecutor(
+            executor = (
+                None
+                if runner is None
+                else HoldExecutor(
                     backend=lnd,
                     store=store,
                     clock=clock,
@@ -400,28 +405,36 @@ async def running_runtime(
                     pricing=pricing,
                     terms=terms,
                 )
-                supervisor.start("l402-hold-executor", executor.run)
-                on_held = executor.wake
+            )
+            leadership: Leadership | None = None
+            caught_up: Callable[[], bool] | None = None
+            liquidity_check = None
             if watch:
                 watcher = InvoiceWatcher(lnd, store, events=events, meter=meter)
-                supervisor.start("l402-invoice-watcher", watcher.run)
-                caught_up = watcher.connected.is_set
-                sweeper = InvoiceSweeper(
-                    lnd,
-                    store,
-                    clock,
-                    retention=config.store.unpaid_retention,
-                    usage_retention=config.credit.usage_retention,
-                    # Events are written whatever the configuration: pruned here, not by
-                    # the sender, which runs only with endpoints.
-                    webhook_retention=config.webhooks.retention,
-                    webhook_endpoints=[endpoint.name for endpoint in config.webhook],
-                    interval=config.store.sweep_interval,
-                    events=events,
+                sweeper = _sweeper(config, lnd, store, clock, events)
+
+                async def begin(term: Supervisor) -> None:
+                    """Start the tasks only one process per store runs (this one leads)."""
+                    if sender is not None:
+                        # New endpoints start before this leader writes any event (the
+                        # watcher's reconciliation, the executor's or resolver's recovery),
+                        # so they get those.
+                        await sender.register()
+                    if executor is not None:
+                        term.start("l402-hold-executor", executor.run)
+                    term.start("l402-invoice-watcher", watcher.run)
+                    term.start("l402-invoice-sweeper", sweeper.run)
+                    if withdrawer is not None:
+                        term.start("l402-withdrawal-resolver", withdrawer.run)
+                    if sender is not None:
+                        term.start("l402-webhook-sender", sender.run)
+
+                lease = lease_for(
+                    store, poll=config.store.leader_poll, check=config.store.leader_check
                 )
-                supervisor.start("l402-invoice-sweeper", sweeper.run)
-                if withdrawer is not None:
-                    supervisor.start("l402-withdrawal-resolver", withdrawer.run)
+                leadership = Leadership(lease, begin, clock)
+                supervisor.start("l402-leader", leadership.run)
+                caught_up = watcher.connected.is_set
                 monitor = LiquidityMonitor(
                     lnd,
                     pricing.rules,
@@ -430,11 +443,15 @@ async def running_runtime(
                 )
                 supervisor.start("l402-liquidity", monitor.run)
                 liquidity_check = monitor.check
-                if sender is not None:
-                    supervisor.start("l402-webhook-sender", sender.run)
             fiat = _fiat_rate(config, clock)
             if fiat is not None and config.paywall.fiat_rate_url:
                 supervisor.start("l402-fiat-rate", fiat.run)
+
+            def health() -> tuple[TaskHealth, ...]:
+                """This process's tasks, and the singletons while it leads."""
+                singletons = () if leadership is None else leadership.health()
+                return supervisor.health() + singletons
+
             service = _service(
                 config,
                 pricing,
@@ -444,14 +461,15 @@ async def running_runtime(
                 fiat,
                 withdrawer,
                 hold=terms,
-                on_held=on_held,
+                on_held=None if executor is None else executor.wake,
                 meter=meter,
             )
             readiness = Readiness(
                 lnd,
                 store,
-                supervisor.health,
+                health,
                 watcher_caught_up=caught_up,
+                leading=None if leadership is None else leadership.leading,
                 liquidity=liquidity_check,
             )
 
@@ -461,7 +479,7 @@ async def running_runtime(
             yield Runtime(
                 service,
                 events,
-                supervisor.health,
+                health,
                 readiness,
                 store,
                 liquidity,
@@ -536,6 +554,32 @@ def _webhook_sender(
     return make
 
 
+def _sweeper(
+    config: Config, lnd: LndClient, store: Store, clock: Clock, events: InvoiceEvents
+) -> InvoiceSweeper:
+    """The invoice sweeper; on a store with shared rate buckets it prunes those idle longer
+    than any limit takes to refill one."""
+    limits = config.rate_limit
+    return InvoiceSweeper(
+        lnd,
+        store,
+        clock,
+        retention=config.store.unpaid_retention,
+        usage_retention=config.credit.usage_retention,
+        # Events are written whatever the configuration: pruned here, not by the sender,
+        # which runs only with endpoints.
+        webhook_retention=config.webhooks.retention,
+        webhook_endpoints=[endpoint.name for endpoint in config.webhook],
+        interval=config.store.sweep_interval,
+        events=events,
+        rate_buckets=store if isinstance(store, RateBuckets) else None,
+        rate_bucket_idle=max(
+            limits.burst / limits.challenges_per_second,
+            limits.redeem_burst / limits.redeems_per_second,
+        ),
+    )
+
+
 def _fiat_rate(config: Config, clock: Clock) -> FiatRate | None:
     paywall = config.paywall
     if not paywall.fiat_currency:
@@ -573,22 +617,14 @@ def _service(
         invoice_expiry=config.l402.invoice_expiry,
         strict_settlement=config.l402.strict_settlement,
         root_key_cache_seconds=config.l402.root_key_cache_seconds,
-        rate_limiter=RateLimiter(
-            limits.challenges_per_second,
-            limits.burst,
-            limits.max_clients,
-            clock,
-            limits.ipv6_prefix,
+        rate_limiter=_limiter(
+            "challenge", limits.challenges_per_second, limits.burst, limits, store, clock
         ),
         max_pending_invoices=limits.max_pending_invoices,
         merchant=config.paywall.merchant,
         fiat=fiat.display if fiat is not None else None,
-        redeem_limiter=RateLimiter(
-            limits.redeems_per_second,
-            limits.redeem_burst,
-            limits.max_clients,
-            clock,
-            limits.ipv6_prefix,
+        redeem_limiter=_limiter(
+            "redeem", limits.redeems_per_second, limits.redeem_burst, limits, store, clock
         ),
         redeem_lookups_per_second=limits.redeem_lookups_per_second,
         reservation_seconds=config.credit.reservation_seconds,
@@ -598,3 +634,15 @@ def _service(
         on_held=on_held,
         meter=meter,
     )
+
+
+def _limiter(
+    limit: str, rate: float, burst: int, limits: RateLimitConfig, store: Store, clock: Clock
+) -> ClientLimiter:
+    """The per-client limit ``limit`` of ``rate`` and ``burst``: shared by every instance
+    when the store keeps rate buckets (PostgreSQL), else this process's."""
+    if isinstance(store, RateBuckets):
+        return GlobalRateLimiter(
+            limit, store, rate, burst, limits.max_clients, clock, limits.ipv6_prefix
+        )
+    return RateLimiter(rate, burst, limits.max_clients, clock, limits.ipv6_prefix)

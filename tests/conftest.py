@@ -1,9 +1,12 @@
-"""Shared fixtures: the regtest network (one per test session) and LND clients on it."""
+"""Shared fixtures: the regtest network (one per test session) and LND clients on it, and a
+PostgreSQL server (one per test session) with a fresh database per test."""
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -12,15 +15,20 @@ import pytest_asyncio
 from gateway.lnd.client import LndClient
 from regtest.build import BuildError, lnd_module_dir
 from regtest.network import Network, running_network
+from tests.postgres_server import PostgresServer, PostgresUnavailable, running_server
 
 IN_CI = bool(os.environ.get("CI"))
 _network_dirs: list[Path] = []
 
 
-def _unavailable(reason: str) -> None:
-    """Skip locally; in CI a regtest test that cannot run is a failure, never a skip."""
+# Tests with these markers fail in CI when they would skip: CI must run them.
+REQUIRED_IN_CI = ("regtest", "postgres")
+
+
+def _unavailable(reason: str, what: str = "regtest") -> None:
+    """Skip locally; in CI a test that cannot run is a failure, never a skip."""
     if IN_CI:
-        pytest.fail(f"regtest prerequisites missing in CI: {reason}")
+        pytest.fail(f"{what} prerequisites missing in CI: {reason}")
     pytest.skip(reason)
 
 
@@ -43,9 +51,10 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
-    if IN_CI and report.skipped and item.get_closest_marker("regtest") is not None:
+    required = [name for name in REQUIRED_IN_CI if item.get_closest_marker(name) is not None]
+    if IN_CI and report.skipped and required:
         report.outcome = "failed"
-        report.longrepr = f"regtest test skipped in CI: {report.longrepr}"
+        report.longrepr = f"{required[0]} test skipped in CI: {report.longrepr}"
     return report
 
 
@@ -89,3 +98,26 @@ async def alice(network: Network) -> AsyncIterator[LndClient]:
 async def bob(network: Network) -> AsyncIterator[LndClient]:
     async with LndClient(network.bob.settings()) as client:
         yield client
+
+
+_postgres_databases = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """Started by the first test that needs it; Debian's binaries (``make postgres``)."""
+    with ExitStack() as stack:
+        try:
+            server = stack.enter_context(running_server())
+        except PostgresUnavailable as error:
+            _unavailable(str(error), "postgres")
+            raise
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The URL of a fresh, empty database, dropped after the test."""
+    name = f"test_{next(_postgres_databases)}"
+    yield postgres_server.create_database(name)
+    postgres_server.drop_database(name)

@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import hashlib
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from gateway import errors
@@ -534,3 +534,15 @@ class FakePayer:
     async def lookup_payment(self, payment_hash: PaymentHash) -> Payment | None:
         self._check()
         return self.payments.get(payment_hash)
+
+
+def fake_lnd_client(
+    backend: FakeInvoiceBackend,
+) -> Callable[..., contextlib.AbstractAsyncContextManager[FakeInvoiceBackend]]:
+    """Stands in for ``LndClient`` in ``gateway.runtime``: every connection is ``backend``."""
+
+    @contextlib.asynccontextmanager
+    async def connect(_settings: object, **_options: object) -> AsyncIterator[FakeInvoiceBackend]:
+        yield backend
+
+    return connect

@@ -30,6 +30,11 @@ def add_parser(commands: Any) -> None:
 def run(config: Config, target: str) -> int:
     """Copy the store to ``target``; the exit code."""
     kind, location = store_location(config.store.url)
+    if kind == "postgresql":
+        # The URL is not shown: it may hold a password.
+        raise errors.ConfigError(
+            "backup: the store is PostgreSQL; back it up with pg_dump (see the README)"
+        )
     if kind != "sqlite" or location is None:
         raise errors.ConfigError(f"store: {config.store.url} is not an SQLite file to back up")
     source, destination = Path(location), Path(target)

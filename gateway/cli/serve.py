@@ -1,8 +1,9 @@
 """``l402-gateway serve``: the reverse proxy in front of ``[server] upstream``.
 
 With ``[server] workers`` above one it supervises that many processes on the one port
-(``SO_REUSEPORT``); the first also runs the settlement watcher and the invoice sweeper, any
-worker's exit stops them all, and a worker dies with its supervisor. The watching process
+(``SO_REUSEPORT``); the first also runs the settlement watcher and the invoice sweeper (on
+PostgreSQL, while its instance leads: ``gateway.leader``), any worker's exit stops them all,
+and a worker dies with its supervisor. The watching process
 also serves the admin dashboard on ``[admin] listen`` (``gateway.web.admin``); its password
 file is checked before anything starts.
 """

@@ -36,6 +36,7 @@ from gateway.config.checks import (
     MAX_HOLD_INVOICE_EXPIRY,
     MAX_HOLD_OUTSTANDING,
     MAX_INVOICE_EXPIRY,
+    MAX_LEADER_SECONDS,
     MAX_LIFETIME,
     MAX_RESERVATION_SECONDS,
     MAX_RESPONSE_RETENTION,
@@ -45,6 +46,7 @@ from gateway.config.checks import (
     MIN_CHALLENGES_PER_SECOND,
     MIN_CLTV_EXPIRY,
     MIN_HOLD_INVOICE_EXPIRY,
+    MIN_LEADER_SECONDS,
     MIN_RESPONSE_RETENTION,
     MIN_SWEEP_INTERVAL,
     SUPPORTED_STORE_URLS,
@@ -164,9 +166,21 @@ class StoreConfig:
     unpaid_retention: int = 86_400
     # Seconds between the passes that record expired invoices (asking the node) and prune.
     sweep_interval: float = 60.0
+    # PostgreSQL, several instances: seconds between a follower's tries to become the leader
+    # (the one running the watcher), and between the leader's checks of its connection.
+    leader_poll: float = 1.0
+    leader_check: float = 1.0
 
     def __post_init__(self) -> None:
         store_location(self.url)
+        for key in ("leader_poll", "leader_check"):
+            seconds = getattr(self, key)
+            require(
+                math.isfinite(seconds) and MIN_LEADER_SECONDS <= seconds <= MAX_LEADER_SECONDS,
+                key,
+                f"{MIN_LEADER_SECONDS:g} to {MAX_LEADER_SECONDS:g} seconds",
+                seconds,
+            )
         retention = self.unpaid_retention
         require(
             0 <= retention <= MAX_LIFETIME,

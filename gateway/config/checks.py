@@ -48,6 +48,11 @@ MAX_WITHDRAWAL_WAIT_SECONDS = 300.0
 # The invoice sweeper's period: not a busy loop, and at least daily.
 MIN_SWEEP_INTERVAL = 0.01
 MAX_SWEEP_INTERVAL = 86_400.0
+# Leadership among instances on PostgreSQL: how often a follower tries the lock and the
+# leader checks its connection. Not a busy loop; a minute at most, or a dead leader's tasks
+# wait that long for another.
+MIN_LEADER_SECONDS = 0.05
+MAX_LEADER_SECONDS = 60.0
 # Pay-on-success (``[hold]``). A held HTLC ties up the payer's funds: its hold invoice's
 # final CLTV delta is 18 blocks (LND's least) to two weeks of blocks. LND cancels a held HTLC
 # HOLD_CANCEL_MARGIN blocks before it expires, and blocks can come a minute apart: the
@@ -189,12 +194,15 @@ def check_lnd_host(host: str) -> None:
 
 
 # The supported store URLs; anything else is refused at load, not when the store opens.
-SUPPORTED_STORE_URLS = "memory:, sqlite:///absolute/path.db or sqlite:relative/path.db"
+SUPPORTED_STORE_URLS = (
+    "memory:, sqlite:///absolute/path.db, sqlite:relative/path.db or "
+    "postgresql://user@host:port/database"
+)
 
 
 def store_location(url: str) -> tuple[str, str | None]:
-    """``("memory", None)`` or ``("sqlite", path)`` for a store URL; ``ValueError`` if it is
-    not one of ``SUPPORTED_STORE_URLS`` (see ``gateway.store``)."""
+    """``("memory", None)``, ``("sqlite", path)`` or ``("postgresql", url)`` for a store URL;
+    ``ValueError`` if it is not one of ``SUPPORTED_STORE_URLS`` (see ``gateway.store``)."""
     if not url.strip():
         raise ValueError(f"url must name a store: {SUPPORTED_STORE_URLS}")
     scheme, colon, rest = url.partition(":")
@@ -218,9 +226,12 @@ def store_location(url: str) -> tuple[str, str | None]:
             raise ValueError("url: a path must not contain NUL")
         return "sqlite", rest
     if scheme in ("postgres", "postgresql"):
-        raise ValueError(
-            f"url {scheme}://...: PostgreSQL is not supported yet; supported: "
-            f"{SUPPORTED_STORE_URLS}"
-        )
+        # Never shown: the rest may hold a password.
+        if not rest.startswith("//") or "\x00" in rest:
+            raise ValueError(
+                f"url {scheme}:...: use postgresql://user@host:port/database; supported: "
+                f"{SUPPORTED_STORE_URLS}"
+            )
+        return "postgresql", url
     # Only the scheme is shown: the rest of a database URL may hold a password.
     raise ValueError(f"url scheme {scheme!r} is not supported; supported: {SUPPORTED_STORE_URLS}")

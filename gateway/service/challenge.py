@@ -42,7 +42,7 @@ from gateway.service.decisions import (
     RequestInfo,
 )
 from gateway.service.on_success import HoldTerms
-from gateway.service.rate_limiter import RateLimiter, client_key
+from gateway.service.rate_limiter import ClientLimiter, client_key, rate_limited
 from gateway.text import printable
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class ChallengeIssuer:
         clock: Clock,
         location: str,
         invoice_expiry: int,
-        rate_limiter: RateLimiter | None,
+        rate_limiter: ClientLimiter | None,
         max_pending_invoices: int,
         merchant: str = "",
         fiat: Callable[[int], str] | None = None,
@@ -156,9 +156,9 @@ class ChallengeIssuer:
             amount = bought
             what = f"{amount} msat of credit ({what})"
         if self._limiter is not None:
-            wait = self._limiter.acquire(request.client)
-            if wait > 0:
-                return Deny(429, Refusal.TOO_MANY_CHALLENGES, retry_after=math.ceil(wait))
+            limited = await rate_limited(self._limiter, request.client, Refusal.TOO_MANY_CHALLENGES)
+            if limited is not None:
+                return limited
         held: _Held | None = None
         if rule.settle_on_success:
             prepared = await self._prepare_held(request)

@@ -36,7 +36,7 @@ from gateway.service.decisions import (
     RequestInfo,
 )
 from gateway.service.on_success import HoldTerms
-from gateway.service.rate_limiter import RateLimiter
+from gateway.service.rate_limiter import ClientLimiter
 from gateway.service.redeem import REDEEM_LOOKUPS_PER_SECOND, Redeemer, RedeemResult
 from gateway.service.verify import TokenVerifier
 from gateway.service.withdraw import WithdrawalOutcome, Withdrawer
@@ -65,9 +65,9 @@ class L402Service:
         invoice_expiry: int = 600,
         strict_settlement: bool = False,
         root_key_cache_seconds: float = 5.0,
-        rate_limiter: RateLimiter | None = None,
+        rate_limiter: ClientLimiter | None = None,
         max_pending_invoices: int = 16,
-        redeem_limiter: RateLimiter | None = None,
+        redeem_limiter: ClientLimiter | None = None,
         redeem_lookups_per_second: float = REDEEM_LOOKUPS_PER_SECOND,
         merchant: str = "",
         fiat: Callable[[int], str] | None = None,

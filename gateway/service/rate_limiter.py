@@ -1,12 +1,24 @@
-"""A token bucket per client address: how the core bounds what unpaid traffic can ask for."""
+"""A token bucket per client address: how the core bounds what unpaid traffic can ask for.
+
+``RateLimiter`` keeps the buckets in the process; ``GlobalRateLimiter`` in the store, shared
+by every gateway instance on it (``RateBuckets``: PostgreSQL), with a ``RateLimiter`` in front
+that refuses a flooding client without asking the store. The service takes either as a
+``ClientLimiter`` and asks it with ``rate_limited``.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 from collections import OrderedDict
+from typing import Protocol
 
-from gateway.ports import Clock
+from gateway import errors
+from gateway.ports import Clock, RateBuckets
+from gateway.service.decisions import Deny, Refusal
+
+log = logging.getLogger(__name__)
 
 
 def client_key(address: str, ipv6_prefix: int = 64) -> str:
@@ -64,7 +76,86 @@ class RateLimiter:
             tokens -= 1
         else:
             wait = (1 - tokens) / self._rate
-        self._buckets[client] = (tokens, now)
+        self._remember(client, tokens, now)
+        return wait
+
+    async def admit(self, client: str) -> float:
+        """``acquire``, as a ``ClientLimiter``."""
+        return self.acquire(client)
+
+    def set_tokens(self, bucket: str, tokens: float, now: float) -> None:
+        """Make ``bucket`` hold ``tokens`` as of ``now`` (what a shared bucket holds)."""
+        self._buckets.pop(bucket, None)
+        self._remember(bucket, tokens, now)
+
+    def _remember(self, bucket: str, tokens: float, now: float) -> None:
+        self._buckets[bucket] = (tokens, now)
         while len(self._buckets) > self._max_clients:
             self._buckets.popitem(last=False)
+
+
+class ClientLimiter(Protocol):
+    """A token bucket per client, as the service asks it (``rate_limited``)."""
+
+    def bucket_of(self, client: str) -> str:
+        """The key of ``client``'s bucket."""
+
+    async def admit(self, client: str) -> float:
+        """Take one token: 0.0 if granted, else the seconds until one is available."""
+
+
+class GlobalRateLimiter:
+    """A token bucket per client in the store's ``RateBuckets``, shared by every gateway
+    instance on it; ``limit`` names the limit in the bucket's key (``challenge:10.0.0.1``).
+
+    A local ``RateLimiter`` of the same rate and burst answers first: after every answer of
+    the store it holds what the shared bucket held, and both refill alike while only other
+    instances take from the shared one, so its tokens are never fewer and its refusal is
+    exact, without a round trip to the store. What it grants, the store decides.
+    """
+
+    def __init__(
+        self,
+        limit: str,
+        buckets: RateBuckets,
+        rate: float,
+        burst: int,
+        max_clients: int,
+        clock: Clock,
+        ipv6_prefix: int = 64,
+    ) -> None:
+        self._local = RateLimiter(rate, burst, max_clients, clock, ipv6_prefix)
+        self._limit = limit
+        self._buckets = buckets
+        self._rate = rate
+        self._burst = float(burst)
+        self._clock = clock
+
+    def bucket_of(self, client: str) -> str:
+        """The key of ``client``'s bucket (without the limit's name)."""
+        return self._local.bucket_of(client)
+
+    async def admit(self, client: str) -> float:
+        """Take one token from ``client``'s shared bucket: 0.0 if granted, else the seconds
+        until one is available. A store failure raises ``StoreError``: no limit is skipped."""
+        wait = self._local.acquire(client)
+        if wait > 0:
+            return wait
+        bucket = self.bucket_of(client)
+        now = self._clock.now()
+        wait, tokens = await self._buckets.take_rate_token(
+            f"{self._limit}:{bucket}", self._rate, self._burst, now
+        )
+        self._local.set_tokens(bucket, tokens, now)
         return wait
+
+
+async def rate_limited(limiter: ClientLimiter, client: str, refused: Refusal) -> Deny | None:
+    """None if ``limiter`` admits ``client``; else a 429 ``refused`` with the wait, or a 503
+    when the store holding the buckets fails."""
+    try:
+        wait = await limiter.admit(client)
+    except errors.StoreError:
+        log.exception("store failed while rate limiting")
+        return Deny(503, Refusal.STORE_UNAVAILABLE, retry_after=5)
+    return Deny(429, refused, retry_after=math.ceil(wait)) if wait > 0 else None

@@ -28,7 +28,7 @@ from gateway.ports import (
 )
 from gateway.pricing import Pricing
 from gateway.service.decisions import Deny, Refusal
-from gateway.service.rate_limiter import RateLimiter
+from gateway.service.rate_limiter import ClientLimiter, RateLimiter, rate_limited
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -94,7 +94,7 @@ class Redeemer:
         store: Store,
         clock: Clock,
         location: str,
-        limiter: RateLimiter | None,
+        limiter: ClientLimiter | None,
         lookups_per_second: float,
     ) -> None:
         self._pricing = pricing
@@ -120,9 +120,9 @@ class Redeemer:
     async def redeem(self, macaroon_b64: str, *, client: str) -> RedeemResult | Deny:
         """The state of the invoice ``macaroon_b64`` is bound to (see L402Service.redeem)."""
         if self._limiter is not None:
-            wait = self._limiter.acquire(client)
-            if wait > 0:
-                return Deny(429, Refusal.TOO_MANY_REDEEMS, retry_after=math.ceil(wait))
+            limited = await rate_limited(self._limiter, client, Refusal.TOO_MANY_REDEEMS)
+            if limited is not None:
+                return limited
         if not (
             0 < len(macaroon_b64) <= MAX_REDEEM_MACAROON_CHARS and _B64_TEXT.fullmatch(macaroon_b64)
         ):

@@ -27,11 +27,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,11 +51,9 @@ from gateway.ports import (
     InvoiceUpdate,
     Msat,
     PaymentHash,
-    Preimage,
     Reservation,
     Reserved,
     RevenueBucket,
-    StoredRequest,
     StoredResponse,
     StoreOperations,
     SystemClock,
@@ -65,6 +62,7 @@ from gateway.ports import (
     Withdrawal,
     WithdrawalState,
 )
+from gateway.store import rows as convert
 from gateway.store.credit import (
     SETTLED_AFTER_EXPIRY,
     check_amount,
@@ -511,23 +509,7 @@ class _SqliteOperations:
         return await self._run("revoke_token", revoke)
 
     async def add_invoice(self, record: InvoiceRecord) -> None:
-        values = (
-            record.payment_hash,
-            record.payment_request,
-            record.amount_msat,
-            record.token_id,
-            record.service,
-            record.method,
-            record.path,
-            record.state.value,
-            record.created_at,
-            record.expires_at,
-            record.add_index,
-            record.settle_index,
-            record.amount_paid_msat,
-            record.settled_at,
-            record.buys_credit,
-        )
+        values = convert.invoice_values(record)
 
         def add(connection: sqlite3.Connection) -> None:
             connection.execute(_ADD_INVOICE, values)
@@ -543,7 +525,7 @@ class _SqliteOperations:
             row = connection.execute(_GET_INVOICE, (update.payment_hash,)).fetchone()
             if row is None:
                 return None
-            record = _record(row)
+            record = convert.invoice_record(row)
             updated = record.updated(update)
             if updated != record:
                 connection.execute(
@@ -566,7 +548,7 @@ class _SqliteOperations:
     async def get_invoice(self, payment_hash: PaymentHash) -> InvoiceRecord | None:
         def get(connection: sqlite3.Connection) -> InvoiceRecord | None:
             row = connection.execute(_GET_INVOICE, (payment_hash,)).fetchone()
-            return None if row is None else _record(row)
+            return None if row is None else convert.invoice_record(row)
 
         return await self._run("get_invoice", get)
 
@@ -580,7 +562,7 @@ class _SqliteOperations:
                 rows = connection.execute(_LIST_INVOICES, (sql_limit,))
             else:
                 rows = connection.execute(_LIST_INVOICES_IN_STATE, (state.value, sql_limit))
-            return [_record(row) for row in rows]
+            return [convert.invoice_record(row) for row in rows]
 
         return await self._run("list_invoices", list_)
 
@@ -597,7 +579,7 @@ class _SqliteOperations:
     async def list_overdue(self, expired_before: float, limit: int) -> list[InvoiceRecord]:
         def list_(connection: sqlite3.Connection) -> list[InvoiceRecord]:
             rows = connection.execute(_LIST_OVERDUE, (expired_before, max(0, limit)))
-            return [_record(row) for row in rows]
+            return [convert.invoice_record(row) for row in rows]
 
         return await self._run("list_overdue", list_)
 
@@ -621,7 +603,7 @@ class _SqliteOperations:
     async def list_open_credit_invoices(self, token_id: bytes, limit: int) -> list[InvoiceRecord]:
         def list_(connection: sqlite3.Connection) -> list[InvoiceRecord]:
             rows = connection.execute(_LIST_OPEN_CREDIT_INVOICES, (token_id, max(0, limit)))
-            return [_record(row) for row in rows]
+            return [convert.invoice_record(row) for row in rows]
 
         return await self._run("list_open_credit_invoices", list_)
 
@@ -671,7 +653,7 @@ class _SqliteOperations:
     async def get_account(self, token_id: bytes) -> Account | None:
         def get(connection: sqlite3.Connection) -> Account | None:
             row = connection.execute(_GET_ACCOUNT, (token_id,)).fetchone()
-            return None if row is None else _account(row)
+            return None if row is None else convert.account(row)
 
         return await self._run("get_account", get)
 
@@ -724,10 +706,7 @@ class _SqliteOperations:
     async def list_charges(self, token_id: bytes, limit: int) -> list[Charge]:
         def list_(connection: sqlite3.Connection) -> list[Charge]:
             rows = connection.execute(_LIST_CHARGES, (token_id, max(0, limit)))
-            return [
-                Charge(bytes(token), float(at), str(method), str(path), Msat(int(amount)))
-                for token, at, method, path, amount in rows
-            ]
+            return [convert.charge(row) for row in rows]
 
         return await self._run("list_charges", list_)
 
@@ -742,7 +721,9 @@ class _SqliteOperations:
         sql_limit = _sql_limit(limit)
 
         def list_(connection: sqlite3.Connection) -> list[Account]:
-            return [_account(row) for row in connection.execute(_LIST_ACCOUNTS, (sql_limit,))]
+            return [
+                convert.account(row) for row in connection.execute(_LIST_ACCOUNTS, (sql_limit,))
+            ]
 
         return await self._run("list_accounts", list_)
 
@@ -766,7 +747,7 @@ class _SqliteOperations:
     async def begin_withdrawal(self, withdrawal: Withdrawal) -> Msat | None:
         check_pending(withdrawal)
         debit = withdrawal.amount_msat + withdrawal.fee_reserve_msat
-        values = _withdrawal_values(withdrawal)
+        values = convert.withdrawal_values(withdrawal)
 
         def begin(connection: sqlite3.Connection) -> Msat | None:
             if connection.execute(_GET_WITHDRAWAL, (withdrawal.payment_hash,)).fetchone():
@@ -787,7 +768,7 @@ class _SqliteOperations:
             row = connection.execute(_GET_WITHDRAWAL, (payment_hash,)).fetchone()
             if row is None:
                 return None
-            pending = _withdrawal(row)
+            pending = convert.withdrawal(row)
             if pending.state is not WithdrawalState.PENDING:
                 return pending
             # The CHECK refuses a fee above the reserve before anything is written.
@@ -814,13 +795,13 @@ class _SqliteOperations:
                 rows = connection.execute(
                     _LIST_WITHDRAWALS_IN_STATE, (state.value, token_id, token_id, sql_limit)
                 )
-            return [_withdrawal(row) for row in rows]
+            return [convert.withdrawal(row) for row in rows]
 
         return await self._run("list_withdrawals", list_)
 
     async def add_held_request(self, held: HeldRequest) -> None:
         check_new(held)
-        values = _held_values(held)
+        values = convert.held_values(held)
 
         def add(connection: sqlite3.Connection) -> None:
             connection.execute(_ADD_HELD, values)
@@ -830,7 +811,7 @@ class _SqliteOperations:
     async def get_held_request(self, payment_hash: PaymentHash) -> HeldRequest | None:
         def get(connection: sqlite3.Connection) -> HeldRequest | None:
             row = connection.execute(_GET_HELD, (payment_hash,)).fetchone()
-            return None if row is None else _held(row)
+            return None if row is None else convert.held_request(row)
 
         return await self._run("get_held_request", get)
 
@@ -842,7 +823,7 @@ class _SqliteOperations:
 
         def list_(connection: sqlite3.Connection) -> list[HeldRequest]:
             rows = connection.execute(statement, (*values, max(0, limit)))
-            return [_held(row) for row in rows]
+            return [convert.held_request(row) for row in rows]
 
         return await self._run("list_held_requests", list_)
 
@@ -889,14 +870,14 @@ class _SqliteOperations:
         parameters: tuple[object, ...] = (state.value, now, failure, keep_until, keep_until)
         if state in ANSWERED:
             changes += _SET_RESPONSE
-            parameters += _response_values(response)
+            parameters += convert.response_values(response)
         statement = _MOVE_HELD.format(changes=changes, states=placeholders)
         parameters += (payment_hash, *values)
 
         def move(connection: sqlite3.Connection) -> HeldRequest | None:
             if not connection.execute(statement, parameters).rowcount:
                 return None  # unknown, or in a state that may not become this one
-            after = _held(connection.execute(_GET_HELD, (payment_hash,)).fetchone())
+            after = convert.held_request(connection.execute(_GET_HELD, (payment_hash,)).fetchone())
             _add_events(connection, held_events(after), created_at)
             return after
 
@@ -953,7 +934,9 @@ class _SqliteOperations:
     ) -> tuple[WebhookDelivery, WebhookEvent] | None:
         def next_(connection: sqlite3.Connection) -> tuple[WebhookDelivery, WebhookEvent] | None:
             row = connection.execute(_NEXT_DELIVERY, (endpoint,)).fetchone()
-            return None if row is None else (_delivery(row[:9]), _webhook_event(row[9:]))
+            return (
+                None if row is None else (convert.delivery(row[:9]), convert.webhook_event(row[9:]))
+            )
 
         return await self._run("next_webhook_delivery", next_)
 
@@ -985,21 +968,23 @@ class _SqliteOperations:
         def record(connection: sqlite3.Connection) -> WebhookDelivery | None:
             if connection.execute(_RECORD_ATTEMPT, parameters).rowcount == 0:
                 return None
-            return _delivery(connection.execute(_GET_DELIVERY, (event_id, endpoint)).fetchone())
+            return convert.delivery(
+                connection.execute(_GET_DELIVERY, (event_id, endpoint)).fetchone()
+            )
 
         return await self._run("record_webhook_attempt", record, atomic=True)
 
     async def get_webhook_event(self, event_id: int) -> WebhookEvent | None:
         def get(connection: sqlite3.Connection) -> WebhookEvent | None:
             row = connection.execute(_GET_EVENT, (event_id,)).fetchone()
-            return None if row is None else _webhook_event(row)
+            return None if row is None else convert.webhook_event(row)
 
         return await self._run("get_webhook_event", get)
 
     async def list_webhook_events(self, after: int = 0, limit: int = 100) -> list[WebhookEvent]:
         def list_(connection: sqlite3.Connection) -> list[WebhookEvent]:
             rows = connection.execute(_LIST_EVENTS, (after, max(0, limit)))
-            return [_webhook_event(row) for row in rows]
+            return [convert.webhook_event(row) for row in rows]
 
         return await self._run("list_webhook_events", list_)
 
@@ -1015,7 +1000,9 @@ class _SqliteOperations:
         parameters = (value, value, endpoint, endpoint, event_id, event_id, max(0, limit))
 
         def list_(connection: sqlite3.Connection) -> list[WebhookDelivery]:
-            return [_delivery(row) for row in connection.execute(_LIST_DELIVERIES, parameters)]
+            return [
+                convert.delivery(row) for row in connection.execute(_LIST_DELIVERIES, parameters)
+            ]
 
         return await self._run("list_webhook_deliveries", list_)
 
@@ -1411,29 +1398,8 @@ def _close_if_opened(future: concurrent.futures.Future[sqlite3.Connection]) -> N
         future.result().close()
 
 
-def _record(row: Sequence[Any]) -> InvoiceRecord:
-    return InvoiceRecord(
-        payment_hash=PaymentHash(bytes(row[0])),
-        payment_request=str(row[1]),
-        amount_msat=Msat(int(row[2])),
-        token_id=bytes(row[3]),
-        service=str(row[4]),
-        method=str(row[5]),
-        path=str(row[6]),
-        state=InvoiceState(row[7]),
-        created_at=float(row[8]),
-        expires_at=float(row[9]),
-        add_index=int(row[10]),
-        settle_index=int(row[11]),
-        amount_paid_msat=Msat(int(row[12])),
-        settled_at=None if row[13] is None else float(row[13]),
-        buys_credit=bool(row[14]),
-    )
-
-
 def _sql_limit(limit: int | None) -> int:
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+    convert.check_limit(limit)
     return -1 if limit is None else limit
 
 
@@ -1466,118 +1432,11 @@ def _balance(connection: sqlite3.Connection, token_id: bytes) -> Msat:
     return Msat(0 if row is None else int(row[0]))
 
 
-def _account(row: Sequence[Any]) -> Account:
-    return Account(
-        token_id=bytes(row[0]),
-        service=str(row[1]),
-        credited_msat=Msat(int(row[2])),
-        spent_msat=Msat(int(row[3])),
-        reserved_msat=Msat(int(row[4])),
-        withdrawn_msat=Msat(int(row[5])),
-        created_at=float(row[6]),
-        last_used_at=None if row[7] is None else float(row[7]),
-    )
-
-
-def _withdrawal_values(withdrawal: Withdrawal) -> tuple[object, ...]:
-    return (
-        withdrawal.payment_hash,
-        withdrawal.token_id,
-        withdrawal.payment_request,
-        withdrawal.amount_msat,
-        withdrawal.fee_reserve_msat,
-        withdrawal.state.value,
-        withdrawal.created_at,
-        withdrawal.fee_msat,
-        withdrawal.resolved_at,
-    )
-
-
-def _withdrawal(row: Sequence[Any]) -> Withdrawal:
-    return Withdrawal(
-        payment_hash=PaymentHash(bytes(row[0])),
-        token_id=bytes(row[1]),
-        payment_request=str(row[2]),
-        amount_msat=Msat(int(row[3])),
-        fee_reserve_msat=Msat(int(row[4])),
-        state=WithdrawalState(row[5]),
-        created_at=float(row[6]),
-        fee_msat=Msat(int(row[7])),
-        resolved_at=None if row[8] is None else float(row[8]),
-    )
-
-
 def _states(states: frozenset[HeldState]) -> tuple[str, tuple[str, ...]]:
     """A list of states as ``?`` placeholders (none: ``IN ()`` matches nothing) and their
     values, in a fixed order so the statement's text is always the same."""
     values = tuple(sorted(state.value for state in states))
     return ", ".join("?" * len(values)), values
-
-
-def _headers_text(headers: tuple[tuple[str, str], ...]) -> str:
-    # ensure_ascii: a lone surrogate (a header byte decoded with surrogateescape) becomes a
-    # \u escape, which SQLite's UTF-8 text can hold and json.loads gives back.
-    return json.dumps([[name, value] for name, value in headers], ensure_ascii=True)
-
-
-def _headers(text: str) -> tuple[tuple[str, str], ...]:
-    return tuple((str(name), str(value)) for name, value in json.loads(text))
-
-
-def _response_values(response: StoredResponse | None) -> tuple[object, ...]:
-    if response is None:
-        return (None, None, None)
-    return (response.status, _headers_text(response.headers), response.body)
-
-
-def _held_values(held: HeldRequest) -> tuple[object, ...]:
-    request = held.request
-    return (
-        held.payment_hash,
-        held.preimage,
-        held.token_id,
-        held.client,
-        held.grant,
-        held.state.value,
-        None if request is None else request.method,
-        None if request is None else request.target,
-        None if request is None else _headers_text(request.headers),
-        None if request is None else request.body,
-        held.created_at,
-        held.expires_at,
-        held.updated_at,
-        *_response_values(held.response),
-        held.failure,
-        held.keep_until,
-        held.delivered_at,
-    )
-
-
-def _held(row: Sequence[Any]) -> HeldRequest:
-    method, target, request_headers, request_body = row[6:10]
-    status, response_headers, response_body = row[13:16]
-    return HeldRequest(
-        payment_hash=PaymentHash(bytes(row[0])),
-        preimage=Preimage(bytes(row[1])),
-        token_id=bytes(row[2]),
-        client=str(row[3]),
-        grant=str(row[4]),
-        request=None
-        if method is None
-        else StoredRequest(
-            str(method), str(target), _headers(request_headers), bytes(request_body)
-        ),
-        state=HeldState(row[5]),
-        created_at=float(row[10]),
-        expires_at=float(row[11]),
-        updated_at=float(row[12]),
-        response=None
-        if status is None
-        else StoredResponse(int(status), _headers(response_headers), bytes(response_body)),
-        failure=str(row[16]),
-        keep_until=None if row[17] is None else float(row[17]),
-        delivered_at=None if row[18] is None else float(row[18]),
-    )
 
 
 def _add_events(connection: sqlite3.Connection, events: Iterable[NewEvent], now: float) -> None:
@@ -1587,28 +1446,8 @@ def _add_events(connection: sqlite3.Connection, events: Iterable[NewEvent], now:
     )
 
 
-def _webhook_event(row: Sequence[Any]) -> WebhookEvent:
-    return WebhookEvent(
-        int(row[0]), str(row[1]), str(row[2]), str(row[3]), float(row[4]), str(row[5])
-    )
-
-
 def _among(endpoints: Collection[str]) -> tuple[str, tuple[str, ...]]:
     """``AND endpoint IN (?, ...)`` for these endpoint names (none: it matches nothing), and
     the names, sorted so that the statement's text is the same for the same names."""
     names = tuple(sorted(set(endpoints)))
     return f"AND endpoint IN ({', '.join('?' * len(names))})", names
-
-
-def _delivery(row: Sequence[Any]) -> WebhookDelivery:
-    return WebhookDelivery(
-        event_id=int(row[0]),
-        endpoint=str(row[1]),
-        event_type=str(row[2]),
-        state=DeliveryState(row[3]),
-        attempts=int(row[4]),
-        next_attempt_at=float(row[5]),
-        last_status=None if row[6] is None else int(row[6]),
-        last_error=str(row[7]),
-        delivered_at=None if row[8] is None else float(row[8]),
-    )

@@ -649,6 +649,11 @@ async def test_the_runtime_runs_the_hold_executor_where_it_watches(
     )
     async with running_runtime(config, watch=watch) as runtime:
         names = {task.name for task in runtime.health()}
+        async with asyncio.timeout(5):
+            # Where it watches, the task l402-leader starts the watcher and the executor.
+            while watch and "l402-invoice-watcher" not in names:
+                await asyncio.sleep(0.005)
+                names = {task.name for task in runtime.health()}
         assert ("l402-hold-executor" in names) is executor
         if settle != "on_success":
             return

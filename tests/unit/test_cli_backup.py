@@ -104,3 +104,14 @@ def test_refused_backups_exit_2_and_write_nothing(
     assert backup(config, target) == 2
     assert "configuration error" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_postgresql_store_is_refused_with_pg_dump_named_and_no_password_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, "", store="postgresql://gateway:s3cret@db.example/l402")
+    assert backup(config, tmp_path / "copy.db") == 2
+    error = capsys.readouterr().err
+    assert "pg_dump" in error
+    assert "s3cret" not in error
+    assert not (tmp_path / "copy.db").exists()

@@ -64,8 +64,7 @@ def test_bad_values_are_one_line_and_exit_2(
 @pytest.mark.parametrize(
     ("store", "fragments"),
     [
-        ("postgresql://gateway:hunter2@db/gateway", ("PostgreSQL is not supported yet",)),
-        ("postgres://db/gateway", ("PostgreSQL is not supported yet", "sqlite:///absolute")),
+        ("postgresql:gateway:hunter2@db/gateway", ("use postgresql://", "sqlite:///absolute")),
         ("", ("must name a store",)),
         ("mysql://db", ("'mysql' is not supported",)),
     ],
@@ -169,12 +168,12 @@ def entry_point(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_the_command_refuses_postgres_without_a_traceback(tmp_path: Path) -> None:
-    config = write_config(tmp_path, "", store="postgresql://gateway@db/gateway")
+def test_the_command_refuses_a_malformed_postgres_url_without_a_traceback(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "", store="postgresql:gateway@db/gateway")
     result = entry_point("--config", str(config), "invoices")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    assert "PostgreSQL is not supported yet" in result.stderr
+    assert "use postgresql://user@host" in result.stderr
 
 
 def test_serve_shows_the_route_warnings_before_it_starts(tmp_path: Path) -> None:

@@ -585,8 +585,7 @@ def test_listen_address(tmp_path: Path, listen: str, address: tuple[str, int]) -
 @pytest.mark.parametrize(
     ("url", "fragment"),
     [
-        ("postgresql://gateway:hunter2@db/gateway", "PostgreSQL is not supported yet"),
-        ("postgres://db/gateway", "PostgreSQL is not supported yet"),
+        ("postgresql:gateway:hunter2@db/gateway", "use postgresql://user@host"),
         ("redis://:hunter2@localhost", "'redis' is not supported"),
         ("", "must name a store"),
         ("   ", "must name a store"),
@@ -618,6 +617,8 @@ def test_an_empty_store_url_from_the_environment_is_refused() -> None:
         ("sqlite:gateway.db", ("sqlite", "gateway.db")),
         ("sqlite:data/gateway.db", ("sqlite", "data/gateway.db")),
         ("sqlite:///var/lib/l402/gateway.db", ("sqlite", "/var/lib/l402/gateway.db")),
+        ("postgresql://gateway@db/l402", ("postgresql", "postgresql://gateway@db/l402")),
+        ("postgres://db:5433/l402", ("postgresql", "postgres://db:5433/l402")),
     ],
 )
 def test_store_location(url: str, location: tuple[str, str | None]) -> None:

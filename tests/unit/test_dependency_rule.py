@@ -12,7 +12,7 @@ import pytest
 import gateway
 
 # module -> imports it must never pull in (directly or through another module)
-_NETWORK = ("grpc", "aiohttp", "sqlite3")
+_NETWORK = ("grpc", "aiohttp", "sqlite3", "asyncpg")
 _ADAPTERS = (
     "gateway.lnd",
     "gateway.store",
@@ -39,6 +39,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "gateway.events": (*_NETWORK, *_ADAPTERS),
     "gateway.supervisor": (*_NETWORK, *_ADAPTERS),
     "gateway.health": (*_NETWORK, *_ADAPTERS),
+    # leadership holds a PostgreSQL session of its own, and knows no store but by protocol
+    "gateway.leader": ("grpc", "aiohttp", "sqlite3", *_ADAPTERS),
     # the JSON of records, shared by the command line and the dashboard: ports only
     "gateway.reports": ("asyncio", *_NETWORK, *_ADAPTERS, "gateway.service"),
     "gateway.store": ("grpc", "aiohttp", "gateway.lnd", "gateway.web", "gateway.cli", "regtest"),

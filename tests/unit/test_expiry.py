@@ -12,7 +12,6 @@ import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import pytest
@@ -43,7 +42,7 @@ from gateway.service import Allow, L402Service, PaymentChallenge, RequestInfo
 from gateway.store import MemoryStore, SqliteStore
 from gateway.supervisor import Supervisor, TaskState
 from gateway.watcher import InvoiceWatcher
-from tests.fakes import FakeClock, FakeInvoiceBackend
+from tests.fakes import FakeClock, FakeInvoiceBackend, fake_lnd_client
 
 EXPIRY = 600
 RETENTION = 3600
@@ -346,6 +345,7 @@ async def test_zero_usage_retention_keeps_charges_forever(
         {"usage_retention": -1},
         {"webhook_retention": -1},
         {"grace": -1},
+        {"rate_bucket_idle": -1},
         {"max_lookups": 0},
         {"batch": 0},
         {"max_batches": 0},
@@ -355,6 +355,37 @@ def test_bad_settings_are_refused(options: dict[str, Any]) -> None:
     options.setdefault("retention", 1)
     with pytest.raises(ValueError, match="must be"):
         InvoiceSweeper(FakeInvoiceBackend(), MemoryStore(), FakeClock(), **options)
+
+
+# --- shared rate buckets ---------------------------------------------------------------------
+
+
+class IdleBuckets:
+    """``RateBuckets`` holding ``idle`` buckets, each untouched since 0."""
+
+    def __init__(self, idle: int) -> None:
+        self.idle = idle
+        self.asked: list[tuple[float, int]] = []
+
+    async def take_rate_token(
+        self, bucket: str, rate: float, burst: float, now: float
+    ) -> tuple[float, float]:
+        raise NotImplementedError
+
+    async def prune_rate_buckets(self, idle_before: float, limit: int) -> int:
+        self.asked.append((idle_before, limit))
+        pruned = min(limit, self.idle) if idle_before > 0 else 0
+        self.idle -= pruned
+        return pruned
+
+
+async def test_rate_buckets_idle_past_the_refill_are_pruned_in_batches() -> None:
+    clock = FakeClock()
+    buckets = IdleBuckets(5)
+    env = Env(MemoryStore(), clock, rate_buckets=buckets, rate_bucket_idle=10.0, batch=2)
+    result = await env.sweeper.sweep()
+    assert (result.rate_buckets_pruned, result.busy) == (5, False)
+    assert buckets.asked == [(clock.now() - 10.0, 2)] * 3
 
 
 # --- webhook events --------------------------------------------------------------------------
@@ -483,26 +514,6 @@ async def test_a_busy_pass_is_followed_sooner(monkeypatch: pytest.MonkeyPatch) -
 # --- wiring ----------------------------------------------------------------------------------
 
 
-class _FakeLnd:
-    """Stands in for ``LndClient(settings)`` in ``running_gateway``."""
-
-    backend: FakeInvoiceBackend
-
-    def __init__(self, _settings: object, **_options: object) -> None:
-        pass
-
-    async def __aenter__(self) -> FakeInvoiceBackend:
-        return self.backend
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        return None
-
-
 @pytest.mark.parametrize("watch", [True, False])
 async def test_running_runtime_supervises_the_sweeper_where_the_watcher_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watch: bool
@@ -510,8 +521,7 @@ async def test_running_runtime_supervises_the_sweeper_where_the_watcher_runs(
     (tmp_path / "tls.cert").write_bytes(b"-----BEGIN CERTIFICATE-----\n")
     clock = FakeClock()
     backend = FakeInvoiceBackend(clock)
-    monkeypatch.setattr(_FakeLnd, "backend", backend, raising=False)
-    monkeypatch.setattr(runtime, "LndClient", _FakeLnd)
+    monkeypatch.setattr(runtime, "LndClient", fake_lnd_client(backend))
     database = tmp_path / "g.db"
     config = Config(
         lnd=LndConfig(tls_cert=tmp_path / "tls.cert", macaroon_hex="00"),
@@ -543,6 +553,7 @@ async def test_running_runtime_supervises_the_sweeper_where_the_watcher_runs(
     assert pruned is watch
     assert health == (
         {
+            "l402-leader": TaskState.RUNNING,
             "l402-invoice-watcher": TaskState.RUNNING,
             "l402-invoice-sweeper": TaskState.RUNNING,
             "l402-liquidity": TaskState.RUNNING,
@@ -558,8 +569,7 @@ async def test_running_runtime_gives_the_sweeper_the_credit_usage_retention(
 ) -> None:
     (tmp_path / "tls.cert").write_bytes(b"-----BEGIN CERTIFICATE-----\n")
     clock = FakeClock()
-    monkeypatch.setattr(_FakeLnd, "backend", FakeInvoiceBackend(clock), raising=False)
-    monkeypatch.setattr(runtime, "LndClient", _FakeLnd)
+    monkeypatch.setattr(runtime, "LndClient", fake_lnd_client(FakeInvoiceBackend(clock)))
     built: list[dict[str, Any]] = []
 
     class Recorded(InvoiceSweeper):
@@ -581,6 +591,9 @@ async def test_running_runtime_gives_the_sweeper_the_credit_usage_retention(
     # No [[webhook]]: the sweeper prunes the events all the same, by [webhooks] retention.
     assert options["webhook_retention"] == WebhooksConfig().retention > 0
     assert list(options["webhook_endpoints"]) == []
+    # SQLite keeps no shared rate buckets: the limits are per process, nothing to prune.
+    assert options["rate_buckets"] is None
+    assert options["rate_bucket_idle"] == 10.0  # the challenge limit's 20 at 2 a second
 
 
 async def test_new_webhook_endpoints_are_registered_before_the_watcher_starts(
@@ -590,8 +603,7 @@ async def test_new_webhook_endpoints_are_registered_before_the_watcher_starts(
     endpoint's cursor must already be there, or it starts after them and misses them."""
     (tmp_path / "tls.cert").write_bytes(b"-----BEGIN CERTIFICATE-----\n")
     clock = FakeClock()
-    monkeypatch.setattr(_FakeLnd, "backend", FakeInvoiceBackend(clock), raising=False)
-    monkeypatch.setattr(runtime, "LndClient", _FakeLnd)
+    monkeypatch.setattr(runtime, "LndClient", fake_lnd_client(FakeInvoiceBackend(clock)))
     monkeypatch.setenv("CRM_SECRET", "whsec_" + base64.b64encode(b"k" * 32).decode())
     database = tmp_path / "g.db"
     seen: list[set[str]] = []

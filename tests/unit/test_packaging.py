@@ -24,6 +24,7 @@ MODULES = {
     "httpx": "httpx",
     "standardwebhooks": "standardwebhooks",
     "prometheus-client": "prometheus_client",
+    "asyncpg": "asyncpg",
 }
 
 

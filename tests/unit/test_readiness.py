@@ -57,6 +57,24 @@ async def test_a_watcher_not_started_or_not_caught_up_fails_readiness() -> None:
     assert (await _readiness(FakeInvoiceBackend(), caught_up=None).check()).ready
 
 
+async def test_a_watching_process_that_does_not_lead_reports_the_watcher_as_the_leaders() -> None:
+    readiness = Readiness(
+        FakeInvoiceBackend(),
+        MemoryStore(),
+        lambda: (),
+        watcher_caught_up=lambda: False,
+        leading=lambda: False,
+        cache_seconds=0,
+    )
+    report = await readiness.check()
+    assert report.ready
+    watcher = report.checks[2]
+    assert (watcher.name, watcher.detail) == (
+        "watcher",
+        "runs on the leader (another instance leads)",
+    )
+
+
 async def test_a_node_that_does_not_answer_in_time_is_not_ready() -> None:
     class Silent(FakeInvoiceBackend):
         async def lookup_invoice(self, payment_hash: PaymentHash) -> Invoice:

@@ -30,7 +30,7 @@ from gateway.ports import (
     Withdrawal,
     WithdrawalState,
 )
-from gateway.store import MemoryStore, SqliteStore, StoreClosed, StoreError
+from gateway.store import MemoryStore, PostgresStore, SqliteStore, StoreClosed, StoreError
 
 PENDING, SUCCEEDED, FAILED = (
     WithdrawalState.PENDING,
@@ -58,15 +58,19 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest_asyncio.fixture(params=["memory", "sqlite"])
+@pytest_asyncio.fixture(
+    params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
 ) -> AsyncIterator[Store]:
     opened: Store
     if request.param == "memory":
         opened = MemoryStore(clock=clock)
-    else:
+    elif request.param == "sqlite":
         opened = await SqliteStore.open(tmp_path / "gateway.db", clock=clock)
+    else:
+        opened = await PostgresStore.open(request.getfixturevalue("postgres_url"), clock=clock)
     try:
         yield opened
     finally:

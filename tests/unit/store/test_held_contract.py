@@ -28,7 +28,7 @@ from gateway.ports import (
     StoredRequest,
     StoredResponse,
 )
-from gateway.store import MemoryStore, SqliteStore, StoreClosed, StoreError
+from gateway.store import MemoryStore, PostgresStore, SqliteStore, StoreClosed, StoreError
 
 WAITING, RUNNING, SUCCEEDED, FAILED, SETTLED, CANCELED, EXPIRED = (
     HeldState.WAITING,
@@ -102,13 +102,17 @@ class Clock:
         return self.current
 
 
-@pytest_asyncio.fixture(params=["memory", "sqlite"])
+@pytest_asyncio.fixture(
+    params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     opened: Store
     if request.param == "memory":
         opened = MemoryStore(clock=Clock())
-    else:
+    elif request.param == "sqlite":
         opened = await SqliteStore.open(tmp_path / "gateway.db", clock=Clock())
+    else:
+        opened = await PostgresStore.open(request.getfixturevalue("postgres_url"), clock=Clock())
     try:
         yield opened
     finally:

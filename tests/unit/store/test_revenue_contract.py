@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 
 from gateway.ports import InvoiceState, Msat, RevenueBucket, Store
-from gateway.store import MemoryStore, SqliteStore
+from gateway.store import MemoryStore, PostgresStore, SqliteStore
 from gateway.store.credit import SETTLED_AFTER_EXPIRY
 from tests.unit.store.test_store_contract import make_record, make_update
 
@@ -19,13 +19,17 @@ DAY = 86_400
 T0 = 1_700_006_400  # a multiple of HOUR and of DAY (2023-11-15T00:00Z)
 
 
-@pytest_asyncio.fixture(params=["memory", "sqlite"])
+@pytest_asyncio.fixture(
+    params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     opened: Store
     if request.param == "memory":
         opened = MemoryStore()
-    else:
+    elif request.param == "sqlite":
         opened = await SqliteStore.open(tmp_path / "gateway.db")
+    else:
+        opened = await PostgresStore.open(request.getfixturevalue("postgres_url"))
     try:
         yield opened
     finally:

@@ -23,7 +23,7 @@ from gateway.ports import (
     Store,
     StoreOperations,
 )
-from gateway.store import MemoryStore, SqliteStore, StoreClosed, StoreError
+from gateway.store import MemoryStore, PostgresStore, SqliteStore, StoreClosed, StoreError
 
 OPEN, ACCEPTED, SETTLED, CANCELED, EXPIRED = (
     InvoiceState.OPEN,
@@ -71,13 +71,32 @@ def make_update(
     )
 
 
-@pytest_asyncio.fixture(params=["memory", "sqlite"])
+async def _opened(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite":
+        return await SqliteStore.open(tmp_path / "gateway.db")
+    return await PostgresStore.open(request.getfixturevalue("postgres_url"))
+
+
+@pytest_asyncio.fixture(
+    params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened: Store
-    if request.param == "memory":
-        opened = MemoryStore()
-    else:
-        opened = await SqliteStore.open(tmp_path / "gateway.db")
+    opened = await _opened(request.param, request, tmp_path)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest_asyncio.fixture(params=["memory", "sqlite"])
+async def serialised_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """The stores that run their transactions one at a time, their own calls waiting for an
+    open one; ``PostgresStore`` runs them beside each other on pooled connections (READ
+    COMMITTED, row and advisory locks where a write needs them): its counterparts are in
+    test_postgres_store.py."""
+    opened = await _opened(request.param, request, tmp_path)
     try:
         yield opened
     finally:
@@ -567,7 +586,9 @@ async def test_a_challenge_is_stored_whole_or_not_at_all(store: Store) -> None:
     assert await store.get_invoice(payment_hash(1)) is None
 
 
-async def test_concurrent_transactions_run_one_after_the_other(store: Store) -> None:
+async def test_concurrent_transactions_run_one_after_the_other(serialised_store: Store) -> None:
+    store = serialised_store
+
     # Read, yield to the loop, write what was read plus one: interleaved, updates are lost.
     async def increment() -> None:
         async with store.transaction() as tx:
@@ -581,7 +602,8 @@ async def test_concurrent_transactions_run_one_after_the_other(store: Store) -> 
     assert len(await store.list_invoices()) == 20
 
 
-async def test_store_calls_wait_for_an_open_transaction(store: Store) -> None:
+async def test_store_calls_wait_for_an_open_transaction(serialised_store: Store) -> None:
+    store = serialised_store
     written = asyncio.Event()
     release = asyncio.Event()
 
@@ -627,8 +649,9 @@ async def test_a_transaction_cannot_be_used_after_it_ends(store: Store) -> None:
 
 
 async def test_close_lets_an_open_transaction_and_the_calls_waiting_on_it_finish(
-    store: Store,
+    serialised_store: Store,
 ) -> None:
+    store = serialised_store
     written = asyncio.Event()
 
     async def work() -> None:

@@ -37,7 +37,7 @@ from gateway.ports import (
     WithdrawalState,
     webhook_retry_delay,
 )
-from gateway.store import MemoryStore, SqliteStore, sqlite_file
+from gateway.store import MemoryStore, PostgresStore, SqliteStore, sqlite_file
 from gateway.store.outbox import ENDPOINT_REMOVED
 
 START = 1_800_000_000.0
@@ -59,15 +59,19 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest_asyncio.fixture(params=["memory", "sqlite"])
+@pytest_asyncio.fixture(
+    params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
 ) -> AsyncIterator[Store]:
     opened: Store
     if request.param == "memory":
         opened = MemoryStore(clock=clock)
-    else:
+    elif request.param == "sqlite":
         opened = await SqliteStore.open(tmp_path / "gateway.db", clock=clock)
+    else:
+        opened = await PostgresStore.open(request.getfixturevalue("postgres_url"), clock=clock)
     try:
         yield opened
     finally:
