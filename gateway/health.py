@@ -16,7 +16,8 @@ passes:
   this process" and does not fail on it: it cannot see another process's watcher, and the
   watching worker's own readiness reports it. Of several instances sharing a PostgreSQL
   store, only the leader runs it (``gateway.leader``): a watching process that does not
-  lead reports it as run by the leader, and does not fail on it either.
+  lead reports it as run by the leader, and does not fail on it either (once it has asked
+  for the lease: until then it fails, not knowing yet).
 - ``tasks``: every other supervised background task (sweeper, hold executor, withdrawal
   resolver) is running, not backing off after a failure. The fiat rate fetcher is reported
   but never fails readiness: the paywall's fiat display is not worth taking a gateway out.
@@ -94,7 +95,7 @@ class Readiness:
     """The readiness checks of one running gateway process (see the module docstring).
 
     ``watcher_caught_up`` is None in a process that does not run the watcher; ``leading``,
-    when given, says whether this watching process leads (runs it now).
+    when given, says whether this watching process leads (runs it now): None until it knows.
     """
 
     def __init__(
@@ -104,7 +105,7 @@ class Readiness:
         tasks: Callable[[], tuple[TaskHealth, ...]],
         *,
         watcher_caught_up: Callable[[], bool] | None,
-        leading: Callable[[], bool] | None = None,
+        leading: Callable[[], bool | None] | None = None,
         cache_seconds: float = 2.0,
         timeout: float = 3.0,
         liquidity: Callable[[], Check] | None = None,
@@ -177,8 +178,12 @@ class Readiness:
     def _watcher(self) -> Check:
         if self._watcher_caught_up is None:
             return Check("watcher", True, "not run in this process (another worker runs it)")
-        if self._leading is not None and not self._leading():
-            return Check("watcher", True, "runs on the leader (another instance leads)")
+        if self._leading is not None:
+            leading = self._leading()
+            if leading is None:
+                return Check("watcher", False, "not started: asking for the leader lease")
+            if not leading:
+                return Check("watcher", True, "runs on the leader (another instance leads)")
         task = self._tasks_by_name().get(WATCHER_TASK)
         if task is None:
             return Check("watcher", False, "not started")

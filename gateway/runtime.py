@@ -43,7 +43,7 @@ from gateway.events import InvoiceEvents
 from gateway.expiry import InvoiceSweeper
 from gateway.fiat import FiatRate
 from gateway.health import HealthSlot, Readiness
-from gateway.leader import Leadership, lease_for
+from gateway.leader import Leadership, SoleLease, lease_for
 from gateway.liquidity import LiquidityMonitor, inbound_liquidity
 from gateway.lnd.client import LndClient
 from gateway.lnd.connection import LndSettings
@@ -375,7 +375,7 @@ async def running_runtime(
     paying = payer_settings(config)
     # The endpoints' secrets are read now: a missing one fails before anything is opened.
     webhooks = _webhook_sender(config, clock) if watch and config.webhook else None
-    store = await open_store(config.store.url)
+    store = await open_store(config.store.url, pool_size=config.store.pool_size)
     meter: Meter = NO_METER
     metrics: Callable[[], Awaitable[tuple[bytes, str]]] | None = None
     if config.metrics.enabled:
@@ -407,18 +407,28 @@ async def running_runtime(
                 )
             )
             leadership: Leadership | None = None
+            # Whether this watching process leads, where another instance may.
+            leading: Callable[[], bool | None] | None = None
             caught_up: Callable[[], bool] | None = None
             liquidity_check = None
             if watch:
                 watcher = InvoiceWatcher(lnd, store, events=events, meter=meter)
                 sweeper = _sweeper(config, lnd, store, clock, events)
 
+                lease = lease_for(
+                    store, poll=config.store.leader_poll, check=config.store.leader_check
+                )
+                # A sole process always leads: it registers new webhook endpoints before
+                # any request can write an event (a failure fails start-up), as the leader
+                # of a shared store does before its tasks write any (the watcher's
+                # reconciliation, the executor's or resolver's recovery).
+                sole = isinstance(lease, SoleLease)
+                if sender is not None and sole:
+                    await sender.register()
+
                 async def begin(term: Supervisor) -> None:
                     """Start the tasks only one process per store runs (this one leads)."""
-                    if sender is not None:
-                        # New endpoints start before this leader writes any event (the
-                        # watcher's reconciliation, the executor's or resolver's recovery),
-                        # so they get those.
+                    if sender is not None and not sole:
                         await sender.register()
                     if executor is not None:
                         term.start("l402-hold-executor", executor.run)
@@ -429,11 +439,10 @@ async def running_runtime(
                     if sender is not None:
                         term.start("l402-webhook-sender", sender.run)
 
-                lease = lease_for(
-                    store, poll=config.store.leader_poll, check=config.store.leader_check
-                )
                 leadership = Leadership(lease, begin, clock)
                 supervisor.start("l402-leader", leadership.run)
+                if not sole:
+                    leading = leadership.leading
                 caught_up = watcher.connected.is_set
                 monitor = LiquidityMonitor(
                     lnd,
@@ -469,7 +478,7 @@ async def running_runtime(
                 store,
                 health,
                 watcher_caught_up=caught_up,
-                leading=None if leadership is None else leadership.leading,
+                leading=leading,
                 liquidity=liquidity_check,
             )
 

@@ -38,6 +38,7 @@ from gateway.config.checks import (
     MAX_INVOICE_EXPIRY,
     MAX_LEADER_SECONDS,
     MAX_LIFETIME,
+    MAX_POOL_SIZE,
     MAX_RESERVATION_SECONDS,
     MAX_RESPONSE_RETENTION,
     MAX_ROOT_KEY_CACHE_SECONDS,
@@ -160,7 +161,9 @@ class LndConfig:
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
-    url: str = "sqlite:gateway.db"  # sqlite:relative.db, sqlite:///abs.db, memory:
+    # sqlite:relative.db, sqlite:///abs.db, memory:, postgresql://...; out of the repr: a
+    # PostgreSQL URL may hold a password.
+    url: str = field(default="sqlite:gateway.db", repr=False)
     # Seconds past its expiry an invoice that ended unpaid (CANCELED, EXPIRED) is kept, with
     # its token's root key, before it is deleted; 0 keeps them forever.
     unpaid_retention: int = 86_400
@@ -170,9 +173,17 @@ class StoreConfig:
     # (the one running the watcher), and between the leader's checks of its connection.
     leader_poll: float = 1.0
     leader_check: float = 1.0
+    # PostgreSQL: connections each gateway process keeps at most.
+    pool_size: int = 10
 
     def __post_init__(self) -> None:
         store_location(self.url)
+        require(
+            1 <= self.pool_size <= MAX_POOL_SIZE,
+            "pool_size",
+            f"1 to {MAX_POOL_SIZE} connections",
+            self.pool_size,
+        )
         for key in ("leader_poll", "leader_check"):
             seconds = getattr(self, key)
             require(

@@ -53,6 +53,8 @@ MAX_SWEEP_INTERVAL = 86_400.0
 # wait that long for another.
 MIN_LEADER_SECONDS = 0.05
 MAX_LEADER_SECONDS = 60.0
+# Connections a process keeps to PostgreSQL at most (its pool).
+MAX_POOL_SIZE = 100
 # Pay-on-success (``[hold]``). A held HTLC ties up the payer's funds: its hold invoice's
 # final CLTV delta is 18 blocks (LND's least) to two weeks of blocks. LND cancels a held HTLC
 # HOLD_CANCEL_MARGIN blocks before it expires, and blocks can come a minute apart: the
@@ -232,6 +234,44 @@ def store_location(url: str) -> tuple[str, str | None]:
                 f"url {scheme}:...: use postgresql://user@host:port/database; supported: "
                 f"{SUPPORTED_STORE_URLS}"
             )
+        problem = postgres_url_problem(url)
+        if problem is not None:
+            raise ValueError(f"url {scheme}://...: {problem}; {POSTGRES_URL_HINT}")
         return "postgresql", url
     # Only the scheme is shown: the rest of a database URL may hold a password.
     raise ValueError(f"url scheme {scheme!r} is not supported; supported: {SUPPORTED_STORE_URLS}")
+
+
+POSTGRES_URL_HINT = (
+    "percent-encode special characters in the password, or leave it out and use "
+    "PGPASSWORD / ~/.pgpass"
+)
+
+
+def postgres_url_problem(url: str) -> str | None:
+    """What makes ``url`` (``postgresql://...``) one the driver would misread, or None.
+
+    A password with an unencoded ``/``, ``?``, ``#`` or ``@`` moves part of it into the host,
+    port, path, query or fragment: the driver would then fail with the password in its message,
+    or connect somewhere else, and a display of the URL would show it. The text returned never
+    quotes the URL.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # an unbalanced "[" or "]"
+        return "it is not a valid URL"
+    if "#" in url:
+        return "it has a '#'"
+    if parts.netloc.count("@") > 1 or "@" in parts.path + parts.query:
+        return "it has an '@' that does not end the user part"
+    hosts = parts.netloc.rpartition("@")[2]
+    # asyncpg also takes a comma-separated list of hosts, each with a port of its own.
+    for host in hosts.split(","):
+        try:
+            urllib.parse.urlsplit(f"//{host}").port  # noqa: B018 - it raises if not a port
+        except ValueError:
+            return "its port is not a number from 0 to 65535"
+    named = any(name == "host" for name, _ in urllib.parse.parse_qsl(parts.query))
+    if not parts.hostname and not named:
+        return "it names no host (a unix socket: ?host=/path/to/directory)"
+    return None

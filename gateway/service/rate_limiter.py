@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import time
 from collections import OrderedDict
 from typing import Protocol
 
@@ -83,6 +84,14 @@ class RateLimiter:
         """``acquire``, as a ``ClientLimiter``."""
         return self.acquire(client)
 
+    def give_back(self, client: str) -> None:
+        """Return the token ``acquire`` just granted ``client``."""
+        bucket = self.bucket_of(client)
+        held = self._buckets.get(bucket)
+        if held is not None:  # else forgotten: a new bucket starts full anyway
+            tokens, last = held
+            self._buckets[bucket] = (min(self._burst, tokens + 1), last)
+
     def set_tokens(self, bucket: str, tokens: float, now: float) -> None:
         """Make ``bucket`` hold ``tokens`` as of ``now`` (what a shared bucket holds)."""
         self._buckets.pop(bucket, None)
@@ -143,19 +152,39 @@ class GlobalRateLimiter:
             return wait
         bucket = self.bucket_of(client)
         now = self._clock.now()
-        wait, tokens = await self._buckets.take_rate_token(
-            f"{self._limit}:{bucket}", self._rate, self._burst, now
-        )
+        try:
+            wait, tokens = await self._buckets.take_rate_token(
+                f"{self._limit}:{bucket}", self._rate, self._burst, now
+            )
+        except BaseException:
+            # The store took nothing, so nor may the local bucket: with fewer tokens than the
+            # shared one it would refuse wrongly (more, if a cancelled call took one, only
+            # costs a round trip).
+            self._local.give_back(client)
+            raise
         self._local.set_tokens(bucket, tokens, now)
         return wait
+
+
+# During a store outage every request fails alike: one warning per this many seconds.
+_FAILURE_LOG_INTERVAL = 10.0
+_failure_logged_at = -math.inf
 
 
 async def rate_limited(limiter: ClientLimiter, client: str, refused: Refusal) -> Deny | None:
     """None if ``limiter`` admits ``client``; else a 429 ``refused`` with the wait, or a 503
     when the store holding the buckets fails."""
+    global _failure_logged_at
     try:
         wait = await limiter.admit(client)
-    except errors.StoreError:
-        log.exception("store failed while rate limiting")
+    except errors.StoreError as error:
+        now = time.monotonic()
+        if now - _failure_logged_at >= _FAILURE_LOG_INTERVAL:
+            _failure_logged_at = now
+            log.warning(
+                "store failed while rate limiting (answering 503; logged once per %gs): %r",
+                _FAILURE_LOG_INTERVAL,
+                error,
+            )
         return Deny(503, Refusal.STORE_UNAVAILABLE, retry_after=5)
     return Deny(429, refused, retry_after=math.ceil(wait)) if wait > 0 else None

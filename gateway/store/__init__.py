@@ -39,13 +39,14 @@ __all__ = [
 ]
 
 
-async def open_store(url: str, *, read_only: bool = False) -> Store:
+async def open_store(url: str, *, read_only: bool = False, pool_size: int = 10) -> Store:
     """Open the store ``url`` names (forms in the module docstring, parsed by
     ``gateway.config.store_location``); ``ValueError`` if none. ``read_only`` opens an
-    existing database for reading only (``SqliteStore.open``, ``PostgresStore.open``)."""
+    existing database for reading only (``SqliteStore.open``, ``PostgresStore.open``);
+    ``pool_size``: PostgreSQL connections at most."""
     kind, location = store_location(url)
     if kind == "sqlite" and location is not None:
         return await SqliteStore.open(location, read_only=read_only)
     if kind == "postgresql" and location is not None:
-        return await PostgresStore.open(location, read_only=read_only)
+        return await PostgresStore.open(location, read_only=read_only, max_connections=pool_size)
     return MemoryStore()

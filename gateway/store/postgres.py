@@ -18,8 +18,15 @@ failed, a transaction rolls back and its connection goes back to the pool clean 
 waits for the cancelled query, then resets the connection, rolling back, before reuse).
 
 Errors: PostgreSQL and connection failures are ``StoreError`` naming the operation and the
-URL without its password (``url_for_display``). ``read_only``: every transaction is read-only
-(``default_transaction_read_only``), nothing is migrated.
+URL without its user part and password (``url_for_display``). ``read_only``: every transaction
+is read-only (``default_transaction_read_only``), nothing is migrated.
+
+Sessions (``SESSION_SETTINGS``): an instance that vanishes inside a transaction must not keep
+its locks (the global advisory locks stop every instance's settlements) until the server's
+TCP keepalive notices, two hours by default.
+
+Text is sorted ``COLLATE "C"`` (by code point, as SQLite compares), whatever the database's
+collation.
 
 The least-privilege role (``postgres_schema.ROLE_GRANTS``): a login role that owns one schema
 of its own in one database (its tables, so it can migrate them) and may connect there; it
@@ -48,6 +55,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from gateway.config.checks import POSTGRES_URL_HINT, postgres_url_problem
 from gateway.errors import StoreClosed, StoreError
 from gateway.ports import (
     Account,
@@ -111,8 +119,28 @@ log = logging.getLogger(__name__)
 Work = Callable[[Connection], Awaitable[T]]
 
 # What a failed database call raises: a server error, a broken or misused connection, the
-# network, a connect timeout.
-_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# network, a connect timeout. InternalClientError: a call on a connection whose session the
+# server has just ended (IDLE_IN_TRANSACTION_TIMEOUT) before asyncpg has noticed.
+_DATABASE_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+
+# Seconds a pooled session may sit idle inside a transaction before the server ends it, and
+# so its locks: the gateway's transactions are short and never wait for the network. No
+# lock_timeout besides: a lock's holder is either working or ended by this.
+IDLE_IN_TRANSACTION_TIMEOUT = 15.0
+# The server gives up on a vanished peer after 10 + 3 * 5 s of silence, or 30 s of data
+# unacknowledged.
+SESSION_SETTINGS = {
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
 
 _NESTED = "store transactions do not nest"
 _REENTERED = "the store was called inside its own transaction; call the transaction's methods"
@@ -157,7 +185,7 @@ _INVOICE_TOTALS = """
            coalesce(sum(CASE WHEN state != 'SETTLED' THEN 0
                              WHEN amount_paid_msat > 0 THEN amount_paid_msat
                              ELSE amount_msat END), 0)::bigint
-    FROM invoices GROUP BY service, state ORDER BY service, state
+    FROM invoices GROUP BY service, state ORDER BY service COLLATE "C", state COLLATE "C"
 """
 _LIST_OVERDUE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path, state,
@@ -175,7 +203,7 @@ _REVENUE = """
                CASE WHEN amount_paid_msat > 0 THEN amount_paid_msat ELSE amount_msat END AS amount
         FROM invoices WHERE state = 'SETTLED' AND expires_at >= $2
     ) AS settled
-    WHERE at >= $3 GROUP BY start, service ORDER BY start, service
+    WHERE at >= $3 GROUP BY start, service ORDER BY start, service COLLATE "C"
 """
 _LIST_OPEN_CREDIT_INVOICES = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path, state,
@@ -276,6 +304,9 @@ _SETTLE = """
     SELECT (SELECT amount_msat FROM gone), coalesce((SELECT balance FROM settled), 0),
            (SELECT amount_msat FROM reservations WHERE id = $1 AND amount_msat < $2)
 """
+# The accounts are locked in token_id order before they are updated: two passes at once
+# (their reservations apart, SKIP LOCKED, their accounts not) then wait for each other in one
+# order, never in a cycle. The update only touches rows the pass has locked.
 _RELEASE_EXPIRED = """
     WITH expired AS (
         DELETE FROM reservations WHERE id IN (
@@ -283,12 +314,15 @@ _RELEASE_EXPIRED = """
             ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED
         )
         RETURNING token_id, amount_msat
+    ), per_token AS (
+        SELECT token_id, sum(amount_msat)::bigint AS amount FROM expired GROUP BY token_id
+    ), locked AS MATERIALIZED (
+        SELECT a.token_id, per_token.amount
+        FROM accounts AS a JOIN per_token ON a.token_id = per_token.token_id
+        ORDER BY a.token_id FOR UPDATE OF a
     ), released AS (
-        UPDATE accounts AS a SET reserved_msat = a.reserved_msat - per_token.amount
-        FROM (
-            SELECT token_id, sum(amount_msat)::bigint AS amount FROM expired GROUP BY token_id
-        ) AS per_token
-        WHERE a.token_id = per_token.token_id
+        UPDATE accounts AS a SET reserved_msat = a.reserved_msat - locked.amount
+        FROM locked WHERE a.token_id = locked.token_id
     )
     SELECT count(*) FROM expired
 """
@@ -476,7 +510,7 @@ _LIST_DELIVERIES = """
     FROM webhook_deliveries
     WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR endpoint = $2)
       AND ($3::bigint IS NULL OR event_id = $3)
-    ORDER BY event_id DESC, endpoint LIMIT $4
+    ORDER BY event_id DESC, endpoint COLLATE "C" LIMIT $4
 """
 # $2 the event id (NULL: every DEAD delivery), $3 the endpoint (NULL: any), $4 the configured
 # endpoints (NULL: any).
@@ -1169,21 +1203,36 @@ class PostgresStore(_PostgresOperations):
                 "max >= 1"
             )
         where = display_url(url)
-        settings = {"default_transaction_read_only": "on"} if read_only else {}
+        problem = postgres_url_problem(url)
+        if problem is not None:
+            raise StoreError(f"connect failed on {where}: {problem}; {POSTGRES_URL_HINT}")
+        settings = {
+            **SESSION_SETTINGS,
+            "idle_in_transaction_session_timeout": f"{round(IDLE_IN_TRANSACTION_TIMEOUT * 1000)}",
+        }
+        if read_only:
+            settings["default_transaction_read_only"] = "on"
         with _database_errors("connect", where):
-            pool = await asyncpg.create_pool(
-                url,
-                min_size=min_connections,
-                max_size=max_connections,
-                server_settings=settings,
+            pool = await _reading_url(
+                asyncpg.create_pool(
+                    url,
+                    min_size=min_connections,
+                    max_size=max_connections,
+                    server_settings=settings,
+                ),
+                where,
             )
         try:
             with _database_errors("migrate", where):
-                async with pool.acquire() as connection:
+                # The first connection, with min_connections 0: where the driver reads the URL.
+                connection = await _reading_url(pool.acquire(), where)
+                try:
                     if read_only:
                         await check_readable(connection, where)
                     else:
                         await migrate(connection, where)
+                finally:
+                    await pool.release(connection)
         except BaseException:
             pool.terminate()
             raise
@@ -1346,13 +1395,13 @@ class PostgresStore(_PostgresOperations):
 
 
 def display_url(url: str) -> str:
-    """``url`` without its password (in the authority or as a query parameter): what messages
-    and logs may show."""
+    """``url`` without its user part and password query parameters: what messages and logs may
+    show. One the driver would misread (``postgres_url_problem``: a password may have spilled
+    into any part of it) is shown as ``postgresql://...``."""
+    if postgres_url_problem(url) is not None:
+        return "postgresql://..."
     parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        netloc = f"{user.partition(':')[0]}@{host}"
+    netloc = parts.netloc.rpartition("@")[2]
     query = urllib.parse.urlencode(
         [
             (name, value)
@@ -1361,6 +1410,18 @@ def display_url(url: str) -> str:
         ]
     )
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+async def _reading_url(step: Awaitable[T], where: str) -> T:
+    """``step``; the driver's ValueError reading the URL (``ClientConfigurationError`` is one)
+    as a ``StoreError`` that neither quotes it nor chains it: its text may hold the password."""
+    try:
+        return await step
+    except ValueError:
+        pass  # raised below, outside this handler, so that the error is not its context
+    raise StoreError(
+        f"connect failed on {where}: the driver cannot read the URL; {POSTGRES_URL_HINT}"
+    )
 
 
 @contextlib.contextmanager

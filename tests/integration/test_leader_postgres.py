@@ -8,6 +8,7 @@ import contextlib
 import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -22,11 +23,12 @@ from gateway.config import (
     RouteConfig,
     StoreConfig,
 )
-from gateway.leader import LEADER_LOCK, PostgresLease
+from gateway.leader import LEADER_LOCK, Leadership, PostgresLease
 from gateway.ports import SystemClock
 from gateway.service import Deny, PaymentChallenge, RequestInfo
 from gateway.service.rate_limiter import GlobalRateLimiter
 from gateway.store.postgres import PostgresStore
+from gateway.supervisor import Supervisor
 from tests.fakes import FakeInvoiceBackend, fake_lnd_client
 
 pytestmark = pytest.mark.postgres
@@ -123,6 +125,61 @@ async def test_a_terminated_leader_loses_the_lease_and_another_takes_over(
             task.cancel()
         for lease in (first, second):
             await lease.release()
+
+
+async def test_no_other_instance_leads_while_the_old_leaders_tasks_are_stopping(
+    stores: list[PostgresStore], admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader's checks fail on a session that still lives (its lock still held), and its
+    tasks take long to stop, say the hold executor finishing requests in flight: another
+    instance's would recover (fail, refund) them meanwhile."""
+    checks_fail = True
+    fetchval = asyncpg.Connection.fetchval
+
+    async def failing_checks(
+        connection: asyncpg.Connection, query: str, *args: object, **options: Any
+    ) -> Any:
+        if query == "SELECT 1" and checks_fail:
+            raise TimeoutError  # no answer in time
+        return await fetchval(connection, query, *args, **options)
+
+    monkeypatch.setattr(asyncpg.Connection, "fetchval", failing_checks)
+    stopping, stop = asyncio.Event(), asyncio.Event()
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stopping.set()
+            await stop.wait()
+
+    async def begin_old(term: Supervisor) -> None:
+        term.start("l402-hold-executor", slow_to_stop)
+
+    async def begin_new(term: Supervisor) -> None:
+        return
+
+    old = Leadership(PostgresLease(stores[0], poll=0.05, check=0.05), begin_old)
+    new = Leadership(PostgresLease(stores[1], poll=0.05, check=CHECK), begin_new)
+    async with Supervisor() as supervisor:
+        supervisor.start("old", old.run)
+        await _until(lambda: old.leading() is True)
+        supervisor.start("new", new.run)
+        await _until(lambda: new.leading() is False)  # asked, in vain
+
+        await asyncio.wait_for(stopping.wait(), 5)  # two failed checks: the old one stops
+        checks_fail = False
+        await asyncio.sleep(0.5)  # ten polls of the new instance, in vain
+        assert new.leading() is False
+        holder = await _leader_pid(admin)
+        assert holder is not None
+
+        stop.set()  # the old term's tasks are gone: its session, and lock, go with them
+        async with asyncio.timeout(5):
+            while await _leader_pid(admin) in (None, holder):  # noqa: ASYNC110 - nothing sets an event
+                await asyncio.sleep(0.01)
+        # Whichever instance took the lock (the old one asks again at once) leads.
+        await _until(lambda: bool(new.leading()) != bool(old.leading()))
 
 
 async def test_the_rate_limit_holds_across_instances(stores: list[PostgresStore]) -> None:

@@ -604,6 +604,38 @@ def test_unsupported_store_urls_are_refused_at_load(
     assert "hunter2" not in message
 
 
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("postgresql://gateway:hunter2/x@db:5432/l402", "'@' that does not end"),
+        ("postgresql://gateway:hunter2?x@db/l402", "'@' that does not end"),
+        ("postgresql://gateway:hunter2@x@db/l402", "'@' that does not end"),
+        ("postgresql://gateway:hunter2#x@db/l402", "'#'"),
+        ("postgresql://gateway:hunter2[@db/l402", "not a valid URL"),
+        ("postgresql://gateway@db:hunter2/l402", "port is not a number"),
+        ("postgresql://gateway@db:5432,db2:hunter2/l402", "port is not a number"),
+        ("postgres://gateway:hunter2@/l402", "names no host"),
+    ],
+)
+def test_a_postgres_url_the_driver_would_misread_is_refused_without_its_secret(
+    url: str, problem: str
+) -> None:
+    with pytest.raises(ValueError, match="percent-encode special characters") as refused:
+        store_location(url)
+    assert problem in str(refused.value)
+    with pytest.raises(ConfigError) as failed:
+        load_config(None, {"GATEWAY_STORE_URL": url})
+    for message in (str(refused.value), str(failed.value)):
+        assert "hunter2" not in message
+        assert "gateway" not in message.replace("l402-gateway", "")  # nor the user
+        assert "PGPASSWORD" in message
+
+
+def test_a_store_url_stays_out_of_repr() -> None:
+    config = load_config(None, {"GATEWAY_STORE_URL": "postgresql://gateway:hunter2@db/l402"})
+    assert "hunter2" not in repr(config)
+
+
 def test_an_empty_store_url_from_the_environment_is_refused() -> None:
     with pytest.raises(ConfigError, match="must name a store"):
         load_config(None, {"GATEWAY_STORE_URL": ""})
@@ -619,6 +651,15 @@ def test_an_empty_store_url_from_the_environment_is_refused() -> None:
         ("sqlite:///var/lib/l402/gateway.db", ("sqlite", "/var/lib/l402/gateway.db")),
         ("postgresql://gateway@db/l402", ("postgresql", "postgresql://gateway@db/l402")),
         ("postgres://db:5433/l402", ("postgresql", "postgres://db:5433/l402")),
+        *(
+            (url, ("postgresql", url))
+            for url in (
+                "postgresql://gateway:p%2F%40ss@db/l402?sslmode=require",  # percent-encoded
+                "postgresql:///l402?host=/run/postgresql",  # a unix socket
+                "postgresql://gateway@db1:5432,db2:5433/l402",  # asyncpg's host list
+                "postgresql://gateway@[::1]:5432/l402",
+            )
+        ),
     ],
 )
 def test_store_location(url: str, location: tuple[str, str | None]) -> None:

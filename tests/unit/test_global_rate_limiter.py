@@ -3,10 +3,14 @@ local bucket in front that refuses without asking it."""
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+
 import pytest
 
 from gateway import errors
-from gateway.service import Deny, Refusal
+from gateway.service import Deny, Refusal, rate_limiter
 from gateway.service.rate_limiter import GlobalRateLimiter, RateLimiter, rate_limited
 from tests.fakes import FakeClock
 
@@ -130,3 +134,50 @@ async def test_rate_limited_answers_429_with_the_wait_for_either_limiter() -> No
         assert await rate_limited(limiter, "10.0.0.1", Refusal.TOO_MANY_REDEEMS) == Deny(
             429, Refusal.TOO_MANY_REDEEMS, retry_after=2
         )
+
+
+class Blipping(SharedBuckets):
+    """Fails the first ``failures`` calls, as a store does during a blip."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def take_rate_token(
+        self, bucket: str, rate: float, burst: float, now: float
+    ) -> tuple[float, float]:
+        if self.failures:
+            self.failures -= 1
+            raise errors.StoreError("connection refused")
+        return await super().take_rate_token(bucket, rate, burst, now)
+
+
+async def test_a_store_failure_gives_the_local_token_back() -> None:
+    """Nothing was taken from the shared bucket: the local one still refuses exactly."""
+    limiter = _limiter(Blipping(2), FakeClock())
+    for _ in range(2):
+        with pytest.raises(errors.StoreError):
+            await limiter.admit("10.0.0.1")
+    assert [await limiter.admit("10.0.0.1") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert await limiter.admit("10.0.0.1") == pytest.approx(1.0)
+
+
+async def test_a_store_outage_is_logged_once_in_a_while_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(rate_limiter, "_failure_logged_at", -math.inf)
+    limiter = _limiter(Blipping(100), FakeClock())
+    for _ in range(5):
+        await rate_limited(limiter, "10.0.0.1", Refusal.TOO_MANY_CHALLENGES)
+    records = [r for r in caplog.records if r.name == "gateway.service.rate_limiter"]
+    assert [(r.levelno, r.exc_info) for r in records] == [(logging.WARNING, None)]
+    assert "StoreError('connection refused')" in records[0].getMessage()
+
+    # The interval later, once more.
+    monkeypatch.setattr(
+        rate_limiter, "_failure_logged_at", time.monotonic() - rate_limiter._FAILURE_LOG_INTERVAL
+    )
+    await rate_limited(limiter, "10.0.0.1", Refusal.TOO_MANY_CHALLENGES)
+    await rate_limited(limiter, "10.0.0.1", Refusal.TOO_MANY_CHALLENGES)
+    records = [r for r in caplog.records if r.name == "gateway.service.rate_limiter"]
+    assert len(records) == 2

@@ -75,6 +75,21 @@ async def test_a_watching_process_that_does_not_lead_reports_the_watcher_as_the_
     )
 
 
+async def test_a_watching_process_that_has_not_asked_for_the_lease_yet_is_not_ready() -> None:
+    """It cannot tell yet whether another instance leads (or it will)."""
+    readiness = Readiness(
+        FakeInvoiceBackend(),
+        MemoryStore(),
+        lambda: (),
+        watcher_caught_up=lambda: False,
+        leading=lambda: None,
+        cache_seconds=0,
+    )
+    report = await readiness.check()
+    assert [check.name for check in report.checks if not check.ok] == ["watcher"]
+    assert report.checks[2].detail == "not started: asking for the leader lease"
+
+
 async def test_a_node_that_does_not_answer_in_time_is_not_ready() -> None:
     class Silent(FakeInvoiceBackend):
         async def lookup_invoice(self, payment_hash: PaymentHash) -> Invoice:

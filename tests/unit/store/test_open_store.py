@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ConfigError
-from gateway.store import MemoryStore, SqliteStore, open_store
+from gateway.store import MemoryStore, PostgresStore, SqliteStore, open_store
 
 
 async def test_memory_url() -> None:
@@ -56,6 +56,8 @@ async def test_the_scheme_is_case_insensitive() -> None:
     ("url", "message"),
     [
         ("postgresql:user:hunter2@host/db", "use postgresql://user@host"),
+        ("postgresql://user:hunter2/x@host:5432/db", "percent-encode special characters"),
+        ("postgresql://user:hunter2#x@host/db", "percent-encode special characters"),
         ("redis://localhost", "'redis' is not supported"),
         ("gateway.db", "no scheme"),
         ("sqlite:", "names no file"),
@@ -68,3 +70,13 @@ async def test_bad_urls_name_the_supported_forms(url: str, message: str) -> None
     with pytest.raises(ValueError, match=message) as refused:
         await open_store(url)
     assert "hunter2" not in str(refused.value)
+
+
+@pytest.mark.postgres
+async def test_a_postgresql_pool_holds_pool_size_connections_at_most(postgres_url: str) -> None:
+    store = await open_store(postgres_url, pool_size=3)
+    try:
+        assert isinstance(store, PostgresStore)
+        assert store._pool.get_max_size() == 3
+    finally:
+        await store.close()

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
+import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 import asyncpg
 import pytest
@@ -27,7 +30,9 @@ from gateway.ports import (
     Preimage,
 )
 from gateway.store import PostgresStore, open_store
+from gateway.store import postgres as postgres_store
 from gateway.store.postgres_schema import LATEST
+from tests.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.postgres
 
@@ -176,6 +181,57 @@ async def test_an_event_committed_late_is_not_skipped_by_the_fan_out(
     ]
 
 
+async def test_a_session_idle_in_a_transaction_loses_its_locks(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance that stops inside a transaction holding ``EVENTS_LOCK`` (vanished, or
+    hung) holds up every instance's settlements only until the server ends its session."""
+    monkeypatch.setattr(postgres_store, "IDLE_IN_TRANSACTION_TIMEOUT", 1.0)
+    stuck = await PostgresStore.open(url)
+    other = await PostgresStore.open(url)
+    try:
+        for n in (1, 2):
+            await stuck.add_invoice(invoice(n))
+
+        async def stop_in_a_transaction() -> None:
+            async with stuck.transaction() as tx:
+                await tx.apply_update(settled(1))  # its events: EVENTS_LOCK, to the commit
+                started = time.monotonic()
+                later = asyncio.ensure_future(other.apply_update(settled(2)))
+                await asyncio.sleep(0.3)
+                assert not later.done()
+                await asyncio.wait_for(later, 10)  # the server ended the idle session
+                assert time.monotonic() - started < 5
+
+        with pytest.raises(StoreError, match="commit"):
+            await stop_in_a_transaction()
+        states = [await other.get_invoice(payment_hash(n)) for n in (1, 2)]
+        assert [record and record.state for record in states] == [
+            InvoiceState.OPEN,
+            InvoiceState.SETTLED,
+        ]
+        assert await stuck.get_cursor() == Cursor()  # the pool replaced the ended connection
+    finally:
+        await stuck.close()
+        await other.close()
+
+
+async def test_the_sessions_give_up_on_a_vanished_peer(url: str) -> None:
+    store = await PostgresStore.open(url)
+    names = (*postgres_store.SESSION_SETTINGS, "idle_in_transaction_session_timeout")
+    try:
+        shown = {name: await store._pool.fetchval(f"SHOW {name}") for name in names}
+    finally:
+        await store.close()
+    assert shown == {
+        "tcp_keepalives_idle": "10",
+        "tcp_keepalives_interval": "5",
+        "tcp_keepalives_count": "3",
+        "tcp_user_timeout": "30000",
+        "idle_in_transaction_session_timeout": "15s",
+    }
+
+
 async def test_migrations_run_once_when_instances_start_together(url: str) -> None:
     opened = await asyncio.gather(*(PostgresStore.open(url) for _ in range(4)))
     try:
@@ -205,6 +261,77 @@ async def test_the_pool_connections_are_shared_by_the_stores_calls(url: str) -> 
         await store.close()
     with pytest.raises(ValueError, match="connections"):
         await PostgresStore.open(url, min_connections=3, max_connections=2)
+
+
+async def test_expired_reservations_released_at_once_by_two_instances_never_deadlock(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """Passes take reservations apart (SKIP LOCKED) but share accounts: they lock them in one
+    order."""
+    first, _ = stores
+    tokens = [hashlib.sha256(b"account %d" % n).digest() for n in range(40)]
+    expiries = random.Random(7).sample(range(1000), 1000)  # each pass: accounts in any order
+    reservations = [(tokens[n % len(tokens)], 1000, START + e) for n, e in enumerate(expiries)]
+    connection = await asyncpg.connect(first._url)
+    try:
+        await connection.executemany(
+            "INSERT INTO accounts VALUES ($1, 'weather', 100000, 0, 25000, 0, $2, NULL)",
+            [(token, START) for token in tokens],
+        )
+        await connection.executemany(
+            "INSERT INTO reservations (token_id, amount_msat, expires_at) VALUES ($1, $2, $3)",
+            reservations,
+        )
+    finally:
+        await connection.close()
+
+    async def release(store: PostgresStore, limit: int) -> int:
+        released = 0
+        while batch := await store.release_expired_reservations(START + 1000, limit):
+            released += batch
+        return released
+
+    counts = await asyncio.gather(
+        *(release(store, limit) for limit in (37, 50, 61, 80) for store in stores)
+    )
+    assert sum(counts) == len(reservations)
+    assert await sql(first._url, "SELECT sum(reserved_msat) FROM accounts") == 0
+
+
+async def test_text_is_listed_in_code_point_order_whatever_the_collation(
+    postgres_server: PostgresServer,
+) -> None:
+    """As SQLite lists it: on a database whose collation puts "_" before "a" before "B"."""
+    name = "test_collation_en_us"
+    postgres_server.drop_database(name)
+    postgres_server.execute(
+        f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C.UTF-8' "
+        "LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+    )
+    url = postgres_server.url(name)
+    names = ["a", "B", "_"]
+    ordered = sorted(names)  # by code point: B, _, a
+    try:
+        unsorted = "SELECT string_agg(x, '' ORDER BY x) FROM unnest($1::text[]) AS x"
+        assert await sql(url, unsorted, names) == "_aB"  # the database's own order differs
+        store = await PostgresStore.open(url)
+        endpoints = dict.fromkeys(names, frozenset(WEBHOOK_EVENT_TYPES))
+        try:
+            await store.fan_out_webhook_events(endpoints, START, 0)  # registers the endpoints
+            for n, service in enumerate(names, 1):
+                await store.add_invoice(replace(invoice(n), service=service))
+                await store.apply_update(settled(n))
+            totals = await store.invoice_totals()
+            assert [total.service for total in totals] == ordered
+            buckets = await store.revenue(0.0, 3600)
+            assert [bucket.service for bucket in buckets] == ordered
+            await store.fan_out_webhook_events(endpoints, START, 100)
+            newest = await store.list_webhook_deliveries(limit=3)
+            assert [delivery.endpoint for delivery in newest] == ordered
+        finally:
+            await store.close()
+    finally:
+        postgres_server.drop_database(name)
 
 
 # --- transactions ----------------------------------------------------------------------------
@@ -392,6 +519,47 @@ async def test_the_password_is_never_shown(url: str) -> None:
     assert "no_such_database" in str(failed.value)
     assert "hunter2" not in str(failed.value)
     assert failed.value.__suppress_context__  # nor in the asyncpg error behind it
+
+
+@pytest.mark.parametrize(
+    "spoiled",
+    [
+        lambda url: with_password(url, "hunter2/x"),  # misread: refused before the driver
+        # The driver's message quotes the value ("expected to be one of ..., got ...").
+        lambda url: with_password(url, "hunter2") + "?target_session_attrs=bogus",
+    ],
+)
+async def test_a_url_the_driver_cannot_read_is_refused_without_its_secrets(
+    url: str, spoiled: Callable[[str], str]
+) -> None:
+    """The driver's own message may quote the URL: neither it nor the error behind it is
+    kept."""
+    for min_connections in (1, 0):  # with none, the driver reads the URL at the first acquire
+        with pytest.raises(StoreError, match="percent-encode") as refused:
+            await PostgresStore.open(spoiled(url), min_connections=min_connections)
+        assert "hunter2" not in str(refused.value)
+        assert "expected" not in str(refused.value)
+        assert refused.value.__cause__ is None
+        assert refused.value.__context__ is None
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://gateway:pw@db:5432/l402", "postgresql://db:5432/l402"),
+        (
+            "postgres://gateway@db/l402?password=pw&sslmode=require",
+            "postgres://db/l402?sslmode=require",
+        ),
+        ("postgresql://gateway:pw/x@db/l402", "postgresql://..."),
+        ("postgresql://gateway:p@w@db/l402", "postgresql://..."),
+        ("postgresql://gateway:p?w@db/l402", "postgresql://..."),
+        ("postgresql://gateway:p#w@db/l402", "postgresql://..."),
+        ("postgresql://gateway:p[w@db/l402", "postgresql://..."),
+    ],
+)
+def test_a_displayed_url_has_no_user_part(url: str, shown: str) -> None:
+    assert postgres_store.display_url(url) == shown
 
 
 async def test_read_only_reads_and_refuses_writes(url: str) -> None:
