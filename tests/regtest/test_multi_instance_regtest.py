@@ -2,17 +2,21 @@
 balancer: each request goes to an instance picked at random.
 
 - a token bought on one instance works on the others;
+- a credit balance bought on one is spent from all three at once, never past its balance;
 - a revocation made with one instance's configuration is honoured by all within
   ``root_key_cache_seconds``;
 - the client's challenge budget is global: across the three it holds within a small margin
   (three budgets of their own would let through three times as many);
 - SIGKILLing the instance that runs the settlement watcher while payments settle loses no
-  settlement: another instance takes the lead within seconds and records every one.
+  settlement: another instance takes the lead within seconds and records every one, and the
+  webhook endpoint all three share gets every settlement's event, signed (once, or again
+  after the kill: receivers dedupe on webhook-id).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import random
 import re
@@ -20,7 +24,7 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -31,6 +35,7 @@ from aiohttp import web
 from gateway.lnd.client import LndClient
 from gateway.ports import InvoiceState, PaymentHash
 from gateway.store.postgres import PostgresStore
+from gateway.webhooks import verify_delivery
 from regtest.network import Network
 from regtest.processes import free_ports, wait_for_http
 from tests.postgres_server import PostgresServer
@@ -47,9 +52,11 @@ pytestmark = [pytest.mark.regtest, pytest.mark.postgres]
 
 INSTANCES = 3
 PRICE_MSAT = 2_000
+CREDIT_REQUESTS = 10  # what a credit purchase pays for
 CACHE_SECONDS = 2.0  # root_key_cache_seconds: how stale a revocation may be elsewhere
 RATE, BURST = 2.0, 5  # each client's challenge budget, meant to be global
 LEADER_CHECK = 0.5
+SECRET = "whsec_" + base64.b64encode(b"multi-instance webhook secret 32").decode()
 # What the instances log when they gain the lead (gateway.leader).
 LEADING = re.compile(r"leader: this instance now runs")
 
@@ -67,9 +74,26 @@ class Instance:
 
 
 @dataclass
+class Deliveries:
+    """What the shared webhook endpoint got: (webhook-id, event type, payment hash), verified."""
+
+    got: list[tuple[str, str, str]] = field(default_factory=list)
+
+    async def receive(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        event = verify_delivery(SECRET, dict(request.headers), body)
+        data = event["data"]
+        assert isinstance(data, dict)
+        payment_hash = str(data.get("payment_hash", ""))
+        self.got.append((request.headers["webhook-id"], str(event["type"]), payment_hash))
+        return web.Response(status=204)
+
+
+@dataclass
 class Cluster:
     instances: list[Instance]
     store_url: str
+    deliveries: Deliveries
 
     def any(self) -> Instance:
         return random.choice([i for i in self.instances if i.process.poll() is None])
@@ -97,8 +121,13 @@ async def _backend() -> web.Application:
     return app
 
 
-def _config(network: Network, workdir: Path, port: int, upstream: str, store_url: str) -> Path:
+def _config(
+    network: Network, workdir: Path, port: int, upstream: str, store_url: str, receiver: str
+) -> Path:
     macaroon = bake_gateway_macaroon(network, workdir / "gateway.macaroon")
+    secret_file = workdir / "shop.whsec"
+    secret_file.write_text(SECRET + "\n")
+    secret_file.chmod(0o600)
     config = workdir / "gateway.toml"
     config.write_text(
         f"""
@@ -119,9 +148,23 @@ root_key_cache_seconds = {CACHE_SECONDS}
 [rate_limit]
 challenges_per_second = {RATE}
 burst = {BURST}
+[webhooks]
+initial_backoff = 0.5
+poll_interval = 0.2
+[[webhook]]
+name = "shop"
+url = "{receiver}/hooks"
+events = ["invoice.settled"]
+secret_file = "{secret_file}"
 [[routes]]
 pattern = "/health"
 free = true
+[[routes]]
+pattern = "/api/credit/*"
+service = "credit"
+price_msat = {PRICE_MSAT}
+billing = "credit"
+credit_msat = {CREDIT_REQUESTS * PRICE_MSAT}
 [[routes]]
 pattern = "/api/paid/*"
 service = "paid"
@@ -137,20 +180,23 @@ async def cluster(
 ) -> AsyncIterator[Cluster]:
     store_url = postgres_server.create_database("multi_instance")
     workdir = tmp_path_factory.mktemp("instances")
-    async with serving(await _backend()) as upstream:
+    deliveries = Deliveries()
+    hooks = web.Application()
+    hooks.router.add_post("/hooks", deliveries.receive)
+    async with serving(await _backend()) as upstream, serving(hooks) as receiver:
         instances: list[Instance] = []
         try:
             for n, port in enumerate(free_ports(INSTANCES)):
                 home = workdir / f"instance-{n}"
                 home.mkdir()
-                config = _config(network, home, port, upstream, store_url)
+                config = _config(network, home, port, upstream, store_url, receiver)
                 log = home / "serve.log"
                 instances.append(
                     Instance(f"http://127.0.0.1:{port}", config, log, start_serve(config, log))
                 )
             for instance in instances:
                 await wait_for_http(instance.url + "/health", instance.process, instance.log)
-            yield Cluster(instances, store_url)
+            yield Cluster(instances, store_url, deliveries)
         finally:
             for instance in instances:
                 if instance.process.poll() is None:
@@ -198,6 +244,48 @@ async def test_a_token_bought_on_one_instance_works_on_the_others(
         authorization, _ = await _buy(session, cluster, bob, network, "198.51.100.1")
         statuses = [await _status(session, i, authorization) for i in cluster.instances]
     assert statuses == [200] * INSTANCES
+
+
+async def test_a_credit_balance_is_spent_from_every_instance_at_once_never_past_it(
+    cluster: Cluster, bob: LndClient, network: Network
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        response = await _challenge(session, cluster.any(), "198.51.100.3", "/api/credit/q")
+        assert response.status == 402, response.status
+        challenge = l402_challenge(response.headers)
+        authorization = await pay(bob, network, challenge)
+        payment_hash = (await bob.decode_payment_request(challenge.invoice)).payment_hash
+        store = await PostgresStore.open(cluster.store_url)
+        try:
+            record = await store.get_invoice(PaymentHash(payment_hash))
+            assert record is not None
+            # Credited when the leader's watcher records the settlement.
+            for _ in range(200):
+                account = await store.get_account(record.token_id)
+                if account is not None and account.credited_msat:
+                    break
+                await asyncio.sleep(0.05)
+
+            async def spend(instance: Instance) -> int:
+                headers = {"Authorization": authorization, "X-Forwarded-For": "198.51.100.3"}
+                async with session.get(instance.url + "/api/credit/q", headers=headers) as answer:
+                    await answer.read()
+                    return answer.status
+
+            # Four times the balance, from all three instances at once.
+            statuses = await asyncio.gather(
+                *(spend(cluster.instances[n % INSTANCES]) for n in range(4 * CREDIT_REQUESTS))
+            )
+            account = await store.get_account(record.token_id)
+        finally:
+            await store.close()
+    assert statuses.count(200) == CREDIT_REQUESTS, statuses
+    # Past the balance: 402 with a top-up challenge, or 429 once the client's (global)
+    # challenge budget is spent too.
+    assert set(statuses) <= {200, 402, 429}, statuses
+    assert account is not None
+    assert account.spent_msat == account.credited_msat == CREDIT_REQUESTS * PRICE_MSAT
+    assert account.reserved_msat == 0
 
 
 async def test_a_revocation_is_honoured_by_every_instance_within_the_cache_delay(
@@ -293,6 +381,19 @@ async def test_killing_the_leader_while_payments_settle_loses_no_settlement(
         finally:
             await store.close()
         assert states == [InvoiceState.SETTLED] * payments, states
+        # Every settlement's event reached the endpoint, whichever instance led.
+        wanted = {h.hex() for h in hashes}
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            delivered = {h for _, kind, h in cluster.deliveries.got if kind == "invoice.settled"}
+            if wanted <= delivered:
+                break
+            await asyncio.sleep(0.1)
+        assert wanted <= delivered, wanted - delivered
+        ids = [(i, h) for i, _, h in cluster.deliveries.got if h in wanted]
+        # One event per settlement: a repeat (after the kill) has the same webhook-id.
+        assert len({i for i, _ in ids}) == payments, ids
+        print(f"{len(ids)} deliveries for {payments} settlement events")
         # The tokens work on the instances still running.
         for authorization in authorizations:
             assert await _status(session, cluster.any(), authorization) == 200

@@ -31,7 +31,7 @@ from gateway.ports import (
 )
 from gateway.store import PostgresStore, open_store
 from gateway.store import postgres as postgres_store
-from gateway.store.postgres_schema import LATEST
+from gateway.store.postgres_schema import LATEST, ROLE_GRANTS
 from tests.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.postgres
@@ -622,3 +622,40 @@ async def test_a_rate_bucket_holds_one_budget_across_instances(
     assert await first.prune_rate_buckets(START + 500, 10) == 1  # "other" was idle
     assert await first.prune_rate_buckets(START + 2000, 10) == 1
     assert await first.take_rate_token("client", rate, burst, START + 2000) == (0.0, 4.0)
+
+
+async def test_the_documented_least_privilege_role_migrates_and_runs_the_store(
+    postgres_server: PostgresServer,
+) -> None:
+    """``ROLE_GRANTS`` (the README's role) as written: a role that is no superuser and owns
+    one schema migrates it and uses the store; its tables land in that schema."""
+    before, _, after = ROLE_GRANTS.partition("\\connect l402\n")
+    # One statement per psql call: CREATE DATABASE refuses to run inside a transaction.
+    for statement in filter(None, (part.strip() for part in before.split(";"))):
+        postgres_server.execute(statement)
+    try:
+        for statement in filter(None, (part.strip() for part in after.split(";"))):
+            postgres_server.execute(statement, "l402")
+        role_url = f"postgresql://l402_gateway@127.0.0.1:{postgres_server.port}/l402"
+        store = await PostgresStore.open(role_url)
+        try:
+            await store.add_invoice(invoice(1))
+            assert (await store.get_invoice(payment_hash(1))) == invoice(1)
+        finally:
+            await store.close()
+        assert (
+            postgres_server.execute(
+                "SELECT schemaname, tableowner FROM pg_tables WHERE tablename = 'invoices'", "l402"
+            )
+            == "l402|l402_gateway"
+        )
+        assert (
+            postgres_server.execute(
+                "SELECT rolsuper OR rolcreatedb OR rolcreaterole FROM pg_roles "
+                "WHERE rolname = 'l402_gateway'"
+            )
+            == "f"
+        )
+    finally:
+        postgres_server.drop_database("l402")
+        postgres_server.execute("DROP ROLE IF EXISTS l402_gateway")
