@@ -69,7 +69,13 @@ _KEEPALIVE_IDLE = 5
 _KEEPALIVE_COUNT = 3
 _FAILED_CHECKS = 2
 # What can fail on the dedicated connection: the server, the driver, the network, a timeout.
-_CONNECTION_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_CONNECTION_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 
 
 class Lease(Protocol):
@@ -268,14 +274,31 @@ class Leadership:
             while True:
                 await self._lease.acquire()
                 log.info("leader: this instance now runs the watcher")
+                term = Supervisor(self._clock)
+                self._term = term
                 try:
-                    async with Supervisor(self._clock) as term:
-                        self._term = term
-                        await self._begin(term)
-                        await self._lease.lost()
+                    await self._begin(term)
+                    await self._lease.lost()
                 finally:
                     self._term = None
+                    await _stop_through_cancellation(term)
                 await self._lease.release()
                 log.warning("leader: this instance lost leadership; its singleton tasks stopped")
         finally:
             await self._lease.release()
+
+
+async def _stop_through_cancellation(term: Supervisor) -> None:
+    """Stop ``term``'s tasks and wait until they have all ended, even when the caller is
+    cancelled meanwhile (again): the lease must not be let go while they still run. A
+    cancellation that arrived is raised once they have."""
+    stopping = asyncio.ensure_future(term.stop())
+    cancelled = False
+    while not stopping.done():
+        try:
+            await asyncio.shield(stopping)
+        except asyncio.CancelledError:
+            cancelled = True
+    stopping.result()
+    if cancelled:
+        raise asyncio.CancelledError

@@ -262,7 +262,10 @@ def postgres_url_problem(url: str) -> str | None:
         return "it is not a valid URL"
     if "#" in url:
         return "it has a '#'"
-    if parts.netloc.count("@") > 1 or "@" in parts.path + parts.query:
+    # A spilled password leaves the host part without its "@": only then is one further on
+    # suspect (a query value may hold one, say a credential path of a systemd template unit).
+    spilled = "@" not in parts.netloc and "@" in parts.path + parts.query
+    if parts.netloc.count("@") > 1 or spilled:
         return "it has an '@' that does not end the user part"
     hosts = parts.netloc.rpartition("@")[2]
     # asyncpg also takes a comma-separated list of hosts, each with a port of its own.
@@ -271,7 +274,5 @@ def postgres_url_problem(url: str) -> str | None:
             urllib.parse.urlsplit(f"//{host}").port  # noqa: B018 - it raises if not a port
         except ValueError:
             return "its port is not a number from 0 to 65535"
-    named = any(name == "host" for name, _ in urllib.parse.parse_qsl(parts.query))
-    if not parts.hostname and not named:
-        return "it names no host (a unix socket: ?host=/path/to/directory)"
+    # No host is fine: the driver takes PGHOST, or the local socket, as libpq does.
     return None

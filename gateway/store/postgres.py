@@ -1218,7 +1218,7 @@ class PostgresStore(_PostgresOperations):
                     url,
                     min_size=min_connections,
                     max_size=max_connections,
-                    server_settings=settings,
+                    init=functools.partial(_set_session, settings=settings),
                     reset=_keep_session,
                 ),
                 where,
@@ -1395,31 +1395,36 @@ class PostgresStore(_PostgresOperations):
             await self._pool.close()
 
 
+async def _set_session(connection: asyncpg.Connection, settings: Mapping[str, str]) -> None:
+    """The session settings of a new pooled connection, set once it is open rather than sent
+    as startup parameters, which PgBouncer refuses (but for a few of its own)."""
+    await connection.execute(
+        "SELECT set_config(name, value, false)"
+        " FROM unnest($1::text[], $2::text[]) AS s(name, value)",
+        list(settings),
+        list(settings.values()),
+    )
+
+
 async def _keep_session(connection: asyncpg.Connection) -> None:
     """The pool's reset of a connection it takes back: nothing beyond the driver's own, which
     rolls back an open transaction. Its default also runs ``RESET ALL``, ``CLOSE ALL``,
     ``UNLISTEN *`` and unlocks session advisory locks, a round trip per call that costs the
-    server a third of its CPU per challenge; the store sets no session state, opens no cursor,
-    listens to nothing and takes only transaction-scoped locks (leadership's session lock is
-    on a connection outside the pool)."""
+    server a third of its CPU per challenge, and would undo ``_set_session``. The store sets
+    nothing else in a session, opens no cursor, listens to nothing and takes only
+    transaction-scoped locks (leadership's session lock is on a connection outside the pool)."""
 
 
 def display_url(url: str) -> str:
-    """``url`` without its user part and password query parameters: what messages and logs may
-    show. One the driver would misread (``postgres_url_problem``: a password may have spilled
-    into any part of it) is shown as ``postgresql://...``."""
-    if postgres_url_problem(url) is not None:
+    """``url`` without its user part: what messages and logs may show. One the driver would
+    misread (``postgres_url_problem``: a password may have spilled into any part of it), or
+    with a password parameter (an unencoded "&" in it would leave part of it as a parameter
+    name), is shown as ``postgresql://...``."""
+    if postgres_url_problem(url) is not None or "password" in url.lower():
         return "postgresql://..."
     parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    query = urllib.parse.urlencode(
-        [
-            (name, value)
-            for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-            if "password" not in name.lower()
-        ]
-    )
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}{query}"
 
 
 async def _reading_url(step: Awaitable[T], where: str) -> T:

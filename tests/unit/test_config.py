@@ -614,7 +614,7 @@ def test_unsupported_store_urls_are_refused_at_load(
         ("postgresql://gateway:hunter2[@db/l402", "not a valid URL"),
         ("postgresql://gateway@db:hunter2/l402", "port is not a number"),
         ("postgresql://gateway@db:5432,db2:hunter2/l402", "port is not a number"),
-        ("postgres://gateway:hunter2@/l402", "names no host"),
+        ("postgresql://db/l402?user=gateway:hunter2@x", "'@' that does not end"),
     ],
 )
 def test_a_postgres_url_the_driver_would_misread_is_refused_without_its_secret(
@@ -658,6 +658,9 @@ def test_an_empty_store_url_from_the_environment_is_refused() -> None:
                 "postgresql:///l402?host=/run/postgresql",  # a unix socket
                 "postgresql://gateway@db1:5432,db2:5433/l402",  # asyncpg's host list
                 "postgresql://gateway@[::1]:5432/l402",
+                "postgresql:///l402",  # the host from PGHOST, or the local socket
+                # an "@" in a parameter, after the user part (a systemd template's credential)
+                "postgresql://gateway@db/l402?sslrootcert=/run/credentials/gw@1.service/ca.pem",
             )
         ),
     ],

@@ -160,6 +160,31 @@ async def test_the_lease_is_released_only_once_the_singletons_have_stopped() -> 
     assert lease.log == ["stopped", "released", "stopped", "released"]
 
 
+async def test_a_second_cancellation_does_not_release_the_lease_before_the_tasks_stop() -> None:
+    lease = FakeLease()
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0.1)  # the hold executor finishing a request
+            lease.log.append("stopped")
+
+    async def begin(term: Supervisor) -> None:
+        term.start("l402-hold-executor", slow_to_stop)
+
+    leadership = Leadership(lease, begin)
+    run = asyncio.create_task(leadership.run())
+    lease.grant()
+    await _until(lambda: leadership.leading() is True)
+    run.cancel()
+    await asyncio.sleep(0.02)
+    run.cancel()  # again, while the tasks are stopping
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert lease.log == ["stopped", "released"]
+
+
 async def test_a_failure_to_begin_releases_the_lease_and_ends_the_run() -> None:
     lease = FakeLease()
     lease.grant()

@@ -506,7 +506,7 @@ async def test_the_password_is_never_shown(url: str) -> None:
         await store.close()
     reader = await PostgresStore.open(f"{secret}?password=hunter2&sslmode=disable", read_only=True)
     try:
-        assert reader.url_for_display.endswith("?sslmode=disable")
+        assert reader.url_for_display == "postgresql://..."  # a password parameter
         with pytest.raises(StoreError) as refused:
             await reader.add_invoice(invoice(1))
         assert "add_invoice" in str(refused.value)
@@ -547,10 +547,10 @@ async def test_a_url_the_driver_cannot_read_is_refused_without_its_secrets(
     ("url", "shown"),
     [
         ("postgresql://gateway:pw@db:5432/l402", "postgresql://db:5432/l402"),
-        (
-            "postgres://gateway@db/l402?password=pw&sslmode=require",
-            "postgres://db/l402?sslmode=require",
-        ),
+        ("postgres://gateway@db/l402?sslmode=require", "postgres://db/l402?sslmode=require"),
+        ("postgresql:///l402?host=/run/postgresql", "postgresql:///l402?host=/run/postgresql"),
+        ("postgres://gateway@db/l402?password=pw&sslmode=require", "postgresql://..."),
+        ("postgres://gateway@db/l402?password=ab&cd", "postgresql://..."),
         ("postgresql://gateway:pw/x@db/l402", "postgresql://..."),
         ("postgresql://gateway:p@w@db/l402", "postgresql://..."),
         ("postgresql://gateway:p?w@db/l402", "postgresql://..."),
