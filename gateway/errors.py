@@ -15,7 +15,9 @@ core ones here, the paying client's in :mod:`gateway.client.errors`::
     │   ├── BackendBadRequest         the node rejected the arguments
     │   │   └── InvoiceAlreadyExists  an invoice with this payment hash exists
     │   ├── InvoiceNotFound           no invoice with that payment hash
-    │   └── PaymentFailed             the payment ended FAILED (``reason`` says why)
+    │   ├── PaymentFailed             the payment ended FAILED (``reason`` says why)
+    │   └── PayoutDestinationError    a payee's LNURL-pay service gave no usable invoice
+    │                                 (``reason`` says why)
     ├── EventsLost                    an event subscriber fell behind and was cut off
     │                                 (in :mod:`gateway.events`)
     ├── WebhookRejected               a webhook delivery failed verification: signature,
@@ -100,6 +102,17 @@ class PaymentFailed(BackendError):
         super().__init__(f"payment {payment_hash.hex()} failed: {reason}")
         self.reason = reason
         self.payment_hash = payment_hash
+
+
+class PayoutDestinationError(BackendError):
+    """A payee's destination cannot be paid now: its LNURL-pay service (or Lightning
+    Address) did not answer, or answered with something unusable (a wrong amount, a
+    description hash that is not the metadata's, a redirect to another host...). ``reason``
+    is fixed text naming the problem, safe to log (it names no secret)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class WebhookRejected(GatewayError):

@@ -181,6 +181,21 @@ class SystemClock:
 
 
 @dataclass(frozen=True, slots=True)
+class Share:
+    """One payee's part of every payment on a route: ``ppm`` parts per million of it, plus
+    ``fixed_msat`` per payment (either may be 0, not both). ``gateway.splits`` allocates
+    and checks them."""
+
+    payee: str
+    ppm: int = 0
+    fixed_msat: Msat = Msat(0)
+
+
+# A route's shares, in config order; () = no split: the merchant keeps everything.
+Split = tuple[Share, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class InvoiceRecord:
     """An invoice the gateway issued for a challenge, as the store tracks it."""
 
@@ -201,6 +216,9 @@ class InvoiceRecord:
     # Credit bought for the account of ``token_id``: settling it credits the account (in the
     # same write as the state, once per payment hash: SETTLED is final).
     buys_credit: bool = False
+    # The route's split when the invoice was issued: settling an invoice that buys no credit
+    # credits each payee's share to the ledger in the same write (``Store.apply_update``).
+    split: Split = ()
 
     def updated(self, update: InvoiceUpdate) -> InvoiceRecord:
         """This record after ``update``; itself when its state may not become the update's.
@@ -354,6 +372,72 @@ class CreditTotals:
     outstanding_msat: Msat  # the balances: what the operator owes the holders
 
 
+class PayoutState(enum.Enum):
+    PENDING = "PENDING"  # debited from the payee's accrued; the payment may be under way
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"  # definitely not paid: the debit went back to accrued
+
+
+@dataclass(frozen=True, slots=True)
+class Payout:
+    """A payee's accrued shares paid out to them (``Store.begin_payout``)."""
+
+    payment_hash: PaymentHash
+    payee: str
+    # The node pubkey (hex, keysend), or the Lightning Address / LNURL the invoice came from.
+    destination: str
+    payment_request: str  # the BOLT11 invoice fetched by LNURL-pay; "" for keysend
+    amount_msat: Msat  # what the payee receives
+    fee_reserve_msat: Msat  # the payment's routing fee limit
+    # True: amount and fee reserve are debited from the payee's accrued (the reserve the fee
+    # did not use goes back); False: only the amount (the merchant bears the fee).
+    payee_pays_fee: bool
+    state: PayoutState
+    created_at: float
+    fee_msat: Msat = Msat(0)  # the routing fee paid, once SUCCEEDED
+    resolved_at: float | None = None
+    failure: str = ""  # why it FAILED (fixed text from the node or the worker)
+
+    @property
+    def debit_msat(self) -> Msat:
+        """What ``begin_payout`` moves from the payee's accrued to pending."""
+        return Msat(self.amount_msat + (self.fee_reserve_msat if self.payee_pays_fee else 0))
+
+
+@dataclass(frozen=True, slots=True)
+class PayeeBalance:
+    """One payee's running totals in the ledger (a row from its first share on)."""
+
+    payee: str
+    earned_msat: Msat  # every share credited to the payee
+    paid_msat: Msat  # the amounts SUCCEEDED payouts delivered
+    fees_msat: Msat  # the routing fees the payee bore (``payee_pays_fee``)
+    pending_msat: Msat  # debited by PENDING payouts
+    merchant_fees_msat: Msat  # the routing fees the merchant bore for this payee's payouts
+    last_payout_at: float | None  # ``created_at`` of the latest SUCCEEDED payout
+
+    @property
+    def accrued_msat(self) -> Msat:
+        """What the payee is owed and no payout is under way for."""
+        return Msat(self.earned_msat - self.paid_msat - self.fees_msat - self.pending_msat)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitTotals:
+    """The whole split ledger. It reconciles: ``received = kept + earned`` and
+    ``earned = paid + payee_fees + pending + accrued``, so ``received = (kept -
+    merchant_fees) + paid + pending + accrued + payee_fees + merchant_fees``."""
+
+    received_msat: Msat  # what payments on split routes brought in (settlements, charges)
+    kept_msat: Msat  # the merchant's part of it (before the routing fees the merchant bore)
+    earned_msat: Msat  # the payees' part of it
+    paid_msat: Msat
+    pending_msat: Msat
+    accrued_msat: Msat
+    payee_fees_msat: Msat
+    merchant_fees_msat: Msat
+
+
 class HeldState(enum.Enum):
     """Where a pay-on-success request (``settle = "on_success"``) stands. Its invoice is a
     hold invoice: the payer's HTLC is held while the stored request runs once, then the
@@ -456,6 +540,8 @@ WEBHOOK_EVENT_TYPES = frozenset(
         "request.settled",  # a pay-on-success request's hold invoice settled
         "request.refunded",  # ... cancelled: the payer paid nothing
         "credit.withdrawn",  # a withdrawal succeeded
+        "payout.succeeded",  # a payee's payout succeeded
+        "payout.failed",  # ... failed: the amount is accrued again
     }
 )
 
@@ -479,7 +565,8 @@ class WebhookEvent:
 
     event_id: int
     type: str
-    resource: str  # what orders its events: "invoice:<hash hex>", "account:<token id hex>"
+    # What orders its events: "invoice:<hash hex>", "account:<token id hex>", "payee:<name>".
+    resource: str
     payload: str
     created_at: float
     # 32 random hex digits given at insert, never reused (unlike ``event_id``, which a
@@ -723,13 +810,23 @@ class StoreOperations(Protocol):
         released)."""
 
     async def settle_reservation(
-        self, reservation_id: int, charged_msat: Msat, method: str, path: str
+        self,
+        reservation_id: int,
+        charged_msat: Msat,
+        method: str,
+        path: str,
+        *,
+        split: Split = (),
     ) -> Msat | None:
         """End a reservation: charge ``charged_msat`` (at most the amount reserved; 0 releases
         it all) and record the charge, if not 0, in the account's usage; returns the balance
         after. None when the reservation is gone (released by the sweeper): nothing changes.
         Written even when the caller is cancelled while it waits (its client left after being
         served).
+
+        A charge (not 0) on a route with a ``split`` credits each payee's share to the split
+        ledger in the same write, once (source ``charge:<reservation id>``), as
+        ``apply_update`` does for a settled invoice.
         """
 
     async def release_expired_reservations(self, now: float, limit: int) -> int:
@@ -772,6 +869,55 @@ class StoreOperations(Protocol):
         limit: int | None = None,
     ) -> list[Withdrawal]:
         """Newest first, optionally only those in ``state`` or of ``token_id``."""
+
+    # Revenue splits. The ledger is written with what it records, in the same write:
+    # ``apply_update`` settling an invoice with a ``split`` (one that buys no credit) and
+    # ``settle_reservation`` charging with one credit the shares of ``gateway.splits.allocate``
+    # (one entry per payee share above 0, one with the merchant's part, which gets every
+    # rounding remainder) and add them to the payees' ``earned_msat``, once per payment. A
+    # payee's accrued never goes negative: a debit it does not cover is refused as a whole,
+    # atomically, across processes and instances.
+
+    async def begin_payout(self, payout: Payout) -> bool:
+        """Debit ``payout.debit_msat`` (the amount, plus the fee reserve when the payee pays
+        the fee) from the payee's accrued into its pending and record the PENDING ``payout``,
+        in one write; True when done. False when the accrued does not cover it (or the payee
+        has no row, never having earned anything): nothing is written. A payment hash already
+        recorded raises ``StoreError``; a payout not PENDING, without a payee, or with an
+        amount below 1 or a negative fee reserve, ``ValueError``."""
+
+    async def finish_payout(
+        self,
+        payment_hash: PaymentHash,
+        state: PayoutState,
+        fee_msat: Msat,
+        now: float,
+        failure: str = "",
+    ) -> Payout | None:
+        """Resolve a PENDING payout, with its webhook event (``payout.succeeded`` or
+        ``payout.failed``) in the same write. SUCCEEDED: its debit leaves pending, the amount
+        is paid, ``fee_msat`` (at most the fee reserve, else ``StoreError``) is the payee's
+        fee when it pays the fee, the merchant's otherwise (the unused reserve is accrued
+        again); ``last_payout_at`` becomes its ``created_at`` if later. FAILED: the debit is
+        accrued again, ``failure`` kept, no fee. Once only: a payout no longer PENDING is
+        returned unchanged. None when the hash is unknown; ``ValueError`` for PENDING."""
+
+    async def get_payee(self, payee: str) -> PayeeBalance | None: ...
+
+    async def list_payees(self) -> list[PayeeBalance]:
+        """Every payee with a row (one that ever earned a share), by name."""
+
+    async def list_payouts(
+        self,
+        payee: str | None = None,
+        state: PayoutState | None = None,
+        limit: int | None = None,
+    ) -> list[Payout]:
+        """Newest first, optionally only those of ``payee`` or in ``state``."""
+
+    async def split_totals(self) -> SplitTotals:
+        """The whole ledger, read in one snapshot: its identities hold even while others
+        write (``SplitTotals``)."""
 
     # Pay-on-success requests (``settle = "on_success"`` routes): the state moves only by
     # ``HeldState.may_become``; each move is one atomic write, safe across processes.
@@ -832,10 +978,10 @@ class StoreOperations(Protocol):
         """Delete at most ``limit`` final held requests whose ``keep_until`` is before
         ``now``; returns how many. Their invoices and root keys stay (``prune_unpaid``'s)."""
 
-    # Webhooks (``gateway.webhooks``). ``apply_update``, ``move_held_request`` and
-    # ``finish_withdrawal`` write the events of their changes (``WEBHOOK_EVENT_TYPES``) in
-    # the same write, whatever the configuration; these fan them out to the endpoints and
-    # record each delivery.
+    # Webhooks (``gateway.webhooks``). ``apply_update``, ``move_held_request``,
+    # ``finish_withdrawal`` and ``finish_payout`` write the events of their changes
+    # (``WEBHOOK_EVENT_TYPES``) in the same write, whatever the configuration; these fan
+    # them out to the endpoints and record each delivery.
 
     async def fan_out_webhook_events(
         self, subscriptions: Mapping[str, frozenset[str]], now: float, limit: int
@@ -916,7 +1062,8 @@ class StoreOperations(Protocol):
 
 class Store(StoreOperations, Protocol):
     """Durable state: token root keys, issued invoices, the watcher's cursor, credit
-    accounts with their reservations, charges and withdrawals, and pay-on-success requests."""
+    accounts with their reservations, charges and withdrawals, pay-on-success requests, the
+    split ledger with its payouts, and the webhook outbox."""
 
     def transaction(self) -> AbstractAsyncContextManager[StoreOperations]:
         """A unit of work: ``async with store.transaction() as tx:``, then ``tx``'s reads and

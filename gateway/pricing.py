@@ -24,7 +24,8 @@ import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from gateway.ports import Msat
+from gateway.ports import Msat, Split
+from gateway.splits import split_problem
 
 # What the caveats can carry: an HTTP token for methods, no blank or comma in a capability.
 _METHOD_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -130,6 +131,10 @@ class Rule:
     # the backend answers a success (any 2xx, or one of ``settle_statuses`` when given).
     settle_on_success: bool = False
     settle_statuses: frozenset[int] = frozenset()
+    # Revenue split: each payment's shares for other payees (``gateway.splits.allocate``),
+    # credited to the ledger when the invoice settles or, on a credit route, when a request
+    # is charged; () keeps all of it.
+    split: Split = ()
     _compiled: re.Pattern[str] = field(init=False, repr=False, compare=False)
     _folded: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
@@ -161,6 +166,11 @@ class Rule:
                 raise ValueError(
                     f"route {self.pattern!r}: settle status {status} must be 200 to 499"
                 )
+        if self.split and self.free:
+            raise ValueError(f"route {self.pattern!r}: a split needs a price")
+        problem = split_problem(self.split)
+        if problem is not None:
+            raise ValueError(f"route {self.pattern!r}: split: {problem}")
         for capability in self.capabilities:
             if not _CAPABILITY_RE.fullmatch(capability) or not capability.isprintable():
                 raise ValueError(

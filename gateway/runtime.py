@@ -11,6 +11,10 @@ one process that leads the store (``gateway.leader``). On a store with shared ra
 pay-on-success routes (``settle = "on_success"``) the watching process also runs the
 ``HoldExecutor``, which sends paid requests to ``[server] upstream`` with an
 ``UpstreamRunner`` (``gateway.web.held``; ``hold_terms`` is ``[hold]`` as the service takes it).
+With ``[[payee]]`` tables (revenue splits) the watching process also runs the payout worker
+(``Payouts``, the task ``l402-payouts``) over an LND connection with the payout macaroon
+(``payout_settings``), woken by every settlement; ``running_payouts(config, store)`` gives
+the same worker to ``l402-gateway payouts pay``.
 ``running_runtime(config)`` yields the same with the invoice events and the tasks' health,
 for features that react to settlements. ``build_pricing`` and ``lnd_settings`` turn their
 config sections into the objects the service and the LND client take, raising
@@ -25,6 +29,7 @@ test keeps it so).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import inspect
@@ -39,7 +44,7 @@ from typing import TYPE_CHECKING
 from gateway import errors
 from gateway.client import bolt11
 from gateway.config import Config, RateLimitConfig, RouteConfig
-from gateway.events import InvoiceEvents
+from gateway.events import EventsLost, InvoiceEvents
 from gateway.expiry import InvoiceSweeper
 from gateway.fiat import FiatRate
 from gateway.health import HealthSlot, Readiness
@@ -51,6 +56,7 @@ from gateway.ports import (
     NO_METER,
     AdminSlot,
     Clock,
+    InvoiceState,
     Liquidity,
     Meter,
     MetricsSlot,
@@ -70,6 +76,7 @@ from gateway.pricing import (
 )
 from gateway.service import L402Service, RateLimiter
 from gateway.service.on_success import BackendRunner, HoldExecutor, HoldTerms
+from gateway.service.payout import PayeeTerms, Payouts
 from gateway.service.rate_limiter import ClientLimiter, GlobalRateLimiter
 from gateway.service.withdraw import Withdrawer
 from gateway.store import open_store
@@ -84,9 +91,12 @@ __all__ = [
     "build_pricing",
     "hold_terms",
     "lnd_settings",
+    "payee_terms",
     "payer_settings",
+    "payout_settings",
     "route_table",
     "running_gateway",
+    "running_payouts",
     "running_runtime",
 ]
 
@@ -154,6 +164,7 @@ def build_pricing(config: Config) -> Pricing:
                     credit=_credit_terms(route),
                     settle_on_success=route.settle == "on_success",
                     settle_statuses=frozenset(route.settle_statuses),
+                    split=route.shares,
                 )
             )
         except ValueError as error:
@@ -209,6 +220,8 @@ def route_table(config: Config) -> list[str]:
             cost += f", paid only if the backend answers {statuses}"
         if not route.free:
             cost += f", service {route.service}, token valid {_lifetime(route.lifetime)}"
+        if route.split:
+            cost += f", split: {', '.join(route.split)} (the merchant keeps the rest)"
         lines.append(f"{route.pattern} ({methods}): {cost}")
     if config.paths.unmatched == "deny":
         lines.append("any other path: refused (404, [paths] unmatched = deny)")
@@ -283,6 +296,107 @@ async def _running_withdrawer(
             yield withdrawer
         finally:
             await withdrawer.close()
+
+
+def payout_settings(config: Config) -> LndSettings | None:
+    """The LND connection payouts are sent over when ``[[payee]]`` tables are configured:
+    ``[lnd]``'s node and certificate, ``[payouts] payment_macaroon`` (else ``[credit]``'s);
+    ``ConfigError`` if its files cannot be read. None without payees."""
+    if not config.payee:
+        return None
+    lnd, macaroon = config.lnd, config.payout_macaroon
+    if lnd.tls_cert is None or macaroon is None:
+        raise errors.ConfigError(
+            "[[payee]] payouts need [lnd] tls_cert and [payouts] payment_macaroon"
+        )
+    try:
+        return LndSettings.from_files(
+            lnd.host, lnd.tls_cert, macaroon_path=macaroon, timeout=lnd.timeout
+        )
+    except OSError as error:
+        raise errors.ConfigError(
+            f"[payouts] cannot read {error.filename}: {error.strerror}"
+        ) from None
+    except ValueError as error:
+        raise errors.ConfigError(f"[payouts] payment_macaroon: {error}") from None
+
+
+def payee_terms(config: Config) -> list[PayeeTerms]:
+    """The ``[[payee]]`` tables as the payout worker takes them."""
+    return [
+        PayeeTerms(
+            name=payee.name,
+            destination=payee.destination,
+            threshold_msat=payee.threshold_msat,
+            every=payee.every,
+            fee_limit_ppm=payee.fee_limit_ppm,
+            fee_limit_min_msat=payee.fee_limit_min_msat,
+            payee_pays_fee=payee.payee_pays_fee,
+        )
+        for payee in config.payee
+    ]
+
+
+def running_payouts(
+    config: Config, store: Store, *, clock: Clock | None = None
+) -> contextlib.AbstractAsyncContextManager[Payouts | None]:
+    """The payout worker of ``[[payee]]`` and ``[payouts]`` over its own LND connection
+    (``payout_settings``) and an LNURL-pay client; None without payees. Run its ``run()``
+    (the gateway does, as ``l402-payouts``) or call ``pay_now()`` (``l402-gateway payouts
+    pay``); closed on exit. ``ConfigError`` if the macaroon cannot be read."""
+    return _running_payouts(config, payout_settings(config), store, clock or SystemClock())
+
+
+@contextlib.asynccontextmanager
+async def _running_payouts(
+    config: Config, settings: LndSettings | None, store: Store, clock: Clock
+) -> AsyncIterator[Payouts | None]:
+    if settings is None:
+        yield None
+        return
+    # Imported only with payees: the LNURL-pay client needs aiohttp, which an ASGI app may lack.
+    from gateway.client.lnurl import LnurlPayClient
+
+    payouts_config = config.payouts
+    async with LndClient(settings) as node, LnurlPayClient() as pay_requests:
+        payouts = Payouts(
+            store=store,
+            node=node,
+            pay_requests=pay_requests,
+            decode=bolt11.decode,
+            payees=payee_terms(config),
+            clock=clock,
+            interval=payouts_config.interval,
+            retry_initial=payouts_config.retry_initial,
+            retry_max=payouts_config.retry_max,
+        )
+        try:
+            yield payouts
+        finally:
+            await payouts.close()
+
+
+async def _run_payouts(payouts: Payouts, events: InvoiceEvents) -> None:
+    """The payout worker, woken by every settlement this process records (a share may have
+    made a payee due); settlements elsewhere and credit charges wait for its next pass."""
+
+    async def listen() -> None:
+        while True:
+            try:
+                with events.subscribe("payouts") as subscription:
+                    async for record in subscription:
+                        if record.state is InvoiceState.SETTLED and record.split:
+                            payouts.wake()
+            except EventsLost:
+                payouts.wake()  # it only wakes the worker: the store has everything
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(payouts.run())
+            group.create_task(listen())
+    except ExceptionGroup as failed:
+        # The supervisor logs and restarts on the first failure, as for any task.
+        raise failed.exceptions[0] from None
 
 
 def hold_terms(config: Config) -> HoldTerms:
@@ -361,9 +475,10 @@ async def running_runtime(
     process sharing the store does: ``watch=False``), yield the ``Runtime``.
 
     The watching process runs the tasks only one process per store may run (watcher, sweeper,
-    hold executor, withdrawal resolver, webhook sender) while it holds the store's lease
-    (``gateway.leader``, the task ``l402-leader``): at once and for ever on SQLite, while it
-    leads the instances sharing a PostgreSQL store. The liquidity monitor is its own."""
+    hold executor, withdrawal resolver, webhook sender, payout worker) while it holds the
+    store's lease (``gateway.leader``, the task ``l402-leader``): at once and for ever on
+    SQLite, while it leads the instances sharing a PostgreSQL store. The liquidity monitor is
+    its own."""
     clock = clock or SystemClock()
     pricing = build_pricing(config)
     terms = hold_terms(config)
@@ -373,6 +488,8 @@ async def running_runtime(
         log.log(logging.INFO if watch else logging.DEBUG, "route %s", line)
     settings = lnd_settings(config)  # these fail on a bad config before the store is opened
     paying = payer_settings(config)
+    # Only the watching process pays the payees (one worker per store).
+    paying_out = payout_settings(config) if watch else None
     # The endpoints' secrets are read now: a missing one fails before anything is opened.
     webhooks = _webhook_sender(config, clock) if watch and config.webhook else None
     store = await open_store(config.store.url, pool_size=config.store.pool_size)
@@ -390,6 +507,7 @@ async def running_runtime(
         async with (
             LndClient(settings, meter=meter) as lnd,
             _running_withdrawer(config, paying, store, clock) as withdrawer,
+            _running_payouts(config, paying_out, store, clock) as payouts,
             # Only the watching process runs the hold executor (one per store).
             _running_runner(config, upstream if watch else None) as runner,
             Supervisor(clock) as supervisor,
@@ -438,6 +556,9 @@ async def running_runtime(
                         term.start("l402-withdrawal-resolver", withdrawer.run)
                     if sender is not None:
                         term.start("l402-webhook-sender", sender.run)
+                    if payouts is not None:
+                        worker = payouts
+                        term.start("l402-payouts", lambda: _run_payouts(worker, events))
 
                 leadership = Leadership(lease, begin, clock)
                 supervisor.start("l402-leader", leadership.run)

@@ -450,7 +450,9 @@ class FakeGateway:
 
 class FakePayer:
     """The gateway's node paying invoices (withdrawals), as routerrpc does: ``send_payment``
-    pays a BOLT11 invoice, ``lookup_payment`` reports a payment as TrackPaymentV2 does.
+    pays a BOLT11 invoice, ``send_keysend`` a node by keysend (payouts; each recorded in
+    ``keysends`` as (dest, amount, preimage)), ``lookup_payment`` reports a payment as
+    TrackPaymentV2 does.
 
     As LND, it refuses a second payment of a hash that is in flight or succeeded
     (``InvoiceAlreadyExists``) and lets a failed one be tried again. The test steers what
@@ -470,6 +472,7 @@ class FakePayer:
         self.payments: dict[bytes, Payment] = {}
         self.paid: collections.Counter[bytes] = collections.Counter()
         self.fee_limits: list[int] = []  # max_fee_msat of every send
+        self.keysends: list[tuple[bytes, Msat, Preimage]] = []  # every keysend asked for
         self.fail_with: str | None = None
         self.refuse: errors.BackendError | None = None
         self.hold: asyncio.Event | None = None
@@ -499,7 +502,35 @@ class FakePayer:
         if self.refuse is not None:
             raise self.refuse
         invoice = bolt11.decode(payment_request)
-        payment_hash = PaymentHash(invoice.payment_hash)
+        return await self._pay(
+            PaymentHash(invoice.payment_hash),
+            Msat(invoice.amount_msat or 0),
+            invoice.payee,
+            max_fee_msat,
+        )
+
+    async def send_keysend(
+        self,
+        dest: bytes,
+        amount_msat: Msat,
+        preimage: Preimage,
+        *,
+        max_fee_msat: Msat,
+        payment_timeout: float,
+    ) -> Payment:
+        self._check()
+        if self.refuse is not None:
+            raise self.refuse
+        if dest.hex() == self.pubkey:
+            raise errors.BackendBadRequest("no self-payments allowed")  # LND's refusal
+        self.keysends.append((dest, amount_msat, preimage))
+        payment_hash = PaymentHash(hashlib.sha256(preimage).digest())
+        return await self._pay(payment_hash, amount_msat, dest, max_fee_msat)
+
+    async def _pay(
+        self, payment_hash: PaymentHash, amount_msat: Msat, payee: bytes, max_fee_msat: Msat
+    ) -> Payment:
+        """A payment of ``payment_hash`` as LND makes it: in flight, then as the test says."""
         earlier = self.payments.get(payment_hash)
         if earlier is not None and earlier.status is not PaymentStatus.FAILED:
             raise errors.InvoiceAlreadyExists("payment is in transition or already paid")
@@ -507,7 +538,7 @@ class FakePayer:
         in_flight = Payment(
             payment_hash=payment_hash,
             status=PaymentStatus.IN_FLIGHT,
-            amount_msat=Msat(invoice.amount_msat or 0),
+            amount_msat=amount_msat,
             fee_msat=Msat(0),
             route=(),
         )
@@ -524,7 +555,7 @@ class FakePayer:
             in_flight,
             status=PaymentStatus.SUCCEEDED,
             fee_msat=self.fee_msat,
-            route=(invoice.payee.hex(),),
+            route=(payee.hex(),),
         )
         self.payments[payment_hash] = payment
         if self.drop_connection:

@@ -12,6 +12,9 @@ Commands::
     l402-gateway credit balance URL                  the credit of the token cached for URL
     l402-gateway credit withdraw URL [--amount-msat N]   ... paid out to the payer's node
     l402-gateway --config ... webhooks list|show|redeliver   the signed webhooks' deliveries
+    l402-gateway --config ... payees [--json]        revenue split payees and the ledger's totals
+    l402-gateway --config ... payouts [--payee N] [--state S] [--limit N] [--json]   history
+    l402-gateway --config ... payouts pay [--payee N]   pay the payees' accrued shares now
     l402-gateway sample-config                       the commented sample configuration
     l402-gateway --version
 
@@ -20,7 +23,8 @@ Commands::
 later wins.
 
 Exit codes: 0 success, 1 nothing matched (e.g. unknown token), 2 bad usage or configuration,
-3 a backend (store, LND) failed; ``pay`` and ``credit`` have their own. The commands get
+3 a backend (store, LND) failed (``payouts pay``: or a payout FAILED or is PENDING); ``pay``
+and ``credit`` have their own. The commands get
 their running objects from ``gateway.runtime``, which is what applications import.
 """
 
@@ -40,7 +44,7 @@ from typing import Any
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from gateway import errors
-from gateway.cli import admin, backup, check, credit, pay, serve, webhooks
+from gateway.cli import admin, backup, check, credit, pay, payouts, serve, webhooks
 from gateway.cli.formats import LOG_FORMATS, configure_logging
 from gateway.config import load_config
 
@@ -70,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     pay.add_parser(commands)
     credit.add_parser(commands)
     webhooks.add_parser(commands)
+    payouts.add_parsers(commands)
     _options_after_the_command(commands)
     return parser
 
@@ -138,8 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return admin.sample_config()
     configure_logging(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
     try:
-        # Only serve (and check) talk to LND: no warning about its macaroon for the others.
-        config = load_config(args.config, uses_lnd=args.command in _LND_COMMANDS)
+        # Only serve, check and payouts pay talk to LND: no warning about its macaroons for
+        # the others.
+        uses_lnd = args.command in _LND_COMMANDS or payouts.uses_lnd(args)
+        config = load_config(args.config, uses_lnd=uses_lnd)
         if args.command == "serve":
             return serve.run(config)
         if args.command == "check":
@@ -152,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return backup.run(config, args.file)
         if args.command == "webhooks":
             return webhooks.run(config, args)
+        if args.command in ("payees", "payouts"):
+            return payouts.run(config, args)
         return asyncio.run(admin.revoke(config, args.token_id))
     except errors.ConfigError as error:
         print(f"l402-gateway: configuration error: {error}", file=sys.stderr)

@@ -2,12 +2,13 @@
 
 Every scalar key ``[section] key`` can be set from the environment as
 ``GATEWAY_<SECTION>_<KEY>`` (upper case), e.g. ``GATEWAY_LND_HOST`` or
-``GATEWAY_RATE_LIMIT_BURST``. Routes are only read from the file. ``gateway.sample.toml`` in
-the repository documents every key; a test loads it.
+``GATEWAY_RATE_LIMIT_BURST``. Routes, ``[[webhook]]`` and ``[[payee]]`` tables are only read
+from the file. ``gateway.sample.toml`` in the repository documents every key; a test loads it.
 
 Here: the sections and the loader. ``gateway.config.checks`` holds the value checks and
 limits (and the listen and store URL parsers), ``gateway.config.routes`` the route rules and
-the warnings about suspect ones; their public names are re-exported here.
+the warnings about suspect ones, ``gateway.config.webhooks`` and ``gateway.config.payouts``
+the webhook endpoints and the revenue split payees; their public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from gateway.config.checks import (
     require,
     store_location,
 )
+from gateway.config.payouts import PayeeConfig, PayoutsConfig, check_payees, check_splits
 from gateway.config.routes import STANDARD_METHODS, RouteConfig, route_warnings
 from gateway.config.webhooks import WebhookEndpointConfig, WebhooksConfig, check_endpoints
 from gateway.errors import ConfigError
@@ -85,6 +87,8 @@ __all__ = [
     "LndConfig",
     "MetricsConfig",
     "PathsConfig",
+    "PayeeConfig",
+    "PayoutsConfig",
     "PaywallConfig",
     "RateLimitConfig",
     "RouteConfig",
@@ -530,9 +534,16 @@ class Config:
     webhook: tuple[WebhookEndpointConfig, ...] = ()  # the [[webhook]] endpoints
     admin: AdminConfig = AdminConfig()
     metrics: MetricsConfig = MetricsConfig()
+    payouts: PayoutsConfig = PayoutsConfig()  # noqa: RUF009 - frozen, immutable
+    payee: tuple[PayeeConfig, ...] = ()  # the [[payee]] tables: who gets the routes' splits
     routes: tuple[RouteConfig, ...] = ()
     # The config file's directory: price functions are imported from it first.
     directory: Path | None = None
+
+    @property
+    def payout_macaroon(self) -> Path | None:
+        """The macaroon payouts are sent with: ``[payouts]``'s, else ``[credit]``'s."""
+        return self.payouts.payment_macaroon or self.credit.payment_macaroon
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -548,6 +559,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "webhooks": WebhooksConfig,
     "admin": AdminConfig,
     "metrics": MetricsConfig,
+    "payouts": PayoutsConfig,
 }
 
 
@@ -642,7 +654,7 @@ def load_config(
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             # tomllib decodes the bytes itself: a file that is not UTF-8 is not TOML.
             raise ConfigError(f"{path}: invalid TOML: {error}") from None
-    unknown = sorted(set(document) - set(_SECTIONS) - {"routes", "webhook"})
+    unknown = sorted(set(document) - set(_SECTIONS) - {"routes", "webhook", "payee"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
 
@@ -675,7 +687,10 @@ def load_config(
         routes.append(route)
     directory = Path(path).resolve().parent if path is not None else None
     webhook = _webhook_endpoints(document.get("webhook", []))
-    config = Config(**sections, routes=tuple(routes), webhook=webhook, directory=directory)
+    payee = _payees(document.get("payee", []))
+    config = Config(
+        **sections, routes=tuple(routes), webhook=webhook, payee=payee, directory=directory
+    )
     if config.server.upstream is None:
         for index, route in enumerate(config.routes):
             if route.settle == "on_success":
@@ -685,12 +700,20 @@ def load_config(
                 )
     for warning in route_warnings(config.routes):
         log.warning("%s", warning)
+    for warning in check_splits(
+        config.routes, config.payee, config.payouts, config.credit.payment_macaroon
+    ):
+        log.warning("%s", warning)
     if uses_lnd and path is not None and "macaroon_hex" in document.get("lnd", {}):
         warn_if_readable_by_others(Path(path), "config file holding lnd.macaroon_hex")
     if uses_lnd and config.lnd.macaroon is not None:
         warn_if_readable_by_others(config.lnd.macaroon, "LND macaroon")
     if uses_lnd and config.credit.withdrawals and config.credit.payment_macaroon is not None:
         warn_if_readable_by_others(config.credit.payment_macaroon, "payment macaroon")
+    payout_macaroon = config.payout_macaroon  # not None with payees (check_splits)
+    warned = config.credit.withdrawals and payout_macaroon == config.credit.payment_macaroon
+    if uses_lnd and config.payee and payout_macaroon is not None and not warned:
+        warn_if_readable_by_others(payout_macaroon, "payout payment macaroon")
     return config
 
 
@@ -709,6 +732,23 @@ def _webhook_endpoints(raw: object) -> tuple[WebhookEndpointConfig, ...]:
         if endpoint.secret_file is not None:
             warn_if_readable_by_others(endpoint.secret_file, "webhook secret file")
     return tuple(endpoints)
+
+
+def _payees(raw: object) -> tuple[PayeeConfig, ...]:
+    """``[[payee]]`` tables, read only from the file (as ``[[webhook]]``)."""
+    if not isinstance(raw, list):
+        raise ConfigError("payee must be an array of tables ([[payee]])")
+    payees = []
+    for index, table in enumerate(raw):
+        where = f"payee[{index}]"
+        if not isinstance(table, dict) or "name" not in table or "destination" not in table:
+            raise ConfigError(f"{where}: must be a table ([[payee]]) with a name and a destination")
+        name = table["name"]
+        if isinstance(name, str) and name:
+            where = f"[[payee]] {name!r}"
+        payees.append(_build(PayeeConfig, where, table))
+    check_payees(tuple(payees))
+    return tuple(payees)
 
 
 def warn_if_readable_by_others(path: Path, what: str) -> None:

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.config.checks import MAX_LIFETIME, display_text, require
+from gateway.ports import Split
 from gateway.pricing import MAX_PRICE_MSAT
+from gateway.splits import parse_share, split_problem
 
 BILLINGS = ("token", "credit")
 # When a route's invoice is settled: on_payment (an ordinary invoice, paid before the
@@ -49,6 +51,9 @@ class RouteConfig:
     # payment completes only if the backend succeeded (any 2xx, or settle_statuses).
     settle: str = "on_payment"
     settle_statuses: tuple[int, ...] = ()  # instead of 2xx: the statuses that settle
+    # Revenue split: each payment's shares for [[payee]] names, "carol:30%", "dave:1000msat"
+    # or "dave:2sat" (gateway.splits.parse_share); the merchant keeps the rest.
+    split: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for key, limit in (("title", 100), ("description", 500)):
@@ -77,6 +82,41 @@ class RouteConfig:
                     f'{", ".join(credit_keys)} apply only to a route with billing = "credit"'
                 )
         self._check_settle()
+        self._check_split()
+
+    @property
+    def shares(self) -> Split:
+        """``split`` parsed (checked at load: it parses)."""
+        return tuple(parse_share(text) for text in self.split)
+
+    def _check_split(self) -> None:
+        if not self.split:
+            return
+        if self.free:
+            raise ValueError("split applies only to a priced route (a free one earns nothing)")
+        for text in self.split:
+            try:
+                parse_share(text)
+            except ValueError as error:
+                raise ValueError(f"split: {error}") from None
+        shares = self.shares
+        problem = split_problem(shares)
+        if problem is not None:
+            raise ValueError(f"split {list(self.split)!r}: {problem}")
+        if self.price_msat is not None:
+            price = self.price_msat
+            fixed = sum(share.fixed_msat for share in shares)
+            if fixed > price:
+                raise ValueError(
+                    f"split: the fixed shares add up to {fixed} msat, more than price_msat "
+                    f"({price})"
+                )
+            wanted = fixed + sum(price * share.ppm // 1_000_000 for share in shares)
+            if wanted > price:
+                raise ValueError(
+                    f"split: the shares add up to {wanted} msat of a {price} msat payment, "
+                    "more than all of it"
+                )
 
     def _check_settle(self) -> None:
         require(self.settle in SETTLES, "settle", " or ".join(SETTLES), self.settle)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any, NoReturn
@@ -35,6 +36,8 @@ from gateway.ports import (
     Preimage,
 )
 
+# The keysend custom record (TLV type) that carries the preimage to the payee.
+KEYSEND_RECORD = 5482373484
 _INVOICE_STATES = {
     lightning_pb2.Invoice.OPEN: InvoiceState.OPEN,
     lightning_pb2.Invoice.SETTLED: InvoiceState.SETTLED,
@@ -314,6 +317,37 @@ class LndClient:
             no_inflight_updates=True,
             last_hop_pubkey=bytes.fromhex(last_hop_pubkey) if last_hop_pubkey else b"",
         )
+        return await self._send(request, payment_timeout)
+
+    async def send_keysend(
+        self,
+        dest: bytes,
+        amount_msat: Msat,
+        preimage: Preimage,
+        *,
+        max_fee_msat: Msat,
+        payment_timeout: float,
+    ) -> Payment:
+        """Pay ``amount_msat`` to the node ``dest`` (33-byte public key) by keysend, via
+        routerrpc.SendPaymentV2, and wait for the final state: the payment hash is
+        sha256(``preimage``), the preimage travels to the payee in the keysend record (the
+        payee's node must run with ``accept-keysend``). Raises PaymentFailed when LND gives up.
+        """
+        request = router_pb2.SendPaymentRequest(
+            dest=dest,
+            amt_msat=amount_msat,
+            payment_hash=hashlib.sha256(preimage).digest(),
+            dest_custom_records={KEYSEND_RECORD: preimage},
+            fee_limit_msat=max_fee_msat,
+            timeout_seconds=max(1, round(payment_timeout)),
+            no_inflight_updates=True,
+        )
+        return await self._send(request, payment_timeout)
+
+    async def _send(
+        self, request: router_pb2.SendPaymentRequest, payment_timeout: float
+    ) -> Payment:
+        """Start a payment with SendPaymentV2 and wait for its final state."""
         call = self._router.SendPaymentV2(
             request, metadata=self._metadata, timeout=payment_timeout + self._timeout
         )

@@ -208,6 +208,9 @@ class ChallengeIssuer:
             expires_at=now + expiry,
             add_index=invoice.add_index,
             buys_credit=rule.credit is not None,
+            # A credit purchase is split as the credit is spent (settle_reservation), not
+            # when it is paid.
+            split=rule.split if rule.credit is None else (),
         )
         key_id = hashlib.sha256(macaroon.identifier).digest()
         try:

@@ -275,7 +275,7 @@ class L402Service:
             return None
         try:
             held = await self._credit.hold(
-                verified.token, rule.credit, rule.price_msat, method, path
+                verified.token, rule.credit, rule.price_msat, method, path, split=rule.split
             )
         except errors.StoreError:
             return None
@@ -331,7 +331,7 @@ class L402Service:
             return Allow(token)
         try:
             spent = await self._credit.spend(
-                token, rule.credit, price, request.method, request.path
+                token, rule.credit, price, request.method, request.path, split=rule.split
             )
         except errors.StoreError:
             log.exception("store failed while holding credit")

@@ -29,6 +29,7 @@ from gateway.ports import (
     Msat,
     PaymentHash,
     Reserved,
+    Split,
     Store,
 )
 from gateway.pricing import CreditTerms
@@ -133,7 +134,14 @@ class CreditLedger:
         self._reservation_seconds = reservation_seconds
 
     async def spend(
-        self, token: PaidToken, terms: CreditTerms, price: Msat, method: str, path: str
+        self,
+        token: PaidToken,
+        terms: CreditTerms,
+        price: Msat,
+        method: str,
+        path: str,
+        *,
+        split: Split = (),
     ) -> Allow | Reserved:
         """Hold ``price`` from the token's account: ``Allow`` with the charge to finish, or
         the ``Reserved`` that says the balance did not cover it.
@@ -143,15 +151,23 @@ class CreditLedger:
         credential: a refusal then asks the node about those payments
         (``_credit_late_payment``), so a paid one is credited rather than answered with
         another invoice. Raises ``StoreError``, and ``BackendError`` when the node cannot
-        answer that question.
+        answer that question. ``split`` is the route's: its shares of the charge are
+        credited to the payees with it.
         """
-        held = await self.hold(token, terms, price, method, path)
+        held = await self.hold(token, terms, price, method, path, split=split)
         if isinstance(held, Reserved) and await self._credit_late_payment(token):
-            held = await self.hold(token, terms, price, method, path)
+            held = await self.hold(token, terms, price, method, path, split=split)
         return held
 
     async def hold(
-        self, token: PaidToken, terms: CreditTerms, price: Msat, method: str, path: str
+        self,
+        token: PaidToken,
+        terms: CreditTerms,
+        price: Msat,
+        method: str,
+        path: str,
+        *,
+        split: Split = (),
     ) -> Allow | Reserved:
         """``spend`` without asking about a payment not yet seen: one store write."""
         token_id = bytes.fromhex(token.token_id)
@@ -167,6 +183,7 @@ class CreditLedger:
             charge_failures=terms.charge_failures,
             method=method.upper(),
             path=path,
+            split=split,
         )
         return Allow(token, charge)
 
@@ -232,8 +249,9 @@ class CreditLedger:
         try:
             # A caller cancelled now (its client left) still has its charge written (the
             # store's promise).
+            # The payees' shares of the charge are credited in the same write.
             return await self._store.settle_reservation(
-                charge.reservation_id, amount, charge.method, charge.path
+                charge.reservation_id, amount, charge.method, charge.path, split=charge.split
             )
         except asyncio.CancelledError:
             if _caller_cancelled():

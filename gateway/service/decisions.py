@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from gateway import l402
-from gateway.ports import StoredRequest, StoredResponse
+from gateway.ports import Split, StoredRequest, StoredResponse
 
 _T = TypeVar("_T")
 
@@ -114,6 +114,7 @@ class CreditCharge:
     charge_failures: bool  # a 5xx or an unreachable backend is charged too
     method: str
     path: str
+    split: Split = ()  # the route's revenue split, credited with the charge
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,21 +12,12 @@ balance) only when the node says the payment failed, or refused it and has no pa
 hash. Anything else (a timeout, a lost connection, a crash) leaves it PENDING for the
 resolver.
 
-A withdrawal is sent once, by the process that began it, and only within its send window
-(half of ``orphan_after``) after ``begin_withdrawal``: not started later, and cancelled (its
-gRPC call with it) when the window ends. LND's own deadline for the call, ``payment_timeout``
-plus the ``[lnd] timeout``, 90 s by default, usually ends it sooner. So the node receives a
-withdrawal's payment within the window or never; the other half of ``orphan_after`` is the
-margin for clocks that differ between the processes sharing the store. ``orphan_after`` must
-stay longer than any time between ``begin_withdrawal`` and the node receiving the payment.
-
-The resolver (``run()``, one supervised task per store) asks the node about every PENDING
-withdrawal (``Payer.lookup_payment``, TrackPaymentV2) and finishes it as the node reports;
-it never sends. One the node has never seen and older than ``orphan_after`` was never paid
-and never will be: the resolver finishes it FAILED (all back to the balance), and its invoice
-is refused from then on (its hash is recorded). It cannot be sent then instead: LND accepts
-a second payment of a hash whose first one FAILED, so two senders (two processes'
-resolvers, or a late original send and a resolver) could have it both refunded and paid.
+Sending and resolving follow :mod:`gateway.service.outgoing`: a withdrawal is sent once,
+by the process that began it, within its send window (half of ``orphan_after``) after
+``begin_withdrawal``, or never. The resolver (``run()``, one supervised task per store) asks
+the node about every PENDING withdrawal and finishes it as the node reports; it never sends.
+One the node has never seen and older than ``orphan_after`` is finished FAILED (all back to
+the balance), and its invoice is refused from then on (its hash is recorded).
 """
 
 from __future__ import annotations
@@ -34,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,39 +35,51 @@ from gateway.ports import (
     NodeInfo,
     Payer,
     PaymentHash,
-    PaymentStatus,
     Store,
     Withdrawal,
     WithdrawalState,
 )
 from gateway.service.credit import WithdrawalTerms
 from gateway.service.decisions import Deny, Refusal
+from gateway.service.outgoing import (
+    CURRENCY_OF_NETWORK,
+    EXPIRY_MARGIN,
+    NETWORK_OF_CURRENCY,
+    ORPHAN_AFTER,
+    PAYMENT_TIMEOUT,
+    Bolt11,
+    Bolt11Decoder,
+    Outcome,
+    Outgoing,
+    Verdict,
+    fee_reserve,
+)
+
+__all__ = [
+    "EXPIRY_MARGIN",
+    "MAX_INVOICE_CHARS",
+    "ORPHAN_AFTER",
+    "PAYMENT_TIMEOUT",
+    "RESOLVE_INTERVAL",
+    "Bolt11",
+    "Bolt11Decoder",
+    "PayingNode",
+    "WithdrawalOutcome",
+    "WithdrawalRefusal",
+    "Withdrawer",
+    "fee_reserve",
+]
 
 log = logging.getLogger(__name__)
 
-# An invoice must stay payable this many seconds more: a payment takes a while to route.
-EXPIRY_MARGIN = 60
-# Seconds the node spends looking for a route before it calls the payment failed.
-PAYMENT_TIMEOUT = 60.0
 # Seconds between the resolver's passes over PENDING withdrawals.
 RESOLVE_INTERVAL = 5.0
-# Seconds after which the resolver fails a withdrawal the node has never seen: twice the send
-# window (a send never reaches the node later), so longer than any send (LND's deadline
-# for one is payment_timeout + [lnd] timeout, 90 s by default).
-ORPHAN_AFTER = 300.0
 # Longer than any BOLT11 invoice LND makes (route hints included).
 MAX_INVOICE_CHARS = 8192
-_PPM = 1_000_000
-# LND's network names -> the invoice prefix after "ln" (BOLT 11), and back for messages.
-_CURRENCY_OF_NETWORK = {
-    "mainnet": "bc",
-    "testnet": "tb",
-    "testnet4": "tb",
-    "signet": "tbs",
-    "regtest": "bcrt",
-    "simnet": "sb",
+_STATE_OF_VERDICT = {
+    Verdict.SUCCEEDED: WithdrawalState.SUCCEEDED,
+    Verdict.FAILED: WithdrawalState.FAILED,
 }
-_NETWORK_OF_CURRENCY = {"bc": "mainnet", "tb": "testnet", "tbs": "signet", "bcrt": "regtest"}
 
 
 class WithdrawalRefusal(enum.StrEnum):
@@ -92,35 +94,6 @@ class WithdrawalRefusal(enum.StrEnum):
     ABOVE_BALANCE = "the invoice's amount plus the fee reserve is more than the balance"
     ALREADY_PAID = "the gateway has paid, or tried to pay, this invoice before"
     NO_ACCOUNT = "this token has no credit account"
-
-
-class Bolt11(Protocol):
-    """What a withdrawal reads of a decoded invoice (``gateway.client.bolt11.Invoice``)."""
-
-    @property
-    def currency(self) -> str: ...
-
-    @property
-    def amount_msat(self) -> int | None: ...
-
-    @property
-    def timestamp(self) -> int: ...
-
-    @property
-    def expiry(self) -> int: ...
-
-    @property
-    def payment_hash(self) -> bytes: ...
-
-    @property
-    def payee(self) -> bytes: ...
-
-    @property
-    def payment_secret(self) -> bytes | None: ...
-
-
-# Decodes an invoice and verifies its signature; ValueError when the text is no invoice.
-Bolt11Decoder = Callable[[str], Bolt11]
 
 
 class PayingNode(Payer, Protocol):
@@ -141,12 +114,6 @@ class WithdrawalOutcome:
     amount_msat: int
     fee_msat: int  # the routing fee paid, once SUCCEEDED
     balance_msat: int  # the account's balance now
-
-
-def fee_reserve(amount_msat: int, min_msat: int, ppm: int) -> Msat:
-    """The routing fee a withdrawal of ``amount_msat`` may cost: ``ppm`` of it, rounded up,
-    and at least ``min_msat``."""
-    return Msat(max(min_msat, -(-amount_msat * ppm // _PPM)))
 
 
 class Withdrawer:
@@ -175,13 +142,10 @@ class Withdrawer:
         self._wait_seconds = wait_seconds
         self._payment_timeout = payment_timeout
         self._resolve_interval = resolve_interval
-        self._orphan_after = orphan_after
-        # A send reaches the node within this many seconds of begin_withdrawal, or never.
-        self._send_window = orphan_after / 2
+        self._outgoing = Outgoing(
+            payer=payer, clock=clock, log=log, kind="withdrawal", orphan_after=orphan_after
+        )
         self._node: NodeInfo | None = None
-        # Withdrawals this process is sending or resolving now: the resolver leaves them be.
-        self._paying: set[PaymentHash] = set()
-        self._tasks: set[asyncio.Task[WithdrawalOutcome]] = set()
 
     @property
     def terms(self) -> WithdrawalTerms:
@@ -206,10 +170,7 @@ class Withdrawer:
             checked.amount_msat,
             checked.fee_reserve_msat,
         )
-        self._paying.add(payment_hash)
-        task = asyncio.create_task(self._pay_guarded(checked, balance))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = self._outgoing.start(payment_hash, self._pay(checked, balance))
         try:
             # Shielded: a slow payment, or a client that goes away, does not stop it.
             async with asyncio.timeout(self._wait_seconds):
@@ -221,21 +182,8 @@ class Withdrawer:
         """Finish every PENDING withdrawal the node has an answer for, and FAILED those the
         node has never seen once older than ``orphan_after``. One that cannot be resolved
         (an unexpected error included, logged) does not stop the others."""
-        pending = [
-            withdrawal
-            for withdrawal in await self._store.list_withdrawals(WithdrawalState.PENDING)
-            if withdrawal.payment_hash not in self._paying
-        ]
-        results = await asyncio.gather(
-            *(self._resolve(withdrawal) for withdrawal in pending), return_exceptions=True
-        )
-        for withdrawal, result in zip(pending, results, strict=True):
-            if isinstance(result, BaseException):
-                log.error(
-                    "withdrawal %s: the resolver failed on it",
-                    withdrawal.payment_hash.hex(),
-                    exc_info=result,
-                )
+        pending = await self._store.list_withdrawals(WithdrawalState.PENDING)
+        await self._outgoing.resolve_each(pending, _hash_of, self._resolve)
 
     async def run(self) -> None:
         """The resolver: ``resolve_pending`` every ``resolve_interval`` seconds, for ever."""
@@ -245,10 +193,7 @@ class Withdrawer:
 
     async def close(self) -> None:
         """Stop waiting for the payments under way; the resolver finishes them later."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._outgoing.close()
 
     async def _check(self, token_id: bytes, payment_request: str) -> Withdrawal | Deny:
         """The PENDING withdrawal ``payment_request`` makes, or why there is none."""
@@ -266,8 +211,8 @@ class Withdrawer:
         except errors.BackendError as error:
             log.warning("withdrawal refused: cannot ask the paying node who it is: %s", error)
             return Deny(503, Refusal.NODE_UNAVAILABLE, retry_after=5)
-        if invoice.currency != _CURRENCY_OF_NETWORK.get(node.network):
-            theirs = _NETWORK_OF_CURRENCY.get(invoice.currency, "an unknown network")
+        if invoice.currency != CURRENCY_OF_NETWORK.get(node.network):
+            theirs = NETWORK_OF_CURRENCY.get(invoice.currency, "an unknown network")
             return Deny(
                 400, f"{WithdrawalRefusal.OTHER_NETWORK} ({theirs}; the node is on {node.network})"
             )
@@ -333,87 +278,38 @@ class Withdrawer:
         log.error("store failed to begin a withdrawal: %s", error)
         return Deny(503, Refusal.STORE_UNAVAILABLE, retry_after=5)
 
-    async def _pay_guarded(self, withdrawal: Withdrawal, balance: Msat) -> WithdrawalOutcome:
-        try:
-            return await self._pay(withdrawal, balance)
-        finally:
-            self._paying.discard(withdrawal.payment_hash)
-
     async def _pay(self, withdrawal: Withdrawal, balance: Msat) -> WithdrawalOutcome:
         """Send the payment, within the send window only, and record how it ended; PENDING
         when that is not known. ``balance`` is the balance while it is PENDING."""
-        payment_hash = withdrawal.payment_hash
+        outcome = await self._outgoing.send(
+            withdrawal.payment_hash,
+            withdrawal.created_at,
+            lambda: self._payer.send_payment(
+                withdrawal.payment_request,
+                max_fee_msat=withdrawal.fee_reserve_msat,
+                payment_timeout=self._payment_timeout,
+            ),
+        )
+        if outcome.verdict is Verdict.UNKNOWN:
+            return self._pending(withdrawal, balance)
         try:
-            left = withdrawal.created_at + self._send_window - self._clock.now()
-            if left <= 0:
-                # The resolvers take it for unsent after orphan_after: it must stay so.
-                log.warning("withdrawal %s: too late to send it", payment_hash.hex())
-                return await self._finished(withdrawal, WithdrawalState.FAILED, Msat(0), balance)
-            try:
-                async with asyncio.timeout(left):
-                    payment = await self._payer.send_payment(
-                        withdrawal.payment_request,
-                        max_fee_msat=withdrawal.fee_reserve_msat,
-                        payment_timeout=self._payment_timeout,
-                    )
-            except errors.PaymentFailed as error:
-                log.info("withdrawal %s failed: %s", payment_hash.hex(), error.reason)
-                return await self._finished(withdrawal, WithdrawalState.FAILED, Msat(0), balance)
-            except errors.BackendError as error:
-                if await self._refused_to_start(withdrawal, error):
-                    log.info("withdrawal %s refused by the node: %s", payment_hash.hex(), error)
-                    return await self._finished(
-                        withdrawal, WithdrawalState.FAILED, Msat(0), balance
-                    )
-                log.warning(
-                    "withdrawal %s: outcome unknown (%s); the resolver will finish it",
-                    payment_hash.hex(),
-                    error,
-                )
-                return self._pending(withdrawal, balance)
-            except TimeoutError:
-                log.warning(
-                    "withdrawal %s: no outcome within its send window; the resolver will finish it",
-                    payment_hash.hex(),
-                )
-                return self._pending(withdrawal, balance)
-            return await self._finished(
-                withdrawal, WithdrawalState.SUCCEEDED, payment.fee_msat, balance
-            )
+            return await self._finished(withdrawal, outcome, balance)
         except (errors.BackendError, errors.StoreError) as error:
             log.warning(
                 "withdrawal %s: cannot record its outcome (%s); the resolver will",
-                payment_hash.hex(),
+                withdrawal.payment_hash.hex(),
                 error,
             )
             return self._pending(withdrawal, balance)
 
-    async def _refused_to_start(self, withdrawal: Withdrawal, error: errors.BackendError) -> bool:
-        """Whether the node answered with a refusal and has no payment of the hash: then it
-        is definitely not paid (and never will be: it is not sent again). LND checks the
-        invoice (payment secret, features, amount, not its own) before it records a payment.
-        """
-        if isinstance(error, errors.BackendUnavailable | errors.InvoiceAlreadyExists):
-            # The request may not have reached the node; or the node has a payment of the
-            # hash already (LND's answer to a second one).
-            return False
-        return await self._payer.lookup_payment(withdrawal.payment_hash) is None
-
-    async def _finish(
-        self, withdrawal: Withdrawal, state: WithdrawalState, fee_msat: Msat
-    ) -> Withdrawal:
-        """Record the node's final ``state``; the withdrawal as recorded (its state the one
+    async def _finish(self, withdrawal: Withdrawal, outcome: Outcome) -> Withdrawal:
+        """Record the node's final verdict; the withdrawal as recorded (its state the one
         recorded first, should another process have finished it already)."""
         payment_hash = withdrawal.payment_hash
-        if fee_msat > withdrawal.fee_reserve_msat:
-            # The fee limit was the reserve: the node broke it. The operator pays the rest.
-            log.error(
-                "withdrawal %s: fee %d msat above the reserve %d msat",
-                payment_hash.hex(),
-                fee_msat,
-                withdrawal.fee_reserve_msat,
-            )
-            fee_msat = withdrawal.fee_reserve_msat
+        state = _STATE_OF_VERDICT[outcome.verdict]
+        fee_msat = self._outgoing.capped_fee(
+            payment_hash, outcome.fee_msat, withdrawal.fee_reserve_msat
+        )
         now = self._clock.now()
         resolved = await self._store.finish_withdrawal(payment_hash, state, fee_msat, now)
         if resolved is None:
@@ -430,11 +326,11 @@ class Withdrawer:
         return resolved
 
     async def _finished(
-        self, withdrawal: Withdrawal, state: WithdrawalState, fee_msat: Msat, balance: Msat
+        self, withdrawal: Withdrawal, outcome: Outcome, balance: Msat
     ) -> WithdrawalOutcome:
         """``_finish``, and the outcome with the balance after it (``balance``: the balance
         while PENDING)."""
-        resolved = await self._finish(withdrawal, state, fee_msat)
+        resolved = await self._finish(withdrawal, outcome)
         return WithdrawalOutcome(
             state=resolved.state,
             payment_hash=resolved.payment_hash.hex(),
@@ -479,25 +375,10 @@ class Withdrawer:
         """Finish one PENDING withdrawal as the node reports it, FAILED if the node has never
         seen it and it is older than ``orphan_after``; leave it PENDING while the payment is
         in flight. Never sends it."""
-        payment_hash = withdrawal.payment_hash
-        self._paying.add(payment_hash)
-        try:
-            payment = await self._payer.lookup_payment(payment_hash)
-            if payment is None:
-                age = self._clock.now() - withdrawal.created_at
-                if age < self._orphan_after:
-                    return  # its process may still send it, within its send window
-                log.warning(
-                    "withdrawal %s was never sent (%.0f s old): finishing it FAILED",
-                    payment_hash.hex(),
-                    age,
-                )
-                await self._finish(withdrawal, WithdrawalState.FAILED, Msat(0))
-            elif payment.status is PaymentStatus.SUCCEEDED:
-                await self._finish(withdrawal, WithdrawalState.SUCCEEDED, payment.fee_msat)
-            elif payment.status is PaymentStatus.FAILED:
-                await self._finish(withdrawal, WithdrawalState.FAILED, Msat(0))
-        except (errors.BackendError, errors.StoreError) as error:
-            log.warning("withdrawal %s not resolved yet: %s", payment_hash.hex(), error)
-        finally:
-            self._paying.discard(payment_hash)
+        outcome = await self._outgoing.node_outcome(withdrawal.payment_hash, withdrawal.created_at)
+        if outcome.verdict is not Verdict.UNKNOWN:
+            await self._finish(withdrawal, outcome)
+
+
+def _hash_of(withdrawal: Withdrawal) -> PaymentHash:
+    return withdrawal.payment_hash

@@ -33,10 +33,15 @@ from gateway.ports import (
     InvoiceTotal,
     InvoiceUpdate,
     Msat,
+    PayeeBalance,
     PaymentHash,
+    Payout,
+    PayoutState,
     Reservation,
     Reserved,
     RevenueBucket,
+    Split,
+    SplitTotals,
     StoredResponse,
     StoreOperations,
     SystemClock,
@@ -59,11 +64,25 @@ from gateway.store.credit import (
 )
 from gateway.store.gate import TransactionGate
 from gateway.store.held import HELD_FINAL, check_move, check_new, delivered, moved
+from gateway.store.ledger import (
+    Entries,
+    PayeeChange,
+    charge_entries,
+    charge_source,
+    check_new_payout,
+    check_resolution,
+    duplicate_payout,
+    invoice_source,
+    payee_change,
+    resolved,
+    settlement_entries,
+)
 from gateway.store.outbox import (
     ENDPOINT_REMOVED,
     NewEvent,
     held_events,
     invoice_events,
+    payout_events,
     withdrawal_events,
 )
 
@@ -92,6 +111,11 @@ class _Tables:
         self.charges: dict[int, Charge] = {}  # keyed by insertion sequence
         self.withdrawals: dict[bytes, tuple[int, Withdrawal]] = {}
         self.held: dict[bytes, tuple[int, HeldRequest]] = {}
+        # The split ledger: (source, payee) -> (share, at), "" the merchant's part; the
+        # payees' running totals; payouts by payment hash.
+        self.split_entries: dict[tuple[str, str], tuple[Msat, float]] = {}
+        self.payees: dict[str, PayeeBalance] = {}
+        self.payouts: dict[bytes, tuple[int, Payout]] = {}
         # Webhooks: the outbox (event ids never reused, as with AUTOINCREMENT), deliveries by
         # (endpoint, event id), and each endpoint's fan-out cursor.
         self.events: dict[int, WebhookEvent] = {}
@@ -155,6 +179,7 @@ class _Tables:
             self._put_account(
                 dataclasses.replace(account, credited_msat=Msat(account.credited_msat + credit))
             )
+        self._credit_split(invoice_source(record.payment_hash), settlement_entries(record, updated))
         self._add_events(invoice_events(record, updated, self.clock.now()))
         return updated
 
@@ -310,7 +335,7 @@ class _Tables:
         return Reserved(reservation, reserved.balance_msat)
 
     def settle_reservation(
-        self, reservation_id: int, charged_msat: Msat, method: str, path: str
+        self, reservation_id: int, charged_msat: Msat, method: str, path: str, split: Split
     ) -> Msat | None:
         check_amount("charged_msat", charged_msat)
         reservation = self.reservations.get(reservation_id)
@@ -320,6 +345,7 @@ class _Tables:
             raise ValueError(
                 f"charged_msat {charged_msat} is above the {reservation.amount_msat} reserved"
             )
+        self._credit_split(charge_source(reservation_id), charge_entries(split, charged_msat))
         self._delete(self.reservations, reservation_id)
         token_id = reservation.token_id
         account = self.accounts.get(token_id)
@@ -458,6 +484,109 @@ class _Tables:
         )
         withdrawals = [withdrawal for _, _, withdrawal in entries]
         return withdrawals if limit is None else withdrawals[:limit]
+
+    # The split ledger
+    def _credit_split(self, source: str, entries: Entries) -> None:
+        """Write the ledger entries of one payment and add the payees' shares to what they
+        earned; all checked first (as the SQL stores' primary key would refuse them)."""
+        if any((source, payee) in self.split_entries for payee, _ in entries):
+            raise StoreError(f"the split of {source} is already in the ledger")
+        now = self.clock.now()
+        for payee, share in entries:
+            self._set(self.split_entries, (source, payee), (share, now))
+            if payee:
+                zero = Msat(0)
+                balance = self.payees.get(payee) or PayeeBalance(
+                    payee, zero, zero, zero, zero, zero, None
+                )
+                earned = Msat(balance.earned_msat + share)
+                self._put_payee(dataclasses.replace(balance, earned_msat=earned))
+
+    def _put_payee(self, balance: PayeeBalance) -> None:
+        """Store ``balance``, refusing a negative amount or accrued (as the SQL schemas'
+        CHECK constraints do)."""
+        amounts = (
+            balance.earned_msat,
+            balance.paid_msat,
+            balance.fees_msat,
+            balance.pending_msat,
+            balance.merchant_fees_msat,
+            balance.accrued_msat,
+        )
+        if min(amounts) < 0:
+            raise StoreError(f"the ledger of payee {balance.payee} would go negative")
+        self._set(self.payees, balance.payee, balance)
+
+    def begin_payout(self, payout: Payout) -> bool:
+        check_new_payout(payout)
+        if payout.payment_hash in self.payouts:
+            raise duplicate_payout(payout.payment_hash)
+        balance = self.payees.get(payout.payee)
+        if balance is None or balance.accrued_msat < payout.debit_msat:
+            return False
+        pending = Msat(balance.pending_msat + payout.debit_msat)
+        self._put_payee(dataclasses.replace(balance, pending_msat=pending))
+        self._set(self.payouts, payout.payment_hash, (next(self.sequence), payout))
+        return True
+
+    def finish_payout(
+        self,
+        payment_hash: PaymentHash,
+        state: PayoutState,
+        fee_msat: Msat,
+        now: float,
+        failure: str,
+    ) -> Payout | None:
+        check_resolution(state, fee_msat)
+        entry = self.payouts.get(payment_hash)
+        if entry is None:
+            return None
+        sequence, pending = entry
+        if pending.state is not PayoutState.PENDING:
+            return pending
+        done = resolved(pending, state, fee_msat, now, failure)
+        self._set(self.payouts, payment_hash, (sequence, done))
+        balance = self.payees.get(done.payee)
+        if balance is not None:
+            self._put_payee(_changed(balance, payee_change(done)))
+        self._add_events(payout_events(done, now))
+        return done
+
+    def list_payees(self) -> list[PayeeBalance]:
+        return [self.payees[payee] for payee in sorted(self.payees)]
+
+    def list_payouts(
+        self, payee: str | None, state: PayoutState | None, limit: int | None
+    ) -> list[Payout]:
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        entries = sorted(
+            (
+                (payout.created_at, sequence, payout)
+                for sequence, payout in self.payouts.values()
+                if (payee is None or payout.payee == payee)
+                and (state is None or payout.state is state)
+            ),
+            key=lambda entry: (entry[0], entry[1]),
+            reverse=True,
+        )
+        payouts = [payout for _, _, payout in entries]
+        return payouts if limit is None else payouts[:limit]
+
+    def split_totals(self) -> SplitTotals:
+        payees = self.payees.values()
+        return SplitTotals(
+            received_msat=Msat(sum(share for share, _ in self.split_entries.values())),
+            kept_msat=Msat(
+                sum(share for (_, payee), (share, _) in self.split_entries.items() if not payee)
+            ),
+            earned_msat=Msat(sum(balance.earned_msat for balance in payees)),
+            paid_msat=Msat(sum(balance.paid_msat for balance in payees)),
+            pending_msat=Msat(sum(balance.pending_msat for balance in payees)),
+            accrued_msat=Msat(sum(balance.accrued_msat for balance in payees)),
+            payee_fees_msat=Msat(sum(balance.fees_msat for balance in payees)),
+            merchant_fees_msat=Msat(sum(balance.merchant_fees_msat for balance in payees)),
+        )
 
     def add_held_request(self, held: HeldRequest) -> None:
         check_new(held)
@@ -702,6 +831,20 @@ class _Tables:
         return len(doomed)
 
 
+def _changed(balance: PayeeBalance, change: PayeeChange) -> PayeeBalance:
+    last = balance.last_payout_at
+    if change.last_payout_at is not None:
+        last = max(change.last_payout_at, last or change.last_payout_at)
+    return dataclasses.replace(
+        balance,
+        pending_msat=Msat(balance.pending_msat - change.pending),
+        paid_msat=Msat(balance.paid_msat + change.paid),
+        fees_msat=Msat(balance.fees_msat + change.fees),
+        merchant_fees_msat=Msat(balance.merchant_fees_msat + change.merchant_fees),
+        last_payout_at=last,
+    )
+
+
 class _MemoryOperations:
     """The ``StoreOperations`` over ``_Tables``; ``_run`` says when each may run."""
 
@@ -762,10 +905,18 @@ class _MemoryOperations:
         return await self._run(lambda tables: tables.reserve(token_id, amount_msat, expires_at))
 
     async def settle_reservation(
-        self, reservation_id: int, charged_msat: Msat, method: str, path: str
+        self,
+        reservation_id: int,
+        charged_msat: Msat,
+        method: str,
+        path: str,
+        *,
+        split: Split = (),
     ) -> Msat | None:
         return await self._run(
-            lambda tables: tables.settle_reservation(reservation_id, charged_msat, method, path)
+            lambda tables: tables.settle_reservation(
+                reservation_id, charged_msat, method, path, split
+            )
         )
 
     async def release_expired_reservations(self, now: float, limit: int) -> int:
@@ -800,6 +951,38 @@ class _MemoryOperations:
         limit: int | None = None,
     ) -> list[Withdrawal]:
         return await self._run(lambda tables: tables.list_withdrawals(state, token_id, limit))
+
+    async def begin_payout(self, payout: Payout) -> bool:
+        return await self._run(lambda tables: tables.begin_payout(payout))
+
+    async def finish_payout(
+        self,
+        payment_hash: PaymentHash,
+        state: PayoutState,
+        fee_msat: Msat,
+        now: float,
+        failure: str = "",
+    ) -> Payout | None:
+        return await self._run(
+            lambda tables: tables.finish_payout(payment_hash, state, fee_msat, now, failure)
+        )
+
+    async def get_payee(self, payee: str) -> PayeeBalance | None:
+        return await self._run(lambda tables: tables.payees.get(payee))
+
+    async def list_payees(self) -> list[PayeeBalance]:
+        return await self._run(lambda tables: tables.list_payees())
+
+    async def list_payouts(
+        self,
+        payee: str | None = None,
+        state: PayoutState | None = None,
+        limit: int | None = None,
+    ) -> list[Payout]:
+        return await self._run(lambda tables: tables.list_payouts(payee, state, limit))
+
+    async def split_totals(self) -> SplitTotals:
+        return await self._run(lambda tables: tables.split_totals())
 
     async def add_held_request(self, held: HeldRequest) -> None:
         await self._run(lambda tables: tables.add_held_request(held))

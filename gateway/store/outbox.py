@@ -3,7 +3,7 @@ event, its resource (what orders a receiver's events) and its JSON payload.
 
 Each function gets the row before and after one write and returns the events to insert in
 that same write: an event exists exactly when its change was committed. Payloads name the
-payment hash, token id (hex), service and amounts in msat; never a preimage, root key,
+payment hash, token id (hex), service, payee and amounts in msat; never a preimage, root key,
 macaroon, request headers or body.
 """
 
@@ -20,6 +20,8 @@ from gateway.ports import (
     HeldState,
     InvoiceRecord,
     InvoiceState,
+    Payout,
+    PayoutState,
     Withdrawal,
     WithdrawalState,
 )
@@ -116,3 +118,22 @@ def withdrawal_events(resolved: Withdrawal, now: float) -> list[NewEvent]:
         "fee_msat": resolved.fee_msat,
     }
     return [_event("credit.withdrawn", f"account:{resolved.token_id.hex()}", now, data)]
+
+
+def payout_events(resolved: Payout, now: float) -> list[NewEvent]:
+    """The event of ``finish_payout`` resolving a PENDING payout: ``payout.succeeded`` or
+    ``payout.failed`` (with its failure), ordered by payee."""
+    data: dict[str, Any] = {
+        "payee": resolved.payee,
+        "payment_hash": resolved.payment_hash.hex(),
+        "amount_msat": resolved.amount_msat,
+        "fee_msat": resolved.fee_msat,
+    }
+    if resolved.state is PayoutState.SUCCEEDED:
+        kind = "payout.succeeded"
+    elif resolved.state is PayoutState.FAILED:
+        kind = "payout.failed"
+        data["failure"] = resolved.failure
+    else:
+        return []
+    return [_event(kind, f"payee:{resolved.payee}", now, data)]

@@ -71,10 +71,15 @@ from gateway.ports import (
     InvoiceTotal,
     InvoiceUpdate,
     Msat,
+    PayeeBalance,
     PaymentHash,
+    Payout,
+    PayoutState,
     Reservation,
     Reserved,
     RevenueBucket,
+    Split,
+    SplitTotals,
     StoredResponse,
     StoreOperations,
     SystemClock,
@@ -97,11 +102,25 @@ from gateway.store.credit import (
 )
 from gateway.store.held import ANSWERED, HELD_FINAL, check_move, check_new, keeps_request
 from gateway.store.held import predecessors as held_predecessors
+from gateway.store.ledger import (
+    Entries,
+    charge_entries,
+    charge_source,
+    check_new_payout,
+    check_resolution,
+    duplicate_payout,
+    earned,
+    invoice_source,
+    payee_change,
+    resolved,
+    settlement_entries,
+)
 from gateway.store.outbox import (
     ENDPOINT_REMOVED,
     NewEvent,
     held_events,
     invoice_events,
+    payout_events,
     withdrawal_events,
 )
 from gateway.store.postgres_schema import (
@@ -155,14 +174,14 @@ _ADD_INVOICE = """
     INSERT INTO invoices (
         payment_hash, payment_request, amount_msat, token_id, service, method, path, state,
         created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-        buys_credit
-    ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+        buys_credit, split
+    ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
     ON CONFLICT (payment_hash) DO NOTHING
 """
 _GET_INVOICE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path, state,
            created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit
+           buys_credit, split
     FROM invoices WHERE payment_hash = $1
 """
 # The row locked to the commit: a racing report waits, then finds it SETTLED already.
@@ -176,7 +195,7 @@ _SET_STATE = """
 _LIST_INVOICES = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path, state,
            created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit
+           buys_credit, split
     FROM invoices WHERE $1::text IS NULL OR state = $1
     ORDER BY created_at DESC, seq DESC LIMIT $2
 """
@@ -190,7 +209,7 @@ _INVOICE_TOTALS = """
 _LIST_OVERDUE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path, state,
            created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit
+           buys_credit, split
     FROM invoices WHERE state = 'OPEN' AND expires_at < $1 ORDER BY expires_at, seq LIMIT $2
 """
 # As SQLite's: settled at (created at, when the node gave no time) bucketed from the epoch;
@@ -208,7 +227,7 @@ _REVENUE = """
 _LIST_OPEN_CREDIT_INVOICES = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path, state,
            created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit
+           buys_credit, split
     FROM invoices WHERE token_id = $1 AND state = 'OPEN' AND buys_credit
     ORDER BY created_at DESC, seq DESC LIMIT $2
 """
@@ -380,6 +399,83 @@ _RESOLVE_WITHDRAWAL = """
     UPDATE withdrawals SET state = $1, fee_msat = $2, resolved_at = $3 WHERE payment_hash = $4
 """
 _REFUND_WITHDRAWAL = "UPDATE accounts SET withdrawn_msat = withdrawn_msat - $1 WHERE token_id = $2"
+
+# The split ledger. A payee's accrued is earned_msat - paid_msat - fees_msat - pending_msat.
+# The primary key (source, payee) refuses a payment split twice.
+_ADD_SPLIT_ENTRY = (
+    "INSERT INTO split_entries (source, payee, share_msat, at) VALUES ($1, $2, $3, $4)"
+)
+# A payee's row is made by its first share; it stays locked to the commit.
+_EARN = """
+    INSERT INTO payees AS p (
+        payee, earned_msat, paid_msat, fees_msat, pending_msat, merchant_fees_msat
+    ) VALUES ($1, $2, 0, 0, 0, 0)
+    ON CONFLICT (payee) DO UPDATE SET earned_msat = p.earned_msat + excluded.earned_msat
+"""
+_GET_PAYEE = """
+    SELECT payee, earned_msat, paid_msat, fees_msat, pending_msat, merchant_fees_msat,
+           last_payout_at
+    FROM payees WHERE payee = $1
+"""
+_LIST_PAYEES = """
+    SELECT payee, earned_msat, paid_msat, fees_msat, pending_msat, merchant_fees_msat,
+           last_payout_at
+    FROM payees ORDER BY payee COLLATE "C"
+"""
+# The accrued test and the debit are one conditional UPDATE: a racing one waits for the row,
+# then tests the accrued again, so debits from every instance never add up to more.
+_DEBIT_PAYEE = """
+    UPDATE payees SET pending_msat = pending_msat + $2
+    WHERE payee = $1 AND earned_msat - paid_msat - fees_msat - pending_msat >= $2
+"""
+# A resolved payout's debit leaves pending (``gateway.store.ledger.payee_change``); the
+# latest successful payout's time only grows (greatest() ignores NULL).
+_RESOLVE_PAYEE = """
+    UPDATE payees SET
+        pending_msat = pending_msat - $2,
+        paid_msat = paid_msat + $3,
+        fees_msat = fees_msat + $4,
+        merchant_fees_msat = merchant_fees_msat + $5,
+        last_payout_at = greatest(last_payout_at, $6::double precision)
+    WHERE payee = $1
+"""
+_ADD_PAYOUT = """
+    INSERT INTO payouts (
+        payment_hash, payee, destination, payment_request, amount_msat, fee_reserve_msat,
+        payee_pays_fee, state, created_at, fee_msat, resolved_at, failure
+    ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+"""
+_GET_PAYOUT = """
+    SELECT payment_hash, payee, destination, payment_request, amount_msat, fee_reserve_msat,
+           payee_pays_fee, state, created_at, fee_msat, resolved_at, failure
+    FROM payouts WHERE payment_hash = $1
+"""
+_LOCK_PAYOUT = _GET_PAYOUT + "FOR UPDATE"
+_RESOLVE_PAYOUT = """
+    UPDATE payouts SET state = $1, fee_msat = $2, resolved_at = $3, failure = $4
+    WHERE payment_hash = $5
+"""
+# $1 the payee and $2 the state, NULL for any; LIMIT NULL is no limit.
+_LIST_PAYOUTS = """
+    SELECT payment_hash, payee, destination, payment_request, amount_msat, fee_reserve_msat,
+           payee_pays_fee, state, created_at, fee_msat, resolved_at, failure
+    FROM payouts WHERE ($1::text IS NULL OR payee = $1) AND ($2::text IS NULL OR state = $2)
+    ORDER BY created_at DESC, seq DESC LIMIT $3
+"""
+# One statement, so one snapshot: the totals reconcile even while others write.
+_SPLIT_TOTALS = """
+    SELECT e.*, p.* FROM (
+        SELECT coalesce(sum(share_msat), 0)::bigint,
+               coalesce(sum(CASE WHEN payee = '' THEN share_msat END), 0)::bigint
+        FROM split_entries
+    ) AS e, (
+        SELECT coalesce(sum(earned_msat), 0)::bigint, coalesce(sum(paid_msat), 0)::bigint,
+               coalesce(sum(pending_msat), 0)::bigint,
+               coalesce(sum(earned_msat - paid_msat - fees_msat - pending_msat), 0)::bigint,
+               coalesce(sum(fees_msat), 0)::bigint, coalesce(sum(merchant_fees_msat), 0)::bigint
+        FROM payees
+    ) AS p
+"""
 
 # Pay-on-success requests; states as a text array.
 _ADD_HELD = """
@@ -633,7 +729,8 @@ class _PostgresOperations:
         await self._run("add_invoice", add)
 
     async def apply_update(self, update: InvoiceUpdate) -> InvoiceRecord | None:
-        """Settling an invoice that buys credit credits its account in the same write."""
+        """Settling an invoice that buys credit credits its account in the same write, one
+        with a split the payees' shares."""
         now = self._clock.now()
 
         async def apply(connection: Connection) -> InvoiceRecord | None:
@@ -653,6 +750,8 @@ class _PostgresOperations:
                 )
             if credit := credit_bought(record, updated):
                 await connection.execute(_CREDIT, record.token_id, record.service, credit, now)
+            entries = settlement_entries(record, updated)
+            await _credit_split(connection, invoice_source(record.payment_hash), entries, now)
             await _add_events(connection, invoice_events(record, updated, now), now)
             return updated
 
@@ -788,7 +887,13 @@ class _PostgresOperations:
         return await self._run_whole("reserve", reserve, release)
 
     async def settle_reservation(
-        self, reservation_id: int, charged_msat: Msat, method: str, path: str
+        self,
+        reservation_id: int,
+        charged_msat: Msat,
+        method: str,
+        path: str,
+        *,
+        split: Split = (),
     ) -> Msat | None:
         check_amount("charged_msat", charged_msat)
         settle = functools.partial(
@@ -798,6 +903,7 @@ class _PostgresOperations:
             method=method,
             path=path,
             at=self._clock.now(),
+            split=split,
         )
         return await self._run_whole("settle_reservation", settle)
 
@@ -898,6 +1004,95 @@ class _PostgresOperations:
             return [convert.withdrawal(row) for row in rows]
 
         return await self._run("list_withdrawals", list_)
+
+    async def begin_payout(self, payout: Payout) -> bool:
+        """A racing payout of the same hash passes the first check too, and then fails on the
+        primary key: a ``StoreError`` all the same, its debit rolled back."""
+        check_new_payout(payout)
+        values = convert.payout_values(payout)
+
+        async def begin(connection: Connection) -> bool:
+            if await connection.fetchrow(_GET_PAYOUT, payout.payment_hash):
+                raise duplicate_payout(payout.payment_hash)
+            if not _count(await connection.execute(_DEBIT_PAYEE, payout.payee, payout.debit_msat)):
+                return False
+            await connection.execute(_ADD_PAYOUT, *values)
+            return True
+
+        return await self._run("begin_payout", begin, atomic=True)
+
+    async def finish_payout(
+        self,
+        payment_hash: PaymentHash,
+        state: PayoutState,
+        fee_msat: Msat,
+        now: float,
+        failure: str = "",
+    ) -> Payout | None:
+        """The payout's row is locked first: a racing finish waits, then finds it resolved."""
+        check_resolution(state, fee_msat)
+
+        async def finish(connection: Connection) -> Payout | None:
+            row = await connection.fetchrow(_LOCK_PAYOUT, payment_hash)
+            if row is None:
+                return None
+            pending = convert.payout(row)
+            if pending.state is not PayoutState.PENDING:
+                return pending
+            done = resolved(pending, state, fee_msat, now, failure)
+            await connection.execute(
+                _RESOLVE_PAYOUT, done.state.value, done.fee_msat, now, done.failure, payment_hash
+            )
+            change = payee_change(done)
+            await connection.execute(
+                _RESOLVE_PAYEE,
+                done.payee,
+                change.pending,
+                change.paid,
+                change.fees,
+                change.merchant_fees,
+                change.last_payout_at,
+            )
+            await _add_events(connection, payout_events(done, now), now)
+            return done
+
+        return await self._run("finish_payout", finish, atomic=True)
+
+    async def get_payee(self, payee: str) -> PayeeBalance | None:
+        async def get(connection: Connection) -> PayeeBalance | None:
+            row = await connection.fetchrow(_GET_PAYEE, payee)
+            return None if row is None else convert.payee_balance(row)
+
+        return await self._run("get_payee", get)
+
+    async def list_payees(self) -> list[PayeeBalance]:
+        async def list_(connection: Connection) -> list[PayeeBalance]:
+            return [convert.payee_balance(row) for row in await connection.fetch(_LIST_PAYEES)]
+
+        return await self._run("list_payees", list_)
+
+    async def list_payouts(
+        self,
+        payee: str | None = None,
+        state: PayoutState | None = None,
+        limit: int | None = None,
+    ) -> list[Payout]:
+        convert.check_limit(limit)
+        value = None if state is None else state.value
+
+        async def list_(connection: Connection) -> list[Payout]:
+            rows = await connection.fetch(_LIST_PAYOUTS, payee, value, limit)
+            return [convert.payout(row) for row in rows]
+
+        return await self._run("list_payouts", list_)
+
+    async def split_totals(self) -> SplitTotals:
+        async def totals(connection: Connection) -> SplitTotals:
+            row = await connection.fetchrow(_SPLIT_TOTALS)
+            assert row is not None  # aggregates: one row
+            return convert.split_totals(row)
+
+        return await self._run("split_totals", totals)
 
     async def add_held_request(self, held: HeldRequest) -> None:
         check_new(held)
@@ -1458,16 +1653,32 @@ async def _settle(
     method: str = "",
     path: str = "",
     at: float = 0.0,
+    split: Split = (),
 ) -> Msat | None:
-    """``settle_reservation``'s statement (``charged_msat`` 0: a release)."""
+    """``settle_reservation``'s statement (``charged_msat`` 0: a release), then the ledger's
+    entries of a charge with a split, in the same transaction (the reservation went once)."""
     row = await connection.fetchrow(_SETTLE, reservation_id, charged_msat, at, method, path)
     assert row is not None  # a SELECT without FROM: one row
     held, balance, uncovering = row
     if held is not None:
+        entries = charge_entries(split, charged_msat)
+        await _credit_split(connection, charge_source(reservation_id), entries, at)
         return Msat(int(balance))
     if uncovering is not None:
         raise ValueError(f"charged_msat {charged_msat} is above the {uncovering} reserved")
     return None
+
+
+async def _credit_split(connection: Connection, source: str, entries: Entries, at: float) -> None:
+    """Write the ledger entries of one payment and add the payees' shares to what they
+    earned, in the caller's transaction; the payees' rows are locked in name order (as
+    ``earned`` sorts them), so settlements splitting to the same payees never deadlock."""
+    if not entries:
+        return
+    await connection.executemany(
+        _ADD_SPLIT_ENTRY, [(source, payee, share, at) for payee, share in entries]
+    )
+    await connection.executemany(_EARN, earned(entries))
 
 
 async def _add_events(connection: Connection, events: Iterable[NewEvent], now: float) -> None:

@@ -220,6 +220,55 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX rate_buckets_updated_at ON rate_buckets (updated_at)",
     ),
+    # 2: revenue splits, as SQLite's step 6. Each invoice keeps its route's split; the
+    # ledger's entries, one per payee share and one with payee '' (the merchant's part) per
+    # payment, keyed by the payment so that it is split once; each payee's running totals
+    # (the CHECKs: an accrued never goes negative); the payouts.
+    (
+        "ALTER TABLE invoices ADD COLUMN split text NOT NULL DEFAULT ''",
+        """
+        CREATE TABLE split_entries (
+            source     text NOT NULL,
+            payee      text NOT NULL,  -- '': the merchant's part
+            share_msat bigint NOT NULL CHECK (share_msat >= 0),
+            at         double precision NOT NULL,
+            PRIMARY KEY (source, payee)
+        )
+        """,
+        """
+        CREATE TABLE payees (
+            payee              text PRIMARY KEY,
+            earned_msat        bigint NOT NULL CHECK (earned_msat >= 0),
+            paid_msat          bigint NOT NULL CHECK (paid_msat >= 0),
+            fees_msat          bigint NOT NULL CHECK (fees_msat >= 0),
+            pending_msat       bigint NOT NULL CHECK (pending_msat >= 0),
+            merchant_fees_msat bigint NOT NULL CHECK (merchant_fees_msat >= 0),
+            last_payout_at     double precision,
+            CHECK (earned_msat - paid_msat - fees_msat - pending_msat >= 0)
+        )
+        """,
+        """
+        CREATE TABLE payouts (
+            seq              bigint GENERATED ALWAYS AS IDENTITY,
+            payment_hash     bytea PRIMARY KEY,
+            payee            text NOT NULL,
+            destination      text NOT NULL,
+            payment_request  text NOT NULL,
+            amount_msat      bigint NOT NULL CHECK (amount_msat > 0),
+            fee_reserve_msat bigint NOT NULL CHECK (fee_reserve_msat >= 0),
+            payee_pays_fee   boolean NOT NULL,
+            state            text NOT NULL CHECK (state IN ('PENDING', 'SUCCEEDED', 'FAILED')),
+            created_at       double precision NOT NULL,
+            fee_msat         bigint NOT NULL
+                             CHECK (fee_msat >= 0 AND fee_msat <= fee_reserve_msat),
+            resolved_at      double precision,
+            failure          text NOT NULL
+        )
+        """,
+        "CREATE INDEX payouts_payee_created_at ON payouts (payee, created_at, seq)",
+        "CREATE INDEX payouts_state_created_at ON payouts (state, created_at, seq)",
+        "CREATE INDEX payouts_created_at ON payouts (created_at, seq)",
+    ),
 )
 
 LATEST = len(MIGRATIONS)

@@ -18,8 +18,12 @@ from gateway.ports import (
     InvoiceRecord,
     InvoiceState,
     Msat,
+    PayeeBalance,
     PaymentHash,
+    Payout,
+    PayoutState,
     Preimage,
+    SplitTotals,
     StoredRequest,
     StoredResponse,
     WebhookDelivery,
@@ -27,6 +31,7 @@ from gateway.ports import (
     Withdrawal,
     WithdrawalState,
 )
+from gateway.splits import decode_split, encode_split
 
 
 class Row(Protocol):
@@ -61,6 +66,7 @@ def invoice_record(row: Row) -> InvoiceRecord:
         amount_paid_msat=Msat(int(row[12])),
         settled_at=None if row[13] is None else float(row[13]),
         buys_credit=bool(row[14]),
+        split=decode_split(str(row[15])),
     )
 
 
@@ -82,6 +88,7 @@ def invoice_values(record: InvoiceRecord) -> tuple[object, ...]:
         record.amount_paid_msat,
         record.settled_at,
         record.buys_credit,
+        encode_split(record.split),
     )
 
 
@@ -128,6 +135,59 @@ def withdrawal(row: Row) -> Withdrawal:
         fee_msat=Msat(int(row[7])),
         resolved_at=None if row[8] is None else float(row[8]),
     )
+
+
+def payout_values(payout: Payout) -> tuple[object, ...]:
+    """In the order of ``PAYOUT_COLUMNS``."""
+    return (
+        payout.payment_hash,
+        payout.payee,
+        payout.destination,
+        payout.payment_request,
+        payout.amount_msat,
+        payout.fee_reserve_msat,
+        payout.payee_pays_fee,
+        payout.state.value,
+        payout.created_at,
+        payout.fee_msat,
+        payout.resolved_at,
+        payout.failure,
+    )
+
+
+def payout(row: Row) -> Payout:
+    return Payout(
+        payment_hash=PaymentHash(bytes(row[0])),
+        payee=str(row[1]),
+        destination=str(row[2]),
+        payment_request=str(row[3]),
+        amount_msat=Msat(int(row[4])),
+        fee_reserve_msat=Msat(int(row[5])),
+        payee_pays_fee=bool(row[6]),
+        state=PayoutState(row[7]),
+        created_at=float(row[8]),
+        fee_msat=Msat(int(row[9])),
+        resolved_at=None if row[10] is None else float(row[10]),
+        failure=str(row[11]),
+    )
+
+
+def payee_balance(row: Row) -> PayeeBalance:
+    return PayeeBalance(
+        payee=str(row[0]),
+        earned_msat=Msat(int(row[1])),
+        paid_msat=Msat(int(row[2])),
+        fees_msat=Msat(int(row[3])),
+        pending_msat=Msat(int(row[4])),
+        merchant_fees_msat=Msat(int(row[5])),
+        last_payout_at=None if row[6] is None else float(row[6]),
+    )
+
+
+def split_totals(row: Row) -> SplitTotals:
+    """From a row of received, kept, earned, paid, pending, accrued, payee fees and merchant
+    fees, in ``SplitTotals``' order."""
+    return SplitTotals(*(Msat(int(value)) for value in row[:8]))
 
 
 def headers_text(headers: tuple[tuple[str, str], ...]) -> str:

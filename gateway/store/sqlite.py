@@ -50,10 +50,15 @@ from gateway.ports import (
     InvoiceTotal,
     InvoiceUpdate,
     Msat,
+    PayeeBalance,
     PaymentHash,
+    Payout,
+    PayoutState,
     Reservation,
     Reserved,
     RevenueBucket,
+    Split,
+    SplitTotals,
     StoredResponse,
     StoreOperations,
     SystemClock,
@@ -83,11 +88,25 @@ from gateway.store.held import (
     keeps_request,
     predecessors,
 )
+from gateway.store.ledger import (
+    Entries,
+    charge_entries,
+    charge_source,
+    check_new_payout,
+    check_resolution,
+    duplicate_payout,
+    earned,
+    invoice_source,
+    payee_change,
+    resolved,
+    settlement_entries,
+)
 from gateway.store.outbox import (
     ENDPOINT_REMOVED,
     NewEvent,
     held_events,
     invoice_events,
+    payout_events,
     withdrawal_events,
 )
 from gateway.store.sqlite_file import Synchronous, connect, connect_nonblocking, describe
@@ -107,8 +126,8 @@ _ADD_INVOICE = """
     INSERT INTO invoices (
         payment_hash, payment_request, amount_msat, token_id, service, method, path,
         state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-        buys_credit
-    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        buys_credit, split
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (payment_hash) DO NOTHING
 """
 # Writes what ``InvoiceRecord.updated`` decided (the state rules are not repeated in SQL).
@@ -119,14 +138,14 @@ _SET_STATE = """
 _GET_INVOICE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit
+           buys_credit, split
     FROM invoices WHERE payment_hash = ?
 """
 # LIMIT -1 is SQLite for "no limit".
 _LIST_INVOICES = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit
+           buys_credit, split
     FROM invoices ORDER BY created_at DESC, rowid DESC LIMIT ?
 """
 # Sums as integers (sum() of no rows is NULL: coalesced).
@@ -140,13 +159,13 @@ _INVOICE_TOTALS = """
 _LIST_INVOICES_IN_STATE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit
+           buys_credit, split
     FROM invoices WHERE state = ? ORDER BY created_at DESC, rowid DESC LIMIT ?
 """
 _LIST_OVERDUE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit
+           buys_credit, split
     FROM invoices WHERE state = 'OPEN' AND expires_at < ? ORDER BY expires_at, rowid LIMIT ?
 """
 # Settled at (created at, when the node gave no time) bucketed from the epoch; the amount
@@ -165,7 +184,7 @@ _REVENUE = """
 _LIST_OPEN_CREDIT_INVOICES = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit
+           buys_credit, split
     FROM invoices WHERE token_id = ? AND +state = 'OPEN' AND buys_credit
     ORDER BY created_at DESC, rowid DESC LIMIT ?
 """
@@ -300,6 +319,80 @@ _RESOLVE_WITHDRAWAL = """
     WHERE payment_hash = ? AND state = 'PENDING'
 """
 _REFUND_WITHDRAWAL = "UPDATE accounts SET withdrawn_msat = withdrawn_msat - ? WHERE token_id = ?"
+
+# The split ledger. A payee's accrued is earned_msat - paid_msat - fees_msat - pending_msat.
+# The primary key (source, payee) refuses a payment split twice.
+_ADD_SPLIT_ENTRY = "INSERT INTO split_entries (source, payee, share_msat, at) VALUES (?, ?, ?, ?)"
+# A payee's row is made by its first share.
+_EARN = """
+    INSERT INTO payees (
+        payee, earned_msat, paid_msat, fees_msat, pending_msat, merchant_fees_msat
+    ) VALUES (?, ?, 0, 0, 0, 0)
+    ON CONFLICT (payee) DO UPDATE SET earned_msat = earned_msat + excluded.earned_msat
+"""
+_GET_PAYEE = """
+    SELECT payee, earned_msat, paid_msat, fees_msat, pending_msat, merchant_fees_msat,
+           last_payout_at
+    FROM payees WHERE payee = ?
+"""
+_LIST_PAYEES = """
+    SELECT payee, earned_msat, paid_msat, fees_msat, pending_msat, merchant_fees_msat,
+           last_payout_at
+    FROM payees ORDER BY payee
+"""
+# The accrued test and the debit are one statement: atomic across processes.
+_DEBIT_PAYEE = """
+    UPDATE payees SET pending_msat = pending_msat + ?
+    WHERE payee = ? AND earned_msat - paid_msat - fees_msat - pending_msat >= ?
+"""
+# A resolved payout's debit leaves pending (``gateway.store.ledger.payee_change``); the
+# latest successful payout's time only grows.
+_RESOLVE_PAYEE = """
+    UPDATE payees SET
+        pending_msat = pending_msat - :pending,
+        paid_msat = paid_msat + :paid,
+        fees_msat = fees_msat + :fees,
+        merchant_fees_msat = merchant_fees_msat + :merchant_fees,
+        last_payout_at = CASE WHEN :last IS NULL THEN last_payout_at
+                              ELSE max(coalesce(last_payout_at, :last), :last) END
+    WHERE payee = :payee
+"""
+_ADD_PAYOUT = """
+    INSERT INTO payouts (
+        payment_hash, payee, destination, payment_request, amount_msat, fee_reserve_msat,
+        payee_pays_fee, state, created_at, fee_msat, resolved_at, failure
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_GET_PAYOUT = """
+    SELECT payment_hash, payee, destination, payment_request, amount_msat, fee_reserve_msat,
+           payee_pays_fee, state, created_at, fee_msat, resolved_at, failure
+    FROM payouts WHERE payment_hash = ?
+"""
+_RESOLVE_PAYOUT = """
+    UPDATE payouts SET state = ?, fee_msat = ?, resolved_at = ?, failure = ?
+    WHERE payment_hash = ? AND state = 'PENDING'
+"""
+# Each filter is "? IS NULL OR column = ?" (the value twice); LIMIT -1: no limit.
+_LIST_PAYOUTS = """
+    SELECT payment_hash, payee, destination, payment_request, amount_msat, fee_reserve_msat,
+           payee_pays_fee, state, created_at, fee_msat, resolved_at, failure
+    FROM payouts WHERE (? IS NULL OR payee = ?) AND (? IS NULL OR state = ?)
+    ORDER BY created_at DESC, rowid DESC LIMIT ?
+"""
+# One statement, so one snapshot: the totals reconcile even while others write.
+_SPLIT_TOTALS = """
+    SELECT * FROM (
+        SELECT coalesce(sum(share_msat), 0),
+               coalesce(sum(CASE WHEN payee = '' THEN share_msat END), 0)
+        FROM split_entries
+    ), (
+        SELECT coalesce(sum(earned_msat), 0), coalesce(sum(paid_msat), 0),
+               coalesce(sum(pending_msat), 0),
+               coalesce(sum(earned_msat - paid_msat - fees_msat - pending_msat), 0),
+               coalesce(sum(fees_msat), 0), coalesce(sum(merchant_fees_msat), 0)
+        FROM payees
+    )
+"""
 
 # Pay-on-success requests. ``{states}``: one ``?`` per state of a list (``_states``).
 _ADD_HELD = """
@@ -517,8 +610,9 @@ class _SqliteOperations:
         await self._run("add_invoice", add)
 
     async def apply_update(self, update: InvoiceUpdate) -> InvoiceRecord | None:
-        """Settling an invoice that buys credit credits its account in the same write; the
-        read and the write hold the write lock, so a racing report finds it SETTLED already."""
+        """Settling an invoice that buys credit credits its account in the same write, one
+        with a split the payees' shares; the read and the write hold the write lock, so a
+        racing report finds it SETTLED already."""
         now = self._clock.now()
 
         def apply(connection: sqlite3.Connection) -> InvoiceRecord | None:
@@ -540,6 +634,8 @@ class _SqliteOperations:
                 )
             if credit := credit_bought(record, updated):
                 connection.execute(_CREDIT, (record.token_id, record.service, credit, now))
+            entries = settlement_entries(record, updated)
+            _credit_split(connection, invoice_source(record.payment_hash), entries, now)
             _add_events(connection, invoice_events(record, updated, now), now)
             return updated
 
@@ -681,7 +777,13 @@ class _SqliteOperations:
         return await self._run_grouped("reserve", reserve, release)
 
     async def settle_reservation(
-        self, reservation_id: int, charged_msat: Msat, method: str, path: str
+        self,
+        reservation_id: int,
+        charged_msat: Msat,
+        method: str,
+        path: str,
+        *,
+        split: Split = (),
     ) -> Msat | None:
         check_amount("charged_msat", charged_msat)
         settle = functools.partial(
@@ -691,6 +793,7 @@ class _SqliteOperations:
             method=method,
             path=path,
             at=self._clock.now(),
+            split=split,
         )
         return await self._run_grouped("settle_reservation", settle)
 
@@ -798,6 +901,92 @@ class _SqliteOperations:
             return [convert.withdrawal(row) for row in rows]
 
         return await self._run("list_withdrawals", list_)
+
+    async def begin_payout(self, payout: Payout) -> bool:
+        check_new_payout(payout)
+        debit = payout.debit_msat
+        values = convert.payout_values(payout)
+
+        def begin(connection: sqlite3.Connection) -> bool:
+            if connection.execute(_GET_PAYOUT, (payout.payment_hash,)).fetchone():
+                raise duplicate_payout(payout.payment_hash)
+            if not connection.execute(_DEBIT_PAYEE, (debit, payout.payee, debit)).rowcount:
+                return False
+            connection.execute(_ADD_PAYOUT, values)
+            return True
+
+        return await self._run("begin_payout", begin, atomic=True)
+
+    async def finish_payout(
+        self,
+        payment_hash: PaymentHash,
+        state: PayoutState,
+        fee_msat: Msat,
+        now: float,
+        failure: str = "",
+    ) -> Payout | None:
+        check_resolution(state, fee_msat)
+
+        def finish(connection: sqlite3.Connection) -> Payout | None:
+            row = connection.execute(_GET_PAYOUT, (payment_hash,)).fetchone()
+            if row is None:
+                return None
+            pending = convert.payout(row)
+            if pending.state is not PayoutState.PENDING:
+                return pending
+            done = resolved(pending, state, fee_msat, now, failure)
+            connection.execute(
+                _RESOLVE_PAYOUT, (done.state.value, done.fee_msat, now, done.failure, payment_hash)
+            )
+            change = payee_change(done)
+            connection.execute(
+                _RESOLVE_PAYEE,
+                {
+                    "pending": change.pending,
+                    "paid": change.paid,
+                    "fees": change.fees,
+                    "merchant_fees": change.merchant_fees,
+                    "last": change.last_payout_at,
+                    "payee": done.payee,
+                },
+            )
+            _add_events(connection, payout_events(done, now), now)
+            return done
+
+        return await self._run("finish_payout", finish, atomic=True)
+
+    async def get_payee(self, payee: str) -> PayeeBalance | None:
+        def get(connection: sqlite3.Connection) -> PayeeBalance | None:
+            row = connection.execute(_GET_PAYEE, (payee,)).fetchone()
+            return None if row is None else convert.payee_balance(row)
+
+        return await self._run("get_payee", get)
+
+    async def list_payees(self) -> list[PayeeBalance]:
+        def list_(connection: sqlite3.Connection) -> list[PayeeBalance]:
+            return [convert.payee_balance(row) for row in connection.execute(_LIST_PAYEES)]
+
+        return await self._run("list_payees", list_)
+
+    async def list_payouts(
+        self,
+        payee: str | None = None,
+        state: PayoutState | None = None,
+        limit: int | None = None,
+    ) -> list[Payout]:
+        value = None if state is None else state.value
+        parameters = (payee, payee, value, value, _sql_limit(limit))
+
+        def list_(connection: sqlite3.Connection) -> list[Payout]:
+            return [convert.payout(row) for row in connection.execute(_LIST_PAYOUTS, parameters)]
+
+        return await self._run("list_payouts", list_)
+
+    async def split_totals(self) -> SplitTotals:
+        def totals(connection: sqlite3.Connection) -> SplitTotals:
+            return convert.split_totals(connection.execute(_SPLIT_TOTALS).fetchone())
+
+        return await self._run("split_totals", totals)
 
     async def add_held_request(self, held: HeldRequest) -> None:
         check_new(held)
@@ -1411,6 +1600,7 @@ def _settle(
     method: str = "",
     path: str = "",
     at: float = 0.0,
+    split: Split = (),
 ) -> Msat | None:
     """``settle_reservation``'s statements (``charged_msat`` 0: a release)."""
     row = connection.execute(_GET_RESERVATION, (reservation_id,)).fetchone()
@@ -1423,7 +1613,18 @@ def _settle(
     connection.execute(_SETTLE, (reserved, charged_msat, token_id))
     if charged_msat:
         connection.execute(_ADD_CHARGE, (token_id, at, method, path, charged_msat))
+    entries = charge_entries(split, charged_msat)
+    _credit_split(connection, charge_source(reservation_id), entries, at)
     return _balance(connection, token_id)
+
+
+def _credit_split(connection: sqlite3.Connection, source: str, entries: Entries, at: float) -> None:
+    """Write the ledger entries of one payment and add the payees' shares to what they
+    earned, in the caller's transaction."""
+    connection.executemany(
+        _ADD_SPLIT_ENTRY, ((source, payee, share, at) for payee, share in entries)
+    )
+    connection.executemany(_EARN, earned(entries))
 
 
 def _balance(connection: sqlite3.Connection, token_id: bytes) -> Msat:

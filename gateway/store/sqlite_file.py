@@ -251,7 +251,60 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID
         """,
     ),
+    # 6: revenue splits. Each invoice keeps its route's split (``gateway.splits.encode_split``;
+    # '' for none). The ledger: an entry per payee share of each split payment and one with
+    # payee '' for the merchant's part, keyed by the payment ("invoice:<hash hex>" or
+    # "charge:<reservation id>"), so a payment is split once; each payee's running totals,
+    # whose CHECKs are the last line against an accrued going negative; the payouts.
+    (
+        "ALTER TABLE invoices ADD COLUMN split TEXT NOT NULL DEFAULT ''",
+        """
+        CREATE TABLE split_entries (
+            source     TEXT NOT NULL,
+            payee      TEXT NOT NULL,  -- '': the merchant's part
+            share_msat INTEGER NOT NULL CHECK (share_msat >= 0),
+            at         REAL NOT NULL,
+            PRIMARY KEY (source, payee)
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE payees (
+            payee              TEXT PRIMARY KEY NOT NULL,
+            earned_msat        INTEGER NOT NULL CHECK (earned_msat >= 0),
+            paid_msat          INTEGER NOT NULL CHECK (paid_msat >= 0),
+            fees_msat          INTEGER NOT NULL CHECK (fees_msat >= 0),
+            pending_msat       INTEGER NOT NULL CHECK (pending_msat >= 0),
+            merchant_fees_msat INTEGER NOT NULL CHECK (merchant_fees_msat >= 0),
+            last_payout_at     REAL,
+            CHECK (earned_msat - paid_msat - fees_msat - pending_msat >= 0)
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE payouts (
+            payment_hash     BLOB PRIMARY KEY NOT NULL,
+            payee            TEXT NOT NULL,
+            destination      TEXT NOT NULL,
+            payment_request  TEXT NOT NULL,
+            amount_msat      INTEGER NOT NULL CHECK (amount_msat > 0),
+            fee_reserve_msat INTEGER NOT NULL CHECK (fee_reserve_msat >= 0),
+            payee_pays_fee   INTEGER NOT NULL,
+            state            TEXT NOT NULL CHECK (state IN ('PENDING', 'SUCCEEDED', 'FAILED')),
+            created_at       REAL NOT NULL,
+            fee_msat         INTEGER NOT NULL
+                             CHECK (fee_msat >= 0 AND fee_msat <= fee_reserve_msat),
+            resolved_at      REAL,
+            failure          TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX payouts_payee_created_at ON payouts (payee, created_at)",
+        "CREATE INDEX payouts_state_created_at ON payouts (state, created_at)",
+        "CREATE INDEX payouts_created_at ON payouts (created_at)",
+    ),
 )
+
+# The steps that add a column to the invoices (``_read_as_latest`` stands in for it).
+_BUYS_CREDIT_STEP = 3
+_SPLIT_STEP = 6
 
 
 def connect(path: Path, synchronous: Synchronous, read_only: bool) -> sqlite3.Connection:
@@ -413,13 +466,16 @@ def _check_readable(connection: sqlite3.Connection, path: Path) -> None:
 def _read_as_latest(connection: sqlite3.Connection, version: int) -> None:
     """Let a read-only connection to an older schema run the current queries: what it lacks
     appears empty, as TEMP objects (they live in the connection, never in the file, and
-    shadow the file's tables of the same name). Before 3 the invoices lack ``buys_credit``;
-    steps 3 and 4 add tables (a later step that changes an existing table needs its own
-    stand-in here)."""
-    if version < 3:
+    shadow the file's tables of the same name). Before 3 the invoices lack ``buys_credit``,
+    before 6 their ``split``; the other steps add tables (a later step that changes an
+    existing table needs its own stand-in here)."""
+    if version < _BUYS_CREDIT_STEP:
         connection.execute(
-            "CREATE TEMP VIEW invoices AS SELECT *, 0 AS buys_credit FROM main.invoices"
+            "CREATE TEMP VIEW invoices AS"
+            " SELECT *, 0 AS buys_credit, '' AS split FROM main.invoices"
         )
+    elif version < _SPLIT_STEP:
+        connection.execute("CREATE TEMP VIEW invoices AS SELECT *, '' AS split FROM main.invoices")
     for step in MIGRATIONS[max(version, 2) :]:
         for statement in step:
             if statement.lstrip().startswith("CREATE TABLE"):

@@ -185,7 +185,7 @@ async def sqlite_env(tmp_path: Path) -> AsyncIterator[Env]:
     await store.close()
 
 
-async def _store_cancelled(*_: Any) -> Any:
+async def _store_cancelled(*_: Any, **__: Any) -> Any:
     """A store write whose own task was cancelled (SQLite's committer, at shutdown)."""
     raise asyncio.CancelledError
 
@@ -379,7 +379,7 @@ async def test_the_store_failing_to_hold_credit_is_a_503(memory_env: Env) -> Non
     env = memory_env
     authorization = await env.buy()
 
-    async def broken(*_: Any) -> Any:
+    async def broken(*_: Any, **__: Any) -> Any:
         raise errors.StoreError("disk gone")
 
     cast(Any, env.store).reserve = broken
@@ -608,7 +608,7 @@ async def test_a_store_failure_while_charging_is_logged_not_raised(
     authorization = await env.buy()
     charge = await env.charge(authorization=authorization)
 
-    async def broken(*_: Any) -> Any:
+    async def broken(*_: Any, **__: Any) -> Any:
         raise errors.StoreError("disk gone")
 
     cast(Any, env.store).settle_reservation = broken
@@ -722,7 +722,7 @@ async def test_token_info_store_failure_is_a_503(memory_env: Env) -> None:
     env = memory_env
     authorization = await env.buy()
 
-    async def broken(*_: Any) -> Any:
+    async def broken(*_: Any, **__: Any) -> Any:
         raise errors.StoreError("disk gone")
 
     cast(Any, env.store).get_account = broken

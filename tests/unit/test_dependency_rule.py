@@ -32,6 +32,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "gateway.ports": ("asyncio", *_NETWORK, *_ADAPTERS),
     "gateway.l402": ("asyncio", *_NETWORK, *_ADAPTERS, "gateway.ports", "gateway.service"),
     "gateway.pricing": ("asyncio", *_NETWORK, *_ADAPTERS, "gateway.service"),
+    # split arithmetic: the ports' vocabulary and the standard library only
+    "gateway.splits": ("asyncio", *_NETWORK, *_ADAPTERS, "gateway.service", "gateway.config"),
     "gateway.config": ("asyncio", *_NETWORK, *_ADAPTERS, "gateway.service"),
     "gateway.service": (*_NETWORK, *_ADAPTERS),
     "gateway.watcher": (*_NETWORK, *_ADAPTERS),

@@ -162,11 +162,13 @@ async def test_the_lease_is_released_only_once_the_singletons_have_stopped() -> 
 
 async def test_a_second_cancellation_does_not_release_the_lease_before_the_tasks_stop() -> None:
     lease = FakeLease()
+    stopping = asyncio.Event()
 
     async def slow_to_stop() -> None:
         try:
             await asyncio.Event().wait()
         finally:
+            stopping.set()
             await asyncio.sleep(0.1)  # the hold executor finishing a request
             lease.log.append("stopped")
 
@@ -178,7 +180,7 @@ async def test_a_second_cancellation_does_not_release_the_lease_before_the_tasks
     lease.grant()
     await _until(lambda: leadership.leading() is True)
     run.cancel()
-    await asyncio.sleep(0.02)
+    await stopping.wait()
     run.cancel()  # again, while the tasks are stopping
     with pytest.raises(asyncio.CancelledError):
         await run

@@ -24,6 +24,26 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class SendPaymentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class DestCustomRecordsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.bytes
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.bytes = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     DEST_FIELD_NUMBER: _builtins.int
     AMT_FIELD_NUMBER: _builtins.int
     AMT_MSAT_FIELD_NUMBER: _builtins.int
@@ -36,6 +56,7 @@ class SendPaymentRequest(_message.Message):
     OUTGOING_CHAN_IDS_FIELD_NUMBER: _builtins.int
     LAST_HOP_PUBKEY_FIELD_NUMBER: _builtins.int
     CLTV_LIMIT_FIELD_NUMBER: _builtins.int
+    DEST_CUSTOM_RECORDS_FIELD_NUMBER: _builtins.int
     NO_INFLIGHT_UPDATES_FIELD_NUMBER: _builtins.int
     MAX_PARTS_FIELD_NUMBER: _builtins.int
     ALLOW_SELF_PAYMENT_FIELD_NUMBER: _builtins.int
@@ -57,6 +78,10 @@ class SendPaymentRequest(_message.Message):
     time_pref: _builtins.float
     @_builtins.property
     def outgoing_chan_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def dest_custom_records(self) -> _containers.ScalarMap[_builtins.int, _builtins.bytes]:
+        """Keysend: record 5482373484 carries the preimage to the payee."""
+
     def __init__(
         self,
         *,
@@ -72,6 +97,7 @@ class SendPaymentRequest(_message.Message):
         outgoing_chan_ids: _abc.Iterable[_builtins.int] | None = ...,
         last_hop_pubkey: _builtins.bytes = ...,
         cltv_limit: _builtins.int = ...,
+        dest_custom_records: _abc.Mapping[_builtins.int, _builtins.bytes] | None = ...,
         no_inflight_updates: _builtins.bool = ...,
         max_parts: _builtins.int = ...,
         allow_self_payment: _builtins.bool = ...,
@@ -79,7 +105,7 @@ class SendPaymentRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_self_payment", b"allow_self_payment", "amt", b"amt", "amt_msat", b"amt_msat", "cltv_limit", b"cltv_limit", "dest", b"dest", "fee_limit_msat", b"fee_limit_msat", "fee_limit_sat", b"fee_limit_sat", "final_cltv_delta", b"final_cltv_delta", "last_hop_pubkey", b"last_hop_pubkey", "max_parts", b"max_parts", "no_inflight_updates", b"no_inflight_updates", "outgoing_chan_ids", b"outgoing_chan_ids", "payment_hash", b"payment_hash", "payment_request", b"payment_request", "time_pref", b"time_pref", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_self_payment", b"allow_self_payment", "amt", b"amt", "amt_msat", b"amt_msat", "cltv_limit", b"cltv_limit", "dest", b"dest", "dest_custom_records", b"dest_custom_records", "fee_limit_msat", b"fee_limit_msat", "fee_limit_sat", b"fee_limit_sat", "final_cltv_delta", b"final_cltv_delta", "last_hop_pubkey", b"last_hop_pubkey", "max_parts", b"max_parts", "no_inflight_updates", b"no_inflight_updates", "outgoing_chan_ids", b"outgoing_chan_ids", "payment_hash", b"payment_hash", "payment_request", b"payment_request", "time_pref", b"time_pref", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
