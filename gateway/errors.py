@@ -8,7 +8,8 @@ core ones here, the paying client's in :mod:`gateway.client.errors`::
     ├── ConfigError                   the configuration file or environment is invalid
     ├── StoreError                    the database failed (disk, lock, corruption)
     │   ├── StoreClosed               the store was used after close()
-    │   └── SchemaVersionError        the database's schema is newer than this code
+    │   ├── SchemaVersionError        the database's schema is newer than this code
+    │   └── DuplicatePayout           a payout of this payment hash is recorded already
     ├── BackendError                  the Lightning node failed a request
     │   ├── BackendUnavailable        not reachable, TLS failure, timed out: retry later
     │   ├── BackendPermissionDenied   macaroon missing, wrong or lacking a permission
@@ -69,6 +70,11 @@ class StoreClosed(StoreError):
 
 class SchemaVersionError(StoreError):
     """The database was written by a newer version of the gateway than this one."""
+
+
+class DuplicatePayout(StoreError):
+    """``begin_payout`` was given a payment hash the store has recorded a payout of already
+    (whatever its state): nothing was written, and that hash is never paid again."""
 
 
 class BackendError(GatewayError):

@@ -20,7 +20,9 @@ still published when the watcher sees it. React idempotently, keyed by the payme
 A slow subscriber never blocks the publisher, and never loses an event silently: each
 subscription queues at most ``capacity`` events; when one more arrives it is cut off, with a
 warning. It still gets what was queued, then its iteration raises ``EventsLost``: what it
-missed is in the store, so it catches up from there and subscribes again.
+missed is in the store, so it catches up from there and subscribes again. A worker that
+only needs waking (it reads the store itself) runs ``wake_on(events, name, wake, when)``,
+which does that.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from types import TracebackType
 
 from gateway.errors import GatewayError
@@ -136,3 +139,22 @@ async def apply_and_publish(
     if record is not None and record.state is update.state:
         events.publish(record)
     return record
+
+
+async def wake_on(
+    events: InvoiceEvents,
+    name: str,
+    wake: Callable[[], None],
+    when: Callable[[InvoiceRecord], bool] = lambda record: True,
+) -> None:
+    """Call ``wake`` for every published event ``when`` accepts, until cancelled: for a
+    worker that reads the store itself. Cut off for falling behind, it wakes too (what it
+    missed is in the store) and subscribes again."""
+    while True:
+        try:
+            with events.subscribe(name) as subscription:
+                async for record in subscription:
+                    if when(record):
+                        wake()
+        except EventsLost:
+            wake()

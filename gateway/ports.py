@@ -883,8 +883,8 @@ class StoreOperations(Protocol):
         the fee) from the payee's accrued into its pending and record the PENDING ``payout``,
         in one write; True when done. False when the accrued does not cover it (or the payee
         has no row, never having earned anything): nothing is written. A payment hash already
-        recorded raises ``StoreError``; a payout not PENDING, without a payee, or with an
-        amount below 1 or a negative fee reserve, ``ValueError``."""
+        recorded raises ``DuplicatePayout`` (a ``StoreError``); a payout not PENDING, without
+        a payee, or with an amount below 1 or a negative fee reserve, ``ValueError``."""
 
     async def finish_payout(
         self,

@@ -1,6 +1,8 @@
 """The JSON shape of the store's records the operator reads: one function per record, used
-by the command line (``accounts --json``, ``webhooks list|show --json``) and the admin
-dashboard (``/api/accounts``, ``/api/webhooks``), so both give the same keys.
+by the command line (``accounts --json``, ``webhooks list|show --json``, ``payees --json``,
+``payouts --json``) and the admin dashboard (``/api/accounts``, ``/api/webhooks``), so both
+give the same keys. The ledgers' totals say whether they reconcile the same way:
+``reconciles`` and ``unaccounted_msat``, what ``received`` holds beyond its parts.
 
 It needs only ``gateway.ports``: the web and command-line layers may both import it.
 Amounts are integer msat, times unix seconds, ids hex.
@@ -10,9 +12,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.ports import Account, CreditTotals, WebhookDelivery
+from gateway.ports import Account, CreditTotals, PayeeBalance, Payout, SplitTotals, WebhookDelivery
 
-__all__ = ["account_json", "credit_totals_json", "delivery_json", "unaccounted_msat"]
+__all__ = [
+    "account_json",
+    "credit_totals_json",
+    "delivery_json",
+    "payee_balance_json",
+    "payout_json",
+    "split_reconciliation",
+    "split_totals_json",
+    "unaccounted_msat",
+]
 
 
 def account_json(account: Account) -> dict[str, Any]:
@@ -52,6 +63,7 @@ def credit_totals_json(totals: CreditTotals) -> dict[str, Any]:
         "reserved_msat": totals.reserved_msat,
         "outstanding_msat": totals.outstanding_msat,
         "reconciles": unaccounted_msat(totals) == 0,
+        "unaccounted_msat": unaccounted_msat(totals),
     }
 
 
@@ -67,4 +79,69 @@ def delivery_json(delivery: WebhookDelivery) -> dict[str, Any]:
         "last_status": delivery.last_status,
         "last_error": delivery.last_error,
         "delivered_at": delivery.delivered_at,
+    }
+
+
+def split_reconciliation(totals: SplitTotals) -> tuple[int, int, int]:
+    """(kept, fees, unaccounted) of the split ledger: what the merchant kept after the routing
+    fees it bore, every routing fee, and what ``received`` holds beyond ``kept + paid +
+    accrued + pending + fees`` (anything but 0 is a bookkeeping error)."""
+    kept = totals.kept_msat - totals.merchant_fees_msat
+    fees = totals.payee_fees_msat + totals.merchant_fees_msat
+    parts = kept + totals.paid_msat + totals.accrued_msat + totals.pending_msat + fees
+    return kept, fees, totals.received_msat - parts
+
+
+def payee_balance_json(balance: PayeeBalance, destination: str | None) -> dict[str, Any]:
+    """One payee's ledger row; ``destination`` None: no longer configured. ``earned_msat`` =
+    accrued + pending + paid + ``fees_msat`` (the routing fees the payee bore);
+    ``merchant_fees_msat`` are those the merchant bore for its payouts."""
+    return {
+        "payee": balance.payee,
+        "destination": destination,
+        "earned_msat": balance.earned_msat,
+        "accrued_msat": balance.accrued_msat,
+        "pending_msat": balance.pending_msat,
+        "paid_msat": balance.paid_msat,
+        "fees_msat": balance.fees_msat,
+        "merchant_fees_msat": balance.merchant_fees_msat,
+        "last_payout_at": balance.last_payout_at,
+    }
+
+
+def split_totals_json(totals: SplitTotals) -> dict[str, Any]:
+    """The split ledger's totals over every split route; ``reconciles``: received = kept
+    (after the merchant's routing fees) + paid + accrued + pending + fees (all of them)."""
+    kept, fees, unaccounted = split_reconciliation(totals)
+    return {
+        "received_msat": totals.received_msat,
+        "kept_msat": totals.kept_msat,
+        "earned_msat": totals.earned_msat,
+        "paid_msat": totals.paid_msat,
+        "pending_msat": totals.pending_msat,
+        "accrued_msat": totals.accrued_msat,
+        "payee_fees_msat": totals.payee_fees_msat,
+        "merchant_fees_msat": totals.merchant_fees_msat,
+        "kept_after_fees_msat": kept,
+        "fees_msat": fees,
+        "reconciles": unaccounted == 0,
+        "unaccounted_msat": unaccounted,
+    }
+
+
+def payout_json(payout: Payout) -> dict[str, Any]:
+    """One payout to a payee."""
+    return {
+        "payment_hash": payout.payment_hash.hex(),
+        "payee": payout.payee,
+        "destination": payout.destination,
+        "payment_request": payout.payment_request,
+        "amount_msat": payout.amount_msat,
+        "fee_reserve_msat": payout.fee_reserve_msat,
+        "payee_pays_fee": payout.payee_pays_fee,
+        "state": payout.state.value,
+        "created_at": payout.created_at,
+        "fee_msat": payout.fee_msat,
+        "resolved_at": payout.resolved_at,
+        "failure": payout.failure,
     }

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from gateway import errors
 from gateway.client import bolt11
 from gateway.config import Config, RateLimitConfig, RouteConfig
-from gateway.events import EventsLost, InvoiceEvents
+from gateway.events import InvoiceEvents, wake_on
 from gateway.expiry import InvoiceSweeper
 from gateway.fiat import FiatRate
 from gateway.health import HealthSlot, Readiness
@@ -56,6 +56,7 @@ from gateway.ports import (
     NO_METER,
     AdminSlot,
     Clock,
+    InvoiceRecord,
     InvoiceState,
     Liquidity,
     Meter,
@@ -79,6 +80,7 @@ from gateway.service.on_success import BackendRunner, HoldExecutor, HoldTerms
 from gateway.service.payout import PayeeTerms, Payouts
 from gateway.service.rate_limiter import ClientLimiter, GlobalRateLimiter
 from gateway.service.withdraw import Withdrawer
+from gateway.splits import format_share
 from gateway.store import open_store
 from gateway.supervisor import Supervisor, TaskHealth
 from gateway.watcher import InvoiceWatcher
@@ -93,6 +95,7 @@ __all__ = [
     "lnd_settings",
     "payee_terms",
     "payer_settings",
+    "payout_section",
     "payout_settings",
     "route_table",
     "running_gateway",
@@ -221,7 +224,8 @@ def route_table(config: Config) -> list[str]:
         if not route.free:
             cost += f", service {route.service}, token valid {_lifetime(route.lifetime)}"
         if route.split:
-            cost += f", split: {', '.join(route.split)} (the merchant keeps the rest)"
+            shares = ", ".join(format_share(share) for share in route.shares)
+            cost += f", split: {shares} (the merchant keeps the rest)"
         lines.append(f"{route.pattern} ({methods}): {cost}")
     if config.paths.unmatched == "deny":
         lines.append("any other path: refused (404, [paths] unmatched = deny)")
@@ -254,22 +258,38 @@ def lnd_settings(config: Config) -> LndSettings:
 def payer_settings(config: Config) -> LndSettings | None:
     """The paying LND connection when ``[credit] withdrawals`` is on: ``[lnd]``'s node and
     certificate, ``[credit] payment_macaroon``; ``ConfigError`` if its files cannot be read."""
-    credit = config.credit
-    if not credit.withdrawals:
+    if not config.credit.withdrawals:
         return None
+    return _paying_settings(config, config.credit.payment_macaroon, "[credit]", "withdrawals")
+
+
+def payout_section(config: Config) -> str:
+    """The section whose ``payment_macaroon`` payouts are sent with: ``[payouts]``, else
+    ``[credit]`` (``Config.payout_macaroon``)."""
+    return "[payouts]" if config.payouts.payment_macaroon is not None else "[credit]"
+
+
+def _paying_settings(
+    config: Config, macaroon: Path | None, section: str, needs: str
+) -> LndSettings:
+    """An LND connection that sends payments: ``[lnd]``'s node and certificate and
+    ``macaroon``, ``section``'s ``payment_macaroon``; ``ConfigError`` naming what ``needs``
+    it (``[lnd] tls_cert``), or ``section`` (a file that cannot be read)."""
     lnd = config.lnd
-    if lnd.tls_cert is None or credit.payment_macaroon is None:
-        raise errors.ConfigError("[credit] withdrawals need [lnd] tls_cert and payment_macaroon")
+    if lnd.tls_cert is None:
+        raise errors.ConfigError(f"{needs} need [lnd] tls_cert (the node's tls.cert)")
+    if macaroon is None:  # load_config already requires it
+        raise errors.ConfigError(f"{needs} need {section} payment_macaroon")
     try:
         return LndSettings.from_files(
-            lnd.host, lnd.tls_cert, macaroon_path=credit.payment_macaroon, timeout=lnd.timeout
+            lnd.host, lnd.tls_cert, macaroon_path=macaroon, timeout=lnd.timeout
         )
     except OSError as error:
         raise errors.ConfigError(
-            f"[credit] cannot read {error.filename}: {error.strerror}"
+            f"{section} cannot read {error.filename}: {error.strerror}"
         ) from None
     except ValueError as error:
-        raise errors.ConfigError(f"[credit] payment_macaroon: {error}") from None
+        raise errors.ConfigError(f"{section} payment_macaroon: {error}") from None
 
 
 @contextlib.asynccontextmanager
@@ -300,25 +320,12 @@ async def _running_withdrawer(
 
 def payout_settings(config: Config) -> LndSettings | None:
     """The LND connection payouts are sent over when ``[[payee]]`` tables are configured:
-    ``[lnd]``'s node and certificate, ``[payouts] payment_macaroon`` (else ``[credit]``'s);
-    ``ConfigError`` if its files cannot be read. None without payees."""
+    ``[lnd]``'s node and certificate, ``[payouts] payment_macaroon`` (else ``[credit]``'s:
+    ``payout_section``); ``ConfigError`` if its files cannot be read. None without payees."""
     if not config.payee:
         return None
-    lnd, macaroon = config.lnd, config.payout_macaroon
-    if lnd.tls_cert is None or macaroon is None:
-        raise errors.ConfigError(
-            "[[payee]] payouts need [lnd] tls_cert and [payouts] payment_macaroon"
-        )
-    try:
-        return LndSettings.from_files(
-            lnd.host, lnd.tls_cert, macaroon_path=macaroon, timeout=lnd.timeout
-        )
-    except OSError as error:
-        raise errors.ConfigError(
-            f"[payouts] cannot read {error.filename}: {error.strerror}"
-        ) from None
-    except ValueError as error:
-        raise errors.ConfigError(f"[payouts] payment_macaroon: {error}") from None
+    section = payout_section(config)
+    return _paying_settings(config, config.payout_macaroon, section, "[[payee]] payouts")
 
 
 def payee_terms(config: Config) -> list[PayeeTerms]:
@@ -380,20 +387,13 @@ async def _run_payouts(payouts: Payouts, events: InvoiceEvents) -> None:
     """The payout worker, woken by every settlement this process records (a share may have
     made a payee due); settlements elsewhere and credit charges wait for its next pass."""
 
-    async def listen() -> None:
-        while True:
-            try:
-                with events.subscribe("payouts") as subscription:
-                    async for record in subscription:
-                        if record.state is InvoiceState.SETTLED and record.split:
-                            payouts.wake()
-            except EventsLost:
-                payouts.wake()  # it only wakes the worker: the store has everything
+    def settled_split(record: InvoiceRecord) -> bool:
+        return record.state is InvoiceState.SETTLED and bool(record.split)
 
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(payouts.run())
-            group.create_task(listen())
+            group.create_task(wake_on(events, "payouts", payouts.wake, settled_split))
     except ExceptionGroup as failed:
         # The supervisor logs and restarts on the first failure, as for any task.
         raise failed.exceptions[0] from None

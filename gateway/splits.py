@@ -20,9 +20,13 @@ PAYEE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 MERCHANT = ""
 PPM = 1_000_000
 
-_PERCENT = re.compile(r"(\d+)(?:\.(\d+))?")
-_WHOLE = re.compile(r"\d+")
+# ASCII digits only ("\d" takes any script's: "٣٠" would be 30), and not too many of them.
+_PERCENT = re.compile(r"([0-9]+)(?:\.([0-9]+))?")
+_WHOLE = re.compile(r"[0-9]+")
 _PERCENT_DECIMALS = 4  # 0.0001% is 1 ppm: the finest share there is
+# More than any amount there is (MAX_PRICE_MSAT has 17 digits); Python's int() refuses
+# thousands of digits with a message of its own.
+MAX_DIGITS = 17
 
 
 def allocate(split: Split, amount_msat: int) -> list[tuple[str, Msat]]:
@@ -71,12 +75,15 @@ def decode_split(text: str) -> Split:
     for part in text.split(","):
         fields = part.split(":")
         if len(fields) != 3:
-            raise ValueError(f"a stored share is payee:ppm:fixed_msat, got {part!r}")
+            raise ValueError(f"a stored share is payee:ppm:fixed_msat, got {_shown(part)}")
         payee, ppm, fixed = fields
         if not PAYEE_NAME.fullmatch(payee):
-            raise ValueError(f"a stored share names no valid payee: {part!r}")
-        if not (_WHOLE.fullmatch(ppm) and _WHOLE.fullmatch(fixed)):
-            raise ValueError(f"a stored share's ppm and fixed msat are whole numbers: {part!r}")
+            raise ValueError(f"a stored share names no valid payee: {_shown(part)}")
+        if not (_whole(ppm) and _whole(fixed)):
+            raise ValueError(
+                f"a stored share's ppm and fixed msat are whole numbers of at most {MAX_DIGITS} "
+                f"digits: {_shown(part)}"
+            )
         shares.append(Share(payee, int(ppm), Msat(int(fixed))))
     return tuple(shares)
 
@@ -90,40 +97,54 @@ def parse_share(text: str) -> Share:
     payee, amount = payee.strip(), amount.strip()
     if not colon:
         raise ValueError(
-            f"share {text!r}: write it as payee:percent or payee:amount, e.g. carol:30% or "
+            f"share {_shown(text)}: write it as payee:percent or payee:amount, e.g. carol:30% or "
             "dave:1000msat"
         )
     if not PAYEE_NAME.fullmatch(payee):
         raise ValueError(
-            f"share {text!r}: payee name {payee!r} must be 1 to 64 of a-z, 0-9, '_' and '-', "
-            "starting with a letter or digit"
+            f"share {_shown(text)}: payee name {_shown(payee)} must be 1 to 64 of a-z, 0-9, "
+            "'_' and '-', starting with a letter or digit"
         )
     if amount.endswith("%"):
         return Share(payee, ppm=_percent_ppm(text, amount[:-1].strip()))
     for unit, msat in (("msat", 1), ("sat", 1000)):  # msat first: it ends with "sat"
         if amount.endswith(unit):
             number = amount[: -len(unit)].strip()
-            if not _WHOLE.fullmatch(number) or int(number) == 0:
+            if not _whole(number) or int(number) == 0:
                 raise ValueError(
-                    f"share {text!r}: the amount must be a positive whole number of {unit}"
+                    f"share {_shown(text)}: the amount must be a positive whole number of "
+                    f"{unit}, at most {MAX_DIGITS} digits (0-9)"
                 )
             return Share(payee, fixed_msat=Msat(int(number) * msat))
     raise ValueError(
-        f"share {text!r}: unknown unit in {amount!r}; use a percent (30%), msat or sat"
+        f"share {_shown(text)}: unknown unit in {_shown(amount)}; use a percent (30%), msat or sat"
     )
+
+
+def _whole(number: str) -> bool:
+    """Whether ``number`` is a whole number of ASCII digits, at most ``MAX_DIGITS`` of them."""
+    return len(number) <= MAX_DIGITS and _WHOLE.fullmatch(number) is not None
+
+
+def _shown(text: str) -> str:
+    """``text`` in a message: quoted, cut short."""
+    return repr(text if len(text) <= 100 else text[:100] + "...")
 
 
 def _percent_ppm(text: str, number: str) -> int:
     match = _PERCENT.fullmatch(number)
-    if match is None:
-        raise ValueError(f"share {text!r}: the percent must be a number, e.g. 30% or 12.5%")
+    if match is None or len(match.group(1)) > MAX_DIGITS:
+        raise ValueError(
+            f"share {_shown(text)}: the percent must be a number (0-9), e.g. 30% or 12.5%"
+        )
     if match.group(2) is not None and len(match.group(2)) > _PERCENT_DECIMALS:
         raise ValueError(
-            f"share {text!r}: at most {_PERCENT_DECIMALS} decimals in a percent (0.0001% is 1 ppm)"
+            f"share {_shown(text)}: at most {_PERCENT_DECIMALS} decimals in a percent "
+            "(0.0001% is 1 ppm)"
         )
     ppm = int(Decimal(number) * (PPM // 100))
     if not 0 < ppm <= PPM:
-        raise ValueError(f"share {text!r}: the percent must be above 0 and at most 100")
+        raise ValueError(f"share {_shown(text)}: the percent must be above 0 and at most 100")
     return ppm
 
 

@@ -52,7 +52,7 @@ import aiohttp
 from standardwebhooks import Webhook
 
 from gateway import errors
-from gateway.events import EventsLost, InvoiceEvents
+from gateway.events import InvoiceEvents, wake_on
 from gateway.ports import (
     Clock,
     DeliveryState,
@@ -259,21 +259,14 @@ class WebhookSender:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._fan_out_loop())
                     if self._events is not None:
-                        group.create_task(self._listen(self._events))
+                        # Woken by every event: the store has what to fan out.
+                        listen = wake_on(self._events, "webhook sender", self._fan_out.set)
+                        group.create_task(listen)
                     for endpoint in self._endpoints:
                         group.create_task(self._deliver_loop(session, endpoint))
             except ExceptionGroup as failed:
                 # The supervisor logs and restarts on the first failure, as for any task.
                 raise failed.exceptions[0] from None
-
-    async def _listen(self, events: InvoiceEvents) -> None:
-        while True:
-            try:
-                with events.subscribe("webhook sender") as subscription:
-                    async for _ in subscription:
-                        self._fan_out.set()
-            except EventsLost:
-                self._fan_out.set()  # it only wakes the sender: the store has everything
 
     async def _fan_out_loop(self) -> None:
         subscriptions = self.subscriptions

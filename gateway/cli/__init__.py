@@ -14,7 +14,7 @@ Commands::
     l402-gateway --config ... webhooks list|show|redeliver   the signed webhooks' deliveries
     l402-gateway --config ... payees [--json]        revenue split payees and the ledger's totals
     l402-gateway --config ... payouts [--payee N] [--state S] [--limit N] [--json]   history
-    l402-gateway --config ... payouts pay [--payee N]   pay the payees' accrued shares now
+    l402-gateway --config ... payouts pay [--payee N] [--json]   pay their accrued shares now
     l402-gateway sample-config                       the commented sample configuration
     l402-gateway --version
 
@@ -23,9 +23,10 @@ Commands::
 later wins.
 
 Exit codes: 0 success, 1 nothing matched (e.g. unknown token), 2 bad usage or configuration,
-3 a backend (store, LND) failed (``payouts pay``: or a payout FAILED or is PENDING); ``pay``
-and ``credit`` have their own. The commands get
-their running objects from ``gateway.runtime``, which is what applications import.
+3 a backend (store, LND) failed (``payouts pay``: or a payout FAILED or is still PENDING),
+4 the books do not reconcile (``accounts``, ``payees``: the totals are printed all the same;
+``EXIT_DOES_NOT_RECONCILE``); ``pay`` and ``credit`` have their own. The commands get their
+running objects from ``gateway.runtime``, which is what applications import.
 """
 
 from __future__ import annotations

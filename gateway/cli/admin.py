@@ -1,6 +1,6 @@
 """The admin commands: ``invoices`` (a table with summaries, ``--json`` or ``--csv``),
-``accounts`` (credit accounts and their totals, ``--json``), ``token revoke TOKEN_ID`` and
-``sample-config``."""
+``accounts`` (credit accounts and their totals, ``--json``; exit 4 when the totals do not
+reconcile), ``token revoke TOKEN_ID`` and ``sample-config``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from importlib import resources
 from typing import Any
 
 from gateway import errors
-from gateway.cli.formats import columns, utc_time
+from gateway.cli.formats import EXIT_DOES_NOT_RECONCILE, columns, utc_time
 from gateway.config import Config
 from gateway.ports import Account, CreditTotals, InvoiceRecord, InvoiceState
 from gateway.reports import account_json, credit_totals_json, unaccounted_msat
@@ -322,7 +322,8 @@ def _accounts_table(listed: Sequence[Account], totals: CreditTotals) -> str:
 
 
 async def accounts(config: Config, limit: int | None, as_json: bool) -> int:
-    """``accounts``: credit accounts, most recently used first, and their totals."""
+    """``accounts``: credit accounts, most recently used first, and their totals; exit 4
+    when they do not reconcile."""
     if limit is not None and limit < 0:
         raise errors.ConfigError(f"--limit must be >= 0, got {limit}")
     store = await open_store(config.store.url, read_only=True)
@@ -339,7 +340,7 @@ async def accounts(config: Config, limit: int | None, as_json: bool) -> int:
         print(json.dumps(document, indent=2, ensure_ascii=True))
     else:
         print(_accounts_table(listed, totals))
-    return 0
+    return 0 if unaccounted_msat(totals) == 0 else EXIT_DOES_NOT_RECONCILE
 
 
 async def revoke(config: Config, token_id: str) -> int:

@@ -1,11 +1,12 @@
 """``l402-gateway check``: what ``serve`` would run with, checked before it runs.
 
 Loads the configuration and the price functions, probes the LND node (reachable, the TLS
-certificate, the macaroon's permissions: ``gateway.lnd.preflight``) and the upstream (a TCP
-connection), reports the node's inbound liquidity and the routes it cannot receive (never a
-problem: ``gateway.liquidity``), and prints what each path costs. ``serve`` runs the same
-checks at start (``startup_checks``): a problem stops it, an unreachable node or upstream is
-only a warning.
+certificate, the macaroon's permissions: ``gateway.lnd.preflight``), the payment macaroons
+(``[credit]`` withdrawals', the ``[[payee]]`` payouts'; a file that cannot be read is a
+configuration problem) and the upstream (a TCP connection), reports the node's inbound
+liquidity and the routes it cannot receive (never a problem: ``gateway.liquidity``), and
+prints what each path costs. ``serve`` runs the same checks at start (``startup_checks``):
+a problem stops it, an unreachable node or upstream is only a warning.
 
 Exit codes: 0 all good, 2 a configuration problem (the node refuses the macaroon or the
 certificate included), 3 the node or the upstream does not answer.
@@ -22,9 +23,17 @@ from gateway import errors
 from gateway.config import Config
 from gateway.liquidity import describe, inbound_liquidity, route_warnings
 from gateway.lnd.client import LndClient
-from gateway.lnd.preflight import LndCheck, check_lnd, check_payer
+from gateway.lnd.connection import LndSettings
+from gateway.lnd.preflight import PAYER_PERMISSIONS, LndCheck, check_lnd, check_payer
 from gateway.ports import Liquidity
-from gateway.runtime import build_pricing, lnd_settings, payer_settings, route_table
+from gateway.runtime import (
+    build_pricing,
+    lnd_settings,
+    payer_settings,
+    payout_section,
+    payout_settings,
+    route_table,
+)
 
 log = logging.getLogger(__name__)
 UPSTREAM_TIMEOUT = 5.0
@@ -51,13 +60,37 @@ async def _upstream_answers(url: str) -> str | None:
     return None
 
 
-async def _probe(config: Config) -> tuple[LndCheck, str | None]:
-    """What the node's probes found, and why the upstream does not answer (None: it does)."""
+def _payers(config: Config) -> list[tuple[str, LndSettings]]:
+    """The LND connections that send payments, each with the section of its payment
+    macaroon: ``[credit]`` withdrawals', the ``[[payee]]`` payouts' (``[payouts]``, else
+    ``[credit]``'s: then one connection). ``ConfigError`` if a file cannot be read."""
+    payers = []
+    withdrawals = payer_settings(config)
+    if withdrawals is not None:
+        payers.append(("[credit]", withdrawals))
+    payouts = payout_settings(config)
+    if payouts is not None and payouts != withdrawals:
+        payers.append((payout_section(config), payouts))
+    return payers
+
+
+def _in_section(problem: str, section: str) -> str:
+    """``check_payer``'s ``problem`` naming ``section``: it names ``[credit]``, the section
+    of the withdrawals' macaroon."""
+    credit = "[credit] "
+    return f"{section} {problem.removeprefix(credit)}" if problem.startswith(credit) else problem
+
+
+async def _probe(
+    config: Config, payers: list[tuple[str, LndSettings]]
+) -> tuple[LndCheck, str | None]:
+    """What the probes of the node and of the ``payers`` found, and why the upstream does not
+    answer (None: it does)."""
     lnd = await check_lnd(lnd_settings(config))
-    paying = payer_settings(config)  # [credit] withdrawals: the payment macaroon too
-    if paying is not None:
-        payer = await check_payer(paying)
-        lnd = LndCheck(lnd.problems + payer.problems, lnd.unreachable or payer.unreachable)
+    for section, settings in payers:
+        payer = await check_payer(settings)
+        problems = tuple(_in_section(problem, section) for problem in payer.problems)
+        lnd = LndCheck(lnd.problems + problems, lnd.unreachable or payer.unreachable)
     upstream = await _upstream_answers(config.server.upstream) if config.server.upstream else None
     return lnd, upstream
 
@@ -72,7 +105,7 @@ def startup_checks(config: Config) -> None:
     """``serve``'s checks: each problem and warning in one line; ``ConfigError`` if there is
     a problem. (The route table is logged by ``running_runtime``, in every front end.)"""
     build_pricing(config)
-    lnd, upstream = asyncio.run(_probe(config))
+    lnd, upstream = asyncio.run(_probe(config, _payers(config)))
     for warning in (lnd.unreachable, upstream):
         if warning is not None:
             log.warning("%s; starting anyway (requests get 503 or 502 until it answers)", warning)
@@ -88,14 +121,17 @@ def run(config: Config, source: str | None) -> int:
     """The ``check`` command: findings and the route table on stdout; its exit code."""
     build_pricing(config)  # ConfigError: the caller says it in one line, exit 2
     lnd_settings(config)
+    payers = _payers(config)  # the payment macaroons' files too
     print(f"config: ok ({source or 'defaults and GATEWAY_* variables'})")
-    lnd, upstream = asyncio.run(_probe(config))
+    lnd, upstream = asyncio.run(_probe(config, payers))
     for problem in lnd.problems:
         print(f"problem: {problem}")
     if lnd.unreachable is not None:
         print(f"unreachable: {lnd.unreachable}")
     if lnd.ok:
         print(f"lnd: ok ({config.lnd.host}: TLS, macaroon with invoices:read and invoices:write)")
+        for section, _ in payers:
+            print(f"payer: ok ({section} payment_macaroon with {PAYER_PERMISSIONS})")
         rules = build_pricing(config).rules
         liquidity = asyncio.run(_liquidity(config))
         print(f"liquidity: {describe(liquidity, rules)}")

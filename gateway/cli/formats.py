@@ -1,15 +1,20 @@
 """What the commands print alike: the log line formats (text, or JSON lines), UTC times,
-amounts and tables."""
+amounts and tables; and what they take and answer alike: ``--limit N``, the exit code of a
+ledger that does not reconcile."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
+# ``accounts`` and ``payees``: the totals do not add up (a bookkeeping error), printed anyway.
+EXIT_DOES_NOT_RECONCILE = 4
+MAX_LIMIT = 2**63 - 1  # SQLite's largest integer
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FORMATS = ("text", "json")
 # What every LogRecord has (and what formatting adds): the rest are a call's ``extra``.
@@ -102,3 +107,34 @@ def columns(rows: Sequence[Sequence[str]]) -> list[str]:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     ]
+
+
+def parse_limit(text: str) -> int:
+    """``--limit N`` for argparse: 0 to ``MAX_LIMIT``, else a usage error (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"--limit is 0 to {MAX_LIMIT}, got {text}")
+    return value
+
+
+Record = TypeVar("Record")
+
+
+def print_records(
+    records: Sequence[Record],
+    as_json: bool,
+    record_json: Callable[[Record], dict[str, Any]],
+    table: Callable[[Sequence[Record]], Sequence[str]],
+    none: str,
+) -> None:
+    """A listing on stdout: a JSON array of each record's ``record_json`` (ASCII), else the
+    lines of their ``table``, or the line ``none`` when there are none."""
+    if as_json:
+        print(json.dumps([record_json(r) for r in records], indent=2, ensure_ascii=True))
+    elif records:
+        print("\n".join(table(records)))
+    else:
+        print(none)

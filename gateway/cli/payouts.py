@@ -5,9 +5,11 @@
     l402-gateway payouts [--payee N] [--state S] [--limit N] [--json]   payout history
     l402-gateway payouts pay [--payee N] [--json]    pay every (or one) payee's accrued now
 
-``payees`` and ``payouts`` only read the store (opened read-only). ``payouts pay`` pays each
-configured payee (or N) all it has accrued, whatever its threshold, over the payout
-macaroon's LND connection, as the running gateway's worker would; a payout the running
+``payees`` and ``payouts`` only read the store (opened read-only); ``payees`` exits 4
+(``EXIT_DOES_NOT_RECONCILE``) when the totals do not reconcile. ``payouts pay`` pays each
+configured payee (or N) what it has accrued (as the worker would: less the fee limit when
+the payee bears the fee, in whole sat up to ``maxSendable`` over LNURL-pay), whatever its
+threshold, over the payout macaroon's LND connection; a payout the running
 gateway has under way for that payee is not paid twice (the ledger debits it once). Exit
 codes: 0 every payout made SUCCEEDED (or there was nothing to pay), 1 no such payee, 2 bad
 usage or configuration, 3 a payout FAILED or is still PENDING (the gateway's worker
@@ -24,26 +26,27 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway import errors
-from gateway.cli.formats import columns, utc_time
+from gateway.cli.formats import (
+    EXIT_DOES_NOT_RECONCILE,
+    columns,
+    parse_limit,
+    print_records,
+    utc_time,
+)
 from gateway.config import Config
 from gateway.ports import Msat, PayeeBalance, Payout, PayoutState, SplitTotals
+from gateway.reports import (
+    payee_balance_json,
+    payout_json,
+    split_reconciliation,
+    split_totals_json,
+)
 from gateway.store import open_store
 from gateway.text import printable
 
-__all__ = ["add_parsers", "payees", "reconciled", "run"]
+__all__ = ["add_parsers", "payees", "run"]
 
 EXIT_NOT_PAID = 3  # a payout FAILED or is still PENDING
-MAX_LIMIT = 2**63 - 1
-
-
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= MAX_LIMIT:
-        raise argparse.ArgumentTypeError(f"--limit is 0 to {MAX_LIMIT}, got {text}")
-    return value
 
 
 def _state(text: str) -> PayoutState:
@@ -77,14 +80,16 @@ def add_parsers(commands: Any) -> None:
         metavar="STATE",
         help=f"only this state: {', '.join(s.value.lower() for s in PayoutState)}",
     )
-    history.add_argument("--limit", type=_limit, default=100, help="at most N (default 100)")
+    history.add_argument("--limit", type=parse_limit, default=100, help="at most N (default 100)")
     history.add_argument("--json", action="store_true", help="machine-readable output")
     actions = history.add_subparsers(dest="payouts_command")
     pay = actions.add_parser(
         "pay",
-        help="pay every payee (or one) all it has accrued now",
-        description="Pay each configured payee (or --payee NAME) all it has accrued, "
-        "whatever its threshold, over [payouts] payment_macaroon. Exit 0 when every payout "
+        help="pay every payee (or one) what it has accrued now",
+        description="Pay each configured payee (or --payee NAME) what it has accrued, "
+        "whatever its threshold, over [payouts] payment_macaroon (else [credit]'s): all of "
+        "it, less the fee limit when the payee bears the fee; to an LNURL-pay service in "
+        "whole sat, at most its maxSendable. Exit 0 when every payout "
         "SUCCEEDED (or nothing was due), 3 when one FAILED (its amount is accrued again) or "
         "is still PENDING (the running gateway resolves it).",
     )
@@ -105,46 +110,6 @@ def run(config: Config, args: argparse.Namespace) -> int:
         payee = args.pay_payee or args.payee
         return asyncio.run(pay(config, payee, args.pay_json or args.json))
     return asyncio.run(history(config, args.payee, args.state, args.limit, args.json))
-
-
-def reconciled(totals: SplitTotals) -> tuple[int, int, int]:
-    """(kept, fees, off): what the merchant kept after the routing fees it bore, every
-    routing fee, and ``received - (kept + paid + accrued + pending + fees)`` (0: it adds up)."""
-    kept = totals.kept_msat - totals.merchant_fees_msat
-    fees = totals.payee_fees_msat + totals.merchant_fees_msat
-    parts = kept + totals.paid_msat + totals.accrued_msat + totals.pending_msat + fees
-    return kept, fees, totals.received_msat - parts
-
-
-def _balance_json(balance: PayeeBalance, destination: str | None) -> dict[str, Any]:
-    return {
-        "payee": balance.payee,
-        "destination": destination,  # None: no longer configured
-        "earned_msat": balance.earned_msat,
-        "accrued_msat": balance.accrued_msat,
-        "pending_msat": balance.pending_msat,
-        "paid_msat": balance.paid_msat,
-        "fees_msat": balance.fees_msat,
-        "merchant_fees_msat": balance.merchant_fees_msat,
-        "last_payout_at": balance.last_payout_at,
-    }
-
-
-def _totals_json(totals: SplitTotals) -> dict[str, Any]:
-    kept, fees, off = reconciled(totals)
-    return {
-        "received_msat": totals.received_msat,
-        "kept_msat": totals.kept_msat,
-        "earned_msat": totals.earned_msat,
-        "paid_msat": totals.paid_msat,
-        "pending_msat": totals.pending_msat,
-        "accrued_msat": totals.accrued_msat,
-        "payee_fees_msat": totals.payee_fees_msat,
-        "merchant_fees_msat": totals.merchant_fees_msat,
-        "kept_after_fees_msat": kept,
-        "fees_msat": fees,
-        "reconciled": off == 0,
-    }
 
 
 def _empty_balance(name: str) -> PayeeBalance:
@@ -172,7 +137,8 @@ def _payees_text(
             "ACCRUED",
             "PENDING",
             "PAID",
-            "FEES msat",
+            "FEES",
+            "MERCHANT FEES",
             "LAST PAYOUT (UTC)",
         )
     ]
@@ -184,13 +150,21 @@ def _payees_text(
             str(b.accrued_msat),
             str(b.pending_msat),
             str(b.paid_msat),
-            str(b.fees_msat + b.merchant_fees_msat),
+            str(b.fees_msat),
+            str(b.merchant_fees_msat),
             utc_time(b.last_payout_at),
         )
         for b in listed
     ]
-    kept, fees, off = reconciled(totals)
-    lines = [*columns(rows)] if listed else ["no payees"]
+    kept, fees, unaccounted = split_reconciliation(totals)
+    if listed:
+        lines = columns(rows)
+        lines += [
+            "amounts in msat; earned = accrued + pending + paid + fees (the routing fees the "
+            "payee bore); merchant fees: those the merchant bore for its payouts"
+        ]
+    else:
+        lines = ["no payees"]
     lines += ["", "totals over every split route, in msat:"]
     lines += columns(
         [
@@ -211,17 +185,22 @@ def _payees_text(
         ]
     )
     parts = f"{kept} + {totals.paid_msat} + {totals.accrued_msat} + {totals.pending_msat} + {fees}"
-    verdict = "OK" if off == 0 else f"MISMATCH (off by {off} msat)"
-    lines.append(
-        f"received = kept + paid + accrued + pending + fees: {totals.received_msat} = "
-        f"{parts}  {verdict}"
-    )
+    if unaccounted == 0:
+        lines.append(
+            f"reconciled: received {totals.received_msat} = kept + paid + accrued + pending "
+            f"+ fees = {parts}"
+        )
+    else:
+        lines.append(
+            f"DOES NOT RECONCILE: received {totals.received_msat} != {parts} "
+            f"(off by {unaccounted} msat)"
+        )
     return "\n".join(lines)
 
 
 async def payees(config: Config, as_json: bool) -> int:
-    """``payees``: every payee's balance and the ledger's totals (a line says whether they
-    reconcile)."""
+    """``payees``: every payee's balance and the ledger's totals; exit 4 when they do not
+    reconcile."""
     store = await open_store(config.store.url, read_only=True)
     try:
         stored = await store.list_payees()
@@ -232,33 +211,16 @@ async def payees(config: Config, as_json: bool) -> int:
     destinations = {payee.name: payee.destination for payee in config.payee}
     if as_json:
         document = {
-            "payees": [_balance_json(b, destinations.get(b.payee)) for b in listed],
-            "totals": _totals_json(totals),
+            "payees": [payee_balance_json(b, destinations.get(b.payee)) for b in listed],
+            "totals": split_totals_json(totals),
         }
         print(json.dumps(document, indent=2, ensure_ascii=True))
     else:
         print(_payees_text(listed, destinations, totals))
-    return 0
+    return 0 if split_reconciliation(totals)[2] == 0 else EXIT_DOES_NOT_RECONCILE
 
 
-def payout_json(payout: Payout) -> dict[str, Any]:
-    return {
-        "payment_hash": payout.payment_hash.hex(),
-        "payee": payout.payee,
-        "destination": payout.destination,
-        "payment_request": payout.payment_request,
-        "amount_msat": payout.amount_msat,
-        "fee_reserve_msat": payout.fee_reserve_msat,
-        "payee_pays_fee": payout.payee_pays_fee,
-        "state": payout.state.value,
-        "created_at": payout.created_at,
-        "fee_msat": payout.fee_msat,
-        "resolved_at": payout.resolved_at,
-        "failure": payout.failure,
-    }
-
-
-def _payouts_table(listed: Sequence[Payout]) -> str:
+def _payouts_table(listed: Sequence[Payout]) -> list[str]:
     rows = [("CREATED (UTC)", "PAYEE", "STATE", "AMOUNT msat", "FEE msat", "HASH", "FAILURE")]
     rows += [
         (
@@ -272,7 +234,7 @@ def _payouts_table(listed: Sequence[Payout]) -> str:
         )
         for p in listed
     ]
-    return "\n".join(columns(rows))
+    return columns(rows)
 
 
 async def history(
@@ -284,12 +246,7 @@ async def history(
         listed = await store.list_payouts(payee, state, limit)
     finally:
         await store.close()
-    if as_json:
-        print(json.dumps([payout_json(p) for p in listed], indent=2, ensure_ascii=True))
-    elif listed:
-        print(_payouts_table(listed))
-    else:
-        print("no payouts")
+    print_records(listed, as_json, payout_json, _payouts_table, "no payouts")
     return 0
 
 
@@ -309,13 +266,14 @@ def _outcome(payout: Payout) -> str:
 async def pay(config: Config, payee: str | None, as_json: bool) -> int:
     """``payouts pay``: every (or one) payee's accrued now; 0 when all SUCCEEDED."""
     # Imported here: the listing commands need no LND or LNURL client.
-    from gateway.runtime import running_payouts
+    from gateway.runtime import payout_settings, running_payouts
 
     if not config.payee:
         raise errors.ConfigError("no [[payee]] is configured: nobody to pay")
     if payee is not None and payee not in {p.name for p in config.payee}:
         print(f"l402-gateway: no [[payee]] named {payee!r}", file=sys.stderr)
         return 1
+    payout_settings(config)  # a bad [lnd] or macaroon fails before the store is opened
     store = await open_store(config.store.url, pool_size=config.store.pool_size)
     try:
         async with running_payouts(config, store) as payouts:
@@ -326,7 +284,11 @@ async def pay(config: Config, payee: str | None, as_json: bool) -> int:
     if as_json:
         print(json.dumps([payout_json(p) for p in made], indent=2, ensure_ascii=True))
     elif not made:
-        print("nothing to pay: no payee has anything accrued (or it is under way)")
+        print(
+            "nothing paid: no payee had an amount to pay (nothing accrued, below the fee "
+            "limit or the service's minimum, or a payout under way; a payee that could not "
+            "be paid is logged above)"
+        )
     else:
         for payout in made:
             paid = payout.state is PayoutState.SUCCEEDED

@@ -31,7 +31,13 @@ from gateway.cli.formats import configure_logging, current_log_format
 from gateway.config import Config, listen_address, store_location
 from gateway.health import HealthSlot
 from gateway.ports import AdminSlot, MetricsSlot
-from gateway.runtime import build_pricing, lnd_settings, running_gateway
+from gateway.runtime import (
+    build_pricing,
+    lnd_settings,
+    payer_settings,
+    payout_settings,
+    running_gateway,
+)
 from gateway.web.admin import build_admin, read_password_file
 from gateway.web.connections import ServerLimits
 from gateway.web.metrics import metrics_app
@@ -71,6 +77,8 @@ def run(config: Config) -> int:
         raise errors.ConfigError("[server] upstream is required for serve (the backend URL)")
     build_pricing(config)
     lnd_settings(config)  # fail on a bad config before binding the port
+    payer_settings(config)  # and on an unreadable payment macaroon: withdrawals', payouts'
+    payout_settings(config)
     startup_checks(config)  # the node, its certificate, the macaroon, the upstream
     if config.admin.listen:
         _admin_password(config)  # refused before anything starts: missing, empty, readable

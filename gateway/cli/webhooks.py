@@ -18,10 +18,11 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from gateway import errors
-from gateway.cli.formats import columns, utc_time
+from gateway.cli.formats import columns, parse_limit, print_records, utc_time
 from gateway.config import Config
 from gateway.ports import DeliveryState, WebhookDelivery, WebhookEvent
 from gateway.reports import delivery_json
@@ -39,16 +40,6 @@ def _event_id(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an event id: {text!r}") from None
     if not 1 <= value <= MAX_ID:
         raise argparse.ArgumentTypeError(f"an event id is 1 to {MAX_ID}, got {text}")
-    return value
-
-
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= MAX_ID:
-        raise argparse.ArgumentTypeError(f"--limit is 0 to {MAX_ID}, got {text}")
     return value
 
 
@@ -70,7 +61,7 @@ def add_parser(commands: Any) -> None:
         "--state", choices=[state.value.lower() for state in DeliveryState], help="only these"
     )
     listing.add_argument("--endpoint", metavar="NAME", help="only to this endpoint")
-    listing.add_argument("--limit", type=_limit, default=100, help="at most N (default 100)")
+    listing.add_argument("--limit", type=parse_limit, default=100, help="at most N (default 100)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     show = actions.add_parser("show", help="one event and its deliveries")
     show.add_argument("event_id", type=_event_id)
@@ -98,7 +89,7 @@ def run(config: Config, args: Any) -> int:
     return asyncio.run(_redeliver(config, args.event_id, args.endpoint))
 
 
-def _table(deliveries: list[WebhookDelivery]) -> list[str]:
+def _table(deliveries: Sequence[WebhookDelivery]) -> list[str]:
     rows = [["EVENT", "TYPE", "ENDPOINT", "STATE", "ATTEMPTS", "NEXT/DONE (UTC)", "LAST"]]
     for d in deliveries:
         when = d.delivered_at if d.state is DeliveryState.DELIVERED else d.next_attempt_at
@@ -125,12 +116,7 @@ async def _list(
         deliveries = await store.list_webhook_deliveries(state, endpoint, limit)
     finally:
         await store.close()
-    if as_json:
-        print(json.dumps([delivery_json(d) for d in deliveries], indent=2, ensure_ascii=True))
-    elif deliveries:
-        print("\n".join(_table(deliveries)))
-    else:
-        print("no webhook deliveries")
+    print_records(deliveries, as_json, delivery_json, _table, "no webhook deliveries")
     return 0
 
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import coincurve
 
+from gateway import bech32
+from gateway.bech32 import to_bytes, to_int
+
 __all__ = ["Bolt11Error", "Invoice", "decode"]
 
-_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
-_GENERATOR = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
 # hrp: "ln" + currency + optional amount (digits, optional multiplier)
 _HRP_RE = re.compile(r"ln([a-z]+?)(?:(\d+)([munp]?))?")
 _MULTIPLIER_PICO_BTC = {"m": 10**9, "u": 10**6, "n": 10**3, "p": 1}  # per unit, in pico-BTC
@@ -51,55 +52,12 @@ class Invoice:
         return self.payment_secret is not None
 
 
-def _polymod(values: list[int]) -> int:
-    check = 1
-    for value in values:
-        top = check >> 25
-        check = (check & 0x1FFFFFF) << 5 ^ value
-        for i in range(5):
-            check ^= _GENERATOR[i] if (top >> i) & 1 else 0
-    return check
-
-
-def _hrp_expand(hrp: str) -> list[int]:
-    return [ord(c) >> 5 for c in hrp] + [0] + [ord(c) & 31 for c in hrp]
-
-
 def _bech32(text: str) -> tuple[str, list[int]]:
-    """(hrp, data words without the checksum). No 90-character limit: invoices are longer."""
-    if text.lower() != text and text.upper() != text:
-        raise Bolt11Error("mixed case")
-    text = text.lower()
-    separator = text.rfind("1")
-    if separator < 1 or separator + 7 > len(text):
-        raise Bolt11Error("no bech32 separator and checksum")
-    hrp, rest = text[:separator], text[separator + 1 :]
-    if any(not 33 <= ord(c) <= 126 for c in hrp):
-        raise Bolt11Error("bad characters before the separator")
+    """(hrp, data words without the checksum), as ``Bolt11Error``s."""
     try:
-        words = [_CHARSET.index(c) for c in rest]
-    except ValueError:
-        raise Bolt11Error("a character outside bech32's alphabet") from None
-    if _polymod(_hrp_expand(hrp) + words) != 1:
-        raise Bolt11Error("bad bech32 checksum")
-    return hrp, words[:-6]
-
-
-def _to_bytes(words: list[int]) -> bytes:
-    """5-bit words to bytes, the last partial byte padded with zero bits."""
-    number = 0
-    for word in words:
-        number = number << 5 | word
-    bits = len(words) * 5
-    padding = -bits % 8
-    return (number << padding).to_bytes((bits + padding) // 8, "big")
-
-
-def _to_int(words: list[int]) -> int:
-    number = 0
-    for word in words:
-        number = number << 5 | word
-    return number
+        return bech32.decode(text)
+    except bech32.Bech32Error as error:
+        raise Bolt11Error(str(error)) from None
 
 
 def _amount_msat(digits: str | None, multiplier: str | None) -> int | None:
@@ -128,14 +86,14 @@ def decode(text: str) -> Invoice:
     amount = _amount_msat(digits, multiplier)
     if len(words) < _TIMESTAMP_WORDS + _SIGNATURE_WORDS:
         raise Bolt11Error("too short")
-    signed, signature = words[:-_SIGNATURE_WORDS], _to_bytes(words[-_SIGNATURE_WORDS:])
-    timestamp = _to_int(signed[:_TIMESTAMP_WORDS])
+    signed, signature = words[:-_SIGNATURE_WORDS], to_bytes(words[-_SIGNATURE_WORDS:])
+    timestamp = to_int(signed[:_TIMESTAMP_WORDS])
     fields: dict[str, list[list[int]]] = {}
     at = _TIMESTAMP_WORDS
     while at < len(signed):
         if at + 3 > len(signed):
             raise Bolt11Error("truncated tagged field")
-        tag, length = _CHARSET[signed[at]], signed[at + 1] << 5 | signed[at + 2]
+        tag, length = bech32.CHARSET[signed[at]], signed[at + 1] << 5 | signed[at + 2]
         value = signed[at + 3 : at + 3 + length]
         if len(value) != length:
             raise Bolt11Error("truncated tagged field")
@@ -157,7 +115,7 @@ def decode(text: str) -> Invoice:
     expiry = first("x")
     payment_secret = first("s", 52)
     payee = first("n", 53)
-    message = hashlib.sha256(hrp.encode("ascii") + _to_bytes(signed)).digest()
+    message = hashlib.sha256(hrp.encode("ascii") + to_bytes(signed)).digest()
     if signature[64] > 3:
         raise Bolt11Error("bad signature recovery id")
     try:
@@ -165,24 +123,23 @@ def decode(text: str) -> Invoice:
     except Exception:  # libsecp256k1 reports a bad signature as a plain Exception
         raise Bolt11Error("bad signature") from None
     recovered = key.format(compressed=True)
-    if payee is not None and _to_bytes(payee)[:33] != recovered:
+    if payee is not None and to_bytes(payee)[:33] != recovered:
         raise Bolt11Error("the signature is not the payee's")
     shown = None
     if description is not None:
         # whole bytes only: the padding bits of the last word are no character
-        raw = _to_bytes(description)[: len(description) * 5 // 8]
         try:
-            shown = raw.decode("utf-8")
-        except UnicodeDecodeError:
+            shown = bech32.to_text(description)
+        except bech32.Bech32Error:
             raise Bolt11Error("description is not UTF-8") from None
     return Invoice(
         currency=currency,
         amount_msat=amount,
         timestamp=timestamp,
-        payment_hash=_to_bytes(payment_hash)[:32],
+        payment_hash=to_bytes(payment_hash)[:32],
         payee=recovered,
         description=shown,
-        description_hash=None if description_hash is None else _to_bytes(description_hash)[:32],
-        expiry=DEFAULT_EXPIRY if expiry is None else _to_int(expiry),
-        payment_secret=None if payment_secret is None else _to_bytes(payment_secret)[:32],
+        description_hash=None if description_hash is None else to_bytes(description_hash)[:32],
+        expiry=DEFAULT_EXPIRY if expiry is None else to_int(expiry),
+        payment_secret=None if payment_secret is None else to_bytes(payment_secret)[:32],
     )

@@ -1,19 +1,21 @@
-"""LNURL-pay (LUD-06) and Lightning Address (LUD-16): an invoice for an exact amount from a
-payee's service, checked before anything is paid.
+"""LNURL-pay (LUD-06) and Lightning Address (LUD-16): an invoice for an amount from a payee's
+service, checked to commit to the service's metadata before anything is paid.
 
-A destination is a Lightning Address (``name@domain``, ``name@host:port``), a bech32 LNURL
-(``lnurl1...``, optionally after ``lightning:``), an ``lnurlp://`` URL (LUD-17) or the
-``https://`` URL of the service itself; ``pay_url`` turns each into the URL it is fetched
-from. Only HTTPS, but for hosts that need no TLS to be private: ``localhost``,
-``127.0.0.1``, ``::1`` and ``.onion`` hosts may be plain ``http://``.
+What a destination may be, and the URL it is fetched from, is ``gateway.destinations``'
+(``pay_url``): a Lightning Address, a bech32 LNURL, an ``lnurlp://`` URL (LUD-17) or the
+``https://`` URL of the service itself; plain ``http://`` only for a loopback or onion host.
 
 ``LnurlPayClient.invoice`` fetches the service's ``payRequest`` (``tag``, ``callback``,
-``minSendable``/``maxSendable``, ``metadata``), then the callback with ``amount`` (its own
-query parameters kept), and returns the ``pr`` invoice only when it decodes (signature
-verified), is for exactly that amount and commits to the metadata (its description hash is
-sha256 of the metadata text). Answers are bounded in size and time; a redirect is followed
-only within the same scheme, host and port (never to another host, silently or not). Every
-failure raises ``errors.PayoutDestinationError`` with a reason naming the host.
+``minSendable``/``maxSendable``, ``metadata``), then the callback with ``amount`` appended
+(its own query parameters kept as they are), and returns the ``pr`` invoice only when it
+decodes (signature verified) and commits to the metadata (its description hash is sha256 of
+the metadata text). The payout worker checks the rest (amount, network, expiry, payment
+secret), knowing the node. A callback on ``localhost``, a loopback, private or link-local
+address, or over plain HTTP, is followed only from a service on that same host (never from a
+public one into the merchant's network). Answers are bounded in size, nesting and time; a
+redirect is followed only within the same scheme, host and port (never to another host,
+silently or not). Every failure raises ``errors.PayoutDestinationError`` with a reason naming
+the host.
 """
 
 from __future__ import annotations
@@ -21,17 +23,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import yarl
 
-from gateway import errors
+from gateway import destinations, errors
 from gateway.client import bolt11
-from gateway.client.bolt11 import _bech32, _to_bytes  # the bech32 reader invoices use
 from gateway.ports import Msat
 from gateway.text import printable
 
@@ -45,9 +46,6 @@ MAX_BODY_BYTES = 64 * 1024
 CACHE_SECONDS = 60.0
 _MAX_REDIRECTS = 3
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_PLAIN_HTTP_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-# LUD-16: the name part of a Lightning Address.
-_ADDRESS = re.compile(r"(?P<name>[a-z0-9._+-]{1,64})@(?P<host>[^@/?#\s]+)", re.IGNORECASE)
 _REASON_CHARS = 200  # of a reason a service gives, in ours
 
 
@@ -66,86 +64,25 @@ def _fail(reason: str) -> errors.PayoutDestinationError:
     return errors.PayoutDestinationError(reason)
 
 
-def _plain_http(url: yarl.URL) -> bool:
-    """Whether ``url``'s host may be fetched without TLS (local, or an onion service)."""
-    host = (url.host or "").lower()
-    return host in _PLAIN_HTTP_HOSTS or host.endswith(".onion")
-
-
-def _allowed(url: yarl.URL) -> yarl.URL:
-    """``url`` if it may be fetched: HTTPS (plain HTTP only for a local or onion host), a
-    host, no credentials in it."""
-    host = (url.host or "").lower()
-    if not url.is_absolute() or not host:
-        raise _fail(f"not an absolute URL: {printable(str(url), 100)}")
-    if url.user is not None or url.password is not None:
-        raise _fail(f"a URL with credentials is refused: {host}")
-    if url.scheme == "https":
-        return url
-    if url.scheme == "http" and _plain_http(url):
-        return url
-    if url.scheme == "http":
-        raise _fail(f"plain http:// only for localhost, 127.0.0.1, ::1 or .onion, not {host}")
-    raise _fail(f"not an https:// URL: {printable(str(url), 100)}")
-
-
-def _lnurl_text(text: str) -> str:
-    """The URL a bech32 LNURL encodes."""
-    try:
-        hrp, words = _bech32(text)
-    except ValueError as error:
-        raise _fail(f"not a valid LNURL: {error}") from None
-    if hrp != "lnurl":
-        raise _fail(f"not an LNURL: its prefix is {printable(hrp, 20)!r}")
-    raw = _to_bytes(words)[: len(words) * 5 // 8]  # whole bytes: the rest is padding
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _fail("not a valid LNURL: it encodes no UTF-8 text") from None
-
-
 def pay_url(destination: str) -> yarl.URL:
-    """The URL of a destination's LNURL-pay service: ``name@domain`` ->
-    ``https://domain/.well-known/lnurlp/name`` (``http://`` for a local or onion host),
-    ``lnurl1...`` -> the URL it encodes, ``lnurlp://`` -> ``https://``, an ``https://`` URL
-    as is. ``PayoutDestinationError`` for anything else, or a URL not allowed."""
-    text = destination.strip()
-    if text[:10].lower() == "lightning:":
-        text = text[10:]
-    lowered = text.lower()
-    if lowered.startswith("lnurl1"):
-        text = _lnurl_text(text)
-        lowered = text.lower()
-    address = _ADDRESS.fullmatch(text)
-    if address is not None and "://" not in text:
-        try:
-            authority = yarl.URL(f"//{address['host']}")
-        except ValueError:
-            raise _fail(f"not a Lightning Address: {printable(text, 100)}") from None
-        url = yarl.URL.build(
-            scheme="http" if _plain_http(authority) else "https",
-            host=authority.host or "",
-            port=authority.explicit_port,
-            path=f"/.well-known/lnurlp/{address['name']}",
-        )
-        return _allowed(url)
-    if lowered.startswith("lnurlp://"):
-        try:
-            url = yarl.URL("https://" + text[9:])
-        except ValueError:
-            raise _fail(f"not a valid URL: {printable(text, 100)}") from None
-        if _plain_http(url):  # LUD-17: onion (and local) services are plain http
-            url = url.with_scheme("http")
-        return _allowed(url)
-    if lowered.startswith(("https://", "http://")):
-        try:
-            return _allowed(yarl.URL(text))
-        except ValueError:
-            raise _fail(f"not a valid URL: {printable(text, 100)}") from None
-    raise _fail(
-        "not a Lightning Address, LNURL or https:// URL: "
-        f"{printable(text, 100)!r} (a node's public key is paid by keysend)"
-    )
+    """The URL of a destination's LNURL-pay service (``gateway.destinations.pay_url``);
+    ``PayoutDestinationError`` for a destination that names none allowed."""
+    try:
+        return destinations.pay_url(destination)
+    except destinations.DestinationError as error:
+        raise _fail(str(error)) from None
+
+
+def _with_amount(callback: yarl.URL, amount_msat: int) -> yarl.URL:
+    """``callback`` with ``amount=`` appended to its query, its other parameters kept as they
+    are written (``?flag`` stays valueless); an ``amount`` it had is replaced."""
+    kept = [
+        part
+        for part in callback.raw_query_string.split("&")
+        if part and part.split("=", 1)[0] != "amount"
+    ]
+    query = "&".join([*kept, f"amount={amount_msat:d}"])
+    return yarl.URL(f"{callback.with_query(None)}?{query}", encoded=True)
 
 
 def _int(value: object) -> int | None:
@@ -158,7 +95,9 @@ class LnurlPayClient:
     ``session``: an aiohttp session to use (the caller closes it); by default one of its own,
     made on first use and closed by ``close()``. ``timeout``: seconds per HTTP request;
     ``max_body_bytes``: the largest answer read; ``cache_seconds``: how long a service's
-    ``payRequest`` is reused (an invoice that fails its checks drops it)."""
+    ``payRequest`` is reused (an invoice that fails its checks drops it, and so does
+    ``forget``), timed by ``monotonic`` (seconds; ``time.monotonic`` by default: the cache
+    is this process's, and must not jump with the wall clock)."""
 
     def __init__(
         self,
@@ -167,12 +106,14 @@ class LnurlPayClient:
         timeout: float = TIMEOUT,
         max_body_bytes: int = MAX_BODY_BYTES,
         cache_seconds: float = CACHE_SECONDS,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._session = session
         self._owns_session = session is None
         self._timeout = timeout
         self._max_body_bytes = max_body_bytes
         self._cache_seconds = cache_seconds
+        self._monotonic = monotonic
         self._cache: dict[str, tuple[float, PayRequest]] = {}
 
     async def __aenter__(self) -> LnurlPayClient:
@@ -189,7 +130,7 @@ class LnurlPayClient:
     async def pay_request(self, destination: str) -> PayRequest:
         """The destination's ``payRequest``, checked (fetched again after ``cache_seconds``)."""
         cached = self._cache.get(destination)
-        if cached is not None and time.monotonic() - cached[0] < self._cache_seconds:
+        if cached is not None and self._monotonic() - cached[0] < self._cache_seconds:
             return cached[1]
         url = pay_url(destination)
         data = await self._get_json(url)
@@ -202,9 +143,9 @@ class LnurlPayClient:
         if not isinstance(callback, str):
             raise _fail(f"{host}: the payRequest has no callback")
         try:
-            callback_url = _allowed(yarl.URL(callback))
-        except ValueError:
-            raise _fail(f"{host}: the payRequest's callback is no URL") from None
+            callback_url = destinations.callback_url(url, callback)
+        except destinations.DestinationError as error:
+            raise _fail(f"{host}: {error}") from None
         least, most = _int(data.get("minSendable")), _int(data.get("maxSendable"))
         if least is None or most is None or not 1 <= least <= most:
             raise _fail(f"{host}: the payRequest's minSendable/maxSendable are not 1 <= min <= max")
@@ -212,7 +153,7 @@ class LnurlPayClient:
         if not isinstance(metadata, str) or not _is_metadata(metadata):
             raise _fail(f"{host}: the payRequest's metadata is not a JSON array in a string")
         request = PayRequest(callback_url, Msat(least), Msat(most), metadata)
-        self._cache[destination] = (time.monotonic(), request)
+        self._cache[destination] = (self._monotonic(), request)
         return request
 
     async def bounds(self, destination: str) -> tuple[Msat, Msat]:
@@ -220,14 +161,18 @@ class LnurlPayClient:
         request = await self.pay_request(destination)
         return request.min_sendable_msat, request.max_sendable_msat
 
+    def forget(self, destination: str) -> None:
+        """Drop the destination's ``payRequest``: the next invoice fetches it afresh."""
+        self._cache.pop(destination, None)
+
     async def invoice(self, destination: str, amount_msat: Msat) -> str:
-        """A BOLT11 invoice for exactly ``amount_msat`` from the destination's service,
-        checked: it decodes with a valid signature, its amount is ``amount_msat`` and its
-        description hash is sha256 of the service's metadata."""
+        """A BOLT11 invoice for ``amount_msat`` from the destination's service, checked: it
+        decodes with a valid signature and its description hash is sha256 of the service's
+        metadata. Its amount, network and expiry are the caller's to check."""
         try:
             return await self._invoice(destination, amount_msat)
         except errors.PayoutDestinationError:
-            self._cache.pop(destination, None)  # fetched afresh next time
+            self.forget(destination)
             raise
 
     async def _invoice(self, destination: str, amount_msat: Msat) -> str:
@@ -238,7 +183,7 @@ class LnurlPayClient:
                 f"{host}: {amount_msat} msat is outside the service's range "
                 f"{request.min_sendable_msat} to {request.max_sendable_msat} msat"
             )
-        data = await self._get_json(request.callback.update_query(amount=str(amount_msat)))
+        data = await self._get_json(_with_amount(request.callback, amount_msat))
         text = data.get("pr")
         if not isinstance(text, str) or not text:
             raise _fail(f"{host}: the callback's answer has no invoice (pr)")
@@ -246,10 +191,6 @@ class LnurlPayClient:
             invoice = bolt11.decode(text)
         except ValueError as error:
             raise _fail(f"{host}: the invoice is not a valid BOLT11 invoice: {error}") from None
-        if invoice.amount_msat != amount_msat:
-            raise _fail(
-                f"{host}: the invoice is for {invoice.amount_msat} msat, not {amount_msat} msat"
-            )
         if invoice.description_hash != hashlib.sha256(request.metadata.encode()).digest():
             raise _fail(f"{host}: the invoice's description hash is not that of the metadata")
         return text
@@ -314,7 +255,7 @@ class LnurlPayClient:
     def _json(url: yarl.URL, status: int, body: bytes) -> dict[str, Any]:
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # a UnicodeDecodeError is a ValueError
             data = None
         if isinstance(data, dict) and str(data.get("status", "")).upper() == "ERROR":
             reason = data.get("reason")
@@ -331,6 +272,6 @@ def _is_metadata(text: str) -> bool:
     """Whether ``text`` is LUD-06 metadata: a JSON array of arrays."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested deeper than the interpreter's stack
         return False
     return isinstance(value, list) and all(isinstance(entry, list) for entry in value)

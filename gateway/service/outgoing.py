@@ -22,6 +22,11 @@ The caller records the payment PENDING, with its payment hash, before it is sent
   both refunded and paid.
 - ``Outgoing.resolve_each`` runs the resolver over the PENDING ones, leaving alone those this
   process is sending (``Outgoing.start``) or resolving now.
+- ``Outgoing.finish`` records a final verdict through the caller's store method.
+
+Before any of it, ``invoice_problem`` checks an invoice offline (the node's network, not the
+node's own, an amount, a payment secret, payable ``EXPIRY_MARGIN`` more seconds) and
+``Outgoing.paid_before`` asks the node whether it has a payment of the hash already.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from gateway import errors
-from gateway.ports import Clock, Msat, Payer, Payment, PaymentHash, PaymentStatus
+from gateway.ports import Clock, Msat, NodeInfo, Payer, Payment, PaymentHash, PaymentStatus
 
 # An invoice must stay payable this many seconds more: a payment takes a while to route.
 EXPIRY_MARGIN = 60
@@ -57,6 +62,17 @@ CURRENCY_OF_NETWORK = {
 NETWORK_OF_CURRENCY = {"bc": "mainnet", "tb": "testnet", "tbs": "signet", "bcrt": "regtest"}
 
 _T = TypeVar("_T")
+_S = TypeVar("_S", bound=enum.Enum)
+
+
+class _Recorded(Protocol):
+    """A payment record as a store returns it (``Withdrawal``, ``Payout``)."""
+
+    @property
+    def state(self) -> enum.Enum: ...
+
+
+_R = TypeVar("_R", bound=_Recorded)
 
 
 class Bolt11(Protocol):
@@ -86,6 +102,40 @@ class Bolt11(Protocol):
 
 # Decodes an invoice and verifies its signature; ValueError when the text is no invoice.
 Bolt11Decoder = Callable[[str], Bolt11]
+
+
+class InvoiceProblem(enum.Enum):
+    """Why an invoice is not one the gateway's node pays (``invoice_problem``)."""
+
+    OTHER_NETWORK = "for another network than the node's"
+    OWN_NODE = "the node's own"
+    AMOUNTLESS = "without an amount"
+    WRONG_AMOUNT = "for another amount"
+    SECRETLESS = "without a payment secret"
+    EXPIRED = "expired, or expiring within the margin"
+
+
+def invoice_problem(
+    invoice: Bolt11, node: NodeInfo, now: float, amount_msat: int | None = None
+) -> InvoiceProblem | None:
+    """What makes ``invoice`` unpayable by ``node``, in this order, or None: another network
+    than the node's, the node's own, no amount (with ``amount_msat``: not exactly that
+    amount), no payment secret (LND pays none without), expired or expiring within
+    ``EXPIRY_MARGIN`` seconds of ``now``. Offline: whether the node paid it before is
+    ``Outgoing.paid_before``."""
+    if invoice.currency != CURRENCY_OF_NETWORK.get(node.network):
+        return InvoiceProblem.OTHER_NETWORK
+    if invoice.payee.hex() == node.pubkey.lower():
+        return InvoiceProblem.OWN_NODE
+    if not invoice.amount_msat:
+        return InvoiceProblem.AMOUNTLESS
+    if amount_msat is not None and invoice.amount_msat != amount_msat:
+        return InvoiceProblem.WRONG_AMOUNT
+    if invoice.payment_secret is None:
+        return InvoiceProblem.SECRETLESS
+    if invoice.timestamp + invoice.expiry < now + EXPIRY_MARGIN:
+        return InvoiceProblem.EXPIRED
+    return None
 
 
 def fee_reserve(amount_msat: int, min_msat: int, ppm: int) -> Msat:
@@ -277,6 +327,42 @@ class Outgoing:
             await resolve(item)
         finally:
             self.paying.discard(payment_hash)
+
+    async def paid_before(self, payment_hash: PaymentHash) -> bool:
+        """Whether the node has a payment of ``payment_hash`` (paid, failed or in flight): an
+        invoice paid or tried before would be "resolved" by that earlier payment.
+        ``BackendError`` when the node cannot tell."""
+        return await self._payer.lookup_payment(payment_hash) is not None
+
+    async def finish(
+        self,
+        payment_hash: PaymentHash,
+        outcome: Outcome,
+        reserve_msat: Msat,
+        states: dict[Verdict, _S],
+        record: Callable[[_S, Msat, float], Awaitable[_R | None]],
+    ) -> _R:
+        """Record a final ``outcome`` with ``record(state, fee, now)`` (the store's finish
+        method): its state from ``states``, the fee paid (SUCCEEDED only) at most
+        ``reserve_msat``. The record as the store returns it, whose state is the one recorded
+        first should another process have finished it already (logged as an error when that
+        differs); ``StoreError`` when the payment is not recorded at all."""
+        state = states[outcome.verdict]
+        fee = Msat(0)
+        if outcome.verdict is Verdict.SUCCEEDED:
+            fee = self.capped_fee(payment_hash, outcome.fee_msat, reserve_msat)
+        resolved = await record(state, fee, self._clock.now())
+        if resolved is None:
+            raise errors.StoreError(f"{self._kind} {payment_hash.hex()} is not recorded")
+        if resolved.state is not state:
+            self._log.error(
+                "%s %s: the node says %s, the store had it %s already",
+                self._kind,
+                payment_hash.hex(),
+                state.value,
+                resolved.state.value,
+            )
+        return resolved
 
     def capped_fee(self, payment_hash: PaymentHash, fee_msat: Msat, reserve_msat: Msat) -> Msat:
         """The fee to record: at most the reserve, which was the payment's fee limit (the node

@@ -23,8 +23,11 @@ node first). It is sent only within its send window; ``finish_payout`` records t
 an unknown one stays PENDING for the resolver, which never sends. FAILED puts the amount back
 into the payee's accrued (the store does), and the payee is tried again after a backoff
 (``retry_initial`` doubling up to ``retry_max``, kept in memory: a restart tries at once),
-as after a destination that gives no usable invoice; a SUCCEEDED payout resets it. A payee whose
-destination is the gateway's own node is refused (logged as an error) and never paid.
+as after a destination that gives no usable invoice (an invoice whose hash the store has
+recorded already included) or an unexpected error; a SUCCEEDED payout resets it. A payee
+whose destination is the gateway's own node is refused (logged as an error) and never paid.
+At its first pass the worker warns of each payee in the ledger with something accrued that no
+``[[payee]]`` configures: its money waits until one does again.
 """
 
 from __future__ import annotations
@@ -32,13 +35,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from gateway import errors
+from gateway.destinations import is_pubkey
 from gateway.ports import (
     Clock,
     Msat,
@@ -53,15 +56,15 @@ from gateway.ports import (
     Store,
 )
 from gateway.service.outgoing import (
-    CURRENCY_OF_NETWORK,
-    EXPIRY_MARGIN,
     ORPHAN_AFTER,
     PAYMENT_TIMEOUT,
     Bolt11Decoder,
+    InvoiceProblem,
     Outcome,
     Outgoing,
     Verdict,
     fee_reserve,
+    invoice_problem,
 )
 
 __all__ = [
@@ -70,21 +73,20 @@ __all__ = [
     "PayeeTerms",
     "PayoutNode",
     "Payouts",
-    "is_pubkey",
 ]
 
 log = logging.getLogger(__name__)
 
 # With ``every``, a payee is paid on schedule only with at least this much accrued.
 EVERY_MIN_MSAT = 1000
-_PUBKEY = re.compile(r"0[23][0-9a-f]{64}")
 _STATE_OF_VERDICT = {Verdict.SUCCEEDED: PayoutState.SUCCEEDED, Verdict.FAILED: PayoutState.FAILED}
-
-
-def is_pubkey(destination: str) -> bool:
-    """Whether ``destination`` is a node's public key (compressed, 66 hex digits): paid by
-    keysend."""
-    return _PUBKEY.fullmatch(destination.lower()) is not None
+# What an LNURL service's invoice is refused for (the worker's checks, knowing the node).
+_INVOICE_REFUSAL = {
+    InvoiceProblem.OWN_NODE: "the invoice is the gateway's own node's",
+    InvoiceProblem.AMOUNTLESS: "the service's invoice has no amount",
+    InvoiceProblem.SECRETLESS: "the service's invoice has no payment secret",
+    InvoiceProblem.EXPIRED: "the service's invoice expires too soon",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +94,9 @@ class PayeeTerms:
     """One payee (a ``[[payee]]`` table): where it is paid, when, and who bears the fee."""
 
     name: str
-    destination: str  # a node's public key (keysend), or a Lightning Address / LNURL / URL
+    # a node's public key (keysend), or a Lightning Address / LNURL / URL
+    # (``gateway.destinations``)
+    destination: str
     threshold_msat: int = 100_000
     every: float = 0.0  # seconds; > 0: also pay what is accrued (>= 1000 msat) this often
     fee_limit_ppm: int = 10_000
@@ -126,9 +130,13 @@ class PayRequests(Protocol):
         ``errors.PayoutDestinationError`` when it cannot tell."""
 
     async def invoice(self, destination: str, amount_msat: Msat) -> str:
-        """A BOLT11 invoice for exactly ``amount_msat`` from the destination's LNURL-pay
-        service, checked: amount equal, description hash == sha256(metadata). Raises
+        """A BOLT11 invoice for ``amount_msat`` from the destination's LNURL-pay service,
+        checked: description hash == sha256(metadata) (the worker checks the rest). Raises
         ``errors.PayoutDestinationError`` (with a reason) when it cannot."""
+
+    def forget(self, destination: str) -> None:
+        """Drop what is kept of the destination's service (its ``payRequest``): the invoice
+        it gave was unusable."""
 
 
 @dataclass(slots=True)
@@ -174,6 +182,7 @@ class Payouts:
         self._refused: set[str] = set()  # payees whose destination is the gateway's own node
         self._backoff: dict[str, _Backoff] = {}
         self._first_seen: dict[str, float] = {}  # when this worker first saw a payee's row
+        self._ledger_checked = False  # warned of the ledger's payees no [[payee]] configures
         self._wake = asyncio.Event()
         # One pass (or pay_now) at a time in this process.
         self._lock = asyncio.Lock()
@@ -237,6 +246,7 @@ class Payouts:
             await self.resolve_pending()
         except errors.StoreError as error:
             log.warning("payouts: cannot list the PENDING ones: %s", error)
+        await self._warn_unconfigured()
         try:
             await self._node_info()
         except errors.BackendError as error:
@@ -249,7 +259,31 @@ class Payouts:
         )
         for terms, result in zip(ready, results, strict=True):
             if isinstance(result, BaseException):
-                log.error("payee %s: the payout failed unexpectedly", terms.name, exc_info=result)
+                log.error(
+                    "payee %s: the payout failed unexpectedly; trying again after a backoff",
+                    terms.name,
+                    exc_info=result,
+                )
+
+    async def _warn_unconfigured(self) -> None:
+        """Once: a WARNING for each payee in the ledger with something accrued that no
+        ``[[payee]]`` configures (a name removed or renamed): nobody pays it meanwhile."""
+        if self._ledger_checked:
+            return
+        try:
+            balances = await self._store.list_payees()
+        except errors.StoreError as error:
+            log.warning("payouts: cannot list the ledger's payees: %s", error)
+            return
+        self._ledger_checked = True
+        for balance in balances:
+            if balance.payee not in self._terms and balance.accrued_msat > 0:
+                log.warning(
+                    "payee %s has %d msat accrued but no [[payee]] configures it: not paid "
+                    "until one does again",
+                    balance.payee,
+                    balance.accrued_msat,
+                )
 
     async def _node_info(self) -> NodeInfo:
         """The paying node's key and network, asked once; then the payees whose destination
@@ -313,6 +347,9 @@ class Payouts:
             log.warning("payee %s not paid: %s; trying again in %.0f s", name, error.reason, delay)
         except (errors.BackendError, errors.StoreError) as error:
             log.warning("payee %s not paid now: %s", name, error)
+        except Exception:
+            self._failed(name)  # a bug, or an answer nobody foresaw: not again every pass
+            raise
         return None
 
     def _plan(
@@ -376,6 +413,15 @@ class Payouts:
             log.debug("payee %s: accrued below what its service accepts", terms.name)
             return None
         amount, reserve = plan
+        try:
+            return await self._lnurl_pay(terms, destination, amount, reserve)
+        except errors.PayoutDestinationError:
+            self._pay_requests.forget(destination)  # its payRequest fetched afresh next time
+            raise
+
+    async def _lnurl_pay(
+        self, terms: PayeeTerms, destination: str, amount: Msat, reserve: Msat
+    ) -> Payout | None:
         payment_request = await self._pay_requests.invoice(destination, amount)
         payment_hash = await self._check_invoice(terms.name, payment_request, amount)
         payout = Payout(
@@ -389,12 +435,19 @@ class Payouts:
             state=PayoutState.PENDING,
             created_at=self._clock.now(),
         )
-        return await self._begin_and_send(
-            payout,
-            lambda: self._node.send_payment(
-                payment_request, max_fee_msat=reserve, payment_timeout=self._payment_timeout
-            ),
-        )
+        try:
+            return await self._begin_and_send(
+                payout,
+                lambda: self._node.send_payment(
+                    payment_request, max_fee_msat=reserve, payment_timeout=self._payment_timeout
+                ),
+            )
+        except errors.DuplicatePayout:
+            # The service repeated an invoice this gateway recorded (one never sent, say):
+            # its hash is never sent again.
+            raise errors.PayoutDestinationError(
+                "the service's invoice was recorded for a payout before: refused"
+            ) from None
 
     async def _check_invoice(self, payee: str, payment_request: str, amount: Msat) -> PaymentHash:
         """The payment hash of an LNURL service's invoice, once it is checked payable by this
@@ -404,24 +457,21 @@ class Payouts:
         except ValueError:
             raise errors.PayoutDestinationError("the service's invoice does not decode") from None
         node = await self._node_info()
-        if invoice.currency != CURRENCY_OF_NETWORK.get(node.network):
+        problem = invoice_problem(invoice, node, self._clock.now(), amount)
+        if problem is InvoiceProblem.OTHER_NETWORK:
             raise errors.PayoutDestinationError(
                 f"the service's invoice is for another network than {node.network}"
             )
-        if invoice.payee.hex() == node.pubkey.lower():
-            log.error("payee %s: its service gave an invoice of the gateway's own node", payee)
-            raise errors.PayoutDestinationError("the invoice is the gateway's own node's")
-        if invoice.amount_msat != amount:
+        if problem is InvoiceProblem.WRONG_AMOUNT:
             raise errors.PayoutDestinationError(
                 f"the service's invoice is for {invoice.amount_msat} msat, not {amount} msat"
             )
-        if invoice.payment_secret is None:
-            raise errors.PayoutDestinationError("the service's invoice has no payment secret")
-        if invoice.timestamp + invoice.expiry < self._clock.now() + EXPIRY_MARGIN:
-            raise errors.PayoutDestinationError("the service's invoice expires too soon")
+        if problem is InvoiceProblem.OWN_NODE:
+            log.error("payee %s: its service gave an invoice of the gateway's own node", payee)
+        if problem is not None:
+            raise errors.PayoutDestinationError(_INVOICE_REFUSAL[problem])
         payment_hash = PaymentHash(invoice.payment_hash)
-        # An invoice paid (or tried) before would be "resolved" by that earlier payment.
-        if await self._node.lookup_payment(payment_hash) is not None:
+        if await self._outgoing.paid_before(payment_hash):
             raise errors.PayoutDestinationError(
                 "the service's invoice was paid, or tried, before: refused"
             )
@@ -473,22 +523,15 @@ class Payouts:
         recorded, its state the one recorded first should another process have finished it.
         A FAILED payee is backed off, a SUCCEEDED one no longer."""
         payment_hash = payout.payment_hash
-        state = _STATE_OF_VERDICT[outcome.verdict]
-        fee = Msat(0)
-        if state is PayoutState.SUCCEEDED:
-            fee = self._outgoing.capped_fee(payment_hash, outcome.fee_msat, payout.fee_reserve_msat)
-        resolved = await self._store.finish_payout(
-            payment_hash, state, fee, self._clock.now(), failure=outcome.failure
+        resolved = await self._outgoing.finish(
+            payment_hash,
+            outcome,
+            payout.fee_reserve_msat,
+            _STATE_OF_VERDICT,
+            lambda state, fee, now: self._store.finish_payout(
+                payment_hash, state, fee, now, failure=outcome.failure
+            ),
         )
-        if resolved is None:
-            raise errors.StoreError(f"payout {payment_hash.hex()} is not recorded")
-        if resolved.state is not state:
-            log.error(
-                "payout %s: the node says %s, the store had it %s already",
-                payment_hash.hex(),
-                state.value,
-                resolved.state.value,
-            )
         if resolved.state is PayoutState.SUCCEEDED:
             self._backoff.pop(resolved.payee, None)
             log.info(

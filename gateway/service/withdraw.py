@@ -42,17 +42,18 @@ from gateway.ports import (
 from gateway.service.credit import WithdrawalTerms
 from gateway.service.decisions import Deny, Refusal
 from gateway.service.outgoing import (
-    CURRENCY_OF_NETWORK,
     EXPIRY_MARGIN,
     NETWORK_OF_CURRENCY,
     ORPHAN_AFTER,
     PAYMENT_TIMEOUT,
     Bolt11,
     Bolt11Decoder,
+    InvoiceProblem,
     Outcome,
     Outgoing,
     Verdict,
     fee_reserve,
+    invoice_problem,
 )
 
 __all__ = [
@@ -94,6 +95,16 @@ class WithdrawalRefusal(enum.StrEnum):
     ABOVE_BALANCE = "the invoice's amount plus the fee reserve is more than the balance"
     ALREADY_PAID = "the gateway has paid, or tried to pay, this invoice before"
     NO_ACCOUNT = "this token has no credit account"
+
+
+_REFUSAL_OF_PROBLEM = {
+    InvoiceProblem.OWN_NODE: WithdrawalRefusal.OWN_NODE,
+    InvoiceProblem.AMOUNTLESS: WithdrawalRefusal.AMOUNTLESS,
+    InvoiceProblem.WRONG_AMOUNT: WithdrawalRefusal.AMOUNTLESS,  # not asked: any amount
+    InvoiceProblem.SECRETLESS: WithdrawalRefusal.SECRETLESS,
+    InvoiceProblem.EXPIRED: WithdrawalRefusal.EXPIRED,
+    InvoiceProblem.OTHER_NETWORK: WithdrawalRefusal.OTHER_NETWORK,  # shown with the networks
+}
 
 
 class PayingNode(Payer, Protocol):
@@ -211,21 +222,16 @@ class Withdrawer:
         except errors.BackendError as error:
             log.warning("withdrawal refused: cannot ask the paying node who it is: %s", error)
             return Deny(503, Refusal.NODE_UNAVAILABLE, retry_after=5)
-        if invoice.currency != CURRENCY_OF_NETWORK.get(node.network):
+        now = self._clock.now()
+        problem = invoice_problem(invoice, node, now)
+        if problem is InvoiceProblem.OTHER_NETWORK:
             theirs = NETWORK_OF_CURRENCY.get(invoice.currency, "an unknown network")
             return Deny(
                 400, f"{WithdrawalRefusal.OTHER_NETWORK} ({theirs}; the node is on {node.network})"
             )
-        if invoice.payee.hex() == node.pubkey:
-            return Deny(400, WithdrawalRefusal.OWN_NODE)
-        if not invoice.amount_msat:
-            return Deny(400, WithdrawalRefusal.AMOUNTLESS)
-        if invoice.payment_secret is None:
-            return Deny(400, WithdrawalRefusal.SECRETLESS)
-        now = self._clock.now()
-        if invoice.timestamp + invoice.expiry < now + EXPIRY_MARGIN:
-            return Deny(400, WithdrawalRefusal.EXPIRED)
-        amount = Msat(invoice.amount_msat)
+        if problem is not None:
+            return Deny(400, _REFUSAL_OF_PROBLEM[problem])
+        amount = Msat(invoice.amount_msat or 0)
         reserve = fee_reserve(amount, self._fee_min_msat, self._fee_ppm)
         try:
             account = await self._store.get_account(token_id)
@@ -242,11 +248,11 @@ class Withdrawer:
             )
         payment_hash = PaymentHash(invoice.payment_hash)
         try:
-            earlier = await self._payer.lookup_payment(payment_hash)
+            earlier = await self._outgoing.paid_before(payment_hash)
         except errors.BackendError as error:
             log.warning("withdrawal refused: cannot ask the paying node about it: %s", error)
             return Deny(503, Refusal.NODE_UNAVAILABLE, retry_after=5)
-        if earlier is not None:
+        if earlier:
             return Deny(400, WithdrawalRefusal.ALREADY_PAID)
         return Withdrawal(
             payment_hash=payment_hash,
@@ -306,23 +312,20 @@ class Withdrawer:
         """Record the node's final verdict; the withdrawal as recorded (its state the one
         recorded first, should another process have finished it already)."""
         payment_hash = withdrawal.payment_hash
-        state = _STATE_OF_VERDICT[outcome.verdict]
-        fee_msat = self._outgoing.capped_fee(
-            payment_hash, outcome.fee_msat, withdrawal.fee_reserve_msat
+        resolved = await self._outgoing.finish(
+            payment_hash,
+            outcome,
+            withdrawal.fee_reserve_msat,
+            _STATE_OF_VERDICT,
+            lambda state, fee, now: self._store.finish_withdrawal(payment_hash, state, fee, now),
         )
-        now = self._clock.now()
-        resolved = await self._store.finish_withdrawal(payment_hash, state, fee_msat, now)
-        if resolved is None:
-            raise errors.StoreError(f"withdrawal {payment_hash.hex()} is not recorded")
-        if resolved.state is not state:
-            log.error(
-                "withdrawal %s: the node says %s, the store had it %s already",
+        if resolved.state is _STATE_OF_VERDICT[outcome.verdict]:
+            log.info(
+                "withdrawal %s %s (fee %d msat)",
                 payment_hash.hex(),
-                state.value,
                 resolved.state.value,
+                resolved.fee_msat,
             )
-        else:
-            log.info("withdrawal %s %s (fee %d msat)", payment_hash.hex(), state.value, fee_msat)
         return resolved
 
     async def _finished(

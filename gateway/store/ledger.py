@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from gateway.errors import StoreError
+from gateway.errors import DuplicatePayout, StoreError
 from gateway.ports import (
     InvoiceRecord,
     InvoiceState,
@@ -64,8 +64,8 @@ def check_new_payout(payout: Payout) -> None:
         raise ValueError(f"fee_reserve_msat must be >= 0, got {payout.fee_reserve_msat}")
 
 
-def duplicate_payout(payment_hash: PaymentHash) -> StoreError:
-    return StoreError(f"a payout of payment hash {payment_hash.hex()} is already recorded")
+def duplicate_payout(payment_hash: PaymentHash) -> DuplicatePayout:
+    return DuplicatePayout(f"a payout of payment hash {payment_hash.hex()} is already recorded")
 
 
 def check_resolution(state: PayoutState, fee_msat: Msat) -> None:

@@ -1007,7 +1007,7 @@ class _PostgresOperations:
 
     async def begin_payout(self, payout: Payout) -> bool:
         """A racing payout of the same hash passes the first check too, and then fails on the
-        primary key: a ``StoreError`` all the same, its debit rolled back."""
+        primary key: a ``DuplicatePayout`` all the same, its debit rolled back."""
         check_new_payout(payout)
         values = convert.payout_values(payout)
 
@@ -1016,7 +1016,10 @@ class _PostgresOperations:
                 raise duplicate_payout(payout.payment_hash)
             if not _count(await connection.execute(_DEBIT_PAYEE, payout.payee, payout.debit_msat)):
                 return False
-            await connection.execute(_ADD_PAYOUT, *values)
+            try:
+                await connection.execute(_ADD_PAYOUT, *values)
+            except asyncpg.UniqueViolationError:
+                raise duplicate_payout(payout.payment_hash) from None
             return True
 
         return await self._run("begin_payout", begin, atomic=True)

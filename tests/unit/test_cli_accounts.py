@@ -4,6 +4,7 @@ SQLite store seeded through the store's API."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.ports import (
+    CreditTotals,
     InvoiceRecord,
     InvoiceState,
     InvoiceUpdate,
@@ -131,6 +133,26 @@ async def test_the_table_and_the_reconciled_totals(
     assert out.rstrip().endswith(parts)
 
 
+async def test_totals_that_do_not_reconcile_are_shown_and_exit_4(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, _ = await seeded(tmp_path)
+    honest = SqliteStore.credit_totals
+
+    async def one_msat_too_many(self: SqliteStore) -> CreditTotals:
+        totals = await honest(self)
+        return dataclasses.replace(totals, received_msat=Msat(totals.received_msat + 1))
+
+    monkeypatch.setattr(SqliteStore, "credit_totals", one_msat_too_many)
+    assert await accounts(config) == 4
+    parts = f"3000 + 20200 + 6000 + 1000 + {ALICE_BALANCE + 10_000}"
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last == f"DOES NOT RECONCILE: received 160001 != {parts} (off by 1 msat)"
+    assert await accounts(config, "--json") == 4
+    totals = json.loads(capsys.readouterr().out)["totals"]
+    assert (totals["reconciles"], totals["unaccounted_msat"]) == (False, 1)
+
+
 async def test_json_and_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config, database = await seeded(tmp_path)
     before = os.stat(database)
@@ -158,6 +180,7 @@ async def test_json_and_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         "reserved_msat": 1_000,
         "outstanding_msat": ALICE_BALANCE + 10_000,
         "reconciles": True,
+        "unaccounted_msat": 0,
     }
     assert await accounts(config, "--limit", "1") == 0
     assert "1 of 2 accounts shown" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -25,10 +26,11 @@ from gateway.ports import (
     Payout,
     PayoutState,
     Share,
+    SplitTotals,
     Store,
 )
 from gateway.store import SqliteStore
-from tests.config_files import write_config
+from tests.config_files import placeholder_lnd, write_config
 
 PUBKEY = "02" + "ab" * 32
 SPLIT = (Share("carol", ppm=300_000), Share("dave", fixed_msat=Msat(1_000)))
@@ -41,6 +43,7 @@ def config_text(tmp_path: Path) -> str:
     macaroon.chmod(0o600)
     return (
         f'[store]\nurl = "sqlite://{tmp_path / "gateway.db"}"\n'
+        f"{placeholder_lnd(tmp_path)}"
         f'[payouts]\npayment_macaroon = "{macaroon}"\n'
         '[[routes]]\npattern = "/api/*"\nprice_msat = 10000\n'
         'split = ["carol:30%", "dave:1000msat"]\n'
@@ -134,17 +137,53 @@ def test_payees_lists_each_payee_and_the_reconciled_totals(
         "PENDING",
         "PAID",
         "FEES",
-        "msat",
+        "MERCHANT",
+        "FEES",
         "LAST",
         "PAYOUT",
         "(UTC)",
     ]
     carol = lines[1].split()
-    assert carol[:7] == ["carol", PUBKEY, "30000", "9000", "9000", "12000", "10"]
-    assert lines[2].split()[:7] == ["dave", "dave@example.com", "10000", "10000", "0", "0", "0"]
-    assert lines[3].split()[:7] == ["erin", "erin@example.com", "0", "0", "0", "0", "0"]
-    assert "received = kept + paid + accrued + pending + fees: 100010 = " in out
-    assert "60000 + 12000 + 19000 + 9000 + 10  OK" in out
+    # FEES are the payee's own: earned = accrued + pending + paid + fees, row by row.
+    assert carol[:8] == ["carol", PUBKEY, "30000", "9000", "9000", "12000", "0", "10"]
+    assert lines[2].split()[:8] == [
+        "dave",
+        "dave@example.com",
+        "10000",
+        "10000",
+        "0",
+        "0",
+        "0",
+        "0",
+    ]
+    assert lines[3].split()[:8] == ["erin", "erin@example.com", "0", "0", "0", "0", "0", "0"]
+    for line in lines[1:4]:
+        earned, *parts = (int(cell) for cell in line.split()[2:7])
+        assert earned == sum(parts)
+    assert lines[4].startswith("amounts in msat; earned = accrued + pending + paid + fees")
+    assert lines[-1] == (
+        "reconciled: received 100010 = kept + paid + accrued + pending + fees = "
+        "60000 + 12000 + 19000 + 9000 + 10"
+    )
+
+
+def test_payees_that_do_not_reconcile_exit_4(
+    configured: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    honest = SqliteStore.split_totals
+
+    async def two_msat_short(self: SqliteStore) -> SplitTotals:
+        totals = await honest(self)
+        return dataclasses.replace(totals, received_msat=Msat(totals.received_msat - 2))
+
+    monkeypatch.setattr(SqliteStore, "split_totals", two_msat_short)
+    assert main(["--config", str(configured), "payees"]) == 4
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == (
+        "DOES NOT RECONCILE: received 100008 != 60000 + 12000 + 19000 + 9000 + 10 (off by -2 msat)"
+    )
+    assert main(["--config", str(configured), "payees", "--json"]) == 4
+    totals = json.loads(capsys.readouterr().out)["totals"]
+    assert (totals["reconciles"], totals["unaccounted_msat"]) == (False, -2)
 
 
 def test_payees_json(configured: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -174,7 +213,8 @@ def test_payees_json(configured: Path, capsys: pytest.CaptureFixture[str]) -> No
         "merchant_fees_msat": 10,
         "kept_after_fees_msat": 60_000,
         "fees_msat": 10,
-        "reconciled": True,
+        "reconciles": True,
+        "unaccounted_msat": 0,
     }
 
 
@@ -252,7 +292,10 @@ def test_payouts_pay_exits_0_when_every_payout_succeeded(
     configured: Path, fake_payouts: FakePayouts, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["--config", str(configured), "payouts", "pay"]) == 0
-    assert "nothing to pay" in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith(
+        "nothing paid: no payee had an amount to pay (nothing accrued, below the fee limit or "
+        "the service's minimum, or a payout under way"
+    )
     fake_payouts.made = [_resolved(_payout("a", "dave", 10_000, NOW), PayoutState.SUCCEEDED)]
     assert main(["--config", str(configured), "payouts", "pay", "--payee", "dave"]) == 0
     assert fake_payouts.asked == [None, "dave"]
@@ -285,4 +328,16 @@ def test_payouts_pay_refuses_an_unknown_payee_or_none_configured(
     path = write_config(tmp_path, f'[store]\nurl = "sqlite://{tmp_path / "gateway.db"}"\n')
     assert main(["--config", str(path), "payouts", "pay"]) == 2
     assert "no [[payee]] is configured" in capsys.readouterr().err
+    assert fake_payouts.asked == []
+
+
+def test_payouts_pay_checks_its_settings_before_it_opens_the_store(
+    tmp_path: Path, fake_payouts: FakePayouts, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = config_text(tmp_path).replace(str(tmp_path / "payment.macaroon"), "/nonexistent")
+    path = write_config(tmp_path, text)
+    assert main(["--config", str(path), "payouts", "pay"]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error: [payouts] cannot read /nonexistent" in err
+    assert not (tmp_path / "gateway.db").exists()  # no fresh database left behind
     assert fake_payouts.asked == []

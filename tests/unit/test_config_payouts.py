@@ -17,6 +17,7 @@ import pytest
 
 from gateway.config import Config, PayeeConfig, PayoutsConfig, load_config
 from gateway.config.payouts import destination_problem
+from gateway.destinations import is_pubkey
 from gateway.errors import ConfigError
 from gateway.ports import Msat, Share
 from gateway.runtime import build_pricing, payee_terms, payout_settings, route_table
@@ -62,12 +63,12 @@ def test_splits_and_payees_load(tmp_path: Path) -> None:
     assert route.shares == (Share("carol", ppm=300_000), Share("dave", fixed_msat=Msat(1000)))
     carol, dave = config.payee
     assert carol == PayeeConfig(name="carol", destination=PUBKEY)
-    assert carol.keysend
+    assert is_pubkey(carol.destination)
     assert not carol.payee_pays_fee
     assert dave.threshold_msat == 5000
     assert dave.every == 3600.0
     assert dave.payee_pays_fee
-    assert not dave.keysend
+    assert not is_pubkey(dave.destination)
     assert config.payout_macaroon == tmp_path / "payment.macaroon"
 
 
@@ -137,13 +138,19 @@ def test_payee_tables_are_not_read_from_the_environment(tmp_path: Path) -> None:
         (("price_msat = 10000", "free = true"), "split applies only to a priced route"),
         (('name = "dave"', 'name = "carol"'), "[[payee]] name 'carol' is used twice"),
         (('name = "dave"', 'name = "Dave"'), "name must be 1 to 64 of a-z"),
-        (("dave@example.com", "dave@"), "destination 'dave@': a Lightning Address needs"),
-        (("dave@example.com", "nothing"), "destination must be a node public key"),
+        (("dave@example.com", "dave@"), "destination: 'dave@': a Lightning Address is name@"),
+        (("dave@example.com", "nothing"), "destination: not a node public key, Lightning Add"),
         (("dave@example.com", PUBKEY.upper()), "66 lower-case hex digits"),
         (("dave@example.com", "04" + "ab" * 32), "starting 02 or 03"),
-        (("dave@example.com", "http://example.com/lnurlp"), "only https://"),
-        (("dave@example.com", "ftp://example.com/lnurlp"), "use https://"),
-        (("dave@example.com", "lnurl1qqqqqqqq"), "not a valid bech32 lnurl"),
+        (("dave@example.com", "http://example.com/lnurlp"), "plain http:// only for localhost"),
+        (("dave@example.com", "ftp://example.com/lnurlp"), "the scheme 'ftp' is not https://"),
+        (("dave@example.com", "lnurl1qqqqqqqq"), "not a valid LNURL"),
+        (("dave@example.com", "dave@a..b"), "not a valid host name: 'a..b'"),
+        (
+            ("threshold_msat = 5000", "threshold_msat = 1000"),
+            'threshold_msat (1000) must be above fee_limit_min_msat (1000) with fees_paid_by = "p',
+        ),
+        (("fee_limit_ppm = 5000", "fee_limit_ppm = 1000000"), "fee_limit_ppm must be below 1000"),
         (('fees_paid_by = "payee"', 'fees_paid_by = "nobody"'), "fees_paid_by must be"),
         (("threshold_msat = 5000", "threshold_msat = 0"), "threshold_msat must be"),
         (("every = 3600", "every = -1"), "every must be"),
@@ -195,6 +202,10 @@ def test_a_bad_payouts_section_is_refused(tmp_path: Path, text: str, message: st
         "lnurlp://example.com/lnurlp/carol",
         LNURL,
         LNURL.lower(),
+        "lightning:" + LNURL,
+        "Carol@Example.com",  # read lower-cased, as the payout worker reads it
+        "carol@bücher.example",
+        "lightning:carol@example.com",
     ],
 )
 def test_these_destinations_are_accepted(destination: str) -> None:
@@ -217,10 +228,64 @@ def test_these_destinations_are_accepted(destination: str) -> None:
         LNURL[:-1] + "Q",  # a broken checksum
         "LnUrL1DP68GURN8GHJ7",  # mixed case
         "02" + "ab" * 31,
+        "lightning:" + PUBKEY,
+        "carol@a..b",
+        "carol@ex%61mple.com",
+        "https://ex%61mple.com/p",
+        "https://example.com/p#x",
+        "https://example.com:0/p",
+        "carol@example.com:0",
+        "https://127.1/p",
+        "carol!@example.com",
     ],
 )
 def test_these_destinations_are_refused(destination: str) -> None:
     assert destination_problem(destination) is not None
+
+
+@pytest.mark.parametrize(
+    "destination",
+    [
+        "",
+        "carol@example.com",
+        "Carol@Example.com",
+        "carol@bücher.example",
+        "lightning:carol@example.com",
+        " carol@example.com",
+        "carol@a..b",
+        "https://example.com/p#x",
+        "http://10.0.0.1/p",
+        LNURL,
+        "lightning:" + LNURL,
+        PUBKEY,
+        PUBKEY.upper(),
+        "lightning:" + PUBKEY,
+    ],
+)
+def test_the_configuration_and_the_worker_read_a_destination_alike(destination: str) -> None:
+    """One reader: what the configuration accepts, the worker pays (keysend or LNURL)."""
+    from gateway.client.lnurl import pay_url
+    from gateway.errors import PayoutDestinationError
+
+    accepted = destination_problem(destination) is None
+    try:
+        pay_url(destination)
+        fetched = True
+    except PayoutDestinationError:
+        fetched = False
+    assert accepted == (is_pubkey(destination) or fetched)
+    assert not (is_pubkey(destination) and fetched)
+
+
+def test_a_long_destination_is_shown_cut_short(tmp_path: Path) -> None:
+    problem = destination_problem("\x1b[2J" + "x" * 100_000)
+    assert problem is not None
+    assert len(problem) < 300
+    assert "\\x1b" in problem  # escaped, not obeyed
+    text = payees_text(tmp_path).replace("dave@example.com", "y" * 100_000)
+    with pytest.raises(ConfigError) as caught:
+        load_text(tmp_path, text)
+    assert len(str(caught.value)) < 400
 
 
 def test_a_payee_no_route_names_is_a_warning(
@@ -233,6 +298,24 @@ def test_a_payee_no_route_names_is_a_warning(
     messages = [r.getMessage() for r in caplog.records if r.name == "gateway.config"]
     assert messages == [
         "[[payee]] 'carol': no route's split names it (it is still paid what it has accrued)"
+    ]
+
+
+def test_payee_terms_that_cannot_be_kept_are_warnings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = payees_text(tmp_path).replace(
+        f'destination = "{PUBKEY}"\n',
+        f'destination = "{PUBKEY}"\nevery = 5\nthreshold_msat = 1500\n',
+    )
+    with caplog.at_level(logging.WARNING, logger="gateway.config"):
+        load_text(tmp_path, text)
+    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.config"]
+    assert messages == [
+        "[[payee]] 'carol': every = 5 s is shorter than [payouts] interval = 10 s: it is paid "
+        "at most once an interval",
+        "[[payee]] 'carol': fee_limit_min_msat (2000) is above threshold_msat (1500): the "
+        "merchant may pay a routing fee larger than the payout",
     ]
 
 

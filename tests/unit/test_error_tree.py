@@ -50,3 +50,10 @@ def test_the_root_module_imports_nothing_of_the_gateway() -> None:
             assert not node.module.startswith("gateway"), node.module
         elif isinstance(node, ast.Import):
             assert not any(alias.name.startswith("gateway") for alias in node.names)
+
+
+def test_a_duplicate_payout_is_a_store_error() -> None:
+    """The payout worker tells a repeated payment hash (``begin_payout``) from a failing
+    store; callers that catch ``StoreError`` still catch it."""
+    assert issubclass(errors.DuplicatePayout, errors.StoreError)
+    assert not issubclass(errors.DuplicatePayout, errors.StoreClosed)

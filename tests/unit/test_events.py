@@ -4,13 +4,21 @@ the watcher and the sweeper publish."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
 
 import pytest
 
-from gateway.events import EventsLost, InvoiceEvents, Subscription, apply_and_publish
+from gateway.events import (
+    DEFAULT_CAPACITY,
+    EventsLost,
+    InvoiceEvents,
+    Subscription,
+    apply_and_publish,
+    wake_on,
+)
 from gateway.expiry import EXPIRY_GRACE, InvoiceSweeper
 from gateway.ports import InvoiceRecord, InvoiceState, InvoiceUpdate, Msat, PaymentHash
 from gateway.store import MemoryStore
@@ -112,6 +120,37 @@ async def test_a_slow_subscriber_is_cut_off_loudly_without_slowing_anyone(
 def test_a_subscription_holds_at_least_one_event() -> None:
     with pytest.raises(ValueError, match="capacity"):
         InvoiceEvents().subscribe("none", capacity=0)
+
+
+async def test_wake_on_wakes_for_what_it_wants_and_after_falling_behind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    events = InvoiceEvents()
+    woken: asyncio.Queue[int] = asyncio.Queue()
+    task = asyncio.create_task(
+        wake_on(events, "worker", lambda: woken.put_nowait(1), lambda r: r.state is SETTLED)
+    )
+    try:
+        await asyncio.sleep(0)  # it runs until it waits for its first event: subscribed
+        assert len(events._subscriptions) == 1
+        events.publish(make_record(1))  # not one it wants
+        events.publish(make_record(2, SETTLED))
+        await asyncio.wait_for(woken.get(), 5)
+        # Cut off: it wakes anyway (what it missed is in the store) and subscribes again
+        # before it waits.
+        for n in range(DEFAULT_CAPACITY + 1):
+            events.publish(make_record(10 + n))
+        await asyncio.wait_for(woken.get(), 5)
+        assert len(events._subscriptions) == 1
+        events.publish(make_record(3, SETTLED))
+        await asyncio.wait_for(woken.get(), 5)
+        assert woken.empty()  # once each: never for the events it does not want
+        assert f"'worker' fell {DEFAULT_CAPACITY} events behind" in caplog.text
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert not events._subscriptions  # cancelled: unsubscribed
 
 
 # --- apply_and_publish ----------------------------------------------------------------------

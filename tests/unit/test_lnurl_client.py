@@ -15,10 +15,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway import errors
+from gateway import destinations, errors
 from gateway.client import bolt11
 from gateway.client.lnurl import LnurlPayClient, pay_url
 from gateway.ports import Msat
@@ -46,8 +47,10 @@ class Service:
     status: int = 200
     redirect: str | None = None  # the payRequest answers a redirect there
     body_bytes: int = 0  # pad the payRequest to this size
+    body: bytes | None = None  # the payRequest answers this instead
     delay: float = 0.0
     calls: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    queries: list[str] = field(default_factory=list)  # each request's query, as sent
 
     @property
     def base(self) -> str:
@@ -59,6 +62,9 @@ class Service:
 
     async def pay_request(self, request: web.Request) -> web.StreamResponse:
         self.calls.append((request.path, dict(request.query)))
+        self.queries.append(request.query_string)
+        if self.body is not None:
+            return web.Response(body=self.body, content_type="application/json")
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.redirect is not None:
@@ -80,6 +86,7 @@ class Service:
 
     async def invoice(self, request: web.Request) -> web.StreamResponse:
         self.calls.append((request.path, dict(request.query)))
+        self.queries.append(request.query_string)
         if self.error is not None:
             return web.json_response({"status": "ERROR", "reason": self.error})
         amount = int(request.query["amount"]) + self.amount_skew
@@ -162,6 +169,14 @@ async def test_an_lnurl_and_its_url_reach_the_same_service(
         ("https://example.com/lnurlp/carol", "https://example.com/lnurlp/carol"),
         (lnurl("https://example.com/lnurlp/carol"), "https://example.com/lnurlp/carol"),
         ("http://abcdef.onion/pay", "http://abcdef.onion/pay"),
+        # LUD-16 names are lower case: an upper-case address is read lower-cased
+        ("Carol@Example.COM", "https://example.com/.well-known/lnurlp/carol"),
+        # an international domain is fetched as punycode
+        ("carol@bücher.example", "https://xn--bcher-kva.example/.well-known/lnurlp/carol"),
+        ("https://bücher.example/p", "https://xn--bcher-kva.example/p"),
+        ("lightning:carol@example.com", "https://example.com/.well-known/lnurlp/carol"),
+        ("LIGHTNING:" + lnurl("https://example.com/p"), "https://example.com/p"),
+        ("carol@127.0.0.2:8080", "http://127.0.0.2:8080/.well-known/lnurlp/carol"),
     ],
 )
 def test_a_destination_names_the_url_of_its_service(destination: str, url: str) -> None:
@@ -173,12 +188,27 @@ def test_a_destination_names_the_url_of_its_service(destination: str, url: str) 
     [
         ("http://example.com/lnurlp/carol", "plain http:// only for localhost"),
         (lnurl("http://example.com/lnurlp/carol"), "plain http:// only for localhost"),
-        ("https://user:secret@example.com/p", "credentials"),
-        ("ftp://example.com/p", "not a Lightning Address, LNURL or https:// URL"),
+        ("https://user:secret@example.com/p", "a user or password"),
+        ("ftp://example.com/p", "the scheme 'ftp' is not https://"),
         ("02" + "ab" * 32, "keysend"),
+        ("lightning:02" + "ab" * 32, "written alone"),
         ("lnurl1qqqqqqqq", "not a valid LNURL"),
-        (bolt11_encode.bech32("lnbc", bolt11_encode.words_of(b"https://x.y/")), "not a Light"),
-        ("carol@", "not a Lightning Address"),
+        (bolt11_encode.bech32("lnbc", bolt11_encode.words_of(b"https://x.y/")), "not a node"),
+        ("carol@", "a Lightning Address is name@domain"),
+        ("carol@a..b", "not a valid host name: 'a..b'"),
+        ("carol@example.com.", "not a valid host name"),
+        ("carol@ex%61mple.com", "a Lightning Address is name@domain"),
+        ("https://ex%61mple.com/p", "not a valid host name"),
+        ("carol@example.com:0", "port 0"),
+        ("https://example.com:0/p", "port 0"),
+        ("https://example.com/p#x", "a fragment"),
+        ("https://2130706433/p", "not a valid host name"),  # 127.0.0.1 to a resolver
+        ("https://127.1/p", "not a valid host name"),
+        (" carol@example.com", "blanks"),
+        ("carol@example.com\n", "blanks"),
+        ("ca rol@example.com", "blanks"),
+        ("carol!@example.com", "a Lightning Address's name is 1 to 64 of a-z"),
+        ("x" * 3000 + "@example.com", "more than 2048 characters"),
     ],
 )
 def test_a_destination_that_is_not_allowed_is_refused_with_its_reason(
@@ -206,8 +236,13 @@ async def _refused(client: LnurlPayClient, service: Service, amount: int = 21_00
         ({"metadata": [["text/plain", "x"]]}, "metadata"),
         ({"metadata": "not json"}, "metadata"),
         ({"callback": "http://example.com/cb"}, "plain http:// only for localhost"),
+        ({"callback": "https://example.com/cb#x"}, "a fragment"),
+        ({"callback": "https://10.0.0.1/cb"}, "callback is on a local or private address"),
+        ({"callback": "http://localhost:1/cb"}, "callback is on a local or private address"),
         ({"invoice_metadata": "[]"}, "description hash is not that of the metadata"),
-        ({"amount_skew": 1_000}, "the invoice is for 22000 msat, not 21000 msat"),
+        ({"metadata": "[" * 30_000 + "]" * 30_000}, "metadata"),  # too deep for json
+        ({"body": b"[" * 60_000}, "the answer is not a JSON object"),
+        ({"body": b'{"tag": ' + b"[" * 60_000}, "the answer is not a JSON object"),
         ({"pr": "lnbcrt1garbage"}, "not a valid BOLT11 invoice"),
         ({"error": "carol is on holiday"}, "refused: carol is on holiday"),
         ({"error": "\x1b[2Jcleared"}, r"refused: \x1b[2Jcleared"),  # shown, not obeyed
@@ -222,6 +257,70 @@ async def test_a_service_answer_that_does_not_check_out_is_refused(
         setattr(service, name, value)
     got = await _refused(client, service)
     assert reason in got
+
+
+async def test_the_invoice_amount_is_left_to_the_worker(
+    service: Service, client: LnurlPayClient
+) -> None:
+    """The payout worker checks the amount, with the network and expiry (test_payout)."""
+    service.amount_skew = 1_000
+    text = await client.invoice(service.address, Msat(21_000))
+    assert bolt11.decode(text).amount_msat == 22_000
+
+
+async def test_the_callback_keeps_its_query_as_written_and_gets_the_amount(
+    service: Service, client: LnurlPayClient
+) -> None:
+    service.callback = f"{service.base}/cb?token=abc&flag&x=a%2Bb&amount=7"
+    await client.invoice(service.address, Msat(21_000))
+    assert service.queries[-1] == "token=abc&flag&x=a%2Bb&amount=21000"
+
+
+@pytest.mark.parametrize(
+    ("service_url", "callback", "reason"),
+    [
+        # a public service never sends the gateway into the merchant's network
+        ("https://pay.example/p", "http://127.0.0.1:8080/cb", "local or private"),
+        ("https://pay.example/p", "https://127.0.0.1/cb", "local or private"),
+        ("https://pay.example/p", "https://localhost/cb", "local or private"),
+        ("https://pay.example/p", "https://10.1.2.3/cb", "local or private"),
+        ("https://pay.example/p", "https://192.168.1.1/cb", "local or private"),
+        ("https://pay.example/p", "https://169.254.169.254/latest", "local or private"),
+        ("https://pay.example/p", "https://[::1]/cb", "local or private"),
+        ("https://pay.example/p", "https://[fe80::1]/cb", "local or private"),
+        ("https://pay.example/p", "https://[::ffff:127.0.0.1]/cb", "local or private"),
+        ("https://pay.example/p", "https://0.0.0.0/cb", "local or private"),
+        ("https://pay.example/p", "https://100.64.0.1/cb", "local or private"),  # CGNAT
+        ("https://pay.example/p", "http://abcdef.onion/cb", "local or private"),
+        ("https://pay.example/p", "http://pay.example/cb", "plain http:// only"),
+        ("http://127.0.0.1:9/p", "http://localhost:9/cb", "local or private"),
+        ("https://pay.example/p", "https://pay.example:0/cb", "port 0"),
+        ("https://pay.example/p", "https://pay.example/cb#f", "a fragment"),
+        ("https://pay.example/p", "/cb", "not an absolute URL"),
+    ],
+)
+def test_a_callback_into_a_local_network_is_refused(
+    service_url: str, callback: str, reason: str
+) -> None:
+    with pytest.raises(destinations.DestinationError, match=reason):
+        destinations.callback_url(yarl.URL(service_url), callback)
+
+
+@pytest.mark.parametrize(
+    ("service_url", "callback"),
+    [
+        ("https://pay.example/p", "https://pay.example/cb?x=1"),
+        ("https://pay.example/p", "https://other.example:8443/cb"),
+        ("https://pay.example/p", "https://8.8.8.8/cb"),
+        ("http://127.0.0.1:9/p", "http://127.0.0.1:10/cb"),  # the same local host
+        ("http://abcdef.onion/p", "http://abcdef.onion/cb"),
+        ("https://10.0.0.5/p", "https://10.0.0.5/cb"),  # the merchant named that host
+    ],
+)
+def test_a_callback_on_a_public_host_or_the_services_own_is_followed(
+    service_url: str, callback: str
+) -> None:
+    assert str(destinations.callback_url(yarl.URL(service_url), callback)) == callback
 
 
 async def test_an_amount_outside_the_bounds_is_refused_before_the_callback(
@@ -265,9 +364,9 @@ async def test_the_pay_request_is_fetched_again_after_a_failed_invoice(
     service: Service, client: LnurlPayClient
 ) -> None:
     await client.bounds(service.address)
-    service.amount_skew = 1
+    service.invoice_metadata = "[]"
     await _refused(client, service)
-    service.amount_skew = 0
+    service.invoice_metadata = METADATA
     await client.invoice(service.address, Msat(1_000))
     fetched = [path for path, _ in service.calls if path != "/cb"]
     assert len(fetched) == 2
@@ -278,3 +377,20 @@ async def test_an_expired_pay_request_is_fetched_again(service: Service) -> None
         await client.bounds(service.address)
         await client.bounds(service.address)
     assert len(service.calls) == 2
+
+
+async def test_the_pay_request_is_kept_cache_seconds_on_the_monotonic_clock(
+    service: Service,
+) -> None:
+    now = [100.0]
+    async with LnurlPayClient(cache_seconds=60, monotonic=lambda: now[0]) as client:
+        await client.bounds(service.address)
+        now[0] += 59.9
+        await client.bounds(service.address)
+        assert len(service.calls) == 1
+        now[0] += 0.1
+        await client.bounds(service.address)
+        assert len(service.calls) == 2
+        client.forget(service.address)
+        await client.bounds(service.address)
+    assert len(service.calls) == 3

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import logging
 import secrets
+from pathlib import Path
 from typing import Any
 
 import coincurve
@@ -17,6 +18,7 @@ import pytest
 
 from gateway import errors
 from gateway.client import bolt11
+from gateway.destinations import is_pubkey
 from gateway.lnd.client import KEYSEND_RECORD, LndClient
 from gateway.lnd.protos import lightning_pb2, router_pb2
 from gateway.ports import (
@@ -33,10 +35,13 @@ from gateway.ports import (
     Preimage,
     Share,
     Split,
+    Store,
 )
 from gateway.service.outgoing import ORPHAN_AFTER
-from gateway.service.payout import PayeeTerms, Payouts, is_pubkey
+from gateway.service.payout import PayeeTerms, Payouts
 from gateway.store import MemoryStore
+from gateway.store.postgres import PostgresStore
+from gateway.store.sqlite import SqliteStore
 from tests.fakes import NODE_PUBKEY, FakeClock, FakePayer, make_invoice
 
 CAROL_KEY = "33" * 32  # the payee's node
@@ -49,7 +54,8 @@ RETRY = 10.0
 class FakePayRequests:
     """An LNURL-pay service, as ``LnurlPayClient`` shows it: invoices of CAROL_KEY's node.
     ``fail`` makes every call raise; ``offset`` skews the invoices' amount; ``repeat``
-    answers the first invoice again."""
+    answers the first invoice again; ``fixed`` is answered instead of a new invoice;
+    ``crash`` raises it from ``bounds``. ``forgotten`` lists the destinations dropped."""
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
@@ -57,10 +63,18 @@ class FakePayRequests:
         self.fail: str | None = None
         self.offset = 0
         self.repeat = False
+        self.fixed: str | None = None
+        self.crash: Exception | None = None
         self.issued: list[tuple[str, int, PaymentHash]] = []  # (destination, amount, hash)
+        self.forgotten: list[str] = []
         self._first: str | None = None
 
+    def forget(self, destination: str) -> None:
+        self.forgotten.append(destination)
+
     async def bounds(self, destination: str) -> tuple[Msat, Msat]:
+        if self.crash is not None:
+            raise self.crash
         if self.fail is not None:
             raise errors.PayoutDestinationError(self.fail)
         least, most = self.bounds_msat
@@ -71,6 +85,8 @@ class FakePayRequests:
             raise errors.PayoutDestinationError(self.fail)
         if self.repeat and self._first is not None:
             return self._first
+        if self.fixed is not None:
+            return self.fixed
         payment_hash = PaymentHash(hashlib.sha256(secrets.token_bytes(32)).digest())
         text = make_invoice(
             payment_hash, amount_msat + self.offset, created_at=self.clock.now(), key=CAROL_KEY
@@ -83,7 +99,7 @@ class FakePayRequests:
 class World:
     def __init__(self, fee_msat: int = 0) -> None:
         self.clock = FakeClock()
-        self.store = MemoryStore(self.clock)
+        self.store: Store = MemoryStore(self.clock)
         self.node = FakePayer(fee_msat=fee_msat)
         self.requests = FakePayRequests(self.clock)
         self._index = 0
@@ -161,7 +177,7 @@ async def run_pass(payouts: Payouts) -> None:
 
 def test_a_keysend_destination_is_a_compressed_public_key() -> None:
     assert is_pubkey(CAROL)
-    assert is_pubkey(CAROL.upper())
+    assert not is_pubkey(CAROL.upper())  # as the configuration: lower case only
     assert not is_pubkey("04" + CAROL[2:])
     assert not is_pubkey(CAROL[:-1])
     assert not is_pubkey(ADDRESS)
@@ -501,7 +517,7 @@ async def test_an_lnurl_amount_is_clamped_to_max_sendable_and_waits_for_min_send
     ("case", "reason"),
     [
         ("service down", "dave's service: HTTP 503"),
-        ("wrong amount", "not 12000 msat"),
+        ("wrong amount", "the service's invoice is for 12001 msat, not 12000 msat"),
         ("repeated invoice", "paid, or tried, before"),
     ],
 )
@@ -526,6 +542,8 @@ async def test_an_lnurl_service_that_gives_no_usable_invoice_is_backed_off_nothi
         await run_pass(payouts)
 
     assert reason in caplog.text
+    if case != "service down":  # the worker's check failed: the payRequest is dropped
+        assert world.requests.forgotten == [ADDRESS]
     balance = await world.payee("dave")
     assert (balance.paid_msat, balance.pending_msat, balance.accrued_msat) == (
         paid_before,
@@ -541,6 +559,110 @@ async def test_an_lnurl_service_that_gives_no_usable_invoice_is_backed_off_nothi
     world.clock.advance(1)
     await run_pass(payouts)
     assert (await world.payee("dave")).paid_msat == paid_before + 12_000
+
+
+@pytest.mark.parametrize(
+    "kind", ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_an_invoice_whose_hash_a_payout_recorded_is_refused_and_backed_off(
+    world: World,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A service repeats an invoice of a payout that FAILED never sent: the node has never
+    seen its hash, the store has (``DuplicatePayout``, in every store). Never paid again:
+    backed off as a bad invoice."""
+    if kind == "sqlite":
+        world.store = await SqliteStore.open(tmp_path / "gateway.db", clock=world.clock)
+    elif kind == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        world.store = await PostgresStore.open(url, clock=world.clock)
+    try:
+        await _repeated_hash_refused(world, caplog)
+    finally:
+        await world.store.close()
+
+
+async def _repeated_hash_refused(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    dave = PayeeTerms(name="dave", destination=ADDRESS, threshold_msat=10_000)
+    split: Split = (Share("dave", ppm=1_000_000),)
+    await world.earn(12_000, split)
+    payment_hash = PaymentHash(secrets.token_bytes(32))
+    text = make_invoice(payment_hash, 12_000, created_at=world.clock.now(), key=CAROL_KEY)
+    orphan = Payout(
+        payment_hash=payment_hash,
+        payee="dave",
+        destination=ADDRESS,
+        payment_request=text,
+        amount_msat=Msat(12_000),
+        fee_reserve_msat=Msat(2_000),
+        payee_pays_fee=False,
+        state=PayoutState.PENDING,
+        created_at=world.clock.now(),
+    )
+    assert await world.store.begin_payout(orphan)
+    await world.store.finish_payout(
+        payment_hash, PayoutState.FAILED, Msat(0), world.clock.now(), failure="never sent"
+    )
+    with pytest.raises(errors.DuplicatePayout, match="already recorded"):
+        await world.store.begin_payout(orphan)
+    world.requests.fixed = text
+    payouts = world.payouts(dave)
+
+    with caplog.at_level(logging.WARNING, logger="gateway.service.payout"):
+        await run_pass(payouts)
+        await run_pass(payouts)  # backing off: not asked again
+
+    assert caplog.text.count("recorded for a payout before: refused; trying again in 10 s") == 1
+    assert world.requests.forgotten == [ADDRESS]
+    assert world.node.payments == {}
+    balance = await world.payee("dave")
+    assert (balance.pending_msat, balance.accrued_msat) == (0, 12_000)
+    world.requests.fixed = None
+    world.clock.advance(RETRY)
+    await run_pass(payouts)
+    assert (await world.payee("dave")).paid_msat == 12_000
+
+
+async def test_an_unexpected_error_for_one_payee_backs_it_off_and_pays_the_others(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    dave = PayeeTerms(name="dave", destination=ADDRESS, threshold_msat=1_000)
+    split: Split = (Share("carol", ppm=300_000), Share("dave", ppm=100_000))
+    payouts = world.payouts(carol(threshold_msat=1_000), dave)
+    world.requests.crash = RecursionError("maximum recursion depth exceeded")
+    await world.earn(10_000, split)
+    with caplog.at_level(logging.ERROR, logger="gateway.service.payout"):
+        await run_pass(payouts)
+        await world.earn(10_000, split)
+        await run_pass(payouts)  # dave backs off: not tried again at once
+    failures = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    assert [r.getMessage() for r in failures] == [
+        "payee dave: the payout failed unexpectedly; trying again after a backoff"
+    ]
+    assert [amount for _, amount, _ in world.node.keysends] == [3_000, 3_000]  # carol's
+    world.requests.crash = None
+    world.clock.advance(RETRY)
+    await run_pass(payouts)
+    assert (await world.payee("dave")).paid_msat == 2_000
+
+
+async def test_the_first_pass_warns_of_ledger_payees_no_longer_configured(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    split: Split = (Share("carol", ppm=300_000), Share("erin", ppm=100_000))
+    await world.earn(10_000, split)
+    payouts = world.payouts(carol(threshold_msat=1_000_000))
+    with caplog.at_level(logging.WARNING, logger="gateway.service.payout"):
+        await run_pass(payouts)
+        await run_pass(payouts)
+    warned = [r.getMessage() for r in caplog.records if "no [[payee]]" in r.getMessage()]
+    assert warned == [
+        "payee erin has 1000 msat accrued but no [[payee]] configures it: not paid until one "
+        "does again"
+    ]
 
 
 async def test_pay_now_pays_the_whole_accrued_regardless_of_threshold(world: World) -> None:

@@ -3,6 +3,8 @@ stored text, the configuration's share form and the checks."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -109,6 +111,9 @@ def test_the_stored_text() -> None:
         "carol:1:2,",
         ",carol:1:2",
         "carol:1.5:0",
+        "carol:\u0663\u0660:0",  # Arabic-Indic digits: not ASCII
+        "carol:1:" + "9" * 18,
+        "carol:1:" + "9" * 5000,  # not int()'s limit message
     ],
 )
 def test_undecodable_text_is_refused(text: str) -> None:
@@ -155,11 +160,23 @@ def test_a_configured_share_is_read(text: str, share: Share) -> None:
         ("dave:msat", "positive whole number of msat"),
         ("dave:1000", "unknown unit"),
         ("dave:5btc", "unknown unit"),
+        # Only ASCII digits ("\d" also takes other scripts': these would be 30)
+        ("carol:\u0663\u0660%", "must be a number (0-9)"),
+        ("carol:\uff13\uff10%", "must be a number (0-9)"),
+        ("dave:\u0663\u0660msat", "positive whole number of msat, at most 17 digits (0-9)"),
+        ("dave:" + "9" * 18 + "msat", "at most 17 digits"),
+        ("dave:" + "9" * 5000 + "sat", "at most 17 digits"),
+        ("carol:" + "1" * 5000 + "%", "must be a number"),
     ],
 )
 def test_a_bad_share_is_refused_with_its_reason(text: str, reason: str) -> None:
-    with pytest.raises(ValueError, match=reason):
+    with pytest.raises(ValueError, match=re.escape(reason)) as raised:
         parse_share(text)
+    assert len(str(raised.value)) < 300  # a long share is shown cut short
+
+
+def test_the_largest_amount_written_is_read() -> None:
+    assert parse_share("dave:" + "9" * 17 + "msat").fixed_msat == 10**17 - 1
 
 
 @given(names, st.integers(1, 1_000_000))

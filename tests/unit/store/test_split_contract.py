@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from gateway.errors import DuplicatePayout
 from gateway.ports import (
     InvoiceRecord,
     InvoiceState,
@@ -373,10 +374,10 @@ async def test_a_payout_above_the_accrued_is_refused_and_writes_nothing(store: S
 async def test_a_duplicate_payout_hash_raises_and_writes_nothing(store: Store) -> None:
     await earn(store, 1)
     assert await store.begin_payout(payout(1, 1000))
-    with pytest.raises(StoreError, match="already recorded"):
+    with pytest.raises(DuplicatePayout, match="already recorded"):
         await store.begin_payout(payout(1, 500))
     await store.finish_payout(payout(1, 0).payment_hash, FAILED, ZERO, START + 1, "no route")
-    with pytest.raises(StoreError, match="already recorded"):  # never sent again, even failed
+    with pytest.raises(DuplicatePayout, match="already recorded"):  # never sent again, even failed
         await store.begin_payout(payout(1, 500))
     assert amounts(await payee(store)) == (3000, 0, 0, 0, 0, 3000)
     assert len(await store.list_payouts()) == 1
