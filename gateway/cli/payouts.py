@@ -275,15 +275,23 @@ async def pay(config: Config, payee: str | None, as_json: bool) -> int:
         return 1
     payout_settings(config)  # a bad [lnd] or macaroon fails before the store is opened
     store = await open_store(config.store.url, pool_size=config.store.pool_size)
+    made: list[Payout] = []
+    unpaid = False
     try:
         async with running_payouts(config, store) as payouts:
             assert payouts is not None  # payees are configured
-            made = await payouts.pay_now(payee)
+            # One payee at a time: each one that cannot be paid is named with its reason.
+            for name in [payee] if payee is not None else [p.name for p in config.payee]:
+                try:
+                    made += await payouts.pay_now(name)
+                except errors.GatewayError as error:
+                    print(f"{name}: not paid: {error}", file=sys.stderr)
+                    unpaid = True
     finally:
         await store.close()
     if as_json:
         print(json.dumps([payout_json(p) for p in made], indent=2, ensure_ascii=True))
-    elif not made:
+    elif not made and not unpaid:
         print(
             "nothing paid: no payee had an amount to pay (nothing accrued, below the fee "
             "limit or the service's minimum, or a payout under way; a payee that could not "
@@ -293,5 +301,5 @@ async def pay(config: Config, payee: str | None, as_json: bool) -> int:
         for payout in made:
             paid = payout.state is PayoutState.SUCCEEDED
             print(_outcome(payout), file=sys.stdout if paid else sys.stderr)
-    settled = all(p.state is PayoutState.SUCCEEDED for p in made)
+    settled = not unpaid and all(p.state is PayoutState.SUCCEEDED for p in made)
     return 0 if settled else EXIT_NOT_PAID

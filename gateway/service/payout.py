@@ -214,7 +214,9 @@ class Payouts:
         schedule and backoff; the payouts made, each as recorded (final, or PENDING when its
         outcome is not known yet). A payee with a payout PENDING, or nothing to pay, gets
         none. ``ValueError`` for a payee not configured; ``BackendError`` when the paying node
-        cannot be asked who it is."""
+        cannot be asked who it is. A payee that cannot be paid (its destination refused or
+        unusable, the node or the store failing) raises its error once every payee had its
+        turn: pay one payee per call to know which."""
         if payee is not None and payee not in self._terms:
             raise ValueError(f"no payee {payee!r} is configured")
         names = list(self._terms) if payee is None else [payee]
@@ -225,7 +227,7 @@ class Payouts:
                 *(self._pay(self._terms[name], forced=True) for name in names),
                 return_exceptions=True,
             )
-        # Every payee had its turn; then a bug in one is raised, not hidden in the log.
+        # Every payee had its turn; then why one was not paid is raised, not only logged.
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -328,6 +330,8 @@ class Payouts:
         None when none was made."""
         name = terms.name
         if name in self._refused:
+            if forced:
+                raise errors.PayoutDestinationError("its destination is the gateway's own node")
             return None
         try:
             balance = await self._store.get_payee(name)
@@ -345,8 +349,12 @@ class Payouts:
         except errors.PayoutDestinationError as error:
             delay = self._failed(name)
             log.warning("payee %s not paid: %s; trying again in %.0f s", name, error.reason, delay)
+            if forced:
+                raise
         except (errors.BackendError, errors.StoreError) as error:
             log.warning("payee %s not paid now: %s", name, error)
+            if forced:
+                raise
         except Exception:
             self._failed(name)  # a bug, or an answer nobody foresaw: not again every pass
             raise

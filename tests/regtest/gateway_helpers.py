@@ -80,6 +80,27 @@ def bake_gateway_macaroon(network: Network, path: Path) -> Path:
     return path
 
 
+def bake_payment_macaroon(network: Network, path: Path) -> Path:
+    """A macaroon of alice's that may send payments (withdrawals, payouts) and read the node's
+    info and payments, as the README tells operators to bake."""
+    if not path.exists():
+        subprocess.run(  # noqa: S603 - the cached lncli binary and fixed arguments
+            [
+                *network.alice.lncli().split(),
+                "bakemacaroon",
+                "offchain:read",
+                "offchain:write",
+                "info:read",
+                f"--save_to={path}",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        path.chmod(0o600)
+    return path
+
+
 def gateway_config(
     network: Network,
     database: Path,

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import gateway.runtime
+from gateway import errors
 from gateway.cli import main
 from gateway.config import Config
 from gateway.ports import (
@@ -35,6 +36,7 @@ from tests.config_files import placeholder_lnd, write_config
 PUBKEY = "02" + "ab" * 32
 SPLIT = (Share("carol", ppm=300_000), Share("dave", fixed_msat=Msat(1_000)))
 NOW = 1_800_000_000.0
+PAYEES = ["carol", "dave", "erin"]  # as configured
 
 
 def config_text(tmp_path: Path) -> str:
@@ -258,15 +260,19 @@ def test_a_bad_state_or_limit_is_a_usage_error(
 
 
 class FakePayouts:
-    """What ``payouts pay`` gets from ``running_payouts``: ``pay_now`` answers ``made``."""
+    """What ``payouts pay`` gets from ``running_payouts``: ``pay_now(payee)`` answers the
+    payouts of ``made`` to that payee, or raises its error in ``unpayable``."""
 
     def __init__(self, made: list[Payout]) -> None:
         self.made = made
+        self.unpayable: dict[str, errors.GatewayError] = {}
         self.asked: list[str | None] = []
 
     async def pay_now(self, payee: str | None = None) -> list[Payout]:
         self.asked.append(payee)
-        return self.made
+        if payee in self.unpayable:
+            raise self.unpayable[payee]
+        return [payout for payout in self.made if payee in (None, payout.payee)]
 
 
 @pytest.fixture
@@ -298,7 +304,7 @@ def test_payouts_pay_exits_0_when_every_payout_succeeded(
     )
     fake_payouts.made = [_resolved(_payout("a", "dave", 10_000, NOW), PayoutState.SUCCEEDED)]
     assert main(["--config", str(configured), "payouts", "pay", "--payee", "dave"]) == 0
-    assert fake_payouts.asked == [None, "dave"]
+    assert fake_payouts.asked == [*PAYEES, "dave"]  # one at a time
     out = capsys.readouterr().out
     assert "dave: SUCCEEDED, 10000 msat to dave@example.com, routing fee 5 msat" in out
 
@@ -318,6 +324,20 @@ def test_payouts_pay_exits_3_when_one_failed_or_is_pending(
     assert main(["--config", str(configured), "payouts", "pay", "--json"]) == 3
     (pending,) = json.loads(capsys.readouterr().out)
     assert pending["state"] == "PENDING"
+
+
+def test_payouts_pay_names_a_payee_it_could_not_pay_and_exits_3(
+    configured: Path, fake_payouts: FakePayouts, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_payouts.made = [_resolved(_payout("a", "dave", 10_000, NOW), PayoutState.SUCCEEDED)]
+    fake_payouts.unpayable["carol"] = errors.PayoutDestinationError("no answer within 10 s")
+    assert main(["--config", str(configured), "payouts", "pay"]) == 3
+    captured = capsys.readouterr()
+    assert "dave: SUCCEEDED, 10000 msat" in captured.out  # the others are still paid
+    assert "carol: not paid: no answer within 10 s" in captured.err
+    assert "nothing paid" not in captured.out
+    assert main(["--config", str(configured), "payouts", "pay", "--payee", "carol", "--json"]) == 3
+    assert json.loads(capsys.readouterr().out) == []
 
 
 def test_payouts_pay_refuses_an_unknown_payee_or_none_configured(

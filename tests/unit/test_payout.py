@@ -717,7 +717,8 @@ async def test_a_payee_whose_destination_is_the_gateways_own_node_is_never_paid(
         await world.earn(10_000, split)
     with caplog.at_level(logging.ERROR, logger="gateway.service.payout"):
         await run_pass(payouts)
-        assert await payouts.pay_now("carol") == []
+        with pytest.raises(errors.PayoutDestinationError, match="the gateway's own node"):
+            await payouts.pay_now("carol")
     assert "payee carol: its destination is the gateway's own node" in caplog.text
     assert [dest.hex() for dest, _, _ in world.node.keysends] == [CAROL]  # erin's only
     assert (await world.payee("carol")).accrued_msat == 12_000

@@ -819,6 +819,66 @@ class PaymentHash(_message.Message):
 Global___PaymentHash: _TypeAlias = PaymentHash  # noqa: Y015
 
 @_typing.final
+class ListInvoiceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PENDING_ONLY_FIELD_NUMBER: _builtins.int
+    INDEX_OFFSET_FIELD_NUMBER: _builtins.int
+    NUM_MAX_INVOICES_FIELD_NUMBER: _builtins.int
+    REVERSED_FIELD_NUMBER: _builtins.int
+    CREATION_DATE_START_FIELD_NUMBER: _builtins.int
+    CREATION_DATE_END_FIELD_NUMBER: _builtins.int
+    pending_only: _builtins.bool
+    index_offset: _builtins.int
+    num_max_invoices: _builtins.int
+    reversed: _builtins.bool
+    creation_date_start: _builtins.int
+    creation_date_end: _builtins.int
+    def __init__(
+        self,
+        *,
+        pending_only: _builtins.bool = ...,
+        index_offset: _builtins.int = ...,
+        num_max_invoices: _builtins.int = ...,
+        reversed: _builtins.bool = ...,
+        creation_date_start: _builtins.int = ...,
+        creation_date_end: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creation_date_end", b"creation_date_end", "creation_date_start", b"creation_date_start", "index_offset", b"index_offset", "num_max_invoices", b"num_max_invoices", "pending_only", b"pending_only", "reversed", b"reversed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInvoiceRequest: _TypeAlias = ListInvoiceRequest  # noqa: Y015
+
+@_typing.final
+class ListInvoiceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICES_FIELD_NUMBER: _builtins.int
+    LAST_INDEX_OFFSET_FIELD_NUMBER: _builtins.int
+    FIRST_INDEX_OFFSET_FIELD_NUMBER: _builtins.int
+    last_index_offset: _builtins.int
+    first_index_offset: _builtins.int
+    @_builtins.property
+    def invoices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Invoice]: ...
+    def __init__(
+        self,
+        *,
+        invoices: _abc.Iterable[Global___Invoice] | None = ...,
+        last_index_offset: _builtins.int = ...,
+        first_index_offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_index_offset", b"first_index_offset", "invoices", b"invoices", "last_index_offset", b"last_index_offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInvoiceResponse: _TypeAlias = ListInvoiceResponse  # noqa: Y015
+
+@_typing.final
 class InvoiceSubscription(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -79,6 +79,11 @@ class LightningStub:
                 request_serializer=lightning__pb2.PaymentHash.SerializeToString,
                 response_deserializer=lightning__pb2.Invoice.FromString,
                 _registered_method=True)
+        self.ListInvoices = channel.unary_unary(
+                '/lnrpc.Lightning/ListInvoices',
+                request_serializer=lightning__pb2.ListInvoiceRequest.SerializeToString,
+                response_deserializer=lightning__pb2.ListInvoiceResponse.FromString,
+                _registered_method=True)
         self.SubscribeInvoices = channel.unary_stream(
                 '/lnrpc.Lightning/SubscribeInvoices',
                 request_serializer=lightning__pb2.InvoiceSubscription.SerializeToString,
@@ -153,6 +158,12 @@ class LightningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListInvoices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SubscribeInvoices(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -218,6 +229,11 @@ def add_LightningServicer_to_server(servicer, server):
                     servicer.LookupInvoice,
                     request_deserializer=lightning__pb2.PaymentHash.FromString,
                     response_serializer=lightning__pb2.Invoice.SerializeToString,
+            ),
+            'ListInvoices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInvoices,
+                    request_deserializer=lightning__pb2.ListInvoiceRequest.FromString,
+                    response_serializer=lightning__pb2.ListInvoiceResponse.SerializeToString,
             ),
             'SubscribeInvoices': grpc.unary_stream_rpc_method_handler(
                     servicer.SubscribeInvoices,
@@ -478,6 +494,33 @@ class Lightning:
             '/lnrpc.Lightning/LookupInvoice',
             lightning__pb2.PaymentHash.SerializeToString,
             lightning__pb2.Invoice.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInvoices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lnrpc.Lightning/ListInvoices',
+            lightning__pb2.ListInvoiceRequest.SerializeToString,
+            lightning__pb2.ListInvoiceResponse.FromString,
             options,
             channel_credentials,
             insecure,

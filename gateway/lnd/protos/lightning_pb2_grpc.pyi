@@ -45,6 +45,7 @@ class LightningStub:
     OpenChannelSync: _grpc.UnaryUnaryMultiCallable[_lightning_pb2.OpenChannelRequest, _lightning_pb2.ChannelPoint]
     AddInvoice: _grpc.UnaryUnaryMultiCallable[_lightning_pb2.Invoice, _lightning_pb2.AddInvoiceResponse]
     LookupInvoice: _grpc.UnaryUnaryMultiCallable[_lightning_pb2.PaymentHash, _lightning_pb2.Invoice]
+    ListInvoices: _grpc.UnaryUnaryMultiCallable[_lightning_pb2.ListInvoiceRequest, _lightning_pb2.ListInvoiceResponse]
     SubscribeInvoices: _grpc.UnaryStreamMultiCallable[_lightning_pb2.InvoiceSubscription, _lightning_pb2.Invoice]
     DecodePayReq: _grpc.UnaryUnaryMultiCallable[_lightning_pb2.PayReqString, _lightning_pb2.PayReq]
     GetChanInfo: _grpc.UnaryUnaryMultiCallable[_lightning_pb2.ChanInfoRequest, _lightning_pb2.ChannelEdge]
@@ -61,6 +62,7 @@ class LightningAsyncStub(LightningStub):
     OpenChannelSync: _aio.UnaryUnaryMultiCallable[_lightning_pb2.OpenChannelRequest, _lightning_pb2.ChannelPoint]  # type: ignore[assignment]
     AddInvoice: _aio.UnaryUnaryMultiCallable[_lightning_pb2.Invoice, _lightning_pb2.AddInvoiceResponse]  # type: ignore[assignment]
     LookupInvoice: _aio.UnaryUnaryMultiCallable[_lightning_pb2.PaymentHash, _lightning_pb2.Invoice]  # type: ignore[assignment]
+    ListInvoices: _aio.UnaryUnaryMultiCallable[_lightning_pb2.ListInvoiceRequest, _lightning_pb2.ListInvoiceResponse]  # type: ignore[assignment]
     SubscribeInvoices: _aio.UnaryStreamMultiCallable[_lightning_pb2.InvoiceSubscription, _lightning_pb2.Invoice]  # type: ignore[assignment]
     DecodePayReq: _aio.UnaryUnaryMultiCallable[_lightning_pb2.PayReqString, _lightning_pb2.PayReq]  # type: ignore[assignment]
     GetChanInfo: _aio.UnaryUnaryMultiCallable[_lightning_pb2.ChanInfoRequest, _lightning_pb2.ChannelEdge]  # type: ignore[assignment]
@@ -128,6 +130,13 @@ class LightningServicer(metaclass=_abc_1.ABCMeta):
         request: _lightning_pb2.PaymentHash,
         context: _ServicerContext,
     ) -> _typing.Union[_lightning_pb2.Invoice, _abc.Awaitable[_lightning_pb2.Invoice]]: ...
+
+    @_abc_1.abstractmethod
+    def ListInvoices(
+        self,
+        request: _lightning_pb2.ListInvoiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lightning_pb2.ListInvoiceResponse, _abc.Awaitable[_lightning_pb2.ListInvoiceResponse]]: ...
 
     @_abc_1.abstractmethod
     def SubscribeInvoices(
