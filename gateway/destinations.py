@@ -20,10 +20,11 @@ TLS to be private: ``localhost``, a loopback address (``127.0.0.1``, ``::1``) an
 hosts (LUD-17: onion services are plain HTTP).
 
 ``callback_url`` checks what a service's ``payRequest`` names as its callback: a public
-service may not send the gateway to ``localhost``, a loopback, private or link-local address,
-or over plain HTTP (a request into the merchant's own network); only a service on that same
-local host may. A public host name that resolves to such an address is not caught here (no
-DNS lookup is made).
+service may not send the gateway to ``localhost``, a loopback, private or link-local address
+(also one carried in an IPv6 address: NAT64, IPv4-compatible, 6to4, Teredo), or over plain
+HTTP (a request into the merchant's own network); only a service on that same local host
+may. A public host name that resolves to such an address is not caught here (no DNS lookup
+is made).
 
 Pure: ``yarl`` and the standard library (``gateway.config`` imports it; no asyncio).
 """
@@ -196,15 +197,52 @@ def _plain_http_host(url: yarl.URL) -> bool:
     return address is not None and address.is_loopback
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052, the well-known prefix
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215, local use
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # RFC 4291, deprecated
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # RFC 2765
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 one carries, which a gateway or tunnel on the way may
+    deliver to: NAT64 (``64:ff9b::a.b.c.d``), IPv4-compatible (``::a.b.c.d``),
+    IPv4-translated (``::ffff:0:a.b.c.d``), 6to4 (``2002:AABB:CCDD::``) and Teredo (its
+    server and client). IPv4-mapped is read by ``_ip`` already."""
+    low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    found = []
+    if address in _NAT64 or address in _IPV4_TRANSLATED:
+        found.append(low32)
+    if address in _IPV4_COMPATIBLE and int(address) > 1:  # not :: nor ::1 (IPv6's own)
+        found.append(low32)
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    return found
+
+
+def _internal_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``address`` is not a public unicast one, or (IPv6) carries an IPv4 address
+    that is not, or is in the NAT64 local-use prefix (a translator of the merchant's own)."""
+    if not address.is_global or address.is_multicast:
+        return True
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _NAT64_LOCAL:
+            return True
+        return any(_internal_address(embedded) for embedded in _embedded_ipv4(address))
+    return False
+
+
 def _internal(url: yarl.URL) -> bool:
     """Whether ``url``'s host is this machine or a local network: ``localhost``, or an
     address that is not a public unicast one (loopback, private, link-local, shared,
-    unspecified, reserved, multicast)."""
+    unspecified, reserved, multicast), including an IPv6 one that carries such an IPv4
+    address (NAT64, IPv4-compatible, IPv4-translated, 6to4, Teredo)."""
     host = (url.raw_host or "").lower()
     if host in _PLAIN_HTTP_NAMES or host.endswith(".localhost"):
         return True
     address = _ip(host)
-    return address is not None and (not address.is_global or address.is_multicast)
+    return address is not None and _internal_address(address)
 
 
 def url_allowed(url: yarl.URL) -> yarl.URL:

@@ -274,7 +274,8 @@ def _paying_settings(
 ) -> LndSettings:
     """An LND connection that sends payments: ``[lnd]``'s node and certificate and
     ``macaroon``, ``section``'s ``payment_macaroon``; ``ConfigError`` naming what ``needs``
-    it (``[lnd] tls_cert``), or ``section`` (a file that cannot be read)."""
+    it (``[lnd] tls_cert``), or the file that cannot be read or is wrong: ``[lnd]``'s
+    certificate, or ``section``'s macaroon."""
     lnd = config.lnd
     if lnd.tls_cert is None:
         raise errors.ConfigError(f"{needs} need [lnd] tls_cert (the node's tls.cert)")
@@ -285,11 +286,14 @@ def _paying_settings(
             lnd.host, lnd.tls_cert, macaroon_path=macaroon, timeout=lnd.timeout
         )
     except OSError as error:
-        raise errors.ConfigError(
-            f"{section} cannot read {error.filename}: {error.strerror}"
-        ) from None
+        unread = error.filename is not None and Path(error.filename) == Path(lnd.tls_cert)
+        owner = "[lnd]" if unread else section
+        problem = f"{owner} cannot read {error.filename}: {error.strerror}"
+        raise errors.ConfigError(problem) from None
     except ValueError as error:
-        raise errors.ConfigError(f"{section} payment_macaroon: {error}") from None
+        # LndSettings.from_files names the certificate ("tls_cert ...") when it is at fault.
+        owner = "[lnd]" if str(error).startswith("tls_cert") else f"{section} payment_macaroon:"
+        raise errors.ConfigError(f"{owner} {error}") from None
 
 
 @contextlib.asynccontextmanager

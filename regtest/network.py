@@ -355,11 +355,20 @@ async def start_network(workdir: Path, *, detached: bool = False) -> Network:
                 f"127.0.0.1:{rest}",
             )
 
-            async def files_written() -> bool | None:
-                return True if node.macaroon().exists() and node.tls_cert.exists() else None
+            async def files_written() -> LndSettings | None:
+                """The TLS cert and admin macaroon once LND has written both whole: it
+                creates each file before it writes it, so one can be seen empty."""
+                try:
+                    if b"-----END CERTIFICATE-----" not in node.tls_cert.read_bytes():
+                        return None
+                    return node.settings()
+                except (OSError, ValueError):
+                    return None
 
-            await until(f"{name}'s TLS cert and macaroon", files_written, START_TIMEOUT, [process])
-            admin = LndAdmin(name, node.settings())
+            settings = await until(
+                f"{name}'s TLS cert and macaroon", files_written, START_TIMEOUT, [process]
+            )
+            admin = LndAdmin(name, settings)
             admins[name] = admin
             info = await _until_active(admin, process)
             return replace(node, pubkey=info.identity_pubkey)

@@ -12,8 +12,9 @@ the payee bears the fee, in whole sat up to ``maxSendable`` over LNURL-pay), wha
 threshold, over the payout macaroon's LND connection; a payout the running
 gateway has under way for that payee is not paid twice (the ledger debits it once). Exit
 codes: 0 every payout made SUCCEEDED (or there was nothing to pay), 1 no such payee, 2 bad
-usage or configuration, 3 a payout FAILED or is still PENDING (the gateway's worker
-resolves it), or a backend failed.
+usage or configuration (a ``memory:`` store or no database at ``store.url`` included: it pays
+from the gateway's existing ledger, never a new one), 3 a payout FAILED or is still PENDING
+(the gateway's worker resolves it), or a backend failed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from gateway.cli.formats import (
     print_records,
     utc_time,
 )
-from gateway.config import Config
+from gateway.config import Config, store_location
 from gateway.ports import Msat, PayeeBalance, Payout, PayoutState, SplitTotals
 from gateway.reports import (
     payee_balance_json,
@@ -90,8 +91,9 @@ def add_parsers(commands: Any) -> None:
         "whatever its threshold, over [payouts] payment_macaroon (else [credit]'s): all of "
         "it, less the fee limit when the payee bears the fee; to an LNURL-pay service in "
         "whole sat, at most its maxSendable. Exit 0 when every payout "
-        "SUCCEEDED (or nothing was due), 3 when one FAILED (its amount is accrued again) or "
-        "is still PENDING (the running gateway resolves it).",
+        "SUCCEEDED (or nothing was due), 1 when there is no such payee, 2 on a configuration "
+        "error (no database at store.url, or a memory: store), 3 when one FAILED (its "
+        "amount is accrued again) or is still PENDING (the running gateway resolves it).",
     )
     pay.add_argument("--payee", dest="pay_payee", metavar="NAME", help="only this payee")
     pay.add_argument("--json", dest="pay_json", action="store_true", help="print JSON")
@@ -266,14 +268,24 @@ def _outcome(payout: Payout) -> str:
 async def pay(config: Config, payee: str | None, as_json: bool) -> int:
     """``payouts pay``: every (or one) payee's accrued now; 0 when all SUCCEEDED."""
     # Imported here: the listing commands need no LND or LNURL client.
-    from gateway.runtime import payout_settings, running_payouts
+    from gateway.runtime import lnd_settings, payout_settings, running_payouts
 
     if not config.payee:
         raise errors.ConfigError("no [[payee]] is configured: nobody to pay")
     if payee is not None and payee not in {p.name for p in config.payee}:
         print(f"l402-gateway: no [[payee]] named {payee!r}", file=sys.stderr)
         return 1
-    payout_settings(config)  # a bad [lnd] or macaroon fails before the store is opened
+    if store_location(config.store.url)[0] == "memory":
+        raise errors.ConfigError(
+            "payouts pay needs the gateway's database, and store.url is memory: (a ledger "
+            "that lives only inside one process has nothing to pay)"
+        )
+    # A bad [lnd] or payment macaroon fails before the store is opened, each named as its own.
+    lnd_settings(config)
+    payout_settings(config)
+    # The gateway's existing database, as the listing commands open it: a typo in store.url
+    # is "no database at ...", not a new empty database migrated and found owing nothing.
+    await (await open_store(config.store.url, read_only=True)).close()
     store = await open_store(config.store.url, pool_size=config.store.pool_size)
     made: list[Payout] = []
     unpaid = False

@@ -50,10 +50,14 @@ _PAYMENT_STATUSES = {
     lightning_pb2.Payment.FAILED: PaymentStatus.FAILED,
     lightning_pb2.Payment.INITIATED: PaymentStatus.INITIATED,
 }
+# A call that may or may not have reached the node (INTERNAL and CANCELLED: a stream reset
+# or a proxy in between), never taken for a refusal.
 _UNAVAILABLE_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.CANCELLED,
 }
 _PERMISSION_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 _BAD_REQUEST_CODES = {
@@ -71,6 +75,13 @@ _MESSAGE_CLASSES: tuple[tuple[str, type[errors.BackendError]], ...] = (
     ("invoice with payment hash already exists", errors.InvoiceAlreadyExists),
     ("in the process of starting", errors.BackendUnavailable),
     ("wallet locked", errors.BackendUnavailable),
+    ("stream removed", errors.BackendUnavailable),
+    ("rst_stream", errors.BackendUnavailable),
+    # SendPaymentV2 refusing a request before it records any payment of the hash.
+    ("payment request must contain", errors.BackendBadRequest),
+    ("invoice expired", errors.BackendBadRequest),
+    ("amount must", errors.BackendBadRequest),
+    ("self-payments not allowed", errors.BackendBadRequest),
     ("invalid", errors.BackendBadRequest),
     ("invoice still open", errors.BackendBadRequest),
     ("already settled", errors.BackendBadRequest),

@@ -258,13 +258,17 @@ class Outgoing:
     async def _refused_to_start(
         self, payment_hash: PaymentHash, error: errors.BackendError
     ) -> bool:
-        """Whether the node answered with a refusal and has no payment of the hash: then it
-        is definitely not paid (and never will be: it is not sent again). LND checks the
-        request (the invoice's payment secret, features, amount, not its own) before it
-        records a payment."""
-        if isinstance(error, errors.BackendUnavailable | errors.InvoiceAlreadyExists):
-            # The request may not have reached the node; or the node has a payment of the
-            # hash already (LND's answer to a second one).
+        """Whether the node refused the request (a bad request, or a macaroon that may not
+        pay) and has no payment of the hash: then it is definitely not paid (and never will
+        be: it is not sent again). LND checks the request (the invoice's payment secret,
+        features, amount, not its own) before it records a payment. Any other error (a
+        stream reset, an answer nobody classified) may have come after the node took the
+        payment but before it recorded it, so a lookup at once proves nothing: the resolver
+        finishes it (FAILED only once ``orphan_after`` shows it was never sent)."""
+        definite = errors.BackendBadRequest | errors.BackendPermissionDenied
+        if not isinstance(error, definite) or isinstance(error, errors.InvoiceAlreadyExists):
+            # InvoiceAlreadyExists: the node has a payment of the hash already (LND's
+            # answer to a second one).
             return False
         return await self._payer.lookup_payment(payment_hash) is None
 

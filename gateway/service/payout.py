@@ -180,6 +180,7 @@ class Payouts:
         )
         self._info: NodeInfo | None = None
         self._refused: set[str] = set()  # payees whose destination is the gateway's own node
+        self._below_minimum: set[str] = set()  # payees told they are below their service's
         self._backoff: dict[str, _Backoff] = {}
         self._first_seen: dict[str, float] = {}  # when this worker first saw a payee's row
         self._ledger_checked = False  # warned of the ledger's payees no [[payee]] configures
@@ -418,8 +419,21 @@ class Payouts:
         bounds = await self._pay_requests.bounds(destination)
         plan = self._plan(terms, balance.accrued_msat, bounds)
         if plan is None:
-            log.debug("payee %s: accrued below what its service accepts", terms.name)
+            # Due, yet below what the service takes: said once, not on every pass.
+            level = logging.DEBUG if terms.name in self._below_minimum else logging.WARNING
+            self._below_minimum.add(terms.name)
+            log.log(
+                level,
+                "payee %s: %d msat accrued is due but below what its service accepts "
+                "(%d to %d msat, whole sat%s); it waits for more",
+                terms.name,
+                balance.accrued_msat,
+                bounds[0],
+                bounds[1],
+                ", less the fee limit" if terms.payee_pays_fee else "",
+            )
             return None
+        self._below_minimum.discard(terms.name)
         amount, reserve = plan
         try:
             return await self._lnurl_pay(terms, destination, amount, reserve)

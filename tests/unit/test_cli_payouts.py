@@ -361,3 +361,68 @@ def test_payouts_pay_checks_its_settings_before_it_opens_the_store(
     assert "configuration error: [payouts] cannot read /nonexistent" in err
     assert not (tmp_path / "gateway.db").exists()  # no fresh database left behind
     assert fake_payouts.asked == []
+
+
+def test_payouts_pay_needs_the_gateways_existing_database(
+    tmp_path: Path, fake_payouts: FakePayouts, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A typo in store.url: refused as the listing commands refuse it, no new empty database.
+    typo = tmp_path / "gateway-typo.db"
+    text = config_text(tmp_path).replace(str(tmp_path / "gateway.db"), str(typo))
+    path = write_config(tmp_path, text)
+    for command in (["payees"], ["payouts"], ["payouts", "pay"]):
+        assert main(["--config", str(path), *command]) == 2
+        assert f"configuration error: store: no database at {typo}" in capsys.readouterr().err
+    assert not typo.exists()
+    assert fake_payouts.asked == []
+
+
+def test_payouts_pay_refuses_a_memory_store(
+    tmp_path: Path, fake_payouts: FakePayouts, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = config_text(tmp_path).replace(f"sqlite://{tmp_path / 'gateway.db'}", "memory:")
+    path = write_config(tmp_path, text)
+    assert main(["--config", str(path), "payouts", "pay"]) == 2
+    err = capsys.readouterr().err
+    assert "payouts pay needs the gateway's database, and store.url is memory:" in err
+    assert fake_payouts.asked == []
+
+
+def test_payouts_pay_names_lnd_for_a_bad_certificate_and_the_section_for_a_bad_macaroon(
+    tmp_path: Path, fake_payouts: FakePayouts, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, config_text(tmp_path))
+    (tmp_path / "tls.cert").write_bytes(b"not a certificate")
+    assert main(["--config", str(path), "payouts", "pay"]) == 2
+    err = capsys.readouterr().err
+    assert f"configuration error: [lnd] tls_cert {tmp_path / 'tls.cert'} is not a PEM" in err
+    assert "payment_macaroon" not in err
+    (tmp_path / "tls.cert").write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    (tmp_path / "payment.macaroon").write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    assert main(["--config", str(path), "payouts", "pay"]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error: [payouts] payment_macaroon: macaroon is a PEM file" in err
+    assert not (tmp_path / "gateway.db").exists()
+    assert fake_payouts.asked == []
+
+
+def test_payout_settings_name_the_file_at_fault(tmp_path: Path) -> None:
+    """Checked alone (as serve and check also call it after ``lnd_settings``): the
+    certificate is ``[lnd]``'s, only the macaroon is the payout section's."""
+    from gateway.config import load_config
+
+    path = write_config(tmp_path, config_text(tmp_path))
+    config = load_config(path)
+    (tmp_path / "tls.cert").write_bytes(b"not a certificate")
+    with pytest.raises(errors.ConfigError, match=r"^\[lnd\] tls_cert .* is not a PEM"):
+        gateway.runtime.payout_settings(config)
+    (tmp_path / "tls.cert").unlink()
+    with pytest.raises(errors.ConfigError, match=r"^\[lnd\] cannot read .*tls\.cert: "):
+        gateway.runtime.payout_settings(config)
+    (tmp_path / "tls.cert").write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    (tmp_path / "payment.macaroon").write_bytes(b"")
+    with pytest.raises(errors.ConfigError, match=r"^\[payouts\] payment_macaroon: .* empty"):
+        gateway.runtime.payout_settings(config)
+    (tmp_path / "payment.macaroon").unlink()
+    with pytest.raises(errors.ConfigError, match=r"^\[payouts\] cannot read .*payment\.macaroon"):
+        gateway.runtime.payout_settings(config)

@@ -289,6 +289,22 @@ async def test_the_callback_keeps_its_query_as_written_and_gets_the_amount(
         ("https://pay.example/p", "https://[::1]/cb", "local or private"),
         ("https://pay.example/p", "https://[fe80::1]/cb", "local or private"),
         ("https://pay.example/p", "https://[::ffff:127.0.0.1]/cb", "local or private"),
+        # IPv6 addresses that carry an internal IPv4 one, which a translator or tunnel on
+        # the way would deliver to
+        ("https://pay.example/p", "https://[64:ff9b::7f00:1]/cb", "local or private"),
+        ("https://pay.example/p", "https://[64:ff9b::a9fe:a9fe]/cb", "local or private"),
+        ("https://pay.example/p", "https://[64:ff9b:1::808:808]/cb", "local or private"),
+        ("https://pay.example/p", "https://[2002:7f00:1::]/cb", "local or private"),
+        ("https://pay.example/p", "https://[2002:c0a8:101::1]/cb", "local or private"),
+        ("https://pay.example/p", "https://[::7f00:1]/cb", "local or private"),
+        ("https://pay.example/p", "https://[::a01:203]/cb", "local or private"),
+        ("https://pay.example/p", "https://[::ffff:0:7f00:1]/cb", "local or private"),
+        # Teredo: server 65.54.227.120, client 127.0.0.1 (stored inverted)
+        (
+            "https://pay.example/p",
+            "https://[2001:0:4136:e378:8000:63bf:80ff:fffe]/cb",
+            "local or private",
+        ),
         ("https://pay.example/p", "https://0.0.0.0/cb", "local or private"),
         ("https://pay.example/p", "https://100.64.0.1/cb", "local or private"),  # CGNAT
         ("https://pay.example/p", "http://abcdef.onion/cb", "local or private"),
@@ -312,6 +328,12 @@ def test_a_callback_into_a_local_network_is_refused(
         ("https://pay.example/p", "https://pay.example/cb?x=1"),
         ("https://pay.example/p", "https://other.example:8443/cb"),
         ("https://pay.example/p", "https://8.8.8.8/cb"),
+        ("https://pay.example/p", "https://[2606:4700::1111]/cb"),
+        # an IPv6 address carrying a public IPv4 one
+        ("https://pay.example/p", "https://[64:ff9b::808:808]/cb"),
+        ("https://pay.example/p", "https://[2002:808:808::1]/cb"),
+        ("https://pay.example/p", "https://[::808:808]/cb"),
+        ("https://[2002:7f00:1::]/p", "https://[2002:7f00:1::]/cb"),  # its own host
         ("http://127.0.0.1:9/p", "http://127.0.0.1:10/cb"),  # the same local host
         ("http://abcdef.onion/p", "http://abcdef.onion/cb"),
         ("https://10.0.0.5/p", "https://10.0.0.5/cb"),  # the merchant named that host

@@ -324,6 +324,38 @@ async def test_an_unreachable_payee_keeps_its_accrued_until_it_is_paid(world: Wo
     assert (balance.earned_msat, balance.paid_msat, balance.accrued_msat) == (12_000, 12_000, 0)
 
 
+async def test_a_stream_lost_before_the_node_recorded_the_payout_neither_fails_nor_repays_it(
+    world: World,
+) -> None:
+    """The node took the keysend, the stream broke before the node recorded it: a lookup
+    at once finds nothing, yet the payment goes through. It must stay PENDING (not FAILED,
+    which would credit it back and pay it again)."""
+    node = world.node
+    original = node.send_keysend
+    recorded_late: list[Payment] = []
+
+    async def stream_lost(*args: Any, **kwargs: Any) -> Payment:
+        payment = await original(*args, **kwargs)
+        recorded_late.append(node.payments.pop(payment.payment_hash))
+        raise errors.BackendError("LND at fake: Stream removed")
+
+    node.send_keysend = stream_lost  # type: ignore[method-assign]
+    payouts = world.payouts()
+    for _ in range(4):
+        await world.earn(10_000)
+    await run_pass(payouts)
+    (payout,) = await world.payouts_of()
+    assert payout.state is PayoutState.PENDING
+    (payment,) = recorded_late
+    node.payments[payment.payment_hash] = payment  # the node records it after all
+    node.send_keysend = original  # type: ignore[method-assign]
+    await run_pass(payouts)
+    assert [p.state for p in await world.payouts_of()] == [PayoutState.SUCCEEDED]
+    assert len(node.keysends) == 1
+    balance = await world.payee()
+    assert (balance.paid_msat, balance.accrued_msat) == (12_000, 0)
+
+
 async def test_a_payout_recorded_but_never_sent_is_failed_after_orphan_after_never_sent(
     world: World,
 ) -> None:
@@ -494,15 +526,22 @@ async def test_a_lightning_address_payee_is_paid_the_invoice_its_service_gives(
 
 
 async def test_an_lnurl_amount_is_clamped_to_max_sendable_and_waits_for_min_sendable(
-    world: World,
+    world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     dave = PayeeTerms(name="dave", destination=ADDRESS, threshold_msat=1_000)
     payouts = world.payouts(dave)
     split: Split = (Share("dave", ppm=1_000_000),)
     world.requests.bounds_msat = (5_500, 20_000)
     await world.earn(5_000, split)
-    await run_pass(payouts)  # below minSendable: not due
+    with caplog.at_level(logging.WARNING, logger="gateway.service.payout"):
+        for _ in range(3):
+            await run_pass(payouts)  # below minSendable: not due
     assert world.requests.issued == []
+    warned = [r.getMessage() for r in caplog.records if "below what its service" in r.getMessage()]
+    assert warned == [  # once, not on every pass
+        "payee dave: 5000 msat accrued is due but below what its service accepts "
+        "(5500 to 20000 msat, whole sat); it waits for more"
+    ]
 
     world.requests.bounds_msat = (1_000, 15_500)
     await world.earn(25_000, split)  # 30,000 msat accrued

@@ -398,7 +398,7 @@ async def test_a_failed_payment_gives_the_balance_back(world: World) -> None:
     "error",
     [
         errors.BackendBadRequest("invalid payment request"),
-        errors.BackendError("payment request must contain either a payment address or ..."),
+        errors.BackendBadRequest("payment request must contain either a payment address or"),
         errors.BackendPermissionDenied("permission denied"),
     ],
 )
@@ -419,6 +419,10 @@ async def test_a_payment_the_node_refuses_to_start_fails(
         # LND's answer when it has a payment of that hash in flight or paid
         errors.InvoiceAlreadyExists("payment is in transition"),
         errors.BackendUnavailable("connection reset"),  # it may have reached the node
+        # A stream lost after the node took the payment, before it recorded it: a lookup at
+        # once finds nothing, and the payment goes through all the same.
+        errors.BackendError("Stream removed"),
+        errors.BackendError("an answer nobody classified"),
     ],
 )
 async def test_an_error_that_is_no_definite_failure_leaves_it_pending(
