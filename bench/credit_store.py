@@ -2,9 +2,11 @@
 
 Every request on a credit route makes two SQLite writes: ``reserve`` (a conditional debit
 plus a reservation row) before the backend is called, ``settle_reservation`` (the charge)
-after. This measures both against the store's existing operations on the same file in the
-same run: ``get_root_key`` (the read every uncached token verification makes) and
-``add_invoice`` (the write every challenge makes). Each operation runs in fresh worker
+after; on a route with a revenue split the charge also writes the ledger (an entry per
+payee and the merchant's, the payee's running total): ``reserve+settle split``. This measures
+them against the store's existing operations on the same file in the same run:
+``get_root_key`` (the read every uncached token verification makes) and ``add_invoice`` (the
+write every challenge makes). Each operation runs in fresh worker
 processes, one and then two of them on one database file (two gateway processes sharing it),
 each with ``--callers`` concurrent callers, in alternating rounds; medians. No target: the
 figures say what a debit costs next to the writes the gateway already makes.
@@ -24,11 +26,20 @@ from collections.abc import Awaitable, Callable
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
-from bench.common import Verdict, machine, percentile, record
-from gateway.ports import InvoiceRecord, InvoiceState, InvoiceUpdate, Msat, PaymentHash
+from bench.common import Verdict, percentile, record
+from gateway.ports import (
+    InvoiceRecord,
+    InvoiceState,
+    InvoiceUpdate,
+    Msat,
+    PaymentHash,
+    Share,
+    Split,
+)
 from gateway.store import SqliteStore
 
-OPERATIONS = ("get_root_key", "add_invoice", "reserve", "reserve+settle")
+OPERATIONS = ("get_root_key", "add_invoice", "reserve", "reserve+settle", "reserve+settle split")
+SPLIT = (Share("carol", ppm=300_000),)  # 30% to one payee: 2 ledger entries, 1 payee row
 TOKEN_ID = hashlib.sha256(b"bench credit token").digest()
 KEY_ID = hashlib.sha256(b"bench key").digest()
 PRICE = Msat(1000)
@@ -84,17 +95,23 @@ def _operation(store: SqliteStore, name: str, worker: int) -> Callable[[], Await
         if (await store.reserve(TOKEN_ID, PRICE, FAR_FUTURE)).reservation is None:
             raise RuntimeError("the account ran dry")
 
-    async def reserve_and_settle() -> None:
+    async def reserve_and_settle(split: Split = ()) -> None:
         reservation = (await store.reserve(TOKEN_ID, PRICE, FAR_FUTURE)).reservation
         if reservation is None:
             raise RuntimeError("the account ran dry")
-        await store.settle_reservation(reservation.reservation_id, PRICE, "GET", "/hello")
+        await store.settle_reservation(
+            reservation.reservation_id, PRICE, "GET", "/hello", split=split
+        )
+
+    async def reserve_and_settle_split() -> None:
+        await reserve_and_settle(SPLIT)
 
     return {
         "get_root_key": get_root_key,
         "add_invoice": add_invoice,
         "reserve": reserve,
         "reserve+settle": reserve_and_settle,
+        "reserve+settle split": reserve_and_settle_split,
     }[name]
 
 
@@ -180,7 +197,7 @@ def measure(seconds: float, rounds: int, callers: int) -> None:
         return f"{rate(processes, name) / rate(processes, baseline):.2f}"
 
     lines = [
-        f"Measured on {machine()}. One SQLite file (WAL, synchronous NORMAL); each operation "
+        "One SQLite file (WAL, synchronous NORMAL); each operation "
         f"in fresh worker processes with {callers} concurrent callers each, {rounds} x "
         f"{seconds:g}s rounds alternating over the operations, medians. Latencies over every "
         "call of every round, nearest-rank.",
@@ -207,6 +224,9 @@ def measure(seconds: float, rounds: int, callers: int) -> None:
             for name in ("reserve", "reserve+settle")
             for baseline in ("add_invoice", "get_root_key")
         ),
+        f"| reserve+settle split / reserve+settle | "
+        f"{ratio(1, 'reserve+settle split', 'reserve+settle')} | "
+        f"{ratio(2, 'reserve+settle split', 'reserve+settle')} |",
         "",
         f"A reserve+settle pair alone (one process, one caller): p50 "
         f"**{percentile(alone, 0.5):.2f} ms**, p99 **{percentile(alone, 0.99):.2f} ms**.",
@@ -221,7 +241,8 @@ def measure(seconds: float, rounds: int, callers: int) -> None:
         Verdict(
             f"{rate(1, 'reserve+settle'):.0f} debits/s (reserve+settle) = "
             f"{ratio(1, 'reserve+settle', 'add_invoice')}x add_invoice writes/s; pair alone "
-            f"p99 {percentile(alone, 0.99):.2f} ms",
+            f"p99 {percentile(alone, 0.99):.2f} ms; with a revenue split "
+            f"{ratio(1, 'reserve+settle split', 'reserve+settle')}x",
             "",
             None,
         ),

@@ -224,13 +224,17 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address
 def _internal_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Whether ``address`` is not a public unicast one, or (IPv6) carries an IPv4 address
     that is not, or is in the NAT64 local-use prefix (a translator of the merchant's own)."""
-    if not address.is_global or address.is_multicast:
-        return True
     if isinstance(address, ipaddress.IPv6Address):
         if address in _NAT64_LOCAL:
             return True
-        return any(_internal_address(embedded) for embedded in _embedded_ipv4(address))
-    return False
+        embedded = _embedded_ipv4(address)
+        if any(_internal_address(ipv4) for ipv4 in embedded):
+            return True
+        if embedded and address.teredo is None:
+            # NAT64, IPv4-compatible, -translated, 6to4: the IPv4 inside decides (Python
+            # versions disagree on whether these prefixes are global: 3.13 says 6to4 is not).
+            return False
+    return not address.is_global or address.is_multicast
 
 
 def _internal(url: yarl.URL) -> bool:
