@@ -8,11 +8,10 @@ import asyncio
 import dataclasses
 import hashlib
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from gateway import l402
 from gateway.ports import (
@@ -30,51 +29,18 @@ from gateway.ports import (
     Withdrawal,
     WithdrawalState,
 )
-from gateway.store import MemoryStore, PostgresStore, SqliteStore, StoreClosed, StoreError
+from gateway.store import SqliteStore, StoreClosed, StoreError
+from tests.fakes import NOW, FakeClock
 
 PENDING, SUCCEEDED, FAILED = (
     WithdrawalState.PENDING,
     WithdrawalState.SUCCEEDED,
     WithdrawalState.FAILED,
 )
-START = 1_800_000_000.0
+START = NOW  # where the shared clock starts
 FAR_FUTURE = 1e12
 TOKEN = hashlib.sha256(b"token").digest()
 OTHER_TOKEN = hashlib.sha256(b"other token").digest()
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.current = START
-
-    def now(self) -> float:
-        return self.current
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest_asyncio.fixture(
-    params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
-) -> AsyncIterator[Store]:
-    opened: Store
-    if request.param == "memory":
-        opened = MemoryStore(clock=clock)
-    elif request.param == "sqlite":
-        opened = await SqliteStore.open(tmp_path / "gateway.db", clock=clock)
-    else:
-        opened = await PostgresStore.open(request.getfixturevalue("postgres_url"), clock=clock)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 def payment_hash(n: int) -> PaymentHash:
@@ -148,7 +114,7 @@ def withdrawal(n: int, amount: int, fee_reserve: int, token_id: bytes = TOKEN) -
 
 
 async def test_an_account_opens_empty_and_opening_it_again_keeps_it(
-    store: Store, clock: Clock
+    store: Store, clock: FakeClock
 ) -> None:
     assert await store.get_account(TOKEN) is None
     await store.open_account(TOKEN, "weather")
@@ -227,7 +193,7 @@ async def test_a_top_up_credits_the_same_account(store: Store) -> None:
     assert (await account(store)).credited_msat == 35_000
 
 
-async def test_a_settlement_opens_a_missing_account(store: Store, clock: Clock) -> None:
+async def test_a_settlement_opens_a_missing_account(store: Store, clock: FakeClock) -> None:
     # A challenge opens it; should one ever not have, the payment is still credited.
     await store.add_invoice(credit_invoice(1))
     await store.apply_update(settled(1))
@@ -288,7 +254,7 @@ async def test_the_open_credit_invoices_of_a_token_are_listed_newest_first(
 # --- reservations ----------------------------------------------------------------------------
 
 
-async def test_reserve_then_settle(store: Store, clock: Clock) -> None:
+async def test_reserve_then_settle(store: Store, clock: FakeClock) -> None:
     await fund(store, 1, 1000)
     clock.current += 5
     reserved = await store.reserve(TOKEN, Msat(300), START + 335)
@@ -334,7 +300,7 @@ async def test_reservation_ids_are_distinct(store: Store) -> None:
 
 
 async def test_reserve_is_refused_when_the_balance_is_short_and_writes_nothing(
-    store: Store, clock: Clock
+    store: Store, clock: FakeClock
 ) -> None:
     await fund(store, 1, 500)
     before = await account(store)
@@ -423,7 +389,7 @@ async def charge(store: Store, token_id: bytes, amount: int, path: str) -> None:
     await store.settle_reservation(reservation.reservation_id, Msat(amount), "POST", path)
 
 
-async def test_charges_are_listed_newest_first_per_account(store: Store, clock: Clock) -> None:
+async def test_charges_are_listed_newest_first_per_account(store: Store, clock: FakeClock) -> None:
     await fund(store, 1, 10_000)
     await fund(store, 2, 10_000, OTHER_TOKEN)
     for n in range(4):
@@ -444,7 +410,7 @@ async def test_charges_are_listed_newest_first_per_account(store: Store, clock: 
 
 
 async def test_charges_older_than_the_cutoff_are_pruned_oldest_first(
-    store: Store, clock: Clock
+    store: Store, clock: FakeClock
 ) -> None:
     await fund(store, 1, 10_000)
     await fund(store, 2, 10_000, OTHER_TOKEN)
@@ -495,7 +461,7 @@ async def test_pruning_charges_in_a_failed_transaction_keeps_them(store: Store) 
     assert await store.list_charges(TOKEN, 10) == []
 
 
-async def test_accounts_are_listed_most_recently_used_first(store: Store, clock: Clock) -> None:
+async def test_accounts_are_listed_most_recently_used_first(store: Store, clock: FakeClock) -> None:
     tokens = [hashlib.sha256(b"account %d" % n).digest() for n in range(3)]
     for n, token_id in enumerate(tokens):
         clock.current = START + n

@@ -33,7 +33,6 @@ from gateway.ports import (
     Store,
 )
 from gateway.store import (
-    MemoryStore,
     PostgresStore,
     SqliteStore,
     StoreClosed,
@@ -41,48 +40,15 @@ from gateway.store import (
     postgres_schema,
     sqlite_file,
 )
+from tests.fakes import NOW, FakeClock
 
 PENDING, SUCCEEDED, FAILED = PayoutState.PENDING, PayoutState.SUCCEEDED, PayoutState.FAILED
-START = 1_800_000_000.0
+START = NOW  # where the shared clock starts
 FAR_FUTURE = 1e12
 TOKEN = hashlib.sha256(b"split token").digest()
 CAROL_30 = (Share("carol", 300_000),)
 CAROL_AND_DAVE = (Share("carol", 300_000), Share("dave", fixed_msat=Msat(1000)))
 ZERO = Msat(0)
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.current = START
-
-    def now(self) -> float:
-        return self.current
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest_asyncio.fixture(
-    params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
-) -> AsyncIterator[Store]:
-    opened: Store
-    if request.param == "memory":
-        opened = MemoryStore(clock=clock)
-    elif request.param == "sqlite":
-        opened = await SqliteStore.open(tmp_path / "gateway.db", clock=clock)
-    else:
-        opened = await PostgresStore.open(request.getfixturevalue("postgres_url"), clock=clock)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 def payment_hash(n: int) -> PaymentHash:
@@ -201,7 +167,7 @@ async def test_an_invoice_keeps_its_split(store: Store) -> None:
 # --- the ledger written with settlements -----------------------------------------------------
 
 
-async def test_a_settlement_credits_each_share_once(store: Store, clock: Clock) -> None:
+async def test_a_settlement_credits_each_share_once(store: Store, clock: FakeClock) -> None:
     assert await store.list_payees() == []
     assert await store.split_totals() == nothing()
     await store.add_invoice(invoice(1, CAROL_AND_DAVE))

@@ -10,12 +10,10 @@ import dataclasses
 import hashlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from gateway.ports import (
     SETTLED_BY_NODE,
@@ -37,45 +35,14 @@ from gateway.ports import (
     WithdrawalState,
     webhook_retry_delay,
 )
-from gateway.store import MemoryStore, PostgresStore, SqliteStore, sqlite_file
+from gateway.store import MemoryStore, SqliteStore, sqlite_file
 from gateway.store.outbox import ENDPOINT_REMOVED
+from tests.fakes import NOW, FakeClock
 
-START = 1_800_000_000.0
+START = NOW  # where the shared clock starts
 TOKEN = hashlib.sha256(b"webhook token").digest()
 PENDING, DELIVERED, DEAD = DeliveryState.PENDING, DeliveryState.DELIVERED, DeliveryState.DEAD
 EVERYTHING = frozenset({"invoice.settled", "token.bought", "credit.deposited", "invoice.expired"})
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.current = START
-
-    def now(self) -> float:
-        return self.current
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest_asyncio.fixture(
-    params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
-) -> AsyncIterator[Store]:
-    opened: Store
-    if request.param == "memory":
-        opened = MemoryStore(clock=clock)
-    elif request.param == "sqlite":
-        opened = await SqliteStore.open(tmp_path / "gateway.db", clock=clock)
-    else:
-        opened = await PostgresStore.open(request.getfixturevalue("postgres_url"), clock=clock)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 def payment_hash(n: int) -> PaymentHash:
@@ -425,7 +392,7 @@ async def test_a_removed_endpoint_is_forgotten_and_starts_afresh(store: Store) -
     assert await store.fan_out_webhook_events({"crm": EVERYTHING}, START, 100) == 0
 
 
-async def test_pruning_keeps_what_someone_still_has_to_send(store: Store, clock: Clock) -> None:
+async def test_pruning_keeps_what_someone_still_has_to_send(store: Store, clock: FakeClock) -> None:
     await store.fan_out_webhook_events({"crm": EVERYTHING}, START, 100)
     await settle(store, 1)
     clock.current = START + 100
@@ -552,7 +519,9 @@ async def test_every_event_has_its_own_random_webhook_id(store: Store) -> None:
     assert pending[1] == await store.get_webhook_event(pending[0].event_id)
 
 
-async def test_pruning_ignores_endpoints_no_longer_configured(store: Store, clock: Clock) -> None:
+async def test_pruning_ignores_endpoints_no_longer_configured(
+    store: Store, clock: FakeClock
+) -> None:
     """An endpoint removed from the configuration (its cursor and a PENDING delivery left in
     the store, no sender running to forget it) holds no event back for ever."""
     await store.fan_out_webhook_events({"gone": EVERYTHING}, START, 100)
@@ -570,7 +539,7 @@ async def test_pruning_ignores_endpoints_no_longer_configured(store: Store, cloc
 
 
 async def test_pruning_waits_for_a_configured_endpoints_cursor_and_pending(
-    store: Store, clock: Clock
+    store: Store, clock: FakeClock
 ) -> None:
     both = {"crm": EVERYTHING, "books": frozenset({"token.bought"})}
     await store.fan_out_webhook_events(both, START, 100)
