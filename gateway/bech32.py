@@ -1,11 +1,12 @@
-"""Bech32 (BIP 173) reading, as BOLT11 invoices and LNURLs (LUD-01) use it: the
-human-readable part and the 5-bit data words, the checksum verified. No 90-character limit:
-invoices and LNURLs are longer. Pure: the standard library only.
+"""Bech32 (BIP 173), as BOLT11 invoices and LNURLs (LUD-01) use it: reading the
+human-readable part and the 5-bit data words, the checksum verified, and writing bytes (an
+LNURL's URL). No 90-character limit: invoices and LNURLs are longer. Pure: the standard
+library only.
 """
 
 from __future__ import annotations
 
-__all__ = ["CHARSET", "Bech32Error", "decode", "to_bytes", "to_int", "to_text"]
+__all__ = ["CHARSET", "Bech32Error", "decode", "encode", "to_bytes", "to_int", "to_text"]
 
 CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
 _GENERATOR = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
@@ -49,6 +50,21 @@ def decode(text: str) -> tuple[str, list[int]]:
     if _polymod(_hrp_expand(hrp) + words) != 1:
         raise Bech32Error("bad bech32 checksum")
     return hrp, words[:-_CHECKSUM_WORDS]
+
+
+def encode(hrp: str, data: bytes) -> str:
+    """``data`` as bech32 under ``hrp`` (lower case): its bits in 5-bit words, the last one
+    padded with zero bits, then the checksum. ``Bech32Error`` for an empty ``hrp`` or one
+    with a character outside ASCII 33-126 or in upper case (mixed case would not decode)."""
+    if not hrp or any(not 33 <= ord(c) <= 126 for c in hrp) or hrp.lower() != hrp:
+        raise Bech32Error("the human-readable part must be lower-case printable ASCII")
+    bits = len(data) * 8
+    count = -(-bits // 5)
+    number = int.from_bytes(data, "big") << (count * 5 - bits)
+    words = [(number >> 5 * (count - 1 - i)) & 31 for i in range(count)]
+    check = _polymod([*_hrp_expand(hrp), *words, *[0] * _CHECKSUM_WORDS]) ^ 1
+    checksum = [(check >> 5 * (_CHECKSUM_WORDS - 1 - i)) & 31 for i in range(_CHECKSUM_WORDS)]
+    return hrp + "1" + "".join(CHARSET[word] for word in (*words, *checksum))
 
 
 def to_bytes(words: list[int]) -> bytes:

@@ -14,11 +14,16 @@ core ones here, the paying client's in :mod:`gateway.client.errors`::
     │   ├── BackendUnavailable        not reachable, TLS failure, timed out: retry later
     │   ├── BackendPermissionDenied   macaroon missing, wrong or lacking a permission
     │   ├── BackendBadRequest         the node rejected the arguments
-    │   │   └── InvoiceAlreadyExists  an invoice with this payment hash exists
+    │   │   ├── InvoiceAlreadyExists  an invoice with this payment hash exists
+    │   │   ├── InvoiceAlreadySettled the invoice is settled: it can be neither settled
+    │   │   │                         again nor cancelled
+    │   │   └── InvoiceAlreadyCanceled the invoice is cancelled: it cannot be settled
     │   ├── InvoiceNotFound           no invoice with that payment hash
     │   ├── PaymentFailed             the payment ended FAILED (``reason`` says why)
     │   └── PayoutDestinationError    a payee's LNURL-pay service gave no usable invoice
     │                                 (``reason`` says why)
+    │       └── LnurlUnreachable      it did not answer: unreachable, timeout, HTTP 5xx
+    │                                 (in :mod:`gateway.client.lnurl`)
     ├── EventsLost                    an event subscriber fell behind and was cut off
     │                                 (in :mod:`gateway.events`)
     ├── WebhookRejected               a webhook delivery failed verification: signature,
@@ -47,6 +52,11 @@ challenge), the client into a ``ChallengeError``::
     └── TokenRejected                 parsed, but not acceptable: signature, preimage, caveat
         └── TokenInsufficient         genuine, but not enough: expired, another service, ...
                                       (``reason``: an ``l402.ChallengeReason``)
+
+The LNURL-pay server's protocol, :mod:`gateway.lnurl`, is pure too; its one error says what
+to answer a wallet (``{"status": "ERROR", "reason": ...}`` with an HTTP status)::
+
+    LnurlError                        ``reason`` for the wallet, ``status``: 400, 404, 410, 503
 """
 
 from __future__ import annotations
@@ -95,6 +105,16 @@ class BackendBadRequest(BackendError):
 
 class InvoiceAlreadyExists(BackendBadRequest):
     """An invoice with this payment hash already exists on the node."""
+
+
+class InvoiceAlreadySettled(BackendBadRequest):
+    """The invoice is settled: the node refused to settle it again or to cancel it (LND's
+    "invoice already settled"). Whoever asked learns it was paid."""
+
+
+class InvoiceAlreadyCanceled(BackendBadRequest):
+    """The invoice is cancelled: the node refused to settle it (LND's "invoice already
+    canceled"; cancelling it again succeeds)."""
 
 
 class InvoiceNotFound(BackendError):

@@ -39,7 +39,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from gateway import errors
-from gateway.ports import InvoiceState, InvoiceTotal, Liquidity
+from gateway.ports import LINK_SERVICE, InvoiceState, InvoiceTotal, Liquidity
 
 __all__ = [
     "MULTIPROC_ENV",
@@ -68,6 +68,13 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
 
+def _service_label(service: str) -> str:
+    """The ``service`` label of an invoice's service: every payment link's (``link:<id>``)
+    is ``link:``, since links are made at will and each would be a series of its own; a tip
+    jar's (``tip:<name>``) stays, as jars are few (the config's)."""
+    return LINK_SERVICE if service.startswith(LINK_SERVICE) else service
+
+
 def _store_metrics(totals: Iterable[InvoiceTotal]) -> list[Metric]:
     """The store's figures (``totals``) as they are, never summed over processes."""
     invoices = GaugeMetricFamily(
@@ -91,14 +98,19 @@ def _store_metrics(totals: Iterable[InvoiceTotal]) -> list[Metric]:
         "never paid (say for want of inbound liquidity)",
         labels=("service",),
     )
+    per_state: dict[tuple[str, str], int] = {}
     per_service: dict[str, list[int]] = {}
     for total in totals:
-        invoices.add_metric((total.service, total.state.value), total.count)
-        counts = per_service.setdefault(total.service, [0, 0, 0])
+        service = _service_label(total.service)
+        labels = (service, total.state.value)
+        per_state[labels] = per_state.get(labels, 0) + total.count
+        counts = per_service.setdefault(service, [0, 0, 0])
         counts[0] += total.count
         if total.state is InvoiceState.SETTLED:
             counts[1] += total.count
         counts[2] += total.received_msat
+    for labels, count in sorted(per_state.items()):
+        invoices.add_metric(labels, count)
     for service, (all_, settled_count, msat) in sorted(per_service.items()):
         issued.add_metric((service,), all_)
         settled.add_metric((service,), settled_count)

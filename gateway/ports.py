@@ -120,7 +120,11 @@ class Payment:
 class InvoiceBackend(Protocol):
     """Creates invoices and reports their state changes."""
 
-    async def add_invoice(self, amount_msat: Msat, memo: str, expiry: int) -> NewInvoice: ...
+    async def add_invoice(
+        self, amount_msat: Msat, memo: str, expiry: int, description_hash: bytes = b""
+    ) -> NewInvoice:
+        """A new invoice described by ``memo``, or by ``description_hash`` (32 bytes: the
+        SHA-256 of an LNURL-pay metadata; the memo is then "", BOLT11 allows one of them)."""
 
     async def lookup_invoice(self, payment_hash: PaymentHash) -> Invoice: ...
 
@@ -195,6 +199,13 @@ class Share:
 Split = tuple[Share, ...]
 
 
+# The service of an invoice issued for a tip jar (``tip:<jar name>``) or a payment link
+# (``link:<link id>``) rather than a priced request: route services cannot hold a colon
+# (it would break the ``services=name:tier`` caveat), so these never clash with a route's.
+TIP_SERVICE = "tip:"
+LINK_SERVICE = "link:"
+
+
 @dataclass(frozen=True, slots=True)
 class InvoiceRecord:
     """An invoice the gateway issued for a challenge, as the store tracks it."""
@@ -219,6 +230,22 @@ class InvoiceRecord:
     # The route's split when the invoice was issued: settling an invoice that buys no credit
     # credits each payee's share to the ledger in the same write (``Store.apply_update``).
     split: Split = ()
+    # The comment (LUD-12) a payer sent with a tip or a payment link's LNURL-pay request.
+    comment: str = ""
+
+    @property
+    def tip_jar(self) -> str:
+        """The tip jar this invoice fills (its service is ``tip:<name>``); "" for others."""
+        return (
+            self.service.removeprefix(TIP_SERVICE) if self.service.startswith(TIP_SERVICE) else ""
+        )
+
+    @property
+    def link_id(self) -> str:
+        """The payment link this invoice pays (its service is ``link:<id>``); "" for others."""
+        return (
+            self.service.removeprefix(LINK_SERVICE) if self.service.startswith(LINK_SERVICE) else ""
+        )
 
     def updated(self, update: InvoiceUpdate) -> InvoiceRecord:
         """This record after ``update``; itself when its state may not become the update's.
@@ -438,6 +465,49 @@ class SplitTotals:
     merchant_fees_msat: Msat
 
 
+class LinkState(enum.Enum):
+    OPEN = "OPEN"  # payable
+    PAID = "PAID"  # a single-use link, paid once: it takes no more payments
+    EXPIRED = "EXPIRED"
+    CANCELED = "CANCELED"  # by the merchant (``links cancel``)
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentLink:
+    """A payment link: a page (and an LNURL-pay endpoint) that takes payments of a fixed
+    amount (``min_msat == max_msat``) or one the payer chooses within the bounds.
+
+    A single-use link has at most one invoice that can pay it at any time, ``open_hash``: a
+    new one replaces it only after the node cancelled it (``Store.add_link_invoice``), so
+    it is never paid twice. A reusable link issues an invoice per payer."""
+
+    link_id: str
+    memo: str
+    min_msat: Msat
+    max_msat: Msat
+    single_use: bool
+    created_at: float
+    expires_at: float | None  # None: never
+    canceled_at: float | None = None
+    paid_count: int = 0  # settled invoices, recorded with each settlement
+    paid_msat: Msat = Msat(0)
+    last_paid_at: float | None = None
+    open_hash: PaymentHash | None = None  # single use: the invoice that may pay it now
+
+    @property
+    def fixed(self) -> bool:
+        return self.min_msat == self.max_msat
+
+    def state(self, now: float) -> LinkState:
+        if self.canceled_at is not None:
+            return LinkState.CANCELED
+        if self.single_use and self.paid_count:
+            return LinkState.PAID
+        if self.expires_at is not None and now >= self.expires_at:
+            return LinkState.EXPIRED
+        return LinkState.OPEN
+
+
 class HeldState(enum.Enum):
     """Where a pay-on-success request (``settle = "on_success"``) stands. Its invoice is a
     hold invoice: the payer's HTLC is held while the stored request runs once, then the
@@ -542,6 +612,8 @@ WEBHOOK_EVENT_TYPES = frozenset(
         "credit.withdrawn",  # a withdrawal succeeded
         "payout.succeeded",  # a payee's payout succeeded
         "payout.failed",  # ... failed: the amount is accrued again
+        "tip.received",  # a tip jar's invoice settled
+        "link.paid",  # a payment link's invoice settled
     }
 )
 
@@ -565,7 +637,8 @@ class WebhookEvent:
 
     event_id: int
     type: str
-    # What orders its events: "invoice:<hash hex>", "account:<token id hex>", "payee:<name>".
+    # What orders its events: "invoice:<hash hex>", "account:<token id hex>", "payee:<name>",
+    # "tip:<jar name>", "link:<link id>".
     resource: str
     payload: str
     created_at: float
@@ -919,6 +992,30 @@ class StoreOperations(Protocol):
         """The whole ledger, read in one snapshot: its identities hold even while others
         write (``SplitTotals``)."""
 
+    # Payment links. Their invoices are ordinary tracked invoices (service ``link:<id>``):
+    # ``apply_update`` settling one adds its amount to the link's ``paid_count`` and
+    # ``paid_msat`` in the same write, with a ``link.paid`` event (a tip jar's: ``tip.received``).
+
+    async def add_link(self, link: PaymentLink) -> None:
+        """Record a new link; ``ValueError`` if its id exists."""
+
+    async def get_link(self, link_id: str) -> PaymentLink | None: ...
+
+    async def list_links(
+        self, state: LinkState | None = None, now: float = 0.0, limit: int | None = None
+    ) -> list[PaymentLink]:
+        """Newest first; with ``state``, only the links in it at ``now``."""
+
+    async def cancel_link(self, link_id: str, now: float) -> PaymentLink | None:
+        """Set ``canceled_at`` (kept if already set); the link as stored after, None if
+        unknown. Its open invoice is the caller's to cancel on the node."""
+
+    async def add_link_invoice(self, record: InvoiceRecord, replaces: PaymentHash | None) -> bool:
+        """Record ``record`` (service ``link:<id>``), in one write: for a single-use link only
+        while its ``open_hash`` is still ``replaces``, it is neither paid nor cancelled, and
+        then ``open_hash`` becomes the record's hash; a reusable link's is simply added.
+        False (nothing written) when the link is unknown or that condition failed."""
+
     # Pay-on-success requests (``settle = "on_success"`` routes): the state moves only by
     # ``HeldState.may_become``; each move is one atomic write, safe across processes.
 
@@ -1063,7 +1160,7 @@ class StoreOperations(Protocol):
 class Store(StoreOperations, Protocol):
     """Durable state: token root keys, issued invoices, the watcher's cursor, credit
     accounts with their reservations, charges and withdrawals, pay-on-success requests, the
-    split ledger with its payouts, and the webhook outbox."""
+    split ledger with its payouts, payment links, and the webhook outbox."""
 
     def transaction(self) -> AbstractAsyncContextManager[StoreOperations]:
         """A unit of work: ``async with store.transaction() as tx:``, then ``tx``'s reads and

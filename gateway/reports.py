@@ -1,8 +1,9 @@
 """The JSON shape of the store's records the operator reads: one function per record, used
 by the command line (``accounts --json``, ``webhooks list|show --json``, ``payees --json``,
-``payouts --json``) and the admin dashboard (``/api/accounts``, ``/api/webhooks``), so both
-give the same keys. The ledgers' totals say whether they reconcile the same way:
-``reconciles`` and ``unaccounted_msat``, what ``received`` holds beyond its parts.
+``payouts --json``, ``links --json``) and the admin dashboard (``/api/accounts``,
+``/api/webhooks``), so both give the same keys. The ledgers' totals say whether they
+reconcile the same way: ``reconciles`` and ``unaccounted_msat``, what ``received`` holds
+beyond its parts.
 
 It needs only ``gateway.ports``: the web and command-line layers may both import it.
 Amounts are integer msat, times unix seconds, ids hex.
@@ -12,12 +13,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.ports import Account, CreditTotals, PayeeBalance, Payout, SplitTotals, WebhookDelivery
+from gateway.ports import (
+    Account,
+    CreditTotals,
+    PayeeBalance,
+    PaymentLink,
+    Payout,
+    SplitTotals,
+    WebhookDelivery,
+)
 
 __all__ = [
     "account_json",
     "credit_totals_json",
     "delivery_json",
+    "link_json",
     "payee_balance_json",
     "payout_json",
     "split_reconciliation",
@@ -144,4 +154,25 @@ def payout_json(payout: Payout) -> dict[str, Any]:
         "fee_msat": payout.fee_msat,
         "resolved_at": payout.resolved_at,
         "failure": payout.failure,
+    }
+
+
+def link_json(link: PaymentLink, now: float) -> dict[str, Any]:
+    """One payment link and its ``state`` at ``now``; ``open_payment_hash``: a single-use
+    link's invoice that can pay it (null before its page or a wallet asked for one)."""
+    return {
+        "link_id": link.link_id,
+        "state": link.state(now).value,
+        "memo": link.memo,
+        "min_msat": link.min_msat,
+        "max_msat": link.max_msat,
+        "fixed": link.fixed,
+        "single_use": link.single_use,
+        "created_at": link.created_at,
+        "expires_at": link.expires_at,
+        "canceled_at": link.canceled_at,
+        "paid_count": link.paid_count,
+        "paid_msat": link.paid_msat,
+        "last_paid_at": link.last_paid_at,
+        "open_payment_hash": None if link.open_hash is None else link.open_hash.hex(),
     }

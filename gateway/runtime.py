@@ -15,6 +15,10 @@ With ``[[payee]]`` tables (revenue splits) the watching process also runs the pa
 (``Payouts``, the task ``l402-payouts``) over an LND connection with the payout macaroon
 (``payout_settings``), woken by every settlement; ``running_payouts(config, store)`` gives
 the same worker to ``l402-gateway payouts pay``.
+With ``[lnurl] base_url`` it builds one ``Tips`` (``build_tips``: the ``[[tip_jar]]`` tables
+and the payment links), whose invoices are ordinary tracked invoices; ``running_gateway(...,
+tips=slot)`` hands it to the web adapters with the per-client limit on unpaid invoices (the
+challenges' own: a client gets no more invoices by asking for tips).
 ``running_runtime(config)`` yields the same with the invoice events and the tasks' health,
 for features that react to settlements. ``build_pricing`` and ``lnd_settings`` turn their
 config sections into the objects the service and the LND client take, raising
@@ -36,7 +40,7 @@ import inspect
 import logging
 import sys
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +48,7 @@ from typing import TYPE_CHECKING
 from gateway import errors
 from gateway.client import bolt11
 from gateway.config import Config, RateLimitConfig, RouteConfig
+from gateway.config.lnurl import read_image
 from gateway.events import InvoiceEvents, wake_on
 from gateway.expiry import InvoiceSweeper
 from gateway.fiat import FiatRate
@@ -79,6 +84,7 @@ from gateway.service import L402Service, RateLimiter
 from gateway.service.on_success import BackendRunner, HoldExecutor, HoldTerms
 from gateway.service.payout import PayeeTerms, Payouts
 from gateway.service.rate_limiter import ClientLimiter, GlobalRateLimiter
+from gateway.service.tips import TipJar, Tips
 from gateway.service.withdraw import Withdrawer
 from gateway.splits import format_share
 from gateway.store import open_store
@@ -86,11 +92,13 @@ from gateway.supervisor import Supervisor, TaskHealth
 from gateway.watcher import InvoiceWatcher
 
 if TYPE_CHECKING:
+    from gateway.web.lnurl import TipsSlot
     from gateway.webhooks import WebhookSender
 
 __all__ = [
     "Runtime",
     "build_pricing",
+    "build_tips",
     "hold_terms",
     "lnd_settings",
     "payee_terms",
@@ -101,6 +109,7 @@ __all__ = [
     "running_gateway",
     "running_payouts",
     "running_runtime",
+    "tip_jars",
 ]
 
 log = logging.getLogger(__name__)
@@ -348,6 +357,53 @@ def payee_terms(config: Config) -> list[PayeeTerms]:
     ]
 
 
+def tip_jars(config: Config) -> dict[str, TipJar]:
+    """The ``[[tip_jar]]`` tables as ``Tips`` takes them, their images read; ``ConfigError``
+    naming the jar if one cannot be."""
+    jars = {}
+    for jar in config.tip_jar:
+        try:
+            image = None if jar.image is None else read_image(jar.image)
+            jars[jar.name] = TipJar(
+                name=jar.name,
+                description=jar.description,
+                min_msat=Msat(jar.min_msat),
+                max_msat=Msat(jar.max_msat),
+                comment_allowed=jar.comment_max,
+                image=image,
+                success=jar.success,
+            )
+        except ValueError as error:
+            raise errors.ConfigError(f"[[tip_jar]] {jar.name!r}: {error}") from None
+    return jars
+
+
+def build_tips(
+    config: Config,
+    store: Store,
+    lnd: LndClient,
+    clock: Clock,
+    jars: Mapping[str, TipJar] | None = None,
+) -> Tips | None:
+    """The gateway's tip jars and payment links over ``lnd`` (which makes and cancels their
+    invoices) and ``store``; None without ``[lnurl] base_url``. ``jars``: ``tip_jars(config)``
+    if already read."""
+    if not config.lnurl.enabled:
+        return None
+    try:
+        return Tips(
+            backend=lnd,
+            canceler=lnd,
+            store=store,
+            clock=clock,
+            jars=tip_jars(config) if jars is None else jars,
+            base_url=config.lnurl.origin,
+            invoice_expiry=config.lnurl.invoice_expiry,
+        )
+    except ValueError as error:
+        raise errors.ConfigError(f"[lnurl] {error}") from None
+
+
 def running_payouts(
     config: Config, store: Store, *, clock: Clock | None = None
 ) -> contextlib.AbstractAsyncContextManager[Payouts | None]:
@@ -468,6 +524,10 @@ class Runtime:
     # With [metrics] on: the meter, and the Prometheus text with its content type.
     meter: Meter = NO_METER
     metrics: Callable[[], Awaitable[tuple[bytes, str]]] | None = None
+    # With [lnurl] base_url: the tip jars and payment links, and the per-client limit on
+    # the invoices they make (the challenges' limiter: one budget of unpaid invoices).
+    tips: Tips | None = None
+    invoice_limiter: ClientLimiter | None = None
 
 
 @contextlib.asynccontextmanager
@@ -496,6 +556,7 @@ async def running_runtime(
     paying_out = payout_settings(config) if watch else None
     # The endpoints' secrets are read now: a missing one fails before anything is opened.
     webhooks = _webhook_sender(config, clock) if watch and config.webhook else None
+    jars = tip_jars(config)  # and the tip jars' images
     store = await open_store(config.store.url, pool_size=config.store.pool_size)
     meter: Meter = NO_METER
     metrics: Callable[[], Awaitable[tuple[bytes, str]]] | None = None
@@ -586,6 +647,10 @@ async def running_runtime(
                 singletons = () if leadership is None else leadership.health()
                 return supervisor.health() + singletons
 
+            limits = config.rate_limit
+            invoice_limiter = _limiter(
+                "challenge", limits.challenges_per_second, limits.burst, limits, store, clock
+            )
             service = _service(
                 config,
                 pricing,
@@ -597,7 +662,13 @@ async def running_runtime(
                 hold=terms,
                 on_held=None if executor is None else executor.wake,
                 meter=meter,
+                rate_limiter=invoice_limiter,
             )
+            tips = build_tips(config, store, lnd, clock, jars)
+            if tips is not None:
+                for name in tips.jars:
+                    level = logging.INFO if watch else logging.DEBUG
+                    log.log(level, "tip jar %s at %s", tips.address(name), tips.jar_url(name))
             readiness = Readiness(
                 lnd,
                 store,
@@ -619,6 +690,8 @@ async def running_runtime(
                 liquidity,
                 meter=meter,
                 metrics=metrics,
+                tips=tips,
+                invoice_limiter=None if tips is None else invoice_limiter,
             )
     finally:
         await store.close()
@@ -633,11 +706,13 @@ async def running_gateway(
     health: HealthSlot | None = None,
     metrics: MetricsSlot | None = None,
     admin: AdminSlot | None = None,
+    tips: TipsSlot | None = None,
 ) -> AsyncIterator[L402Service]:
     """``running_runtime``'s service: what ``setup_l402``, the ASGI middleware and
     ``build_proxy`` take; its readiness goes in ``health`` (for ``build_proxy``'s) while it
     runs, its meter and exposition in ``metrics``, its store and liquidity in ``admin`` (for
-    the admin dashboard, ``gateway.web.admin``)."""
+    the admin dashboard, ``gateway.web.admin``), its tip jars and payment links with their
+    invoice limiter in ``tips`` (``gateway.web.lnurl``; stays empty without ``[lnurl]``)."""
     async with running_runtime(config, clock=clock, watch=watch) as runtime:
         if health is not None:
             health.readiness = runtime.readiness
@@ -645,6 +720,8 @@ async def running_gateway(
             metrics.meter, metrics.exposition = runtime.meter, runtime.metrics
         if admin is not None:
             admin.store, admin.liquidity = runtime.store, runtime.liquidity
+        if tips is not None:
+            tips.tips, tips.limiter = runtime.tips, runtime.invoice_limiter
         try:
             yield runtime.service
         finally:
@@ -654,6 +731,8 @@ async def running_gateway(
                 metrics.meter, metrics.exposition = NO_METER, None
             if admin is not None:
                 admin.store, admin.liquidity = None, None
+            if tips is not None:
+                tips.tips, tips.limiter = None, None
 
 
 def _webhook_sender(
@@ -740,7 +819,10 @@ def _service(
     hold: HoldTerms | None = None,
     on_held: Callable[[], None] | None = None,
     meter: Meter = NO_METER,
+    rate_limiter: ClientLimiter,
 ) -> L402Service:
+    """The service; ``rate_limiter``: the per-client limit on challenges (shared with the
+    tip jars and payment links: one budget of unpaid invoices)."""
     limits = config.rate_limit
     return L402Service(
         pricing=pricing,
@@ -751,9 +833,7 @@ def _service(
         invoice_expiry=config.l402.invoice_expiry,
         strict_settlement=config.l402.strict_settlement,
         root_key_cache_seconds=config.l402.root_key_cache_seconds,
-        rate_limiter=_limiter(
-            "challenge", limits.challenges_per_second, limits.burst, limits, store, clock
-        ),
+        rate_limiter=rate_limiter,
         max_pending_invoices=limits.max_pending_invoices,
         merchant=config.paywall.merchant,
         fiat=fiat.display if fiat is not None else None,

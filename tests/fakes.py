@@ -50,17 +50,22 @@ def make_invoice(
     expiry: int = 600,
     description: str = "premium: GET /api/premium/fortune",
     key: str = NODE_KEY,
+    description_hash: bytes = b"",
 ) -> str:
-    """A BOLT11 invoice signed with ``key``, with the fields LND's AddInvoice sets."""
+    """A BOLT11 invoice signed with ``key``, with the fields LND's AddInvoice sets: the
+    description (``d``), or with ``description_hash`` that hash (``h``) instead."""
     return bolt11_encode.encode(
         currency=CURRENCIES[network],
         amount=bolt11_encode.amount_text(amount_msat),
         timestamp=int(created_at),
         payment_hash=payment_hash,
         key=key,
-        description=description,
+        description=None if description_hash else description,
         expiry=expiry,
         min_final_cltv=MIN_FINAL_CLTV_EXPIRY,
+        extra=bolt11_encode.field("h", bolt11_encode.words_of(description_hash))
+        if description_hash
+        else (),
     )
 
 
@@ -113,7 +118,10 @@ class FakeInvoiceBackend:
     known here), ``hold_payment()`` (a payer's HTLC arrives: OPEN -> ACCEPTED), then
     ``settle_invoice`` (ACCEPTED only: an OPEN one is refused with "invoice still open", a
     settled or cancelled one with "invoice already settled"/"already canceled") or
-    ``cancel_invoice`` (any but a settled one; cancelling a cancelled one succeeds).
+    ``cancel_invoice`` (any but a settled one, a plain invoice too; cancelling a cancelled
+    one succeeds). The refusals are the classes the LND client maps LND's words to.
+    ``add_invoice`` with a ``description_hash`` makes an invoice with an ``h`` tag instead of
+    ``d``, as LND does; like LND it refuses a memo with it, or a hash that is not 32 bytes.
     ``subscribe_single_invoice`` sends the current state first (nothing for an unknown hash:
     LND waits for it to be created), then each change: ACCEPTED, SETTLED, CANCELED. The
     all-invoices stream reports the hold invoice's add and its settlement only.
@@ -163,18 +171,27 @@ class FakeInvoiceBackend:
         for queue in self._single.get(invoice.payment_hash, ()):
             queue.put_nowait(invoice)
 
-    async def add_invoice(self, amount_msat: Msat, memo: str, expiry: int) -> NewInvoice:
+    async def add_invoice(
+        self, amount_msat: Msat, memo: str, expiry: int, description_hash: bytes = b""
+    ) -> NewInvoice:
         self._check()
+        if description_hash and (memo or len(description_hash) != 32):
+            raise errors.BackendBadRequest("invalid description hash, or both it and a memo")
         preimage = Preimage(secrets.token_bytes(32))
         payment_hash = PaymentHash(hashlib.sha256(preimage).digest())
-        invoice = self._new_invoice(payment_hash, amount_msat, memo, expiry)
+        invoice = self._new_invoice(payment_hash, amount_msat, memo, expiry, description_hash)
         self.invoices[payment_hash] = invoice
         self.preimages[payment_hash] = preimage
         self._publish(invoice)
         return NewInvoice(payment_hash, invoice.payment_request, self._add_index)
 
     def _new_invoice(
-        self, payment_hash: PaymentHash, amount_msat: Msat, memo: str, expiry: int
+        self,
+        payment_hash: PaymentHash,
+        amount_msat: Msat,
+        memo: str,
+        expiry: int,
+        description_hash: bytes = b"",
     ) -> Invoice:
         """An OPEN invoice with the next add index (the caller records and publishes it)."""
         self._add_index += 1
@@ -187,6 +204,7 @@ class FakeInvoiceBackend:
                 created_at=created_at,
                 expiry=expiry,
                 description=memo,
+                description_hash=description_hash,
             ),
             memo=memo,
             amount_msat=amount_msat,
@@ -236,12 +254,11 @@ class FakeInvoiceBackend:
             raise errors.InvoiceNotFound("unable to locate invoice")
         if invoice.state is not InvoiceState.ACCEPTED:
             # LND's words, mapped by the LND client as the real node's are.
-            refusal = {
-                InvoiceState.OPEN: "invoice still open",
-                InvoiceState.SETTLED: "invoice already settled",
-                InvoiceState.CANCELED: "invoice already canceled",
+            raise {
+                InvoiceState.OPEN: errors.BackendBadRequest("invoice still open"),
+                InvoiceState.SETTLED: errors.InvoiceAlreadySettled("invoice already settled"),
+                InvoiceState.CANCELED: errors.InvoiceAlreadyCanceled("invoice already canceled"),
             }[invoice.state]
-            raise errors.BackendBadRequest(refusal)
         self._settle_index += 1
         self.settled[payment_hash] += 1
         self.preimages[payment_hash] = preimage
@@ -261,7 +278,7 @@ class FakeInvoiceBackend:
         if invoice is None:
             raise errors.InvoiceNotFound("unable to locate invoice")
         if invoice.state is InvoiceState.SETTLED:
-            raise errors.BackendBadRequest("invoice already settled")
+            raise errors.InvoiceAlreadySettled("invoice already settled")
         if invoice.state is not InvoiceState.CANCELED:
             self.cancelled[payment_hash] += 1
             self._change(

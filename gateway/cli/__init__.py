@@ -9,12 +9,17 @@ Commands::
     l402-gateway --config ... token revoke TOKEN_ID   revoke one token
     l402-gateway --config ... backup FILE             consistent copy of the SQLite store
     l402-gateway pay URL [-X M] [-H 'N: v'] [-d D]   fetch URL, paying its L402 challenge
+    l402-gateway pay ADDRESS|LNURL [--amount A] [--comment T]   pay by LNURL-pay (tips)
     l402-gateway credit balance URL                  the credit of the token cached for URL
     l402-gateway credit withdraw URL [--amount-msat N]   ... paid out to the payer's node
     l402-gateway --config ... webhooks list|show|redeliver   the signed webhooks' deliveries
     l402-gateway --config ... payees [--json]        revenue split payees and the ledger's totals
     l402-gateway --config ... payouts [--payee N] [--state S] [--limit N] [--json]   history
     l402-gateway --config ... payouts pay [--payee N] [--json]   pay their accrued shares now
+    l402-gateway --config ... links [--state S] [--limit N] [--json]   payment links
+    l402-gateway --config ... links create (--amount A | --min A --max B) [--memo T]
+                              [--expires 1h] [--reusable] [--json]   a new payment link
+    l402-gateway --config ... links cancel ID        it takes no more payments
     l402-gateway sample-config                       the commented sample configuration
     l402-gateway --version
 
@@ -23,7 +28,8 @@ Commands::
 later wins.
 
 Exit codes: 0 success, 1 nothing matched (e.g. unknown token), 2 bad usage or configuration,
-3 a backend (store, LND) failed (``payouts pay``: or a payout FAILED or is still PENDING),
+3 a backend (store, LND) failed (``payouts pay``: or a payout FAILED or is still PENDING;
+``links cancel``: the node could not cancel the link's open invoice),
 4 the books do not reconcile (``accounts``, ``payees``: the totals are printed all the same;
 ``EXIT_DOES_NOT_RECONCILE``); ``pay`` and ``credit`` have their own. The commands get their
 running objects from ``gateway.runtime``, which is what applications import.
@@ -45,7 +51,7 @@ from typing import Any
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from gateway import errors
-from gateway.cli import admin, backup, check, credit, pay, payouts, serve, webhooks
+from gateway.cli import admin, backup, check, credit, links, pay, payouts, serve, webhooks
 from gateway.cli.formats import LOG_FORMATS, configure_logging
 from gateway.config import load_config
 
@@ -76,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     credit.add_parser(commands)
     webhooks.add_parser(commands)
     payouts.add_parsers(commands)
+    links.add_parsers(commands)
     _options_after_the_command(commands)
     return parser
 
@@ -144,9 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return admin.sample_config()
     configure_logging(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
     try:
-        # Only serve, check and payouts pay talk to LND: no warning about its macaroons for
-        # the others.
-        uses_lnd = args.command in _LND_COMMANDS or payouts.uses_lnd(args)
+        # Only serve, check, payouts pay and links cancel talk to LND: no warning about its
+        # macaroons for the others.
+        uses_lnd = args.command in _LND_COMMANDS or payouts.uses_lnd(args) or links.uses_lnd(args)
         config = load_config(args.config, uses_lnd=uses_lnd)
         if args.command == "serve":
             return serve.run(config)
@@ -162,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return webhooks.run(config, args)
         if args.command in ("payees", "payouts"):
             return payouts.run(config, args)
+        if args.command == "links":
+            return links.run(config, args)
         return asyncio.run(admin.revoke(config, args.token_id))
     except errors.ConfigError as error:
         print(f"l402-gateway: configuration error: {error}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The admin commands: ``invoices`` (a table with summaries, ``--json`` or ``--csv``),
+"""The admin commands: ``invoices`` (a table with summaries, ``--json`` or ``--csv``; tips
+and payment links among them, their service ``tip:<jar>`` or ``link:<id>``),
 ``accounts`` (credit accounts and their totals, ``--json``; exit 4 when the totals do not
 reconcile), ``token revoke TOKEN_ID`` and ``sample-config``."""
 
@@ -144,6 +145,7 @@ _JSON_FIELDS = (
     "add_index",
     "settle_index",
     "payment_request",
+    "comment",
 )
 
 
@@ -163,6 +165,7 @@ def _record_json(record: InvoiceRecord, now: float) -> dict[str, Any]:
         "add_index": record.add_index,
         "settle_index": record.settle_index,
         "payment_request": record.payment_request,
+        "comment": record.comment,  # a tip's or link payer's (LUD-12); "" for others
     }
 
 
@@ -176,7 +179,7 @@ def _table(records: Sequence[InvoiceRecord], now: float) -> str:
             str(r.amount_paid_msat),
             # Clients chose these: escaped, so that they cannot drive the terminal.
             printable(r.service),
-            printable(f"{r.method} {r.path}"),
+            _request(r),
             r.payment_hash.hex()[:16],
         )
         for r in records
@@ -189,6 +192,13 @@ def _table(records: Sequence[InvoiceRecord], now: float) -> str:
         lines += ["", *_summary(records, "DAY (UTC)", lambda r: utc_time(r.created_at)[:10])]
         lines += ["", *_summary(records, "SERVICE", lambda r: printable(r.service))]
     return "\n".join(lines)
+
+
+def _request(record: InvoiceRecord) -> str:
+    """The priced request, escaped; a tip's or link's payer comment (cut short) instead."""
+    if record.method or record.path:
+        return printable(f"{record.method} {record.path}")
+    return printable(f"comment: {record.comment}", 60) if record.comment else "-"
 
 
 def _received(records: Sequence[InvoiceRecord]) -> int:
@@ -223,7 +233,7 @@ def _csv(records: Sequence[InvoiceRecord], now: float) -> str:
     writer.writeheader()
     for record in records:
         row = {"created_at_utc": utc_time(record.created_at), **_record_json(record, now)}
-        for name in ("service", "method", "path"):
+        for name in ("service", "method", "path", "comment"):
             row[name] = _cell(row[name])
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
     return out.getvalue()

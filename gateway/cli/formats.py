@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import decimal
 import json
 import logging
 import time
@@ -138,3 +139,20 @@ def print_records(
         print("\n".join(table(records)))
     else:
         print(none)
+
+
+def sat_to_msat(text: str) -> int:
+    """``"21"``, ``"0.5"`` or ``"21sat"`` satoshis (at most three decimals), or
+    ``"21000msat"`` -> millisatoshis."""
+    number, scale = text, 1000
+    for unit, unit_scale in (("msat", 1), ("sat", 1000)):  # msat first: it ends with "sat"
+        if text.endswith(unit):
+            number, scale = text[: -len(unit)], unit_scale
+            break
+    try:
+        value = decimal.Decimal(number) * scale
+    except decimal.InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not an amount in sat: {text!r}") from None
+    if not value.is_finite() or value < 0 or value != value.to_integral_value():
+        raise argparse.ArgumentTypeError(f"not an amount in sat or msat (msat precision): {text!r}")
+    return int(value)

@@ -1,4 +1,5 @@
-"""``l402-gateway pay URL``: fetch a URL, paying its L402 challenge (curl-like).
+"""``l402-gateway pay URL``: fetch a URL, paying its L402 challenge (curl-like); or
+``l402-gateway pay TARGET --amount A``: pay a Lightning Address or an LNURL (LNURL-pay).
 
 The body goes to stdout, or to ``-o FILE``. It pays through an LND node given by
 ``--lnd-host/--lnd-tls-cert/--lnd-macaroon`` or ``GATEWAY_PAYER_LND_HOST``,
@@ -15,6 +16,17 @@ pay-on-success route it says before paying that the request runs while the payme
 and is paid for only if it succeeds; a payment the gateway cancelled because the request
 failed ends with ``refunded: <why>`` (exit 3).
 
+A TARGET that is no http(s) URL (a Lightning Address ``name@domain``, an LNURL
+``lnurl1...``, either after ``lightning:``), or any TARGET given ``--amount`` or ``--comment``
+(then an https URL is the LNURL-pay service's own), is paid by LNURL-pay
+(``gateway.client.lnurl``): the service's terms are fetched, the amount (``--amount``, needed
+unless the service fixes it) and the comment (LUD-12) checked against them, the amount
+against ``--max-cost``, which bounds it with the routing fee, then the service's invoice is
+checked (the amount asked, the description hash of the service's metadata, the node's
+network) and paid through the same node, with the same progress. stdout gets the receipt and
+the service's success action (a message; a URL; an encrypted text decrypted with the
+payment's preimage); ``--json`` a summary; ``--no-pay`` shows the service's terms (exit 6).
+
 One module for the one command, a little over the usual size: its options, its payer, its
 output and its exit codes are read together.
 """
@@ -25,7 +37,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import decimal
+import hashlib
 import json
 import logging
 import os
@@ -39,8 +51,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from multidict import CIMultiDict
 
-from gateway import errors
-from gateway.cli.formats import configure_logging, sat, utc_time
+from gateway import destinations, errors
+from gateway.cli.formats import configure_logging, sat, sat_to_msat, utc_time
 from gateway.client import (
     NETWORKS,
     Budget,
@@ -57,22 +69,34 @@ from gateway.client import (
     decode_invoice,
 )
 from gateway.client.aiohttp import l402_session
+from gateway.client.lnurl import (
+    MAX_BODY_BYTES,
+    LnurlPayClient,
+    LnurlUnreachable,
+    PayRequest,
+    SuccessAction,
+)
 from gateway.lnd.client import LndClient
 from gateway.lnd.connection import LndSettings
-from gateway.ports import Msat, Payer, Payment, PaymentHash
+from gateway.ports import Msat, Payer, Payment, PaymentHash, PaymentStatus
 from gateway.text import printable
 
 PAY_EXIT_CODES = """exit codes:
-  0  the response came, with a status below 400 (paid, reused a token, or free)
+  0  the response came, with a status below 400 (paid, reused a token, or free);
+     LNURL-pay: paid
   1  the final response has an HTTP error status (>= 400), e.g. still 402 after paying
-  2  bad usage or configuration (options, LND files, unreadable token cache, -o file)
+  2  bad usage or configuration (options, LND files, unreadable token cache, -o file);
+     LNURL-pay: no --amount where the service takes a range, an amount or a comment the
+     service does not take; nothing was paid
   3  a backend failed: LND unreachable or the payment failed (or was refunded: the
-     request failed on a pay-on-success route), the HTTP request failed, or an earlier
-     payment for this URL is still in flight
-  4  over budget: the price is over --max-cost; nothing was paid
+     request failed on a pay-on-success route), the HTTP request failed (LNURL-pay: the
+     service did not answer), or an earlier payment for this URL is still in flight
+  4  over budget: the price (LNURL-pay: the amount) is over --max-cost; nothing was paid
   5  the challenge or its invoice is unusable: wrong network, expired, amount or payment
-     hash mismatch, malformed; nothing was paid
-  6  --no-pay and payment is required: the price was printed, nothing was paid"""
+     hash mismatch, malformed (LNURL-pay: the service's answer, e.g. a refusal, a wrong
+     description hash); nothing was paid
+  6  --no-pay and payment is required: the price (LNURL-pay: the service's terms) was
+     printed, nothing was paid"""
 EXIT_HTTP_ERROR = 1
 EXIT_USAGE = 2
 EXIT_BACKEND = 3
@@ -84,17 +108,6 @@ _UNLIMITED_MSAT = 2**62
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
-def sat_to_msat(text: str) -> int:
-    """``"21"`` or ``"0.5"`` satoshis -> millisatoshis (at most three decimals)."""
-    try:
-        value = decimal.Decimal(text) * 1000
-    except decimal.InvalidOperation:
-        raise argparse.ArgumentTypeError(f"not an amount in sat: {text!r}") from None
-    if not value.is_finite() or value < 0 or value != value.to_integral_value():
-        raise argparse.ArgumentTypeError(f"not an amount in sat (msat precision): {text!r}")
-    return int(value)
-
-
 def default_token_cache() -> Path:
     """``$XDG_CACHE_HOME/l402-gateway/tokens.json``, else ``~/.cache/l402-gateway/...``."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -104,16 +117,38 @@ def default_token_cache() -> Path:
 def add_parser(commands: Any) -> None:
     pay = commands.add_parser(
         "pay",
-        help="fetch a URL, paying its L402 challenge (curl-like)",
+        help="fetch a URL, paying its L402 challenge (curl-like); or pay a Lightning Address",
         description=(
             "Fetch URL; on 402 Payment Required with an L402 challenge, check the invoice and "
             "the price, pay it through LND, and retry with the token. The body goes to stdout "
-            "(or -o FILE); progress to stderr. Tokens are cached and reused in their scope."
+            "(or -o FILE); progress to stderr. Tokens are cached and reused in their scope.\n\n"
+            "A Lightning Address (name@domain), an LNURL (lnurl1...), either after "
+            "lightning:, or with --amount or --comment an LNURL-pay https:// URL, is paid by "
+            "LNURL-pay: --amount (unless the service fixes it), --comment, --max-cost as the "
+            "budget of amount and routing fee; stdout gets the receipt and the service's "
+            "success action."
         ),
         epilog=PAY_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    pay.add_argument("url", help="http(s) URL")
+    pay.add_argument(
+        "url",
+        metavar="TARGET",
+        help="http(s) URL; or a Lightning Address, LNURL, lightning:... to pay by LNURL-pay",
+    )
+    pay.add_argument(
+        "--amount",
+        type=sat_to_msat,
+        metavar="AMOUNT",
+        help="LNURL-pay: what to send, in sat (21, 0.5sat) or msat (21000msat); "
+        "needed unless the service takes one amount only",
+    )
+    pay.add_argument(
+        "--comment",
+        metavar="TEXT",
+        help="LNURL-pay: a comment for the payee (LUD-12); refused before paying if the "
+        "service takes none, or none this long",
+    )
     pay.add_argument("-X", "--request", dest="method", metavar="METHOD", help="default GET")
     pay.add_argument(
         "-H",
@@ -133,13 +168,15 @@ def add_parser(commands: Any) -> None:
         default=DEFAULT_MAX_COST_SAT * 1000,
         metavar="SAT",
         help="the most to pay, fee excluded: the request's price, or on a credit route the "
-        f"credit bought (default {DEFAULT_MAX_COST_SAT})",
+        "credit bought; LNURL-pay: the amount and the routing fee together "
+        f"(default {DEFAULT_MAX_COST_SAT})",
     )
     pay.add_argument(
         "--max-fee",
         type=sat_to_msat,
         metavar="SAT",
-        help="routing fee cap (default 1%% of the price, at least 5 sat)",
+        help="routing fee cap (default 1%% of the price, at least 5 sat; LNURL-pay: at most "
+        "what --max-cost leaves)",
     )
     pay.add_argument(
         "--no-pay",
@@ -486,6 +523,11 @@ async def _pay(
         sys.stdout.buffer.flush()
     if balance is not None and not args.silent:
         print(f"balance: {sat(balance)} ({balance} msat) of credit left", file=sys.stderr)
+    if status == 200 and not args.silent and _is_pay_request(body):
+        print(
+            "l402-gateway: this URL is an LNURL-pay service: pay it with --amount",
+            file=sys.stderr,
+        )
     if status >= 400:
         if not args.silent:
             print(f"l402-gateway: HTTP {status}", file=sys.stderr)
@@ -503,10 +545,203 @@ def report_failure(error: errors.GatewayError | aiohttp.ClientError | TimeoutErr
     return EXIT_USAGE if isinstance(error, errors.ConfigError | TokenCacheError) else EXIT_BACKEND
 
 
+def _is_pay_request(body: bytes) -> bool:
+    """Whether a fetched body is an LNURL-pay ``payRequest`` (a hint to pay it instead)."""
+    if not body.startswith(b"{") or len(body) > MAX_BODY_BYTES:
+        return False
+    try:
+        document = json.loads(body)
+    except ValueError:  # a UnicodeDecodeError is a ValueError
+        return False
+    return isinstance(document, dict) and document.get("tag") == "payRequest"
+
+
+def is_lnurl(args: argparse.Namespace) -> bool:
+    """Whether ``pay`` pays its TARGET by LNURL-pay: one that is no http(s) URL, or any with
+    ``--amount`` or ``--comment``."""
+    fetched = args.url.lower().startswith(("http://", "https://"))
+    return not fetched or args.amount is not None or args.comment is not None
+
+
+def _check_lnurl_usage(args: argparse.Namespace) -> None:
+    """``ConfigError`` for options that only fetching a URL takes, or a TARGET that is no
+    Lightning Address, LNURL or URL (``gateway.destinations``)."""
+    fetching = [
+        option
+        for option, given in (
+            ("-X", args.method),
+            ("-H", args.headers),
+            ("-d", args.data is not None),
+            ("-o", args.output),
+        )
+        if given
+    ]
+    if fetching:
+        raise errors.ConfigError(
+            f"{', '.join(fetching)}: for fetching a URL, not for paying by LNURL-pay"
+        )
+    try:
+        destinations.pay_url(args.url)
+    except destinations.DestinationError as error:
+        raise errors.ConfigError(f"not a URL, Lightning Address or LNURL: {error}") from None
+
+
+def _terms_text(target: str, request: PayRequest) -> str:
+    least, most = request.min_sendable_msat, request.max_sendable_msat
+    amount = f"{sat(least)} (fixed)" if least == most else f"{sat(least)} to {sat(most)}"
+    allowed = request.comment_allowed
+    return "\n".join(
+        [
+            f"LNURL-pay: {printable(target)}",
+            f"  for:      {printable(request.description)}",
+            f"  amount:   {amount}",
+            f"  comment:  {f'up to {allowed} characters' if allowed else 'not taken'}",
+            f"  callback: {printable(str(request.callback.origin()))}",
+        ]
+    )
+
+
+def _lnurl_amount(args: argparse.Namespace, request: PayRequest) -> Msat:
+    """``--amount``, or the one amount the service takes; ``ConfigError`` without either."""
+    if args.amount is not None:
+        return Msat(args.amount)
+    if request.min_sendable_msat == request.max_sendable_msat:
+        return request.min_sendable_msat
+    raise errors.ConfigError(
+        f"--amount is needed: the service takes {sat(request.min_sendable_msat)} to "
+        f"{sat(request.max_sendable_msat)}; nothing was paid"
+    )
+
+
+def _show_success(
+    action: SuccessAction | None, preimage: bytes | None
+) -> tuple[str, dict[str, str] | None]:
+    """The success action as text and as JSON; one that does not decrypt is said so on
+    stderr (the payment went through all the same)."""
+    if action is None:
+        return "", None
+    try:
+        return action.text(preimage), action.as_json(preimage)
+    except errors.PayoutDestinationError as error:
+        print(f"l402-gateway: paid, but {error}", file=sys.stderr)
+        return "", {"tag": action.tag, "description": action.description, "error": str(error)}
+
+
+async def pay_lnurl(
+    args: argparse.Namespace, lnurl: LnurlPayClient, payer: Payer, network: str | None
+) -> int:
+    """Pay ``args.url`` by LNURL-pay through ``payer`` (invoices must be for ``network``
+    when it is known); prints the outcome, returns the exit code."""
+    try:
+        return await _pay_lnurl(args, lnurl, payer, network)
+    except LnurlUnreachable as error:
+        print(f"l402-gateway: {error}; nothing was paid", file=sys.stderr)
+        return EXIT_BACKEND
+    except errors.PayoutDestinationError as error:
+        print(f"l402-gateway: {error}; nothing was paid", file=sys.stderr)
+        return EXIT_BAD_CHALLENGE
+    except errors.ConfigError as error:
+        print(f"l402-gateway: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (errors.GatewayError, aiohttp.ClientError, TimeoutError) as error:
+        return report_failure(error)
+
+
+async def _pay_lnurl(
+    args: argparse.Namespace, lnurl: LnurlPayClient, payer: Payer, network: str | None
+) -> int:
+    target: str = args.url
+    request = await lnurl.pay_request(target)
+    host = request.callback.host
+    if args.no_pay:
+        if args.json:
+            terms = {
+                "target": target,
+                "paid": False,
+                "description": request.description,
+                "min_msat": request.min_sendable_msat,
+                "max_msat": request.max_sendable_msat,
+                "comment_allowed": request.comment_allowed,
+            }
+            print(json.dumps(terms, indent=2))
+        else:
+            print(_terms_text(target, request))
+        return EXIT_PAYMENT_REQUIRED
+    amount = _lnurl_amount(args, request)
+    comment: str = args.comment or ""
+    problem = request.problem(amount, comment)
+    if problem is not None:
+        raise errors.ConfigError(f"{host}: {problem}; nothing was paid")
+    if amount > args.max_cost:
+        print(
+            f"l402-gateway: {sat(amount)} is over --max-cost {sat(args.max_cost)} (the amount "
+            "and the routing fee); nothing was paid",
+            file=sys.stderr,
+        )
+        return EXIT_OVER_BUDGET
+    got = await lnurl.request_invoice(target, amount, comment)
+    invoice_network = decode_invoice(got.payment_request).network
+    if network is not None and invoice_network != network:
+        raise errors.PayoutDestinationError(
+            f"{host}: the invoice is for {invoice_network}, this client pays on {network}"
+        )
+    # --max-cost bounds amount and fee together: the fee cap is what it leaves, at most.
+    fee_limit = min(Budget(args.max_cost, args.max_fee).fee_limit(amount), args.max_cost - amount)
+    payment = await payer.send_payment(
+        got.payment_request, max_fee_msat=Msat(fee_limit), payment_timeout=args.payment_timeout
+    )
+    payment_hash = got.invoice.payment_hash
+    preimage = payment.preimage
+    if (
+        payment.status is not PaymentStatus.SUCCEEDED
+        or preimage is None
+        or hashlib.sha256(preimage).digest() != payment_hash
+    ):
+        print(
+            f"l402-gateway: payment {payment_hash.hex()} reported {payment.status.value} "
+            "without its preimage: see the node (lncli trackpayment)",
+            file=sys.stderr,
+        )
+        return EXIT_BACKEND
+    text, action = _show_success(got.success_action, preimage)
+    if args.json:
+        summary = {
+            "target": target,
+            "description": request.description,
+            "amount_msat": amount,
+            "fee_msat": payment.fee_msat,
+            "payment_hash": payment_hash.hex(),
+            "comment": comment,
+            "success_action": action,
+        }
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"paid {sat(amount)} + {sat(payment.fee_msat)} fee to {printable(target)}")
+    print(f"payment hash: {payment_hash.hex()}")
+    if text:
+        print(text)
+    return 0
+
+
+async def _pay_lnurl_with_node(args: argparse.Namespace) -> int:
+    _check_lnurl_usage(args)
+    settings = payer_settings(args, required=not args.no_pay, needs="pay")
+    async with contextlib.AsyncExitStack() as stack:
+        lnd = await stack.enter_async_context(LndClient(settings)) if settings else None
+        payer: Payer = _NoPayer() if lnd is None else lnd
+        if not args.silent:
+            payer = ProgressPayer(payer, sys.stderr)
+        network = await _payer_network(args, lnd)
+        lnurl = await stack.enter_async_context(LnurlPayClient())
+        return await pay_lnurl(args, lnurl, payer, network)
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``pay`` command; its exit code."""
     configure_logging(logging.DEBUG if args.verbose else logging.WARNING, args.log_format)
     try:
+        if is_lnurl(args):
+            return asyncio.run(_pay_lnurl_with_node(args))
         method, headers, data = _request_parts(args)
         return asyncio.run(_pay(args, method, headers, data))
     except BudgetExceeded as error:

@@ -5,7 +5,9 @@ With ``[server] workers`` above one it supervises that many processes on the one
 PostgreSQL, while its instance leads: ``gateway.leader``), any worker's exit stops them all,
 and a worker dies with its supervisor. The watching process
 also serves the admin dashboard on ``[admin] listen`` (``gateway.web.admin``); its password
-file is checked before anything starts.
+file is checked before anything starts. With ``[lnurl] base_url`` every worker answers the tip
+jars' and payment links' paths (``gateway.web.lnurl``) before any pricing; the jars' images
+are read before anything starts.
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ from gateway.runtime import (
     payer_settings,
     payout_settings,
     running_gateway,
+    tip_jars,
 )
 from gateway.web.admin import build_admin, read_password_file
 from gateway.web.connections import ServerLimits
+from gateway.web.lnurl import TipsSlot
 from gateway.web.metrics import metrics_app
 from gateway.web.proxy import build_proxy
 from gateway.web.server import Listener, ListenError, connection_limit, serve
@@ -79,6 +83,7 @@ def run(config: Config) -> int:
     lnd_settings(config)  # fail on a bad config before binding the port
     payer_settings(config)  # and on an unreadable payment macaroon: withdrawals', payouts'
     payout_settings(config)
+    tip_jars(config)  # and on an unreadable tip jar image
     startup_checks(config)  # the node, its certificate, the macaroon, the upstream
     if config.admin.listen:
         _admin_password(config)  # refused before anything starts: missing, empty, readable
@@ -143,9 +148,13 @@ def _serve_worker(
     metrics = MetricsSlot()  # the meter and /metrics, filled in at startup with [metrics]
     # The admin dashboard: served by the watching process only (one per store).
     admin = AdminSlot() if watch and config.admin.listen else None
+    # The tip jars and payment links: filled in at startup with [lnurl] base_url.
+    tips = TipsSlot() if config.lnurl.enabled else None
     app = build_proxy(
         server.upstream or "",
-        lambda: running_gateway(config, watch=watch, health=health, metrics=metrics, admin=admin),
+        lambda: running_gateway(
+            config, watch=watch, health=health, metrics=metrics, admin=admin, tips=tips
+        ),
         token_header=server.token_header,
         trust_forwarded_for=server.trust_forwarded_for,
         max_body_bytes=server.max_body_bytes,
@@ -160,6 +169,7 @@ def _serve_worker(
         # Off: not even the responses' count runs (the slot is still filled, and unused).
         metrics=metrics if config.metrics.enabled else None,
         metrics_path=config.metrics.path,
+        tips=tips,
     )
     upstream = server.upstream_connections + server.paid_upstream_connections
     try:

@@ -5,38 +5,59 @@ What a destination may be, and the URL it is fetched from, is ``gateway.destinat
 (``pay_url``): a Lightning Address, a bech32 LNURL, an ``lnurlp://`` URL (LUD-17) or the
 ``https://`` URL of the service itself; plain ``http://`` only for a loopback or onion host.
 
-``LnurlPayClient.invoice`` fetches the service's ``payRequest`` (``tag``, ``callback``,
-``minSendable``/``maxSendable``, ``metadata``), then the callback with ``amount`` appended
-(its own query parameters kept as they are), and returns the ``pr`` invoice only when it
-decodes (signature verified) and commits to the metadata (its description hash is sha256 of
-the metadata text). The payout worker checks the rest (amount, network, expiry, payment
-secret), knowing the node. A callback on ``localhost``, a loopback, private or link-local
-address, or over plain HTTP, is followed only from a service on that same host (never from a
-public one into the merchant's network). Answers are bounded in size, nesting and time; a
-redirect is followed only within the same scheme, host and port (never to another host,
-silently or not). Every failure raises ``errors.PayoutDestinationError`` with a reason naming
-the host.
+``LnurlPayClient.request_invoice`` fetches the service's ``payRequest`` (``tag``,
+``callback``, ``minSendable``/``maxSendable``, ``metadata``, ``commentAllowed`` of LUD-12),
+checks the amount and the comment against it (``PayRequest.problem``), then calls the
+callback with ``amount`` (and ``comment``) appended, its own query parameters kept as they
+are. It returns the ``pr`` invoice only when it decodes (signature verified), is for exactly
+the amount asked and commits to the metadata (its description hash is sha256 of the metadata
+text), with the service's success action (LUD-09 ``message`` or ``url``, LUD-10 ``aes``,
+checked; ``SuccessAction.text`` shows it once paid, decrypting an ``aes`` one with the
+payment's preimage). ``invoice`` is the payout worker's: the invoice alone, no comment; the
+worker checks the rest (network, expiry, payment secret), knowing the node.
+
+A callback on ``localhost``, a loopback, private or link-local address, or over plain HTTP,
+is followed only from a service on that same host (never from a public one into the
+merchant's network). Answers are bounded in size, nesting and time; a redirect is followed
+only within the same scheme, host and port (never to another host, silently or not). Every
+failure raises ``errors.PayoutDestinationError`` with a reason naming the host;
+``LnurlUnreachable``, one of them, when the service gave no answer (unreachable, too slow,
+an HTTP 5xx): worth trying again later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import hashlib
 import json
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import yarl
+from cryptography.hazmat.primitives import padding
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from gateway import destinations, errors
 from gateway.client import bolt11
 from gateway.ports import Msat
 from gateway.text import printable
 
-__all__ = ["MAX_BODY_BYTES", "TIMEOUT", "LnurlPayClient", "PayRequest", "pay_url"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "TIMEOUT",
+    "LnurlInvoice",
+    "LnurlPayClient",
+    "LnurlUnreachable",
+    "PayRequest",
+    "SuccessAction",
+    "pay_url",
+]
 
 # Seconds one HTTP request (connection, redirects followed and body included) may take.
 TIMEOUT = 10.0
@@ -47,6 +68,14 @@ CACHE_SECONDS = 60.0
 _MAX_REDIRECTS = 3
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _REASON_CHARS = 200  # of a reason a service gives, in ours
+# LUD-09/10: the longest message or description (characters) and ciphertext (bytes)
+_ACTION_CHARS = 144
+_CIPHERTEXT_BYTES = 4096
+_SUCCESS_TAGS = frozenset({"message", "url", "aes"})
+
+
+class LnurlUnreachable(errors.PayoutDestinationError):
+    """The LNURL-pay service gave no answer: unreachable, too slow, or an HTTP 5xx."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +87,91 @@ class PayRequest:
     min_sendable_msat: Msat
     max_sendable_msat: Msat
     metadata: str  # the JSON text itself: its sha256 is the invoices' description hash
+    comment_allowed: int = 0  # LUD-12: the longest comment (characters) it takes; 0: none
+
+    @property
+    def description(self) -> str:
+        """The metadata's ``text/plain`` entry: what the payment is for ("" without one)."""
+        for entry in json.loads(self.metadata):
+            if len(entry) == 2 and entry[0] == "text/plain" and isinstance(entry[1], str):
+                return entry[1]
+        return ""
+
+    def problem(self, amount_msat: int, comment: str = "") -> str | None:
+        """Why the service does not take ``amount_msat`` with ``comment`` (its bounds, its
+        ``commentAllowed``), or None when it does."""
+        if not self.min_sendable_msat <= amount_msat <= self.max_sendable_msat:
+            return (
+                f"{amount_msat} msat is outside the service's range "
+                f"{self.min_sendable_msat} to {self.max_sendable_msat} msat"
+            )
+        if comment and not self.comment_allowed:
+            return "the service takes no comment"
+        if len(comment) > self.comment_allowed:
+            return (
+                f"the comment is {len(comment)} characters, the service takes at most "
+                f"{self.comment_allowed}"
+            )
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class SuccessAction:
+    """What a service asks the payer to show once paid: ``tag`` ``"message"`` (LUD-09, the
+    ``message``), ``"url"`` (LUD-09, ``description`` and the ``url``, on the callback's host)
+    or ``"aes"`` (LUD-10, ``description`` and a text encrypted with the preimage)."""
+
+    tag: str
+    message: str = ""
+    description: str = ""
+    url: str = ""
+    ciphertext: bytes = b""
+    iv: bytes = b""
+
+    def plaintext(self, preimage: bytes | None) -> str:
+        """An ``aes`` action's text: its ciphertext decrypted by AES-256-CBC with the
+        payment's preimage as the key (LUD-10); ``PayoutDestinationError`` without the
+        preimage, or if it does not decrypt to text."""
+        if preimage is None:
+            raise _fail("the aes success action needs the payment's preimage")
+        try:
+            decryptor = Cipher(algorithms.AES(preimage), modes.CBC(self.iv)).decryptor()
+            padded = decryptor.update(self.ciphertext) + decryptor.finalize()
+            unpadder = padding.PKCS7(algorithms.AES.block_size).unpadder()
+            text = (unpadder.update(padded) + unpadder.finalize()).decode()
+        except ValueError:  # a bad key or padding; a UnicodeDecodeError is a ValueError
+            raise _fail("the aes success action does not decrypt with the preimage") from None
+        return text
+
+    def text(self, preimage: bytes | None) -> str:
+        """The action as one line or two to show, service text escaped (``printable``): the
+        message; the description and the URL; the description and the decrypted text."""
+        if self.tag == "message":
+            return printable(self.message)
+        if self.tag == "url":
+            return f"{printable(self.description)}\n{printable(self.url)}"
+        return f"{printable(self.description)}\n{printable(self.plaintext(preimage))}"
+
+    def as_json(self, preimage: bytes | None) -> dict[str, str]:
+        """The action as JSON: its tag and fields, an ``aes`` one decrypted (``plaintext``)."""
+        if self.tag == "message":
+            return {"tag": "message", "message": self.message}
+        if self.tag == "url":
+            return {"tag": "url", "description": self.description, "url": self.url}
+        return {
+            "tag": "aes",
+            "description": self.description,
+            "plaintext": self.plaintext(preimage),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LnurlInvoice:
+    """A service's invoice, checked, and what to show once it is paid."""
+
+    payment_request: str
+    invoice: bolt11.Invoice
+    success_action: SuccessAction | None
 
 
 def _fail(reason: str) -> errors.PayoutDestinationError:
@@ -73,15 +187,19 @@ def pay_url(destination: str) -> yarl.URL:
         raise _fail(str(error)) from None
 
 
-def _with_amount(callback: yarl.URL, amount_msat: int) -> yarl.URL:
-    """``callback`` with ``amount=`` appended to its query, its other parameters kept as they
-    are written (``?flag`` stays valueless); an ``amount`` it had is replaced."""
+def _with_amount(callback: yarl.URL, amount_msat: int, comment: str = "") -> yarl.URL:
+    """``callback`` with ``amount=`` (and a non-empty ``comment=``, percent-encoded)
+    appended to its query, its other parameters kept as they are written (``?flag`` stays
+    valueless); an ``amount`` or ``comment`` it had is replaced."""
     kept = [
         part
         for part in callback.raw_query_string.split("&")
-        if part and part.split("=", 1)[0] != "amount"
+        if part and part.split("=", 1)[0] not in ("amount", "comment")
     ]
-    query = "&".join([*kept, f"amount={amount_msat:d}"])
+    added = [f"amount={amount_msat:d}"]
+    if comment:
+        added.append(f"comment={urllib.parse.quote(comment, safe='')}")
+    query = "&".join([*kept, *added])
     return yarl.URL(f"{callback.with_query(None)}?{query}", encoded=True)
 
 
@@ -90,7 +208,8 @@ def _int(value: object) -> int | None:
 
 
 class LnurlPayClient:
-    """Fetches invoices from LNURL-pay services (``gateway.service.payout.PayRequests``).
+    """Fetches invoices from LNURL-pay services (``gateway.service.payout.PayRequests``,
+    ``l402-gateway pay``).
 
     ``session``: an aiohttp session to use (the caller closes it); by default one of its own,
     made on first use and closed by ``close()``. ``timeout``: seconds per HTTP request;
@@ -152,7 +271,8 @@ class LnurlPayClient:
         metadata = data.get("metadata")
         if not isinstance(metadata, str) or not _is_metadata(metadata):
             raise _fail(f"{host}: the payRequest's metadata is not a JSON array in a string")
-        request = PayRequest(callback_url, Msat(least), Msat(most), metadata)
+        allowed = _int(data.get("commentAllowed"))
+        request = PayRequest(callback_url, Msat(least), Msat(most), metadata, max(0, allowed or 0))
         self._cache[destination] = (self._monotonic(), request)
         return request
 
@@ -166,24 +286,31 @@ class LnurlPayClient:
         self._cache.pop(destination, None)
 
     async def invoice(self, destination: str, amount_msat: Msat) -> str:
-        """A BOLT11 invoice for ``amount_msat`` from the destination's service, checked: it
-        decodes with a valid signature and its description hash is sha256 of the service's
-        metadata. Its amount, network and expiry are the caller's to check."""
+        """A BOLT11 invoice for ``amount_msat`` from the destination's service, checked
+        (``request_invoice``); its network and expiry are the caller's to check."""
+        return (await self.request_invoice(destination, amount_msat)).payment_request
+
+    async def request_invoice(
+        self, destination: str, amount_msat: Msat, comment: str = ""
+    ) -> LnurlInvoice:
+        """An invoice for ``amount_msat`` from the destination's service, ``comment`` sent
+        with it (LUD-12), checked: the service takes the amount and the comment, the invoice
+        decodes with a valid signature, is for exactly ``amount_msat`` and its description
+        hash is sha256 of the service's metadata; a success action it names is well formed.
+        Its network and expiry are the caller's to check."""
         try:
-            return await self._invoice(destination, amount_msat)
+            return await self._invoice(destination, amount_msat, comment)
         except errors.PayoutDestinationError:
             self.forget(destination)
             raise
 
-    async def _invoice(self, destination: str, amount_msat: Msat) -> str:
+    async def _invoice(self, destination: str, amount_msat: Msat, comment: str) -> LnurlInvoice:
         request = await self.pay_request(destination)
         host = request.callback.host
-        if not request.min_sendable_msat <= amount_msat <= request.max_sendable_msat:
-            raise _fail(
-                f"{host}: {amount_msat} msat is outside the service's range "
-                f"{request.min_sendable_msat} to {request.max_sendable_msat} msat"
-            )
-        data = await self._get_json(_with_amount(request.callback, amount_msat))
+        problem = request.problem(amount_msat, comment)
+        if problem is not None:
+            raise _fail(f"{host}: {problem}")
+        data = await self._get_json(_with_amount(request.callback, amount_msat, comment))
         text = data.get("pr")
         if not isinstance(text, str) or not text:
             raise _fail(f"{host}: the callback's answer has no invoice (pr)")
@@ -191,9 +318,15 @@ class LnurlPayClient:
             invoice = bolt11.decode(text)
         except ValueError as error:
             raise _fail(f"{host}: the invoice is not a valid BOLT11 invoice: {error}") from None
+        if invoice.amount_msat != amount_msat:
+            raise _fail(
+                f"{host}: the invoice is for {invoice.amount_msat} msat, not the "
+                f"{amount_msat} msat asked"
+            )
         if invoice.description_hash != hashlib.sha256(request.metadata.encode()).digest():
             raise _fail(f"{host}: the invoice's description hash is not that of the metadata")
-        return text
+        action = _success_action(request.callback, data.get("successAction"))
+        return LnurlInvoice(text, invoice, action)
 
     def _session_now(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -218,9 +351,9 @@ class LnurlPayClient:
                         return self._json(url, response.status, body)
                 raise _fail(f"{url.host}: more than {_MAX_REDIRECTS} redirects")
         except TimeoutError:
-            raise _fail(f"{url.host}: no answer within {self._timeout:g} s") from None
+            raise LnurlUnreachable(f"{url.host}: no answer within {self._timeout:g} s") from None
         except aiohttp.ClientError as error:
-            raise _fail(f"{url.host}: cannot fetch {url.path}: {error}") from None
+            raise LnurlUnreachable(f"{url.host}: cannot fetch {url.path}: {error}") from None
 
     @staticmethod
     def _redirected(url: yarl.URL, origin: tuple[Any, ...], location: str | None) -> yarl.URL:
@@ -262,7 +395,8 @@ class LnurlPayClient:
             shown = printable(reason, _REASON_CHARS) if isinstance(reason, str) else "no reason"
             raise _fail(f"{url.host} refused: {shown}")
         if status != 200:
-            raise _fail(f"{url.host}: HTTP {status} for {printable(url.path, 100)}")
+            failed = LnurlUnreachable if status >= 500 else errors.PayoutDestinationError
+            raise failed(f"{url.host}: HTTP {status} for {printable(url.path, 100)}")
         if not isinstance(data, dict):
             raise _fail(f"{url.host}: the answer is not a JSON object")
         return data
@@ -275,3 +409,58 @@ def _is_metadata(text: str) -> bool:
     except (ValueError, RecursionError):  # nested deeper than the interpreter's stack
         return False
     return isinstance(value, list) and all(isinstance(entry, list) for entry in value)
+
+
+def _text(action: dict[str, Any], key: str, host: str | None) -> str:
+    value = action.get(key)
+    if not isinstance(value, str) or len(value) > _ACTION_CHARS:
+        raise _fail(
+            f"{host}: the success action's {key} is not a text of at most {_ACTION_CHARS} "
+            "characters"
+        )
+    return value
+
+
+def _base64(action: dict[str, Any], key: str, host: str | None) -> bytes:
+    value = action.get(key)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):  # binascii.Error is a ValueError
+            return base64.b64decode(value, validate=True)
+    raise _fail(f"{host}: the aes success action's {key} is not base64")
+
+
+def _success_action(callback: yarl.URL, value: object) -> SuccessAction | None:
+    """The callback answer's ``successAction``, checked (LUD-09, LUD-10); None without one,
+    or with a tag this client does not know (a later LUD: nothing to show)."""
+    host = callback.host
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _fail(f"{host}: the success action is not a JSON object")
+    tag = value.get("tag")
+    if tag not in _SUCCESS_TAGS:
+        return None
+    if tag == "message":
+        return SuccessAction("message", message=_text(value, "message", host))
+    description = _text(value, "description", host)
+    if tag == "url":
+        url = value.get("url")
+        try:
+            target = destinations.url_allowed(yarl.URL(url if isinstance(url, str) else ""))
+        except (ValueError, destinations.DestinationError):
+            raise _fail(f"{host}: the success action's url is not an https:// URL") from None
+        if (target.raw_host or "").lower() != (callback.raw_host or "").lower():
+            raise _fail(f"{host}: the success action's url is not on the callback's host")
+        return SuccessAction("url", description=description, url=str(target))
+    ciphertext, iv = _base64(value, "ciphertext", host), _base64(value, "iv", host)
+    if (
+        len(iv) != 16
+        or not ciphertext
+        or len(ciphertext) % 16
+        or len(ciphertext) > _CIPHERTEXT_BYTES
+    ):
+        raise _fail(
+            f"{host}: the aes success action's iv is not 16 bytes, or its ciphertext not "
+            f"whole AES blocks of at most {_CIPHERTEXT_BYTES} bytes"
+        )
+    return SuccessAction("aes", description=description, ciphertext=ciphertext, iv=iv)

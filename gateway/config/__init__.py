@@ -2,13 +2,15 @@
 
 Every scalar key ``[section] key`` can be set from the environment as
 ``GATEWAY_<SECTION>_<KEY>`` (upper case), e.g. ``GATEWAY_LND_HOST`` or
-``GATEWAY_RATE_LIMIT_BURST``. Routes, ``[[webhook]]`` and ``[[payee]]`` tables are only read
-from the file. ``gateway.sample.toml`` in the repository documents every key; a test loads it.
+``GATEWAY_RATE_LIMIT_BURST``. Routes, ``[[webhook]]``, ``[[payee]]`` and ``[[tip_jar]]``
+tables are only read from the file. ``gateway.sample.toml`` in the repository documents every
+key; a test loads it.
 
 Here: the sections and the loader. ``gateway.config.checks`` holds the value checks and
 limits (and the listen and store URL parsers), ``gateway.config.routes`` the route rules and
 the warnings about suspect ones, ``gateway.config.webhooks`` and ``gateway.config.payouts``
-the webhook endpoints and the revenue split payees; their public names are re-exported here.
+the webhook endpoints and the revenue split payees, ``gateway.config.lnurl`` the tip jars and
+payment links; their public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from gateway.config.checks import (
     require,
     store_location,
 )
+from gateway.config.lnurl import LnurlConfig, TipJarConfig, check_tip_jars
 from gateway.config.payouts import PayeeConfig, PayoutsConfig, check_payees, check_splits
 from gateway.config.routes import STANDARD_METHODS, RouteConfig, route_warnings
 from gateway.config.webhooks import WebhookEndpointConfig, WebhooksConfig, check_endpoints
@@ -85,6 +88,7 @@ __all__ = [
     "HoldConfig",
     "L402Config",
     "LndConfig",
+    "LnurlConfig",
     "MetricsConfig",
     "PathsConfig",
     "PayeeConfig",
@@ -94,6 +98,7 @@ __all__ = [
     "RouteConfig",
     "ServerConfig",
     "StoreConfig",
+    "TipJarConfig",
     "WebhookEndpointConfig",
     "WebhooksConfig",
     "listen_address",
@@ -536,6 +541,8 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     payouts: PayoutsConfig = PayoutsConfig()  # noqa: RUF009 - frozen, immutable
     payee: tuple[PayeeConfig, ...] = ()  # the [[payee]] tables: who gets the routes' splits
+    lnurl: LnurlConfig = LnurlConfig()  # noqa: RUF009 - frozen, immutable
+    tip_jar: tuple[TipJarConfig, ...] = ()  # the [[tip_jar]] tables (LNURL-pay)
     routes: tuple[RouteConfig, ...] = ()
     # The config file's directory: price functions are imported from it first.
     directory: Path | None = None
@@ -560,6 +567,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "admin": AdminConfig,
     "metrics": MetricsConfig,
     "payouts": PayoutsConfig,
+    "lnurl": LnurlConfig,
 }
 
 
@@ -654,7 +662,7 @@ def load_config(
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             # tomllib decodes the bytes itself: a file that is not UTF-8 is not TOML.
             raise ConfigError(f"{path}: invalid TOML: {error}") from None
-    unknown = sorted(set(document) - set(_SECTIONS) - {"routes", "webhook", "payee"})
+    unknown = sorted(set(document) - set(_SECTIONS) - {"routes", "webhook", "payee", "tip_jar"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
 
@@ -688,8 +696,15 @@ def load_config(
     directory = Path(path).resolve().parent if path is not None else None
     webhook = _webhook_endpoints(document.get("webhook", []))
     payee = _payees(document.get("payee", []))
+    tip_jar = _tip_jars(document.get("tip_jar", []), directory)
+    check_tip_jars(tip_jar, sections["lnurl"])
     config = Config(
-        **sections, routes=tuple(routes), webhook=webhook, payee=payee, directory=directory
+        **sections,
+        routes=tuple(routes),
+        webhook=webhook,
+        payee=payee,
+        tip_jar=tip_jar,
+        directory=directory,
     )
     if config.server.upstream is None:
         for index, route in enumerate(config.routes):
@@ -749,6 +764,34 @@ def _payees(raw: object) -> tuple[PayeeConfig, ...]:
         payees.append(_build(PayeeConfig, where, table))
     check_payees(tuple(payees))
     return tuple(payees)
+
+
+def _tip_jars(raw: object, directory: Path | None) -> tuple[TipJarConfig, ...]:
+    """``[[tip_jar]]`` tables, read only from the file (as ``[[payee]]``); a relative
+    ``image`` is taken from ``directory`` (the config file's)."""
+    if not isinstance(raw, list):
+        raise ConfigError("tip_jar must be an array of tables ([[tip_jar]])")
+    jars = []
+    for index, table in enumerate(raw):
+        where = f"tip_jar[{index}]"
+        if not isinstance(table, dict) or "name" not in table or "description" not in table:
+            raise ConfigError(
+                f"{where}: must be a table ([[tip_jar]]) with a name and a description"
+            )
+        name = table["name"]
+        if isinstance(name, str) and name:
+            where = f"[[tip_jar]] {name!r}"
+        for key in ("min", "max"):
+            value = table.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                raise ConfigError(
+                    f'{where}.{key}: write the amount with its unit: "{value}sat" or "{value}msat"'
+                )
+        jar = _build(TipJarConfig, where, table)
+        if jar.image is not None and directory is not None and not jar.image.is_absolute():
+            jar = dataclasses.replace(jar, image=directory / jar.image)
+        jars.append(jar)
+    return tuple(jars)
 
 
 def warn_if_readable_by_others(path: Path, what: str) -> None:

@@ -72,6 +72,12 @@ class RouteConfig:
             0 < lifetime <= MAX_LIFETIME, "lifetime", f"1 to {MAX_LIFETIME} (ten years)", lifetime
         )
         require(self.tier >= 0, "tier", ">= 0", self.tier)
+        if ":" in self.service:
+            # Tokens carry services=name:tier, and tip and link invoices are "tip:"/"link:".
+            raise ValueError(
+                f"route {self.pattern!r}: service {self.service!r} must not contain ':' (a "
+                "token's caveat is services=name:tier)"
+            )
         require(self.billing in BILLINGS, "billing", " or ".join(BILLINGS), self.billing)
         if self.billing == "credit":
             self.credit_amounts()  # raises for amounts that cannot work

@@ -84,8 +84,8 @@ _MESSAGE_CLASSES: tuple[tuple[str, type[errors.BackendError]], ...] = (
     ("self-payments not allowed", errors.BackendBadRequest),
     ("invalid", errors.BackendBadRequest),
     ("invoice still open", errors.BackendBadRequest),
-    ("already settled", errors.BackendBadRequest),
-    ("already canceled", errors.BackendBadRequest),
+    ("already settled", errors.InvoiceAlreadySettled),
+    ("already canceled", errors.InvoiceAlreadyCanceled),
 )
 
 
@@ -222,8 +222,14 @@ class LndClient:
             version=reply.version,
         )
 
-    async def add_invoice(self, amount_msat: Msat, memo: str, expiry: int) -> NewInvoice:
-        request = lightning_pb2.Invoice(value_msat=amount_msat, memo=memo, expiry=expiry)
+    async def add_invoice(
+        self, amount_msat: Msat, memo: str, expiry: int, description_hash: bytes = b""
+    ) -> NewInvoice:
+        """AddInvoice: described by ``memo``, or by ``description_hash`` (the memo then "",
+        as LND refuses both; LNURL-pay's ``h`` tag)."""
+        request = lightning_pb2.Invoice(
+            value_msat=amount_msat, memo=memo, expiry=expiry, description_hash=description_hash
+        )
         reply = await self._unary(self._lightning.AddInvoice, request)
         return NewInvoice(
             payment_hash=PaymentHash(reply.r_hash),

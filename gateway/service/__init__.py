@@ -35,7 +35,8 @@ the response is no longer kept; a refunded token's macaroon gets a challenge say
 Modules: ``decisions`` (the values asked and answered), ``core`` (``L402Service``),
 ``challenge`` (issuing one), ``verify`` (checking a credential), ``credit`` (spending and
 reading a balance), ``withdraw`` (paying a balance out), ``caches``, ``rate_limiter``,
-``redeem``, ``on_success`` (the executor of held requests). Depends only on
+``redeem``, ``on_success`` (the executor of held requests), ``tips`` (tip jars and payment
+links: LNURL-pay and Lightning Address, with ``gateway.lnurl``). Depends only on
 ``gateway.l402``, ``gateway.pricing``, ``gateway.ports`` (and ``gateway.errors``,
 ``gateway.text``); HTTP itself (headers, cookies) is the adapters' business, in
 ``gateway.web``.
@@ -71,6 +72,7 @@ from gateway.service.redeem import (
     RedeemResult,
     RedeemState,
 )
+from gateway.service.tips import LinkStatus, TipJar, Tips
 from gateway.service.withdraw import WithdrawalOutcome, Withdrawer
 
 __all__ = [
@@ -91,6 +93,7 @@ __all__ = [
     "HoldExecutor",
     "HoldTerms",
     "L402Service",
+    "LinkStatus",
     "PaidToken",
     "PaymentChallenge",
     "RateLimiter",
@@ -100,6 +103,8 @@ __all__ = [
     "RequestInfo",
     "RootKeyCache",
     "RunFailed",
+    "TipJar",
+    "Tips",
     "TokenInfo",
     "WithdrawalOutcome",
     "WithdrawalTerms",

@@ -1,6 +1,6 @@
 """Durable state behind the ``Store`` port: token root keys, issued invoices, the cursor,
 credit accounts (reservations, charges, withdrawals), pay-on-success requests, the split
-ledger (payees' shares and payouts), the webhook outbox.
+ledger (payees' shares and payouts), payment links, the webhook outbox.
 
 Implementations: ``SqliteStore`` (the embedded default), ``PostgresStore`` (several gateway
 instances sharing one database) and ``MemoryStore`` (tests). ``open_store`` picks one from a

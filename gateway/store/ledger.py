@@ -1,6 +1,7 @@
 """The split ledger's rules every store applies, so they cannot drift apart: what a settlement
 or a charge credits to whom, which payouts the store records, and what resolving one does to
-its payee's running totals."""
+its payee's running totals; and likewise for payment links, which links and link invoices the
+store records and what a settlement adds to its link."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from gateway.ports import (
     InvoiceState,
     Msat,
     PaymentHash,
+    PaymentLink,
     Payout,
     PayoutState,
     Split,
@@ -114,3 +116,47 @@ def payee_change(payout: Payout) -> PayeeChange:
         merchant_fees=0 if payout.payee_pays_fee else fee,
         last_payout_at=payout.created_at,
     )
+
+
+def check_new_link(link: PaymentLink) -> None:
+    """A link ``add_link`` may record: bounds of at least 1 msat, nothing paid yet."""
+    if not link.link_id:
+        raise ValueError("a payment link needs an id")
+    if not 1 <= link.min_msat <= link.max_msat:
+        raise ValueError(
+            f"a payment link takes 1 <= min_msat <= max_msat, got {link.min_msat} and "
+            f"{link.max_msat}"
+        )
+    if link.paid_count or link.paid_msat or link.last_paid_at is not None:
+        raise ValueError("a new payment link has no payment yet")
+
+
+def check_link_invoice(record: InvoiceRecord) -> None:
+    """An invoice ``add_link_invoice`` may record: one of a link (service ``link:<id>``), and
+    like every link or tip invoice, neither split nor buying credit."""
+    if not record.link_id:
+        raise ValueError(f"not a payment link's invoice: service {record.service!r}")
+    if record.buys_credit or record.split:
+        raise ValueError("a payment link's invoice is never split and buys no credit")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkPayment:
+    """What a settlement adds to its payment link: one payment of ``amount_msat``, and
+    ``last_paid_at`` becomes ``at`` if that is later."""
+
+    link_id: str
+    amount_msat: Msat
+    at: float
+
+
+def link_payment(before: InvoiceRecord, after: InvoiceRecord, now: float) -> LinkPayment | None:
+    """The payment the update from ``before`` to ``after`` adds to its link: when a link's
+    invoice becomes SETTLED, the amount paid (the invoice's when the node reported none) at
+    its ``settled_at`` (``now`` without one); else None. SETTLED is final: once per hash."""
+    if not before.link_id or before.state is InvoiceState.SETTLED:
+        return None
+    if after.state is not InvoiceState.SETTLED:
+        return None
+    at = now if after.settled_at is None else after.settled_at
+    return LinkPayment(before.link_id, after.amount_paid_msat or after.amount_msat, at)

@@ -32,9 +32,11 @@ from gateway.ports import (
     InvoiceState,
     InvoiceTotal,
     InvoiceUpdate,
+    LinkState,
     Msat,
     PayeeBalance,
     PaymentHash,
+    PaymentLink,
     Payout,
     PayoutState,
     Reservation,
@@ -66,13 +68,17 @@ from gateway.store.gate import TransactionGate
 from gateway.store.held import HELD_FINAL, check_move, check_new, delivered, moved
 from gateway.store.ledger import (
     Entries,
+    LinkPayment,
     PayeeChange,
     charge_entries,
     charge_source,
+    check_link_invoice,
+    check_new_link,
     check_new_payout,
     check_resolution,
     duplicate_payout,
     invoice_source,
+    link_payment,
     payee_change,
     resolved,
     settlement_entries,
@@ -116,6 +122,7 @@ class _Tables:
         self.split_entries: dict[tuple[str, str], tuple[Msat, float]] = {}
         self.payees: dict[str, PayeeBalance] = {}
         self.payouts: dict[bytes, tuple[int, Payout]] = {}
+        self.links: dict[str, tuple[int, PaymentLink]] = {}
         # Webhooks: the outbox (event ids never reused, as with AUTOINCREMENT), deliveries by
         # (endpoint, event id), and each endpoint's fan-out cursor.
         self.events: dict[int, WebhookEvent] = {}
@@ -180,7 +187,10 @@ class _Tables:
                 dataclasses.replace(account, credited_msat=Msat(account.credited_msat + credit))
             )
         self._credit_split(invoice_source(record.payment_hash), settlement_entries(record, updated))
-        self._add_events(invoice_events(record, updated, self.clock.now()))
+        now = self.clock.now()
+        payment = link_payment(record, updated, now)
+        link = None if payment is None else self._pay_link(payment)
+        self._add_events(invoice_events(record, updated, now, link))
         return updated
 
     def get_invoice(self, payment_hash: PaymentHash) -> InvoiceRecord | None:
@@ -650,6 +660,74 @@ class _Tables:
             self._delete(self.held, payment_hash)
         return len(doomed)
 
+    # Payment links
+    def add_link(self, link: PaymentLink) -> None:
+        check_new_link(link)
+        if link.link_id in self.links:
+            raise ValueError(f"a payment link {link.link_id!r} exists already")
+        self._set(self.links, link.link_id, (next(self.sequence), link))
+
+    def get_link(self, link_id: str) -> PaymentLink | None:
+        entry = self.links.get(link_id)
+        return None if entry is None else entry[1]
+
+    def list_links(
+        self, state: LinkState | None, now: float, limit: int | None
+    ) -> list[PaymentLink]:
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        entries = sorted(
+            (
+                (link.created_at, sequence, link)
+                for sequence, link in self.links.values()
+                if state is None or link.state(now) is state
+            ),
+            key=lambda entry: (entry[0], entry[1]),
+            reverse=True,
+        )
+        links = [link for _, _, link in entries]
+        return links if limit is None else links[:limit]
+
+    def cancel_link(self, link_id: str, now: float) -> PaymentLink | None:
+        entry = self.links.get(link_id)
+        if entry is None:
+            return None
+        sequence, link = entry
+        if link.canceled_at is None:
+            link = dataclasses.replace(link, canceled_at=now)
+            self._set(self.links, link_id, (sequence, link))
+        return link
+
+    def add_link_invoice(self, record: InvoiceRecord, replaces: PaymentHash | None) -> bool:
+        check_link_invoice(record)
+        entry = self.links.get(record.link_id)
+        if entry is None:
+            return False
+        sequence, link = entry
+        if link.single_use:
+            if link.open_hash != replaces or link.paid_count or link.canceled_at is not None:
+                return False
+            opened = dataclasses.replace(link, open_hash=record.payment_hash)
+            self._set(self.links, link.link_id, (sequence, opened))
+        self.add_invoice(record)
+        return True
+
+    def _pay_link(self, payment: LinkPayment) -> PaymentLink | None:
+        """Add ``payment`` to its link; the link after, None when it is unknown."""
+        entry = self.links.get(payment.link_id)
+        if entry is None:
+            return None
+        sequence, link = entry
+        last = payment.at if link.last_paid_at is None else max(link.last_paid_at, payment.at)
+        paid = dataclasses.replace(
+            link,
+            paid_count=link.paid_count + 1,
+            paid_msat=Msat(link.paid_msat + payment.amount_msat),
+            last_paid_at=last,
+        )
+        self._set(self.links, payment.link_id, (sequence, paid))
+        return paid
+
     # Webhooks
     def _add_events(self, events: list[NewEvent]) -> None:
         for event in events:
@@ -983,6 +1061,23 @@ class _MemoryOperations:
 
     async def split_totals(self) -> SplitTotals:
         return await self._run(lambda tables: tables.split_totals())
+
+    async def add_link(self, link: PaymentLink) -> None:
+        await self._run(lambda tables: tables.add_link(link))
+
+    async def get_link(self, link_id: str) -> PaymentLink | None:
+        return await self._run(lambda tables: tables.get_link(link_id))
+
+    async def list_links(
+        self, state: LinkState | None = None, now: float = 0.0, limit: int | None = None
+    ) -> list[PaymentLink]:
+        return await self._run(lambda tables: tables.list_links(state, now, limit))
+
+    async def cancel_link(self, link_id: str, now: float) -> PaymentLink | None:
+        return await self._run(lambda tables: tables.cancel_link(link_id, now))
+
+    async def add_link_invoice(self, record: InvoiceRecord, replaces: PaymentHash | None) -> bool:
+        return await self._run(lambda tables: tables.add_link_invoice(record, replaces))
 
     async def add_held_request(self, held: HeldRequest) -> None:
         await self._run(lambda tables: tables.add_held_request(held))

@@ -3,8 +3,8 @@ event, its resource (what orders a receiver's events) and its JSON payload.
 
 Each function gets the row before and after one write and returns the events to insert in
 that same write: an event exists exactly when its change was committed. Payloads name the
-payment hash, token id (hex), service, payee and amounts in msat; never a preimage, root key,
-macaroon, request headers or body.
+payment hash, token id (hex), service, payee, tip jar or payment link, amounts in msat and a
+payer's comment; never a preimage, root key, macaroon, request headers or body.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from gateway.ports import (
     HeldState,
     InvoiceRecord,
     InvoiceState,
+    PaymentLink,
     Payout,
     PayoutState,
     Withdrawal,
@@ -51,9 +52,16 @@ def _event(kind: str, resource: str, now: float, data: dict[str, Any]) -> NewEve
     return NewEvent(kind, resource, json.dumps(body, separators=(",", ":"), sort_keys=True))
 
 
-def invoice_events(before: InvoiceRecord, after: InvoiceRecord, now: float) -> list[NewEvent]:
+def invoice_events(
+    before: InvoiceRecord, after: InvoiceRecord, now: float, link: PaymentLink | None = None
+) -> list[NewEvent]:
     """The events of ``apply_update`` moving ``before`` to ``after``: none unless its state
-    really changed to SETTLED, EXPIRED or CANCELED (a replayed report writes nothing)."""
+    really changed to SETTLED, EXPIRED or CANCELED (a replayed report writes nothing).
+
+    A settled invoice: ``invoice.settled`` (with the payer's comment, if any), then what it
+    was for: ``credit.deposited``, ``tip.received`` (a tip jar's), ``link.paid`` (a payment
+    link's; ``link`` is the link as this settlement left it, None when it is unknown) or
+    ``token.bought`` (a challenge's)."""
     if after.state is before.state:
         return []
     resource = f"invoice:{after.payment_hash.hex()}"
@@ -70,11 +78,33 @@ def invoice_events(before: InvoiceRecord, after: InvoiceRecord, now: float) -> l
     if after.state is not InvoiceState.SETTLED:
         return []
     paid = {**data, "amount_paid_msat": after.amount_paid_msat, "settled_at": after.settled_at}
-    events = [_event("invoice.settled", resource, now, paid)]
+    comment = {"comment": after.comment} if after.comment else {}
+    events = [_event("invoice.settled", resource, now, {**paid, **comment})]
+    # As the credit and the link count it: the amount when the node reported none paid.
+    received = after.amount_paid_msat or after.amount_msat
     if credit := credit_bought(before, after):
         account = f"account:{after.token_id.hex()}"
         deposit = {**data, "amount_msat": credit}
         events.append(_event("credit.deposited", account, now, deposit))
+    elif jar := after.tip_jar:
+        tip = {
+            "jar": jar,
+            "payment_hash": after.payment_hash.hex(),
+            "amount_paid_msat": received,
+            "comment": after.comment,
+            "settled_at": after.settled_at,
+        }
+        events.append(_event("tip.received", f"tip:{jar}", now, tip))
+    elif after.link_id:
+        if link is not None:
+            payment = {
+                "link_id": link.link_id,
+                "payment_hash": after.payment_hash.hex(),
+                "amount_paid_msat": received,
+                "comment": after.comment,
+                "paid_count": link.paid_count,
+            }
+            events.append(_event("link.paid", f"link:{link.link_id}", now, payment))
     elif not after.buys_credit:
         events.append(_event("token.bought", resource, now, paid))
     return events

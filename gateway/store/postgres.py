@@ -70,9 +70,11 @@ from gateway.ports import (
     InvoiceState,
     InvoiceTotal,
     InvoiceUpdate,
+    LinkState,
     Msat,
     PayeeBalance,
     PaymentHash,
+    PaymentLink,
     Payout,
     PayoutState,
     Reservation,
@@ -104,13 +106,17 @@ from gateway.store.held import ANSWERED, HELD_FINAL, check_move, check_new, keep
 from gateway.store.held import predecessors as held_predecessors
 from gateway.store.ledger import (
     Entries,
+    LinkPayment,
     charge_entries,
     charge_source,
+    check_link_invoice,
+    check_new_link,
     check_new_payout,
     check_resolution,
     duplicate_payout,
     earned,
     invoice_source,
+    link_payment,
     payee_change,
     resolved,
     settlement_entries,
@@ -174,14 +180,16 @@ _ADD_INVOICE = """
     INSERT INTO invoices (
         payment_hash, payment_request, amount_msat, token_id, service, method, path, state,
         created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-        buys_credit, split
-    ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+        buys_credit, split, comment
+    ) VALUES (
+        $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17
+    )
     ON CONFLICT (payment_hash) DO NOTHING
 """
 _GET_INVOICE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path, state,
            created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit, split
+           buys_credit, split, comment
     FROM invoices WHERE payment_hash = $1
 """
 # The row locked to the commit: a racing report waits, then finds it SETTLED already.
@@ -195,7 +203,7 @@ _SET_STATE = """
 _LIST_INVOICES = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path, state,
            created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit, split
+           buys_credit, split, comment
     FROM invoices WHERE $1::text IS NULL OR state = $1
     ORDER BY created_at DESC, seq DESC LIMIT $2
 """
@@ -209,7 +217,7 @@ _INVOICE_TOTALS = """
 _LIST_OVERDUE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path, state,
            created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit, split
+           buys_credit, split, comment
     FROM invoices WHERE state = 'OPEN' AND expires_at < $1 ORDER BY expires_at, seq LIMIT $2
 """
 # As SQLite's: settled at (created at, when the node gave no time) bucketed from the epoch;
@@ -227,7 +235,7 @@ _REVENUE = """
 _LIST_OPEN_CREDIT_INVOICES = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path, state,
            created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit, split
+           buys_credit, split, comment
     FROM invoices WHERE token_id = $1 AND state = 'OPEN' AND buys_credit
     ORDER BY created_at DESC, seq DESC LIMIT $2
 """
@@ -475,6 +483,56 @@ _SPLIT_TOTALS = """
                coalesce(sum(fees_msat), 0)::bigint, coalesce(sum(merchant_fees_msat), 0)::bigint
         FROM payees
     ) AS p
+"""
+
+# Payment links.
+_ADD_LINK = """
+    INSERT INTO payment_links (
+        link_id, memo, min_msat, max_msat, single_use, created_at, expires_at, canceled_at,
+        paid_count, paid_msat, last_paid_at, open_hash
+    ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+    ON CONFLICT (link_id) DO NOTHING
+"""
+_GET_LINK = """
+    SELECT link_id, memo, min_msat, max_msat, single_use, created_at, expires_at, canceled_at,
+           paid_count, paid_msat, last_paid_at, open_hash
+    FROM payment_links WHERE link_id = $1
+"""
+# $1 the state (NULL: any), judged at $2 (the CASE is ``PaymentLink.state``); LIMIT NULL is
+# no limit.
+_LIST_LINKS = """
+    SELECT link_id, memo, min_msat, max_msat, single_use, created_at, expires_at, canceled_at,
+           paid_count, paid_msat, last_paid_at, open_hash
+    FROM payment_links
+    WHERE $1::text IS NULL OR $1 = CASE WHEN canceled_at IS NOT NULL THEN 'CANCELED'
+                                        WHEN single_use AND paid_count > 0 THEN 'PAID'
+                                        WHEN expires_at <= $2 THEN 'EXPIRED'
+                                        ELSE 'OPEN' END
+    ORDER BY created_at DESC, seq DESC LIMIT $3
+"""
+_CANCEL_LINK = """
+    UPDATE payment_links SET canceled_at = coalesce(canceled_at, $2) WHERE link_id = $1
+    RETURNING link_id, memo, min_msat, max_msat, single_use, created_at, expires_at, canceled_at,
+              paid_count, paid_msat, last_paid_at, open_hash
+"""
+_IS_SINGLE_USE = "SELECT single_use FROM payment_links WHERE link_id = $1"
+# The compare-and-set of a single-use link's open invoice: one conditional UPDATE, so of two
+# instances replacing the same invoice the second waits for the first's row lock, then finds
+# the open hash changed and updates nothing.
+_OPEN_LINK_INVOICE = """
+    UPDATE payment_links SET open_hash = $2
+    WHERE link_id = $1 AND single_use AND open_hash IS NOT DISTINCT FROM $3
+      AND paid_count = 0 AND canceled_at IS NULL
+"""
+# The latest payment's time only grows (greatest() ignores NULL).
+_PAY_LINK = """
+    UPDATE payment_links SET
+        paid_count = paid_count + 1,
+        paid_msat = paid_msat + $2,
+        last_paid_at = greatest(last_paid_at, $3::double precision)
+    WHERE link_id = $1
+    RETURNING link_id, memo, min_msat, max_msat, single_use, created_at, expires_at, canceled_at,
+              paid_count, paid_msat, last_paid_at, open_hash
 """
 
 # Pay-on-success requests; states as a text array.
@@ -730,7 +788,7 @@ class _PostgresOperations:
 
     async def apply_update(self, update: InvoiceUpdate) -> InvoiceRecord | None:
         """Settling an invoice that buys credit credits its account in the same write, one
-        with a split the payees' shares."""
+        with a split the payees' shares, a payment link's the link's totals."""
         now = self._clock.now()
 
         async def apply(connection: Connection) -> InvoiceRecord | None:
@@ -752,7 +810,9 @@ class _PostgresOperations:
                 await connection.execute(_CREDIT, record.token_id, record.service, credit, now)
             entries = settlement_entries(record, updated)
             await _credit_split(connection, invoice_source(record.payment_hash), entries, now)
-            await _add_events(connection, invoice_events(record, updated, now), now)
+            payment = link_payment(record, updated, now)
+            link = None if payment is None else await _pay_link(connection, payment)
+            await _add_events(connection, invoice_events(record, updated, now, link), now)
             return updated
 
         return await self._run("apply_update", apply, atomic=True)
@@ -1096,6 +1156,59 @@ class _PostgresOperations:
             return convert.split_totals(row)
 
         return await self._run("split_totals", totals)
+
+    async def add_link(self, link: PaymentLink) -> None:
+        check_new_link(link)
+        values = convert.link_values(link)
+
+        async def add(connection: Connection) -> None:
+            if not _count(await connection.execute(_ADD_LINK, *values)):
+                raise ValueError(f"a payment link {link.link_id!r} exists already")
+
+        await self._run("add_link", add)
+
+    async def get_link(self, link_id: str) -> PaymentLink | None:
+        async def get(connection: Connection) -> PaymentLink | None:
+            row = await connection.fetchrow(_GET_LINK, link_id)
+            return None if row is None else convert.payment_link(row)
+
+        return await self._run("get_link", get)
+
+    async def list_links(
+        self, state: LinkState | None = None, now: float = 0.0, limit: int | None = None
+    ) -> list[PaymentLink]:
+        convert.check_limit(limit)
+        value = None if state is None else state.value
+
+        async def list_(connection: Connection) -> list[PaymentLink]:
+            rows = await connection.fetch(_LIST_LINKS, value, now, limit)
+            return [convert.payment_link(row) for row in rows]
+
+        return await self._run("list_links", list_)
+
+    async def cancel_link(self, link_id: str, now: float) -> PaymentLink | None:
+        async def cancel(connection: Connection) -> PaymentLink | None:
+            row = await connection.fetchrow(_CANCEL_LINK, link_id, now)
+            return None if row is None else convert.payment_link(row)
+
+        return await self._run("cancel_link", cancel)
+
+    async def add_link_invoice(self, record: InvoiceRecord, replaces: PaymentHash | None) -> bool:
+        """A single-use link's compare-and-set, then the insert, in one transaction; a link
+        that matched nothing is reusable (its kind never changes), single use or unknown."""
+        check_link_invoice(record)
+        values = convert.invoice_values(record)
+
+        async def add(connection: Connection) -> bool:
+            claim = (record.link_id, record.payment_hash, replaces)
+            if not _count(await connection.execute(_OPEN_LINK_INVOICE, *claim)):
+                single_use = await connection.fetchval(_IS_SINGLE_USE, record.link_id)
+                if single_use is not False:  # taken (True) or unknown (None); else reusable
+                    return False
+            await connection.execute(_ADD_INVOICE, *values)
+            return True
+
+        return await self._run("add_link_invoice", add, atomic=True)
 
     async def add_held_request(self, held: HeldRequest) -> None:
         check_new(held)
@@ -1682,6 +1795,13 @@ async def _credit_split(connection: Connection, source: str, entries: Entries, a
         _ADD_SPLIT_ENTRY, [(source, payee, share, at) for payee, share in entries]
     )
     await connection.executemany(_EARN, earned(entries))
+
+
+async def _pay_link(connection: Connection, payment: LinkPayment) -> PaymentLink | None:
+    """Add ``payment`` to its link, in the caller's transaction (its row locked to the
+    commit); the link after it, None when it is unknown."""
+    row = await connection.fetchrow(_PAY_LINK, payment.link_id, payment.amount_msat, payment.at)
+    return None if row is None else convert.payment_link(row)
 
 
 async def _add_events(connection: Connection, events: Iterable[NewEvent], now: float) -> None:

@@ -269,6 +269,29 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX payouts_state_created_at ON payouts (state, created_at, seq)",
         "CREATE INDEX payouts_created_at ON payouts (created_at, seq)",
     ),
+    # 3: tips and payment links, as SQLite's step 7: each invoice keeps its payer's comment;
+    # the payment links, their running totals and a single-use link's open invoice.
+    (
+        "ALTER TABLE invoices ADD COLUMN comment text NOT NULL DEFAULT ''",
+        """
+        CREATE TABLE payment_links (
+            seq          bigint GENERATED ALWAYS AS IDENTITY,
+            link_id      text PRIMARY KEY,
+            memo         text NOT NULL,
+            min_msat     bigint NOT NULL CHECK (min_msat >= 1),
+            max_msat     bigint NOT NULL CHECK (max_msat >= min_msat),
+            single_use   boolean NOT NULL,
+            created_at   double precision NOT NULL,
+            expires_at   double precision,  -- NULL: never
+            canceled_at  double precision,
+            paid_count   bigint NOT NULL CHECK (paid_count >= 0),
+            paid_msat    bigint NOT NULL CHECK (paid_msat >= 0),
+            last_paid_at double precision,
+            open_hash    bytea
+        )
+        """,
+        "CREATE INDEX payment_links_created_at ON payment_links (created_at, seq)",
+    ),
 )
 
 LATEST = len(MIGRATIONS)

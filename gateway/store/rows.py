@@ -20,6 +20,7 @@ from gateway.ports import (
     Msat,
     PayeeBalance,
     PaymentHash,
+    PaymentLink,
     Payout,
     PayoutState,
     Preimage,
@@ -67,6 +68,7 @@ def invoice_record(row: Row) -> InvoiceRecord:
         settled_at=None if row[13] is None else float(row[13]),
         buys_credit=bool(row[14]),
         split=decode_split(str(row[15])),
+        comment=str(row[16]),
     )
 
 
@@ -89,6 +91,42 @@ def invoice_values(record: InvoiceRecord) -> tuple[object, ...]:
         record.settled_at,
         record.buys_credit,
         encode_split(record.split),
+        record.comment,
+    )
+
+
+def payment_link(row: Row) -> PaymentLink:
+    return PaymentLink(
+        link_id=str(row[0]),
+        memo=str(row[1]),
+        min_msat=Msat(int(row[2])),
+        max_msat=Msat(int(row[3])),
+        single_use=bool(row[4]),
+        created_at=float(row[5]),
+        expires_at=None if row[6] is None else float(row[6]),
+        canceled_at=None if row[7] is None else float(row[7]),
+        paid_count=int(row[8]),
+        paid_msat=Msat(int(row[9])),
+        last_paid_at=None if row[10] is None else float(row[10]),
+        open_hash=None if row[11] is None else PaymentHash(bytes(row[11])),
+    )
+
+
+def link_values(link: PaymentLink) -> tuple[object, ...]:
+    """In the order of ``payment_link``'s columns."""
+    return (
+        link.link_id,
+        link.memo,
+        link.min_msat,
+        link.max_msat,
+        link.single_use,
+        link.created_at,
+        link.expires_at,
+        link.canceled_at,
+        link.paid_count,
+        link.paid_msat,
+        link.last_paid_at,
+        link.open_hash,
     )
 
 

@@ -49,9 +49,11 @@ from gateway.ports import (
     InvoiceState,
     InvoiceTotal,
     InvoiceUpdate,
+    LinkState,
     Msat,
     PayeeBalance,
     PaymentHash,
+    PaymentLink,
     Payout,
     PayoutState,
     Reservation,
@@ -90,13 +92,17 @@ from gateway.store.held import (
 )
 from gateway.store.ledger import (
     Entries,
+    LinkPayment,
     charge_entries,
     charge_source,
+    check_link_invoice,
+    check_new_link,
     check_new_payout,
     check_resolution,
     duplicate_payout,
     earned,
     invoice_source,
+    link_payment,
     payee_change,
     resolved,
     settlement_entries,
@@ -126,8 +132,8 @@ _ADD_INVOICE = """
     INSERT INTO invoices (
         payment_hash, payment_request, amount_msat, token_id, service, method, path,
         state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-        buys_credit, split
-    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        buys_credit, split, comment
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (payment_hash) DO NOTHING
 """
 # Writes what ``InvoiceRecord.updated`` decided (the state rules are not repeated in SQL).
@@ -138,14 +144,14 @@ _SET_STATE = """
 _GET_INVOICE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit, split
+           buys_credit, split, comment
     FROM invoices WHERE payment_hash = ?
 """
 # LIMIT -1 is SQLite for "no limit".
 _LIST_INVOICES = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit, split
+           buys_credit, split, comment
     FROM invoices ORDER BY created_at DESC, rowid DESC LIMIT ?
 """
 # Sums as integers (sum() of no rows is NULL: coalesced).
@@ -159,13 +165,13 @@ _INVOICE_TOTALS = """
 _LIST_INVOICES_IN_STATE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit, split
+           buys_credit, split, comment
     FROM invoices WHERE state = ? ORDER BY created_at DESC, rowid DESC LIMIT ?
 """
 _LIST_OVERDUE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit, split
+           buys_credit, split, comment
     FROM invoices WHERE state = 'OPEN' AND expires_at < ? ORDER BY expires_at, rowid LIMIT ?
 """
 # Settled at (created at, when the node gave no time) bucketed from the epoch; the amount
@@ -184,7 +190,7 @@ _REVENUE = """
 _LIST_OPEN_CREDIT_INVOICES = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
-           buys_credit, split
+           buys_credit, split, comment
     FROM invoices WHERE token_id = ? AND +state = 'OPEN' AND buys_credit
     ORDER BY created_at DESC, rowid DESC LIMIT ?
 """
@@ -392,6 +398,49 @@ _SPLIT_TOTALS = """
                coalesce(sum(fees_msat), 0), coalesce(sum(merchant_fees_msat), 0)
         FROM payees
     )
+"""
+
+# Payment links.
+_ADD_LINK = """
+    INSERT INTO payment_links (
+        link_id, memo, min_msat, max_msat, single_use, created_at, expires_at, canceled_at,
+        paid_count, paid_msat, last_paid_at, open_hash
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (link_id) DO NOTHING
+"""
+_GET_LINK = """
+    SELECT link_id, memo, min_msat, max_msat, single_use, created_at, expires_at, canceled_at,
+           paid_count, paid_msat, last_paid_at, open_hash
+    FROM payment_links WHERE link_id = ?
+"""
+# The state (NULL: any), twice, then the time it is judged at (the CASE is
+# ``PaymentLink.state``); LIMIT -1: no limit.
+_LIST_LINKS = """
+    SELECT link_id, memo, min_msat, max_msat, single_use, created_at, expires_at, canceled_at,
+           paid_count, paid_msat, last_paid_at, open_hash
+    FROM payment_links
+    WHERE ? IS NULL OR ? = CASE WHEN canceled_at IS NOT NULL THEN 'CANCELED'
+                                WHEN single_use AND paid_count > 0 THEN 'PAID'
+                                WHEN expires_at <= ? THEN 'EXPIRED'
+                                ELSE 'OPEN' END
+    ORDER BY created_at DESC, rowid DESC LIMIT ?
+"""
+_CANCEL_LINK = "UPDATE payment_links SET canceled_at = coalesce(canceled_at, ?) WHERE link_id = ?"
+_IS_SINGLE_USE = "SELECT single_use FROM payment_links WHERE link_id = ?"
+# The compare-and-set of a single-use link's open invoice: one statement, so of two processes
+# replacing the same invoice only the first finds it still there (the other's rowcount is 0).
+_OPEN_LINK_INVOICE = """
+    UPDATE payment_links SET open_hash = ?
+    WHERE link_id = ? AND single_use AND open_hash IS ? AND paid_count = 0
+      AND canceled_at IS NULL
+"""
+# The latest payment's time only grows.
+_PAY_LINK = """
+    UPDATE payment_links SET
+        paid_count = paid_count + 1,
+        paid_msat = paid_msat + ?,
+        last_paid_at = max(coalesce(last_paid_at, ?), ?)
+    WHERE link_id = ?
 """
 
 # Pay-on-success requests. ``{states}``: one ``?`` per state of a list (``_states``).
@@ -611,8 +660,8 @@ class _SqliteOperations:
 
     async def apply_update(self, update: InvoiceUpdate) -> InvoiceRecord | None:
         """Settling an invoice that buys credit credits its account in the same write, one
-        with a split the payees' shares; the read and the write hold the write lock, so a
-        racing report finds it SETTLED already."""
+        with a split the payees' shares, a payment link's the link's totals; the read and the
+        write hold the write lock, so a racing report finds it SETTLED already."""
         now = self._clock.now()
 
         def apply(connection: sqlite3.Connection) -> InvoiceRecord | None:
@@ -636,7 +685,9 @@ class _SqliteOperations:
                 connection.execute(_CREDIT, (record.token_id, record.service, credit, now))
             entries = settlement_entries(record, updated)
             _credit_split(connection, invoice_source(record.payment_hash), entries, now)
-            _add_events(connection, invoice_events(record, updated, now), now)
+            payment = link_payment(record, updated, now)
+            link = None if payment is None else _pay_link(connection, payment)
+            _add_events(connection, invoice_events(record, updated, now, link), now)
             return updated
 
         return await self._run("apply_update", apply, atomic=True)
@@ -987,6 +1038,59 @@ class _SqliteOperations:
             return convert.split_totals(connection.execute(_SPLIT_TOTALS).fetchone())
 
         return await self._run("split_totals", totals)
+
+    async def add_link(self, link: PaymentLink) -> None:
+        check_new_link(link)
+        values = convert.link_values(link)
+
+        def add(connection: sqlite3.Connection) -> None:
+            if not connection.execute(_ADD_LINK, values).rowcount:
+                raise ValueError(f"a payment link {link.link_id!r} exists already")
+
+        await self._run("add_link", add)
+
+    async def get_link(self, link_id: str) -> PaymentLink | None:
+        def get(connection: sqlite3.Connection) -> PaymentLink | None:
+            return _get_link(connection, link_id)
+
+        return await self._run("get_link", get)
+
+    async def list_links(
+        self, state: LinkState | None = None, now: float = 0.0, limit: int | None = None
+    ) -> list[PaymentLink]:
+        value = None if state is None else state.value
+        parameters = (value, value, now, _sql_limit(limit))
+
+        def list_(connection: sqlite3.Connection) -> list[PaymentLink]:
+            rows = connection.execute(_LIST_LINKS, parameters)
+            return [convert.payment_link(row) for row in rows]
+
+        return await self._run("list_links", list_)
+
+    async def cancel_link(self, link_id: str, now: float) -> PaymentLink | None:
+        def cancel(connection: sqlite3.Connection) -> PaymentLink | None:
+            connection.execute(_CANCEL_LINK, (now, link_id))
+            return _get_link(connection, link_id)
+
+        return await self._run("cancel_link", cancel, atomic=True)
+
+    async def add_link_invoice(self, record: InvoiceRecord, replaces: PaymentHash | None) -> bool:
+        """The link's kind is read under the write lock, and never changes."""
+        check_link_invoice(record)
+        values = convert.invoice_values(record)
+
+        def add(connection: sqlite3.Connection) -> bool:
+            row = connection.execute(_IS_SINGLE_USE, (record.link_id,)).fetchone()
+            if row is None:
+                return False
+            if row[0]:
+                claim = (record.payment_hash, record.link_id, replaces)
+                if not connection.execute(_OPEN_LINK_INVOICE, claim).rowcount:
+                    return False
+            connection.execute(_ADD_INVOICE, values)
+            return True
+
+        return await self._run("add_link_invoice", add, atomic=True)
 
     async def add_held_request(self, held: HeldRequest) -> None:
         check_new(held)
@@ -1625,6 +1729,19 @@ def _credit_split(connection: sqlite3.Connection, source: str, entries: Entries,
         _ADD_SPLIT_ENTRY, ((source, payee, share, at) for payee, share in entries)
     )
     connection.executemany(_EARN, earned(entries))
+
+
+def _get_link(connection: sqlite3.Connection, link_id: str) -> PaymentLink | None:
+    row = connection.execute(_GET_LINK, (link_id,)).fetchone()
+    return None if row is None else convert.payment_link(row)
+
+
+def _pay_link(connection: sqlite3.Connection, payment: LinkPayment) -> PaymentLink | None:
+    """Add ``payment`` to its link, in the caller's transaction; the link after it, None when
+    it is unknown."""
+    at = payment.at
+    connection.execute(_PAY_LINK, (payment.amount_msat, at, at, payment.link_id))
+    return _get_link(connection, payment.link_id)
 
 
 def _balance(connection: sqlite3.Connection, token_id: bytes) -> Msat:

@@ -300,11 +300,35 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX payouts_state_created_at ON payouts (state, created_at)",
         "CREATE INDEX payouts_created_at ON payouts (created_at)",
     ),
+    # 7: tips and payment links. Each invoice keeps its payer's comment (LUD-12; '' for
+    # none). A payment link with its running totals (settlements add to them, once each) and,
+    # single use, the one invoice that may pay it now (``open_hash``); listed newest first.
+    (
+        "ALTER TABLE invoices ADD COLUMN comment TEXT NOT NULL DEFAULT ''",
+        """
+        CREATE TABLE payment_links (
+            link_id      TEXT PRIMARY KEY NOT NULL,
+            memo         TEXT NOT NULL,
+            min_msat     INTEGER NOT NULL CHECK (min_msat >= 1),
+            max_msat     INTEGER NOT NULL CHECK (max_msat >= min_msat),
+            single_use   INTEGER NOT NULL,
+            created_at   REAL NOT NULL,
+            expires_at   REAL,                 -- NULL: never
+            canceled_at  REAL,
+            paid_count   INTEGER NOT NULL CHECK (paid_count >= 0),
+            paid_msat    INTEGER NOT NULL CHECK (paid_msat >= 0),
+            last_paid_at REAL,
+            open_hash    BLOB
+        )
+        """,
+        "CREATE INDEX payment_links_created_at ON payment_links (created_at)",
+    ),
 )
 
-# The steps that add a column to the invoices (``_read_as_latest`` stands in for it).
-_BUYS_CREDIT_STEP = 3
-_SPLIT_STEP = 6
+# The columns steps added to the invoices, with the value an older row reads as
+# (``_read_as_latest`` stands in for them): step, column, value.
+_INVOICE_COLUMNS = ((3, "buys_credit", "0"), (6, "split", "''"), (7, "comment", "''"))
+_INVOICES_AS_LATEST = "CREATE TEMP VIEW invoices AS SELECT *, {columns} FROM main.invoices"
 
 
 def connect(path: Path, synchronous: Synchronous, read_only: bool) -> sqlite3.Connection:
@@ -466,16 +490,12 @@ def _check_readable(connection: sqlite3.Connection, path: Path) -> None:
 def _read_as_latest(connection: sqlite3.Connection, version: int) -> None:
     """Let a read-only connection to an older schema run the current queries: what it lacks
     appears empty, as TEMP objects (they live in the connection, never in the file, and
-    shadow the file's tables of the same name). Before 3 the invoices lack ``buys_credit``,
-    before 6 their ``split``; the other steps add tables (a later step that changes an
+    shadow the file's tables of the same name). The invoices lack the columns of the later
+    steps of ``_INVOICE_COLUMNS``; the other steps add tables (a later step that changes an
     existing table needs its own stand-in here)."""
-    if version < _BUYS_CREDIT_STEP:
-        connection.execute(
-            "CREATE TEMP VIEW invoices AS"
-            " SELECT *, 0 AS buys_credit, '' AS split FROM main.invoices"
-        )
-    elif version < _SPLIT_STEP:
-        connection.execute("CREATE TEMP VIEW invoices AS SELECT *, '' AS split FROM main.invoices")
+    missing = [f"{value} AS {column}" for step, column, value in _INVOICE_COLUMNS if version < step]
+    if missing:
+        connection.execute(_INVOICES_AS_LATEST.format(columns=", ".join(missing)))
     for step in MIGRATIONS[max(version, 2) :]:
         for statement in step:
             if statement.lstrip().startswith("CREATE TABLE"):

@@ -20,6 +20,10 @@ credential when the request has no L402 ``Authorization``. It also answers the c
 endpoints, ``GET /.well-known/l402/token`` and ``POST /.well-known/l402/withdraw``
 (:mod:`gateway.web.credit`).
 
+**Tip jars and payment links** (LNURL-pay, Lightning Address, link pages:
+:mod:`gateway.web.lnurl`): ``add_tip_routes(app, slot)`` answers their paths before the L402
+middleware (never priced); the ``TipsSlot`` is filled in while the gateway runs.
+
 **Credit routes.** The request's price is held from the token's balance before the handler
 runs. When the handler returns its response (or raises: an ``HTTPException`` by its status),
 the charge is finished with that status before the response goes out, and the balance after
@@ -68,6 +72,7 @@ from gateway.web.credit import (
     handle_token_info,
     handle_withdraw,
 )
+from gateway.web.lnurl import TipsSlot, handle_tips, is_tips_path
 from gateway.web.method_override import OVERRIDE_HEADERS, method_overrides
 from gateway.web.paywall import MAX_REDEEM_BODY, REDEEM_PATH, handle_redeem, render_challenge
 from gateway.web.responses import BALANCE_HEADER, HttpResponse, client_address
@@ -146,6 +151,43 @@ def _method_overrides(request: web.BaseRequest) -> tuple[str, ...]:
 
 def _response(response: HttpResponse) -> web.Response:
     return web.Response(status=response.status, headers=list(response.headers), body=response.body)
+
+
+# Set on an application that answers the tip and link paths itself (``add_tip_routes``).
+_ANSWERS_TIPS = web.AppKey("l402_answers_tips", bool)
+
+
+def tips_middleware(slot: TipsSlot, *, trust_forwarded_for: bool = False) -> Middleware:
+    """A middleware that answers the tip jar and payment link paths (``gateway.web.lnurl``)
+    itself, before any other middleware it is put in front of; other requests pass on."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        raw_path = request.rel_url.raw_path
+        if not is_tips_path(raw_path):
+            return await handler(request)
+        query: dict[str, str] = {}
+        for name, value in request.query.items():
+            query.setdefault(name, value)  # the first of repeated parameters
+        forwarded_for = ",".join(request.headers.getall(hdrs.X_FORWARDED_FOR, ()))
+        client = client_address(request.remote, forwarded_for, trust_forwarded_for)
+        return _response(
+            await handle_tips(
+                slot, method=request.method, raw_path=raw_path, query=query, client=client
+            )
+        )
+
+    return middleware
+
+
+def add_tip_routes(
+    app: web.Application, tips: TipsSlot, *, trust_forwarded_for: bool = False
+) -> None:
+    """Answer the tip jar and payment link paths on ``app`` (LNURL-pay, Lightning Address,
+    link pages: ``gateway.web.lnurl``), before the L402 middleware: never priced. ``tips``
+    is filled in while the gateway runs (``running_gateway(..., tips=slot)``)."""
+    app[_ANSWERS_TIPS] = True  # the L402 decision before 100 Continue leaves them alone
+    app.middlewares.insert(0, tips_middleware(tips, trust_forwarded_for=trust_forwarded_for))
 
 
 async def _read_limited(request: web.Request, limit: int) -> bytes:
@@ -378,7 +420,9 @@ class _DecideFirst:
         self._route_handler = route_handler
 
     async def __call__(self, request: web.Request) -> web.StreamResponse | None:
-        if request.path not in _OWN_PATHS:
+        if request.path not in _OWN_PATHS and not (
+            request.app.get(_ANSWERS_TIPS, False) and is_tips_path(request.rel_url.raw_path)
+        ):
             decision = await _decide(self._slot, request)
             request[_DECIDED] = _Decided(decision)
             if not isinstance(decision, Allow):

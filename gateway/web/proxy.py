@@ -42,8 +42,9 @@ from gateway.ports import MetricsSlot, StoredRequest
 from gateway.service import Deny, client_key
 from gateway.service.on_success import HoldTerms
 from gateway.web import GatewayFactory
-from gateway.web.aiohttp import TOKEN, settle_charge, setup_l402
+from gateway.web.aiohttp import TOKEN, add_tip_routes, settle_charge, setup_l402
 from gateway.web.cookies import without_l402_cookie
+from gateway.web.lnurl import TipsSlot
 from gateway.web.metrics import metrics_middleware
 from gateway.web.responses import BALANCE_HEADER, COST_HEADER, client_address, token_header_value
 
@@ -280,6 +281,7 @@ def build_proxy(
     health: HealthSlot | None = None,
     metrics: MetricsSlot | None = None,
     metrics_path: str = "",
+    tips: TipsSlot | None = None,
 ) -> web.Application:
     """An aiohttp application that prices requests and forwards them to ``upstream``.
 
@@ -298,12 +300,19 @@ def build_proxy(
     With ``metrics``: ``metrics_path`` (if set) answers GET with its Prometheus text, before
     any pricing, and every response's status, forwarded requests' upstream latency and errors
     are reported to its meter.
+
+    With ``tips`` (filled in while the gateway runs) the tip jar and payment link paths
+    (``/.well-known/lnurlp/...``, ``/.well-known/l402/links/...``: ``gateway.web.lnurl``) are
+    answered by the gateway, before any pricing, and never forwarded.
     """
     base = str(URL(upstream.rstrip("/")))
     app = web.Application(client_max_size=max_body_bytes)
     metrics_slot = metrics or MetricsSlot()
+    if tips is not None:
+        # Before the refusal of encoded separators: a wallet gets its LNURL error JSON.
+        add_tip_routes(app, tips, trust_forwarded_for=trust_forwarded_for)
     if metrics is not None:
-        app.middlewares.append(metrics_middleware(metrics_path, metrics_slot))
+        app.middlewares.insert(0, metrics_middleware(metrics_path, metrics_slot))
     app.middlewares.append(_refuse_encoded_separators)
     app.middlewares.append(_close_when_asked)  # outside the L402 decision (setup_l402)
     # Content-Length is kept: the body is forwarded with the length the client declared.

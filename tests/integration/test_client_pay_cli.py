@@ -1,6 +1,8 @@
 """``l402-gateway pay`` as a subprocess against an in-process gateway, without any LND node
 (``--no-pay``, free routes, usage errors); paying is covered by tests/regtest/test_pay_command.py.
-Also the progress reporter, with a fake terminal."""
+Also the progress reporter, with a fake terminal, and a Lightning Address's terms
+(LNURL-pay, ``--no-pay``; paying: tests/unit/test_pay_lnurl.py and
+tests/regtest/test_pay_lnurl_regtest.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.cli.pay import ProgressPayer, sat_to_msat
+from gateway.cli.formats import sat_to_msat
+from gateway.cli.pay import ProgressPayer
 from gateway.examples import demo_api
 from gateway.ports import Msat, PaymentHash
 from gateway.pricing import Rule
@@ -229,3 +233,57 @@ async def test_progress_without_a_terminal_is_two_lines() -> None:
             failing.invoice, max_fee_msat=Msat(5_000), payment_timeout=9
         )
     assert "payment failed after" in stream.getvalue()
+
+
+METADATA = json.dumps([["text/plain", "Tips for carol"]])
+
+
+@pytest_asyncio.fixture
+async def lnurl_service() -> AsyncIterator[str]:
+    """A Lightning Address (``carol@127.0.0.1:PORT``) that answers its payRequest only."""
+
+    async def pay_request(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "tag": "payRequest",
+                "callback": f"http://{request.host}/cb",
+                "minSendable": 21_000,
+                "maxSendable": 21_000,
+                "metadata": METADATA,
+            }
+        )
+
+    app = web.Application()
+    app.router.add_get("/.well-known/lnurlp/carol", pay_request)
+    test_server = TestServer(app, host="127.0.0.1")
+    await test_server.start_server()
+    try:
+        yield f"carol@127.0.0.1:{test_server.port}"
+    finally:
+        await test_server.close()
+
+
+async def test_lnurl_pay_without_a_node(server: Server, lnurl_service: str) -> None:
+    """A Lightning Address's terms with --no-pay; the usage errors of LNURL-pay (exit 2)."""
+    terms = await server.pay("--no-pay", f"lightning:{lnurl_service}")
+    assert terms.code == 6, terms.stderr
+    assert terms.stdout.decode().splitlines()[1:3] == [
+        "  for:      Tips for carol",
+        "  amount:   21 sat (fixed)",
+    ]
+    needs_node = await server.pay("--comment", "hi", lnurl_service)
+    assert needs_node.code == 2
+    assert "pay needs the paying LND node" in needs_node.stderr
+    fetch_option = await server.pay("--no-pay", "-o", "x", lnurl_service)
+    assert fetch_option.code == 2
+    assert "-o: for fetching a URL, not for paying by LNURL-pay" in fetch_option.stderr
+    url = f"http://{lnurl_service.partition('@')[2]}/.well-known/lnurlp/carol"
+    fetched = await server.pay("--no-pay", url)  # a URL without --amount: fetched
+    assert (fetched.code, json.loads(fetched.stdout)["tag"]) == (0, "payRequest")
+    assert "this URL is an LNURL-pay service: pay it with --amount" in fetched.stderr
+    as_lnurl = await server.pay("--no-pay", "--amount", "21", url)
+    assert as_lnurl.code == 6
+    assert as_lnurl.stdout.decode().startswith(f"LNURL-pay: {url}")
+    help_text = (await server.pay("--help")).stdout.decode()
+    assert "Lightning Address (name@domain)" in help_text
+    assert "LNURL-pay: the amount) is over --max-cost" in help_text

@@ -49,10 +49,18 @@ class FakeNode:
     ) -> None:
         return None
 
-    async def add_invoice(self, amount_msat: Msat, memo: str, expiry: int) -> NewInvoice:
+    async def add_invoice(
+        self, amount_msat: Msat, memo: str, expiry: int, description_hash: bytes = b""
+    ) -> NewInvoice:
         FakeNode.made.append((amount_msat, memo, expiry))
         payment_hash = hashlib.sha256(secrets.token_bytes(32)).digest()
-        invoice = make_invoice(payment_hash, amount_msat, created_at=time.time(), expiry=expiry)
+        invoice = make_invoice(
+            payment_hash,
+            amount_msat,
+            created_at=time.time(),
+            expiry=expiry,
+            description_hash=description_hash,
+        )
         return NewInvoice(PaymentHash(payment_hash), invoice, len(FakeNode.made))
 
 

@@ -238,3 +238,32 @@ def test_without_config_a_missing_default_store_is_one_line(
         "l402-gateway: configuration error: store: no database at gateway.db (check store.url)"
     ]
     assert os.listdir(tmp_path) == []
+
+
+async def test_tips_and_links_show_their_service_and_comment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tip = dataclasses.replace(
+        record(1, service="tip:coffee"),
+        token_id=b"",
+        method="",
+        path="",
+        comment="great work\x1b[2J",
+    )
+    link = dataclasses.replace(record(2, service="link:abc"), token_id=b"", method="", path="")
+    config, _ = await seeded(tmp_path, tip, link)
+    assert await run_invoices(config) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "link:abc" in lines[1]
+    assert lines[1].split()[-2] == "-"  # no request, no comment
+    assert "tip:coffee" in lines[2]
+    assert "comment: great work\\x1b[2J" in lines[2]
+    assert await run_invoices(config, "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [(i["service"], i["comment"]) for i in shown] == [
+        ("link:abc", ""),
+        ("tip:coffee", "great work\x1b[2J"),
+    ]
+    assert await run_invoices(config, "--csv") == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert rows[1]["comment"] == "great work\\x1b[2J"

@@ -45,6 +45,16 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "gateway.client",
         "yarl",
     ),
+    # the LNURL-pay server's protocol: the standard library, bech32 and the ports' vocabulary
+    "gateway.lnurl": (
+        "asyncio",
+        *_NETWORK,
+        *_ADAPTERS,
+        "gateway.service",
+        "gateway.config",
+        "gateway.client",
+        "yarl",
+    ),
     # payee destinations, read by the configuration and the payout worker alike: no asyncio
     # (gateway.config imports it), nothing of the client (whose package loads asyncio)
     "gateway.destinations": (

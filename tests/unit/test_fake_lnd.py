@@ -4,13 +4,14 @@ the regtest run) and its invoices (real BOLT11 that the paying client accepts)."
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import pytest
 
-from gateway import l402
+from gateway import errors, l402
 from gateway.client import bolt11
 from gateway.client.offer import read_offer
-from gateway.ports import Msat, NewInvoice, PaymentHash
+from gateway.ports import InvoiceState, Msat, NewInvoice, PaymentHash, Preimage
 from tests.fakes import NODE_PUBKEY, FakeInvoiceBackend
 from tests.lnd_facts import check_invoice_stream
 from tests.unit.client.client_helpers import make_macaroon
@@ -79,3 +80,35 @@ async def test_only_an_open_invoice_is_paid_and_a_settled_one_is_never_canceled(
             backend.pay(payment_hash)
     with pytest.raises(ValueError, match="already settled"):
         backend.cancel(paid.payment_hash)
+
+
+async def test_an_invoice_with_a_description_hash_has_an_h_tag_as_lnds() -> None:
+    backend = FakeInvoiceBackend()
+    hashed = hashlib.sha256(b'[["text/plain","Tip"]]').digest()
+    new = await backend.add_invoice(Msat(5_000), "", 600, description_hash=hashed)
+    decoded = bolt11.decode(new.payment_request)
+    assert (decoded.description_hash, decoded.description) == (hashed, None)
+    assert backend.invoices[new.payment_hash].memo == ""
+    for memo, wrong in (("a memo", hashed), ("", hashed[:31])):  # LND refuses both
+        with pytest.raises(errors.BackendBadRequest):
+            await backend.add_invoice(Msat(5_000), memo, 600, description_hash=wrong)
+
+
+async def test_a_plain_invoice_is_cancelled_but_a_settled_one_is_refused_as_lnd_does() -> None:
+    backend = FakeInvoiceBackend()
+    plain, paid = [await backend.add_invoice(Msat(1_000), "x", 600) for _ in range(2)]
+    await backend.cancel_invoice(plain.payment_hash)
+    await backend.cancel_invoice(plain.payment_hash)  # again: no error
+    assert backend.invoices[plain.payment_hash].state is InvoiceState.CANCELED
+    backend.pay(paid.payment_hash)
+    with pytest.raises(errors.InvoiceAlreadySettled):
+        await backend.cancel_invoice(paid.payment_hash)
+    with pytest.raises(errors.InvoiceNotFound):
+        await backend.cancel_invoice(PaymentHash(bytes(32)))
+
+    preimage = Preimage(bytes([7]) * 32)
+    held = PaymentHash(hashlib.sha256(preimage).digest())
+    await backend.add_hold_invoice(held, Msat(1_000), "hold", 600)
+    await backend.cancel_invoice(held)
+    with pytest.raises(errors.InvoiceAlreadyCanceled):
+        await backend.settle_invoice(preimage)

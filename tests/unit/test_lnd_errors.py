@@ -60,6 +60,9 @@ def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
             errors.BackendBadRequest,
         ),
         (grpc.StatusCode.UNKNOWN, "invalid index: bech32", errors.BackendBadRequest),
+        # CancelInvoice of a settled invoice; SettleInvoice of a settled or cancelled one
+        (grpc.StatusCode.UNKNOWN, "invoice already settled", errors.InvoiceAlreadySettled),
+        (grpc.StatusCode.UNKNOWN, "invoice already canceled", errors.InvoiceAlreadyCanceled),
         (grpc.StatusCode.UNKNOWN, "something else entirely", errors.BackendError),
     ],
 )
@@ -68,6 +71,13 @@ def test_mapping(code: grpc.StatusCode, details: str, expected: type[Exception])
     assert type(mapped) is expected
     assert "127.0.0.1:10009" in str(mapped)
     assert details in str(mapped)
+
+
+def test_settled_and_cancelled_refusals_are_still_bad_requests() -> None:
+    """Callers that catch ``BackendBadRequest`` (a definite refusal) still catch them."""
+    assert issubclass(errors.InvoiceAlreadySettled, errors.BackendBadRequest)
+    assert issubclass(errors.InvoiceAlreadyCanceled, errors.BackendBadRequest)
+    assert not issubclass(errors.InvoiceAlreadySettled, errors.InvoiceAlreadyCanceled)
 
 
 def test_every_mapped_error_is_a_gateway_error() -> None:

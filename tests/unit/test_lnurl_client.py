@@ -1,10 +1,12 @@
 """The LNURL-pay / Lightning Address client against a small LNURL-pay service served in the
-test process: destinations, the checks of the payRequest and of the invoice, bounds on what
-a service may make the gateway read or follow. Each refusal is a PayoutDestinationError."""
+test process: destinations, the checks of the payRequest and of the invoice, comments
+(LUD-12) and success actions (LUD-09, LUD-10), bounds on what a service may make the gateway
+read or follow. Each refusal is a PayoutDestinationError."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import secrets
@@ -18,10 +20,12 @@ import pytest
 import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from cryptography.hazmat.primitives import padding
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from gateway import destinations, errors
 from gateway.client import bolt11
-from gateway.client.lnurl import LnurlPayClient, pay_url
+from gateway.client.lnurl import LnurlPayClient, LnurlUnreachable, SuccessAction, pay_url
 from gateway.ports import Msat
 from tests import bolt11_encode
 
@@ -49,6 +53,8 @@ class Service:
     body_bytes: int = 0  # pad the payRequest to this size
     body: bytes | None = None  # the payRequest answers this instead
     delay: float = 0.0
+    comment_allowed: Any = None  # commentAllowed, when not None
+    success: Any = None  # the callback's successAction, when not None
     calls: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     queries: list[str] = field(default_factory=list)  # each request's query, as sent
 
@@ -76,6 +82,8 @@ class Service:
             "maxSendable": self.max_sendable,
             "metadata": self.metadata,
         }
+        if self.comment_allowed is not None:
+            answer["commentAllowed"] = self.comment_allowed
         if self.body_bytes:
             answer["padding"] = "x" * self.body_bytes
         return web.json_response(answer, status=self.status)
@@ -101,7 +109,10 @@ class Service:
                 "h", bolt11_encode.words_of(hashlib.sha256(self.invoice_metadata.encode()).digest())
             ),
         )
-        return web.json_response({"pr": pr, "routes": []})
+        answer: dict[str, Any] = {"pr": pr, "routes": []}
+        if self.success is not None:
+            answer["successAction"] = self.success
+        return web.json_response(answer)
 
 
 @pytest.fixture
@@ -124,6 +135,21 @@ async def service() -> AsyncIterator[Service]:
 async def client() -> AsyncIterator[LnurlPayClient]:
     async with LnurlPayClient(timeout=2.0) as client:
         yield client
+
+
+def aes_action(preimage: bytes, plaintext: str, description: str) -> dict[str, str]:
+    """A LUD-10 ``aes`` success action: ``plaintext`` encrypted with ``preimage``."""
+    iv = secrets.token_bytes(16)
+    padder = padding.PKCS7(128).padder()
+    padded = padder.update(plaintext.encode()) + padder.finalize()
+    encryptor = Cipher(algorithms.AES(preimage), modes.CBC(iv)).encryptor()
+    ciphertext = encryptor.update(padded) + encryptor.finalize()
+    return {
+        "tag": "aes",
+        "description": description,
+        "ciphertext": base64.b64encode(ciphertext).decode(),
+        "iv": base64.b64encode(iv).decode(),
+    }
 
 
 def lnurl(url: str) -> str:
@@ -259,13 +285,124 @@ async def test_a_service_answer_that_does_not_check_out_is_refused(
     assert reason in got
 
 
-async def test_the_invoice_amount_is_left_to_the_worker(
+async def test_an_invoice_for_another_amount_is_refused(
     service: Service, client: LnurlPayClient
 ) -> None:
-    """The payout worker checks the amount, with the network and expiry (test_payout)."""
+    """LUD-06: the invoice is for the amount asked (the payout worker checks it too, with
+    the network and expiry: test_payout)."""
     service.amount_skew = 1_000
-    text = await client.invoice(service.address, Msat(21_000))
-    assert bolt11.decode(text).amount_msat == 22_000
+    assert "the invoice is for 22000 msat, not the 21000 msat asked" in await _refused(
+        client, service
+    )
+
+
+async def test_a_comment_goes_to_the_callback_encoded_within_comment_allowed(
+    service: Service, client: LnurlPayClient
+) -> None:
+    service.comment_allowed = 20
+    service.callback = f"{service.base}/cb?token=abc&comment=old"
+    request = await client.pay_request(service.address)
+    assert (request.comment_allowed, request.description) == (20, "carol's tips")
+    got = await client.request_invoice(service.address, Msat(21_000), "thanks & ☕ 100%")
+    assert got.invoice.amount_msat == 21_000
+    assert got.success_action is None
+    # the service's own comment= replaced, ours percent-encoded ("&" inside it kept)
+    assert service.queries[-1].startswith("token=abc&amount=21000&comment=thanks ")
+    assert service.calls[-1][1] == {
+        "token": "abc",
+        "amount": "21000",
+        "comment": "thanks & ☕ 100%",
+    }
+
+
+@pytest.mark.parametrize(
+    ("allowed", "comment", "reason"),
+    [
+        (0, "hi", "the service takes no comment"),
+        (None, "hi", "the service takes no comment"),  # commentAllowed absent
+        ("5", "hi", "the service takes no comment"),  # not a number: none
+        (5, "hello!", "the comment is 6 characters, the service takes at most 5"),
+    ],
+)
+async def test_a_comment_the_service_does_not_take_is_refused_before_the_callback(
+    service: Service, client: LnurlPayClient, allowed: Any, comment: str, reason: str
+) -> None:
+    service.comment_allowed = allowed
+    with pytest.raises(errors.PayoutDestinationError, match=reason):
+        await client.request_invoice(service.address, Msat(21_000), comment)
+    assert [path for path, _ in service.calls] == ["/.well-known/lnurlp/carol"]
+
+
+async def test_success_actions_are_read(service: Service, client: LnurlPayClient) -> None:
+    service.success = {"tag": "message", "message": "Thank you!"}
+    got = await client.request_invoice(service.address, Msat(1_000))
+    assert got.success_action == SuccessAction("message", message="Thank you!")
+    assert got.success_action.text(None) == "Thank you!"
+
+    url = f"{service.base}/receipt?id=1"
+    service.success = {"tag": "url", "description": "Your receipt", "url": url}
+    action = (await client.request_invoice(service.address, Msat(1_000))).success_action
+    assert action == SuccessAction("url", description="Your receipt", url=url)
+    assert action.as_json(None) == {"tag": "url", "description": "Your receipt", "url": url}
+
+    service.success = {"tag": "someFutureTag", "x": 1}  # nothing this client can show
+    assert (await client.request_invoice(service.address, Msat(1_000))).success_action is None
+
+
+async def test_an_aes_success_action_decrypts_with_the_preimage(
+    service: Service, client: LnurlPayClient
+) -> None:
+    preimage = secrets.token_bytes(32)
+    service.success = aes_action(preimage, "the code is 4242", "Your voucher")
+    action = (await client.request_invoice(service.address, Msat(1_000))).success_action
+    assert action is not None
+    assert action.text(preimage) == "Your voucher\nthe code is 4242"
+    assert action.as_json(preimage)["plaintext"] == "the code is 4242"
+    with pytest.raises(errors.PayoutDestinationError, match="does not decrypt"):
+        action.plaintext(secrets.token_bytes(32))
+    with pytest.raises(errors.PayoutDestinationError, match="needs the payment's preimage"):
+        action.text(None)
+
+
+@pytest.mark.parametrize(
+    ("success", "reason"),
+    [
+        ("Thank you", "not a JSON object"),
+        ({"tag": "message", "message": "x" * 145}, "message is not a text of at most 144"),
+        ({"tag": "message"}, "message is not a text"),
+        ({"tag": "url", "description": "d", "url": "https://evil.example/x"}, "callback's host"),
+        ({"tag": "url", "description": "d", "url": "javascript:alert(1)"}, "not an https://"),
+        ({"tag": "url", "url": "https://127.0.0.1/x"}, "description is not a text"),
+        ({"tag": "aes", "description": "d", "ciphertext": "!!", "iv": "A" * 24}, "not base64"),
+        (
+            {"tag": "aes", "description": "d", "ciphertext": "AAAA", "iv": "A" * 24},
+            "whole AES blocks",
+        ),
+        (
+            {"tag": "aes", "description": "d", "ciphertext": "A" * 24, "iv": "AAAA"},
+            "iv is not 16 bytes",
+        ),
+    ],
+)
+async def test_a_malformed_success_action_is_refused_before_paying(
+    service: Service, client: LnurlPayClient, success: Any, reason: str
+) -> None:
+    service.success = success
+    assert reason in await _refused(client, service)
+
+
+async def test_no_answer_is_unreachable_and_a_bad_answer_is_not(
+    service: Service, client: LnurlPayClient
+) -> None:
+    with pytest.raises(LnurlUnreachable, match="cannot fetch"):
+        await client.invoice("carol@127.0.0.1:1", Msat(1_000))
+    service.status = 503
+    with pytest.raises(LnurlUnreachable, match="HTTP 503"):
+        await client.invoice(service.address, Msat(1_000))
+    service.status = 404
+    with pytest.raises(errors.PayoutDestinationError) as raised:
+        await client.invoice(service.address, Msat(1_000))
+    assert not isinstance(raised.value, LnurlUnreachable)
 
 
 async def test_the_callback_keeps_its_query_as_written_and_gets_the_amount(

@@ -159,6 +159,31 @@ async def test_the_exposition_has_every_metric_and_the_stores_figures() -> None:
     assert "/api/now" not in text
 
 
+async def test_every_payment_link_is_counted_under_one_label_and_each_tip_jar_apart() -> None:
+    settled, open_ = InvoiceState.SETTLED, InvoiceState.OPEN
+    totals = [
+        InvoiceTotal("link:a1", open_, 2, Msat(2_000), Msat(0)),
+        InvoiceTotal("link:a1", settled, 1, Msat(1_000), Msat(1_000)),
+        InvoiceTotal("link:b2", settled, 3, Msat(6_000), Msat(7_000)),
+        InvoiceTotal("tip:coffee", settled, 1, Msat(5_000), Msat(5_000)),
+        InvoiceTotal("weather", settled, 1, Msat(2_000), Msat(2_000)),
+    ]
+
+    async def store_totals() -> list[InvoiceTotal]:
+        return totals
+
+    text = (await PrometheusMeter(store_totals).exposition())[0].decode()
+    assert _sample(text, "l402_invoices", service="link:", state="OPEN") == 2
+    assert _sample(text, "l402_invoices", service="link:", state="SETTLED") == 4
+    assert _sample(text, "l402_invoices_issued", service="link:") == 6
+    assert _sample(text, "l402_invoices_settled", service="link:") == 4
+    assert _sample(text, "l402_received_msat_total", service="link:") == 8_000
+    assert _sample(text, "l402_received_msat_total", service="tip:coffee") == 5_000
+    assert _sample(text, "l402_received_msat_total", service="weather") == 2_000
+    assert "a1" not in text
+    assert "b2" not in text
+
+
 async def test_an_unknown_liquidity_is_reported_as_unknown_not_as_zero_inbound() -> None:
     meter = PrometheusMeter(MemoryStore().invoice_totals)
     meter.liquidity(Liquidity(Msat(0), Msat(0), 0, known=False))

@@ -20,6 +20,7 @@ MODULES = {
     "multidict": "multidict",
     "yarl": "yarl",
     "coincurve": "coincurve",
+    "cryptography": "cryptography",
     "segno": "segno",
     "httpx": "httpx",
     "standardwebhooks": "standardwebhooks",

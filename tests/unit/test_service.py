@@ -438,7 +438,9 @@ class RefusingBackend(FakeInvoiceBackend):
         super().__init__()
         self.error = error
 
-    async def add_invoice(self, amount_msat: Msat, memo: str, expiry: int) -> Any:
+    async def add_invoice(
+        self, amount_msat: Msat, memo: str, expiry: int, description_hash: bytes = b""
+    ) -> Any:
         raise self.error
 
 
@@ -950,14 +952,16 @@ class _SlowBackend(FakeInvoiceBackend):
         self.full = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def add_invoice(self, amount_msat: Msat, memo: str, expiry: int) -> NewInvoice:
+    async def add_invoice(
+        self, amount_msat: Msat, memo: str, expiry: int, description_hash: bytes = b""
+    ) -> NewInvoice:
         self.pending += 1
         self.most_pending = max(self.most_pending, self.pending)
         if self.pending == self.full_at:
             self.full.set()
         try:
             await self.release.wait()
-            return await super().add_invoice(amount_msat, memo, expiry)
+            return await super().add_invoice(amount_msat, memo, expiry, description_hash)
         finally:
             self.pending -= 1
 

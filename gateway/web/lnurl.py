@@ -1,0 +1,297 @@
+"""Tip jars and payment links over HTTP (framework-neutral): LNURL-pay, Lightning Address,
+the link page and QR images. The adapters answer these paths before any L402 pricing and
+never forward them (``gateway.web.aiohttp.add_tip_routes``, ``build_proxy(..., tips=)``)::
+
+    GET /.well-known/lnurlp/<name>                  the jar's payRequest (LUD-06, LUD-16)
+    GET /.well-known/lnurlp/<name>/callback         ?amount=<msat>&comment=: {"pr", "routes"}
+    GET /.well-known/lnurlp/<name>/qr.svg|qr.png    the jar's LNURL as a QR image
+    GET /.well-known/l402/links/<id>                the link's page (HTML)
+    GET /.well-known/l402/links/<id>/lnurl          the link's payRequest
+    GET /.well-known/l402/links/<id>/callback       its LNURL callback
+    GET /.well-known/l402/links/<id>/invoice        [?amount=<msat>] the page's invoice:
+        {"invoice", "payment_hash", "amount_msat", "expires_at", "qr_svg"}
+    GET /.well-known/l402/links/<id>/status         [?have=<payment hash>]
+        {"state": "open"|"paid"|"expired"|"canceled", "paid_count", "paid_msat",
+         "invoice": {...as /invoice, "qr_svg" only when its hash is not ``have``} | null}
+    GET /.well-known/l402/links/<id>/qr.svg|qr.png  the link's LNURL as a QR image
+        (``?size=<1..40>``: pixels per module)
+
+JSON answers carry ``Cache-Control: no-store`` and ``Access-Control-Allow-Origin: *`` (web
+wallets fetch them from their own origin). Every refusal is LUD-06's
+``{"status": "ERROR", "reason": ...}`` with a 4xx status (``LnurlError``'s: 400 bad input,
+404 unknown jar or link, 409 another payer holds a single-use link, 410 a link that takes
+no more payments), 405 (with ``Allow: GET``) for another method, 429 with ``Retry-After``
+when a client asks for invoices faster than its rate limit lets it (the callbacks and
+``/invoice`` make invoices: unpaid traffic, limited as challenges are), 503 with
+``Retry-After`` when the node or the store fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway import errors
+from gateway.lnurl import LnurlError, error_body, invoice_description_hash
+from gateway.ports import InvoiceRecord, InvoiceState, LinkState
+from gateway.service.decisions import Refusal
+from gateway.service.rate_limiter import ClientLimiter, rate_limited
+from gateway.service.tips import LinkStatus
+from gateway.web.links import (
+    MAX_QR_SCALE,
+    LinkPage,
+    invoice_qr_svg,
+    qr_image,
+    render_link_page,
+    render_missing_link,
+)
+from gateway.web.responses import HttpResponse
+
+__all__ = [
+    "JAR_PREFIX",
+    "LINK_PREFIX",
+    "TipService",
+    "TipsSlot",
+    "handle_tips",
+    "is_tips_path",
+]
+
+log = logging.getLogger(__name__)
+
+JAR_PREFIX = "/.well-known/lnurlp/"
+LINK_PREFIX = "/.well-known/l402/links/"
+# LUD-16's local part, and a link id (``secrets.token_urlsafe``): anything else (upper case,
+# a percent-encoded byte, an over-long segment) names no jar or link.
+_JAR_NAME = re.compile(r"[a-z0-9._+-]{1,64}")
+_LINK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_AMOUNT = re.compile(r"[0-9]{1,19}")
+_JSON = (
+    ("Content-Type", "application/json"),
+    ("Cache-Control", "no-store"),
+    ("Access-Control-Allow-Origin", "*"),
+)
+_QR_KINDS = {"qr.svg": "svg", "qr.png": "png"}
+_RETRY_AFTER = 5  # seconds, when the node or the store failed
+_UNAVAILABLE = "the Lightning node or the store is unavailable, try again shortly"
+
+
+class TipService(Protocol):
+    """What the handlers ask of ``gateway.service.tips.Tips``."""
+
+    def jar_lnurl(self, name: str) -> str: ...
+    def link_lnurl(self, link_id: str) -> str: ...
+    async def jar_pay_request(self, name: str) -> dict[str, object]: ...
+    async def jar_invoice(self, name: str, query: Mapping[str, str]) -> dict[str, object]: ...
+    async def link_pay_request(self, link_id: str) -> dict[str, object]: ...
+    async def link_callback(self, link_id: str, query: Mapping[str, str]) -> dict[str, object]: ...
+    async def link_invoice(self, link_id: str, amount_msat: int | None) -> InvoiceRecord: ...
+    async def link_status(self, link_id: str) -> LinkStatus: ...
+
+
+@dataclass(slots=True)
+class TipsSlot:
+    """Where the web adapters find the tip service and the per-client limit on the invoices
+    it makes: filled in while the gateway runs, None before and after (answers are 503)."""
+
+    tips: TipService | None = None
+    limiter: ClientLimiter | None = None
+
+
+def is_tips_path(raw_path: str) -> bool:
+    """Whether ``raw_path`` (as sent, percent-encoded) is one of the tip and link paths."""
+    return raw_path.startswith((JAR_PREFIX, LINK_PREFIX))
+
+
+async def handle_tips(
+    slot: TipsSlot, *, method: str, raw_path: str, query: Mapping[str, str], client: str
+) -> HttpResponse:
+    """Answer a request to a tip or link path (``is_tips_path``); ``query`` holds the first
+    value of each parameter, ``client`` is the address rate limits apply to. Never raises
+    on client input; the node's or the store's failure is a 503."""
+    if method.upper() != "GET":
+        response = _error(405, "use GET")
+        return HttpResponse(405, (*response.headers, ("Allow", "GET")), response.body)
+    jar = raw_path.startswith(JAR_PREFIX)
+    key, sep, rest = raw_path.removeprefix(JAR_PREFIX if jar else LINK_PREFIX).partition("/")
+    page = not jar and not sep
+    if not (_JAR_NAME if jar else _LINK_ID).fullmatch(key) or (sep and not rest):
+        return _refused(404, "unknown tip jar" if jar else "unknown payment link", page)
+    tips = slot.tips
+    if tips is None:
+        return _refused(503, "the gateway is not started", page, retry_after=1)
+    try:
+        if jar:
+            return await _jar(tips, slot.limiter, key, rest, query, client)
+        return await _link(tips, slot.limiter, key, rest, query, client)
+    except LnurlError as error:
+        retry_after = _RETRY_AFTER if error.status == 503 else None
+        return _refused(error.status, error.reason, page, retry_after=retry_after)
+    except (errors.BackendError, errors.StoreError) as error:
+        log.warning("tip or link request failed: %r", error)
+        return _refused(503, _UNAVAILABLE, page, retry_after=_RETRY_AFTER)
+
+
+async def _jar(
+    tips: TipService,
+    limiter: ClientLimiter | None,
+    name: str,
+    rest: str,
+    query: Mapping[str, str],
+    client: str,
+) -> HttpResponse:
+    if rest == "":
+        return _json(await tips.jar_pay_request(name))
+    if rest == "callback":
+        return await _limited(limiter, client) or _json(await tips.jar_invoice(name, query))
+    if rest in _QR_KINDS:
+        scale = _scale(query)
+        await tips.jar_pay_request(name)  # 404 for an unknown jar
+        return qr_image(tips.jar_lnurl(name), _QR_KINDS[rest], scale)
+    return _error(404, "not found")
+
+
+async def _link(
+    tips: TipService,
+    limiter: ClientLimiter | None,
+    link_id: str,
+    rest: str,
+    query: Mapping[str, str],
+    client: str,
+) -> HttpResponse:
+    if rest == "":
+        return await _page(tips, limiter, link_id, client)
+    if rest == "lnurl":
+        return _json(await tips.link_pay_request(link_id))
+    if rest == "callback":
+        return await _limited(limiter, client) or _json(await tips.link_callback(link_id, query))
+    if rest == "invoice":
+        amount = _amount(query)
+        limited = await _limited(limiter, client)
+        if limited is not None:
+            return limited
+        return _json(_invoice_json(await tips.link_invoice(link_id, amount), qr=True))
+    if rest == "status":
+        status = await tips.link_status(link_id)
+        link, invoice = status.link, _open_invoice(status)
+        have = query.get("have", "")
+        return _json(
+            {
+                "state": status.state.value.lower(),
+                "paid_count": link.paid_count,
+                "paid_msat": link.paid_msat,
+                "invoice": None
+                if invoice is None
+                else _invoice_json(invoice, qr=invoice.payment_hash.hex() != have),
+            }
+        )
+    if rest in _QR_KINDS:
+        scale = _scale(query)
+        await tips.link_status(link_id)  # 404 for an unknown link
+        return qr_image(tips.link_lnurl(link_id), _QR_KINDS[rest], scale)
+    return _error(404, "not found")
+
+
+async def _page(
+    tips: TipService, limiter: ClientLimiter | None, link_id: str, client: str
+) -> HttpResponse:
+    """The link page. A single-use link's shows the invoice open for it; a fixed one's
+    asks the service for its own (the open one while it suits, else a new one) unless an
+    LNURL wallet's is open (replacing it would fail that payment), within the client's rate
+    limit: refused, the page shows what it has, or the LNURL."""
+    status = await tips.link_status(link_id)
+    link, invoice = status.link, _open_invoice(status)
+    if (
+        link.single_use
+        and link.fixed
+        and status.state is LinkState.OPEN
+        and (invoice is None or not invoice_description_hash(invoice.payment_request))
+        and await _limited(limiter, client) is None
+    ):
+        try:
+            invoice = await tips.link_invoice(link_id, None)
+        except LnurlError as error:
+            log.info("payment link %s: no invoice for its page: %s", link_id, error.reason)
+    base = f"{LINK_PREFIX}{link_id}"
+    return render_link_page(
+        LinkPage(
+            link=link,
+            state=status.state,
+            lnurl=tips.link_lnurl(link_id),
+            invoice=invoice,
+            status_url=f"{base}/status",
+            invoice_url=f"{base}/invoice",
+        )
+    )
+
+
+def _open_invoice(status: LinkStatus) -> InvoiceRecord | None:
+    """The invoice that can pay an open single-use link now (as the store knows it)."""
+    invoice = status.invoice
+    if status.state is not LinkState.OPEN or invoice is None:
+        return None
+    return invoice if invoice.state is InvoiceState.OPEN else None
+
+
+async def _limited(limiter: ClientLimiter | None, client: str) -> HttpResponse | None:
+    """None when ``client`` may have another invoice made; else the 429 (or 503)."""
+    if limiter is None:
+        return None
+    refusal = await rate_limited(limiter, client, Refusal.TOO_MANY_CHALLENGES)
+    if refusal is None:
+        return None
+    reason = "too many invoice requests" if refusal.status == 429 else _UNAVAILABLE
+    return _error(refusal.status, reason, retry_after=refusal.retry_after)
+
+
+def _amount(query: Mapping[str, str]) -> int | None:
+    """``/invoice``'s ``amount`` (msat): None when absent; the service checks the bounds."""
+    text = query.get("amount")
+    if text is None:
+        return None
+    if not _AMOUNT.fullmatch(text):
+        raise LnurlError("amount must be a whole number of millisatoshis", 400)
+    return int(text)
+
+
+def _scale(query: Mapping[str, str]) -> int | None:
+    text = query.get("size")
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_QR_SCALE):
+        raise LnurlError(f"size must be a whole number from 1 to {MAX_QR_SCALE}", 400)
+    return int(text)
+
+
+def _invoice_json(invoice: InvoiceRecord, *, qr: bool) -> dict[str, object]:
+    document: dict[str, object] = {
+        "invoice": invoice.payment_request,
+        "payment_hash": invoice.payment_hash.hex(),
+        "amount_msat": invoice.amount_msat,
+        "expires_at": int(invoice.expires_at),
+    }
+    if qr:
+        document["qr_svg"] = invoice_qr_svg(invoice.payment_request)
+    return document
+
+
+def _json(document: Mapping[str, object], status: int = 200) -> HttpResponse:
+    return HttpResponse(status, _JSON, json.dumps(document, separators=(",", ":")).encode())
+
+
+def _error(status: int, reason: str, *, retry_after: int | None = None) -> HttpResponse:
+    return _refused(status, reason, False, retry_after=retry_after)
+
+
+def _refused(
+    status: int, reason: str, page: bool, *, retry_after: int | None = None
+) -> HttpResponse:
+    """A refusal: the link page's as a page a person reads, any other as LNURL JSON."""
+    response = render_missing_link(status, reason) if page else _json(error_body(reason), status)
+    if retry_after is None:
+        return response
+    headers = (*response.headers, ("Retry-After", str(retry_after)))
+    return HttpResponse(status, headers, response.body)

@@ -1,0 +1,228 @@
+"""The LNURL-pay server's protocol (``gateway.lnurl``) and bech32 writing: what a wallet is
+sent, what it may send back, and that our LNURLs read back as the URL they encode."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway import bech32, destinations, lnurl
+from gateway.client import bolt11
+from gateway.lnurl import Image, LnurlError, SuccessAction
+from gateway.ports import Msat
+from tests.fakes import make_invoice
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 20
+JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 20
+# LUD-01's own example.
+LUD01_URL = (
+    "https://service.com/api?q=3fc3645b439ce8e7f2553a69e5267081d96dcd340693afabe04be7b0ccd178df"
+)
+LUD01_LNURL = (
+    "LNURL1DP68GURN8GHJ7UM9WFMXJCM99E3K7MF0V9CXJ0M385EKVCENXC6R2C35XVUKXEFCV5MKVV34X5EKZD3EV56NYD"
+    "3HXQURZEPEXEJXXEPNXSCRVWFNV9NXZCN9XQ6XYEFHVGCXXCMYXYMNSERXFQ5FNS"
+)
+
+
+def _data(words: list[int]) -> bytes:
+    return bech32.to_bytes(words)[: len(words) * 5 // 8]
+
+
+# bech32 writing
+
+
+def test_bech32_encode_writes_the_published_vectors() -> None:
+    assert bech32.encode("a", b"") == "a12uel5l"  # BIP 173's valid strings
+    assert lnurl.encode_lnurl(LUD01_URL) == LUD01_LNURL
+
+
+@given(
+    hrp=st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1).map(
+        str.lower
+    ),
+    data=st.binary(max_size=600),
+)
+def test_bech32_encode_then_decode_gives_the_bytes_back(hrp: str, data: bytes) -> None:
+    text = bech32.encode(hrp, data)
+    assert bech32.decode(text) == (hrp, bech32.decode(text)[1])
+    assert _data(bech32.decode(text)[1]) == data
+    assert _data(bech32.decode(text.upper())[1]) == data  # upper case reads the same
+
+
+@pytest.mark.parametrize("hrp", ["", "LNURL", "ln url", "é"])
+def test_bech32_encode_refuses_a_bad_human_readable_part(hrp: str) -> None:
+    with pytest.raises(bech32.Bech32Error, match="human-readable part"):
+        bech32.encode(hrp, b"x")
+
+
+_LABEL = st.from_regex(r"[a-z][a-z0-9]{0,10}", fullmatch=True)
+_SEGMENT = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.~-]{0,11}", fullmatch=True)  # no . or ..
+
+
+@st.composite
+def _urls(draw: st.DrawFn) -> str:
+    host = ".".join([*draw(st.lists(_LABEL, min_size=1, max_size=3)), draw(_LABEL)])
+    port = draw(st.sampled_from(["", ":8443"]))
+    # a path (our URLs have one: yarl writes "" as "/")
+    path = "".join("/" + segment for segment in draw(st.lists(_SEGMENT, min_size=1, max_size=4)))
+    query = draw(st.sampled_from(["", "?tag=pay", "?id=abc-123&x=1"]))
+    return f"https://{host}{port}{path}{query}"
+
+
+@given(url=_urls())
+def test_our_lnurl_decodes_to_the_url_it_encodes(url: str) -> None:
+    encoded = lnurl.encode_lnurl(url)
+    assert encoded.startswith("LNURL1")
+    assert encoded == encoded.upper()
+    for form in (encoded, encoded.lower(), f"lightning:{encoded}"):
+        assert str(destinations.pay_url(form)) == url
+
+
+# metadata
+
+
+def test_metadata_is_compact_json_and_its_hash_is_of_the_exact_text() -> None:
+    text = lnurl.metadata("Buy me a coffee ☕", "coffee@pay.example.com", Image.of(PNG))
+    entries = json.loads(text)
+    assert entries == [
+        ["text/plain", "Buy me a coffee ☕"],
+        ["text/identifier", "coffee@pay.example.com"],
+        ["image/png;base64", base64.b64encode(PNG).decode()],
+    ]
+    assert ", " not in text  # compact separators
+    assert text.startswith('[["text/plain","Buy me')
+    assert "☕" in text  # as is: the UTF-8 bytes are what is hashed
+    assert lnurl.description_hash(text) == hashlib.sha256(text.encode("utf-8")).digest()
+    assert lnurl.metadata("Buy me a coffee ☕", "coffee@pay.example.com", Image.of(PNG)) == text
+
+
+def test_metadata_has_only_the_entries_given() -> None:
+    assert lnurl.metadata("Pay") == '[["text/plain","Pay"]]'
+    assert json.loads(lnurl.metadata("x", image=Image.of(JPEG)))[1][0] == "image/jpeg;base64"
+
+
+def test_an_image_is_png_or_jpeg_within_lud06s_limit() -> None:
+    assert Image.of(JPEG).mime == "image/jpeg"
+    with pytest.raises(ValueError, match="neither PNG nor JPEG"):
+        Image.of(b"GIF89a")
+    with pytest.raises(ValueError, match="not image/png"):
+        Image("image/png", JPEG)
+    with pytest.raises(ValueError, match="image/png or image/jpeg"):
+        Image("image/gif", b"GIF89a")
+    Image.of(PNG.ljust(lnurl.MAX_IMAGE_BYTES, b"\0"))
+    with pytest.raises(ValueError, match="LNURL-pay allows 102400"):
+        Image.of(PNG.ljust(lnurl.MAX_IMAGE_BYTES + 1, b"\0"))
+
+
+# payRequest and callback
+
+
+def test_pay_request_names_comments_only_when_taken() -> None:
+    body = lnurl.pay_request("https://x.test/cb", Msat(1000), Msat(5000), "[]", 0)
+    assert body == {
+        "tag": "payRequest",
+        "callback": "https://x.test/cb",
+        "minSendable": 1000,
+        "maxSendable": 5000,
+        "metadata": "[]",
+    }
+    assert (
+        lnurl.pay_request("https://x.test/cb", Msat(1), Msat(1), "[]", 140)["commentAllowed"] == 140
+    )
+
+
+def test_a_callback_reads_amount_and_comment() -> None:
+    read = lnurl.read_callback
+    assert read({"amount": "21000"}, Msat(1000), Msat(50_000), 0) == (21000, "")
+    assert read({"amount": "1000", "comment": "hi\nthere"}, Msat(1000), Msat(1000), 8) == (
+        1000,
+        "hi\nthere",
+    )
+    assert read({"amount": "50000", "comment": ""}, Msat(1000), Msat(50_000), 0) == (50000, "")
+    assert read({"amount": "2000", "nonce": "x"}, Msat(1000), Msat(50_000), 0)[0] == 2000
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ({}, "no amount"),
+        ({"amount": ""}, "no amount"),
+        ({"amount": "-5"}, "whole number of millisatoshis"),
+        ({"amount": "21.5"}, "whole number of millisatoshis"),
+        ({"amount": "1e6"}, "whole number of millisatoshis"),
+        ({"amount": "²"}, "whole number of millisatoshis"),
+        ({"amount": " 2000"}, "whole number of millisatoshis"),
+        ({"amount": "999"}, "999 msat is below the minimum, 1000 msat"),
+        ({"amount": "50001"}, "50001 msat is above the maximum, 50000 msat"),
+        ({"amount": "9" * 5000}, "above the maximum, 50000 msat"),
+        ({"amount": "2000", "comment": "x" * 11}, "11 characters; at most 10 are allowed"),
+        ({"amount": "2000", "comment": "a\0b"}, "control characters"),
+        ({"amount": "2000", "comment": "a\ud800"}, "control characters"),
+    ],
+)
+def test_a_bad_callback_is_refused_with_a_clear_reason(query: dict[str, str], reason: str) -> None:
+    with pytest.raises(LnurlError, match=reason) as refused:
+        lnurl.read_callback(query, Msat(1000), Msat(50_000), 10)
+    assert refused.value.status == 400
+    assert refused.value.reason == str(refused.value)
+
+
+def test_a_comment_where_none_is_taken_is_refused() -> None:
+    with pytest.raises(LnurlError, match="takes no comment"):
+        lnurl.read_callback({"amount": "2000", "comment": "hi"}, Msat(1), Msat(5000), 0)
+
+
+def test_answers_and_errors() -> None:
+    assert lnurl.error_body("nope") == {"status": "ERROR", "reason": "nope"}
+    assert LnurlError("gone", 410).status == 410
+    assert lnurl.callback_body("lnbcrt1...", None) == {"pr": "lnbcrt1...", "routes": []}
+    thanks = SuccessAction(message="Thank you!")
+    assert lnurl.callback_body("lnbcrt1...", thanks)["successAction"] == {
+        "tag": "message",
+        "message": "Thank you!",
+    }
+    link = SuccessAction(url="https://pay.example.com/thanks", description="Your receipt")
+    assert lnurl.success_action_body(link) == {
+        "tag": "url",
+        "description": "Your receipt",
+        "url": "https://pay.example.com/thanks",
+    }
+    assert link.host == "pay.example.com"
+    assert lnurl.success_action_body(None) is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({}, "a message or a URL"),
+        ({"message": "a", "url": "https://x.test/"}, "a message or a URL"),
+        ({"message": "x" * 145}, "145 characters; at most 144"),
+        ({"url": "https://x.test/", "description": "x" * 145}, "description is 145"),
+        ({"message": "a", "description": "b"}, "goes with a URL"),
+        ({"url": "ftp://x.test/"}, "not an http"),
+        ({"url": "https:///nohost"}, "not an http"),
+    ],
+)
+def test_a_bad_success_action_is_refused(fields: dict[str, str], reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        SuccessAction(**fields)
+    assert SuccessAction(message="x" * 144).message
+
+
+# invoices
+
+
+def test_the_description_hash_of_an_invoice_is_read_from_its_h_tag() -> None:
+    hashed = lnurl.description_hash(lnurl.metadata("Tip"))
+    with_hash = make_invoice(bytes(32), 21_000, description_hash=hashed)
+    assert lnurl.invoice_description_hash(with_hash) == hashed
+    assert bolt11.decode(with_hash).description_hash == hashed
+    plain = make_invoice(bytes(32), 21_000, description="a memo")
+    assert lnurl.invoice_description_hash(plain) == b""
+    with pytest.raises(bech32.Bech32Error):
+        lnurl.invoice_description_hash("lnbcrt1nope")
