@@ -37,6 +37,7 @@ import re
 import yarl
 
 from gateway import bech32
+from gateway.lnurl import JAR_NAME
 from gateway.text import printable
 
 __all__ = [
@@ -54,8 +55,6 @@ MAX_CHARS = 2048
 _SHOWN = 100  # characters of a destination shown in a reason
 _PUBKEY = re.compile(r"0[23][0-9a-f]{64}")
 _HEX_KEY = re.compile(r"[0-9a-fA-F]{66}")
-# LUD-16's name characters, and '+'; matched after lower-casing.
-_ADDRESS_NAME = re.compile(r"[a-z0-9._+-]{1,64}")
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _TOP_LABEL = re.compile(r"[a-z]")  # a last label of digits (127.1, 2130706433) is an address
 _PLAIN_HTTP_NAMES = frozenset({"localhost"})
@@ -143,7 +142,7 @@ def _lnurl_url(text: str) -> str:
 def _address_url(text: str) -> yarl.URL:
     """``https://domain/.well-known/lnurlp/name`` of a Lightning Address."""
     name, _, authority = text.lower().partition("@")
-    if _ADDRESS_NAME.fullmatch(name) is None:
+    if JAR_NAME.fullmatch(name) is None:
         raise DestinationError(
             f"{_shown(text)}: a Lightning Address's name is 1 to 64 of a-z, 0-9, '.', '_', "
             "'+' and '-'"

@@ -17,7 +17,8 @@ core ones here, the paying client's in :mod:`gateway.client.errors`::
     │   │   ├── InvoiceAlreadyExists  an invoice with this payment hash exists
     │   │   ├── InvoiceAlreadySettled the invoice is settled: it can be neither settled
     │   │   │                         again nor cancelled
-    │   │   └── InvoiceAlreadyCanceled the invoice is cancelled: it cannot be settled
+    │   │   └── InvoiceAlreadyCanceled the invoice is cancelled: it cannot be settled (a
+    │   │                             cancel of it counts as done)
     │   ├── InvoiceNotFound           no invoice with that payment hash
     │   ├── PaymentFailed             the payment ended FAILED (``reason`` says why)
     │   └── PayoutDestinationError    a payee's LNURL-pay service gave no usable invoice
@@ -33,7 +34,7 @@ core ones here, the paying client's in :mod:`gateway.client.errors`::
         │   └── InvoiceRejected       the invoice failed a check: network, amount, expiry, hash
         ├── BudgetExceeded            price or total over the budget (``limit`` says which)
         ├── PaymentDeclined           the ``confirm`` hook said no
-        ├── PaymentInFlight           an earlier payment for this scope is still in flight
+        ├── PaymentInFlight           a payment still in flight (an earlier one, or LNURL-pay's)
         ├── PaymentRefunded           pay on success: the gateway cancelled the held payment,
         │                             its request failed (also a ``PaymentFailed``)
         ├── PaymentUnverified         the payer's preimage does not hash to the payment hash
@@ -56,7 +57,8 @@ challenge), the client into a ``ChallengeError``::
 The LNURL-pay server's protocol, :mod:`gateway.lnurl`, is pure too; its one error says what
 to answer a wallet (``{"status": "ERROR", "reason": ...}`` with an HTTP status)::
 
-    LnurlError                        ``reason`` for the wallet, ``status``: 400, 404, 410, 503
+    LnurlError                        ``reason`` for the wallet, ``status``: 400, 404, 409,
+                                      410, 503
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ class InvoiceAlreadySettled(BackendBadRequest):
 
 class InvoiceAlreadyCanceled(BackendBadRequest):
     """The invoice is cancelled: the node refused to settle it (LND's "invoice already
-    canceled"; cancelling it again succeeds)."""
+    canceled"). LND cancels one again without complaint; a node that refuses to counts as
+    having cancelled it (``gateway.service.tips``)."""
 
 
 class InvoiceNotFound(BackendError):

@@ -9,9 +9,14 @@
 - LUD-12: ``commentAllowed`` and the ``comment`` a wallet sends;
 - LUD-09: ``SuccessAction``, a message or a URL the wallet shows once paid.
 
+Where the gateway serves them: ``jar_url`` (a tip jar, the path LUD-16 fixes),
+``link_page_url`` and ``link_lnurl`` (a payment link), under the public origin; ``JAR_NAME``
+and ``LINK_ID`` are what a jar's name and a link's id may be, ``LINK_GONE`` says why a link
+takes no payment.
+
 Every refusal is an ``LnurlError``: the ``reason`` a wallet shows (``error_body``) and the
 HTTP status to answer with. Pure: the standard library, ``gateway.bech32`` and the ports'
-``Msat`` (no asyncio, no HTTP, no database).
+``Msat`` and ``LinkState`` (no asyncio, no HTTP, no database).
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway import bech32
-from gateway.ports import Msat
+from gateway.ports import LinkState, Msat
 
 __all__ = [
+    "JAR_NAME",
+    "LINK_GONE",
+    "LINK_ID",
     "MAX_COMMENT_CHARS",
     "MAX_IMAGE_BYTES",
     "MAX_SUCCESS_CHARS",
@@ -35,10 +43,14 @@ __all__ = [
     "LnurlError",
     "SuccessAction",
     "callback_body",
+    "clean_text",
     "description_hash",
     "encode_lnurl",
     "error_body",
     "invoice_description_hash",
+    "jar_url",
+    "link_lnurl",
+    "link_page_url",
     "metadata",
     "pay_request",
     "read_callback",
@@ -52,6 +64,23 @@ MAX_SUCCESS_CHARS = 144
 # LUD-12: the comment rides in the callback's query string, which must stay below ~2000
 # characters; this is the most ``commentAllowed`` may say.
 MAX_COMMENT_CHARS = 1000
+# A tip jar's name (the Lightning Address's local part): LUD-16's characters, and '+' (a
+# "name+tag" address falls back on "name"). Lower case: an address is read lower-cased.
+JAR_NAME = re.compile(r"[a-z0-9._+-]{1,64}")
+# A payment link's id: 80 random bits as 16 lower-case base32 characters, the only form
+# ``new_link`` makes (never a leading '-' an argument parser takes for an option).
+LINK_ID = re.compile(r"[a-z2-7]{16}")
+# Why a link takes no payment, by its state.
+LINK_GONE: dict[LinkState, str] = {
+    LinkState.PAID: "this payment link is paid already",
+    LinkState.EXPIRED: "this payment link has expired",
+    LinkState.CANCELED: "this payment link was canceled",
+}
+# What text from a payer or merchant may not hold: controls (C0, DEL, C1) but the newline,
+# the bidi overrides and isolates (U+202A-202E, U+2066-2069) that reorder what a wallet or a
+# terminal shows, and lone surrogates (no UTF-8 can carry them). Joiners (ZWJ, ZWNJ: emoji,
+# Persian) and other text are fine.
+_FORBIDDEN = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _AMOUNT = re.compile(r"[0-9]+")  # ASCII digits only (str.isdigit takes '²' too)
 _AMOUNT_DIGITS = 30  # more is above any maximum (and int() of thousands of digits fails)
 _IMAGE_MAGIC = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
@@ -64,8 +93,9 @@ _HASH_WORDS = 52  # 256 bits in 5-bit words
 class LnurlError(ValueError):
     """A request the service refuses: ``reason`` is the text for the wallet (safe to show:
     it names no secret), ``status`` the HTTP status of the answer (400 a bad amount or
-    comment, 404 an unknown tip jar or link, 409 a single-use link being paid by another,
-    410 a link expired, paid or cancelled, 503 the node or the store failed)."""
+    comment, 404 an unknown tip jar or link, 409 a single-use link held by another payer's
+    open invoice (the reason says when it frees up), 410 a link expired (or expiring within
+    a minute), paid or cancelled, 503 the node or the store failed)."""
 
     def __init__(self, reason: str, status: int = 400) -> None:
         super().__init__(reason)
@@ -134,6 +164,22 @@ class SuccessAction:
         return (urllib.parse.urlsplit(self.url).hostname or "") if self.url else ""
 
 
+def jar_url(origin: str, name: str) -> str:
+    """A tip jar's LNURL-pay URL, where its Lightning Address leads (LUD-16); ``origin`` is
+    the public origin without a trailing slash (``https://pay.example.com``)."""
+    return f"{origin}/.well-known/lnurlp/{name}"
+
+
+def link_page_url(origin: str, link_id: str) -> str:
+    """A payment link's page under the public ``origin``."""
+    return f"{origin}/.well-known/l402/links/{link_id}"
+
+
+def link_lnurl(origin: str, link_id: str) -> str:
+    """The LNURL of a payment link's LNURL-pay endpoint (what a wallet scans)."""
+    return encode_lnurl(f"{link_page_url(origin, link_id)}/lnurl")
+
+
 def encode_lnurl(url: str) -> str:
     """``url`` as an LNURL (LUD-01): bech32 of its UTF-8 bytes under ``lnurl``, upper case."""
     return bech32.encode("lnurl", url.encode()).upper()
@@ -179,7 +225,8 @@ def read_callback(
     """The amount (msat) and comment of a wallet's callback request, checked; ``LnurlError``
     (400) for a missing amount or one that is no whole number of millisatoshis, outside
     ``min_msat``..``max_msat``, a comment where none is taken, longer than
-    ``comment_allowed`` characters or with control characters (a newline is allowed)."""
+    ``comment_allowed`` characters or with control characters (``clean_text``: a newline is
+    fine, CR LF becomes one)."""
     text = query.get("amount")
     if text is None or text == "":
         raise LnurlError("no amount: add amount=<millisatoshis> to the callback")
@@ -193,13 +240,25 @@ def read_callback(
     comment = query.get("comment", "")
     if comment and comment_allowed <= 0:
         raise LnurlError("this service takes no comment")
+    try:
+        comment = clean_text(comment)
+    except ValueError:
+        raise LnurlError("the comment has control characters") from None
     if len(comment) > comment_allowed:
         raise LnurlError(
             f"the comment is {len(comment)} characters; at most {comment_allowed} are allowed"
         )
-    if any(not char.isprintable() and char != "\n" for char in comment):
-        raise LnurlError("the comment has control characters")
     return Msat(amount), comment
+
+
+def clean_text(text: str) -> str:
+    """``text`` (a comment, a memo) as it is kept: CR LF as a newline, a tab as a space.
+    ``ValueError`` for another control character (C0, DEL, C1; a newline is fine), a bidi
+    override or isolate, or a lone surrogate."""
+    text = text.replace("\r\n", "\n").replace("\t", " ")
+    if _FORBIDDEN.search(text) is not None:
+        raise ValueError("control characters")
+    return text
 
 
 def callback_body(payment_request: str, success: SuccessAction | None) -> dict[str, object]:

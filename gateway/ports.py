@@ -499,10 +499,11 @@ class PaymentLink:
         return self.min_msat == self.max_msat
 
     def state(self, now: float) -> LinkState:
-        if self.canceled_at is not None:
-            return LinkState.CANCELED
+        """PAID first: a single-use link paid before (or while) it was cancelled was paid."""
         if self.single_use and self.paid_count:
             return LinkState.PAID
+        if self.canceled_at is not None:
+            return LinkState.CANCELED
         if self.expires_at is not None and now >= self.expires_at:
             return LinkState.EXPIRED
         return LinkState.OPEN
@@ -824,9 +825,13 @@ class StoreOperations(Protocol):
     async def get_invoice(self, payment_hash: PaymentHash) -> InvoiceRecord | None: ...
 
     async def list_invoices(
-        self, state: InvoiceState | None = None, limit: int | None = None
+        self,
+        state: InvoiceState | None = None,
+        limit: int | None = None,
+        service: str | None = None,
     ) -> list[InvoiceRecord]:
-        """Newest first, optionally only those in ``state``."""
+        """Newest first, optionally only those in ``state`` and only those of ``service``
+        (``link:<id>``: one payment link's)."""
 
     async def invoice_totals(self) -> list[InvoiceTotal]:
         """Every tracked invoice counted per service and state, in one aggregate query (for
@@ -1008,13 +1013,16 @@ class StoreOperations(Protocol):
 
     async def cancel_link(self, link_id: str, now: float) -> PaymentLink | None:
         """Set ``canceled_at`` (kept if already set); the link as stored after, None if
-        unknown. Its open invoice is the caller's to cancel on the node."""
+        unknown. Its open invoices are the caller's to cancel on the node (``list_invoices``
+        with ``service="link:<id>"``)."""
 
     async def add_link_invoice(self, record: InvoiceRecord, replaces: PaymentHash | None) -> bool:
-        """Record ``record`` (service ``link:<id>``), in one write: for a single-use link only
-        while its ``open_hash`` is still ``replaces``, it is neither paid nor cancelled, and
-        then ``open_hash`` becomes the record's hash; a reusable link's is simply added.
-        False (nothing written) when the link is unknown or that condition failed."""
+        """Record ``record`` (service ``link:<id>``), in one write, only while the link is
+        neither cancelled nor expired at the record's ``created_at``; for a single-use link
+        also only while its ``open_hash`` is still ``replaces`` and it is not paid, and then
+        ``open_hash`` becomes the record's hash. False (nothing written) when the link is
+        unknown or that condition failed. (A cancelled link's invoices are thus all recorded
+        before ``cancel_link`` returns, so the caller finds each to cancel on the node.)"""
 
     # Pay-on-success requests (``settle = "on_success"`` routes): the state moves only by
     # ``HeldState.may_become``; each move is one atomic write, safe across processes.

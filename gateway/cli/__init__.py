@@ -19,7 +19,7 @@ Commands::
     l402-gateway --config ... links [--state S] [--limit N] [--json]   payment links
     l402-gateway --config ... links create (--amount A | --min A --max B) [--memo T]
                               [--expires 1h] [--reusable] [--json]   a new payment link
-    l402-gateway --config ... links cancel ID        it takes no more payments
+    l402-gateway --config ... links cancel ID [--json]   it takes no more payments
     l402-gateway sample-config                       the commented sample configuration
     l402-gateway --version
 

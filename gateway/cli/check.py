@@ -4,9 +4,11 @@ Loads the configuration and the price functions, probes the LND node (reachable,
 certificate, the macaroon's permissions: ``gateway.lnd.preflight``), the payment macaroons
 (``[credit]`` withdrawals', the ``[[payee]]`` payouts'; a file that cannot be read is a
 configuration problem) and the upstream (a TCP connection), reports the node's inbound
-liquidity and the routes it cannot receive (never a problem: ``gateway.liquidity``), and
-prints what each path costs. ``serve`` runs the same checks at start (``startup_checks``):
-a problem stops it, an unreachable node or upstream is only a warning.
+liquidity and the routes it cannot receive (never a problem: ``gateway.liquidity``), reports
+the tip jars and where payment links are (``[lnurl]``: a warning when only this machine or
+Tor can reach ``base_url``), and prints what each path costs. ``serve`` runs the same checks
+at start (``startup_checks``): a problem stops it, an unreachable node or upstream is only a
+warning.
 
 Exit codes: 0 all good, 2 a configuration problem (the node refuses the macaroon or the
 certificate included), 3 the node or the upstream does not answer.
@@ -20,11 +22,13 @@ import urllib.parse
 from typing import Any
 
 from gateway import errors
+from gateway.cli.formats import sat, sat_number
 from gateway.config import Config
 from gateway.liquidity import describe, inbound_liquidity, route_warnings
 from gateway.lnd.client import LndClient
 from gateway.lnd.connection import LndSettings
 from gateway.lnd.preflight import PAYER_PERMISSIONS, LndCheck, check_lnd, check_payer
+from gateway.lnurl import jar_url, link_page_url
 from gateway.ports import Liquidity
 from gateway.runtime import (
     build_pricing,
@@ -101,6 +105,31 @@ async def _liquidity(config: Config) -> Liquidity:
         return await inbound_liquidity(lnd)
 
 
+def tips_lines(config: Config) -> list[str]:
+    """What ``[lnurl]`` serves: each tip jar's Lightning Address, URL, amounts and comments,
+    where the payment links' pages are, and a warning when few wallets can reach them; none
+    without ``[lnurl] base_url``."""
+    lnurl = config.lnurl
+    if not lnurl.enabled:
+        return []
+    origin = lnurl.origin
+    lines = [f"lnurl: {origin} (tip jars and payment links)"]
+    for jar in config.tip_jar:
+        least, most = jar.min_msat, jar.max_msat
+        amounts = sat(least) if least == most else f"{sat_number(least)} to {sat(most)}"
+        comments = (
+            f"comments up to {jar.comment_max} characters" if jar.comment_max else "no comments"
+        )
+        lines.append(
+            f"  tip jar {jar.name}@{lnurl.domain}: {jar_url(origin, jar.name)}, {amounts}, "
+            f"{comments}"
+        )
+    lines.append(f"  payment links: {link_page_url(origin, '<id>')}")
+    if lnurl.reached_by:
+        lines.append(f"warning: [lnurl] base_url {origin}: only {lnurl.reached_by} can reach it")
+    return lines
+
+
 def startup_checks(config: Config) -> None:
     """``serve``'s checks: each problem and warning in one line; ``ConfigError`` if there is
     a problem. (The route table is logged by ``running_runtime``, in every front end.)"""
@@ -141,6 +170,8 @@ def run(config: Config, source: str | None) -> int:
         print(f"unreachable: {upstream}")
     elif config.server.upstream:
         print(f"upstream: ok ({config.server.upstream} takes connections)")
+    for line in tips_lines(config):
+        print(line)
     print("routes, first match decides:")
     for line in route_table(config):
         print(f"  {line}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import decimal
+import enum
 import json
 import logging
 import time
@@ -97,8 +98,16 @@ def utc_time(timestamp: float | None) -> str:
 
 
 def sat(msat: int) -> str:
-    """``12.5 sat`` for 12500 msat."""
-    return f"{msat / 1000:g} sat"
+    """``12.5 sat`` for 12500 msat, exactly: the whole sat, and the msat remainder as
+    decimals only when there is one (``1234567 sat``, ``0.001 sat``)."""
+    return f"{sat_number(msat)} sat"
+
+
+def sat_number(msat: int) -> str:
+    """``sat`` without the unit: ``12.5`` for 12500 msat."""
+    whole, rest = divmod(abs(msat), 1000)
+    sign = "-" if msat < 0 else ""
+    return f"{sign}{whole}.{rest:03d}".rstrip("0") if rest else f"{sign}{whole}"
 
 
 def columns(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -119,6 +128,28 @@ def parse_limit(text: str) -> int:
     if not 0 <= value <= MAX_LIMIT:
         raise argparse.ArgumentTypeError(f"--limit is 0 to {MAX_LIMIT}, got {text}")
     return value
+
+
+State = TypeVar("State", bound=enum.Enum)
+
+
+def state_parser(states: type[State]) -> Callable[[str], State]:
+    """``--state S`` for argparse: one of ``states`` by its value, in any case, else a usage
+    error (exit 2) naming them."""
+
+    def parse(text: str) -> State:
+        for state in states:
+            if state.value.lower() == text.lower():
+                return state
+        names = ", ".join(state_names(states))
+        raise argparse.ArgumentTypeError(f"--state {text!r}: use one of {names}")
+
+    return parse
+
+
+def state_names(states: type[enum.Enum]) -> list[str]:
+    """``states``' values in lower case, as ``--state`` takes and help lists them."""
+    return [state.value.lower() for state in states]
 
 
 Record = TypeVar("Record")
@@ -153,6 +184,8 @@ def sat_to_msat(text: str) -> int:
         value = decimal.Decimal(number) * scale
     except decimal.InvalidOperation:
         raise argparse.ArgumentTypeError(f"not an amount in sat: {text!r}") from None
-    if not value.is_finite() or value < 0 or value != value.to_integral_value():
+    if value.is_finite() and value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative: an amount is 0 or more")
+    if not value.is_finite() or value != value.to_integral_value():
         raise argparse.ArgumentTypeError(f"not an amount in sat or msat (msat precision): {text!r}")
     return int(value)

@@ -23,9 +23,13 @@ A TARGET that is no http(s) URL (a Lightning Address ``name@domain``, an LNURL
 unless the service fixes it) and the comment (LUD-12) checked against them, the amount
 against ``--max-cost``, which bounds it with the routing fee, then the service's invoice is
 checked (the amount asked, the description hash of the service's metadata, the node's
-network) and paid through the same node, with the same progress. stdout gets the receipt and
-the service's success action (a message; a URL; an encrypted text decrypted with the
-payment's preimage); ``--json`` a summary; ``--no-pay`` shows the service's terms (exit 6).
+network) and paid through the same node, with the same progress, its payment hash on stderr
+first. stdout gets the receipt and the service's success action (a message; a URL; an
+encrypted text decrypted with the payment's preimage); ``--json`` a summary; ``--no-pay``
+shows the service's terms (exit 6). A call to the node that ends without the payment's
+outcome (broken, out of time) is no failure: the node is asked how the payment stands, and
+one that succeeded is shown as paid, one still in flight (or that the node cannot tell)
+exits 7 with its hash, so that nobody pays a second invoice for it unawares.
 
 One module for the one command, a little over the usual size: its options, its payer, its
 output and its exit codes are read together.
@@ -43,6 +47,7 @@ import logging
 import os
 import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -62,6 +67,7 @@ from gateway.client import (
     L402Client,
     Offer,
     PaymentDeclined,
+    PaymentInFlight,
     SpendEntry,
     TokenCache,
     TokenCacheError,
@@ -74,13 +80,26 @@ from gateway.client.lnurl import (
     LnurlPayClient,
     LnurlUnreachable,
     PayRequest,
-    SuccessAction,
+    ReceivedSuccessAction,
 )
 from gateway.lnd.client import LndClient
 from gateway.lnd.connection import LndSettings
 from gateway.ports import Msat, Payer, Payment, PaymentHash, PaymentStatus
 from gateway.text import printable
 
+# pay --help: its paragraphs (the exit codes below are laid out by hand: raw text).
+_DESCRIPTION = (
+    "Fetch an http(s) URL, paying its L402 challenge (curl-like); or pay a Lightning "
+    "Address or an LNURL by LNURL-pay. Either way through LND.",
+    "URL: on 402 Payment Required with an L402 challenge, check the invoice and the price, "
+    "pay it, and retry with the token. The body goes to stdout (or -o FILE); progress to "
+    "stderr. Tokens are cached and reused in their scope.",
+    "Lightning Address (name@domain), LNURL (lnurl1...), either after lightning:, or an "
+    "LNURL-pay https:// URL given --amount or --comment: pay by LNURL-pay, --amount "
+    "(unless the service fixes it), --comment, --max-cost as the budget of amount and "
+    "routing fee. The payment hash goes to stderr before paying; stdout gets the receipt "
+    "and the service's success action.",
+)
 PAY_EXIT_CODES = """exit codes:
   0  the response came, with a status below 400 (paid, reused a token, or free);
      LNURL-pay: paid
@@ -90,22 +109,31 @@ PAY_EXIT_CODES = """exit codes:
      service does not take; nothing was paid
   3  a backend failed: LND unreachable or the payment failed (or was refunded: the
      request failed on a pay-on-success route), the HTTP request failed (LNURL-pay: the
-     service did not answer), or an earlier payment for this URL is still in flight
+     service did not answer)
   4  over budget: the price (LNURL-pay: the amount) is over --max-cost; nothing was paid
   5  the challenge or its invoice is unusable: wrong network, expired, amount or payment
      hash mismatch, malformed (LNURL-pay: the service's answer, e.g. a refusal, a wrong
      description hash); nothing was paid
   6  --no-pay and payment is required: the price (LNURL-pay: the service's terms) was
-     printed, nothing was paid"""
+     printed, nothing was paid
+  7  a payment may still be in flight: do not pay again. An earlier one for this URL
+     (L402), or this one (LNURL-pay: the call to the node broke or ran out of time,
+     and the node reports the payment in flight, or cannot be asked); check it with
+     `lncli trackpayment <payment hash>` (the hash is on stderr)"""
 EXIT_HTTP_ERROR = 1
 EXIT_USAGE = 2
 EXIT_BACKEND = 3
 EXIT_OVER_BUDGET = 4
 EXIT_BAD_CHALLENGE = 5
 EXIT_PAYMENT_REQUIRED = 6
+EXIT_IN_FLIGHT = 7
 DEFAULT_MAX_COST_SAT = 1000
 _UNLIMITED_MSAT = 2**62
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Seconds between the node's answers on a payment whose sending ended without an outcome:
+# the node may be back a moment later, or record a payment a moment after a broken call.
+_LOOKUP_DELAYS = (0.5, 1.0, 2.0)
+_LOOKUP_SECONDS = 30.0  # all of them, each lookup's own deadline included
 
 
 def default_token_cache() -> Path:
@@ -118,16 +146,7 @@ def add_parser(commands: Any) -> None:
     pay = commands.add_parser(
         "pay",
         help="fetch a URL, paying its L402 challenge (curl-like); or pay a Lightning Address",
-        description=(
-            "Fetch URL; on 402 Payment Required with an L402 challenge, check the invoice and "
-            "the price, pay it through LND, and retry with the token. The body goes to stdout "
-            "(or -o FILE); progress to stderr. Tokens are cached and reused in their scope.\n\n"
-            "A Lightning Address (name@domain), an LNURL (lnurl1...), either after "
-            "lightning:, or with --amount or --comment an LNURL-pay https:// URL, is paid by "
-            "LNURL-pay: --amount (unless the service fixes it), --comment, --max-cost as the "
-            "budget of amount and routing fee; stdout gets the receipt and the service's "
-            "success action."
-        ),
+        description="\n\n".join(textwrap.fill(part, 79) for part in _DESCRIPTION),
         epilog=PAY_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -281,7 +300,8 @@ def _request_parts(args: argparse.Namespace) -> tuple[str, CIMultiDict[str], byt
 class ProgressPayer:
     """A Payer that reports the payment on ``stream`` while it is in flight.
 
-    A start and an end line; on a terminal, the start line ticks the elapsed seconds.
+    A start and an end line (paid, failed, or outcome unknown when the call ended without
+    the node's verdict); on a terminal, the start line ticks the elapsed seconds.
     """
 
     def __init__(self, payer: Payer, stream: TextIO, *, tick: float = 0.1) -> None:
@@ -315,8 +335,14 @@ class ProgressPayer:
             payment = await self._payer.send_payment(
                 payment_request, max_fee_msat=max_fee_msat, payment_timeout=payment_timeout
             )
-        except BaseException:
+        except errors.PaymentFailed:
             self._write(f"{prefix}payment failed after {time.monotonic() - start:.1f}s{suffix}")
+            raise
+        except BaseException:
+            # A broken call, a deadline, ^C: the payment may be under way or done.
+            self._write(
+                f"{prefix}payment outcome unknown after {time.monotonic() - start:.1f}s{suffix}"
+            )
             raise
         finally:
             if task is not None:
@@ -614,7 +640,7 @@ def _lnurl_amount(args: argparse.Namespace, request: PayRequest) -> Msat:
 
 
 def _show_success(
-    action: SuccessAction | None, preimage: bytes | None
+    action: ReceivedSuccessAction | None, preimage: bytes | None
 ) -> tuple[str, dict[str, str] | None]:
     """The success action as text and as JSON; one that does not decrypt is said so on
     stderr (the payment went through all the same)."""
@@ -637,6 +663,9 @@ async def pay_lnurl(
     except LnurlUnreachable as error:
         print(f"l402-gateway: {error}; nothing was paid", file=sys.stderr)
         return EXIT_BACKEND
+    except PaymentInFlight as error:
+        print(f"l402-gateway: {error}", file=sys.stderr)
+        return EXIT_IN_FLIGHT
     except errors.PayoutDestinationError as error:
         print(f"l402-gateway: {error}; nothing was paid", file=sys.stderr)
         return EXIT_BAD_CHALLENGE
@@ -687,10 +716,17 @@ async def _pay_lnurl(
         )
     # --max-cost bounds amount and fee together: the fee cap is what it leaves, at most.
     fee_limit = min(Budget(args.max_cost, args.max_fee).fee_limit(amount), args.max_cost - amount)
-    payment = await payer.send_payment(
-        got.payment_request, max_fee_msat=Msat(fee_limit), payment_timeout=args.payment_timeout
-    )
-    payment_hash = got.invoice.payment_hash
+    payment_hash = PaymentHash(got.invoice.payment_hash)
+    if not args.silent:  # before paying: what to look for should the call never end
+        print(f"payment hash: {payment_hash.hex()}", file=sys.stderr, flush=True)
+    try:
+        payment = await payer.send_payment(
+            got.payment_request, max_fee_msat=Msat(fee_limit), payment_timeout=args.payment_timeout
+        )
+    except errors.PaymentFailed:
+        raise
+    except (errors.BackendError, TimeoutError) as error:
+        payment = await _outcome_on_node(payer, payment_hash, error)
     preimage = payment.preimage
     if (
         payment.status is not PaymentStatus.SUCCEEDED
@@ -723,6 +759,63 @@ async def _pay_lnurl(
     return 0
 
 
+async def _outcome_on_node(
+    payer: Payer, payment_hash: PaymentHash, error: errors.BackendError | TimeoutError
+) -> Payment:
+    """The payment whose ``send_payment`` ended in ``error`` without an outcome (the call
+    broke, its deadline passed...), as the node reports it: SUCCEEDED is returned (said on
+    stderr); FAILED, or never started, raises ``PaymentFailed``; in flight, or the node
+    cannot say, raises ``PaymentInFlight``: paying again could pay twice."""
+    # A refusal of the request itself (bad request, permission) came before the node
+    # recorded anything; after a broken call it may record the payment a moment late
+    # (gateway.service.outgoing judges its payouts so too).
+    refused = isinstance(
+        error, errors.BackendBadRequest | errors.BackendPermissionDenied
+    ) and not isinstance(error, errors.InvoiceAlreadyExists)
+    hash_hex = payment_hash.hex()
+    check = f"do not pay again; check it with `lncli trackpayment {hash_hex}`"
+    try:
+        async with asyncio.timeout(_LOOKUP_SECONDS):
+            payment = await _lookup(payer, payment_hash, patient=not refused)
+    except (errors.BackendError, TimeoutError) as lookup_error:
+        raise PaymentInFlight(
+            f"payment {hash_hex} may be in flight or done ({_reason(error)}), and the node "
+            f"cannot tell ({_reason(lookup_error)}): {check}"
+        ) from error
+    if payment is None:
+        raise errors.PaymentFailed(f"the node did not start it: {_reason(error)}", payment_hash)
+    if payment.status is PaymentStatus.FAILED:
+        raise errors.PaymentFailed(f"the node reports it FAILED ({_reason(error)})", payment_hash)
+    if payment.status is not PaymentStatus.SUCCEEDED:
+        raise PaymentInFlight(
+            f"payment {hash_hex} is still in flight ({_reason(error)}): {check}"
+        ) from error
+    print(
+        f"l402-gateway: {_reason(error)}; the node reports payment {hash_hex} SUCCEEDED",
+        file=sys.stderr,
+    )
+    return payment
+
+
+def _reason(error: BaseException) -> str:
+    return str(error) or type(error).__name__  # TimeoutError() says nothing
+
+
+async def _lookup(payer: Payer, payment_hash: PaymentHash, *, patient: bool) -> Payment | None:
+    """The node's record of the payment, asked again after each of ``_LOOKUP_DELAYS`` while
+    the node cannot answer (the last error is raised) or, ``patient``, has none (None)."""
+    for delay in _LOOKUP_DELAYS:
+        try:
+            payment = await payer.lookup_payment(payment_hash)
+        except (errors.BackendError, TimeoutError):
+            pass  # asked again below; the last time's error is raised
+        else:
+            if payment is not None or not patient:
+                return payment
+        await asyncio.sleep(delay)
+    return await payer.lookup_payment(payment_hash)
+
+
 async def _pay_lnurl_with_node(args: argparse.Namespace) -> int:
     _check_lnurl_usage(args)
     settings = payer_settings(args, required=not args.no_pay, needs="pay")
@@ -747,6 +840,9 @@ def run(args: argparse.Namespace) -> int:
     except BudgetExceeded as error:
         print(f"l402-gateway: {error}", file=sys.stderr)
         return EXIT_OVER_BUDGET
+    except PaymentInFlight as error:
+        print(f"l402-gateway: {error}", file=sys.stderr)
+        return EXIT_IN_FLIGHT
     except ChallengeError as error:
         print(f"l402-gateway: {error}; nothing was paid", file=sys.stderr)
         return EXIT_BAD_CHALLENGE

@@ -32,6 +32,8 @@ from gateway.cli.formats import (
     columns,
     parse_limit,
     print_records,
+    state_names,
+    state_parser,
     utc_time,
 )
 from gateway.config import Config, store_location
@@ -48,14 +50,6 @@ from gateway.text import printable
 __all__ = ["add_parsers", "payees", "run"]
 
 EXIT_NOT_PAID = 3  # a payout FAILED or is still PENDING
-
-
-def _state(text: str) -> PayoutState:
-    try:
-        return PayoutState(text.upper())
-    except ValueError:
-        names = ", ".join(state.value.lower() for state in PayoutState)
-        raise argparse.ArgumentTypeError(f"--state {text!r}: use one of {names}") from None
 
 
 def add_parsers(commands: Any) -> None:
@@ -77,9 +71,9 @@ def add_parsers(commands: Any) -> None:
     history.add_argument("--payee", metavar="NAME", help="only this payee's")
     history.add_argument(
         "--state",
-        type=_state,
+        type=state_parser(PayoutState),
         metavar="STATE",
-        help=f"only this state: {', '.join(s.value.lower() for s in PayoutState)}",
+        help=f"only this state: {', '.join(state_names(PayoutState))}",
     )
     history.add_argument("--limit", type=parse_limit, default=100, help="at most N (default 100)")
     history.add_argument("--json", action="store_true", help="machine-readable output")

@@ -55,7 +55,8 @@ class PaymentDeclined(ClientError):
 
 
 class PaymentInFlight(ClientError):
-    """A payment begun earlier for this scope has not finished; paying again could pay twice."""
+    """A payment (one begun earlier for this scope, or one the node reports still in flight
+    after the call to it broke) has not finished; paying again could pay twice."""
 
 
 class PaymentUnverified(ClientError):

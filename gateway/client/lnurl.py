@@ -11,10 +11,11 @@ checks the amount and the comment against it (``PayRequest.problem``), then call
 callback with ``amount`` (and ``comment``) appended, its own query parameters kept as they
 are. It returns the ``pr`` invoice only when it decodes (signature verified), is for exactly
 the amount asked and commits to the metadata (its description hash is sha256 of the metadata
-text), with the service's success action (LUD-09 ``message`` or ``url``, LUD-10 ``aes``,
-checked; ``SuccessAction.text`` shows it once paid, decrypting an ``aes`` one with the
-payment's preimage). ``invoice`` is the payout worker's: the invoice alone, no comment; the
-worker checks the rest (network, expiry, payment secret), knowing the node.
+text, ``gateway.lnurl.description_hash``), with the service's success action (LUD-09
+``message`` or ``url``, LUD-10 ``aes``, checked; ``ReceivedSuccessAction.text`` shows it once
+paid, decrypting an ``aes`` one with the payment's preimage). ``invoice`` is the payout
+worker's: the invoice alone, no comment; the worker checks the rest (network, expiry,
+payment secret), knowing the node.
 
 A callback on ``localhost``, a loopback, private or link-local address, or over plain HTTP,
 is followed only from a service on that same host (never from a public one into the
@@ -30,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import json
 import time
 import urllib.parse
@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from gateway import destinations, errors
 from gateway.client import bolt11
+from gateway.lnurl import MAX_SUCCESS_CHARS, description_hash
 from gateway.ports import Msat
 from gateway.text import printable
 
@@ -55,7 +56,7 @@ __all__ = [
     "LnurlPayClient",
     "LnurlUnreachable",
     "PayRequest",
-    "SuccessAction",
+    "ReceivedSuccessAction",
     "pay_url",
 ]
 
@@ -68,8 +69,7 @@ CACHE_SECONDS = 60.0
 _MAX_REDIRECTS = 3
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _REASON_CHARS = 200  # of a reason a service gives, in ours
-# LUD-09/10: the longest message or description (characters) and ciphertext (bytes)
-_ACTION_CHARS = 144
+# LUD-10: the longest ciphertext (bytes); a message or description is MAX_SUCCESS_CHARS long
 _CIPHERTEXT_BYTES = 4096
 _SUCCESS_TAGS = frozenset({"message", "url", "aes"})
 
@@ -116,10 +116,15 @@ class PayRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class SuccessAction:
+class ReceivedSuccessAction:
     """What a service asks the payer to show once paid: ``tag`` ``"message"`` (LUD-09, the
     ``message``), ``"url"`` (LUD-09, ``description`` and the ``url``, on the callback's host)
-    or ``"aes"`` (LUD-10, ``description`` and a text encrypted with the preimage)."""
+    or ``"aes"`` (LUD-10, ``description`` and a text encrypted with the preimage).
+
+    Not ``gateway.lnurl.SuccessAction``, what our own service sends: that one is a message
+    or a URL only, checked as configuration (a ValueError); a payer also receives LUD-10's
+    ``aes`` (ciphertext, iv) and decrypts it, and refuses what it received with a
+    ``PayoutDestinationError`` naming the service's host."""
 
     tag: str
     message: str = ""
@@ -171,7 +176,7 @@ class LnurlInvoice:
 
     payment_request: str
     invoice: bolt11.Invoice
-    success_action: SuccessAction | None
+    success_action: ReceivedSuccessAction | None
 
 
 def _fail(reason: str) -> errors.PayoutDestinationError:
@@ -323,7 +328,7 @@ class LnurlPayClient:
                 f"{host}: the invoice is for {invoice.amount_msat} msat, not the "
                 f"{amount_msat} msat asked"
             )
-        if invoice.description_hash != hashlib.sha256(request.metadata.encode()).digest():
+        if invoice.description_hash != description_hash(request.metadata):
             raise _fail(f"{host}: the invoice's description hash is not that of the metadata")
         action = _success_action(request.callback, data.get("successAction"))
         return LnurlInvoice(text, invoice, action)
@@ -413,9 +418,9 @@ def _is_metadata(text: str) -> bool:
 
 def _text(action: dict[str, Any], key: str, host: str | None) -> str:
     value = action.get(key)
-    if not isinstance(value, str) or len(value) > _ACTION_CHARS:
+    if not isinstance(value, str) or len(value) > MAX_SUCCESS_CHARS:
         raise _fail(
-            f"{host}: the success action's {key} is not a text of at most {_ACTION_CHARS} "
+            f"{host}: the success action's {key} is not a text of at most {MAX_SUCCESS_CHARS} "
             "characters"
         )
     return value
@@ -429,7 +434,7 @@ def _base64(action: dict[str, Any], key: str, host: str | None) -> bytes:
     raise _fail(f"{host}: the aes success action's {key} is not base64")
 
 
-def _success_action(callback: yarl.URL, value: object) -> SuccessAction | None:
+def _success_action(callback: yarl.URL, value: object) -> ReceivedSuccessAction | None:
     """The callback answer's ``successAction``, checked (LUD-09, LUD-10); None without one,
     or with a tag this client does not know (a later LUD: nothing to show)."""
     host = callback.host
@@ -441,7 +446,7 @@ def _success_action(callback: yarl.URL, value: object) -> SuccessAction | None:
     if tag not in _SUCCESS_TAGS:
         return None
     if tag == "message":
-        return SuccessAction("message", message=_text(value, "message", host))
+        return ReceivedSuccessAction("message", message=_text(value, "message", host))
     description = _text(value, "description", host)
     if tag == "url":
         url = value.get("url")
@@ -451,7 +456,7 @@ def _success_action(callback: yarl.URL, value: object) -> SuccessAction | None:
             raise _fail(f"{host}: the success action's url is not an https:// URL") from None
         if (target.raw_host or "").lower() != (callback.raw_host or "").lower():
             raise _fail(f"{host}: the success action's url is not on the callback's host")
-        return SuccessAction("url", description=description, url=str(target))
+        return ReceivedSuccessAction("url", description=description, url=str(target))
     ciphertext, iv = _base64(value, "ciphertext", host), _base64(value, "iv", host)
     if (
         len(iv) != 16
@@ -463,4 +468,4 @@ def _success_action(callback: yarl.URL, value: object) -> SuccessAction | None:
             f"{host}: the aes success action's iv is not 16 bytes, or its ciphertext not "
             f"whole AES blocks of at most {_CIPHERTEXT_BYTES} bytes"
         )
-    return SuccessAction("aes", description=description, ciphertext=ciphertext, iv=iv)
+    return ReceivedSuccessAction("aes", description=description, ciphertext=ciphertext, iv=iv)

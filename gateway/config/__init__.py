@@ -773,14 +773,13 @@ def _tip_jars(raw: object, directory: Path | None) -> tuple[TipJarConfig, ...]:
         raise ConfigError("tip_jar must be an array of tables ([[tip_jar]])")
     jars = []
     for index, table in enumerate(raw):
-        where = f"tip_jar[{index}]"
-        if not isinstance(table, dict) or "name" not in table or "description" not in table:
-            raise ConfigError(
-                f"{where}: must be a table ([[tip_jar]]) with a name and a description"
-            )
-        name = table["name"]
-        if isinstance(name, str) and name:
-            where = f"[[tip_jar]] {name!r}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"tip_jar[{index}]: must be a table ([[tip_jar]])")
+        name = table.get("name")
+        # A named jar's errors name it: the index is for one without a name.
+        where = f"[[tip_jar]] {name!r}" if isinstance(name, str) and name else f"tip_jar[{index}]"
+        if "name" not in table or "description" not in table:
+            raise ConfigError(f"{where}: must have a name and a description")
         for key in ("min", "max"):
             value = table.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool):

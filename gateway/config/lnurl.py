@@ -19,7 +19,9 @@ section like the others (``GATEWAY_LNURL_BASE_URL``, ``GATEWAY_LNURL_INVOICE_EXP
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from gateway import destinations
 from gateway.config.checks import display_text, require
 from gateway.errors import ConfigError
 from gateway.lnurl import (
+    JAR_NAME,
     MAX_COMMENT_CHARS,
     MAX_IMAGE_BYTES,
     MAX_SUCCESS_CHARS,
@@ -39,30 +42,21 @@ from gateway.lnurl import (
 from gateway.pricing import MAX_PRICE_MSAT
 from gateway.splits import MAX_DIGITS
 
-__all__ = [
-    "JAR_NAME",
-    "MAX_DESCRIPTION",
-    "MAX_INVOICE_EXPIRY",
-    "MIN_INVOICE_EXPIRY",
-    "LnurlConfig",
-    "TipJarConfig",
-    "check_tip_jars",
-    "parse_amount",
-    "read_image",
-]
+__all__ = ["LnurlConfig", "TipJarConfig", "check_tip_jars", "parse_amount", "read_image"]
 
-# LUD-16's name characters, and '+' (as gateway.destinations reads an address).
-JAR_NAME = re.compile(r"[a-z0-9._+-]{1,64}")
 MAX_DESCRIPTION = 640  # a wallet shows it on one screen
-# An LNURL invoice must outlive the wallet's fetch, check and payment; a day at most.
-MIN_INVOICE_EXPIRY = 60
-MAX_INVOICE_EXPIRY = 86_400
+# An LNURL invoice must outlive the wallet's fetch, check and payment; a day at most (not
+# checks.MAX_INVOICE_EXPIRY, LND's year for an L402 challenge's).
+MIN_LNURL_INVOICE_EXPIRY = 60
+MAX_LNURL_INVOICE_EXPIRY = 86_400
 _AMOUNT = re.compile(rf"([0-9]{{1,{MAX_DIGITS}}})\s*(msat|sat)")
 
 
 def parse_amount(text: str) -> int:
     """``"1000sat"`` or ``"1500msat"`` (a blank before the unit allowed) in msat;
-    ``ValueError`` saying how to write one."""
+    ``ValueError`` saying how to write one. Stricter than the command line's
+    ``formats.sat_to_msat`` on purpose: the unit is required (a bare number beside the
+    ``*_msat`` keys of a file is ambiguous) and the number whole (no ``0.5``)."""
     match = _AMOUNT.fullmatch(text.strip())
     if match is None:
         raise ValueError(
@@ -105,9 +99,9 @@ class LnurlConfig:
             _origin(self.base_url)
         expiry = self.invoice_expiry
         require(
-            MIN_INVOICE_EXPIRY <= expiry <= MAX_INVOICE_EXPIRY,
+            MIN_LNURL_INVOICE_EXPIRY <= expiry <= MAX_LNURL_INVOICE_EXPIRY,
             "invoice_expiry",
-            f"{MIN_INVOICE_EXPIRY} to {MAX_INVOICE_EXPIRY} seconds",
+            f"{MIN_LNURL_INVOICE_EXPIRY} to {MAX_LNURL_INVOICE_EXPIRY} seconds",
             expiry,
         )
 
@@ -120,6 +114,24 @@ class LnurlConfig:
         """``base_url`` normalized: scheme and host in lower case, no default port, no
         trailing slash (``https://pay.example.com``); "" when off."""
         return str(_origin(self.base_url)) if self.base_url else ""
+
+    @property
+    def domain(self) -> str:
+        """The origin's host[:port], what a Lightning Address ends with; "" when off."""
+        return urllib.parse.urlsplit(self.origin).netloc
+
+    @property
+    def reached_by(self) -> str:
+        """Who alone can reach ``base_url``: ``"wallets on this machine"`` (localhost, a
+        loopback address), ``"wallets over Tor"`` (.onion); "" for any other host."""
+        host = (yarl.URL(self.origin).raw_host or "") if self.base_url else ""
+        if host.endswith(".onion"):
+            return "wallets over Tor"
+        try:
+            loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            loopback = host == "localhost" or host.endswith(".localhost")
+        return "wallets on this machine" if loopback else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +157,11 @@ class TipJarConfig:
             self.name,
         )
         text = self.description
+        if len(text) > MAX_DESCRIPTION:  # said by its length: the text would fill the screen
+            raise ValueError(
+                f"description is {len(text)} characters; at most {MAX_DESCRIPTION} (what a "
+                "wallet shows on one screen)"
+            )
         require(
             bool(text.strip()) and display_text(text, MAX_DESCRIPTION),
             "description",

@@ -3,19 +3,23 @@ gateway issues for payments that buy nothing but are simply received.
 
 A tip jar (``TipJar``, from the configuration) answers at ``/.well-known/lnurlp/<name>``
 (LUD-16), so ``name@domain`` is payable from any wallet; its invoices commit to its metadata
-(description hash) and carry the payer's comment (LUD-12). A payment link
-(``PaymentLink``, made by ``create_link``) has a page whose invoice has the link's memo, and
-an LNURL-pay endpoint for wallets; its amount is fixed or the payer's within bounds.
+(description hash) and carry the payer's comment (LUD-12). A payment link (``PaymentLink``,
+made by ``new_link``) has a page and an LNURL-pay endpoint for wallets; its amount is fixed
+or the payer's within bounds. A reusable link's page invoices have the link's memo, its
+LNURL ones commit to its metadata and take a comment.
 
 Every invoice is recorded in the store (service ``tip:<name>`` or ``link:<id>``), so the
 invoice watcher follows it and records its settlement like any other.
 
 A single-use link is paid at most once: it has at most one invoice that can pay it
-(``PaymentLink.open_hash``). That one is reused while it suits (open, the same amount and
-kind, ``REUSE_MIN_SECONDS`` left); another replaces it only after the node cancelled it (a
-node that says it is settled means the link is being paid: "paid"), and only through the
-store's compare-and-set (``add_link_invoice``): a request that loses the race cancels its own
-invoice and answers with the winner's.
+(``PaymentLink.open_hash``), of one kind (its metadata's description hash, no comment), so
+the page and a wallet get the same one for the same amount. An open one with
+``REUSE_MIN_SECONDS`` left is handed out again once the node confirms it is open, and never
+replaced: another amount waits (409) until it is about to expire. Only then (or once it is
+expired or cancelled) does another replace it, after the node cancelled it (a node that says
+it is settled means the link is paid: 410), and only through the store's compare-and-set
+(``add_link_invoice``): a request that loses the race cancels its own invoice and answers
+with the winner's. So no payer can take away the invoice another holds.
 
 Every refusal is a ``gateway.lnurl.LnurlError`` with its HTTP status; a failing node or
 store is one too (503), so the web layer answers each with a JSON error, never a 500.
@@ -23,10 +27,10 @@ store is one too (503), so the web layer answers each with a JSON error, never a
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import math
-import re
 import secrets
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -58,6 +62,7 @@ __all__ = [
     "LinkStatus",
     "TipJar",
     "Tips",
+    "new_link",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,16 +72,8 @@ DEFAULT_INVOICE_EXPIRY = 600
 REUSE_MIN_SECONDS = 60
 # Characters of comment a payment link's LNURL-pay endpoint takes (LUD-12).
 LINK_COMMENT_CHARS = 140
-# LUD-16's name characters, and '+' (a "name+tag" address falls back on "name").
-_JAR_NAME = re.compile(r"[a-z0-9._+-]{1,64}")
-_LINK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # secrets.token_urlsafe's alphabet
 _UNAVAILABLE = "the Lightning node cannot make an invoice now; try again later"
 _STORE_FAILED = "the gateway's store is unavailable now; try again later"
-_GONE = {
-    LinkState.PAID: "this payment link is paid already",
-    LinkState.EXPIRED: "this payment link has expired",
-    LinkState.CANCELED: "this payment link was cancelled",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +92,7 @@ class TipJar:
     success: SuccessAction | None = None
 
     def __post_init__(self) -> None:
-        if _JAR_NAME.fullmatch(self.name) is None:
+        if lnurl.JAR_NAME.fullmatch(self.name) is None:
             raise ValueError(
                 f"a tip jar's name is 1 to 64 of a-z, 0-9, '.', '_', '+', '-': {self.name!r}"
             )
@@ -117,6 +114,48 @@ class LinkStatus:
     link: PaymentLink
     state: LinkState
     invoice: InvoiceRecord | None
+
+
+def new_link(
+    *,
+    min_msat: int,
+    max_msat: int,
+    memo: str,
+    expires_in: float | None,
+    single_use: bool,
+    now: float,
+) -> PaymentLink:
+    """A new payment link with a fresh id (``lnurl.LINK_ID``), not yet recorded: a fixed
+    amount when ``min_msat == max_msat``, else the payer's within them; it expires
+    ``expires_in`` seconds after ``now`` (None: never). ``ValueError`` with a one-line reason
+    for amounts that are not whole satoshis with ``1 sat <= min <= max`` (wallets pay whole
+    satoshis), a memo over ``MEMO_LIMIT`` characters or with control characters
+    (``lnurl.clean_text``; its CR LF and tabs are kept as it makes them), or a life shorter
+    than ``REUSE_MIN_SECONDS``."""
+    if min_msat % 1000 or max_msat % 1000 or not 1000 <= min_msat <= max_msat:
+        raise ValueError("the amounts must be whole satoshis with 1 sat <= min <= max")
+    try:
+        memo = lnurl.clean_text(memo)
+    except ValueError:
+        raise ValueError("the memo has control characters") from None
+    if len(memo) > MEMO_LIMIT:
+        raise ValueError(f"the memo is {len(memo)} characters; at most {MEMO_LIMIT}")
+    if expires_in is not None and not REUSE_MIN_SECONDS <= expires_in < math.inf:
+        raise ValueError(f"a link expires at least {REUSE_MIN_SECONDS} s from now")
+    return PaymentLink(
+        link_id=_new_link_id(),
+        memo=memo,
+        min_msat=Msat(min_msat),
+        max_msat=Msat(max_msat),
+        single_use=single_use,
+        created_at=now,
+        expires_at=None if expires_in is None else now + expires_in,
+    )
+
+
+def _new_link_id() -> str:
+    """80 random bits as 16 lower-case base32 characters (``lnurl.LINK_ID``)."""
+    return base64.b32encode(secrets.token_bytes(10)).decode().lower()
 
 
 def _base_url(url: str) -> str:
@@ -194,17 +233,19 @@ class Tips:
 
     def jar_url(self, name: str) -> str:
         """The jar's LNURL-pay URL, where its Lightning Address leads (LUD-16)."""
-        return f"{self._base}/.well-known/lnurlp/{name}"
+        return lnurl.jar_url(self._base, name)
 
     def jar_lnurl(self, name: str) -> str:
+        """The jar's LNURL (what its printed QR code holds)."""
         return lnurl.encode_lnurl(self.jar_url(name))
 
     def link_page_url(self, link_id: str) -> str:
-        return f"{self._base}/.well-known/l402/links/{link_id}"
+        """The link's page."""
+        return lnurl.link_page_url(self._base, link_id)
 
     def link_lnurl(self, link_id: str) -> str:
-        """The LNURL of the link's LNURL-pay endpoint (what a reusable link's QR holds)."""
-        return lnurl.encode_lnurl(f"{self.link_page_url(link_id)}/lnurl")
+        """The LNURL of the link's LNURL-pay endpoint (what a wallet scans)."""
+        return lnurl.link_lnurl(self._base, link_id)
 
     # Tip jars
 
@@ -214,7 +255,7 @@ class Tips:
         jar = self._jars.get(name)
         if jar is None and "+" in name:
             jar = self._jars.get(name.partition("+")[0])
-        if jar is None or _JAR_NAME.fullmatch(name) is None:
+        if jar is None or lnurl.JAR_NAME.fullmatch(name) is None:
             raise LnurlError(f"no tip jar named {name[:64]!r} here", 404)
         cached = self._jar_metadata.get(name)
         return jar, cached if cached is not None else self._metadata_of(name, jar)
@@ -270,56 +311,70 @@ class Tips:
         expires_in: float | None,
         single_use: bool,
     ) -> PaymentLink:
-        """A new link, recorded: a fixed amount when ``min_msat == max_msat``, else the
-        payer's within them; it expires ``expires_in`` seconds from now (None: never).
-        ``LnurlError`` (400) for bounds not ``1 <= min <= max``, a memo over ``MEMO_LIMIT``
-        characters or with control characters, an ``expires_in`` not above 0."""
-        if not 1 <= min_msat <= max_msat:
-            raise LnurlError("the amounts must be 1 msat <= min <= max")
-        if len(memo) > MEMO_LIMIT or not memo.isprintable():
-            raise LnurlError(f"the memo must be at most {MEMO_LIMIT} printable characters")
-        if expires_in is not None and not expires_in > 0:
-            raise LnurlError("a link expires a positive number of seconds from now")
-        now = self._clock.now()
-        link = PaymentLink(
-            link_id=secrets.token_urlsafe(12),
-            memo=memo,
-            min_msat=Msat(min_msat),
-            max_msat=Msat(max_msat),
-            single_use=single_use,
-            created_at=now,
-            expires_at=None if expires_in is None else now + expires_in,
-        )
-        await self._store.add_link(link)
+        """A new link (``new_link``), recorded. ``LnurlError``: 400 for what ``new_link``
+        refuses, 503 when the store fails."""
+        try:
+            link = new_link(
+                min_msat=min_msat,
+                max_msat=max_msat,
+                memo=memo,
+                expires_in=expires_in,
+                single_use=single_use,
+                now=self._clock.now(),
+            )
+        except ValueError as error:
+            raise LnurlError(str(error)) from None
+        with self._store_errors():
+            await self._store.add_link(link)
         log.info("payment link %s created", link.link_id)
         return link
 
-    async def cancel_link(self, link_id: str) -> PaymentLink:
-        """Cancel the link (again is no error) and, on the node, its open invoice (a
-        single-use link's), so nothing pays it any more; 404 for an unknown link, 503 when
-        the node cannot cancel the invoice (the link is cancelled: cancel again to retry)."""
+    async def cancel_link(self, link_id: str) -> LinkStatus:
+        """Cancel the link (again is no error) and, on the node, every open invoice of it,
+        so nothing pays it any more. The answer's ``state`` is PAID when a single-use link
+        was paid first (paid already, or its open invoice settled on the node before it
+        could be cancelled: the watcher records that payment), else the link's state now
+        (CANCELED; PAID for a single-use link paid meanwhile); ``invoice`` is a single-use
+        link's open invoice as it was. 404 for an unknown link, 503 when the store fails or
+        the node cannot cancel an invoice (the link is cancelled: cancel again to retry).
+        Without a canceler its open invoices stay payable until they expire."""
         with self._store_errors():
             link = (
                 await self._store.cancel_link(link_id, self._clock.now())
-                if _LINK_ID.fullmatch(link_id)
+                if lnurl.LINK_ID.fullmatch(link_id)
                 else None
             )
-        if link is None:
-            raise LnurlError(f"no payment link {link_id[:64]!r}", 404)
-        if link.open_hash is not None and self._canceler is not None:
+            if link is None:
+                raise LnurlError(f"no payment link {link_id[:64]!r}", 404)
+            # Every invoice of the link is recorded by now: the store takes no more.
+            invoices = await self._store.list_invoices(
+                InvoiceState.OPEN, service=f"{LINK_SERVICE}{link_id}"
+            )
+            current = (
+                None if link.open_hash is None else await self._store.get_invoice(link.open_hash)
+            )
+        settled = failed = False
+        for record in invoices:
+            if self._canceler is None:
+                break
             try:
-                await self._cancel_on_node(self._canceler, link.open_hash)
+                await self._cancel_on_node(self._canceler, record.payment_hash)
             except errors.InvoiceAlreadySettled:
-                pass  # paid: the watcher records it
+                settled = True  # paid before it could be cancelled: the watcher records it
             except errors.BackendError as error:
-                log.warning("payment link %s: cannot cancel its invoice: %s", link_id, error)
-                raise LnurlError(
-                    "the link is cancelled, but the node could not cancel its open invoice "
-                    "(it can be paid until it expires): cancel it again later",
-                    503,
-                ) from None
-        log.info("payment link %s cancelled", link_id)
-        return link
+                log.warning("payment link %s: cannot cancel an invoice: %s", link_id, error)
+                failed = True
+        if failed:
+            raise LnurlError(
+                "the link is cancelled, but the node could not cancel an open invoice of it "
+                "(it can be paid until it expires): cancel it again later",
+                503,
+            )
+        state = link.state(self._clock.now())
+        if settled and link.single_use:
+            state = LinkState.PAID
+        log.info("payment link %s cancelled (%s)", link_id, state.value)
+        return LinkStatus(link, state, current)
 
     async def link_status(self, link_id: str) -> LinkStatus:
         """The link, its state now and its open invoice; 404 for an unknown link."""
@@ -331,30 +386,35 @@ class Tips:
         return LinkStatus(link, link.state(self._clock.now()), invoice)
 
     async def link_pay_request(self, link_id: str) -> dict[str, object]:
-        """The link's ``payRequest`` (LUD-06); 404 unknown, 410 expired, paid or cancelled."""
+        """The link's ``payRequest`` (LUD-06); 404 unknown, 410 expired (or about to),
+        paid or cancelled. A single-use link takes no comment."""
         link = await self._open_link(link_id)
         return lnurl.pay_request(
             f"{self.link_page_url(link_id)}/callback",
             link.min_msat,
             link.max_msat,
             self._link_metadata(link),
-            LINK_COMMENT_CHARS,
+            _comment_allowed(link),
         )
 
     async def link_callback(self, link_id: str, query: Mapping[str, str]) -> dict[str, object]:
-        """The answer to the link's LNURL callback: an invoice committing to its metadata."""
+        """The answer to the link's LNURL callback: an invoice committing to its metadata
+        (a single-use link's open one for the same amount: the page's). 400 for a bad
+        amount or comment (a single-use link takes none), 404, 410 as ``link_pay_request``,
+        409 while another amount's invoice holds a single-use link, 503."""
         link = await self._open_link(link_id)
         amount, comment = lnurl.read_callback(
-            query, link.min_msat, link.max_msat, LINK_COMMENT_CHARS
+            query, link.min_msat, link.max_msat, _comment_allowed(link)
         )
-        hashed = lnurl.description_hash(self._link_metadata(link))
-        record = await self._link_invoice(link, amount, hashed, comment)
+        record = await self._link_invoice(link, amount, comment, hashed=True)
         return lnurl.callback_body(record.payment_request, None)
 
     async def link_invoice(self, link_id: str, amount_msat: int | None) -> InvoiceRecord:
-        """The invoice of the link's page (its memo as the description) for ``amount_msat``
-        (None: a fixed link's amount). 400 for an amount missing or out of bounds, 404, 410
-        as ``link_pay_request``; 409 when another payer's invoice holds a single-use link."""
+        """The invoice of the link's page for ``amount_msat`` (None: a fixed link's amount):
+        a single-use link's is the one a wallet gets (``link_callback``), a reusable link's
+        has its memo as the description. 400 for an amount missing or out of bounds, 404, 410
+        as ``link_pay_request``; 409 while another amount's invoice holds a single-use link
+        (the reason says when it frees up), 503."""
         link = await self._open_link(link_id)
         if amount_msat is None:
             if not link.fixed:
@@ -365,14 +425,14 @@ class Tips:
                 f"the amount must be from {link.min_msat} to {link.max_msat} msat, "
                 f"not {amount_msat}"
             )
-        return await self._link_invoice(link, Msat(amount_msat), b"", "")
+        return await self._link_invoice(link, Msat(amount_msat), "", hashed=link.single_use)
 
     def _link_metadata(self, link: PaymentLink) -> str:
         return lnurl.metadata(link.memo or f"Payment link {link.link_id}")
 
     async def _link(self, link_id: str) -> PaymentLink:
         link = None
-        if _LINK_ID.fullmatch(link_id):
+        if lnurl.LINK_ID.fullmatch(link_id):
             with self._store_errors():
                 link = await self._store.get_link(link_id)
         if link is None:
@@ -380,30 +440,39 @@ class Tips:
         return link
 
     async def _open_link(self, link_id: str) -> PaymentLink:
+        """The link if it takes payments: 410 once it is paid, cancelled, expired or has
+        less than ``REUSE_MIN_SECONDS`` to live (too little to pay an invoice)."""
         link = await self._link(link_id)
-        state = link.state(self._clock.now())
+        now = self._clock.now()
+        state = link.state(now)
         if state is not LinkState.OPEN:
-            raise LnurlError(_GONE[state], 410)
+            raise LnurlError(lnurl.LINK_GONE[state], 410)
+        if link.expires_at is not None and link.expires_at - now < REUSE_MIN_SECONDS:
+            raise LnurlError("this payment link expires in under a minute", 410)
         return link
 
     async def _link_invoice(
-        self, link: PaymentLink, amount: Msat, description_hash: bytes, comment: str
+        self, link: PaymentLink, amount: Msat, comment: str, *, hashed: bool
     ) -> InvoiceRecord:
-        """An invoice paying ``link``, recorded; a single-use link's under its rules."""
+        """An invoice paying ``link``, recorded: committing to its metadata when ``hashed``,
+        else with its memo; a single-use link's under its rules (the module's docstring)."""
+        description_hash = lnurl.description_hash(self._link_metadata(link)) if hashed else b""
         now = self._clock.now()
         expiry = self._invoice_expiry
         if link.expires_at is not None:
             expiry = max(1, min(expiry, math.ceil(link.expires_at - now)))
         replaces = None
         if link.single_use:
-            replaces = link.open_hash
-            current = await self._replaceable(link, amount, description_hash, comment, now)
+            current = await self._holding(link, now)
             if current is not None:
-                return current
+                if _suits(current, amount, description_hash, now):
+                    return current
+                raise LnurlError(_held(current, now), 409)
+            replaces = link.open_hash
         record = await self._new_invoice(
             f"{LINK_SERVICE}{link.link_id}",
             amount,
-            link.memo if not description_hash else "",
+            "" if hashed else link.memo,
             description_hash,
             expiry,
             comment,
@@ -431,40 +500,70 @@ class Tips:
         if link.open_hash is not None:
             with self._store_errors():
                 winner = await self._store.get_invoice(link.open_hash)
-        if winner is not None and _suits(winner, amount, description_hash, comment, now):
+        if winner is not None and _suits(winner, amount, description_hash, now):
             return winner
+        if winner is not None and winner.state is InvoiceState.OPEN:
+            raise LnurlError(_held(winner, now), 409)
         raise LnurlError("someone else is paying this payment link now; try again", 409)
 
-    async def _replaceable(
-        self, link: PaymentLink, amount: Msat, description_hash: bytes, comment: str, now: float
-    ) -> InvoiceRecord | None:
-        """A single-use link's open invoice if it suits the request (reuse it); else None
-        once nothing can pay it any more (cancelled on the node)."""
+    async def _holding(self, link: PaymentLink, now: float) -> InvoiceRecord | None:
+        """A single-use link's open invoice while it holds the link (open on the node, with
+        ``REUSE_MIN_SECONDS`` left: reused, or 409 for another amount); else None once
+        nothing can pay it any more (cancelled on the node, if it was not already). 410 when
+        the node says it is paid, 503 when the node cannot tell or cancel."""
         if link.open_hash is None:
             return None
         with self._store_errors():
             current = await self._store.get_invoice(link.open_hash)
-        if current is not None:
-            if _suits(current, amount, description_hash, comment, now):
+        if current is None:
+            pass  # a pruned record: cancel it on the node to be sure
+        elif current.state is InvoiceState.CANCELED:
+            return None
+        elif current.state is InvoiceState.OPEN and current.expires_at - now >= REUSE_MIN_SECONDS:
+            state = await self._state_on_node(link, link.open_hash)
+            if state is InvoiceState.OPEN:
                 return current
-            if current.state is InvoiceState.CANCELED:
+            if state is InvoiceState.CANCELED:
                 return None
         if self._canceler is None:
             if current is None or current.state is InvoiceState.EXPIRED:
                 return None
             raise LnurlError(
-                "this payment link has an open invoice for another amount; try again once it "
+                "this payment link's open invoice cannot be cancelled here; try again once it "
                 "expires",
                 409,
             )
         try:
             await self._cancel_on_node(self._canceler, link.open_hash)
         except errors.InvoiceAlreadySettled:
-            raise LnurlError(_GONE[LinkState.PAID], 410) from None
+            raise LnurlError(lnurl.LINK_GONE[LinkState.PAID], 410) from None
         except errors.BackendError as error:
             log.warning("payment link %s: cannot cancel its invoice: %s", link.link_id, error)
             raise LnurlError(_UNAVAILABLE, 503) from None
         return None
+
+    async def _state_on_node(self, link: PaymentLink, payment_hash: PaymentHash) -> InvoiceState:
+        """The invoice's state on the node, recorded in the store when it is no longer OPEN
+        (a cancellation whose record failed, a settlement the watcher has yet to see; one the
+        node forgot is CANCELED). 410 for a settled one, 503 when the node cannot tell."""
+        try:
+            invoice = await self._backend.lookup_invoice(payment_hash)
+        except errors.InvoiceNotFound:
+            update = InvoiceUpdate(payment_hash, InvoiceState.CANCELED, 0, Msat(0), None)
+        except errors.BackendError as error:
+            log.warning("payment link %s: cannot look up its invoice: %s", link.link_id, error)
+            raise LnurlError(_UNAVAILABLE, 503) from None
+        else:
+            if invoice.state is InvoiceState.OPEN:
+                return invoice.state
+            update = InvoiceUpdate.of(invoice)
+        with self._store_errors():
+            await self._store.apply_update(update)
+        if update.state is InvoiceState.SETTLED:
+            raise LnurlError(lnurl.LINK_GONE[LinkState.PAID], 410)
+        if update.state is not InvoiceState.CANCELED:  # ACCEPTED: a payment is arriving
+            raise LnurlError("someone else is paying this payment link now; try again", 409)
+        return update.state
 
     # Invoices
 
@@ -512,10 +611,11 @@ class Tips:
     async def _cancel_on_node(
         self, canceler: HoldInvoiceBackend, payment_hash: PaymentHash
     ) -> None:
-        """Cancel an invoice on the node (one it never made or forgot counts as cancelled)
-        and record it CANCELED: the node's invoice stream never reports a cancellation, so
-        the store would show it open until the sweeper looks after its expiry."""
-        with contextlib.suppress(errors.InvoiceNotFound):
+        """Cancel an invoice on the node (one it never made, forgot or reports cancelled
+        already counts as cancelled) and record it CANCELED: the node's invoice stream never
+        reports a cancellation, so the store would show it open until the sweeper looks after
+        its expiry."""
+        with contextlib.suppress(errors.InvoiceNotFound, errors.InvoiceAlreadyCanceled):
             await canceler.cancel_invoice(payment_hash)
         update = InvoiceUpdate(payment_hash, InvoiceState.CANCELED, 0, Msat(0), None)
         try:
@@ -528,21 +628,35 @@ class Tips:
     def _store_errors(self) -> Iterator[None]:
         try:
             yield
-        except errors.StoreError:
-            log.exception("the store failed")
+        except errors.StoreError as error:
+            # One line: while the store is down, every unpaid request comes here.
+            log.warning("the store failed: %s", error)
             raise LnurlError(_STORE_FAILED, 503) from None
 
 
-def _suits(
-    record: InvoiceRecord, amount: Msat, description_hash: bytes, comment: str, now: float
-) -> bool:
-    """Whether an open invoice can be handed out for this request: open, of ``amount``, of
-    the same kind (the same description hash, or a memo) and comment, and with
+def _comment_allowed(link: PaymentLink) -> int:
+    """Characters of comment the link's LNURL-pay takes: none for a single-use link (its one
+    invoice serves every payer, so it carries no payer's words)."""
+    return 0 if link.single_use else LINK_COMMENT_CHARS
+
+
+def _suits(record: InvoiceRecord, amount: Msat, description_hash: bytes, now: float) -> bool:
+    """Whether a single-use link's invoice can be handed out for this request: open, of
+    ``amount``, of the same kind (the same description hash, or a memo), and with
     ``REUSE_MIN_SECONDS`` to live."""
     return (
         record.state is InvoiceState.OPEN
         and record.amount_msat == amount
-        and record.comment == comment
         and record.expires_at - now >= REUSE_MIN_SECONDS
         and lnurl.invoice_description_hash(record.payment_request) == description_hash
+    )
+
+
+def _held(record: InvoiceRecord, now: float) -> str:
+    """Why another amount must wait: the open invoice, and when it may be replaced."""
+    # Replaceable once less than REUSE_MIN_SECONDS is left: the first whole second after.
+    wait = max(1, math.floor(record.expires_at - REUSE_MIN_SECONDS - now) + 1)
+    return (
+        f"this payment link has an open invoice for {record.amount_msat} msat; another amount "
+        f"can be asked for in {wait} s"
     )

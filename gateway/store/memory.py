@@ -197,14 +197,17 @@ class _Tables:
         entry = self.invoices.get(payment_hash)
         return None if entry is None else entry[1]
 
-    def list_invoices(self, state: InvoiceState | None, limit: int | None) -> list[InvoiceRecord]:
+    def list_invoices(
+        self, state: InvoiceState | None, limit: int | None, service: str | None
+    ) -> list[InvoiceRecord]:
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
         entries = sorted(
             (
                 (record.created_at, sequence, record)
                 for sequence, record in self.invoices.values()
-                if state is None or record.state is state
+                if (state is None or record.state is state)
+                and (service is None or record.service == service)
             ),
             key=lambda entry: (entry[0], entry[1]),
             reverse=True,
@@ -704,8 +707,10 @@ class _Tables:
         if entry is None:
             return False
         sequence, link = entry
+        if link.state(record.created_at) is not LinkState.OPEN:
+            return False
         if link.single_use:
-            if link.open_hash != replaces or link.paid_count or link.canceled_at is not None:
+            if link.open_hash != replaces:
                 return False
             opened = dataclasses.replace(link, open_hash=record.payment_hash)
             self._set(self.links, link.link_id, (sequence, opened))
@@ -948,9 +953,12 @@ class _MemoryOperations:
         return await self._run(lambda tables: tables.get_invoice(payment_hash))
 
     async def list_invoices(
-        self, state: InvoiceState | None = None, limit: int | None = None
+        self,
+        state: InvoiceState | None = None,
+        limit: int | None = None,
+        service: str | None = None,
     ) -> list[InvoiceRecord]:
-        return await self._run(lambda tables: tables.list_invoices(state, limit))
+        return await self._run(lambda tables: tables.list_invoices(state, limit, service))
 
     async def invoice_totals(self) -> list[InvoiceTotal]:
         return await self._run(lambda tables: tables.invoice_totals())

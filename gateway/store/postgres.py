@@ -199,12 +199,12 @@ _SET_STATE = """
     UPDATE invoices SET state = $1, settle_index = $2, amount_paid_msat = $3, settled_at = $4
     WHERE payment_hash = $5
 """
-# $1 the state, or NULL for every state; LIMIT NULL is no limit.
+# $1 the state, $3 the service, each NULL for any; LIMIT NULL is no limit.
 _LIST_INVOICES = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path, state,
            created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
            buys_credit, split, comment
-    FROM invoices WHERE $1::text IS NULL OR state = $1
+    FROM invoices WHERE ($1::text IS NULL OR state = $1) AND ($3::text IS NULL OR service = $3)
     ORDER BY created_at DESC, seq DESC LIMIT $2
 """
 _INVOICE_TOTALS = """
@@ -504,8 +504,8 @@ _LIST_LINKS = """
     SELECT link_id, memo, min_msat, max_msat, single_use, created_at, expires_at, canceled_at,
            paid_count, paid_msat, last_paid_at, open_hash
     FROM payment_links
-    WHERE $1::text IS NULL OR $1 = CASE WHEN canceled_at IS NOT NULL THEN 'CANCELED'
-                                        WHEN single_use AND paid_count > 0 THEN 'PAID'
+    WHERE $1::text IS NULL OR $1 = CASE WHEN single_use AND paid_count > 0 THEN 'PAID'
+                                        WHEN canceled_at IS NOT NULL THEN 'CANCELED'
                                         WHEN expires_at <= $2 THEN 'EXPIRED'
                                         ELSE 'OPEN' END
     ORDER BY created_at DESC, seq DESC LIMIT $3
@@ -515,14 +515,19 @@ _CANCEL_LINK = """
     RETURNING link_id, memo, min_msat, max_msat, single_use, created_at, expires_at, canceled_at,
               paid_count, paid_msat, last_paid_at, open_hash
 """
-_IS_SINGLE_USE = "SELECT single_use FROM payment_links WHERE link_id = $1"
-# The compare-and-set of a single-use link's open invoice: one conditional UPDATE, so of two
-# instances replacing the same invoice the second waits for the first's row lock, then finds
-# the open hash changed and updates nothing.
-_OPEN_LINK_INVOICE = """
-    UPDATE payment_links SET open_hash = $2
-    WHERE link_id = $1 AND single_use AND open_hash IS NOT DISTINCT FROM $3
-      AND paid_count = 0 AND canceled_at IS NULL
+# The one statement that lets an invoice of a link be recorded: the link must be neither
+# cancelled nor expired (at the invoice's creation, $4), and a single-use link's open invoice
+# must still be the one replaced ($3), and the link unpaid; then its open invoice is the new
+# one ($2). A compare-and-set: of two instances replacing the same invoice the second waits
+# for the first's row lock, then finds the open hash changed and updates nothing; a
+# ``cancel_link`` waits likewise, so it sees every invoice recorded before it. A reusable
+# link's row keeps its values.
+_CLAIM_LINK_INVOICE = """
+    UPDATE payment_links
+    SET open_hash = CASE WHEN single_use THEN $2 ELSE open_hash END
+    WHERE link_id = $1 AND canceled_at IS NULL
+      AND (expires_at IS NULL OR expires_at > $4)
+      AND (NOT single_use OR (open_hash IS NOT DISTINCT FROM $3 AND paid_count = 0))
 """
 # The latest payment's time only grows (greatest() ignores NULL).
 _PAY_LINK = """
@@ -825,13 +830,16 @@ class _PostgresOperations:
         return await self._run("get_invoice", get)
 
     async def list_invoices(
-        self, state: InvoiceState | None = None, limit: int | None = None
+        self,
+        state: InvoiceState | None = None,
+        limit: int | None = None,
+        service: str | None = None,
     ) -> list[InvoiceRecord]:
         convert.check_limit(limit)
         value = None if state is None else state.value
 
         async def list_(connection: Connection) -> list[InvoiceRecord]:
-            rows = await connection.fetch(_LIST_INVOICES, value, limit)
+            rows = await connection.fetch(_LIST_INVOICES, value, limit, service)
             return [convert.invoice_record(row) for row in rows]
 
         return await self._run("list_invoices", list_)
@@ -1194,17 +1202,14 @@ class _PostgresOperations:
         return await self._run("cancel_link", cancel)
 
     async def add_link_invoice(self, record: InvoiceRecord, replaces: PaymentHash | None) -> bool:
-        """A single-use link's compare-and-set, then the insert, in one transaction; a link
-        that matched nothing is reusable (its kind never changes), single use or unknown."""
+        """The claim of the link, then the insert, in one transaction."""
         check_link_invoice(record)
         values = convert.invoice_values(record)
+        claim = (record.link_id, record.payment_hash, replaces, record.created_at)
 
         async def add(connection: Connection) -> bool:
-            claim = (record.link_id, record.payment_hash, replaces)
-            if not _count(await connection.execute(_OPEN_LINK_INVOICE, *claim)):
-                single_use = await connection.fetchval(_IS_SINGLE_USE, record.link_id)
-                if single_use is not False:  # taken (True) or unknown (None); else reusable
-                    return False
+            if not _count(await connection.execute(_CLAIM_LINK_INVOICE, *claim)):
+                return False
             await connection.execute(_ADD_INVOICE, *values)
             return True
 

@@ -152,7 +152,7 @@ _LIST_INVOICES = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
            buys_credit, split, comment
-    FROM invoices ORDER BY created_at DESC, rowid DESC LIMIT ?
+    FROM invoices WHERE ?1 IS NULL OR service = ?1 ORDER BY created_at DESC, rowid DESC LIMIT ?2
 """
 # Sums as integers (sum() of no rows is NULL: coalesced).
 _INVOICE_TOTALS = """
@@ -166,7 +166,8 @@ _LIST_INVOICES_IN_STATE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
            buys_credit, split, comment
-    FROM invoices WHERE state = ? ORDER BY created_at DESC, rowid DESC LIMIT ?
+    FROM invoices WHERE state = ?1 AND (?2 IS NULL OR service = ?2)
+    ORDER BY created_at DESC, rowid DESC LIMIT ?3
 """
 _LIST_OVERDUE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
@@ -419,20 +420,24 @@ _LIST_LINKS = """
     SELECT link_id, memo, min_msat, max_msat, single_use, created_at, expires_at, canceled_at,
            paid_count, paid_msat, last_paid_at, open_hash
     FROM payment_links
-    WHERE ? IS NULL OR ? = CASE WHEN canceled_at IS NOT NULL THEN 'CANCELED'
-                                WHEN single_use AND paid_count > 0 THEN 'PAID'
+    WHERE ? IS NULL OR ? = CASE WHEN single_use AND paid_count > 0 THEN 'PAID'
+                                WHEN canceled_at IS NOT NULL THEN 'CANCELED'
                                 WHEN expires_at <= ? THEN 'EXPIRED'
                                 ELSE 'OPEN' END
     ORDER BY created_at DESC, rowid DESC LIMIT ?
 """
 _CANCEL_LINK = "UPDATE payment_links SET canceled_at = coalesce(canceled_at, ?) WHERE link_id = ?"
-_IS_SINGLE_USE = "SELECT single_use FROM payment_links WHERE link_id = ?"
-# The compare-and-set of a single-use link's open invoice: one statement, so of two processes
-# replacing the same invoice only the first finds it still there (the other's rowcount is 0).
-_OPEN_LINK_INVOICE = """
-    UPDATE payment_links SET open_hash = ?
-    WHERE link_id = ? AND single_use AND open_hash IS ? AND paid_count = 0
-      AND canceled_at IS NULL
+# The one statement that lets an invoice of a link be recorded: the link must be neither
+# cancelled nor expired (at the invoice's creation), and a single-use link's open invoice
+# must still be the one replaced, and the link unpaid; then that open invoice is the new one
+# (a compare-and-set: of two processes replacing the same invoice only the first finds it
+# still there, the other's rowcount is 0). A reusable link's row is left as it was.
+_CLAIM_LINK_INVOICE = """
+    UPDATE payment_links
+    SET open_hash = CASE WHEN single_use THEN :hash ELSE open_hash END
+    WHERE link_id = :link AND canceled_at IS NULL
+      AND (expires_at IS NULL OR expires_at > :now)
+      AND (NOT single_use OR (open_hash IS :replaces AND paid_count = 0))
 """
 # The latest payment's time only grows.
 _PAY_LINK = """
@@ -700,15 +705,20 @@ class _SqliteOperations:
         return await self._run("get_invoice", get)
 
     async def list_invoices(
-        self, state: InvoiceState | None = None, limit: int | None = None
+        self,
+        state: InvoiceState | None = None,
+        limit: int | None = None,
+        service: str | None = None,
     ) -> list[InvoiceRecord]:
         sql_limit = _sql_limit(limit)
 
         def list_(connection: sqlite3.Connection) -> list[InvoiceRecord]:
             if state is None:
-                rows = connection.execute(_LIST_INVOICES, (sql_limit,))
+                rows = connection.execute(_LIST_INVOICES, (service, sql_limit))
             else:
-                rows = connection.execute(_LIST_INVOICES_IN_STATE, (state.value, sql_limit))
+                rows = connection.execute(
+                    _LIST_INVOICES_IN_STATE, (state.value, service, sql_limit)
+                )
             return [convert.invoice_record(row) for row in rows]
 
         return await self._run("list_invoices", list_)
@@ -1075,18 +1085,18 @@ class _SqliteOperations:
         return await self._run("cancel_link", cancel, atomic=True)
 
     async def add_link_invoice(self, record: InvoiceRecord, replaces: PaymentHash | None) -> bool:
-        """The link's kind is read under the write lock, and never changes."""
         check_link_invoice(record)
         values = convert.invoice_values(record)
+        claim = {
+            "hash": record.payment_hash,
+            "link": record.link_id,
+            "now": record.created_at,
+            "replaces": replaces,
+        }
 
         def add(connection: sqlite3.Connection) -> bool:
-            row = connection.execute(_IS_SINGLE_USE, (record.link_id,)).fetchone()
-            if row is None:
+            if not connection.execute(_CLAIM_LINK_INVOICE, claim).rowcount:
                 return False
-            if row[0]:
-                claim = (record.payment_hash, record.link_id, replaces)
-                if not connection.execute(_OPEN_LINK_INVOICE, claim).rowcount:
-                    return False
             connection.execute(_ADD_INVOICE, values)
             return True
 

@@ -17,10 +17,12 @@ never forward them (``gateway.web.aiohttp.add_tip_routes``, ``build_proxy(..., t
         (``?size=<1..40>``: pixels per module)
 
 JSON answers carry ``Cache-Control: no-store`` and ``Access-Control-Allow-Origin: *`` (web
-wallets fetch them from their own origin). Every refusal is LUD-06's
-``{"status": "ERROR", "reason": ...}`` with a 4xx status (``LnurlError``'s: 400 bad input,
-404 unknown jar or link, 409 another payer holds a single-use link, 410 a link that takes
-no more payments), 405 (with ``Allow: GET``) for another method, 429 with ``Retry-After``
+wallets fetch them from their own origin); ``OPTIONS`` on any path but the page is a CORS
+preflight's 204 (any origin, ``GET``, any header), ``HEAD`` is answered as ``GET`` (the
+adapter sends no body). Every refusal is LUD-06's ``{"status": "ERROR", "reason": ...}``
+with a 4xx status (``LnurlError``'s: 400 bad input, 404 unknown jar or link, 409 another
+payer's invoice holds a single-use link, 410 a link that takes no more payments), 405 (with
+``Allow``) for another method, 429 with ``Retry-After``
 when a client asks for invoices faster than its rate limit lets it (the callbacks and
 ``/invoice`` make invoices: unpaid traffic, limited as challenges are), 503 with
 ``Retry-After`` when the node or the store fails.
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway import errors
-from gateway.lnurl import LnurlError, error_body, invoice_description_hash
+from gateway.lnurl import JAR_NAME, LINK_ID, LnurlError, error_body
 from gateway.ports import InvoiceRecord, InvoiceState, LinkState
 from gateway.service.decisions import Refusal
 from gateway.service.rate_limiter import ClientLimiter, rate_limited
@@ -64,19 +66,21 @@ log = logging.getLogger(__name__)
 
 JAR_PREFIX = "/.well-known/lnurlp/"
 LINK_PREFIX = "/.well-known/l402/links/"
-# LUD-16's local part, and a link id (``secrets.token_urlsafe``): anything else (upper case,
-# a percent-encoded byte, an over-long segment) names no jar or link.
-_JAR_NAME = re.compile(r"[a-z0-9._+-]{1,64}")
-_LINK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _AMOUNT = re.compile(r"[0-9]{1,19}")
 _JSON = (
     ("Content-Type", "application/json"),
     ("Cache-Control", "no-store"),
     ("Access-Control-Allow-Origin", "*"),
 )
+# A CORS preflight's answer: a web wallet may GET these from any origin, with any header.
+_PREFLIGHT = (
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Methods", "GET"),
+    ("Access-Control-Allow-Headers", "*"),
+    ("Access-Control-Max-Age", "86400"),
+)
 _QR_KINDS = {"qr.svg": "svg", "qr.png": "png"}
 _RETRY_AFTER = 5  # seconds, when the node or the store failed
-_UNAVAILABLE = "the Lightning node or the store is unavailable, try again shortly"
 
 
 class TipService(Protocol):
@@ -110,15 +114,21 @@ async def handle_tips(
     slot: TipsSlot, *, method: str, raw_path: str, query: Mapping[str, str], client: str
 ) -> HttpResponse:
     """Answer a request to a tip or link path (``is_tips_path``); ``query`` holds the first
-    value of each parameter, ``client`` is the address rate limits apply to. Never raises
-    on client input; the node's or the store's failure is a 503."""
-    if method.upper() != "GET":
-        response = _error(405, "use GET")
-        return HttpResponse(405, (*response.headers, ("Allow", "GET")), response.body)
+    value of each parameter, ``client`` is the address rate limits apply to. ``HEAD`` is
+    answered as ``GET`` (with the body: the adapter sends none, the ``Content-Length`` is
+    the ``GET``'s). Never raises on client input; the node's or the store's failure is a
+    503."""
     jar = raw_path.startswith(JAR_PREFIX)
     key, sep, rest = raw_path.removeprefix(JAR_PREFIX if jar else LINK_PREFIX).partition("/")
     page = not jar and not sep
-    if not (_JAR_NAME if jar else _LINK_ID).fullmatch(key) or (sep and not rest):
+    method = method.upper()
+    if method == "OPTIONS" and not page:
+        return HttpResponse(204, _PREFLIGHT, b"")
+    if method not in ("GET", "HEAD"):
+        response = _error(405, "use GET")
+        allow = "GET, HEAD" if page else "GET, HEAD, OPTIONS"
+        return HttpResponse(405, (*response.headers, ("Allow", allow)), response.body)
+    if not (JAR_NAME if jar else LINK_ID).fullmatch(key) or (sep and not rest):
         return _refused(404, "unknown tip jar" if jar else "unknown payment link", page)
     tips = slot.tips
     if tips is None:
@@ -131,8 +141,14 @@ async def handle_tips(
         retry_after = _RETRY_AFTER if error.status == 503 else None
         return _refused(error.status, error.reason, page, retry_after=retry_after)
     except (errors.BackendError, errors.StoreError) as error:
+        # The service answers its own failures as LnurlError 503s; this is the safety net.
         log.warning("tip or link request failed: %r", error)
-        return _refused(503, _UNAVAILABLE, page, retry_after=_RETRY_AFTER)
+        reason = (
+            Refusal.STORE_UNAVAILABLE
+            if isinstance(error, errors.StoreError)
+            else Refusal.NODE_UNAVAILABLE
+        )
+        return _refused(503, reason, page, retry_after=_RETRY_AFTER)
 
 
 async def _jar(
@@ -198,17 +214,16 @@ async def _link(
 async def _page(
     tips: TipService, limiter: ClientLimiter | None, link_id: str, client: str
 ) -> HttpResponse:
-    """The link page. A single-use link's shows the invoice open for it; a fixed one's
-    asks the service for its own (the open one while it suits, else a new one) unless an
-    LNURL wallet's is open (replacing it would fail that payment), within the client's rate
-    limit: refused, the page shows what it has, or the LNURL."""
+    """The link page. A single-use link's shows the invoice open for it (the one its LNURL
+    wallets get too); a fixed one's asks the service for it (the open one while it has time
+    left, else a new one), within the client's rate limit: refused, the page shows what it
+    has, or the LNURL."""
     status = await tips.link_status(link_id)
     link, invoice = status.link, _open_invoice(status)
     if (
         link.single_use
         and link.fixed
         and status.state is LinkState.OPEN
-        and (invoice is None or not invoice_description_hash(invoice.payment_request))
         and await _limited(limiter, client) is None
     ):
         try:
@@ -243,7 +258,7 @@ async def _limited(limiter: ClientLimiter | None, client: str) -> HttpResponse |
     refusal = await rate_limited(limiter, client, Refusal.TOO_MANY_CHALLENGES)
     if refusal is None:
         return None
-    reason = "too many invoice requests" if refusal.status == 429 else _UNAVAILABLE
+    reason = "too many invoice requests" if refusal.status == 429 else refusal.reason
     return _error(refusal.status, reason, retry_after=refusal.retry_after)
 
 

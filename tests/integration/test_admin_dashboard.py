@@ -412,7 +412,10 @@ async def test_before_the_gateway_runs_it_answers_503() -> None:
 
 class _BrokenStore(MemoryStore):
     async def list_invoices(
-        self, state: InvoiceState | None = None, limit: int | None = None
+        self,
+        state: InvoiceState | None = None,
+        limit: int | None = None,
+        service: str | None = None,
     ) -> list[InvoiceRecord]:
         raise errors.StoreError("database is locked")
 

@@ -21,6 +21,7 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway import errors
 from gateway.cli.formats import sat_to_msat
 from gateway.cli.pay import ProgressPayer
 from gateway.examples import demo_api
@@ -216,6 +217,7 @@ async def test_progress_ticks_on_a_terminal() -> None:
 
 
 async def test_progress_without_a_terminal_is_two_lines() -> None:
+    """A start and an end line: paid, failed, or (the call broke) outcome unknown."""
     payer = FakePayer(fee_msat=0)
     challenge = payer.learn(make_challenge(1_000))
     stream = io.StringIO()
@@ -232,7 +234,14 @@ async def test_progress_without_a_terminal_is_two_lines() -> None:
         await ProgressPayer(payer, stream).send_payment(
             failing.invoice, max_fee_msat=Msat(5_000), payment_timeout=9
         )
-    assert "payment failed after" in stream.getvalue()
+    assert stream.getvalue().splitlines()[-1].startswith("payment failed after ")
+    payer.fail, payer.crash = False, True  # the node pays, the call breaks
+    broken = payer.learn(make_challenge(1_000))
+    with pytest.raises(errors.BackendUnavailable):
+        await ProgressPayer(payer, stream).send_payment(
+            broken.invoice, max_fee_msat=Msat(5_000), payment_timeout=9
+        )
+    assert stream.getvalue().splitlines()[-1].startswith("payment outcome unknown after ")
 
 
 METADATA = json.dumps([["text/plain", "Tips for carol"]])

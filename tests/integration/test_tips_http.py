@@ -221,12 +221,67 @@ async def test_unknown_names_and_paths_are_404_and_never_forwarded(world: World,
     assert world.upstream_paths == []
 
 
-@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
 @pytest.mark.parametrize("path", [f"{JARS}/coffee", f"{JARS}/coffee/callback", f"{LINKS}/x"])
 async def test_other_methods_are_405(world: World, method: str, path: str) -> None:
-    response = await world.client.request(method, path, data=b"x" if method != "HEAD" else None)
+    response = await world.client.request(method, path, data=b"x")
     assert response.status == 405
-    assert response.headers["Allow"] == "GET"
+    page = path.startswith(LINKS)
+    assert response.headers["Allow"] == ("GET, HEAD" if page else "GET, HEAD, OPTIONS")
+    assert world.upstream_paths == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"{JARS}/coffee",
+        f"{JARS}/coffee/callback?amount=2000",
+        f"{JARS}/coffee/qr.png",
+        f"{LINKS}/nolinknolinknoli/lnurl",
+        f"{LINKS}/nolinknolinknoli/callback",
+    ],
+)
+async def test_a_cors_preflight_is_204_for_any_origin(world: World, path: str) -> None:
+    response = await world.client.options(
+        path,
+        headers={
+            "Origin": "https://wallet.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "x-wallet",
+        },
+    )
+    assert response.status == 204, await response.text()
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert response.headers["Access-Control-Allow-Methods"] == "GET"
+    assert response.headers["Access-Control-Allow-Headers"] == "*"
+    assert int(response.headers["Access-Control-Max-Age"]) > 0
+    assert await response.read() == b""
+    assert world.gateway.backend.invoices == {}  # a preflight makes no invoice
+    assert world.upstream_paths == []
+
+
+async def test_a_link_page_is_no_preflight_target(world: World) -> None:
+    response = await world.client.options(f"{LINKS}/nolinknolinknoli")
+    assert response.status == 405
+    assert response.headers["Allow"] == "GET, HEAD"
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        (f"{JARS}/coffee", 200),
+        (f"{JARS}/coffee/qr.svg", 200),
+        (f"{JARS}/nobody", 404),
+        (f"{LINKS}/nolinknolinknoli", 404),
+    ],
+)
+async def test_head_is_answered_as_get_without_a_body(world: World, path: str, status: int) -> None:
+    got = await world.client.get(path)
+    head = await world.client.head(path)
+    assert (got.status, head.status) == (status, status)
+    assert await head.read() == b""
+    assert head.headers["Content-Type"] == got.headers["Content-Type"]
+    assert head.headers["Content-Length"] == str(len(await got.read()))
     assert world.upstream_paths == []
 
 
@@ -242,6 +297,8 @@ async def test_a_jar_qr_code_is_an_svg_or_png_of_its_lnurl(world: World) -> None
     assert small.startswith(b"\x89PNG")
     big = await (await world.client.get(f"{JARS}/coffee/qr.png", params={"size": "30"})).read()
     assert len(big) > len(small)
+    again = await world.client.get(f"{JARS}/coffee/qr.png", params={"size": "3"})
+    assert await again.read() == small
     for size in ("0", "41", "-1", "x", "1e3", "\u0661"):
         await world.error(f"{JARS}/coffee/qr.png", 400, size=size)
 
@@ -329,9 +386,10 @@ async def test_a_single_use_fixed_link_page_shows_its_invoice_and_turns_paid(
     facts = await page(world, link.link_id)
     assert facts["data-state"] == "open"
     assert (facts["memo"], facts["amount"]) == ("Lunch", "21 sat")
-    invoice = bolt11.decode(facts["invoice"])
-    assert invoice.amount_msat == 21_000
-    assert invoice.description == "Lunch"
+    # The page's invoice commits to the link's metadata: an LNURL wallet gets it too.
+    request = await world.get(f"{LINKS}/{link.link_id}/lnurl")
+    assert ["text/plain", "Lunch"] in json.loads(request["metadata"])
+    invoice = check_invoice(facts["invoice"], 21_000, request["metadata"])
     assert facts["data-hash"] == invoice.payment_hash.hex()
     assert (await page(world, link.link_id))["invoice"] == facts["invoice"]  # reused
 
@@ -373,16 +431,32 @@ async def test_a_payer_chosen_link_takes_an_amount_and_its_lnurl(world: World) -
     chosen = await world.get(invoice_path, amount="7000")
     assert chosen["amount_msat"] == 7_000
     assert chosen["qr_svg"].startswith("<svg")
-    assert bolt11.decode(chosen["invoice"]).amount_msat == 7_000
-
-    # An LNURL wallet pays the link with its own (description hash) invoice: it replaces
-    # the one the page shows, and the page's status names it.
     request = await world.get(f"{LINKS}/{link.link_id}/lnurl")
     assert request["tag"] == "payRequest"
+    assert "commentAllowed" not in request  # a single-use link takes no comment
+    check_invoice(chosen["invoice"], 7_000, request["metadata"])
+
+    # An LNURL wallet gets the invoice the page shows for its amount, and no other while it
+    # has time left: another amount is refused, saying when it can be asked for.
     path, query = local(request["callback"])
     await world.error(path, 400, amount="500", **query)
+    await world.error(path, 400, amount="7000", comment="hi", **query)
+    answer = await world.get(path, amount="7000", **query)
+    assert answer["pr"] == chosen["invoice"]
+    reason = await world.error(path, 409, amount="9000", **query)
+    assert "7000 msat" in reason
+    assert "7000 msat" in await world.error(invoice_path, 409, amount="9000")
+    status = await world.get(f"{LINKS}/{link.link_id}/status", have=chosen["payment_hash"])
+    assert status["invoice"]["payment_hash"] == chosen["payment_hash"]
+    assert "qr_svg" not in status["invoice"]
+    assert world.gateway.backend.cancelled == {}
+
+    # With less than a minute left to pay it, it is cancelled and another amount gets its own;
+    # the page's status names the new one (with its QR code).
+    world.gateway.clock.advance(600 - 59)
     answer = await world.get(path, amount="9000", **query)
     wallet = check_invoice(answer["pr"], 9_000, request["metadata"])
+    assert world.gateway.backend.cancelled[bytes.fromhex(chosen["payment_hash"])] == 1
     status = await world.get(f"{LINKS}/{link.link_id}/status", have=chosen["payment_hash"])
     assert status["invoice"]["payment_hash"] == wallet.payment_hash.hex()
     assert "qr_svg" in status["invoice"]
@@ -471,17 +545,21 @@ async def test_a_fixed_link_page_replaces_its_expired_invoice(world: World) -> N
     assert fresh["payment_hash"] == second  # the page's /invoice gives the same one
 
 
-async def test_a_fixed_link_page_shows_an_lnurl_wallets_invoice_instead_of_replacing_it(
-    world: World,
+@pytest.mark.parametrize("page_first", [True, False])
+async def test_a_single_use_link_has_one_invoice_for_its_page_and_its_lnurl(
+    world: World, page_first: bool
 ) -> None:
     link_id = await fixed_link(world)
     request = await world.get(f"{LINKS}/{link_id}/lnurl")
     path, query = local(request["callback"])
-    answer = await world.get(path, amount="3000", comment="from my wallet", **query)
+    shown = (await page(world, link_id))["invoice"] if page_first else ""
+    answer = await world.get(path, amount="3000", **query)
     wallet = check_invoice(answer["pr"], 3_000, request["metadata"])
     facts = await page(world, link_id)
     assert facts["data-hash"] == wallet.payment_hash.hex()
     assert facts["invoice"] == answer["pr"]
+    assert shown in ("", answer["pr"])
+    assert len(world.gateway.backend.invoices) == 1
     assert world.gateway.backend.cancelled == {}
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import resource
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
@@ -216,6 +219,47 @@ def allow_open_files(needed: int) -> None:
         soft = min(needed, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert soft >= needed, f"RLIMIT_NOFILE {soft} < {needed}: raise the hard limit"
+
+
+@dataclass(frozen=True)
+class Ran:
+    """A finished ``l402-gateway`` subprocess: its exit code and output."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+async def bob_runs(
+    network: Network, *args: str, cache: Path | None = None, node: bool = True
+) -> Ran:
+    """``l402-gateway ARGS`` (``pay ...``, ``credit ...``) as a subprocess paying with bob's
+    node (given by the environment; ``node=False``: none), ``cache`` its XDG_CACHE_HOME
+    (where the token cache goes) when given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    if cache is not None:
+        env["XDG_CACHE_HOME"] = str(cache)
+    if node:
+        bob = network.bob
+        env["GATEWAY_PAYER_LND_HOST"] = bob.rpc_host
+        env["GATEWAY_PAYER_LND_TLS_CERT"] = str(bob.tls_cert)
+        env["GATEWAY_PAYER_LND_MACAROON"] = str(bob.macaroon("admin"))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        *args,
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return Ran(process.returncode, stdout.decode(), stderr.decode())
 
 
 def gateway_command(config_file: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -10,13 +10,10 @@ up a run-out balance on the same token, so the token cache keeps one token.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +29,9 @@ from gateway.ports import InvoiceState, PaymentHash
 from regtest.network import Network
 from regtest.processes import free_ports, wait_for_http
 from tests.regtest.gateway_helpers import (
-    REPO,
+    Ran,
     bake_gateway_macaroon,
+    bob_runs,
     give_alice_liquidity,
     serving,
     start_serve,
@@ -49,16 +47,6 @@ TOP_UP = 3 * PRICE  # the credit asked for with L402-Credit-Msat
 
 
 @dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
-@dataclass(frozen=True)
 class Gateway:
     """A running ``serve`` and the commands a payer (bob) and its operator run against it."""
 
@@ -67,29 +55,11 @@ class Gateway:
     network: Network
     tmp: Path
 
-    async def run(self, *args: str) -> Result:
+    async def run(self, *args: str) -> Ran:
         """``l402-gateway ARGS`` with bob's node as the payer and a token cache of the test's."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env["XDG_CACHE_HOME"] = str(self.tmp / "cache")
-        bob = self.network.bob
-        env["GATEWAY_PAYER_LND_HOST"] = bob.rpc_host
-        env["GATEWAY_PAYER_LND_TLS_CERT"] = str(bob.tls_cert)
-        env["GATEWAY_PAYER_LND_MACAROON"] = str(bob.macaroon("admin"))
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            *args,
-            cwd=REPO,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
-        assert process.returncode is not None
-        return Result(process.returncode, stdout.decode(), stderr.decode())
+        return await bob_runs(self.network, *args, cache=self.tmp / "cache")
 
-    async def ok(self, *args: str) -> Result:
+    async def ok(self, *args: str) -> Ran:
         """``run``, which must exit 0."""
         result = await self.run(*args)
         assert result.code == 0, (args, result)

@@ -6,9 +6,11 @@
   "Paid" by itself, without a navigation or a reload;
 - a reusable link: the page shows its LNURL; a wallet (lnbits' ``lnurl`` library, in a venv of
   its own) gets an invoice from it and bob pays that; the page counts "Received 1 payment";
-- a single-use link open in the browser while a wallet takes an invoice over its LNURL: the
-  page switches to the wallet's invoice by itself, the one it showed first can no longer be
-  paid, and the link is paid exactly once.
+- a single-use link open in the browser while a wallet asks its LNURL for an invoice: the
+  wallet gets the very invoice the page shows (it commits to the link's metadata), bob pays
+  it, the page says "Paid" by itself, and the link is paid exactly once;
+- a single-use link whose payer chooses the amount, held by a wallet's invoice: the page
+  shows that invoice, says why another amount must wait and asks again by itself.
 
 Screenshots before and after (390x844, a phone) go to ``test-artifacts/`` at the repository
 root. Without ``/usr/bin/chromium`` (``make browser`` installs it) the tests skip, and fail
@@ -17,6 +19,7 @@ in CI.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import AsyncIterator
@@ -27,15 +30,13 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import BrowserContext, Page, Response, ViewportSize, async_playwright
 
-from gateway import errors
 from gateway.client import bolt11
 from gateway.lnd.client import LndClient
-from gateway.ports import InvoiceState, LinkState, Msat, PaymentHash
+from gateway.ports import LinkState
 from regtest.network import Network
-from tests.interop.lnurl_venv import LnurlWallet, require_lnurl_wallet
+from tests.interop.lnurl_venv import LnurlWallet, WalletError, require_lnurl_wallet
 from tests.regtest.browser_helpers import CHROMIUM_ARGS, require_chromium, screenshot
-from tests.regtest.gateway_helpers import MAX_FEE
-from tests.regtest.tips_helpers import TipsGateway, bob_pays, tips_gateway
+from tests.regtest.tips_helpers import TipsGateway, bob_pays, node_invoice, tips_gateway
 
 pytestmark = pytest.mark.regtest
 
@@ -233,9 +234,8 @@ async def test_reusable_link_page_counts_a_payment_made_over_lnurl(
         print(f"the reusable link's page counted the payment {shown_in:.2f}s after it succeeded")
 
 
-async def test_single_use_page_follows_the_invoice_a_wallet_took_over_lnurl(
+async def test_single_use_page_and_an_lnurl_wallet_share_one_invoice(
     network: Network,
-    alice: LndClient,
     bob: LndClient,
     wallet: LnurlWallet,
     browser: Browser,
@@ -243,39 +243,94 @@ async def test_single_use_page_follows_the_invoice_a_wallet_took_over_lnurl(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A single-use link shown in a browser and scanned as an LNURL by a wallet at once: the
-    wallet's invoice (with the metadata's hash) replaces the page's, which the node cancels;
-    the page shows the new one by itself; paying the old one fails; the link is paid once."""
+    wallet's callback gets the invoice the page shows (the same payment hash; it commits to
+    the link's metadata, as LNURL-pay asks), bob pays it, the page says "Paid" by itself and
+    the link is paid once."""
     async with tips_gateway(network, tmp_path) as gateway:
         link = await gateway.cli_json(
             "links", "create", "--amount", f"{LINK_SAT}sat", "--memo", MEMO
         )
         page = browser.page
-        first = await _open(browser, gateway, link)
+        shown = await _open(browser, gateway, link)
+        shown_hash = bolt11.decode(shown).payment_hash.hex()
+        assert await page.get_attribute("#link", "data-hash") == shown_hash
         seen = await wallet.pay_request(link["lnurl"], LINK_SAT * 1000)
-        second = seen["action"]["pr"]
-        assert second != first
-        await page.wait_for_function(
-            "(invoice) => document.getElementById('invoice').textContent.trim() === invoice",
-            arg=second,
-            timeout=PAID_LIMIT * 1000,
-        )
-        assert await page.get_attribute("#qr", "href") == f"lightning:{second}"
-        await screenshot(page, "link-replaced.png", capsys)
+        assert seen["action"]["pr"] == shown
+        assert seen["payment_hash"] == shown_hash
+        metadata_hash = hashlib.sha256(seen["metadata"].encode()).hexdigest()
+        assert seen["description_hash"] == seen["metadata_hash"] == metadata_hash
+        assert ["text/plain", MEMO] in seen["metadata_entries"]
+        on_node = await node_invoice(network.alice, bytes.fromhex(shown_hash))
+        assert on_node.description_hash.hex() == metadata_hash
+        await page.wait_for_timeout(1500)  # a status poll or more: the page keeps its invoice
+        assert ((await page.text_content("#invoice")) or "").strip() == shown
+        assert await page.get_attribute("#qr", "href") == f"lightning:{shown}"
+        await screenshot(page, "link-shared.png", capsys)
 
-        with pytest.raises(errors.PaymentFailed):
-            await bob.send_payment(first, max_fee_msat=Msat(MAX_FEE), payment_timeout=30)
-        payment = await bob_pays(bob, second)
+        payment = await bob_pays(bob, shown)
         await page.wait_for_selector("#link[data-state=paid]", timeout=PAID_LIMIT * 1000)
+        assert await page.text_content("#status") == "Paid"
+        await screenshot(page, "link-shared-paid.png", capsys)
         assert browser.documents == [link["url"]]
         assert browser.problems == []
-        await gateway.settled(payment.payment_hash)
+        record = await gateway.settled(payment.payment_hash)
+        assert record.payment_hash.hex() == shown_hash
         stored = await gateway.wait_link(link["link_id"], 1)
         assert (stored.paid_count, stored.paid_msat) == (1, LINK_SAT * 1000)
-        # The node cancelled the page's first invoice. (The store learns it when the sweeper
-        # looks at it after its expiry: LND's SubscribeInvoices reports no cancellation.)
-        first_hash = PaymentHash(bolt11.decode(first).payment_hash)
-        assert (await alice.lookup_invoice(first_hash)).state is InvoiceState.CANCELED
-        old = await gateway.invoice(first_hash)
-        assert old is not None
-        assert old.state in (InvoiceState.OPEN, InvoiceState.CANCELED)
+        # Paid: the wallet gets no other invoice.
+        with pytest.raises(WalletError):
+            await wallet.pay_request(link["lnurl"], LINK_SAT * 1000)
+        assert (await gateway.link(link["link_id"])).paid_count == 1
+        gateway.assert_log_clean()
+
+
+async def test_a_payer_chosen_link_held_by_another_payer_says_so_and_asks_again(
+    network: Network,
+    bob: LndClient,
+    wallet: LnurlWallet,
+    browser: Browser,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A single-use link whose payer chooses the amount: a wallet takes an invoice for its
+    amount over LNURL, the page shows that invoice; a payer asking the page for another
+    amount is told the link is held (409, with the server's reason) and the page asks again
+    later by itself; bob pays the wallet's invoice and the page says "Paid"."""
+    async with tips_gateway(network, tmp_path) as gateway:
+        link = await gateway.cli_json(
+            "links", "create", "--min", "1000sat", "--max", "5000sat", "--memo", "Pick a price"
+        )
+        page = browser.page
+        lnurl = await _open(browser, gateway, link)
+        assert lnurl.upper() == link["lnurl"].upper()  # no amount chosen yet: the LNURL
+        assert await page.is_visible("#amount-field")
+        seen = await wallet.pay_request(link["lnurl"], 3_000_000)
+        held = seen["action"]["pr"]
+        await page.wait_for_function(
+            "(invoice) => document.getElementById('invoice').textContent.trim() === invoice",
+            arg=held,
+            timeout=PAID_LIMIT * 1000,
+        )
+        assert _digits(await page.text_content("#amount")) == "3000"
+
+        await page.fill("#amount-field", "2000")
+        await page.click("#get-invoice")
+        await page.wait_for_selector("#notice:not([hidden])", timeout=PAID_LIMIT * 1000)
+        notice = (await page.text_content("#notice")) or ""
+        assert "3000000 msat" in notice, notice
+        assert notice.endswith("Asking again shortly\u2026"), notice
+        assert ((await page.text_content("#invoice")) or "").strip() == held
+        await screenshot(page, "link-held.png", capsys)
+
+        payment = await bob_pays(bob, held)
+        await page.wait_for_selector("#link[data-state=paid]", timeout=PAID_LIMIT * 1000)
+        assert await page.text_content("#status") == "Paid"
+        assert await page.is_hidden("#notice")
+        assert browser.documents == [link["url"]]
+        # The one refusal, as the browser reports it: nothing else went wrong.
+        assert browser.problems
+        assert all("409" in problem for problem in browser.problems), browser.problems
+        await gateway.settled(payment.payment_hash)
+        stored = await gateway.wait_link(link["link_id"], 1)
+        assert (stored.paid_count, stored.paid_msat) == (1, 3_000_000)
         gateway.assert_log_clean()

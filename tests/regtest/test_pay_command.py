@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +19,16 @@ from gateway.store import SqliteStore
 from gateway.web.aiohttp import setup_l402
 from regtest.network import Network
 from regtest.processes import free_ports
-from tests.regtest.gateway_helpers import PREMIUM_PRICE, REPO, gateway_config, wait_for_invoice
+from tests.regtest.gateway_helpers import (
+    PREMIUM_PRICE,
+    Ran,
+    bob_runs,
+    gateway_config,
+    wait_for_invoice,
+)
 
 pytestmark = pytest.mark.regtest
 FORTUNE = "/api/premium/fortune"
-
-
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
 
 
 @dataclass
@@ -42,29 +38,9 @@ class Gateway:
     network: Network
     tmp: Path
 
-    async def pay(self, *args: str, node: bool = True) -> Result:
+    async def pay(self, *args: str, node: bool = True) -> Ran:
         """Run ``l402-gateway pay`` with bob's node (via the environment) and a temp cache."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env["XDG_CACHE_HOME"] = str(self.tmp / "cache")
-        if node:
-            bob = self.network.bob
-            env["GATEWAY_PAYER_LND_HOST"] = bob.rpc_host
-            env["GATEWAY_PAYER_LND_TLS_CERT"] = str(bob.tls_cert)
-            env["GATEWAY_PAYER_LND_MACAROON"] = str(bob.macaroon("admin"))
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "pay",
-            *args,
-            cwd=REPO,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
-        assert process.returncode is not None
-        return Result(process.returncode, stdout.decode(), stderr.decode())
+        return await bob_runs(self.network, "pay", *args, cache=self.tmp / "cache", node=node)
 
     async def states(self) -> list[str]:
         store = await SqliteStore.open(self.database)

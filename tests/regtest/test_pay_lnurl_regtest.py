@@ -7,6 +7,9 @@ success action) as a subprocess, through his node.
   success action is decrypted with the preimage bob's node got;
 - what the service does not take (a comment too long, an amount below its minimum) and an
   amount over ``--max-cost`` are refused before any invoice is asked for: nothing is paid;
+- a payment still in flight when the call to bob's node runs out of time (carol holds the
+  HTLC: a hold invoice) exits 7 with its payment hash, said before paying, and is not
+  called failed; it completes once carol settles, paid once;
 - bob pays the gateway's own tip jar (``l402-gateway serve`` with ``[lnurl]``,
   tests/regtest/tips_helpers.py) with a comment: its success message is printed, and the
   gateway records the tip settled with the comment.
@@ -18,11 +21,8 @@ import asyncio
 import base64
 import hashlib
 import json
-import os
 import secrets
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,9 +34,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from gateway.client import bolt11
 from gateway.lnd.client import LndClient
 from gateway.lnd.protos import lightning_pb2
-from gateway.ports import InvoiceState, PaymentHash
+from gateway.ports import InvoiceState, PaymentHash, PaymentStatus
 from regtest.network import Network
-from tests.regtest.gateway_helpers import REPO
+from tests.regtest.gateway_helpers import Ran, bob_runs
 from tests.regtest.lnurl_server import LnurlPayServer
 from tests.regtest.tips_helpers import JAR, THANKS, tips_gateway
 
@@ -44,34 +44,9 @@ pytestmark = pytest.mark.regtest
 COMMENT_ALLOWED = 40
 
 
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-
-async def bob_pays(network: Network, *args: str) -> Result:
+async def bob_pays(network: Network, *args: str) -> Ran:
     """``l402-gateway pay ARGS`` with bob's node (via the environment)."""
-    bob = network.bob
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["GATEWAY_PAYER_LND_HOST"] = bob.rpc_host
-    env["GATEWAY_PAYER_LND_TLS_CERT"] = str(bob.tls_cert)
-    env["GATEWAY_PAYER_LND_MACAROON"] = str(bob.macaroon("admin"))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "pay",
-        *args,
-        cwd=REPO,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
-    assert process.returncode is not None
-    return Result(process.returncode, stdout.decode(), stderr.decode())
+    return await bob_runs(network, "pay", *args)
 
 
 class TipServer(LnurlPayServer):
@@ -201,3 +176,38 @@ async def test_bob_tips_the_gateways_jar_with_a_comment(network: Network, tmp_pa
         assert text.code == 0, text.stderr
         assert text.stdout.splitlines()[2:] == [THANKS]
         gateway.assert_log_clean()
+
+
+async def test_a_payment_still_in_flight_exits_7_and_is_paid_once(
+    network: Network, bob: LndClient
+) -> None:
+    held = LnurlPayServer(network.carol.settings(), username="carol", hold=True)
+    async with held.running():
+        # LND keeps a held HTLC's payment in flight past --payment-timeout; the call to the
+        # node gives up at its deadline (that timeout + the client's 30 s).
+        result = await bob_pays(network, "--amount", "21", "--payment-timeout", "1", held.address)
+        assert result.code == 7, result.stderr
+        (issued,) = held.issued
+        hash_hex = issued.payment_hash.hex()
+        lines = result.stderr.splitlines()
+        assert lines[0] == f"payment hash: {hash_hex}"
+        assert lines[-2].startswith("payment outcome unknown after ")
+        assert lines[-1].startswith(f"l402-gateway: payment {hash_hex} is still in flight (")
+        assert lines[-1].endswith(
+            f"do not pay again; check it with `lncli trackpayment {hash_hex}`"
+        )
+        assert "payment failed" not in result.stderr
+        assert result.stdout == ""
+        payment = await bob.lookup_payment(PaymentHash(issued.payment_hash))
+        assert payment is not None
+        assert payment.status is PaymentStatus.IN_FLIGHT
+
+        await held.settle(issued.payment_hash)  # the payment completes: paid once
+        done = payment
+        async with asyncio.timeout(30):
+            while done.status is PaymentStatus.IN_FLIGHT:
+                await asyncio.sleep(0.2)
+                again = await bob.lookup_payment(PaymentHash(issued.payment_hash))
+                assert again is not None
+                done = again
+        assert (done.status, done.amount_msat) == (PaymentStatus.SUCCEEDED, 21_000)

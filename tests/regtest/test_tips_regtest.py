@@ -7,15 +7,15 @@ lnbits' ``lnurl`` library from PyPI (tests/interop/lnurl_wallet.py, in a venv of
   SETTLED with that description hash; ``invoices --json`` lists it as ``tip:coffee`` with the
   comment, and the store has its ``tip.received`` event;
 - bad input against the running gateway (amounts out of bounds, a comment too long, an
-  unknown name, an expired and a used single-use link): each a 4xx LNURL error
-  ``{"status": "ERROR", "reason": ...}``, which the library reads as one; never a 500.
+  unknown name, an expired link, one about to expire, a used single-use link): each a 4xx
+  LNURL error ``{"status": "ERROR", "reason": ...}``, which the library reads as one; never
+  a 500.
 
 Figures are printed (see them with -s).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import time
@@ -28,6 +28,7 @@ from gateway.lnd.client import LndClient
 from gateway.lnd.protos import lightning_pb2
 from gateway.lnurl import encode_lnurl
 from gateway.ports import InvoiceState, LinkState
+from gateway.service.tips import new_link
 from gateway.store import SqliteStore
 from regtest.network import Network
 from tests.interop.lnurl_venv import LnurlWallet, WalletError, require_lnurl_wallet
@@ -225,18 +226,31 @@ async def test_bad_input_is_an_lnurl_error_never_a_500(
         assert status == 200, body
         assert body["pr"].startswith("lnbcrt")
 
-        # A link that expired: every endpoint of it says so.
-        expired = await gateway.cli_json(
-            "links", "create", "--amount", "2000sat", "--memo", "Too late", "--expires", "1s"
+        # A link that expired (made two minutes ago with a minute to live, the least
+        # ``links create`` takes): every endpoint of it says so.
+        expired = new_link(
+            min_msat=LINK_MSAT,
+            max_msat=LINK_MSAT,
+            memo="Too late",
+            expires_in=60,
+            single_use=True,
+            now=time.time() - 120,
         )
-        expired_id = expired["link_id"]
-        await _wait_state(gateway, expired_id, LinkState.EXPIRED)
-        base = f"/.well-known/l402/links/{expired_id}"
+        await gateway.add_link(expired)
+        base = f"/.well-known/l402/links/{expired.link_id}"
+        assert (await gateway.get(f"{base}/status"))[1]["state"] == "expired"
         reasons["expired link"] = await _lnurl_error(
             gateway, wallet, f"{base}/lnurl", 410, "expired"
         )
         await _lnurl_error(gateway, wallet, f"{base}/callback?amount={LINK_MSAT}", 410, "expired")
         await _lnurl_error(gateway, wallet, f"{base}/invoice", 410, "expired")
+        # One with less than a minute left: too little to pay an invoice.
+        soon = await gateway.cli_json(
+            "links", "create", "--amount", "2000sat", "--memo", "Soon", "--expires", "60s"
+        )
+        reasons["expiring link"] = await _lnurl_error(
+            gateway, wallet, f"/.well-known/l402/links/{soon['link_id']}/lnurl", 410, "minute"
+        )
 
         # A single-use link paid once through its LNURL (the library's flow), then used up.
         link = await gateway.cli_json("links", "create", "--amount", "2000sat", "--memo", "Once")
@@ -273,10 +287,3 @@ async def test_bad_input_is_an_lnurl_error_never_a_500(
         print()
         for case, reason in reasons.items():
             print(f"{case:>24}: {reason}")
-
-
-async def _wait_state(gateway: TipsGateway, link_id: str, state: LinkState) -> None:
-    deadline = time.monotonic() + 10
-    while (await gateway.link(link_id)).state(time.time()) is not state:
-        assert time.monotonic() < deadline, f"link {link_id} not {state}"
-        await asyncio.sleep(0.2)

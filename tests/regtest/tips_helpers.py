@@ -89,6 +89,14 @@ class TipsGateway:
         """The invoice once the gateway has recorded it SETTLED."""
         return await wait_for_invoice(self.database, payment_hash, "SETTLED", limit=15)
 
+    async def add_link(self, link: PaymentLink) -> None:
+        """Record ``link`` in the gateway's store (as ``links create`` does)."""
+        store = await SqliteStore.open(self.database)
+        try:
+            await store.add_link(link)
+        finally:
+            await store.close()
+
     async def link(self, link_id: str) -> PaymentLink:
         store = await SqliteStore.open(self.database)
         try:

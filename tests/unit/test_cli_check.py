@@ -146,3 +146,54 @@ def test_the_payment_macaroons_messages_name_what_is_missing_and_where_it_came_f
     with pytest.raises(errors.ConfigError) as caught:
         runtime.payer_settings(load_text(tmp_path, withdrawals))
     assert str(caught.value) == "withdrawals need [lnd] tls_cert (the node's tls.cert)"
+
+
+# --- tip jars and payment links ([lnurl]) -------------------------------------------------
+
+JARS = (
+    '[[tip_jar]]\nname = "coffee"\ndescription = "Coffee"\nmin = "1sat"\nmax = "1234567sat"\n'
+    'comment_max = 140\n[[tip_jar]]\nname = "tea"\ndescription = "Tea"\nmin = "5sat"\n'
+    'max = "5sat"\n'
+)
+
+
+def test_check_reports_the_tip_jars_and_the_links(
+    tmp_path: Path, probes: Probes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = placeholder_lnd(tmp_path) + '[lnurl]\nbase_url = "https://Pay.example.com/"\n' + JARS
+    assert main(["--config", str(write_config(tmp_path, text)), "check"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = out.index("lnurl: https://pay.example.com (tip jars and payment links)")
+    assert out[start + 1 : start + 4] == [
+        "  tip jar coffee@pay.example.com: https://pay.example.com/.well-known/lnurlp/coffee, "
+        "1 to 1234567 sat, comments up to 140 characters",
+        "  tip jar tea@pay.example.com: https://pay.example.com/.well-known/lnurlp/tea, 5 sat, "
+        "no comments",
+        "  payment links: https://pay.example.com/.well-known/l402/links/<id>",
+    ]
+    assert not any(line.startswith("warning:") for line in out)
+
+
+@pytest.mark.parametrize(
+    ("base_url", "who"),
+    [
+        ("http://127.0.0.1:8402", "wallets on this machine"),
+        ("http://localhost:8402", "wallets on this machine"),
+        ("http://[::1]:8402", "wallets on this machine"),
+        ("http://abcdefghijklmnop.onion", "wallets over Tor"),
+    ],
+)
+def test_check_warns_when_few_wallets_can_reach_base_url(
+    tmp_path: Path, probes: Probes, capsys: pytest.CaptureFixture[str], base_url: str, who: str
+) -> None:
+    text = placeholder_lnd(tmp_path) + f'[lnurl]\nbase_url = "{base_url}"\n'
+    assert main(["--config", str(write_config(tmp_path, text)), "check"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: [lnurl] base_url {base_url}: only {who} can reach it\n" in out
+
+
+def test_check_says_nothing_of_tips_without_lnurl(
+    tmp_path: Path, probes: Probes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--config", str(write_config(tmp_path, placeholder_lnd(tmp_path))), "check"]) == 0
+    assert "lnurl" not in capsys.readouterr().out

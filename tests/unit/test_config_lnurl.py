@@ -73,22 +73,24 @@ def test_the_sample_documents_every_key_and_loads_uncommented(tmp_path: Path) ->
     section = text[text.index("[lnurl]") : text.index("# Routes:")]
     for cls in (LnurlConfig, TipJarConfig):
         for f in dataclasses.fields(cls):
-            assert re.search(rf"^(# )?{f.name} +=", section, re.MULTILINE), f.name
+            assert re.search(rf"^(# )*{f.name} +=", section, re.MULTILINE), f.name
     assert load_config(SAMPLE, {}).lnurl == LnurlConfig()
-    # The commented example, uncommented, with base_url set and the image beside it.
     example = re.search(r"^# \[\[tip_jar\]\]\n((?:# .*\n)+)", text, re.MULTILINE)
     assert example is not None
-    body = "".join(
-        line[2:] + "\n"
-        for line in example.group(1).splitlines()
-        if not line.startswith("# success_message")  # one action of the two
-    )
-    (tmp_path / "coffee.png").write_bytes(PNG)
-    config = load_text(tmp_path, BASE + "[[tip_jar]]\n" + body)
+    lines = [line.removeprefix("# ") for line in example.group(1).splitlines()]
+    # Uncommented as it is: no image to have, the success message.
+    config = load_text(tmp_path, BASE + "[[tip_jar]]\n" + "".join(f"{x}\n" for x in lines))
     (coffee,) = config.tip_jar
     assert coffee.name == "coffee"
     assert (coffee.min_msat, coffee.max_msat) == (1000, 1_000_000_000)
     assert coffee.comment_max == 140
+    assert coffee.image is None
+    assert coffee.success == SuccessAction(message="Thank you!")
+    # The options taken: the image beside the file, and the URL instead of the message.
+    options = [line.removeprefix("# ") for line in lines if not line.startswith("success_message")]
+    (tmp_path / "coffee.png").write_bytes(PNG)
+    config = load_text(tmp_path, BASE + "[[tip_jar]]\n" + "".join(f"{x}\n" for x in options))
+    (coffee,) = config.tip_jar
     assert coffee.image == tmp_path / "coffee.png"
     assert coffee.success == SuccessAction(
         url="https://pay.example.com/thanks", description="A thank-you note"
@@ -192,7 +194,7 @@ def test_invoice_expiry_range(tmp_path: Path, expiry: int) -> None:
         ({"name": "caf\u00e9"}, "name must be"),
         ({"description": ""}, "description must be printable, 1 to 640"),
         ({"description": "   "}, "description"),
-        ({"description": "x" * 641}, "description"),
+        ({"description": "x" * 641}, "description is 641 characters; at most 640"),
         ({"description": "two\nlines"}, "description"),
         ({"min": "0sat"}, "min must be a whole number of sat from 1sat"),
         ({"min": "1500msat"}, "min must be a whole number of sat"),
@@ -228,9 +230,16 @@ def test_bad_jars_are_refused_naming_the_jar(
 
 
 def test_a_jar_needs_a_name_and_a_description(tmp_path: Path) -> None:
-    refused(tmp_path, BASE + '[[tip_jar]]\nname = "coffee"\n', "tip_jar[0]", "a description")
+    refused(tmp_path, BASE + '[[tip_jar]]\nname = "coffee"\n', "[[tip_jar]] 'coffee': ", "a name")
+    refused(tmp_path, BASE + '[[tip_jar]]\ndescription = "Tea"\n', "tip_jar[0]: ", "a name")
+    refused(tmp_path, "tip_jar = [1]\n" + BASE, "tip_jar[0]: must be a table")
     refused(tmp_path, BASE + "tip_jar = 3\n", "[lnurl]")
     refused(tmp_path, 'tip_jar = "x"\n', "tip_jar must be an array of tables")
+
+
+def test_a_long_description_is_said_by_its_length(tmp_path: Path) -> None:
+    message = refused(tmp_path, BASE + jar(description="x" * 5000), "5000 characters")
+    assert len(message) < 200
 
 
 def test_jar_names_are_unique(tmp_path: Path) -> None:

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import html
+import json
 import re
 
 import pytest
 
+from gateway.lnurl import LINK_GONE
 from gateway.ports import InvoiceRecord, InvoiceState, LinkState, Msat, PaymentHash, PaymentLink
-from gateway.web.links import LinkPage, qr_image, render_link_page, render_missing_link
+from gateway.web.links import (
+    LinkPage,
+    invoice_qr_svg,
+    qr_image,
+    render_link_page,
+    render_missing_link,
+)
+from gateway.web.paywall import render_paywall
 from tests.fakes import NOW, make_invoice
+from tests.unit.test_paywall import CHALLENGE
 
 LNURL = (
     "LNURL1DP68GURN8GHJ7MRWW4EXCTNXD9SHG6NPVCHXXMMD9AKXUATJDSKHQCTE8AEK2UMND9HKU0TZV4KXZCTNWSHKJMN9"
@@ -130,6 +140,8 @@ def test_a_finished_link_says_so_without_a_qr_code(state: LinkState, status: str
     text = page(link(paid_count=1), state)
     assert attribute(text, "data-state") == state.value.lower()
     assert element(text, "status") == status
+    if state is not LinkState.PAID:
+        assert status.lower() == f"{LINK_GONE[state]}."  # as the LNURL endpoints say it
     assert element(text, "qr") == ""
     assert re.search(r'<div id="pay"[^>]*\bhidden', text)
 
@@ -147,3 +159,32 @@ def test_qr_images_hold_the_upper_case_lightning_uri(kind: str, magic: bytes) ->
     assert small.body.startswith(magic)
     assert len(large.body) > len(small.body)
     assert dict(small.headers)["Content-Type"] == f"image/{'svg+xml' if kind == 'svg' else 'png'}"
+
+
+def test_the_script_knows_what_each_finished_state_says() -> None:
+    done = json.loads(attribute(page(link(), shown=invoice()), "data-done"))
+    assert done == {
+        "paid": "Paid",
+        "expired": "This payment link has expired.",
+        "canceled": "This payment link was canceled.",
+    }
+
+
+def test_the_link_page_shares_the_paywalls_look_and_copy_button() -> None:
+    text = page(link(), shown=invoice())
+    paywall = render_paywall(CHALLENGE, nonce="n").body.decode()
+    for shared in ("--accent: #f7931a", "const copyText = async (button, text, element)"):
+        assert text.count(shared) == paywall.count(shared) == 1
+    assert "copyText(copyButton" in text
+    assert ".facts" not in text  # the paywall's own rules stay on the paywall
+    assert text.count("<script") == text.count("<style") == 1  # one nonce'd element each
+
+
+def test_qr_codes_are_made_once() -> None:
+    first = qr_image(LNURL, "png", 7)
+    assert qr_image(LNURL.lower(), "png", 7).body is first.body  # the same LNURL
+    assert qr_image(LNURL, "svg", 7).body is not first.body
+    hits = invoice_qr_svg.cache_info().hits
+    page(link(), shown=invoice())
+    page(link(), shown=invoice())
+    assert invoice_qr_svg.cache_info().hits > hits

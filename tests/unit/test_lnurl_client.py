@@ -25,7 +25,19 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from gateway import destinations, errors
 from gateway.client import bolt11
-from gateway.client.lnurl import LnurlPayClient, LnurlUnreachable, SuccessAction, pay_url
+from gateway.client.lnurl import (
+    LnurlPayClient,
+    LnurlUnreachable,
+    ReceivedSuccessAction,
+    pay_url,
+)
+from gateway.lnurl import (
+    MAX_SUCCESS_CHARS,
+    SuccessAction,
+    description_hash,
+    metadata,
+    success_action_body,
+)
 from gateway.ports import Msat
 from tests import bolt11_encode
 
@@ -336,17 +348,37 @@ async def test_a_comment_the_service_does_not_take_is_refused_before_the_callbac
 async def test_success_actions_are_read(service: Service, client: LnurlPayClient) -> None:
     service.success = {"tag": "message", "message": "Thank you!"}
     got = await client.request_invoice(service.address, Msat(1_000))
-    assert got.success_action == SuccessAction("message", message="Thank you!")
+    assert got.success_action == ReceivedSuccessAction("message", message="Thank you!")
     assert got.success_action.text(None) == "Thank you!"
 
     url = f"{service.base}/receipt?id=1"
     service.success = {"tag": "url", "description": "Your receipt", "url": url}
     action = (await client.request_invoice(service.address, Msat(1_000))).success_action
-    assert action == SuccessAction("url", description="Your receipt", url=url)
+    assert action == ReceivedSuccessAction("url", description="Your receipt", url=url)
     assert action.as_json(None) == {"tag": "url", "description": "Your receipt", "url": url}
 
     service.success = {"tag": "someFutureTag", "x": 1}  # nothing this client can show
     assert (await client.request_invoice(service.address, Msat(1_000))).success_action is None
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        SuccessAction(message="m" * MAX_SUCCESS_CHARS),
+        SuccessAction(url="http://127.0.0.1/thanks", description="d" * MAX_SUCCESS_CHARS),
+    ],
+)
+async def test_what_our_own_service_answers_is_taken(
+    service: Service, client: LnurlPayClient, sent: SuccessAction
+) -> None:
+    """The service side's texts (``gateway.lnurl``) pass this client's checks: the same
+    description hash of the metadata, success texts as long as the service may make them."""
+    service.metadata = service.invoice_metadata = metadata("carol's tips", "carol@127.0.0.1")
+    service.success = success_action_body(sent)
+    got = await client.request_invoice(service.address, Msat(1_000))
+    assert got.invoice.description_hash == description_hash(service.metadata)
+    assert got.success_action is not None
+    assert got.success_action.as_json(None) == success_action_body(sent)
 
 
 async def test_an_aes_success_action_decrypts_with_the_preimage(
@@ -368,7 +400,10 @@ async def test_an_aes_success_action_decrypts_with_the_preimage(
     ("success", "reason"),
     [
         ("Thank you", "not a JSON object"),
-        ({"tag": "message", "message": "x" * 145}, "message is not a text of at most 144"),
+        (
+            {"tag": "message", "message": "x" * (MAX_SUCCESS_CHARS + 1)},
+            f"message is not a text of at most {MAX_SUCCESS_CHARS}",
+        ),
         ({"tag": "message"}, "message is not a text"),
         ({"tag": "url", "description": "d", "url": "https://evil.example/x"}, "callback's host"),
         ({"tag": "url", "description": "d", "url": "javascript:alert(1)"}, "not an https://"),

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from gateway import bech32, destinations, lnurl
 from gateway.client import bolt11
 from gateway.lnurl import Image, LnurlError, SuccessAction
-from gateway.ports import Msat
+from gateway.ports import LinkState, Msat
 from tests.fakes import make_invoice
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 20
@@ -162,7 +162,6 @@ def test_a_callback_reads_amount_and_comment() -> None:
         ({"amount": "9" * 5000}, "above the maximum, 50000 msat"),
         ({"amount": "2000", "comment": "x" * 11}, "11 characters; at most 10 are allowed"),
         ({"amount": "2000", "comment": "a\0b"}, "control characters"),
-        ({"amount": "2000", "comment": "a\ud800"}, "control characters"),
     ],
 )
 def test_a_bad_callback_is_refused_with_a_clear_reason(query: dict[str, str], reason: str) -> None:
@@ -170,6 +169,76 @@ def test_a_bad_callback_is_refused_with_a_clear_reason(query: dict[str, str], re
         lnurl.read_callback(query, Msat(1000), Msat(50_000), 10)
     assert refused.value.status == 400
     assert refused.value.reason == str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("comment", "kept"),
+    [
+        ("\U0001f468\u200d\U0001f469\u200d\U0001f467", None),  # a family: ZWJs join it
+        ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", None),  # Persian, a ZWNJ
+        ("caf\u00e9 \u2014 \u00bfs\u00ed?", None),
+        ("two\r\nlines", "two\nlines"),
+        ("a\tb", "a b"),
+    ],
+)
+def test_a_comment_is_ordinary_text(comment: str, kept: str | None) -> None:
+    query = {"amount": "2000", "comment": comment}
+    assert lnurl.read_callback(query, Msat(1), Msat(5000), 50) == (2000, kept or comment)
+    assert lnurl.clean_text(comment) == (kept or comment)
+
+
+@pytest.mark.parametrize(
+    "comment",
+    [
+        "\x1b[31mred",
+        "a\rb",
+        "bell\x07",
+        "del\x7f",
+        "nel\x85",
+        "csi\x9b",
+        "\u202egnp.exe",
+        "\u202a",
+        "\u202d",
+        "\u2066x\u2069",
+        "\u2068",
+        "a\ud800",
+    ],
+)
+def test_a_comment_with_controls_or_bidi_overrides_is_refused(comment: str) -> None:
+    with pytest.raises(LnurlError, match="control characters") as refused:
+        lnurl.read_callback({"amount": "2000", "comment": comment}, Msat(1), Msat(5000), 50)
+    assert refused.value.status == 400
+    with pytest.raises(ValueError, match="control characters"):
+        lnurl.clean_text(comment)
+
+
+def test_the_length_limit_counts_the_cleaned_comment() -> None:
+    query = {"amount": "2000", "comment": "ab\r\ncd"}  # 6 characters sent, 5 kept
+    assert lnurl.read_callback(query, Msat(1), Msat(5000), 5) == (2000, "ab\ncd")
+
+
+def test_the_urls_names_and_ids_of_tip_jars_and_links() -> None:
+    origin = "https://pay.example.com"
+    assert lnurl.jar_url(origin, "coffee") == f"{origin}/.well-known/lnurlp/coffee"
+    page = f"{origin}/.well-known/l402/links/abcdefghijklmnop"
+    assert lnurl.link_page_url(origin, "abcdefghijklmnop") == page
+    assert lnurl.link_lnurl(origin, "abcdefghijklmnop") == lnurl.encode_lnurl(f"{page}/lnurl")
+    for name in ("coffee", "a", "x.y_z+tag-1", "9" * 64):
+        assert lnurl.JAR_NAME.fullmatch(name)
+    for name in ("", "Coffee", "caf\u00e9", "a/b", "a@b", "x" * 65):
+        assert not lnurl.JAR_NAME.fullmatch(name)
+    assert lnurl.LINK_ID.fullmatch("abcdefghijklmn27")
+    for link_id in ("-abcdefghijklmno", "abcdefghijklmnoP", "abcdefghijklmn01", "abc", "a" * 17):
+        assert not lnurl.LINK_ID.fullmatch(link_id)
+    assert set(lnurl.LINK_GONE) == {LinkState.PAID, LinkState.EXPIRED, LinkState.CANCELED}
+    assert lnurl.LINK_GONE[LinkState.CANCELED] == "this payment link was canceled"
+
+
+def test_a_lightning_address_name_is_a_tip_jar_name() -> None:
+    url = destinations.pay_url("Coffee+Tag@pay.example.com")
+    assert str(url) == lnurl.jar_url("https://pay.example.com", "coffee+tag")
+    with pytest.raises(destinations.DestinationError, match="name is 1 to 64"):
+        destinations.pay_url("caf\u00e9@pay.example.com")
 
 
 def test_a_comment_where_none_is_taken_is_refused() -> None:

@@ -70,3 +70,20 @@ def test_package_data_ships_the_typing_marker_and_the_sample_config() -> None:
     shipped = setuptools["setuptools"]["package-data"]["gateway"]
     assert set(shipped) == {"py.typed", "gateway.sample.toml"}
     assert all((ROOT / "gateway" / name).is_file() for name in shipped)
+
+
+def test_package_data_covers_every_file_the_package_reads() -> None:
+    """Every non-Python file under gateway/ (page templates, scripts, styles) is matched by
+    a ``package-data`` pattern of its own package, or a wheel install would lack it."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]
+    patterns = setuptools["setuptools"]["package-data"]
+    missing = []
+    for path in sorted((ROOT / "gateway").rglob("*")):
+        if not path.is_file() or path.suffix in {".py", ".pyi", ".pyc"}:
+            continue
+        if "__pycache__" in path.parts:
+            continue
+        package = ".".join(path.parent.relative_to(ROOT).parts)
+        if not any(path.match(pattern) for pattern in patterns.get(package, ())):
+            missing.append(str(path.relative_to(ROOT)))
+    assert missing == []

@@ -2,15 +2,18 @@
 Address served by a small LNURL-pay service in the test process, paid by a fake payer. Every
 refusal before paying (budget, comment, amount, the service's invoice, the network) pays
 nothing and exits with its code; a success action is shown (message, URL, aes decrypted with
-the preimage)."""
+the preimage). A call to the node that ends without the payment's outcome is settled by
+asking the node: paid (exit 0), failed (3), or in flight / not known (7, never paid twice)."""
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import hashlib
 import json
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,8 +26,10 @@ from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from gateway import errors
-from gateway.cli import formats, pay
+from gateway.cli import formats, main, pay
+from gateway.client import PaymentInFlight
 from gateway.client.lnurl import LnurlPayClient
+from gateway.ports import Msat, Payer, Payment, PaymentHash, PaymentStatus
 from tests import bolt11_encode
 from tests.unit.client.client_helpers import FakePayer
 
@@ -122,15 +127,23 @@ async def service() -> AsyncIterator[Service]:
         await server.close()
 
 
+@pytest.fixture(autouse=True)
+def quick_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node is asked again at once (not after seconds) about an unknown outcome."""
+    monkeypatch.setattr(pay, "_LOOKUP_DELAYS", (0.0, 0.0, 0.0))
+
+
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     pay.add_parser(parser.add_subparsers())
     return parser.parse_args(["pay", *argv])
 
 
-async def run(service: Service, *argv: str, network: str | None = "regtest") -> int:
+async def run(
+    service: Service, *argv: str, network: str | None = "regtest", payer: Payer | None = None
+) -> int:
     async with LnurlPayClient(timeout=5) as lnurl:
-        return await pay.pay_lnurl(parse(*argv), lnurl, service.payer, network)
+        return await pay.pay_lnurl(parse(*argv), lnurl, payer or service.payer, network)
 
 
 def paid(service: Service) -> int:
@@ -142,7 +155,7 @@ async def test_pays_a_lightning_address_with_a_comment_and_shows_the_message(
 ) -> None:
     service.success = {"tag": "message", "message": "Thank you!"}
     code = await run(service, "--amount", "21", "--comment", "great post ☕", service.address)
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0
     assert service.callbacks == [{"amount": "21000", "comment": "great post ☕"}]
     ((_, fee_limit, _),) = service.payer.calls
@@ -153,6 +166,7 @@ async def test_pays_a_lightning_address_with_a_comment_and_shows_the_message(
         f"payment hash: {payment.payment_hash.hex()}",
         "Thank you!",
     ]
+    assert err == f"payment hash: {payment.payment_hash.hex()}\n"  # before paying
 
 
 async def test_json_summary(service: Service, capsys: pytest.CaptureFixture[str]) -> None:
@@ -356,3 +370,169 @@ def test_amounts_in_sat_or_msat(text: str, msat: int) -> None:
 def test_amounts_that_are_not_whole_msat_are_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         formats.sat_to_msat(text)
+
+
+# ---- a call to the node that ends without the payment's outcome ---------------------------
+
+
+def progress(service: Service) -> pay.ProgressPayer:
+    return pay.ProgressPayer(service.payer, sys.stderr)
+
+
+async def test_a_payment_made_while_the_call_broke_is_shown_paid(
+    service: Service, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The node paid, the call broke (FakePayer.crash): the node says SUCCEEDED, so the
+    receipt and the success action are shown, exit 0; nothing is paid twice."""
+    service.success = {"tag": "message", "message": "Thank you!"}
+    service.payer.crash = True
+    assert await run(service, "--amount", "21", service.address, payer=progress(service)) == 0
+    out, err = capsys.readouterr()
+    (payment,) = service.payer.payments.values()
+    hash_hex = payment.payment_hash.hex()
+    assert out.splitlines() == [
+        f"paid 21 sat + 0.007 sat fee to {service.address}",
+        f"payment hash: {hash_hex}",
+        "Thank you!",
+    ]
+    lines = err.splitlines()
+    assert lines[:2] == [f"payment hash: {hash_hex}", "paying 21 sat (routing fee up to 5 sat)..."]
+    assert lines[2].startswith("payment outcome unknown after ")
+    assert "payment failed" not in err
+    assert lines[3:] == [
+        f"l402-gateway: connection to the node lost; the node reports payment {hash_hex} SUCCEEDED"
+    ]
+    assert (paid(service), service.payer.lookups) == (1, [payment.payment_hash])
+
+
+async def test_a_payment_still_in_flight_exits_7_with_its_hash(
+    service: Service, capsys: pytest.CaptureFixture[str]
+) -> None:
+    service.payer.in_flight = True
+    code = await run(service, "--json", "--amount", "21", service.address, payer=progress(service))
+    assert code == pay.EXIT_IN_FLIGHT
+    out, err = capsys.readouterr()
+    (payment,) = service.payer.payments.values()
+    assert payment.status is PaymentStatus.IN_FLIGHT
+    hash_hex = payment.payment_hash.hex()
+    assert out == ""
+    assert err.splitlines()[0] == f"payment hash: {hash_hex}"
+    assert err.splitlines()[-1] == (
+        f"l402-gateway: payment {hash_hex} is still in flight (connection to the node lost): "
+        f"do not pay again; check it with `lncli trackpayment {hash_hex}`"
+    )
+    assert "payment failed" not in err
+    assert paid(service) == 1
+
+
+async def test_a_node_that_cannot_be_asked_exits_7_after_asking_again(
+    service: Service, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service.payer.crash = True
+    asked: list[PaymentHash] = []
+
+    async def down(payment_hash: PaymentHash) -> Payment | None:
+        asked.append(payment_hash)
+        raise errors.BackendUnavailable("LND at x:10009 is unreachable")
+
+    monkeypatch.setattr(service.payer, "lookup_payment", down)
+    assert await run(service, "-s", "--amount", "21", service.address) == pay.EXIT_IN_FLIGHT
+    (payment,) = service.payer.payments.values()
+    hash_hex = payment.payment_hash.hex()
+    assert capsys.readouterr().err == (
+        f"l402-gateway: payment {hash_hex} may be in flight or done (connection to the node "
+        "lost), and the node cannot tell (LND at x:10009 is unreachable): do not pay again; "
+        f"check it with `lncli trackpayment {hash_hex}`\n"
+    )
+    assert asked == [payment.payment_hash] * (len(pay._LOOKUP_DELAYS) + 1)
+
+
+@pytest.mark.parametrize(
+    ("error", "lookups"),
+    [
+        # refused before the node recorded anything: its "no such payment" is final
+        (errors.BackendBadRequest("invoice expired"), 1),
+        (errors.BackendPermissionDenied("verification failed"), 1),
+        # a broken call: the node may record the payment a moment late, so it is asked again
+        (errors.BackendUnavailable("stream removed"), len(pay._LOOKUP_DELAYS) + 1),
+        (TimeoutError(), len(pay._LOOKUP_DELAYS) + 1),
+    ],
+)
+async def test_a_payment_the_node_never_started_failed(
+    service: Service,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    lookups: int,
+) -> None:
+    async def refuse(
+        payment_request: str, *, max_fee_msat: Msat, payment_timeout: float
+    ) -> Payment:
+        raise error
+
+    monkeypatch.setattr(service.payer, "send_payment", refuse)
+    assert await run(service, "-s", "--amount", "21", service.address) == pay.EXIT_BACKEND
+    err = capsys.readouterr().err
+    assert err.startswith("l402-gateway: payment ")
+    assert f"failed: the node did not start it: {str(error) or 'TimeoutError'}\n" in err
+    assert len(service.payer.lookups) == lookups
+
+
+async def test_a_payment_recorded_late_or_failed_on_the_node(
+    service: Service, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a broken call the node first knows no payment, then records it SUCCEEDED:
+    paid. One it reports FAILED is a failure (exit 3)."""
+    service.payer.crash = True
+    answers: list[Payment | None] = [None, None]
+    lookup = service.payer.lookup_payment
+
+    async def late(payment_hash: PaymentHash) -> Payment | None:
+        return answers.pop() if answers else await lookup(payment_hash)
+
+    monkeypatch.setattr(service.payer, "lookup_payment", late)
+    assert await run(service, "-s", "--amount", "21", service.address) == 0
+    assert capsys.readouterr().out.startswith("paid 21 sat")
+
+    def failed(payment_hash: bytes) -> None:
+        payment = service.payer.payments[payment_hash]
+        service.payer.payments[payment_hash] = dataclasses.replace(
+            payment, status=PaymentStatus.FAILED, preimage=None
+        )
+
+    async def failing(payment_hash: PaymentHash) -> Payment | None:
+        failed(payment_hash)
+        return await lookup(payment_hash)
+
+    monkeypatch.setattr(service.payer, "lookup_payment", failing)
+    assert await run(service, "-s", "--amount", "21", service.address) == pay.EXIT_BACKEND
+    assert "failed: the node reports it FAILED (connection to the node lost)" in (
+        capsys.readouterr().err
+    )
+
+
+def test_an_earlier_l402_payment_still_in_flight_exits_7_too(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fetching a URL whose earlier payment is still in flight (``PaymentInFlight`` of
+    ``gateway.client.core``) exits as an LNURL payment in flight does."""
+
+    async def in_flight(*_args: object) -> int:
+        raise PaymentInFlight("payment ab12 for https://example.com/x is still in flight")
+
+    monkeypatch.setattr(pay, "_pay", in_flight)
+    assert main(["pay", "--no-pay", "https://example.com/x"]) == pay.EXIT_IN_FLIGHT
+    assert capsys.readouterr().err == (
+        "l402-gateway: payment ab12 for https://example.com/x is still in flight\n"
+    )
+
+
+def test_help_describes_both_kinds_of_target(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("--help")
+    text = capsys.readouterr().out
+    description = text.split("\n\n")[1]
+    assert description.startswith("Fetch an http(s) URL, paying its L402 challenge")
+    assert "or pay a Lightning\nAddress or an LNURL by LNURL-pay" in description
+    assert "  7  a payment may still be in flight: do not pay again." in text
+    assert max(len(line) for line in text.split("exit codes:")[0].splitlines()) <= 80

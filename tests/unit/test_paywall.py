@@ -26,10 +26,10 @@ from gateway.service import (
     RequestInfo,
 )
 from gateway.store import MemoryStore
+from gateway.web.pages import content_security_policy
 from gateway.web.paywall import (
     MAX_REDEEM_BODY,
     REDEEM_PATH,
-    content_security_policy,
     handle_redeem,
     prefers_html,
     redeem_cookie,

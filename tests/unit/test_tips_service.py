@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from gateway.ports import (
     PaymentLink,
 )
 from gateway.service import TipJar, Tips
-from gateway.service.tips import REUSE_MIN_SECONDS
+from gateway.service.tips import REUSE_MIN_SECONDS, new_link
 from gateway.store import MemoryStore
 from tests.fakes import FakeClock, FakeInvoiceBackend
 
@@ -63,6 +64,10 @@ class Env:
     async def settle(self, payment_hash: bytes) -> None:
         """The payer pays, and the watcher records it."""
         self.backend.pay(payment_hash)
+        await self.store.apply_update(InvoiceUpdate.of(self.backend.invoices[payment_hash]))
+
+    async def settle_recorded(self, payment_hash: bytes) -> None:
+        """The watcher records a settlement the node made earlier."""
         await self.store.apply_update(InvoiceUpdate.of(self.backend.invoices[payment_hash]))
 
     def open_on_node(self) -> list[bytes]:
@@ -217,7 +222,7 @@ def test_jars_and_base_url_are_checked() -> None:
 async def test_a_link_is_created_with_its_urls() -> None:
     env = Env()
     link = await env.link(5_000, memo="Table 4", expires_in=3600)
-    assert len(link.link_id) == 16
+    assert lnurl.LINK_ID.fullmatch(link.link_id)
     assert (link.min_msat, link.max_msat, link.fixed, link.single_use) == (5000, 5000, True, True)
     assert link.expires_at == env.clock.now() + 3600
     assert await env.store.get_link(link.link_id) == link
@@ -225,13 +230,44 @@ async def test_a_link_is_created_with_its_urls() -> None:
     assert env.tips.link_page_url(link.link_id) == page
     assert env.tips.link_lnurl(link.link_id) == lnurl.encode_lnurl(page + "/lnurl")
     for bad, reason in (
-        ({"low": 0}, "1 msat <= min <= max"),
-        ({"low": 5, "high": 4}, "1 msat <= min <= max"),
-        ({"low": 5, "memo": "x" * 121}, "at most 120 printable"),
-        ({"low": 5, "memo": "a\nb"}, "at most 120 printable"),
-        ({"low": 5, "expires_in": 0}, "positive number of seconds"),
+        ({"low": 0}, "whole satoshis with 1 sat <= min <= max"),
+        ({"low": 5_000, "high": 4_000}, "1 sat <= min <= max"),
+        ({"low": 1_500}, "whole satoshis"),
+        ({"low": 1_000, "high": 2_001}, "whole satoshis"),
+        ({"low": 1_000, "memo": "x" * 121}, "121 characters; at most 120"),
+        ({"low": 1_000, "memo": "\u202eevil"}, "memo has control characters"),
+        ({"low": 1_000, "expires_in": 0}, "at least 60 s from now"),
+        ({"low": 1_000, "expires_in": REUSE_MIN_SECONDS - 1}, "at least 60 s from now"),
     ):
         await _refused(env.link(**bad), 400, reason)
+
+
+def test_a_new_link_id_never_starts_with_a_dash_and_memos_are_text() -> None:
+    def make(**options: Any) -> PaymentLink:
+        fields: dict[str, Any] = {
+            "min_msat": 1_000,
+            "max_msat": 1_000,
+            "memo": "",
+            "expires_in": None,
+            "single_use": True,
+            "now": 1_000.0,
+        }
+        return new_link(**(fields | options))
+
+    ids = {make().link_id for _ in range(2_000)}
+    assert len(ids) == 2_000
+    assert all(lnurl.LINK_ID.fullmatch(link_id) for link_id in ids)
+    assert not any(link_id.startswith("-") for link_id in ids)
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"
+    persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"
+    assert make(memo=f"{family} {persian}").memo == f"{family} {persian}"
+    assert make(memo="Table 4\r\nwindow\tseat").memo == "Table 4\nwindow seat"
+    assert make(expires_in=REUSE_MIN_SECONDS).expires_at == 1_000.0 + REUSE_MIN_SECONDS
+    for bad in ("\x1b[2J", "\u2066x\u2069", "nel\x85"):
+        with pytest.raises(ValueError, match="control characters"):
+            make(memo=bad)
+    with pytest.raises(ValueError, match="at least 60 s"):
+        make(expires_in=float("inf"))
 
 
 async def test_a_links_lnurl_pay_commits_to_its_memo_and_keeps_the_comment() -> None:
@@ -292,24 +328,100 @@ async def test_a_single_use_link_reuses_its_open_invoice() -> None:
     assert stored.open_hash == fresh.payment_hash
 
 
-async def test_another_amount_or_kind_replaces_the_open_invoice_after_cancelling_it() -> None:
+async def test_a_single_use_links_page_and_wallet_get_the_same_invoice() -> None:
+    env = Env()
+    link = await env.link(1_000, 9_000)
+    body = await env.tips.link_pay_request(link.link_id)
+    assert "commentAllowed" not in body  # its one invoice serves every payer: no comments
+    page = await env.tips.link_invoice(link.link_id, 3_000)
+    invoice = bolt11.decode(page.payment_request)
+    assert invoice.description_hash == lnurl.description_hash(str(body["metadata"]))
+    assert invoice.description is None
+    answer = await env.tips.link_callback(link.link_id, {"amount": "3000"})
+    assert answer["pr"] == page.payment_request
+    await _refused(
+        env.tips.link_callback(link.link_id, {"amount": "3000", "comment": "hi"}),
+        400,
+        "takes no comment",
+    )
+    assert env.open_on_node() == [page.payment_hash]
+
+
+async def test_nobody_can_take_away_the_invoice_a_payer_holds() -> None:
     env = Env()
     link = await env.link(1_000, 9_000)
     await _refused(env.tips.link_invoice(link.link_id, None), 400, "choose an amount")
     await _refused(env.tips.link_invoice(link.link_id, 9_001), 400, "from 1000 to 9000 msat")
-    page = await env.tips.link_invoice(link.link_id, 3_000)
+    held = await env.tips.link_invoice(link.link_id, 3_000)
+    wait = 600 - REUSE_MIN_SECONDS
+    for call in (
+        env.tips.link_invoice(link.link_id, 4_000),
+        env.tips.link_callback(link.link_id, {"amount": "4000"}),
+    ):
+        await _refused(call, 409, f"open invoice for 3000 msat; .* in {wait + 1} s")
+    assert env.open_on_node() == [held.payment_hash]  # the payer's invoice stays payable
+    assert env.backend.cancelled == {}
+    env.clock.advance(wait)  # REUSE_MIN_SECONDS left: still the payer's
+    await _refused(env.tips.link_invoice(link.link_id, 4_000), 409, "in 1 s")
+    env.clock.advance(1)  # too little left to pay it: now it may be replaced
     other = await env.tips.link_invoice(link.link_id, 4_000)
-    answer = await env.tips.link_callback(link.link_id, {"amount": "4000"})  # a wallet's
-    by_wallet = bolt11.decode(str(answer["pr"])).payment_hash
-    assert len({page.payment_hash, other.payment_hash, by_wallet}) == 3
-    assert env.open_on_node() == [by_wallet]  # one payable invoice at any time
+    assert env.open_on_node() == [other.payment_hash]
     # The node's stream reports no cancellation: the store is told at once.
-    for replaced in (page.payment_hash, other.payment_hash):
-        record = await env.store.get_invoice(replaced)
-        assert record is not None
-        assert record.state is InvoiceState.CANCELED
+    record = await env.store.get_invoice(held.payment_hash)
+    assert record is not None
+    assert record.state is InvoiceState.CANCELED
     again = await env.tips.link_callback(link.link_id, {"amount": "4000"})
-    assert again["pr"] == answer["pr"]
+    assert again["pr"] == other.payment_request
+
+
+async def test_an_open_invoice_is_handed_out_again_only_if_the_node_says_it_is_open() -> None:
+    env = Env()
+    link = await env.link(1_000, 9_000)
+    first = await env.tips.link_invoice(link.link_id, 3_000)
+    lookups = env.backend.lookups
+    assert await env.tips.link_invoice(link.link_id, 3_000) == first
+    assert env.backend.lookups == lookups + 1
+    # Cancelled on the node, but the store never heard (its write failed).
+    await env.backend.cancel_invoice(first.payment_hash)
+    fresh = await env.tips.link_invoice(link.link_id, 3_000)
+    assert fresh.payment_hash != first.payment_hash
+    assert env.open_on_node() == [fresh.payment_hash]
+    record = await env.store.get_invoice(first.payment_hash)
+    assert record is not None
+    assert record.state is InvoiceState.CANCELED
+    # A node that cannot tell: nothing is handed out.
+    env.backend.unavailable = True
+    await _refused(env.tips.link_invoice(link.link_id, 3_000), 503, "try again later")
+    await _refused(env.tips.link_callback(link.link_id, {"amount": "3000"}), 503, "later")
+
+
+async def test_an_open_invoice_the_node_forgot_is_replaced() -> None:
+    env = Env()
+    link = await env.link(1_000)
+    first = await env.tips.link_invoice(link.link_id, None)
+    del env.backend.invoices[first.payment_hash]
+    fresh = await env.tips.link_invoice(link.link_id, None)
+    assert fresh.payment_hash != first.payment_hash
+    record = await env.store.get_invoice(first.payment_hash)
+    assert record is not None
+    assert record.state is InvoiceState.CANCELED
+
+
+async def test_a_node_that_says_already_cancelled_has_cancelled_it() -> None:
+    env = Env()
+    link = await env.link(1_000)
+    first = await env.tips.link_invoice(link.link_id, None)
+    env.clock.advance(600 - REUSE_MIN_SECONDS + 1)
+
+    async def refuse(payment_hash: PaymentHash) -> None:
+        raise errors.InvoiceAlreadyCanceled("invoice already canceled")
+
+    env.backend.cancel_invoice = refuse  # type: ignore[method-assign]
+    fresh = await env.tips.link_invoice(link.link_id, None)
+    assert fresh.payment_hash != first.payment_hash
+    record = await env.store.get_invoice(first.payment_hash)
+    assert record is not None
+    assert record.state is InvoiceState.CANCELED
 
 
 async def test_a_single_use_link_is_paid_once() -> None:
@@ -317,19 +429,32 @@ async def test_a_single_use_link_is_paid_once() -> None:
     link = await env.link(1_000, 9_000)
     first = await env.tips.link_invoice(link.link_id, 3_000)
     env.backend.pay(first.payment_hash)  # paid, the watcher has not recorded it yet
-    await _refused(env.tips.link_invoice(link.link_id, 4_000), 410, "paid already")
+    await _refused(env.tips.link_invoice(link.link_id, 3_000), 410, "paid already")
     assert len(env.backend.invoices) == 1  # nothing else issued
-    await env.store.apply_update(InvoiceUpdate.of(env.backend.invoices[first.payment_hash]))
+    # The node's word is recorded: the link is paid without waiting for the watcher.
     status = await env.tips.link_status(link.link_id)
     assert status.state is LinkState.PAID
     assert status.invoice is not None
     assert status.invoice.state is InvoiceState.SETTLED
+    assert status.link.paid_msat == 3_000
+    await env.store.apply_update(InvoiceUpdate.of(env.backend.invoices[first.payment_hash]))
+    assert (await env.tips.link_status(link.link_id)).link.paid_count == 1  # counted once
     for call in (
         env.tips.link_invoice(link.link_id, 3_000),
         env.tips.link_pay_request(link.link_id),
         env.tips.link_callback(link.link_id, {"amount": "3000"}),
     ):
         await _refused(call, 410, "paid already")
+
+
+async def test_a_link_paid_while_its_invoice_is_replaced_is_paid() -> None:
+    env = Env()
+    link = await env.link(1_000, 9_000)
+    first = await env.tips.link_invoice(link.link_id, 3_000)
+    env.clock.advance(600 - REUSE_MIN_SECONDS + 1)
+    env.backend.pay(first.payment_hash)
+    await _refused(env.tips.link_invoice(link.link_id, 4_000), 410, "paid already")
+    assert len(env.backend.invoices) == 1
 
 
 class _GatedBackend(FakeInvoiceBackend):
@@ -377,6 +502,7 @@ async def test_concurrent_requests_for_a_new_amount_leave_one_open_invoice(
         old = await env.tips.link_invoice(link.link_id, first_amount)
         backend.gate.clear()
         backend.arrived = 0
+        env.clock.advance(600 - REUSE_MIN_SECONDS + 1)  # about to expire: replaceable
     both = await asyncio.gather(*(env.tips.link_invoice(link.link_id, 5_000) for _ in "ab"))
     assert both[0] == both[1]  # the loser answers with the winner's invoice
     assert env.open_on_node() == [both[0].payment_hash]
@@ -409,6 +535,7 @@ async def test_a_node_that_cannot_cancel_blocks_a_new_invoice() -> None:
     env = Env()
     link = await env.link(1_000, 9_000)
     first = await env.tips.link_invoice(link.link_id, 3_000)
+    env.clock.advance(600 - REUSE_MIN_SECONDS + 1)
     env.backend.unavailable = True
     await _refused(env.tips.link_invoice(link.link_id, 4_000), 503, "try again later")
     env.backend.unavailable = False
@@ -419,9 +546,11 @@ async def test_without_a_canceler_the_open_invoice_must_expire_first() -> None:
     env = Env(canceler=False)
     link = await env.link(1_000, 9_000)
     first = await env.tips.link_invoice(link.link_id, 3_000)
-    await _refused(env.tips.link_invoice(link.link_id, 4_000), 409, "once it expires")
+    await _refused(env.tips.link_invoice(link.link_id, 4_000), 409, "open invoice for 3000")
     assert await env.tips.link_invoice(link.link_id, 3_000) == first
-    env.clock.advance(601)
+    env.clock.advance(600 - REUSE_MIN_SECONDS + 1)
+    await _refused(env.tips.link_invoice(link.link_id, 3_000), 409, "once it expires")
+    env.clock.advance(REUSE_MIN_SECONDS)
     update = InvoiceUpdate(first.payment_hash, InvoiceState.EXPIRED, 0, Msat(0), None)
     await env.store.apply_update(update)  # the watcher's expiry sweep
     second = await env.tips.link_invoice(link.link_id, 4_000)
@@ -433,20 +562,33 @@ async def test_an_expired_or_cancelled_link_is_410_and_unknown_is_404() -> None:
     link = await env.link(1_000, expires_in=120)
     invoice = await env.tips.link_invoice(link.link_id, None)
     assert invoice.expires_at == env.clock.now() + 120  # no longer than the link lives
-    env.clock.advance(120)
+    env.clock.advance(120 - REUSE_MIN_SECONDS)
+    assert await env.tips.link_invoice(link.link_id, None) == invoice
+    env.clock.advance(1)  # too little life left to pay an invoice
+    for call in (
+        env.tips.link_pay_request(link.link_id),
+        env.tips.link_invoice(link.link_id, None),
+        env.tips.link_callback(link.link_id, {"amount": "1000"}),
+    ):
+        await _refused(call, 410, "expires in under a minute")
+    assert (await env.tips.link_status(link.link_id)).state is LinkState.OPEN
+    env.clock.advance(REUSE_MIN_SECONDS)
     await _refused(env.tips.link_pay_request(link.link_id), 410, "expired")
     assert (await env.tips.link_status(link.link_id)).state is LinkState.EXPIRED
 
     other = await env.link(1_000)
     open_one = await env.tips.link_invoice(other.link_id, None)
     cancelled = await env.tips.cancel_link(other.link_id)
-    assert cancelled.canceled_at == env.clock.now()
+    assert cancelled.state is LinkState.CANCELED
+    assert cancelled.link.canceled_at == env.clock.now()
+    assert cancelled.invoice == open_one
     assert env.backend.invoices[open_one.payment_hash].state is InvoiceState.CANCELED
-    assert (await env.tips.cancel_link(other.link_id)).canceled_at == cancelled.canceled_at
-    await _refused(env.tips.link_invoice(other.link_id, None), 410, "was cancelled")
-    await _refused(env.tips.link_callback(other.link_id, {"amount": "1000"}), 410, "cancelled")
+    again = await env.tips.cancel_link(other.link_id)
+    assert again.link.canceled_at == cancelled.link.canceled_at
+    await _refused(env.tips.link_invoice(other.link_id, None), 410, "was canceled")
+    await _refused(env.tips.link_callback(other.link_id, {"amount": "1000"}), 410, "canceled")
 
-    for unknown in ("nope", "../../etc", "x" * 100):
+    for unknown in ("nope", "../../etc", "x" * 100, "-" + other.link_id[1:]):
         await _refused(env.tips.link_pay_request(unknown), 404, "no payment link")
         await _refused(env.tips.link_status(unknown), 404, "no payment link")
         await _refused(env.tips.cancel_link(unknown), 404, "no payment link")
@@ -457,7 +599,14 @@ async def test_cancelling_a_link_being_paid_or_on_a_down_node() -> None:
     link = await env.link(1_000)
     paid = await env.tips.link_invoice(link.link_id, None)
     env.backend.pay(paid.payment_hash)
-    assert (await env.tips.cancel_link(link.link_id)).canceled_at is not None
+    status = await env.tips.cancel_link(link.link_id)
+    assert status.state is LinkState.PAID  # not cancelled: the payer paid first
+    assert status.link.canceled_at is not None
+    await env.settle_recorded(paid.payment_hash)
+    stored = await env.store.get_link(link.link_id)
+    assert stored is not None
+    assert stored.state(env.clock.now()) is LinkState.PAID  # paid wins over cancelled
+    assert (await env.tips.cancel_link(link.link_id)).state is LinkState.PAID
 
     other = await env.link(1_000)
     await env.tips.link_invoice(other.link_id, None)
@@ -468,7 +617,7 @@ async def test_cancelling_a_link_being_paid_or_on_a_down_node() -> None:
     assert env.open_on_node() == []
 
 
-async def test_a_failing_store_is_503() -> None:
+async def test_a_failing_store_is_503(caplog: pytest.LogCaptureFixture) -> None:
     env = Env()
     link = await env.link(1_000)
 
@@ -476,4 +625,52 @@ async def test_a_failing_store_is_503() -> None:
         raise errors.StoreError("locked")
 
     env.store.get_link = broken  # type: ignore[method-assign,assignment]
-    await _refused(env.tips.link_invoice(link.link_id, None), 503, "store is unavailable")
+    with caplog.at_level(logging.WARNING, "gateway.service.tips"):
+        for _ in range(3):
+            await _refused(env.tips.link_invoice(link.link_id, None), 503, "store is unavailable")
+    assert [(r.levelno, r.getMessage(), r.exc_info) for r in caplog.records] == [
+        (logging.WARNING, "the store failed: locked", None)
+    ] * 3  # one line each, no traceback
+
+
+async def test_cancelling_a_reusable_link_cancels_every_open_invoice() -> None:
+    env = Env()
+    link = await env.link(1_000, 5_000, single_use=False)
+    other = await env.link(1_000, single_use=False)
+    page = await env.tips.link_invoice(link.link_id, 2_000)
+    answer = await env.tips.link_callback(link.link_id, {"amount": "3000", "comment": "hi"})
+    by_wallet = bolt11.decode(str(answer["pr"])).payment_hash
+    settled = await env.tips.link_invoice(link.link_id, 1_000)
+    await env.settle(settled.payment_hash)
+    untouched = await env.tips.link_invoice(other.link_id, None)
+    status = await env.tips.cancel_link(link.link_id)
+    assert (status.state, status.invoice, status.link.paid_count) == (LinkState.CANCELED, None, 1)
+    assert env.open_on_node() == [untouched.payment_hash]
+    for cancelled in (page.payment_hash, by_wallet):
+        record = await env.store.get_invoice(PaymentHash(cancelled))
+        assert record is not None
+        assert record.state is InvoiceState.CANCELED
+    await _refused(env.tips.link_invoice(link.link_id, 2_000), 410, "was canceled")
+
+
+async def test_cancelling_on_a_down_node_cancels_what_it_can_and_says_so() -> None:
+    env = Env()
+    link = await env.link(1_000, 5_000, single_use=False)
+    first = await env.tips.link_invoice(link.link_id, 2_000)
+    second = await env.tips.link_invoice(link.link_id, 3_000)
+    calls: list[bytes] = []
+    cancel = env.backend.cancel_invoice
+
+    async def flaky(payment_hash: PaymentHash) -> None:
+        calls.append(payment_hash)
+        if len(calls) == 1:
+            raise errors.BackendUnavailable("timed out")
+        await cancel(payment_hash)
+
+    env.backend.cancel_invoice = flaky  # type: ignore[method-assign]
+    await _refused(env.tips.cancel_link(link.link_id), 503, "cancel it again later")
+    assert len(calls) == 2  # it went on after the failure
+    assert len(env.open_on_node()) == 1
+    await env.tips.cancel_link(link.link_id)
+    assert env.open_on_node() == []
+    assert {first.payment_hash, second.payment_hash} == set(calls)

@@ -6,12 +6,21 @@ holds ``LIGHTNING:<BOLT11>`` when the page shows an invoice (a single-use link: 
 amount's invoice, or the one a payer asked for with the amount field), else
 ``LIGHTNING:<LNURL>`` (a reusable link, or a payer-chosen one before an amount is given):
 any LNURL-pay wallet pays that. The status line polls the link's ``/status`` once a second
-and says "Paid" (single use) or "Received N payments" (reusable) without a reload; when the
-open invoice is not the one shown (an LNURL wallet asked for its own), the page shows the new
-one. A link that is paid, expired or canceled says so plainly, with no QR code.
+and says "Paid" (single use) or "Received N payments" (reusable) without a reload. A
+single-use link has one invoice at a time, the same for its page and an LNURL wallet (it
+commits to the link's metadata): when the open invoice is not the one shown (it expired and
+was replaced, or another payer chose an amount), the page shows the new one. A payer whose
+amount is refused because another payer's invoice holds the link (409) is told so and the
+page asks again a little later. A link that is paid, expired or canceled says so plainly
+(the texts of ``gateway.lnurl.LINK_GONE``), with no QR code.
 
-As the paywall page (``gateway.web.paywall``, whose look it shares): everything inline (QR
-code as SVG from segno), a strict Content-Security-Policy, no external request.
+**QR codes are cached** (bounded LRU caches): a link's or a jar's LNURL never changes, and
+every view and status poll of a link shows its open invoice until it is paid, while those
+endpoints are not rate limited.
+
+As the paywall page, with which it shares its look, headers and copy button
+(``gateway.web.pages``): everything inline (QR code as SVG from segno), a strict
+Content-Security-Policy, no external request.
 
 Element ids (a browser test reads them): ``#link`` (the root; ``data-state``: open, paid,
 expired or canceled), ``#memo``, ``#amount`` (the amount shown), ``#amount-field`` (the
@@ -25,15 +34,16 @@ PNG itself, no Pillow), error correction M at least (paper gets scuffed), for pr
 from __future__ import annotations
 
 import io
+import json
 import secrets
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
+from functools import lru_cache
 
 import segno
 
+from gateway.lnurl import LINK_GONE
 from gateway.ports import InvoiceRecord, LinkState, PaymentLink
-from gateway.web.paywall import _e, _fill, _page_headers, _price, _qr_svg
+from gateway.web.pages import asset, escape, fill, page_headers, price, qr_svg, script, style
 from gateway.web.responses import HttpResponse
 
 __all__ = [
@@ -49,17 +59,14 @@ __all__ = [
 MAX_QR_SCALE = 40
 _DEFAULT_SCALE = {"svg": 8, "png": 10}
 _CONTENT_TYPES = {"svg": "image/svg+xml", "png": "image/png"}
-_STATE_NAMES = {
-    LinkState.OPEN: "open",
-    LinkState.PAID: "paid",
-    LinkState.EXPIRED: "expired",
-    LinkState.CANCELED: "canceled",
-}
+# What a finished link's page says: "Paid", or why it takes no payment (as the LNURL errors).
 _DONE_TEXT = {
-    LinkState.PAID: "Paid",
-    LinkState.EXPIRED: "This payment link has expired.",
-    LinkState.CANCELED: "This payment link was canceled.",
+    state: "Paid" if state is LinkState.PAID else f"{reason[0].upper()}{reason[1:]}."
+    for state, reason in LINK_GONE.items()
 }
+_DONE_JSON = json.dumps({state.value.lower(): text for state, text in _DONE_TEXT.items()})
+# How many QR codes each cache keeps: of LNURLs (images) and of invoices and LNURLs (pages).
+_QR_CACHE = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +82,11 @@ class LinkPage:
     invoice_url: str
 
 
+@lru_cache(maxsize=_QR_CACHE)
 def invoice_qr_svg(payment_request: str) -> str:
-    """The inline SVG QR code of ``LIGHTNING:<payment_request>`` the page shows."""
-    return _qr_svg(payment_request)
+    """The inline SVG QR code of ``LIGHTNING:<payment_request>`` (or of an LNURL) the page
+    shows; kept, as every page view and status poll of a link shows the same one."""
+    return qr_svg(payment_request)
 
 
 def render_link_page(page: LinkPage, *, nonce: str | None = None) -> HttpResponse:
@@ -91,13 +100,14 @@ def render_link_page(page: LinkPage, *, nonce: str | None = None) -> HttpRespons
     chooses = open_ and link.single_use and not link.fixed
     values = {
         "nonce": nonce,
-        "css": _paywall_css() + _asset("page.css"),
-        "js": _asset("page.js"),
-        "page_title": _e(link.memo or "Payment link"),
-        "memo": _e(link.memo),
-        "amount": _e(amount),
-        "msat_line": f'<p class="msat">{_e(msat_line)}</p>' if msat_line else "",
-        "state": _STATE_NAMES[state],
+        "css": style(__name__),
+        "js": script(__name__),
+        "page_title": escape(link.memo or "Payment link"),
+        "memo": escape(link.memo),
+        "amount": escape(amount),
+        "msat_line": f'<p class="msat">{escape(msat_line)}</p>' if msat_line else "",
+        "state": state.value.lower(),
+        "done": escape(_DONE_JSON),
         "single_use": "1" if link.single_use else "0",
         "fixed": "1" if link.fixed else "0",
         "min_msat": str(link.min_msat),
@@ -105,22 +115,22 @@ def render_link_page(page: LinkPage, *, nonce: str | None = None) -> HttpRespons
         "paid_count": str(link.paid_count),
         "hash": invoice.payment_hash.hex() if invoice is not None else "",
         "expires_at": str(int(invoice.expires_at)) if invoice is not None else "0",
-        "status_url": _e(page.status_url),
-        "invoice_url": _e(page.invoice_url),
-        "lnurl": _e(page.lnurl),
-        "uri": _e(f"lightning:{target}"),
-        "qr_svg": _qr_svg(target) if open_ else "",
-        "target": _e(target),
+        "status_url": escape(page.status_url),
+        "invoice_url": escape(page.invoice_url),
+        "lnurl": escape(page.lnurl),
+        "uri": escape(f"lightning:{target}"),
+        "qr_svg": invoice_qr_svg(target) if open_ else "",
+        "target": escape(target),
         "target_label": "Lightning invoice" if invoice is not None else "LNURL",
-        "min_sat": _e(_sat_text(link.min_msat)),
-        "max_sat": _e(_sat_text(link.max_msat)),
+        "min_sat": escape(_sat_text(link.min_msat)),
+        "max_sat": escape(_sat_text(link.max_msat)),
         "chooser_hidden": "" if chooses else " hidden",
         "pay_hidden": "" if open_ else " hidden",
-        "status": _e(_status_text(link, state)),
+        "status": escape(_status_text(link, state)),
         "status_kind": "" if open_ else ("ok" if state is LinkState.PAID else "error"),
     }
     return HttpResponse(
-        200, _page_headers(nonce), _fill(_asset("page.html"), values).encode("utf-8")
+        200, page_headers(nonce), fill(asset(__name__, "page.html"), values).encode("utf-8")
     )
 
 
@@ -131,21 +141,19 @@ def render_missing_link(status: int, reason: str, *, nonce: str | None = None) -
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         '<meta name="robots" content="noindex"><title>Payment link</title>'
-        f'<style nonce="{nonce}">{_paywall_css()}</style></head><body>'
+        f'<style nonce="{nonce}">{style(__name__)}</style></head><body>'
         '<main id="link" class="card" data-state="missing">'
         '<p class="eyebrow"><span class="bolt" aria-hidden="true">&#9889;</span> Payment link</p>'
-        f'<p id="status" class="status" role="status" data-kind="error">{_e(reason)}</p>'
+        f'<p id="status" class="status" role="status" data-kind="error">{escape(reason)}</p>'
         "</main></body></html>"
     )
-    return HttpResponse(status, _page_headers(nonce), body.encode("utf-8"))
+    return HttpResponse(status, page_headers(nonce), body.encode("utf-8"))
 
 
 def qr_image(lnurl: str, kind: str, scale: int | None = None) -> HttpResponse:
     """``LIGHTNING:<lnurl>`` as a QR image, ``kind`` "svg" or "png", ``scale`` (at most
     ``MAX_QR_SCALE``) pixels per module; a blank border of 4 modules, as the standard asks."""
-    qr = segno.make(f"LIGHTNING:{lnurl.upper()}", error="m", micro=False)
-    buffer = io.BytesIO()
-    qr.save(buffer, kind=kind, scale=scale or _DEFAULT_SCALE[kind], border=4)
+    body = _qr_image(lnurl.upper(), kind, scale or _DEFAULT_SCALE[kind])
     headers = (
         ("Content-Type", _CONTENT_TYPES[kind]),
         # The LNURL of a jar or link never changes: printable, cacheable.
@@ -153,16 +161,25 @@ def qr_image(lnurl: str, kind: str, scale: int | None = None) -> HttpResponse:
         ("X-Content-Type-Options", "nosniff"),
         ("Access-Control-Allow-Origin", "*"),
     )
-    return HttpResponse(200, headers, buffer.getvalue())
+    return HttpResponse(200, headers, body)
+
+
+@lru_cache(maxsize=_QR_CACHE)
+def _qr_image(lnurl: str, kind: str, scale: int) -> bytes:
+    """The image ``qr_image`` answers with, made once: an LNURL never changes."""
+    qr = segno.make(f"LIGHTNING:{lnurl}", error="m", micro=False)
+    buffer = io.BytesIO()
+    qr.save(buffer, kind=kind, scale=scale, border=4)
+    return buffer.getvalue()
 
 
 def _amount(link: PaymentLink) -> tuple[str, str | None]:
     """The amount a link asks ("21 sat", or its bounds with an en dash between them) and,
     for a fixed amount with a fraction of a sat, its line in msat."""
-    low, low_msat = _price(link.min_msat)
+    low, low_msat = price(link.min_msat)
     if link.fixed:
         return f"{low} sat", low_msat
-    high, _ = _price(link.max_msat)
+    high, _ = price(link.max_msat)
     return f"{low} \u2013 {high} sat", None
 
 
@@ -183,14 +200,3 @@ def _status_text(link: PaymentLink, state: LinkState) -> str:
 def _received(count: int) -> str:
     """ "Received 1 payment", "Received 3 payments": the status of a paid reusable link."""
     return f"Received {count} payment{'' if count == 1 else 's'}"
-
-
-@cache
-def _asset(name: str) -> str:
-    return resources.files(__name__).joinpath(name).read_text(encoding="utf-8")
-
-
-@cache
-def _paywall_css() -> str:
-    """The paywall page's style, which the link page shares."""
-    return resources.files("gateway.web.paywall").joinpath("page.css").read_text(encoding="utf-8")

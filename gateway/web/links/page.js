@@ -18,6 +18,8 @@
   let timer = 0;
   let failures = 0;
   let fetching = false; // an /invoice request is under way
+  let retry = 0; // the timer asking again for the amount another payer's invoice held up
+  let held = 0; // how many times in a row it was held up (each wait is longer, up to 1 min)
 
   const say = (line, kind) => {
     if (status.textContent !== line) status.textContent = line; // no repeats for screen readers
@@ -30,11 +32,8 @@
   };
   const sat = (msat) => (msat / 1000).toLocaleString("en-US", { maximumFractionDigits: 3 });
   const received = (n) => `Received ${n} payment${n === 1 ? "" : "s"}`;
-  const DONE = {
-    paid: ["Paid", "ok"],
-    expired: ["This payment link has expired.", "error"],
-    canceled: ["This payment link was canceled.", "error"],
-  };
+  const DONE = JSON.parse(data.done); // state -> what the page says: "Paid", or why not
+  const RETRY = 10000; // ms before asking again for an amount another payer's invoice holds up
 
   function show(invoice) {
     // The server's own SVG of the invoice's QR code; parsed inertly (no script runs), as
@@ -60,8 +59,8 @@
     $("pay").hidden = true;
     $("chooser").hidden = true;
     note("");
-    const [line, kind] = DONE[state] || [state, "error"];
-    say(line, kind);
+    clearTimeout(retry);
+    say(DONE[state] || state, state === "paid" ? "ok" : "error");
   }
 
   function apply(body) {
@@ -110,7 +109,8 @@
   }
 
   async function fetchInvoice(amount) {
-    if (fetching) return;
+    if (fetching || root.dataset.state !== "open") return;
+    clearTimeout(retry);
     fetching = true;
     $("get-invoice").disabled = true;
     try {
@@ -123,7 +123,19 @@
       });
       const body = await response.json().catch(() => ({}));
       if (response.ok && body.invoice) {
+        held = 0;
         show(body);
+      } else if (response.status === 409) {
+        // Another payer's invoice holds this single-use link: it is paid or frees up soon.
+        const reason = String(body.reason || "someone else is paying this link now");
+        const line = reason.charAt(0).toUpperCase() + reason.slice(1).replace(/[.;,\s]+$/, "");
+        note(`${line}. Asking again shortly\u2026`, "error");
+        const wait = Number(response.headers.get("Retry-After")) * 1000;
+        held += 1;
+        retry = setTimeout(
+          () => fetchInvoice(amount),
+          Math.max(wait || 0, Math.min(RETRY * held, 60000)),
+        );
       } else {
         note(body.reason || `Cannot get an invoice (${response.status}).`, "error");
       }
@@ -143,31 +155,11 @@
       note(`Choose an amount from ${sat(minMsat)} to ${sat(maxMsat)} sat.`, "error");
       return;
     }
+    held = 0;
     fetchInvoice(String(msat));
   });
 
-  copyButton.addEventListener("click", async () => {
-    let copied = false;
-    try {
-      await navigator.clipboard.writeText(text.textContent);
-      copied = true;
-    } catch (error) {
-      const range = document.createRange();
-      range.selectNodeContents(text);
-      const selection = window.getSelection();
-      selection.removeAllRanges();
-      selection.addRange(range);
-      try {
-        copied = document.execCommand("copy");
-      } catch (ignored) {
-        copied = false;
-      }
-    }
-    copyButton.textContent = copied ? "Copied" : "Selected";
-    setTimeout(() => {
-      copyButton.textContent = "Copy";
-    }, 2000);
-  });
+  copyButton.addEventListener("click", () => copyText(copyButton, text.textContent, text));
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) poll();
   });

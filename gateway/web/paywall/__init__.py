@@ -48,27 +48,30 @@ and shows it to copy (as an ``Authorization`` header) instead of navigating.
 
 from __future__ import annotations
 
-import html
 import json
 import math
-import re
 import secrets
 import time
-from functools import cache
 from http import HTTPStatus
-from importlib import resources
-
-import segno
 
 from gateway import l402
 from gateway.service import Deny, L402Service, PaymentChallenge, RedeemResult, RedeemState
 from gateway.web.cookies import cookie_name, cookie_path
+from gateway.web.pages import (
+    asset,
+    escape,
+    fill,
+    page_headers,
+    price,
+    qr_svg,
+    script,
+    style,
+)
 from gateway.web.responses import HttpResponse, credit_headers, render, settle_headers
 
 __all__ = [
     "MAX_REDEEM_BODY",
     "REDEEM_PATH",
-    "content_security_policy",
     "handle_redeem",
     "prefers_html",
     "redeem_cookie",
@@ -84,7 +87,6 @@ _JSON_TYPES = ("application/json", "application/problem+json")
 _PAGE_METHODS = frozenset({"GET", "HEAD"})
 _JSON_HEADERS = (("Content-Type", "application/json"), ("Cache-Control", "no-store"))
 _REDEEM_SHAPE = 'body must be {"macaroon": "<base64>"}'
-_PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
 
 
 def prefers_html(method: str, accept: str | None) -> bool:
@@ -164,43 +166,19 @@ def render_busy(decision: Deny, *, nonce: str | None = None) -> HttpResponse:
     title, text = _BUSY.get(status, (phrase, "Something went wrong here. Try again later."))
     values = {
         "nonce": nonce,
-        "css": _asset("page.css"),
-        "js": _asset("busy.js"),
-        "title": _e(title),
-        "status": _e(f"{status} {phrase}"),
-        "text": _e(text),
-        "detail": _e(decision.reason),
+        "css": style(__name__),
+        "js": asset(__name__, "busy.js"),  # no copy button: no copyText
+        "title": escape(title),
+        "status": escape(f"{status} {phrase}"),
+        "text": escape(text),
+        "detail": escape(decision.reason),
         "retry_after": str(decision.retry_after or 0),
         "merchant_line": "",
     }
-    headers = [*_page_headers(nonce)]
+    headers = [*page_headers(nonce)]
     if decision.retry_after is not None:
         headers.append(("Retry-After", str(decision.retry_after)))
-    return HttpResponse(status, tuple(headers), _fill(_asset("busy.html"), values).encode())
-
-
-def _page_headers(nonce: str) -> tuple[tuple[str, str], ...]:
-    return (
-        ("Content-Type", "text/html; charset=utf-8"),
-        ("Cache-Control", "no-store"),
-        ("Content-Security-Policy", content_security_policy(nonce)),
-        ("X-Content-Type-Options", "nosniff"),
-        ("X-Frame-Options", "DENY"),
-        ("Referrer-Policy", "no-referrer"),
-    )
-
-
-def content_security_policy(nonce: str) -> str:
-    """Nothing from anywhere but the page's own inline style and script; fetch to itself."""
-    return (
-        "default-src 'none'; "
-        f"style-src 'nonce-{nonce}'; "
-        f"script-src 'nonce-{nonce}'; "
-        "connect-src 'self'; "
-        "base-uri 'none'; "
-        "form-action 'none'; "
-        "frame-ancestors 'none'"
-    )
+    return HttpResponse(status, tuple(headers), fill(asset(__name__, "busy.html"), values).encode())
 
 
 def render_paywall(
@@ -215,40 +193,40 @@ def render_paywall(
     if now is None:
         now = challenge.issued_at if challenge.issued_at is not None else time.time()
     expires_in = max(0, int(challenge.expires_at - now))
-    sats, msat_line = _price(challenge.amount_msat)
+    sats, msat_line = price(challenge.amount_msat)
     invoice = challenge.invoice
     what = f"{challenge.method} {challenge.path}".strip() or "this resource"
     credit, balance = _credit_facts(challenge)
     values = {
         "nonce": nonce,
-        "css": _asset("page.css"),
-        "js": _asset("page.js"),
-        "price": _e(sats),
-        "msat_line": (f'<p class="msat">{_e(msat_line)}</p>' if msat_line else ""),
-        "what": _e(what),
-        "lifetime": _e(_duration(challenge.lifetime)) if challenge.lifetime > 0 else "",
-        "service": _e(challenge.service),
+        "css": style(__name__),
+        "js": script(__name__),
+        "price": escape(sats),
+        "msat_line": (f'<p class="msat">{escape(msat_line)}</p>' if msat_line else ""),
+        "what": escape(what),
+        "lifetime": escape(_duration(challenge.lifetime)) if challenge.lifetime > 0 else "",
+        "service": escape(challenge.service),
         "eyebrow": "Buy credit" if challenge.credit else "Payment required",
-        "credit": _e(credit),
-        "balance": _e(balance),
+        "credit": escape(credit),
+        "balance": escape(balance),
         "reason_line": _reason_line(challenge.reason),
-        "invoice": _e(invoice),
-        "uri": _e(f"lightning:{invoice}"),
-        "qr_svg": _qr_svg(invoice),
-        "macaroon": _e(challenge.macaroon),
-        "redeem_url": _e(redeem_url),
+        "invoice": escape(invoice),
+        "uri": escape(f"lightning:{invoice}"),
+        "qr_svg": qr_svg(invoice),
+        "macaroon": escape(challenge.macaroon),
+        "redeem_url": escape(redeem_url),
         "expires_in": str(expires_in),
-        "page_title": _e(challenge.title or "Payment required"),
+        "page_title": escape(challenge.title or "Payment required"),
         "title_block": _title_block(challenge.title, challenge.description),
-        "merchant_eyebrow": f" &middot; {_e(challenge.merchant)}" if challenge.merchant else "",
+        "merchant_eyebrow": f" &middot; {escape(challenge.merchant)}" if challenge.merchant else "",
         "merchant_line": _merchant_line(challenge.merchant),
-        "fiat_line": f'<p class="fiat" id="fiat">{_e(challenge.fiat)}</p>'
+        "fiat_line": f'<p class="fiat" id="fiat">{escape(challenge.fiat)}</p>'
         if challenge.fiat
         else "",
     }
-    page = _fill(_asset("page.html"), values)
+    page = fill(asset(__name__, "page.html"), values)
     headers = (
-        *_page_headers(nonce),
+        *page_headers(nonce),
         *(("WWW-Authenticate", value) for value in challenge.www_authenticate()),
         *credit_headers(challenge),
         *settle_headers(challenge),
@@ -266,7 +244,7 @@ def _credit_facts(challenge: PaymentChallenge) -> tuple[str, str]:
 
 
 def _sats(amount_msat: int) -> str:
-    return f"{_price(amount_msat)[0]} sat"
+    return f"{price(amount_msat)[0]} sat"
 
 
 async def handle_redeem(
@@ -335,52 +313,14 @@ def redeem_cookie(result: RedeemResult) -> str:
 
 
 def _title_block(title: str, description: str) -> str:
-    block = f'<h1 class="title" id="title">{_e(title)}</h1>' if title else ""
+    block = f'<h1 class="title" id="title">{escape(title)}</h1>' if title else ""
     if description:
-        block += f'<p class="description" id="description">{_e(description)}</p>'
+        block += f'<p class="description" id="description">{escape(description)}</p>'
     return block
 
 
 def _merchant_line(merchant: str) -> str:
-    return f'<span id="merchant">{_e(merchant)}</span> &middot; ' if merchant else ""
-
-
-@cache
-def _asset(name: str) -> str:
-    return resources.files(__name__).joinpath(name).read_text(encoding="utf-8")
-
-
-def _fill(template: str, values: dict[str, str]) -> str:
-    """One pass over ``{{name}}`` placeholders: inserted text is never rescanned."""
-    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
-
-
-def _e(text: str) -> str:
-    return html.escape(text, quote=True)
-
-
-def _qr_svg(invoice: str) -> str:
-    """The ``LIGHTNING:`` URI as an inline SVG QR code (upper case: alphanumeric mode; error
-    correction L, raised by segno when that costs no extra size: a screen is not torn)."""
-    qr = segno.make(f"LIGHTNING:{invoice.upper()}", error="l", micro=False)
-    return str(
-        qr.svg_inline(
-            scale=1,
-            border=3,
-            omitsize=True,
-            dark="#000",
-            light="#fff",
-            title="Lightning invoice QR code",
-        )
-    )
-
-
-def _price(amount_msat: int) -> tuple[str, str | None]:
-    """``("21", None)`` for 21000 msat; ``("0.5", "500 msat")`` for 500 msat."""
-    sats, rest = divmod(amount_msat, 1000)
-    if rest == 0:
-        return f"{sats:,}", None
-    return f"{sats:,}.{rest:03d}".rstrip("0"), f"{amount_msat:,} msat"
+    return f'<span id="merchant">{escape(merchant)}</span> &middot; ' if merchant else ""
 
 
 def _duration(seconds: int) -> str:
@@ -402,4 +342,4 @@ def _reason_line(reason: l402.ChallengeReason) -> str:
     if reason is l402.ChallengeReason.PAYMENT_REQUIRED:
         return ""
     text = _REASONS.get(reason, f"Your access does not cover this page ({reason}).")
-    return f'<p class="reason">{_e(text)}</p>'
+    return f'<p class="reason">{escape(text)}</p>'

@@ -156,32 +156,9 @@
     }
   });
 
-  async function copy(button, text, element) {
-    let copied = false;
-    try {
-      await navigator.clipboard.writeText(text);
-      copied = true;
-    } catch (error) {
-      const range = document.createRange();
-      range.selectNodeContents(element);
-      const selection = window.getSelection();
-      selection.removeAllRanges();
-      selection.addRange(range);
-      try {
-        copied = document.execCommand("copy");
-      } catch (ignored) {
-        copied = false;
-      }
-    }
-    button.textContent = copied ? "Copied" : "Selected";
-    setTimeout(() => {
-      button.textContent = "Copy";
-    }, 2000);
-  }
-
-  copyButton.addEventListener("click", () => copy(copyButton, invoice, $("invoice")));
+  copyButton.addEventListener("click", () => copyText(copyButton, invoice, $("invoice")));
   $("copy-credential").addEventListener("click", (event) =>
-    copy(event.currentTarget, $("credential").textContent, $("credential")),
+    copyText(event.currentTarget, $("credential").textContent, $("credential")),
   );
   $("pay-anyway").addEventListener("click", () => {
     $("insecure").hidden = true;

@@ -11,13 +11,11 @@ import dataclasses
 import hashlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from gateway.ports import (
     InvoiceRecord,
@@ -233,6 +231,65 @@ async def test_a_cancelled_single_use_link_takes_no_invoice(store: Store) -> Non
     assert (await stored_link(store)).open_hash == payment_hash(1)
 
 
+async def test_a_paid_single_use_link_stays_paid_when_cancelled(store: Store) -> None:
+    await store.add_link(link())
+    await store.add_link(link("L2", single_use=False))
+    assert await store.add_link_invoice(invoice(1), None)
+    assert await store.add_link_invoice(invoice(2, "link:L2"), None)
+    await store.apply_update(settled(1))
+    await store.apply_update(settled(2))
+    paid = await store.cancel_link("L1", START + 200)
+    reusable = await store.cancel_link("L2", START + 200)
+    assert paid is not None
+    assert reusable is not None
+    # paid first: a single-use link's payment is what it shows; a reusable one is cancelled
+    assert paid.state(START + 200) is LinkState.PAID
+    assert reusable.state(START + 200) is LinkState.CANCELED
+    for at in (START + 200, START + 5000):
+        assert [made.link_id for made in await store.list_links(LinkState.PAID, at)] == ["L1"]
+        assert [made.link_id for made in await store.list_links(LinkState.CANCELED, at)] == ["L2"]
+
+
+@pytest.mark.parametrize("single_use", [True, False], ids=["single use", "reusable"])
+async def test_a_cancelled_or_expired_link_takes_no_invoice(store: Store, single_use: bool) -> None:
+    await store.add_link(link(single_use=single_use, expires_at=START + 100))
+    await store.add_link(link("L2", single_use=single_use, expires_at=None))
+    # expired at the invoice's creation: refused, not written
+    assert not await store.add_link_invoice(invoice(100), None)
+    assert not await store.add_link_invoice(invoice(101), None)
+    assert await store.add_link_invoice(invoice(99), None)  # one second before
+    await store.cancel_link("L2", START + 5)
+    assert not await store.add_link_invoice(invoice(3, "link:L2"), None)
+    assert [record.payment_hash for record in await store.list_invoices()] == [payment_hash(99)]
+    assert (await stored_link(store, "L2")).open_hash is None
+
+
+async def test_invoices_are_listed_by_service_and_state(store: Store) -> None:
+    await store.add_link(link(single_use=False))
+    await store.add_link(link("L2", single_use=False))
+    for n, service in enumerate(["link:L1", "link:L2", "link:L1", "link:L1"], start=1):
+        assert await store.add_link_invoice(invoice(n, service), None)
+    await store.add_invoice(invoice(5, "weather", token_id=b"\x01" * 32))
+    await store.apply_update(settled(3))
+
+    def hashes(records: list[InvoiceRecord]) -> list[PaymentHash]:
+        return [record.payment_hash for record in records]
+
+    assert hashes(await store.list_invoices(service="link:L1")) == [
+        payment_hash(4),
+        payment_hash(3),
+        payment_hash(1),
+    ]
+    assert hashes(await store.list_invoices(OPEN, service="link:L1")) == [
+        payment_hash(4),
+        payment_hash(1),
+    ]
+    assert hashes(await store.list_invoices(OPEN, 1, "link:L1")) == [payment_hash(4)]
+    assert hashes(await store.list_invoices(SETTLED, service="link:L2")) == []
+    assert hashes(await store.list_invoices(service="link:L")) == []  # the whole name
+    assert len(await store.list_invoices(OPEN)) == 4
+
+
 async def test_an_unknown_link_takes_no_invoice(store: Store) -> None:
     assert not await store.add_link_invoice(invoice(1, "link:nope"), None)
     assert await store.get_invoice(payment_hash(1)) is None
@@ -423,26 +480,6 @@ async def test_concurrent_replacements_on_one_store_let_exactly_one_win(store: S
 # --- SQL only: several stores on one database ----------------------------------------------
 
 
-@pytest_asyncio.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def two_stores(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[tuple[Store, Store]]:
-    """Two stores on one database: two processes (SQLite) or two instances (PostgreSQL)."""
-    first: Store
-    second: Store
-    if request.param == "sqlite":
-        first = await SqliteStore.open(tmp_path / "gateway.db")
-        second = await SqliteStore.open(tmp_path / "gateway.db")
-    else:
-        url = request.getfixturevalue("postgres_url")
-        first, second = await PostgresStore.open(url), await PostgresStore.open(url)
-    try:
-        yield first, second
-    finally:
-        await first.close()
-        await second.close()
-
-
 async def test_two_stores_replacing_one_invoice_at_once_let_exactly_one_win(
     two_stores: tuple[Store, Store],
 ) -> None:
@@ -469,6 +506,28 @@ async def test_two_stores_replacing_one_invoice_at_once_let_exactly_one_win(
     paid = await stored_link(second)
     assert (paid.paid_count, paid.paid_msat) == (1, 21_000)
     assert [event.type for event in await events(first)] == ["invoice.settled", "link.paid"]
+
+
+async def test_a_cancel_on_another_instance_sees_every_invoice_it_did_not_stop(
+    two_stores: tuple[Store, Store],
+) -> None:
+    first, second = two_stores
+    await first.add_link(link(single_use=False))
+
+    listed: list[InvoiceRecord] = []
+
+    async def cancel_then_list() -> bool:
+        await asyncio.sleep(0.005)
+        await second.cancel_link("L1", START)
+        listed.extend(await second.list_invoices(OPEN, service="link:L1"))
+        return False
+
+    added = await asyncio.gather(
+        *(first.add_link_invoice(invoice(n), None) for n in range(1, 41)), cancel_then_list()
+    )
+    recorded = {payment_hash(n) for n, won in enumerate(added, start=1) if won}
+    assert {record.payment_hash for record in listed} == recorded  # none escapes the cancel
+    assert not await first.add_link_invoice(invoice(50), None)
 
 
 # --- migrations keep the data of the schema before -----------------------------------------

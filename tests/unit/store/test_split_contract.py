@@ -10,12 +10,11 @@ import dataclasses
 import hashlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from gateway.errors import DuplicatePayout
 from gateway.ports import (
@@ -623,26 +622,6 @@ async def test_split_calls_after_close_raise_store_closed(store: Store, call: st
 
 
 # --- SQL only: several stores on one database ------------------------------------------------
-
-
-@pytest_asyncio.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def two_stores(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[tuple[Store, Store]]:
-    """Two stores on one database: two processes (SQLite) or two instances (PostgreSQL)."""
-    first: Store
-    second: Store
-    if request.param == "sqlite":
-        first = await SqliteStore.open(tmp_path / "gateway.db")
-        second = await SqliteStore.open(tmp_path / "gateway.db")
-    else:
-        url = request.getfixturevalue("postgres_url")
-        first, second = await PostgresStore.open(url), await PostgresStore.open(url)
-    try:
-        yield first, second
-    finally:
-        await first.close()
-        await second.close()
 
 
 async def test_payouts_from_two_stores_never_debit_more_than_accrued(
