@@ -97,10 +97,12 @@ class LnurlError(ValueError):
     open invoice (the reason says when it frees up), 410 a link expired (or expiring within
     a minute), paid or cancelled, 503 the node or the store failed)."""
 
-    def __init__(self, reason: str, status: int = 400) -> None:
+    def __init__(self, reason: str, status: int = 400, retry_after: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        # Seconds after which asking again may succeed (a 409's wait), for Retry-After.
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,9 @@ __all__ = ["LnurlConfig", "TipJarConfig", "check_tip_jars", "parse_amount", "rea
 MAX_DESCRIPTION = 640  # a wallet shows it on one screen
 # An LNURL invoice must outlive the wallet's fetch, check and payment; a day at most (not
 # checks.MAX_INVOICE_EXPIRY, LND's year for an L402 challenge's).
-MIN_LNURL_INVOICE_EXPIRY = 60
+# A single-use link's invoice is handed out again only with a minute left
+# (gateway.service.tips.REUSE_MIN_SECONDS): shorter ones would be replaced at once.
+MIN_LNURL_INVOICE_EXPIRY = 180
 MAX_LNURL_INVOICE_EXPIRY = 86_400
 _AMOUNT = re.compile(rf"([0-9]{{1,{MAX_DIGITS}}})\s*(msat|sat)")
 

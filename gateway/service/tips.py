@@ -15,9 +15,10 @@ A single-use link is paid at most once: it has at most one invoice that can pay 
 (``PaymentLink.open_hash``), of one kind (its metadata's description hash, no comment), so
 the page and a wallet get the same one for the same amount. An open one with
 ``REUSE_MIN_SECONDS`` left is handed out again once the node confirms it is open, and never
-replaced: another amount waits (409) until it is about to expire. Only then (or once it is
-expired or cancelled) does another replace it, after the node cancelled it (a node that says
-it is settled means the link is paid: 410), and only through the store's compare-and-set
+replaced before it expires: another amount (or the same one in its last
+``REUSE_MIN_SECONDS``) waits (409, ``Retry-After``). Only then (or once it is cancelled) does
+another replace it, after the node cancelled it (a node that says it is settled means the
+link is paid: 410), and only through the store's compare-and-set
 (``add_link_invoice``): a request that loses the race cancels its own invoice and answers
 with the winner's. So no payer can take away the invoice another holds.
 
@@ -58,6 +59,7 @@ from gateway.service.challenge import MEMO_LIMIT
 __all__ = [
     "DEFAULT_INVOICE_EXPIRY",
     "LINK_COMMENT_CHARS",
+    "LINK_MIN_SECONDS",
     "REUSE_MIN_SECONDS",
     "LinkStatus",
     "TipJar",
@@ -70,10 +72,13 @@ log = logging.getLogger(__name__)
 DEFAULT_INVOICE_EXPIRY = 600
 # An open invoice of a single-use link is handed out again only with this long left to pay.
 REUSE_MIN_SECONDS = 60
+# A link's shortest life: it takes payments until REUSE_MIN_SECONDS are left.
+LINK_MIN_SECONDS = 2 * REUSE_MIN_SECONDS
 # Characters of comment a payment link's LNURL-pay endpoint takes (LUD-12).
 LINK_COMMENT_CHARS = 140
 _UNAVAILABLE = "the Lightning node cannot make an invoice now; try again later"
 _STORE_FAILED = "the gateway's store is unavailable now; try again later"
+_ARRIVING = "someone else is paying this payment link now; try again shortly"
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +136,7 @@ def new_link(
     for amounts that are not whole satoshis with ``1 sat <= min <= max`` (wallets pay whole
     satoshis), a memo over ``MEMO_LIMIT`` characters or with control characters
     (``lnurl.clean_text``; its CR LF and tabs are kept as it makes them), or a life shorter
-    than ``REUSE_MIN_SECONDS``."""
+    than ``LINK_MIN_SECONDS``."""
     if min_msat % 1000 or max_msat % 1000 or not 1000 <= min_msat <= max_msat:
         raise ValueError("the amounts must be whole satoshis with 1 sat <= min <= max")
     try:
@@ -140,8 +145,8 @@ def new_link(
         raise ValueError("the memo has control characters") from None
     if len(memo) > MEMO_LIMIT:
         raise ValueError(f"the memo is {len(memo)} characters; at most {MEMO_LIMIT}")
-    if expires_in is not None and not REUSE_MIN_SECONDS <= expires_in < math.inf:
-        raise ValueError(f"a link expires at least {REUSE_MIN_SECONDS} s from now")
+    if expires_in is not None and not LINK_MIN_SECONDS <= expires_in < math.inf:
+        raise ValueError(f"a link expires at least {LINK_MIN_SECONDS} s from now")
     return PaymentLink(
         link_id=_new_link_id(),
         memo=memo,
@@ -467,7 +472,7 @@ class Tips:
             if current is not None:
                 if _suits(current, amount, description_hash, now):
                     return current
-                raise LnurlError(_held(current, now), 409)
+                raise _held(current, link, now)
             replaces = link.open_hash
         record = await self._new_invoice(
             f"{LINK_SERVICE}{link.link_id}",
@@ -503,14 +508,14 @@ class Tips:
         if winner is not None and _suits(winner, amount, description_hash, now):
             return winner
         if winner is not None and winner.state is InvoiceState.OPEN:
-            raise LnurlError(_held(winner, now), 409)
-        raise LnurlError("someone else is paying this payment link now; try again", 409)
+            raise _held(winner, link, now)
+        raise LnurlError(_ARRIVING, 409, retry_after=1)
 
     async def _holding(self, link: PaymentLink, now: float) -> InvoiceRecord | None:
-        """A single-use link's open invoice while it holds the link (open on the node, with
-        ``REUSE_MIN_SECONDS`` left: reused, or 409 for another amount); else None once
-        nothing can pay it any more (cancelled on the node, if it was not already). 410 when
-        the node says it is paid, 503 when the node cannot tell or cancel."""
+        """A single-use link's open invoice while it holds the link (open on the node and not
+        expired: reused, or 409); else None once nothing can pay it any more (cancelled on
+        the node, if it was not already). 409 while a payment arrives (ACCEPTED), 410 when the
+        node says it is paid, 503 when the node cannot tell or cancel."""
         if link.open_hash is None:
             return None
         with self._store_errors():
@@ -519,7 +524,9 @@ class Tips:
             pass  # a pruned record: cancel it on the node to be sure
         elif current.state is InvoiceState.CANCELED:
             return None
-        elif current.state is InvoiceState.OPEN and current.expires_at - now >= REUSE_MIN_SECONDS:
+        elif current.state is InvoiceState.ACCEPTED:
+            raise LnurlError(_ARRIVING, 409, retry_after=5)
+        elif current.state is InvoiceState.OPEN and current.expires_at > now:
             state = await self._state_on_node(link, link.open_hash)
             if state is InvoiceState.OPEN:
                 return current
@@ -562,7 +569,7 @@ class Tips:
         if update.state is InvoiceState.SETTLED:
             raise LnurlError(lnurl.LINK_GONE[LinkState.PAID], 410)
         if update.state is not InvoiceState.CANCELED:  # ACCEPTED: a payment is arriving
-            raise LnurlError("someone else is paying this payment link now; try again", 409)
+            raise LnurlError(_ARRIVING, 409, retry_after=5)
         return update.state
 
     # Invoices
@@ -652,11 +659,14 @@ def _suits(record: InvoiceRecord, amount: Msat, description_hash: bytes, now: fl
     )
 
 
-def _held(record: InvoiceRecord, now: float) -> str:
-    """Why another amount must wait: the open invoice, and when it may be replaced."""
-    # Replaceable once less than REUSE_MIN_SECONDS is left: the first whole second after.
-    wait = max(1, math.floor(record.expires_at - REUSE_MIN_SECONDS - now) + 1)
-    return (
-        f"this payment link has an open invoice for {record.amount_msat} msat; another amount "
-        f"can be asked for in {wait} s"
-    )
+def _held(record: InvoiceRecord, link: PaymentLink, now: float) -> LnurlError:
+    """409 for a request the single-use link's open invoice does not suit: it holds the link
+    until it expires (then it may be replaced), or until the link itself expires."""
+    wait = max(1, math.ceil(record.expires_at - now))
+    amount = f"{record.amount_msat // 1000} sat"
+    if link.expires_at is not None and record.expires_at >= link.expires_at - 1:
+        # No Retry-After: the link stops taking payments before the invoice frees it.
+        reason = f"this payment link has an open invoice for {amount} until the link expires"
+        return LnurlError(reason, 409)
+    reason = f"this payment link has an open invoice for {amount}; ask again in {wait} s"
+    return LnurlError(reason, 409, retry_after=wait)

@@ -152,7 +152,8 @@ _LIST_INVOICES = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
            buys_credit, split, comment
-    FROM invoices WHERE ?1 IS NULL OR service = ?1 ORDER BY created_at DESC, rowid DESC LIMIT ?2
+    FROM invoices WHERE :service IS NULL OR service = :service
+    ORDER BY created_at DESC, rowid DESC LIMIT :limit
 """
 # Sums as integers (sum() of no rows is NULL: coalesced).
 _INVOICE_TOTALS = """
@@ -166,8 +167,8 @@ _LIST_INVOICES_IN_STATE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
            state, created_at, expires_at, add_index, settle_index, amount_paid_msat, settled_at,
            buys_credit, split, comment
-    FROM invoices WHERE state = ?1 AND (?2 IS NULL OR service = ?2)
-    ORDER BY created_at DESC, rowid DESC LIMIT ?3
+    FROM invoices WHERE state = :state AND (:service IS NULL OR service = :service)
+    ORDER BY created_at DESC, rowid DESC LIMIT :limit
 """
 _LIST_OVERDUE = """
     SELECT payment_hash, payment_request, amount_msat, token_id, service, method, path,
@@ -713,12 +714,11 @@ class _SqliteOperations:
         sql_limit = _sql_limit(limit)
 
         def list_(connection: sqlite3.Connection) -> list[InvoiceRecord]:
+            named = {"service": service, "limit": sql_limit}
             if state is None:
-                rows = connection.execute(_LIST_INVOICES, (service, sql_limit))
+                rows = connection.execute(_LIST_INVOICES, named)
             else:
-                rows = connection.execute(
-                    _LIST_INVOICES_IN_STATE, (state.value, service, sql_limit)
-                )
+                rows = connection.execute(_LIST_INVOICES_IN_STATE, {**named, "state": state.value})
             return [convert.invoice_record(row) for row in rows]
 
         return await self._run("list_invoices", list_)

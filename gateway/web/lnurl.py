@@ -80,6 +80,7 @@ _PREFLIGHT = (
     ("Access-Control-Max-Age", "86400"),
 )
 _QR_KINDS = {"qr.svg": "svg", "qr.png": "png"}
+_MAKES_INVOICES = frozenset({"callback", "invoice"})  # the paths whose GET makes an invoice
 _RETRY_AFTER = 5  # seconds, when the node or the store failed
 
 
@@ -115,18 +116,26 @@ async def handle_tips(
 ) -> HttpResponse:
     """Answer a request to a tip or link path (``is_tips_path``); ``query`` holds the first
     value of each parameter, ``client`` is the address rate limits apply to. ``HEAD`` is
-    answered as ``GET`` (with the body: the adapter sends none, the ``Content-Length`` is
-    the ``GET``'s). Never raises on client input; the node's or the store's failure is a
-    503."""
+    answered as ``GET`` (with the body: the adapter sends none), except where a ``GET``
+    makes an invoice: the callbacks and ``/invoice`` refuse it (405) and the page is
+    rendered with what it has (a link preview or a monitor must not make, let alone
+    replace, an invoice). Never raises on client input; the node's or the store's failure
+    is a 503."""
     jar = raw_path.startswith(JAR_PREFIX)
     key, sep, rest = raw_path.removeprefix(JAR_PREFIX if jar else LINK_PREFIX).partition("/")
     page = not jar and not sep
     method = method.upper()
     if method == "OPTIONS" and not page:
         return HttpResponse(204, _PREFLIGHT, b"")
-    if method not in ("GET", "HEAD"):
+    if method not in ("GET", "HEAD") or (method == "HEAD" and rest in _MAKES_INVOICES):
         response = _error(405, "use GET")
-        allow = "GET, HEAD" if page else "GET, HEAD, OPTIONS"
+        allow = (
+            "GET, OPTIONS"
+            if rest in _MAKES_INVOICES
+            else "GET, HEAD"
+            if page
+            else "GET, HEAD, OPTIONS"
+        )
         return HttpResponse(405, (*response.headers, ("Allow", allow)), response.body)
     if not (JAR_NAME if jar else LINK_ID).fullmatch(key) or (sep and not rest):
         return _refused(404, "unknown tip jar" if jar else "unknown payment link", page)
@@ -136,9 +145,9 @@ async def handle_tips(
     try:
         if jar:
             return await _jar(tips, slot.limiter, key, rest, query, client)
-        return await _link(tips, slot.limiter, key, rest, query, client)
+        return await _link(tips, slot.limiter, key, rest, query, client, head=method == "HEAD")
     except LnurlError as error:
-        retry_after = _RETRY_AFTER if error.status == 503 else None
+        retry_after = _RETRY_AFTER if error.status == 503 else error.retry_after
         return _refused(error.status, error.reason, page, retry_after=retry_after)
     except (errors.BackendError, errors.StoreError) as error:
         # The service answers its own failures as LnurlError 503s; this is the safety net.
@@ -177,9 +186,11 @@ async def _link(
     rest: str,
     query: Mapping[str, str],
     client: str,
+    *,
+    head: bool,
 ) -> HttpResponse:
     if rest == "":
-        return await _page(tips, limiter, link_id, client)
+        return await _page(tips, limiter, link_id, client, makes=not head)
     if rest == "lnurl":
         return _json(await tips.link_pay_request(link_id))
     if rest == "callback":
@@ -212,16 +223,22 @@ async def _link(
 
 
 async def _page(
-    tips: TipService, limiter: ClientLimiter | None, link_id: str, client: str
+    tips: TipService,
+    limiter: ClientLimiter | None,
+    link_id: str,
+    client: str,
+    *,
+    makes: bool,
 ) -> HttpResponse:
     """The link page. A single-use link's shows the invoice open for it (the one its LNURL
-    wallets get too); a fixed one's asks the service for it (the open one while it has time
-    left, else a new one), within the client's rate limit: refused, the page shows what it
-    has, or the LNURL."""
+    wallets get too); a fixed one's asks the service for it when ``makes`` (the open one
+    while it has time left, else a new one), within the client's rate limit: refused, the
+    page shows what it has, or the LNURL."""
     status = await tips.link_status(link_id)
     link, invoice = status.link, _open_invoice(status)
     if (
-        link.single_use
+        makes
+        and link.single_use
         and link.fixed
         and status.state is LinkState.OPEN
         and await _limited(limiter, client) is None

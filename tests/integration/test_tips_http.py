@@ -222,12 +222,56 @@ async def test_unknown_names_and_paths_are_404_and_never_forwarded(world: World,
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
-@pytest.mark.parametrize("path", [f"{JARS}/coffee", f"{JARS}/coffee/callback", f"{LINKS}/x"])
-async def test_other_methods_are_405(world: World, method: str, path: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "allow"),
+    [
+        (f"{JARS}/coffee", "GET, HEAD, OPTIONS"),
+        (f"{JARS}/coffee/callback", "GET, OPTIONS"),
+        (f"{LINKS}/x", "GET, HEAD"),
+        (f"{LINKS}/x/lnurl", "GET, HEAD, OPTIONS"),
+        (f"{LINKS}/x/callback", "GET, OPTIONS"),
+        (f"{LINKS}/x/invoice", "GET, OPTIONS"),
+    ],
+)
+async def test_other_methods_are_405(world: World, method: str, path: str, allow: str) -> None:
     response = await world.client.request(method, path, data=b"x")
     assert response.status == 405
-    page = path.startswith(LINKS)
-    assert response.headers["Allow"] == ("GET, HEAD" if page else "GET, HEAD, OPTIONS")
+    assert response.headers["Allow"] == allow  # the paths that make invoices take GET alone
+    assert world.upstream_paths == []
+
+
+async def test_head_never_makes_an_invoice(world: World) -> None:
+    """A link preview or a monitor sends HEAD: the callbacks and ``/invoice`` refuse it, the
+    link page is rendered without asking for an invoice."""
+    link = await world.tips.create_link(
+        min_msat=Msat(3_000), max_msat=Msat(3_000), memo="Fixed", expires_in=None, single_use=True
+    )
+    base = f"{LINKS}/{link.link_id}"
+    for path in (
+        f"{JARS}/coffee/callback?amount=2000",
+        f"{base}/callback?amount=3000",
+        f"{base}/invoice",
+        f"{LINKS}/nolinknolinknoli/invoice",
+    ):
+        response = await world.client.head(path)
+        assert response.status == 405, path
+        assert response.headers["Allow"] == "GET, OPTIONS"
+        assert await response.read() == b""
+    page_head = await world.client.head(base)
+    assert page_head.status == 200
+    assert page_head.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert world.gateway.backend.invoices == {}
+    stored = await world.gateway.store.get_link(link.link_id)
+    assert stored is not None
+    assert stored.open_hash is None
+    # GET makes it; HEAD then renders the page with it, and makes no other.
+    shown = (await page(world, link.link_id))["data-hash"]
+    assert len(world.gateway.backend.invoices) == 1
+    got = await world.client.get(base)
+    page_head = await world.client.head(base)
+    assert page_head.status == 200
+    assert page_head.headers["Content-Length"] == str(len(await got.read()))
+    assert [h.hex() for h in world.gateway.backend.invoices] == [shown]
     assert world.upstream_paths == []
 
 
@@ -436,30 +480,48 @@ async def test_a_payer_chosen_link_takes_an_amount_and_its_lnurl(world: World) -
     assert "commentAllowed" not in request  # a single-use link takes no comment
     check_invoice(chosen["invoice"], 7_000, request["metadata"])
 
-    # An LNURL wallet gets the invoice the page shows for its amount, and no other while it
-    # has time left: another amount is refused, saying when it can be asked for.
+    # An LNURL wallet gets the invoice the page shows for its amount, and no other until it
+    # expires: another amount is refused, saying (and Retry-After) when to ask again.
     path, query = local(request["callback"])
     await world.error(path, 400, amount="500", **query)
     await world.error(path, 400, amount="7000", comment="hi", **query)
     answer = await world.get(path, amount="7000", **query)
     assert answer["pr"] == chosen["invoice"]
-    reason = await world.error(path, 409, amount="9000", **query)
-    assert "7000 msat" in reason
-    assert "7000 msat" in await world.error(invoice_path, 409, amount="9000")
+    await held(world, path, dict(query, amount="9000"), "7 sat; ask again in 600 s", 600)
+    await held(world, invoice_path, {"amount": "9000"}, "7 sat; ask again in 600 s", 600)
     status = await world.get(f"{LINKS}/{link.link_id}/status", have=chosen["payment_hash"])
     assert status["invoice"]["payment_hash"] == chosen["payment_hash"]
     assert "qr_svg" not in status["invoice"]
+
+    # In its last minute it is handed out to nobody and replaced for nobody: a payer may be
+    # paying it now.
+    world.gateway.clock.advance(600 - 59)
+    for amount in ("7000", "9000"):
+        await held(world, path, dict(query, amount=amount), "ask again in 59 s", 59)
     assert world.gateway.backend.cancelled == {}
 
-    # With less than a minute left to pay it, it is cancelled and another amount gets its own;
-    # the page's status names the new one (with its QR code).
-    world.gateway.clock.advance(600 - 59)
+    # Expired, it is cancelled and another amount gets its own; the page's status names the
+    # new one (with its QR code).
+    world.gateway.clock.advance(59)
     answer = await world.get(path, amount="9000", **query)
     wallet = check_invoice(answer["pr"], 9_000, request["metadata"])
     assert world.gateway.backend.cancelled[bytes.fromhex(chosen["payment_hash"])] == 1
     status = await world.get(f"{LINKS}/{link.link_id}/status", have=chosen["payment_hash"])
     assert status["invoice"]["payment_hash"] == wallet.payment_hash.hex()
     assert "qr_svg" in status["invoice"]
+
+
+async def held(
+    world: World, path: str, params: dict[str, str], says: str, retry_after: int
+) -> None:
+    """GET ``path``: the 409 of a single-use link held by its open invoice, with Retry-After."""
+    response = await world.client.get(path, params=params)
+    assert response.status == 409, await response.text()
+    assert response.headers["Retry-After"] == str(retry_after)
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    body = await response.json()
+    assert body["status"] == "ERROR"
+    assert says in body["reason"], body
 
 
 async def test_a_reusable_link_counts_its_payments(world: World) -> None:
@@ -500,7 +562,7 @@ async def test_expired_and_canceled_links_say_so(world: World) -> None:
         min_msat=Msat(1_000),
         max_msat=Msat(1_000),
         memo="Soon gone",
-        expires_in=60,
+        expires_in=120,
         single_use=True,
     )
     canceled = await world.tips.create_link(
@@ -511,7 +573,7 @@ async def test_expired_and_canceled_links_say_so(world: World) -> None:
         single_use=False,
     )
     await world.tips.cancel_link(canceled.link_id)
-    world.gateway.clock.advance(61)
+    world.gateway.clock.advance(121)
     for link, state in ((short, "expired"), (canceled, "canceled")):
         facts = await page(world, link.link_id)
         assert facts["data-state"] == state
@@ -537,7 +599,12 @@ async def fixed_link(world: World, single_use: bool = True) -> str:
 async def test_a_fixed_link_page_replaces_its_expired_invoice(world: World) -> None:
     link_id = await fixed_link(world)
     first = (await page(world, link_id))["data-hash"]
-    world.gateway.clock.advance(601)
+    # Its last minute: the page still shows it (a payer may be paying it), replaced by no one.
+    world.gateway.clock.advance(600 - 59)
+    assert (await page(world, link_id))["data-hash"] == first
+    await held(world, f"{LINKS}/{link_id}/invoice", {}, "3 sat; ask again in 59 s", 59)
+    assert world.gateway.backend.cancelled == {}
+    world.gateway.clock.advance(60)
     second = (await page(world, link_id))["data-hash"]
     assert second != first
     assert world.gateway.backend.cancelled[bytes.fromhex(first)] == 1  # never payable again

@@ -10,7 +10,8 @@
   wallet gets the very invoice the page shows (it commits to the link's metadata), bob pays
   it, the page says "Paid" by itself, and the link is paid exactly once;
 - a single-use link whose payer chooses the amount, held by a wallet's invoice: the page
-  shows that invoice, says why another amount must wait and asks again by itself.
+  shows that invoice; asked for another amount, the server answers 409 with ``Retry-After``
+  (until that invoice expires), and the page says why and when, and asks again by itself.
 
 Screenshots before and after (390x844, a phone) go to ``test-artifacts/`` at the repository
 root. Without ``/usr/bin/chromium`` (``make browser`` installs it) the tests skip, and fail
@@ -294,8 +295,9 @@ async def test_a_payer_chosen_link_held_by_another_payer_says_so_and_asks_again(
 ) -> None:
     """A single-use link whose payer chooses the amount: a wallet takes an invoice for its
     amount over LNURL, the page shows that invoice; a payer asking the page for another
-    amount is told the link is held (409, with the server's reason) and the page asks again
-    later by itself; bob pays the wallet's invoice and the page says "Paid"."""
+    amount is told the link is held (409, with the server's reason and ``Retry-After``: when
+    the wallet's invoice expires) and the page asks again then by itself; bob pays the
+    wallet's invoice and the page says "Paid"."""
     async with tips_gateway(network, tmp_path) as gateway:
         link = await gateway.cli_json(
             "links", "create", "--min", "1000sat", "--max", "5000sat", "--memo", "Pick a price"
@@ -314,10 +316,20 @@ async def test_a_payer_chosen_link_held_by_another_payer_says_so_and_asks_again(
         assert _digits(await page.text_content("#amount")) == "3000"
 
         await page.fill("#amount-field", "2000")
-        await page.click("#get-invoice")
+        async with page.expect_response(
+            lambda response: "/invoice?amount=2000000" in response.url,
+            timeout=PAID_LIMIT * 1000,
+        ) as refusal:
+            await page.click("#get-invoice")
+        refused = await refusal.value
+        assert refused.status == 409
+        # Until the wallet's invoice expires (600 s from its making): then the page asks again.
+        retry_after = int(await refused.header_value("Retry-After") or "0")
+        assert 600 - 60 < retry_after <= 600, retry_after
         await page.wait_for_selector("#notice:not([hidden])", timeout=PAID_LIMIT * 1000)
         notice = (await page.text_content("#notice")) or ""
-        assert "3000000 msat" in notice, notice
+        assert "open invoice for 3000 sat" in notice, notice
+        assert f"ask again in {retry_after} s" in notice, notice
         assert notice.endswith("Asking again shortly\u2026"), notice
         assert ((await page.text_content("#invoice")) or "").strip() == held
         await screenshot(page, "link-held.png", capsys)

@@ -9,7 +9,8 @@ lnbits' ``lnurl`` library from PyPI (tests/interop/lnurl_wallet.py, in a venv of
 - bad input against the running gateway (amounts out of bounds, a comment too long, an
   unknown name, an expired link, one about to expire, a used single-use link): each a 4xx
   LNURL error ``{"status": "ERROR", "reason": ...}``, which the library reads as one; never
-  a 500.
+  a 500. ``HEAD`` makes no invoice: the link page is rendered without one, the callbacks and
+  ``/invoice`` answer 405 (``Allow: GET``).
 
 Figures are printed (see them with -s).
 """
@@ -28,7 +29,7 @@ from gateway.lnd.client import LndClient
 from gateway.lnd.protos import lightning_pb2
 from gateway.lnurl import encode_lnurl
 from gateway.ports import InvoiceState, LinkState
-from gateway.service.tips import new_link
+from gateway.service.tips import LINK_MIN_SECONDS, new_link
 from gateway.store import SqliteStore
 from regtest.network import Network
 from tests.interop.lnurl_venv import LnurlWallet, WalletError, require_lnurl_wallet
@@ -226,15 +227,15 @@ async def test_bad_input_is_an_lnurl_error_never_a_500(
         assert status == 200, body
         assert body["pr"].startswith("lnbcrt")
 
-        # A link that expired (made two minutes ago with a minute to live, the least
+        # A link that expired (made three minutes ago with two minutes to live, the least
         # ``links create`` takes): every endpoint of it says so.
         expired = new_link(
             min_msat=LINK_MSAT,
             max_msat=LINK_MSAT,
             memo="Too late",
-            expires_in=60,
+            expires_in=LINK_MIN_SECONDS,
             single_use=True,
-            now=time.time() - 120,
+            now=time.time() - LINK_MIN_SECONDS - 60,
         )
         await gateway.add_link(expired)
         base = f"/.well-known/l402/links/{expired.link_id}"
@@ -244,24 +245,45 @@ async def test_bad_input_is_an_lnurl_error_never_a_500(
         )
         await _lnurl_error(gateway, wallet, f"{base}/callback?amount={LINK_MSAT}", 410, "expired")
         await _lnurl_error(gateway, wallet, f"{base}/invoice", 410, "expired")
-        # One with less than a minute left: too little to pay an invoice.
-        soon = await gateway.cli_json(
-            "links", "create", "--amount", "2000sat", "--memo", "Soon", "--expires", "60s"
+        # One with less than a minute left (made 70 s ago with two minutes to live): too
+        # little to pay an invoice.
+        soon = new_link(
+            min_msat=LINK_MSAT,
+            max_msat=LINK_MSAT,
+            memo="Soon",
+            expires_in=LINK_MIN_SECONDS,
+            single_use=True,
+            now=time.time() - 70,
         )
+        await gateway.add_link(soon)
+        soon_base = f"/.well-known/l402/links/{soon.link_id}"
         reasons["expiring link"] = await _lnurl_error(
-            gateway, wallet, f"/.well-known/l402/links/{soon['link_id']}/lnurl", 410, "minute"
+            gateway, wallet, f"{soon_base}/lnurl", 410, "minute"
         )
+        await _lnurl_error(gateway, wallet, f"{soon_base}/invoice", 410, "minute")
+        # ``links create`` refuses a shorter life than two minutes, and makes nothing.
+        short = await gateway.cli("links", "create", "--amount", "2000sat", "--expires", "60s")
+        assert short.returncode == 2, short.stdout + short.stderr
+        assert "a link expires at least 120 s from now" in short.stderr
 
         # A single-use link paid once through its LNURL (the library's flow), then used up.
         link = await gateway.cli_json("links", "create", "--amount", "2000sat", "--memo", "Once")
         link_id = link["link_id"]
         assert link["lnurl"].upper().startswith("LNURL1")
+        # HEAD (a link preview, a monitor) makes no invoice: the page is rendered without one,
+        # the callback and /invoice refuse it.
+        base = f"/.well-known/l402/links/{link_id}"
+        async with gateway.session.head(f"{gateway.url}{base}") as response:
+            assert response.status == 200
+        for path in (f"{base}/callback?amount={LINK_MSAT}", f"{base}/invoice", callback):
+            async with gateway.session.head(f"{gateway.url}{path}") as response:
+                assert (response.status, response.headers["Allow"]) == (405, "GET, OPTIONS"), path
+        assert (await gateway.link(link_id)).open_hash is None
         seen = await wallet.pay_request(link["lnurl"], LINK_MSAT)
         assert seen["url"] == f"{gateway.url}/.well-known/l402/links/{link_id}/lnurl"
         assert (seen["min_sendable"], seen["max_sendable"]) == (LINK_MSAT, LINK_MSAT)
         assert ["text/plain", "Once"] in seen["metadata_entries"]
         # The library refuses another amount for a fixed link by itself; the server does too.
-        base = f"/.well-known/l402/links/{link_id}"
         await _lnurl_error(gateway, wallet, f"{base}/callback?amount={LINK_MSAT + 1000}", 400, "")
         await bob_pays(bob, seen["action"]["pr"])
         record = await gateway.settled(bytes.fromhex(seen["payment_hash"]))

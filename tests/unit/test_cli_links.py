@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -104,8 +105,11 @@ def stored(database: Path, link_id: str) -> PaymentLink:
     return link
 
 
-def with_open_invoice(database: Path, link_id: str, *, settle: bool = False) -> PaymentHash:
-    """The link's invoice, as its page would have made it (settled if asked)."""
+def with_open_invoice(
+    database: Path, link_id: str, *, settle: bool = False, created_at: float = NOW
+) -> PaymentHash:
+    """The link's invoice, as its page would have made it at ``created_at`` (settled if
+    asked), payable for ten minutes."""
     payment_hash = PaymentHash(hashlib.sha256(link_id.encode()).digest())
     record = InvoiceRecord(
         payment_hash=payment_hash,
@@ -116,8 +120,8 @@ def with_open_invoice(database: Path, link_id: str, *, settle: bool = False) -> 
         method="",
         path="",
         state=InvoiceState.OPEN,
-        created_at=NOW,
-        expires_at=NOW + 600,
+        created_at=created_at,
+        expires_at=created_at + 600,
         add_index=1,
     )
 
@@ -186,6 +190,11 @@ def test_create_a_reusable_range_link_as_json(
     assert isinstance(created_at, float)
     assert expires_at - created_at == pytest.approx(3600)
     assert not stored(database, link_id).single_use
+    # The shortest life a link takes: two minutes.
+    shortest = created(config, capsys, "--amount", "5sat", "--expires", "2min")
+    assert isinstance(shortest["expires_at"], float)
+    assert isinstance(shortest["created_at"], float)
+    assert shortest["expires_at"] - shortest["created_at"] == pytest.approx(120)
 
 
 @pytest.mark.parametrize(
@@ -204,9 +213,10 @@ def test_create_a_reusable_range_link_as_json(
         (["--amount", "1sat", "--min", "1sat"], "not allowed with argument"),
         (["--amount", "1sat", "--memo", "bell\x07"], "the memo has control characters"),
         (["--amount", "1sat", "--memo", "x" * 121], "the memo is 121 characters; at most 120"),
-        (["--amount", "1sat", "--expires", "soon"], "a duration like 90s"),
+        (["--amount", "1sat", "--expires", "soon"], "a duration like 5min"),
         (["--amount", "1sat", "--expires", "0h"], "more than 0"),
-        (["--amount", "1sat", "--expires", "30s"], "at least 60 s from now"),
+        (["--amount", "1sat", "--expires", "30s"], "a link expires at least 120 s from now"),
+        (["--amount", "1sat", "--expires", "119s"], "a link expires at least 120 s from now"),
         (["--amount", "1sat", "--expires", "3651d"], "at most ten years (3650d)"),
     ],
 )
@@ -339,6 +349,19 @@ def test_cancel_a_link_and_its_open_invoice(
     assert (document["state"], document["outcome"]) == ("CANCELED", "canceled")
     assert "error" not in document
     assert FakeNode.cancelled == [payment_hash]
+
+
+def test_cancel_cancels_an_open_invoice_past_its_recorded_expiry_on_the_node(
+    config: Path, database: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The store still says OPEN (the sweeper has not looked): the node, whose clock started
+    later than the record's, may still take it, so it is cancelled there too."""
+    link_id = str(created(config, capsys, "--amount", "1000sat")["link_id"])
+    payment_hash = with_open_invoice(database, link_id, created_at=time.time() - 601)
+    assert links(config, "cancel", link_id) == 0
+    assert "it takes no more payments" in capsys.readouterr().out
+    assert FakeNode.cancelled == [payment_hash]
+    assert stored(database, link_id).canceled_at is not None
 
 
 def test_cancel_with_the_node_unreachable_cancels_the_link_and_says_so(

@@ -15,12 +15,12 @@ import pytest
 from gateway import runtime
 from gateway.client import bolt11
 from gateway.config import Config, LnurlConfig, TipJarConfig, load_config
-from gateway.config.lnurl import parse_amount, read_image
+from gateway.config.lnurl import MIN_LNURL_INVOICE_EXPIRY, parse_amount, read_image
 from gateway.errors import ConfigError
 from gateway.lnurl import MAX_IMAGE_BYTES, Image, SuccessAction
 from gateway.ports import InvoiceState, Msat, PaymentHash
 from gateway.pricing import MAX_PRICE_MSAT
-from gateway.service.tips import TipJar, Tips
+from gateway.service.tips import REUSE_MIN_SECONDS, TipJar, Tips
 from gateway.store import SqliteStore
 from gateway.web.lnurl import TipsSlot
 from tests.config_files import load_text, placeholder_lnd
@@ -112,12 +112,12 @@ def test_a_jar_loads_with_its_defaults(tmp_path: Path) -> None:
 def test_the_environment_sets_lnurl(tmp_path: Path) -> None:
     environ = {
         "GATEWAY_LNURL_BASE_URL": "http://127.0.0.1:8402",
-        "GATEWAY_LNURL_INVOICE_EXPIRY": "120",
+        "GATEWAY_LNURL_INVOICE_EXPIRY": "180",
     }
     config = load_config(None, environ)
-    assert config.lnurl == LnurlConfig(base_url="http://127.0.0.1:8402", invoice_expiry=120)
+    assert config.lnurl == LnurlConfig(base_url="http://127.0.0.1:8402", invoice_expiry=180)
     with pytest.raises(ConfigError, match=r"\[lnurl\].*invoice_expiry"):
-        load_config(None, {"GATEWAY_LNURL_INVOICE_EXPIRY": "59"})
+        load_config(None, {"GATEWAY_LNURL_INVOICE_EXPIRY": "179"})
 
 
 def test_several_jars_and_their_amounts(tmp_path: Path) -> None:
@@ -177,9 +177,23 @@ def test_tip_jars_need_a_base_url(tmp_path: Path) -> None:
     refused(tmp_path, jar(), "[[tip_jar]] needs [lnurl] base_url")
 
 
-@pytest.mark.parametrize("expiry", [0, 59, 86_401])
+@pytest.mark.parametrize("expiry", [0, 60, 179, 86_401])
 def test_invoice_expiry_range(tmp_path: Path, expiry: int) -> None:
-    refused(tmp_path, BASE + f"invoice_expiry = {expiry}\n", "invoice_expiry", "60 to 86400")
+    refused(tmp_path, BASE + f"invoice_expiry = {expiry}\n", "invoice_expiry", "180 to 86400")
+
+
+@pytest.mark.parametrize("expiry", [180, 86_400])
+def test_invoice_expiry_bounds_are_taken(tmp_path: Path, expiry: int) -> None:
+    config = load_text(tmp_path, BASE + f"invoice_expiry = {expiry}\n")
+    assert config.lnurl.invoice_expiry == expiry
+
+
+def test_the_shortest_invoice_expiry_leaves_time_to_hand_an_invoice_out() -> None:
+    # A single-use link's invoice is handed out again only with REUSE_MIN_SECONDS left, and
+    # holds the link (409) in its last REUSE_MIN_SECONDS: even the shortest one is handed out
+    # for at least twice as long as it holds the link unused.
+    assert MIN_LNURL_INVOICE_EXPIRY == 180
+    assert MIN_LNURL_INVOICE_EXPIRY >= 3 * REUSE_MIN_SECONDS
 
 
 # --- the jars' fields ---------------------------------------------------------------------

@@ -5,6 +5,7 @@ and a single-use link that can never be paid twice, races included."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -24,7 +25,7 @@ from gateway.ports import (
     PaymentLink,
 )
 from gateway.service import TipJar, Tips
-from gateway.service.tips import REUSE_MIN_SECONDS, new_link
+from gateway.service.tips import LINK_MIN_SECONDS, REUSE_MIN_SECONDS, new_link
 from gateway.store import MemoryStore
 from tests.fakes import FakeClock, FakeInvoiceBackend
 
@@ -236,8 +237,8 @@ async def test_a_link_is_created_with_its_urls() -> None:
         ({"low": 1_000, "high": 2_001}, "whole satoshis"),
         ({"low": 1_000, "memo": "x" * 121}, "121 characters; at most 120"),
         ({"low": 1_000, "memo": "\u202eevil"}, "memo has control characters"),
-        ({"low": 1_000, "expires_in": 0}, "at least 60 s from now"),
-        ({"low": 1_000, "expires_in": REUSE_MIN_SECONDS - 1}, "at least 60 s from now"),
+        ({"low": 1_000, "expires_in": 0}, "at least 120 s from now"),
+        ({"low": 1_000, "expires_in": LINK_MIN_SECONDS - 1}, "at least 120 s from now"),
     ):
         await _refused(env.link(**bad), 400, reason)
 
@@ -262,12 +263,15 @@ def test_a_new_link_id_never_starts_with_a_dash_and_memos_are_text() -> None:
     persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"
     assert make(memo=f"{family} {persian}").memo == f"{family} {persian}"
     assert make(memo="Table 4\r\nwindow\tseat").memo == "Table 4\nwindow seat"
-    assert make(expires_in=REUSE_MIN_SECONDS).expires_at == 1_000.0 + REUSE_MIN_SECONDS
+    # The shortest life: a minute to take payments, then a minute with no new invoice.
+    assert LINK_MIN_SECONDS == 2 * REUSE_MIN_SECONDS
+    assert make(expires_in=LINK_MIN_SECONDS).expires_at == 1_000.0 + LINK_MIN_SECONDS
     for bad in ("\x1b[2J", "\u2066x\u2069", "nel\x85"):
         with pytest.raises(ValueError, match="control characters"):
             make(memo=bad)
-    with pytest.raises(ValueError, match="at least 60 s"):
-        make(expires_in=float("inf"))
+    for bad_life in (LINK_MIN_SECONDS - 1, REUSE_MIN_SECONDS, float("inf")):
+        with pytest.raises(ValueError, match="at least 120 s"):
+            make(expires_in=bad_life)
 
 
 async def test_a_links_lnurl_pay_commits_to_its_memo_and_keeps_the_comment() -> None:
@@ -318,7 +322,18 @@ async def test_a_single_use_link_reuses_its_open_invoice() -> None:
     assert await env.tips.link_invoice(link.link_id, 5_000) == first
     status = await env.tips.link_status(link.link_id)
     assert (status.state, status.invoice) == (LinkState.OPEN, first)
-    env.clock.advance(1)  # too little left to pay it: a fresh one, the old one cancelled
+    # Its last minute: too little left to hand it out, yet a payer may be paying it now, so
+    # it is not replaced either: 409 until it expires.
+    env.clock.advance(1)
+    for call in (
+        env.tips.link_invoice(link.link_id, None),
+        env.tips.link_callback(link.link_id, {"amount": "5000"}),
+    ):
+        held = await _refused(call, 409, "open invoice for 5 sat; ask again in 59 s")
+        assert held.retry_after == REUSE_MIN_SECONDS - 1
+    assert env.open_on_node() == [first.payment_hash]
+    assert env.backend.cancelled == {}
+    env.clock.advance(REUSE_MIN_SECONDS - 1)  # expired: a fresh one, the old one cancelled
     fresh = await env.tips.link_invoice(link.link_id, None)
     assert fresh.payment_hash != first.payment_hash
     assert env.backend.invoices[first.payment_hash].state is InvoiceState.CANCELED
@@ -353,17 +368,28 @@ async def test_nobody_can_take_away_the_invoice_a_payer_holds() -> None:
     await _refused(env.tips.link_invoice(link.link_id, None), 400, "choose an amount")
     await _refused(env.tips.link_invoice(link.link_id, 9_001), 400, "from 1000 to 9000 msat")
     held = await env.tips.link_invoice(link.link_id, 3_000)
-    wait = 600 - REUSE_MIN_SECONDS
     for call in (
         env.tips.link_invoice(link.link_id, 4_000),
         env.tips.link_callback(link.link_id, {"amount": "4000"}),
     ):
-        await _refused(call, 409, f"open invoice for 3000 msat; .* in {wait + 1} s")
+        refused = await _refused(call, 409, "open invoice for 3 sat; ask again in 600 s")
+        assert refused.retry_after == 600  # until it expires
     assert env.open_on_node() == [held.payment_hash]  # the payer's invoice stays payable
     assert env.backend.cancelled == {}
-    env.clock.advance(wait)  # REUSE_MIN_SECONDS left: still the payer's
-    await _refused(env.tips.link_invoice(link.link_id, 4_000), 409, "in 1 s")
-    env.clock.advance(1)  # too little left to pay it: now it may be replaced
+    env.clock.advance(600 - REUSE_MIN_SECONDS)  # REUSE_MIN_SECONDS left: still the payer's
+    refused = await _refused(env.tips.link_invoice(link.link_id, 4_000), 409, "in 60 s")
+    assert refused.retry_after == REUSE_MIN_SECONDS
+    assert await env.tips.link_invoice(link.link_id, 3_000) == held
+    env.clock.advance(0.5)  # its last minute: handed out to nobody, replaced for nobody
+    for amount in (3_000, 4_000):
+        refused = await _refused(env.tips.link_invoice(link.link_id, amount), 409, "in 60 s")
+        assert refused.retry_after == REUSE_MIN_SECONDS  # whole seconds, rounded up
+    env.clock.advance(REUSE_MIN_SECONDS - 1)
+    refused = await _refused(env.tips.link_invoice(link.link_id, 4_000), 409, "in 1 s")
+    assert refused.retry_after == 1
+    assert env.open_on_node() == [held.payment_hash]
+    assert env.backend.cancelled == {}
+    env.clock.advance(0.5)  # expired: now it may be replaced
     other = await env.tips.link_invoice(link.link_id, 4_000)
     assert env.open_on_node() == [other.payment_hash]
     # The node's stream reports no cancellation: the store is told at once.
@@ -411,7 +437,7 @@ async def test_a_node_that_says_already_cancelled_has_cancelled_it() -> None:
     env = Env()
     link = await env.link(1_000)
     first = await env.tips.link_invoice(link.link_id, None)
-    env.clock.advance(600 - REUSE_MIN_SECONDS + 1)
+    env.clock.advance(600)  # expired: to be replaced, once cancelled
 
     async def refuse(payment_hash: PaymentHash) -> None:
         raise errors.InvoiceAlreadyCanceled("invoice already canceled")
@@ -447,14 +473,16 @@ async def test_a_single_use_link_is_paid_once() -> None:
         await _refused(call, 410, "paid already")
 
 
-async def test_a_link_paid_while_its_invoice_is_replaced_is_paid() -> None:
+@pytest.mark.parametrize("left", [REUSE_MIN_SECONDS - 1, 0])
+async def test_a_link_paid_while_its_invoice_is_replaced_is_paid(left: int) -> None:
     env = Env()
     link = await env.link(1_000, 9_000)
     first = await env.tips.link_invoice(link.link_id, 3_000)
-    env.clock.advance(600 - REUSE_MIN_SECONDS + 1)
-    env.backend.pay(first.payment_hash)
+    env.clock.advance(600 - left)  # its last minute (the node is asked), or expired (cancelled)
+    env.backend.pay(first.payment_hash)  # the node took it just in time
     await _refused(env.tips.link_invoice(link.link_id, 4_000), 410, "paid already")
     assert len(env.backend.invoices) == 1
+    assert env.backend.cancelled == {}
 
 
 class _GatedBackend(FakeInvoiceBackend):
@@ -502,7 +530,7 @@ async def test_concurrent_requests_for_a_new_amount_leave_one_open_invoice(
         old = await env.tips.link_invoice(link.link_id, first_amount)
         backend.gate.clear()
         backend.arrived = 0
-        env.clock.advance(600 - REUSE_MIN_SECONDS + 1)  # about to expire: replaceable
+        env.clock.advance(600)  # expired: replaceable
     both = await asyncio.gather(*(env.tips.link_invoice(link.link_id, 5_000) for _ in "ab"))
     assert both[0] == both[1]  # the loser answers with the winner's invoice
     assert env.open_on_node() == [both[0].payment_hash]
@@ -528,6 +556,8 @@ async def test_concurrent_requests_for_different_amounts_leave_one_open_invoice(
     [loser] = [result for result in results if isinstance(result, BaseException)]
     assert isinstance(loser, LnurlError)
     assert loser.status == 409
+    assert loser.retry_after == 600  # the winner's holds the link until it expires
+    assert f"open invoice for {winner.amount_msat // 1000} sat" in loser.reason
     assert env.open_on_node() == [winner.payment_hash]
 
 
@@ -535,26 +565,79 @@ async def test_a_node_that_cannot_cancel_blocks_a_new_invoice() -> None:
     env = Env()
     link = await env.link(1_000, 9_000)
     first = await env.tips.link_invoice(link.link_id, 3_000)
-    env.clock.advance(600 - REUSE_MIN_SECONDS + 1)
+    env.clock.advance(600)  # expired: replaced only once the node has cancelled it
     env.backend.unavailable = True
-    await _refused(env.tips.link_invoice(link.link_id, 4_000), 503, "try again later")
+    refused = await _refused(env.tips.link_invoice(link.link_id, 4_000), 503, "try again later")
+    assert refused.retry_after is None  # the web layer sends its own for a 503
     env.backend.unavailable = False
     assert env.open_on_node() == [first.payment_hash]
+    assert len(env.backend.invoices) == 1
+    second = await env.tips.link_invoice(link.link_id, 4_000)
+    assert env.open_on_node() == [second.payment_hash]
 
 
 async def test_without_a_canceler_the_open_invoice_must_expire_first() -> None:
     env = Env(canceler=False)
     link = await env.link(1_000, 9_000)
     first = await env.tips.link_invoice(link.link_id, 3_000)
-    await _refused(env.tips.link_invoice(link.link_id, 4_000), 409, "open invoice for 3000")
+    await _refused(env.tips.link_invoice(link.link_id, 4_000), 409, "open invoice for 3 sat")
     assert await env.tips.link_invoice(link.link_id, 3_000) == first
     env.clock.advance(600 - REUSE_MIN_SECONDS + 1)
-    await _refused(env.tips.link_invoice(link.link_id, 3_000), 409, "once it expires")
-    env.clock.advance(REUSE_MIN_SECONDS)
+    await _refused(env.tips.link_invoice(link.link_id, 3_000), 409, "ask again in 59 s")
+    env.clock.advance(REUSE_MIN_SECONDS)  # past its expiry, the store not told yet
+    await _refused(env.tips.link_invoice(link.link_id, 4_000), 409, "once it expires")
     update = InvoiceUpdate(first.payment_hash, InvoiceState.EXPIRED, 0, Msat(0), None)
     await env.store.apply_update(update)  # the watcher's expiry sweep
     second = await env.tips.link_invoice(link.link_id, 4_000)
     assert second.payment_hash != first.payment_hash
+
+
+@pytest.mark.parametrize("told", ["node", "store"])
+async def test_a_payment_arriving_holds_the_link_whatever_is_asked(told: str) -> None:
+    env = Env()
+    link = await env.link(1_000, 9_000)
+    first = await env.tips.link_invoice(link.link_id, 3_000)
+    accepted = dataclasses.replace(
+        env.backend.invoices[first.payment_hash],
+        state=InvoiceState.ACCEPTED,
+        amount_paid_msat=Msat(3_000),
+    )
+    env.backend.invoices[first.payment_hash] = accepted  # a payer's HTLC is held
+    if told == "store":
+        await env.store.apply_update(InvoiceUpdate.of(accepted))
+    for _ in range(2):  # the node's word is recorded: the second asks the store only
+        for call in (
+            env.tips.link_invoice(link.link_id, 3_000),
+            env.tips.link_invoice(link.link_id, 4_000),
+            env.tips.link_callback(link.link_id, {"amount": "3000"}),
+        ):
+            refused = await _refused(call, 409, "someone else is paying this payment link now")
+            assert refused.retry_after == 5
+    record = await env.store.get_invoice(first.payment_hash)
+    assert record is not None
+    assert record.state is InvoiceState.ACCEPTED
+    env.clock.advance(600)  # even past its expiry: never cancelled while it is being paid
+    await _refused(env.tips.link_invoice(link.link_id, 4_000), 409, "try again shortly")
+    assert env.backend.cancelled == {}
+    assert len(env.backend.invoices) == 1
+
+
+async def test_an_invoice_capped_by_the_links_life_holds_it_to_the_end() -> None:
+    env = Env()
+    link = await env.link(1_000, 9_000, expires_in=300)
+    first = await env.tips.link_invoice(link.link_id, 3_000)
+    assert first.expires_at == link.expires_at  # not the 600 s invoice_expiry
+    refused = await _refused(
+        env.tips.link_invoice(link.link_id, 4_000),
+        409,
+        "open invoice for 3 sat until the link expires",
+    )
+    assert refused.retry_after is None
+    env.clock.advance(300 - REUSE_MIN_SECONDS)
+    assert await env.tips.link_invoice(link.link_id, 3_000) == first
+    env.clock.advance(1)  # the link's last minute: it takes no payment at all
+    await _refused(env.tips.link_invoice(link.link_id, 4_000), 410, "under a minute")
+    assert env.open_on_node() == [first.payment_hash]
 
 
 async def test_an_expired_or_cancelled_link_is_410_and_unknown_is_404() -> None:

@@ -50,6 +50,7 @@
     expiresAt = invoice.expires_at;
     if (!fixed) $("amount").textContent = `${sat(invoice.amount_msat)} sat`; // the one chosen
     $("pay").hidden = false;
+    clearTimeout(retry); // an invoice is shown: asking again would only replace it later
     note("");
   }
 
@@ -132,10 +133,8 @@
         note(`${line}. Asking again shortly\u2026`, "error");
         const wait = Number(response.headers.get("Retry-After")) * 1000;
         held += 1;
-        retry = setTimeout(
-          () => fetchInvoice(amount),
-          Math.max(wait || 0, Math.min(RETRY * held, 60000)),
-        );
+        // The server says when the open invoice frees up; without that, back off.
+        retry = setTimeout(() => fetchInvoice(amount), wait ? wait + 500 : Math.min(RETRY * held, 60000));
       } else {
         note(body.reason || `Cannot get an invoice (${response.status}).`, "error");
       }
