@@ -31,6 +31,7 @@ from gateway.ports import (
 )
 from gateway.store import PostgresStore, SqliteStore, postgres_schema, sqlite_file
 from tests.fakes import NOW, FakeClock
+from tests.unit.store.test_sqlite_store import user_version
 
 START = NOW  # where the shared clock starts
 SETTLED, OPEN = InvoiceState.SETTLED, InvoiceState.OPEN
@@ -566,15 +567,6 @@ OLD_INVOICE = invoice(
     amount_paid_msat=Msat(21_000),
     settled_at=START + 100,
 )
-
-
-def user_version(path: Path) -> int:
-    connection = sqlite3.connect(path)
-    try:
-        (version,) = connection.execute("PRAGMA user_version").fetchone()
-        return int(version)
-    finally:
-        connection.close()
 
 
 async def test_a_version_6_sqlite_database_is_read_as_it_is(tmp_path: Path) -> None:

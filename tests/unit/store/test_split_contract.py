@@ -40,6 +40,7 @@ from gateway.store import (
     sqlite_file,
 )
 from tests.fakes import NOW, FakeClock
+from tests.unit.store.test_sqlite_store import user_version
 
 PENDING, SUCCEEDED, FAILED = PayoutState.PENDING, PayoutState.SUCCEEDED, PayoutState.FAILED
 START = NOW  # where the shared clock starts
@@ -687,15 +688,6 @@ V5_INVOICE = dataclasses.replace(
     amount_paid_msat=Msat(10_000),
     settled_at=START + 11,
 )
-
-
-def user_version(path: Path) -> int:
-    connection = sqlite3.connect(path)
-    try:
-        (version,) = connection.execute("PRAGMA user_version").fetchone()
-        return int(version)
-    finally:
-        connection.close()
 
 
 async def test_a_version_5_sqlite_database_is_read_as_it_is(tmp_path: Path) -> None:
