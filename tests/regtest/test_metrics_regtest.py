@@ -140,6 +140,14 @@ async def test_two_workers_one_scrape_sees_both_and_liquidity_matches_lncli(
         try:
             await wait_for_http(url + READY, process, log, limit=60)
             (directory,) = temporary.glob("l402-metrics-*")
+            # The other worker may answer ready before the watching one first measured the
+            # liquidity: measured after a payment below, it would not be lncli's figure.
+            async with asyncio.timeout(20):
+                while True:  # not the metrics: a scrape would cache the store's figures
+                    checks = json.loads((await _fresh_get(url + READY))[2])["checks"]
+                    if checks.get("liquidity", {}).get("detail", "").startswith("inbound"):
+                        break
+                    await asyncio.sleep(0.1)
             challenges, paid = 12, 3
             authorizations = []
             for index in range(challenges):
