@@ -1,4 +1,4 @@
-"""Benchmark 2: against Aperture.
+"""Benchmark 2: against Aperture, and this tree against an earlier revision.
 
 ``l402-gateway serve`` (the reverse proxy) and Lightning Labs' Aperture in the same run, in
 front of the same trivial backend, issuing invoices on the same regtest LND node (alice):
@@ -8,9 +8,12 @@ front of the same trivial backend, issuing invoices on the same regtest LND node
     on alice (the invoices LND replays between two marker invoices, attributed by memo)
     rather than trusted from HTTP status counts.
 
-Both proxies run with their defaults for settlement checks (neither asks LND whether the
-token's invoice settled) and without a rate limit on challenges. Rounds alternate between the
-two so drift hits both alike; medians are reported. Target: ours ahead on both.
+Ours runs in several variants: at its defaults with one worker per core (as Aperture uses
+every core), with one worker, without uvloop, with the access log on, and the ``--baseline``
+revision (before the efficiency work) at its defaults. Neither proxy asks LND whether the
+token's invoice settled, neither has a challenge rate limit. Rounds alternate between the
+sides so drift hits all alike; medians are reported. Then py-spy profiles the one-worker
+variant on each path (``bench.profile``).
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
+from bench import profile
 from bench.aperture import APERTURE_VERSION, ensure_aperture, start_aperture, write_config
+from bench.before_after import worktree
 from bench.common import (
     REPO,
     LoadResult,
@@ -51,6 +55,8 @@ PATH = "/api/premium/hello"
 PRICE_SAT = 1
 PAID_CONNECTIONS = 32
 CHALLENGE_CONNECTIONS = 16
+# The tree before the efficiency work: the "before" of before/after.
+BASELINE = "0857cbd"
 # One client (wrk) asks for every challenge: no limit in the way, as Aperture has none.
 OURS_EXTRA = """
 [rate_limit]
@@ -61,6 +67,23 @@ burst = 1000000
 OURS_MEMO = f"premium: GET {PATH}"
 APERTURE_MEMO = "L402"
 MARKER_MEMO = "bench: round marker"
+# Targets, as ratios to Aperture's figures in the same run.
+PAID_CPU_TARGET = 0.5
+PAID_RATE_TARGET = 1.5
+ONE_WORKER_RATE_TARGET = 1.0
+CHALLENGE_CPU_TARGET = 0.8
+PROFILE_TOP = 15
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """How one of our sides runs: ``server`` is added to its ``[server]`` section, ``tree``
+    is another revision's checkout (None: this tree)."""
+
+    name: str
+    workers: int
+    server: str = ""
+    tree: Path | None = None
 
 
 @dataclass
@@ -82,6 +105,9 @@ class Side:
         """User + system CPU time the proxy (all its threads, and its worker processes) has
         used so far."""
         return _cpu_seconds(self.process.pid)
+
+    def paid_rate(self) -> float:
+        return _median([r.requests_per_second for r in self.paid])
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -144,18 +170,18 @@ async def _paid_authorization(url: str, network: Network) -> str:
 
 
 def _start_ours(
-    network: Network, workdir: Path, port: int, upstream: str
+    network: Network, workdir: Path, port: int, upstream: str, variant: Variant
 ) -> subprocess.Popen[bytes]:
-    # One worker per core: Aperture, a Go program, uses every core too.
+    workdir.mkdir(parents=True)
     server = (
         f'\n[server]\nlisten = "127.0.0.1:{port}"\nupstream = "{upstream}"\n'
-        f"workers = {os.cpu_count()}\n"
+        f"workers = {variant.workers}\n{variant.server}"
     )
     config = gateway_config(network, workdir, server + OURS_EXTRA)
-    with (workdir / "ours.log").open("ab") as output:
+    with (workdir / "serve.log").open("ab") as output:
         return subprocess.Popen(  # noqa: S603 - our own interpreter and CLI
             [sys.executable, "-m", "gateway.cli", "--config", str(config), "serve"],
-            cwd=REPO,
+            cwd=variant.tree or REPO,  # the first entry of sys.path: that tree's gateway
             stdout=output,
             stderr=subprocess.STDOUT,
         )
@@ -199,73 +225,111 @@ async def _paid_round(side: Side, seconds: int) -> None:
     side.paid_cpu_us.append(cpu / (result.requests_per_second * seconds) * 1e6)
 
 
+def _variants(baseline: Path) -> list[Variant]:
+    cores = os.cpu_count() or 1
+    return [
+        Variant("serve", cores),
+        Variant("serve, 1 worker", 1),
+        Variant("serve, asyncio loop (no uvloop)", cores, 'event_loop = "asyncio"\n'),
+        Variant("serve, access log on", cores, "access_log = true\n"),
+        Variant(f"serve at {BASELINE} (before)", cores, tree=baseline),
+    ]
+
+
 async def measure(seconds: int, rounds: int) -> None:
     binary = ensure_aperture()
     workdir = Path(tempfile.mkdtemp(prefix="l402-bench-"))
-    backend_port, ours_port, aperture_port = free_ports(3)
-    backend_url = f"http://127.0.0.1:{backend_port}"
     backend_results: list[LoadResult] = []
-    async with running_network(workdir / "network") as network:
-        backend = start_app(backend_port, "bare", None, workdir / "backend.log")
-        ours = Side(
-            "l402-gateway serve",
-            f"http://127.0.0.1:{ours_port}",
-            OURS_MEMO,
-            _start_ours(network, workdir, ours_port, backend_url),
-            workdir / "ours.log",
-        )
-        aperture = Side(
-            f"Aperture {APERTURE_VERSION}",
-            f"http://127.0.0.1:{aperture_port}",
-            APERTURE_MEMO,
-            start_aperture(
-                binary,
-                write_config(workdir, backend_port, PRICE_SAT),
-                aperture_port,
-                network.alice,
-                workdir,
+    with worktree(BASELINE, workdir) as baseline:
+        variants = _variants(baseline)
+        backend_port, aperture_port, *ports = free_ports(2 + len(variants))
+        backend_url = f"http://127.0.0.1:{backend_port}"
+        async with running_network(workdir / "network") as network:
+            backend = start_app(backend_port, "bare", None, workdir / "backend.log")
+            ours = [
+                Side(
+                    variant.name,
+                    f"http://127.0.0.1:{port}",
+                    OURS_MEMO,
+                    _start_ours(network, workdir / f"ours-{index}", port, backend_url, variant),
+                    workdir / f"ours-{index}" / "serve.log",
+                )
+                for index, (variant, port) in enumerate(zip(variants, ports, strict=True))
+            ]
+            aperture = Side(
+                f"Aperture {APERTURE_VERSION}",
+                f"http://127.0.0.1:{aperture_port}",
+                APERTURE_MEMO,
+                start_aperture(
+                    binary,
+                    write_config(workdir, backend_port, PRICE_SAT),
+                    aperture_port,
+                    network.alice,
+                    workdir,
+                    workdir / "aperture.log",
+                ),
                 workdir / "aperture.log",
-            ),
-            workdir / "aperture.log",
-        )
-        alice = AliceInvoices(network)
-        try:
-            await wait_for_http(backend_url + "/health", backend, workdir / "backend.log")
-            for side in (ours, aperture):
-                await wait_for_http(side.url + "/health", side.process, side.log)
-                side.authorization = await _paid_authorization(side.url, network)
-            # Warm every server up, then alternate so drift hits each side alike.
-            for url, authorization in (
-                (backend_url, ""),
-                (ours.url, ours.authorization),
-                (aperture.url, aperture.authorization),
-            ):
-                await asyncio.to_thread(
-                    run_wrk,
-                    url + PATH,
-                    seconds=2,
-                    connections=PAID_CONNECTIONS,
-                    headers={"Authorization": authorization} if authorization else {},
-                )
-            for _ in range(rounds):
-                backend_results.append(
-                    await asyncio.to_thread(
-                        run_wrk,
-                        backend_url + PATH,
-                        seconds=seconds,
-                        connections=PAID_CONNECTIONS,
-                        headers={},
-                    )
-                )
-                for side in (ours, aperture):
-                    await _paid_round(side, seconds)
-                for side in (ours, aperture):
-                    await _challenge_round(side, alice, seconds)
-        finally:
-            await alice.close()
-            for process in (ours.process, aperture.process, backend):
-                stop(process)
+            )
+            sides = [*ours, aperture]
+            alice = AliceInvoices(network)
+            try:
+                await wait_for_http(backend_url + "/health", backend, workdir / "backend.log")
+                for side in sides:
+                    await wait_for_http(side.url + "/health", side.process, side.log)
+                    side.authorization = await _paid_authorization(side.url, network)
+                # Warm every server up, then alternate so drift hits each side alike.
+                await _load(backend_url, 2, "")
+                for side in sides:
+                    await _load(side.url, 2, side.authorization)
+                for _ in range(rounds):
+                    backend_results.append(await _load(backend_url, seconds, ""))
+                    for side in sides:
+                        await _paid_round(side, seconds)
+                    for side in sides:
+                        await _challenge_round(side, alice, seconds)
+                profiles = await _profiles(ours[1], workdir, seconds)
+            finally:
+                await alice.close()
+                for process in (*(side.process for side in sides), backend):
+                    stop(process)
     _report(ours, aperture, backend_results, seconds, rounds)
+    record(
+        "Profile of serve",
+        [
+            "py-spy on `serve` with one worker (the single process that does all the work), "
+            f"{seconds} s of each load as above, after the measured rounds; own: the function "
+            "was running, cumulative: it was on the stack. Waits (the idle store thread, the "
+            "event loop's poll) are left out.",
+            "",
+            *profiles[0].lines("Paid requests", PROFILE_TOP),
+            "",
+            *profiles[1].lines("402 challenges (each a new invoice on alice)", PROFILE_TOP),
+        ],
+    )
+
+
+async def _load(url: str, seconds: int, authorization: str) -> LoadResult:
+    headers = {"Authorization": authorization} if authorization else {}
+    return await asyncio.to_thread(
+        run_wrk, url + PATH, seconds=seconds, connections=PAID_CONNECTIONS, headers=headers
+    )
+
+
+async def _profiles(side: Side, workdir: Path, seconds: int) -> tuple[profile.Profile, ...]:
+    """py-spy of ``side`` (one process) under paid load, then under challenge load."""
+    outputs = (workdir / "paid.raw", workdir / "challenge.raw")
+    for output, connections, headers in (
+        (outputs[0], PAID_CONNECTIONS, {"Authorization": side.authorization}),
+        (outputs[1], CHALLENGE_CONNECTIONS, {}),
+    ):
+        spy = profile.start(side.process.pid, seconds, output)
+        await asyncio.to_thread(
+            run_wrk, side.url + PATH, seconds=seconds, connections=connections, headers=headers
+        )
+        await asyncio.to_thread(spy.wait, seconds + 30)
+        if spy.returncode:
+            raise RuntimeError(f"py-spy failed ({spy.returncode}) on {side.name}")
+    return tuple(profile.summarize(output) for output in outputs)
 
 
 def _median(values: list[float]) -> float:
@@ -273,61 +337,82 @@ def _median(values: list[float]) -> float:
 
 
 def _report(
-    ours: Side, aperture: Side, backend: list[LoadResult], seconds: int, rounds: int
+    ours: list[Side], aperture: Side, backend: list[LoadResult], seconds: int, rounds: int
 ) -> None:
-    def row(label: str, pick: Callable[[Side], float], digits: int) -> str:
-        mine, theirs = pick(ours), pick(aperture)
-        return f"| {label} | {mine:.{digits}f} | {theirs:.{digits}f} | {mine / theirs:.2f} |"
+    def paid_cpu(side: Side) -> float:
+        return _median(side.paid_cpu_us)
 
-    def paid(field_name: str) -> Callable[[Side], float]:
-        return lambda side: _median([getattr(r, field_name) for r in side.paid])
-
-    def challenge(field_name: str) -> Callable[[Side], float]:
-        return lambda side: _median([getattr(r, field_name) for r in side.challenges])
+    def challenge_cpu(side: Side) -> float:
+        return _median(side.challenge_cpu_us)
 
     def issued(side: Side) -> float:
         return _median(side.issued_per_second)
 
-    paid_ratio = paid("requests_per_second")(ours) / paid("requests_per_second")(aperture)
-    issue_ratio = issued(ours) / issued(aperture)
+    def p(side: Side, results: str, field_name: str) -> float:
+        return _median([getattr(r, field_name) for r in getattr(side, results)])
+
+    def row(side: Side) -> str:
+        return (
+            f"| {side.name} | {side.paid_rate():.0f}"
+            f" | {side.paid_rate() / aperture.paid_rate():.2f}"
+            f" | {paid_cpu(side):.0f} | {paid_cpu(side) / paid_cpu(aperture):.2f}"
+            f" | {p(side, 'paid', 'p50_ms'):.2f} | {p(side, 'paid', 'p99_ms'):.2f}"
+            f" | {issued(side):.0f} | {issued(side) / issued(aperture):.2f}"
+            f" | {challenge_cpu(side):.0f} | {challenge_cpu(side) / challenge_cpu(aperture):.2f}"
+            f" | {p(side, 'challenges', 'p50_ms'):.2f} | {p(side, 'challenges', 'p99_ms'):.2f} |"
+        )
+
+    default, one_worker, before = ours[0], ours[1], ours[-1]
+    backend_rate = _median([r.requests_per_second for r in backend])
+    paid_cpu_ratio = paid_cpu(default) / paid_cpu(aperture)
+    paid_ratio = default.paid_rate() / aperture.paid_rate()
+    one_worker_ratio = one_worker.paid_rate() / aperture.paid_rate()
+    challenge_cpu_ratio = challenge_cpu(default) / challenge_cpu(aperture)
+    met = (
+        paid_cpu_ratio <= PAID_CPU_TARGET
+        and paid_ratio >= PAID_RATE_TARGET
+        and one_worker_ratio >= ONE_WORKER_RATE_TARGET
+        and challenge_cpu_ratio <= CHALLENGE_CPU_TARGET
+    )
+
+    def change(after: float, before_value: float) -> str:
+        return f"{before_value:.0f} -> {after:.0f} ({(after / before_value - 1) * 100:+.0f}%)"
+
     record(
         "Against Aperture",
         [
             f"{rounds} x {seconds}s alternating rounds per side, medians; wrk -t1 on loopback, "
             f"-c{PAID_CONNECTIONS} with a paid token, -c{CHALLENGE_CONNECTIONS} for challenges "
             "(each a new invoice on regtest alice, counted on alice). Same backend, same LND; "
-            "both proxies on all cores (ours with one worker per core), otherwise at their "
-            "defaults (each logs every request, no settlement lookup), no challenge rate limit, "
-            "Aperture's SQLite backend.",
+            f"Aperture on all cores, ours with one worker per core ({os.cpu_count()}) unless "
+            "said; each at its defaults otherwise (Aperture logs every request, ours does not "
+            "unless its access log is on), no settlement lookup, no challenge rate limit, "
+            "SQLite. CPU: the proxy's processes' user + system time per answer. x Ap.: ours / "
+            "Aperture's (above 1 is better for rates, below 1 for CPU).",
             "",
-            f"| | {ours.name} | {aperture.name} | ours / Aperture |",
-            "| --- | --- | --- | --- |",
-            row("paid requests/s", paid("requests_per_second"), 0),
-            row("paid p50 ms", paid("p50_ms"), 2),
-            row("paid p99 ms", paid("p99_ms"), 2),
-            row("paid: proxy CPU us per request", lambda side: _median(side.paid_cpu_us), 0),
-            row("402 challenges/s (invoices on alice)", issued, 0),
-            row("challenge p50 ms", challenge("p50_ms"), 2),
-            row("challenge p99 ms", challenge("p99_ms"), 2),
-            row(
-                "challenge: proxy CPU us per invoice",
-                lambda side: _median(side.challenge_cpu_us),
-                0,
-            ),
+            "| side | paid req/s | x Ap. | paid CPU us/req | x Ap. | paid p50 ms | paid p99 ms"
+            " | challenges/s | x Ap. | CPU us/challenge | x Ap. | chall. p50 ms | chall. p99 ms |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *(row(side) for side in (*ours, aperture)),
             "",
-            "The backend alone, the ceiling for both: "
-            f"{_median([r.requests_per_second for r in backend]):.0f} requests/s "
+            f"The backend alone: {backend_rate:.0f} requests/s "
             f"(p50 {_median([r.p50_ms for r in backend]):.2f} ms, "
-            f"p99 {_median([r.p99_ms for r in backend]):.2f} ms).",
+            f"p99 {_median([r.p99_ms for r in backend]):.2f} ms); paid requests through `serve` "
+            f"are **{default.paid_rate() / backend_rate:.2f}** of it (Aperture: "
+            f"{aperture.paid_rate() / backend_rate:.2f}).",
             "",
-            f"Ours / Aperture: paid throughput **{paid_ratio:.2f}x**, challenge issuance "
-            f"**{issue_ratio:.2f}x** (target: ahead on both). In the table a ratio above 1 is "
-            "better for rates, below 1 for latencies and CPU time.",
+            f"Before -> after ({before.name} -> {default.name}): paid CPU us/request "
+            f"{change(paid_cpu(default), paid_cpu(before))}, paid requests/s "
+            f"{change(default.paid_rate(), before.paid_rate())}, CPU us/challenge "
+            f"{change(challenge_cpu(default), challenge_cpu(before))}, challenges/s "
+            f"{change(issued(default), issued(before))}.",
         ],
         Verdict(
-            f"{paid_ratio:.2f}x Aperture's paid requests/s, {issue_ratio:.2f}x its challenges/s",
-            "> 1x on both",
-            paid_ratio > 1 and issue_ratio > 1,
+            f"paid CPU {paid_cpu_ratio:.2f}x Aperture's, paid requests/s {paid_ratio:.2f}x "
+            f"(1 worker: {one_worker_ratio:.2f}x), challenge CPU {challenge_cpu_ratio:.2f}x",
+            f"CPU <= {PAID_CPU_TARGET}x, req/s >= {PAID_RATE_TARGET}x (1 worker >= "
+            f"{ONE_WORKER_RATE_TARGET}x), challenge CPU <= {CHALLENGE_CPU_TARGET}x",
+            met,
         ),
     )
 

@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
@@ -94,18 +95,37 @@ def run(config: Config) -> int:
     workers = config.server.workers
     if workers > 1 and store_location(config.store.url)[0] == "memory":
         raise errors.ConfigError("[server] workers > 1 needs a store they share, not memory:")
+    loop = "uvloop" if event_loop_factory(config.server.event_loop) else "asyncio"
     log.info(
-        "l402-gateway proxying %s on %s (%d worker%s)",
+        "l402-gateway proxying %s on %s (%d worker%s, %s event loop)",
         config.server.upstream,
         config.server.listen,
         workers,
         "" if workers == 1 else "s",
+        loop,
     )
     if workers == 1:
         _serve_worker(config, host, port, watch=True, log_level=None)
         return 0
     _check_listen(config.server.listen, host, port)  # one line here, not one per worker
     return _serve_workers(config, host, port)
+
+
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory, or None for asyncio's own loop (``[server] event_loop``:
+    auto takes uvloop when it is installed). ConfigError when uvloop is asked for and
+    missing."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop  # the `speed` extra
+    except ImportError:
+        if choice == "uvloop":
+            raise errors.ConfigError(
+                "[server] event_loop = \"uvloop\" needs uvloop: pip install 'l402-gateway[speed]'"
+            ) from None
+        return None
+    return uvloop.new_event_loop
 
 
 def _check_listen(listen: str, host: str, port: int) -> None:
@@ -194,8 +214,18 @@ def _serve_worker(
     if watch and config.metrics.listen:
         # The watching process serves it: one scrape there sees every worker.
         others.append(_metrics_listener(config, metrics, limits))
+    serving = serve(
+        app,
+        host,
+        port,
+        limits,
+        reuse_port=log_level is not None,
+        others=others,
+        access_log=server.access_log,
+    )
     try:
-        asyncio.run(serve(app, host, port, limits, reuse_port=log_level is not None, others=others))
+        with asyncio.Runner(loop_factory=event_loop_factory(server.event_loop)) as runner:
+            runner.run(serving)
     except ListenError as error:  # another address of this process: named in the message
         if log_level is None:
             raise errors.ConfigError(str(error.strerror)) from None

@@ -111,6 +111,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: str = "127.0.0.1:8402"  # host:port the reverse proxy listens on
@@ -134,6 +137,9 @@ class ServerConfig:
     unpaid_requests_per_client: int = 16  # forwarded at once without a paid token; then 429
     upstream_connections: int = 100  # upstream pool of requests without a paid token
     paid_upstream_connections: int = 100  # a pool of their own for requests with one
+    access_log: bool = False  # a line per request (gateway.web.access_log)
+    # auto: uvloop when installed (the `speed` extra), else asyncio's own loop
+    event_loop: str = "auto"
 
     def __post_init__(self) -> None:
         require(self.max_body_bytes >= 0, "max_body_bytes", ">= 0", self.max_body_bytes)
@@ -149,6 +155,8 @@ class ServerConfig:
             require(getattr(self, key) >= 0, key, ">= 0 (0: no cap)", getattr(self, key))
         for key in ("upstream_connections", "paid_upstream_connections"):
             require(getattr(self, key) >= 1, key, ">= 1", getattr(self, key))
+        loops = EVENT_LOOPS
+        require(self.event_loop in loops, "event_loop", " or ".join(loops), self.event_loop)
         listen_address(self.listen)
         if self.upstream is not None:
             check_upstream(self.upstream)

@@ -15,8 +15,10 @@ committed.
 
 Transactions: ``transaction()`` holds the store's ``TransactionGate`` from ``BEGIN IMMEDIATE``
 (the write lock, against other processes too) to ``COMMIT`` or ``ROLLBACK``, and the store's
-own calls made meanwhile wait for it. A failed or cancelled transaction always queues its
-rollback, so it never leaves the connection inside one.
+own calls made meanwhile wait for it. Like a group, a transaction runs on the loop's own
+thread when the database is free at its ``BEGIN`` (a challenge's few inserts: no hand-over
+to the worker per statement), on the worker otherwise. A failed or cancelled transaction
+always rolls back (on the worker: queued), so it never leaves a connection inside one.
 
 Opening the file, its safety checks and the schema migrations are in ``sqlite_file``.
 """
@@ -1356,17 +1358,21 @@ class _SqliteOperations:
 
 
 class _SqliteTransaction(_SqliteOperations):
-    """The operations of one open transaction: queued straight to the worker, inside it."""
+    """The operations of one open transaction: run on ``here`` (the loop's connection, which
+    began it), or queued straight to the worker, inside it."""
 
-    def __init__(self, store: SqliteStore, clock: Clock) -> None:
+    def __init__(self, store: SqliteStore, clock: Clock, here: sqlite3.Connection | None) -> None:
         self._store: SqliteStore | None = store
         self._clock = clock
+        self._here = here
 
     async def _run(
         self, operation: str, function: Callable[[sqlite3.Connection], T], *, atomic: bool = False
     ) -> T:
         if self._store is None:
             raise RuntimeError("the transaction has ended; start another one")
+        if self._here is not None:
+            return self._store._call_on(self._here, operation, function)
         return await self._store._queue(operation, function, atomic=False)
 
     def end(self) -> None:
@@ -1471,6 +1477,30 @@ class SqliteStore(_SqliteOperations):
         loop = asyncio.get_running_loop()
         return loop.run_in_executor(self._executor, self._call, operation, function, atomic)
 
+    def _call_on(
+        self,
+        connection: sqlite3.Connection,
+        operation: str,
+        function: Callable[[sqlite3.Connection], T],
+    ) -> T:
+        """``function`` on ``connection`` (the loop's, inside its transaction)."""
+        try:
+            return function(connection)
+        except sqlite3.Error as error:
+            raise StoreError(f"{operation} failed on {self._path}: {describe(error)}") from error
+
+    def _begin_here(self) -> sqlite3.Connection | None:
+        """The loop's connection inside a new transaction; None when the database is busy
+        (another process writes) or the store is read-only: the worker then runs it."""
+        connection = self._loop_connection
+        if connection is None:
+            return None
+        try:
+            _begin(connection)
+        except sqlite3.Error:
+            return None
+        return connection
+
     def _call(self, operation: str, function: Callable[[sqlite3.Connection], T], atomic: bool) -> T:
         """Runs in the worker thread: the one place sqlite3 errors become ``StoreError``."""
         try:
@@ -1573,7 +1603,18 @@ class SqliteStore(_SqliteOperations):
     async def transaction(self) -> AsyncIterator[StoreOperations]:
         self._check_open("transaction")
         async with self._gate.transaction():
-            transaction = _SqliteTransaction(self, self._clock)
+            here = self._begin_here()
+            transaction = _SqliteTransaction(self, self._clock, here)
+            if here is not None:
+                try:
+                    yield transaction
+                    transaction.end()
+                    self._call_on(here, "commit", _commit)
+                except BaseException:
+                    transaction.end()
+                    _rollback(here)
+                    raise
+                return
             try:
                 await self._queue("begin", _begin, atomic=False)
                 yield transaction

@@ -47,6 +47,7 @@ from gateway.web.cookies import without_l402_cookie
 from gateway.web.lnurl import TipsSlot
 from gateway.web.metrics import metrics_middleware
 from gateway.web.responses import BALANCE_HEADER, COST_HEADER, client_address, token_header_value
+from gateway.web.upstream import LeanPool, UpstreamAnswer, request_bytes
 
 log = logging.getLogger(__name__)
 
@@ -67,29 +68,63 @@ CHUNK = 64 * 1024
 _HELD_BODY_BYTES = HoldTerms().max_request_bytes
 # Statuses whose responses never have a body, whatever their Content-Length says.
 _NO_BODY = frozenset({204, 304})
-# Taken out of every upstream response: only the gateway's own reach the client.
-RESPONSE_DROP = frozenset({COST_HEADER.lower(), BALANCE_HEADER.lower()})
+# Taken out of every upstream response: the hop-by-hop ones, and the gateway's own (only the
+# gateway's reach the client).
+RESPONSE_DROP = HOP_BY_HOP | {COST_HEADER.lower(), BALANCE_HEADER.lower()}
 # Requests with a verified paid token get a connection pool of their own: unpaid ones (say,
 # slow uploads to a free route) cannot take every upstream connection.
 _SESSION = web.AppKey("l402_proxy_session", aiohttp.ClientSession)
 _PAID_SESSION = web.AppKey("l402_proxy_paid_session", aiohttp.ClientSession)
+# A paid GET without a body (most paid requests) goes through the lean client: a pool of
+# its own, of as many connections again.
+_PAID_LEAN = web.AppKey("l402_proxy_paid_lean", LeanPool)
+
+
+class _AiohttpAnswer:
+    """An upstream response read through aiohttp's client, as an ``UpstreamAnswer``."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    @property
+    def reason(self) -> str | None:
+        return self._response.reason
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self._response.headers
+
+    @property
+    def content_length(self) -> int | None:
+        return self._response.content_length
+
+    async def read(self) -> bytes:
+        return await self._response.read()
+
+    def iter_chunks(self) -> AsyncIterator[bytes]:
+        return self._response.content.iter_chunked(CHUNK)
 
 
 def end_to_end_headers(
-    headers: CIMultiDictProxy[str], also_drop: frozenset[str], *, keep_underscored: bool
+    headers: CIMultiDictProxy[str], drop: frozenset[str], *, keep_underscored: bool
 ) -> CIMultiDict[str]:
-    """``headers`` without the hop-by-hop ones (those ``Connection`` names too) and
-    ``also_drop``; without names holding ``_`` unless ``keep_underscored``."""
-    named = {
-        name.strip().lower()
-        for value in headers.getall(hdrs.CONNECTION, ())
-        for name in value.split(",")
-    }
-    drop = HOP_BY_HOP | named | also_drop
+    """``headers`` without those named (lower case) in ``drop``, which holds ``HOP_BY_HOP``,
+    and those ``Connection`` names; without names holding ``_`` unless ``keep_underscored``.
+    (Every request and response passes here: ``drop`` is built once by the caller.)"""
+    if hdrs.CONNECTION in headers:
+        drop = drop.union(
+            name.strip().lower()
+            for value in headers.getall(hdrs.CONNECTION)
+            for name in value.split(",")
+        )
+    if keep_underscored:
+        return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
     return CIMultiDict(
-        (k, v)
-        for k, v in headers.items()
-        if k.lower() not in drop and (keep_underscored or "_" not in k)
+        [(k, v) for k, v in headers.items() if "_" not in k and k.lower() not in drop]
     )
 
 
@@ -98,15 +133,6 @@ _ENCODED_SEPARATOR = re.compile("%(?:2f|5c)", re.IGNORECASE)
 
 
 _ENCODED_SEPARATOR_REFUSAL = "path must not contain an encoded '/' or '\\'"
-
-
-@web.middleware
-async def _refuse_encoded_separators(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    if _ENCODED_SEPARATOR.search(request.rel_url.raw_path):
-        return _problem(400, "Bad Request", _ENCODED_SEPARATOR_REFUSAL)
-    return await handler(request)
 
 
 def upstream_session(limit: int, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
@@ -221,9 +247,14 @@ _CLOSE = web.RequestKey("l402_close", bool)
 
 
 @web.middleware
-async def _close_when_asked(
+async def _guard(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    """Refuses an encoded separator in the path; closes the connection after a response
+    when the stored-request loader asked for it. (One middleware: each costs a call on
+    every request.)"""
+    if _ENCODED_SEPARATOR.search(request.rel_url.raw_path):
+        return _problem(400, "Bad Request", _ENCODED_SEPARATOR_REFUSAL)
     response = await handler(request)
     if request.get(_CLOSE, False):
         response.force_close()
@@ -313,10 +344,9 @@ def build_proxy(
         add_tip_routes(app, tips, trust_forwarded_for=trust_forwarded_for)
     if metrics is not None:
         app.middlewares.insert(0, metrics_middleware(metrics_path, metrics_slot))
-    app.middlewares.append(_refuse_encoded_separators)
-    app.middlewares.append(_close_when_asked)  # outside the L402 decision (setup_l402)
+    app.middlewares.append(_guard)  # outside the L402 decision (setup_l402)
     # Content-Length is kept: the body is forwarded with the length the client declared.
-    request_drop = frozenset({"host", "authorization", token_header.lower()})
+    request_drop = HOP_BY_HOP | {"host", "authorization", token_header.lower()}
     held_limit = min(max_held_body_bytes, max_body_bytes)
     too_slow_detail = f"the body took over {body_timeout:g}s plus 1s per {min_body_rate} bytes"
 
@@ -339,7 +369,11 @@ def build_proxy(
             session(paid_upstream_connections) as paid,
         ):
             app[_SESSION], app[_PAID_SESSION] = free, paid
-            yield
+            app[_PAID_LEAN] = lean = LeanPool(base, paid_upstream_connections, CHUNK)
+            try:
+                yield
+            finally:
+                lean.close()
 
     def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
         """The headers the upstream gets with ``request``, but the token header."""
@@ -415,8 +449,33 @@ def build_proxy(
     )
     app.cleanup_ctx.append(client_session)
 
+    @contextlib.asynccontextmanager
+    async def exchange(
+        request: web.Request,
+        headers: CIMultiDict[str],
+        body: _LimitedBody | None,
+        upstream_session: aiohttp.ClientSession,
+        lean: LeanPool | None,
+    ) -> AsyncIterator[UpstreamAnswer]:
+        """The upstream's answer to ``request``, its headers in, read in the block."""
+        # Verbatim: the path the rules were matched on, not a re-normalized one.
+        target = request.rel_url.raw_path_qs
+        if lean is not None and body is None and request.method == hdrs.METH_GET:
+            head = request_bytes(hdrs.METH_GET, target, lean.host_header, headers.items())
+            async with asyncio.timeout(upstream_timeout), lean.get(head) as answer:
+                yield answer
+            return
+        async with upstream_session.request(
+            request.method,
+            URL(base + target, encoded=True),
+            headers=headers,
+            data=body.chunks() if body is not None else None,
+            allow_redirects=False,
+        ) as response:
+            yield _AiohttpAnswer(response)
+
     async def send(
-        request: web.Request, upstream_session: aiohttp.ClientSession
+        request: web.Request, upstream_session: aiohttp.ClientSession, lean: LeanPool | None
     ) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > max_body_bytes:
             return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
@@ -433,13 +492,8 @@ def build_proxy(
         started = time.perf_counter()
         answered = False
         try:
-            async with upstream_session.request(
-                request.method,
-                # Verbatim: the path the rules were matched on, not a re-normalized one.
-                URL(base + request.rel_url.raw_path_qs, encoded=True),
-                headers=headers,
-                data=body.chunks() if body is not None else None,
-                allow_redirects=False,
+            async with exchange(
+                request, headers, body, upstream_session, lean
             ) as upstream_response:
                 answered = True
                 metrics_slot.meter.upstream_call(time.perf_counter() - started, None)
@@ -467,7 +521,7 @@ def build_proxy(
                     status=status, reason=reason, headers=response_headers
                 )
                 await response.prepare(request)
-                async for chunk in upstream_response.content.iter_chunked(CHUNK):
+                async for chunk in upstream_response.iter_chunks():
                     await response.write(chunk)
                 await response.write_eof()
                 return response
@@ -501,7 +555,8 @@ def build_proxy(
 
     async def forward(request: web.Request) -> web.StreamResponse:
         if request.get(TOKEN) is not None:
-            response = await send(request, request.app[_PAID_SESSION])
+            app = request.app
+            response = await send(request, app[_PAID_SESSION], app[_PAID_LEAN])
             # Still open: the answer is the gateway's own, the upstream gave none.
             await settle_charge(request, None, response.headers)
             return response
@@ -509,7 +564,7 @@ def build_proxy(
         if unpaid.full(client):
             return too_many()
         with unpaid.hold(client):
-            return await send(request, request.app[_SESSION])
+            return await send(request, request.app[_SESSION], None)
 
     async def expect(request: web.Request) -> web.StreamResponse | None:
         # Runs after the L402 decision (setup_l402 wraps it): an answer the body cannot

@@ -29,9 +29,11 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
+from gateway.web.access_log import ACCESS_LOGGER, AccessLog
 from gateway.web.connections import (
     ACCEPT_HEADROOM,
     REPORT_INTERVAL,
@@ -225,10 +227,18 @@ async def listening(
     *,
     reuse_port: bool = False,
     shutdown_timeout: float = 60.0,
+    access_log: bool = False,
 ) -> AsyncIterator[list[socket.socket]]:
     """Serve ``app`` on ``host:port`` for the block (startup and cleanup included); yields
-    the listening sockets (their names hold the port when ``port`` is 0)."""
+    the listening sockets (their names hold the port when ``port`` is 0). With
+    ``access_log`` each request is logged (``gateway.web.access_log``)."""
     loop = asyncio.get_running_loop()
+    # Given to each connection: the runner's own access log settings never reach them.
+    logging_kwargs: dict[str, Any] = (
+        {"access_log_class": AccessLog, "access_log": ACCESS_LOGGER}
+        if access_log
+        else {"access_log": None}
+    )
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
@@ -242,6 +252,7 @@ async def listening(
                 loop=loop,
                 connections=connections,
                 keepalive_timeout=limits.idle_timeout,
+                **logging_kwargs,
             )
 
         connections = Connections(limits)
@@ -280,16 +291,17 @@ async def serve(
     *,
     reuse_port: bool,
     others: Sequence[Listener] = (),
+    access_log: bool = False,
 ) -> None:
     """``listening`` until SIGTERM or SIGINT; ``others`` listen too once ``app`` has started
-    (each without SO_REUSEPORT: one process serves them). A bind error of one of them is a
-    ``ListenError`` naming it."""
+    (each without SO_REUSEPORT: one process serves them; never access-logged). A bind error
+    of one of them is a ``ListenError`` naming it."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with (
-        listening(app, host, port, limits, reuse_port=reuse_port),
+        listening(app, host, port, limits, reuse_port=reuse_port, access_log=access_log),
         contextlib.AsyncExitStack() as stack,
     ):
         for other in others:

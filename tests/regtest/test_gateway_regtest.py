@@ -250,7 +250,9 @@ async def test_serve_with_two_workers_shares_one_port_and_one_store(
 ) -> None:
     url, database, config_file, log = proxy_setup
     fortune = url + "/api/premium/fortune"
-    config_file.write_text(config_file.read_text().replace("[server]\n", "[server]\nworkers = 2\n"))
+    config_file.write_text(
+        config_file.read_text().replace("[server]\n", "[server]\nworkers = 2\naccess_log = true\n")
+    )
     process = start_serve(config_file, log)
     try:
         await wait_for_http(f"{url}/health", process, log)
@@ -277,7 +279,7 @@ async def test_serve_with_two_workers_shares_one_port_and_one_store(
         for payment_hash in hashes:  # the first worker's watcher records every settlement
             await wait_for_invoice(database, payment_hash, "SETTLED")
         served = re.findall(
-            r"(l402-gateway-worker-\d) INFO aiohttp.access: .* 200 ", log.read_text()
+            r"(l402-gateway-worker-\d) INFO gateway.access: .* 200 ", log.read_text()
         )
         assert set(served) == {"l402-gateway-worker-0", "l402-gateway-worker-1"}, served
     finally:

@@ -94,6 +94,7 @@ def _config(network: Network, tmp_path: Path, port: int, upstream: str, workers:
 listen = "127.0.0.1:{port}"
 upstream = "{upstream}"
 workers = {workers}
+access_log = true
 [lnd]
 host = "{network.alice.rpc_host}"
 tls_cert = "{network.alice.tls_cert}"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from gateway.cli.serve import _memory_directory, die_with_parent
+from gateway.cli.serve import _memory_directory, die_with_parent, event_loop_factory
+from gateway.errors import ConfigError
 from tests.config_files import placeholder_lnd, write_config
 
 
@@ -97,3 +98,17 @@ def test_the_metrics_files_go_to_tmpdir_if_set_else_to_ram(
     monkeypatch.delenv("TMPDIR")
     expected = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None  # noqa: S108
     assert _memory_directory() == expected
+
+
+def test_the_event_loop_is_uvloop_when_installed_unless_asyncio_is_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import uvloop  # a dev dependency
+
+    assert event_loop_factory("auto") is uvloop.new_event_loop
+    assert event_loop_factory("uvloop") is uvloop.new_event_loop
+    assert event_loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: import fails
+    assert event_loop_factory("auto") is None
+    with pytest.raises(ConfigError, match=r"needs uvloop: pip install 'l402-gateway\[speed\]'"):
+        event_loop_factory("uvloop")

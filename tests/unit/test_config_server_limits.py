@@ -21,18 +21,21 @@ def test_defaults() -> None:
     assert (server.max_connections, server.max_connections_per_client) == (0, 64)
     assert server.unpaid_requests_per_client == 16
     assert (server.upstream_connections, server.paid_upstream_connections) == (100, 100)
+    assert (server.access_log, server.event_loop) == (False, "auto")
 
 
 def test_from_the_file_and_the_environment(tmp_path: Path) -> None:
     path = tmp_path / "gateway.toml"
     path.write_text(
         "[server]\nheader_timeout = 2.5\nmax_connections = 500\npaid_upstream_connections = 7\n"
+        'access_log = true\nevent_loop = "asyncio"\n'
     )
     environ = {"GATEWAY_SERVER_UNPAID_REQUESTS_PER_CLIENT": "0", "GATEWAY_SERVER_IDLE_TIMEOUT": "4"}
     server = load_config(path, environ).server
     assert (server.header_timeout, server.idle_timeout) == (2.5, 4.0)
     assert (server.max_connections, server.paid_upstream_connections) == (500, 7)
     assert server.unpaid_requests_per_client == 0
+    assert (server.access_log, server.event_loop) == (True, "asyncio")
 
 
 @pytest.mark.parametrize(
@@ -47,6 +50,7 @@ def test_from_the_file_and_the_environment(tmp_path: Path) -> None:
         ("unpaid_requests_per_client", "-2", "unpaid_requests_per_client must be >= 0"),
         ("upstream_connections", "0", "upstream_connections must be >= 1"),
         ("paid_upstream_connections", "0", "paid_upstream_connections must be >= 1"),
+        ("event_loop", "trio", "event_loop must be auto or asyncio or uvloop, got 'trio'"),
     ],
 )
 def test_out_of_range_is_refused(key: str, value: str, message: str) -> None:

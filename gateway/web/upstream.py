@@ -1,0 +1,358 @@
+"""A lean HTTP/1.1 client for the proxy's most common upstream call: a GET without a body.
+
+aiohttp's client spends about three times the CPU of a raw exchange on such a call
+(building a ``ClientRequest``, merging headers, timers, its response object): on a paid
+request it was the largest share of the proxy's CPU. Here the request is one write of the
+headers ``send`` already prepared, and the response is parsed by llhttp (``httptools``,
+strict: no leniency towards a malformed response) on kept-alive connections.
+
+Anything else (a body, another method) goes through aiohttp, as before. A response is read
+whole when its ``Content-Length`` is at most ``whole_limit``; any other is streamed, read
+from the upstream only as fast as the client takes it. A request on a kept-alive connection
+the upstream closed before answering is sent again once, on a new connection (a GET is
+idempotent; aiohttp's client does the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from typing import Protocol, cast
+
+import aiohttp
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+CONNECT_TIMEOUT = 10.0  # seconds, as the sock_connect of the proxy's aiohttp sessions
+IDLE_SECONDS = 15.0  # a connection idle longer is closed rather than reused (as aiohttp)
+_BUFFERED_CHUNKS = 16  # body chunks held for a slow client before reading pauses
+
+
+class UpstreamError(aiohttp.ClientConnectionError):
+    """The upstream closed, reset or garbled the connection: an aiohttp ``ClientError``,
+    handled as the proxy handles aiohttp's."""
+
+
+class UpstreamAnswer(Protocol):
+    """What the proxy reads of an upstream's response: aiohttp's, or a ``LeanResponse``."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    async def read(self) -> bytes: ...
+
+    def iter_chunks(self) -> AsyncIterator[bytes]: ...
+
+
+class LeanResponse(asyncio.Protocol):
+    """One kept-alive connection and the response it is reading (one at a time)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, whole_limit: int) -> None:
+        self._loop = loop
+        self._whole_limit = whole_limit
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self.closed = False
+        self.pooled = False  # counted in its pool's connections
+        self.idle_since = 0.0
+        self._waiting = False  # a request was sent, its response is not complete
+        self._head: asyncio.Future[None] = loop.create_future()
+        self._head.set_result(None)
+        self._end: asyncio.Future[None] = self._head
+
+    def start(self) -> None:
+        """A new exchange: what the previous one read is forgotten."""
+        self.received = False  # a byte of this response arrived
+        self.status = 0
+        self.reason = ""
+        self._pairs: list[tuple[str, str]] = []
+        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+        self._body: list[bytes] = []
+        self.chunks: deque[bytes] | None = None  # when streamed
+        self._chunk_ready: asyncio.Future[None] | None = None
+        self._paused = False
+        self.complete = False
+        self._keep_alive = False
+        self._head = self._loop.create_future()  # the headers in (streamed) or all of it
+        self._end = self._loop.create_future()
+        self._waiting = True
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's is not an asyncio.Transport subclass).
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._waiting:  # nothing asked: not a connection to trust again
+            self.close()
+            return
+        self.received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamError("the upstream switched protocols on a GET"))
+        except httptools.HttpParserError as error:
+            self._fail(UpstreamError(f"malformed response from the upstream: {error}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._waiting:
+            self._fail(UpstreamError(f"the upstream closed the connection ({exc or 'EOF'})"))
+
+    # llhttp's callbacks (none changes a response once it is complete)
+    def on_message_begin(self) -> None:
+        if not self._waiting:  # more after the response, in the same read
+            self.close()
+
+    def on_status(self, status: bytes) -> None:
+        if self._waiting:
+            self.reason = status.decode("utf-8", "surrogateescape")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._waiting:
+            self._pairs.append(
+                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            )
+
+    def on_headers_complete(self) -> None:
+        if not self._waiting:
+            return
+        status = self._parser.get_status_code()
+        if status < 200:  # 100 Continue, 103 Early Hints: the answer follows
+            self._pairs = []
+            return
+        self.status = status
+        self.headers = CIMultiDictProxy(CIMultiDict(self._pairs))
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit() or int(length) > self._whole_limit:
+            self.chunks = deque()
+            self._head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        if not self._waiting:
+            return
+        if self.chunks is None:
+            self._body.append(body)
+            return
+        self.chunks.append(body)
+        self._wake()
+        if len(self.chunks) >= _BUFFERED_CHUNKS and self._transport is not None:
+            self._transport.pause_reading()  # the client takes it slower than it comes
+            self._paused = True
+
+    def on_message_complete(self) -> None:
+        if self.status < 200 or not self._waiting:
+            return
+        self.complete = True
+        self._keep_alive = self._parser.should_keep_alive()
+        self._waiting = False
+        if not self._head.done():
+            self._head.set_result(None)
+        self._end.set_result(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._chunk_ready is not None and not self._chunk_ready.done():
+            self._chunk_ready.set_result(None)
+
+    def _fail(self, error: Exception) -> None:
+        self._waiting = False
+        for waiter in (self._head, self._end):
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._end.exception()  # retrieved: a streamed body raises it, a whole one never asks
+        self._wake()
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def send(self, request: bytes) -> None:
+        self.start()
+        assert self._transport is not None
+        self._transport.write(request)
+
+    async def wait_head(self) -> None:
+        """Until the headers are in (a streamed body) or all of the response is."""
+        await self._head
+
+    @property
+    def content_length(self) -> int | None:
+        length = self.headers.get("Content-Length")
+        return int(length) if length is not None and length.isdigit() else None
+
+    async def read(self) -> bytes:
+        """The whole body: in when ``wait_head`` returned, unless it is streamed."""
+        if self.chunks is not None:
+            return b"".join([chunk async for chunk in self.iter_chunks()])
+        return b"".join(self._body)
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; raises ``UpstreamError`` when it is cut short."""
+        chunks = self.chunks
+        if chunks is None:  # read whole already
+            if self._body:
+                yield b"".join(self._body)
+            return
+        while True:
+            while chunks:
+                yield chunks.popleft()
+                if self._paused and len(chunks) < _BUFFERED_CHUNKS // 2:
+                    self._paused = False
+                    if self._transport is not None and not self.closed:
+                        self._transport.resume_reading()
+            if self._end.done():
+                self._end.result()
+                return
+            self._chunk_ready = self._loop.create_future()
+            await self._chunk_ready
+
+    def reusable(self) -> bool:
+        return self.complete and self._keep_alive and not self.closed
+
+
+def request_bytes(method: str, target: str, host: str, headers: Iterable[tuple[str, str]]) -> bytes:
+    """The request's head, as one write; ``ValueError`` when a header holds a line break
+    (it would end the head early: a request smuggled in)."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    joined = "".join(lines)
+    if "\n" in joined or "\r" in joined:
+        raise ValueError("a request header holds a line break")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+class LeanPool:
+    """Kept-alive connections to ``base`` (the upstream URL), at most ``limit`` open; a
+    request finding all of them busy waits for one to be free (or closed)."""
+
+    def __init__(self, base: str, limit: int, whole_limit: int) -> None:
+        url = URL(base)
+        assert url.host is not None  # the config checked it
+        assert url.port is not None
+        self._host = url.host
+        self._port = url.port
+        self._ssl = ssl.create_default_context() if url.scheme == "https" else None
+        self.host_header = url.host_port_subcomponent or url.host
+        self._whole_limit = whole_limit
+        self._limit = limit
+        self._count = 0  # connections open or being opened
+        self._idle: list[LeanResponse] = []
+        # Requests waiting for a connection: given a free one, or None when one closed.
+        self._waiters: deque[asyncio.Future[LeanResponse | None]] = deque()
+
+    async def _connection(self) -> tuple[LeanResponse, bool]:
+        """A free connection, and whether it was used before."""
+        connection = self._reuse()
+        if connection is not None:
+            return connection, True
+        while self._count >= self._limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                handed = await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                    self._release(waiter.result())  # handed over as this one left
+                raise
+            if handed is not None:
+                return handed, True
+        return await self._connect(), False
+
+    async def _connect(self) -> LeanResponse:
+        loop = asyncio.get_running_loop()
+        self._count += 1
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                _, connection = await loop.create_connection(
+                    lambda: LeanResponse(loop, self._whole_limit),
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                )
+        except OSError as error:
+            self._closed_one()
+            raise UpstreamError(f"cannot connect to the upstream: {error}") from error
+        except BaseException:
+            self._closed_one()
+            raise
+        connection.pooled = True
+        return connection
+
+    def _reuse(self) -> LeanResponse | None:
+        cutoff = time.monotonic() - IDLE_SECONDS
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed and connection.idle_since > cutoff:
+                return connection
+            self._forget(connection)
+        return None
+
+    def _forget(self, connection: LeanResponse) -> None:
+        connection.close()
+        if connection.pooled:  # counted once
+            connection.pooled = False
+            self._closed_one()
+
+    def _closed_one(self) -> None:
+        self._count -= 1
+        self._hand_over(None)
+
+    def _hand_over(self, connection: LeanResponse | None) -> bool:
+        """Give ``connection`` (None: room for a new one) to the first waiting request."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(connection)
+                return True
+        return False
+
+    def _release(self, connection: LeanResponse) -> None:
+        if not connection.reusable():
+            self._forget(connection)
+            return
+        connection.idle_since = time.monotonic()
+        if not self._hand_over(connection):
+            self._idle.append(connection)
+
+    @contextlib.asynccontextmanager
+    async def get(self, request: bytes) -> AsyncIterator[LeanResponse]:
+        """``request`` sent, its response's head in: the response, read in the block. Its
+        connection is reused after the block when the response was read to its end."""
+        connection, reused = await self._connection()
+        try:
+            connection.send(request)
+            try:
+                await connection.wait_head()
+            except UpstreamError:
+                if not reused or connection.received:
+                    raise
+                # Closed while idle, before this request reached it: once more, anew.
+                self._forget(connection)
+                connection = await self._connect()
+                connection.send(request)
+                await connection.wait_head()
+            yield connection
+        finally:
+            self._release(connection)
+
+    def close(self) -> None:
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()
