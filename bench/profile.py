@@ -15,6 +15,12 @@ RATE = 200  # samples per second
 # Waits py-spy samples as running: the store's idle worker thread, and the event loop's
 # poll for events.
 _IDLE_LEAVES = frozenset({"_worker", "select", "poll"})
+# Frames every sample of the process has under it (the command's entry points): left out of
+# the cumulative list, which they would top at 100%.
+_ENTRY = re.compile(
+    r"^(<frozen runpy>|gateway/cli/(__main__|__init__)\.py"
+    r"|gateway/cli/serve\.py:(run|_serve_worker)$|asyncio/runners\.py:Runner\.run$|threading\.py:Thread\._bootstrap)"
+)
 _FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^():]*)(?::\d+)?\)$")
 
 
@@ -73,7 +79,8 @@ def summarize(raw: Path) -> Profile:
         busy += int(count)
         own[frames[-1]] += int(count)
         for name in set(frames):
-            cumulative[name] += int(count)
+            if not _ENTRY.match(name):
+                cumulative[name] += int(count)
 
     def shares(counter: collections.Counter[str]) -> list[tuple[float, str]]:
         return [(100 * n / max(busy, 1), name) for name, n in counter.most_common()]

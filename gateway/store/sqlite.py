@@ -698,7 +698,9 @@ class _SqliteOperations:
             _add_events(connection, invoice_events(record, updated, now, link), now)
             return updated
 
-        return await self._run("apply_update", apply, atomic=True)
+        # Grouped: the watcher's write for every invoice event (a challenge's too), nothing
+        # to undo (it writes what the node said).
+        return await self._run_grouped("apply_update", apply)
 
     async def get_invoice(self, payment_hash: PaymentHash) -> InvoiceRecord | None:
         def get(connection: sqlite3.Connection) -> InvoiceRecord | None:
@@ -799,7 +801,7 @@ class _SqliteOperations:
         def save(connection: sqlite3.Connection) -> None:
             connection.execute(_SAVE_CURSOR, (cursor.add_index, cursor.settle_index))
 
-        await self._run("save_cursor", save)
+        await self._run_grouped("save_cursor", save)
 
     async def open_account(self, token_id: bytes, service: str) -> None:
         created_at = self._clock.now()
@@ -1682,20 +1684,24 @@ def _log_failed_undo(future: asyncio.Future[Any]) -> None:
 def _run_group(
     group: list[_Grouped], connection: sqlite3.Connection
 ) -> list[tuple[Any, Exception | None]]:
-    """Runs in the worker thread: ``group`` in one transaction; returns each one's result or
-    error. A grouped operation raises nothing but ``sqlite3.Error`` once it has written (it
-    checks first), so another error leaves nothing to undo; an ``sqlite3.Error`` rolls the
-    whole group back (the caller fails them all)."""
+    """``group`` in one transaction (on the worker, or the loop's connection); returns each
+    one's result or error. An operation that raises another error than ``sqlite3.Error``
+    is rolled back to before it (a savepoint), the others stand; an ``sqlite3.Error`` rolls
+    the whole group back (the caller fails them all)."""
     outcomes: list[tuple[Any, Exception | None]] = []
     connection.execute("BEGIN IMMEDIATE")
     try:
         for grouped in group:
+            # A savepoint each: one that fails after some of its writes leaves none of them.
+            connection.execute("SAVEPOINT grouped")
             try:
                 outcomes.append((grouped.function(connection), None))
             except sqlite3.Error:
                 raise
             except Exception as error:
+                connection.execute("ROLLBACK TO grouped")
                 outcomes.append((None, error))
+            connection.execute("RELEASE grouped")
         connection.execute("COMMIT")
     except BaseException:
         _rollback(connection)

@@ -253,7 +253,9 @@ class _Billing:
     finished: bool = False
 
 
-_BILLING = web.RequestKey("l402_billing", _Billing)
+# Set on every decided request (None without a charge): a missing key costs a KeyError
+# in each later lookup, on every paid request.
+_BILLING = web.RequestKey[_Billing | None]("l402_billing")
 
 
 def report_cost(request: web.Request, msat: int) -> None:
@@ -327,8 +329,8 @@ async def _decide(slot: _ServiceSlot, request: web.Request) -> Decision:
         loader = slot.stored_request
         keep = functools.partial(loader, request) if loader is not None else None
         decision = await service.authorize(request_info(request, slot.trust_forwarded_for, keep))
-    if isinstance(decision, Allow) and decision.charge is not None:
-        request[_BILLING] = _Billing(service, decision.charge)
+    charge = decision.charge if isinstance(decision, Allow) else None
+    request[_BILLING] = None if charge is None else _Billing(service, charge)
     return decision
 
 
@@ -387,7 +389,8 @@ def l402_middleware(slot: _ServiceSlot) -> Middleware:
             if request.path == REDEEM_PATH:
                 return await _redeem(request, service, slot.trust_forwarded_for)
             return await _credit_endpoint(request, service, request.path)
-        decided = request.get(_DECIDED)
+        # Only an Expect handler decides first (looked up only then: a miss costs a KeyError).
+        decided = request.get(_DECIDED) if hdrs.EXPECT in request.headers else None
         decision = decided.decision if decided is not None else await _decide(slot, request)
         if isinstance(decision, Allow):
             if decision.replay is not None:

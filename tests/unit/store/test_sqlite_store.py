@@ -810,6 +810,53 @@ async def test_one_failing_operation_leaves_the_rest_of_its_group_committed(
     assert (account.reserved_msat, account.spent_msat) == (6_000, 0)
 
 
+async def test_an_operation_failing_after_a_write_leaves_none_of_it_the_others_stand(
+    store: SqliteStore,
+) -> None:
+    def half_then_fail(connection: sqlite3.Connection) -> None:
+        connection.execute("UPDATE cursor SET add_index = 7 WHERE id = 0")
+        raise ValueError("a check after the write")
+
+    def move(connection: sqlite3.Connection) -> None:
+        connection.execute("UPDATE cursor SET settle_index = 5 WHERE id = 0")
+
+    failing, moved = await asyncio.gather(
+        store._run_grouped("half", half_then_fail),
+        store._run_grouped("move", move),
+        return_exceptions=True,
+    )
+    assert isinstance(failing, ValueError)
+    assert moved is None
+    assert await store.get_cursor() == Cursor(0, 5)
+
+
+async def test_a_transaction_runs_on_the_loops_thread_unless_another_connection_writes(
+    store: SqliteStore, db_path: Path
+) -> None:
+    assert store._loop_connection is not None
+    statements: list[str] = []
+    store._loop_connection.set_trace_callback(statements.append)
+    async with store.transaction() as tx:
+        await tx.save_cursor(Cursor(3, 1))
+    assert statements[0] == "BEGIN IMMEDIATE"
+    assert statements[-1] == "COMMIT"
+    statements.clear()
+    with raw(db_path) as other:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+
+        async def save() -> None:
+            async with store.transaction() as tx:
+                await tx.save_cursor(Cursor(4, 2))
+
+        saving = asyncio.ensure_future(save())
+        await asyncio.sleep(0.2)
+        assert not saving.done()  # on the worker, which waits for the lock
+        other.execute("ROLLBACK")
+        await saving
+    assert "COMMIT" not in statements  # the worker's connection committed it
+    assert await store.get_cursor() == Cursor(4, 2)
+
+
 async def test_a_group_goes_to_the_worker_while_another_connection_writes(
     store: SqliteStore, db_path: Path
 ) -> None:
