@@ -462,7 +462,7 @@ def build_proxy(
         target = request.rel_url.raw_path_qs
         if lean is not None and body is None and request.method == hdrs.METH_GET:
             head = request_bytes(hdrs.METH_GET, target, lean.host_header, headers.items())
-            async with asyncio.timeout(upstream_timeout), lean.get(head) as answer:
+            async with lean.get(head, upstream_timeout) as answer:
                 yield answer
             return
         async with upstream_session.request(

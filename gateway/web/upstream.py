@@ -31,6 +31,7 @@ from yarl import URL
 CONNECT_TIMEOUT = 10.0  # seconds, as the sock_connect of the proxy's aiohttp sessions
 IDLE_SECONDS = 15.0  # a connection idle longer is closed rather than reused (as aiohttp)
 _BUFFERED_CHUNKS = 16  # body chunks held for a slow client before reading pauses
+MAX_HEAD_BYTES = 64 * 1024  # a response's status line and headers (llhttp has no cap)
 
 
 class UpstreamError(aiohttp.ClientConnectionError):
@@ -77,6 +78,8 @@ class LeanResponse(asyncio.Protocol):
     def start(self) -> None:
         """A new exchange: what the previous one read is forgotten."""
         self.received = False  # a byte of this response arrived
+        self._head_bytes = 0
+        self.deadline: float | None = None  # loop time the body must be in by
         self.status = 0
         self.reason = ""
         self._pairs: list[tuple[str, str]] = []
@@ -101,6 +104,11 @@ class LeanResponse(asyncio.Protocol):
             self.close()
             return
         self.received = True
+        if self.status == 0:  # its head is not in yet (bounded to this cap plus one read)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(UpstreamError(f"response head over {MAX_HEAD_BYTES} bytes"))
+                return
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -110,8 +118,22 @@ class LeanResponse(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._waiting:
+        if not self._waiting:
+            return
+        if exc is None and self._ends_at_close():
+            self.on_message_complete()  # a body of no stated length ends with the connection
+        else:
             self._fail(UpstreamError(f"the upstream closed the connection ({exc or 'EOF'})"))
+
+    def _ends_at_close(self) -> bool:
+        """The headers are in and give the body no length (HTTP/1.0 style): llhttp cannot
+        be told of the end of the stream, so the close is taken as the body's end here."""
+        headers = self.headers
+        return (
+            self.status >= 200
+            and "Content-Length" not in headers
+            and ("Transfer-Encoding" not in headers)
+        )
 
     # llhttp's callbacks (none changes a response once it is complete)
     def on_message_begin(self) -> None:
@@ -221,7 +243,8 @@ class LeanResponse(asyncio.Protocol):
                 self._end.result()
                 return
             self._chunk_ready = self._loop.create_future()
-            await self._chunk_ready
+            async with asyncio.timeout_at(self.deadline):
+                await self._chunk_ready
 
     def reusable(self) -> bool:
         return self.complete and self._keep_alive and not self.closed
@@ -268,8 +291,13 @@ class LeanPool:
             try:
                 handed = await waiter
             except BaseException:
-                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                    self._release(waiter.result())  # handed over as this one left
+                if waiter.done() and not waiter.cancelled():
+                    # Handed over as this one left: on to the next waiting request.
+                    left = waiter.result()
+                    if left is None:
+                        self._hand_over(None)
+                    else:
+                        self._release(left)
                 raise
             if handed is not None:
                 return handed, True
@@ -332,25 +360,32 @@ class LeanPool:
             self._idle.append(connection)
 
     @contextlib.asynccontextmanager
-    async def get(self, request: bytes) -> AsyncIterator[LeanResponse]:
+    async def get(self, request: bytes, seconds: float) -> AsyncIterator[LeanResponse]:
         """``request`` sent, its response's head in: the response, read in the block. Its
-        connection is reused after the block when the response was read to its end."""
-        connection, reused = await self._connection()
+        connection is reused after the block when the response was read to its end. The
+        response's head and body must be in ``seconds`` from now (``TimeoutError``);
+        what the block does besides reading is not timed."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        connection: LeanResponse | None = None
         try:
-            connection.send(request)
-            try:
-                await connection.wait_head()
-            except UpstreamError:
-                if not reused or connection.received:
-                    raise
-                # Closed while idle, before this request reached it: once more, anew.
-                self._forget(connection)
-                connection = await self._connect()
+            async with asyncio.timeout_at(deadline):
+                connection, reused = await self._connection()
                 connection.send(request)
-                await connection.wait_head()
+                try:
+                    await connection.wait_head()
+                except UpstreamError:
+                    if not reused or connection.received:
+                        raise
+                    # Closed while idle, before this request reached it: once more, anew.
+                    self._forget(connection)
+                    connection = await self._connect()
+                    connection.send(request)
+                    await connection.wait_head()
+            connection.deadline = deadline
             yield connection
         finally:
-            self._release(connection)
+            if connection is not None:
+                self._release(connection)
 
     def close(self) -> None:
         for connection in self._idle:

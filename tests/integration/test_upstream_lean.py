@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 import pytest
 import uvloop
 
-from gateway.web.upstream import LeanPool, UpstreamError, request_bytes
+from gateway.web.upstream import MAX_HEAD_BYTES, LeanPool, UpstreamError, request_bytes
 
 MALFORMED = [
     b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
@@ -73,8 +73,11 @@ def ok(body: bytes, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
 
 
-async def fetch(pool: LeanPool, path: str = "/x") -> tuple[int, str | None, dict[str, str], bytes]:
-    async with pool.get(request_bytes("GET", path, pool.host_header, [("X-Test", "1")])) as got:
+async def fetch(
+    pool: LeanPool, path: str = "/x", seconds: float = 30
+) -> tuple[int, str | None, dict[str, str], bytes]:
+    head = request_bytes("GET", path, pool.host_header, [("X-Test", "1")])
+    async with pool.get(head, seconds) as got:
         body = b"".join([chunk async for chunk in got.iter_chunks()])
         return got.status, got.reason, dict(got.headers), body
 
@@ -200,6 +203,48 @@ async def test_a_connection_cut_short_frees_its_place_under_the_limit() -> None:
         pool.close()
 
 
+async def test_a_body_of_no_stated_length_ends_with_the_connection() -> None:
+    reply = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello world"
+    server = RawServer(lambda n, _head: reply, close_after_each=True)
+    async with raw_server(server) as url:
+        pool = LeanPool(url, 1, 1024)
+        assert (await fetch(pool))[3] == b"hello world"
+        assert (await fetch(pool))[3] == b"hello world"  # not kept: a new connection
+        pool.close()
+    assert server.connections == 2
+
+
+async def test_a_response_head_over_the_cap_is_an_upstream_error() -> None:
+    huge = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (4 * MAX_HEAD_BYTES) + b"\r\n\r\n"
+    server = RawServer(lambda n, _head: huge, close_after_each=True)
+    async with raw_server(server) as url:
+        pool = LeanPool(url, 1, 1024)
+        with pytest.raises(UpstreamError, match="response head over"):
+            await fetch(pool)
+        pool.close()
+
+
+async def test_a_body_slower_than_the_timeout_times_out_and_frees_its_place() -> None:
+    done = asyncio.Event()
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+        await done.wait()
+        writer.close()
+        await writer.wait_closed()
+
+    listening = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    async with listening:
+        pool = LeanPool(f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}", 1, 1024)
+        with pytest.raises(TimeoutError):
+            await fetch(pool, seconds=0.3)
+        assert pool._count == 0  # the cut connection is not kept
+        pool.close()
+        done.set()
+        await asyncio.sleep(0.05)  # the server's side closes
+
+
 def test_every_case_on_uvloop_too() -> None:
     """``serve`` runs on uvloop when installed, whose transports are not asyncio's classes:
     the cases above again, each on a uvloop loop of its own."""
@@ -211,6 +256,9 @@ def test_every_case_on_uvloop_too() -> None:
         test_an_unreachable_upstream_is_an_upstream_error,
         test_no_more_connections_than_the_limit,
         test_a_connection_cut_short_frees_its_place_under_the_limit,
+        test_a_body_of_no_stated_length_ends_with_the_connection,
+        test_a_response_head_over_the_cap_is_an_upstream_error,
+        test_a_body_slower_than_the_timeout_times_out_and_frees_its_place,
         *(
             functools.partial(test_a_malformed_or_cut_response_is_an_upstream_error, reply)
             for reply in MALFORMED
