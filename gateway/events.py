@@ -10,8 +10,9 @@ feature reacts to a settlement instead of polling the store::
 What is published: ``apply_and_publish()`` writes a reported update through the store
 (``Store.apply_update``, where the state rules live) and, once that has committed, publishes
 the stored record if it is now in the reported state (a stale report the rules refused is
-not). The watcher reports every state the node gives for a tracked invoice; the sweeper the
-EXPIRED it records, or the node's answer.
+not). The watcher reports every state change the node gives for a tracked invoice (not its
+add events: the gateway records an invoice OPEN when it makes it); the sweeper the EXPIRED it
+records, or the node's answer.
 
 Delivery is in order, at least once, and in this process only: the node may replay a report
 after a reconnect, and a settlement that strict settlement or a redeem recorded first is

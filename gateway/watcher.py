@@ -9,6 +9,11 @@ first settlement is recorded (settle index 0: LND replays no settlement), the ad
 starts before the oldest unsettled tracked invoice, so a settlement that lands while the
 subscription is being set up is not lost either.
 
+An add event (state OPEN) changes nothing: the gateway records each invoice OPEN when it makes
+it, and a stale add must not take a held (ACCEPTED) invoice back to OPEN. Its indices are saved
+with the next state change, or with the first event ``cursor_delay`` seconds later: a restart
+may replay that much more, adds that again change nothing.
+
 Each recorded state is published to ``InvoiceEvents`` subscribers once the store has it. A
 node or store failure is retried here, with capped exponential backoff; anything else (say
 an invoice state the LND client cannot map) ends ``run()``, for its supervisor to log and
@@ -20,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
+import time
 from collections.abc import AsyncGenerator
 
 from gateway import errors
@@ -42,6 +49,8 @@ log = logging.getLogger(__name__)
 _UNSETTLED = (InvoiceState.OPEN, InvoiceState.ACCEPTED)
 # EXPIRED is the gateway's guess, not the node's: a settlement of one must still be replayed.
 _MAY_SETTLE = (*_UNSETTLED, InvoiceState.EXPIRED)
+# Seconds an add event's cursor may wait: one write a second for any number of challenges.
+CURSOR_DELAY = 1.0
 
 
 class InvoiceWatcher:
@@ -56,8 +65,12 @@ class InvoiceWatcher:
         max_backoff: float = 30.0,
         events: InvoiceEvents | None = None,
         meter: Meter = NO_METER,
+        cursor_delay: float = CURSOR_DELAY,
     ) -> None:
         self._backend = backend
+        self._cursor_delay = cursor_delay
+        self._seen = Cursor()  # the highest indices of the events recorded
+        self._cursor_due = -math.inf  # when an add event's indices are saved at the latest
         self._meter = meter
         self._store = store
         self._initial_backoff = initial_backoff
@@ -178,9 +191,20 @@ class InvoiceWatcher:
             await self._backend.lookup_invoice(PaymentHash(secrets.token_bytes(32)))
 
     async def record(self, invoice: Invoice) -> None:
-        """Apply one invoice event and advance the cursor past it."""
-        await self._apply(invoice)
-        await self._store.save_cursor(Cursor(invoice.add_index, invoice.settle_index))
+        """Apply one invoice event and advance the cursor past it (an add event's: within
+        ``cursor_delay``)."""
+        opened = invoice.state is InvoiceState.OPEN
+        if not opened:
+            await self._apply(invoice)
+        self._seen = Cursor(
+            max(self._seen.add_index, invoice.add_index),
+            max(self._seen.settle_index, invoice.settle_index),
+        )
+        now = time.monotonic()
+        if opened and now < self._cursor_due:
+            return
+        self._cursor_due = now + self._cursor_delay
+        await self._store.save_cursor(self._seen)
 
     async def _apply(self, invoice: Invoice) -> None:
         await apply_and_publish(self._store, InvoiceUpdate.of(invoice), self._events)

@@ -1493,7 +1493,7 @@ class SqliteStore(_SqliteOperations):
 
     def _begin_here(self) -> sqlite3.Connection | None:
         """The loop's connection inside a new transaction; None when the database is busy
-        (another process writes) or the store is read-only: the worker then runs it."""
+        (another process writes) or the store is read-only."""
         connection = self._loop_connection
         if connection is None:
             return None
@@ -1502,6 +1502,20 @@ class SqliteStore(_SqliteOperations):
         except sqlite3.Error:
             return None
         return connection
+
+    async def _on_loop(self, attempt: Callable[[], T | None]) -> T | None:
+        """``attempt`` (a write on the loop's connection) until it is not None, retried after
+        short sleeps while another process holds the write lock; None after the last one: the
+        worker then waits for the lock. A hand-over to the worker costs more than the wait."""
+        if self._loop_connection is None:
+            return None
+        result = attempt()
+        for delay in LOOP_BUSY_DELAYS:
+            if result is not None:
+                break
+            await asyncio.sleep(delay)
+            result = attempt()
+        return result
 
     def _call(self, operation: str, function: Callable[[sqlite3.Connection], T], atomic: bool) -> T:
         """Runs in the worker thread: the one place sqlite3 errors become ``StoreError``."""
@@ -1552,7 +1566,9 @@ class SqliteStore(_SqliteOperations):
                 group, self._grouped = self._grouped[:GROUP_LIMIT], self._grouped[GROUP_LIMIT:]
                 try:
                     async with self._gate.turn():
-                        outcomes = self._run_group_here(group)
+                        outcomes = await self._on_loop(
+                            functools.partial(self._run_group_here, group)
+                        )
                         if outcomes is None:
                             outcomes = await self._queue(
                                 "group commit", functools.partial(_run_group, group), atomic=False
@@ -1605,7 +1621,7 @@ class SqliteStore(_SqliteOperations):
     async def transaction(self) -> AsyncIterator[StoreOperations]:
         self._check_open("transaction")
         async with self._gate.transaction():
-            here = self._begin_here()
+            here = await self._on_loop(self._begin_here)
             transaction = _SqliteTransaction(self, self._clock, here)
             if here is not None:
                 try:
@@ -1656,6 +1672,9 @@ class SqliteStore(_SqliteOperations):
 
 
 GROUP_LIMIT = 256  # operations committed in one group at most
+# Seconds between tries of the loop's connection while another process writes (a write holds
+# the lock for well under a millisecond); 15 ms in all, then the worker waits.
+LOOP_BUSY_DELAYS = (0.001, 0.001, 0.001, 0.002, 0.002, 0.004, 0.004)
 CHECKPOINT_EVERY = 256  # groups committed on the loop's thread between WAL checkpoints
 
 

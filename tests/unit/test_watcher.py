@@ -162,6 +162,56 @@ async def test_cursor_never_goes_back(env: tuple[FakeInvoiceBackend, WatchedStor
     assert await store.get_cursor() == Cursor(2, 1)
 
 
+async def test_an_add_event_writes_nothing_and_its_cursor_waits(
+    env: tuple[FakeInvoiceBackend, WatchedStore],
+) -> None:
+    backend, store = env
+    events = InvoiceEvents()
+    subscription = events.subscribe("test")
+    applied: list[InvoiceUpdate] = []
+    apply_update = store.apply_update
+
+    async def counted(update: InvoiceUpdate) -> InvoiceRecord | None:
+        applied.append(update)
+        return await apply_update(update)
+
+    store.apply_update = counted  # type: ignore[method-assign]
+    watcher = InvoiceWatcher(backend, store, events=events, cursor_delay=3600)
+    first, second, third = [await track(backend, store) for _ in range(3)]
+    await watcher.record(backend.invoices[first.payment_hash])
+    assert await store.get_cursor() == Cursor(1, 0)  # the first event saves at once
+    await watcher.record(backend.invoices[second.payment_hash])
+    assert await store.get_cursor() == Cursor(1, 0)  # within the delay: not yet
+    backend.pay(third.payment_hash)
+    await watcher.record(backend.invoices[third.payment_hash])
+    assert await store.get_cursor() == Cursor(3, 1)  # a state change saves what was seen
+    assert [update.payment_hash for update in applied] == [third.payment_hash]
+    assert [record.state for record in await published(subscription)] == [InvoiceState.SETTLED]
+
+
+async def test_an_add_event_is_saved_once_the_delay_has_passed(
+    env: tuple[FakeInvoiceBackend, WatchedStore],
+) -> None:
+    backend, store = env
+    watcher = InvoiceWatcher(backend, store, cursor_delay=0)
+    for _ in range(2):
+        new = await track(backend, store)
+        await watcher.record(backend.invoices[new.payment_hash])
+        assert await store.get_cursor() == Cursor(new.add_index, 0)
+
+
+async def test_a_stale_add_event_leaves_a_held_invoice_accepted(
+    env: tuple[FakeInvoiceBackend, WatchedStore],
+) -> None:
+    backend, store = env
+    new = await track(backend, store)
+    await store.apply_update(
+        InvoiceUpdate(new.payment_hash, InvoiceState.ACCEPTED, 0, Msat(0), None)
+    )
+    await InvoiceWatcher(backend, store).record(backend.invoices[new.payment_hash])  # OPEN
+    assert await state(store, new.payment_hash) is InvoiceState.ACCEPTED
+
+
 # --- reconcile() ---------------------------------------------------------------------------
 
 
@@ -240,8 +290,8 @@ async def test_run_follows_settlements(env: tuple[FakeInvoiceBackend, WatchedSto
         backend.pay(other.payment_hash)
         await store.wait_cursor(Cursor(2, 2))
         assert await state(store, new.payment_hash) is InvoiceState.SETTLED
+    # The add event changed nothing (the gateway recorded the invoice OPEN): not published.
     assert [(r.payment_hash, r.state) for r in await published(subscription)] == [
-        (new.payment_hash, InvoiceState.OPEN),
         (new.payment_hash, InvoiceState.SETTLED),
     ]
     assert backend.subscriptions == [(0, 0)]

@@ -849,12 +849,59 @@ async def test_a_transaction_runs_on_the_loops_thread_unless_another_connection_
                 await tx.save_cursor(Cursor(4, 2))
 
         saving = asyncio.ensure_future(save())
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # longer than the loop's own tries
         assert not saving.done()  # on the worker, which waits for the lock
         other.execute("ROLLBACK")
         await saving
     assert "COMMIT" not in statements  # the worker's connection committed it
     assert await store.get_cursor() == Cursor(4, 2)
+
+
+async def _release_after_a_failed_begin(statements: list[str], other: sqlite3.Connection) -> None:
+    """Wait until the loop's connection has tried to begin (and found the lock taken), then
+    let the other connection's write end: before the loop's next try, a millisecond later."""
+    async with asyncio.timeout(5):
+        while "BEGIN IMMEDIATE" not in statements:
+            await asyncio.sleep(0)
+    other.execute("ROLLBACK")
+
+
+async def test_a_transaction_waits_on_the_loop_for_a_short_write_of_another_process(
+    store: SqliteStore, db_path: Path
+) -> None:
+    assert store._loop_connection is not None
+    statements: list[str] = []
+    store._loop_connection.set_trace_callback(statements.append)
+
+    async def save() -> None:
+        async with store.transaction() as tx:
+            await tx.save_cursor(Cursor(4, 2))
+
+    with raw(db_path) as other:
+        other.execute("BEGIN IMMEDIATE")
+        saving = asyncio.ensure_future(save())
+        await _release_after_a_failed_begin(statements, other)
+        await saving
+    assert statements.count("BEGIN IMMEDIATE") == 2  # the first found the lock taken
+    assert statements[-1] == "COMMIT"  # the loop's connection committed, not the worker's
+    assert await store.get_cursor() == Cursor(4, 2)
+
+
+async def test_a_group_waits_on_the_loop_for_a_short_write_of_another_process(
+    store: SqliteStore, db_path: Path
+) -> None:
+    token_id = await _funded(store, 10_000)
+    assert store._loop_connection is not None
+    statements: list[str] = []
+    store._loop_connection.set_trace_callback(statements.append)
+    with raw(db_path) as other:
+        other.execute("BEGIN IMMEDIATE")
+        reserving = asyncio.ensure_future(store.reserve(token_id, Msat(1_000), 9e9))
+        await _release_after_a_failed_begin(statements, other)
+        reserved = await reserving
+    assert statements.count("BEGIN IMMEDIATE") == 2
+    assert statements[-1] == "COMMIT"
+    assert reserved.balance_msat == 9_000
 
 
 async def test_a_group_goes_to_the_worker_while_another_connection_writes(
