@@ -861,7 +861,9 @@ async def _release_after_a_failed_begin(statements: list[str], other: sqlite3.Co
     """Wait until the loop's connection has tried to begin (and found the lock taken), then
     let the other connection's write end: before the loop's next try, a millisecond later."""
     async with asyncio.timeout(5):
-        while "BEGIN IMMEDIATE" not in statements:
+        while True:  # the trace callback is not awaitable: look after each loop step
+            if "BEGIN IMMEDIATE" in statements:
+                break
             await asyncio.sleep(0)
     other.execute("ROLLBACK")
 
