@@ -1402,9 +1402,9 @@ class SqliteStore(_SqliteOperations):
         # Grouped operations waiting for the next group commit, and the task committing them.
         self._grouped: list[_Grouped] = []
         self._committer: asyncio.Task[None] | None = None
-        # Groups are committed on the loop's own thread when the database is free at once
-        # (no hand-over to the worker, no wait for the GIL between statements), on the
-        # worker otherwise; None for a read-only store.
+        # Groups and transactions run on the loop's own thread when the database is free
+        # within a few milliseconds (``_on_loop``; no hand-over to the worker, no wait for
+        # the GIL between statements), on the worker otherwise; None for a read-only store.
         self._loop_connection = loop_connection
         self._groups_since_checkpoint = 0
 
@@ -1491,31 +1491,24 @@ class SqliteStore(_SqliteOperations):
         except sqlite3.Error as error:
             raise StoreError(f"{operation} failed on {self._path}: {describe(error)}") from error
 
-    def _begin_here(self) -> sqlite3.Connection | None:
-        """The loop's connection inside a new transaction; None when the database is busy
-        (another process writes) or the store is read-only."""
+    async def _on_loop(self, attempt: Callable[[sqlite3.Connection], T]) -> T | None:
+        """``attempt`` (a write on the loop's connection that leaves nothing behind when it
+        raises), tried again after short sleeps while another process holds the write lock.
+        None for a read-only store, after another error, or when the lock is still held after
+        the last try: the worker then runs it, waiting for the lock. A hand-over to the worker
+        costs more than the wait."""
         connection = self._loop_connection
         if connection is None:
             return None
-        try:
-            _begin(connection)
-        except sqlite3.Error:
-            return None
-        return connection
-
-    async def _on_loop(self, attempt: Callable[[], T | None]) -> T | None:
-        """``attempt`` (a write on the loop's connection) until it is not None, retried after
-        short sleeps while another process holds the write lock; None after the last one: the
-        worker then waits for the lock. A hand-over to the worker costs more than the wait."""
-        if self._loop_connection is None:
-            return None
-        result = attempt()
-        for delay in LOOP_BUSY_DELAYS:
-            if result is not None:
-                break
+        delays = iter(LOOP_BUSY_DELAYS)
+        while True:
+            try:
+                return attempt(connection)
+            except sqlite3.Error as error:
+                delay = next(delays, None)
+                if delay is None or not _busy(error):
+                    return None
             await asyncio.sleep(delay)
-            result = attempt()
-        return result
 
     def _call(self, operation: str, function: Callable[[sqlite3.Connection], T], atomic: bool) -> T:
         """Runs in the worker thread: the one place sqlite3 errors become ``StoreError``."""
@@ -1565,7 +1558,8 @@ class SqliteStore(_SqliteOperations):
             while self._grouped:
                 group, self._grouped = self._grouped[:GROUP_LIMIT], self._grouped[GROUP_LIMIT:]
                 try:
-                    async with self._gate.turn():
+                    # A group is one transaction: none other begins while its tries wait.
+                    async with self._gate.transaction():
                         outcomes = await self._on_loop(
                             functools.partial(self._run_group_here, group)
                         )
@@ -1589,15 +1583,11 @@ class SqliteStore(_SqliteOperations):
         finally:
             self._committer = None
 
-    def _run_group_here(self, group: list[_Grouped]) -> list[tuple[Any, Exception | None]] | None:
-        """``group`` committed on the loop's thread; None when the database was busy (another
-        process or this store's worker is writing) or failed: the worker then runs it."""
-        if self._loop_connection is None:
-            return None
-        try:
-            outcomes = _run_group(group, self._loop_connection)
-        except sqlite3.Error:
-            return None  # rolled back: nothing of it happened
+    def _run_group_here(
+        self, group: list[_Grouped], connection: sqlite3.Connection
+    ) -> list[tuple[Any, Exception | None]]:
+        """``group`` committed on the loop's connection (rolled back when it raises)."""
+        outcomes = _run_group(group, connection)
         self._groups_since_checkpoint += 1
         if self._groups_since_checkpoint >= CHECKPOINT_EVERY:
             # This connection never checkpoints: the worker does, off the loop.
@@ -1621,7 +1611,7 @@ class SqliteStore(_SqliteOperations):
     async def transaction(self) -> AsyncIterator[StoreOperations]:
         self._check_open("transaction")
         async with self._gate.transaction():
-            here = await self._on_loop(self._begin_here)
+            here = await self._on_loop(_begun)
             transaction = _SqliteTransaction(self, self._clock, here)
             if here is not None:
                 try:
@@ -1741,6 +1731,16 @@ def _settle_future(future: asyncio.Future[Any], result: Any, error: BaseExceptio
 
 def _begin(connection: sqlite3.Connection) -> None:
     connection.execute("BEGIN IMMEDIATE")
+
+
+def _begun(connection: sqlite3.Connection) -> sqlite3.Connection:
+    _begin(connection)
+    return connection
+
+
+def _busy(error: sqlite3.Error) -> bool:
+    """Whether ``error`` says another connection holds a lock (primary or extended code)."""
+    return error.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _commit(connection: sqlite3.Connection) -> None:

@@ -830,6 +830,22 @@ async def test_an_operation_failing_after_a_write_leaves_none_of_it_the_others_s
     assert await store.get_cursor() == Cursor(0, 5)
 
 
+async def _begun_times(statements: list[str], times: int) -> None:
+    """Wait until the loop's connection has tried to begin ``times`` times."""
+    async with asyncio.timeout(5):
+        while True:  # the trace callback is not awaitable: look after each loop step
+            if statements.count("BEGIN IMMEDIATE") >= times:
+                return
+            await asyncio.sleep(0)
+
+
+async def _release_after_a_failed_begin(statements: list[str], other: sqlite3.Connection) -> None:
+    """Wait until the loop's connection has tried to begin (and found the lock taken), then
+    let the other connection's write end: before the loop's next try, a millisecond later."""
+    await _begun_times(statements, 1)
+    other.execute("ROLLBACK")
+
+
 async def test_a_transaction_runs_on_the_loops_thread_unless_another_connection_writes(
     store: SqliteStore, db_path: Path
 ) -> None:
@@ -849,23 +865,13 @@ async def test_a_transaction_runs_on_the_loops_thread_unless_another_connection_
                 await tx.save_cursor(Cursor(4, 2))
 
         saving = asyncio.ensure_future(save())
-        await asyncio.sleep(0.2)  # longer than the loop's own tries
+        await _begun_times(statements, 1 + len(sqlite_module.LOOP_BUSY_DELAYS))  # the loop's tries
+        await asyncio.sleep(0)  # the hand-over to the worker
         assert not saving.done()  # on the worker, which waits for the lock
         other.execute("ROLLBACK")
         await saving
     assert "COMMIT" not in statements  # the worker's connection committed it
     assert await store.get_cursor() == Cursor(4, 2)
-
-
-async def _release_after_a_failed_begin(statements: list[str], other: sqlite3.Connection) -> None:
-    """Wait until the loop's connection has tried to begin (and found the lock taken), then
-    let the other connection's write end: before the loop's next try, a millisecond later."""
-    async with asyncio.timeout(5):
-        while True:  # the trace callback is not awaitable: look after each loop step
-            if "BEGIN IMMEDIATE" in statements:
-                break
-            await asyncio.sleep(0)
-    other.execute("ROLLBACK")
 
 
 async def test_a_transaction_waits_on_the_loop_for_a_short_write_of_another_process(
@@ -904,6 +910,21 @@ async def test_a_group_waits_on_the_loop_for_a_short_write_of_another_process(
     assert statements.count("BEGIN IMMEDIATE") == 2
     assert statements[-1] == "COMMIT"
     assert reserved.balance_msat == 9_000
+
+
+async def test_a_group_failing_for_another_reason_than_a_lock_is_not_tried_again(
+    store: SqliteStore,
+) -> None:
+    assert store._loop_connection is not None
+    statements: list[str] = []
+    store._loop_connection.set_trace_callback(statements.append)
+
+    def broken(connection: sqlite3.Connection) -> None:
+        connection.execute("INSERT INTO no_such_table VALUES (1)")
+
+    with pytest.raises(StoreError, match="no_such_table"):
+        await store._run_grouped("broken", broken)
+    assert statements.count("BEGIN IMMEDIATE") == 1  # then the worker, which reports it
 
 
 async def test_a_group_goes_to_the_worker_while_another_connection_writes(
