@@ -224,6 +224,11 @@ class Pricing:
         self._slash_readings = trailing_slash is TrailingSlash.ANY
 
     @property
+    def bills_credit(self) -> bool:
+        """Whether some rule charges a token's credit per request."""
+        return any(rule.credit is not None for rule in self.rules)
+
+    @property
     def settles_on_success(self) -> bool:
         """Whether some rule holds its payments until the request succeeded."""
         return any(rule.settle_on_success for rule in self.rules)

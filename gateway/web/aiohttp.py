@@ -1,4 +1,4 @@
-"""aiohttp integration: a middleware that puts a Lightning price on an application's routes.
+"""aiohttp integration: a Lightning price on an application's routes.
 
 Usage::
 
@@ -12,17 +12,20 @@ Usage::
         token = request.get(TOKEN)  # PaidToken on a priced route, None on a free one
 
 ``setup_l402`` registers a ``cleanup_ctx`` entry, so the LND channel, the store and the
-settlement watcher start with the application and stop with it.
+settlement watcher start with the application and stop with it. At startup it puts the L402
+decision in front of each route's handler (not a middleware: aiohttp runs every middleware
+through a chain of its own on each request): a request no route takes gets aiohttp's 404 or
+405 unpriced, and every middleware runs before the decision.
 
-Browsers get the paywall page (:mod:`gateway.web.paywall`): the middleware answers
+Browsers get the paywall page (:mod:`gateway.web.paywall`): the gateway answers
 ``POST /.well-known/l402/redeem`` itself and accepts the ``L402`` cookie it sets as the
 credential when the request has no L402 ``Authorization``. It also answers the credit
 endpoints, ``GET /.well-known/l402/token`` and ``POST /.well-known/l402/withdraw``
 (:mod:`gateway.web.credit`).
 
 **Tip jars and payment links** (LNURL-pay, Lightning Address, link pages:
-:mod:`gateway.web.lnurl`): ``add_tip_routes(app, slot)`` answers their paths before the L402
-middleware (never priced); the ``TipsSlot`` is filled in while the gateway runs.
+:mod:`gateway.web.lnurl`): ``add_tip_routes(app, slot)`` answers their paths in a middleware,
+before any route (never priced); the ``TipsSlot`` is filled in while the gateway runs.
 
 **Credit routes.** The request's price is held from the token's balance before the handler
 runs. When the handler returns its response (or raises: an ``HTTPException`` by its status),
@@ -50,6 +53,7 @@ from dataclasses import dataclass
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
+from multidict import istr
 
 from gateway.health import HEALTH_PATHS, LIVE_PATH, Check, HealthReport, HealthSlot
 from gateway.ports import StoredRequest, StoredResponse
@@ -79,7 +83,7 @@ from gateway.web.responses import BALANCE_HEADER, HttpResponse, client_address
 
 TOKEN = web.RequestKey("l402_token", PaidToken)
 _AUTHORIZATION = hdrs.AUTHORIZATION
-# Answered by the middleware itself, never priced.
+# Answered by the gateway itself (routes setup_l402 adds), never priced.
 _OWN_PATHS = frozenset({REDEEM_PATH, TOKEN_INFO_PATH, WITHDRAW_PATH, *HEALTH_PATHS})
 # Refusals of a request for its body (too large, too slow, an unknown Expect): the
 # connection closes after them.
@@ -129,7 +133,8 @@ def request_info(
     )
 
 
-_OVERRIDE, _HTTP_METHOD, _METHOD_OVERRIDE = OVERRIDE_HEADERS
+# As istr: looked up on every request, without folding their case each time.
+_OVERRIDE, _HTTP_METHOD, _METHOD_OVERRIDE = (istr(name) for name in OVERRIDE_HEADERS)
 
 
 def _method_overrides(request: web.BaseRequest) -> tuple[str, ...]:
@@ -184,7 +189,7 @@ def add_tip_routes(
     app: web.Application, tips: TipsSlot, *, trust_forwarded_for: bool = False
 ) -> None:
     """Answer the tip jar and payment link paths on ``app`` (LNURL-pay, Lightning Address,
-    link pages: ``gateway.web.lnurl``), before the L402 middleware: never priced. ``tips``
+    link pages: ``gateway.web.lnurl``), before any route: never priced. ``tips``
     is filled in while the gateway runs (``running_gateway(..., tips=slot)``)."""
     app[_ANSWERS_TIPS] = True  # the L402 decision before 100 Continue leaves them alone
     app.middlewares.insert(0, tips_middleware(tips, trust_forwarded_for=trust_forwarded_for))
@@ -311,21 +316,30 @@ async def _serve_charged(request: web.Request, handler: Handler) -> web.StreamRe
     return response
 
 
+def _allowed_again(slot: _ServiceSlot, request: web.Request) -> Allow | None:
+    """The decision already made for this credential and request line (a paying client's
+    repeat), if any: the whole decision on its hot path, so no coroutine of its own."""
+    service = slot.service
+    if service is None or _method_overrides(request):  # authorize() keeps none for those
+        return None
+    allowed = service.allowed_again(
+        tuple(request.headers.getall(_AUTHORIZATION, ())), request.method, request.path
+    )
+    if allowed is not None:
+        request[_BILLING] = None
+    return allowed
+
+
 async def _decide(slot: _ServiceSlot, request: web.Request) -> Decision:
+    """The decision on a request ``_allowed_again`` has none for."""
     service = slot.service
     if service is None:
         return Deny(503, "gateway is starting", retry_after=1)
     authorization = tuple(request.headers.getall(_AUTHORIZATION, ()))
-    cached: Allow | None = None
-    if not _method_overrides(request):  # authorize() keeps no decision for those
-        method, path = request.method, request.path
-        cached = service.allowed_again(authorization, method, path) or (
-            await service.charge_again(authorization, method, path)
-        )
-    decision: Decision
-    if cached is not None:
-        decision = cached
-    else:
+    decision: Decision | None = None
+    if not _method_overrides(request):
+        decision = await service.charge_again(authorization, request.method, request.path)
+    if decision is None:
         loader = slot.stored_request
         keep = functools.partial(loader, request) if loader is not None else None
         decision = await service.authorize(request_info(request, slot.trust_forwarded_for, keep))
@@ -379,30 +393,52 @@ class _Decided:
 _DECIDED = web.RequestKey("l402_decided", _Decided)
 
 
-def l402_middleware(slot: _ServiceSlot) -> Middleware:
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        service = slot.service
-        if request.path in _OWN_PATHS:
-            if request.path in HEALTH_PATHS:
-                return await _health(request, slot)
-            if request.path == REDEEM_PATH:
-                return await _redeem(request, service, slot.trust_forwarded_for)
-            return await _credit_endpoint(request, service, request.path)
+def _own_path(slot: _ServiceSlot) -> Handler:
+    """The handler of the paths the gateway answers itself, never priced: health, redeem,
+    credit."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path in HEALTH_PATHS:
+            return await _health(request, slot)
+        if path == REDEEM_PATH:
+            return await _redeem(request, slot.service, slot.trust_forwarded_for)
+        return await _credit_endpoint(request, slot.service, path)
+
+    return answer
+
+
+class _Priced:
+    """A route's handler behind the L402 decision.
+
+    A wrapper of each route's handler rather than a middleware: aiohttp runs every
+    middleware through a chain of its own on each request, which costs a paying client's
+    request more than the decision itself.
+    """
+
+    __slots__ = ("_handler", "_slot")
+
+    def __init__(self, slot: _ServiceSlot, handler: Handler):
+        self._slot = slot
+        self._handler = handler
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        decision: Decision
         # Only an Expect handler decides first (looked up only then: a miss costs a KeyError).
-        decided = request.get(_DECIDED) if hdrs.EXPECT in request.headers else None
-        decision = decided.decision if decided is not None else await _decide(slot, request)
+        if hdrs.EXPECT in request.headers and (decided := request.get(_DECIDED)) is not None:
+            decision = decided.decision
+        else:
+            slot = self._slot
+            decision = _allowed_again(slot, request) or await _decide(slot, request)
         if isinstance(decision, Allow):
             if decision.replay is not None:
                 return _replayed(decision.replay)
             if decision.token is not None:
                 request[TOKEN] = decision.token
             if decision.charge is not None:
-                return await _serve_charged(request, handler)
-            return await handler(request)
+                return await _serve_charged(request, self._handler)
+            return await self._handler(request)
         return _refusal(request, decision)
-
-    return middleware
 
 
 class _DecideFirst:
@@ -423,10 +459,9 @@ class _DecideFirst:
         self._route_handler = route_handler
 
     async def __call__(self, request: web.Request) -> web.StreamResponse | None:
-        if request.path not in _OWN_PATHS and not (
-            request.app.get(_ANSWERS_TIPS, False) and is_tips_path(request.rel_url.raw_path)
-        ):
-            decision = await _decide(self._slot, request)
+        if not (request.app.get(_ANSWERS_TIPS, False) and is_tips_path(request.rel_url.raw_path)):
+            slot = self._slot
+            decision = _allowed_again(slot, request) or await _decide(slot, request)
             request[_DECIDED] = _Decided(decision)
             if not isinstance(decision, Allow):
                 response = _refusal(request, decision)
@@ -448,16 +483,20 @@ class _DecideFirst:
         return answer
 
 
-def _decide_before_continue(router: web.UrlDispatcher, slot: _ServiceSlot) -> None:
-    """Wrap the Expect handler of every route, those of sub-applications included.
+def _price_routes(router: web.UrlDispatcher, slot: _ServiceSlot, own_path: Handler) -> None:
+    """Put every route's handler and Expect handler behind the L402 decision, those of
+    sub-applications included, but the gateway's own paths (``own_path``).
 
-    aiohttp has no public setter for a route's expect handler, only the ``expect_handler``
-    argument when the route is added (by the application, before this runs).
+    aiohttp has no public setter for a route's handlers, only the arguments when the route
+    is added (by the application, before this runs).
     """
     for route in router.routes():
-        current = route._expect_handler
-        if not isinstance(current, _DecideFirst):
-            route._expect_handler = _DecideFirst(slot, current)
+        if route.handler is own_path:
+            continue
+        if not isinstance(route.handler, _Priced):
+            route._handler = _Priced(slot, route.handler)
+        if not isinstance(route._expect_handler, _DecideFirst):
+            route._expect_handler = _DecideFirst(slot, route._expect_handler)
 
 
 def setup_l402(
@@ -470,7 +509,7 @@ def setup_l402(
 ) -> None:
     """Price ``app``'s routes; ``gateway`` opens the service for the app's lifetime.
 
-    The middleware answers ``/.well-known/l402/live`` and ``/.well-known/l402/ready`` itself
+    The gateway answers ``/.well-known/l402/live`` and ``/.well-known/l402/ready`` itself
     (``gateway.health``); readiness runs the checks of ``health`` (filled in by
     ``running_gateway(..., health=slot)``), or without it says whether the gateway started.
 
@@ -480,13 +519,20 @@ def setup_l402(
     """
     slot = _ServiceSlot(trust_forwarded_for, stored_request, health=health)
     app[_SLOT] = slot
+    own_path = _own_path(slot)
+    for path in _OWN_PATHS:
+        app.router.add_route("*", path, own_path)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         # At startup: the application has added its routes by then.
-        _decide_before_continue(app.router, slot)
+        _price_routes(app.router, slot, own_path)
         async with gateway() as service:
             if stored_request is None:
                 refuse_on_success(service)
+            if service.pricing.bills_credit and _charge_on_prepare not in app.on_response_prepare:
+                # Only a charge needs it; without receivers the signal costs no response
+                # anything. (aiohttp freezes the signal after the startup.)
+                app.on_response_prepare.append(_charge_on_prepare)
             slot.service = service
             try:
                 yield
@@ -494,5 +540,3 @@ def setup_l402(
                 slot.service = None
 
     app.cleanup_ctx.append(lifecycle)
-    app.middlewares.append(l402_middleware(slot))
-    app.on_response_prepare.append(_charge_on_prepare)

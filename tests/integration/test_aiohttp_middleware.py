@@ -14,8 +14,10 @@ from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from gateway import l402
 from gateway.examples import demo_api
+from gateway.ports import Msat
+from gateway.pricing import CreditTerms, Rule
 from gateway.service import PaidToken, RateLimiter
-from gateway.web.aiohttp import TOKEN, setup_l402
+from gateway.web.aiohttp import TOKEN, _Priced, _ServiceSlot, setup_l402
 from tests.demo_rules import HEALTH, PREMIUM_READ, QUOTE
 from tests.fakes import FakeGateway
 
@@ -133,12 +135,29 @@ async def raw_get(client: TestClient[web.Request, web.Application], target: str)
     "target",
     ["/api/x/../premium/fortune", "/api/x/%2e%2e/premium/fortune", "//api/premium/fortune"],
 )
-async def test_unnormalized_paths_are_refused(
-    client: TestClient[web.Request, web.Application], target: str
-) -> None:
-    response = await raw_get(client, target)
+async def test_unnormalized_paths_are_refused(gateway: FakeGateway, target: str) -> None:
+    async def anything(_request: web.Request) -> web.Response:
+        raise AssertionError("must not run")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", anything)  # a route that takes any path
+    setup_l402(app, gateway)
+    async with TestClient(TestServer(app)) as client:
+        response = await raw_get(client, target)
     assert response.startswith(b"HTTP/1.1 400 "), response
     assert b"application/problem+json" in response
+
+
+async def test_a_request_no_route_takes_is_not_priced(
+    client: TestClient[web.Request, web.Application], gateway: FakeGateway
+) -> None:
+    # The price is the routes': no route, nothing served, nothing to pay for.
+    assert (await client.get("/api/premium/no/such/route")).status == 404
+    response = await client.delete(FORTUNE)
+    assert response.status == 405
+    assert "GET" in response.headers["Allow"]
+    assert gateway.backend.invoices == {}
+    await challenge(client)  # the route itself is priced
 
 
 async def test_401_reasons(
@@ -262,14 +281,29 @@ async def test_handler_errors_pass_through(gateway: FakeGateway) -> None:
         assert await response.json(content_type=None) == {"why": "busy"}
 
 
-async def test_503_problem_before_the_gateway_has_started(gateway: FakeGateway) -> None:
+async def test_503_problem_while_the_gateway_is_not_running() -> None:
+    # A request still in flight when the application stops (the gateway closes first).
     async def handler(_request: web.Request) -> web.StreamResponse:
         raise AssertionError("must not run")
 
-    app = web.Application()
-    setup_l402(app, gateway)
-    (middleware,) = app.middlewares  # the application has not started: no gateway yet
-    response = await middleware(make_mocked_request("GET", FORTUNE, app=app), handler)
+    priced = _Priced(_ServiceSlot(), handler)
+    response = await priced(make_mocked_request("GET", FORTUNE))
     assert response.status == 503
     assert response.content_type == PROBLEM_JSON
     assert response.headers["Retry-After"] == "1"
+
+
+async def test_only_credit_routes_hook_every_response() -> None:
+    # A charge must be finished before a handler's own response goes out; without credit
+    # routes nothing is hooked, so no response pays for the signal.
+    credit_rule = Rule(
+        "/api/premium/*",
+        price_msat=Msat(1_000),
+        service="premium",
+        credit=CreditTerms(amount_msat=Msat(3_000), min_msat=Msat(1_000), max_msat=Msat(9_000)),
+    )
+    for rules, hooked in ((RULES, False), ((credit_rule,), True)):
+        app = app_for(FakeGateway(rules))
+        async with TestClient(TestServer(app)) as client:
+            assert (await client.get("/health")).status == 200
+            assert bool(app.on_response_prepare) is hooked

@@ -59,6 +59,7 @@ async def premium_page(request: web.Request) -> web.Response:
 def aiohttp_app(gateway: FakeGateway) -> web.Application:
     app = demo_api()
     app.router.add_get(PAGE, premium_page)
+    app.router.add_get("/api/other/x", premium_page)  # another service's route
     setup_l402(app, gateway)
     return app
 

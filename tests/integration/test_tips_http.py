@@ -368,12 +368,16 @@ async def test_a_node_failure_is_503_not_500(world: World) -> None:
     assert "Retry-After" in response.headers
 
 
-async def test_an_aiohttp_app_mounts_the_routes_before_its_l402_middleware(
+async def test_an_aiohttp_app_answers_the_tip_paths_before_its_priced_routes(
     world: World,
 ) -> None:
     from gateway.web.aiohttp import setup_l402
 
+    async def elsewhere(_request: web.Request) -> web.Response:
+        raise AssertionError("must not run")
+
     app = web.Application()
+    app.router.add_get("/elsewhere", elsewhere)
     setup_l402(app, world.gateway)
     add_tip_routes(app, TipsSlot(world.tips))
     async with TestClient(TestServer(app)) as client:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -125,6 +126,19 @@ async def _any_path(request: Request) -> JSONResponse:
     return JSONResponse({"path": request.url.path})
 
 
+async def _aiohttp_any_path(request: web.Request) -> web.Response:
+    return web.json_response({"path": request.path})
+
+
+def _aiohttp_app() -> web.Application:
+    """demo_api() with a route for any other GET or POST path, as the other fronts have (the
+    aiohttp middleware prices the application's routes only)."""
+    app = demo_api()
+    for method in ("GET", "POST"):
+        app.router.add_route(method, "/{tail:.*}", _aiohttp_any_path)
+    return app
+
+
 @contextlib.asynccontextmanager
 async def _other_fronts(config: Config) -> AsyncIterator[dict[str, str]]:
     """The ASGI middleware and the reverse proxy, each its own service on ``config``'s store."""
@@ -156,7 +170,8 @@ async def arena(network: Network, tmp_path_factory: pytest.TempPathFactory) -> A
     async with contextlib.AsyncExitStack() as stack:
         bob = await stack.enter_async_context(LndClient(network.bob.settings()))
         target, other = [
-            await stack.enter_async_context(_mounted(config, OffsetClock())) for config in configs
+            await stack.enter_async_context(_mounted(config, OffsetClock(), _aiohttp_app()))
+            for config in configs
         ]
         fronts = await stack.enter_async_context(_other_fronts(configs[0]))
         async with target.session.get(target.url + PREMIUM) as response:

@@ -57,8 +57,11 @@ async def _serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
 
 
 @contextlib.asynccontextmanager
-async def _mounted(config: Config, clock: OffsetClock) -> AsyncIterator[MountedGateway]:
-    app = demo_api()
+async def _mounted(
+    config: Config, clock: OffsetClock, app: web.Application | None = None
+) -> AsyncIterator[MountedGateway]:
+    """``app`` (default: ``demo_api()``) behind ``setup_l402`` on a loopback port."""
+    app = app or demo_api()
     setup_l402(app, lambda: running_gateway(config, clock=clock))
     runner, url = await _serve_app(app)
     database = Path(config.store.url.removeprefix("sqlite://"))

@@ -256,4 +256,4 @@ async def test_against_the_gateway_buys_spends_tops_up_and_reads_token_info() ->
         with pytest.raises(
             BudgetExceeded, match=r"^credit of 3 sat \(bought in one payment, 1 sat"
         ):
-            await _get(small, served.url + "/api/premium/other")
+            await _get(small, url)
