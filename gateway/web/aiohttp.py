@@ -92,8 +92,14 @@ _BODY_REFUSALS = frozenset({408, 413, 417})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Expect = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 # The request as the backend is to get it once paid (it reads the body), or a refusal:
-# what a pay-on-success route's challenge keeps (``build_proxy`` gives one).
+# what a pay-on-success route's challenge keeps (``build_proxy`` gives one). A loader that
+# refuses without reading the body sets ``CLOSE``.
 StoredRequestLoader = Callable[[web.Request], Awaitable[StoredRequest | Deny]]
+# An answer to a request before any L402 decision, or None (``setup_l402``'s ``refuse``).
+Refuse = Callable[[web.Request], web.Response | None]
+# Set on a request whose body is left unread with its refusal: the connection then closes,
+# so the rest is not read as the next request.
+CLOSE = web.RequestKey("l402_close", bool)
 
 
 @dataclass(slots=True)
@@ -105,6 +111,7 @@ class _ServiceSlot:
     stored_request: StoredRequestLoader | None = None
     service: L402Service | None = None
     health: HealthSlot | None = None
+    refuse: Refuse | None = None
 
 
 _SLOT = web.AppKey("l402_service_slot", _ServiceSlot)
@@ -351,7 +358,9 @@ async def _decide(slot: _ServiceSlot, request: web.Request) -> Decision:
 def _refusal(request: web.Request, decision: PaymentChallenge | Deny) -> web.Response:
     accept = ",".join(request.headers.getall(hdrs.ACCEPT, ())) or None
     response = _response(render_challenge(decision, method=request.method, accept=accept))
-    if isinstance(decision, Deny) and decision.status in _BODY_REFUSALS:
+    if isinstance(decision, Deny) and (
+        decision.status in _BODY_REFUSALS or request.get(CLOSE, False)
+    ):
         # Refused for its body, maybe before all of it was read: the rest must not be read
         # as the next request.
         response.force_close()
@@ -424,11 +433,13 @@ class _Priced:
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         decision: Decision
+        slot = self._slot
         # Only an Expect handler decides first (looked up only then: a miss costs a KeyError).
         if hdrs.EXPECT in request.headers and (decided := request.get(_DECIDED)) is not None:
             decision = decided.decision
         else:
-            slot = self._slot
+            if slot.refuse is not None and (refusal := slot.refuse(request)) is not None:
+                return refusal
             decision = _allowed_again(slot, request) or await _decide(slot, request)
         if isinstance(decision, Allow):
             if decision.replay is not None:
@@ -461,6 +472,9 @@ class _DecideFirst:
     async def __call__(self, request: web.Request) -> web.StreamResponse | None:
         if not (request.app.get(_ANSWERS_TIPS, False) and is_tips_path(request.rel_url.raw_path)):
             slot = self._slot
+            if slot.refuse is not None and (refusal := slot.refuse(request)) is not None:
+                refusal.force_close()
+                return refusal
             decision = _allowed_again(slot, request) or await _decide(slot, request)
             request[_DECIDED] = _Decided(decision)
             if not isinstance(decision, Allow):
@@ -506,6 +520,7 @@ def setup_l402(
     trust_forwarded_for: bool = False,
     stored_request: StoredRequestLoader | None = None,
     health: HealthSlot | None = None,
+    refuse: Refuse | None = None,
 ) -> None:
     """Price ``app``'s routes; ``gateway`` opens the service for the app's lifetime.
 
@@ -516,8 +531,12 @@ def setup_l402(
     ``stored_request`` keeps a request for pay-on-success routes (``settle = "on_success"``):
     the reverse proxy gives it; without it the application refuses to start when the
     service has such routes (``ConfigError``).
+
+    ``refuse`` answers a request before its L402 decision when it returns a response (the
+    reverse proxy refuses ambiguous paths with it): without a middleware, which would cost
+    every request aiohttp's middleware chain.
     """
-    slot = _ServiceSlot(trust_forwarded_for, stored_request, health=health)
+    slot = _ServiceSlot(trust_forwarded_for, stored_request, health=health, refuse=refuse)
     app[_SLOT] = slot
     own_path = _own_path(slot)
     for path in _OWN_PATHS:

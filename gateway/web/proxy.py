@@ -30,7 +30,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -42,7 +42,7 @@ from gateway.ports import MetricsSlot, StoredRequest
 from gateway.service import Deny, client_key
 from gateway.service.on_success import HoldTerms
 from gateway.web import GatewayFactory
-from gateway.web.aiohttp import TOKEN, add_tip_routes, settle_charge, setup_l402
+from gateway.web.aiohttp import CLOSE, TOKEN, add_tip_routes, settle_charge, setup_l402
 from gateway.web.cookies import without_l402_cookie
 from gateway.web.lnurl import TipsSlot
 from gateway.web.metrics import metrics_middleware
@@ -241,24 +241,14 @@ class _PerClient:
 # Set once 100 Continue went out: the stored-request loader sends it before the route's
 # expect handler would.
 _CONTINUED = web.RequestKey("l402_continued", bool)
-# Set when the stored-request loader refused the request before reading its body: the
-# response closes the connection, so the rest is not read as the next request.
-_CLOSE = web.RequestKey("l402_close", bool)
 
 
-@web.middleware
-async def _guard(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Refuses an encoded separator in the path; closes the connection after a response
-    when the stored-request loader asked for it. (One middleware: each costs a call on
-    every request.)"""
+def _ambiguous_path(request: web.Request) -> web.Response | None:
+    """400 for an encoded separator in the path (a backend may read it as one), before any
+    pricing."""
     if _ENCODED_SEPARATOR.search(request.rel_url.raw_path):
         return _problem(400, "Bad Request", _ENCODED_SEPARATOR_REFUSAL)
-    response = await handler(request)
-    if request.get(_CLOSE, False):
-        response.force_close()
-    return response
+    return None
 
 
 def _expectation(request: web.Request) -> str | None:
@@ -344,7 +334,6 @@ def build_proxy(
         add_tip_routes(app, tips, trust_forwarded_for=trust_forwarded_for)
     if metrics is not None:
         app.middlewares.insert(0, metrics_middleware(metrics_path, metrics_slot))
-    app.middlewares.append(_guard)  # outside the L402 decision (setup_l402)
     # Content-Length is kept: the body is forwarded with the length the client declared.
     request_drop = HOP_BY_HOP | {"host", "authorization", token_header.lower()}
     held_limit = min(max_held_body_bytes, max_body_bytes)
@@ -407,9 +396,6 @@ def build_proxy(
         way, as ``forward`` does: the decision comes before ``forward`` and, for a 402, the
         route's expect handler never runs.
         """
-        if _ENCODED_SEPARATOR.search(request.rel_url.raw_path):
-            # Before 100 Continue the middleware that refuses these has not run yet.
-            return Deny(400, _ENCODED_SEPARATOR_REFUSAL)
         too_large = Deny(
             413, f"body over {held_limit} bytes: this route keeps the request until it is paid"
         )
@@ -423,7 +409,7 @@ def build_proxy(
             client = unpaid_client(request)
             if unpaid.full(client):
                 # The body is left unread: the connection closes after the answer.
-                request[_CLOSE] = True
+                request[CLOSE] = True
                 return Deny(429, too_many_detail, retry_after=1)
             with unpaid.hold(client):
                 if expectation is not None:
@@ -446,6 +432,7 @@ def build_proxy(
         trust_forwarded_for=trust_forwarded_for,
         stored_request=stored_request,
         health=health,
+        refuse=_ambiguous_path,
     )
     app.cleanup_ctx.append(client_session)
 

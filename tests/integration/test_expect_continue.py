@@ -156,6 +156,9 @@ async def test_proxy_answers_402_413_and_429_before_100_continue() -> None:
             port = client.port
             assert port is not None
             problem = await refused_first(port, "/api/echo", 402)
+            # Refused before any price, and before 100 Continue: no invoice for it.
+            assert "encoded" in (await refused_first(port, "/api%2Fecho", 400))["detail"]
+            assert len(gateway.backend.invoices) == 1
             assert (await refused_first(port, "/public/echo", 413, length=2001))["status"] == 413
             assert json.loads(await continued(port, "/public/echo"))["bytes"] == len(BODY)
             authorization = gateway.pay(problem)

@@ -389,6 +389,19 @@ async def test_no_free_way_around_a_price(setup: Setup, target: str) -> None:
     assert b"fortune" not in response.split(b"\r\n\r\n", 1)[1]
 
 
+async def test_an_encoded_separator_is_refused_before_any_price(setup: Setup) -> None:
+    # Before the decision: no invoice for it (with Expect: test_expect_continue).
+    response = await setup.client.post("/api%2Fecho", data=b"hello")
+    assert response.status == 400
+    assert "encoded" in (await response.json(content_type=PROBLEM_JSON))["detail"]
+    assert setup.gateway.backend.invoices == {}
+
+
+async def test_the_proxy_runs_no_middleware_by_default(setup: Setup) -> None:
+    # aiohttp runs every request through a chain of its own once there is one.
+    assert not setup.client.app.middlewares
+
+
 async def test_query_string_is_forwarded(setup: Setup) -> None:
     authorization = await setup.pay("/api/quote?n=3")
     response = await setup.client.get("/api/quote?n=3", headers={"Authorization": authorization})
