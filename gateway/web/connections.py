@@ -77,7 +77,11 @@ class Throttled:
 
 class Connection(web.RequestHandler):
     """aiohttp's protocol for one connection, admitted by (and reported to) ``Connections``,
-    with a timer on each request's headers."""
+    with a deadline on each request's headers.
+
+    One timer per connection watches the deadlines, moved on only when it fires: a timer
+    started and cancelled for every request cost a kept-alive client's request more.
+    """
 
     def __init__(
         self,
@@ -93,7 +97,9 @@ class Connection(web.RequestHandler):
         self.made = False
         self.client: str | None = None  # the peer's key once admitted
         self._header_timer: asyncio.TimerHandle | None = None
-        self._responses = 0  # tells a header timer whether its request was answered
+        # When the first byte of the request whose headers are awaited came; None between
+        # requests.
+        self._headers_since: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.made = True
@@ -114,17 +120,25 @@ class Connection(web.RequestHandler):
         return self._request_count == 0 or (waiter is not None and not waiter.done())
 
     def data_received(self, data: bytes) -> None:
-        if data and self._header_timer is None and self.idle():
-            self._header_timer = self._event_loop.call_later(
-                self._connections.limits.header_timeout, self._headers_late, self._responses
-            )
+        if data and self._headers_since is None and self.idle():
+            self._headers_since = since = self._event_loop.time()
+            if self._header_timer is None:
+                self._header_timer = self._event_loop.call_at(
+                    since + self._connections.limits.header_timeout, self._headers_late
+                )
         super().data_received(data)
 
-    def _headers_late(self, responses: int) -> None:
+    def _headers_late(self) -> None:
         self._header_timer = None
-        # Only the request whose first bytes started the timer, if its headers are not done.
+        since = self._headers_since
+        if since is None:  # between requests: the next one's first byte starts a timer
+            return
+        due = since + self._connections.limits.header_timeout
+        if self._event_loop.time() < due:  # a later request's headers
+            self._header_timer = self._event_loop.call_at(due, self._headers_late)
+            return
         waiter = self._waiter
-        if responses == self._responses and waiter is not None and not waiter.done():
+        if waiter is not None and not waiter.done():  # its headers are still not in
             self._connections.headers_late()
             self.force_close()
 
@@ -139,8 +153,7 @@ class Connection(web.RequestHandler):
         try:
             return await super().finish_response(request, resp, start_time)
         finally:
-            self._responses += 1
-            self._stop_header_timer()
+            self._headers_since = None
             self._connections.went_idle(self)
 
 

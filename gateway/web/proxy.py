@@ -215,6 +215,18 @@ class _LimitedBody:
             yield chunk
 
 
+class _Progress:
+    """How far a forwarded request got: the upstream answered, the client's response
+    started."""
+
+    __slots__ = ("answered", "response", "started")
+
+    def __init__(self, started: float) -> None:
+        self.started = started  # perf_counter
+        self.answered = False
+        self.response: web.StreamResponse | None = None
+
+
 class _PerClient:
     """Requests under way per client, at most ``cap`` each (0: no cap)."""
 
@@ -436,30 +448,39 @@ def build_proxy(
     )
     app.cleanup_ctx.append(client_session)
 
-    @contextlib.asynccontextmanager
-    async def exchange(
-        request: web.Request,
-        headers: CIMultiDict[str],
-        body: _LimitedBody | None,
-        upstream_session: aiohttp.ClientSession,
-        lean: LeanPool | None,
-    ) -> AsyncIterator[UpstreamAnswer]:
-        """The upstream's answer to ``request``, its headers in, read in the block."""
-        # Verbatim: the path the rules were matched on, not a re-normalized one.
-        target = request.rel_url.raw_path_qs
-        if lean is not None and body is None and request.method == hdrs.METH_GET:
-            head = request_bytes(hdrs.METH_GET, target, lean.host_header, headers.items())
-            async with lean.get(head, upstream_timeout) as answer:
-                yield answer
-            return
-        async with upstream_session.request(
-            request.method,
-            URL(base + target, encoded=True),
-            headers=headers,
-            data=body.chunks() if body is not None else None,
-            allow_redirects=False,
-        ) as response:
-            yield _AiohttpAnswer(response)
+    async def relay(
+        request: web.Request, answer: UpstreamAnswer, progress: _Progress
+    ) -> web.StreamResponse:
+        """The upstream's ``answer`` (its head in) to ``request``, as the client's response;
+        ``progress`` records how far it got for ``send``'s handling of a failure."""
+        progress.answered = True
+        metrics_slot.meter.upstream_call(time.perf_counter() - progress.started, None)
+        status, reason = answer.status, answer.reason
+        response_headers = end_to_end_headers(answer.headers, RESPONSE_DROP, keep_underscored=True)
+        costs = answer.headers.getall(COST_HEADER, ())
+        cost = ",".join(costs) if costs else None
+        length = answer.content_length
+        if (
+            length is not None
+            and length <= CHUNK
+            and request.method != hdrs.METH_HEAD
+            and status not in _NO_BODY
+        ):
+            # Small and whole: headers and body leave in one write.
+            body_bytes = await answer.read()
+            await settle_charge(request, status, response_headers, cost=cost)
+            return web.Response(
+                status=status, reason=reason, headers=response_headers, body=body_bytes
+            )
+        await settle_charge(request, status, response_headers, cost=cost)
+        response = progress.response = web.StreamResponse(
+            status=status, reason=reason, headers=response_headers
+        )
+        await response.prepare(request)
+        async for chunk in answer.iter_chunks():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
 
     async def send(
         request: web.Request, upstream_session: aiohttp.ClientSession, lean: LeanPool | None
@@ -475,50 +496,32 @@ def build_proxy(
             if request.body_exists
             else None
         )
-        response: web.StreamResponse | None = None
-        started = time.perf_counter()
-        answered = False
+        progress = _Progress(time.perf_counter())
+        # Verbatim: the path the rules were matched on, not a re-normalized one.
+        target = request.rel_url.raw_path_qs
         try:
-            async with exchange(
-                request, headers, body, upstream_session, lean
+            if lean is not None and body is None and request.method == hdrs.METH_GET:
+                head = request_bytes(hdrs.METH_GET, target, lean.host_header, headers.items())
+                connection = await lean.send(head, upstream_timeout)
+                try:
+                    return await relay(request, connection, progress)
+                finally:
+                    lean.release(connection)
+            async with upstream_session.request(
+                request.method,
+                URL(base + target, encoded=True),
+                headers=headers,
+                data=body.chunks() if body is not None else None,
+                allow_redirects=False,
             ) as upstream_response:
-                answered = True
-                metrics_slot.meter.upstream_call(time.perf_counter() - started, None)
-                status, reason = upstream_response.status, upstream_response.reason
-                response_headers = end_to_end_headers(
-                    upstream_response.headers, RESPONSE_DROP, keep_underscored=True
-                )
-                costs = upstream_response.headers.getall(COST_HEADER, ())
-                cost = ",".join(costs) if costs else None
-                length = upstream_response.content_length
-                if (
-                    length is not None
-                    and length <= CHUNK
-                    and request.method != hdrs.METH_HEAD
-                    and status not in _NO_BODY
-                ):
-                    # Small and whole: headers and body leave in one write.
-                    body_bytes = await upstream_response.read()
-                    await settle_charge(request, status, response_headers, cost=cost)
-                    return web.Response(
-                        status=status, reason=reason, headers=response_headers, body=body_bytes
-                    )
-                await settle_charge(request, status, response_headers, cost=cost)
-                response = web.StreamResponse(
-                    status=status, reason=reason, headers=response_headers
-                )
-                await response.prepare(request)
-                async for chunk in upstream_response.iter_chunks():
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
+                return await relay(request, _AiohttpAnswer(upstream_response), progress)
         except _BodyTooLarge:
             return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
         except _BodyTooSlow:
             return too_slow()
         except (aiohttp.ClientError, TimeoutError) as error:
-            seconds = time.perf_counter() - started
-            if response is not None and response.prepared:
+            seconds = time.perf_counter() - progress.started
+            if progress.response is not None and progress.response.prepared:
                 # Mid-body: abort the connection rather than end a truncated body cleanly.
                 metrics_slot.meter.upstream_call(seconds, "mid_response")
                 log.warning("upstream %s failed mid-response: %s", base, error)
@@ -528,7 +531,7 @@ def build_proxy(
             if body is not None and body.too_slow:
                 return too_slow()
             kind = "timeout" if isinstance(error, TimeoutError) else "connection"
-            metrics_slot.meter.upstream_call(seconds, "mid_response" if answered else kind)
+            metrics_slot.meter.upstream_call(seconds, "mid_response" if progress.answered else kind)
             log.warning("upstream %s failed: %s", base, error)
             return _problem(502, "Bad Gateway", "upstream unavailable")
 

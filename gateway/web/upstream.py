@@ -11,12 +11,14 @@ whole when its ``Content-Length`` is at most ``whole_limit``; any other is strea
 from the upstream only as fast as the client takes it. A request on a kept-alive connection
 the upstream closed before answering is sent again once, on a new connection (a GET is
 idempotent; aiohttp's client does the same).
+
+A response must be in by its deadline. Each connection has one timer for that, moved on only
+when it fires (a new timer per request cost a paid request more than its header parsing).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 import time
 from collections import deque
@@ -32,6 +34,9 @@ CONNECT_TIMEOUT = 10.0  # seconds, as the sock_connect of the proxy's aiohttp se
 IDLE_SECONDS = 15.0  # a connection idle longer is closed rather than reused (as aiohttp)
 _BUFFERED_CHUNKS = 16  # body chunks held for a slow client before reading pauses
 MAX_HEAD_BYTES = 64 * 1024  # a response's status line and headers (llhttp has no cap)
+
+
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
 class UpstreamError(aiohttp.ClientConnectionError):
@@ -74,16 +79,21 @@ class LeanResponse(asyncio.Protocol):
         self._head: asyncio.Future[None] = loop.create_future()
         self._head.set_result(None)
         self._end: asyncio.Future[None] = self._head
+        self.deadline = 0.0  # loop time the response under way must be in by
+        self._timer: asyncio.TimerHandle | None = None  # at or before the deadline
+        self._timer_at = 0.0
 
-    def start(self) -> None:
-        """A new exchange: what the previous one read is forgotten."""
+    def start(self, deadline: float) -> None:
+        """A new exchange, due by ``deadline``: what the previous one read is forgotten."""
         self.received = False  # a byte of this response arrived
         self._head_bytes = 0
-        self.deadline: float | None = None  # loop time the body must be in by
+        self.deadline = deadline
+        if self._timer is None or deadline < self._timer_at:
+            self._arm(deadline)
         self.status = 0
         self.reason = ""
         self._pairs: list[tuple[str, str]] = []
-        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+        self.headers = _NO_HEADERS
         self._body: list[bytes] = []
         self.chunks: deque[bytes] | None = None  # when streamed
         self._chunk_ready: asyncio.Future[None] | None = None
@@ -118,6 +128,7 @@ class LeanResponse(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._stop_timer()
         if not self._waiting:
             return
         if exc is None and self._ends_at_close():
@@ -202,11 +213,31 @@ class LeanResponse(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._stop_timer()
         if self._transport is not None:
             self._transport.close()
 
-    def send(self, request: bytes) -> None:
-        self.start()
+    def _time_up(self) -> None:
+        self._timer = None
+        if not self._waiting:  # idle since: the next request starts a timer of its own
+            return
+        if self._loop.time() < self.deadline:  # a later request's deadline
+            self._arm(self.deadline)
+            return
+        self._fail(TimeoutError("the upstream's response did not arrive in time"))
+
+    def _arm(self, deadline: float) -> None:
+        self._stop_timer()
+        self._timer = self._loop.call_at(deadline, self._time_up)
+        self._timer_at = deadline
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def send(self, request: bytes, deadline: float) -> None:
+        self.start(deadline)
         assert self._transport is not None
         self._transport.write(request)
 
@@ -226,7 +257,8 @@ class LeanResponse(asyncio.Protocol):
         return b"".join(self._body)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; raises ``UpstreamError`` when it is cut short."""
+        """The body as it arrives; raises ``UpstreamError`` when it is cut short,
+        ``TimeoutError`` when it is not all in by the deadline."""
         chunks = self.chunks
         if chunks is None:  # read whole already
             if self._body:
@@ -243,8 +275,7 @@ class LeanResponse(asyncio.Protocol):
                 self._end.result()
                 return
             self._chunk_ready = self._loop.create_future()
-            async with asyncio.timeout_at(self.deadline):
-                await self._chunk_ready
+            await self._chunk_ready
 
     def reusable(self) -> bool:
         return self.complete and self._keep_alive and not self.closed
@@ -281,7 +312,8 @@ class LeanPool:
         self._waiters: deque[asyncio.Future[LeanResponse | None]] = deque()
 
     async def _connection(self) -> tuple[LeanResponse, bool]:
-        """A free connection, and whether it was used before."""
+        """A free connection (waiting for one at the limit), and whether it was used
+        before."""
         connection = self._reuse()
         if connection is not None:
             return connection, True
@@ -297,7 +329,7 @@ class LeanPool:
                     if left is None:
                         self._hand_over(None)
                     else:
-                        self._release(left)
+                        self.release(left)
                 raise
             if handed is not None:
                 return handed, True
@@ -351,7 +383,9 @@ class LeanPool:
                 return True
         return False
 
-    def _release(self, connection: LeanResponse) -> None:
+    def release(self, connection: LeanResponse) -> None:
+        """Done with ``connection`` (from ``send``): reused when its response was read to
+        its end, else closed."""
         if not connection.reusable():
             self._forget(connection)
             return
@@ -359,33 +393,35 @@ class LeanPool:
         if not self._hand_over(connection):
             self._idle.append(connection)
 
-    @contextlib.asynccontextmanager
-    async def get(self, request: bytes, seconds: float) -> AsyncIterator[LeanResponse]:
-        """``request`` sent, its response's head in: the response, read in the block. Its
-        connection is reused after the block when the response was read to its end. The
-        response's head and body must be in ``seconds`` from now (``TimeoutError``);
-        what the block does besides reading is not timed."""
+    async def send(self, request: bytes, seconds: float) -> LeanResponse:
+        """``request`` sent, its response's head in: the connection reading the response,
+        which the caller hands back to ``release`` when done with it. The response's head
+        and body must be in ``seconds`` from now (``TimeoutError``)."""
         deadline = asyncio.get_running_loop().time() + seconds
-        connection: LeanResponse | None = None
+        connection = self._reuse()
+        reused = connection is not None
         try:
-            async with asyncio.timeout_at(deadline):
-                connection, reused = await self._connection()
-                connection.send(request)
-                try:
-                    await connection.wait_head()
-                except UpstreamError:
-                    if not reused or connection.received:
-                        raise
-                    # Closed while idle, before this request reached it: once more, anew.
-                    self._forget(connection)
+            if connection is None:
+                async with asyncio.timeout_at(deadline):
+                    connection, reused = await self._connection()
+            connection.send(request, deadline)
+            try:
+                await connection.wait_head()
+            except UpstreamError:
+                if not reused or connection.received:
+                    raise
+                # Closed while idle, before this request reached it: once more, anew.
+                self._forget(connection)
+                connection = None
+                async with asyncio.timeout_at(deadline):
                     connection = await self._connect()
-                    connection.send(request)
-                    await connection.wait_head()
-            connection.deadline = deadline
-            yield connection
-        finally:
+                connection.send(request, deadline)
+                await connection.wait_head()
+        except BaseException:
             if connection is not None:
-                self._release(connection)
+                self.release(connection)
+            raise
+        return connection
 
     def close(self) -> None:
         for connection in self._idle:

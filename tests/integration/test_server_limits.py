@@ -134,6 +134,19 @@ async def test_each_request_of_a_kept_alive_connection_gets_the_header_timer() -
         assert seconds < CLOSE_WITHIN
 
 
+async def test_a_kept_alive_request_gets_its_own_header_deadline_not_the_previous_ones() -> None:
+    # The connection's one timer fires at the first request's deadline while the second one's
+    # headers are arriving, within their own time: it moves on rather than cut them.
+    async with server(replace(LIMITS, header_timeout=2.0)) as (_app, clients):
+        streams = await clients.connect()
+        assert (await response(streams)).endswith(b"hello")
+        await asyncio.sleep(1.2)
+        reader, writer = streams
+        writer.write(b"GET /hello HTTP/1.1\r\n")
+        await asyncio.sleep(1.2)  # past the first request's deadline, within this one's
+        assert (await response(streams, b"Host: x\r\n\r\n")).endswith(b"hello")
+
+
 async def test_a_slow_body_and_a_slow_handler_are_not_cut_by_the_header_timer() -> None:
     async with server(LIMITS) as (app, clients):
         reader, writer = await clients.connect()

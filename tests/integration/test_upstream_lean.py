@@ -77,9 +77,12 @@ async def fetch(
     pool: LeanPool, path: str = "/x", seconds: float = 30
 ) -> tuple[int, str | None, dict[str, str], bytes]:
     head = request_bytes("GET", path, pool.host_header, [("X-Test", "1")])
-    async with pool.get(head, seconds) as got:
+    got = await pool.send(head, seconds)
+    try:
         body = b"".join([chunk async for chunk in got.iter_chunks()])
         return got.status, got.reason, dict(got.headers), body
+    finally:
+        pool.release(got)
 
 
 async def test_requests_share_one_kept_alive_connection_and_reach_it_verbatim() -> None:
@@ -268,3 +271,49 @@ def test_every_case_on_uvloop_too() -> None:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(case())
             assert isinstance(runner.get_loop(), uvloop.Loop)
+
+
+@contextlib.asynccontextmanager
+async def delayed_server(delays: list[float]) -> AsyncIterator[str]:
+    """Answers the n-th request (over all connections) ``delays[n - 1]`` seconds late."""
+    answered = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                answered += 1
+                number = answered
+                await asyncio.sleep(delays[number - 1])
+                writer.write(ok(b"n%d" % number))
+                await writer.drain()
+        writer.close()
+
+    listening = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with listening:
+        yield f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}"
+
+
+async def test_a_kept_alive_request_has_its_own_deadline_past_an_earlier_ones() -> None:
+    # One timer per connection, moved on when it fires: the second request is still waiting
+    # when the first one's deadline passes, and must not be cut there.
+    async with delayed_server([0.0, 0.25]) as url:
+        pool = LeanPool(url, 1, 1024)
+        assert (await fetch(pool, seconds=0.15))[3] == b"n1"
+        await asyncio.sleep(0.1)
+        assert (await fetch(pool, seconds=0.3))[3] == b"n2"
+        pool.close()
+
+
+async def test_a_kept_alive_request_with_a_shorter_deadline_times_out_on_time() -> None:
+    async with delayed_server([0.0, 2.0]) as url:
+        pool = LeanPool(url, 1, 1024)
+        assert (await fetch(pool, seconds=30))[3] == b"n1"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await fetch(pool, seconds=0.1)
+        assert loop.time() - started < 1.0  # not the first request's 30 s
+        assert pool._count == 0
+        pool.close()
