@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -164,8 +165,8 @@ class Connections:
     def __init__(self, limits: ServerLimits) -> None:
         self.limits = limits
         self.on_room: Callable[[], None] = lambda: None  # when room() may have turned true
-        # Insertion order is the order they went idle (re-inserted after each response).
-        self._open: dict[Connection, None] = {}
+        # In the order they went idle (moved to the end after each response).
+        self._open: OrderedDict[Connection, None] = OrderedDict()
         self._per_client: dict[str, int] = {}
         self._sockets = 0
         self._refused = Throttled(REPORT_INTERVAL)
@@ -220,9 +221,8 @@ class Connections:
         connection.force_close()
 
     def went_idle(self, connection: Connection) -> None:
-        if connection in self._open:
-            del self._open[connection]
-            self._open[connection] = None
+        if connection in self._open:  # else released already
+            self._open.move_to_end(connection)
 
     def headers_late(self) -> None:
         if self._slow.due():

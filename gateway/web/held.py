@@ -107,9 +107,7 @@ class UpstreamRunner:
                 return StoredResponse(
                     status=response.status,
                     headers=tuple(
-                        end_to_end_headers(
-                            response.headers, RESPONSE_DROP, keep_underscored=True
-                        ).items()
+                        end_to_end_headers(response.headers, RESPONSE_DROP, keep_underscored=True)
                     ),
                     body=bytes(body),
                 )

@@ -111,7 +111,7 @@ class _AiohttpAnswer:
 
 def end_to_end_headers(
     headers: CIMultiDictProxy[str], drop: frozenset[str], *, keep_underscored: bool
-) -> CIMultiDict[str]:
+) -> list[tuple[str, str]]:
     """``headers`` without those named (lower case) in ``drop``, which holds ``HOP_BY_HOP``,
     and those ``Connection`` names; without names holding ``_`` unless ``keep_underscored``.
     (Every request and response passes here: ``drop`` is built once by the caller.)"""
@@ -122,10 +122,20 @@ def end_to_end_headers(
             for name in value.split(",")
         )
     if keep_underscored:
-        return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
-    return CIMultiDict(
-        [(k, v) for k, v in headers.items() if "_" not in k and k.lower() not in drop]
-    )
+        return [(k, v) for k, v in headers.items() if k.lower() not in drop]
+    return [(k, v) for k, v in headers.items() if "_" not in k and k.lower() not in drop]
+
+
+def _without_l402_cookies(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``headers`` with the L402 cookies taken out of each ``Cookie`` (bearer secrets), and
+    a ``Cookie`` left empty by that dropped."""
+    kept = []
+    for name, value in headers:
+        if name.lower() != "cookie":
+            kept.append((name, value))
+        elif (cookie := without_l402_cookie(value)) is not None:
+            kept.append((name, cookie))
+    return kept
 
 
 # A backend that decodes these would see other path segments than the rules did.
@@ -347,7 +357,15 @@ def build_proxy(
     if metrics is not None:
         app.middlewares.insert(0, metrics_middleware(metrics_path, metrics_slot))
     # Content-Length is kept: the body is forwarded with the length the client declared.
-    request_drop = HOP_BY_HOP | {"host", "authorization", token_header.lower()}
+    # The X-Forwarded ones are set afresh.
+    request_drop = HOP_BY_HOP | {
+        "host",
+        "authorization",
+        token_header.lower(),
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    }
     held_limit = min(max_held_body_bytes, max_body_bytes)
     too_slow_detail = f"the body took over {body_timeout:g}s plus 1s per {min_body_rate} bytes"
 
@@ -376,18 +394,17 @@ def build_proxy(
             finally:
                 lean.close()
 
-    def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
+    def forwarded_headers(request: web.Request) -> list[tuple[str, str]]:
         """The headers the upstream gets with ``request``, but the token header."""
-        # Dropped like nginx does: WSGI and CGI servers read X_L402_Token (or X_Forwarded_For)
-        # as the header the gateway sets.
-        headers = end_to_end_headers(request.headers, request_drop, keep_underscored=False)
-        cookies = [without_l402_cookie(value) for value in headers.popall(hdrs.COOKIE, ())]
-        for value in cookies:
-            if value is not None:
-                headers.add(hdrs.COOKIE, value)
+        # Names with "_" are dropped like nginx does: WSGI and CGI servers read X_L402_Token
+        # (or X_Forwarded_For) as the header the gateway sets.
+        client_headers = request.headers
+        headers = end_to_end_headers(client_headers, request_drop, keep_underscored=False)
+        if hdrs.COOKIE in client_headers:
+            headers = _without_l402_cookies(headers)
         peer = request.remote or ""
-        prior = ", ".join(request.headers.getall(hdrs.X_FORWARDED_FOR, ()))
-        headers[hdrs.X_FORWARDED_FOR] = f"{prior}, {peer}" if prior else peer
+        prior = ", ".join(client_headers.getall(hdrs.X_FORWARDED_FOR, ()))
+        headers.append((hdrs.X_FORWARDED_FOR, f"{prior}, {peer}" if prior else peer))
         proto, host = request.scheme, request.host
         if trust_forwarded_for:
             # The trusted proxy in front terminated TLS and saw the client's Host: keep its
@@ -395,8 +412,8 @@ def build_proxy(
             proto = _last_forwarded(request, hdrs.X_FORWARDED_PROTO, proto)
             host = _last_forwarded(request, hdrs.X_FORWARDED_HOST, host)
             proto = proto.lower() if proto.lower() in ("http", "https") else request.scheme
-        headers[hdrs.X_FORWARDED_PROTO] = proto
-        headers[hdrs.X_FORWARDED_HOST] = host
+        headers.append((hdrs.X_FORWARDED_PROTO, proto))
+        headers.append((hdrs.X_FORWARDED_HOST, host))
         return headers
 
     async def stored_request(request: web.Request) -> StoredRequest | Deny:
@@ -434,9 +451,7 @@ def build_proxy(
                 except _BodyTooSlow:
                     return Deny(408, too_slow_detail)
         headers = forwarded_headers(request)
-        return StoredRequest(
-            request.method, request.rel_url.raw_path_qs, tuple(headers.items()), body
-        )
+        return StoredRequest(request.method, request.rel_url.raw_path_qs, tuple(headers), body)
 
     setup_l402(
         app,
@@ -456,7 +471,9 @@ def build_proxy(
         progress.answered = True
         metrics_slot.meter.upstream_call(time.perf_counter() - progress.started, None)
         status, reason = answer.status, answer.reason
-        response_headers = end_to_end_headers(answer.headers, RESPONSE_DROP, keep_underscored=True)
+        response_headers = CIMultiDict(
+            end_to_end_headers(answer.headers, RESPONSE_DROP, keep_underscored=True)
+        )
         costs = answer.headers.getall(COST_HEADER, ())
         cost = ",".join(costs) if costs else None
         length = answer.content_length
@@ -490,7 +507,7 @@ def build_proxy(
         headers = forwarded_headers(request)
         token = request.get(TOKEN)
         if token is not None:
-            headers[token_header] = token_header_value(token)
+            headers.append((token_header, token_header_value(token)))
         body = (
             _LimitedBody(request.content, max_body_bytes, body_timeout, min_body_rate)
             if request.body_exists
@@ -501,7 +518,7 @@ def build_proxy(
         target = request.rel_url.raw_path_qs
         try:
             if lean is not None and body is None and request.method == hdrs.METH_GET:
-                head = request_bytes(hdrs.METH_GET, target, lean.host_header, headers.items())
+                head = request_bytes(hdrs.METH_GET, target, lean.host_header, headers)
                 connection = await lean.send(head, upstream_timeout)
                 try:
                     return await relay(request, connection, progress)
