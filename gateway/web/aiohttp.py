@@ -50,6 +50,7 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
@@ -279,6 +280,14 @@ def report_cost(request: web.Request, msat: int) -> None:
         billing.cost = msat
 
 
+def charge_open(request: web.Request) -> bool:
+    """Whether ``request`` holds a credit charge ``settle_charge`` has not finished: tested
+    first where most requests have none (the proxy, on every response), as it costs no
+    coroutine."""
+    billing = request.get(_BILLING)
+    return billing is not None and not billing.finished
+
+
 async def settle_charge(
     request: web.Request,
     status: int | None,
@@ -422,7 +431,8 @@ class _Priced:
 
     A wrapper of each route's handler rather than a middleware: aiohttp runs every
     middleware through a chain of its own on each request, which costs a paying client's
-    request more than the decision itself.
+    request more than the decision itself. For the same reason it is no coroutine: a
+    request let in again by the decision cache goes straight to the handler's.
     """
 
     __slots__ = ("_handler", "_slot")
@@ -431,16 +441,24 @@ class _Priced:
         self._slot = slot
         self._handler = handler
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
-        decision: Decision
+    def __call__(self, request: web.Request) -> Awaitable[web.StreamResponse]:
         slot = self._slot
         # Only an Expect handler decides first (looked up only then: a miss costs a KeyError).
         if hdrs.EXPECT in request.headers and (decided := request.get(_DECIDED)) is not None:
-            decision = decided.decision
-        else:
-            if slot.refuse is not None and (refusal := slot.refuse(request)) is not None:
-                return refusal
-            decision = _allowed_again(slot, request) or await _decide(slot, request)
+            return self._serve(request, decided.decision)
+        if slot.refuse is not None and (refusal := slot.refuse(request)) is not None:
+            return _answered(refusal)
+        allowed = _allowed_again(slot, request)
+        if allowed is None:
+            return self._decide_and_serve(request)
+        if allowed.token is not None:  # never a charge nor a replay: neither is cached
+            request[TOKEN] = allowed.token
+        return self._handler(request)
+
+    async def _decide_and_serve(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, await _decide(self._slot, request))
+
+    async def _serve(self, request: web.Request, decision: Decision) -> web.StreamResponse:
         if isinstance(decision, Allow):
             if decision.replay is not None:
                 return _replayed(decision.replay)
@@ -450,6 +468,10 @@ class _Priced:
                 return await _serve_charged(request, self._handler)
             return await self._handler(request)
         return _refusal(request, decision)
+
+
+async def _answered(response: web.StreamResponse) -> web.StreamResponse:
+    return response
 
 
 class _DecideFirst:
@@ -508,7 +530,8 @@ def _price_routes(router: web.UrlDispatcher, slot: _ServiceSlot, own_path: Handl
         if route.handler is own_path:
             continue
         if not isinstance(route.handler, _Priced):
-            route._handler = _Priced(slot, route.handler)
+            # aiohttp awaits what a handler returns, though its type asks for a coroutine.
+            route._handler = cast(Any, _Priced(slot, route.handler))
         if not isinstance(route._expect_handler, _DecideFirst):
             route._expect_handler = _DecideFirst(slot, route._expect_handler)
 

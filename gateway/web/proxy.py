@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from gateway.health import HealthSlot
@@ -42,7 +42,14 @@ from gateway.ports import MetricsSlot, StoredRequest
 from gateway.service import Deny, client_key
 from gateway.service.on_success import HoldTerms
 from gateway.web import GatewayFactory
-from gateway.web.aiohttp import CLOSE, TOKEN, add_tip_routes, settle_charge, setup_l402
+from gateway.web.aiohttp import (
+    CLOSE,
+    TOKEN,
+    add_tip_routes,
+    charge_open,
+    settle_charge,
+    setup_l402,
+)
 from gateway.web.cookies import without_l402_cookie
 from gateway.web.lnurl import TipsSlot
 from gateway.web.metrics import metrics_middleware
@@ -471,9 +478,7 @@ def build_proxy(
         progress.answered = True
         metrics_slot.meter.upstream_call(time.perf_counter() - progress.started, None)
         status, reason = answer.status, answer.reason
-        response_headers = CIMultiDict(
-            end_to_end_headers(answer.headers, RESPONSE_DROP, keep_underscored=True)
-        )
+        response_headers = end_to_end_headers(answer.headers, RESPONSE_DROP, keep_underscored=True)
         costs = answer.headers.getall(COST_HEADER, ())
         cost = ",".join(costs) if costs else None
         length = answer.content_length
@@ -484,15 +489,17 @@ def build_proxy(
             and status not in _NO_BODY
         ):
             # Small and whole: headers and body leave in one write.
-            body_bytes = await answer.read()
-            await settle_charge(request, status, response_headers, cost=cost)
-            return web.Response(
-                status=status, reason=reason, headers=response_headers, body=body_bytes
+            whole = web.Response(
+                status=status, reason=reason, headers=response_headers, body=await answer.read()
             )
-        await settle_charge(request, status, response_headers, cost=cost)
+            if charge_open(request):
+                await settle_charge(request, status, whole.headers, cost=cost)
+            return whole
         response = progress.response = web.StreamResponse(
             status=status, reason=reason, headers=response_headers
         )
+        if charge_open(request):  # before the status goes out
+            await settle_charge(request, status, response.headers, cost=cost)
         await response.prepare(request)
         async for chunk in answer.iter_chunks():
             await response.write(chunk)
@@ -564,8 +571,8 @@ def build_proxy(
         if request.get(TOKEN) is not None:
             app = request.app
             response = await send(request, app[_PAID_SESSION], app[_PAID_LEAN])
-            # Still open: the answer is the gateway's own, the upstream gave none.
-            await settle_charge(request, None, response.headers)
+            if charge_open(request):  # the answer is the gateway's own, the upstream gave none
+                await settle_charge(request, None, response.headers)
             return response
         client = unpaid_client(request)
         if unpaid.full(client):
