@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,14 +148,14 @@ class Connection(web.RequestHandler):
             self._header_timer.cancel()
             self._header_timer = None
 
-    async def finish_response(
+    def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
-        try:
-            return await super().finish_response(request, resp, start_time)
-        finally:
-            self._headers_since = None
-            self._connections.went_idle(self)
+    ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        # The request is answered: done before its response is written, as aiohttp's own
+        # coroutine (no coroutine of its own around it, on every response).
+        self._headers_since = None
+        self._connections.went_idle(self)
+        return super().finish_response(request, resp, start_time)
 
 
 class Connections:

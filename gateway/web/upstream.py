@@ -100,8 +100,8 @@ class LeanResponse(asyncio.Protocol):
         self._paused = False
         self.complete = False
         self._keep_alive = False
-        self._head = self._loop.create_future()  # the headers in (streamed) or all of it
-        self._end = self._loop.create_future()
+        # All of the response in; a streamed one's headers are in earlier (its own future).
+        self._head = self._end = self._loop.create_future()
         self._waiting = True
 
     # asyncio.Protocol
@@ -173,6 +173,7 @@ class LeanResponse(asyncio.Protocol):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit() or int(length) > self._whole_limit:
             self.chunks = deque()
+            self._end = self._loop.create_future()
             self._head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
@@ -195,7 +196,8 @@ class LeanResponse(asyncio.Protocol):
         self._waiting = False
         if not self._head.done():
             self._head.set_result(None)
-        self._end.set_result(None)
+        if not self._end.done():  # a whole response's is its head's
+            self._end.set_result(None)
         self._wake()
 
     def _wake(self) -> None:
