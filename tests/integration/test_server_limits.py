@@ -141,8 +141,7 @@ async def test_a_kept_alive_request_gets_its_own_header_deadline_not_the_previou
         streams = await clients.connect()
         assert (await response(streams)).endswith(b"hello")
         await asyncio.sleep(1.2)
-        reader, writer = streams
-        writer.write(b"GET /hello HTTP/1.1\r\n")
+        streams[1].write(b"GET /hello HTTP/1.1\r\n")
         await asyncio.sleep(1.2)  # past the first request's deadline, within this one's
         assert (await response(streams, b"Host: x\r\n\r\n")).endswith(b"hello")
 
