@@ -451,7 +451,9 @@ class _Priced:
         allowed = _allowed_again(slot, request)
         if allowed is None:
             return self._decide_and_serve(request)
-        if allowed.token is not None:  # never a charge nor a replay: neither is cached
+        if allowed.charge is not None or allowed.replay is not None:
+            return self._serve(request, allowed)  # not cached today; never skip billing
+        if allowed.token is not None:
             request[TOKEN] = allowed.token
         return self._handler(request)
 
