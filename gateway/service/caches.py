@@ -1,8 +1,9 @@
-"""What the core remembers between requests: root keys read from the store, and the
-decisions already made for a credential.
+"""What the core remembers between requests: root keys read from the store, the
+decisions already made for a credential, and the request lines found free.
 
-Both caches bound how long a revocation made by another process goes unseen (the root-key
-cache age); a revocation through this service clears them.
+The first two bound how long a revocation made by another process goes unseen (the root-key
+cache age); a revocation through this service clears them. A free request line depends on
+no credential.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from gateway.service.decisions import Allow
 # (Authorization values, method, path): the request line and credential a decision answers.
 AllowedKey = tuple[tuple[str, ...], str, str]
 ALLOWED_CACHE_SIZE = 50_000
+# Any client adds to the free request lines, paid or not: at most this many, of paths at most
+# this long (a longer one is resolved each time), so the set holds a few MB at most.
+FREE_LINES_SIZE = 4_096
+FREE_PATH_LIMIT = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,3 +119,32 @@ class AllowedCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+class FreeLines:
+    """Request lines (method, path) the pricing found free: the same answer for any
+    credential, so a repeat skips describing the request and matching the rules (which cost
+    a free route's request half again the handler's own time).
+
+    The pricing never changes while the service runs, so an entry never goes stale; the
+    oldest is dropped for a new one when full.
+    """
+
+    def __init__(self, capacity: int = FREE_LINES_SIZE, path_limit: int = FREE_PATH_LIMIT):
+        self._capacity = capacity
+        self._path_limit = path_limit
+        self._lines: dict[tuple[str, str], None] = {}
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __contains__(self, line: tuple[str, str]) -> bool:
+        return line in self._lines
+
+    def add(self, method: str, path: str) -> None:
+        if len(path) > self._path_limit:
+            return
+        lines = self._lines
+        if len(lines) >= self._capacity:
+            del lines[next(iter(lines))]
+        lines[method, path] = None

@@ -33,7 +33,7 @@ from gateway.ports import (
 from gateway.pricing import MAX_PRICE_MSAT, PriceRequest, Rule
 from gateway.service.credit import requested_credit
 from gateway.service.decisions import (
-    Allow,
+    FREE,
     Decision,
     Deny,
     PaidToken,
@@ -145,7 +145,7 @@ class ChallengeIssuer:
         if isinstance(price, Deny):
             return price
         if price == 0:
-            return Allow(None)
+            return FREE
         amount = price
         what = f"{request.method.upper()} {request.path}"
         if rule.credit is not None:

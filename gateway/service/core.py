@@ -22,10 +22,11 @@ from gateway.ports import (
     Store,
 )
 from gateway.pricing import Pricing, Refused, Rule
-from gateway.service.caches import ALLOWED_CACHE_SIZE, AllowedKey
+from gateway.service.caches import ALLOWED_CACHE_SIZE, AllowedKey, FreeLines
 from gateway.service.challenge import ChallengeIssuer, TopUp
 from gateway.service.credit import RESERVATION_SECONDS, CreditLedger, TokenInfo
 from gateway.service.decisions import (
+    FREE,
     Allow,
     CreditCharge,
     Decision,
@@ -106,6 +107,7 @@ class L402Service:
             root_key_cache_seconds=root_key_cache_seconds,
         )
         self._allowed = self._verifier.allowed
+        self._free = FreeLines()
         # The rule of each credit request line verified so far (``charge_again``); its
         # verification's validity is the verifier's cache's.
         self._credit_rules: dict[AllowedKey, Rule] = {}
@@ -157,7 +159,9 @@ class L402Service:
         if isinstance(rule, Refused):
             return Deny(rule.status, rule.reason)
         if rule is None:
-            return Allow(None)
+            if not request.method_overrides:  # cached decisions are for requests without one
+                self._free.add(request.method, request.path)
+            return FREE
         if rule.settle_on_success:
             return await self._authorize_held(request, rule)
         decision = await self._verified(request, rule)
@@ -409,14 +413,18 @@ class L402Service:
         return decision
 
     def allowed_again(self, authorization: tuple[str, ...], method: str, path: str) -> Allow | None:
-        """The Allow already verified for this exact credential and request line, if any.
+        """The Allow already verified for this exact credential and request line, or the one
+        of a request line found free before (any credential), if any.
 
-        Adapters call it first: on the hot path of a paying client it is the whole decision,
-        with no request description to build. Never one for a credit route: each of its
-        requests must hold its price (``authorize``).
+        Adapters call it first: on the hot path of a paying client, or of any client on a
+        free route, it is the whole decision, with no request description to build. Never one
+        for a credit route: each of its requests must hold its price (``authorize``); nor for
+        a request with a method override (adapters do not ask then).
         """
         allowed = self._allowed.get((authorization, method, path))
-        if allowed is not None and allowed.token is not None:
+        if allowed is None:
+            return FREE if (method, path) in self._free else None
+        if allowed.token is not None:
             self._meter.paid_request(allowed.token.service)
         return allowed
 

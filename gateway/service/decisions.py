@@ -125,6 +125,9 @@ class Allow:
     replay: StoredResponse | None = None
 
 
+FREE = Allow(None)  # a free route, or a price of 0
+
+
 @dataclass(frozen=True, slots=True)
 class PaymentChallenge:
     """402: pay this invoice, then present the macaroon with the invoice's preimage."""

@@ -33,7 +33,7 @@ from gateway.service import (
     RateLimiter,
     RequestInfo,
 )
-from gateway.service.caches import AllowedCache, KnownToken, RootKeyCache
+from gateway.service.caches import AllowedCache, FreeLines, KnownToken, RootKeyCache
 from gateway.store import MemoryStore
 from gateway.watcher import InvoiceWatcher
 from gateway.web.cookies import headers_for_pricing
@@ -916,6 +916,38 @@ async def test_allowed_again_is_the_adapters_fast_path() -> None:
     assert env.service.allowed_again((credential,), "HEAD", PREMIUM) is None
     env.clock.advance(3600)
     assert env.service.allowed_again((credential,), "GET", PREMIUM) is None
+
+
+async def test_a_free_request_line_is_answered_again_for_any_credential() -> None:
+    env = Env()
+    assert env.service.allowed_again((), "GET", "/health") is None  # not resolved yet
+    first = await env.ask("/health", ["L402 not:atoken"])
+    assert first == Allow(None)
+    for authorization in ((), ("L402 other:junk",), ("Bearer x", "L402 y:z")):
+        assert env.service.allowed_again(authorization, "GET", "/health") == first
+    assert env.service.allowed_again((), "HEAD", "/health") is None  # another request line
+    assert env.service.allowed_again((), "GET", "/health/") is None
+    await env.challenge(PREMIUM)  # a priced line is never remembered as free
+    assert env.service.allowed_again((), "GET", PREMIUM) is None
+
+
+async def test_a_free_line_read_with_a_method_override_is_not_remembered() -> None:
+    env = Env()
+    request = RequestInfo("GET", "/health", "203.0.113.7", method_overrides=("POST",))
+    assert await env.service.authorize(request) == Allow(None)
+    assert env.service.allowed_again((), "GET", "/health") is None
+
+
+def test_free_lines_hold_a_bounded_number_of_short_paths() -> None:
+    lines = FreeLines(capacity=2, path_limit=10)
+    lines.add("GET", "/a")
+    lines.add("GET", "/b")
+    lines.add("GET", "/c")  # the oldest goes
+    assert ("GET", "/a") not in lines
+    assert ("GET", "/b") in lines and ("GET", "/c") in lines
+    lines.add("GET", "/" + "x" * 10)  # over the path limit: resolved each time
+    assert len(lines) == 2
+    assert ("GET", "/" + "x" * 10) not in lines
 
 
 def test_root_key_cache_keeps_only_tokens_read_within_its_age() -> None:
