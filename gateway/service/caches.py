@@ -121,30 +121,24 @@ class AllowedCache:
         self._entries.clear()
 
 
-class FreeLines:
+class FreeLines(dict[tuple[str, str], None]):
     """Request lines (method, path) the pricing found free: the same answer for any
     credential, so a repeat skips describing the request and matching the rules (which cost
-    a free route's request half again the handler's own time).
+    a free route's request half again the handler's own time). A dict, so that the test on
+    every request is ``in``, with no method call.
 
     The pricing never changes while the service runs, so an entry never goes stale; the
     oldest is dropped for a new one when full.
     """
 
     def __init__(self, capacity: int = FREE_LINES_SIZE, path_limit: int = FREE_PATH_LIMIT):
+        super().__init__()
         self._capacity = capacity
         self._path_limit = path_limit
-        self._lines: dict[tuple[str, str], None] = {}
-
-    def __len__(self) -> int:
-        return len(self._lines)
-
-    def __contains__(self, line: tuple[str, str]) -> bool:
-        return line in self._lines
 
     def add(self, method: str, path: str) -> None:
         if len(path) > self._path_limit:
             return
-        lines = self._lines
-        if len(lines) >= self._capacity:
-            del lines[next(iter(lines))]
-        lines[method, path] = None
+        if len(self) >= self._capacity:
+            del self[next(iter(self))]
+        self[method, path] = None

@@ -266,8 +266,8 @@ class _Billing:
     finished: bool = False
 
 
-# Set on every decided request (None without a charge): a missing key costs a KeyError
-# in each later lookup, on every paid request.
+# Set on every request decided in full (None without a charge); not on one the decision cache
+# answered, which never has a charge (the later lookups then miss).
 _BILLING = web.RequestKey[_Billing | None]("l402_billing")
 
 
@@ -334,16 +334,14 @@ async def _serve_charged(request: web.Request, handler: Handler) -> web.StreamRe
 
 def _allowed_again(slot: _ServiceSlot, request: web.Request) -> Allow | None:
     """The decision already made for this credential and request line (a paying client's
-    repeat), if any: the whole decision on its hot path, so no coroutine of its own."""
+    repeat, any client's on a free route), if any: the whole decision on its hot path, so no
+    coroutine of its own."""
     service = slot.service
     if service is None or _method_overrides(request):  # authorize() keeps none for those
         return None
-    allowed = service.allowed_again(
+    return service.allowed_again(
         tuple(request.headers.getall(_AUTHORIZATION, ())), request.method, request.path
     )
-    if allowed is not None:
-        request[_BILLING] = None
-    return allowed
 
 
 async def _decide(slot: _ServiceSlot, request: web.Request) -> Decision:

@@ -944,7 +944,8 @@ def test_free_lines_hold_a_bounded_number_of_short_paths() -> None:
     lines.add("GET", "/b")
     lines.add("GET", "/c")  # the oldest goes
     assert ("GET", "/a") not in lines
-    assert ("GET", "/b") in lines and ("GET", "/c") in lines
+    assert ("GET", "/b") in lines
+    assert ("GET", "/c") in lines
     lines.add("GET", "/" + "x" * 10)  # over the path limit: resolved each time
     assert len(lines) == 2
     assert ("GET", "/" + "x" * 10) not in lines
