@@ -32,6 +32,8 @@ def printable(text: str, limit: int | None = None) -> str:
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
+    if text.isprintable() and "\\" not in text:  # the common case: each character stands
+        return text[:limit]
     pieces: list[str] = []
     length = 0
     for char in text:

@@ -53,6 +53,8 @@ def test_printable_cuts_at_the_limit_but_never_inside_an_escape() -> None:
     assert printable("ab\x1bcd", 6) == "ab\\x1b"
     assert printable("abc", 0) == ""
     assert printable("abc", 10) == "abc"
+    assert printable("abcdef", 4) == "abcd"
+    assert printable("caf\u00e9 \u65e5\u672c", 5) == "caf\u00e9 "
     cut = printable(HOSTILE * 10, MEMO_LIMIT)
     assert len(cut) <= MEMO_LIMIT
     assert is_safe(cut)
