@@ -191,8 +191,8 @@ def _serve_worker(
         metrics_path=config.metrics.path,
         tips=tips,
     )
-    # The paid pool twice: aiohttp's, and the lean client's for paid GETs without a body.
-    upstream = server.upstream_connections + 2 * server.paid_upstream_connections
+    # Each pool twice: aiohttp's, and the lean client's for GETs without a body.
+    upstream = 2 * (server.upstream_connections + server.paid_upstream_connections)
     try:
         max_connections = connection_limit(server.max_connections, upstream)
     except ValueError as error:

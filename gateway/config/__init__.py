@@ -135,8 +135,8 @@ class ServerConfig:
     # connection comes from the proxy in front.
     max_connections_per_client: int = 64
     unpaid_requests_per_client: int = 16  # forwarded at once without a paid token; then 429
-    upstream_connections: int = 100  # upstream pool of requests without a paid token
-    paid_upstream_connections: int = 100  # a pool of their own for requests with one
+    upstream_connections: int = 100  # upstream connections of requests without a paid token
+    paid_upstream_connections: int = 100  # ones of their own for requests with one
     access_log: bool = False  # a line per request (gateway.web.access_log)
     # auto: uvloop when installed (the `speed` extra), else asyncio's own loop
     event_loop: str = "auto"

@@ -78,12 +78,13 @@ _NO_BODY = frozenset({204, 304})
 # Taken out of every upstream response: the hop-by-hop ones, and the gateway's own (only the
 # gateway's reach the client).
 RESPONSE_DROP = HOP_BY_HOP | {COST_HEADER.lower(), BALANCE_HEADER.lower()}
-# Requests with a verified paid token get a connection pool of their own: unpaid ones (say,
-# slow uploads to a free route) cannot take every upstream connection.
+# Requests with a verified paid token get upstream connections of their own: unpaid ones
+# (say, slow uploads to a free route) cannot take every upstream connection. A GET without a
+# body (most requests) goes through the lean client, whose kept-alive pool has as many
+# connections again; any other request through aiohttp's client, on a connection of its own.
 _SESSION = web.AppKey("l402_proxy_session", aiohttp.ClientSession)
 _PAID_SESSION = web.AppKey("l402_proxy_paid_session", aiohttp.ClientSession)
-# A paid GET without a body (most paid requests) goes through the lean client: a pool of
-# its own, of as many connections again.
+_LEAN = web.AppKey("l402_proxy_lean", LeanPool)
 _PAID_LEAN = web.AppKey("l402_proxy_paid_lean", LeanPool)
 
 
@@ -153,9 +154,16 @@ _ENCODED_SEPARATOR_REFUSAL = "path must not contain an encoded '/' or '\\'"
 
 
 def upstream_session(limit: int, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
-    """A client session to the upstream that sends requests as the client made them."""
+    """A client session to the upstream that sends requests as the client made them, each on
+    a connection of its own (``Connection: close``).
+
+    Never a kept-alive connection: an upstream that leaves a request's body unread (a route
+    that expects none) reads it as a request of its own, which a client could price at
+    nothing; and aiohttp's pool hands what arrives on an idle connection (that request's
+    answer) to the next request sent on it, another client's. The lean client's kept-alive
+    connections carry no bodies, and it drops one that sends what was not asked for."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit),
+        connector=aiohttp.TCPConnector(limit=limit, force_close=True),
         timeout=timeout,
         auto_decompress=False,
         # One session serves every client: a cookie jar would hand one client's upstream
@@ -336,9 +344,10 @@ def build_proxy(
     """An aiohttp application that prices requests and forwards them to ``upstream``.
 
     Requests with a verified paid token use ``paid_upstream_connections`` of their own;
-    the rest share ``upstream_connections``, at most ``unpaid_requests_per_client`` per
-    client (an IPv6 client per ``ipv6_prefix``) at once (a pay-on-success challenge reading
-    the body is one), more get 429. A body slower than
+    the rest share ``upstream_connections`` (each that many kept-alive connections for GETs
+    without a body, that many again for other requests, one each), at most
+    ``unpaid_requests_per_client`` per client (an IPv6 client per ``ipv6_prefix``) at once
+    (a pay-on-success challenge reading the body is one), more get 429. A body slower than
     ``body_timeout`` seconds plus one second per ``min_body_rate`` bytes gets 408.
 
     A pay-on-success route's challenge keeps the request as the upstream is to get it (the
@@ -395,11 +404,13 @@ def build_proxy(
             session(paid_upstream_connections) as paid,
         ):
             app[_SESSION], app[_PAID_SESSION] = free, paid
-            app[_PAID_LEAN] = lean = LeanPool(base, paid_upstream_connections, CHUNK)
+            app[_LEAN] = lean = LeanPool(base, upstream_connections, CHUNK)
+            app[_PAID_LEAN] = paid_lean = LeanPool(base, paid_upstream_connections, CHUNK)
             try:
                 yield
             finally:
                 lean.close()
+                paid_lean.close()
 
     def forwarded_headers(request: web.Request) -> list[tuple[str, str]]:
         """The headers the upstream gets with ``request``, but the token header."""
@@ -507,7 +518,7 @@ def build_proxy(
         return response
 
     async def send(
-        request: web.Request, upstream_session: aiohttp.ClientSession, lean: LeanPool | None
+        request: web.Request, upstream_session: aiohttp.ClientSession, lean: LeanPool
     ) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > max_body_bytes:
             return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
@@ -524,7 +535,7 @@ def build_proxy(
         # Verbatim: the path the rules were matched on, not a re-normalized one.
         target = request.rel_url.raw_path_qs
         try:
-            if lean is not None and body is None and request.method == hdrs.METH_GET:
+            if body is None and request.method == hdrs.METH_GET:
                 head = request_bytes(hdrs.METH_GET, target, lean.host_header, headers)
                 connection = await lean.send(head, upstream_timeout)
                 try:
@@ -578,7 +589,7 @@ def build_proxy(
         if unpaid.full(client):
             return too_many()
         with unpaid.hold(client):
-            return await send(request, request.app[_SESSION], None)
+            return await send(request, request.app[_SESSION], request.app[_LEAN])
 
     async def expect(request: web.Request) -> web.StreamResponse | None:
         # Runs after the L402 decision (setup_l402 wraps it): an answer the body cannot

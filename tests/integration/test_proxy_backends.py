@@ -5,6 +5,10 @@ that Node's WHATWG URL parser, Express-style case-insensitive and trailing-slash
 routing, Tomcat-style ';' parameters, double decoding or a method override would route to
 /api/premium/; a WSGI backend (wsgiref) reads X_L402_Token as the token header. Every
 spelling that could reach priced content unpaid must get 400 or 402.
+
+Backends that leave a request's body unread (Python's ``http.server``, a handler that does not
+read it) or answer what was not asked: nothing a client hides in a body runs on them, and no
+answer reaches a request it was not made for.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import shutil
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -22,7 +27,7 @@ from wsgiref.types import StartResponse, WSGIEnvironment
 import pytest
 import pytest_asyncio
 
-from tests.demo_rules import PREMIUM_READ
+from tests.demo_rules import ECHO, PREMIUM_READ
 from tests.fakes import FakeGateway
 from tests.integration.test_proxy import Client, proxy_for
 
@@ -31,13 +36,17 @@ RULES = (PREMIUM_READ,)
 
 
 async def send(
-    client: Client, method: str, target: str, headers: Iterable[tuple[str, str]] = ()
+    client: Client,
+    method: str,
+    target: str,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
 ) -> tuple[int, dict[str, Any]]:
     """The request line exactly as given (an HTTP client would normalize the target)."""
     reader, writer = await asyncio.open_connection(client.host, client.port)
-    lines = [f"{method} {target} HTTP/1.1", "Host: x", "Connection: close", "Content-Length: 0"]
-    lines += [f"{name}: {value}" for name, value in headers]
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
+    lines = [f"{method} {target} HTTP/1.1", "Host: x", "Connection: close"]
+    lines += [f"Content-Length: {len(body)}", *(f"{name}: {value}" for name, value in headers)]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body)
     response = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     await writer.wait_closed()
@@ -197,3 +206,101 @@ async def test_no_spelling_of_the_token_header_reaches_a_wsgi_backend(
         assert status == 200
         assert json.loads(seen["HTTP_X_L402_TOKEN"])["service"] == "premium"
         assert "forged" not in seen["HTTP_X_L402_TOKEN"]
+
+
+class _LeavesBodiesUnread(BaseHTTPRequestHandler):
+    """HTTP/1.1 kept alive, and a body is never read: what follows the head on the
+    connection is read as the next request."""
+
+    protocol_version = "HTTP/1.1"
+    lines: list[str]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _answer(self) -> None:
+        self.lines.append(self.requestline)
+        premium = self.path.startswith("/api/premium/")
+        body = json.dumps({"premium": premium, "line": self.requestline}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+
+@pytest.fixture
+def unread_bodies() -> Iterator[tuple[str, list[str]]]:
+    """The backend's URL, and the request lines it has read, in order."""
+    lines: list[str] = []
+    handler = type("Handler", (_LeavesBodiesUnread,), {"lines": lines})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", lines
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+SMUGGLED = b"GET /api/premium/report HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("paid", [False, True])
+async def test_a_request_hidden_in_a_body_the_backend_leaves_unread_never_runs(
+    unread_bodies: tuple[str, list[str]], paid: bool
+) -> None:
+    url, lines = unread_bodies
+    gateway = FakeGateway((*RULES, ECHO))
+    async with await proxy_for(_Upstream(url), gateway) as client:  # type: ignore[arg-type]
+        target, headers = "/public/hook", []
+        if paid:  # a token bought for a cheap route with a body
+            _status, challenge = await send(client, "POST", ECHO.pattern)
+            target, headers = ECHO.pattern, [("Authorization", gateway.pay(challenge))]
+        status, answer = await send(client, "POST", target, headers, SMUGGLED)
+        assert (status, answer["line"]) == (200, f"POST {target} HTTP/1.1")
+        # Read at once by a backend that keeps the connection: the body's request.
+        await asyncio.sleep(0.3)
+        assert lines == [f"POST {target} HTTP/1.1"]
+        status, answer = await send(client, "GET", "/public/page")
+        assert (status, answer) == (200, {"premium": False, "line": "GET /public/page HTTP/1.1"})
+
+
+async def _answers_twice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers each request with its request line, then, 0.1 s later, answers again
+    unasked (a response for no request) on the same connection."""
+    while head := await reader.readuntil(b"\r\n\r\n"):
+        line = head.split(b"\r\n", 1)[0].decode()
+        length = next(
+            (
+                int(h.split(b":")[1])
+                for h in head.lower().split(b"\r\n")
+                if h.startswith(b"content-length:")
+            ),
+            0,
+        )
+        await reader.readexactly(length)
+        for answer in (line, "unasked"):
+            body = json.dumps({"premium": False, "line": answer}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
+async def test_an_answer_the_backend_sends_unasked_reaches_no_later_request(method: str) -> None:
+    server = await asyncio.start_server(_answers_twice, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gateway = FakeGateway(RULES)
+    try:
+        async with await proxy_for(_Upstream(f"http://127.0.0.1:{port}"), gateway) as client:  # type: ignore[arg-type]
+            for n in range(3):
+                target = f"/public/{n}"
+                status, answer = await send(client, method, target)
+                assert (status, answer["line"]) == (200, f"{method} {target} HTTP/1.1")
+                await asyncio.sleep(0.3)  # the unasked answer is in by the next request
+    finally:
+        server.close()
+        await server.wait_closed()

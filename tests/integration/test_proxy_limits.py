@@ -89,8 +89,9 @@ async def test_slow_unpaid_uploads_holding_the_upstream_pool_do_not_stall_paid_o
         async with slow_upload(client), slow_upload(client):
             for _ in range(2):
                 await asyncio.wait_for(backend.arrived.get(), 5)
-            # The unpaid pool is all taken: another unpaid request waits for it.
-            waiting = asyncio.create_task(client.get("/health"))
+            # The unpaid connections for requests with a body are all taken: another such
+            # request waits for one.
+            waiting = asyncio.create_task(client.post("/hold", data=b"x"))
             await asyncio.sleep(0.3)
             assert not waiting.done()
             await paid_fortune(client, gateway)
