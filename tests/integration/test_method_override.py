@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from yarl import URL
 
 from gateway.ports import Msat
 from gateway.pricing import Rule
@@ -66,6 +67,9 @@ async def test_an_override_is_priced_even_after_the_request_was_allowed(serve: S
         overrides: list[Callable[[], Awaitable[aiohttp.ClientResponse]]] = [
             lambda: http.post(DOC, headers={**write, "X-HTTP-Method-Override": "GET"}),
             lambda: http.post(DOC + "?_method=GET", headers=write),
+            # Sent as written (yarl would decode the key): the ASGI scope has it raw.
+            lambda: http.post(URL(f"{base}{DOC}?%5Fmethod=GET", encoded=True), headers=write),
+            lambda: http.post(DOC + "?.method=GET", headers=write),  # PHP's _method
         ]
         for send in overrides:
             response = await send()

@@ -156,6 +156,8 @@ BYPASSES = [
     ("POST", "/api/premium/x?_method=GET", ()),
     ("POST", "/api/premium/x?a=1&_METHOD=get", ()),
     ("POST", "/API/Premium/x?_method=GET", ()),
+    ("POST", "/api/premium/x?.method=GET", ()),  # PHP reads it as _method
+    ("POST", "/api/premium/x?%5Bmethod=GET", ()),
 ]
 
 
