@@ -21,7 +21,7 @@ async def hello(_request: web.Request) -> web.Response:
 
 def build(mode: str, config_file: str | None) -> web.Application:
     app = web.Application()
-    app.router.add_get("/api/premium/hello", hello)
+    app.router.add_route("*", "/api/premium/hello", hello)  # POST too (bench.before_after)
     app.router.add_get("/api/credit/hello", hello)  # a credit-billed route (bench.credit_route)
     app.router.add_get("/health", hello)
     if mode == "gateway":

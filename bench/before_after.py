@@ -3,8 +3,9 @@
 The paid-request path of this tree and of a baseline revision (``--baseline``, a git
 revision checked out into a temporary worktree), side by side on one regtest network: the
 aiohttp middleware (``bench.app gateway``) and the reverse proxy (``l402-gateway serve`` in
-front of ``bench.app bare``), each loaded by wrk with a token it sold and bob paid. Rounds
-alternate baseline and current; the ratio of median requests/s is current / baseline.
+front of ``bench.app bare``), each loaded by wrk with a token it sold and bob paid; the
+proxy also with a free GET and a paid POST. Rounds alternate baseline and current; the ratio
+of median requests/s is current / baseline.
 """
 
 from __future__ import annotations
@@ -84,11 +85,32 @@ service = "premium"
 class Target:
     """One front end of one revision, started and paid for."""
 
-    name: str
+    revision: str
+    front: str  # "middleware" or "proxy"
     url: str
     process: subprocess.Popen[bytes]
     log: Path
     authorization: str = ""
+
+
+@dataclass(frozen=True)
+class Load:
+    """What wrk asks a front end for."""
+
+    name: str
+    path: str
+    paid: bool
+    post: str = ""
+
+
+LOADS = {
+    "middleware": (Load("paid GET", PATH, paid=True),),
+    "proxy": (
+        Load("paid GET", PATH, paid=True),
+        Load("free GET", "/health", paid=False),
+        Load("paid POST", PATH, paid=True, post='{"prompt": "hello"}'),
+    ),
+}
 
 
 def _start(tree: Path, args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -108,13 +130,17 @@ def _targets(network: Network, workdir: Path, baseline: Path, upstream: str) -> 
         args = ["-m", "bench.app", "--port", str(middleware_port), "gateway", str(config)]
         process = _start(tree, args, log)
         targets.append(
-            Target(f"{revision} middleware", f"http://127.0.0.1:{middleware_port}", process, log)
+            Target(revision, "middleware", f"http://127.0.0.1:{middleware_port}", process, log)
         )
-        server = f'[server]\nlisten = "127.0.0.1:{proxy_port}"\nupstream = "{upstream}"\n'
+        # One wrk client: no cap on the unpaid requests it has under way (the free GETs).
+        server = (
+            f'[server]\nlisten = "127.0.0.1:{proxy_port}"\nupstream = "{upstream}"\n'
+            "unpaid_requests_per_client = 0\n"
+        )
         config = _config(network, side / "proxy", server)
         log = side / "proxy.log"
         process = _start(tree, ["-c", _SERVE, "--config", str(config), "serve"], log)
-        targets.append(Target(f"{revision} proxy", f"http://127.0.0.1:{proxy_port}", process, log))
+        targets.append(Target(revision, "proxy", f"http://127.0.0.1:{proxy_port}", process, log))
     return targets
 
 
@@ -141,54 +167,70 @@ async def measure(baseline_revision: str, seconds: int, rounds: int, connections
 
 async def _load(
     targets: list[Target], seconds: int, rounds: int, connections: int
-) -> dict[str, list[LoadResult]]:
-    results: dict[str, list[LoadResult]] = {target.name: [] for target in targets}
+) -> dict[tuple[str, str, str], list[LoadResult]]:
+    """(revision, front, load name) -> each round's result."""
+    results: dict[tuple[str, str, str], list[LoadResult]] = {}
     for repeat in range(rounds + 1):  # the first pass warms every server up
-        for target in targets:
-            result = await asyncio.to_thread(
-                run_wrk,
-                target.url + PATH,
-                seconds=2 if repeat == 0 else seconds,
-                connections=connections,
-                headers={"Authorization": target.authorization},
-            )
-            if result.non_2xx:
-                raise RuntimeError(f"{target.name}: {result.non_2xx} non-2xx responses")
-            if repeat:
-                results[target.name].append(result)
+        for load in {load.name: load for loads in LOADS.values() for load in loads}.values():
+            for target in targets:
+                if load not in LOADS[target.front]:
+                    continue
+                result = await asyncio.to_thread(
+                    run_wrk,
+                    target.url + load.path,
+                    seconds=2 if repeat == 0 else seconds,
+                    connections=connections,
+                    headers={"Authorization": target.authorization} if load.paid else {},
+                    post=load.post,
+                )
+                name = f"{target.revision} {target.front} {load.name}"
+                if result.non_2xx:
+                    raise RuntimeError(f"{name}: {result.non_2xx} non-2xx responses")
+                if repeat:
+                    results.setdefault((target.revision, target.front, load.name), []).append(
+                        result
+                    )
     return results
 
 
 def _report(
-    baseline: str, results: dict[str, list[LoadResult]], seconds: int, rounds: int, connections: int
+    baseline: str,
+    results: dict[tuple[str, str, str], list[LoadResult]],
+    seconds: int,
+    rounds: int,
+    connections: int,
 ) -> None:
-    def median(name: str, field: str) -> float:
-        return float(statistics.median(getattr(r, field) for r in results[name]))
+    def median(key: tuple[str, str, str], field: str) -> float:
+        return float(statistics.median(getattr(r, field) for r in results[key]))
 
+    loads = [(front, load.name) for front, loads in LOADS.items() for load in loads]
     ratios = {
-        front: median(f"current {front}", "requests_per_second")
-        / median(f"baseline {front}", "requests_per_second")
-        for front in ("middleware", "proxy")
+        f"{front}, {name}": median(("current", front, name), "requests_per_second")
+        / median(("baseline", front, name), "requests_per_second")
+        for front, name in loads
     }
     worst = min(ratios.values())
     record(
         "Before and after",
         [
-            f"Paid requests against revision `{baseline}`, same run: wrk -t1 -c{connections}, "
-            f"{rounds} x {seconds}s rounds alternating over the four servers, medians.",
+            f"Against revision `{baseline}`, same run: wrk -t1 -c{connections}, "
+            f"{rounds} x {seconds}s rounds alternating over the servers, medians.",
             "",
-            "| server | requests/s | p50 ms | p99 ms |",
-            "| --- | --- | --- | --- |",
+            "| server | load | requests/s | p50 ms | p99 ms |",
+            "| --- | --- | --- | --- | --- |",
             *(
-                f"| {name} | {median(name, 'requests_per_second'):.0f} | "
-                f"{median(name, 'p50_ms'):.2f} | {median(name, 'p99_ms'):.2f} |"
-                for name in results
+                f"| {revision} {front} | {name} | "
+                f"{median((revision, front, name), 'requests_per_second'):.0f} | "
+                f"{median((revision, front, name), 'p50_ms'):.2f} | "
+                f"{median((revision, front, name), 'p99_ms'):.2f} |"
+                for front, name in loads
+                for revision in ("baseline", "current")
             ),
             "",
-            *(f"Current / baseline, {front}: **{ratio:.1%}**." for front, ratio in ratios.items()),
+            *(f"Current / baseline, {what}: **{ratio:.1%}**." for what, ratio in ratios.items()),
         ],
         Verdict(
-            ", ".join(f"{front} {ratio:.1%}" for front, ratio in ratios.items())
+            ", ".join(f"{what} {ratio:.1%}" for what, ratio in ratios.items())
             + f" of `{baseline}`'s requests/s",
             f">= {TOLERANCE:.0%}",
             worst >= TOLERANCE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
@@ -10,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,14 +62,22 @@ def _latency(text: str, percentile: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-def run_wrk(url: str, *, seconds: int, connections: int, headers: dict[str, str]) -> LoadResult:
-    """One bounded wrk run on loopback (one thread: the server gets the other core)."""
+def run_wrk(
+    url: str, *, seconds: int, connections: int, headers: dict[str, str], post: str = ""
+) -> LoadResult:
+    """One bounded wrk run on loopback (one thread: the server gets the other core); with
+    ``post``, each request is a POST of that (ASCII) body."""
     args = [wrk_path(), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     for name, value in headers.items():
         args += ["-H", f"{name}: {value}"]
-    output = subprocess.run(  # noqa: S603 - wrk with our own arguments
-        [*args, url], capture_output=True, text=True, check=True, timeout=seconds + 30
-    ).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        if post:
+            script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(post)}\n')
+            script.flush()
+            args += ["-s", script.name]
+        output = subprocess.run(  # noqa: S603 - wrk with our own arguments
+            [*args, url], capture_output=True, text=True, check=True, timeout=seconds + 30
+        ).stdout
     rate = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.MULTILINE)
     if rate is None:
         raise ValueError(f"no Requests/sec in wrk output:\n{output}")
