@@ -6,12 +6,12 @@ request it was the largest share of the proxy's CPU. Here the request is one wri
 headers ``send`` already prepared, and the response is parsed by llhttp (``httptools``,
 strict: no leniency towards a malformed response) on kept-alive connections.
 
-Anything else (a body, another method) goes through aiohttp's client, each on a connection of
-its own (``proxy.upstream_session`` says why). A response is read
-whole when its ``Content-Length`` is at most ``whole_limit``; any other is streamed, read
-from the upstream only as fast as the client takes it. A request on a kept-alive connection
-the upstream closed before answering is sent again once, on a new connection (a GET is
-idempotent; aiohttp's client does the same).
+Anything else (a body, another method) goes through aiohttp's client, each on a connection
+of its own (``proxy.upstream_session`` says why). A response is read whole when its
+``Content-Length`` is at most ``whole_limit``; any other is streamed, read from the upstream
+only as fast as the client takes it. A request on a kept-alive connection the upstream
+closed before answering is sent again once, on a new connection (a GET is idempotent;
+aiohttp's client does the same).
 
 A response must be in by its deadline. Each connection has one timer for that, moved on only
 when it fires (a new timer per request cost a paid request more than its header parsing).
