@@ -171,10 +171,8 @@ async def _load(
     """(revision, front, load name) -> each round's result."""
     results: dict[tuple[str, str, str], list[LoadResult]] = {}
     for repeat in range(rounds + 1):  # the first pass warms every server up
-        for load in {load.name: load for loads in LOADS.values() for load in loads}.values():
-            for target in targets:
-                if load not in LOADS[target.front]:
-                    continue
+        for target in targets:
+            for load in LOADS[target.front]:
                 result = await asyncio.to_thread(
                     run_wrk,
                     target.url + load.path,

@@ -70,8 +70,9 @@ def run_wrk(
     args = [wrk_path(), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     for name, value in headers.items():
         args += ["-H", f"{name}: {value}"]
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+    with contextlib.ExitStack() as scripts:
         if post:
+            script = scripts.enter_context(tempfile.NamedTemporaryFile("w", suffix=".lua"))
             script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(post)}\n')
             script.flush()
             args += ["-s", script.name]

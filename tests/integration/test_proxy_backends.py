@@ -18,6 +18,7 @@ import json
 import shutil
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -216,9 +217,14 @@ class _LeavesBodiesUnread(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     lines: list[str]
+    connection_ended: threading.Event
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    def handle(self) -> None:
+        super().handle()  # every request on the connection, until it is to close
+        self.connection_ended.set()
 
     def _answer(self) -> None:
         self.lines.append(self.requestline)
@@ -233,16 +239,27 @@ class _LeavesBodiesUnread(BaseHTTPRequestHandler):
     do_GET = do_POST = _answer
 
 
+@dataclass
+class UnreadBodies:
+    url: str
+    lines: list[str]  # the request lines the backend read, in order
+    connection_ended: threading.Event  # a connection's requests are all read
+
+
 @pytest.fixture
-def unread_bodies() -> Iterator[tuple[str, list[str]]]:
-    """The backend's URL, and the request lines it has read, in order."""
-    lines: list[str] = []
-    handler = type("Handler", (_LeavesBodiesUnread,), {"lines": lines})
+def unread_bodies() -> Iterator[UnreadBodies]:
+    backend = UnreadBodies("", [], threading.Event())
+    handler = type(
+        "Handler",
+        (_LeavesBodiesUnread,),
+        {"lines": backend.lines, "connection_ended": backend.connection_ended},
+    )
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    backend.url = f"http://127.0.0.1:{server.server_port}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}", lines
+        yield backend
     finally:
         server.shutdown()
         server.server_close()
@@ -253,28 +270,43 @@ SMUGGLED = b"GET /api/premium/report HTTP/1.1\r\nHost: x\r\n\r\n"
 
 @pytest.mark.parametrize("paid", [False, True])
 async def test_a_request_hidden_in_a_body_the_backend_leaves_unread_never_runs(
-    unread_bodies: tuple[str, list[str]], paid: bool
+    unread_bodies: UnreadBodies, paid: bool
 ) -> None:
-    url, lines = unread_bodies
+    backend = unread_bodies
     gateway = FakeGateway((*RULES, ECHO))
-    async with await proxy_for(_Upstream(url), gateway) as client:  # type: ignore[arg-type]
+    async with await proxy_for(_Upstream(backend.url), gateway) as client:  # type: ignore[arg-type]
         target, headers = "/public/hook", []
         if paid:  # a token bought for a cheap route with a body
             _status, challenge = await send(client, "POST", ECHO.pattern)
             target, headers = ECHO.pattern, [("Authorization", gateway.pay(challenge))]
         status, answer = await send(client, "POST", target, headers, SMUGGLED)
         assert (status, answer["line"]) == (200, f"POST {target} HTTP/1.1")
-        # Read at once by a backend that keeps the connection: the body's request.
-        await asyncio.sleep(0.3)
-        assert lines == [f"POST {target} HTTP/1.1"]
+        # The backend ends the connection after the POST (Connection: close): kept, it would
+        # read the body as a request at once, then wait for more on the connection.
+        assert await asyncio.to_thread(backend.connection_ended.wait, 5)
+        assert backend.lines == [f"POST {target} HTTP/1.1"]
         status, answer = await send(client, "GET", "/public/page")
         assert (status, answer) == (200, {"premium": False, "line": "GET /public/page HTTP/1.1"})
 
 
-async def _answers_twice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answers each request with its request line, then, 0.1 s later, answers again
-    unasked (a response for no request) on the same connection."""
-    while head := await reader.readuntil(b"\r\n\r\n"):
+class _AnswersTwice:
+    """A backend that answers each request with its request line, then, 0.1 s later (on a
+    connection idle by then), answers again unasked (a response for no request)."""
+
+    def __init__(self) -> None:
+        self.unasked = asyncio.Queue[None]()  # one item for each unasked answer written
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await self._answer(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the proxy closed the connection
+        finally:
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
         line = head.split(b"\r\n", 1)[0].decode()
         length = next(
             (
@@ -285,15 +317,21 @@ async def _answers_twice(reader: asyncio.StreamReader, writer: asyncio.StreamWri
             0,
         )
         await reader.readexactly(length)
-        for answer in (line, "unasked"):
-            body = json.dumps({"premium": False, "line": answer}).encode()
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            await asyncio.sleep(0.1)
+        _respond(writer, line)
+        await asyncio.sleep(0.1)  # the answer is relayed by then: the connection is idle
+        _respond(writer, "unasked")
+        self.unasked.put_nowait(None)
+
+
+def _respond(writer: asyncio.StreamWriter, line: str) -> None:
+    body = json.dumps({"premium": False, "line": line}).encode()
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
 async def test_an_answer_the_backend_sends_unasked_reaches_no_later_request(method: str) -> None:
-    server = await asyncio.start_server(_answers_twice, "127.0.0.1", 0)
+    backend = _AnswersTwice()
+    server = await asyncio.start_server(backend.serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     gateway = FakeGateway(RULES)
     try:
@@ -302,7 +340,7 @@ async def test_an_answer_the_backend_sends_unasked_reaches_no_later_request(meth
                 target = f"/public/{n}"
                 status, answer = await send(client, method, target)
                 assert (status, answer["line"]) == (200, f"{method} {target} HTTP/1.1")
-                await asyncio.sleep(0.3)  # the unasked answer is in by the next request
+                await asyncio.wait_for(backend.unasked.get(), 5)  # in before the next request
     finally:
         server.close()
         await server.wait_closed()
