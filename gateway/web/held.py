@@ -15,13 +15,14 @@ import logging
 from types import TracebackType
 
 import aiohttp
+from aiohttp import hdrs
 from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.ports import StoredRequest, StoredResponse
 from gateway.service import PaidToken
 from gateway.service.on_success import UNREACHABLE, RunFailed, timed_out
-from gateway.web.proxy import RESPONSE_DROP, end_to_end_headers, upstream_session
+from gateway.web.proxy import RESPONSE_DROP, end_to_end_headers
 from gateway.web.responses import token_header_value
 
 __all__ = ["UpstreamRunner"]
@@ -54,7 +55,7 @@ class UpstreamRunner:
     async def __aenter__(self) -> UpstreamRunner:
         # Each run has its own deadline (asyncio.timeout); the session adds the connect limit.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
-        self._session = upstream_session(self._connections, timeout)
+        self._session = _upstream_session(self._connections, timeout)
         return self
 
     async def __aexit__(
@@ -118,6 +119,32 @@ class UpstreamRunner:
             raise RunFailed(UNREACHABLE) from None
         except TimeoutError:
             raise RunFailed(timed_out(timeout)) from None
+
+
+def _upstream_session(limit: int, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    """A client session to the upstream that sends requests as the client made them, each on
+    a connection of its own (``Connection: close``).
+
+    Never a kept-alive connection, as the proxy's requests with a body
+    (``gateway.web.upstream``): an upstream that leaves a request's body unread (a route that
+    expects none) reads it as a request of its own; and aiohttp's pool hands what arrives on
+    an idle connection (that request's answer) to the next request sent on it."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, force_close=True),
+        timeout=timeout,
+        auto_decompress=False,
+        # One session serves every client: a cookie jar would hand one client's upstream
+        # session cookie to all the others.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        # Forward the client's headers, not aiohttp's defaults (an Accept-Encoding the
+        # client never sent would get it a compressed body it cannot read).
+        skip_auto_headers=(
+            hdrs.ACCEPT,
+            hdrs.ACCEPT_ENCODING,
+            hdrs.USER_AGENT,
+            hdrs.CONTENT_TYPE,
+        ),
+    )
 
 
 def _over(limit: int) -> str:

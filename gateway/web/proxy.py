@@ -54,7 +54,7 @@ from gateway.web.cookies import without_l402_cookie
 from gateway.web.lnurl import TipsSlot
 from gateway.web.metrics import metrics_middleware
 from gateway.web.responses import BALANCE_HEADER, COST_HEADER, client_address, token_header_value
-from gateway.web.upstream import LeanPool, UpstreamAnswer, request_bytes
+from gateway.web.upstream import LeanPool, LeanResponse, request_bytes
 
 log = logging.getLogger(__name__)
 
@@ -78,43 +78,22 @@ _NO_BODY = frozenset({204, 304})
 # Taken out of every upstream response: the hop-by-hop ones, and the gateway's own (only the
 # gateway's reach the client).
 RESPONSE_DROP = HOP_BY_HOP | {COST_HEADER.lower(), BALANCE_HEADER.lower()}
+
+
+class _Pools:
+    """The upstream connections of one kind of request: kept-alive ones for GETs without a
+    body (most requests), and as many again of one request each for any other request
+    (``gateway.web.upstream`` says why)."""
+
+    def __init__(self, base: str, limit: int) -> None:
+        self.kept_alive = LeanPool(base, limit, CHUNK)
+        self.one_shot = LeanPool(base, limit, CHUNK, keep_alive=False)
+
+
 # Requests with a verified paid token get upstream connections of their own: unpaid ones
-# (say, slow uploads to a free route) cannot take every upstream connection. A GET without a
-# body (most requests) goes through the lean client, whose kept-alive pool has as many
-# connections again; any other request through aiohttp's client, on a connection of its own.
-_SESSION = web.AppKey("l402_proxy_session", aiohttp.ClientSession)
-_PAID_SESSION = web.AppKey("l402_proxy_paid_session", aiohttp.ClientSession)
-_LEAN = web.AppKey("l402_proxy_lean", LeanPool)
-_PAID_LEAN = web.AppKey("l402_proxy_paid_lean", LeanPool)
-
-
-class _AiohttpAnswer:
-    """An upstream response read through aiohttp's client, as an ``UpstreamAnswer``."""
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-
-    @property
-    def status(self) -> int:
-        return self._response.status
-
-    @property
-    def reason(self) -> str | None:
-        return self._response.reason
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        return self._response.headers
-
-    @property
-    def content_length(self) -> int | None:
-        return self._response.content_length
-
-    async def read(self) -> bytes:
-        return await self._response.read()
-
-    def iter_chunks(self) -> AsyncIterator[bytes]:
-        return self._response.content.iter_chunked(CHUNK)
+# (say, slow uploads to a free route) cannot take every upstream connection.
+_POOLS = web.AppKey("l402_proxy_pools", _Pools)
+_PAID_POOLS = web.AppKey("l402_proxy_paid_pools", _Pools)
 
 
 def end_to_end_headers(
@@ -153,33 +132,6 @@ _ENCODED_SEPARATOR = re.compile("%(?:2f|5c)", re.IGNORECASE)
 _ENCODED_SEPARATOR_REFUSAL = "path must not contain an encoded '/' or '\\'"
 
 
-def upstream_session(limit: int, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
-    """A client session to the upstream that sends requests as the client made them, each on
-    a connection of its own (``Connection: close``).
-
-    Never a kept-alive connection: an upstream that leaves a request's body unread (a route
-    that expects none) reads it as a request of its own, which a client could price at
-    nothing; and aiohttp's pool hands what arrives on an idle connection (that request's
-    answer) to the next request sent on it, another client's. The lean client's kept-alive
-    connections carry no bodies, and it drops one that sends what was not asked for."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit, force_close=True),
-        timeout=timeout,
-        auto_decompress=False,
-        # One session serves every client: a cookie jar would hand one client's upstream
-        # session cookie to all the others.
-        cookie_jar=aiohttp.DummyCookieJar(),
-        # Forward the client's headers, not aiohttp's defaults (an Accept-Encoding the
-        # client never sent would get it a compressed body it cannot read).
-        skip_auto_headers=(
-            hdrs.ACCEPT,
-            hdrs.ACCEPT_ENCODING,
-            hdrs.USER_AGENT,
-            hdrs.CONTENT_TYPE,
-        ),
-    )
-
-
 def _problem(status: int, title: str, detail: str) -> web.Response:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
     return web.Response(
@@ -206,8 +158,8 @@ class _LimitedBody:
     """The request body, streamed, failing past ``limit`` bytes or when it arrives slower
     than ``timeout`` seconds plus one second per ``min_rate`` bytes (from the first read).
 
-    aiohttp's client reports an exception raised by the body it sends as a ClientError, so
-    the failure is also remembered in ``exceeded`` or ``too_slow``.
+    The upstream client reports an exception raised by the body it sends as a
+    ``ClientError``, so the failure is also remembered in ``exceeded`` or ``too_slow``.
     """
 
     def __init__(
@@ -393,24 +345,14 @@ def build_proxy(
         address = client_address(request.remote, forwarded_for, trust_forwarded_for)
         return client_key(address, ipv6_prefix)
 
-    def session(limit: int) -> aiohttp.ClientSession:
-        return upstream_session(
-            limit, aiohttp.ClientTimeout(total=upstream_timeout, sock_connect=10)
-        )
-
-    async def client_session(app: web.Application) -> AsyncIterator[None]:
-        async with (
-            session(upstream_connections) as free,
-            session(paid_upstream_connections) as paid,
-        ):
-            app[_SESSION], app[_PAID_SESSION] = free, paid
-            app[_LEAN] = lean = LeanPool(base, upstream_connections, CHUNK)
-            app[_PAID_LEAN] = paid_lean = LeanPool(base, paid_upstream_connections, CHUNK)
-            try:
-                yield
-            finally:
-                lean.close()
-                paid_lean.close()
+    async def upstream_pools(app: web.Application) -> AsyncIterator[None]:
+        app[_POOLS] = unpaid_pools = _Pools(base, upstream_connections)
+        app[_PAID_POOLS] = paid_pools = _Pools(base, paid_upstream_connections)
+        try:
+            yield
+        finally:
+            unpaid_pools.kept_alive.close()
+            paid_pools.kept_alive.close()
 
     def forwarded_headers(request: web.Request) -> list[tuple[str, str]]:
         """The headers the upstream gets with ``request``, but the token header."""
@@ -479,10 +421,10 @@ def build_proxy(
         health=health,
         refuse=_ambiguous_path,
     )
-    app.cleanup_ctx.append(client_session)
+    app.cleanup_ctx.append(upstream_pools)
 
     async def relay(
-        request: web.Request, answer: UpstreamAnswer, progress: _Progress
+        request: web.Request, answer: LeanResponse, progress: _Progress
     ) -> web.StreamResponse:
         """The upstream's ``answer`` (its head in) to ``request``, as the client's response;
         ``progress`` records how far it got for ``send``'s handling of a failure."""
@@ -517,9 +459,7 @@ def build_proxy(
         await response.write_eof()
         return response
 
-    async def send(
-        request: web.Request, upstream_session: aiohttp.ClientSession, lean: LeanPool
-    ) -> web.StreamResponse:
+    async def send(request: web.Request, pools: _Pools) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > max_body_bytes:
             return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
         headers = forwarded_headers(request)
@@ -534,26 +474,28 @@ def build_proxy(
         progress = _Progress(time.perf_counter())
         # Verbatim: the path the rules were matched on, not a re-normalized one.
         target = request.rel_url.raw_path_qs
+        method = request.method
+        pool = pools.kept_alive
+        chunked = False
+        if body is not None or method != hdrs.METH_GET:
+            pool = pools.one_shot
+            # The body is sent with the length the client declared, else as chunks.
+            chunked = body is not None and request.content_length is None
+            if chunked:
+                headers.append((hdrs.TRANSFER_ENCODING, "chunked"))
+            headers.append((hdrs.CONNECTION, "close"))
         try:
-            if body is None and request.method == hdrs.METH_GET:
-                head = request_bytes(hdrs.METH_GET, target, lean.host_header, headers)
-                connection = await lean.send(head, upstream_timeout)
-                try:
-                    return await relay(request, connection, progress)
-                finally:
-                    lean.release(connection)
-            async with upstream_session.request(
-                request.method,
-                URL(base + target, encoded=True),
-                headers=headers,
-                data=body.chunks() if body is not None else None,
-                allow_redirects=False,
-            ) as upstream_response:
-                return await relay(request, _AiohttpAnswer(upstream_response), progress)
-        except _BodyTooLarge:
-            return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
-        except _BodyTooSlow:
-            return too_slow()
+            connection = await pool.send(
+                request_bytes(method, target, pool.host_header, headers),
+                upstream_timeout,
+                body.chunks() if body is not None else None,
+                chunked=chunked,
+                bodiless=method == hdrs.METH_HEAD,
+            )
+            try:
+                return await relay(request, connection, progress)
+            finally:
+                pool.release(connection)
         except (aiohttp.ClientError, TimeoutError) as error:
             seconds = time.perf_counter() - progress.started
             if progress.response is not None and progress.response.prepared:
@@ -581,7 +523,7 @@ def build_proxy(
     async def forward(request: web.Request) -> web.StreamResponse:
         if request.get(TOKEN) is not None:
             app = request.app
-            response = await send(request, app[_PAID_SESSION], app[_PAID_LEAN])
+            response = await send(request, app[_PAID_POOLS])
             if charge_open(request):  # the answer is the gateway's own, the upstream gave none
                 await settle_charge(request, None, response.headers)
             return response
@@ -589,7 +531,7 @@ def build_proxy(
         if unpaid.full(client):
             return too_many()
         with unpaid.hold(client):
-            return await send(request, request.app[_SESSION], request.app[_LEAN])
+            return await send(request, request.app[_POOLS])
 
     async def expect(request: web.Request) -> web.StreamResponse | None:
         # Runs after the L402 decision (setup_l402 wraps it): an answer the body cannot

@@ -1,17 +1,23 @@
-"""A lean HTTP/1.1 client for the proxy's most common upstream call: a GET without a body.
+"""A lean HTTP/1.1 client for the proxy's upstream calls.
 
-aiohttp's client spends about three times the CPU of a raw exchange on such a call
-(building a ``ClientRequest``, merging headers, timers, its response object): on a paid
-request it was the largest share of the proxy's CPU. Here the request is one write of the
-headers ``send`` already prepared, and the response is parsed by llhttp (``httptools``,
-strict: no leniency towards a malformed response) on kept-alive connections.
+aiohttp's client spends about three times the CPU of a raw exchange on a call (building a
+``ClientRequest``, merging headers, timers, its response object): on a paid request it was
+the largest share of the proxy's CPU. Here the request's head is one write of the headers
+``send`` already prepared, and the response is parsed by llhttp (``httptools``, strict: no
+leniency towards a malformed response).
 
-Anything else (a body, another method) goes through aiohttp's client, each on a connection
-of its own (``proxy.upstream_session`` says why). A response is read whole when its
-``Content-Length`` is at most ``whole_limit``; any other is streamed, read from the upstream
-only as fast as the client takes it. A request on a kept-alive connection the upstream
-closed before answering is sent again once, on a new connection (a GET is idempotent;
-aiohttp's client does the same).
+A GET without a body goes over kept-alive connections. Any other request (a body, another
+method) goes over a connection of its own, from a pool made with ``keep_alive=False``, and
+must say ``Connection: close``: an upstream that leaves a body unread (a route that expects
+none) would read it as a request of its own, and a response to HEAD cannot be told from
+the next one's start. The body is streamed as it is written (framed as chunks when its
+length is not stated), while the response is awaited: an upstream may answer before
+reading all of it.
+
+A response is read whole when its ``Content-Length`` is at most ``whole_limit``; any other
+is streamed, read from the upstream only as fast as the client takes it. A GET on a
+kept-alive connection the upstream closed before answering is sent again once, on a new
+connection (a GET is idempotent; aiohttp's client does the same).
 
 A response must be in by its deadline. Each connection has one timer for that, moved on only
 when it fires (a new timer per request cost a paid request more than its header parsing).
@@ -23,8 +29,8 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
-from typing import Protocol, cast
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import cast
 
 import aiohttp
 import httptools
@@ -45,26 +51,6 @@ class UpstreamError(aiohttp.ClientConnectionError):
     handled as the proxy handles aiohttp's."""
 
 
-class UpstreamAnswer(Protocol):
-    """What the proxy reads of an upstream's response: aiohttp's, or a ``LeanResponse``."""
-
-    @property
-    def status(self) -> int: ...
-
-    @property
-    def reason(self) -> str | None: ...
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]: ...
-
-    @property
-    def content_length(self) -> int | None: ...
-
-    async def read(self) -> bytes: ...
-
-    def iter_chunks(self) -> AsyncIterator[bytes]: ...
-
-
 class LeanResponse(asyncio.Protocol):
     """One kept-alive connection and the response it is reading (one at a time)."""
 
@@ -83,9 +69,13 @@ class LeanResponse(asyncio.Protocol):
         self.deadline = 0.0  # loop time the response under way must be in by
         self._timer: asyncio.TimerHandle | None = None  # at or before the deadline
         self._timer_at = 0.0
+        self._writable: asyncio.Future[None] | None = None  # while the transport's buffer is full
+        self._body_writer: asyncio.Task[None] | None = None
 
-    def start(self, deadline: float) -> None:
-        """A new exchange, due by ``deadline``: what the previous one read is forgotten."""
+    def start(self, deadline: float, *, bodiless: bool = False) -> None:
+        """A new exchange, due by ``deadline``: what the previous one read is forgotten.
+        A ``bodiless`` response (to HEAD) ends with its headers."""
+        self._bodiless = bodiless
         self.received = False  # a byte of this response arrived
         self._head_bytes = 0
         self.deadline = deadline
@@ -127,9 +117,20 @@ class LeanResponse(asyncio.Protocol):
         except httptools.HttpParserError as error:
             self._fail(UpstreamError(f"malformed response from the upstream: {error}"))
 
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None:
+            if not self._writable.done():
+                self._writable.set_result(None)
+            self._writable = None
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._stop_timer()
+        self.resume_writing()  # a body writer waiting for room stops at the close
         if not self._waiting:
             return
         if exc is None and self._ends_at_close():
@@ -171,6 +172,10 @@ class LeanResponse(asyncio.Protocol):
             return
         self.status = status
         self.headers = CIMultiDictProxy(CIMultiDict(self._pairs))
+        if self._bodiless:  # what follows is not this response's (the connection closes)
+            self.on_message_complete()
+            self._keep_alive = False
+            return
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit() or int(length) > self._whole_limit:
             self.chunks = deque()
@@ -239,10 +244,50 @@ class LeanResponse(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    def send(self, request: bytes, deadline: float) -> None:
-        self.start(deadline)
+    def send(
+        self,
+        request: bytes,
+        deadline: float,
+        body: AsyncIterable[bytes] | None = None,
+        *,
+        chunked: bool = False,
+        bodiless: bool = False,
+    ) -> None:
+        """``request``'s head written, and ``body`` (framed as chunks if ``chunked``) being
+        written by a task of its own until ``stop_body``."""
+        self.start(deadline, bodiless=bodiless)
         assert self._transport is not None
         self._transport.write(request)
+        if body is not None:
+            self._body_writer = self._loop.create_task(self._write_body(body, chunked))
+
+    async def _write_body(self, body: AsyncIterable[bytes], chunked: bool) -> None:
+        """``body`` written as the upstream takes it, until it ends or the connection does;
+        a failure of ``body`` fails the response under way."""
+        transport = self._transport
+        assert transport is not None
+        try:
+            async for chunk in body:
+                if self.closed:
+                    return
+                if not chunk:  # as a chunk it would end the body
+                    continue
+                if chunked:
+                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                else:
+                    transport.write(chunk)
+                if self._writable is not None:
+                    await self._writable
+            if chunked and not self.closed:
+                transport.write(b"0\r\n\r\n")
+        except Exception as error:  # the client's body: too large, too slow, cut short
+            self._fail(UpstreamError(f"the request body was not sent whole: {error!r}"))
+
+    def stop_body(self) -> None:
+        """The body's writing stopped, if still under way (the exchange is over)."""
+        if self._body_writer is not None:
+            self._body_writer.cancel()
+            self._body_writer = None
 
     async def wait_head(self) -> None:
         """Until the headers are in (a streamed body) or all of the response is."""
@@ -296,10 +341,11 @@ def request_bytes(method: str, target: str, host: str, headers: Iterable[tuple[s
 
 
 class LeanPool:
-    """Kept-alive connections to ``base`` (the upstream URL), at most ``limit`` open; a
-    request finding all of them busy waits for one to be free (or closed)."""
+    """Connections to ``base`` (the upstream URL), at most ``limit`` open, kept alive unless
+    ``keep_alive`` is false; a request finding all of them busy waits for one to be free (or
+    closed)."""
 
-    def __init__(self, base: str, limit: int, whole_limit: int) -> None:
+    def __init__(self, base: str, limit: int, whole_limit: int, *, keep_alive: bool = True) -> None:
         url = URL(base)
         assert url.host is not None  # the config checked it
         assert url.port is not None
@@ -309,6 +355,7 @@ class LeanPool:
         self.host_header = url.host_port_subcomponent or url.host
         self._whole_limit = whole_limit
         self._limit = limit
+        self._keep_alive = keep_alive
         self._count = 0  # connections open or being opened
         self._idle: list[LeanResponse] = []
         # Requests waiting for a connection: given a free one, or None when one closed.
@@ -368,6 +415,7 @@ class LeanPool:
         return None
 
     def _forget(self, connection: LeanResponse) -> None:
+        connection.stop_body()
         connection.close()
         if connection.pooled:  # counted once
             connection.pooled = False
@@ -388,18 +436,30 @@ class LeanPool:
 
     def release(self, connection: LeanResponse) -> None:
         """Done with ``connection`` (from ``send``): reused when its response was read to
-        its end, else closed."""
-        if not connection.reusable():
+        its end (on a kept-alive pool), else closed."""
+        if not self._keep_alive or not connection.reusable():
             self._forget(connection)
             return
         connection.idle_since = time.monotonic()
         if not self._hand_over(connection):
             self._idle.append(connection)
 
-    async def send(self, request: bytes, seconds: float) -> LeanResponse:
-        """``request`` sent, its response's head in: the connection reading the response,
-        which the caller hands back to ``release`` when done with it. The response's head
-        and body must be in ``seconds`` from now (``TimeoutError``)."""
+    async def send(
+        self,
+        request: bytes,
+        seconds: float,
+        body: AsyncIterable[bytes] | None = None,
+        *,
+        chunked: bool = False,
+        bodiless: bool = False,
+    ) -> LeanResponse:
+        """``request`` sent (with ``body``, framed as chunks if ``chunked``, on a pool that
+        does not keep connections alive), its response's head in: the connection reading the
+        response, which the caller hands back to ``release`` when done with it. The
+        response's head and body must be in ``seconds`` from now (``TimeoutError``); a
+        ``bodiless`` one (to HEAD) ends with its head."""
+        if body is not None and self._keep_alive:
+            raise ValueError("a request body goes over a connection of its own")
         deadline = asyncio.get_running_loop().time() + seconds
         connection = self._reuse()
         reused = connection is not None
@@ -407,7 +467,7 @@ class LeanPool:
             if connection is None:
                 async with asyncio.timeout_at(deadline):
                     connection, reused = await self._connection()
-            connection.send(request, deadline)
+            connection.send(request, deadline, body, chunked=chunked, bodiless=bodiless)
             try:
                 await connection.wait_head()
             except UpstreamError:
