@@ -191,7 +191,7 @@ def _serve_worker(
         metrics_path=config.metrics.path,
         tips=tips,
     )
-    # Each pool twice: aiohttp's, and the lean client's for GETs without a body.
+    # Each pool twice: kept-alive connections for GETs without a body, one-shot for the rest.
     upstream = 2 * (server.upstream_connections + server.paid_upstream_connections)
     try:
         max_connections = connection_limit(server.max_connections, upstream)

@@ -2,8 +2,10 @@
 // of several popular stacks would route to /api/premium/ (Node's WHATWG URL parser reads '\'
 // as '/', Express matches case-insensitively and ignores a trailing slash, Tomcat/Spring drop
 // ';' path parameters, some stacks decode twice, Rails/Express honour method overrides).
-// It echoes what it saw, so a test can tell whether the gateway let such a request past.
+// It echoes what it saw (the body as its length and SHA-256), so a test can tell whether the
+// gateway let such a request past, and whether a body arrived whole.
 "use strict";
+const crypto = require("crypto");
 const http = require("http");
 
 function readings(target) {
@@ -38,10 +40,22 @@ const server = http.createServer((req, res) => {
   const premium =
     effectiveMethod(req, url) === "GET" &&
     paths.some((p) => p.toLowerCase().replace(/;[^/]*/g, "").startsWith("/api/premium/"));
-  req.resume();
+  const chunks = [];
+  req.on("data", (chunk) => chunks.push(chunk));
   req.on("end", () => {
+    const body = Buffer.concat(chunks);
     res.writeHead(200, { "Content-Type": "application/json" });
-    res.end(JSON.stringify({ premium, target: req.url, paths, headers: req.headers }));
+    res.end(
+      JSON.stringify({
+        premium,
+        target: req.url,
+        paths,
+        headers: req.headers,
+        method: req.method,
+        bodyLength: body.length,
+        bodySha256: crypto.createHash("sha256").update(body).digest("hex"),
+      }),
+    );
   });
 });
 server.listen(0, "127.0.0.1", () => {

@@ -6,6 +6,10 @@ routing, Tomcat-style ';' parameters, double decoding or a method override would
 /api/premium/; a WSGI backend (wsgiref) reads X_L402_Token as the token header. Every
 spelling that could reach priced content unpaid must get 400 or 402.
 
+Requests with bodies (of stated and unknown length, under several methods) reach the Node
+backend and one built on h11 (another parser than the llhttp both ends of the proxy use)
+whole, one request per connection.
+
 Backends that leave a request's body unread (Python's ``http.server``, a handler that does not
 read it) or answer what was not asked: nothing a client hides in a body runs on them, and no
 answer reaches a request it was not made for.
@@ -14,6 +18,8 @@ answer reaches a request it was not made for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import shutil
 import threading
@@ -25,6 +31,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIEnvironment
 
+import h11
 import pytest
 import pytest_asyncio
 
@@ -68,8 +75,8 @@ def _dechunk(body: bytes) -> bytes:
         data, body = data + body[:size], body[size + 2 :]
 
 
-@pytest_asyncio.fixture
-async def node_backend() -> AsyncIterator[str]:
+@contextlib.asynccontextmanager
+async def running_node_backend() -> AsyncIterator[str]:
     node = shutil.which("node")
     assert node is not None, "node is required to run the tests (README: Requirements)"
     process = await asyncio.create_subprocess_exec(
@@ -82,6 +89,12 @@ async def node_backend() -> AsyncIterator[str]:
     finally:
         process.kill()
         await process.wait()
+
+
+@pytest_asyncio.fixture
+async def node_backend() -> AsyncIterator[str]:
+    async with running_node_backend() as url:
+        yield url
 
 
 class _Quiet(WSGIRequestHandler):
@@ -209,6 +222,77 @@ async def test_no_spelling_of_the_token_header_reaches_a_wsgi_backend(
         assert status == 200
         assert json.loads(seen["HTTP_X_L402_TOKEN"])["service"] == "premium"
         assert "forged" not in seen["HTTP_X_L402_TOKEN"]
+
+
+async def _h11_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One request read by h11, answered with what it saw as the Node backend does."""
+    connection = h11.Connection(h11.SERVER)
+    request: h11.Request | None = None
+    body = b""
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            connection.receive_data(await reader.read(65536))
+        elif isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            break
+    assert request is not None
+    seen = {
+        "method": request.method.decode(),
+        "headers": {name.decode(): value.decode() for name, value in request.headers},
+        "bodyLength": len(body),
+        "bodySha256": hashlib.sha256(body).hexdigest(),
+    }
+    answer = json.dumps(seen).encode()
+    headers = [(b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(answer))]
+    writer.write(connection.send(h11.Response(status_code=200, headers=headers)) or b"")
+    writer.write(connection.send(h11.Data(data=answer)) or b"")
+    writer.write(connection.send(h11.EndOfMessage()) or b"")
+    await writer.drain()
+    writer.close()
+
+
+@pytest_asyncio.fixture(params=["node", "h11"])
+async def body_backend(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    if request.param == "node":
+        async with running_node_backend() as url:
+            yield url
+        return
+    listening = await asyncio.start_server(_h11_echo, "127.0.0.1", 0)
+    async with listening:
+        yield f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}"
+
+
+async def test_bodies_reach_backends_of_other_parsers_whole(body_backend: str) -> None:
+    async with await proxy_for(_Upstream(body_backend), FakeGateway(RULES)) as client:  # type: ignore[arg-type]
+        for method in ("POST", "PUT", "PATCH", "DELETE"):
+            for size in (0, 5, 300_000):
+                body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+                for stated in (True, False):
+
+                    async def chunks(body: bytes = body) -> AsyncIterator[bytes]:
+                        for start in range(0, len(body), 70_000):
+                            yield body[start : start + 70_000]
+
+                    response = await client.request(
+                        method, "/public/upload", data=body if stated else chunks()
+                    )
+                    assert response.status == 200, (method, size, stated)
+                    seen = await response.json()
+                    headers = {name.lower(): value for name, value in seen["headers"].items()}
+                    assert seen["method"] == method
+                    assert seen["bodyLength"] == size
+                    assert seen["bodySha256"] == hashlib.sha256(body).hexdigest()
+                    assert headers["connection"] == "close"
+                    if stated:
+                        assert headers["content-length"] == str(size)
+                        assert "transfer-encoding" not in headers
+                    else:
+                        assert headers["transfer-encoding"] == "chunked"
+                        assert "content-length" not in headers
 
 
 class _LeavesBodiesUnread(BaseHTTPRequestHandler):
