@@ -1,11 +1,12 @@
 """Pay on success: the runner that sends a stored request to the upstream once its payment
 is held (``gateway.service.on_success.HoldExecutor`` calls it).
 
-The request goes out as the reverse proxy would have sent it (``gateway.web.proxy``): the
-stored method, path and query verbatim, the stored headers (those the proxy forwards) with
-the paid token's facts in ``token_header``, no cookie jar, no automatic headers and no
-decompression. The answer is read whole, at most ``max_response_bytes``, and kept with the
-end-to-end headers the proxy would pass on (the cost and balance headers taken out).
+The request goes out through the reverse proxy's upstream client (``gateway.web.upstream``)
+on a connection of its own, as the proxy sends a request with a body: the stored method,
+path and query verbatim, the stored headers (those the proxy forwards) with the paid token's
+facts in ``token_header``, ``Connection: close``, and the body with its length. The answer
+is read whole, at most ``max_response_bytes``, and kept with the end-to-end headers the proxy
+would pass on (the cost and balance headers taken out).
 """
 
 from __future__ import annotations
@@ -16,29 +17,24 @@ from types import TracebackType
 
 import aiohttp
 from aiohttp import hdrs
-from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.ports import StoredRequest, StoredResponse
 from gateway.service import PaidToken
 from gateway.service.on_success import UNREACHABLE, RunFailed, timed_out
-from gateway.web.proxy import RESPONSE_DROP, end_to_end_headers
+from gateway.web.proxy import CHUNK, RESPONSE_DROP, end_to_end_headers
 from gateway.web.responses import token_header_value
+from gateway.web.upstream import LeanPool, request_bytes
 
 __all__ = ["UpstreamRunner"]
 
 log = logging.getLogger(__name__)
 
-# A connection to the upstream not made within this many seconds: the backend is unreachable.
-CONNECT_TIMEOUT = 10.0
-
 
 class UpstreamRunner:
-    """Runs stored pay-on-success requests against ``upstream`` (a ``BackendRunner``).
-
-    ``async with UpstreamRunner(...) as runner``: its connection pool, of at most
-    ``connections`` connections, lives as long as the block.
-    """
+    """Runs stored pay-on-success requests against ``upstream`` (a ``BackendRunner``), at
+    most ``connections`` at once; ``async with UpstreamRunner(...) as runner`` closes what
+    is left open at the end of the block."""
 
     def __init__(
         self,
@@ -49,13 +45,10 @@ class UpstreamRunner:
     ) -> None:
         self._base = str(URL(upstream.rstrip("/")))
         self._token_header = token_header
-        self._connections = connections
-        self._session: aiohttp.ClientSession | None = None
+        self._token_name = token_header.lower()
+        self._pool = LeanPool(self._base, connections, CHUNK, keep_alive=False)
 
     async def __aenter__(self) -> UpstreamRunner:
-        # Each run has its own deadline (asyncio.timeout); the session adds the connect limit.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
-        self._session = _upstream_session(self._connections, timeout)
         return self
 
     async def __aexit__(
@@ -64,9 +57,7 @@ class UpstreamRunner:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        self._pool.close()
 
     async def run(
         self,
@@ -78,73 +69,45 @@ class UpstreamRunner:
     ) -> StoredResponse:
         """The upstream's answer to ``request``; ``RunFailed`` when it gives none within
         ``timeout`` seconds, cannot be reached, or answers more than ``max_response_bytes``."""
-        if self._session is None:
-            raise RuntimeError("UpstreamRunner is not open: use it with 'async with'")
-        headers = CIMultiDict(request.headers)
-        headers[self._token_header] = token_header_value(token)
+        # As ``send`` would forward it, but with the body's length as kept (the client may
+        # have sent it as chunks).
+        headers: list[tuple[str, str]] = []
+        stated = False
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower == self._token_name:
+                continue  # the client's own, forged: the runner's goes last, as send's
+            if lower == "content-length":
+                value, stated = str(len(request.body)), True
+            headers.append((name, value))
+        headers.append((self._token_header, token_header_value(token)))
+        if request.body and not stated:
+            headers.append((hdrs.CONTENT_LENGTH, str(len(request.body))))
+        headers.append((hdrs.CONNECTION, "close"))
+        head = request_bytes(request.method, request.target, self._pool.host_header, headers)
         try:
-            async with (
-                asyncio.timeout(timeout),
-                self._session.request(
-                    request.method,
-                    # Verbatim: the path the rules were matched on, not a re-normalized one.
-                    URL(self._base + request.target, encoded=True),
-                    headers=headers,
-                    data=request.body or None,
-                    allow_redirects=False,
-                ) as response,
-            ):
-                length = response.content_length
-                if length is not None and length > max_response_bytes:
-                    raise RunFailed(_over(max_response_bytes))
-                body = bytearray()
-                while len(body) <= max_response_bytes:
-                    chunk = await response.content.read(max_response_bytes + 1 - len(body))
-                    if not chunk:
-                        break
-                    body += chunk
-                if len(body) > max_response_bytes:
-                    raise RunFailed(_over(max_response_bytes))
-                return StoredResponse(
-                    status=response.status,
-                    headers=tuple(
-                        end_to_end_headers(response.headers, RESPONSE_DROP, keep_underscored=True)
-                    ),
-                    body=bytes(body),
+            async with asyncio.timeout(timeout):
+                answer = await self._pool.send(
+                    head + request.body, timeout, bodiless=request.method == hdrs.METH_HEAD
                 )
-        except aiohttp.ClientError as error:
-            # Checked first: aiohttp's connect timeout is a TimeoutError too, and it means the
-            # backend could not be reached, not that it was slow.
+                try:
+                    length = answer.content_length
+                    if length is not None and length > max_response_bytes:
+                        raise RunFailed(_over(max_response_bytes))
+                    body = bytearray()
+                    async for chunk in answer.iter_chunks():
+                        body += chunk
+                        if len(body) > max_response_bytes:
+                            raise RunFailed(_over(max_response_bytes))
+                    kept = end_to_end_headers(answer.headers, RESPONSE_DROP, keep_underscored=True)
+                    return StoredResponse(answer.status, tuple(kept), bytes(body))
+                finally:
+                    self._pool.release(answer)
+        except aiohttp.ClientError as error:  # the upstream client's UpstreamError
             log.warning("held request to %s failed: %s", self._base, error)
             raise RunFailed(UNREACHABLE) from None
         except TimeoutError:
             raise RunFailed(timed_out(timeout)) from None
-
-
-def _upstream_session(limit: int, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
-    """A client session to the upstream that sends requests as the client made them, each on
-    a connection of its own (``Connection: close``).
-
-    Never a kept-alive connection, as the proxy's requests with a body
-    (``gateway.web.upstream``): an upstream that leaves a request's body unread (a route that
-    expects none) reads it as a request of its own; and aiohttp's pool hands what arrives on
-    an idle connection (that request's answer) to the next request sent on it."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit, force_close=True),
-        timeout=timeout,
-        auto_decompress=False,
-        # One session serves every client: a cookie jar would hand one client's upstream
-        # session cookie to all the others.
-        cookie_jar=aiohttp.DummyCookieJar(),
-        # Forward the client's headers, not aiohttp's defaults (an Accept-Encoding the
-        # client never sent would get it a compressed body it cannot read).
-        skip_auto_headers=(
-            hdrs.ACCEPT,
-            hdrs.ACCEPT_ENCODING,
-            hdrs.USER_AGENT,
-            hdrs.CONTENT_TYPE,
-        ),
-    )
 
 
 def _over(limit: int) -> str:
