@@ -100,14 +100,19 @@ def end_to_end_headers(
     headers: CIMultiDictProxy[str], drop: frozenset[str], *, keep_underscored: bool
 ) -> list[tuple[str, str]]:
     """``headers`` without those named (lower case) in ``drop``, which holds ``HOP_BY_HOP``,
-    and those ``Connection`` names; without names holding ``_`` unless ``keep_underscored``.
-    (Every request and response passes here: ``drop`` is built once by the caller.)"""
+    and those ``Connection`` names (but ``Content-Length``); without names holding ``_``
+    unless ``keep_underscored``. (Every request and response passes here: ``drop`` is built
+    once by the caller.)"""
     if hdrs.CONNECTION in headers:
-        drop = drop.union(
+        named = {
             name.strip().lower()
             for value in headers.getall(hdrs.CONNECTION)
             for name in value.split(",")
-        )
+        }
+        # The body's framing is read from it: taken out, the body would follow the head
+        # unframed, where the upstream reads it as the next request.
+        named.discard("content-length")
+        drop = drop.union(named)
     if keep_underscored:
         return [(k, v) for k, v in headers.items() if k.lower() not in drop]
     return [(k, v) for k, v in headers.items() if "_" not in k and k.lower() not in drop]

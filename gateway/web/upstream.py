@@ -26,7 +26,10 @@ when it fires (a new timer per request cost a paid request more than its header 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
+import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
@@ -41,6 +44,7 @@ CONNECT_TIMEOUT = 10.0  # seconds, as the sock_connect of the proxy's aiohttp se
 IDLE_SECONDS = 15.0  # a connection idle longer is closed rather than reused (as aiohttp)
 _BUFFERED_CHUNKS = 16  # body chunks held for a slow client before reading pauses
 MAX_HEAD_BYTES = 64 * 1024  # a response's status line and headers (llhttp has no cap)
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
 
 
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
@@ -113,7 +117,7 @@ class LeanResponse(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(UpstreamError("the upstream switched protocols on a GET"))
+            self._fail(UpstreamError("the upstream switched protocols"))
         except httptools.HttpParserError as error:
             self._fail(UpstreamError(f"malformed response from the upstream: {error}"))
 
@@ -222,8 +226,22 @@ class LeanResponse(asyncio.Protocol):
     def close(self) -> None:
         self.closed = True
         self._stop_timer()
-        if self._transport is not None:
-            self._transport.close()
+        transport = self._transport
+        if transport is None:
+            return
+        clean = self.complete and self._body_writer is None
+        self._stop_body()
+        if clean and not transport.get_write_buffer_size():
+            transport.close()
+        else:
+            # Cut short: reset. A close would wait, unbounded, for the upstream to take what
+            # is still buffered (the socket held past the pool's count), and the kernel would
+            # go on sending it after; a reset tells the upstream at once.
+            with contextlib.suppress(OSError, ValueError):  # closed already (uvloop: no fd)
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+            transport.abort()
 
     def _time_up(self) -> None:
         self._timer = None
@@ -254,7 +272,7 @@ class LeanResponse(asyncio.Protocol):
         bodiless: bool = False,
     ) -> None:
         """``request``'s head written, and ``body`` (framed as chunks if ``chunked``) being
-        written by a task of its own until ``stop_body``."""
+        written by a task of its own until it ends or the connection closes."""
         self.start(deadline, bodiless=bodiless)
         assert self._transport is not None
         self._transport.write(request)
@@ -268,7 +286,7 @@ class LeanResponse(asyncio.Protocol):
         assert transport is not None
         try:
             async for chunk in body:
-                if self.closed:
+                if self.closed or transport.is_closing():
                     return
                 if not chunk:  # as a chunk it would end the body
                     continue
@@ -281,9 +299,12 @@ class LeanResponse(asyncio.Protocol):
             if chunked and not self.closed:
                 transport.write(b"0\r\n\r\n")
         except Exception as error:  # the client's body: too large, too slow, cut short
+            self._body_writer = None  # ends here, not to be cancelled
             self._fail(UpstreamError(f"the request body was not sent whole: {error!r}"))
+        else:
+            self._body_writer = None  # all of it written
 
-    def stop_body(self) -> None:
+    def _stop_body(self) -> None:
         """The body's writing stopped, if still under way (the exchange is over)."""
         if self._body_writer is not None:
             self._body_writer.cancel()
@@ -415,7 +436,6 @@ class LeanPool:
         return None
 
     def _forget(self, connection: LeanResponse) -> None:
-        connection.stop_body()
         connection.close()
         if connection.pooled:  # counted once
             connection.pooled = False

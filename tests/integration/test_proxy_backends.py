@@ -295,6 +295,21 @@ async def test_bodies_reach_backends_of_other_parsers_whole(body_backend: str) -
                         assert "content-length" not in headers
 
 
+@pytest.mark.parametrize("connection", ["Content-Length", "close, content-length"])
+async def test_a_body_keeps_its_length_whatever_connection_names(
+    body_backend: str, connection: str
+) -> None:
+    # Connection names headers of this hop only; taken out, Content-Length would leave the
+    # body unframed on the upstream connection, where it reads as the next request.
+    async with await proxy_for(_Upstream(body_backend), FakeGateway(RULES)) as client:  # type: ignore[arg-type]
+        status, seen = await send(
+            client, "POST", "/public/hook", [("Connection", connection)], SMUGGLED
+        )
+    assert status == 200
+    assert seen["headers"]["content-length"] == str(len(SMUGGLED))
+    assert (seen["method"], seen["bodyLength"]) == ("POST", len(SMUGGLED))
+
+
 class _LeavesBodiesUnread(BaseHTTPRequestHandler):
     """HTTP/1.1 kept alive, and a body is never read: what follows the head on the
     connection is read as the next request."""

@@ -220,6 +220,41 @@ async def test_no_more_connections_than_the_limit() -> None:
     assert (server.connections, server.most_open) == (6, 2)
 
 
+async def test_a_connection_cut_short_is_reset_not_left_to_drain() -> None:
+    # The upstream reads nothing and never answers: at the deadline the connection must go
+    # at once, not wait (unbounded, outside the pool's count) for the upstream to take the
+    # buffered body.
+    total = 16 * 1024 * 1024
+    took: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    stalled = asyncio.Event()
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await stalled.wait()
+        try:
+            while await reader.read(1 << 20):
+                pass
+            took.set_result("the end of the body")
+        except ConnectionResetError:
+            took.set_result("a reset")
+        writer.close()
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(total // 65536):
+            yield b"s" * 65536
+
+    listening = await asyncio.start_server(stall, "127.0.0.1", 0)
+    async with listening:
+        pool = LeanPool(
+            f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}", 1, 1024, keep_alive=False
+        )
+        head = request_bytes("POST", "/", pool.host_header, [("Content-Length", str(total))])
+        with pytest.raises(TimeoutError):
+            await pool.send(head, 0.3, body())
+        assert pool._count == 0
+        stalled.set()  # reads now: what was sent before the reset, then the reset
+        assert await asyncio.wait_for(took, 5) == "a reset"
+
+
 async def test_a_kept_alive_pool_takes_no_body() -> None:
     pool = LeanPool("http://127.0.0.1:9", 1, 1024)
     with pytest.raises(ValueError, match="connection of its own"):
@@ -234,6 +269,7 @@ def test_the_cases_on_uvloop_too() -> None:
         test_a_response_to_head_ends_with_its_headers,
         test_an_answer_before_the_body_is_all_sent_is_the_answer,
         test_a_body_that_fails_fails_the_exchange_and_frees_its_place,
+        test_a_connection_cut_short_is_reset_not_left_to_drain,
     ]
     for case in cases:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
