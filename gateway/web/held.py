@@ -22,7 +22,7 @@ from yarl import URL
 from gateway.ports import StoredRequest, StoredResponse
 from gateway.service import PaidToken
 from gateway.service.on_success import UNREACHABLE, RunFailed, timed_out
-from gateway.web.proxy import CHUNK, RESPONSE_DROP, end_to_end_headers
+from gateway.web.proxy import CHUNK, NO_BODY, RESPONSE_DROP, end_to_end_headers
 from gateway.web.responses import token_header_value
 from gateway.web.upstream import LeanPool, request_bytes
 
@@ -81,18 +81,22 @@ class UpstreamRunner:
                 value, stated = str(len(request.body)), True
             headers.append((name, value))
         headers.append((self._token_header, token_header_value(token)))
-        if request.body and not stated:
+        head_only = request.method == hdrs.METH_HEAD
+        # A POST without a body still says so (some servers answer 411 without a length).
+        if not stated and (request.body or request.method not in (hdrs.METH_GET, hdrs.METH_HEAD)):
             headers.append((hdrs.CONTENT_LENGTH, str(len(request.body))))
         headers.append((hdrs.CONNECTION, "close"))
-        head = request_bytes(request.method, request.target, self._pool.host_header, headers)
+        try:
+            head = request_bytes(request.method, request.target, self._pool.host_header, headers)
+        except ValueError:  # a line break, or text that is no header (a row kept elsewhere)
+            raise RunFailed("the stored request cannot be sent") from None
         try:
             async with asyncio.timeout(timeout):
-                answer = await self._pool.send(
-                    head + request.body, timeout, bodiless=request.method == hdrs.METH_HEAD
-                )
+                answer = await self._pool.send(head + request.body, timeout, bodiless=head_only)
                 try:
                     length = answer.content_length
-                    if length is not None and length > max_response_bytes:
+                    bodiless = head_only or answer.status in NO_BODY  # its length is another's
+                    if length is not None and length > max_response_bytes and not bodiless:
                         raise RunFailed(_over(max_response_bytes))
                     body = bytearray()
                     async for chunk in answer.iter_chunks():

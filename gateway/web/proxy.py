@@ -74,7 +74,7 @@ HOP_BY_HOP = frozenset(
 CHUNK = 64 * 1024
 _HELD_BODY_BYTES = HoldTerms().max_request_bytes
 # Statuses whose responses never have a body, whatever their Content-Length says.
-_NO_BODY = frozenset({204, 304})
+NO_BODY = frozenset({204, 304})
 # Taken out of every upstream response: the hop-by-hop ones, and the gateway's own (only the
 # gateway's reach the client).
 RESPONSE_DROP = HOP_BY_HOP | {COST_HEADER.lower(), BALANCE_HEADER.lower()}
@@ -444,7 +444,7 @@ def build_proxy(
             length is not None
             and length <= CHUNK
             and request.method != hdrs.METH_HEAD
-            and status not in _NO_BODY
+            and status not in NO_BODY
         ):
             # Small and whole: headers and body leave in one write.
             whole = web.Response(

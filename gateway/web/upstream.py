@@ -219,7 +219,8 @@ class LeanResponse(asyncio.Protocol):
         for waiter in (self._head, self._end):
             if not waiter.done():
                 waiter.set_exception(error)
-        self._end.exception()  # retrieved: a streamed body raises it, a whole one never asks
+        if not self._end.cancelled():  # its waiter cancelled (a deadline of the caller's)
+            self._end.exception()  # retrieved: a streamed body raises it, a whole one never asks
         self._wake()
         self.close()
 
@@ -419,7 +420,8 @@ class LeanPool:
                 )
         except OSError as error:
             self._closed_one()
-            raise UpstreamError(f"cannot connect to the upstream: {error}") from error
+            reason = str(error) or type(error).__name__  # a TimeoutError says nothing
+            raise UpstreamError(f"cannot connect to the upstream: {reason}") from error
         except BaseException:
             self._closed_one()
             raise

@@ -555,6 +555,8 @@ async def test_the_runner_sends_the_request_verbatim_with_the_token() -> None:
 
 
 async def test_the_runner_says_why_there_is_no_answer() -> None:
+    loop_errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, error: loop_errors.append(error))
     backend = Backend()
     server = TestServer(backend.app())
     await server.start_server()
@@ -582,6 +584,48 @@ async def test_the_runner_says_why_there_is_no_answer() -> None:
                     StoredRequest("GET", "/x", ()), TOKEN, timeout=5, max_response_bytes=10
                 )
             assert raised.value.reason == "backend unreachable"
+            with pytest.raises(RunFailed) as raised:
+                await runner.run(
+                    StoredRequest("GET", "/x", (("X-Bad", "a\r\nX-Smuggled: 1"),)),
+                    TOKEN,
+                    timeout=5,
+                    max_response_bytes=10,
+                )
+            assert raised.value.reason == "the stored request cannot be sent"
+    # The deadlines of the run and of its connection fall together: neither is an error of
+    # the event loop's.
+    await asyncio.sleep(0.1)
+    assert loop_errors == []
+
+
+async def test_the_runner_frames_what_it_sends_and_what_has_no_body() -> None:
+    # A POST without a body says Content-Length: 0; a length on a HEAD's, a 204's or a
+    # 304's answer is another response's, not one over the limit.
+    heads: list[bytes] = []
+    answers = {
+        b"HEAD": b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n",
+        b"PUT": b"HTTP/1.1 204 No Content\r\nContent-Length: 5000\r\n\r\n",
+        b"POST": b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5000\r\n\r\n",
+    }
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head)
+        writer.write(answers[head.split(b" ", 1)[0]])
+        await writer.drain()
+        writer.close()
+
+    listening = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with listening:
+        upstream = f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}"
+        async with UpstreamRunner(upstream) as runner:
+            for method, status in (("HEAD", 200), ("PUT", 204), ("POST", 304)):
+                response = await runner.run(
+                    StoredRequest(method, "/orders/x", ()), TOKEN, timeout=5, max_response_bytes=10
+                )
+                assert (response.status, response.body) == (status, b"")
+    assert b"\r\nContent-Length: 0\r\n" in heads[2]  # the POST's
+    assert b"Content-Length" not in heads[0]  # the HEAD's
 
 
 # --- front ends that cannot keep a request ------------------------------------------------------
