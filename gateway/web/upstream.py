@@ -56,7 +56,8 @@ class UpstreamError(aiohttp.ClientConnectionError):
 
 
 class LeanResponse(asyncio.Protocol):
-    """One kept-alive connection and the response it is reading (one at a time)."""
+    """One upstream connection (kept alive or not) and the response it is reading (one at a
+    time), and the request body it is writing, if any."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, whole_limit: int) -> None:
         self._loop = loop
@@ -272,19 +273,25 @@ class LeanResponse(asyncio.Protocol):
         chunked: bool = False,
         bodiless: bool = False,
     ) -> None:
-        """``request``'s head written, and ``body`` (framed as chunks if ``chunked``) being
-        written by a task of its own until it ends or the connection closes."""
+        """``request``'s head written; with a ``body`` (framed as chunks if ``chunked``), by
+        a task of its own, with the body, until it ends or the connection closes."""
         self.start(deadline, bodiless=bodiless)
         assert self._transport is not None
-        self._transport.write(request)
-        if body is not None:
-            self._body_writer = self._loop.create_task(self._write_body(body, chunked))
+        if body is None:
+            self._transport.write(request)
+        else:
+            self._body_writer = self._loop.create_task(self._write_body(request, body, chunked))
 
-    async def _write_body(self, body: AsyncIterable[bytes], chunked: bool) -> None:
-        """``body`` written as the upstream takes it, until it ends or the connection does;
-        a failure of ``body`` fails the response under way."""
+    async def _write_body(self, head: bytes, body: AsyncIterable[bytes], chunked: bool) -> None:
+        """``head``, then ``body`` as the upstream takes it, until it ends or the connection
+        does; a failure of ``body`` fails the response under way.
+
+        The head leaves with the body's first bytes (one write, as aiohttp's client does): a
+        client whose body fails before any of it arrives (gone, too slow) has the upstream
+        start no request for it."""
         transport = self._transport
         assert transport is not None
+        unsent = head
         try:
             async for chunk in body:
                 if self.closed or transport.is_closing():
@@ -292,13 +299,14 @@ class LeanResponse(asyncio.Protocol):
                 if not chunk:  # as a chunk it would end the body
                     continue
                 if chunked:
-                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                    transport.writelines((unsent, b"%x\r\n" % len(chunk), chunk, b"\r\n"))
                 else:
-                    transport.write(chunk)
+                    transport.writelines((unsent, chunk))
+                unsent = b""
                 if self._writable is not None:
                     await self._writable
-            if chunked and not self.closed:
-                transport.write(b"0\r\n\r\n")
+            if not self.closed:
+                transport.write(unsent + b"0\r\n\r\n" if chunked else unsent)
         except Exception as error:  # the client's body: too large, too slow, cut short
             self._body_writer = None  # ends here, not to be cancelled
             self._fail(UpstreamError(f"the request body was not sent whole: {error!r}"))

@@ -209,6 +209,32 @@ async def test_a_body_that_fails_fails_the_exchange_and_frees_its_place() -> Non
         assert await post(pool, chunks_of(b"ok"), [("Content-Length", "2")]) == (200, b"ok")
 
 
+async def test_nothing_is_sent_for_a_body_that_fails_before_its_first_bytes() -> None:
+    # The head leaves with the body's first bytes: a client gone (or too slow) before any
+    # arrived has the upstream start no request.
+    received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = b""
+        with contextlib.suppress(ConnectionError):  # the exchange cut short: a reset
+            while chunk := await reader.read(65536):
+                data += chunk
+        received.set_result(data)
+        writer.close()
+
+    async def gone() -> AsyncIterator[bytes]:
+        raise RuntimeError("the client went away")
+        yield b""  # pragma: no cover - an async generator that fails at once
+
+    listening = await asyncio.start_server(record, "127.0.0.1", 0)
+    async with listening:
+        port = listening.sockets[0].getsockname()[1]
+        pool = LeanPool(f"http://127.0.0.1:{port}", 1, 1024, keep_alive=False)
+        with pytest.raises(UpstreamError, match="not sent whole"):
+            await post(pool, gone(), [("Content-Length", "10")])
+        assert await asyncio.wait_for(received, 5) == b""
+
+
 async def test_no_more_connections_than_the_limit() -> None:
     server = StrictServer(echo)
     async with strict_server(server) as pool:  # a limit of 2
