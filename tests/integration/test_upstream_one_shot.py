@@ -47,6 +47,7 @@ class StrictServer:
         self.reply = reply
         self.answer_at_head = answer_at_head
         self.read_pause = read_pause
+        self.reading = asyncio.Event()  # set when a connection's pause is over
         self.requests: list[Received] = []
         self.connections = 0
         self.open = 0
@@ -61,6 +62,7 @@ class StrictServer:
         parser = httptools.HttpRequestParser(received)
         try:
             await asyncio.sleep(self.read_pause)
+            self.reading.set()
             while not received.complete:
                 data = await reader.read(65536)
                 if not data:
@@ -154,7 +156,7 @@ async def test_a_large_body_is_written_only_as_fast_as_the_upstream_takes_it() -
     server = StrictServer(length, read_pause=0.5)  # reads nothing for half a second
     async with strict_server(server) as pool:
         sending = asyncio.create_task(post(pool, body(), [("Content-Length", str(total))]))
-        await asyncio.sleep(0.4)
+        await server.reading.wait()  # all the client's body taken by then is buffered
         taken_while_paused = produced
         assert await sending == (200, str(total).encode())
     # The kernel's socket buffers hold some megabytes; the rest waits for the reader.
