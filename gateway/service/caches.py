@@ -75,7 +75,7 @@ class RootKeyCache:
 
 
 @dataclass(frozen=True, slots=True)
-class _AllowedEntry:
+class AllowedEntry:
     allow: Allow
     # Valid in [since, until): from the root-key read it rests on until that read is too old
     # to trust (a revocation elsewhere) or the token expires, whichever comes first.
@@ -88,37 +88,39 @@ class AllowedCache:
     it rests on and the token itself: revocations take effect exactly as without this cache.
 
     Evicted oldest-first, never reordered: a hit stays a dict lookup and one clock read.
+    ``entries`` is public for the paid hot path (``L402Service.allowed_again``), which reads
+    it without a method call: an entry counts only within its ``[since, until)``.
     """
 
     def __init__(self, clock: Clock, capacity: int = ALLOWED_CACHE_SIZE) -> None:
         self._now = clock.now  # bound once: read on every hit
         self._capacity = capacity
-        self._entries: dict[AllowedKey, _AllowedEntry] = {}
+        self.entries: dict[AllowedKey, AllowedEntry] = {}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
 
     def get(self, key: AllowedKey) -> Allow | None:
-        entry = self._entries.get(key)
+        entry = self.entries.get(key)
         if entry is None:
             return None
         if entry.since <= self._now() < entry.until:
             return entry.allow
-        del self._entries[key]
+        del self.entries[key]
         return None
 
     def put(self, key: AllowedKey, allow: Allow, since: float, until: float, now: float) -> None:
-        self._entries[key] = _AllowedEntry(allow, since, until)
+        self.entries[key] = AllowedEntry(allow, since, until)
         # Oldest first, drop the expired entries (all expire within the root-key cache age)
         # as well as the surplus, so memory follows the tokens in recent use.
-        while self._entries:
-            oldest = next(iter(self._entries))
-            if len(self._entries) <= self._capacity and now < self._entries[oldest].until:
+        while self.entries:
+            oldest = next(iter(self.entries))
+            if len(self.entries) <= self._capacity and now < self.entries[oldest].until:
                 break
-            del self._entries[oldest]
+            del self.entries[oldest]
 
     def clear(self) -> None:
-        self._entries.clear()
+        self.entries.clear()
 
 
 class FreeLines(dict[tuple[str, str], None]):

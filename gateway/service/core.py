@@ -106,7 +106,9 @@ class L402Service:
             strict_settlement=strict_settlement,
             root_key_cache_seconds=root_key_cache_seconds,
         )
-        self._allowed = self._verifier.allowed
+        self._allowed_entries = self._verifier.allowed.entries
+        self._now = clock.now
+        self._count_paid = None if meter is NO_METER else meter.paid_request
         self._free = FreeLines()
         # The rule of each credit request line verified so far (``charge_again``); its
         # verification's validity is the verifier's cache's.
@@ -421,12 +423,15 @@ class L402Service:
         for a credit route: each of its requests must hold its price (``authorize``); nor for
         a request with a method override (adapters do not ask then).
         """
-        allowed = self._allowed.get((authorization, method, path))
-        if allowed is None:
-            return FREE if (method, path) in self._free else None
-        if allowed.token is not None:
-            self._meter.paid_request(allowed.token.service)
-        return allowed
+        # The cache's lookup inlined, and the meter skipped when off: this is the whole
+        # decision on a paying client's hot path, where each call shows.
+        entry = self._allowed_entries.get((authorization, method, path))
+        if entry is not None and entry.since <= self._now() < entry.until:
+            allowed = entry.allow
+            if allowed.token is not None and self._count_paid is not None:
+                self._count_paid(allowed.token.service)
+            return allowed
+        return FREE if (method, path) in self._free else None
 
     async def _authorize_cookies(self, request: RequestInfo, rule: Rule) -> Decision:
         """The first cookie credential that verifies; else a fresh challenge (never a 401)."""

@@ -48,6 +48,7 @@ with the stored response (``Allow.replay``); the handler is not called.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -147,15 +148,6 @@ _OVERRIDE, _HTTP_METHOD, _METHOD_OVERRIDE = (istr(name) for name in OVERRIDE_HEA
 
 def _method_overrides(request: web.BaseRequest) -> tuple[str, ...]:
     headers = request.headers
-    query = request.query_string
-    # Unrolled: this runs for every request, on the paying client's hot path too.
-    if (
-        not query
-        and _OVERRIDE not in headers
-        and _HTTP_METHOD not in headers
-        and _METHOD_OVERRIDE not in headers
-    ):
-        return ()
     return method_overrides(
         (value for name in OVERRIDE_HEADERS for value in headers.getall(name, ())),
         request.query_string,
@@ -332,20 +324,8 @@ async def _serve_charged(request: web.Request, handler: Handler) -> web.StreamRe
     return response
 
 
-def _allowed_again(slot: _ServiceSlot, request: web.Request) -> Allow | None:
-    """The decision already made for this credential and request line (a paying client's
-    repeat, any client's on a free route), if any: the whole decision on its hot path, so no
-    coroutine of its own."""
-    service = slot.service
-    if service is None or _method_overrides(request):  # authorize() keeps none for those
-        return None
-    return service.allowed_again(
-        tuple(request.headers.getall(_AUTHORIZATION, ())), request.method, request.path
-    )
-
-
 async def _decide(slot: _ServiceSlot, request: web.Request) -> Decision:
-    """The decision on a request ``_allowed_again`` has none for."""
+    """The decision on a request, in full (the decision cache is consulted again)."""
     service = slot.service
     if service is None:
         return Deny(503, "gateway is starting", retry_after=1)
@@ -424,50 +404,72 @@ def _own_path(slot: _ServiceSlot) -> Handler:
     return answer
 
 
-class _Priced:
+def _priced(slot: _ServiceSlot, handler: Handler) -> Handler:
     """A route's handler behind the L402 decision.
 
     A wrapper of each route's handler rather than a middleware: aiohttp runs every
     middleware through a chain of its own on each request, which costs a paying client's
-    request more than the decision itself. For the same reason it is no coroutine: a
-    request let in again by the decision cache goes straight to the handler's.
+    request more than the decision itself. For the same reason it is a plain function (a
+    callable object costs a call more) and no coroutine: a request let in again by the
+    decision cache goes straight to the handler's.
     """
 
-    __slots__ = ("_handler", "_slot")
-
-    def __init__(self, slot: _ServiceSlot, handler: Handler):
-        self._slot = slot
-        self._handler = handler
-
-    def __call__(self, request: web.Request) -> Awaitable[web.StreamResponse]:
-        slot = self._slot
-        # Only an Expect handler decides first (looked up only then: a miss costs a KeyError).
-        if hdrs.EXPECT in request.headers and (decided := request.get(_DECIDED)) is not None:
-            return self._serve(request, decided.decision)
-        if slot.refuse is not None and (refusal := slot.refuse(request)) is not None:
-            return _answered(refusal)
-        allowed = _allowed_again(slot, request)
-        if allowed is None:
-            return self._decide_and_serve(request)
-        if allowed.charge is not None or allowed.replay is not None:
-            return self._serve(request, allowed)  # not cached today; never skip billing
-        if allowed.token is not None:
-            request[TOKEN] = allowed.token
-        return self._handler(request)
-
-    async def _decide_and_serve(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, await _decide(self._slot, request))
-
-    async def _serve(self, request: web.Request, decision: Decision) -> web.StreamResponse:
+    async def serve(request: web.Request, decision: Decision) -> web.StreamResponse:
         if isinstance(decision, Allow):
             if decision.replay is not None:
                 return _replayed(decision.replay)
             if decision.token is not None:
                 request[TOKEN] = decision.token
             if decision.charge is not None:
-                return await _serve_charged(request, self._handler)
-            return await self._handler(request)
+                return await _serve_charged(request, handler)
+            return await handler(request)
         return _refusal(request, decision)
+
+    async def decide_and_serve(request: web.Request) -> web.StreamResponse:
+        return await serve(request, await _decide(slot, request))
+
+    def priced(request: web.Request) -> Awaitable[web.StreamResponse]:
+        headers = request.headers
+        # Only an Expect handler decides first (looked up only then: a miss costs a KeyError).
+        if hdrs.EXPECT in headers and (decided := request.get(_DECIDED)) is not None:
+            return serve(request, decided.decision)
+        if slot.refuse is not None and (refusal := slot.refuse(request)) is not None:
+            return _answered(refusal)
+        # The decision already made for this credential and request line (a paying
+        # client's repeat, any client's on a free route), if any: the whole decision on the
+        # hot path, inlined, as each call there shows.
+        service = slot.service
+        if service is None:
+            return decide_and_serve(request)
+        # The URL's own path and query: aiohttp has read its rel_url (routing), while the
+        # request's path and query_string properties would each cost a call.
+        url = request.rel_url
+        # A method override is looked for only when the request could carry one
+        # (authorize() keeps no decision for those).
+        if (
+            url.query_string
+            or _OVERRIDE in headers
+            or _HTTP_METHOD in headers
+            or _METHOD_OVERRIDE in headers
+        ) and _method_overrides(request):
+            return decide_and_serve(request)
+        allowed = service.allowed_again(
+            tuple(headers.getall(_AUTHORIZATION, ())), request.method, url.path
+        )
+        if allowed is None:
+            return decide_and_serve(request)
+        if allowed.charge is not None or allowed.replay is not None:
+            return serve(request, allowed)  # not cached today; never skip billing
+        if allowed.token is not None:
+            request[TOKEN] = allowed.token
+        return handler(request)
+
+    _PRICED.add(priced)
+    return priced
+
+
+# The handlers ``_priced`` made: a route's is wrapped once, however often the app starts.
+_PRICED: weakref.WeakSet[Handler] = weakref.WeakSet()
 
 
 async def _answered(response: web.StreamResponse) -> web.StreamResponse:
@@ -497,7 +499,7 @@ class _DecideFirst:
             if slot.refuse is not None and (refusal := slot.refuse(request)) is not None:
                 refusal.force_close()
                 return refusal
-            decision = _allowed_again(slot, request) or await _decide(slot, request)
+            decision = await _decide(slot, request)
             request[_DECIDED] = _Decided(decision)
             if not isinstance(decision, Allow):
                 response = _refusal(request, decision)
@@ -529,9 +531,9 @@ def _price_routes(router: web.UrlDispatcher, slot: _ServiceSlot, own_path: Handl
     for route in router.routes():
         if route.handler is own_path:
             continue
-        if not isinstance(route.handler, _Priced):
+        if route.handler not in _PRICED:
             # aiohttp awaits what a handler returns, though its type asks for a coroutine.
-            route._handler = cast(Any, _Priced(slot, route.handler))
+            route._handler = cast(Any, _priced(slot, route.handler))
         if not isinstance(route._expect_handler, _DecideFirst):
             route._expect_handler = _DecideFirst(slot, route._expect_handler)
 

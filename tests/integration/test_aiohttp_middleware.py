@@ -17,7 +17,7 @@ from gateway.examples import demo_api
 from gateway.ports import Msat
 from gateway.pricing import CreditTerms, Rule
 from gateway.service import PaidToken, RateLimiter
-from gateway.web.aiohttp import TOKEN, _Priced, _ServiceSlot, setup_l402
+from gateway.web.aiohttp import TOKEN, _priced, _ServiceSlot, setup_l402
 from tests.demo_rules import HEALTH, PREMIUM_READ, QUOTE
 from tests.fakes import FakeGateway
 
@@ -286,7 +286,7 @@ async def test_503_problem_while_the_gateway_is_not_running() -> None:
     async def handler(_request: web.Request) -> web.StreamResponse:
         raise AssertionError("must not run")
 
-    priced = _Priced(_ServiceSlot(), handler)
+    priced = _priced(_ServiceSlot(), handler)
     response = await priced(make_mocked_request("GET", FORTUNE))
     assert response.status == 503
     assert response.content_type == PROBLEM_JSON

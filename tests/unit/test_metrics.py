@@ -126,6 +126,8 @@ async def test_the_exposition_has_every_metric_and_the_stores_figures() -> None:
     await store.apply_update(InvoiceUpdate.of(settled))  # as the watcher records it
     await service.authorize(RequestInfo("GET", "/api/now", "10.0.0.2"))  # a second, unpaid
     await service.authorize(RequestInfo("GET", "/api/now", "10.0.0.1", authorization=paid))
+    # A repeat the adapters answer from the decision cache counts as a paid request too.
+    assert service.allowed_again(paid, "GET", "/api/now") is not None
     meter.lnd_call("AddInvoice", 0.004, None)
     meter.lnd_call("LookupInvoice", 0.002, "InvoiceNotFound")
     meter.watcher_event()
@@ -138,7 +140,7 @@ async def test_the_exposition_has_every_metric_and_the_stores_figures() -> None:
     text = body.decode()
     assert content_type.startswith("text/plain")
     assert _sample(text, "l402_challenges_issued_total", service="weather") == 2
-    assert _sample(text, "l402_paid_requests_total", service="weather") == 1
+    assert _sample(text, "l402_paid_requests_total", service="weather") == 2
     assert _sample(text, "l402_invoices", service="weather", state="SETTLED") == 1
     assert _sample(text, "l402_invoices", service="weather", state="OPEN") == 1
     assert _sample(text, "l402_invoices_issued", service="weather") == 2
