@@ -100,19 +100,9 @@ def settle_headers(challenge: PaymentChallenge) -> tuple[tuple[str, str], ...]:
 
 @functools.lru_cache(maxsize=4096)  # a paying client sends the same token again and again
 def token_header_value(token: PaidToken) -> str:
-    """The verified token's facts as compact JSON, for the header passed upstream."""
-    return json.dumps(
-        {
-            "token_id": token.token_id,
-            "payment_hash": token.payment_hash,
-            "service": token.service,
-            "tier": token.tier,
-            "capabilities": sorted(token.capabilities) if token.capabilities is not None else None,
-            "valid_until": token.valid_until,
-            "amount_msat": token.amount_msat,
-        },
-        separators=(",", ":"),
-    )
+    """The verified token's facts as compact JSON, for the header passed upstream: the text a
+    pay-on-success request keeps for its later run (``PaidToken.grant``)."""
+    return token.grant()
 
 
 def client_address(peer: str | None, forwarded_for: str | None, trust_forwarded_for: bool) -> str:
