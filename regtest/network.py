@@ -149,8 +149,9 @@ class Network:
 
     async def start_process(self, name: str) -> None:
         """Start a stopped ``btcd`` or LND node again with the same arguments and wait for it:
-        btcd until its RPC answers and it has its chain back, a node until it is active,
-        synced and its channels are up. Updates the pids and the state file."""
+        btcd until it has its chain back and every node follows it again (one new block
+        shows that), a node until it is active, synced and its channels are up. Updates the
+        pids and the state file."""
         processes, index = self._managed(name)
         if processes[index].exited() is None:
             raise RuntimeError(f"{name} is still running")
@@ -160,6 +161,7 @@ class Network:
             await until("btcd's RPC", self.btcd_answers, 30, [process])
             for block in self._blocks:
                 await self.rpc.call("submitblock", block)
+            await self._until_nodes_follow(process)
         else:
             self.nodes[name] = replace(self.nodes[name], pid=process.pid)
             admin = LndAdmin(name, self.nodes[name].settings())
@@ -171,6 +173,25 @@ class Network:
             finally:
                 await admin.connection.close()
         self.save()
+
+    async def _until_nodes_follow(self, btcd: ManagedProcess) -> None:
+        # A node reconnects to btcd on its own schedule (after 5 s) and meanwhile sees the
+        # chain rebuilt from genesis: a payment routed then gets a CLTV from a height far
+        # below the tip and the payee refuses it. A block mined after the rebuild is one that
+        # only a node following btcd again can report.
+        await self.mine(1)
+        tip = await self.block_height()
+        for node in self.nodes.values():
+            admin = LndAdmin(node.name, node.settings())
+
+            async def at_tip(admin: LndAdmin = admin) -> bool | None:
+                info = await admin.synced_info()
+                return True if info is not None and info.block_height == tip else None
+
+            try:
+                await until(f"{node.name} to sync to block {tip}", at_tip, START_TIMEOUT, [btcd])
+            finally:
+                await admin.connection.close()
 
     def describe(self) -> str:
         lines = [
