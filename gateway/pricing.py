@@ -12,13 +12,15 @@ may resolve differently from the rules (a backslash, ``;`` parameters, ``%`` lef
 decoding, control characters, a non-NFKC form, dot segments) is refused; of the readings a
 backend may take (the other letter case, with or without a trailing slash, a method
 override), the strictest decides: any priced reading prices the request, and two different
-priced readings are refused.
+priced readings are refused. ``Pricing.body_may_reprice`` tells an adapter when a POST's body
+must be read for an override (``_method``) before the request can be priced.
 """
 
 from __future__ import annotations
 
 import enum
 import fnmatch
+import functools
 import re
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +37,10 @@ MAX_PRICE_MSAT = 100_000 * 100_000_000 * 1000
 # Paths of these characters only need no more than the segment checks.
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Any method a framework takes as an override (Rack's list, less WebDAV's).
+OVERRIDE_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+# Request lines whose body's repricing is remembered (it costs a resolve per method).
+_REPRICE_CACHE = 4096
 
 
 class PathCase(enum.Enum):
@@ -50,6 +56,13 @@ class TrailingSlash(enum.Enum):
 
     ANY = "any"  # unknown: price the strictest of both readings
     SIGNIFICANT = "significant"
+
+
+class BodyMethod(enum.Enum):
+    """Whether the backend takes a POST's method override from its body (``_method``)."""
+
+    ANY = "any"  # unknown: such a POST is priced by the method its body names as well
+    IGNORED = "ignored"
 
 
 class Unmatched(enum.Enum):
@@ -213,9 +226,12 @@ class Pricing:
         case: PathCase = PathCase.ANY,
         trailing_slash: TrailingSlash = TrailingSlash.ANY,
         unmatched: Unmatched = Unmatched.FREE,
+        body_method: BodyMethod = BodyMethod.ANY,
     ) -> None:
         self.rules = tuple(rules)
         self.unmatched = unmatched
+        self.body_method = body_method
+        self._reprices = functools.lru_cache(maxsize=_REPRICE_CACHE)(self._body_reprices)
         self._case_readings = {
             PathCase.ANY: (False, True),
             PathCase.SENSITIVE: (False,),
@@ -265,6 +281,16 @@ class Pricing:
         if not matched and self.unmatched is Unmatched.DENY:
             return NO_ROUTE
         return priced
+
+    def body_may_reprice(self, method: str, path: str) -> bool:
+        """Whether a body naming another method could change how this request is priced:
+        frameworks take an override from a POST's body only."""
+        if self.body_method is BodyMethod.IGNORED or method.upper() != "POST":
+            return False
+        return self._reprices(path)
+
+    def _body_reprices(self, path: str) -> bool:
+        return self.resolve("POST", path, OVERRIDE_METHODS) != self.resolve("POST", path)
 
 
 def _other_slash(path: str) -> str:

@@ -72,6 +72,7 @@ from gateway.ports import (
     SystemClock,
 )
 from gateway.pricing import (
+    BodyMethod,
     CreditTerms,
     PathCase,
     PriceFunction,
@@ -186,6 +187,7 @@ def build_pricing(config: Config) -> Pricing:
         case=PathCase(config.paths.case),
         trailing_slash=TrailingSlash(config.paths.trailing_slash),
         unmatched=Unmatched(config.paths.unmatched),
+        body_method=BodyMethod(config.paths.body_method),
     )
 
 

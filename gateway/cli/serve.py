@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import errno
 import logging
 import multiprocessing
@@ -207,6 +208,7 @@ def _serve_worker(
     limits = ServerLimits(
         header_timeout=server.header_timeout,
         idle_timeout=server.idle_timeout,
+        send_timeout=server.send_timeout,
         max_connections=max_connections,
         max_connections_per_client=per_client,
         ipv6_prefix=ipv6_prefix,
@@ -260,13 +262,7 @@ def _admin_listener(config: Config, admin: AdminSlot, limits: ServerLimits) -> L
         build_admin(admin, _admin_password(config)),
         host,
         port,
-        ServerLimits(
-            header_timeout=limits.header_timeout,
-            idle_timeout=limits.idle_timeout,
-            max_connections=64,
-            max_connections_per_client=16,
-            ipv6_prefix=limits.ipv6_prefix,
-        ),
+        dataclasses.replace(limits, max_connections=64, max_connections_per_client=16),
     )
 
 
@@ -280,13 +276,7 @@ def _metrics_listener(config: Config, metrics: MetricsSlot, limits: ServerLimits
         metrics_app(metrics),
         host,
         port,
-        ServerLimits(
-            header_timeout=limits.header_timeout,
-            idle_timeout=limits.idle_timeout,
-            max_connections=64,
-            max_connections_per_client=16,
-            ipv6_prefix=limits.ipv6_prefix,
-        ),
+        dataclasses.replace(limits, max_connections=64, max_connections_per_client=16),
     )
 
 

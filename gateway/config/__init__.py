@@ -126,6 +126,7 @@ class ServerConfig:
     # What one client can hold (gateway/web/server.py, gateway/web/proxy.py):
     header_timeout: float = 10.0  # seconds a request's headers may take from their first byte
     idle_timeout: float = 15.0  # seconds a connection may wait for its next request
+    send_timeout: float = 30.0  # seconds a client may read nothing of a response under way
     # A request body must arrive within body_timeout seconds plus one second per
     # min_body_rate bytes; a slower one gets 408.
     body_timeout: float = 30.0
@@ -144,7 +145,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         require(self.max_body_bytes >= 0, "max_body_bytes", ">= 0", self.max_body_bytes)
         require(self.workers >= 1, "workers", ">= 1", self.workers)
-        for key in ("header_timeout", "idle_timeout", "body_timeout"):
+        for key in ("header_timeout", "idle_timeout", "send_timeout", "body_timeout"):
             seconds = getattr(self, key)
             require(positive(seconds), key, "a positive number of seconds", seconds)
         rate = self.min_body_rate
@@ -294,9 +295,13 @@ class PathsConfig:
     case: str = "any"  # any (unknown: strictest reading), sensitive, insensitive
     trailing_slash: str = "any"  # any (unknown: strictest reading), significant
     unmatched: str = "free"  # a path no route matches: free (passed on), deny (404)
+    # any (unknown: a POST body's _method is read where it could change the price), ignored
+    body_method: str = "any"
 
     def __post_init__(self) -> None:
         require(self.unmatched in ("free", "deny"), "unmatched", "free or deny", self.unmatched)
+        bodies = ("any", "ignored")
+        require(self.body_method in bodies, "body_method", "any or ignored", self.body_method)
         cases = ("any", "sensitive", "insensitive")
         require(self.case in cases, "case", " or ".join(cases), self.case)
         slashes = ("any", "significant")

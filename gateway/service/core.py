@@ -161,7 +161,7 @@ class L402Service:
         if isinstance(rule, Refused):
             return Deny(rule.status, rule.reason)
         if rule is None:
-            if not request.method_overrides:  # cached decisions are for requests without one
+            if self._cacheable(request):
                 self._free.add(request.method, request.path)
             return FREE
         if rule.settle_on_success:
@@ -170,13 +170,17 @@ class L402Service:
         if rule.credit is None or not isinstance(decision, Allow) or decision.token is None:
             return decision
         spent = await self._spend(request, rule, decision.token)
-        if (
-            isinstance(spent, Allow)
-            and rule.price_msat is not None
-            and not request.method_overrides
-        ):
+        if isinstance(spent, Allow) and rule.price_msat is not None and self._cacheable(request):
             self._remember_credit_rule((request.authorization, request.method, request.path), rule)
         return spent
+
+    def _cacheable(self, request: RequestInfo) -> bool:
+        """Whether the decision on ``request`` may answer the next one with the same
+        credential and request line: not when an override, in its headers, query or body (so
+        read for each request), could price it otherwise."""
+        return not request.method_overrides and not self.pricing.body_may_reprice(
+            request.method, request.path
+        )
 
     async def _authorize_held(self, request: RequestInfo, rule: Rule) -> Decision:
         """A pay-on-success route: a request without a credential is stored with a hold
@@ -297,11 +301,10 @@ class L402Service:
 
     async def _verified(self, request: RequestInfo, rule: Rule) -> Decision:
         """The decision on the request's credential alone, remembered for the next request."""
-        # A decision made without an override must not answer a request that has one.
         cache_key: AllowedKey | None = (
-            None
-            if request.method_overrides
-            else (request.authorization, request.method, request.path)
+            (request.authorization, request.method, request.path)
+            if self._cacheable(request)
+            else None
         )
         if cache_key is not None:
             cached = self._verifier.cache_for(rule).get(cache_key)

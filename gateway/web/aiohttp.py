@@ -79,7 +79,12 @@ from gateway.web.credit import (
     handle_withdraw,
 )
 from gateway.web.lnurl import TipsSlot, handle_tips, is_tips_path
-from gateway.web.method_override import OVERRIDE_HEADERS, method_overrides
+from gateway.web.method_override import (
+    OVERRIDE_HEADERS,
+    body_may_name_method,
+    body_method_overrides,
+    method_overrides,
+)
 from gateway.web.paywall import MAX_REDEEM_BODY, REDEEM_PATH, handle_redeem, render_challenge
 from gateway.web.responses import BALANCE_HEADER, HttpResponse, client_address
 
@@ -94,14 +99,18 @@ _BODY_REFUSALS = frozenset({408, 413, 417})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Expect = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 # The request as the backend is to get it once paid (it reads the body), or a refusal:
-# what a pay-on-success route's challenge keeps (``build_proxy`` gives one). A loader that
-# refuses without reading the body sets ``CLOSE``.
+# what a pay-on-success route's challenge keeps, and what a POST whose body may name another
+# method is priced by (``build_proxy`` gives one). A loader that refuses without reading the
+# body sets ``CLOSE``.
 StoredRequestLoader = Callable[[web.Request], Awaitable[StoredRequest | Deny]]
 # An answer to a request before any L402 decision, or None (``setup_l402``'s ``refuse``).
 Refuse = Callable[[web.Request], web.Response | None]
 # Set on a request whose body is left unread with its refusal: the connection then closes,
 # so the rest is not read as the next request.
 CLOSE = web.RequestKey("l402_close", bool)
+# The body, when the decision read it (a POST whose body may name another method, with a
+# ``StoredRequestLoader``): the request's stream is spent, the handler forwards this.
+BODY = web.RequestKey("l402_body", bytes)
 
 
 @dataclass(slots=True)
@@ -123,6 +132,7 @@ def request_info(
     request: web.BaseRequest,
     trust_forwarded_for: bool,
     stored_request: Callable[[], Awaitable[StoredRequest | Deny]] | None = None,
+    body_overrides: tuple[str, ...] = (),
 ) -> RequestInfo:
     return RequestInfo(
         method=request.method,
@@ -137,7 +147,7 @@ def request_info(
         target=request.rel_url.raw_path_qs,
         headers=headers_for_pricing(request.headers.items()),
         cookies=l402_cookie_values(request.headers.getall(hdrs.COOKIE, ())),
-        method_overrides=_method_overrides(request),
+        method_overrides=_method_overrides(request) + body_overrides,
         stored_request=stored_request,
     )
 
@@ -334,12 +344,39 @@ async def _decide(slot: _ServiceSlot, request: web.Request) -> Decision:
     if not _method_overrides(request):
         decision = await service.charge_again(authorization, request.method, request.path)
     if decision is None:
-        loader = slot.stored_request
-        keep = functools.partial(loader, request) if loader is not None else None
-        decision = await service.authorize(request_info(request, slot.trust_forwarded_for, keep))
+        decision = await _authorize(slot, service, request)
     charge = decision.charge if isinstance(decision, Allow) else None
     request[_BILLING] = None if charge is None else _Billing(service, charge)
     return decision
+
+
+async def _authorize(slot: _ServiceSlot, service: L402Service, request: web.Request) -> Decision:
+    loader = slot.stored_request
+    if loader is None:
+        return await service.authorize(request_info(request, slot.trust_forwarded_for))
+    content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+    if not (
+        request.body_exists
+        and body_may_name_method(content_type)
+        and service.pricing.body_may_reprice(request.method, request.path)
+    ):
+        keep = functools.partial(loader, request)
+        return await service.authorize(request_info(request, slot.trust_forwarded_for, keep))
+    # The body may name another method the backend routes by: read it first (the loader's
+    # bounds apply), then forward what was read (``BODY``).
+    stored = await loader(request)
+    if isinstance(stored, Deny):
+        return stored
+    request[BODY] = stored.body
+    overrides = body_method_overrides(content_type, stored.body)
+    loaded = functools.partial(_loaded, stored)
+    return await service.authorize(
+        request_info(request, slot.trust_forwarded_for, loaded, body_overrides=overrides)
+    )
+
+
+async def _loaded(stored: StoredRequest) -> StoredRequest | Deny:
+    return stored
 
 
 def _refusal(request: web.Request, decision: PaymentChallenge | Deny) -> web.Response:
@@ -555,7 +592,11 @@ def setup_l402(
 
     ``stored_request`` keeps a request for pay-on-success routes (``settle = "on_success"``):
     the reverse proxy gives it; without it the application refuses to start when the
-    service has such routes (``ConfigError``).
+    service has such routes (``ConfigError``). With it, a POST whose body (a form, JSON or
+    a multipart form) could name another method that is priced otherwise
+    (``Pricing.body_may_reprice``) is read first and priced by that method as well; the
+    handler then finds the body under ``BODY``. Without it the body is not read: the
+    application routes by the request's own method.
 
     ``refuse`` answers a request before its L402 decision when it returns a response (the
     reverse proxy refuses ambiguous paths with it): without a middleware, which would cost

@@ -4,6 +4,9 @@ client may hold (``gateway.web.server`` accepts them):
 - ``header_timeout``: a request's headers must be complete that long after their first byte;
 - ``idle_timeout``: aiohttp's ``keepalive_timeout``, from a connection's opening or its last
   response until the next request's headers are complete;
+- ``send_timeout``: a response the client reads nothing more of for that long (the socket's
+  buffers full, the transport's too) closes the connection: a client that stops reading
+  would otherwise hold it, and the upstream connection and unpaid slot behind it, forever;
 - ``max_connections``: at the cap, a new connection closes the one idle the longest (a
   slowloris or an idle keep-alive client), or gets a 503 when every one has a request under
   way;
@@ -17,7 +20,11 @@ by ``ACCEPT_HEADROOM`` (a newcomer and the idle connection it replaces overlap f
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import sys
+import termios
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -36,6 +43,8 @@ log = logging.getLogger(__name__)
 # iteration later).
 ACCEPT_HEADROOM = 64
 REPORT_INTERVAL = 60.0  # seconds between two log lines about the same trouble (with a count)
+# SIOCOUTQ, the same request as TIOCOUTQ on Linux; elsewhere the ioctl fails on a socket.
+_SEND_QUEUE: int | None = getattr(termios, "TIOCOUTQ", None)
 _BUSY_TEXT = b"too many connections: retry\n"
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\n"
@@ -49,6 +58,7 @@ class ServerLimits:
 
     header_timeout: float = 10.0
     idle_timeout: float = 15.0
+    send_timeout: float = 30.0
     max_connections: int = 1000
     max_connections_per_client: int = 0  # 0: no cap (behind a proxy every peer is the proxy)
     ipv6_prefix: int = 64
@@ -101,6 +111,10 @@ class Connection(web.RequestHandler):
         # When the first byte of the request whose headers are awaited came; None between
         # requests.
         self._headers_since: float | None = None
+        # Runs while writing is paused (the client reads too little), with what was unsent
+        # when it was set: moved on when the client has read some since.
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._send_buffered = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.made = True
@@ -109,6 +123,7 @@ class Connection(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_header_timer()
+        self._stop_send_timer()
         self._connections.release(self)
         if self.made:  # else the server's acceptor counts it closed
             self._connections.socket_closed()  # asyncio closes it right after this returns
@@ -148,6 +163,38 @@ class Connection(web.RequestHandler):
             self._header_timer.cancel()
             self._header_timer = None
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._watch_send()
+
+    def _watch_send(self) -> None:
+        transport = self.transport
+        self._send_buffered = _unsent(transport) if transport is not None else 0
+        self._send_timer = self._event_loop.call_later(
+            self._connections.limits.send_timeout, self._send_due
+        )
+
+    def resume_writing(self) -> None:
+        self._stop_send_timer()
+        super().resume_writing()
+
+    def _stop_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_due(self) -> None:
+        self._send_timer = None
+        transport = self.transport
+        if transport is None:
+            return
+        if _unsent(transport) < self._send_buffered:  # the client read some
+            self._watch_send()
+            return
+        self._connections.send_stalled()
+        transport.abort()  # a close would wait for the buffer the client does not read
+
     def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
@@ -156,6 +203,20 @@ class Connection(web.RequestHandler):
         self._headers_since = None
         self._connections.went_idle(self)
         return super().finish_response(request, resp, start_time)
+
+
+def _unsent(transport: asyncio.Transport) -> int:
+    """Bytes written to ``transport`` that the client has not taken yet: its buffer and, where
+    the system tells (Linux), the socket's send queue. The transport's buffer alone moves
+    only when the send queue has room for a third of itself again, which for a slow reader
+    of a large response takes many seconds."""
+    unsent = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _SEND_QUEUE is not None:
+        with contextlib.suppress(OSError):
+            queued = fcntl.ioctl(sock.fileno(), _SEND_QUEUE, b"\0" * 4)
+            unsent += int.from_bytes(queued, sys.byteorder, signed=True)
+    return unsent
 
 
 class Connections:
@@ -171,6 +232,7 @@ class Connections:
         self._sockets = 0
         self._refused = Throttled(REPORT_INTERVAL)
         self._slow = Throttled(REPORT_INTERVAL)
+        self._stalled = Throttled(REPORT_INTERVAL)
 
     def __len__(self) -> int:
         return len(self._open)
@@ -225,14 +287,16 @@ class Connections:
             self._open.move_to_end(connection)
 
     def headers_late(self) -> None:
-        if self._slow.due():
-            log.info(
-                "closed a connection whose request headers took over %gs; %d more since the "
-                "last report",
-                self.limits.header_timeout,
-                self._slow.unreported,
-            )
-            self._slow.reported()
+        _report_closed(
+            self._slow, "whose request headers took over %gs", self.limits.header_timeout
+        )
+
+    def send_stalled(self) -> None:
+        _report_closed(
+            self._stalled,
+            "whose client read nothing of its response for %gs",
+            self.limits.send_timeout,
+        )
 
     def release(self, connection: Connection) -> None:
         client = connection.client
@@ -245,3 +309,14 @@ class Connections:
             self._per_client[client] = left
         else:
             del self._per_client[client]
+
+
+def _report_closed(events: Throttled, why: str, seconds: float) -> None:
+    """Log a connection closed ``why`` (after ``seconds``), at most once per interval."""
+    if events.due():
+        log.info(
+            f"closed a connection {why}; %d more since the last report",
+            seconds,
+            events.unreported,
+        )
+        events.reported()

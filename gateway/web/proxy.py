@@ -43,6 +43,7 @@ from gateway.service import Deny, client_key
 from gateway.service.on_success import HoldTerms
 from gateway.web import GatewayFactory
 from gateway.web.aiohttp import (
+    BODY,
     CLOSE,
     TOKEN,
     add_tip_routes,
@@ -197,6 +198,11 @@ class _LimitedBody:
             yield chunk
 
 
+async def _given(body: bytes) -> AsyncIterator[bytes]:
+    if body:  # no empty chunk: in chunked framing it would end the body
+        yield body
+
+
 class _Progress:
     """How far a forwarded request got: the upstream answered, the client's response
     started."""
@@ -338,6 +344,10 @@ def build_proxy(
         "x-forwarded-for",
         "x-forwarded-proto",
         "x-forwarded-host",
+        # Zend Framework 1, Magento 1 and older Symfony route by these instead of the
+        # request line: a free path could carry a priced one.
+        "x-original-url",
+        "x-rewrite-url",
     }
     held_limit = min(max_held_body_bytes, max_body_bytes)
     too_slow_detail = f"the body took over {body_timeout:g}s plus 1s per {min_body_rate} bytes"
@@ -391,7 +401,9 @@ def build_proxy(
         route's expect handler never runs.
         """
         too_large = Deny(
-            413, f"body over {held_limit} bytes: this route keeps the request until it is paid"
+            413,
+            f"body over {held_limit} bytes: this request's body is read before it is priced "
+            "(a pay-on-success route keeps it until paid; a POST's may name another method)",
         )
         if request.content_length is not None and request.content_length > held_limit:
             return too_large
@@ -471,21 +483,23 @@ def build_proxy(
         token = request.get(TOKEN)
         if token is not None:
             headers.append((token_header, token_header_value(token)))
+        read = request.get(BODY)  # the decision read it
         body = (
             _LimitedBody(request.content, max_body_bytes, body_timeout, min_body_rate)
-            if request.body_exists
+            if request.body_exists and read is None
             else None
         )
+        chunks = body.chunks() if body is not None else _given(read) if read is not None else None
         progress = _Progress(time.perf_counter())
         # Verbatim: the path the rules were matched on, not a re-normalized one.
         target = request.rel_url.raw_path_qs
         method = request.method
         pool = pools.kept_alive
         chunked = False
-        if body is not None or method != hdrs.METH_GET:
+        if chunks is not None or method != hdrs.METH_GET:
             pool = pools.one_shot
             # The body is sent with the length the client declared, else as chunks.
-            chunked = body is not None and request.content_length is None
+            chunked = chunks is not None and request.content_length is None
             if chunked:
                 headers.append((hdrs.TRANSFER_ENCODING, "chunked"))
             headers.append((hdrs.CONNECTION, "close"))
@@ -493,7 +507,7 @@ def build_proxy(
             connection = await pool.send(
                 request_bytes(method, target, pool.host_header, headers),
                 upstream_timeout,
-                body.chunks() if body is not None else None,
+                chunks,
                 chunked=chunked,
                 bodiless=method == hdrs.METH_HEAD,
             )
@@ -504,6 +518,10 @@ def build_proxy(
         except (aiohttp.ClientError, TimeoutError) as error:
             seconds = time.perf_counter() - progress.started
             if progress.response is not None and progress.response.prepared:
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    # The client left, or was cut for reading nothing: no upstream failure.
+                    return progress.response
                 # Mid-body: abort the connection rather than end a truncated body cleanly.
                 metrics_slot.meter.upstream_call(seconds, "mid_response")
                 log.warning("upstream %s failed mid-response: %s", base, error)

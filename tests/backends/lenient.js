@@ -1,7 +1,9 @@
 // A deliberately lenient HTTP backend: it serves its premium content to a request that any
 // of several popular stacks would route to /api/premium/ (Node's WHATWG URL parser reads '\'
 // as '/', Express matches case-insensitively and ignores a trailing slash, Tomcat/Spring drop
-// ';' path parameters, some stacks decode twice, Rails/Express honour method overrides).
+// ';' path parameters, some stacks decode twice, Rails/Express/Laravel honour method overrides
+// in headers, the query and a POST's body (PHP's names: cut at a NUL, leading spaces dropped,
+// ' ', '.' and '[' read as '_'), Zend Framework 1 routes by X-Original-URL or X-Rewrite-URL).
 // It echoes what it saw (the body as its length and SHA-256), so a test can tell whether the
 // gateway let such a request past, and whether a body arrived whole.
 "use strict";
@@ -26,24 +28,55 @@ function readings(target) {
   return [...seen];
 }
 
-function effectiveMethod(req, url) {
+function phpName(key) {
+  return key.split("\0")[0].replace(/^ +/, "").replace(/[ .[]/g, "_").toLowerCase();
+}
+
+function namedMethod(params) {
+  for (const [key, value] of params) if (phpName(key) === "_method" && value) return value;
+  return undefined;
+}
+
+function bodyMethod(req, body) {
+  if (req.method !== "POST") return undefined;
+  const type = String(req.headers["content-type"] || "").split(";")[0].trim().toLowerCase();
+  if (type === "" || type === "application/x-www-form-urlencoded") {
+    return namedMethod(new URLSearchParams(body.toString("latin1")));
+  }
+  if (type === "application/json" || type.endsWith("+json")) {
+    try {
+      const named = JSON.parse(body.toString("utf8"))._method;
+      return typeof named === "string" ? named : undefined;
+    } catch (error) {
+      return undefined;
+    }
+  }
+  if (type === "multipart/form-data") {
+    const fields = body.toString("latin1").matchAll(/name="([^"]*)"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)/gi);
+    return namedMethod([...fields].map((field) => [field[1], field[2]]));
+  }
+  return undefined;
+}
+
+function effectiveMethod(req, url, body) {
   for (const name of ["x-http-method-override", "x-http-method", "x-method-override"]) {
     if (req.headers[name]) return String(req.headers[name]).toUpperCase();
   }
-  const override = url.searchParams.get("_method");
+  const override = bodyMethod(req, body) || namedMethod(url.searchParams);
   return override ? override.toUpperCase() : req.method;
 }
 
 const server = http.createServer((req, res) => {
-  const url = new URL(req.url, "http://backend");
-  const paths = readings(req.url);
-  const premium =
-    effectiveMethod(req, url) === "GET" &&
-    paths.some((p) => p.toLowerCase().replace(/;[^/]*/g, "").startsWith("/api/premium/"));
+  const target = req.headers["x-original-url"] || req.headers["x-rewrite-url"] || req.url;
+  const url = new URL(target, "http://backend");
+  const paths = readings(target);
   const chunks = [];
   req.on("data", (chunk) => chunks.push(chunk));
   req.on("end", () => {
     const body = Buffer.concat(chunks);
+    const premium =
+      effectiveMethod(req, url, body) === "GET" &&
+      paths.some((p) => p.toLowerCase().replace(/;[^/]*/g, "").startsWith("/api/premium/"));
     res.writeHead(200, { "Content-Type": "application/json" });
     res.end(
       JSON.stringify({

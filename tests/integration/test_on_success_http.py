@@ -380,7 +380,8 @@ async def test_a_body_over_the_limit_gets_413_and_no_invoice() -> None:
             response, body = await front.send("/orders/new", data=data)
             assert response.status == 413, body
             assert json.loads(body)["detail"] == (
-                "body over 1000 bytes: this route keeps the request until it is paid"
+                "body over 1000 bytes: this request's body is read before it is priced "
+                "(a pay-on-success route keeps it until paid; a POST's may name another method)"
             )
         assert front.gateway.backend.invoices == {}
         # At the limit it is kept, and a chunked one reaches the backend whole.
@@ -408,7 +409,9 @@ async def test_the_servers_body_limit_caps_what_is_kept() -> None:
     async with serving(max_body_bytes=500) as front:
         response, body = await front.send("/orders/new", data=b"x" * 501)
         assert response.status == 413
-        assert json.loads(body)["detail"].startswith("body over 500 bytes: this route keeps")
+        assert json.loads(body)["detail"].startswith(
+            "body over 500 bytes: this request's body is read"
+        )
 
 
 async def test_100_continue_is_sent_for_a_body_that_is_kept() -> None:

@@ -35,6 +35,7 @@ import h11
 import pytest
 import pytest_asyncio
 
+from gateway.pricing import BodyMethod, Pricing
 from tests.demo_rules import ECHO, PREMIUM_READ
 from tests.fakes import FakeGateway
 from tests.integration.test_proxy import Client, proxy_for
@@ -172,6 +173,7 @@ BYPASSES = [
     ("POST", "/API/Premium/x?_method=GET", ()),
     ("POST", "/api/premium/x?.method=GET", ()),  # PHP reads it as _method
     ("POST", "/api/premium/x?%5Bmethod=GET", ()),
+    ("POST", "/api/premium/x?_method%00=GET", ()),  # PHP cuts the name at the NUL
 ]
 
 
@@ -198,6 +200,121 @@ async def test_a_method_override_that_changes_no_price_passes(
     )
     assert (status, body["premium"]) == (200, False)
     assert body["headers"]["x-http-method-override"] == "DELETE"
+
+
+MULTIPART = (
+    b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n'
+    b'--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nGET\r\n--b--\r\n'
+)
+FORM = "application/x-www-form-urlencoded"
+BODY_BYPASSES = [
+    ("", b"_method=GET"),  # Rack reads a POST without a Content-Type as a form
+    (FORM, b"a=1&_method=get"),
+    (f"{FORM}; charset=utf-8", b"%5Fmethod=GET"),
+    (FORM, b".method=GET"),
+    (FORM, b"_method%00=GET"),
+    ("application/json", b'{"_method": "GET"}'),
+    ("application/json", b'{"_m\\u0065thod": "GET"}'),
+    ("multipart/form-data; boundary=b", MULTIPART),
+]
+
+
+def _typed(content_type: str) -> list[tuple[str, str]]:
+    return [("Content-Type", content_type)] if content_type else []
+
+
+@pytest.mark.parametrize(("content_type", "body"), BODY_BYPASSES)
+async def test_no_method_named_in_a_post_body_reaches_priced_content_unpaid(
+    lenient: tuple[Client, FakeGateway], content_type: str, body: bytes
+) -> None:
+    client, _gateway = lenient
+    status, answer = await send(client, "POST", "/api/premium/x", _typed(content_type), body)
+    assert status == 402, (status, answer)
+    assert answer.get("premium") is None
+
+
+@pytest.mark.parametrize(("content_type", "body"), BODY_BYPASSES)
+async def test_the_backend_honours_each_body_override_when_told_it_does_not(
+    node_backend: str, content_type: str, body: bytes
+) -> None:
+    # What the gateway guards against is real: with body_method = "ignored", each of these
+    # POSTs is served the premium content unpaid by this backend.
+    gateway = FakeGateway(RULES)
+    gateway.pricing = Pricing(RULES, body_method=BodyMethod.IGNORED)
+    async with await proxy_for(_Upstream(node_backend), gateway) as client:  # type: ignore[arg-type]
+        status, answer = await send(client, "POST", "/api/premium/x", _typed(content_type), body)
+    assert (status, answer["premium"]) == (200, True)
+
+
+async def test_a_post_body_read_for_an_override_reaches_the_backend_whole(
+    lenient: tuple[Client, FakeGateway],
+) -> None:
+    client, _gateway = lenient
+    body = b"a=1&note=" + b"x" * 20_000
+    for _ in range(2):  # the first answer is not remembered as free for the line
+        status, answer = await send(client, "POST", "/api/premium/x", _typed(FORM), body)
+        assert (status, answer["premium"]) == (200, False)
+        assert answer["bodyLength"] == len(body)
+        assert answer["bodySha256"] == hashlib.sha256(body).hexdigest()
+        status, answer = await send(client, "POST", "/api/premium/x", [], b"_method=GET")
+        assert status == 402, answer
+    # Sent in chunks: forwarded in chunks, whole.
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    head = "POST /api/premium/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    head += f"Content-Type: {FORM}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    writer.write(head.encode() + b"4\r\na=1&\r\n3\r\nb=2\r\n0\r\n\r\n")
+    response = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head_bytes, _, answer_body = response.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head_bytes.lower():
+        answer_body = _dechunk(answer_body)
+    answer = json.loads(answer_body)
+    assert (answer["premium"], answer["bodyLength"]) == (False, 7)
+    assert answer["bodySha256"] == hashlib.sha256(b"a=1&b=2").hexdigest()
+
+
+@pytest.mark.parametrize(("body", "status"), [(b"_method=GET", 402), (b"a=1", 200)])
+async def test_a_post_body_awaiting_100_continue_is_asked_for_and_read(
+    lenient: tuple[Client, FakeGateway], body: bytes, status: int
+) -> None:
+    client, _gateway = lenient
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    head = "POST /api/premium/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    head += f"Content-Type: {FORM}\r\nContent-Length: {len(body)}\r\n"
+    writer.write(head.encode() + b"Expect: 100-continue\r\n\r\n")
+    async with asyncio.timeout(10):
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        response = await reader.read()
+    writer.close()
+    assert response.startswith(f"HTTP/1.1 {status} ".encode()), response[:100]
+
+
+async def test_a_post_body_too_large_to_read_for_an_override_gets_413(node_backend: str) -> None:
+    gateway = FakeGateway(RULES)
+    options = {"max_held_body_bytes": 100}
+    async with await proxy_for(_Upstream(node_backend), gateway, **options) as client:  # type: ignore[arg-type]
+        status, answer = await send(client, "POST", "/api/premium/x", _typed(FORM), b"a" * 101)
+        assert status == 413
+        assert "a POST's may name another method" in answer["detail"]
+        # Where no method a body names changes the price, it is not read: no such limit.
+        status, answer = await send(client, "POST", "/public/form", _typed(FORM), b"a" * 5000)
+        assert (status, answer["bodyLength"]) == (200, 5000)
+        # Nor is a body no framework reads parameters from.
+        status, answer = await send(
+            client, "POST", "/api/premium/x", _typed("application/octet-stream"), b"a" * 5000
+        )
+        assert (status, answer["premium"], answer["bodyLength"]) == (200, False, 5000)
+
+
+@pytest.mark.parametrize("header", ["X-Original-URL", "X-Rewrite-URL"])
+async def test_a_header_some_backends_route_by_is_not_forwarded(
+    lenient: tuple[Client, FakeGateway], header: str
+) -> None:
+    client, _gateway = lenient
+    status, answer = await send(client, "GET", "/public/x", [(header, "/api/premium/x")])
+    assert (status, answer["premium"]) == (200, False)
+    assert header.lower() not in answer["headers"]
 
 
 @pytest.mark.parametrize("spelling", ["X_L402_Token", "X-L402_Token", "x_l402_token"])

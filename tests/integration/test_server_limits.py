@@ -1,12 +1,13 @@
 """The server of ``serve`` (gateway.web.server and .connections) on a loopback port, with
-raw socket clients: header and idle timeouts, connection caps, and the log under descriptor
-exhaustion."""
+raw socket clients: header, idle and send timeouts, connection caps, and the log under
+descriptor exhaustion."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,11 +19,15 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from gateway.service import client_key
 from gateway.web.connections import ACCEPT_HEADROOM, ServerLimits
+from gateway.web.proxy import build_proxy
 from gateway.web.server import RESERVED_FILES, connection_limit, listening
 from regtest.processes import free_ports, wait_for_http
+from tests.fakes import FakeGateway
+from tests.integration.test_proxy import RULES
 from tests.regtest.gateway_helpers import allow_open_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -326,3 +331,82 @@ async def test_running_out_of_descriptors_is_logged_once_per_interval(tmp_path: 
     assert len(exhausted) == 1, text[:3000]
     assert "Too many open files (EMFILE)" in exhausted[0]
     assert "Traceback" not in text, text[:3000]
+
+
+@contextlib.asynccontextmanager
+async def proxy_to_large_responses(limits: ServerLimits) -> AsyncIterator[int]:
+    """The proxy, with one upstream connection for unpaid requests, in front of ``/big`` (8 MB)
+    and ``/small``; yields its port."""
+
+    async def big(_request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * BIG)
+
+    async def small(_request: web.Request) -> web.Response:
+        return web.Response(text="small")
+
+    upstream_app = web.Application()
+    upstream_app.router.add_get("/big", big)
+    upstream_app.router.add_get("/small", small)
+    async with TestServer(upstream_app) as upstream:
+        app = build_proxy(str(upstream.make_url("")), FakeGateway(RULES), upstream_connections=1)
+        async with listening(app, "127.0.0.1", 0, limits) as listener:
+            yield listener[0].getsockname()[1]
+
+
+BIG = 8_000_000
+SEND_LIMITS = replace(LIMITS, header_timeout=60.0, send_timeout=0.5)
+
+
+async def _reader_socket(port: int, request: bytes, buffer: int = 4096) -> socket.socket:
+    """A connection with a receive buffer of ``buffer`` bytes that sent ``request``."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, request)
+    return sock
+
+
+async def test_a_client_that_stops_reading_is_cut_after_send_timeout() -> None:
+    async with proxy_to_large_responses(SEND_LIMITS) as port:
+        stalled = await _reader_socket(port, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            # The one upstream connection carries the response nobody reads until the client
+            # is cut; then it serves the next unpaid request.
+            clients = Clients(port)
+            try:
+                small = await response(
+                    await clients.connect(), b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n"
+                )
+            finally:
+                await clients.close()
+            assert small.endswith(b"small")
+            loop = asyncio.get_running_loop()
+            received = 0
+            with contextlib.suppress(ConnectionResetError):
+                async with asyncio.timeout(CLOSE_WITHIN):
+                    while chunk := await loop.sock_recv(stalled, 1 << 16):
+                        received += len(chunk)
+            assert received < BIG  # cut, not finished
+        finally:
+            stalled.close()
+
+
+async def test_a_client_that_reads_slowly_gets_the_whole_response() -> None:
+    async with proxy_to_large_responses(SEND_LIMITS) as port:
+        # About 1 MB/s: the socket's send queue (megabytes) has room again for the gateway's
+        # buffer only after more than send_timeout, while the client keeps reading.
+        sock = await _reader_socket(port, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n", 1 << 16)
+        loop = asyncio.get_running_loop()
+        data = b""
+        try:
+            async with asyncio.timeout(60):
+                while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < BIG:
+                    chunk = await loop.sock_recv(sock, 1 << 20)
+                    assert chunk, "closed before the whole response"
+                    data += chunk
+                    await asyncio.sleep(0.05)  # well under send_timeout between reads
+        finally:
+            sock.close()
+        assert data.startswith(b"HTTP/1.1 200")

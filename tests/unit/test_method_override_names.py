@@ -1,10 +1,17 @@
-"""Which methods a request names for a backend to route it as (``method_overrides``)."""
+"""Which methods a request names for a backend to route it as (``method_overrides``), also in
+a POST's body (``body_method_overrides``), and where a body is read for one."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.web.method_override import method_overrides
+from gateway.ports import Msat
+from gateway.pricing import OVERRIDE_METHODS, BodyMethod, Pricing, Rule
+from gateway.web.method_override import (
+    body_may_name_method,
+    body_method_overrides,
+    method_overrides,
+)
 
 
 @pytest.mark.parametrize(
@@ -20,6 +27,9 @@ from gateway.web.method_override import method_overrides
         "[method=GET",
         " _method=GET",
         "+_method=GET",
+        # PHP cuts a name at a NUL.
+        "_method%00=GET",
+        "_method%00x=GET",
     ],
 )
 def test_a_query_parameter_any_backend_reads_as_method_names_one(query: str) -> None:
@@ -35,3 +45,57 @@ def test_other_parameters_name_none(query: str) -> None:
 
 def test_headers_and_query_together_name_each_method_once() -> None:
     assert method_overrides(("delete, GET",), "_method=get&.method=PUT") == ("DELETE", "GET", "PUT")
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "named"),
+    [
+        ("", b"_method=PUT", ("PUT",)),
+        ("application/x-www-form-urlencoded; charset=utf-8", b"a=1&+.method=get", ("GET",)),
+        ("application/x-www-form-urlencoded", b"a=1&b=2", ()),
+        ("application/json", b'{"_method": "delete"}', ("DELETE",)),
+        ("application/vnd.api+json", b'{"_method": ["GET"]}', ()),  # not a string: none
+        ("application/json", b'[{"_method": "GET"}]', ()),
+        ("application/json", b'{"note": "no override"}', ()),
+        # JSON that does not parse here, or a multipart form, that mentions "method" at all
+        # (also percent-encoded): any method.
+        ("application/json", b'{"_method": "GET",}', OVERRIDE_METHODS),
+        ("application/json", b"[" * 100_000, ()),  # too deep for the parser, no mention
+        ("multipart/form-data; boundary=b", b'name="_m%65thod"\r\n\r\nGET', OVERRIDE_METHODS),
+        ("multipart/form-data; boundary=b", b'name="file"\r\n\r\ndata', ()),
+        ("text/plain", b"_method=GET", ()),  # no framework reads parameters from it
+    ],
+)
+def test_the_methods_a_post_body_names(
+    content_type: str, body: bytes, named: tuple[str, ...]
+) -> None:
+    assert body_method_overrides(content_type, body) == named
+
+
+@pytest.mark.parametrize(
+    ("content_type", "read"),
+    [
+        ("", True),
+        ("Application/X-WWW-Form-Urlencoded; charset=utf-8", True),
+        ("application/json", True),
+        ("application/problem+json", True),
+        ("multipart/form-data; boundary=b", True),
+        ("application/octet-stream", False),
+        ("text/plain", False),
+    ],
+)
+def test_which_bodies_may_name_a_method(content_type: str, read: bool) -> None:
+    assert body_may_name_method(content_type) is read
+
+
+def test_a_post_body_is_read_only_where_the_method_it_names_changes_the_price() -> None:
+    priced_get = Rule("/paid/*", methods=frozenset({"GET"}), price_msat=Msat(1_000))
+    priced_any = Rule("/all/*", price_msat=Msat(1_000))
+    pricing = Pricing([priced_get, priced_any])
+    assert pricing.body_may_reprice("POST", "/paid/x")
+    assert pricing.body_may_reprice("post", "/paid/x")
+    assert not pricing.body_may_reprice("PUT", "/paid/x")  # frameworks override POSTs only
+    assert not pricing.body_may_reprice("POST", "/all/x")  # every method costs the same
+    assert not pricing.body_may_reprice("POST", "/free/x")
+    ignored = Pricing([priced_get], body_method=BodyMethod.IGNORED)
+    assert not ignored.body_may_reprice("POST", "/paid/x")

@@ -27,7 +27,7 @@ from gateway.cli import main
 from gateway.config import Config, LndConfig, PathsConfig, RouteConfig, StoreConfig
 from gateway.lnd.preflight import check_lnd
 from gateway.ports import Msat
-from gateway.pricing import Pricing, Refused, Rule, Unmatched
+from gateway.pricing import BodyMethod, Pricing, Refused, Rule, Unmatched
 from gateway.service import L402Service
 from gateway.service.decisions import Allow, Deny, RequestInfo
 from gateway.store.memory import MemoryStore
@@ -129,6 +129,14 @@ def test_paths_unmatched_is_read_from_the_config(tmp_path: Path) -> None:
     assert runtime.build_pricing(config).unmatched is Unmatched.DENY
     with pytest.raises(errors.ConfigError, match="unmatched must be free or deny"):
         load_text(tmp_path, '[paths]\nunmatched = "drop"')
+
+
+def test_paths_body_method_is_read_from_the_config(tmp_path: Path) -> None:
+    assert runtime.build_pricing(load_text(tmp_path, "")).body_method is BodyMethod.ANY
+    config = load_text(tmp_path, '[paths]\nbody_method = "ignored"')
+    assert runtime.build_pricing(config).body_method is BodyMethod.IGNORED
+    with pytest.raises(errors.ConfigError, match="body_method must be any or ignored"):
+        load_text(tmp_path, '[paths]\nbody_method = "never"')
 
 
 def test_route_table_says_what_each_path_costs() -> None:
