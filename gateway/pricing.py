@@ -10,10 +10,11 @@ frameworks answer with the GET handler.
 ``Pricing.resolve`` prices a request as an unknown backend could read it: a path a backend
 may resolve differently from the rules (a backslash, ``;`` parameters, ``%`` left after
 decoding, control characters, a non-NFKC form, dot segments) is refused; of the readings a
-backend may take (the other letter case, with or without a trailing slash, a method
-override), the strictest decides: any priced reading prices the request, and two different
-priced readings are refused. ``Pricing.body_may_reprice`` tells an adapter when a POST's body
-must be read for an override (``_method``) before the request can be priced.
+backend may take (the other letter case, with or without a trailing slash, without the last
+segment's extension, a method override), the strictest decides: any priced reading prices the
+request, and two different priced readings are refused. ``Pricing.body_may_reprice`` tells an
+adapter when a POST's body must be read for an override (``_method``) before the request can
+be priced.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ class PathCase(enum.Enum):
 
 class TrailingSlash(enum.Enum):
     """Whether the backend tells ``/a`` and ``/a/`` apart."""
+
+    ANY = "any"  # unknown: price the strictest of both readings
+    SIGNIFICANT = "significant"
+
+
+class Extension(enum.Enum):
+    """Whether the backend tells ``/a`` and ``/a.json`` apart (Rails' ``(.:format)`` and
+    Spring's suffix patterns route both to ``/a``)."""
 
     ANY = "any"  # unknown: price the strictest of both readings
     SIGNIFICANT = "significant"
@@ -227,6 +236,7 @@ class Pricing:
         trailing_slash: TrailingSlash = TrailingSlash.ANY,
         unmatched: Unmatched = Unmatched.FREE,
         body_method: BodyMethod = BodyMethod.ANY,
+        extension: Extension = Extension.ANY,
     ) -> None:
         self.rules = tuple(rules)
         self.unmatched = unmatched
@@ -238,6 +248,7 @@ class Pricing:
             PathCase.INSENSITIVE: (True,),
         }[case]
         self._slash_readings = trailing_slash is TrailingSlash.ANY
+        self._extension_readings = extension is Extension.ANY
 
     @property
     def bills_credit(self) -> bool:
@@ -265,7 +276,7 @@ class Pricing:
         if refusal is not None:
             return Refused(refusal)
         methods = (method, *(m for m in method_overrides if m.upper() != method.upper()))
-        paths = (path, _other_slash(path)) if self._slash_readings and path != "/" else (path,)
+        paths = self._path_readings(path)
         priced: Rule | None = None
         matched = False
         for reading_method in methods:
@@ -282,6 +293,17 @@ class Pricing:
             return NO_ROUTE
         return priced
 
+    def _path_readings(self, path: str) -> tuple[str, ...]:
+        readings = [path]
+        if self._slash_readings and path != "/":
+            readings.append(_other_slash(path))
+        if self._extension_readings:
+            for stem in [stem for reading in readings for stem in _without_extension(reading)]:
+                readings.append(stem)
+                if self._slash_readings:
+                    readings.append(_other_slash(stem))
+        return tuple(dict.fromkeys(readings))
+
     def body_may_reprice(self, method: str, path: str) -> bool:
         """Whether a body naming another method could change how this request is priced:
         frameworks take an override from a POST's body only."""
@@ -291,6 +313,16 @@ class Pricing:
 
     def _body_reprices(self, path: str) -> bool:
         return self.resolve("POST", path, OVERRIDE_METHODS) != self.resolve("POST", path)
+
+
+def _without_extension(path: str) -> tuple[str, ...]:
+    """``path`` without its last segment's extension, as Rails reads a format
+    (``/a/b.v1.json``: ``/a/b.v1``) and Spring a suffix (``/a/b``); none when it has none."""
+    head, _, last = path.rpartition("/")
+    first, _, _ = last.partition(".")
+    rails, _, _ = last.rpartition(".")
+    stems = dict.fromkeys(stem for stem in (rails, first) if stem and stem != last)
+    return tuple(f"{head}/{stem}" for stem in stems)
 
 
 def _other_slash(path: str) -> str:

@@ -74,6 +74,7 @@ from gateway.ports import (
 from gateway.pricing import (
     BodyMethod,
     CreditTerms,
+    Extension,
     PathCase,
     PriceFunction,
     Pricing,
@@ -188,6 +189,7 @@ def build_pricing(config: Config) -> Pricing:
         trailing_slash=TrailingSlash(config.paths.trailing_slash),
         unmatched=Unmatched(config.paths.unmatched),
         body_method=BodyMethod(config.paths.body_method),
+        extension=Extension(config.paths.extension),
     )
 
 

@@ -294,6 +294,7 @@ class PathsConfig:
 
     case: str = "any"  # any (unknown: strictest reading), sensitive, insensitive
     trailing_slash: str = "any"  # any (unknown: strictest reading), significant
+    extension: str = "any"  # any (unknown: /a.json also read as /a), significant
     unmatched: str = "free"  # a path no route matches: free (passed on), deny (404)
     # any (unknown: a POST body's _method is read where it could change the price), ignored
     body_method: str = "any"
@@ -304,13 +305,9 @@ class PathsConfig:
         require(self.body_method in bodies, "body_method", "any or ignored", self.body_method)
         cases = ("any", "sensitive", "insensitive")
         require(self.case in cases, "case", " or ".join(cases), self.case)
-        slashes = ("any", "significant")
-        require(
-            self.trailing_slash in slashes,
-            "trailing_slash",
-            " or ".join(slashes),
-            self.trailing_slash,
-        )
+        for key in ("trailing_slash", "extension"):
+            value = getattr(self, key)
+            require(value in ("any", "significant"), key, "any or significant", value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,10 @@
 // A deliberately lenient HTTP backend: it serves its premium content to a request that any
 // of several popular stacks would route to /api/premium/ (Node's WHATWG URL parser reads '\'
 // as '/', Express matches case-insensitively and ignores a trailing slash, Tomcat/Spring drop
-// ';' path parameters, some stacks decode twice, Rails/Express/Laravel honour method overrides
-// in headers, the query and a POST's body (PHP's names: cut at a NUL, leading spaces dropped,
-// ' ', '.' and '[' read as '_'), Zend Framework 1 routes by X-Original-URL or X-Rewrite-URL).
+// ';' path parameters, Rails and Spring route /a.json as /a, some stacks decode twice,
+// Rails/Express/Laravel honour method overrides in headers, the query and a POST's body
+// (PHP's names: cut at a NUL, leading spaces dropped, ' ', '.' and '[' read as '_'), Zend
+// Framework 1 routes by X-Original-URL or X-Rewrite-URL).
 // It echoes what it saw (the body as its length and SHA-256), so a test can tell whether the
 // gateway let such a request past, and whether a body arrived whole.
 "use strict";
@@ -19,6 +20,8 @@ function readings(target) {
     seen.add(path.toLowerCase());
     seen.add(path.replace(/;[^/]*/g, ""));
     seen.add(path.replace(/\/+$/, "") + "/");
+    seen.add(path.replace(/\.[^/.]*$/, "") + "/"); // Rails' (.:format)
+    seen.add(path.replace(/\.[^/]*$/, "") + "/"); // Spring's suffix patterns
     try {
       path = new URL(decodeURIComponent(path), "http://backend").pathname;
     } catch (error) {

@@ -157,6 +157,8 @@ BYPASSES = [
     ("GET", "/API/premium/x", ()),
     ("GET", "/Api/Premium/X/", ()),
     ("GET", "/api/premium", ()),
+    ("GET", "/api/premium.json", ()),  # Rails' format, Spring's suffix
+    ("GET", "/api/premium.v1.json", ()),
     ("GET", "/api;x=1/premium/x", ()),
     ("GET", "/api/premium;jsessionid=1/x", ()),
     ("GET", "/api%252fpremium/x", ()),

@@ -8,7 +8,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.ports import Msat
-from gateway.pricing import PathCase, Pricing, Refused, Rule, TrailingSlash, path_refusal
+from gateway.pricing import (
+    Extension,
+    PathCase,
+    Pricing,
+    Refused,
+    Rule,
+    TrailingSlash,
+    path_refusal,
+)
 
 PREMIUM = Rule("/api/premium/*", methods=frozenset({"GET"}), price_msat=Msat(10), service="p")
 EXACT = Rule("/docs/index", price_msat=Msat(5), service="docs")
@@ -61,6 +69,18 @@ def test_a_trailing_slash_either_way_prices_the_request_by_default() -> None:
     assert pricing.resolve("GET", "/api/premium") is PREMIUM
     significant = Pricing(RULES, trailing_slash=TrailingSlash.SIGNIFICANT)
     assert significant.resolve("GET", "/docs/index/") is None
+    assert significant.resolve("GET", "/docs/index") is EXACT
+
+
+def test_a_path_with_an_extension_is_also_priced_without_it_by_default() -> None:
+    pricing = Pricing(RULES)
+    assert pricing.resolve("GET", "/docs/index.json") is EXACT  # Rails' (.:format)
+    assert pricing.resolve("GET", "/docs/index.v1.json") is EXACT  # Spring's suffix
+    assert pricing.resolve("GET", "/docs/index.json/") is EXACT
+    assert pricing.resolve("GET", "/api/premium.json") is PREMIUM  # and /api/premium/
+    assert pricing.resolve("GET", "/docs/other.json") is None
+    significant = Pricing(RULES, extension=Extension.SIGNIFICANT)
+    assert significant.resolve("GET", "/docs/index.json") is None
     assert significant.resolve("GET", "/docs/index") is EXACT
 
 

@@ -131,6 +131,16 @@ def test_paths_unmatched_is_read_from_the_config(tmp_path: Path) -> None:
         load_text(tmp_path, '[paths]\nunmatched = "drop"')
 
 
+def test_paths_extension_is_read_from_the_config(tmp_path: Path) -> None:
+    route = '[[routes]]\npattern = "/api/x"\nprice_msat = 1000\n'
+    config = load_text(tmp_path, route)
+    assert runtime.build_pricing(config).resolve("GET", "/api/x.json") is not None
+    config = load_text(tmp_path, '[paths]\nextension = "significant"\n' + route)
+    assert runtime.build_pricing(config).resolve("GET", "/api/x.json") is None
+    with pytest.raises(errors.ConfigError, match="extension must be any or significant"):
+        load_text(tmp_path, '[paths]\nextension = "ignored"')
+
+
 def test_paths_body_method_is_read_from_the_config(tmp_path: Path) -> None:
     assert runtime.build_pricing(load_text(tmp_path, "")).body_method is BodyMethod.ANY
     config = load_text(tmp_path, '[paths]\nbody_method = "ignored"')
