@@ -23,7 +23,8 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 from gateway.pricing import OVERRIDE_METHODS
 
 OVERRIDE_HEADERS = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
-_QUERY_KEY = re.compile(r"method", re.IGNORECASE)  # a cheap test before parsing the query
+# A cheap test before parsing the query: the name spelled out, or maybe percent-encoded.
+_QUERY_KEY = re.compile(r"method|%", re.IGNORECASE)
 _PHP_NAME = str.maketrans(" .[", "___")
 _METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FORM = ("", "application/x-www-form-urlencoded")

@@ -176,6 +176,7 @@ BYPASSES = [
     ("POST", "/api/premium/x?.method=GET", ()),  # PHP reads it as _method
     ("POST", "/api/premium/x?%5Bmethod=GET", ()),
     ("POST", "/api/premium/x?_method%00=GET", ()),  # PHP cuts the name at the NUL
+    ("POST", "/api/premium/x?_m%65thod=GET", ()),
 ]
 
 
@@ -213,6 +214,7 @@ BODY_BYPASSES = [
     ("", b"_method=GET"),  # Rack reads a POST without a Content-Type as a form
     (FORM, b"a=1&_method=get"),
     (f"{FORM}; charset=utf-8", b"%5Fmethod=GET"),
+    (FORM, b"_m%65thod=GET"),
     (FORM, b".method=GET"),
     (FORM, b"_method%00=GET"),
     ("application/json", b'{"_method": "GET"}'),

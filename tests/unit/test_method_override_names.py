@@ -20,6 +20,8 @@ from gateway.web.method_override import (
         "_method=GET",
         "a=1&_METHOD=get",
         "%5Fmethod=GET",
+        "_m%65thod=GET",
+        "_%6D%65thod=GET",
         # PHP's variable names (Laravel, Symfony): '.', ' ' and '[' become '_', leading
         # spaces go.
         ".method=GET",
