@@ -354,7 +354,8 @@ async def _authorize(slot: _ServiceSlot, service: L402Service, request: web.Requ
     loader = slot.stored_request
     if loader is None:
         return await service.authorize(request_info(request, slot.trust_forwarded_for))
-    content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+    # Every value: backends differ on which of several they take.
+    content_type = ",".join(request.headers.getall(hdrs.CONTENT_TYPE, ()))
     if not (
         request.body_exists
         and body_may_name_method(content_type)

@@ -27,8 +27,6 @@ OVERRIDE_HEADERS = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Overrid
 _QUERY_KEY = re.compile(r"method|%", re.IGNORECASE)
 _PHP_NAME = str.maketrans(" .[", "___")
 _METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_FORM = ("", "application/x-www-form-urlencoded")
-_MULTIPART = "multipart/form-data"
 
 
 def method_overrides(header_values: Iterable[str], query: str) -> tuple[str, ...]:
@@ -43,40 +41,42 @@ def method_overrides(header_values: Iterable[str], query: str) -> tuple[str, ...
     return tuple(dict.fromkeys(m.strip().upper() for m in values if _METHOD.fullmatch(m.strip())))
 
 
-def _media_type(content_type: str) -> str:
-    return content_type.partition(";")[0].strip().lower()
-
-
-def _is_json(media_type: str) -> bool:
-    return media_type == "application/json" or media_type.endswith("+json")
+def _readings(content_type: str) -> tuple[bool, bool, bool]:
+    """Whether a body of this ``Content-Type`` (all its values, joined) may be read as a form,
+    as JSON, as a multipart form. Generous: Laravel takes any type holding "/json" or
+    "+json" for JSON, and Rack a POST without a media type for a form."""
+    lowered = content_type.lower()
+    form = "x-www-form-urlencoded" in lowered or not content_type.partition(";")[0].strip()
+    return form, "json" in lowered, "multipart" in lowered
 
 
 def body_may_name_method(content_type: str) -> bool:
-    """Whether a framework reads parameters, ``_method`` among them, from a POST body of this
-    ``Content-Type`` (empty: none was sent)."""
-    media_type = _media_type(content_type)
-    return media_type in _FORM or media_type == _MULTIPART or _is_json(media_type)
+    """Whether a framework may read parameters, ``_method`` among them, from a POST body of
+    this ``Content-Type`` (empty: none was sent)."""
+    return any(_readings(content_type))
 
 
 def body_method_overrides(content_type: str, body: bytes) -> tuple[str, ...]:
-    """The methods a POST body of this ``Content-Type`` names as ``_method``.
+    """The methods a POST body of this ``Content-Type`` names as ``_method``, in every way a
+    framework may read it.
 
     A form is read as a query string; JSON as an object's ``_method``. A multipart form, or
     JSON that does not parse here (a backend's parser may be laxer), names any method when
     "method" appears in it at all, percent-encoded or not: its field names have too many
     spellings across parsers to read one by one.
     """
-    media_type = _media_type(content_type)
-    if media_type in _FORM:
-        return method_overrides((), body.decode("latin-1"))
-    if _is_json(media_type):
+    form, json_, multipart = _readings(content_type)
+    named: list[str] = []
+    if form:
+        named += method_overrides((), body.decode("latin-1"))
+    if json_:
         try:
             document = json.loads(body)
         except (ValueError, RecursionError):
-            pass
+            multipart = True  # read as loosely
         else:
-            named = document.get("_method") if isinstance(document, dict) else None
-            return method_overrides((named,) if isinstance(named, str) else (), "")
-    elif media_type != _MULTIPART:
-        return ()
-    return OVERRIDE_METHODS if b"method" in unquote_to_bytes(body).lower() else ()
+            value = document.get("_method") if isinstance(document, dict) else None
+            named += method_overrides((value,) if isinstance(value, str) else (), "")
+    if multipart and b"method" in unquote_to_bytes(body).lower():
+        named += OVERRIDE_METHODS
+    return tuple(dict.fromkeys(named))

@@ -66,6 +66,10 @@ def test_headers_and_query_together_name_each_method_once() -> None:
         ("multipart/form-data; boundary=b", b'name="_m%65thod"\r\n\r\nGET', OVERRIDE_METHODS),
         ("multipart/form-data; boundary=b", b'name="file"\r\n\r\ndata', ()),
         ("text/plain", b"_method=GET", ()),  # no framework reads parameters from it
+        # Laravel reads any type holding "/json" as JSON; several values, all their readings.
+        ("text/plain; x=/json", b'{"_method": "GET"}', ("GET",)),
+        ("text/plain,application/x-www-form-urlencoded", b"_method=PUT", ("PUT",)),
+        (";charset=utf-8", b"_method=GET", ("GET",)),  # no media type: Rack reads a form
     ],
 )
 def test_the_methods_a_post_body_names(
@@ -84,6 +88,7 @@ def test_the_methods_a_post_body_names(
         ("multipart/form-data; boundary=b", True),
         ("application/octet-stream", False),
         ("text/plain", False),
+        ("text/plain; profile=a/json", True),
     ],
 )
 def test_which_bodies_may_name_a_method(content_type: str, read: bool) -> None:
