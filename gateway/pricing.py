@@ -38,10 +38,12 @@ MAX_PRICE_MSAT = 100_000 * 100_000_000 * 1000
 # Paths of these characters only need no more than the segment checks.
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-# Any method a framework takes as an override (Rack's list, less WebDAV's).
+# The methods frameworks take as an override (Rack's list, less WebDAV's); Symfony and
+# Express take any name.
 OVERRIDE_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # Request lines whose body's repricing is remembered (it costs a resolve per method).
 _REPRICE_CACHE = 4096
+_REPRICE_PATH_LIMIT = 512
 
 
 class PathCase(enum.Enum):
@@ -242,6 +244,10 @@ class Pricing:
         self.unmatched = unmatched
         self.body_method = body_method
         self._reprices = functools.lru_cache(maxsize=_REPRICE_CACHE)(self._body_reprices)
+        # What an override may name that matters here: the usual ones and the rules' own.
+        self.override_methods = tuple(
+            dict.fromkeys([*OVERRIDE_METHODS, *(m for rule in self.rules for m in rule.methods)])
+        )
         self._case_readings = {
             PathCase.ANY: (False, True),
             PathCase.SENSITIVE: (False,),
@@ -309,10 +315,13 @@ class Pricing:
         frameworks take an override from a POST's body only."""
         if self.body_method is BodyMethod.IGNORED or method.upper() != "POST":
             return False
-        return self._reprices(path)
+        # A client picks the path: only short ones are remembered, as the free lines are.
+        return (
+            self._reprices(path) if len(path) <= _REPRICE_PATH_LIMIT else self._body_reprices(path)
+        )
 
     def _body_reprices(self, path: str) -> bool:
-        return self.resolve("POST", path, OVERRIDE_METHODS) != self.resolve("POST", path)
+        return self.resolve("POST", path, self.override_methods) != self.resolve("POST", path)
 
 
 def _without_extension(path: str) -> tuple[str, ...]:

@@ -369,7 +369,13 @@ async def _authorize(slot: _ServiceSlot, service: L402Service, request: web.Requ
     if isinstance(stored, Deny):
         return stored
     request[BODY] = stored.body
-    overrides = body_method_overrides(content_type, stored.body)
+    every = service.pricing.override_methods
+    encodings = ",".join(request.headers.getall(hdrs.CONTENT_ENCODING, ())).lower().split(",")
+    overrides = (
+        every  # compressed: what the backend inflates is not read here
+        if any(encoding.strip() not in ("", "identity") for encoding in encodings)
+        else body_method_overrides(content_type, stored.body, every)
+    )
     loaded = functools.partial(_loaded, stored)
     return await service.authorize(
         request_info(request, slot.trust_forwarded_for, loaded, body_overrides=overrides)

@@ -34,11 +34,20 @@ def method_overrides(header_values: Iterable[str], query: str) -> tuple[str, ...
     values = [part for value in header_values for part in value.split(",")]
     if _QUERY_KEY.search(query):
         values += [
-            value
-            for key, value in parse_qsl(query, keep_blank_values=True)
-            if key.partition("\0")[0].lstrip(" ").translate(_PHP_NAME).lower() == "_method"
+            value for key, value in parse_qsl(query, keep_blank_values=True) if _names_method(key)
         ]
     return tuple(dict.fromkeys(m.strip().upper() for m in values if _METHOD.fullmatch(m.strip())))
+
+
+def _names_method(key: str) -> bool:
+    """Whether a parameter named ``key`` is ``_method`` to some framework: PHP's names (see
+    the module), or an array of it (``_method[]``, ``_method[0]``: qs, which Express uses,
+    and method-override takes the first value)."""
+    name = key.partition("\0")[0].lstrip(" ")
+    return "_method" in (
+        name.translate(_PHP_NAME).lower(),
+        name.partition("[")[0].translate(_PHP_NAME).lower(),
+    )
 
 
 def _readings(content_type: str) -> tuple[bool, bool, bool]:
@@ -56,14 +65,16 @@ def body_may_name_method(content_type: str) -> bool:
     return any(_readings(content_type))
 
 
-def body_method_overrides(content_type: str, body: bytes) -> tuple[str, ...]:
+def body_method_overrides(
+    content_type: str, body: bytes, every: tuple[str, ...] = OVERRIDE_METHODS
+) -> tuple[str, ...]:
     """The methods a POST body of this ``Content-Type`` names as ``_method``, in every way a
     framework may read it.
 
-    A form is read as a query string; JSON as an object's ``_method``. A multipart form, or
-    JSON that does not parse here (a backend's parser may be laxer), names any method when
-    "method" appears in it at all, percent-encoded or not: its field names have too many
-    spellings across parsers to read one by one.
+    A form is read as a query string; JSON as an object's ``_method`` (a string, or a list
+    of them). A multipart form, or JSON that does not parse here (a backend's parser may be
+    laxer), names ``every`` method when "method" appears in it at all, percent-encoded or
+    not: its field names have too many spellings across parsers to read one by one.
     """
     form, json_, multipart = _readings(content_type)
     named: list[str] = []
@@ -76,7 +87,8 @@ def body_method_overrides(content_type: str, body: bytes) -> tuple[str, ...]:
             multipart = True  # read as loosely
         else:
             value = document.get("_method") if isinstance(document, dict) else None
-            named += method_overrides((value,) if isinstance(value, str) else (), "")
+            values = value if isinstance(value, list) else [value]
+            named += method_overrides([v for v in values if isinstance(v, str)], "")
     if multipart and b"method" in unquote_to_bytes(body).lower():
-        named += OVERRIDE_METHODS
+        named += every
     return tuple(dict.fromkeys(named))

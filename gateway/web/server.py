@@ -252,6 +252,10 @@ async def listening(
                 loop=loop,
                 connections=connections,
                 keepalive_timeout=limits.idle_timeout,
+                # A body reaches the handler as sent: the proxy forwards it with the
+                # client's Content-Length and Content-Encoding, which an inflated body would
+                # not match (the rest read by the upstream as another request).
+                auto_decompress=False,
                 **logging_kwargs,
             )
 

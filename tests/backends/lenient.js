@@ -36,7 +36,11 @@ function phpName(key) {
 }
 
 function namedMethod(params) {
-  for (const [key, value] of params) if (phpName(key) === "_method" && value) return value;
+  for (const [key, value] of params) {
+    // PHP's names, and qs's arrays (_method[]=GET), of which method-override takes the first.
+    const named = phpName(key) === "_method" || phpName(key.split("[")[0]) === "_method";
+    if (named && value) return value;
+  }
   return undefined;
 }
 
@@ -48,7 +52,8 @@ function bodyMethod(req, body) {
   }
   if (type === "application/json" || type.endsWith("+json")) {
     try {
-      const named = JSON.parse(body.toString("utf8"))._method;
+      const value = JSON.parse(body.toString("utf8"))._method;
+      const named = Array.isArray(value) ? value[0] : value;
       return typeof named === "string" ? named : undefined;
     } catch (error) {
       return undefined;

@@ -215,6 +215,8 @@ BODY_BYPASSES = [
     (FORM, b"a=1&_method=get"),
     (f"{FORM}; charset=utf-8", b"%5Fmethod=GET"),
     (FORM, b"_m%65thod=GET"),
+    (FORM, b"_method[]=GET"),  # qs's array (Express), method-override takes the first
+    ("application/json", b'{"_method": ["GET"]}'),
     (FORM, b".method=GET"),
     (FORM, b"_method%00=GET"),
     ("application/json", b'{"_method": "GET"}'),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import os
 import socket
 import subprocess
@@ -410,3 +411,34 @@ async def test_a_client_that_reads_slowly_gets_the_whole_response() -> None:
         finally:
             sock.close()
         assert data.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_compressed_body_is_forwarded_as_sent() -> None:
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(text=str(len(await request.read())))  # aiohttp inflates it
+
+    upstream_app = web.Application()
+    upstream_app.router.add_post("/echo", echo)
+    upstream_app.router.add_post("/api/premium/x", echo)
+    gateway = FakeGateway(RULES)
+    async with TestServer(upstream_app) as upstream:
+        app = build_proxy(str(upstream.make_url("")), gateway)
+        async with listening(app, "127.0.0.1", 0, LIMITS) as listener:
+            clients = Clients(listener[0].getsockname()[1])
+            try:
+                body = gzip.compress(b"a=" + b"x" * 998)
+                head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+                head += b"Content-Length: %d\r\n\r\n" % len(body)
+                answer = await response(await clients.connect(), head + body)
+                assert answer.startswith(b"HTTP/1.1 200"), answer
+                assert answer.endswith(b"\r\n\r\n1000")
+                # Where a body naming a method would change the price, one the gateway cannot
+                # read (compressed: the backend may inflate it) names every method.
+                body = gzip.compress(b"_method=GET")
+                head = b"POST /api/premium/x HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+                head += b"Content-Type: application/x-www-form-urlencoded\r\n"
+                head += b"Content-Length: %d\r\n\r\n" % len(body)
+                answer = await response(await clients.connect(), head + body)
+                assert answer.startswith(b"HTTP/1.1 402"), answer
+            finally:
+                await clients.close()

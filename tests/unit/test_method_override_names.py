@@ -32,6 +32,9 @@ from gateway.web.method_override import (
         # PHP cuts a name at a NUL.
         "_method%00=GET",
         "_method%00x=GET",
+        # An array of it (qs, Express): method-override takes the first value.
+        "_method[]=GET",
+        "_method[0]=GET",
     ],
 )
 def test_a_query_parameter_any_backend_reads_as_method_names_one(query: str) -> None:
@@ -39,7 +42,7 @@ def test_a_query_parameter_any_backend_reads_as_method_names_one(query: str) -> 
 
 
 @pytest.mark.parametrize(
-    "query", ["method=GET", "x_method=GET", "_methods=GET", "_method[]=GET", "_method=", ""]
+    "query", ["method=GET", "x_method=GET", "_methods=GET", "x[_method]=GET", "_method=", ""]
 )
 def test_other_parameters_name_none(query: str) -> None:
     assert method_overrides((), query) == ()
@@ -56,7 +59,8 @@ def test_headers_and_query_together_name_each_method_once() -> None:
         ("application/x-www-form-urlencoded; charset=utf-8", b"a=1&+.method=get", ("GET",)),
         ("application/x-www-form-urlencoded", b"a=1&b=2", ()),
         ("application/json", b'{"_method": "delete"}', ("DELETE",)),
-        ("application/vnd.api+json", b'{"_method": ["GET"]}', ()),  # not a string: none
+        ("application/vnd.api+json", b'{"_method": ["GET", 1]}', ("GET",)),  # qs-like arrays
+        ("application/json", b'{"_method": 7}', ()),
         ("application/json", b'[{"_method": "GET"}]', ()),
         ("application/json", b'{"note": "no override"}', ()),
         # JSON that does not parse here, or a multipart form, that mentions "method" at all
@@ -104,5 +108,9 @@ def test_a_post_body_is_read_only_where_the_method_it_names_changes_the_price() 
     assert not pricing.body_may_reprice("PUT", "/paid/x")  # frameworks override POSTs only
     assert not pricing.body_may_reprice("POST", "/all/x")  # every method costs the same
     assert not pricing.body_may_reprice("POST", "/free/x")
+    # A method only a rule names (WebDAV's): Symfony and Express take any name.
+    dav = Pricing([Rule("/dav/*", methods=frozenset({"PROPFIND"}), price_msat=Msat(1))])
+    assert dav.body_may_reprice("POST", "/dav/x")
+    assert "PROPFIND" in dav.override_methods
     ignored = Pricing([priced_get], body_method=BodyMethod.IGNORED)
     assert not ignored.body_may_reprice("POST", "/paid/x")
