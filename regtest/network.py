@@ -42,6 +42,8 @@ FUNDING_OUTPUT_SAT = 100_000_000
 FUNDING_OUTPUTS = 3
 STATE_FILE = "network.json"
 START_TIMEOUT = 90.0
+# How long the nodes get to report a block before another is mined (see _until_nodes_follow).
+BLOCK_RENOTIFY_INTERVAL = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,22 +177,32 @@ class Network:
         self.save()
 
     async def _until_nodes_follow(self, btcd: ManagedProcess) -> None:
-        # A node reconnects to btcd on its own schedule (after 5 s) and meanwhile sees the
-        # chain rebuilt from genesis: a payment routed then gets a CLTV from a height far
-        # below the tip and the payee refuses it. A block mined after the rebuild is one that
-        # only a node following btcd again can report.
-        await self.mine(1)
-        tip = await self.block_height()
-        for node in self.nodes.values():
-            admin = LndAdmin(node.name, node.settings())
+        # A node reconnects to btcd on its own schedule (5 s after losing it, then 10 s later,
+        # ...) and meanwhile sees the chain rebuilt from genesis: a payment routed then gets a
+        # CLTV from a height far below the tip and the payee refuses it. Only a node following
+        # btcd again reports a block mined after the rebuild, and LND's chain notifier learns
+        # of blocks it missed only when the next one arrives: a node that reconnects after a
+        # block waits for another, so one is mined while any node lags behind.
+        admins = [LndAdmin(node.name, node.settings()) for node in self.nodes.values()]
+        loop = asyncio.get_running_loop()
+        mined_at = -BLOCK_RENOTIFY_INTERVAL
 
-            async def at_tip(admin: LndAdmin = admin) -> bool | None:
+        async def all_at_tip() -> bool | None:
+            nonlocal mined_at
+            if loop.time() - mined_at >= BLOCK_RENOTIFY_INTERVAL:
+                await self.mine(1)
+                mined_at = loop.time()
+            tip = await self.block_height()
+            for admin in admins:
                 info = await admin.synced_info()
-                return True if info is not None and info.block_height == tip else None
+                if info is None or info.block_height != tip:
+                    return None
+            return True
 
-            try:
-                await until(f"{node.name} to sync to block {tip}", at_tip, START_TIMEOUT, [btcd])
-            finally:
+        try:
+            await until("the nodes to follow btcd", all_at_tip, START_TIMEOUT, [btcd])
+        finally:
+            for admin in admins:
                 await admin.connection.close()
 
     def describe(self) -> str:
