@@ -209,6 +209,7 @@ def _serve_worker(
         header_timeout=server.header_timeout,
         idle_timeout=server.idle_timeout,
         send_timeout=server.send_timeout,
+        min_send_rate=server.min_send_rate,
         max_connections=max_connections,
         max_connections_per_client=per_client,
         ipv6_prefix=ipv6_prefix,

@@ -126,7 +126,9 @@ class ServerConfig:
     # What one client can hold (gateway/web/server.py, gateway/web/proxy.py):
     header_timeout: float = 10.0  # seconds a request's headers may take from their first byte
     idle_timeout: float = 15.0  # seconds a connection may wait for its next request
-    send_timeout: float = 30.0  # seconds a client may read nothing of a response under way
+    # Seconds a client may read less than min_send_rate bytes a second of a response under way.
+    send_timeout: float = 30.0
+    min_send_rate: int = 1024
     # A request body must arrive within body_timeout seconds plus one second per
     # min_body_rate bytes; a slower one gets 408.
     body_timeout: float = 30.0
@@ -150,6 +152,8 @@ class ServerConfig:
             require(positive(seconds), key, "a positive number of seconds", seconds)
         rate = self.min_body_rate
         require(rate >= 1, "min_body_rate", ">= 1 (bytes a second)", rate)
+        rate = self.min_send_rate
+        require(rate >= 1, "min_send_rate", ">= 1 (bytes a second)", rate)
         connections = self.max_connections
         require(connections >= 0, "max_connections", ">= 0 (0: from ulimit -n)", connections)
         for key in ("max_connections_per_client", "unpaid_requests_per_client"):

@@ -6,7 +6,9 @@ client may hold (``gateway.web.server`` accepts them):
   response until the next request's headers are complete;
 - ``send_timeout``: a response the client reads nothing more of for that long (the socket's
   buffers full, the transport's too) closes the connection: a client that stops reading
-  would otherwise hold it, and the upstream connection and unpaid slot behind it, forever;
+  would otherwise hold it, and the upstream connection and unpaid slot behind it, forever.
+  Nor may it take less than ``min_send_rate`` bytes a second over that time (a trickle).
+  A connection closed with bytes still unsent gets the same time to take them;
 - ``max_connections``: at the cap, a new connection closes the one idle the longest (a
   slowloris or an idle keep-alive client), or gets a 503 when every one has a request under
   way;
@@ -23,6 +25,8 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import socket
+import struct
 import sys
 import termios
 import time
@@ -45,6 +49,7 @@ ACCEPT_HEADROOM = 64
 REPORT_INTERVAL = 60.0  # seconds between two log lines about the same trouble (with a count)
 # SIOCOUTQ, the same request as TIOCOUTQ on Linux; elsewhere the ioctl fails on a socket.
 _SEND_QUEUE: int | None = getattr(termios, "TIOCOUTQ", None)
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s
 _BUSY_TEXT = b"too many connections: retry\n"
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\n"
@@ -59,6 +64,7 @@ class ServerLimits:
     header_timeout: float = 10.0
     idle_timeout: float = 15.0
     send_timeout: float = 30.0
+    min_send_rate: int = 1024
     max_connections: int = 1000
     max_connections_per_client: int = 0  # 0: no cap (behind a proxy every peer is the proxy)
     ipv6_prefix: int = 64
@@ -115,19 +121,43 @@ class Connection(web.RequestHandler):
         # when it was set: moved on when the client has read some since.
         self._send_timer: asyncio.TimerHandle | None = None
         self._send_buffered = 0
+        # aiohttp lets go of the transport when it closes it, before it is closed.
+        self._socket: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.made = True
+        if isinstance(transport, asyncio.Transport):
+            self._socket = transport
         super().connection_made(transport)
+        if self._task_handler is not None:  # it closes the transport when it ends
+            self._task_handler.add_done_callback(lambda _task: self._watch_closing())
         self._connections.admit(self, transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._socket = None
         self._stop_header_timer()
         self._stop_send_timer()
         self._connections.release(self)
         if self.made:  # else the server's acceptor counts it closed
             self._connections.socket_closed()  # asyncio closes it right after this returns
         super().connection_lost(exc)
+
+    def force_close(self) -> None:
+        super().force_close()
+        self._watch_closing()
+
+    def _watch_closing(self) -> None:
+        # asyncio closes a transport only once its buffer is sent, and writing is paused only
+        # above 64 KiB: a client that reads nothing would hold a closed connection with less
+        # than that unsent forever.
+        transport = self._socket
+        if (
+            self._send_timer is None
+            and transport is not None
+            and transport.is_closing()
+            and transport.get_write_buffer_size()
+        ):
+            self._watch_send()
 
     def idle(self) -> bool:
         """No request under way: none parsed yet, or aiohttp waits for the next one's headers
@@ -169,7 +199,7 @@ class Connection(web.RequestHandler):
             self._watch_send()
 
     def _watch_send(self) -> None:
-        transport = self.transport
+        transport = self._socket
         self._send_buffered = _unsent(transport) if transport is not None else 0
         self._send_timer = self._event_loop.call_later(
             self._connections.limits.send_timeout, self._send_due
@@ -186,13 +216,18 @@ class Connection(web.RequestHandler):
 
     def _send_due(self) -> None:
         self._send_timer = None
-        transport = self.transport
+        transport = self._socket
         if transport is None:
             return
-        if _unsent(transport) < self._send_buffered:  # the client read some
+        limits = self._connections.limits
+        if self._send_buffered - _unsent(transport) >= limits.min_send_rate * limits.send_timeout:
             self._watch_send()
             return
         self._connections.send_stalled()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a reset: the system would otherwise go on sending its queue
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
         transport.abort()  # a close would wait for the buffer the client does not read
 
     def finish_response(
@@ -294,7 +329,7 @@ class Connections:
     def send_stalled(self) -> None:
         _report_closed(
             self._stalled,
-            "whose client read nothing of its response for %gs",
+            "whose client read too little of its response (less than min_send_rate) for %gs",
             self.limits.send_timeout,
         )
 

@@ -47,6 +47,7 @@ class App:
         self.app.router.add_get("/hello", self.hello)
         self.app.router.add_get("/wait", self.wait)
         self.app.router.add_post("/upload", self.upload)
+        self.app.router.add_get("/fill", self.fill)
 
     async def hello(self, _request: web.Request) -> web.Response:
         return web.Response(text="hello")
@@ -57,6 +58,23 @@ class App:
 
     async def upload(self, request: web.Request) -> web.Response:
         return web.Response(text=str(len(await request.read())))
+
+    async def fill(self, request: web.Request) -> web.StreamResponse:
+        """Writes until the socket takes no more, then a little (well under the 64 KiB that
+        pause writing) left in the transport's buffer, and closes the connection."""
+        transport = request.transport
+        assert transport is not None
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        response = web.StreamResponse()
+        response.force_close()
+        await response.prepare(request)
+        for _ in range(1000):
+            await response.write(b"x" * 1024)
+            if transport.get_write_buffer_size():
+                break
+        await response.write(b"x" * 8192)
+        assert 0 < transport.get_write_buffer_size() < 1 << 16
+        return response
 
 
 class Clients:
@@ -394,6 +412,27 @@ async def test_a_client_that_stops_reading_is_cut_after_send_timeout() -> None:
             stalled.close()
 
 
+async def test_a_connection_closed_with_bytes_unsent_is_cut_after_send_timeout() -> None:
+    async with server(SEND_LIMITS) as (_app, clients):
+        sock = await _reader_socket(clients.port, b"GET /fill HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            # Closed once the response is written, with its end still in the buffer: without
+            # the timer it waits for this client, which reads nothing, forever.
+            await asyncio.sleep(4 * SEND_LIMITS.send_timeout)
+            loop = asyncio.get_running_loop()
+            received = b""
+            with contextlib.suppress(ConnectionResetError):
+                async with asyncio.timeout(CLOSE_WITHIN):
+                    while chunk := await loop.sock_recv(sock, 1 << 16):
+                        received += chunk
+        finally:
+            sock.close()
+        # What the socket had taken arrives; what the gateway still held is dropped, the
+        # chunked body's end with it.
+        assert received.startswith(b"HTTP/1.1 200")
+        assert not received.endswith(b"\r\n0\r\n\r\n")
+
+
 async def test_a_client_that_reads_slowly_gets_the_whole_response() -> None:
     async with proxy_to_large_responses(SEND_LIMITS) as port:
         # About 1 MB/s: the socket's send queue (megabytes) has room again for the gateway's
@@ -411,6 +450,24 @@ async def test_a_client_that_reads_slowly_gets_the_whole_response() -> None:
         finally:
             sock.close()
         assert data.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_client_that_reads_a_trickle_is_cut_below_min_send_rate() -> None:
+    # 20 KB/s against a floor of 200 KB/s: without the floor this client would keep its
+    # connection for the 400 s the response takes it.
+    async with proxy_to_large_responses(replace(SEND_LIMITS, min_send_rate=200_000)) as port:
+        sock = await _reader_socket(port, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        loop = asyncio.get_running_loop()
+        received = 0
+        try:
+            with contextlib.suppress(ConnectionResetError):
+                async with asyncio.timeout(CLOSE_WITHIN):
+                    while chunk := await loop.sock_recv(sock, 1024):
+                        received += len(chunk)
+                        await asyncio.sleep(0.05)
+        finally:
+            sock.close()
+        assert received < BIG
 
 
 async def test_a_compressed_body_is_forwarded_as_sent() -> None:

@@ -18,6 +18,7 @@ def test_defaults() -> None:
     server = ServerConfig()
     assert (server.header_timeout, server.idle_timeout, server.body_timeout) == (10, 15, 30)
     assert server.min_body_rate == 8192
+    assert (server.send_timeout, server.min_send_rate) == (30, 1024)
     assert (server.max_connections, server.max_connections_per_client) == (0, 64)
     assert server.unpaid_requests_per_client == 16
     assert (server.upstream_connections, server.paid_upstream_connections) == (100, 100)
@@ -45,6 +46,8 @@ def test_from_the_file_and_the_environment(tmp_path: Path) -> None:
         ("idle_timeout", "-1", "idle_timeout must be a positive number of seconds"),
         ("body_timeout", "nan", "body_timeout must be a positive number of seconds"),
         ("min_body_rate", "0", "min_body_rate must be >= 1"),
+        ("send_timeout", "0", "send_timeout must be a positive number of seconds"),
+        ("min_send_rate", "0", "min_send_rate must be >= 1"),
         ("max_connections", "-1", "max_connections must be >= 0 (0: from ulimit -n)"),
         ("max_connections_per_client", "-1", "max_connections_per_client must be >= 0"),
         ("unpaid_requests_per_client", "-2", "unpaid_requests_per_client must be >= 0"),
