@@ -11,8 +11,9 @@ frameworks answer with the GET handler.
 may resolve differently from the rules (a backslash, ``;`` parameters, ``%`` left after
 decoding, control characters, a non-NFKC form, dot segments) is refused; of the readings a
 backend may take (the other letter case, with or without a trailing slash, without the last
-segment's extension, a method override), the strictest decides: any priced reading prices the
-request, and two different priced readings are refused. ``Pricing.body_may_reprice`` tells an
+segment's extension, what follows a script's name, a method override), the strictest
+decides: any priced reading prices the request, and two different priced readings are
+refused. ``Pricing.body_may_reprice`` tells an
 adapter when a POST's body must be read for an override (``_method``) before the request can
 be priced.
 """
@@ -44,6 +45,10 @@ OVERRIDE_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # Request lines whose body's repricing is remembered (it costs a resolve per method).
 _REPRICE_CACHE = 4096
 _REPRICE_PATH_LIMIT = 512
+# A segment naming a script a web server runs with the rest of the path as its PATH_INFO.
+_SCRIPT_SEGMENT = re.compile(
+    r"/[^/]*\.(?:php\d?|phtml|phar|cgi|fcgi|pl|asp|aspx|ashx|asmx|dll|exe)(?=/)", re.IGNORECASE
+)
 
 
 class PathCase(enum.Enum):
@@ -64,6 +69,15 @@ class TrailingSlash(enum.Enum):
 class Extension(enum.Enum):
     """Whether the backend tells ``/a`` and ``/a.json`` apart (Rails' ``(.:format)`` and
     Spring's suffix patterns route both to ``/a``)."""
+
+    ANY = "any"  # unknown: price the strictest of both readings
+    SIGNIFICANT = "significant"
+
+
+class ScriptPrefix(enum.Enum):
+    """Whether the backend routes ``/index.php/a`` as ``/a``: a web server hands a path
+    through a script (PHP, CGI, ASP.NET) on to it, and a front controller (Laravel,
+    Symfony, CodeIgniter) routes by what follows the script's name."""
 
     ANY = "any"  # unknown: price the strictest of both readings
     SIGNIFICANT = "significant"
@@ -239,6 +253,7 @@ class Pricing:
         unmatched: Unmatched = Unmatched.FREE,
         body_method: BodyMethod = BodyMethod.ANY,
         extension: Extension = Extension.ANY,
+        script_prefix: ScriptPrefix = ScriptPrefix.ANY,
     ) -> None:
         self.rules = tuple(rules)
         self.unmatched = unmatched
@@ -255,6 +270,7 @@ class Pricing:
         }[case]
         self._slash_readings = trailing_slash is TrailingSlash.ANY
         self._extension_readings = extension is Extension.ANY
+        self._script_readings = script_prefix is ScriptPrefix.ANY
 
     @property
     def bills_credit(self) -> bool:
@@ -301,6 +317,8 @@ class Pricing:
 
     def _path_readings(self, path: str) -> tuple[str, ...]:
         readings = [path]
+        if self._script_readings and "." in path:
+            readings += [path[match.end() :] for match in _SCRIPT_SEGMENT.finditer(path)]
         if self._slash_readings and path != "/":
             readings.append(_other_slash(path))
         if self._extension_readings:

@@ -79,6 +79,7 @@ from gateway.pricing import (
     PriceFunction,
     Pricing,
     Rule,
+    ScriptPrefix,
     TrailingSlash,
     Unmatched,
 )
@@ -190,6 +191,7 @@ def build_pricing(config: Config) -> Pricing:
         unmatched=Unmatched(config.paths.unmatched),
         body_method=BodyMethod(config.paths.body_method),
         extension=Extension(config.paths.extension),
+        script_prefix=ScriptPrefix(config.paths.script_prefix),
     )
 
 

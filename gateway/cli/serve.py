@@ -182,6 +182,7 @@ def _serve_worker(
         body_timeout=server.body_timeout,
         min_body_rate=server.min_body_rate,
         unpaid_requests_per_client=server.unpaid_requests_per_client,
+        requests_per_token=server.requests_per_token,
         upstream_connections=server.upstream_connections,
         paid_upstream_connections=server.paid_upstream_connections,
         ipv6_prefix=ipv6_prefix,

@@ -138,6 +138,7 @@ class ServerConfig:
     # connection comes from the proxy in front.
     max_connections_per_client: int = 64
     unpaid_requests_per_client: int = 16  # forwarded at once without a paid token; then 429
+    requests_per_token: int = 16  # forwarded at once with one paid token (0: no cap); then 429
     upstream_connections: int = 100  # upstream connections of requests without a paid token
     paid_upstream_connections: int = 100  # ones of their own for requests with one
     access_log: bool = False  # a line per request (gateway.web.access_log)
@@ -156,7 +157,11 @@ class ServerConfig:
         require(rate >= 1, "min_send_rate", ">= 1 (bytes a second)", rate)
         connections = self.max_connections
         require(connections >= 0, "max_connections", ">= 0 (0: from ulimit -n)", connections)
-        for key in ("max_connections_per_client", "unpaid_requests_per_client"):
+        for key in (
+            "max_connections_per_client",
+            "unpaid_requests_per_client",
+            "requests_per_token",
+        ):
             require(getattr(self, key) >= 0, key, ">= 0 (0: no cap)", getattr(self, key))
         for key in ("upstream_connections", "paid_upstream_connections"):
             require(getattr(self, key) >= 1, key, ">= 1", getattr(self, key))
@@ -299,6 +304,7 @@ class PathsConfig:
     case: str = "any"  # any (unknown: strictest reading), sensitive, insensitive
     trailing_slash: str = "any"  # any (unknown: strictest reading), significant
     extension: str = "any"  # any (unknown: /a.json also read as /a), significant
+    script_prefix: str = "any"  # any (unknown: /index.php/a also read as /a), significant
     unmatched: str = "free"  # a path no route matches: free (passed on), deny (404)
     # any (unknown: a POST body's _method is read where it could change the price), ignored
     body_method: str = "any"
@@ -309,7 +315,7 @@ class PathsConfig:
         require(self.body_method in bodies, "body_method", "any or ignored", self.body_method)
         cases = ("any", "sensitive", "insensitive")
         require(self.case in cases, "case", " or ".join(cases), self.case)
-        for key in ("trailing_slash", "extension"):
+        for key in ("trailing_slash", "extension", "script_prefix"):
             value = getattr(self, key)
             require(value in ("any", "significant"), key, "any or significant", value)
 

@@ -4,6 +4,9 @@ Rails, Laravel, Symfony and Express's method-override read ``X-HTTP-Method-Overr
 ``X-HTTP-Method``, ``X-Method-Override``) or a ``_method`` query parameter and route a POST
 as, say, a GET. The core prices such a request by every method it could be read as.
 
+A value counts as the method it names once upper-cased by Unicode's rules and NFKC folded,
+as Ruby and JavaScript may read it (``l\u0131nk``, with a dotless i, names ``LINK``).
+
 PHP (Laravel, Symfony) names a query parameter's variable after its key cut at a NUL, with
 leading spaces dropped and a space, ``.`` or ``[`` made ``_``: ``?.method=GET`` and
 ``?_method%00x=GET`` are its ``_method``.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable
 from urllib.parse import parse_qsl, unquote_to_bytes
 
@@ -36,7 +40,15 @@ def method_overrides(header_values: Iterable[str], query: str) -> tuple[str, ...
         values += [
             value for key, value in parse_qsl(query, keep_blank_values=True) if _names_method(key)
         ]
-    return tuple(dict.fromkeys(m.strip().upper() for m in values if _METHOD.fullmatch(m.strip())))
+    return tuple(dict.fromkeys(name for m in values if (name := _method_named(m)) is not None))
+
+
+def _method_named(value: str) -> str | None:
+    """The method ``value`` names, as a backend may read it: Ruby and JavaScript upper-case
+    by Unicode's rules (a dotless i is ``I``), and compatibility forms fold (the Kelvin sign
+    is ``K``)."""
+    name = unicodedata.normalize("NFKC", value.strip()).upper()
+    return name if _METHOD.fullmatch(name) else None
 
 
 def _names_method(key: str) -> bool:
@@ -79,7 +91,9 @@ def body_method_overrides(
     form, json_, multipart = _readings(content_type)
     named: list[str] = []
     if form:
-        named += method_overrides((), body.decode("latin-1"))
+        # As bytes (PHP) and as UTF-8 text (Rack, Express).
+        for text in dict.fromkeys((body.decode("latin-1"), body.decode("utf-8", "replace"))):
+            named += method_overrides((), text)
     if json_:
         try:
             document = json.loads(body)

@@ -25,12 +25,11 @@ with the credential gets the stored answer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -70,6 +69,7 @@ HOP_BY_HOP = frozenset(
         "trailer",
         "transfer-encoding",
         "upgrade",
+        "http2-settings",  # of an h2c upgrade, which the upstream does not get
     }
 )
 CHUNK = 64 * 1024
@@ -105,11 +105,7 @@ def end_to_end_headers(
     unless ``keep_underscored``. (Every request and response passes here: ``drop`` is built
     once by the caller.)"""
     if hdrs.CONNECTION in headers:
-        named = {
-            name.strip().lower()
-            for value in headers.getall(hdrs.CONNECTION)
-            for name in value.split(",")
-        }
+        named = _connection_names(headers)
         # The body's framing is read from it: taken out, the body would follow the head
         # unframed, where the upstream reads it as the next request.
         named.discard("content-length")
@@ -117,6 +113,15 @@ def end_to_end_headers(
     if keep_underscored:
         return [(k, v) for k, v in headers.items() if k.lower() not in drop]
     return [(k, v) for k, v in headers.items() if "_" not in k and k.lower() not in drop]
+
+
+def _connection_names(headers: CIMultiDictProxy[str]) -> set[str]:
+    """The header names (lower case) the ``Connection`` header names."""
+    return {
+        name.strip().lower()
+        for value in headers.getall(hdrs.CONNECTION)
+        for name in value.split(",")
+    }
 
 
 def _without_l402_cookies(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -135,6 +140,8 @@ def _without_l402_cookies(headers: list[tuple[str, str]]) -> list[tuple[str, str
 _ENCODED_SEPARATOR = re.compile("%(?:2f|5c)", re.IGNORECASE)
 
 
+# How the body is read for a method override (gateway.web.method_override).
+_BODY_READING = frozenset({"content-type", "content-encoding"})
 _ENCODED_SEPARATOR_REFUSAL = "path must not contain an encoded '/' or '\\'"
 
 
@@ -216,7 +223,7 @@ class _Progress:
 
 
 class _PerClient:
-    """Requests under way per client, at most ``cap`` each (0: no cap)."""
+    """Requests under way per client (or token), at most ``cap`` each (0: no cap)."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
@@ -225,17 +232,29 @@ class _PerClient:
     def full(self, client: str) -> bool:
         return bool(self.cap) and self._counts.get(client, 0) >= self.cap
 
-    @contextlib.contextmanager
-    def hold(self, client: str) -> Iterator[None]:
-        self._counts[client] = self._counts.get(client, 0) + 1
-        try:
-            yield
-        finally:
-            left = self._counts[client] - 1
-            if left:
-                self._counts[client] = left
-            else:
-                del self._counts[client]
+    def hold(self, client: str) -> _Held:
+        """One request of ``client`` under way while the returned context is entered."""
+        return _Held(self._counts, client)
+
+
+class _Held:
+    """A class rather than a generator context manager: entered on every paid request."""
+
+    __slots__ = ("_client", "_counts")
+
+    def __init__(self, counts: dict[str, int], client: str) -> None:
+        self._counts = counts
+        self._client = client
+
+    def __enter__(self) -> None:
+        self._counts[self._client] = self._counts.get(self._client, 0) + 1
+
+    def __exit__(self, *_exc: object) -> None:
+        left = self._counts[self._client] - 1
+        if left:
+            self._counts[self._client] = left
+        else:
+            del self._counts[self._client]
 
 
 # Set once 100 Continue went out: the stored-request loader sends it before the route's
@@ -243,11 +262,21 @@ class _PerClient:
 _CONTINUED = web.RequestKey("l402_continued", bool)
 
 
-def _ambiguous_path(request: web.Request) -> web.Response | None:
-    """400 for an encoded separator in the path (a backend may read it as one), before any
-    pricing."""
+def _ambiguous_request(request: web.Request) -> web.Response | None:
+    """400, before any pricing, for an encoded separator in the path (a backend may read it
+    as one), or a ``Connection`` naming the ``Content-Type`` or ``Content-Encoding`` the
+    request carries: the body's method override is read by them here, and the upstream,
+    not getting them, would read the body otherwise (a POST without a ``Content-Type`` is a
+    form to Rack, its ``_method`` routes it)."""
     if _ENCODED_SEPARATOR.search(request.rel_url.raw_path):
         return _problem(400, "Bad Request", _ENCODED_SEPARATOR_REFUSAL)
+    headers = request.headers
+    if hdrs.CONNECTION in headers:
+        named = _connection_names(headers) & _BODY_READING
+        carried = sorted(name for name in named if name in headers)
+        if carried:
+            detail = f"Connection names {', '.join(carried)}: the upstream must get it"
+            return _problem(400, "Bad Request", detail)
     return None
 
 
@@ -295,6 +324,7 @@ def build_proxy(
     body_timeout: float = 30.0,
     min_body_rate: int = 8192,
     unpaid_requests_per_client: int = 16,
+    requests_per_token: int = 16,
     upstream_connections: int = 100,
     paid_upstream_connections: int = 100,
     ipv6_prefix: int = 64,
@@ -306,8 +336,9 @@ def build_proxy(
 ) -> web.Application:
     """An aiohttp application that prices requests and forwards them to ``upstream``.
 
-    Requests with a verified paid token use ``paid_upstream_connections`` of their own;
-    the rest share ``upstream_connections`` (each that many kept-alive connections for GETs
+    Requests with a verified paid token use ``paid_upstream_connections`` of their own, at
+    most ``requests_per_token`` with one token at once (0: no cap), more get 429; the rest
+    share ``upstream_connections`` (each that many kept-alive connections for GETs
     without a body, that many again for other requests, one each), at most
     ``unpaid_requests_per_client`` per client (an IPv6 client per ``ipv6_prefix``) at once
     (a pay-on-success challenge reading the body is one), more get 429. A body slower than
@@ -354,6 +385,9 @@ def build_proxy(
 
     unpaid = _PerClient(unpaid_requests_per_client)
     too_many_detail = f"{unpaid.cap} requests without a paid token are under way"
+    # One token cannot hold every upstream connection of the paying clients (slow uploads).
+    per_token = _PerClient(requests_per_token)
+    too_many_per_token_detail = f"{per_token.cap} requests with this token are under way"
 
     def unpaid_client(request: web.Request) -> str:
         forwarded_for = ",".join(request.headers.getall(hdrs.X_FORWARDED_FOR, ()))
@@ -436,7 +470,7 @@ def build_proxy(
         trust_forwarded_for=trust_forwarded_for,
         stored_request=stored_request,
         health=health,
-        refuse=_ambiguous_path,
+        refuse=_ambiguous_request,
     )
     app.cleanup_ctx.append(upstream_pools)
 
@@ -538,15 +572,20 @@ def build_proxy(
     def too_slow() -> web.Response:
         return _closing(_problem(408, "Request Timeout", too_slow_detail))
 
-    def too_many() -> web.Response:
-        response = _problem(429, "Too Many Requests", too_many_detail)
+    def too_many(detail: str = too_many_detail) -> web.Response:
+        response = _problem(429, "Too Many Requests", detail)
         response.headers[hdrs.RETRY_AFTER] = "1"
         return response
 
     async def forward(request: web.Request) -> web.StreamResponse:
-        if request.get(TOKEN) is not None:
-            app = request.app
-            response = await send(request, app[_PAID_POOLS])
+        token = request.get(TOKEN)
+        if token is not None:
+            response: web.StreamResponse
+            if per_token.full(token.token_id):
+                response = too_many(too_many_per_token_detail)
+            else:
+                with per_token.hold(token.token_id):
+                    response = await send(request, request.app[_PAID_POOLS])
             if charge_open(request):  # the answer is the gateway's own, the upstream gave none
                 await settle_charge(request, None, response.headers)
             return response
@@ -561,8 +600,12 @@ def build_proxy(
         # change comes before 100 Continue, or the client uploads the body for nothing.
         if request.content_length is not None and request.content_length > max_body_bytes:
             return _closing(_problem(413, "Content Too Large", f"body over {max_body_bytes} bytes"))
-        if request.get(TOKEN) is None and unpaid.full(unpaid_client(request)):
-            return _closing(too_many())
+        token = request.get(TOKEN)
+        if token is None:
+            if unpaid.full(unpaid_client(request)):
+                return _closing(too_many())
+        elif per_token.full(token.token_id):
+            return _closing(too_many(too_many_per_token_detail))
         return await _continue(request)
 
     app.router.add_route("*", "/{tail:.*}", forward, expect_handler=expect)

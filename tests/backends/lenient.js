@@ -1,7 +1,8 @@
 // A deliberately lenient HTTP backend: it serves its premium content to a request that any
 // of several popular stacks would route to /api/premium/ (Node's WHATWG URL parser reads '\'
 // as '/', Express matches case-insensitively and ignores a trailing slash, Tomcat/Spring drop
-// ';' path parameters, Rails and Spring route /a.json as /a, some stacks decode twice,
+// ';' path parameters, Rails and Spring route /a.json as /a, PHP front controllers route
+// /index.php/a as /a, some stacks decode twice,
 // Rails/Express/Laravel honour method overrides in headers, the query and a POST's body
 // (PHP's names: cut at a NUL, leading spaces dropped, ' ', '.' and '[' read as '_'), Zend
 // Framework 1 routes by X-Original-URL or X-Rewrite-URL).
@@ -22,6 +23,7 @@ function readings(target) {
     seen.add(path.replace(/\/+$/, "") + "/");
     seen.add(path.replace(/\.[^/.]*$/, "") + "/"); // Rails' (.:format)
     seen.add(path.replace(/\.[^/]*$/, "") + "/"); // Spring's suffix patterns
+    seen.add(path.replace(/^.*?\.php(?=\/)/i, "")); // a PHP front controller's PATH_INFO
     try {
       path = new URL(decodeURIComponent(path), "http://backend").pathname;
     } catch (error) {

@@ -14,6 +14,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.examples import demo_api
+from gateway.ports import Msat
+from gateway.pricing import Rule
 from gateway.web.proxy import build_proxy
 from tests.fakes import FakeGateway
 from tests.integration.test_proxy import PROBLEM_JSON, RULES, Client
@@ -36,10 +38,16 @@ class Backend:
         return web.json_response({"bytes": len(await request.read())})
 
 
+# /hold priced: a paid slow upload.
+PAID_HOLD = Rule("/hold", price_msat=Msat(1), service="hold")
+
+
 @contextlib.asynccontextmanager
-async def proxy(**options: Any) -> AsyncIterator[tuple[Client, FakeGateway, Backend]]:
+async def proxy(
+    rules: tuple[Rule, ...] = RULES, **options: Any
+) -> AsyncIterator[tuple[Client, FakeGateway, Backend]]:
     backend = Backend()
-    gateway = FakeGateway(RULES)
+    gateway = FakeGateway(rules)
     async with TestServer(backend.app) as upstream:
         app = build_proxy(str(upstream.make_url("")), gateway, **options)
         async with Client(TestServer(app)) as client:
@@ -150,6 +158,34 @@ async def test_one_clients_unpaid_requests_at_once_are_capped() -> None:
         status, _head = await status_and_head(first[0])
         assert status == 200
         assert (await client.get("/health")).status == 200
+
+
+async def test_one_tokens_requests_at_once_are_capped() -> None:
+    async with proxy((*RULES, PAID_HOLD), requests_per_token=2) as (client, gateway, backend):
+        response = await client.post("/hold")
+        assert response.status == 402
+        authorization = gateway.pay(await response.json(content_type=PROBLEM_JSON))
+        paid = f"Authorization: {authorization}\r\n"
+        async with slow_upload(client, paid) as first, slow_upload(client, paid):
+            for _ in range(2):
+                await asyncio.wait_for(backend.arrived.get(), 5)
+            refused = await client.post(
+                "/hold", data=b"x", headers={"Authorization": authorization}
+            )
+            assert refused.status == 429
+            assert refused.headers["Retry-After"] == "1"
+            problem = await refused.json(content_type=PROBLEM_JSON)
+            assert problem["detail"] == "2 requests with this token are under way"
+            # Another token's requests, and unpaid ones, go on.
+            await paid_fortune(client, gateway)
+            assert (await client.get("/health")).status == 200
+            first[1].write(b"z" * 995)
+            status, _head = await status_and_head(first[0])
+            assert status == 200
+            response = await client.post(
+                "/hold", data=b"x", headers={"Authorization": authorization}
+            )
+            assert response.status == 200
 
 
 async def test_forwarded_body_is_whole_with_the_limits_on() -> None:

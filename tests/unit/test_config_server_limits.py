@@ -20,7 +20,7 @@ def test_defaults() -> None:
     assert server.min_body_rate == 8192
     assert (server.send_timeout, server.min_send_rate) == (30, 1024)
     assert (server.max_connections, server.max_connections_per_client) == (0, 64)
-    assert server.unpaid_requests_per_client == 16
+    assert (server.unpaid_requests_per_client, server.requests_per_token) == (16, 16)
     assert (server.upstream_connections, server.paid_upstream_connections) == (100, 100)
     assert (server.access_log, server.event_loop) == (False, "auto")
 
@@ -51,6 +51,7 @@ def test_from_the_file_and_the_environment(tmp_path: Path) -> None:
         ("max_connections", "-1", "max_connections must be >= 0 (0: from ulimit -n)"),
         ("max_connections_per_client", "-1", "max_connections_per_client must be >= 0"),
         ("unpaid_requests_per_client", "-2", "unpaid_requests_per_client must be >= 0"),
+        ("requests_per_token", "-1", "requests_per_token must be >= 0"),
         ("upstream_connections", "0", "upstream_connections must be >= 1"),
         ("paid_upstream_connections", "0", "paid_upstream_connections must be >= 1"),
         ("event_loop", "trio", "event_loop must be auto or asyncio or uvloop, got 'trio'"),

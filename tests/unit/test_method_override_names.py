@@ -3,6 +3,8 @@ a POST's body (``body_method_overrides``), and where a body is read for one."""
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
 
 from gateway.ports import Msat
@@ -46,6 +48,22 @@ def test_a_query_parameter_any_backend_reads_as_method_names_one(query: str) -> 
 )
 def test_other_parameters_name_none(query: str) -> None:
     assert method_overrides((), query) == ()
+
+
+@pytest.mark.parametrize(
+    ("spelled", "named"),
+    [
+        ("l\u0131nk", "LINK"),  # dotless i: Ruby's and JavaScript's upcase make it I
+        ("LOC\u212a", "LOCK"),  # the Kelvin sign folds to K
+        ("option\u017f", "OPTIONS"),  # long s
+        ("\uff47\uff45\uff54", "GET"),  # fullwidth letters
+    ],
+)
+def test_a_value_that_upper_cases_to_a_method_names_it(spelled: str, named: str) -> None:
+    assert method_overrides((spelled,), "") == (named,)
+    assert method_overrides((), "_method=" + quote(spelled)) == (named,)
+    form = b"_method=" + spelled.encode()  # unescaped UTF-8, as Rack and Express read it
+    assert body_method_overrides("", form) == (named,)
 
 
 def test_headers_and_query_together_name_each_method_once() -> None:

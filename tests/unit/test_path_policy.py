@@ -14,6 +14,7 @@ from gateway.pricing import (
     Pricing,
     Refused,
     Rule,
+    ScriptPrefix,
     TrailingSlash,
     path_refusal,
 )
@@ -81,6 +82,19 @@ def test_a_path_with_an_extension_is_also_priced_without_it_by_default() -> None
     assert pricing.resolve("GET", "/docs/other.json") is None
     significant = Pricing(RULES, extension=Extension.SIGNIFICANT)
     assert significant.resolve("GET", "/docs/index.json") is None
+    assert significant.resolve("GET", "/docs/index") is EXACT
+
+
+def test_what_follows_a_scripts_name_is_also_priced_by_default() -> None:
+    pricing = Pricing(RULES)
+    assert pricing.resolve("GET", "/index.php/docs/index") is EXACT  # a front controller
+    assert pricing.resolve("GET", "/app/INDEX.PHP/api/premium/x") is PREMIUM
+    assert pricing.resolve("GET", "/cgi-bin/run.cgi/api/premium/x") is PREMIUM
+    assert pricing.resolve("GET", "/a.php/b.aspx/docs/index.json") is EXACT
+    assert pricing.resolve("GET", "/index.php") is None  # no path follows it
+    assert pricing.resolve("GET", "/files/v1.2/docs/index") is None  # not a script
+    significant = Pricing(RULES, script_prefix=ScriptPrefix.SIGNIFICANT)
+    assert significant.resolve("GET", "/index.php/docs/index") is None
     assert significant.resolve("GET", "/docs/index") is EXACT
 
 

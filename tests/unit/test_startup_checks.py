@@ -131,14 +131,17 @@ def test_paths_unmatched_is_read_from_the_config(tmp_path: Path) -> None:
         load_text(tmp_path, '[paths]\nunmatched = "drop"')
 
 
-def test_paths_extension_is_read_from_the_config(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("key", "reading"), [("extension", "/api/x.json"), ("script_prefix", "/index.php/api/x")]
+)
+def test_paths_readings_are_read_from_the_config(tmp_path: Path, key: str, reading: str) -> None:
     route = '[[routes]]\npattern = "/api/x"\nprice_msat = 1000\n'
     config = load_text(tmp_path, route)
-    assert runtime.build_pricing(config).resolve("GET", "/api/x.json") is not None
-    config = load_text(tmp_path, '[paths]\nextension = "significant"\n' + route)
-    assert runtime.build_pricing(config).resolve("GET", "/api/x.json") is None
-    with pytest.raises(errors.ConfigError, match="extension must be any or significant"):
-        load_text(tmp_path, '[paths]\nextension = "ignored"')
+    assert runtime.build_pricing(config).resolve("GET", reading) is not None
+    config = load_text(tmp_path, f'[paths]\n{key} = "significant"\n' + route)
+    assert runtime.build_pricing(config).resolve("GET", reading) is None
+    with pytest.raises(errors.ConfigError, match=f"{key} must be any or significant"):
+        load_text(tmp_path, f'[paths]\n{key} = "ignored"')
 
 
 def test_paths_body_method_is_read_from_the_config(tmp_path: Path) -> None:
