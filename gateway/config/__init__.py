@@ -138,7 +138,7 @@ class ServerConfig:
     # connection comes from the proxy in front.
     max_connections_per_client: int = 64
     unpaid_requests_per_client: int = 16  # forwarded at once without a paid token; then 429
-    requests_per_token: int = 16  # forwarded at once with one paid token (0: no cap); then 429
+    requests_per_token: int = 64  # forwarded at once with one paid token (0: no cap); then 429
     upstream_connections: int = 100  # upstream connections of requests without a paid token
     paid_upstream_connections: int = 100  # ones of their own for requests with one
     access_log: bool = False  # a line per request (gateway.web.access_log)

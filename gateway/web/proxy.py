@@ -324,7 +324,7 @@ def build_proxy(
     body_timeout: float = 30.0,
     min_body_rate: int = 8192,
     unpaid_requests_per_client: int = 16,
-    requests_per_token: int = 16,
+    requests_per_token: int = 64,
     upstream_connections: int = 100,
     paid_upstream_connections: int = 100,
     ipv6_prefix: int = 64,

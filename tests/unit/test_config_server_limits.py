@@ -20,7 +20,7 @@ def test_defaults() -> None:
     assert server.min_body_rate == 8192
     assert (server.send_timeout, server.min_send_rate) == (30, 1024)
     assert (server.max_connections, server.max_connections_per_client) == (0, 64)
-    assert (server.unpaid_requests_per_client, server.requests_per_token) == (16, 16)
+    assert (server.unpaid_requests_per_client, server.requests_per_token) == (16, 64)
     assert (server.upstream_connections, server.paid_upstream_connections) == (100, 100)
     assert (server.access_log, server.event_loop) == (False, "auto")
 
