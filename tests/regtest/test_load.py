@@ -299,6 +299,7 @@ class Uploads:
         self.app.router.add_post(SLOW_PATH, self.upload)
         self.reading = 0
         self.most = 0
+        self.most_under_load = 0
 
     async def upload(self, request: web.Request) -> web.Response:
         self.reading += 1
@@ -393,7 +394,14 @@ async def test_slow_unpaid_bodies_do_not_delay_paying_clients(
                         paid_seconds.append(loop.time() - sent)
                         await asyncio.sleep(round_started + PURCHASE_INTERVAL - loop.time())
 
+            async def most_under_load() -> None:
+                # Once the clients hang up, the upstream sees the gateway's next connections
+                # before it has seen the previous ones closed: counted until then.
+                await asyncio.sleep(end - loop.time())
+                uploads.most_under_load = uploads.most
+
             async with asyncio.TaskGroup() as group:
+                group.create_task(most_under_load())
                 for index in range(scenario.unpaid):
                     group.create_task(slow_client(index))
                 # Once every slow client is connected and holding its upload.
@@ -408,12 +416,12 @@ async def test_slow_unpaid_bodies_do_not_delay_paying_clients(
             assert await asyncio.to_thread(process.wait, 30) == 0, log.read_text()
 
     print(  # the figures, shown with -s
-        f"\n{scenario}: slow uploads {dict(slow)}, {uploads.most} at once upstream; paid "
-        f"requests {len(paid_seconds)}, latency p50 {_percentile(paid_seconds, 50) * 1000:.0f} "
-        "ms, p99 "
+        f"\n{scenario}: slow uploads {dict(slow)}, {uploads.most_under_load} at once "
+        f"upstream; paid requests {len(paid_seconds)}, latency p50 "
+        f"{_percentile(paid_seconds, 50) * 1000:.0f} ms, p99 "
         f"{_percentile(paid_seconds, 99) * 1000:.0f} ms, max {max(paid_seconds) * 1000:.0f} ms"
     )
     assert slow["connections"] >= scenario.unpaid, slow
-    assert uploads.most == 100, uploads.most  # the unpaid pool, all taken
+    assert uploads.most_under_load == 100, uploads.most_under_load  # the unpaid pool, all taken
     assert len(paid_seconds) >= scenario.paying, paid_seconds
     assert max(paid_seconds) < PAID_LATENCY_LIMIT, paid_seconds
