@@ -13,9 +13,8 @@ decoding, control characters, a non-NFKC form, dot segments) is refused; of the 
 backend may take (the other letter case, with or without a trailing slash, without the last
 segment's extension, what follows a script's name, a method override), the strictest
 decides: any priced reading prices the request, and two different priced readings are
-refused. ``Pricing.body_may_reprice`` tells an
-adapter when a POST's body must be read for an override (``_method``) before the request can
-be priced.
+refused. ``Pricing.body_may_reprice`` tells an adapter when a POST's body must be read for an
+override (``_method``) before the request can be priced.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from gateway.service import client_key
 from gateway.web.connections import ACCEPT_HEADROOM, ServerLimits
 from gateway.web.proxy import build_proxy
 from gateway.web.server import RESERVED_FILES, connection_limit, listening
-from regtest.processes import free_ports, wait_for_http
+from regtest.processes import free_ports, until, wait_for_http
 from tests.fakes import FakeGateway
 from tests.integration.test_proxy import RULES
 from tests.regtest.gateway_helpers import allow_open_files
@@ -412,13 +412,27 @@ async def test_a_client_that_stops_reading_is_cut_after_send_timeout() -> None:
             stalled.close()
 
 
+_TCP_ESTABLISHED = 1  # tcpi_state, the first byte of Linux's TCP_INFO
+
+
+async def _until_reset(sock: socket.socket) -> None:
+    """Until the peer has reset ``sock``, nothing of it read (its TCP state leaves
+    ESTABLISHED)."""
+
+    async def reset() -> bool | None:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        return True if state != _TCP_ESTABLISHED else None
+
+    await until("the gateway to reset the connection", reset, CLOSE_WITHIN, [], interval=0.05)
+
+
 async def test_a_connection_closed_with_bytes_unsent_is_cut_after_send_timeout() -> None:
     async with server(SEND_LIMITS) as (_app, clients):
         sock = await _reader_socket(clients.port, b"GET /fill HTTP/1.1\r\nHost: x\r\n\r\n")
         try:
             # Closed once the response is written, with its end still in the buffer: without
             # the timer it waits for this client, which reads nothing, forever.
-            await asyncio.sleep(4 * SEND_LIMITS.send_timeout)
+            await _until_reset(sock)
             loop = asyncio.get_running_loop()
             received = b""
             with contextlib.suppress(ConnectionResetError):

@@ -299,7 +299,14 @@ class Uploads:
         self.app.router.add_post(SLOW_PATH, self.upload)
         self.reading = 0
         self.most = 0
-        self.most_under_load = 0
+        self.most_under_load: int | None = None
+
+    def hang_up(self) -> None:
+        """A slow client hangs up: from then on the upstream sees the gateway's next
+        connections before it has seen the previous ones closed, so ``most`` is kept as it
+        was under load until the first."""
+        if self.most_under_load is None:
+            self.most_under_load = self.most
 
     async def upload(self, request: web.Request) -> web.Response:
         self.reading += 1
@@ -375,6 +382,7 @@ async def test_slow_unpaid_bodies_do_not_delay_paying_clients(
                             slow[line.split(b" ")[1].decode() if line else "closed"] += 1
                             break
                     finally:
+                        uploads.hang_up()
                         writer.close()
 
             async def paying(index: int) -> None:
@@ -394,14 +402,7 @@ async def test_slow_unpaid_bodies_do_not_delay_paying_clients(
                         paid_seconds.append(loop.time() - sent)
                         await asyncio.sleep(round_started + PURCHASE_INTERVAL - loop.time())
 
-            async def most_under_load() -> None:
-                # Once the clients hang up, the upstream sees the gateway's next connections
-                # before it has seen the previous ones closed: counted until then.
-                await asyncio.sleep(end - loop.time())
-                uploads.most_under_load = uploads.most
-
             async with asyncio.TaskGroup() as group:
-                group.create_task(most_under_load())
                 for index in range(scenario.unpaid):
                     group.create_task(slow_client(index))
                 # Once every slow client is connected and holding its upload.
