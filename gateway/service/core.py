@@ -174,6 +174,44 @@ class L402Service:
             self._remember_credit_rule((request.authorization, request.method, request.path), rule)
         return spent
 
+    async def allowed_whatever_body(self, request: RequestInfo) -> Allow | None:
+        """The Allow for a POST whose body may name another method (``body_may_reprice``),
+        decided before its body is read: when every method the body could name leaves one
+        priced rule, and the request's credential is a valid token for it, no body changes
+        the answer. None otherwise (no such credential; a credit or pay-on-success rule,
+        which charge per reading; readings priced apart): the body is to be read first and
+        the request authorized with the method it names."""
+        pricing = self.pricing
+        every = (*request.method_overrides, *pricing.override_methods)
+        rule = pricing.resolve(request.method, request.path, every)
+        if not isinstance(rule, Rule) or rule.credit is not None or rule.settle_on_success:
+            return None
+        # Unpriced, or priced the same, without the body: not refused (an unmatched path).
+        unread = pricing.resolve(request.method, request.path, request.method_overrides)
+        if unread is not None and unread != rule:
+            return None
+        try:
+            credential = l402.parse_authorization(request.authorization)
+        except l402.MalformedToken:
+            return None
+        headers = (
+            [request.authorization]
+            if credential is not None
+            else [(f"L402 {value}",) for value in request.cookies[:MAX_COOKIE_CREDENTIALS]]
+        )
+        for header in headers:
+            try:
+                candidate = l402.parse_authorization(header)
+                if candidate is None:  # pragma: no cover - the scheme is ours
+                    continue
+                verified = await self._verifier.verify(candidate, request, rule)
+            except (l402.L402Error, errors.StoreError):
+                continue  # authorize() answers it, with the body read
+            if isinstance(verified, Allow) and verified.token is not None:
+                self._count(verified)
+                return verified
+        return None
+
     def _cacheable(self, request: RequestInfo) -> bool:
         """Whether the decision on ``request`` may answer the next one with the same
         credential and request line: not when an override, in its headers, query or body (so

@@ -363,6 +363,11 @@ async def _authorize(slot: _ServiceSlot, service: L402Service, request: web.Requ
     ):
         keep = functools.partial(loader, request)
         return await service.authorize(request_info(request, slot.trust_forwarded_for, keep))
+    # A paid token good for whatever method the body names: the body is not read here (nor
+    # held to the read's bound, nor counted as an unpaid client's); it streams to the handler.
+    allowed = await service.allowed_whatever_body(request_info(request, slot.trust_forwarded_for))
+    if allowed is not None:
+        return allowed
     # The body may name another method the backend routes by: read it first (the loader's
     # bounds apply), then forward what was read (``BODY``).
     stored = await loader(request)

@@ -335,6 +335,44 @@ async def test_a_post_body_too_large_to_read_for_an_override_gets_413(node_backe
         assert (status, answer["premium"], answer["bodyLength"]) == (200, False, 5000)
 
 
+async def test_a_paid_post_whose_body_may_name_a_method_streams_through_unread(
+    node_backend: str,
+) -> None:
+    """A token good for whatever method the body names: the body is not read for an
+    override, so the read's bound does not apply; the backend gets it whole."""
+    gateway = FakeGateway(RULES)
+    options = {"max_held_body_bytes": 100, "unpaid_requests_per_client": 1}
+    async with await proxy_for(_Upstream(node_backend), gateway, **options) as client:  # type: ignore[arg-type]
+        status, challenge = await send(client, "GET", "/api/premium/x")
+        assert status == 402
+        paid = gateway.pay(challenge)
+        body = b"a=" + b"x" * 5000 + b"&_method=GET"
+        headers = [*_typed(FORM), ("Authorization", paid)]
+        status, answer = await send(client, "POST", "/api/premium/x", headers, body)
+        assert (status, answer["premium"], answer["bodyLength"]) == (200, True, len(body))
+        assert answer["bodySha256"] == hashlib.sha256(body).hexdigest()
+        assert "x-l402-token" in answer["headers"]
+        # Asked for with Expect: 100-continue, after the decision.
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        head = "POST /api/premium/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        head += f"Content-Type: {FORM}\r\nAuthorization: {paid}\r\n"
+        head += f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+        writer.write(head.encode())
+        async with asyncio.timeout(10):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(body)
+            response = await reader.read()
+        writer.close()
+        assert response.startswith(b"HTTP/1.1 200 "), response[:100]
+        assert b'"premium":true' in response
+        # Without a token, or with one that does not verify, the body is read: too large.
+        for refused in ([], [("Authorization", paid[:-1] + ("0" if paid[-1] != "0" else "1"))]):
+            status, answer = await send(
+                client, "POST", "/api/premium/x", [*_typed(FORM), *refused], body
+            )
+            assert status == 413, answer
+
+
 @pytest.mark.parametrize("header", ["X-Original-URL", "X-Rewrite-URL"])
 async def test_a_header_some_backends_route_by_is_not_forwarded(
     lenient: tuple[Client, FakeGateway], header: str
