@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.examples import demo_api
 from gateway.ports import Msat
-from gateway.pricing import Rule
+from gateway.pricing import CreditTerms, Rule
 from gateway.web.proxy import build_proxy
 from tests.fakes import FakeGateway
 from tests.integration.test_proxy import PROBLEM_JSON, RULES, Client
@@ -186,6 +186,38 @@ async def test_one_tokens_requests_at_once_are_capped() -> None:
                 "/hold", data=b"x", headers={"Authorization": authorization}
             )
             assert response.status == 200
+
+
+# /hold billed from a prepaid balance: ten requests at the full price.
+CREDIT_HOLD = Rule(
+    "/hold",
+    price_msat=Msat(1_000),
+    service="hold",
+    credit=CreditTerms(Msat(10_000), Msat(1_000), Msat(100_000)),
+)
+
+
+async def test_a_credit_request_over_its_tokens_cap_is_not_charged() -> None:
+    """The 429 releases the price its decision held: only the request served is charged."""
+    async with proxy((*RULES, CREDIT_HOLD), requests_per_token=1) as (client, gateway, backend):
+        response = await client.post("/hold")
+        assert response.status == 402
+        authorization = gateway.pay(await response.json(content_type=PROBLEM_JSON))
+        paid = f"Authorization: {authorization}\r\n"
+        async with slow_upload(client, paid) as first:
+            await asyncio.wait_for(backend.arrived.get(), 5)
+            refused = await client.post(
+                "/hold", data=b"x", headers={"Authorization": authorization}
+            )
+            assert refused.status == 429
+            # The first request's price is held, the refused one's released.
+            assert refused.headers["L402-Balance-Msat"] == "9000"
+            first[1].write(b"z" * 995)
+            status, head = await status_and_head(first[0])
+            assert status == 200
+            assert b"L402-Balance-Msat: 9000\r\n" in head
+        response = await client.post("/hold", data=b"x", headers={"Authorization": authorization})
+        assert (response.status, response.headers["L402-Balance-Msat"]) == (200, "8000")
 
 
 async def test_forwarded_body_is_whole_with_the_limits_on() -> None:
