@@ -19,7 +19,9 @@ real receiver keeps them where it records the effect, in the same transaction.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -39,11 +41,19 @@ MAX_BODY = 64 * 1024
 def webhook_receiver(secret: str, handle: Handler, *, path: str = "/webhooks") -> web.Application:
     """An application taking deliveries at ``path`` (POST)."""
     seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+    # A delivery whose handling outlasts the sender's timeout comes again while it runs:
+    # the retry waits for the same run instead of starting another.
+    running: dict[str, asyncio.Future[None]] = {}
+
+    def finished(msg_id: str, task: asyncio.Future[None]) -> None:
+        del running[msg_id]
+        if not task.cancelled() and task.exception() is None:
+            seen[msg_id] = None
+            if len(seen) > SEEN_IDS:
+                seen.popitem(last=False)
 
     async def receive(request: web.Request) -> web.Response:
-        body = await request.content.read(MAX_BODY + 1)
-        if len(body) > MAX_BODY:
-            return web.Response(status=413, text="too large")
+        body = await request.read()  # whole, however it arrives; over MAX_BODY: 413
         try:
             event = verify_delivery(secret, request.headers, body)
         except errors.WebhookRejected as rejected:
@@ -52,16 +62,17 @@ def webhook_receiver(secret: str, handle: Handler, *, path: str = "/webhooks") -
         msg_id = request.headers["webhook-id"]
         if msg_id in seen:
             return web.Response(status=204)  # handled before: the answer was lost
+        task = running.get(msg_id)
+        if task is None:
+            task = running[msg_id] = asyncio.ensure_future(handle(event))
+            task.add_done_callback(functools.partial(finished, msg_id))
         try:
-            await handle(event)
+            await asyncio.shield(task)  # the sender hanging up does not stop the handling
         except Exception:
             log.exception("webhook %s: the handler failed", msg_id)
             return web.Response(status=500, text="handler failed")
-        seen[msg_id] = None
-        if len(seen) > SEEN_IDS:
-            seen.popitem(last=False)
         return web.Response(status=204)
 
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post(path, receive)
     return app

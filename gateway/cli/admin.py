@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any
 
 from gateway import errors
-from gateway.cli.formats import EXIT_DOES_NOT_RECONCILE, columns, utc_time
+from gateway.cli.formats import EXIT_DOES_NOT_RECONCILE, MAX_LIMIT, columns, utc_time
 from gateway.config import Config
 from gateway.ports import Account, CreditTotals, InvoiceRecord, InvoiceState
 from gateway.reports import account_json, credit_totals_json, unaccounted_msat
@@ -84,8 +84,7 @@ class Query:
     @classmethod
     def from_args(cls, args: Any) -> Query:
         """The query the options ask for; ConfigError (one line) for a value that is wrong."""
-        if args.limit is not None and args.limit < 0:
-            raise errors.ConfigError(f"--limit must be >= 0, got {args.limit}")
+        _check_limit(args.limit)
         return cls(
             state=None if args.state is None else _state(args.state),
             limit=args.limit,
@@ -103,10 +102,17 @@ def _state(text: str) -> InvoiceState:
         raise errors.ConfigError(f"--state {text!r}: use one of {names}") from None
 
 
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 0:
+        raise errors.ConfigError(f"--limit must be >= 0, got {limit}")
+    if limit is not None and limit > MAX_LIMIT:  # the store could not take it
+        raise errors.ConfigError(f"--limit must be <= {MAX_LIMIT}, got {limit}")
+
+
 def _time(option: str, text: str, *, end_of_day: bool) -> float:
     """A unix time, or a UTC date (its start, or its last second with ``end_of_day``) or
     date and time."""
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # isdigit() alone takes '²'
         return float(text)
     try:
         moment = datetime.fromisoformat(text)
@@ -334,8 +340,7 @@ def _accounts_table(listed: Sequence[Account], totals: CreditTotals) -> str:
 async def accounts(config: Config, limit: int | None, as_json: bool) -> int:
     """``accounts``: credit accounts, most recently used first, and their totals; exit 4
     when they do not reconcile."""
-    if limit is not None and limit < 0:
-        raise errors.ConfigError(f"--limit must be >= 0, got {limit}")
+    _check_limit(limit)
     store = await open_store(config.store.url, read_only=True)
     try:
         listed = await store.list_accounts(limit)

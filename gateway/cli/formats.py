@@ -130,6 +130,21 @@ def parse_limit(text: str) -> int:
     return value
 
 
+MAX_SECONDS = 86_400.0
+
+
+def parse_seconds(text: str) -> float:
+    """A timeout for argparse: more than 0 seconds, at most a day, else a usage error
+    (exit 2): ``nan``, ``inf`` and negative ones fail later, or for ever."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= MAX_SECONDS:  # False for nan
+        raise argparse.ArgumentTypeError(f"seconds are more than 0, at most {MAX_SECONDS:g}")
+    return value
+
+
 State = TypeVar("State", bound=enum.Enum)
 
 

@@ -57,7 +57,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from gateway import destinations, errors
-from gateway.cli.formats import configure_logging, sat, sat_to_msat, utc_time
+from gateway.cli.formats import configure_logging, parse_seconds, sat, sat_to_msat, utc_time
 from gateway.client import (
     NETWORKS,
     Budget,
@@ -217,7 +217,7 @@ def add_parser(commands: Any) -> None:
     add_timeout_option(pay)
     pay.add_argument(
         "--payment-timeout",
-        type=float,
+        type=parse_seconds,
         default=60.0,
         help="seconds LND may try to pay (pay on success: at least the backend's time + 30)",
     )
@@ -242,7 +242,7 @@ def add_token_cache_option(parser: argparse.ArgumentParser) -> None:
 
 def add_timeout_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds to connect / between reads"
+        "--timeout", type=parse_seconds, default=60.0, help="seconds to connect / between reads"
     )
 
 

@@ -175,6 +175,11 @@ async def _jar(
     if rest in _QR_KINDS:
         scale = _scale(query)
         await tips.jar_pay_request(name)  # 404 for an unknown jar
+        if "+" in name or scale is not None:
+            # Not one of the few images kept drawn: a tag or a size makes another each.
+            limited = await _limited(limiter, client, "too many QR images")
+            if limited is not None:
+                return limited
         return qr_image(tips.jar_lnurl(name), _QR_KINDS[rest], scale)
     return _error(404, "not found")
 
@@ -218,6 +223,10 @@ async def _link(
     if rest in _QR_KINDS:
         scale = _scale(query)
         await tips.link_status(link_id)  # 404 for an unknown link
+        if scale is not None:
+            limited = await _limited(limiter, client, "too many QR images")
+            if limited is not None:
+                return limited
         return qr_image(tips.link_lnurl(link_id), _QR_KINDS[rest], scale)
     return _error(404, "not found")
 
@@ -268,14 +277,17 @@ def _open_invoice(status: LinkStatus) -> InvoiceRecord | None:
     return invoice if invoice.state is InvoiceState.OPEN else None
 
 
-async def _limited(limiter: ClientLimiter | None, client: str) -> HttpResponse | None:
-    """None when ``client`` may have another invoice made; else the 429 (or 503)."""
+async def _limited(
+    limiter: ClientLimiter | None, client: str, too_many: str = "too many invoice requests"
+) -> HttpResponse | None:
+    """None when ``client`` may have another invoice (or QR image) made; else the 429 (or
+    503)."""
     if limiter is None:
         return None
     refusal = await rate_limited(limiter, client, Refusal.TOO_MANY_CHALLENGES)
     if refusal is None:
         return None
-    reason = "too many invoice requests" if refusal.status == 429 else refusal.reason
+    reason = too_many if refusal.status == 429 else refusal.reason
     return _error(refusal.status, reason, retry_after=refusal.retry_after)
 
 
@@ -293,7 +305,13 @@ def _scale(query: Mapping[str, str]) -> int | None:
     text = query.get("size")
     if text is None:
         return None
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_QR_SCALE):
+    # At most two digits: int() refuses (ValueError) strings of thousands.
+    if not (
+        text.isascii()
+        and text.isdigit()
+        and len(text) <= len(str(MAX_QR_SCALE))
+        and 1 <= int(text) <= MAX_QR_SCALE
+    ):
         raise LnurlError(f"size must be a whole number from 1 to {MAX_QR_SCALE}", 400)
     return int(text)
 

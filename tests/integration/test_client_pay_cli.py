@@ -176,6 +176,11 @@ async def test_bad_url_and_amounts(server: Server) -> None:
     unreachable = await server.pay("--no-pay", "--timeout", "2", "http://127.0.0.1:9/")
     assert unreachable.code == 3
     assert "request failed" in unreachable.stderr
+    for option in ("--timeout", "--payment-timeout"):
+        for seconds in ("nan", "inf", "-1", "0", "x"):
+            refused = await server.pay("--no-pay", option, seconds, server.url)
+            assert refused.code == 2, (option, seconds)  # a usage error, no traceback
+            assert "Traceback" not in refused.stderr
 
 
 class FakeTerminal(io.StringIO):

@@ -360,6 +360,21 @@ async def test_invoice_requests_beyond_the_rate_limit_are_429(world: World) -> N
     await world.get(f"{JARS}/coffee")
 
 
+async def test_qr_images_made_for_a_tag_or_a_size_are_rate_limited(world: World) -> None:
+    """Each tag or size draws another image: within the client's budget. The jar's own at
+    its default size is drawn once, not limited."""
+    world.slot.limiter = RateLimiter(0.5, 2, 100, world.gateway.clock)
+    for target in (f"{JARS}/coffee+a/qr.svg", f"{JARS}/coffee/qr.png?size=9"):
+        response = await world.client.get(target)
+        assert response.status == 200
+    for target in (f"{JARS}/coffee+b/qr.svg", f"{JARS}/coffee/qr.png?size=10"):
+        response = await world.client.get(target)
+        assert response.status == 429
+        assert (await response.json())["reason"] == "too many QR images"
+    for _ in range(5):
+        assert (await world.client.get(f"{JARS}/coffee/qr.svg")).status == 200
+
+
 async def test_a_node_failure_is_503_not_500(world: World) -> None:
     world.gateway.backend.unavailable = True
     response = await world.client.get(f"{JARS}/coffee/callback", params={"amount": "2000"})
@@ -684,6 +699,8 @@ async def test_expect_100_continue_does_not_price_a_tip_path(world: World) -> No
         f"{JARS}/coffee/callback?amount={'1' * 4000}",
         f"{LINKS}/x/invoice?amount=%ff",
         f"{JARS}/coffee/qr.svg?size=%ff",
+        f"{JARS}/coffee/qr.svg?size={'9' * 4301}",  # int() refuses it: no 500
+        f"{LINKS}/x/qr.png?size={'9' * 4301}",
     ],
 )
 async def test_garbled_queries_are_4xx(world: World, target: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from gateway.examples_webhooks import webhook_receiver
 from gateway.ports import (
@@ -422,6 +424,50 @@ async def test_the_example_receiver_handles_each_delivery_once_and_refuses_forge
             async with http.post(url, data=forged, headers=_signed(message_id(event))) as answer:
                 assert answer.status == 400
                 assert "no matching signature" in await answer.text()
+    assert len(handled) == 1
+
+
+async def test_the_example_receiver_runs_a_slow_handler_once_for_its_retries() -> None:
+    """The sender gives up on a slow answer and retries while the handler still runs; and a
+    body arriving in pieces is read whole."""
+    release = asyncio.Event()
+    started: list[dict[str, Any]] = []
+    handled: list[dict[str, Any]] = []
+
+    async def handle(event: dict[str, Any]) -> None:
+        started.append(event)
+        await release.wait()
+        handled.append(event)
+
+    body = json.dumps({"type": "token.bought", "note": "x" * 6000})
+    headers = signed_headers(SECRET, "msg_slow", int(time.time()), body)
+    async with serving(webhook_receiver(SECRET, handle, path="/hooks")) as url:
+        async with aiohttp.ClientSession() as http:
+            timeout = aiohttp.ClientTimeout(total=0.3)
+            with pytest.raises(TimeoutError):  # the first delivery's sender times out
+                await http.post(url, data=body, headers=headers, timeout=timeout)
+            retry = asyncio.ensure_future(http.post(url, data=body, headers=headers))
+            await asyncio.sleep(0.2)
+            assert not retry.done()  # it waits for the run under way
+            release.set()
+            async with await retry as answer:
+                assert answer.status == 204
+            async with http.post(url, data=body, headers=headers) as answer:
+                assert answer.status == 204
+        assert (len(started), len(handled)) == (1, 1)
+        # The body in two writes, as two TCP segments: verified, and handled once.
+        host, port = URL(url).host, URL(url).port
+        reader, writer = await asyncio.open_connection(host, port)
+        head = f"POST /hooks HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        writer.write(head.encode() + b"\r\n" + body[:1400].encode())
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(body[1400:].encode())
+        async with asyncio.timeout(5):
+            status_line = await reader.readline()
+        writer.close()
+        assert status_line.startswith(b"HTTP/1.1 204"), status_line
     assert len(handled) == 1
 
 

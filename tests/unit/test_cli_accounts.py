@@ -204,6 +204,8 @@ async def test_an_empty_store_and_bad_options(
     assert "reconciled: received 0" in out
     assert await accounts(config, "--limit", "-1") == 2
     assert "--limit must be >= 0" in capsys.readouterr().err
+    assert await accounts(config, "--limit", "9" * 20) == 2  # more than the store takes
+    assert "--limit must be <= " in capsys.readouterr().err
     missing = write_config(tmp_path, "", store=f"sqlite://{tmp_path / 'none.db'}")
     assert await accounts(missing) == 2  # read-only: a missing database is not created
     assert "no database at" in capsys.readouterr().err

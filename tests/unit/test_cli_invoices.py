@@ -150,6 +150,8 @@ async def test_states_are_read_in_any_case_and_an_open_invoice_past_expiry_is_ex
         (["--state", "paid"], "configuration error: --state 'paid': use one of open, accepted"),
         (["--since", "yesterday"], "configuration error: --since 'yesterday': not a date"),
         (["--until", "2026-13-01"], "configuration error: --until '2026-13-01': not a date"),
+        (["--since", "\u00b2"], "configuration error: --since '\u00b2': not a date"),  # isdigit()
+        (["--limit", "9" * 20], f"configuration error: --limit must be <= {2**63 - 1}"),
     ],
 )
 def test_bad_options_are_one_clear_line(
