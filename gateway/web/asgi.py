@@ -101,7 +101,13 @@ from gateway.web.credit import (
 )
 from gateway.web.method_override import OVERRIDE_HEADERS, method_overrides
 from gateway.web.paywall import MAX_REDEEM_BODY, REDEEM_PATH, handle_redeem, render_challenge
-from gateway.web.responses import BALANCE_HEADER, HttpResponse, client_address, render
+from gateway.web.responses import (
+    BALANCE_HEADER,
+    HttpResponse,
+    client_address,
+    content_length,
+    render,
+)
 
 __all__ = [
     "DENIAL_RESPONSE_EXTENSION",
@@ -415,7 +421,8 @@ class L402Middleware:
         if scope.get("method", "GET") != "POST":
             return b""
         length = _header(scope, b"content-length")
-        if length is not None and length.strip().isdigit() and int(length) > limit:
+        stated = None if length is None else content_length(length.strip())
+        if stated is not None and stated > limit:
             return b"x" * (limit + 1)  # too large: not worth reading
         return await _read_limited(receive, limit)
 

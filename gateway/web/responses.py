@@ -105,6 +105,15 @@ def token_header_value(token: PaidToken) -> str:
     return token.grant()
 
 
+def content_length(value: str | None) -> int | None:
+    """A ``Content-Length`` value as a number; None for none, or for one that is not ASCII
+    digits (``isdigit`` alone takes '²', which ``int`` refuses) or too long (``int`` refuses
+    thousands of digits)."""
+    if value is None or not (value.isascii() and value.isdigit()) or len(value) > 19:
+        return None
+    return int(value)
+
+
 def client_address(peer: str | None, forwarded_for: str | None, trust_forwarded_for: bool) -> str:
     """The address rate limits apply to: the peer, or the last X-Forwarded-For hop if trusted.
 

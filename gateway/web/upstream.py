@@ -40,6 +40,8 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway.web.responses import content_length
+
 CONNECT_TIMEOUT = 10.0  # seconds, as the sock_connect of the proxy's aiohttp sessions
 IDLE_SECONDS = 15.0  # a connection idle longer is closed rather than reused (as aiohttp)
 _BUFFERED_CHUNKS = 16  # body chunks held for a slow client before reading pauses
@@ -181,8 +183,8 @@ class LeanResponse(asyncio.Protocol):
             self.on_message_complete()
             self._keep_alive = False
             return
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit() or int(length) > self._whole_limit:
+        length = content_length(self.headers.get("Content-Length"))
+        if length is None or length > self._whole_limit:
             self.chunks = deque()
             self._end = self._loop.create_future()
             self._head.set_result(None)
@@ -327,8 +329,7 @@ class LeanResponse(asyncio.Protocol):
 
     @property
     def content_length(self) -> int | None:
-        length = self.headers.get("Content-Length")
-        return int(length) if length is not None and length.isdigit() else None
+        return content_length(self.headers.get("Content-Length"))
 
     async def read(self) -> bytes:
         """The whole body: in when ``wait_head`` returned, unless it is streamed."""

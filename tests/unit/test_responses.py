@@ -8,7 +8,7 @@ import pytest
 
 from gateway import l402
 from gateway.service import Deny, PaidToken, PaymentChallenge
-from gateway.web.responses import client_address, render, token_header_value
+from gateway.web.responses import client_address, content_length, render, token_header_value
 
 MACAROON = l402.encode_b64(
     l402.mint_token(bytes(32), bytes(32), bytes(32), ["services=api:0"], location="x")
@@ -140,3 +140,23 @@ def test_client_address(
     peer: str | None, forwarded: str | None, trusted: bool, expected: str
 ) -> None:
     assert client_address(peer, forwarded, trusted) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "length"),
+    [
+        ("0", 0),
+        ("1234", 1234),
+        ("9" * 19, 10**19 - 1),
+        (None, None),
+        ("", None),
+        ("\u00b2", None),  # isdigit() takes it, int() does not
+        ("\u0661", None),  # an Arabic-Indic one: int() would take it
+        ("9" * 4301, None),  # int() refuses so many digits
+        ("1 2", None),
+        ("-1", None),
+        ("+1", None),
+    ],
+)
+def test_a_content_length_is_ascii_digits_or_none(value: str | None, length: int | None) -> None:
+    assert content_length(value) == length
