@@ -314,6 +314,31 @@ class Pricing:
             return NO_ROUTE
         return priced
 
+    def mounted_path(
+        self, method: str, path: str, root_path: str, method_overrides: Sequence[str] = ()
+    ) -> str | Refused:
+        """Which reading of an ASGI request's ``path`` to price when the application is
+        mounted at ``root_path``: the path as received, the route path Starlette and Django
+        route by (without ``root_path``; ``FastAPI(root_path=...)`` also serves a path that
+        lacks it) or the mounted path (``root_path`` and the route path). A priced reading wins
+        over a free one, a free one over an unmatched one; readings priced apart are refused."""
+        root = root_path.rstrip("/")
+        if not root or path == root:
+            return path
+        route = path[len(root) :] if path.startswith(root + "/") else path
+        chosen: tuple[int, str, Rule | None] = (-1, path, None)
+        for reading in dict.fromkeys((path, route, root + route)):
+            rule = self.resolve(method, reading, method_overrides)
+            if isinstance(rule, Refused) and rule is not NO_ROUTE:
+                return rule
+            priced = rule if isinstance(rule, Rule) else None
+            if priced is not None and chosen[2] not in (None, priced):
+                return Refused("path reads as several priced routes under the root path")
+            rank = 2 if priced is not None else 1 if rule is None else 0
+            if rank > chosen[0]:
+                chosen = (rank, reading, priced)
+        return chosen[1]
+
     def _path_readings(self, path: str) -> tuple[str, ...]:
         readings = [path]
         if self._script_readings and "." in path:

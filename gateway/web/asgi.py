@@ -26,15 +26,16 @@ the gateway on the server's lifespan events itself:
 run on asyncio when the gateway does (LND's gRPC client).
 
 **Requests.** Each HTTP request is described to ``L402Service.authorize`` by its method, its
-``scope["path"]`` (percent-decoded, as the application sees it; it includes ``root_path``),
-its raw query string, every ``Authorization`` value and its headers. The client address for
-rate limiting is ``scope["client"]``, or the last ``X-Forwarded-For`` hop (the one the
-trusted proxy added) when ``trust_forwarded_for`` is set. Allowed
-requests reach the application with the verified token in ``scope["state"]["l402_token"]``
-(``request.state.l402_token`` in Starlette/FastAPI; ``None`` on a free route). Anything else
-is answered here with the rendered problem+json response: 402 with ``WWW-Authenticate``
-challenges for ``L402`` and ``LSAT``, 401 for an invalid credential, 429 or 503 with
-``Retry-After``.
+``scope["path"]`` (percent-decoded, as the application sees it; it includes ``root_path``;
+under a ``root_path`` the path without it and with it are priced as well, strictest wins:
+``Pricing.mounted_path``), its raw query string, every ``Authorization`` value and its
+headers. The client address for rate limiting is ``scope["client"]``, or the last
+``X-Forwarded-For`` hop (the one the trusted proxy added) when ``trust_forwarded_for`` is
+set. Allowed requests reach the application with the verified token in
+``scope["state"]["l402_token"]`` (``request.state.l402_token`` in Starlette/FastAPI; ``None``
+on a free route). Anything else is answered here with the rendered problem+json response:
+402 with ``WWW-Authenticate`` challenges for ``L402`` and ``LSAT``, 401 for an invalid
+credential, 429 or 503 with ``Retry-After``; 400 for a path its readings price apart.
 
 **Browsers.** A browser's challenge (``Accept`` prefers HTML, GET or HEAD) is answered with
 the paywall page (:mod:`gateway.web.paywall`); the middleware answers ``POST
@@ -81,6 +82,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
 from typing import Any, Final
 
+from gateway.pricing import Refused
 from gateway.service import (
     Allow,
     CreditCharge,
@@ -150,8 +152,11 @@ DENIAL_RESPONSE_EXTENSION: Final = "websocket.http.response"
 NOT_STARTED: Final = "gateway is not started"
 
 
-def request_info(scope: Scope, trust_forwarded_for: bool = False) -> RequestInfo:
-    """What the core needs from an ``http`` or ``websocket`` scope (a handshake is a GET)."""
+def request_info(
+    scope: Scope, trust_forwarded_for: bool = False, path: str | None = None
+) -> RequestInfo:
+    """What the core needs from an ``http`` or ``websocket`` scope (a handshake is a GET);
+    ``path``: the reading of ``scope["path"]`` to price (``Pricing.mounted_path``)."""
     headers = tuple(
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in scope.get("headers", ())
@@ -159,7 +164,7 @@ def request_info(scope: Scope, trust_forwarded_for: bool = False) -> RequestInfo
     authorization = tuple(value for name, value in headers if name.lower() == "authorization")
     return RequestInfo(
         method=scope.get("method", "GET"),
-        path=scope["path"],
+        path=scope["path"] if path is None else path,
         client=_client(scope, trust_forwarded_for),
         authorization=authorization,
         query=scope.get("query_string", b"").decode("latin-1"),
@@ -332,15 +337,20 @@ class L402Middleware:
                     "lifespan turned off? the gateway opens on lifespan.startup)"
                 )
             return Deny(503, NOT_STARTED)
-        authorization = _authorization(scope)
-        if not _method_overrides(scope):  # authorize() keeps no decision for those
-            method, path = scope.get("method", "GET"), scope["path"]
+        method, overrides = scope.get("method", "GET"), _method_overrides(scope)
+        path = service.pricing.mounted_path(
+            method, scope["path"], scope.get("root_path", ""), overrides
+        )
+        if isinstance(path, Refused):
+            return Deny(path.status, path.reason)
+        if not overrides:  # authorize() keeps no decision for those
+            authorization = _authorization(scope)
             cached = service.allowed_again(authorization, method, path) or (
                 await service.charge_again(authorization, method, path)
             )
             if cached is not None:
                 return cached
-        return await service.authorize(request_info(scope, self._trust_forwarded_for))
+        return await service.authorize(request_info(scope, self._trust_forwarded_for, path))
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         redeem_path = scope.get("root_path", "") + REDEEM_PATH  # as the browser sees it

@@ -43,9 +43,10 @@ SERVER_TIMEOUT = 30
 
 @contextlib.asynccontextmanager
 async def uvicorn_serving(
-    app: ASGIApp, lifespan: Literal["on", "off", "auto"] = "on"
+    app: ASGIApp, lifespan: Literal["on", "off", "auto"] = "on", root_path: str = ""
 ) -> AsyncIterator[str]:
-    """Run uvicorn for real on a free loopback port until the block ends; yields its URL."""
+    """Run uvicorn for real on a free loopback port until the block ends (``root_path``: its
+    ``--root-path``); yields its URL."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -57,6 +58,7 @@ async def uvicorn_serving(
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=5,
+            root_path=root_path,
         )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve(sockets=[sock]))

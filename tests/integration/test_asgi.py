@@ -12,11 +12,14 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from fastapi import FastAPI
+from fastapi import Request as FastAPIRequest
+from fastapi.exceptions import FastAPIDeprecationWarning
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from gateway import l402
-from gateway.service import L402Service
+from gateway.service import L402Service, PaidToken
 from gateway.web.asgi import (
     DENIAL_RESPONSE_EXTENSION,
     STATE_KEY,
@@ -378,3 +381,50 @@ async def test_head_on_priced_route_is_402_without_body(
         assert response.status == 402
         assert len(response.headers.getall("WWW-Authenticate")) == 2
         assert await response.read() == b""
+
+
+# --- an application mounted at a root path ---------------------------------------------------
+
+
+async def test_a_root_path_application_is_priced_whichever_spelling_reaches_the_route(
+    http: aiohttp.ClientSession,
+) -> None:
+    """``FastAPI(root_path=...)`` routes ``/api/paid/x`` and ``/paid/x`` to the same handler
+    (Starlette strips the root path when the path has it): both are priced."""
+    harness = Harness()
+    with pytest.warns(FastAPIDeprecationWarning, match="root_path"):
+        app = FastAPI(root_path="/api", lifespan=l402_lifespan(harness.gateway))
+    app.add_middleware(L402Middleware)
+
+    @app.get("/paid/{name}")
+    async def paid(name: str, request: FastAPIRequest) -> dict[str, Any]:
+        token: PaidToken = request.state.l402_token
+        return {"name": name, "amount_msat": token.amount_msat}
+
+    async with uvicorn_serving(app) as url:
+        for path in ("/paid/rain", "/api/paid/rain"):
+            async with http.get(f"{url}{path}") as response:
+                assert response.status == 402, path
+                authorization = await harness.credential(response)
+            retry = http.get(f"{url}{path}", headers={"Authorization": authorization})
+            async with retry as response:
+                assert response.status == 200, path
+                assert await response.json() == {"name": "rain", "amount_msat": PRICE}
+
+
+async def test_rules_of_the_routes_price_an_application_behind_a_root_path(
+    http: aiohttp.ClientSession,
+) -> None:
+    """Under ``uvicorn --root-path /api`` the path the middleware gets has the root path in
+    front (``/api/paid/x``), and the rules name the application's routes (``/paid/*``)."""
+    harness = Harness()
+    app = L402Middleware(starlette_app(harness.events), harness.gateway)
+    async with uvicorn_serving(app, root_path="/api") as url:
+        async with http.get(f"{url}/paid/rain") as response:
+            assert response.status == 402
+            authorization = await harness.credential(response)
+        async with http.get(f"{url}/paid/rain", headers={"Authorization": authorization}) as paid:
+            assert paid.status == 200
+            assert (await paid.json())["token"]["amount_msat"] == PRICE
+        async with http.get(f"{url}/free") as response:
+            assert response.status == 200

@@ -16,6 +16,7 @@ from gateway.pricing import (
     Rule,
     ScriptPrefix,
     TrailingSlash,
+    Unmatched,
     path_refusal,
 )
 
@@ -149,3 +150,30 @@ def test_no_lenient_reading_of_an_unpriced_path_is_priced(
         for reading in lenient_readings(path):
             rule = Pricing(RULES, case=PathCase.SENSITIVE).resolve("GET", reading)
             assert rule is None or isinstance(rule, Refused), (path, reading)
+
+
+def test_under_a_root_path_the_route_and_the_mounted_path_are_priced_too() -> None:
+    pricing = Pricing(RULES)
+    # The rules name the application's routes; the server puts the root path in front.
+    assert pricing.mounted_path("GET", "/v1/api/premium/x", "/v1") == "/api/premium/x"
+    # The rules name the mounted paths; FastAPI(root_path=) serves the route alone as well.
+    mounted = Pricing([Rule("/v1/api/*", price_msat=Msat(1))])
+    assert mounted.mounted_path("GET", "/api/x", "/v1/") == "/v1/api/x"
+    # Free readings leave the path as received; no root path, or the root itself, likewise.
+    assert pricing.mounted_path("GET", "/v1/api/free/x", "/v1") == "/v1/api/free/x"
+    assert pricing.mounted_path("GET", "/api/premium/x", "") == "/api/premium/x"
+    assert pricing.mounted_path("GET", "/api", "/api") == "/api"
+    # A matched free reading wins over an unmatched one when unmatched paths are denied.
+    deny = Pricing(RULES, unmatched=Unmatched.DENY)
+    assert deny.mounted_path("GET", "/v1/api/free/x", "/v1") == "/api/free/x"
+
+
+def test_under_a_root_path_readings_priced_apart_are_refused() -> None:
+    pricing = Pricing([Rule("/v1/*", price_msat=Msat(1)), *RULES])
+    refused = pricing.mounted_path("GET", "/v1/api/premium/x", "/v1")
+    assert isinstance(refused, Refused)
+    assert refused.status == 400
+    assert "several priced routes" in refused.reason
+    assert pricing.mounted_path("GET", "/v1/../x", "/v1") == Refused(
+        "path must not contain '.', '..' or empty segments"
+    )
