@@ -396,7 +396,12 @@ class L402Service:
         )
 
     async def finish_charge(
-        self, charge: CreditCharge, *, status: int | None, cost: str | int | None
+        self,
+        charge: CreditCharge,
+        *,
+        status: int | None,
+        cost: str | int | None,
+        served: bool = True,
     ) -> int | None:
         """End the credit held for a request (``Allow.charge``) once its response status is
         known, before the response goes out; returns the balance after it, for the
@@ -405,13 +410,15 @@ class L402Service:
 
         ``status`` None means the request got no answer (the handler raised, the backend was
         unreachable or timed out). Such a failure, or a 5xx, is not charged unless the route
-        charges failures. A metered route is charged ``cost``, the backend's report (a whole
+        charges failures. ``served`` False: the request never reached the handler or backend
+        (the gateway or an application's middleware answered it), nothing is charged. A
+        metered route is charged ``cost``, the backend's report (a whole
         number of msat, at most what was held); anything else is logged and the hold is
         charged in full. Never raises for what the backend reports, nor for the store: it
         raises nothing but the caller's own ``CancelledError``, and the charge is still
         written then (the store writes it all the same).
         """
-        return await self._credit.finish(charge, status=status, cost=cost)
+        return await self._credit.finish(charge, status=status, cost=cost, served=served)
 
     async def token_info(self, authorization: tuple[str, ...]) -> TokenInfo | Deny:
         """The credit account of the credential in ``authorization`` (the request's

@@ -242,10 +242,10 @@ class CreditLedger:
         return True
 
     async def finish(
-        self, charge: CreditCharge, *, status: int | None, cost: str | int | None
+        self, charge: CreditCharge, *, status: int | None, cost: str | int | None, served: bool
     ) -> int | None:
         """End ``charge`` (see ``L402Service.finish_charge``); the balance after it."""
-        amount = self._amount(charge, status, cost)
+        amount = self._amount(charge, status, cost) if served else Msat(0)
         try:
             # A caller cancelled now (its client left) still has its charge written (the
             # store's promise).

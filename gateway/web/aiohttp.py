@@ -57,6 +57,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 from multidict import istr
 
+from gateway.errors import ConfigError
 from gateway.health import HEALTH_PATHS, LIVE_PATH, Check, HealthReport, HealthSlot
 from gateway.ports import StoredRequest, StoredResponse
 from gateway.service import (
@@ -126,6 +127,11 @@ class _ServiceSlot:
 
 
 _SLOT = web.AppKey("l402_service_slot", _ServiceSlot)
+_CREDIT_NEEDS_MAIN_APP = (
+    "credit routes need setup_l402 on the main application (it prices the routes of its "
+    "sub-applications too): aiohttp freezes a sub-application's response signal, which "
+    "charges credit, when it is added"
+)
 
 
 def request_info(
@@ -266,6 +272,9 @@ class _Billing:
     charge: CreditCharge
     cost: int | None = None
     finished: bool = False
+    # The handler has the request: an answer before it (an application's middleware, after
+    # an Expect decision) serves nothing.
+    served: bool = False
 
 
 # Set on every request decided in full (None without a charge); not on one the decision cache
@@ -296,18 +305,23 @@ async def settle_charge(
     headers: MutableMapping[str, str] | None,
     *,
     cost: str | None = None,
+    served: bool = True,
 ) -> None:
     """Finish the credit charge of ``request``, once (later calls do nothing), and set the
     balance after it in ``headers`` (None: the response has started). ``status`` is the
     response's; None when the request got no answer from its handler or backend. ``cost``
     is a backend's report (the proxy's ``L402-Cost-Msat``), instead of ``report_cost``'s.
-    No effect on a request without a charge."""
+    ``served`` False: neither handler nor backend had the request, it is not charged. No
+    effect on a request without a charge."""
     billing = request.get(_BILLING)
     if billing is None or billing.finished:
         return
     billing.finished = True
     balance = await billing.service.finish_charge(
-        billing.charge, status=status, cost=billing.cost if cost is None else cost
+        billing.charge,
+        status=status,
+        cost=billing.cost if cost is None else cost,
+        served=served,
     )
     if balance is not None and headers is not None:
         headers[BALANCE_HEADER] = str(balance)
@@ -316,11 +330,17 @@ async def settle_charge(
 async def _charge_on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: a response goes out now, its headers not yet sent. Charges
     what a handler sends itself (streamed, a WebSocket's 101) before its status and body go
-    out; any other response was charged already."""
-    await settle_charge(request, response.status, response.headers)
+    out; any other response was charged already, but one an application's middleware sent
+    before the handler had the request, which is released."""
+    billing = request.get(_BILLING)
+    served = billing is not None and billing.served
+    await settle_charge(request, response.status, response.headers, served=served)
 
 
 async def _serve_charged(request: web.Request, handler: Handler) -> web.StreamResponse:
+    billing = request.get(_BILLING)
+    if billing is not None:
+        billing.served = True
     try:
         response = await handler(request)
     except web.HTTPException as error:
@@ -533,7 +553,8 @@ class _DecideFirst:
     comes first: a refusal is the final answer (the connection then closes, as the client
     holds its body back), an allowed request gets the route's own handling (100 Continue).
     A final answer from the route's handling means the request is not served: a credit
-    charge made for it is finished here, with no status (released like a failure). A
+    charge made for it is released here, as is one an application's middleware answers
+    before the handler has the request (``_charge_on_prepare``). A
     pay-on-success request that already ran gets its stored answer as the final one (its
     body is not needed).
     """
@@ -563,10 +584,10 @@ class _DecideFirst:
         try:
             answer = await self._route_handler(request)
         except BaseException:
-            await settle_charge(request, None, None)
+            await settle_charge(request, None, None, served=False)
             raise
         if answer is not None:
-            await settle_charge(request, None, answer.headers)
+            await settle_charge(request, None, answer.headers, served=False)
         return answer
 
 
@@ -628,7 +649,10 @@ def setup_l402(
                 refuse_on_success(service)
             if service.pricing.bills_credit and _charge_on_prepare not in app.on_response_prepare:
                 # Only a charge needs it; without receivers the signal costs no response
-                # anything. (aiohttp freezes the signal after the startup.)
+                # anything. (aiohttp freezes the signal after the startup; a sub-application's
+                # when it is added.)
+                if app.on_response_prepare.frozen:
+                    raise ConfigError(_CREDIT_NEEDS_MAIN_APP)
                 app.on_response_prepare.append(_charge_on_prepare)
             slot.service = service
             try:

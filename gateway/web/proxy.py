@@ -30,6 +30,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -583,11 +584,15 @@ def build_proxy(
             response: web.StreamResponse
             if per_token.full(token.token_id):
                 response = too_many(too_many_per_token_detail)
-            else:
-                with per_token.hold(token.token_id):
-                    response = await send(request, request.app[_PAID_POOLS])
-            if charge_open(request):  # the answer is the gateway's own, the upstream gave none
-                await settle_charge(request, None, response.headers)
+                await settle_charge(request, None, response.headers, served=False)
+                return response
+            with per_token.hold(token.token_id):
+                response = await send(request, request.app[_PAID_POOLS])
+            if charge_open(request):
+                # The gateway's own answer: the upstream failed (a failure a route may
+                # charge), or it never had the request whole (a body too large or slow).
+                failed = response.status == HTTPStatus.BAD_GATEWAY
+                await settle_charge(request, None, response.headers, served=failed)
             return response
         client = unpaid_client(request)
         if unpaid.full(client):

@@ -13,7 +13,7 @@ import secrets
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from wsgiref.simple_server import WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIEnvironment
@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.typedefs import Handler
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -29,6 +30,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from gateway.client import bolt11
+from gateway.errors import ConfigError
 from gateway.ports import Msat
 from gateway.pricing import CreditTerms, Rule
 from gateway.service import CreditCharge, Withdrawer
@@ -39,7 +41,7 @@ from gateway.web.credit import TOKEN_INFO_PATH, WITHDRAW_PATH
 from gateway.web.proxy import build_proxy
 from tests.fakes import FakeGateway, FakePayer, make_invoice
 from tests.integration.asgi_helpers import uvicorn_serving
-from tests.integration.test_expect_continue import continued, refused_first
+from tests.integration.test_expect_continue import BODY, continued, exchange, refused_first
 from tests.integration.test_proxy_backends import _Quiet
 
 PROBLEM_JSON = "application/problem+json"
@@ -63,7 +65,8 @@ RULES = (
     Rule("/paid/*", price_msat=Msat(PRICE), service="paid"),
 )
 FRONT_ENDS = ("aiohttp", "asgi", "proxy")
-Finished = tuple[int, int | None, str | int | None]  # reservation id, status, cost
+# reservation id, status ("unserved": the handler never had the request), cost
+Finished = tuple[int, int | str | None, str | int | None]
 
 
 # --- the same application on each front end -------------------------------------------------
@@ -99,10 +102,24 @@ async def aiohttp_handler(request: web.Request) -> web.StreamResponse:
     return web.json_response({"bytes": len(await request.read())})
 
 
-def aiohttp_app(gateway: FakeGateway) -> web.Application:
-    app = web.Application()
+@web.middleware
+async def blocking(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The application's own check, ahead of every handler."""
+    if "X-Blocked" in request.headers:
+        raise web.HTTPForbidden(text="blocked by the application")
+    return await handler(request)
+
+
+def aiohttp_app(gateway: FakeGateway, *, sub_applications: bool = False) -> web.Application:
+    """The application; its routes in a sub-application each, or its own."""
+    app = web.Application(middlewares=[blocking])
     for prefix in ("/credit", "/metered", "/paid"):
-        app.router.add_route("*", prefix + "/{name}", aiohttp_handler)
+        if sub_applications:
+            sub = web.Application()
+            sub.router.add_route("*", "/{name}", aiohttp_handler)
+            app.add_subapp(prefix, sub)
+        else:
+            app.router.add_route("*", prefix + "/{name}", aiohttp_handler)
     aiohttp_middleware.setup_l402(app, gateway)
     return app
 
@@ -186,10 +203,10 @@ class Front:
         real = service.finish_charge
 
         async def finish_charge(
-            charge: CreditCharge, *, status: int | None, cost: str | int | None
+            charge: CreditCharge, *, status: int | None, cost: str | int | None, served: bool = True
         ) -> int | None:
-            self.finished.append((charge.reservation_id, status, cost))
-            return await real(charge, status=status, cost=cost)
+            self.finished.append((charge.reservation_id, status if served else "unserved", cost))
+            return await real(charge, status=status, cost=cost, served=served)
 
         service.finish_charge = finish_charge  # type: ignore[method-assign]
 
@@ -240,8 +257,8 @@ async def serving(
             stack.push_async_callback(server.close)
             return str(server.make_url("")).rstrip("/")
 
-        if kind == "aiohttp":
-            url = await started(aiohttp_app(gateway))
+        if kind in ("aiohttp", "aiohttp-subapps"):
+            url = await started(aiohttp_app(gateway, sub_applications=kind != "aiohttp"))
         elif kind == "asgi":
             url = await stack.enter_async_context(
                 uvicorn_serving(L402Middleware(asgi_app(), gateway))
@@ -437,13 +454,22 @@ async def test_the_proxy_strips_the_cost_header_on_any_route() -> None:
         assert COST not in response.headers
 
 
-async def test_an_unreachable_upstream_is_not_charged() -> None:
+# Credit routes that also charge a failed request: a request nobody served is still free.
+CHARGING_FAILURES = tuple(
+    replace(rule, credit=replace(rule.credit, charge_failures=True)) if rule.credit else rule
+    for rule in RULES
+)
+
+
+@pytest.mark.parametrize(("rules", "charged"), [(RULES, 0), (CHARGING_FAILURES, PRICE)])
+async def test_an_unreachable_upstream_is_charged_only_where_failures_are(
+    rules: tuple[Rule, ...], charged: int
+) -> None:
     with socket_without_listener() as upstream:
-        async with serving("proxy", FakeGateway(RULES), upstream=upstream) as front:
+        async with serving("proxy", FakeGateway(rules), upstream=upstream) as front:
             authorization = await front.buy()
             response, _ = await front.get("/credit/ok", authorization)
-            assert response.status == 502
-            assert response.headers[BALANCE] == str(CREDIT)
+            assert (response.status, response.headers[BALANCE]) == (502, str(CREDIT - charged))
             assert [status for _, status, _ in front.finished] == [None]
 
 
@@ -492,6 +518,29 @@ async def test_the_proxy_charges_a_wsgi_backends_reported_cost(wsgi_metered: str
         assert [cost for _, _, cost in front.finished] == ["250", "250"]
 
 
+async def test_credit_routes_in_sub_applications_are_charged() -> None:
+    async with serving("aiohttp-subapps", FakeGateway(RULES)) as front:
+        authorization = await front.buy()
+        for name in ("ok", "stream?msat=0"):  # answered, and sent by the handler itself
+            response, _ = await front.get(f"/credit/{name}", authorization)
+            assert response.status == 200
+        assert await front.balance(authorization) == CREDIT - 2 * PRICE
+
+
+async def test_credit_routes_need_setup_l402_on_the_main_application() -> None:
+    sub = web.Application()
+    sub.router.add_get("/{name}", aiohttp_handler)
+    aiohttp_middleware.setup_l402(sub, FakeGateway(RULES))
+    main = web.Application()
+    main.add_subapp("/credit", sub)
+    server = TestServer(main)
+    try:
+        with pytest.raises(ConfigError, match="setup_l402 on the main application"):
+            await server.start_server()
+    finally:
+        await server.close()
+
+
 # --- Expect: 100-continue ---------------------------------------------------------------------
 
 
@@ -506,14 +555,46 @@ async def test_a_charge_made_before_100_continue_is_finished_once(kind: str) -> 
         assert await front.balance(authorization) == CREDIT - PRICE
 
 
-async def test_a_body_refused_before_100_continue_is_not_charged() -> None:
-    async with serving("proxy", FakeGateway(RULES), max_body_bytes=2000) as front:
+@pytest.mark.parametrize("rules", [RULES, CHARGING_FAILURES], ids=["", "charging_failures"])
+async def test_a_body_refused_before_100_continue_is_not_charged(rules: tuple[Rule, ...]) -> None:
+    async with serving("proxy", FakeGateway(rules), max_body_bytes=2000) as front:
         authorization = await front.buy()
         problem = await refused_first(
             front.port, "/credit/upload", 413, headers={"Authorization": authorization}, length=2001
         )
         assert problem["status"] == 413
-        assert [status for _, status, _ in front.finished] == [None]
+        assert [status for _, status, _ in front.finished] == ["unserved"]
+        assert await front.balance(authorization) == CREDIT
+        # Without Expect, the same body is refused before the upstream gets it.
+        response, _ = await front.get(
+            "/credit/upload", authorization, method="POST", data=b"x" * 2001
+        )
+        assert (response.status, response.headers[BALANCE]) == (413, str(CREDIT))
+        assert [status for _, status, _ in front.finished] == ["unserved"] * 2
+
+
+@pytest.mark.parametrize("rules", [RULES, CHARGING_FAILURES], ids=["", "charging_failures"])
+async def test_a_charge_held_before_100_continue_is_released_if_a_middleware_answers(
+    rules: tuple[Rule, ...],
+) -> None:
+    """The decision on an Expect request holds its price before the application's own
+    middlewares run: when one of them answers, the handler never had the request."""
+    async with serving("aiohttp", FakeGateway(rules)) as front:
+        authorization = await front.buy()
+        headers = {"Authorization": authorization, "X-Blocked": "1"}
+        async with exchange(front.port, "/credit/upload", headers) as http:
+            assert await http.status() == b"HTTP/1.1 100 Continue\r\n"
+            assert await http.status() == b"\r\n"
+            http.writer.write(BODY)
+            assert (await http.status()).startswith(b"HTTP/1.1 403 ")
+            head, body = await http.response()
+        assert body == b"blocked by the application"
+        assert f"{BALANCE}: {CREDIT}\r\n".lower().encode() in head.lower()
+        assert [status for _, status, _ in front.finished] == ["unserved"]
+        assert await front.balance(authorization) == CREDIT
+        # Without Expect the middleware answers before any decision: nothing is held.
+        response, _ = await front.get("/credit/upload", authorization, headers={"X-Blocked": "1"})
+        assert response.status == 403
         assert await front.balance(authorization) == CREDIT
 
 

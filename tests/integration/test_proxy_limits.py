@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -197,9 +198,14 @@ CREDIT_HOLD = Rule(
 )
 
 
-async def test_a_credit_request_over_its_tokens_cap_is_not_charged() -> None:
-    """The 429 releases the price its decision held: only the request served is charged."""
-    async with proxy((*RULES, CREDIT_HOLD), requests_per_token=1) as (client, gateway, backend):
+@pytest.mark.parametrize("charge_failures", [False, True])
+async def test_a_credit_request_over_its_tokens_cap_is_not_charged(charge_failures: bool) -> None:
+    """The 429 releases the price its decision held: only the request served is charged
+    (also where failures are, as the backend never had it)."""
+    assert CREDIT_HOLD.credit is not None
+    terms = replace(CREDIT_HOLD.credit, charge_failures=charge_failures)
+    rules = (*RULES, replace(CREDIT_HOLD, credit=terms))
+    async with proxy(rules, requests_per_token=1) as (client, gateway, backend):
         response = await client.post("/hold")
         assert response.status == 402
         authorization = gateway.pay(await response.json(content_type=PROBLEM_JSON))

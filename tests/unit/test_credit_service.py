@@ -582,6 +582,15 @@ async def test_a_route_may_charge_failures(memory_env: Env, status: int | None) 
     assert await env.service.finish_charge(charge, status=status, cost=None) == 4_200
 
 
+@pytest.mark.parametrize("status", [200, 413, None])
+async def test_a_request_nobody_served_is_not_charged(memory_env: Env, status: int | None) -> None:
+    env = memory_env
+    authorization = await env.buy(PRICED_PATH, query="n=100")
+    charge = await env.charge(PRICED_PATH, authorization=authorization, query="n=800")
+    assert charge.charge_failures
+    assert await env.service.finish_charge(charge, status=status, cost=None, served=False) == 5_000
+
+
 async def test_a_metered_failure_is_not_charged_whatever_it_reports(memory_env: Env) -> None:
     env = memory_env
     authorization = await env.buy(METERED_PATH)
