@@ -33,7 +33,6 @@ test keeps it so).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import inspect
@@ -91,7 +90,7 @@ from gateway.service.tips import TipJar, Tips
 from gateway.service.withdraw import Withdrawer
 from gateway.splits import format_share
 from gateway.store import open_store
-from gateway.supervisor import Supervisor, TaskHealth
+from gateway.supervisor import Supervisor, TaskHealth, run_together
 from gateway.watcher import InvoiceWatcher
 
 if TYPE_CHECKING:
@@ -456,13 +455,8 @@ async def _run_payouts(payouts: Payouts, events: InvoiceEvents) -> None:
     def settled_split(record: InvoiceRecord) -> bool:
         return record.state is InvoiceState.SETTLED and bool(record.split)
 
-    try:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(payouts.run())
-            group.create_task(wake_on(events, "payouts", payouts.wake, settled_split))
-    except ExceptionGroup as failed:
-        # The supervisor logs and restarts on the first failure, as for any task.
-        raise failed.exceptions[0] from None
+    # The supervisor logs and restarts on the first failure, as for any task.
+    await run_together(payouts.run(), wake_on(events, "payouts", payouts.wake, settled_split))
 
 
 def hold_terms(config: Config) -> HoldTerms:

@@ -61,6 +61,7 @@ from gateway.ports import (
     WebhookEvent,
     webhook_retry_delay,
 )
+from gateway.supervisor import run_together
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -160,7 +161,11 @@ def verify_delivery(
     except UnicodeDecodeError:
         raise errors.WebhookRejected("the body is not UTF-8") from None
     moment = datetime.datetime.fromtimestamp(sent, datetime.UTC)
-    expected = base64.b64decode(webhook.sign(msg_id, moment, text).split(",", 1)[1])
+    try:
+        signed = webhook.sign(msg_id, moment, text)
+    except UnicodeEncodeError:  # header bytes that are not UTF-8, as surrogate escapes
+        raise errors.WebhookRejected("webhook-id is not UTF-8") from None
+    expected = base64.b64decode(signed.split(",", 1)[1])
     if not any(_matches(candidate, expected) for candidate in signatures.split(" ")):
         raise errors.WebhookRejected("no matching signature (wrong secret or altered delivery)")
     try:
@@ -255,18 +260,13 @@ class WebhookSender:
         async with aiohttp.ClientSession(
             timeout=timeout, headers={"User-Agent": USER_AGENT}
         ) as session:
-            try:
-                async with asyncio.TaskGroup() as group:
-                    group.create_task(self._fan_out_loop())
-                    if self._events is not None:
-                        # Woken by every event: the store has what to fan out.
-                        listen = wake_on(self._events, "webhook sender", self._fan_out.set)
-                        group.create_task(listen)
-                    for endpoint in self._endpoints:
-                        group.create_task(self._deliver_loop(session, endpoint))
-            except ExceptionGroup as failed:
-                # The supervisor logs and restarts on the first failure, as for any task.
-                raise failed.exceptions[0] from None
+            # The supervisor logs and restarts on the first failure, as for any task.
+            loops = [self._fan_out_loop()]
+            if self._events is not None:
+                # Woken by every event: the store has what to fan out.
+                loops.append(wake_on(self._events, "webhook sender", self._fan_out.set))
+            loops += [self._deliver_loop(session, endpoint) for endpoint in self._endpoints]
+            await run_together(*loops)
 
     async def _fan_out_loop(self) -> None:
         subscriptions = self.subscriptions
@@ -319,7 +319,8 @@ class WebhookSender:
             error = f"no answer within {self._policy.timeout:g}s"
         except aiohttp.ClientConnectionError as failure:
             error = f"cannot connect ({type(failure).__name__})"
-        except aiohttp.ClientError as failure:
+        except (aiohttp.ClientError, ValueError) as failure:
+            # ValueError: a host the resolver cannot encode (UnicodeError), a URL it refuses.
             error = f"failed ({type(failure).__name__})"
         delivered = status is not None and 200 <= status < 300
         if not delivered:

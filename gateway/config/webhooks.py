@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from yarl import URL
+
 from gateway.config.checks import MAX_LIFETIME, positive, require
 from gateway.errors import ConfigError
 from gateway.ports import WEBHOOK_EVENT_TYPES
@@ -75,6 +77,20 @@ class WebhooksConfig:
         require(math.isfinite(poll) and 0.05 <= poll <= 60, "poll_interval", "0.05 to 60", poll)
 
 
+def _resolvable(url: str) -> bool:
+    """Whether the host of ``url``, as the HTTP client reads it (``yarl``), can be looked up:
+    the resolver encodes it with the ``idna`` codec, which refuses an empty label (``a..b``,
+    or one that NFKC folding makes empty) or one over 63 characters."""
+    try:
+        host = URL(url).raw_host
+        if host is None:
+            return False
+        host.encode("idna")
+    except (ValueError, UnicodeError):
+        return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class WebhookEndpointConfig:
     """One ``[[webhook]]``: where, which event types, and where its secret is."""
@@ -108,6 +124,12 @@ class WebhookEndpointConfig:
             "url",
             "a port from 1 to 65535 (or none: 80 or 443)",
             f"{parts.scheme}://...:{parts.netloc.rpartition(':')[2][:12]}",
+        )
+        require(
+            _resolvable(self.url),
+            "url",
+            "a host name of labels of 1 to 63 characters",
+            f"{parts.scheme}://...",
         )
         require(bool(self.events), "events", "a non-empty list of event types", self.events)
         unknown = sorted(set(self.events) - WEBHOOK_EVENT_TYPES - {"*"})

@@ -389,8 +389,25 @@ async def test_a_receiver_that_is_down_gets_everything_once_it_is_up() -> None:
     assert await sent(store, receiver) == [1, 2]
 
 
-async def _attempted(store: MemoryStore) -> bool:
-    return any(d.attempts for d in await store.list_webhook_deliveries())
+async def _attempted(store: MemoryStore, name: str | None = None) -> bool:
+    return any(d.attempts for d in await store.list_webhook_deliveries(endpoint=name))
+
+
+async def test_a_host_the_resolver_cannot_encode_is_a_failed_attempt_not_a_crash() -> None:
+    """A URL made without the configuration's checks (an empty DNS label, which the resolver
+    refuses with a UnicodeError): its attempts fail and count, the sender keeps running and
+    the other endpoint gets its events."""
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    receiver = Receiver()
+    async with serving(receiver_app(receiver)) as url:
+        endpoints = [endpoint("bad", "http://hooks..example.com/l402"), endpoint("crm", url)]
+        async with sending(store, endpoints, clock):
+            await settle(store, 1)
+            await until(lambda: _delivered(store, "crm", 2))
+            await until(lambda: _attempted(store, "bad"))
+    failed = [d for d in await store.list_webhook_deliveries(endpoint="bad") if d.attempts]
+    assert [(d.last_status, d.last_error) for d in failed] == [(None, "failed (UnicodeError)")]
 
 
 async def test_the_example_receiver_handles_each_delivery_once_and_refuses_forgeries() -> None:

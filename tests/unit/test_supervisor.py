@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from gateway import errors
-from gateway.supervisor import Supervisor, TaskHealth, TaskState, backoff_delay
+from gateway.supervisor import Supervisor, TaskHealth, TaskState, backoff_delay, run_together
 from tests.fakes import FakeClock
 
 TIMEOUT = 5.0
@@ -107,6 +107,31 @@ async def test_a_stray_cancelled_error_is_a_failure_not_a_stop() -> None:
         supervisor.start("watcher", script)
         await asyncio.wait_for(script.running.wait(), TIMEOUT)
         assert (await health_of(supervisor, "watcher")).restarts == 1
+
+
+async def test_loops_run_together_end_with_the_first_failure_and_are_restarted() -> None:
+    """A task of several loops (the webhook sender, the payouts worker): the first failure
+    ends the others and the task, which is restarted, on every Python (a TaskGroup there
+    left the task looking stopped on 3.11)."""
+    script = Script(errors.StoreError("connection reset"))
+    ended: list[str] = []
+
+    async def other_loop() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            ended.append("other loop")
+
+    async def loops() -> None:
+        await run_together(script(), other_loop())
+
+    async with Supervisor(initial_backoff=0.001) as supervisor:
+        supervisor.start("webhook sender", loops)
+        await asyncio.wait_for(script.running.wait(), TIMEOUT)
+        health = await health_of(supervisor, "webhook sender")
+        assert ended == ["other loop"]  # by the failure, before the restart
+    assert (health.state, health.restarts) == (TaskState.RUNNING, 1)
+    assert health.last_error == "StoreError: connection reset"
 
 
 def delays(caplog: pytest.LogCaptureFixture) -> list[float]:

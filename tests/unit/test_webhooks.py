@@ -112,6 +112,7 @@ def test_several_signatures_verify_if_one_matches() -> None:
     "changes",
     [
         {"webhook-id": ""},
+        {"webhook-id": "msg_\udcff"},  # a byte that is not UTF-8, as aiohttp decodes it
         {"webhook-timestamp": "soon"},
         {"webhook-timestamp": "1e9"},
         {"webhook-timestamp": "٣٣"},  # digits, but not ASCII ones
@@ -213,6 +214,10 @@ def test_endpoints_and_retry_settings_load(tmp_path: Path) -> None:
         (ENDPOINT + ENDPOINT, "used twice"),
         (ENDPOINT.replace("https://crm", "ftp://crm"), "http:// or https://"),
         (ENDPOINT.replace("https://crm.example.com", "https://"), "with a host"),
+        # Hosts the resolver cannot encode: an empty label, one NFKC folding empties, a long one.
+        (ENDPOINT.replace("crm.example.com", "crm..example.com"), "labels of 1 to 63"),
+        (ENDPOINT.replace("crm.example.com", "\u2488.example.com"), "labels of 1 to 63"),
+        (ENDPOINT.replace("crm.example.com", "c" * 64 + ".example.com"), "labels of 1 to 63"),
         (ENDPOINT.replace("crm.example.com", "crm.example.com:99999"), "port from 1 to 65535"),
         (ENDPOINT.replace("crm.example.com", "crm.example.com:0"), "port from 1 to 65535"),
         (ENDPOINT.replace("crm.example.com", "crm.example.com:http"), "port from 1 to 65535"),
