@@ -12,6 +12,7 @@ from urllib.parse import parse_qs
 from aiohttp import web
 
 from gateway.pricing import PriceRequest
+from gateway.text import whole_number
 from gateway.web.aiohttp import TOKEN
 from gateway.web.responses import token_header_value
 
@@ -26,9 +27,8 @@ MAX_QUOTE_ITEMS = 100
 
 def _items(value: str | None) -> int:
     """``?n=``: default 1, clamped to 1..100; anything not a number counts as 1."""
-    if value is None or not value.isdigit():
-        return 1
-    return min(max(int(value), 1), MAX_QUOTE_ITEMS)
+    items = None if value is None else whole_number(value)
+    return 1 if items is None else min(max(items, 1), MAX_QUOTE_ITEMS)
 
 
 async def quote_price(request: PriceRequest) -> int:

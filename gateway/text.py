@@ -1,4 +1,4 @@
-"""Showing text a client chose (a request path, say) where a person reads it.
+"""Reading numbers from text a peer chose, and showing such text where a person reads it.
 
 A terminal obeys escape sequences and a wallet renders what an invoice memo says, so text
 from a request must not reach either raw: ESC can rewrite the operator's screen, CR/LF and
@@ -7,7 +7,16 @@ backspace can forge lines, U+202E can reverse what follows. Pure: no I/O.
 
 from __future__ import annotations
 
-__all__ = ["printable"]
+__all__ = ["printable", "whole_number"]
+
+
+def whole_number(text: str, max_digits: int = 19) -> int | None:
+    """``text`` as a whole number if it is 1 to ``max_digits`` ASCII digits (19: any int64),
+    else None: ``isdigit`` alone takes '²', which ``int`` refuses, and ``int`` refuses
+    thousands of digits."""
+    if not (text.isascii() and text.isdigit()) or len(text) > max_digits:
+        return None
+    return int(text)
 
 
 def _escape(char: str) -> str:

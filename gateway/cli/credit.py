@@ -38,7 +38,7 @@ from gateway.client.tokens import split_url
 from gateway.lnd.client import LndClient
 from gateway.ports import Msat
 from gateway.service.withdraw import fee_reserve
-from gateway.text import printable
+from gateway.text import printable, whole_number
 from gateway.web.credit import TOKEN_INFO_PATH, WITHDRAW_PATH
 
 __all__ = ["CREDIT_EXIT_CODES", "add_parser", "run", "withdrawable"]
@@ -116,9 +116,10 @@ def add_parser(commands: Any) -> None:
 
 
 def _positive(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"not a positive number of msat: {text!r}")
-    return int(text)
+    msat = whole_number(text)
+    if msat is None or msat <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of msat: {printable(text, 40)!r}")
+    return msat
 
 
 def withdrawable(balance_msat: int, fee_min_msat: int, fee_ppm: int) -> int:

@@ -90,10 +90,17 @@ def current_log_format() -> str:
     return "json" if any(isinstance(h.formatter, JsonLogFormatter) for h in root) else "text"
 
 
+# 9999-12-31 23:59:59 UTC: a time past it (a peer's invoice expiry, say) is shown as that.
+_LAST_SHOWN = 253_402_300_799
+
+
 def utc_time(timestamp: float | None) -> str:
-    """``2024-05-01 12:00:00`` (UTC), or ``-`` for no time."""
+    """``2024-05-01 12:00:00`` (UTC), or ``-`` for no time; ``after 9999-12-31 23:59:59``
+    for one past the calendar (``gmtime`` refuses it)."""
     if timestamp is None:
         return "-"
+    if timestamp > _LAST_SHOWN:
+        return "after " + utc_time(_LAST_SHOWN)
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))
 
 

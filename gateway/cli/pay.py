@@ -416,7 +416,7 @@ def settle_text(offer: Offer) -> str:
 
 
 def offer_text(offer: Offer, max_cost_msat: int) -> str:
-    left = offer.expires_at - time.time()
+    left = offer.expires_at - int(time.time())  # int: a peer may set an expiry of any size
     lines = [
         f"payment required: {sat(offer.amount_msat)} ({offer.amount_msat} msat)",
         f"  for:      {printable(offer.description)}",
@@ -564,6 +564,9 @@ async def _pay(
 def report_failure(error: errors.GatewayError | aiohttp.ClientError | TimeoutError) -> int:
     """Say on stderr why a client command failed (pay's and credit's shared cases); its exit
     code: a bad configuration or token cache is a usage error, the rest a backend's."""
+    if isinstance(error, aiohttp.TooManyRedirects):  # its text is a bare "0, message=''"
+        print(f"l402-gateway: too many redirects ({len(error.history)})", file=sys.stderr)
+        return EXIT_BACKEND
     if isinstance(error, aiohttp.ClientError | TimeoutError):
         print(f"l402-gateway: request failed: {error or type(error).__name__}", file=sys.stderr)
         return EXIT_BACKEND

@@ -9,7 +9,10 @@
         async with session.get("https://api.example/premium/fortune") as response:
             ...  # 200 after paying once; later requests reuse the token
 
-A request that already carries an ``Authorization`` header is passed through untouched. A
+A request that already carries an ``Authorization`` header is passed through untouched.
+aiohttp runs a client middleware once for each redirect it follows: a redirect that answers
+a paid request is followed without paying again (its 402 comes back as it is), so one
+request pays at most once however the server redirects it. A
 retried request is sent with the same body, so bodies must be replayable (bytes, str, form
 data, JSON; not a one-shot stream). A pay-on-success token is bound to its request's body:
 the middleware knows the body of an in-memory payload (bytes, str, JSON, url-encoded form
@@ -23,13 +26,18 @@ asked why through the same session (without the middlewares), so a refund raises
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import weakref
 from typing import Any
 
 import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, hdrs
 from aiohttp.payload import BytesPayload
+from yarl import URL
 
 from gateway.client.core import L402Client
+from gateway.client.offer import MAX_PROBLEM_BYTES, read_at_most
 from gateway.client.on_success import MAX_ANSWER_BYTES
 from gateway.client.tokens import body_digest
 
@@ -41,12 +49,23 @@ class L402PayingMiddleware:
 
     def __init__(self, client: L402Client) -> None:
         self.client = client
+        # Per task (one request's redirects are followed in its task), where the answer to a
+        # paid request redirected to: the next hop, if it goes there, pays no more.
+        self._after_payment: weakref.WeakKeyDictionary[asyncio.Task[Any], URL] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         if hdrs.AUTHORIZATION in request.headers:
             return await handler(request)
+        task = asyncio.current_task()
+        redirected_to = self._after_payment.pop(task, None) if task is not None else None
+        follows_payment = redirected_to == request.url.with_fragment(None)
         exchange = await self.client.exchange(
-            str(request.url), request.method, body_sha256=await _body_sha256(request)
+            str(request.url),
+            request.method,
+            body_sha256=await _body_sha256(request),
+            may_pay=not follows_payment,
         )
         authorization = exchange.authorization
         session = request.session
@@ -58,7 +77,8 @@ class L402PayingMiddleware:
                 headers={hdrs.CONTENT_TYPE: "application/json"},
                 middlewares=(),
             ) as answer:
-                return answer.status, await answer.content.read(MAX_ANSWER_BYTES + 1)
+                body = await read_at_most(answer.content.iter_any(), MAX_ANSWER_BYTES)
+                return answer.status, body
 
         while True:
             if authorization is None:
@@ -70,7 +90,7 @@ class L402PayingMiddleware:
                 retry = await exchange.step(
                     response.status,
                     response.headers.getall(hdrs.WWW_AUTHENTICATE, []),
-                    response.read,
+                    functools.partial(read_at_most, response.content.iter_any(), MAX_PROBLEM_BYTES),
                     response.headers,
                     ask_gateway,
                 )
@@ -78,9 +98,27 @@ class L402PayingMiddleware:
                 response.release()
                 raise
             if retry is None:
+                if task is not None and (follows_payment or exchange.paid is not None):
+                    target = _redirect_target(response)
+                    if target is not None:
+                        self._after_payment[task] = target
                 return response
             response.release()
             authorization = retry.authorization
+
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+def _redirect_target(response: ClientResponse) -> URL | None:
+    """Where aiohttp follows ``response`` to, if it is a redirect."""
+    location = response.headers.get(hdrs.LOCATION)
+    if response.status not in _REDIRECTS or not location:
+        return None
+    try:
+        return response.url.join(URL(location)).with_fragment(None)
+    except ValueError:  # aiohttp refuses it too
+        return None
 
 
 async def _body_sha256(request: ClientRequest) -> str | None:

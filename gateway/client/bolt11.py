@@ -24,6 +24,8 @@ from gateway.bech32 import to_bytes, to_int
 __all__ = ["Bolt11Error", "Invoice", "decode"]
 
 # hrp: "ln" + currency + optional amount (digits, optional multiplier)
+# 21 million bitcoin in pico-bitcoin (the smallest unit) has 20 digits.
+_MAX_AMOUNT_DIGITS = 20
 _HRP_RE = re.compile(r"ln([a-z]+?)(?:(\d+)([munp]?))?")
 _MULTIPLIER_PICO_BTC = {"m": 10**9, "u": 10**6, "n": 10**3, "p": 1}  # per unit, in pico-BTC
 _SIGNATURE_WORDS = 104  # 65 bytes (r, s, recovery id) in 5-bit words
@@ -65,6 +67,8 @@ def _amount_msat(digits: str | None, multiplier: str | None) -> int | None:
         return None
     if digits.startswith("0"):
         raise Bolt11Error("amount with a leading zero")
+    if len(digits) > _MAX_AMOUNT_DIGITS:  # int() refuses thousands of digits
+        raise Bolt11Error("amount over all the bitcoin there is")
     if not multiplier:
         return int(digits) * 10**11  # whole bitcoin
     pico = int(digits) * _MULTIPLIER_PICO_BTC[multiplier]

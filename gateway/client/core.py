@@ -210,15 +210,18 @@ class L402Client:
             self._balances[token_id] = balance
         self._last_balance = balance
 
-    async def exchange(self, url: str, method: str, *, body_sha256: str | None = None) -> Exchange:
+    async def exchange(
+        self, url: str, method: str, *, body_sha256: str | None = None, may_pay: bool = True
+    ) -> Exchange:
         """Start the L402 side of one request, with the cached token for it if there is one.
 
         ``body_sha256``: the request body's :func:`~gateway.client.tokens.body_digest`; None
         when it is not known (then no pay-on-success token is reused for it, and one bought
-        for it serves only its own retry).
+        for it serves only its own retry). ``may_pay`` False: a 402 goes to the caller as it
+        came (a redirect that follows a payment, say).
         """
         cached = await self.cache.find(url, method, self.clock.now(), body_sha256)
-        return Exchange(self, url, method, cached, body_sha256)
+        return Exchange(self, url, method, cached, body_sha256, may_pay=may_pay)
 
     async def recover(self) -> list[SpendEntry]:
         """Resolve every pending payment now; the spending log entries of those that succeeded.
@@ -426,8 +429,11 @@ class Exchange:
         method: str,
         cached: CachedToken | None,
         body_sha256: str | None = None,
+        *,
+        may_pay: bool = True,
     ) -> None:
         self._client = client
+        self._may_pay = may_pay
         self._url = url
         self._method = method.upper()
         self._body_sha256 = body_sha256
@@ -479,7 +485,7 @@ class Exchange:
             if not top_up:  # a top-up: the token is good, only its balance ran out
                 await client.cache.refused(sent.payment_hash, self._url, status)
         if status == 402 and has_l402_challenge(www_authenticate):
-            if self._paid or self._authorizations >= 2:
+            if self._paid or not self._may_pay or self._authorizations >= 2:
                 return None
             self._authorizations += 1
             body = await read_body()

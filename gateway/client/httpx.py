@@ -9,6 +9,9 @@
 
 Only ``httpx.AsyncClient``: payers are asynchronous, so the synchronous flow raises
 ``TypeError``. A request that already carries an ``Authorization`` header is sent untouched.
+With ``follow_redirects=True`` httpx follows redirects inside the auth flow, so the response
+it gets is the last URL's: a response reached through a redirect is never paid (its 402 comes
+back as it is: request the URL it names).
 The request body is read into memory first so a retry can resend it; its digest binds a
 pay-on-success token to it (the token is reused only for a re-send of the same request with
 the same body). When the payment of a pay-on-success offer fails, the gateway is asked why
@@ -19,13 +22,17 @@ private CA, say), the payment's failure is raised as it came.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncGenerator, AsyncIterable, Generator
 
 import httpx
 
 from gateway.client.core import L402Client
+from gateway.client.errors import ChallengeError
+from gateway.client.offer import MAX_PROBLEM_BYTES, read_at_most
 from gateway.client.on_success import MAX_ANSWER_BYTES
 from gateway.client.tokens import body_digest
+from gateway.text import whole_number
 
 __all__ = ["L402Auth"]
 
@@ -67,10 +74,14 @@ class L402Auth(httpx.Auth):
             else:
                 request.headers["Authorization"] = authorization
             response = yield request
+            if response.request.url != request.url:
+                # Followed redirects (follow_redirects=True): the answer is another URL's, whose
+                # token this request's URL must never get. Handed over as it came.
+                return
             retry = await exchange.step(
                 response.status_code,
                 response.headers.get_list("WWW-Authenticate"),
-                response.aread,
+                functools.partial(_challenge_body, response),
                 response.headers,
                 _ask_gateway,
             )
@@ -79,15 +90,19 @@ class L402Auth(httpx.Auth):
             authorization = retry.authorization
 
 
+async def _challenge_body(response: httpx.Response) -> bytes:
+    """The 402's body. httpx reads the body of each response an auth flow answers with a
+    retry itself, whole: one that says it is larger than an offer reads is refused unread."""
+    length = whole_number(response.headers.get("Content-Length", "").strip())
+    if length is not None and length > MAX_PROBLEM_BYTES:
+        raise ChallengeError(f"a 402 body of {length} bytes, over {MAX_PROBLEM_BYTES}; not read")
+    return await response.aread()
+
+
 async def _ask_gateway(url: str, body: bytes) -> tuple[int, bytes]:
     headers = {"Content-Type": "application/json"}
     async with (
         httpx.AsyncClient() as http,
         http.stream("POST", url, content=body, headers=headers) as answer,
     ):
-        read = b""
-        async for chunk in answer.aiter_bytes():
-            read += chunk
-            if len(read) > MAX_ANSWER_BYTES:
-                break
-        return answer.status_code, read
+        return answer.status_code, await read_at_most(answer.aiter_bytes(), MAX_ANSWER_BYTES)

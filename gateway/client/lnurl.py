@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from gateway import destinations, errors
 from gateway.client import bolt11
+from gateway.client.offer import read_at_most
 from gateway.lnurl import MAX_SUCCESS_CHARS, description_hash
 from gateway.ports import Msat
 from gateway.text import printable
@@ -380,14 +381,10 @@ class LnurlPayClient:
         limit = self._max_body_bytes
         if response.content_length is not None and response.content_length > limit:
             raise _fail(f"{url.host}: an answer of more than {limit} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.content.iter_chunked(16 * 1024):
-            size += len(chunk)
-            if size > limit:
-                raise _fail(f"{url.host}: an answer of more than {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        body = await read_at_most(response.content.iter_any(), limit)
+        if len(body) > limit:
+            raise _fail(f"{url.host}: an answer of more than {limit} bytes")
+        return body
 
     @staticmethod
     def _json(url: yarl.URL, status: int, body: bytes) -> dict[str, Any]:

@@ -30,16 +30,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway import l402
 from gateway.client import bolt11
 from gateway.client.errors import ChallengeError, InvoiceRejected
+from gateway.text import whole_number
 
 __all__ = [
     "BALANCE_HEADER",
     "CREDIT_HEADER",
+    "MAX_PROBLEM_BYTES",
     "MAX_SETTLE_TIMEOUT",
     "NETWORKS",
     "PRICE_HEADER",
@@ -52,6 +54,7 @@ __all__ = [
     "has_l402_challenge",
     "normalize_network",
     "offered_token_id",
+    "read_at_most",
     "read_offer",
     "settle_terms",
     "token_valid_until",
@@ -76,7 +79,7 @@ _ALIASES = {
 _SCHEME_RE = re.compile(
     r"(?:^|,)[ \t]*([!#$%&'*+\-.^_`|~0-9A-Za-z]+)(?=[ \t]+[^=\s]|[ \t]*(?:,|$))"
 )
-_MAX_PROBLEM_BYTES = 64 * 1024
+MAX_PROBLEM_BYTES = 64 * 1024  # a larger 402 body is not read
 _MAX_MSAT_DIGITS = 19  # fits an int64, like every amount the gateway sends
 _SECONDS_RE = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,6})?")
 # The longest backend time a 402 may announce; above it the header is not believed (a held
@@ -170,7 +173,7 @@ def has_l402_challenge(www_authenticate: Sequence[str]) -> bool:
 
 def _problem(body: bytes | None) -> dict[str, object]:
     """A problem+json (or any JSON object) body; empty if it is not one."""
-    if not body or len(body) > _MAX_PROBLEM_BYTES:
+    if not body or len(body) > MAX_PROBLEM_BYTES:
         return {}
     try:
         problem = json.loads(body)
@@ -190,10 +193,7 @@ def amount_from_problem(body: bytes | None) -> int | None:
 
 def _msat_header(headers: Mapping[str, str], name: str) -> int | None:
     """A header holding a whole, non-negative number of msat; None if absent or not one."""
-    text = (headers.get(name) or "").strip()
-    if not text.isascii() or not text.isdigit() or len(text) > _MAX_MSAT_DIGITS:
-        return None
-    return int(text)
+    return whole_number((headers.get(name) or "").strip(), _MAX_MSAT_DIGITS)
 
 
 def balance_from_headers(headers: Mapping[str, str]) -> int | None:
@@ -293,8 +293,8 @@ def token_valid_until(macaroon: l402.Macaroon) -> int | None:
             caveat = l402.Caveat.parse(raw)
         except l402.MalformedToken:
             continue
-        if caveat.key.endswith("_valid_until") and caveat.value.isdigit():
-            value = int(caveat.value)
+        value = whole_number(caveat.value)
+        if caveat.key.endswith("_valid_until") and value is not None:
             until = value if until is None else min(until, value)
     return until
 
@@ -353,6 +353,9 @@ def read_offer(
         raise InvoiceRejected("invoice has expired")
     if invoice.payment_hash != identifier.payment_hash:
         raise InvoiceRejected("invoice pays another payment hash than the macaroon is bound to")
+    valid_until = token_valid_until(macaroon)
+    if valid_until is not None and now >= valid_until:
+        raise InvoiceRejected("the token offered has expired already (its valid_until caveat)")
     return Offer(
         scheme=challenge.scheme,
         macaroon_b64=challenge.macaroon_b64,
@@ -364,7 +367,7 @@ def read_offer(
         description=invoice.description,
         created_at=invoice.created_at,
         expires_at=invoice.expires_at,
-        valid_until=token_valid_until(macaroon),
+        valid_until=valid_until,
         services=_services(macaroon),
         credit_msat=credit,
         price_msat=price,
@@ -372,3 +375,14 @@ def read_offer(
         settles_on_success=settles_on_success,
         settle_timeout=settle_timeout,
     )
+
+
+async def read_at_most(chunks: AsyncIterable[bytes], limit: int) -> bytes:
+    """A body from ``chunks``, read up to ``limit + 1`` bytes (one over: too large); a peer
+    chooses its size."""
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            break
+    return bytes(body[: limit + 1])

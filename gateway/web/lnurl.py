@@ -43,6 +43,7 @@ from gateway.ports import InvoiceRecord, InvoiceState, LinkState
 from gateway.service.decisions import Refusal
 from gateway.service.rate_limiter import ClientLimiter, rate_limited
 from gateway.service.tips import LinkStatus
+from gateway.text import whole_number
 from gateway.web.links import (
     MAX_QR_SCALE,
     LinkPage,
@@ -305,15 +306,10 @@ def _scale(query: Mapping[str, str]) -> int | None:
     text = query.get("size")
     if text is None:
         return None
-    # At most two digits: int() refuses (ValueError) strings of thousands.
-    if not (
-        text.isascii()
-        and text.isdigit()
-        and len(text) <= len(str(MAX_QR_SCALE))
-        and 1 <= int(text) <= MAX_QR_SCALE
-    ):
+    size = whole_number(text, len(str(MAX_QR_SCALE)))
+    if size is None or not 1 <= size <= MAX_QR_SCALE:
         raise LnurlError(f"size must be a whole number from 1 to {MAX_QR_SCALE}", 400)
-    return int(text)
+    return size
 
 
 def _invoice_json(invoice: InvoiceRecord, *, qr: bool) -> dict[str, object]:

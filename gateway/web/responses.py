@@ -9,6 +9,7 @@ from http import HTTPStatus
 
 from gateway import l402
 from gateway.service import Deny, PaidToken, PaymentChallenge
+from gateway.text import whole_number
 
 # The realm of a 401's challenge when the decision names none (the default location).
 DEFAULT_REALM = "l402-gateway"
@@ -109,9 +110,7 @@ def content_length(value: str | None) -> int | None:
     """A ``Content-Length`` value as a number; None for none, or for one that is not ASCII
     digits (``isdigit`` alone takes '²', which ``int`` refuses) or too long (``int`` refuses
     thousands of digits)."""
-    if value is None or not (value.isascii() and value.isdigit()) or len(value) > 19:
-        return None
-    return int(value)
+    return None if value is None else whole_number(value)
 
 
 def client_address(peer: str | None, forwarded_for: str | None, trust_forwarded_for: bool) -> str:

@@ -183,6 +183,22 @@ async def test_bad_url_and_amounts(server: Server) -> None:
             assert "Traceback" not in refused.stderr
 
 
+async def test_a_redirect_loop_is_said_plainly(server: Server) -> None:
+    async def loop(_request: web.Request) -> web.Response:
+        raise web.HTTPFound("/loop")
+
+    app = web.Application()
+    app.router.add_get("/loop", loop)
+    test_server = TestServer(app, host="127.0.0.1")
+    await test_server.start_server()
+    try:
+        looped = await server.pay("--no-pay", f"http://127.0.0.1:{test_server.port}/loop")
+    finally:
+        await test_server.close()
+    assert looped.code == 3
+    assert looped.stderr.strip() == "l402-gateway: too many redirects (10)"
+
+
 class FakeTerminal(io.StringIO):
     def __init__(self) -> None:
         super().__init__()

@@ -117,6 +117,9 @@ async def test_sample_price_function_exists_and_prices(home: Path) -> None:
     function = getattr(importlib.import_module(module_name), attribute)
     assert asyncio.iscoroutinefunction(function)
     assert await function(PriceRequest("GET", "/api/quote", "n=3", ())) == 6000
+    # Not a number (int() refuses '²' and 5000 digits): one item, as documented.
+    for items in ("%C2%B2", "9" * 5000, "x"):
+        assert await function(PriceRequest("GET", "/api/quote", f"n={items}", ())) == 2000
     pricing = build_pricing(config)
     rule = pricing.match("GET", "/api/quote")
     assert rule is not None

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from gateway import l402
+from gateway.cli.formats import utc_time
 from gateway.cli.pay import offer_text
 from gateway.client.offer import Offer
 from gateway.ports import Msat
 from gateway.pricing import Pricing, Rule
 from gateway.service import MEMO_LIMIT, L402Service, PaymentChallenge, RequestInfo
 from gateway.store import MemoryStore
-from gateway.text import printable
+from gateway.text import printable, whole_number
 from tests.fakes import FakeClock, FakeInvoiceBackend
 
 # What a hostile client puts in a path: clear screen and cursor home, a window title (OSC),
@@ -107,8 +108,40 @@ async def test_a_long_escaped_memo_stays_within_the_limit_without_a_torn_escape(
     assert len(invoice.memo) <= MEMO_LIMIT
 
 
-def test_pay_shows_the_server_chosen_description_escaped() -> None:
-    offer = Offer(
+@pytest.mark.parametrize(
+    ("text", "max_digits", "number"),
+    [
+        ("0", 19, 0),
+        ("9" * 19, 19, 10**19 - 1),
+        ("9" * 20, 19, None),
+        ("9" * 5000, 19, None),  # int() refuses over 4300 digits
+        ("\u00b2", 19, None),  # isdigit() takes it, int() does not
+        ("\u0663", 19, None),  # an Arabic-Indic digit: int() takes it, HTTP does not
+        ("", 19, None),
+        ("-1", 19, None),
+        (" 1", 19, None),
+        ("12", 1, None),
+    ],
+)
+def test_whole_number_is_ascii_digits_of_bounded_length(
+    text: str, max_digits: int, number: int | None
+) -> None:
+    assert whole_number(text, max_digits) == number
+
+
+def test_pay_shows_a_time_past_the_calendar_without_crashing() -> None:
+    # A peer may set an invoice expiry of any size (BOLT 11's x field has no bound).
+    assert utc_time(2**2000) == "after 9999-12-31 23:59:59"
+    assert utc_time(2**60) == "after 9999-12-31 23:59:59"
+    assert utc_time(0) == "1970-01-01 00:00:00"
+    text = offer_text(shown_offer("fortune", expires_at=2**2000, valid_until=2**63 - 1), 1000)
+    assert "expires:  after 9999-12-31 23:59:59 UTC" in text
+    assert "token:    valid until after 9999-12-31 23:59:59 UTC" in text
+
+
+def shown_offer(description: str, expires_at: int = 0, valid_until: int | None = None) -> Offer:
+    """An offer as ``pay --no-pay`` shows it, with what a server chose."""
+    return Offer(
         scheme="L402",
         macaroon_b64="AgEEbHNhdA",
         invoice="lnbcrt10n1example",
@@ -116,13 +149,16 @@ def test_pay_shows_the_server_chosen_description_escaped() -> None:
         amount_msat=1000,
         network="regtest",
         destination="02" + "ab" * 32,
-        description="fortune\x1b[2J\x1b[Hpaid: 0 sat\u202e",
+        description=description,
         created_at=0,
-        expires_at=0,
-        valid_until=None,
+        expires_at=expires_at,
+        valid_until=valid_until,
         services=("api",),
     )
-    text = offer_text(offer, max_cost_msat=1000)
+
+
+def test_pay_shows_the_server_chosen_description_escaped() -> None:
+    text = offer_text(shown_offer("fortune\x1b[2J\x1b[Hpaid: 0 sat\u202e"), max_cost_msat=1000)
     assert "\x1b" not in text
     assert "\u202e" not in text
     assert "for:      fortune\\x1b[2J\\x1b[Hpaid: 0 sat\\u202e" in text

@@ -133,7 +133,11 @@ def test_refusals_of_well_signed_but_invalid_invoices() -> None:
     short_hash = enc.field("p", enc.words_of(HASH[:31]))  # wrong length: skipped (BOLT #11)
     with pytest.raises(bolt11.Bolt11Error, match="no payment hash"):
         bolt11.decode(enc.sign("lnbcrt210n", data + short_hash, NODE_KEY))
-    for amount, reason in (("015n", "leading zero"), ("1p", "whole number of millisatoshi")):
+    for amount, reason in (
+        ("015n", "leading zero"),
+        ("1p", "whole number of millisatoshi"),
+        ("9" * 5000 + "p", "over all the bitcoin"),  # int() refuses over 4300 digits
+    ):
         with pytest.raises(bolt11.Bolt11Error, match=reason):
             bolt11.decode(invoice(amount))
     with pytest.raises(bolt11.Bolt11Error, match="not UTF-8"):

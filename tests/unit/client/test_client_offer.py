@@ -17,7 +17,7 @@ from gateway.client import (
     has_l402_challenge,
     read_offer,
 )
-from gateway.client.offer import amount_from_problem, normalize_network
+from gateway.client.offer import amount_from_problem, normalize_network, token_valid_until
 from gateway.errors import GatewayError
 from tests.fakes import NODE_PUBKEY, NOW, make_invoice
 from tests.unit.client.client_helpers import (
@@ -26,6 +26,7 @@ from tests.unit.client.client_helpers import (
     LND_INVOICE_PAYEE,
     LND_INVOICE_TIMESTAMP,
     make_challenge,
+    make_macaroon,
 )
 
 
@@ -68,6 +69,20 @@ def test_a_checked_offer_has_the_facts() -> None:
     assert offer.expires_at == int(NOW) + 600
     assert offer.valid_until == int(NOW) + 3600
     assert offer.services == ("premium",)
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "9" * 5000, "-1", "soon"])
+def test_a_valid_until_caveat_that_is_no_whole_number_is_ignored(value: str) -> None:
+    # '²' passes isdigit() but not int(); int() refuses over 4300 digits.
+    caveat = f"premium_valid_until={value}"
+    macaroon = make_macaroon(bytes(32), valid_until=None, extra=(caveat,))
+    assert token_valid_until(l402.decode_b64(macaroon)) is None
+
+
+def test_a_token_that_expired_before_it_was_offered_is_refused() -> None:
+    challenge = make_challenge(10_000, valid_until=int(NOW) - 1)
+    with pytest.raises(InvoiceRejected, match="expired already"):
+        read_offer(challenge.www_authenticate, challenge.body, network="regtest", now=NOW)
 
 
 def test_lsat_only_challenge_is_answered_with_lsat() -> None:
