@@ -1540,13 +1540,25 @@ class SqliteStore(_SqliteOperations):
         instead of one; alone, an operation waits for no one.
 
         Queued before the first await: a caller cancelled while it waits has its operation
-        written all the same, then reversed by ``undo`` (when given) in a later group."""
+        written all the same, then reversed by ``undo`` (when given) in a later group; so is
+        one cancelled in the loop turn its result came in, before it could take it."""
         self._check_open(operation)
         self._gate.refuse_reentry()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._group(_Grouped(operation, function, future, undo))
-        return await future
+        grouped = _Grouped(operation, function, future, undo)
+        self._group(grouped)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if (
+                undo is not None
+                and future.done()
+                and not future.cancelled()
+                and future.exception() is None
+            ):
+                self._undo(grouped, future.result())
+            raise
 
     def _group(self, grouped: _Grouped) -> None:
         self._grouped.append(grouped)

@@ -14,7 +14,7 @@ import pytest
 
 from gateway import errors, l402
 from gateway.expiry import InvoiceSweeper
-from gateway.ports import InvoiceState, InvoiceUpdate, Msat, PaymentHash, Store
+from gateway.ports import InvoiceState, InvoiceUpdate, Msat, PaymentHash, Reserved, Store
 from gateway.pricing import CreditTerms, PriceRequest, Pricing, Rule
 from gateway.service import (
     CREDIT_AMOUNT_HEADER,
@@ -30,6 +30,7 @@ from gateway.service import (
 )
 from gateway.service.withdraw import WithdrawalOutcome, Withdrawer
 from gateway.store import MemoryStore, SqliteStore
+from gateway.store import sqlite as sqlite_store
 from tests.fakes import FakeClock, FakeInvoiceBackend
 
 CREDIT_PATH = "/api/generate"
@@ -406,6 +407,31 @@ async def test_a_request_cancelled_while_holding_credit_leaves_nothing_held(
     with pytest.raises(asyncio.CancelledError):
         await request
     # Grouped writes commit in order: this one commits after the cancelled reservation.
+    assert await env.store.settle_reservation(0, Msat(0), "GET", CREDIT_PATH) is None
+    account = await env.store.get_account(token_id_of_credential(authorization))
+    assert account is not None
+    assert (account.reserved_msat, account.balance_msat) == (0, 5_000)
+
+
+async def test_a_request_cancelled_as_its_hold_comes_in_leaves_nothing_held(
+    sqlite_env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled in the loop turn the store hands it the hold, before it could take it."""
+    env = sqlite_env
+    authorization = await env.buy()
+    request: asyncio.Task[Any] | None = None
+    settle = sqlite_store._settle_future
+
+    def settle_then_cancel(future: asyncio.Future[Any], result: Any, error: Any) -> None:
+        settle(future, result, error)
+        if request is not None and isinstance(result, Reserved):
+            request.cancel()  # the client left, seen in the same turn
+
+    monkeypatch.setattr(sqlite_store, "_settle_future", settle_then_cancel)
+    request = asyncio.create_task(env.ask(authorization=authorization))
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    # Grouped writes commit in order: this one commits after the hold's undo.
     assert await env.store.settle_reservation(0, Msat(0), "GET", CREDIT_PATH) is None
     account = await env.store.get_account(token_id_of_credential(authorization))
     assert account is not None
