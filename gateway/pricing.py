@@ -36,6 +36,8 @@ _CAPABILITY_RE = re.compile(r"[^\s,]+")
 # The most LND puts in an invoice: 100,000 BTC (lnrpc/invoicesrpc/addinvoice.go).
 MAX_PRICE_MSAT = 100_000 * 100_000_000 * 1000
 # Paths of these characters only need no more than the segment checks.
+# More in one path is refused: a front controller's script comes once, maybe twice.
+MAX_SCRIPT_SEGMENTS = 4
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # The methods frameworks take as an override (Rack's list, less WebDAV's); Symfony and
@@ -270,6 +272,10 @@ class Pricing:
         self._slash_readings = trailing_slash is TrailingSlash.ANY
         self._extension_readings = extension is Extension.ANY
         self._script_readings = script_prefix is ScriptPrefix.ANY
+        # HEAD reads as GET (Rule.matches).
+        self._named_methods = frozenset(
+            {"GET", "HEAD", *(m for rule in self.rules for m in rule.methods)}
+        )
 
     @property
     def bills_credit(self) -> bool:
@@ -296,7 +302,10 @@ class Pricing:
         refusal = path_refusal(path)
         if refusal is not None:
             return Refused(refusal)
-        methods = (method, *(m for m in method_overrides if m.upper() != method.upper()))
+        if self._script_readings and len(_SCRIPT_SEGMENT.findall(path)) > MAX_SCRIPT_SEGMENTS:
+            # Each is a reading of its own, priced against every rule: bounded work.
+            return Refused(f"path names more than {MAX_SCRIPT_SEGMENTS} scripts (.php, .cgi, ...)")
+        methods = self._reading_methods(method, method_overrides)
         paths = self._path_readings(path)
         priced: Rule | None = None
         matched = False
@@ -313,6 +322,26 @@ class Pricing:
         if not matched and self.unmatched is Unmatched.DENY:
             return NO_ROUTE
         return priced
+
+    def _reading_methods(self, method: str, method_overrides: Sequence[str]) -> list[str]:
+        """The request's method and those of its overrides that may price it otherwise. A
+        method no rule names matches exactly the rules any method does, so one of them stands
+        for all: a client may name thousands (``X-HTTP-Method-Override: A,B,...``), each of
+        which would be priced against every reading and rule."""
+        seen = {method.upper()}
+        methods = [method]
+        unnamed_seen = method.upper() not in self._named_methods
+        for override in method_overrides:
+            upper = override.upper()
+            if upper in seen:
+                continue
+            if upper not in self._named_methods:
+                if unnamed_seen:
+                    continue
+                unnamed_seen = True
+            seen.add(upper)
+            methods.append(override)
+        return methods
 
     def mounted_path(
         self, method: str, path: str, root_path: str, method_overrides: Sequence[str] = ()
@@ -389,6 +418,10 @@ def path_refusal(path: str) -> str | None:
             return "path must not contain '%' once decoded (double encoding)"
         if ";" in path:
             return "path must not contain ';' (path parameters)"
+        if "?" in path or "#" in path:
+            # Only an encoded one is left in a path; a backend that decodes the path and
+            # parses it as a URL again ends it there.
+            return "path must not contain an encoded '?' or '#'"
         if _CONTROL.search(path):
             return "path must not contain control characters"
         if not path.isascii() and unicodedata.normalize("NFKC", path) != path:

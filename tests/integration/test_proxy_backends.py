@@ -165,6 +165,9 @@ BYPASSES = [
     ("GET", "/api%2Fpremium/x", ()),
     ("GET", "/api%2fpremium%2fx", ()),
     ("GET", "/api/premium%2e/x", ()),
+    ("GET", "/api/premium%3F/x", ()),  # decoded and parsed again: the path ends at '?'
+    ("GET", "/api/premium%3fx", ()),
+    ("GET", "/api/premium%23/x", ()),  # ... or at '#'
     ("GET", "/api/premium./x", ()),
     ("GET", "/api/%EF%BD%90remium/x", ()),  # fullwidth p: NFKC makes it "premium"
     ("POST", "/api/premium/x", (("X-HTTP-Method-Override", "GET"),)),

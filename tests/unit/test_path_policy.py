@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from gateway.ports import Msat
 from gateway.pricing import (
+    MAX_SCRIPT_SEGMENTS,
     Extension,
     PathCase,
     Pricing,
@@ -31,6 +32,8 @@ RULES = (FREE, PREMIUM, EXACT)
     [
         ("/api\\premium\\x", "backslash"),
         ("/api%2fpremium", "'%'"),
+        ("/api/premium?/x", "encoded '?' or '#'"),  # %3F decoded
+        ("/api/premium#/x", "encoded '?' or '#'"),
         ("/api;x=1/premium/x", "';'"),
         ("/api/premium/\x1bx", "control"),
         ("/api/premium/x\x85", "control"),
@@ -99,6 +102,18 @@ def test_what_follows_a_scripts_name_is_also_priced_by_default() -> None:
     assert significant.resolve("GET", "/docs/index") is EXACT
 
 
+def test_a_path_naming_many_scripts_is_refused_as_each_is_a_reading() -> None:
+    pricing = Pricing(RULES)
+    most = "/a.php" * MAX_SCRIPT_SEGMENTS
+    assert pricing.resolve("GET", most + "/docs/index") is EXACT
+    assert pricing.resolve("GET", most + "/b.cgi/docs/index") == Refused(
+        f"path names more than {MAX_SCRIPT_SEGMENTS} scripts (.php, .cgi, ...)"
+    )
+    # A backend that routes the whole path reads no script names: no readings, no limit.
+    significant = Pricing(RULES, script_prefix=ScriptPrefix.SIGNIFICANT)
+    assert significant.resolve("GET", "/a.php" * 100 + "/docs/index") is None
+
+
 def test_free_readings_stay_free() -> None:
     pricing = Pricing(RULES)
     assert pricing.resolve("GET", "/api/free/x") is None
@@ -111,6 +126,22 @@ def test_a_method_override_prices_the_request_by_the_method_it_names() -> None:
     assert pricing.resolve("POST", "/api/premium/x", ("GET",)) is PREMIUM
     assert pricing.resolve("POST", "/api/premium/x", ("get",)) is PREMIUM
     assert pricing.resolve("POST", "/api/free/x", ("GET",)) is None
+
+
+def test_methods_no_rule_names_stand_for_each_other_however_many_a_client_sends() -> None:
+    deletes = Rule("/api/items/*", methods=frozenset({"DELETE"}), price_msat=Msat(3), service="d")
+    pricing = Pricing((*RULES, deletes))
+    unnamed = [f"M{n}" for n in range(10_000)]
+    # The named method after thousands of others still prices the request.
+    assert pricing.resolve("POST", "/api/items/x", [*unnamed, "delete"]) is deletes
+    assert pricing.resolve("POST", "/api/premium/x", [*unnamed, "GET"]) is PREMIUM
+    assert pricing.resolve("POST", "/api/premium/x", unnamed) is None
+    # Each named method once, and one method for all the others (POST, the request's own).
+    assert pricing._reading_methods("POST", [*unnamed, "delete", "DELETE", "head"]) == [
+        "POST",
+        "delete",
+        "head",
+    ]
 
 
 def test_two_different_priced_readings_are_refused() -> None:
