@@ -302,7 +302,8 @@ class Pricing:
         refusal = path_refusal(path)
         if refusal is not None:
             return Refused(refusal)
-        if self._script_readings and len(_SCRIPT_SEGMENT.findall(path)) > MAX_SCRIPT_SEGMENTS:
+        scripts = self._script_readings and "." in path
+        if scripts and len(_SCRIPT_SEGMENT.findall(path)) > MAX_SCRIPT_SEGMENTS:
             # Each is a reading of its own, priced against every rule: bounded work.
             return Refused(f"path names more than {MAX_SCRIPT_SEGMENTS} scripts (.php, .cgi, ...)")
         methods = self._reading_methods(method, method_overrides)
@@ -328,6 +329,8 @@ class Pricing:
         method no rule names matches exactly the rules any method does, so one of them stands
         for all: a client may name thousands (``X-HTTP-Method-Override: A,B,...``), each of
         which would be priced against every reading and rule."""
+        if not method_overrides:
+            return [method]
         seen = {method.upper()}
         methods = [method]
         unnamed_seen = method.upper() not in self._named_methods

@@ -388,6 +388,17 @@ async def test_the_store_failing_to_hold_credit_is_a_503(memory_env: Env) -> Non
     assert decision == Deny(503, Refusal.STORE_UNAVAILABLE, retry_after=5)
 
 
+async def assert_nothing_held(env: Env, authorization: str, request: asyncio.Task[Any]) -> None:
+    """``request`` ends cancelled, and its token's account holds nothing: all 5000 msat left."""
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    # Grouped writes commit in order: this one commits after the hold and its undo.
+    assert await env.store.settle_reservation(0, Msat(0), "GET", CREDIT_PATH) is None
+    account = await env.store.get_account(token_id_of_credential(authorization))
+    assert account is not None
+    assert (account.reserved_msat, account.balance_msat) == (0, 5_000)
+
+
 async def test_a_request_cancelled_while_holding_credit_leaves_nothing_held(
     sqlite_env: Env,
 ) -> None:
@@ -404,13 +415,7 @@ async def test_a_request_cancelled_while_holding_credit_leaves_nothing_held(
     request = asyncio.create_task(env.ask(authorization=authorization))
     await reserving.wait()
     request.cancel()  # the client left
-    with pytest.raises(asyncio.CancelledError):
-        await request
-    # Grouped writes commit in order: this one commits after the cancelled reservation.
-    assert await env.store.settle_reservation(0, Msat(0), "GET", CREDIT_PATH) is None
-    account = await env.store.get_account(token_id_of_credential(authorization))
-    assert account is not None
-    assert (account.reserved_msat, account.balance_msat) == (0, 5_000)
+    await assert_nothing_held(env, authorization, request)
 
 
 async def test_a_request_cancelled_as_its_hold_comes_in_leaves_nothing_held(
@@ -429,13 +434,7 @@ async def test_a_request_cancelled_as_its_hold_comes_in_leaves_nothing_held(
 
     monkeypatch.setattr(sqlite_store, "_settle_future", settle_then_cancel)
     request = asyncio.create_task(env.ask(authorization=authorization))
-    with pytest.raises(asyncio.CancelledError):
-        await request
-    # Grouped writes commit in order: this one commits after the hold's undo.
-    assert await env.store.settle_reservation(0, Msat(0), "GET", CREDIT_PATH) is None
-    account = await env.store.get_account(token_id_of_credential(authorization))
-    assert account is not None
-    assert (account.reserved_msat, account.balance_msat) == (0, 5_000)
+    await assert_nothing_held(env, authorization, request)
 
 
 async def test_a_hold_the_store_cancels_is_a_503(memory_env: Env) -> None:
