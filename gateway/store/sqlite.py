@@ -117,7 +117,13 @@ from gateway.store.outbox import (
     payout_events,
     withdrawal_events,
 )
-from gateway.store.sqlite_file import Synchronous, connect, connect_nonblocking, describe
+from gateway.store.sqlite_file import (
+    BUSY_TIMEOUT,
+    Synchronous,
+    connect,
+    connect_nonblocking,
+    describe,
+)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -1406,7 +1412,8 @@ class SqliteStore(_SqliteOperations):
         # within a few milliseconds (``_on_loop``; no hand-over to the worker, no wait for
         # the GIL between statements), on the worker otherwise; None for a read-only store.
         self._loop_connection = loop_connection
-        self._groups_since_checkpoint = 0
+        self._commits_since_checkpoint = 0
+        self._checkpointer: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -1600,14 +1607,30 @@ class SqliteStore(_SqliteOperations):
     ) -> list[tuple[Any, Exception | None]]:
         """``group`` committed on the loop's connection (rolled back when it raises)."""
         outcomes = _run_group(group, connection)
-        self._groups_since_checkpoint += 1
-        if self._groups_since_checkpoint >= CHECKPOINT_EVERY:
-            # This connection never checkpoints: the worker does, off the loop.
-            self._groups_since_checkpoint = 0
-            self._queue("checkpoint", _checkpoint, atomic=False).add_done_callback(
-                _log_failed_checkpoint
-            )
+        self._committed_on_loop()
         return outcomes
+
+    def _committed_on_loop(self) -> None:
+        """Count a commit on the loop's connection, which never checkpoints: every
+        ``CHECKPOINT_EVERY`` of them the worker checkpoints, off the loop. Without it the WAL
+        grows by every challenge's pages (about 43 KB each, without bound under unpaid
+        traffic), and appending to an ever longer file costs a commit twice the CPU."""
+        self._commits_since_checkpoint += 1
+        if self._commits_since_checkpoint >= CHECKPOINT_EVERY and self._checkpointer is None:
+            self._commits_since_checkpoint = 0
+            self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoint())
+
+    async def _checkpoint(self) -> None:
+        """Checkpoint the whole WAL, so that the next write starts it over. Our own writes
+        wait meanwhile (the gate), another process's for the lock (RESTART): under steady
+        writes a checkpoint they outpace could never catch up."""
+        try:
+            async with self._gate.transaction():
+                await self._queue("checkpoint", _restart_wal, atomic=False)
+        except StoreError as error:
+            log.warning("WAL checkpoint failed: %s", error)
+        finally:
+            self._checkpointer = None
 
     def _undo(self, grouped: _Grouped, result: object) -> None:
         """Reverse what a cancelled caller's operation did, in the next group."""
@@ -1630,6 +1653,7 @@ class SqliteStore(_SqliteOperations):
                     yield transaction
                     transaction.end()
                     self._call_on(here, "commit", _commit)
+                    self._committed_on_loop()
                 except BaseException:
                     transaction.end()
                     _rollback(here)
@@ -1662,6 +1686,8 @@ class SqliteStore(_SqliteOperations):
                 pass  # an open transaction ends first; nothing new can begin (closed)
             if self._committer is not None:
                 await asyncio.shield(self._committer)  # the grouped operations already queued
+            if self._checkpointer is not None:
+                await asyncio.shield(self._checkpointer)  # it still queues on the worker
         finally:
             if self._loop_connection is not None:
                 self._loop_connection.close()
@@ -1677,16 +1703,18 @@ GROUP_LIMIT = 256  # operations committed in one group at most
 # Seconds between tries of the loop's connection while another process writes (a write holds
 # the lock for well under a millisecond); 15 ms in all, then the worker waits.
 LOOP_BUSY_DELAYS = (0.001, 0.001, 0.001, 0.002, 0.002, 0.004, 0.004)
-CHECKPOINT_EVERY = 256  # groups committed on the loop's thread between WAL checkpoints
+CHECKPOINT_EVERY = 256  # commits on the loop's connection between WAL checkpoints
+CHECKPOINT_WAIT = 0.1  # seconds a checkpoint waits for another process's lock
 
 
-def _checkpoint(connection: sqlite3.Connection) -> None:
-    connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
-
-
-def _log_failed_checkpoint(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("WAL checkpoint failed: %s", future.exception())
+def _restart_wal(connection: sqlite3.Connection) -> None:
+    # Waits for other processes' writes and reads only briefly, as ours wait for it: with
+    # a long reader (a backup) it does what it can, and the next one finishes.
+    connection.execute(f"PRAGMA busy_timeout = {int(CHECKPOINT_WAIT * 1000)}")
+    try:
+        connection.execute("PRAGMA wal_checkpoint(RESTART)")
+    finally:
+        connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
 
 
 @dataclass(frozen=True, slots=True)

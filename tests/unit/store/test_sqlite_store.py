@@ -13,6 +13,7 @@ import sqlite3
 import stat
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -774,6 +775,65 @@ async def _funded(store: SqliteStore, amount: int) -> bytes:
         InvoiceUpdate(funding.payment_hash, InvoiceState.SETTLED, 1, Msat(amount), 2000.0)
     )
     return token_id
+
+
+async def _challenge_writes(store: SqliteStore, first: int, count: int) -> None:
+    """What a challenge writes, ``count`` times: its invoice and root key in one transaction,
+    each on the loop's connection while the database is free."""
+    for n in range(first, first + count):
+        async with store.transaction() as transaction:
+            await transaction.add_invoice(record(n))
+            await transaction.put_root_key(b"k%d" % n, b"t" * 32, b"r" * 32)
+        await asyncio.sleep(0)  # a server's loop turns between requests
+
+
+@pytest.mark.parametrize("stores", [1, 2])
+async def test_the_wal_stays_bounded_under_challenge_writes(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, stores: int
+) -> None:
+    # Unpaid requests each leave about 43 KB of WAL: without checkpoints of the transactions'
+    # commits it grew without bound (905 MB after 20000 challenges). With two stores (as two
+    # worker processes), each one's writes go on while the other checkpoints.
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_EVERY", 8)
+    opened = [await SqliteStore.open(db_path) for _ in range(stores)]
+    wal = Path(f"{db_path}-wal")
+    try:
+        await _challenge_writes(opened[0], 0, 7)  # not a checkpoint yet
+        before_any = wal.stat().st_size
+        for round_ in range(1, 20):
+            await asyncio.gather(
+                *(_challenge_writes(s, 1000 * round_ + 100 * i, 7) for i, s in enumerate(opened))
+            )
+        assert wal.stat().st_size <= 3 * stores * before_any
+    finally:
+        for one in opened:
+            await one.close()
+    assert await _count_invoices(db_path) == 7 + 19 * 7 * stores
+
+
+async def test_a_long_reader_does_not_hold_up_the_stores_writes(
+    store: SqliteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkpoint holds this store's own calls back while it waits for other readers (a
+    # backup's read transaction): briefly, not for the 5 s lock timeout.
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_EVERY", 8)
+    with raw(db_path) as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM invoices").fetchone()
+        slowest = 0.0
+        for n in range(40):
+            started = time.monotonic()
+            await _challenge_writes(store, n, 1)
+            slowest = max(slowest, time.monotonic() - started)
+        reader.execute("COMMIT")
+    assert slowest < 1.0
+    assert await store.get_invoice(record(39).payment_hash) is not None
+
+
+async def _count_invoices(path: Path) -> int:
+    with raw(path) as connection:
+        (count,) = connection.execute("SELECT count(*) FROM invoices").fetchone()
+        return int(count)
 
 
 async def test_reservations_made_at_once_are_committed_together(store: SqliteStore) -> None:
