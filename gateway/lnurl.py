@@ -61,9 +61,10 @@ __all__ = [
 MAX_IMAGE_BYTES = 100 * 1024
 # LUD-09: a success message, or a URL's description, is up to 144 characters.
 MAX_SUCCESS_CHARS = 144
-# LUD-12: the comment rides in the callback's query string, which must stay below ~2000
-# characters; this is the most ``commentAllowed`` may say.
-MAX_COMMENT_CHARS = 1000
+# LUD-12: the comment rides in the callback's request line, which aiohttp reads up to 8190
+# bytes; a character may take 12 of them percent-encoded (4 UTF-8 bytes), so this is the most
+# ``commentAllowed`` may say.
+MAX_COMMENT_CHARS = 600
 # A tip jar's name (the Lightning Address's local part): LUD-16's characters, and '+' (a
 # "name+tag" address falls back on "name"). Lower case: an address is read lower-cased.
 JAR_NAME = re.compile(r"[a-z0-9._+-]{1,64}")
@@ -226,22 +227,22 @@ def read_callback(
 ) -> tuple[Msat, str]:
     """The amount (msat) and comment of a wallet's callback request, checked; ``LnurlError``
     (400) for a missing amount or one that is no whole number of millisatoshis, outside
-    ``min_msat``..``max_msat``, a comment where none is taken, longer than
-    ``comment_allowed`` characters or with control characters (``clean_text``: a newline is
-    fine, CR LF becomes one)."""
+    ``min_msat``..``max_msat``, a comment longer than ``comment_allowed`` characters or with
+    control characters (``clean_text``: a newline is fine, CR LF becomes one). A comment
+    where none is taken is dropped: wallets send the payer's note whatever the service said,
+    and refusing it would refuse the payment."""
     text = query.get("amount")
     if text is None or text == "":
         raise LnurlError("no amount: add amount=<millisatoshis> to the callback")
     if _AMOUNT.fullmatch(text) is None:
         raise LnurlError("the amount must be a whole number of millisatoshis (amount=21000)")
-    amount = int(text) if len(text) <= _AMOUNT_DIGITS else max_msat + 1
+    digits = text.lstrip("0") or "0"
+    amount = int(digits) if len(digits) <= _AMOUNT_DIGITS else max_msat + 1
     if amount < min_msat:
         raise LnurlError(f"the amount {amount} msat is below the minimum, {min_msat} msat")
     if amount > max_msat:
-        raise LnurlError(f"the amount {text:.40} msat is above the maximum, {max_msat} msat")
-    comment = query.get("comment", "")
-    if comment and comment_allowed <= 0:
-        raise LnurlError("this service takes no comment")
+        raise LnurlError(f"the amount {digits:.40} msat is above the maximum, {max_msat} msat")
+    comment = query.get("comment", "") if comment_allowed > 0 else ""
     try:
         comment = clean_text(comment)
     except ValueError:

@@ -22,7 +22,7 @@ _network_dirs: list[Path] = []
 
 
 # Tests with these markers fail in CI when they would skip: CI must run them.
-REQUIRED_IN_CI = ("regtest", "postgres")
+REQUIRED_IN_CI = ("regtest", "postgres", "interop")
 
 
 def _unavailable(reason: str, what: str = "regtest") -> None:

@@ -63,8 +63,9 @@ __all__ = [
 
 # Seconds one HTTP request (connection, redirects followed and body included) may take.
 TIMEOUT = 10.0
-# A payRequest or callback answer is a few hundred bytes; an invoice with route hints ~2 kB.
-MAX_BODY_BYTES = 64 * 1024
+# A payRequest's metadata may carry a 100 KiB image (LUD-06: 136536 base64 characters); a
+# callback's answer is an invoice, ~2 kB with route hints.
+MAX_BODY_BYTES = 256 * 1024
 # Seconds a payRequest (callback, bounds, metadata) is reused for the next invoice.
 CACHE_SECONDS = 60.0
 _MAX_REDIRECTS = 3

@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 JAR_PREFIX = "/.well-known/lnurlp/"
 LINK_PREFIX = "/.well-known/l402/links/"
-_AMOUNT = re.compile(r"[0-9]{1,19}")
+_AMOUNT = re.compile(r"0*([0-9]{1,19})")  # leading zeros change no amount
 _JSON = (
     ("Content-Type", "application/json"),
     ("Cache-Control", "no-store"),
@@ -297,9 +297,10 @@ def _amount(query: Mapping[str, str]) -> int | None:
     text = query.get("amount")
     if text is None:
         return None
-    if not _AMOUNT.fullmatch(text):
+    match = _AMOUNT.fullmatch(text)
+    if match is None:
         raise LnurlError("amount must be a whole number of millisatoshis", 400)
-    return int(text)
+    return int(match[1])
 
 
 def _scale(query: Mapping[str, str]) -> int | None:

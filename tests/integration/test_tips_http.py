@@ -10,9 +10,11 @@ import hashlib
 import html
 import json
 import re
+import shutil
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.client import bolt11
-from gateway.lnurl import SuccessAction
+from gateway.lnurl import MAX_COMMENT_CHARS, SuccessAction
 from gateway.ports import Msat, PaymentHash
 from gateway.pricing import Rule
 from gateway.service import RateLimiter
@@ -45,6 +47,13 @@ COFFEE = TipJar(
 )
 SILENT = TipJar(
     name="silent", description="No comments here", min_msat=Msat(1_000), max_msat=Msat(5_000)
+)
+NOTES = TipJar(
+    name="notes",
+    description="Leave a note",
+    min_msat=Msat(1_000),
+    max_msat=Msat(5_000),
+    comment_allowed=MAX_COMMENT_CHARS,
 )
 Client = TestClient[web.Request, web.Application]
 
@@ -91,7 +100,7 @@ async def world() -> AsyncIterator[World]:
         canceler=gateway.backend,
         store=gateway.store,
         clock=gateway.clock,
-        jars={jar.name: jar for jar in (COFFEE, SILENT)},
+        jars={jar.name: jar for jar in (COFFEE, SILENT, NOTES)},
         base_url=BASE,
         invoice_expiry=600,
     )
@@ -174,12 +183,77 @@ async def test_a_bad_tip_callback_is_an_lnurl_error(
     assert world.gateway.backend.invoices == {}
 
 
-async def test_a_comment_where_none_is_taken_is_refused(world: World) -> None:
+async def test_a_comment_where_none_is_taken_is_dropped(world: World) -> None:
+    # Wallets (Alby's lightning-tools) send the payer's comment whatever the service said: a
+    # refusal would refuse the payment.
     request = await world.get(f"{JARS}/silent")
     assert "commentAllowed" not in request
-    await world.error(f"{JARS}/silent/callback", 400, amount="2000", comment="hi")
-    answer = await world.get(f"{JARS}/silent/callback", amount="2000")
+    answer = await world.get(f"{JARS}/silent/callback", amount="2000", comment="hi")
     assert "successAction" not in answer
+    invoice = check_invoice(answer["pr"], 2_000, request["metadata"])
+    record = await world.gateway.store.get_invoice(PaymentHash(invoice.payment_hash))
+    assert record is not None
+    assert record.comment == ""
+
+
+# A wallet script of Alby's lightning-tools (the copy `make interop` installs): it reads the
+# payRequest served at argv[2], with its callback moved to argv[3] (the test server is not the
+# public base URL), and asks it for an invoice of 2 sat with a comment, as a wallet would.
+ALBY_JAR_SCRIPT = """
+const [index, served, local] = process.argv.slice(1);
+const { LightningAddress } = await import(index);
+const body = await (await fetch(served)).json();
+body.callback = body.callback.replace("%s", local);
+const address = new LightningAddress("silent@pay.example.com", { proxy: false });
+await address.parseLnUrlPayResponse(body);
+const invoice = await address.requestInvoice({ satoshi: 2, comment: "thanks!" });
+console.log(invoice.paymentRequest);
+"""
+ALBY_INDEX = (
+    Path(__file__).parents[1] / "interop/js/node_modules/@getalby/lightning-tools/dist/esm/index.js"
+)
+
+
+@pytest.mark.interop
+async def test_albys_lightning_tools_get_an_invoice_from_a_jar_that_takes_no_comment(
+    world: World,
+) -> None:
+    # lightning-tools sends the comment whatever commentAllowed says, and reads no reason
+    # from a 4xx: a refused comment was a payment the wallet could not make.
+    node = shutil.which("node")
+    if node is None or not ALBY_INDEX.is_file():
+        pytest.skip("node or Alby's lightning-tools missing: run `make interop`")
+    local = str(world.client.make_url("")).rstrip("/")
+    process = await asyncio.create_subprocess_exec(
+        node,
+        "--input-type=module",
+        "-e",
+        ALBY_JAR_SCRIPT % BASE,
+        ALBY_INDEX.as_uri(),
+        f"{local}{JARS}/silent",
+        local,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    request = await world.get(f"{JARS}/silent")
+    invoice = check_invoice(out.decode().strip(), 2_000, request["metadata"])
+    record = await world.gateway.store.get_invoice(PaymentHash(invoice.payment_hash))
+    assert record is not None
+    assert record.service == "tip:silent"
+    assert record.comment == ""
+
+
+async def test_the_longest_comment_fits_the_request_line_in_any_script(world: World) -> None:
+    # Each of these characters is 4 bytes of UTF-8, 12 percent-encoded.
+    comment = "\U0001f600" * MAX_COMMENT_CHARS
+    answer = await world.get(f"{JARS}/notes/callback", amount="2000", comment=comment)
+    record = await world.gateway.store.get_invoice(
+        PaymentHash(bolt11.decode(answer["pr"]).payment_hash)
+    )
+    assert record is not None
+    assert record.comment == comment
 
 
 @pytest.mark.parametrize(
@@ -491,6 +565,7 @@ async def test_a_payer_chosen_link_takes_an_amount_and_its_lnurl(world: World) -
     for amount, status in (("999", 400), ("50001", 400), ("x", 400), ("-1", 400)):
         await world.error(invoice_path, status, amount=amount)
     await world.error(invoice_path, 400, amount="9" * 40)
+    assert (await world.get(invoice_path, amount="0" * 30 + "7000"))["amount_msat"] == 7_000
     chosen = await world.get(invoice_path, amount="7000")
     assert chosen["amount_msat"] == 7_000
     assert chosen["qr_svg"].startswith("<svg")
@@ -503,8 +578,9 @@ async def test_a_payer_chosen_link_takes_an_amount_and_its_lnurl(world: World) -
     # expires: another amount is refused, saying (and Retry-After) when to ask again.
     path, query = local(request["callback"])
     await world.error(path, 400, amount="500", **query)
-    await world.error(path, 400, amount="7000", comment="hi", **query)
-    answer = await world.get(path, amount="7000", **query)
+    answer = await world.get(path, amount="7000", comment="dropped", **query)
+    assert answer["pr"] == chosen["invoice"]
+    answer = await world.get(path, amount="0007000", **query)  # leading zeros: 7000
     assert answer["pr"] == chosen["invoice"]
     await held(world, path, dict(query, amount="9000"), "7 sat; ask again in 600 s", 600)
     await held(world, invoice_path, {"amount": "9000"}, "7 sat; ask again in 600 s", 600)

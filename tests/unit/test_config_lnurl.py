@@ -123,11 +123,11 @@ def test_the_environment_sets_lnurl(tmp_path: Path) -> None:
 def test_several_jars_and_their_amounts(tmp_path: Path) -> None:
     text = (
         BASE
-        + jar(name="a.b_c+d-1", min="21 sat", max="21000msat", comment_max=1000)
+        + jar(name="a.b_c+d-1", min="21 sat", max="21000msat", comment_max=600)
         + jar(name="tea", description="Tea", min="5sat", max="5sat", success_message="Ta")
     )
     first, second = load_text(tmp_path, text).tip_jar
-    assert (first.min_msat, first.max_msat, first.comment_max) == (21_000, 21_000, 1000)
+    assert (first.min_msat, first.max_msat, first.comment_max) == (21_000, 21_000, 600)
     assert (second.min_msat, second.max_msat) == (5_000, 5_000)
     assert second.success == SuccessAction(message="Ta")
     assert first.success is None
@@ -219,8 +219,8 @@ def test_the_shortest_invoice_expiry_leaves_time_to_hand_an_invoice_out() -> Non
         ({"min": "-1sat"}, "is not an amount"),
         ({"min": 1000}, 'write the amount with its unit: "1000sat" or "1000msat"'),
         ({"max": 2.5}, "max: write the amount with its unit"),
-        ({"comment_max": -1}, "comment_max must be 0 to 1000"),
-        ({"comment_max": 1001}, "comment_max must be 0 to 1000"),
+        ({"comment_max": -1}, "comment_max must be 0 to 600"),
+        ({"comment_max": 601}, "comment_max must be 0 to 600"),
         ({"success_message": "x" * 145}, "success_message must be printable, at most 144"),
         ({"success_message": "a", "success_url": "https://pay.example.com/t"}, "not both"),
         ({"success_url": "https://pay.example.com/t"}, "needs success_url_description"),

@@ -32,6 +32,7 @@ from gateway.client.lnurl import (
     pay_url,
 )
 from gateway.lnurl import (
+    MAX_IMAGE_BYTES,
     MAX_SUCCESS_CHARS,
     SuccessAction,
     description_hash,
@@ -185,6 +186,18 @@ async def test_a_lightning_address_gives_a_checked_invoice_for_the_amount(
     ]
 
 
+async def test_a_pay_request_with_the_largest_image_lud06_allows_is_taken(
+    service: Service, client: LnurlPayClient
+) -> None:
+    # 100 KiB of image (what a tip jar of ours may show) is 136536 base64 characters.
+    image = base64.b64encode(secrets.token_bytes(MAX_IMAGE_BYTES)).decode()
+    service.metadata = service.invoice_metadata = json.dumps(
+        [["text/plain", "carol's tips"], ["image/png;base64", image]]
+    )
+    text = await client.invoice(service.address, Msat(21_000))
+    assert bolt11.decode(text).description_hash == description_hash(service.metadata)
+
+
 async def test_an_lnurl_and_its_url_reach_the_same_service(
     service: Service, client: LnurlPayClient
 ) -> None:
@@ -285,7 +298,7 @@ async def _refused(client: LnurlPayClient, service: Service, amount: int = 21_00
         ({"error": "carol is on holiday"}, "refused: carol is on holiday"),
         ({"error": "\x1b[2Jcleared"}, r"refused: \x1b[2Jcleared"),  # shown, not obeyed
         ({"status": 500}, "HTTP 500"),
-        ({"body_bytes": 100_000}, "more than 65536 bytes"),
+        ({"body_bytes": 300_000}, "more than 262144 bytes"),
     ],
 )
 async def test_a_service_answer_that_does_not_check_out_is_refused(

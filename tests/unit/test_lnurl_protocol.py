@@ -241,9 +241,17 @@ def test_a_lightning_address_name_is_a_tip_jar_name() -> None:
         destinations.pay_url("caf\u00e9@pay.example.com")
 
 
-def test_a_comment_where_none_is_taken_is_refused() -> None:
-    with pytest.raises(LnurlError, match="takes no comment"):
-        lnurl.read_callback({"amount": "2000", "comment": "hi"}, Msat(1), Msat(5000), 0)
+def test_a_comment_where_none_is_taken_is_dropped() -> None:
+    # Alby's lightning-tools sends the payer's comment whatever commentAllowed says.
+    read = lnurl.read_callback({"amount": "2000", "comment": "hi"}, Msat(1), Msat(5000), 0)
+    assert read == (Msat(2000), "")
+
+
+def test_leading_zeros_change_no_amount() -> None:
+    zeros = "0" * 40 + "2000"
+    assert lnurl.read_callback({"amount": zeros}, Msat(1), Msat(5000), 0) == (Msat(2000), "")
+    with pytest.raises(LnurlError, match="the amount 5001 msat is above the maximum"):
+        lnurl.read_callback({"amount": "0" * 40 + "5001"}, Msat(1), Msat(5000), 0)
 
 
 def test_answers_and_errors() -> None:
