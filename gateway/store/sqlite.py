@@ -1614,7 +1614,8 @@ class SqliteStore(_SqliteOperations):
         """Count a commit on the loop's connection, which never checkpoints: every
         ``CHECKPOINT_EVERY`` of them the worker checkpoints, off the loop. Without it the WAL
         grows by every challenge's pages (about 43 KB each, without bound under unpaid
-        traffic), and appending to an ever longer file costs a commit twice the CPU."""
+        traffic); in a loop of challenge writes alone, appending to the ever longer file
+        took 2.2 times the CPU per commit."""
         self._commits_since_checkpoint += 1
         if self._commits_since_checkpoint >= CHECKPOINT_EVERY and self._checkpointer is None:
             self._commits_since_checkpoint = 0
