@@ -12,7 +12,7 @@ Commands::
     l402-gateway pay ADDRESS|LNURL [--amount A] [--comment T]   pay by LNURL-pay (tips)
     l402-gateway credit balance URL                  the credit of the token cached for URL
     l402-gateway credit withdraw URL [--amount-msat N]   ... paid out to the payer's node
-    l402-gateway --config ... webhooks list|show|redeliver   the signed webhooks' deliveries
+    l402-gateway --config ... webhooks list|show|redeliver|new-secret   the signed webhooks
     l402-gateway --config ... payees [--json]        revenue split payees and the ledger's totals
     l402-gateway --config ... payouts [--payee N] [--state S] [--limit N] [--json]   history
     l402-gateway --config ... payouts pay [--payee N] [--json]   pay their accrued shares now
@@ -104,15 +104,18 @@ def _version() -> str:
 
 
 def _options_after_the_command(
-    commands: argparse._SubParsersAction[Any], client: bool = False
+    commands: argparse._SubParsersAction[Any],
+    clients: frozenset[str] = _CLIENT_COMMANDS,
+    client: bool = False,
 ) -> None:
     """``--config``, ``-v`` and ``--log-format`` are also accepted after the command
     (``invoices --config c``), at every level; given in both places, the one after the
-    command wins."""
+    command wins. ``clients``: the commands of this level that read no configuration (the
+    top level's; ``payouts pay`` reads one)."""
     for name, command in commands.choices.items():
         known = command._option_string_actions
         # SUPPRESS: given only before the command, the value from there is kept.
-        reads_config = not client and name not in _CLIENT_COMMANDS
+        reads_config = not client and name not in clients
         if reads_config and "--config" not in known:
             command.add_argument(
                 "--config",
@@ -137,7 +140,7 @@ def _options_after_the_command(
             )
         for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
-                _options_after_the_command(action, client=not reads_config)
+                _options_after_the_command(action, frozenset(), client=not reads_config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

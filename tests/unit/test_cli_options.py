@@ -25,6 +25,7 @@ from tests.config_files import write_config
         (["-v", "--config", "a.toml", "invoices", "--config", "b.toml"], "b.toml", True),
         (["--config", "a.toml", "token", "revoke", "ab", "--config", "b.toml"], "b.toml", False),
         (["token", "--config", "b.toml", "revoke", "ab"], "b.toml", False),
+        (["payouts", "pay", "--config", "b.toml"], "b.toml", False),  # not the client's pay
         (["serve", "--verbose"], None, True),
         (["pay", "http://x/", "-v"], None, True),
     ],
