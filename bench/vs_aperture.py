@@ -9,7 +9,8 @@ front of the same trivial backend, issuing invoices on the same regtest LND node
     rather than trusted from HTTP status counts.
 
 Ours runs in several variants: at its defaults with one worker per core (as Aperture uses
-every core), with one worker, without uvloop, with the access log on, and the ``--baseline``
+every core), with one worker, without uvloop, with the access log on, with gRPC's own
+EventEngine client I/O (serve's default turns it off), and the ``--baseline``
 revision (before the efficiency work) at its defaults. Neither proxy asks LND whether the
 token's invoice settled, neither has a challenge rate limit. Rounds alternate between the
 sides so drift hits all alike; medians are reported. Then py-spy profiles the one-worker
@@ -77,12 +78,13 @@ PROFILE_TOP = 15
 
 @dataclass(frozen=True, slots=True)
 class Variant:
-    """How one of our sides runs: ``server`` is added to its ``[server]`` section, ``tree``
-    is another revision's checkout (None: this tree)."""
+    """How one of our sides runs: ``server`` is added to its ``[server]`` section, ``env`` to
+    its environment, ``tree`` is another revision's checkout (None: this tree)."""
 
     name: str
     workers: int
     server: str = ""
+    env: tuple[tuple[str, str], ...] = ()
     tree: Path | None = None
 
 
@@ -182,6 +184,7 @@ def _start_ours(
         return subprocess.Popen(  # noqa: S603 - our own interpreter and CLI
             [sys.executable, "-m", "gateway.cli", "--config", str(config), "serve"],
             cwd=variant.tree or REPO,  # the first entry of sys.path: that tree's gateway
+            env={**os.environ, **dict(variant.env)},
             stdout=output,
             stderr=subprocess.STDOUT,
         )
@@ -232,6 +235,8 @@ def _variants(baseline: Path) -> list[Variant]:
         Variant("serve, 1 worker", 1),
         Variant("serve, asyncio loop (no uvloop)", cores, 'event_loop = "asyncio"\n'),
         Variant("serve, access log on", cores, "access_log = true\n"),
+        # gRPC's default client I/O (its EventEngine threads), which serve turns off.
+        Variant("serve, gRPC EventEngine client", cores, env=(("GRPC_EXPERIMENTS", ""),)),
         Variant(f"serve at {BASELINE} (before)", cores, tree=baseline),
     ]
 

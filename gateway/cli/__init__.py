@@ -49,6 +49,10 @@ from typing import Any
 # Unset, gRPC's C core logs a failed TLS handshake in raw lines of its own, which the
 # commands report translated, in one line; ERROR keeps its errors. Read when grpc is imported.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# The client calls on the C core's own poller instead of the EventEngine's threads: fewer
+# hand-overs between threads per call, 22-26% less CPU per AddInvoice measured (bench/).
+# Read when grpc is imported; the workers of serve inherit it.
+os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_client")
 
 from gateway import errors
 from gateway.cli import admin, backup, check, credit, links, pay, payouts, serve, webhooks
