@@ -114,7 +114,8 @@ test-long: build
 
 # Every benchmark, each against a baseline measured in the same run: bench/results.md.
 bench: build
-	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	command -v wrk >/dev/null && command -v valgrind >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq wrk valgrind)
 	$(BIN)/python -m bench
 
 format: install

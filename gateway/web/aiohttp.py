@@ -514,9 +514,10 @@ def _priced(slot: _ServiceSlot, handler: Handler) -> Handler:
         # request's path and query_string properties would each cost a call.
         url = request.rel_url
         # A method override is looked for only when the request could carry one
-        # (authorize() keeps no decision for those).
+        # (authorize() keeps no decision for those). The query undecoded: decoding it costs
+        # a call, and an empty one decodes to empty.
         if (
-            url.query_string
+            url.raw_query_string
             or _OVERRIDE in headers
             or _HTTP_METHOD in headers
             or _METHOD_OVERRIDE in headers
