@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,8 +216,19 @@ def machine() -> str:
     return (
         f"{cpu}, {os.cpu_count()} cores, {memory_kib / 2**20:.0f} GiB RAM, "
         f"{platform.system()} {platform.machine()}, "
-        f"{platform.python_implementation()} {platform.python_version()}"
+        f"{platform.python_implementation()} {platform.python_version()}; "
+        f"a 10-million-step Python loop took {_python_loop_seconds():.2f} s when recorded"
     )
+
+
+def _python_loop_seconds() -> float:
+    """How fast the host runs Python right now: hosts of one CPU model have differed by
+    almost two times between days, and every figure moves with it."""
+    started = time.perf_counter()
+    total = 0
+    for step in range(10_000_000):
+        total += step
+    return time.perf_counter() - started
 
 
 def _summary_rows(text: str) -> dict[str, str]:
