@@ -14,7 +14,19 @@ GatewayFactory = Callable[[], AbstractAsyncContextManager[L402Service]]
 
 ON_SUCCESS_NEEDS_PROXY = "settle = on_success routes need l402-gateway serve (the reverse proxy)"
 
-__all__ = ["ON_SUCCESS_NEEDS_PROXY", "GatewayFactory", "refuse_on_success"]
+# Seconds the body of a request to the gateway's own endpoints (redeem, withdraw: a few KB at
+# most) has to arrive in: a client trickling it gets 408 and the connection closes, so no one
+# holds a connection for nothing, whatever the server's own body timeout.
+OWN_BODY_TIMEOUT = 10.0
+OWN_BODY_TOO_SLOW = f"the body did not arrive within {OWN_BODY_TIMEOUT:g}s"
+
+__all__ = [
+    "ON_SUCCESS_NEEDS_PROXY",
+    "OWN_BODY_TIMEOUT",
+    "OWN_BODY_TOO_SLOW",
+    "GatewayFactory",
+    "refuse_on_success",
+]
 
 
 def refuse_on_success(service: L402Service) -> None:

@@ -47,6 +47,7 @@ with the stored response (``Allow.replay``); the handler is not called.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -70,7 +71,7 @@ from gateway.service import (
     PaymentChallenge,
     RequestInfo,
 )
-from gateway.web import GatewayFactory, refuse_on_success
+from gateway.web import OWN_BODY_TIMEOUT, OWN_BODY_TOO_SLOW, GatewayFactory, refuse_on_success
 from gateway.web.cookies import headers_for_pricing, l402_cookie_values
 from gateway.web.credit import (
     MAX_WITHDRAW_BODY,
@@ -87,7 +88,7 @@ from gateway.web.method_override import (
     method_overrides,
 )
 from gateway.web.paywall import MAX_REDEEM_BODY, REDEEM_PATH, handle_redeem, render_challenge
-from gateway.web.responses import BALANCE_HEADER, HttpResponse, client_address
+from gateway.web.responses import BALANCE_HEADER, HttpResponse, client_address, render
 
 TOKEN = web.RequestKey("l402_token", PaidToken)
 _AUTHORIZATION = hdrs.AUTHORIZATION
@@ -211,23 +212,39 @@ def add_tip_routes(
     app.middlewares.insert(0, tips_middleware(tips, trust_forwarded_for=trust_forwarded_for))
 
 
-async def _read_limited(request: web.Request, limit: int) -> bytes:
-    """The body, or its first ``limit + 1`` bytes when it is longer."""
+async def _read_limited(request: web.Request, limit: int) -> bytes | web.Response:
+    """A POST's body, or its first ``limit + 1`` bytes when it is longer (b"" for another
+    method); or the answer when it comes too slowly (``OWN_BODY_TIMEOUT``) or not at all."""
+    if request.method != "POST":
+        return b""
     if request.content_length is not None and request.content_length > limit:
         return b"x" * (limit + 1)  # too large: not worth reading
     body = bytearray()
-    while len(body) <= limit:
-        chunk = await request.content.read(limit + 1 - len(body))
-        if not chunk:
-            break
-        body += chunk
+    try:
+        async with asyncio.timeout(OWN_BODY_TIMEOUT):
+            while len(body) <= limit:
+                chunk = await request.content.read(limit + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
+    except TimeoutError:
+        # The rest of the body is unread: it must not be read as the next request.
+        refusal = _response(render(Deny(408, OWN_BODY_TOO_SLOW)))
+        refusal.force_close()
+        return refusal
+    except ConnectionResetError:
+        # The client left mid-body: no one reads this answer (the access log does), and
+        # it is no server error.
+        return _response(render(Deny(400, "the client left before its body arrived")))
     return bytes(body)
 
 
 async def _redeem(
     request: web.Request, service: L402Service | None, trust_forwarded_for: bool
 ) -> web.Response:
-    body = await _read_limited(request, MAX_REDEEM_BODY) if request.method == "POST" else b""
+    body = await _read_limited(request, MAX_REDEEM_BODY)
+    if isinstance(body, web.Response):
+        return body
     return _response(
         await handle_redeem(
             service,
@@ -252,7 +269,9 @@ async def _credit_endpoint(
         return _response(
             await handle_token_info(service, method=request.method, authorization=authorization)
         )
-    body = await _read_limited(request, MAX_WITHDRAW_BODY) if request.method == "POST" else b""
+    body = await _read_limited(request, MAX_WITHDRAW_BODY)
+    if isinstance(body, web.Response):
+        return body
     return _response(
         await handle_withdraw(
             service,

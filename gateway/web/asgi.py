@@ -77,6 +77,7 @@ through untouched.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
@@ -91,7 +92,7 @@ from gateway.service import (
     PaymentChallenge,
     RequestInfo,
 )
-from gateway.web import GatewayFactory
+from gateway.web import OWN_BODY_TIMEOUT, OWN_BODY_TOO_SLOW, GatewayFactory
 from gateway.web.asgi_lifespan import SERVICE_STATE_KEY, LifespanRelay, l402_lifespan
 from gateway.web.cookies import headers_for_pricing, l402_cookie_values
 from gateway.web.credit import (
@@ -425,16 +426,26 @@ class L402Middleware:
             return False
         return True
 
-    async def _read_body(self, scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    async def _read_body(
+        self, scope: Scope, receive: Receive, send: Send, limit: int
+    ) -> bytes | None:
         """A POST's body, or ``limit + 1`` bytes of it (b"" for another method); None if the
-        client left."""
+        client left, or when it came too slowly (``OWN_BODY_TIMEOUT``: answered 408)."""
         if scope.get("method", "GET") != "POST":
             return b""
         length = _header(scope, b"content-length")
         stated = None if length is None else content_length(length.strip())
         if stated is not None and stated > limit:
             return b"x" * (limit + 1)  # too large: not worth reading
-        return await _read_limited(receive, limit)
+        try:
+            async with asyncio.timeout(OWN_BODY_TIMEOUT):
+                return await _read_limited(receive, limit)
+        except TimeoutError:
+            refusal = render(Deny(408, OWN_BODY_TOO_SLOW))
+            # The rest of the body is unread: the server is to close the connection.
+            closing = (*refusal.headers, ("Connection", "close"))
+            await _send_response(send, HttpResponse(408, closing, refusal.body))
+            return None
 
     async def _token_info(self, scope: Scope, send: Send) -> None:
         response = await handle_token_info(
@@ -445,7 +456,7 @@ class L402Middleware:
         await _send_response(send, response)
 
     async def _withdraw(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await self._read_body(scope, receive, MAX_WITHDRAW_BODY)
+        body = await self._read_body(scope, receive, send, MAX_WITHDRAW_BODY)
         if body is None:
             return
         response = await handle_withdraw(
@@ -458,7 +469,7 @@ class L402Middleware:
         await _send_response(send, response)
 
     async def _redeem(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await self._read_body(scope, receive, MAX_REDEEM_BODY)
+        body = await self._read_body(scope, receive, send, MAX_REDEEM_BODY)
         if body is None:
             return
         response = await handle_redeem(

@@ -11,6 +11,10 @@ PHP (Laravel, Symfony) names a query parameter's variable after its key cut at a
 leading spaces dropped and a space, ``.`` or ``[`` made ``_``: ``?.method=GET`` and
 ``?_method%00x=GET`` are its ``_method``.
 
+qs (Express's parser) reads ``[_method]=GET`` as ``_method`` (an empty parent key takes its
+first bracket); some parsers (Perl's URI, older Rack and Go) split parameters on ``;`` as well
+as ``&``: both splits are read.
+
 The same frameworks read ``_method`` from a POST's body too: Rack from a form (also one
 without a ``Content-Type``), PHP from a form or multipart form, Laravel also from JSON,
 Express's method-override from whatever its body parsers read.
@@ -37,9 +41,10 @@ def method_overrides(header_values: Iterable[str], query: str) -> tuple[str, ...
     """The methods named by override header values and ``_method`` query parameters."""
     values = [part for value in header_values for part in value.split(",")]
     if _QUERY_KEY.search(query):
-        values += [
-            value for key, value in parse_qsl(query, keep_blank_values=True) if _names_method(key)
-        ]
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if ";" in query:
+            pairs += parse_qsl(query.replace(";", "&"), keep_blank_values=True)
+        values += [value for key, value in pairs if _names_method(key)]
     return tuple(dict.fromkeys(name for m in values if (name := _method_named(m)) is not None))
 
 
@@ -53,12 +58,15 @@ def _method_named(value: str) -> str | None:
 
 def _names_method(key: str) -> bool:
     """Whether a parameter named ``key`` is ``_method`` to some framework: PHP's names (see
-    the module), or an array of it (``_method[]``, ``_method[0]``: qs, which Express uses,
-    and method-override takes the first value)."""
+    the module), an array of it (``_method[]``, ``_method[0]``: qs, which Express uses,
+    and method-override takes the first value), or qs's bracket after an empty parent
+    (``[_method]``)."""
     name = key.partition("\0")[0].lstrip(" ")
+    parent, _, children = name.partition("[")
     return "_method" in (
         name.translate(_PHP_NAME).lower(),
-        name.partition("[")[0].translate(_PHP_NAME).lower(),
+        parent.translate(_PHP_NAME).lower(),
+        children.partition("]")[0].lower() if not parent else "",
     )
 
 
@@ -84,9 +92,13 @@ def body_method_overrides(
     framework may read it.
 
     A form is read as a query string; JSON as an object's ``_method`` (a string, or a list
-    of them). A multipart form, or JSON that does not parse here (a backend's parser may be
-    laxer), names ``every`` method when "method" appears in it at all, percent-encoded or
-    not: its field names have too many spellings across parsers to read one by one.
+    of them; every one of a repeated key, as parsers differ on which they keep). JSON that
+    does not parse here names ``every`` method: a backend's parser may be laxer (invalid
+    UTF-8 replaced, deeper nesting), and its keys may be spelled with escapes. A multipart
+    form names ``every`` method when "method" appears in it at all (percent-encoded, or
+    split by backslash escapes, or not), or when a part's header has an RFC 2231 parameter
+    (``name*``, ``name*0``: split or encoded names) or an encoded word (``=?``): its field
+    names have too many spellings across parsers to read one by one.
     """
     form, json_, multipart = _readings(content_type)
     named: list[str] = []
@@ -96,13 +108,32 @@ def body_method_overrides(
             named += method_overrides((), text)
     if json_:
         try:
-            document = json.loads(body)
+            document = json.loads(body, object_pairs_hook=_Members)
         except (ValueError, RecursionError):
-            multipart = True  # read as loosely
-        else:
-            value = document.get("_method") if isinstance(document, dict) else None
-            values = value if isinstance(value, list) else [value]
-            named += method_overrides([v for v in values if isinstance(v, str)], "")
-    if multipart and b"method" in unquote_to_bytes(body).lower():
+            return tuple(dict.fromkeys(named + list(every)))
+        if isinstance(document, _Members):
+            for value in document.values_of("_method"):
+                values = value if isinstance(value, list) else [value]
+                named += method_overrides([v for v in values if isinstance(v, str)], "")
+    if multipart and _multipart_may_name_method(body):
         named += every
     return tuple(dict.fromkeys(named))
+
+
+class _Members(list[tuple[str, object]]):
+    """A JSON object's members in order, repeated keys kept."""
+
+    def values_of(self, key: str) -> list[object]:
+        return [value for name, value in self if name == key]
+
+
+# A part header of a multipart body (with its folded lines), and what in one makes a name
+# read differently by different parsers.
+_PART_HEADER = re.compile(rb"content-disposition[ \t]*:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*", re.I)
+_LOOSE_PARAMETER = re.compile(rb"(?<![a-z])name[ \t]*\*|=\?", re.I)
+
+
+def _multipart_may_name_method(body: bytes) -> bool:
+    if b"method" in unquote_to_bytes(body.replace(b"\\", b"")).lower():
+        return True
+    return any(_LOOSE_PARAMETER.search(header) for header in _PART_HEADER.findall(body))

@@ -371,6 +371,9 @@ def build_proxy(
     # The X-Forwarded ones are set afresh.
     request_drop = HOP_BY_HOP | {
         "host",
+        # Met by the gateway itself (its 100 Continue, or 417) before the body is forwarded,
+        # whole and at once: an upstream waiting to answer it first could wait forever.
+        "expect",
         "authorization",
         token_header.lower(),
         "x-forwarded-for",

@@ -4,7 +4,10 @@ A lenient Node backend (tests/backends/lenient.js) serves its premium content to
 that Node's WHATWG URL parser, Express-style case-insensitive and trailing-slash-blind
 routing, Tomcat-style ';' parameters, double decoding or a method override would route to
 /api/premium/; a WSGI backend (wsgiref) reads X_L402_Token as the token header. Every
-spelling that could reach priced content unpaid must get 400 or 402.
+spelling that could reach priced content unpaid must get 400 or 402. So must every method
+override real backends read from a POST body where the gateway's parsers read none: Express
+(its JSON and qs form parsers, with method-override) and Go (net/http's form parsing, as
+gorilla/handlers' method override reads it).
 
 Requests with bodies (of stated and unknown length, under several methods) reach the Node
 backend and one built on h11 (another parser than the llhttp both ends of the proxy use)
@@ -21,7 +24,9 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,12 +40,17 @@ import h11
 import pytest
 import pytest_asyncio
 
-from gateway.pricing import BodyMethod, Pricing
+from gateway.ports import Msat
+from gateway.pricing import BodyMethod, Pricing, Rule
 from tests.demo_rules import ECHO, PREMIUM_READ
 from tests.fakes import FakeGateway
 from tests.integration.test_proxy import Client, proxy_for
 
 LENIENT_JS = Path(__file__).parents[1] / "backends" / "lenient.js"
+EXPRESS_JS = Path(__file__).parents[1] / "backends" / "express_override.js"
+GO_BACKEND = Path(__file__).parents[1] / "backends" / "go_override"
+# Express and method-override, installed by `make interop` from the committed lockfile.
+NODE_MODULES = Path(__file__).parents[1] / "interop" / "js" / "node_modules"
 RULES = (PREMIUM_READ,)
 
 
@@ -77,11 +87,15 @@ def _dechunk(body: bytes) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def running_node_backend() -> AsyncIterator[str]:
+async def running_node_backend(script: Path = LENIENT_JS) -> AsyncIterator[str]:
     node = shutil.which("node")
     assert node is not None, "node is required to run the tests (README: Requirements)"
+    assert NODE_MODULES.is_dir(), "run `make interop` (the README's test command does)"
     process = await asyncio.create_subprocess_exec(
-        node, str(LENIENT_JS), stdout=asyncio.subprocess.PIPE
+        node,
+        str(script),
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
     )
     try:
         assert process.stdout is not None
@@ -256,6 +270,125 @@ async def test_the_backend_honours_each_body_override_when_told_it_does_not(
     async with await proxy_for(_Upstream(node_backend), gateway) as client:  # type: ignore[arg-type]
         status, answer = await send(client, "POST", "/api/premium/x", _typed(content_type), body)
     assert (status, answer["premium"]) == (200, True)
+
+
+# Bodies Express's parsers read as naming GET and the gateway's cannot parse (invalid UTF-8,
+# which Express replaces; nesting deeper than Python's parser takes), each with the key
+# spelled with an escape; and qs's bracket after an empty parent key.
+EXPRESS_BYPASSES = [
+    ("application/json", b'{"_m\\u0065thod": "GET", "x": "\xff"}'),
+    ("application/json", b'{"_m\\u0065thod": "GET", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}"),
+    (FORM, b"[_method]=GET"),
+    (FORM, b"a=1&%5B_method%5Dx=GET"),
+    (FORM, b"[_method][]=GET"),
+]
+
+
+@pytest_asyncio.fixture
+async def express_backend() -> AsyncIterator[str]:
+    async with running_node_backend(EXPRESS_JS) as url:
+        yield url
+
+
+@pytest.mark.parametrize(("content_type", "body"), EXPRESS_BYPASSES)
+async def test_express_gets_no_method_its_parsers_read_from_a_post_body_unpaid(
+    express_backend: str, content_type: str, body: bytes
+) -> None:
+    gateway = FakeGateway(RULES)
+    async with await proxy_for(_Upstream(express_backend), gateway) as client:  # type: ignore[arg-type]
+        status, answer = await send(client, "POST", "/api/premium/x", _typed(content_type), body)
+    assert status == 402, (status, answer)
+    assert answer.get("premium") is None
+
+
+@pytest.mark.parametrize(("content_type", "body"), EXPRESS_BYPASSES)
+async def test_express_honours_each_of_those_overrides_when_the_gateway_ignores_bodies(
+    express_backend: str, content_type: str, body: bytes
+) -> None:
+    gateway = FakeGateway(RULES)
+    gateway.pricing = Pricing(RULES, body_method=BodyMethod.IGNORED)
+    async with await proxy_for(_Upstream(express_backend), gateway) as client:  # type: ignore[arg-type]
+        status, answer = await send(client, "POST", "/api/premium/x", _typed(content_type), body)
+    assert (status, answer) == (200, {"premium": True, "method": "GET"})
+
+
+# Multipart field names Go's form parsing reads as `_method` (RFC 2231 continuations, joined
+# by its mime package) and in which the bytes "method" never appear.
+GO_BYPASSES = [
+    b'--b\r\nContent-Disposition: form-data; name*0="_me"; name*1="thod"\r\n\r\n'
+    b"DELETE\r\n--b--\r\n",
+    b"--b\r\nContent-Disposition: form-data; name*0*=utf-8''_me; name*1*=thod\r\n\r\n"
+    b"DELETE\r\n--b--\r\n",
+]
+ITEMS_WRITE = Rule(
+    "/api/items/*", methods=frozenset({"PUT", "PATCH", "DELETE"}), price_msat=Msat(10_000)
+)
+
+
+@pytest.fixture(scope="session")
+def go_backend_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    go = shutil.which("go")
+    assert go is not None, "Go is required to run the tests (README: Requirements)"
+    binary = tmp_path_factory.mktemp("go-backend") / "go_override"
+    subprocess.run(  # noqa: S603 - go from PATH, fixed arguments
+        [go, "build", "-o", str(binary), "."], cwd=GO_BACKEND, check=True
+    )
+    return binary
+
+
+@pytest_asyncio.fixture
+async def go_backend(go_backend_binary: Path) -> AsyncIterator[str]:
+    process = await asyncio.create_subprocess_exec(
+        str(go_backend_binary), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        port = int(await asyncio.wait_for(process.stdout.readline(), 10))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.kill()
+        await process.wait()
+
+
+@pytest.mark.parametrize("body", GO_BYPASSES)
+@pytest.mark.parametrize("ignored", [False, True])
+async def test_go_gets_no_method_named_by_a_split_multipart_name_unpaid(
+    go_backend: str, body: bytes, ignored: bool
+) -> None:
+    # With the body ignored, the backend routes the POST as the DELETE it names: premium.
+    gateway = FakeGateway((ITEMS_WRITE,))
+    if ignored:
+        gateway.pricing = Pricing((ITEMS_WRITE,), body_method=BodyMethod.IGNORED)
+    headers = [("Content-Type", "multipart/form-data; boundary=b")]
+    async with await proxy_for(_Upstream(go_backend), gateway) as client:  # type: ignore[arg-type]
+        status, answer = await send(client, "POST", "/api/items/1", headers, body)
+    if ignored:
+        assert (status, answer) == (200, {"premium": True, "method": "DELETE"})
+    else:
+        assert status == 402, (status, answer)
+
+
+async def test_the_upstream_gets_no_expectation_the_gateway_met_itself(
+    lenient: tuple[Client, FakeGateway],
+) -> None:
+    # The gateway answers 100 Continue and forwards the body whole: an upstream told to
+    # expect it could wait to answer the expectation first (waitress never does).
+    client, _gateway = lenient
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    head = "POST /free/upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    writer.write(f"{head}Content-Length: 5\r\nExpect: 100-continue\r\n\r\n".encode())
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+    )
+    writer.write(b"hello")
+    response = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head_block, _, body = response.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head_block.lower():
+        body = _dechunk(body)
+    answer = json.loads(body)
+    assert answer["bodyLength"] == 5
+    assert "expect" not in answer["headers"]
 
 
 async def test_a_connection_header_naming_a_header_the_request_carries_is_refused(

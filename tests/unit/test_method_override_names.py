@@ -37,6 +37,12 @@ from gateway.web.method_override import (
         # An array of it (qs, Express): method-override takes the first value.
         "_method[]=GET",
         "_method[0]=GET",
+        # qs: an empty parent key takes its first bracket.
+        "[_method]=GET",
+        "%5B_method%5D=GET",
+        "[_method][]=GET",
+        # Parameters separated by ';' (Perl's URI, older Rack and Go).
+        "a=1;_method=GET",
     ],
 )
 def test_a_query_parameter_any_backend_reads_as_method_names_one(query: str) -> None:
@@ -84,7 +90,44 @@ def test_headers_and_query_together_name_each_method_once() -> None:
         # JSON that does not parse here, or a multipart form, that mentions "method" at all
         # (also percent-encoded): any method.
         ("application/json", b'{"_method": "GET",}', OVERRIDE_METHODS),
-        ("application/json", b"[" * 100_000, ()),  # too deep for the parser, no mention
+        # too deep for the parser here (Node's parses it), invalid UTF-8 (Node replaces it),
+        # each with the key spelled with an escape
+        ("application/json", b'{"_m\\u0065thod": "GET", "x": ' + b"[" * 3000, OVERRIDE_METHODS),
+        ("application/json", b'{"_m\\u0065thod": "GET", "x": "\xff"}', OVERRIDE_METHODS),
+        ("application/json", b'{"_m\\u0065thod": "GET"}', ("GET",)),
+        # a repeated key: parsers differ on which one they keep
+        ("application/json", b'{"_method": "PUT", "_method": "GET"}', ("PUT", "GET")),
+        # qs's empty parent key, and ';' separating parameters (Perl's URI, older Rack)
+        ("application/x-www-form-urlencoded", b"[_method]=GET", ("GET",)),
+        ("application/x-www-form-urlencoded", b"a=1&%5B_method%5Dx=GET", ("GET",)),
+        ("application/x-www-form-urlencoded", b"a=1;_method=GET", ("GET",)),
+        # a multipart field name split (RFC 2231), charset-encoded, in an encoded word, or
+        # cut by a backslash escape
+        (
+            "multipart/form-data; boundary=b",
+            b'--b\r\nContent-Disposition: form-data; name*0="_me"; name*1="thod"\r\n\r\nGET',
+            OVERRIDE_METHODS,
+        ),
+        (
+            "multipart/form-data; boundary=b",
+            b"--b\r\nContent-Disposition: form-data;\r\n NAME*=utf-16''%00_%00m\r\n\r\nGET",
+            OVERRIDE_METHODS,
+        ),
+        (
+            "multipart/form-data; boundary=b",
+            b'--b\r\ncontent-disposition: form-data; name="=?utf-8?b?X21ldGhvZA==?="\r\n\r\nGET',
+            OVERRIDE_METHODS,
+        ),
+        (
+            "multipart/form-data; boundary=b",
+            b'--b\r\nContent-Disposition: form-data; name="_me\\thod"\r\n\r\nGET',
+            OVERRIDE_METHODS,
+        ),
+        (
+            "multipart/form-data; boundary=b",
+            b'--b\r\nContent-Disposition: form-data; name="f"; filename="a.txt"\r\n\r\nx',
+            (),
+        ),
         ("multipart/form-data; boundary=b", b'name="_m%65thod"\r\n\r\nGET', OVERRIDE_METHODS),
         ("multipart/form-data; boundary=b", b'name="file"\r\n\r\ndata', ()),
         ("text/plain", b"_method=GET", ()),  # no framework reads parameters from it

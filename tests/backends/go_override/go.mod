@@ -1,0 +1,3 @@
+module l402gateway/tests/backends/go_override
+
+go 1.22
