@@ -414,6 +414,10 @@ def _other_slash(path: str) -> str:
 
 def path_refusal(path: str) -> str | None:
     """Why a backend could resolve ``path`` (percent-decoded) differently from the rules."""
+    if not path.startswith("/"):
+        # Some servers pass a request target such as `paid/x` on as it is; frameworks that
+        # route it (Werkzeug's) read it as /paid/x, which no rule sees in `paid/x`.
+        return "path must start with '/'"
     if not _PLAIN_PATH.fullmatch(path):
         if "\\" in path:
             return "path must not contain a backslash"

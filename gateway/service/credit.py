@@ -250,7 +250,7 @@ class CreditLedger:
             # A caller cancelled now (its client left) still has its charge written (the
             # store's promise).
             # The payees' shares of the charge are credited in the same write.
-            return await self._store.settle_reservation(
+            balance = await self._store.settle_reservation(
                 charge.reservation_id, amount, charge.method, charge.path, split=charge.split
             )
         except asyncio.CancelledError:
@@ -258,9 +258,21 @@ class CreditLedger:
                 raise
             # The store's own task was cancelled (SQLite's committer, at shutdown).
             self._log_unfinished(charge, "the store cancelled the write")
+            return None
         except errors.StoreError:
             self._log_unfinished(charge, "store failed")
-        return None
+            return None
+        if balance is None and amount:
+            # Served all the same: a handler (an application's, under a middleware) may take
+            # longer than any upstream timeout the proxy sets.
+            log.warning(
+                "%s %s took longer than [credit] reservation_seconds: its hold was given back "
+                "before it finished, and %d msat went uncharged",
+                charge.method,
+                printable(charge.path, 200),
+                amount,
+            )
+        return balance
 
     @staticmethod
     def _log_unfinished(charge: CreditCharge, failure: str) -> None:

@@ -435,8 +435,9 @@ class L402Middleware:
             return b""
         length = _header(scope, b"content-length")
         stated = None if length is None else content_length(length.strip())
-        if stated is not None and stated > limit:
-            return b"x" * (limit + 1)  # too large: not worth reading
+        if length is not None and (stated is None or stated > limit):
+            # Too large (or more digits than any number we read: the server took it).
+            return b"x" * (limit + 1)  # not worth reading
         try:
             async with asyncio.timeout(OWN_BODY_TIMEOUT):
                 return await _read_limited(receive, limit)

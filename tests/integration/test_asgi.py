@@ -5,9 +5,12 @@ Its lifespan handling: test_asgi_lifespan.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -428,3 +431,20 @@ async def test_rules_of_the_routes_price_an_application_behind_a_root_path(
             assert (await paid.json())["token"]["amount_msat"] == PRICE
         async with http.get(f"{url}/free") as response:
             assert response.status == 200
+
+
+async def test_a_request_target_without_a_leading_slash_is_refused_under_uvicorn() -> None:
+    """uvicorn (h11) passes ``GET paid/rain`` on with the path ``paid/rain``, which no rule
+    sees; a framework that routes it as ``/paid/rain`` (Werkzeug's) would serve it unpaid."""
+    harness = Harness()
+    app = L402Middleware(starlette_app(harness.events), harness.gateway)
+    async with uvicorn_serving(app) as url:
+        port = urlsplit(url).port
+        assert port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET paid/rain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        response = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert json.loads(body)["detail"] == "path must start with '/'"

@@ -176,3 +176,21 @@ async def test_a_prompt_body_is_still_read_whole() -> None:
         status, _ = await read_answer(reader)
         writer.close()
     assert status == 400  # read whole, then refused as no macaroon: not a 408
+
+
+@pytest.mark.parametrize("length", ["100000", "12345678901234567890"])
+async def test_asgi_a_body_stated_too_large_is_refused_unread(length: str) -> None:
+    gateway = FakeGateway((ECHO,))
+    app = L402Middleware(Starlette())
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        raise AssertionError("the body is not read")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    headers = {"Content-Type": "application/json", "Content-Length": length}
+    async with gateway() as service:
+        await app(http_scope(service, "POST", REDEEM_PATH, "192.0.2.1", headers), receive, send)
+    assert sent[0]["status"] == 413

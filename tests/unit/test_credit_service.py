@@ -623,14 +623,20 @@ async def test_a_metered_failure_is_not_charged_whatever_it_reports(memory_env: 
     assert await env.service.finish_charge(charge, status=500, cost="700") == 5_000
 
 
-async def test_a_hold_the_sweeper_released_is_not_charged(env: Env) -> None:
+async def test_a_hold_the_sweeper_released_is_not_charged(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
     authorization = await env.buy()
     charge = await env.charge(authorization=authorization)
     env.clock.advance(RESERVATION_SECONDS + 1)
     sweeper = InvoiceSweeper(env.backend, env.store, env.clock, retention=0)
     result = await sweeper.sweep()
     assert (result.released, result.busy) == (1, False)
-    assert await env.service.finish_charge(charge, status=200, cost=None) is None
+    with caplog.at_level(logging.WARNING, logger="gateway.service.credit"):
+        assert await env.service.finish_charge(charge, status=200, cost=None) is None
+    # Not silent: the operator learns reservation_seconds is shorter than a request took.
+    assert "reservation_seconds" in caplog.text
+    assert "uncharged" in caplog.text
     assert await env.balance(authorization) == 5_000
     assert (await sweeper.sweep()).released == 0
 

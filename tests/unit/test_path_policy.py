@@ -44,6 +44,8 @@ RULES = (FREE, PREMIUM, EXACT)
         ("//api/premium/x", "'.', '..'"),
         ("/api/premium./x", "end in '.'"),
         ("/api/premium /x", "end in '.' or a space"),
+        ("api/premium/x", "start with '/'"),  # a target uvicorn (h11) and hypercorn pass on
+        ("", "start with '/'"),
     ],
 )
 def test_paths_a_backend_could_resolve_elsewhere_are_refused(path: str, reason: str) -> None:
