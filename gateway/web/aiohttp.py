@@ -128,6 +128,11 @@ class _ServiceSlot:
 
 
 _SLOT = web.AppKey("l402_service_slot", _ServiceSlot)
+_SETUP_TWICE = (
+    "setup_l402 is called on both an application and one of its sub-applications: the main "
+    "application's prices every route, the sub-application's would go unused. Call it once, "
+    "on the main application, with rules for the sub-applications' paths"
+)
 _CREDIT_NEEDS_MAIN_APP = (
     "credit routes need setup_l402 on the main application (it prices the routes of its "
     "sub-applications too): aiohttp freezes a sub-application's response signal, which "
@@ -471,6 +476,10 @@ def _replayed(stored: StoredResponse) -> web.Response:
 @dataclass(frozen=True, slots=True)
 class _Decided:
     decision: Decision
+    # The request line it was made for: an application's middleware may hand the handler a
+    # clone of the request for another path (which the clone's state still carries this to).
+    method: str
+    path: str
 
 
 # Made by the route's Expect handler, which aiohttp runs before the middlewares.
@@ -519,7 +528,12 @@ def _priced(slot: _ServiceSlot, handler: Handler) -> Handler:
     def priced(request: web.Request) -> Awaitable[web.StreamResponse]:
         headers = request.headers
         # Only an Expect handler decides first (looked up only then: a miss costs a KeyError).
-        if hdrs.EXPECT in headers and (decided := request.get(_DECIDED)) is not None:
+        if (
+            hdrs.EXPECT in headers
+            and (decided := request.get(_DECIDED)) is not None
+            and decided.path == request.path
+            and decided.method == request.method
+        ):
             return serve(request, decided.decision)
         if slot.refuse is not None and (refusal := slot.refuse(request)) is not None:
             return _answered(refusal)
@@ -590,7 +604,7 @@ class _DecideFirst:
                 refusal.force_close()
                 return refusal
             decision = await _decide(slot, request)
-            request[_DECIDED] = _Decided(decision)
+            request[_DECIDED] = _Decided(decision, request.method, request.path)
             if not isinstance(decision, Allow):
                 response = _refusal(request, decision)
                 response.force_close()
@@ -628,6 +642,23 @@ def _price_routes(router: web.UrlDispatcher, slot: _ServiceSlot, own_path: Handl
             route._expect_handler = _DecideFirst(slot, route._expect_handler)
 
 
+def _price_at_freeze(router: web.UrlDispatcher, slot: _ServiceSlot, own_path: Handler) -> None:
+    """Price the routes added after ``_price_routes`` ran, when ``router`` is frozen: aiohttp
+    freezes it once every startup handler has run, before the application serves anything."""
+    freeze = router.freeze
+
+    def priced_freeze() -> None:
+        _price_routes(router, slot, own_path)
+        freeze()
+
+    router.freeze = priced_freeze  # type: ignore[method-assign]
+
+
+def _subapplications(app: web.Application) -> list[web.Application]:
+    """Every sub-application of ``app``, nested ones included."""
+    return [each for sub in app._subapps for each in (sub, *_subapplications(sub))]
+
+
 def setup_l402(
     app: web.Application,
     gateway: GatewayFactory,
@@ -662,8 +693,12 @@ def setup_l402(
         app.router.add_route("*", path, own_path)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        # At startup: the application has added its routes by then.
+        if any(_SLOT in sub for sub in _subapplications(app)):
+            raise ConfigError(_SETUP_TWICE)
+        # At startup: the application has added its routes by then, but for those its own
+        # startup handlers add (aiohttp runs them after this): priced as the router freezes.
         _price_routes(app.router, slot, own_path)
+        _price_at_freeze(app.router, slot, own_path)
         async with gateway() as service:
             if stored_request is None:
                 refuse_on_success(service)
