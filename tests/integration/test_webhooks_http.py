@@ -172,6 +172,9 @@ async def test_each_endpoint_gets_its_events_signed_in_order() -> None:
         await settle(store, 2)
         await until(lambda: _count(everything, 4))
         await until(lambda: _count(bought, 2))
+        # The receiver has each request before the sender stores its outcome.
+        await until(lambda: _delivered(store, "all", 4))
+        await until(lambda: _delivered(store, "bought", 2))
     events = [verify_delivery(SECRET, h, body, now=clock.now()) for h, body in everything.got]
     assert [e["type"] for e in events] == [
         "invoice.settled",
