@@ -22,7 +22,7 @@ from gateway.ports import (
     Store,
 )
 from gateway.pricing import Pricing, Refused, Rule
-from gateway.service.caches import ALLOWED_CACHE_SIZE, AllowedKey, FreeLines
+from gateway.service.caches import ALLOWED_CACHE_SIZE, CREDENTIAL_TAIL, AllowedKey, FreeLines
 from gateway.service.challenge import ChallengeIssuer, TopUp
 from gateway.service.credit import RESERVATION_SECONDS, CreditLedger, TokenInfo
 from gateway.service.decisions import (
@@ -473,8 +473,15 @@ class L402Service:
         """
         # The cache's lookup inlined, and the meter skipped when off: this is the whole
         # decision on a paying client's hot path, where each call shows.
-        entry = self._allowed_entries.get((authorization, method, path))
-        if entry is not None and entry.since <= self._now() < entry.until:
+        entry = self._allowed_entries.get(
+            (authorization[-1][-CREDENTIAL_TAIL:] if authorization else "", method, path)
+        )
+        now = self._now  # an attribute read, then a call: the method lookup would not specialize
+        if (
+            entry is not None
+            and entry.authorization == authorization
+            and entry.since <= now() < entry.until
+        ):
             allowed = entry.allow
             if allowed.token is not None and self._count_paid is not None:
                 self._count_paid(allowed.token.service)

@@ -33,7 +33,13 @@ from gateway.service import (
     RateLimiter,
     RequestInfo,
 )
-from gateway.service.caches import AllowedCache, FreeLines, KnownToken, RootKeyCache
+from gateway.service.caches import (
+    CREDENTIAL_TAIL,
+    AllowedCache,
+    FreeLines,
+    KnownToken,
+    RootKeyCache,
+)
 from gateway.store import MemoryStore
 from gateway.watcher import InvoiceWatcher
 from gateway.web.cookies import headers_for_pricing
@@ -916,6 +922,23 @@ async def test_allowed_again_is_the_adapters_fast_path() -> None:
     assert env.service.allowed_again((credential,), "HEAD", PREMIUM) is None
     env.clock.advance(3600)
     assert env.service.allowed_again((credential,), "GET", PREMIUM) is None
+
+
+async def test_allowed_again_answers_only_the_exact_credential_it_verified() -> None:
+    """Entries are filed under the credential's last characters: one that ends alike, or the
+    same one with another Authorization value before it, gets no decision from the cache."""
+    env = Env()
+    credential = await env.credential()
+    decision = await env.ask(PREMIUM, [credential])
+    tail = credential[-CREDENTIAL_TAIL:]
+    assert env.service.allowed_again((f"L402 forged:{tail}",), "GET", PREMIUM) is None
+    assert env.service.allowed_again(("Bearer x", credential), "GET", PREMIUM) is None
+    assert env.service.allowed_again((credential,), "GET", PREMIUM) == decision
+    cache = AllowedCache(env.clock)
+    now = env.clock.now()
+    cache.put(((credential,), "GET", PREMIUM), decision, now, now + 5, now)
+    assert cache.get(((f"L402 forged:{tail}",), "GET", PREMIUM)) is None
+    assert cache.get(((credential,), "GET", PREMIUM)) == decision
 
 
 async def test_a_free_request_line_is_answered_again_for_any_credential() -> None:
