@@ -71,6 +71,12 @@ COUNTED_CONNECTIONS = 4
 COUNTED_ROUNDS = 2
 # Under valgrind the server runs many times slower: its startup included.
 VALGRIND_START_SECONDS = 300.0
+# The counted server keeps its root keys this long (the most the configuration allows). With
+# the default 5 s, each read going stale sends the next requests through a full verification
+# with a store read; under callgrind, some 50 times slower than real time, that happens 50
+# times as often per request as in real time, and added 3,000 to 6,000 instructions to each
+# counted request, varying with the round's length.
+COUNTED_ROOT_KEY_CACHE = "\n[l402]\nroot_key_cache_seconds = 3600\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +164,8 @@ async def count_instructions(
         return None
     directory = workdir / "callgrind"
     directory.mkdir()
+    counted_config = directory / "gateway.toml"  # the same store: the token is known there
+    counted_config.write_text(config.read_text() + COUNTED_ROOT_KEY_CACHE)
     gateway_port, bare_port = free_ports(2)
     log = workdir / "callgrind.log"
     server = callgrind.start(
@@ -170,7 +178,7 @@ async def count_instructions(
             "--bare-port",
             str(bare_port),
             "gateway",
-            str(config),
+            str(counted_config),
         ],
         directory,
         log,
@@ -280,7 +288,7 @@ def _verdict(throughput_ratio: float, instructions: Instructions | None) -> Verd
     met = throughput_ratio >= TARGET_RATIO
     if instructions is not None:
         instruction_ratio = instructions.bare / instructions.gateway
-        result += f", {instruction_ratio:.1%} of its instructions per request"
+        result += f", {instruction_ratio:.2%} of its instructions per request"
         met = met and instruction_ratio >= TARGET_RATIO
     return Verdict(result, f">= {TARGET_RATIO:.0%}", met)
 
@@ -290,10 +298,12 @@ def _instructions_line(instructions: Instructions | None) -> str:
         return "Instructions per request: not counted (valgrind is not installed)."
     return (
         f"Instructions per request on the priced route (callgrind, one process serving both, "
-        f"{COUNTED_ROUNDS} x {COUNTED_REQUESTS} requests each, medians): bare "
+        f"{COUNTED_ROUNDS} x {COUNTED_REQUESTS} requests each, medians; root keys cached for "
+        f"the whole count: in real time, a re-read every 5 s is spread over tens of thousands of "
+        f"requests): bare "
         f"{instructions.bare:,.0f}, gateway {instructions.gateway:,.0f}: the gateway adds "
         f"{instructions.gateway / instructions.bare - 1:.1%} (bare / gateway "
-        f"{instructions.bare / instructions.gateway:.1%})."
+        f"{instructions.bare / instructions.gateway:.2%})."
     )
 
 

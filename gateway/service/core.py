@@ -474,7 +474,7 @@ class L402Service:
         # The cache's lookup inlined, and the meter skipped when off: this is the whole
         # decision on a paying client's hot path, where each call shows.
         entry = self._allowed_entries.get(
-            (authorization[-1][-CREDENTIAL_TAIL:] if authorization else "", method, path)
+            (authorization[-1][CREDENTIAL_TAIL] if authorization else "", method, path)
         )
         now = self._now  # an attribute read, then a call: the method lookup would not specialize
         if (
@@ -483,7 +483,7 @@ class L402Service:
             and entry.since <= now() < entry.until
         ):
             allowed = entry.allow
-            if allowed.token is not None and self._count_paid is not None:
+            if self._count_paid is not None and allowed.token is not None:  # meter off: one test
                 self._count_paid(allowed.token.service)
             return allowed
         return FREE if (method, path) in self._free else None
