@@ -16,12 +16,14 @@ from gateway.service.decisions import Allow
 
 # (Authorization values, method, path): the request line and credential a decision answers.
 AllowedKey = tuple[tuple[str, ...], str, str]
-# What an AllowedCache files an entry under: the last characters of the last credential
-# (a token's ends with its random preimage) instead of the whole credential, whose hash over
-# 400-odd characters cost a paid request about a tenth of the gateway's share. The entry keeps
-# the whole credential and counts for that one only.
+# What an AllowedCache files an entry under: 24 characters of the last credential instead
+# of the whole of it, whose hash over 400-odd characters cost a paid request about a tenth of
+# the gateway's share. The entry keeps the whole credential and counts for that one only.
+# In "L402 <macaroon>:<64 hex preimage>" they are the macaroon's last ones, its signature:
+# the preimage is the same in every macaroon a holder derives from one token (attenuated
+# for others), the signature differs. A constant slice: none built per request.
 FiledKey = tuple[str, str, str]
-CREDENTIAL_TAIL = slice(-24, None)  # a constant slice: none built per request
+CREDENTIAL_TAIL = slice(-89, -65)
 ALLOWED_CACHE_SIZE = 50_000
 # Any client adds to the free request lines, paid or not: at most this many, of paths at most
 # this long (a longer one is resolved each time), so the set holds a few MB at most.

@@ -930,15 +930,32 @@ async def test_allowed_again_answers_only_the_exact_credential_it_verified() -> 
     env = Env()
     credential = await env.credential()
     decision = await env.ask(PREMIUM, [credential])
-    tail = credential[CREDENTIAL_TAIL]
-    assert env.service.allowed_again((f"L402 forged:{tail}",), "GET", PREMIUM) is None
+    forged = f"L402 x{credential[CREDENTIAL_TAIL]}:{'0' * 64}"
+    assert forged[CREDENTIAL_TAIL] == credential[CREDENTIAL_TAIL]
+    assert env.service.allowed_again((forged,), "GET", PREMIUM) is None
     assert env.service.allowed_again(("Bearer x", credential), "GET", PREMIUM) is None
     assert env.service.allowed_again((credential,), "GET", PREMIUM) == decision
     cache = AllowedCache(env.clock)
     now = env.clock.now()
     cache.put(((credential,), "GET", PREMIUM), decision, now, now + 5, now)
-    assert cache.get(((f"L402 forged:{tail}",), "GET", PREMIUM)) is None
+    assert cache.get(((forged,), "GET", PREMIUM)) is None
     assert cache.get(((credential,), "GET", PREMIUM)) == decision
+
+
+async def test_macaroons_derived_from_one_token_keep_their_own_cached_decisions() -> None:
+    """Attenuated copies of a token share its preimage: each is filed apart all the same, so
+    holders taking turns on one path are each answered from the cache."""
+    env = Env()
+    credential = await env.credential()
+    macaroon, _ = split(credential)
+    caveat = f"premium_paths={PREMIUM}"
+    once = macaroon.add_caveat(caveat)
+    derived = [with_macaroon(credential, m) for m in (once, once.add_caveat(caveat))]
+    assert derived[0][-64:] == derived[1][-64:]
+    decisions = [await env.ask(PREMIUM, [value]) for value in derived]
+    for value, decision in zip(derived, decisions, strict=True):
+        allowed(decision)
+        assert env.service.allowed_again((value,), "GET", PREMIUM) == decision
 
 
 async def test_a_free_request_line_is_answered_again_for_any_credential() -> None:
