@@ -21,7 +21,8 @@ AllowedKey = tuple[tuple[str, ...], str, str]
 # the gateway's share. The entry keeps the whole credential and counts for that one only.
 # In "L402 <macaroon>:<64 hex preimage>" they are the macaroon's last ones, its signature:
 # the preimage is the same in every macaroon a holder derives from one token (attenuated
-# for others), the signature differs. A constant slice: none built per request.
+# for others), the signature differs. A constant slice: none built per request. Only
+# decisions on a single Authorization value are filed (``L402Service._verified``).
 FiledKey = tuple[str, str, str]
 CREDENTIAL_TAIL = slice(-89, -65)
 ALLOWED_CACHE_SIZE = 50_000

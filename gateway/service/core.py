@@ -339,9 +339,12 @@ class L402Service:
 
     async def _verified(self, request: RequestInfo, rule: Rule) -> Decision:
         """The decision on the request's credential alone, remembered for the next request."""
+        # One Authorization value only: with more, the one filed under (the last, see
+        # ``filed_under``) need not be the credential, and a paying client could file its
+        # decision where another client's is (the same request line and 24 characters).
         cache_key: AllowedKey | None = (
             (request.authorization, request.method, request.path)
-            if self._cacheable(request)
+            if len(request.authorization) == 1 and self._cacheable(request)
             else None
         )
         if cache_key is not None:

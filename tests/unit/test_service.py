@@ -942,6 +942,19 @@ async def test_allowed_again_answers_only_the_exact_credential_it_verified() -> 
     assert cache.get(((credential,), "GET", PREMIUM)) == decision
 
 
+async def test_a_paying_client_cannot_file_its_decision_over_anothers() -> None:
+    """Another Authorization value after a valid credential, made to end as someone else's
+    does: that request is verified on its own and its decision is not filed, so the other
+    client's stays."""
+    env = Env()
+    victim, attacker = await env.credential(), await env.credential()
+    decision = await env.ask(PREMIUM, [victim])
+    crafted = f"Bearer x{victim[CREDENTIAL_TAIL]}:{'0' * 64}"
+    allowed(await env.ask(PREMIUM, [attacker, crafted]))
+    assert env.service.allowed_again((victim,), "GET", PREMIUM) == decision
+    assert env.service.allowed_again((attacker, crafted), "GET", PREMIUM) is None
+
+
 async def test_macaroons_derived_from_one_token_keep_their_own_cached_decisions() -> None:
     """Attenuated copies of a token share its preimage: each is filed apart all the same, so
     holders taking turns on one path are each answered from the cache."""
