@@ -21,8 +21,7 @@ AllowedKey = tuple[tuple[str, ...], str, str]
 # the gateway's share. The entry keeps the whole credential and counts for that one only.
 # In "L402 <macaroon>:<64 hex preimage>" they are the macaroon's last ones, its signature:
 # the preimage is the same in every macaroon a holder derives from one token (attenuated
-# for others), the signature differs. A constant slice: none built per request. Only
-# decisions on a single Authorization value are filed (``L402Service._verified``).
+# for others), the signature differs. A constant slice: none built per request.
 FiledKey = tuple[str, str, str]
 CREDENTIAL_TAIL = slice(-89, -65)
 ALLOWED_CACHE_SIZE = 50_000
@@ -127,6 +126,11 @@ class AllowedCache:
         return None
 
     def put(self, key: AllowedKey, allow: Allow, since: float, until: float, now: float) -> None:
+        """Files ``allow`` for a single Authorization value only: with more, the one filed
+        under (the last) need not be the credential, and a paying client could file its
+        decision where another client's is (the same request line and 24 characters)."""
+        if len(key[0]) != 1:
+            return
         # A float bound (a token's expiry is whole seconds): the hit's comparison with the
         # clock then has no int to convert.
         self.entries[filed_under(key)] = AllowedEntry(key[0], allow, since, float(until))

