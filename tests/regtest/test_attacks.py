@@ -42,12 +42,11 @@ from gateway.web.paywall import REDEEM_PATH
 from gateway.web.proxy import build_proxy
 from regtest.network import Network
 from tests.integration.asgi_helpers import uvicorn_serving
-from tests.regtest.gateway_helpers import ROUTES, OffsetClock, gateway_config
+from tests.regtest.gateway_helpers import ROUTES, OffsetClock, gateway_config, serving
 from tests.regtest.test_gateway_regtest import (
     MountedGateway,
     _mounted,
     _paid_authorization,
-    _serve_app,
 )
 
 pytestmark = pytest.mark.regtest
@@ -148,12 +147,10 @@ async def _other_fronts(config: Config) -> AsyncIterator[dict[str, str]]:
     )
     async with contextlib.AsyncExitStack() as stack:
         asgi_url = await stack.enter_async_context(uvicorn_serving(asgi))
-        upstream, upstream_url = await _serve_app(demo_api())
-        stack.push_async_callback(upstream.cleanup)
-        proxy, proxy_url = await _serve_app(
-            build_proxy(upstream_url, lambda: running_gateway(config))
+        upstream_url = await stack.enter_async_context(serving(demo_api()))
+        proxy_url = await stack.enter_async_context(
+            serving(build_proxy(upstream_url, lambda: running_gateway(config)))
         )
-        stack.push_async_callback(proxy.cleanup)
         yield {"ASGI middleware": asgi_url, "reverse proxy": proxy_url}
 
 

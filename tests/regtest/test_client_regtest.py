@@ -10,7 +10,6 @@ import aiohttp
 import httpx
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
 from gateway.client import Budget, BudgetExceeded, L402Client, TokenCache
 from gateway.client.aiohttp import L402PayingMiddleware
@@ -23,11 +22,11 @@ from gateway.runtime import running_gateway
 from gateway.store import SqliteStore
 from gateway.web.aiohttp import setup_l402
 from regtest.network import Network
-from regtest.processes import free_ports
 from tests.regtest.gateway_helpers import (
     PREMIUM_PRICE,
     OffsetClock,
     gateway_config,
+    serving,
     wait_for_invoice,
 )
 
@@ -47,14 +46,8 @@ async def gateway(network: Network, tmp_path: Path) -> AsyncIterator[Gateway]:
     app = demo_api()
     clock = OffsetClock()
     setup_l402(app, lambda: running_gateway(config, clock=clock))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    (port,) = free_ports(1)
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield Gateway(f"http://127.0.0.1:{port}", tmp_path / "gateway.db")
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield Gateway(url, tmp_path / "gateway.db")
 
 
 class CountingPayer:

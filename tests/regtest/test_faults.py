@@ -18,7 +18,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
 from gateway import l402
 from gateway.config import RateLimitConfig
@@ -33,6 +32,7 @@ from tests.regtest.gateway_helpers import (
     config_toml,
     gateway_config,
     l402_challenge,
+    serving,
     start_serve,
 )
 
@@ -103,32 +103,29 @@ class Gateway:
 
 @pytest_asyncio.fixture
 async def gateway(fault_network: Network, tmp_path: Path) -> AsyncIterator[Gateway]:
-    upstream = web.AppRunner(demo_api())
-    await upstream.setup()
-    upstream_port, port = free_ports(2)
-    await web.TCPSite(upstream, "127.0.0.1", upstream_port).start()
+    (port,) = free_ports(1)
     database = tmp_path / "gateway.db"
-    # Floods of unpaid requests come from one address: no rate limit in the way.
-    limits = RateLimitConfig(challenges_per_second=1000, burst=1000)
-    config = gateway_config(
-        fault_network,
-        database,
-        listen=f"127.0.0.1:{port}",
-        upstream=f"http://127.0.0.1:{upstream_port}",
-        rate_limit=limits,
-    )
     config_file = tmp_path / "gateway.toml"
-    config_file.write_text(config_toml(config))
-    gateway = Gateway(
-        fault_network, f"http://127.0.0.1:{port}", database, config_file, tmp_path / "serve.log"
-    )
-    try:
-        yield gateway
-    finally:
-        if gateway.process is not None:
-            gateway.stop()
-        await gateway.session.close()
-        await upstream.cleanup()
+    async with serving(demo_api()) as upstream:
+        # Floods of unpaid requests come from one address: no rate limit in the way.
+        limits = RateLimitConfig(challenges_per_second=1000, burst=1000)
+        config = gateway_config(
+            fault_network,
+            database,
+            listen=f"127.0.0.1:{port}",
+            upstream=upstream,
+            rate_limit=limits,
+        )
+        config_file.write_text(config_toml(config))
+        gateway = Gateway(
+            fault_network, f"http://127.0.0.1:{port}", database, config_file, tmp_path / "serve.log"
+        )
+        try:
+            yield gateway
+        finally:
+            if gateway.process is not None:
+                gateway.stop()
+            await gateway.session.close()
 
 
 async def pay(bob: LndClient, challenge: l402.Challenge) -> str:

@@ -33,6 +33,7 @@ from tests.regtest.gateway_helpers import (
     gateway_config,
     l402_challenge,
     pay,
+    serving,
     start_serve,
     wait_for_invoice,
 )
@@ -48,14 +49,6 @@ class MountedGateway:
     session: aiohttp.ClientSession
 
 
-async def _serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    (port,) = free_ports(1)
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
-
-
 @contextlib.asynccontextmanager
 async def _mounted(
     config: Config, clock: OffsetClock, app: web.Application | None = None
@@ -63,13 +56,9 @@ async def _mounted(
     """``app`` (default: ``demo_api()``) behind ``setup_l402`` on a loopback port."""
     app = app or demo_api()
     setup_l402(app, lambda: running_gateway(config, clock=clock))
-    runner, url = await _serve_app(app)
     database = Path(config.store.url.removeprefix("sqlite://"))
-    try:
-        async with aiohttp.ClientSession() as session:
-            yield MountedGateway(url, database, clock, session)
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url, aiohttp.ClientSession() as session:
+        yield MountedGateway(url, database, clock, session)
 
 
 @pytest_asyncio.fixture
@@ -173,11 +162,8 @@ async def test_flood_of_unpaid_requests_is_rate_limited_while_paid_ones_work(
 
 @pytest_asyncio.fixture
 async def upstream() -> AsyncIterator[str]:
-    runner, url = await _serve_app(demo_api())
-    try:
+    async with serving(demo_api()) as url:
         yield url
-    finally:
-        await runner.cleanup()
 
 
 class ProxySetup(NamedTuple):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
 from gateway.examples import demo_api
 from gateway.lnd.client import LndClient
@@ -24,6 +23,7 @@ from tests.regtest.gateway_helpers import (
     Ran,
     bob_runs,
     gateway_config,
+    serving,
     wait_for_invoice,
 )
 
@@ -56,14 +56,8 @@ async def gateway(network: Network, tmp_path: Path) -> AsyncIterator[Gateway]:
     config = gateway_config(network, database)
     app = demo_api()
     setup_l402(app, lambda: running_gateway(config))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    (port,) = free_ports(1)
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield Gateway(f"http://127.0.0.1:{port}", database, network, tmp_path)
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield Gateway(url, database, network, tmp_path)
 
 
 async def test_pays_prints_the_body_and_then_reuses_the_token(gateway: Gateway) -> None:
