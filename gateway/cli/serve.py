@@ -44,7 +44,7 @@ from gateway.runtime import (
     tip_jars,
 )
 from gateway.web.admin import build_admin, read_password_file
-from gateway.web.connections import ServerLimits
+from gateway.web.connections import REPORT_INTERVAL, ServerLimits, Throttled
 from gateway.web.lnurl import TipsSlot
 from gateway.web.metrics import metrics_app
 from gateway.web.proxy import build_proxy
@@ -59,16 +59,24 @@ PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 class MalformedRequestLog(logging.Filter):
     """aiohttp logs each request its parser rejects at ERROR, with a traceback quoting the
     offending bytes: anyone could fill the log that way, and the bytes may be part of a
-    credential. Such a record becomes one INFO line naming only the client and the error."""
+    credential. Such a record becomes one INFO line naming only the client and the error, at
+    most one per ``interval`` seconds (with the count of those left out)."""
+
+    def __init__(self, interval: float = REPORT_INTERVAL) -> None:
+        super().__init__()
+        self._events = Throttled(interval)
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, HttpProcessingError) and error.code == 400:
+            if not self._events.due():
+                return False
             record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
-            record.msg = "rejected a malformed request from %s: %s"
+            record.msg = "rejected a malformed request from %s: %s; %d more since the last report"
             client = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-            record.args = (client, type(error).__name__)
+            record.args = (client, type(error).__name__, self._events.unreported)
             record.exc_info, record.exc_text = None, None
+            self._events.reported()
         return True
 
 

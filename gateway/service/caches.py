@@ -25,10 +25,12 @@ AllowedKey = tuple[tuple[str, ...], str, str]
 FiledKey = tuple[str, str, str]
 CREDENTIAL_TAIL = slice(-89, -65)
 ALLOWED_CACHE_SIZE = 50_000
-# Any client adds to the free request lines, paid or not: at most this many, of paths at most
-# this long (a longer one is resolved each time), so the set holds a few MB at most.
+# Any client adds to the free request lines, paid or not: at most this many, so the set
+# holds a few MB at most.
 FREE_LINES_SIZE = 4_096
-FREE_PATH_LIMIT = 512
+# No cache keeps a longer path (it is resolved each time): an entry's size stays bounded
+# whatever the paths a client sends.
+CACHED_PATH_LIMIT = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,14 @@ class RootKeyCache:
         self._entries.clear()
 
 
+def fits_cache(key: AllowedKey) -> bool:
+    """Whether a decision on ``key`` may be kept: a single Authorization value (with more,
+    the one filed under, the last, need not be the credential, and a paying client could
+    file its decision where another client's is: the same request line and 24 characters)
+    and a path of at most ``CACHED_PATH_LIMIT`` characters."""
+    return len(key[0]) == 1 and len(key[2]) <= CACHED_PATH_LIMIT
+
+
 def filed_under(key: AllowedKey) -> FiledKey:
     authorization, method, path = key
     return (authorization[-1][CREDENTIAL_TAIL] if authorization else "", method, path)
@@ -126,10 +136,8 @@ class AllowedCache:
         return None
 
     def put(self, key: AllowedKey, allow: Allow, since: float, until: float, now: float) -> None:
-        """Files ``allow`` for a single Authorization value only: with more, the one filed
-        under (the last) need not be the credential, and a paying client could file its
-        decision where another client's is (the same request line and 24 characters)."""
-        if len(key[0]) != 1:
+        """Files ``allow`` when ``fits_cache(key)``."""
+        if not fits_cache(key):
             return
         # A float bound (a token's expiry is whole seconds): the hit's comparison with the
         # clock then has no int to convert.
@@ -156,7 +164,7 @@ class FreeLines(dict[tuple[str, str], None]):
     oldest is dropped for a new one when full.
     """
 
-    def __init__(self, capacity: int = FREE_LINES_SIZE, path_limit: int = FREE_PATH_LIMIT):
+    def __init__(self, capacity: int = FREE_LINES_SIZE, path_limit: int = CACHED_PATH_LIMIT):
         super().__init__()
         self._capacity = capacity
         self._path_limit = path_limit

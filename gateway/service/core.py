@@ -22,7 +22,13 @@ from gateway.ports import (
     Store,
 )
 from gateway.pricing import Pricing, Refused, Rule
-from gateway.service.caches import ALLOWED_CACHE_SIZE, CREDENTIAL_TAIL, AllowedKey, FreeLines
+from gateway.service.caches import (
+    ALLOWED_CACHE_SIZE,
+    CREDENTIAL_TAIL,
+    AllowedKey,
+    FreeLines,
+    fits_cache,
+)
 from gateway.service.challenge import ChallengeIssuer, TopUp
 from gateway.service.credit import RESERVATION_SECONDS, CreditLedger, TokenInfo
 from gateway.service.decisions import (
@@ -333,6 +339,8 @@ class L402Service:
         return held
 
     def _remember_credit_rule(self, key: AllowedKey, rule: Rule) -> None:
+        if not fits_cache(key):
+            return
         if len(self._credit_rules) >= ALLOWED_CACHE_SIZE:
             self._credit_rules.clear()  # rare: as many request lines as the decision caches
         self._credit_rules[key] = rule

@@ -114,6 +114,7 @@ CLOSE = web.RequestKey("l402_close", bool)
 # The body, when the decision read it (a POST whose body may name another method, with a
 # ``StoredRequestLoader``): the request's stream is spent, the handler forwards this.
 BODY = web.RequestKey("l402_body", bytes)
+CLIENT_LEFT = "the client left before its body arrived"
 
 
 @dataclass(slots=True)
@@ -241,7 +242,7 @@ async def _read_limited(request: web.Request, limit: int) -> bytes | web.Respons
     except ConnectionResetError:
         # The client left mid-body: no one reads this answer (the access log does), and
         # it is no server error.
-        return _response(render(Deny(400, "the client left before its body arrived")))
+        return _response(render(Deny(400, CLIENT_LEFT)))
     return bytes(body)
 
 

@@ -103,7 +103,7 @@ class UpstreamRunner:
                         body += chunk
                         if len(body) > max_response_bytes:
                             raise RunFailed(_over(max_response_bytes))
-                    kept = end_to_end_headers(answer.headers, RESPONSE_DROP, keep_underscored=True)
+                    kept = end_to_end_headers(answer.headers, RESPONSE_DROP, from_client=False)
                     return StoredResponse(answer.status, tuple(kept), bytes(body))
                 finally:
                     self._pool.release(answer)

@@ -73,7 +73,11 @@ def _names_method(key: str) -> bool:
 def _readings(content_type: str) -> tuple[bool, bool, bool]:
     """Whether a body of this ``Content-Type`` (all its values, joined) may be read as a form,
     as JSON, as a multipart form. Generous: Laravel takes any type holding "/json" or
-    "+json" for JSON, and Rack a POST without a media type for a form."""
+    "+json" for JSON, and Rack a POST without a media type for a form. A type with a letter
+    outside ASCII may be any of them: parsers fold such letters differently (Go's reads
+    "multİpart", with a dotted capital I, as "multipart"; Python's does not)."""
+    if not content_type.isascii():
+        return True, True, True
     lowered = content_type.lower()
     form = "x-www-form-urlencoded" in lowered or not content_type.partition(";")[0].strip()
     return form, "json" in lowered, "multipart" in lowered

@@ -44,6 +44,7 @@ from gateway.service.on_success import HoldTerms
 from gateway.web import GatewayFactory
 from gateway.web.aiohttp import (
     BODY,
+    CLIENT_LEFT,
     CLOSE,
     TOKEN,
     add_tip_routes,
@@ -80,6 +81,26 @@ NO_BODY = frozenset({204, 304})
 # Taken out of every upstream response: the hop-by-hop ones, and the gateway's own (only the
 # gateway's reach the client).
 RESPONSE_DROP = HOP_BY_HOP | {COST_HEADER.lower(), BALANCE_HEADER.lower()}
+# How proxies tell a backend who the client is and how it connected. A backend may trust any
+# of them (Rack reads Forwarded first, chi True-Client-IP, nginx's realip X-Real-IP): a
+# client's own never reach it. The gateway sets X-Forwarded-For, -Proto and -Host afresh.
+CLIENT_ORIGIN = frozenset(
+    {
+        "forwarded",
+        "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-forwarded",
+        "forwarded-for",
+        "front-end-https",
+        "x-url-scheme",
+    }
+)
+_FORWARDED = "x-forwarded-"
 
 
 class _Pools:
@@ -99,21 +120,25 @@ _PAID_POOLS = web.AppKey("l402_proxy_paid_pools", _Pools)
 
 
 def end_to_end_headers(
-    headers: CIMultiDictProxy[str], drop: frozenset[str], *, keep_underscored: bool
+    headers: CIMultiDictProxy[str], drop: frozenset[str], *, from_client: bool
 ) -> list[tuple[str, str]]:
     """``headers`` without those named (lower case) in ``drop``, which holds ``HOP_BY_HOP``,
-    and those ``Connection`` names (but ``Content-Length``); without names holding ``_``
-    unless ``keep_underscored``. (Every request and response passes here: ``drop`` is built
-    once by the caller.)"""
+    and those ``Connection`` names (but ``Content-Length``); ``from_client`` (a request's),
+    also without names holding ``_`` and those starting ``X-Forwarded-``. (Every request and
+    response passes here: ``drop`` is built once by the caller.)"""
     if hdrs.CONNECTION in headers:
         named = _connection_names(headers)
         # The body's framing is read from it: taken out, the body would follow the head
         # unframed, where the upstream reads it as the next request.
         named.discard("content-length")
         drop = drop.union(named)
-    if keep_underscored:
+    if not from_client:
         return [(k, v) for k, v in headers.items() if k.lower() not in drop]
-    return [(k, v) for k, v in headers.items() if "_" not in k and k.lower() not in drop]
+    return [
+        (k, v)
+        for k, v in headers.items()
+        if "_" not in k and (name := k.lower()) not in drop and not name.startswith(_FORWARDED)
+    ]
 
 
 def _connection_names(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -168,12 +193,18 @@ class _BodyTooSlow(Exception):
     pass
 
 
+class _ClientLeft(Exception):
+    pass
+
+
 class _LimitedBody:
-    """The request body, streamed, failing past ``limit`` bytes or when it arrives slower
-    than ``timeout`` seconds plus one second per ``min_rate`` bytes (from the first read).
+    """The request body, streamed, failing past ``limit`` bytes, when it arrives slower
+    than ``timeout`` seconds plus one second per ``min_rate`` bytes (from the first read),
+    or when the client leaves before it is whole.
 
     The upstream client reports an exception raised by the body it sends as a
-    ``ClientError``, so the failure is also remembered in ``exceeded`` or ``too_slow``.
+    ``ClientError``, so the failure is also remembered in ``exceeded``, ``too_slow`` or
+    ``client_left``.
     """
 
     def __init__(
@@ -185,6 +216,7 @@ class _LimitedBody:
         self._min_rate = min_rate
         self.exceeded = False
         self.too_slow = False
+        self.client_left = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
@@ -197,6 +229,9 @@ class _LimitedBody:
             except TimeoutError:
                 self.too_slow = True
                 raise _BodyTooSlow from None
+            except ConnectionResetError:
+                self.client_left = True
+                raise _ClientLeft from None
             if not chunk:
                 return
             seen += len(chunk)
@@ -369,21 +404,22 @@ def build_proxy(
         app.middlewares.insert(0, metrics_middleware(metrics_path, metrics_slot))
     # Content-Length is kept: the body is forwarded with the length the client declared.
     # The X-Forwarded ones are set afresh.
-    request_drop = HOP_BY_HOP | {
-        "host",
-        # Met by the gateway itself (its 100 Continue, or 417) before the body is forwarded,
-        # whole and at once: an upstream waiting to answer it first could wait forever.
-        "expect",
-        "authorization",
-        token_header.lower(),
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        # Zend Framework 1, Magento 1 and older Symfony route by these instead of the
-        # request line: a free path could carry a priced one.
-        "x-original-url",
-        "x-rewrite-url",
-    }
+    request_drop = (
+        HOP_BY_HOP
+        | CLIENT_ORIGIN
+        | {
+            "host",
+            # Met by the gateway itself (its 100 Continue, or 417) before the body is forwarded,
+            # whole and at once: an upstream waiting to answer it first could wait forever.
+            "expect",
+            "authorization",
+            token_header.lower(),
+            # Zend Framework 1, Magento 1 and older Symfony route by these instead of the
+            # request line: a free path could carry a priced one.
+            "x-original-url",
+            "x-rewrite-url",
+        }
+    )
     held_limit = min(max_held_body_bytes, max_body_bytes)
     too_slow_detail = f"the body took over {body_timeout:g}s plus 1s per {min_body_rate} bytes"
 
@@ -412,11 +448,16 @@ def build_proxy(
         # Names with "_" are dropped like nginx does: WSGI and CGI servers read X_L402_Token
         # (or X_Forwarded_For) as the header the gateway sets.
         client_headers = request.headers
-        headers = end_to_end_headers(client_headers, request_drop, keep_underscored=False)
+        headers = end_to_end_headers(client_headers, request_drop, from_client=True)
         if hdrs.COOKIE in client_headers:
             headers = _without_l402_cookies(headers)
         peer = request.remote or ""
-        prior = ", ".join(client_headers.getall(hdrs.X_FORWARDED_FOR, ()))
+        # An untrusted client's own claims are no one's to read: the gateway's hop alone.
+        prior = (
+            ", ".join(client_headers.getall(hdrs.X_FORWARDED_FOR, ()))
+            if trust_forwarded_for
+            else ""
+        )
         headers.append((hdrs.X_FORWARDED_FOR, f"{prior}, {peer}" if prior else peer))
         proto, host = request.scheme, request.host
         if trust_forwarded_for:
@@ -465,6 +506,8 @@ def build_proxy(
                     return too_large
                 except _BodyTooSlow:
                     return Deny(408, too_slow_detail)
+                except _ClientLeft:
+                    return Deny(400, CLIENT_LEFT)
         headers = forwarded_headers(request)
         return StoredRequest(request.method, request.rel_url.raw_path_qs, tuple(headers), body)
 
@@ -486,7 +529,7 @@ def build_proxy(
         progress.answered = True
         metrics_slot.meter.upstream_call(time.perf_counter() - progress.started, None)
         status, reason = answer.status, answer.reason
-        response_headers = end_to_end_headers(answer.headers, RESPONSE_DROP, keep_underscored=True)
+        response_headers = end_to_end_headers(answer.headers, RESPONSE_DROP, from_client=False)
         costs = answer.headers.getall(COST_HEADER, ())
         cost = ",".join(costs) if costs else None
         length = answer.content_length
@@ -568,6 +611,9 @@ def build_proxy(
                 return _problem(413, "Content Too Large", f"body over {max_body_bytes} bytes")
             if body is not None and body.too_slow:
                 return too_slow()
+            if body is not None and body.client_left:
+                # No one reads this answer (the access log does): no upstream failure.
+                return _problem(400, "Bad Request", CLIENT_LEFT)
             kind = "timeout" if isinstance(error, TimeoutError) else "connection"
             metrics_slot.meter.upstream_call(seconds, "mid_response" if progress.answered else kind)
             log.warning("upstream %s failed: %s", base, error)

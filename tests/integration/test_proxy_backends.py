@@ -308,13 +308,25 @@ async def test_express_gets_no_method_its_parsers_read_from_a_post_body_unpaid(
         assert answer.get("premium") is None
 
 
-# Multipart field names Go's form parsing reads as `_method` (RFC 2231 continuations, joined
-# by its mime package) and in which the bytes "method" never appear.
+GO_MULTIPART = "multipart/form-data; boundary=b"
+# Multipart forms Go's form parsing reads `_method` from: field names it joins from RFC 2231
+# continuations (its mime package), in which the bytes "method" never appear; a media type
+# it lower-cases to "multipart" (a dotted capital I: Python's lower() makes it two letters).
 GO_BYPASSES = [
-    b'--b\r\nContent-Disposition: form-data; name*0="_me"; name*1="thod"\r\n\r\n'
-    b"DELETE\r\n--b--\r\n",
-    b"--b\r\nContent-Disposition: form-data; name*0*=utf-8''_me; name*1*=thod\r\n\r\n"
-    b"DELETE\r\n--b--\r\n",
+    (
+        GO_MULTIPART,
+        b'--b\r\nContent-Disposition: form-data; name*0="_me"; name*1="thod"\r\n\r\n'
+        b"DELETE\r\n--b--\r\n",
+    ),
+    (
+        GO_MULTIPART,
+        b"--b\r\nContent-Disposition: form-data; name*0*=utf-8''_me; name*1*=thod\r\n\r\n"
+        b"DELETE\r\n--b--\r\n",
+    ),
+    (
+        "mult\u0130part/form-data; boundary=b",
+        b'--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--b--\r\n',
+    ),
 ]
 ITEMS_WRITE = Rule(
     "/api/items/*", methods=frozenset({"PUT", "PATCH", "DELETE"}), price_msat=Msat(10_000)
@@ -346,16 +358,16 @@ async def go_backend(go_backend_binary: Path) -> AsyncIterator[str]:
         await process.wait()
 
 
-@pytest.mark.parametrize("body", GO_BYPASSES)
+@pytest.mark.parametrize(("content_type", "body"), GO_BYPASSES)
 @pytest.mark.parametrize("ignored", [False, True])
-async def test_go_gets_no_method_named_by_a_split_multipart_name_unpaid(
-    go_backend: str, body: bytes, ignored: bool
+async def test_go_gets_no_method_named_by_a_form_it_reads_otherwise_unpaid(
+    go_backend: str, content_type: str, body: bytes, ignored: bool
 ) -> None:
     # With the body ignored, the backend routes the POST as the DELETE it names: premium.
     gateway = FakeGateway((ITEMS_WRITE,))
     if ignored:
         gateway.pricing = Pricing((ITEMS_WRITE,), body_method=BodyMethod.IGNORED)
-    headers = [("Content-Type", "multipart/form-data; boundary=b")]
+    headers = [("Content-Type", content_type)]
     async with await proxy_for(_Upstream(go_backend), gateway) as client:  # type: ignore[arg-type]
         status, answer = await send(client, "POST", "/api/items/1", headers, body)
     if ignored:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -17,7 +18,9 @@ from aiohttp.test_utils import TestServer
 from gateway.examples import demo_api
 from gateway.ports import Msat
 from gateway.pricing import CreditTerms, Rule
+from gateway.web.connections import ServerLimits
 from gateway.web.proxy import build_proxy
+from gateway.web.server import listening
 from tests.fakes import FakeGateway
 from tests.integration.test_proxy import PROBLEM_JSON, RULES, Client
 
@@ -231,3 +234,38 @@ async def test_forwarded_body_is_whole_with_the_limits_on() -> None:
         response = await client.post("/hold", data=b"q" * 300_000)
         assert response.status == 200
         assert json.loads(await response.text()) == {"bytes": 300_000}
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/hold", "application/octet-stream"),  # forwarded as it comes
+        (FORTUNE, "application/x-www-form-urlencoded"),  # read first: it may name a method
+    ],
+)
+async def test_a_client_leaving_mid_body_is_no_upstream_or_server_error(
+    path: str, content_type: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Served as ``serve`` serves it (aiohttp's test server would cancel the handler): no
+    warning that the upstream failed, no error with a traceback; the next client is served."""
+    caplog.set_level(logging.WARNING)
+    backend = Backend()
+    async with TestServer(backend.app) as upstream:
+        app = build_proxy(str(upstream.make_url("")), FakeGateway(RULES))
+        async with listening(app, "127.0.0.1", 0, ServerLimits()) as sockets:
+            port = sockets[0].getsockname()[1]
+            for _ in range(2):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(
+                    f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                    "Content-Length: 100\r\nExpect: 100-continue\r\n\r\n".encode()
+                )
+                assert (await status_and_head(reader))[0] == 100
+                writer.write(b"_method=GE")
+                await writer.drain()
+                writer.close()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await status_and_head(reader))[0] == 200
+            writer.close()
+    assert [record.getMessage() for record in caplog.records] == []

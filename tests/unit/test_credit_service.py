@@ -831,6 +831,20 @@ async def test_charge_again_holds_the_price_of_a_request_line_verified_before(en
     assert await env.balance(authorization) == 0
 
 
+async def test_charge_again_keeps_no_rule_for_more_than_one_authorization_value(env: Env) -> None:
+    """The rule map is keyed by the request's whole Authorization: with more than one value
+    (each up to aiohttp's 8 KB) nothing is kept, as in the decision cache."""
+    authorization = await env.buy()
+    both = (authorization, "Bearer " + "x" * 8000)
+    for values in (both, (authorization,)):
+        request = RequestInfo("GET", CREDIT_PATH, "203.0.113.7", values)
+        decision = await env.service.authorize(request)
+        assert isinstance(decision, Allow), decision
+        assert decision.charge is not None
+        await env.service.finish_charge(decision.charge, status=200, cost=None)
+    assert list(env.service._credit_rules) == [((authorization,), "GET", CREDIT_PATH)]
+
+
 async def test_charge_again_knows_no_price_function_route_and_no_revoked_token(env: Env) -> None:
     authorization = await env.buy(PRICED_PATH, query="n=5000")
     await env.allow(PRICED_PATH, authorization=authorization, query="n=1000")

@@ -154,6 +154,8 @@ def test_the_methods_a_post_body_names(
         ("application/octet-stream", False),
         ("text/plain", False),
         ("text/plain; profile=a/json", True),
+        ("mult\u0130part/form-data; boundary=b", True),
+        ("text/pla\u0130n", True),
     ],
 )
 def test_which_bodies_may_name_a_method(content_type: str, read: bool) -> None:

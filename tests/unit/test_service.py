@@ -34,6 +34,7 @@ from gateway.service import (
     RequestInfo,
 )
 from gateway.service.caches import (
+    CACHED_PATH_LIMIT,
     CREDENTIAL_TAIL,
     AllowedCache,
     FreeLines,
@@ -953,6 +954,18 @@ async def test_a_paying_client_cannot_file_its_decision_over_anothers() -> None:
     allowed(await env.ask(PREMIUM, [attacker, crafted]))
     assert env.service.allowed_again((victim,), "GET", PREMIUM) == decision
     assert env.service.allowed_again((attacker, crafted), "GET", PREMIUM) is None
+
+
+async def test_a_decision_on_a_long_path_is_not_kept() -> None:
+    """A path over ``CACHED_PATH_LIMIT`` is verified each time: a paying client sending many
+    long paths cannot fill the cache with large entries."""
+    env = Env()
+    credential = await env.credential()
+    for path in (PREMIUM + "x" * (CACHED_PATH_LIMIT - len(PREMIUM)), PREMIUM + "x" * 8000):
+        decision = await env.ask(path, [credential])
+        allowed(decision)
+        kept = env.service.allowed_again((credential,), "GET", path)
+        assert kept == (decision if len(path) <= CACHED_PATH_LIMIT else None)
 
 
 async def test_macaroons_derived_from_one_token_keep_their_own_cached_decisions() -> None:
