@@ -33,6 +33,7 @@ test keeps it so).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import inspect
@@ -389,10 +390,11 @@ def build_tips(
     lnd: LndClient,
     clock: Clock,
     jars: Mapping[str, TipJar] | None = None,
+    invoice_slots: asyncio.Semaphore | None = None,
 ) -> Tips | None:
     """The gateway's tip jars and payment links over ``lnd`` (which makes and cancels their
     invoices) and ``store``; None without ``[lnurl] base_url``. ``jars``: ``tip_jars(config)``
-    if already read."""
+    if already read; ``invoice_slots``: the service's (``L402Service.invoice_slots``)."""
     if not config.lnurl.enabled:
         return None
     try:
@@ -404,6 +406,7 @@ def build_tips(
             jars=tip_jars(config) if jars is None else jars,
             base_url=config.lnurl.origin,
             invoice_expiry=config.lnurl.invoice_expiry,
+            invoice_slots=invoice_slots,
         )
     except ValueError as error:
         raise errors.ConfigError(f"[lnurl] {error}") from None
@@ -664,7 +667,7 @@ async def running_runtime(
                 meter=meter,
                 rate_limiter=invoice_limiter,
             )
-            tips = build_tips(config, store, lnd, clock, jars)
+            tips = build_tips(config, store, lnd, clock, jars, service.invoice_slots)
             if tips is not None:
                 for name in tips.jars:
                     level = logging.INFO if watch else logging.DEBUG

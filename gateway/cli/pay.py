@@ -580,7 +580,7 @@ def _is_pay_request(body: bytes) -> bool:
         return False
     try:
         document = json.loads(body)
-    except ValueError:  # a UnicodeDecodeError is a ValueError
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return False
     return isinstance(document, dict) and document.get("tag") == "payRequest"
 

@@ -170,7 +170,6 @@ def _serve_worker(
     if log_level is not None:
         die_with_parent(supervisor)
         configure_logging(log_level, log_format, WORKER_LOG_FORMAT)
-    logging.getLogger("aiohttp.server").addFilter(MalformedRequestLog())
     server = config.server
     ipv6_prefix = config.rate_limit.ipv6_prefix
     health = HealthSlot()  # readiness of /.well-known/l402/ready, filled in at startup
@@ -236,6 +235,9 @@ def _serve_worker(
         others=others,
         access_log=server.access_log,
     )
+    server_log = logging.getLogger("aiohttp.server")
+    malformed = MalformedRequestLog()  # while this serves; not left behind for whatever runs next
+    server_log.addFilter(malformed)
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(server.event_loop)) as runner:
             runner.run(serving)
@@ -254,6 +256,8 @@ def _serve_worker(
             raise errors.ConfigError(message) from None
         log.error("%s", message)  # a worker: its supervisor stops the others
         raise SystemExit(2) from None
+    finally:
+        server_log.removeFilter(malformed)
 
 
 def _admin_password(config: Config) -> str:

@@ -10,9 +10,10 @@
             ...  # 200 after paying once; later requests reuse the token
 
 A request that already carries an ``Authorization`` header is passed through untouched.
-aiohttp runs a client middleware once for each redirect it follows: a redirect that answers
-a paid request is followed without paying again (its 402 comes back as it is), so one
-request pays at most once however the server redirects it. A
+aiohttp runs a client middleware once for each redirect it follows (``Location``, or ``URI``
+without it) and again when it resends a request whose connection closed: a redirect that
+answers a paid request, or a resend of one, goes on without paying again (its 402 comes back
+as it is), so one request pays at most once however the server redirects or drops it. A
 retried request is sent with the same body, so bodies must be replayable (bytes, str, form
 data, JSON; not a one-shot stream). A pay-on-success token is bound to its request's body:
 the middleware knows the body of an in-memory payload (bytes, str, JSON, url-encoded form
@@ -49,8 +50,9 @@ class L402PayingMiddleware:
 
     def __init__(self, client: L402Client) -> None:
         self.client = client
-        # Per task (one request's redirects are followed in its task), where the answer to a
-        # paid request redirected to: the next hop, if it goes there, pays no more.
+        # Per task (one request's redirects and resends are made in its task), where the
+        # request that paid goes on: its redirect's target, or itself when its connection
+        # failed (aiohttp resends it once). That next call, if it goes there, pays no more.
         self._after_payment: weakref.WeakKeyDictionary[asyncio.Task[Any], URL] = (
             weakref.WeakKeyDictionary()
         )
@@ -85,7 +87,12 @@ class L402PayingMiddleware:
                 request.headers.popall(hdrs.AUTHORIZATION, None)
             else:
                 request.headers[hdrs.AUTHORIZATION] = authorization
-            response = await handler(request)
+            try:
+                response = await handler(request)
+            except BaseException:
+                if task is not None and (follows_payment or exchange.paid is not None):
+                    self._after_payment[task] = request.url.with_fragment(None)
+                raise
             try:
                 retry = await exchange.step(
                     response.status,
@@ -112,7 +119,7 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 def _redirect_target(response: ClientResponse) -> URL | None:
     """Where aiohttp follows ``response`` to, if it is a redirect."""
-    location = response.headers.get(hdrs.LOCATION)
+    location = response.headers.get(hdrs.LOCATION) or response.headers.get(hdrs.URI)
     if response.status not in _REDIRECTS or not location:
         return None
     try:

@@ -92,11 +92,17 @@ class L402Auth(httpx.Auth):
 
 async def _challenge_body(response: httpx.Response) -> bytes:
     """The 402's body. httpx reads the body of each response an auth flow answers with a
-    retry itself, whole: one that says it is larger than an offer reads is refused unread."""
+    retry itself, whole: one that says it is larger than an offer reads is refused unread,
+    one that turns out larger (chunked, or compressed) once that much is read."""
     length = whole_number(response.headers.get("Content-Length", "").strip())
     if length is not None and length > MAX_PROBLEM_BYTES:
         raise ChallengeError(f"a 402 body of {length} bytes, over {MAX_PROBLEM_BYTES}; not read")
-    return await response.aread()
+    body = await read_at_most(response.aiter_bytes(), MAX_PROBLEM_BYTES)
+    if len(body) > MAX_PROBLEM_BYTES:
+        raise ChallengeError(f"a 402 body over {MAX_PROBLEM_BYTES} bytes; not read further")
+    # Read whole: kept where httpx's own read of it (Response.aread) looks first.
+    response._content = body
+    return body
 
 
 async def _ask_gateway(url: str, body: bytes) -> tuple[int, bytes]:

@@ -177,7 +177,7 @@ def _problem(body: bytes | None) -> dict[str, object]:
         return {}
     try:
         problem = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for json
         return {}
     return problem if isinstance(problem, dict) else {}
 

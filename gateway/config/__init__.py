@@ -264,7 +264,7 @@ class RateLimitConfig:
     challenges_per_second: float = 2.0  # refill rate of each client's bucket
     burst: int = 20  # bucket size: challenges a client may get at once
     max_clients: int = 100_000  # buckets kept; the least recently seen are dropped
-    max_pending_invoices: int = 16  # invoices being created at once, over all clients
+    max_pending_invoices: int = 16  # invoices being created at once: challenges, tips, links
     ipv6_prefix: int = 64  # IPv6 clients share one bucket per prefix of this many bits
     redeems_per_second: float = 4.0  # paywall redeem requests: refill of each client's bucket
     redeem_burst: int = 20  # and its size

@@ -114,8 +114,8 @@ class ChallengeIssuer:
         # Many addresses, each within its budget, can still ask for more invoices than the
         # node writes; queued on its database they delay settling the invoices being paid.
         # Waiters are served in arrival order, so a buyer waits behind at most one request
-        # per open connection.
-        self._invoice_slots = asyncio.Semaphore(max_pending_invoices)
+        # per open connection. Shared with the tip jars and payment links (``Tips``).
+        self.invoice_slots = asyncio.Semaphore(max_pending_invoices)
         self._price_log_after: dict[str, float] = {}  # pattern -> when to log it again
         self._price_failures: dict[str, int] = {}  # pattern -> failures not logged
 
@@ -172,7 +172,7 @@ class ChallengeIssuer:
             else self._hold.invoice_expiry
         )
         try:
-            async with self._invoice_slots:
+            async with self.invoice_slots:
                 invoice = await self._add_invoice(amount, memo, expiry, held)
         except errors.BackendUnavailable as error:
             log.warning("cannot create invoice: %s", error)

@@ -3,6 +3,7 @@ and for credit routes ``finish_charge()``, ``token_info()`` and ``withdraw()``."
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -136,6 +137,12 @@ class L402Service:
             limiter=redeem_limiter,
             lookups_per_second=redeem_lookups_per_second,
         )
+
+    @property
+    def invoice_slots(self) -> asyncio.Semaphore:
+        """The invoices being made on the node at once (``max_pending_invoices``): what
+        else makes invoices on the same node (``Tips``) takes its turn here too."""
+        return self._issuer.invoice_slots
 
     async def authorize(self, request: RequestInfo) -> Decision:
         """``Allow`` a free route or a valid paid token, answer a missing or insufficient one

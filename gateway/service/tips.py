@@ -28,6 +28,7 @@ store is one too (503), so the web layer answers each with a JSON error, never a
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -201,9 +202,15 @@ class Tips:
         jars: Mapping[str, TipJar],
         base_url: str,
         invoice_expiry: int = DEFAULT_INVOICE_EXPIRY,
+        invoice_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self._backend = backend
         self._canceler = canceler
+        # The challenges' (``L402Service.invoice_slots``): anonymous tips must not queue more
+        # calls on the node's invoice database than paying requests may. None: no limit.
+        self._node_calls: contextlib.AbstractAsyncContextManager[object] = (
+            contextlib.nullcontext() if invoice_slots is None else invoice_slots
+        )
         self._store = store
         self._clock = clock
         self._base = _base_url(base_url)
@@ -554,7 +561,8 @@ class Tips:
         (a cancellation whose record failed, a settlement the watcher has yet to see; one the
         node forgot is CANCELED). 410 for a settled one, 503 when the node cannot tell."""
         try:
-            invoice = await self._backend.lookup_invoice(payment_hash)
+            async with self._node_calls:
+                invoice = await self._backend.lookup_invoice(payment_hash)
         except errors.InvoiceNotFound:
             update = InvoiceUpdate(payment_hash, InvoiceState.CANCELED, 0, Msat(0), None)
         except errors.BackendError as error:
@@ -586,7 +594,8 @@ class Tips:
     ) -> InvoiceRecord:
         """A new invoice on the node, as the record to store; 503 if the node fails."""
         try:
-            invoice = await self._backend.add_invoice(amount, memo, expiry, description_hash)
+            async with self._node_calls:
+                invoice = await self._backend.add_invoice(amount, memo, expiry, description_hash)
         except errors.BackendError as error:
             log.warning("%s: the node made no invoice: %s", service, error)
             raise LnurlError(_UNAVAILABLE, 503) from None
@@ -623,7 +632,8 @@ class Tips:
         reports a cancellation, so the store would show it open until the sweeper looks after
         its expiry."""
         with contextlib.suppress(errors.InvoiceNotFound, errors.InvoiceAlreadyCanceled):
-            await canceler.cancel_invoice(payment_hash)
+            async with self._node_calls:
+                await canceler.cancel_invoice(payment_hash)
         update = InvoiceUpdate(payment_hash, InvoiceState.CANCELED, 0, Msat(0), None)
         try:
             await self._store.apply_update(update)

@@ -3,9 +3,10 @@
 It runs on an address of its own (``[admin] listen``), served by the process that runs the
 watcher, behind HTTP Basic auth as user ``admin`` (the password from ``[admin]
 password_file``; ``read_password_file`` refuses a missing, empty or group/world-readable
-one). Every request without the credential gets 401 with ``WWW-Authenticate: Basic``, and 429
-once a client address has made ``GUESS_BURST`` of them faster than one a second; the
-comparison takes the same time whatever the guess.
+one). Every request without the credential gets 401 with ``WWW-Authenticate: Basic``, and a
+wrong credential 429 once a client address has made ``GUESS_BURST`` guesses faster than one a
+second (a request with no credential is never held back); the comparison takes the same time
+whatever the guess.
 
 **The page** (``GET /``) shows revenue over time as an inline SVG bar chart, stacked per
 service (``?range=48h``: per hour for 48 hours, the default; ``?range=30d``: per day for 30
@@ -212,16 +213,19 @@ def build_admin(
         raise ValueError("the admin password must not be empty")
     clock = clock or SystemClock()
     expected = f"{ADMIN_USER}:{password}".encode()
-    # Requests without the credential, per client address (IPv6 per /64): slows guessing
-    # to about one password a second; the right credential is never held back.
+    # Wrong credentials, per client address (IPv6 per /64): slows guessing to about one
+    # password a second; the right credential is never held back. A request with none is
+    # no guess: behind a TLS proxy every client shares its address, and a stream of bare
+    # requests must not keep the operator's browser from its login prompt (a 401).
     guesses = RateLimiter(GUESSES_PER_SECOND, GUESS_BURST, 10_000, clock)
 
     @web.middleware
     async def guard(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if not _authorized(request.headers.get(hdrs.AUTHORIZATION), expected):
-            wait = guesses.acquire(request.remote or "unknown")
+        credential = request.headers.get(hdrs.AUTHORIZATION)
+        if not _authorized(credential, expected):
+            wait = 0.0 if credential is None else guesses.acquire(request.remote or "unknown")
             if wait > 0:
                 return _plain(
                     429,

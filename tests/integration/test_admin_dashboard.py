@@ -183,6 +183,18 @@ async def test_guessing_is_slowed_down_but_never_the_operator(dashboard: Dashboa
     assert (await dashboard.get("/", **wrong))[0] == 429
 
 
+async def test_requests_without_a_credential_are_no_guesses(dashboard: Dashboard) -> None:
+    """Behind a TLS proxy every client has the proxy's address: bare requests, however many,
+    neither use up the guesses nor keep a browser from its login prompt."""
+    for _ in range(3 * GUESS_BURST):
+        status, _, response = await dashboard.get("/")
+        assert status == 401
+        assert response.headers["WWW-Authenticate"].startswith("Basic")
+    wrong = {"Authorization": basic("admin", "guess")}
+    statuses = [(await dashboard.get("/", **wrong))[0] for _ in range(GUESS_BURST + 1)]
+    assert statuses == [401] * GUESS_BURST + [429]
+
+
 @pytest.mark.parametrize(("method", "path", "status"), [("POST", "/", 405), ("GET", "/x", 404)])
 async def test_the_routers_own_answers_have_the_common_headers(
     dashboard: Dashboard, method: str, path: str, status: int

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,18 +183,37 @@ async def test_bad_url_and_amounts(server: Server) -> None:
             assert "Traceback" not in refused.stderr
 
 
+async def pay_no_pay(
+    server: Server, path: str, handler: Callable[[web.Request], Awaitable[web.Response]]
+) -> Result:
+    """``pay --no-pay`` of ``path`` on a server of that one route."""
+    app = web.Application()
+    app.router.add_get(path, handler)
+    test_server = TestServer(app, host="127.0.0.1")
+    await test_server.start_server()
+    try:
+        return await server.pay("--no-pay", f"http://127.0.0.1:{test_server.port}{path}")
+    finally:
+        await test_server.close()
+
+
+async def test_a_body_nested_too_deep_for_json_is_printed(server: Server) -> None:
+    """The LNURL-pay hint reads a 200's JSON: one nested deeper than the interpreter's stack
+    is printed as it came, not a traceback."""
+    nested = b'{"a":' + b"[" * 5_000
+
+    async def deep(_request: web.Request) -> web.Response:
+        return web.Response(body=nested, content_type="application/json")
+
+    result = await pay_no_pay(server, "/deep", deep)
+    assert (result.code, result.stdout, result.stderr) == (0, nested, "")
+
+
 async def test_a_redirect_loop_is_said_plainly(server: Server) -> None:
     async def loop(_request: web.Request) -> web.Response:
         raise web.HTTPFound("/loop")
 
-    app = web.Application()
-    app.router.add_get("/loop", loop)
-    test_server = TestServer(app, host="127.0.0.1")
-    await test_server.start_server()
-    try:
-        looped = await server.pay("--no-pay", f"http://127.0.0.1:{test_server.port}/loop")
-    finally:
-        await test_server.close()
+    looped = await pay_no_pay(server, "/loop", loop)
     assert looped.code == 3
     assert looped.stderr.strip() == "l402-gateway: too many redirects (10)"
 

@@ -24,7 +24,8 @@ from gateway.ports import (
     PaymentHash,
     PaymentLink,
 )
-from gateway.service import TipJar, Tips
+from gateway.pricing import Pricing
+from gateway.service import L402Service, TipJar, Tips
 from gateway.service.tips import LINK_MIN_SECONDS, REUSE_MIN_SECONDS, new_link
 from gateway.store import MemoryStore
 from tests.fakes import FakeClock, FakeInvoiceBackend
@@ -103,6 +104,37 @@ async def test_a_jar_answers_its_lightning_address() -> None:
         "Buy me a coffee", "coffee@pay.example.com", Image.of(PNG)
     )
     assert lnurl.encode_lnurl(tips.jar_url("coffee")) == tips.jar_lnurl("coffee")
+
+
+async def test_tips_take_their_turn_in_the_challenges_invoice_slots() -> None:
+    """Anonymous tips queue no more calls on the node's invoice database than challenges
+    may: with every slot of the service taken, a tip waits for one."""
+    clock = FakeClock()
+    backend = FakeInvoiceBackend(clock)
+    store = MemoryStore()
+    service = L402Service(
+        pricing=Pricing(()), backend=backend, store=store, clock=clock, max_pending_invoices=2
+    )
+    tips = Tips(
+        backend=backend,
+        canceler=backend,
+        store=store,
+        clock=clock,
+        jars={"coffee": COFFEE},
+        base_url=BASE + "/",
+        invoice_slots=service.invoice_slots,
+    )
+    for _ in range(2):
+        await service.invoice_slots.acquire()
+    tip = asyncio.create_task(tips.jar_invoice("coffee", {"amount": "21000"}))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert (tip.done(), backend.invoices) == (False, {})
+    service.invoice_slots.release()
+    answer = await asyncio.wait_for(tip, 5)
+    assert bolt11.decode(str(answer["pr"])).amount_msat == 21_000
+    assert len(backend.invoices) == 1
+    service.invoice_slots.release()
 
 
 async def test_a_tip_invoice_commits_to_the_metadata_and_keeps_the_comment() -> None:

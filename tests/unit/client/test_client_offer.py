@@ -127,7 +127,8 @@ def test_amount_must_equal_the_bodys() -> None:
     with pytest.raises(InvoiceRejected, match="asks 20000 msat but the response says 10000"):
         read_offer(challenge.www_authenticate, challenge.body, network="regtest", now=NOW)
     # Without a body (or a body that is not problem+json) the invoice amount stands alone.
-    for body in (None, b"<html>pay</html>", b"[1]", b'{"amount_msat": true}'):
+    nested = b"[" * 5_000  # deeper than json's recursion: no problem body, as any other
+    for body in (None, b"<html>pay</html>", b"[1]", b'{"amount_msat": true}', nested):
         offer = read_offer(challenge.www_authenticate, body, network="regtest", now=NOW)
         assert offer.amount_msat == 20_000
 
@@ -137,6 +138,7 @@ def test_amount_from_problem() -> None:
     assert amount_from_problem(b'{"amount_msat": "5"}') is None
     assert amount_from_problem(b"\xff\xfe") is None
     assert amount_from_problem(b" " * 70_000) is None
+    assert amount_from_problem(b'{"amount_msat":' + b"[" * 5_000) is None
 
 
 def test_expired_invoice_is_refused() -> None:
