@@ -352,14 +352,19 @@ class Pricing:
         """Which reading of an ASGI request's ``path`` to price when the application is
         mounted at ``root_path``: the path as received, the route path Starlette and Django
         route by (without ``root_path``; ``FastAPI(root_path=...)`` also serves a path that
-        lacks it) or the mounted path (``root_path`` and the route path). A priced reading wins
-        over a free one, a free one over an unmatched one; readings priced apart are refused."""
+        lacks it), the mounted path (``root_path`` and the route path), or the route path
+        Litestar and Quart route by (what follows ``root_path``'s first occurrence anywhere:
+        ``/apipaid`` under ``/api`` is their ``/paid``). A priced reading wins over a free
+        one, a free one over an unmatched one; readings priced apart are refused."""
         root = root_path.rstrip("/")
-        if not root or path == root:
+        if not root:
             return path
         route = path[len(root) :] if path.startswith(root + "/") else path
+        readings: tuple[str, ...] = (path,) if path == root else (path, route, root + route)
+        if root in path:
+            readings += ("/" + path.split(root, 1)[1].lstrip("/"),)
         chosen: tuple[int, str, Rule | None] = (-1, path, None)
-        for reading in dict.fromkeys((path, route, root + route)):
+        for reading in dict.fromkeys(readings):
             rule = self.resolve(method, reading, method_overrides)
             if isinstance(rule, Refused) and rule is not NO_ROUTE:
                 return rule

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from typing import Any, cast
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 from multidict import istr
+from yarl import URL
 
 from gateway.errors import ConfigError
 from gateway.health import HEALTH_PATHS, LIVE_PATH, Check, HealthReport, HealthSlot
@@ -98,6 +100,10 @@ _OWN_PATHS = frozenset({REDEEM_PATH, TOKEN_INFO_PATH, WITHDRAW_PATH, *HEALTH_PAT
 # Refusals of a request for its body (too large, too slow, an unknown Expect): the
 # connection closes after them.
 _BODY_REFUSALS = frozenset({408, 413, 417})
+# aiohttp's router matches a path with %2F kept (one segment: ``/api/{id}`` takes
+# ``/api/7%2Fpreview``), the rules its decoded path (two); a backend may decode either.
+_ENCODED_SEPARATOR = re.compile("%(?:2f|5c)", re.IGNORECASE)
+ENCODED_SEPARATOR_REFUSAL = "path must not contain an encoded '/' or '\\'"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Expect = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
@@ -385,6 +391,8 @@ async def _decide(slot: _ServiceSlot, request: web.Request) -> Decision:
     service = slot.service
     if service is None:
         return Deny(503, "gateway is starting", retry_after=1)
+    if encoded_separator(request.rel_url):
+        return Deny(400, ENCODED_SEPARATOR_REFUSAL)
     authorization = tuple(request.headers.getall(_AUTHORIZATION, ()))
     decision: Decision | None = None
     if not _method_overrides(request):
@@ -548,6 +556,8 @@ def _priced(slot: _ServiceSlot, handler: Handler) -> Handler:
         # The URL's own path and query: aiohttp has read its rel_url (routing), while the
         # request's path and query_string properties would each cost a call.
         url = request.rel_url
+        if "%" in url.raw_path:  # maybe an encoded separator: decided (refused) in full
+            return decide_and_serve(request)
         # A method override is looked for only when the request could carry one
         # (authorize() keeps no decision for those). The query undecoded: decoding it costs
         # a call, and an empty one decodes to empty.
@@ -575,6 +585,12 @@ def _priced(slot: _ServiceSlot, handler: Handler) -> Handler:
 
 # The handlers ``_priced`` made: a route's is wrapped once, however often the app starts.
 _PRICED: weakref.WeakSet[Handler] = weakref.WeakSet()
+
+
+def encoded_separator(url: URL) -> bool:
+    """Whether ``url``'s path encodes a '/' or '\\' (read apart by router and rules)."""
+    raw = url.raw_path
+    return "%" in raw and _ENCODED_SEPARATOR.search(raw) is not None
 
 
 async def _answered(response: web.StreamResponse) -> web.StreamResponse:

@@ -299,6 +299,10 @@ class L402Middleware:
         trust_forwarded_for: bool = False,
     ) -> None:
         self.app = app
+        # An application that sets its own root path (FastAPI(root_path=...)) sets it in the
+        # scope inside itself: wrapped from outside, the middleware would not see it.
+        own_root = getattr(app, "root_path", "")
+        self._root_path = own_root if isinstance(own_root, str) else ""
         self._relay = None if gateway is None else LifespanRelay(gateway)
         self._trust_forwarded_for = trust_forwarded_for
         self._warned_not_started = False
@@ -340,7 +344,7 @@ class L402Middleware:
             return Deny(503, NOT_STARTED)
         method, overrides = scope.get("method", "GET"), _method_overrides(scope)
         path = service.pricing.mounted_path(
-            method, scope["path"], scope.get("root_path", ""), overrides
+            method, scope["path"], self._root_path or scope.get("root_path", ""), overrides
         )
         if isinstance(path, Refused):
             return Deny(path.status, path.reason)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from http import HTTPStatus
@@ -46,9 +45,11 @@ from gateway.web.aiohttp import (
     BODY,
     CLIENT_LEFT,
     CLOSE,
+    ENCODED_SEPARATOR_REFUSAL,
     TOKEN,
     add_tip_routes,
     charge_open,
+    encoded_separator,
     settle_charge,
     setup_l402,
 )
@@ -162,13 +163,8 @@ def _without_l402_cookies(headers: list[tuple[str, str]]) -> list[tuple[str, str
     return kept
 
 
-# A backend that decodes these would see other path segments than the rules did.
-_ENCODED_SEPARATOR = re.compile("%(?:2f|5c)", re.IGNORECASE)
-
-
 # How the body is read for a method override (gateway.web.method_override).
 _BODY_READING = frozenset({"content-type", "content-encoding"})
-_ENCODED_SEPARATOR_REFUSAL = "path must not contain an encoded '/' or '\\'"
 
 
 def _problem(status: int, title: str, detail: str) -> web.Response:
@@ -304,8 +300,8 @@ def _ambiguous_request(request: web.Request) -> web.Response | None:
     request carries: the body's method override is read by them here, and the upstream,
     not getting them, would read the body otherwise (a POST without a ``Content-Type`` is a
     form to Rack, its ``_method`` routes it)."""
-    if _ENCODED_SEPARATOR.search(request.rel_url.raw_path):
-        return _problem(400, "Bad Request", _ENCODED_SEPARATOR_REFUSAL)
+    if encoded_separator(request.rel_url):
+        return _problem(400, "Bad Request", ENCODED_SEPARATOR_REFUSAL)
     headers = request.headers
     if hdrs.CONNECTION in headers:
         named = _connection_names(headers) & _BODY_READING

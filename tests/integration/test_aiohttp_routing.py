@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.errors import ConfigError
 from gateway.ports import Msat
-from gateway.pricing import Rule
+from gateway.pricing import Pricing, Rule, TrailingSlash
 from gateway.web.aiohttp import setup_l402
 from tests.demo_rules import PREMIUM_READ
 from tests.fakes import FakeGateway
@@ -103,3 +103,29 @@ async def test_a_sub_application_priced_by_the_main_one_alone_is_priced() -> Non
     setup_l402(app, FakeGateway((PREMIUM_READ,)))
     async with TestClient(TestServer(app)) as client:
         assert (await client.get("/api/premium/fortune")).status == 402
+
+
+@pytest.mark.parametrize("separator", ["%2F", "%2f", "%5C"])
+async def test_an_encoded_separator_the_router_keeps_is_refused(separator: str) -> None:
+    """aiohttp routes ``/api/7%2Fpreview`` to ``/api/{id}`` (one segment, the priced
+    route) while its decoded path matches the free ``/api/*/preview``: refused, with the
+    paying client's repeat (a cached decision for the decoded path) too."""
+    app = web.Application()
+    app.router.add_get("/api/{id}", premium)
+    app.router.add_get("/api/{id}/preview", free)
+    gateway = FakeGateway(())
+    # Trailing slashes significant, as aiohttp routes them.
+    gateway.pricing = Pricing(
+        (Rule("/api/*/preview"), Rule("/api/*", price_msat=Msat(1_000))),
+        trailing_slash=TrailingSlash.SIGNIFICANT,
+    )
+    setup_l402(app, gateway)
+    async with TestClient(TestServer(app)) as client:
+        for _ in range(2):  # the second: after the decoded path's free decision was cached
+            assert (await client.get("/api/7/preview")).status == 200
+            response = await client.get(f"/api/7{separator}preview")
+            assert response.status == 400
+            assert "encoded '/'" in (await response.json())["detail"]
+            assert PREMIUM not in await response.read()
+        assert (await client.get("/api/7")).status == 402
+        assert (await client.get("/api/seven%20days/preview")).status == 200

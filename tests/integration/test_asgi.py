@@ -415,6 +415,25 @@ async def test_a_root_path_application_is_priced_whichever_spelling_reaches_the_
                 assert await response.json() == {"name": "rain", "amount_msat": PRICE}
 
 
+async def test_a_root_path_application_wrapped_from_outside_is_priced_too(
+    http: aiohttp.ClientSession,
+) -> None:
+    """``L402Middleware(FastAPI(root_path=...))``: FastAPI sets the root path in the scope
+    inside itself, after the middleware; the middleware takes it from the application."""
+    harness = Harness()
+    with pytest.warns(FastAPIDeprecationWarning, match="root_path"):
+        inner = FastAPI(root_path="/api")
+
+    @inner.get("/paid/{name}")
+    async def paid(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    async with uvicorn_serving(L402Middleware(inner, harness.gateway)) as url:
+        for path in ("/paid/rain", "/api/paid/rain"):
+            async with http.get(f"{url}{path}") as response:
+                assert response.status == 402, path
+
+
 async def test_rules_of_the_routes_price_an_application_behind_a_root_path(
     http: aiohttp.ClientSession,
 ) -> None:

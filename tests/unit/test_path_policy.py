@@ -201,6 +201,17 @@ def test_under_a_root_path_the_route_and_the_mounted_path_are_priced_too() -> No
     assert deny.mounted_path("GET", "/v1/api/free/x", "/v1") == "/api/free/x"
 
 
+def test_under_a_root_path_litestar_and_quarts_route_path_is_priced_too() -> None:
+    """They cut the path after the root path's first occurrence anywhere (hypercorn passes
+    the path as sent): ``/v1api/...`` and ``/x/v1/api/...`` route as ``/api/...``, and the
+    root itself as ``/``."""
+    pricing = Pricing(RULES)
+    assert pricing.mounted_path("GET", "/v1api/premium/x", "/v1") == "/api/premium/x"
+    assert pricing.mounted_path("GET", "/x/v1/api/premium/x", "/v1") == "/api/premium/x"
+    root = Pricing([Rule("/", price_msat=Msat(1))])
+    assert root.mounted_path("GET", "/v1", "/v1") == "/"
+
+
 def test_under_a_root_path_readings_priced_apart_are_refused() -> None:
     pricing = Pricing([Rule("/v1/*", price_msat=Msat(1)), *RULES])
     refused = pricing.mounted_path("GET", "/v1/api/premium/x", "/v1")
