@@ -59,6 +59,7 @@ from multidict import CIMultiDict
 from gateway import destinations, errors
 from gateway.cli.formats import configure_logging, parse_seconds, sat, sat_to_msat, utc_time
 from gateway.client import (
+    DEFAULT_MAX_SETTLE_SECONDS,
     NETWORKS,
     Budget,
     BudgetExceeded,
@@ -82,6 +83,7 @@ from gateway.client.lnurl import (
     PayRequest,
     ReceivedSuccessAction,
 )
+from gateway.client.offer import MAX_SETTLE_TIMEOUT
 from gateway.lnd.client import LndClient
 from gateway.lnd.connection import LndSettings
 from gateway.ports import Msat, Payer, Payment, PaymentHash, PaymentStatus
@@ -110,7 +112,8 @@ PAY_EXIT_CODES = """exit codes:
   3  a backend failed: LND unreachable or the payment failed (or was refunded: the
      request failed on a pay-on-success route), the HTTP request failed (LNURL-pay: the
      service did not answer)
-  4  over budget: the price (LNURL-pay: the amount) is over --max-cost; nothing was paid
+  4  over budget: the price (LNURL-pay: the amount) is over --max-cost, or a pay-on-success
+     offer would hold the payment longer than --max-settle-time; nothing was paid
   5  the challenge or its invoice is unusable: wrong network, expired, amount or payment
      hash mismatch, malformed (LNURL-pay: the service's answer, e.g. a refusal, a wrong
      description hash); nothing was paid
@@ -220,6 +223,14 @@ def add_parser(commands: Any) -> None:
         type=parse_seconds,
         default=60.0,
         help="seconds LND may try to pay (pay on success: at least the backend's time + 30)",
+    )
+    pay.add_argument(
+        "--max-settle-time",
+        type=parse_seconds,
+        default=DEFAULT_MAX_SETTLE_SECONDS,
+        metavar="SECONDS",
+        help=f"pay on success: refuse (exit {EXIT_OVER_BUDGET}) an offer that would hold the "
+        f"payment longer while the backend runs (default {DEFAULT_MAX_SETTLE_SECONDS:g})",
     )
 
 
@@ -491,6 +502,7 @@ async def _pay(
             budget=Budget(
                 max_price_msat=_UNLIMITED_MSAT if args.no_pay else args.max_cost,
                 max_fee_msat=args.max_fee,
+                max_settle_seconds=MAX_SETTLE_TIMEOUT if args.no_pay else args.max_settle_time,
             ),
             cache=cache,
             payment_timeout=args.payment_timeout,

@@ -46,7 +46,7 @@ library is needed unless its integration is imported.
 
 from __future__ import annotations
 
-from gateway.client.budget import DEFAULT_MIN_FEE_MSAT, Budget
+from gateway.client.budget import DEFAULT_MAX_SETTLE_SECONDS, DEFAULT_MIN_FEE_MSAT, Budget
 from gateway.client.cache import TokenCache
 from gateway.client.core import (
     Balance,
@@ -80,6 +80,7 @@ from gateway.client.offer import (
 from gateway.client.tokens import CachedToken, PendingPayment, body_digest
 
 __all__ = [
+    "DEFAULT_MAX_SETTLE_SECONDS",
     "DEFAULT_MIN_FEE_MSAT",
     "NETWORKS",
     "Balance",

@@ -4,7 +4,8 @@ Pure. The total counts price plus routing fee of every payment the client made (
 recovered), and a payment must fit with its *worst-case* fee (the fee cap) before it starts,
 so the total can never be overshot, also not by payments running at the same time. On a
 credit route a payment buys credit for many requests: the caps bound the credit bought (the
-invoice amount), not the price of one request.
+invoice amount), not the price of one request. A pay-on-success payment is held while the
+backend runs (the payer's funds locked meanwhile): a cap bounds the time its 402 announces.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from dataclasses import dataclass
 from gateway.client.errors import BudgetExceeded
 from gateway.client.offer import CREDIT_HEADER, Offer
 
-__all__ = ["DEFAULT_MIN_FEE_MSAT", "Budget"]
+__all__ = ["DEFAULT_MAX_SETTLE_SECONDS", "DEFAULT_MIN_FEE_MSAT", "Budget"]
 
 # Without an explicit fee cap: 1% of the price, but at least this (a few hops' base fees).
 DEFAULT_MIN_FEE_MSAT = 5_000
+# The longest a pay-on-success payment may be held by default (the gateway's default backend
+# time is 30 s): ten minutes.
+DEFAULT_MAX_SETTLE_SECONDS = 600.0
 
 
 def _sat(msat: int) -> str:
@@ -32,18 +36,24 @@ class Budget:
     price of a request, or on a credit route the credit bought.
     ``max_fee_msat``: the routing fee cap per payment; None means 1% of the price but at
     least ``DEFAULT_MIN_FEE_MSAT``. ``max_total_msat``: the most the client spends in all
-    (prices plus fees); None means no total limit.
+    (prices plus fees); None means no total limit. ``max_settle_seconds``: the longest a
+    pay-on-success offer may hold the payment, in seconds (the backend's time its
+    ``L402-Settle`` header announces).
     """
 
     max_price_msat: int
     max_fee_msat: int | None = None
     max_total_msat: int | None = None
+    max_settle_seconds: float = DEFAULT_MAX_SETTLE_SECONDS
 
     def __post_init__(self) -> None:
         for name in ("max_price_msat", "max_fee_msat", "max_total_msat"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or value < 0):
                 raise ValueError(f"{name} must be a non-negative number of millisatoshis")
+        seconds = self.max_settle_seconds
+        if isinstance(seconds, bool) or not seconds > 0 or seconds == float("inf"):
+            raise ValueError("max_settle_seconds must be a positive number of seconds")
 
     def fee_limit(self, price_msat: int) -> int:
         """The routing fee cap for a payment of ``price_msat``."""
@@ -72,6 +82,15 @@ class Budget:
                 )
             raise BudgetExceeded(
                 f"{bought} is over the limit of {limit}; nothing was paid", offer, "max_price"
+            )
+        held = offer.settle_timeout
+        if held is not None and held > self.max_settle_seconds:
+            raise BudgetExceeded(
+                f"pay on success: the payment would be held up to {held:g} s while the "
+                f"backend runs, over the limit of {self.max_settle_seconds:g} s; nothing was "
+                "paid",
+                offer,
+                "max_settle",
             )
         fee = self.fee_limit(price)
         if self.max_total_msat is not None and committed_msat + price + fee > self.max_total_msat:

@@ -7,8 +7,10 @@ payer's HTLC is held (ACCEPTED), it runs the stored request against the backend 
 the caller whose move to RUNNING the store grants runs it), stores the answer, and settles
 the invoice if the answer is a success, else cancels it (the payer gets the money back).
 Every step is written to the store before the next one, so after a crash the executor
-finishes the job at start-up: an interrupted run is a failure (cancel), a stored success is
-settled, a stored failure cancelled; it never settles without a stored successful answer.
+finishes the job at start-up: a stored success is settled, a stored failure cancelled, and a
+run left RUNNING is a failure (cancel) once it is older than any run can be (so a run another
+executor still has under way is never refunded early); it never settles without a stored
+successful answer.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ from gateway.service.decisions import PaidToken
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-# Past its expiry an unpaid hold invoice is looked up after this many more seconds (the two
-# hosts' clocks may differ a little), and cancelled if the node still has it open.
-EXPIRY_GRACE = 5.0
+# Seconds two hosts' clocks (the gateway's, the node's, another instance's) may differ by:
+# past its expiry an unpaid hold invoice is looked up after this many more seconds, and
+# cancelled if the node still has it open.
+CLOCK_SKEW = 5.0
 PRUNE_INTERVAL = 60.0
 PRUNE_BATCH = 500
 # A pass deletes at most this many batches; if more are due, the next pass follows the next
@@ -64,9 +67,6 @@ UNREACHABLE = "backend unreachable"
 NODE_FORGOT = "the node no longer knows the invoice"
 # SETTLED_BY_NODE (from ports, for the store's events too): the node settled an invoice the
 # gateway did not (its request failed, or never ran).
-
-# The states a tracker acts on; RUNNING belongs to the runner that moved it there.
-_TRACKED = HELD_UNFINISHED - {HeldState.RUNNING}
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +122,12 @@ def failed_with(status: int) -> str:
 class HoldExecutor:
     """Runs paid pay-on-success requests and settles or cancels their invoices.
 
-    One per store (the process that runs the invoice watcher): its start-up recovery takes
-    a RUNNING request for one interrupted by a stop. Run ``run()`` as a supervised task.
+    One per store (the process that runs the invoice watcher; with many instances, the
+    leader). A RUNNING request it did not move there is another runner's (a previous leader
+    still finishing it) or lost its runner (a crash, a store failure after the move): it is
+    failed (then cancelled) once its row is older than ``backend_timeout`` plus
+    ``stop_margin`` plus ``CLOCK_SKEW``, past which no runner is still at it. Run ``run()``
+    as a supervised task.
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class HoldExecutor:
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
         self._stop_margin = stop_margin
+        self._abandoned_after = terms.backend_timeout + stop_margin + CLOCK_SKEW
         self._woken = asyncio.Event()
         self._next_prune = 0.0
         # The trackers past waiting for the payment: running the request, storing its
@@ -161,16 +166,15 @@ class HoldExecutor:
         self._woken.set()
 
     async def run(self) -> None:
-        """Recover what a stop left unfinished, then follow every unfinished request (at most
-        ``max_outstanding`` at once) and prune final ones, until cancelled. A node or store
-        failure is retried here with capped backoff; anything else ends it (the store holds
-        every state, so a restart loses nothing).
+        """Follow every unfinished request (at most ``max_outstanding`` at once), those a stop
+        left too, and prune final ones, until cancelled. A node or store failure is retried
+        here with capped backoff; anything else ends it (the store holds every state, so a
+        restart loses nothing).
 
-        Cancelled (a stop), it lets the requests under way finish first (see
+        Ending, cancelled (a stop) or not, it lets the requests under way finish first (see
         ``_finish_under_way``)."""
         trackers: dict[PaymentHash, asyncio.Task[None]] = {}
         try:
-            await self._retrying(self._recover)
             while True:
                 _reap(trackers)
                 self._woken.clear()  # before the look: a wake during it is not lost
@@ -185,7 +189,7 @@ class HoldExecutor:
                     )
                 finally:
                     woken.cancel()
-        except asyncio.CancelledError:
+        except BaseException:
             await self._finish_under_way(trackers)
             raise
         finally:
@@ -218,31 +222,12 @@ class HoldExecutor:
                 len(unfinished),
             )
 
-    async def _recover(self) -> None:
-        """A RUNNING request at start-up was interrupted: its answer is lost, so it failed
-        (the tracker then cancels it)."""
-        while True:
-            running = await self._store.list_held_hashes(
-                frozenset({HeldState.RUNNING}), self._terms.max_outstanding
-            )
-            if not running:
-                return
-            for payment_hash in running:
-                moved = await self._store.move_held_request(
-                    payment_hash, HeldState.FAILED, self._clock.now(), failure=INTERRUPTED
-                )
-                if moved is not None:
-                    log.warning(
-                        "held request %s was interrupted while the backend ran: cancelling",
-                        payment_hash.hex(),
-                    )
-
     async def _fill(self, trackers: dict[PaymentHash, asyncio.Task[None]]) -> None:
         free = self._terms.max_outstanding - len(trackers)
         if free <= 0:
             return
         # Polled often: the hashes only (a tracker reads its row).
-        hashes = await self._store.list_held_hashes(_TRACKED, self._terms.max_outstanding)
+        hashes = await self._store.list_held_hashes(HELD_UNFINISHED, self._terms.max_outstanding)
         for payment_hash in hashes:
             if free <= 0:
                 return
@@ -279,8 +264,7 @@ class HoldExecutor:
             backoff = min(backoff * 2, self._max_backoff)
 
     async def _track(self, payment_hash: PaymentHash) -> None:
-        """Take one request from its current state to a final one (or to RUNNING in another
-        runner's hands)."""
+        """Take one request from its current state to a final one."""
         try:
             while await self._retrying(lambda: self._advance(payment_hash)):
                 pass
@@ -290,8 +274,10 @@ class HoldExecutor:
     async def _advance(self, payment_hash: PaymentHash) -> bool:
         """One step; False once there is nothing more for this tracker to do."""
         held = await self._store.get_held_request(payment_hash)
-        if held is None or held.state not in _TRACKED:
+        if held is None or held.state not in HELD_UNFINISHED:
             return False
+        if held.state is HeldState.RUNNING:
+            return await self._abandoned(held)
         if held.state is HeldState.WAITING:
             invoice = await self._await_payment(held)
             if invoice is None:
@@ -305,6 +291,24 @@ class HoldExecutor:
         if held.state is HeldState.SUCCEEDED:
             return await self._settle(held)
         return await self._cancel(held, held.failure)
+
+    async def _abandoned(self, held: HeldRequest) -> bool:
+        """A RUNNING request this tracker did not run: failed once no runner can still be at
+        it (its answer is lost; the next step cancels); until then read again each poll."""
+        self._busy.discard(held.payment_hash)  # nothing of its own under way for a stop to wait on
+        now = self._clock.now()
+        if now - held.updated_at < self._abandoned_after:
+            await asyncio.sleep(self._poll)
+            return True
+        moved = await self._store.move_held_request(
+            held.payment_hash, HeldState.FAILED, now, failure=INTERRUPTED
+        )
+        if moved is not None:
+            log.warning(
+                "held request %s was interrupted while the backend ran: cancelling",
+                held.payment_hash.hex(),
+            )
+        return True
 
     async def _settled_by_node(self, held: HeldRequest) -> bool:
         """The node settled the invoice, which the gateway did not (say by hand, with the
@@ -340,7 +344,7 @@ class HoldExecutor:
     async def _await_payment(self, held: HeldRequest) -> Invoice | None:
         """The invoice once the node holds its payment (or reports another final state);
         None when it expired unpaid (then recorded) or the node cancelled it unpaid."""
-        deadline = held.expires_at + EXPIRY_GRACE
+        deadline = held.expires_at + CLOCK_SKEW
         stream = self._backend.subscribe_single_invoice(held.payment_hash)
         step: asyncio.Task[Invoice | None] | None = None
         try:
@@ -412,17 +416,24 @@ class HoldExecutor:
         state = HeldState.SUCCEEDED if not failure else HeldState.FAILED
 
         async def store_answer() -> HeldRequest | None:
-            return await self._store.move_held_request(
+            stored = await self._store.move_held_request(
                 held.payment_hash, state, self._clock.now(), response=response, failure=failure
             )
+            # Refused: written by an attempt whose reply was lost, or the request was taken
+            # for abandoned (the store failed for longer than the bound) and is cancelled.
+            return stored or await self._store.get_held_request(held.payment_hash)
 
+        outcome = failure or f"backend answered {response.status if response else '-'}"
         # The request ran: its answer must be written, however long the store takes.
-        await self._retrying(store_answer)
-        log.info(
-            "held request %s ran: %s",
-            held.payment_hash.hex(),
-            failure or f"backend answered {response.status if response else '-'}",
-        )
+        stored = await self._retrying(store_answer)
+        if stored is None or stored.failure == INTERRUPTED:
+            log.error(
+                "held request %s ran (%s) after it was failed as interrupted: it is cancelled",
+                held.payment_hash.hex(),
+                outcome,
+            )
+            return
+        log.info("held request %s ran: %s", held.payment_hash.hex(), outcome)
 
     async def _run(
         self, held: HeldRequest, request: StoredRequest

@@ -553,30 +553,36 @@ def _priced(slot: _ServiceSlot, handler: Handler) -> Handler:
         service = slot.service
         if service is None:
             return decide_and_serve(request)
-        # The URL's own path and query: aiohttp has read its rel_url (routing), while the
-        # request's path and query_string properties would each cost a call.
+        # The path as aiohttp's router read it (cached there): '/' and '%' stay encoded in
+        # it, so without a '%' it is the decoded path, and without a '\\' nothing in it
+        # was an encoded separator (those are decided, and refused, in full).
         url = request.rel_url
-        if "%" in url.raw_path:  # maybe an encoded separator: decided (refused) in full
+        path = url.path_safe
+        if "%" in path or "\\" in path:
             return decide_and_serve(request)
         # A method override is looked for only when the request could carry one
-        # (authorize() keeps no decision for those). The query undecoded: decoding it costs
-        # a call, and an empty one decodes to empty.
+        # (authorize() keeps no decision for those). The query as sent, read from yarl's
+        # field: its public readings are each computed on first use, a Python call on every
+        # request (measured: 250 instructions of the ~10,000 the gateway adds).
         if (
-            url.raw_query_string
+            url._query
             or _OVERRIDE in headers
             or _HTTP_METHOD in headers
             or _METHOD_OVERRIDE in headers
         ) and _method_overrides(request):
             return decide_and_serve(request)
         allowed = service.allowed_again(
-            tuple(headers.getall(_AUTHORIZATION, ())), request.method, url.path
+            tuple(headers.getall(_AUTHORIZATION, ())), request.method, path
         )
         if allowed is None:
             return decide_and_serve(request)
         if allowed.charge is not None or allowed.replay is not None:
             return serve(request, allowed)  # not cached today; never skip billing
         if (token := allowed.token) is not None:
-            request[TOKEN] = token
+            # aiohttp's request storage itself: its public setter checks the key's type in
+            # Python first (measured: 1,100 instructions a request, a tenth of what the
+            # gateway adds).
+            request._state[TOKEN] = token
         return handler(request)
 
     _PRICED.add(priced)

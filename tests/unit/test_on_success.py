@@ -17,6 +17,7 @@ from gateway import errors, l402
 from gateway.ports import (
     HELD_UNFINISHED,
     SETTLED_BY_NODE,
+    HeldRequest,
     HeldState,
     InvoiceState,
     Msat,
@@ -43,7 +44,7 @@ from gateway.service import (
     on_success,
 )
 from gateway.service.on_success import (
-    EXPIRY_GRACE,
+    CLOCK_SKEW,
     INTERRUPTED,
     NODE_CANCELLED,
     NODE_FORGOT,
@@ -75,6 +76,8 @@ RULES = (
 )
 TERMS = HoldTerms(backend_timeout=0.2, max_outstanding=4, max_outstanding_per_client=2)
 WAIT = 5.0  # real seconds a test waits for the executor
+# How long a RUNNING row stays untouched before an executor that did not run it fails it.
+ABANDONED_AFTER = TERMS.backend_timeout + on_success.STOP_MARGIN + CLOCK_SKEW
 
 
 class FakeRunner:
@@ -579,9 +582,9 @@ async def test_the_request_runs_once_when_two_executors_race() -> None:
     assert env.backend.settled[_hash(challenge)] == 1
 
 
-async def test_a_second_executor_starting_while_it_runs_neither_reruns_nor_settles() -> None:
-    # One executor per store is the rule; one started anyway (a second watch process) takes
-    # the running request for interrupted: it cancels, and never runs it again.
+async def test_a_second_executor_leaves_a_request_under_way_to_its_runner() -> None:
+    # A new leader (or a second watch process) while the first still runs the request: it
+    # neither runs it again nor refunds it; the first's answer is settled, once.
     env = Env()
     env.runner.gate = asyncio.Event()
     async with env.running():
@@ -589,14 +592,73 @@ async def test_a_second_executor_starting_while_it_runs_neither_reruns_nor_settl
         env.backend.hold_payment(_hash(challenge))
         await env.runner.started.wait()
         async with env.running():
+            env.clock.advance(ABANDONED_AFTER - 1)  # the first runner may still be at it
+            await asyncio.sleep(0.1)
+            assert await env.state(challenge) is HeldState.RUNNING
+            env.runner.gate.set()
+            await env.until_state(challenge, HeldState.SETTLED)
+    assert len(env.runner.calls) == 1
+    assert env.backend.settled[_hash(challenge)] == 1
+
+
+async def test_a_run_older_than_its_bound_is_cancelled_and_its_late_answer_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The first executor's store writes failed for longer than any run may take: the other
+    # takes the request for abandoned and refunds it; the late answer is refused, and said so.
+    env = Env()
+    env.runner.gate = asyncio.Event()
+    async with env.running():
+        challenge = await env.challenge()
+        env.backend.hold_payment(_hash(challenge))
+        await env.runner.started.wait()
+        async with env.running():
+            env.clock.advance(ABANDONED_AFTER)
             await env.until_state(challenge, HeldState.CANCELED)
             env.runner.gate.set()
-            await asyncio.sleep(0.05)
+            await eventually(lambda: _now("after it was failed as interrupted" in caplog.text))
     held = await env.store.get_held_request(_hash(challenge))
     assert held is not None
     assert (held.state, held.failure) == (HeldState.CANCELED, INTERRUPTED)
     assert len(env.runner.calls) == 1
     assert env.backend.settled[_hash(challenge)] == 0
+    assert env.backend.invoices[_hash(challenge)].state is InvoiceState.CANCELED
+
+
+class _LosesTheRunningReply(MemoryStore):
+    """A store whose first move to RUNNING commits, then fails (a connection lost before the
+    commit's reply): its caller cannot know the request is RUNNING."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost = False
+
+    async def move_held_request(
+        self, payment_hash: PaymentHash, state: HeldState, now: float, **kwargs: Any
+    ) -> HeldRequest | None:
+        moved = await super().move_held_request(payment_hash, state, now, **kwargs)
+        if state is HeldState.RUNNING and not self.lost:
+            self.lost = True
+            raise errors.StoreError("connection lost before the commit's reply")
+        return moved
+
+
+async def test_a_request_whose_move_to_running_was_lost_is_cancelled_without_a_restart() -> None:
+    store = _LosesTheRunningReply()
+    env = Env(store=store)
+    async with env.running():
+        challenge = await env.challenge()
+        env.backend.hold_payment(_hash(challenge))
+        await eventually(lambda: _now(store.lost))
+        await asyncio.sleep(0.1)
+        assert await env.state(challenge) is HeldState.RUNNING  # never ran, but who knows
+        env.clock.advance(ABANDONED_AFTER)
+        await env.until_state(challenge, HeldState.CANCELED)
+    held = await env.store.get_held_request(_hash(challenge))
+    assert held is not None
+    assert held.failure == INTERRUPTED
+    assert env.runner.calls == []
+    assert env.backend.invoices[_hash(challenge)].state is InvoiceState.CANCELED
 
 
 async def test_settle_is_retried_while_the_node_is_down() -> None:
@@ -657,8 +719,12 @@ async def test_recovery_finishes_every_unfinished_state() -> None:
     failed = await _held_in(env, HeldState.FAILED, failure="backend failed with 500")
     paid_unseen = await _held_in(env, HeldState.WAITING)
     async with env.running():
-        for challenge in (interrupted, answered, failed, paid_unseen):
+        for challenge in (answered, failed, paid_unseen):
             await env.until_state(challenge, HeldState.SETTLED, HeldState.CANCELED)
+        # Its runner might be another process still at it, until no run can last longer.
+        assert await env.state(interrupted) is HeldState.RUNNING
+        env.clock.advance(ABANDONED_AFTER)
+        await env.until_state(interrupted, HeldState.CANCELED)
     states = {
         name: await env.store.get_held_request(_hash(challenge))
         for name, challenge in [
@@ -716,7 +782,7 @@ async def test_an_unpaid_invoice_is_cancelled_past_its_expiry() -> None:
         challenge = await env.challenge()
         await asyncio.sleep(0.05)
         assert await env.state(challenge) is HeldState.WAITING
-        env.clock.advance(TERMS.invoice_expiry + EXPIRY_GRACE)
+        env.clock.advance(TERMS.invoice_expiry + CLOCK_SKEW)
         await env.until_state(challenge, HeldState.EXPIRED)
     held = await env.store.get_held_request(_hash(challenge))
     assert held is not None
@@ -860,6 +926,7 @@ async def test_an_unexpected_failure_ends_run_and_the_restart_cancels() -> None:
             await executor.run()
     assert await env.state(challenge) is HeldState.RUNNING  # as a crash would leave it
     env.runner.failure = None
+    env.clock.advance(ABANDONED_AFTER)
     async with env.running():  # what the supervisor's restart does
         await env.until_state(challenge, HeldState.CANCELED)
     held = await env.store.get_held_request(_hash(challenge))
@@ -867,6 +934,45 @@ async def test_an_unexpected_failure_ends_run_and_the_restart_cancels() -> None:
     assert held.failure == INTERRUPTED
     assert len(env.runner.calls) == 1
     assert env.backend.invoices[_hash(challenge)].state is InvoiceState.CANCELED
+
+
+class _BugOnOnePath(FakeRunner):
+    """A runner with a bug on ``/bug`` targets (raises what no runner should)."""
+
+    async def run(
+        self,
+        request: StoredRequest,
+        token: PaidToken,
+        *,
+        timeout: float,  # noqa: ASYNC109 - the protocol's
+        max_response_bytes: int,
+    ) -> StoredResponse:
+        if request.target.endswith("/bug"):
+            raise RuntimeError("a bug in the runner")
+        return await super().run(
+            request, token, timeout=timeout, max_response_bytes=max_response_bytes
+        )
+
+
+async def test_an_unexpected_failure_lets_the_requests_under_way_finish() -> None:
+    env = Env(terms=HoldTerms(backend_timeout=5.0))
+    env.runner = runner = _BugOnOnePath()
+    runner.gate = asyncio.Event()
+    task = asyncio.create_task(env.executor().run())
+    under_way = await env.challenge()
+    env.backend.hold_payment(_hash(under_way))
+    await runner.started.wait()
+    buggy = await env.challenge(JOBS + "/bug", client="198.51.100.30")
+    env.backend.hold_payment(_hash(buggy))
+    await env.until_state(buggy, HeldState.RUNNING)
+    await asyncio.sleep(0.1)
+    assert not task.done()  # ending, but the request under way is let finish first
+    runner.gate.set()
+    with pytest.raises(RuntimeError, match="a bug in the runner"):
+        async with asyncio.timeout(WAIT):
+            await task
+    assert await env.state(under_way) is HeldState.SETTLED
+    assert env.backend.settled[_hash(under_way)] == 1
 
 
 async def test_a_new_request_wakes_the_executor_before_its_next_poll() -> None:

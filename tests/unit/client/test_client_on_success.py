@@ -21,7 +21,9 @@ from multidict import CIMultiDict
 
 from gateway.cli import main, pay
 from gateway.client import (
+    DEFAULT_MAX_SETTLE_SECONDS,
     Budget,
+    BudgetExceeded,
     ClientError,
     L402Client,
     PaymentRefunded,
@@ -137,6 +139,43 @@ async def test_payment_timeout_covers_the_backends_time(
     )
     assert payment is not None
     assert [timeout for _, _, timeout in payer.calls] == [expected]
+
+
+async def test_an_offer_held_longer_than_the_budget_allows_is_not_paid() -> None:
+    payer = FakePayer()
+    client = L402Client(
+        payer, network="regtest", budget=Budget(max_price_msat=50_000), clock=fake_clock()
+    )
+    challenge = payer.learn(make_challenge())
+    www, body = challenge.www_authenticate, challenge.body
+    headers = {"L402-Settle": f"on-success; timeout={DEFAULT_MAX_SETTLE_SECONDS + 1:g}"}
+    with pytest.raises(BudgetExceeded, match="held up to 601 s") as caught:
+        await client.authorize(URL, "POST", www, body, headers=headers)
+    assert caught.value.limit == "max_settle"
+    assert payer.calls == []
+    assert await client.cache.pending() == []
+    # At the cap it is paid; a payer that allows more pays more.
+    at_cap = {"L402-Settle": f"on-success; timeout={DEFAULT_MAX_SETTLE_SECONDS:g}"}
+    _, payment = await client.authorize(URL, "POST", www, body, headers=at_cap)
+    assert payment is not None
+    patient = L402Client(
+        payer,
+        network="regtest",
+        budget=Budget(max_price_msat=50_000, max_settle_seconds=3600),
+        clock=fake_clock(),
+    )
+    longer = payer.learn(make_challenge())
+    _, payment = await patient.authorize(
+        URL, "POST", longer.www_authenticate, longer.body, headers=headers
+    )
+    assert payment is not None
+    assert len(payer.calls) == 2
+
+
+@pytest.mark.parametrize("seconds", [0, -1, float("nan"), float("inf"), True])
+def test_the_settle_cap_is_a_positive_number_of_seconds(seconds: float) -> None:
+    with pytest.raises(ValueError, match="max_settle_seconds"):
+        Budget(max_price_msat=1, max_settle_seconds=seconds)
 
 
 # -- a loopback gateway -------------------------------------------------------------------
@@ -580,6 +619,23 @@ async def test_pay_reports_a_failure_the_gateway_calls_pending(
         f"l402-gateway: {_original(command.gateway.challenge)} "
         "(the gateway reports the paid request as pending)\n"
     )
+
+
+async def test_pay_refuses_an_offer_held_longer_than_its_cap(
+    command: PayCommand, capsys: pytest.CaptureFixture[str]
+) -> None:
+    FakeNode.PAYER.learn(command.gateway.challenge)
+    command.gateway.settle = "on-success; timeout=900"
+    assert await command.run() == pay.EXIT_OVER_BUDGET
+    assert capsys.readouterr().err == (
+        "l402-gateway: pay on success: the payment would be held up to 900 s while the "
+        "backend runs, over the limit of 600 s; nothing was paid\n"
+    )
+    assert FakeNode.PAYER.calls == []
+    assert await command.run("--no-pay") == pay.EXIT_PAYMENT_REQUIRED  # shown, not refused
+    assert "up to 900 s" in capsys.readouterr().out
+    assert await command.run("-s", "--max-settle-time", "900") == 0
+    assert [timeout for _, _, timeout in FakeNode.PAYER.calls] == [930.0]
 
 
 async def test_pay_no_pay_shows_the_settlement(
