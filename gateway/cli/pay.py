@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -83,7 +84,6 @@ from gateway.client.lnurl import (
     PayRequest,
     ReceivedSuccessAction,
 )
-from gateway.client.offer import MAX_SETTLE_TIMEOUT
 from gateway.lnd.client import LndClient
 from gateway.lnd.connection import LndSettings
 from gateway.ports import Msat, Payer, Payment, PaymentHash, PaymentStatus
@@ -384,7 +384,8 @@ class _NoPayer:
         )
 
 
-def _offer_json(offer: Offer, max_cost_msat: int | None = None) -> dict[str, Any]:
+def _offer_json(offer: Offer, limits: Budget | None = None) -> dict[str, Any]:
+    """The offer's facts; with ``limits`` (the options' budget), whether it is over them."""
     facts: dict[str, Any] = {
         "amount_msat": offer.amount_msat,
         "description": offer.description,
@@ -401,8 +402,9 @@ def _offer_json(offer: Offer, max_cost_msat: int | None = None) -> dict[str, Any
         "settles_on_success": offer.settles_on_success,
         "settle_timeout": offer.settle_timeout,
     }
-    if max_cost_msat is not None:
-        facts["over_max_cost"] = offer.amount_msat > max_cost_msat
+    if limits is not None:
+        facts["over_max_cost"] = offer.amount_msat > limits.max_price_msat
+        facts["over_max_settle_time"] = limits.holds_too_long(offer)
     return facts
 
 
@@ -426,7 +428,8 @@ def settle_text(offer: Offer) -> str:
     return f"the request runs while the payment is held{limit}; you pay only if it succeeds"
 
 
-def offer_text(offer: Offer, max_cost_msat: int) -> str:
+def offer_text(offer: Offer, limits: Budget) -> str:
+    """The offer, for ``--no-pay``; ``limits``: the options' budget."""
     left = offer.expires_at - int(time.time())  # int: a peer may set an expiry of any size
     lines = [
         f"payment required: {sat(offer.amount_msat)} ({offer.amount_msat} msat)",
@@ -446,8 +449,10 @@ def offer_text(offer: Offer, max_cost_msat: int) -> str:
         lines[2:2] = credit
     if offer.settles_on_success:
         lines.insert(2, f"  settles:  on success: {settle_text(offer)}")
-    if offer.amount_msat > max_cost_msat:
-        lines.append(f"  (over --max-cost {sat(max_cost_msat)})")
+    if offer.amount_msat > limits.max_price_msat:
+        lines.append(f"  (over --max-cost {sat(limits.max_price_msat)})")
+    if limits.holds_too_long(offer):
+        lines.append(f"  (held longer than --max-settle-time {limits.max_settle_seconds:g} s)")
     return "\n".join(lines)
 
 
@@ -495,14 +500,19 @@ async def _pay(
         payer: Payer = _NoPayer() if lnd is None else lnd
         if not args.silent:
             payer = ProgressPayer(payer, sys.stderr)
+        limits = Budget(
+            max_price_msat=args.max_cost,
+            max_fee_msat=args.max_fee,
+            max_settle_seconds=args.max_settle_time,
+        )
         client = L402Client(
             payer,
             network=await _payer_network(args, lnd),
-            # --no-pay shows any price; the cap is applied when paying.
-            budget=Budget(
-                max_price_msat=_UNLIMITED_MSAT if args.no_pay else args.max_cost,
-                max_fee_msat=args.max_fee,
-                max_settle_seconds=MAX_SETTLE_TIMEOUT if args.no_pay else args.max_settle_time,
+            # --no-pay shows any offer, with what is over the limits.
+            budget=(
+                dataclasses.replace(limits, max_price_msat=_UNLIMITED_MSAT, max_settle_seconds=None)
+                if args.no_pay
+                else limits
             ),
             cache=cache,
             payment_timeout=args.payment_timeout,
@@ -525,18 +535,18 @@ async def _pay(
                         status=402,
                         paid=False,
                         balance_msat=offer.balance_msat,
-                        offer=_offer_json(offer, args.max_cost),
+                        offer=_offer_json(offer, limits),
                     )
                     print(json.dumps(summary, indent=2))
                 else:
-                    print(offer_text(offer, args.max_cost))
+                    print(offer_text(offer, limits))
                 return EXIT_PAYMENT_REQUIRED
             except ClientError as error:
                 if args.json and error.offer is not None:
                     summary.update(
                         error=str(error),
                         balance_msat=error.offer.balance_msat,
-                        offer=_offer_json(error.offer, args.max_cost),
+                        offer=_offer_json(error.offer, limits),
                     )
                     print(json.dumps(summary, indent=2))
                 raise

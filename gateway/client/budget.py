@@ -38,13 +38,14 @@ class Budget:
     least ``DEFAULT_MIN_FEE_MSAT``. ``max_total_msat``: the most the client spends in all
     (prices plus fees); None means no total limit. ``max_settle_seconds``: the longest a
     pay-on-success offer may hold the payment, in seconds (the backend's time its
-    ``L402-Settle`` header announces).
+    ``L402-Settle`` header announces); None means no limit, also for an offer that does not
+    say.
     """
 
     max_price_msat: int
     max_fee_msat: int | None = None
     max_total_msat: int | None = None
-    max_settle_seconds: float = DEFAULT_MAX_SETTLE_SECONDS
+    max_settle_seconds: float | None = DEFAULT_MAX_SETTLE_SECONDS
 
     def __post_init__(self) -> None:
         for name in ("max_price_msat", "max_fee_msat", "max_total_msat"):
@@ -52,14 +53,20 @@ class Budget:
             if value is not None and (isinstance(value, bool) or value < 0):
                 raise ValueError(f"{name} must be a non-negative number of millisatoshis")
         seconds = self.max_settle_seconds
-        if isinstance(seconds, bool) or not seconds > 0 or seconds == float("inf"):
-            raise ValueError("max_settle_seconds must be a positive number of seconds")
+        if seconds is not None and (isinstance(seconds, bool) or not 0 < seconds < float("inf")):
+            raise ValueError("max_settle_seconds must be a positive number of seconds, or None")
 
     def fee_limit(self, price_msat: int) -> int:
         """The routing fee cap for a payment of ``price_msat``."""
         if self.max_fee_msat is not None:
             return self.max_fee_msat
         return max(DEFAULT_MIN_FEE_MSAT, price_msat // 100)
+
+    def holds_too_long(self, offer: Offer) -> bool:
+        """Whether ``offer`` settles on success and would hold the payment longer than
+        ``max_settle_seconds``, or for a time it does not say."""
+        most, held = self.max_settle_seconds, offer.settle_timeout
+        return offer.settles_on_success and most is not None and (held is None or held > most)
 
     def check(self, offer: Offer, committed_msat: int) -> int:
         """The fee cap to pay ``offer`` with, or BudgetExceeded.
@@ -83,12 +90,16 @@ class Budget:
             raise BudgetExceeded(
                 f"{bought} is over the limit of {limit}; nothing was paid", offer, "max_price"
             )
-        held = offer.settle_timeout
-        if held is not None and held > self.max_settle_seconds:
+        if self.holds_too_long(offer):
+            held = offer.settle_timeout
+            how_long = (
+                "for a time the 402 does not say (L402-Settle without a usable timeout)"
+                if held is None
+                else f"up to {held:g} s"
+            )
             raise BudgetExceeded(
-                f"pay on success: the payment would be held up to {held:g} s while the "
-                f"backend runs, over the limit of {self.max_settle_seconds:g} s; nothing was "
-                "paid",
+                f"pay on success: the payment would be held {how_long} while the backend "
+                f"runs, over the limit of {self.max_settle_seconds:g} s; nothing was paid",
                 offer,
                 "max_settle",
             )

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from gateway import l402
 from gateway.client import bolt11
 from gateway.client.errors import ChallengeError, InvoiceRejected
+from gateway.l402 import MAX_SETTLE_TIMEOUT
 from gateway.text import whole_number
 
 __all__ = [
@@ -82,9 +83,6 @@ _SCHEME_RE = re.compile(
 MAX_PROBLEM_BYTES = 64 * 1024  # a larger 402 body is not read
 _MAX_MSAT_DIGITS = 19  # fits an int64, like every amount the gateway sends
 _SECONDS_RE = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,6})?")
-# The longest backend time a 402 may announce; above it the header is not believed (a held
-# payment locks the payer's funds, and its payment timeout grows with this).
-MAX_SETTLE_TIMEOUT = 86_400.0
 
 
 def normalize_network(name: str) -> str:
@@ -223,10 +221,10 @@ def settle_terms(headers: Mapping[str, str]) -> tuple[bool, float | None]:
     """``(settles_on_success, settle_timeout)`` from a 402's ``L402-Settle`` header.
 
     ``on-success; timeout=30`` -> ``(True, 30.0)``. The value is case-insensitive, spaces
-    around ``;`` and ``=`` and unknown parameters are allowed; ``on-success`` without a
-    timeout gives ``(True, None)``. Absent, another settlement, or malformed (a timeout that
-    is not a number of seconds up to ``MAX_SETTLE_TIMEOUT``, given twice, a parameter
-    without ``=``): ``(False, None)``."""
+    around ``;`` and ``=`` and unknown parameters are allowed. ``on-success`` without a
+    usable timeout (none, not a number of seconds up to ``MAX_SETTLE_TIMEOUT``, given twice,
+    a parameter without ``=``) gives ``(True, None)``: held for a time not known, which the
+    budget refuses. Absent or another settlement: ``(False, None)``."""
     value = headers.get(SETTLE_HEADER)
     if value is None:  # a plain dict: HTTP libraries' header mappings ignore case themselves
         lowered = SETTLE_HEADER.lower()
@@ -243,18 +241,16 @@ def settle_terms(headers: Mapping[str, str]) -> tuple[bool, float | None]:
             continue  # "on-success;" or ";;"
         name, equals, text = parameter.partition("=")
         if not equals or not name.strip():
-            return False, None
+            return True, None
         if name.strip().lower() != "timeout":
             continue
         text = text.strip()
         if len(text) >= 2 and text[0] == text[-1] == '"':
             text = text[1:-1]
-        if seen_timeout or not _SECONDS_RE.fullmatch(text):
-            return False, None
+        if seen_timeout or not _SECONDS_RE.fullmatch(text) or float(text) > MAX_SETTLE_TIMEOUT:
+            return True, None
         seen_timeout = True
         timeout = float(text)
-        if timeout > MAX_SETTLE_TIMEOUT:
-            return False, None
     return True, timeout
 
 

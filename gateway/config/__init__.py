@@ -68,6 +68,7 @@ from gateway.config.payouts import PayeeConfig, PayoutsConfig, check_payees, che
 from gateway.config.routes import STANDARD_METHODS, RouteConfig, route_warnings
 from gateway.config.webhooks import WebhookEndpointConfig, WebhooksConfig, check_endpoints
 from gateway.errors import ConfigError
+from gateway.l402 import MAX_SETTLE_TIMEOUT
 
 __all__ = [
     "MAX_BURST",
@@ -448,8 +449,9 @@ class HoldConfig:
             cltv,
         )
         timeout = self.backend_timeout
-        ok = math.isfinite(timeout) and timeout >= 1
-        require(ok, "backend_timeout", "1 second or more", timeout)
+        # At most what paying clients believe of the 402's L402-Settle header.
+        ok = math.isfinite(timeout) and 1 <= timeout <= MAX_SETTLE_TIMEOUT
+        require(ok, "backend_timeout", f"1 to {MAX_SETTLE_TIMEOUT:g} seconds", timeout)
         # A block can come a minute after the last: LND cancels the held HTLC some blocks
         # before it expires, and the gateway must settle or cancel before that.
         window = (cltv - HOLD_CANCEL_MARGIN) * 60

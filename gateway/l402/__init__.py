@@ -19,6 +19,7 @@ from .caveats import (
 from .errors import ChallengeReason, L402Error, MalformedToken, TokenInsufficient, TokenRejected
 from .header import (
     MAX_AUTHORIZATION_CHARS,
+    MAX_SETTLE_TIMEOUT,
     Challenge,
     Credential,
     format_authorization,
@@ -36,6 +37,7 @@ __all__ = [
     "MAX_AUTHORIZATION_CHARS",
     "MAX_CAVEATS",
     "MAX_MACAROON_BYTES",
+    "MAX_SETTLE_TIMEOUT",
     "Caveat",
     "Challenge",
     "ChallengeReason",

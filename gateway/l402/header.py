@@ -36,6 +36,7 @@ from .macaroon import Macaroon, decode_b64, encode_b64
 
 __all__ = [
     "MAX_AUTHORIZATION_CHARS",
+    "MAX_SETTLE_TIMEOUT",
     "Challenge",
     "Credential",
     "format_authorization",
@@ -46,6 +47,10 @@ __all__ = [
 ]
 
 MAX_AUTHORIZATION_CHARS = 8 * 1024
+# The longest backend time a pay-on-success 402 may announce (``L402-Settle: on-success;
+# timeout=<s>``): the gateway's ``hold.backend_timeout`` is at most this, and its clients
+# believe no more (a held payment locks the payer's funds meanwhile).
+MAX_SETTLE_TIMEOUT = 86_400.0
 # A challenge carries a whole macaroon (up to 64 KiB, base64 twice) and an invoice.
 _MAX_CHALLENGE_CHARS = 256 * 1024
 _SCHEMES = {"l402": "L402", "lsat": "LSAT"}

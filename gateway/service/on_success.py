@@ -56,8 +56,12 @@ PRUNE_BATCH = 500
 # poll rather than a minute later (so a backlog drains without blocking the executor).
 PRUNE_BATCHES_PER_PASS = 20
 # On a stop, a request under way gets the backend's time and this much more to be answered
-# and settled or cancelled; then it is interrupted (recovery cancels it at the next start).
+# and settled or cancelled; then it is interrupted (a RUNNING one is cancelled once no runner
+# can still be at it, see ``HoldExecutor``).
 STOP_MARGIN = 10.0
+# A tracker watching a RUNNING row it did not run reads it again at least this many polls
+# apart (its stored request may be large), sooner when the row's bound comes first.
+ABANDONED_POLLS = 8
 
 # The fixed texts a held request's ``failure`` carries (shown to the payer).
 INTERRUPTED = "interrupted: the gateway stopped while the backend ran"
@@ -217,9 +221,10 @@ class HoldExecutor:
         _, unfinished = await asyncio.wait(under_way, timeout=grace)
         if unfinished:
             log.warning(
-                "stopping: %d paid request(s) still under way are interrupted (cancelled at "
-                "the next start)",
+                "stopping: %d paid request(s) still under way are interrupted (a running one "
+                "is cancelled once older than the backend's time and %g s)",
                 len(unfinished),
+                self._stop_margin + CLOCK_SKEW,
             )
 
     async def _fill(self, trackers: dict[PaymentHash, asyncio.Task[None]]) -> None:
@@ -294,11 +299,12 @@ class HoldExecutor:
 
     async def _abandoned(self, held: HeldRequest) -> bool:
         """A RUNNING request this tracker did not run: failed once no runner can still be at
-        it (its answer is lost; the next step cancels); until then read again each poll."""
+        it (its answer is lost; the next step cancels); until then read again now and then."""
         self._busy.discard(held.payment_hash)  # nothing of its own under way for a stop to wait on
         now = self._clock.now()
-        if now - held.updated_at < self._abandoned_after:
-            await asyncio.sleep(self._poll)
+        left = held.updated_at + self._abandoned_after - now
+        if left > 0:
+            await asyncio.sleep(min(left, ABANDONED_POLLS * self._poll))
             return True
         moved = await self._store.move_held_request(
             held.payment_hash, HeldState.FAILED, now, failure=INTERRUPTED

@@ -625,33 +625,41 @@ async def test_a_run_older_than_its_bound_is_cancelled_and_its_late_answer_refus
     assert env.backend.invoices[_hash(challenge)].state is InvoiceState.CANCELED
 
 
-class _LosesTheRunningReply(MemoryStore):
-    """A store whose first move to RUNNING commits, then fails (a connection lost before the
-    commit's reply): its caller cannot know the request is RUNNING."""
+class _LosesAReply(MemoryStore):
+    """A store whose first move to ``state`` commits, then fails (a connection lost before
+    the commit's reply): its caller cannot know the move was made. Counts the row reads."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: HeldState) -> None:
         super().__init__()
+        self.state = state
         self.lost = False
+        self.reads = 0
+
+    async def get_held_request(self, payment_hash: PaymentHash) -> HeldRequest | None:
+        self.reads += 1
+        return await super().get_held_request(payment_hash)
 
     async def move_held_request(
         self, payment_hash: PaymentHash, state: HeldState, now: float, **kwargs: Any
     ) -> HeldRequest | None:
         moved = await super().move_held_request(payment_hash, state, now, **kwargs)
-        if state is HeldState.RUNNING and not self.lost:
+        if state is self.state and not self.lost:
             self.lost = True
             raise errors.StoreError("connection lost before the commit's reply")
         return moved
 
 
 async def test_a_request_whose_move_to_running_was_lost_is_cancelled_without_a_restart() -> None:
-    store = _LosesTheRunningReply()
+    store = _LosesAReply(HeldState.RUNNING)
     env = Env(store=store)
     async with env.running():
         challenge = await env.challenge()
         env.backend.hold_payment(_hash(challenge))
         await eventually(lambda: _now(store.lost))
-        await asyncio.sleep(0.1)
+        reads = store.reads
+        await asyncio.sleep(0.2)
         assert await env.state(challenge) is HeldState.RUNNING  # never ran, but who knows
+        assert store.reads - reads < 10  # read again now and then, not in a loop
         env.clock.advance(ABANDONED_AFTER)
         await env.until_state(challenge, HeldState.CANCELED)
     held = await env.store.get_held_request(_hash(challenge))
@@ -659,6 +667,36 @@ async def test_a_request_whose_move_to_running_was_lost_is_cancelled_without_a_r
     assert held.failure == INTERRUPTED
     assert env.runner.calls == []
     assert env.backend.invoices[_hash(challenge)].state is InvoiceState.CANCELED
+
+
+async def test_a_stop_does_not_wait_for_a_request_it_only_watches() -> None:
+    store = _LosesAReply(HeldState.RUNNING)
+    env = Env(store=store)
+    task = asyncio.create_task(env.executor().run())  # a stop's grace: 10.2 s
+    challenge = await env.challenge()
+    env.backend.hold_payment(_hash(challenge))
+    await eventually(lambda: _now(store.lost))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(1.0):
+            await task
+    assert await env.state(challenge) is HeldState.RUNNING  # the next executor's to cancel
+
+
+async def test_an_answer_whose_reply_was_lost_is_settled_once_and_not_called_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    store = _LosesAReply(HeldState.SUCCEEDED)
+    env = Env(store=store)
+    async with env.running():
+        challenge = await _paid_and_run(env, HeldState.SETTLED)
+    assert store.lost
+    assert env.backend.settled[_hash(challenge)] == 1
+    assert len(env.runner.calls) == 1
+    assert "ran: backend answered 201" in caplog.text
+    assert "failed as interrupted" not in caplog.text
 
 
 async def test_settle_is_retried_while_the_node_is_down() -> None:

@@ -7,6 +7,7 @@ import pytest
 from gateway import l402
 from gateway.cli.formats import utc_time
 from gateway.cli.pay import offer_text
+from gateway.client import Budget
 from gateway.client.offer import Offer
 from gateway.ports import Msat
 from gateway.pricing import Pricing, Rule
@@ -134,7 +135,8 @@ def test_pay_shows_a_time_past_the_calendar_without_crashing() -> None:
     assert utc_time(2**2000) == "after 9999-12-31 23:59:59"
     assert utc_time(2**60) == "after 9999-12-31 23:59:59"
     assert utc_time(0) == "1970-01-01 00:00:00"
-    text = offer_text(shown_offer("fortune", expires_at=2**2000, valid_until=2**63 - 1), 1000)
+    offer = shown_offer("fortune", expires_at=2**2000, valid_until=2**63 - 1)
+    text = offer_text(offer, Budget(max_price_msat=1000))
     assert "expires:  after 9999-12-31 23:59:59 UTC" in text
     assert "token:    valid until after 9999-12-31 23:59:59 UTC" in text
 
@@ -158,7 +160,7 @@ def shown_offer(description: str, expires_at: int = 0, valid_until: int | None =
 
 
 def test_pay_shows_the_server_chosen_description_escaped() -> None:
-    text = offer_text(shown_offer("fortune\x1b[2J\x1b[Hpaid: 0 sat\u202e"), max_cost_msat=1000)
+    text = offer_text(shown_offer("fortune\x1b[2J\x1b[Hpaid: 0 sat\u202e"), Budget(1000))
     assert "\x1b" not in text
     assert "\u202e" not in text
     assert "for:      fortune\\x1b[2J\\x1b[Hpaid: 0 sat\\u202e" in text

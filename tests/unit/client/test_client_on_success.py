@@ -78,13 +78,24 @@ def test_settle_header_is_read(value: str, terms: tuple[bool, float | None]) -> 
         "on-success; timeout",
         "on-success; =30",
         "on-success; timeout=86401",
+        "on-success; timeout=100000",
+    ],
+)
+def test_on_success_without_a_usable_timeout_is_held_for_a_time_not_known(value: str) -> None:
+    # Still pay on success (its token buys one request), and refused by the budget's cap.
+    assert settle_terms({"L402-Settle": value}) == (True, None)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
         "on-success timeout=30",
         "on-payment; timeout=30",
         "",
-        "on-success; timeout=" + "9" * 300,
+        "on-success; timeout=" + "9" * 300,  # over 256 characters: not read
     ],
 )
-def test_malformed_or_other_settle_header_is_ignored(value: str) -> None:
+def test_another_or_unreadable_settle_header_is_ignored(value: str) -> None:
     assert settle_terms({"L402-Settle": value}) == (False, None)
 
 
@@ -104,7 +115,7 @@ def test_the_offer_carries_the_settlement() -> None:
     assert (offer.settles_on_success, offer.settle_timeout) == (True, 20.0)
     malformed = {"L402-Settle": "on-success; timeout=soon"}
     offer = read_offer(www, body, network="regtest", now=NOW, headers=malformed)
-    assert (offer.settles_on_success, offer.settle_timeout) == (False, None)
+    assert (offer.settles_on_success, offer.settle_timeout) == (True, None)
 
 
 # -- the payment timeout ------------------------------------------------------------------
@@ -118,7 +129,6 @@ def test_the_offer_carries_the_settlement() -> None:
         ("on-success; timeout=45", 60.0, 75.0),
         ("on-success; timeout=600", 60.0, 630.0),
         ("on-success; timeout=45", 120.0, 120.0),
-        ("on-success", 60.0, 60.0),  # no time said: the client's own
     ],
 )
 async def test_payment_timeout_covers_the_backends_time(
@@ -152,6 +162,10 @@ async def test_an_offer_held_longer_than_the_budget_allows_is_not_paid() -> None
     with pytest.raises(BudgetExceeded, match="held up to 601 s") as caught:
         await client.authorize(URL, "POST", www, body, headers=headers)
     assert caught.value.limit == "max_settle"
+    unknown = {"L402-Settle": "on-success"}
+    with pytest.raises(BudgetExceeded, match="for a time the 402 does not say") as caught:
+        await client.authorize(URL, "POST", www, body, headers=unknown)
+    assert caught.value.limit == "max_settle"
     assert payer.calls == []
     assert await client.cache.pending() == []
     # At the cap it is paid; a payer that allows more pays more.
@@ -169,7 +183,19 @@ async def test_an_offer_held_longer_than_the_budget_allows_is_not_paid() -> None
         URL, "POST", longer.www_authenticate, longer.body, headers=headers
     )
     assert payment is not None
-    assert len(payer.calls) == 2
+    # Without a cap, an offer that does not say how long is paid too (the client's timeout).
+    uncapped = L402Client(
+        payer,
+        network="regtest",
+        budget=Budget(max_price_msat=50_000, max_settle_seconds=None),
+        clock=fake_clock(),
+    )
+    unsaid = payer.learn(make_challenge())
+    _, payment = await uncapped.authorize(
+        URL, "POST", unsaid.www_authenticate, unsaid.body, headers=unknown
+    )
+    assert payment is not None
+    assert [timeout for _, _, timeout in payer.calls] == [630.0, 631.0, 60.0]
 
 
 @pytest.mark.parametrize("seconds", [0, -1, float("nan"), float("inf"), True])
@@ -633,7 +659,11 @@ async def test_pay_refuses_an_offer_held_longer_than_its_cap(
     )
     assert FakeNode.PAYER.calls == []
     assert await command.run("--no-pay") == pay.EXIT_PAYMENT_REQUIRED  # shown, not refused
-    assert "up to 900 s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "up to 900 s" in out
+    assert "  (held longer than --max-settle-time 600 s)" in out
+    assert await command.run("--no-pay", "--json") == pay.EXIT_PAYMENT_REQUIRED
+    assert json.loads(capsys.readouterr().out)["offer"]["over_max_settle_time"] is True
     assert await command.run("-s", "--max-settle-time", "900") == 0
     assert [timeout for _, _, timeout in FakeNode.PAYER.calls] == [930.0]
 
