@@ -113,7 +113,8 @@ PAY_EXIT_CODES = """exit codes:
      request failed on a pay-on-success route), the HTTP request failed (LNURL-pay: the
      service did not answer)
   4  over budget: the price (LNURL-pay: the amount) is over --max-cost, or a pay-on-success
-     offer would hold the payment longer than --max-settle-time; nothing was paid
+     offer would hold the payment longer than --max-settle-time, or does not say how long;
+     nothing was paid
   5  the challenge or its invoice is unusable: wrong network, expired, amount or payment
      hash mismatch, malformed (LNURL-pay: the service's answer, e.g. a refusal, a wrong
      description hash); nothing was paid
@@ -230,7 +231,8 @@ def add_parser(commands: Any) -> None:
         default=DEFAULT_MAX_SETTLE_SECONDS,
         metavar="SECONDS",
         help=f"pay on success: refuse (exit {EXIT_OVER_BUDGET}) an offer that would hold the "
-        f"payment longer while the backend runs (default {DEFAULT_MAX_SETTLE_SECONDS:g})",
+        "payment longer while the backend runs, or does not say how long (default "
+        f"{DEFAULT_MAX_SETTLE_SECONDS:g}; at most 86400)",
     )
 
 
@@ -452,7 +454,11 @@ def offer_text(offer: Offer, limits: Budget) -> str:
     if offer.amount_msat > limits.max_price_msat:
         lines.append(f"  (over --max-cost {sat(limits.max_price_msat)})")
     if limits.holds_too_long(offer):
-        lines.append(f"  (held longer than --max-settle-time {limits.max_settle_seconds:g} s)")
+        cap = f"--max-settle-time {limits.max_settle_seconds:g} s"
+        if offer.settle_timeout is None:
+            lines.append(f"  (held for a time the 402 does not say: refused under {cap})")
+        else:
+            lines.append(f"  (held longer than {cap})")
     return "\n".join(lines)
 
 

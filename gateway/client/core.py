@@ -65,6 +65,7 @@ from gateway.client.budget import Budget
 from gateway.client.cache import TokenCache
 from gateway.client.errors import PaymentDeclined, PaymentInFlight, PaymentUnverified
 from gateway.client.offer import (
+    MAX_SETTLE_TIMEOUT,
     Offer,
     balance_from_headers,
     has_l402_challenge,
@@ -359,8 +360,10 @@ class L402Client:
             path,
         )
         payment_timeout = self.payment_timeout
-        if offer.settle_timeout is not None:  # in flight while the gateway runs the request
-            payment_timeout = max(payment_timeout, offer.settle_timeout + SETTLE_MARGIN)
+        if offer.settles_on_success:  # in flight while the gateway runs the request
+            # A time not said (paid only by a budget without a cap): the longest believed.
+            held = MAX_SETTLE_TIMEOUT if offer.settle_timeout is None else offer.settle_timeout
+            payment_timeout = max(payment_timeout, held + SETTLE_MARGIN)
         try:
             payment = await self.payer.send_payment(
                 offer.invoice, max_fee_msat=Msat(fee_limit), payment_timeout=payment_timeout

@@ -19,8 +19,9 @@ carries the token id of the token it tops up (:func:`offered_token_id`).
 ``L402-Settle: on-success; timeout=<s>`` (:func:`settle_terms`). Its invoice is a hold
 invoice: once the payment reaches the gateway, the gateway runs the request (the backend gets
 up to ``timeout`` seconds) while the payment is held, then takes the payment if the request
-succeeded, else cancels it and the payer is refunded. A header that does not parse is
-ignored: the offer is read as an ordinary one.
+succeeded, else cancels it and the payer is refunded. A header that names ``on-success``
+but does not parse cleanly (a bad timeout, several values) reads as pay on success for a time
+not known, which the budget refuses unless it has no cap.
 
 Networks, by invoice prefix: ``lnbc`` mainnet, ``lntb`` testnet, ``lntbs`` signet,
 ``lnbcrt`` regtest.
@@ -223,17 +224,20 @@ def settle_terms(headers: Mapping[str, str]) -> tuple[bool, float | None]:
     ``on-success; timeout=30`` -> ``(True, 30.0)``. The value is case-insensitive, spaces
     around ``;`` and ``=`` and unknown parameters are allowed. ``on-success`` without a
     usable timeout (none, not a number of seconds up to ``MAX_SETTLE_TIMEOUT``, given twice,
-    a parameter without ``=``) gives ``(True, None)``: held for a time not known, which the
+    a parameter without ``=``, over 256 characters, or ``on-success`` anywhere but as the
+    mode of a single value) gives ``(True, None)``: held for a time not known, which the
     budget refuses. Absent or another settlement: ``(False, None)``."""
-    value = headers.get(SETTLE_HEADER)
-    if value is None:  # a plain dict: HTTP libraries' header mappings ignore case themselves
-        lowered = SETTLE_HEADER.lower()
-        value = next((text for name, text in headers.items() if name.lower() == lowered), None)
-    if value is None or len(value) > 256:
+    # Every value (a multidict's items repeat a header given twice), names in any case.
+    lowered = SETTLE_HEADER.lower()
+    values = [text for name, text in headers.items() if name.lower() == lowered]
+    value = ", ".join(values)
+    if "on-success" not in value.lower():
         return False, None
+    if len(value) > 256:
+        return True, None
     mode, *parameters = value.split(";")
     if mode.strip().lower() != "on-success":
-        return False, None
+        return True, None
     timeout: float | None = None
     seen_timeout = False
     for parameter in parameters:
