@@ -81,12 +81,14 @@ ABANDONED_AFTER = TERMS.backend_timeout + on_success.STOP_MARGIN + CLOCK_SKEW
 
 
 class FakeRunner:
-    """The backend, as the executor reaches it: answers ``response``, or raises ``failure``;
-    ``gate`` (when set) holds every run until it is set; ``calls`` records each run."""
+    """The backend, as the executor reaches it: answers ``response``, or raises ``failure``
+    (``failures``' for their targets); ``gate`` (when set) holds every run until it is set;
+    ``calls`` records each run."""
 
     def __init__(self) -> None:
         self.response = StoredResponse(201, (("content-type", "text/plain"),), b"job 1 done")
         self.failure: Exception | None = None
+        self.failures: dict[str, Exception] = {}
         self.gate: asyncio.Event | None = None
         self.started = asyncio.Event()
         self.calls: list[tuple[StoredRequest, PaidToken, float, int]] = []
@@ -100,6 +102,8 @@ class FakeRunner:
         max_response_bytes: int,
     ) -> StoredResponse:
         self.calls.append((request, token, timeout, max_response_bytes))
+        if (failure := self.failures.get(request.target)) is not None:
+            raise failure
         self.started.set()
         if self.gate is not None:
             await self.gate.wait()
@@ -676,7 +680,9 @@ async def test_a_stop_does_not_wait_for_a_request_it_only_watches() -> None:
     challenge = await env.challenge()
     env.backend.hold_payment(_hash(challenge))
     await eventually(lambda: _now(store.lost))
-    await asyncio.sleep(0.05)
+    reads = store.reads
+    # Read twice since: the tracker is past its first look and watching the row.
+    await eventually(lambda: _now(store.reads >= reads + 2))
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         async with asyncio.timeout(1.0):
@@ -974,36 +980,19 @@ async def test_an_unexpected_failure_ends_run_and_the_restart_cancels() -> None:
     assert env.backend.invoices[_hash(challenge)].state is InvoiceState.CANCELED
 
 
-class _BugOnOnePath(FakeRunner):
-    """A runner with a bug on ``/bug`` targets (raises what no runner should)."""
-
-    async def run(
-        self,
-        request: StoredRequest,
-        token: PaidToken,
-        *,
-        timeout: float,  # noqa: ASYNC109 - the protocol's
-        max_response_bytes: int,
-    ) -> StoredResponse:
-        if request.target.endswith("/bug"):
-            raise RuntimeError("a bug in the runner")
-        return await super().run(
-            request, token, timeout=timeout, max_response_bytes=max_response_bytes
-        )
-
-
 async def test_an_unexpected_failure_lets_the_requests_under_way_finish() -> None:
     env = Env(terms=HoldTerms(backend_timeout=5.0))
-    env.runner = runner = _BugOnOnePath()
+    runner = env.runner
     runner.gate = asyncio.Event()
+    runner.failures[JOBS + "/bug"] = RuntimeError("a bug in the runner")
     task = asyncio.create_task(env.executor().run())
     under_way = await env.challenge()
     env.backend.hold_payment(_hash(under_way))
     await runner.started.wait()
     buggy = await env.challenge(JOBS + "/bug", client="198.51.100.30")
     env.backend.hold_payment(_hash(buggy))
-    await env.until_state(buggy, HeldState.RUNNING)
-    await asyncio.sleep(0.1)
+    await eventually(lambda: _now(len(runner.calls) == 2))  # the bug raised
+    await asyncio.sleep(0.1)  # a run() cut short would have ended by now
     assert not task.done()  # ending, but the request under way is let finish first
     runner.gate.set()
     with pytest.raises(RuntimeError, match="a bug in the runner"):
